@@ -1,0 +1,3 @@
+//! calico-kube-controllers: the library behind the binary.
+#![forbid(unsafe_code)]
+pub mod model;

@@ -1,0 +1,1 @@
+//! Calico and Kubernetes data as serde types.
