@@ -1,0 +1,291 @@
+//! IPAMBlock: one CIDR's allocation table, as the KDD CRD (and, with aliases, etcd) stores it.
+//!
+//! Owns the wire type, the checks that turn it into a trusted [`BlockView`], and calicoctl's block
+//! validator (SPEC §7.1 step 8), which must hold after every write we make.
+
+use std::collections::BTreeMap;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::meta::Object;
+use super::names::{block_size, cidr_to_name};
+use super::time::{parse_rfc3339, Millis};
+use super::InvalidObject;
+
+pub type IpamBlock = Object<IpamBlockSpec>;
+
+pub const KIND: &str = "IPAMBlock";
+/// Calico pre-allocates Windows' reserved addresses to this handle; they are never garbage.
+pub const WINDOWS_RESERVED_HANDLE: &str = "windows-reserved-ipam-handle";
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IpamBlockSpec {
+    pub cidr: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<String>,
+    #[serde(default, alias = "affinity_claim_time", skip_serializing_if = "Option::is_none")]
+    pub affinity_claim_time: Option<String>,
+    #[serde(default)]
+    pub allocations: Vec<Option<u32>>,
+    #[serde(default)]
+    pub unallocated: Vec<u32>,
+    #[serde(default)]
+    pub attributes: Vec<AllocationAttribute>,
+    #[serde(default)]
+    pub sequence_number: u64,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sequence_number_for_allocation: BTreeMap<String, u64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
+    /// Required by the v1 CRD, deprecated and ignored by Calico.
+    #[serde(default)]
+    pub strict_affinity: bool,
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AllocationAttribute {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handle_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secondary: Option<BTreeMap<String, String>>,
+    #[serde(default, rename = "alternateOwnerAttrs", skip_serializing_if = "Option::is_none")]
+    pub alternate_owner_attrs: Option<BTreeMap<String, String>>,
+    #[serde(default, rename = "releasedAt", skip_serializing_if = "Option::is_none")]
+    pub released_at: Option<String>,
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, Value>,
+}
+
+impl AllocationAttribute {
+    pub fn attr(&self, key: &str) -> Option<&str> {
+        self.secondary.as_ref()?.get(key).map(String::as_str).filter(|v| !v.is_empty())
+    }
+}
+
+/// The affinity a block is claimed with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Affinity {
+    None,
+    Host(String),
+    /// `virtual:<name>`, e.g. the LoadBalancer controller's `virtual:load-balancer`.
+    Virtual(String),
+}
+
+impl Affinity {
+    pub fn parse(text: Option<&str>) -> Affinity {
+        match text {
+            None | Some("") => Affinity::None,
+            Some(t) => match t.split_once(':') {
+                Some(("host", h)) => Affinity::Host(h.to_string()),
+                Some(("virtual", v)) => Affinity::Virtual(v.to_string()),
+                // An affinity with no recognised type is treated as a host name, as the library does.
+                _ => Affinity::Host(t.to_string()),
+            },
+        }
+    }
+
+    pub fn host(&self) -> Option<&str> {
+        match self {
+            Affinity::Host(h) => Some(h),
+            _ => None,
+        }
+    }
+}
+
+/// A block that passed [`BlockView::from_block`]: the CIDR is a network, the allocation table
+/// has one slot per address, and every slot points at an existing attribute.
+#[derive(Debug, Clone)]
+pub struct BlockView<'a> {
+    pub cidr: IpNet,
+    pub size: u32,
+    pub affinity: Affinity,
+    pub block: &'a IpamBlock,
+}
+
+/// What one allocated ordinal holds.
+#[derive(Debug, Clone, Copy)]
+pub struct SlotRef<'a> {
+    pub ordinal: u32,
+    pub attribute: &'a AllocationAttribute,
+    /// `sequenceNumberForAllocation[ordinal]`, 0 if absent (as upstream).
+    pub sequence: u64,
+}
+
+impl<'a> BlockView<'a> {
+    pub fn from_block(block: &'a IpamBlock) -> Result<BlockView<'a>, InvalidObject> {
+        let name = block.name();
+        let bad = |p: String| InvalidObject::new(KIND, name, p);
+        let spec = &block.spec;
+        let cidr: IpNet = spec.cidr.parse().map_err(|_| bad(format!("cidr {:?} is not a CIDR", spec.cidr)))?;
+        if cidr.network() != cidr.addr() {
+            return Err(bad(format!("cidr {cidr} has host bits set")));
+        }
+        let size = block_size(&cidr).ok_or_else(|| bad(format!("cidr {cidr} is larger than any Calico block (/20, /116)")))?;
+        if spec.allocations.len() != size as usize {
+            return Err(bad(format!("allocations has {} entries, block {cidr} has {size} addresses", spec.allocations.len())));
+        }
+        for (ordinal, slot) in spec.allocations.iter().enumerate() {
+            if let Some(a) = slot {
+                if *a as usize >= spec.attributes.len() {
+                    return Err(bad(format!("ordinal {ordinal} points at attribute {a}, only {} exist", spec.attributes.len())));
+                }
+            }
+        }
+        Ok(BlockView { cidr, size, affinity: Affinity::parse(spec.affinity.as_deref()), block })
+    }
+
+    /// Every allocated ordinal in ascending order.
+    pub fn slots(&self) -> impl Iterator<Item = SlotRef<'a>> + '_ {
+        let spec = &self.block.spec;
+        spec.allocations.iter().enumerate().filter_map(move |(ordinal, slot)| {
+            let attribute = &spec.attributes[(*slot)? as usize];
+            let ordinal = ordinal as u32;
+            Some(SlotRef { ordinal, attribute, sequence: sequence_for(spec, ordinal) })
+        })
+    }
+
+    /// The object name a KDD datastore stores this block under.
+    pub fn object_name(&self) -> String {
+        cidr_to_name(&self.cidr)
+    }
+}
+
+pub(crate) fn sequence_for(spec: &IpamBlockSpec, ordinal: u32) -> u64 {
+    spec.sequence_number_for_allocation.get(&ordinal.to_string()).copied().unwrap_or(0)
+}
+
+/// calicoctl's `ipam check` block rules (SPEC §7.1 step 8), plus the structural ones of
+/// [`BlockView::from_block`]. Returns every problem found, empty when the block is valid.
+pub fn validate_block(block: &IpamBlock, now: Millis) -> Vec<String> {
+    let view = match BlockView::from_block(block) {
+        Ok(v) => v,
+        Err(e) => return vec![e.problem],
+    };
+    let spec = &block.spec;
+    let mut problems = Vec::new();
+    let mut referenced = vec![false; spec.attributes.len()];
+    let mut allocated = 0usize;
+    for slot in spec.allocations.iter().flatten() {
+        referenced[*slot as usize] = true;
+        allocated += 1;
+    }
+    for (i, used) in referenced.iter().enumerate() {
+        if !used {
+            problems.push(format!("attribute {i} is not referenced by any allocation"));
+        }
+    }
+    for (i, attr) in spec.attributes.iter().enumerate() {
+        if let Some(at) = &attr.released_at {
+            match parse_rfc3339(at) {
+                Some(t) if t > now => problems.push(format!("attribute {i} releasedAt {at} is in the future")),
+                None => problems.push(format!("attribute {i} releasedAt {at:?} is not a timestamp")),
+                _ => {}
+            }
+        }
+    }
+    let mut seen = vec![false; view.size as usize];
+    for ord in &spec.unallocated {
+        match seen.get_mut(*ord as usize) {
+            None => problems.push(format!("unallocated ordinal {ord} is outside the block")),
+            Some(s) if *s => problems.push(format!("unallocated ordinal {ord} is listed twice")),
+            Some(s) => {
+                *s = true;
+                if spec.allocations[*ord as usize].is_some() {
+                    problems.push(format!("ordinal {ord} is both allocated and unallocated"));
+                }
+            }
+        }
+    }
+    if allocated + spec.unallocated.len() != view.size as usize {
+        problems.push(format!(
+            "{allocated} allocated + {} unallocated != {} addresses",
+            spec.unallocated.len(),
+            view.size
+        ));
+    }
+    problems
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use serde_json::json;
+
+    pub fn sample_block() -> Value {
+        json!({
+            "apiVersion": "crd.projectcalico.org/v1", "kind": "IPAMBlock",
+            "metadata": {"name": "10-0-0-0-30", "resourceVersion": "7", "uid": "u-1"},
+            "spec": {
+                "cidr": "10.0.0.0/30", "affinity": "host:node1", "strictAffinity": false,
+                "allocations": [0, null, 1, null], "unallocated": [1, 3],
+                "attributes": [
+                    {"handle_id": "k8s-pod-network.abc", "secondary": {"namespace": "ns", "pod": "p", "node": "node1"}},
+                    {"handle_id": "ipip-tunnel-addr-node1", "secondary": {"node": "node1", "type": "ipipTunnelAddress"}, "futureAttr": 1}
+                ],
+                "sequenceNumber": 12, "sequenceNumberForAllocation": {"0": 10, "2": 11},
+                "someNewField": {"x": 1}
+            },
+            "status": {"future": true}
+        })
+    }
+
+    #[test]
+    fn a_valid_block_parses_and_lists_its_allocated_slots() {
+        let block: IpamBlock = serde_json::from_value(sample_block()).unwrap();
+        let view = BlockView::from_block(&block).unwrap();
+        assert_eq!(view.size, 4);
+        assert_eq!(view.affinity, Affinity::Host("node1".into()));
+        let slots: Vec<_> = view.slots().map(|s| (s.ordinal, s.sequence)).collect();
+        assert_eq!(slots, vec![(0, 10), (2, 11)]);
+        assert!(validate_block(&block, 0).is_empty());
+    }
+
+    #[test]
+    fn unknown_fields_survive_a_round_trip() {
+        let original = sample_block();
+        let block: IpamBlock = serde_json::from_value(original.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&block).unwrap(), original);
+    }
+
+    #[test]
+    fn malformed_blocks_are_rejected_with_the_object_named() {
+        let mut v = sample_block();
+        v["spec"]["allocations"] = json!([0, null]);
+        let block: IpamBlock = serde_json::from_value(v).unwrap();
+        let err = BlockView::from_block(&block).unwrap_err();
+        assert_eq!(err.name, "10-0-0-0-30");
+        assert!(err.problem.contains("allocations has 2 entries"), "{err}");
+
+        let mut v = sample_block();
+        v["spec"]["allocations"] = json!([0, null, 5, null]);
+        let block: IpamBlock = serde_json::from_value(v).unwrap();
+        assert!(BlockView::from_block(&block).unwrap_err().problem.contains("attribute 5"));
+
+        let mut v = sample_block();
+        v["spec"]["cidr"] = json!("10.0.0.1/30");
+        let block: IpamBlock = serde_json::from_value(v).unwrap();
+        assert!(BlockView::from_block(&block).unwrap_err().problem.contains("host bits"));
+
+        let mut v = sample_block();
+        v["spec"]["cidr"] = json!("banana");
+        let block: IpamBlock = serde_json::from_value(v).unwrap();
+        assert!(BlockView::from_block(&block).is_err());
+    }
+
+    #[test]
+    fn validator_reports_calicoctl_problems() {
+        let mut v = sample_block();
+        v["spec"]["unallocated"] = json!([1, 1, 2, 9]);
+        v["spec"]["attributes"].as_array_mut().unwrap().push(json!({"releasedAt": "2999-01-01T00:00:00Z"}));
+        let block: IpamBlock = serde_json::from_value(v).unwrap();
+        let problems = validate_block(&block, 0).join("\n");
+        for needle in ["listed twice", "both allocated and unallocated", "outside the block", "not referenced", "in the future", "!= 4 addresses"] {
+            assert!(problems.contains(needle), "missing {needle}: {problems}");
+        }
+    }
+}
