@@ -1,0 +1,793 @@
+//! GC decisions: which allocations are valid, candidate or confirmed leaks, and what one pass
+//! releases (SPEC §5.5-§5.10, with Part A's stricter rules).
+//!
+//! Owns: the verdict of one allocation against the live facts, the leak tracker (first seen,
+//! confirmed), the empty-block and orphan-handle trackers, and the release plan.
+//! Must not: read the clock (callers pass `now`), do I/O, or mutate the index.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use rayon::prelude::*;
+use roaring::RoaringBitmap;
+
+use super::index::{gid, gid_ordinal, gid_slot, Alloc, AllocKind, Gid, IpamIndex, PodSlot};
+use super::intern::{hash_str, Sym};
+use crate::model::names::ordinal_to_ip;
+use crate::model::time::Millis;
+use crate::model::{PodFacts, PodPhase};
+
+/// KubeVirt VM allocations are never confirmed sooner than this (upstream's floor).
+pub const VM_MIN_GRACE: Millis = 5 * 60 * 1000;
+/// Upstream releases at most this many addresses per pass; the rest roll over to the next.
+pub const DEFAULT_MAX_RELEASES_PER_PASS: usize = 10_000;
+
+#[derive(Debug, Clone)]
+pub struct GcConfig {
+    /// 0 disables confirmation of leaks on live nodes and empty-block release.
+    pub leak_grace: Millis,
+    pub max_releases_per_pass: usize,
+    /// IPAMConfig `ipCooldownSeconds`, in milliseconds.
+    pub ip_cooldown: Millis,
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        GcConfig {
+            leak_grace: crate::model::config::DEFAULT_LEAK_GRACE,
+            max_releases_per_pass: DEFAULT_MAX_RELEASES_PER_PASS,
+            ip_cooldown: 0,
+        }
+    }
+}
+
+/// Why an allocation is not garbage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ValidReason {
+    PodOwnsIp,
+    /// Part A: a live, unfinished pod reports this IP, whatever the allocation's attributes say.
+    LivePodReportsIp,
+    PodIpNotReported,
+    UnparsablePodIp,
+    TunnelNodeExists,
+    /// Neither pod nor tunnel attributes: an owner we cannot judge.
+    UnknownOwner,
+    NoNodeAttribute,
+    VmNotProvenGone,
+    WindowsReserved,
+}
+
+/// Why an allocation is garbage. The strings are the documented `reason` values of reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LeakReason {
+    PodNotFound,
+    PodRescheduled,
+    IpNotInPod,
+    PodFinished,
+    PodEvicted,
+    NodeDeleted,
+    TunnelNodeDeleted,
+    VmDeleted,
+}
+
+impl LeakReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeakReason::PodNotFound => "pod-not-found",
+            LeakReason::PodRescheduled => "pod-rescheduled",
+            LeakReason::IpNotInPod => "ip-not-in-pod",
+            LeakReason::PodFinished => "pod-finished",
+            LeakReason::PodEvicted => "pod-evicted",
+            LeakReason::NodeDeleted => "node-deleted",
+            LeakReason::TunnelNodeDeleted => "tunnel-node-deleted",
+            LeakReason::VmDeleted => "vm-deleted",
+        }
+    }
+    pub const ALL: [LeakReason; 8] = [
+        LeakReason::PodNotFound,
+        LeakReason::PodRescheduled,
+        LeakReason::IpNotInPod,
+        LeakReason::PodFinished,
+        LeakReason::PodEvicted,
+        LeakReason::NodeDeleted,
+        LeakReason::TunnelNodeDeleted,
+        LeakReason::VmDeleted,
+    ];
+}
+
+/// What keeps a leak from being released. The strings are the documented `heldBy` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum HeldBy {
+    /// Another address of the same handle is still valid (all-or-none per handle).
+    HandleHasValidIp,
+    /// A tunnel address of a deleted node whose other allocations are not all garbage.
+    NodeHasValidAllocations,
+    /// The dump does not cover the allocation's namespace.
+    NamespaceNotInDump,
+    /// `leakGracePeriod` is 0: leaks on live nodes are never confirmed.
+    GraceDisabled,
+    /// The final re-validation found the pod holding the IP again.
+    Revalidated,
+}
+
+impl HeldBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HeldBy::HandleHasValidIp => "handle-has-valid-ip",
+            HeldBy::NodeHasValidAllocations => "node-has-valid-allocations",
+            HeldBy::NamespaceNotInDump => "namespace-not-in-dump",
+            HeldBy::GraceDisabled => "grace-period-disabled",
+            HeldBy::Revalidated => "pod-holds-ip-on-recheck",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Valid(ValidReason),
+    Leak(LeakReason),
+}
+
+/// KubeVirt VirtualMachines and VirtualMachineInstances, when the cluster has them.
+#[derive(Debug, Clone, Default)]
+pub struct KubeVirtFacts {
+    /// `(namespace, name)` of every VirtualMachine.
+    pub vms: HashSet<(String, String)>,
+    /// `(namespace, name)` of every VMI -> whether a VirtualMachine owns it.
+    pub vmis: HashMap<(String, String), bool>,
+}
+
+/// The facts about the pod an allocation names, from the cache or from a fresh read.
+#[derive(Debug, Clone, Copy)]
+struct PodView<'a> {
+    same_node_or_unknown: bool,
+    status_reports_ip: bool,
+    unparsable_ips: bool,
+    evicted: bool,
+    phase: PodPhase,
+    finished: bool,
+    ips: &'a [IpAddr],
+}
+
+impl<'a> PodView<'a> {
+    fn from_slot(p: &'a PodSlot, knode: Sym) -> Self {
+        PodView {
+            same_node_or_unknown: p.node.is_none() || knode.is_none() || p.node == knode,
+            status_reports_ip: p.status_reports_ip,
+            unparsable_ips: p.unparsable_ips,
+            evicted: p.evicted,
+            phase: p.phase(),
+            finished: p.finished(),
+            ips: &p.ips,
+        }
+    }
+    fn from_facts(p: &'a PodFacts, knode: &str) -> Self {
+        PodView {
+            same_node_or_unknown: p.node.is_empty() || knode.is_empty() || p.node == knode,
+            status_reports_ip: p.status_reports_ip,
+            unparsable_ips: p.unparsable_ips,
+            evicted: p.evicted,
+            phase: p.phase,
+            finished: p.finished(),
+            ips: if p.host_network { &[] } else { &p.ips },
+        }
+    }
+}
+
+/// SPEC §5.6 steps 4-8 for a pod allocation whose pod lookup gave `pod`.
+fn judge_pod(pod: Option<PodView<'_>>, ip: IpAddr, node_gone: bool) -> Verdict {
+    let Some(p) = pod else {
+        return Verdict::Leak(if node_gone { LeakReason::NodeDeleted } else { LeakReason::PodNotFound });
+    };
+    if !p.same_node_or_unknown {
+        return Verdict::Leak(LeakReason::PodRescheduled);
+    }
+    if p.unparsable_ips {
+        return Verdict::Valid(ValidReason::UnparsablePodIp);
+    }
+    if !p.status_reports_ip && !p.finished {
+        return Verdict::Valid(ValidReason::PodIpNotReported);
+    }
+    if p.phase == PodPhase::Failed && p.evicted {
+        return Verdict::Leak(LeakReason::PodEvicted);
+    }
+    if p.finished {
+        return Verdict::Leak(LeakReason::PodFinished);
+    }
+    if p.ips.contains(&ip) {
+        Verdict::Valid(ValidReason::PodOwnsIp)
+    } else {
+        Verdict::Leak(LeakReason::IpNotInPod)
+    }
+}
+
+fn judge_vm(index: &IpamIndex, a: &Alloc, kubevirt: Option<&KubeVirtFacts>) -> Verdict {
+    let Some(kv) = kubevirt else { return Verdict::Valid(ValidReason::VmNotProvenGone) };
+    if a.namespace.is_none() {
+        return Verdict::Valid(ValidReason::VmNotProvenGone);
+    }
+    let key = (index.resolve(a.namespace).to_string(), index.resolve(a.vmi).to_string());
+    if kv.vms.contains(&key) || kv.vmis.get(&key) == Some(&false) {
+        return Verdict::Valid(ValidReason::VmNotProvenGone);
+    }
+    Verdict::Leak(LeakReason::VmDeleted)
+}
+
+/// The verdict for one allocation against the cached facts.
+pub fn classify(index: &IpamIndex, g: Gid, a: &Alloc, cidr: &IpNet, kubevirt: Option<&KubeVirtFacts>) -> Verdict {
+    match a.kind {
+        AllocKind::WindowsReserved => return Verdict::Valid(ValidReason::WindowsReserved),
+        AllocKind::Unknown => return Verdict::Valid(ValidReason::UnknownOwner),
+        AllocKind::Tunnel => {
+            return if index.node_exists(a.node) {
+                Verdict::Valid(ValidReason::TunnelNodeExists)
+            } else {
+                Verdict::Leak(LeakReason::TunnelNodeDeleted)
+            };
+        }
+        AllocKind::Pod => {}
+    }
+    if index.live_gids().contains(g) {
+        return Verdict::Valid(ValidReason::LivePodReportsIp);
+    }
+    if a.node.is_none() {
+        // Upstream never examines allocations without a node attribute.
+        return Verdict::Valid(ValidReason::NoNodeAttribute);
+    }
+    if !a.vmi.is_none() {
+        return judge_vm(index, a, kubevirt);
+    }
+    let node_gone = !index.node_exists(a.node);
+    let knode = if node_gone { Sym::NONE } else { a.node };
+    let pod = index.pod(a.pod_slot).filter(|p| p.present).map(|p| PodView::from_slot(p, knode));
+    judge_pod(pod, ordinal_to_ip(cidr, gid_ordinal(g)), node_gone)
+}
+
+/// The verdict for a confirmed leak against a freshly read pod (`None` = NotFound), the final
+/// re-validation before a release (SPEC §5.7).
+pub fn revalidate(index: &IpamIndex, g: Gid, fresh: Option<&PodFacts>) -> Verdict {
+    let Some(a) = index.alloc(g) else { return Verdict::Valid(ValidReason::UnknownOwner) };
+    let Some(ip) = index.ip_of(g) else { return Verdict::Valid(ValidReason::UnknownOwner) };
+    if a.kind != AllocKind::Pod || !a.vmi.is_none() || index.live_gids().contains(g) {
+        // Tunnels and VMs are judged on cached facts only; a live pod reporting the IP wins.
+        let slot = gid_slot(g);
+        return classify(index, g, a, &index.block(slot).expect("allocated gid has a block").cidr, None);
+    }
+    let node_gone = !index.node_exists(a.node);
+    let knode = if node_gone { "" } else { index.resolve(a.node) };
+    // A pod that now reports this IP from any node keeps it (Part A), even if it moved.
+    if let Some(p) = fresh {
+        if !p.finished() && p.ips.contains(&ip) {
+            return Verdict::Valid(ValidReason::LivePodReportsIp);
+        }
+    }
+    judge_pod(fresh.map(|p| PodView::from_facts(p, knode)), ip, node_gone)
+}
+
+/// Which allocations a pass examines.
+#[derive(Debug, Clone)]
+pub enum Scope {
+    Full,
+    /// Only allocations attributed to these nodes (and those nodes' blocks).
+    Dirty(BTreeSet<Box<str>>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeakState {
+    Candidate { since: Millis },
+    Confirmed { since: Millis },
+}
+
+/// One allocation found to be garbage in the latest pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeakRecord {
+    pub gid: Gid,
+    pub reason: LeakReason,
+    pub state: LeakState,
+    pub held_by: Option<HeldBy>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseItem {
+    pub ordinal: u32,
+    pub ip: IpAddr,
+    pub handle: String,
+    /// `sequenceNumberForAllocation` as indexed: the release must fail if the block moved on.
+    pub sequence: u64,
+    pub reason: LeakReason,
+}
+
+/// All releases in one block, to be written as one compare-and-swap update.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockRelease {
+    pub cidr: IpNet,
+    pub block_name: String,
+    pub revision: String,
+    pub items: Vec<ReleaseItem>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmptyBlockRecord {
+    pub cidr: IpNet,
+    pub block_name: String,
+    pub node: String,
+    pub revision: String,
+    pub releasable: bool,
+    pub held_by: Option<&'static str>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRelease {
+    pub node: String,
+    /// `(affinity object name, cidr)` of every host affinity the node still has.
+    pub affinities: Vec<(String, IpNet)>,
+    /// Blocks affine to the node (by the block's own `affinity`).
+    pub blocks: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrphanHandle {
+    pub handle_id: String,
+    pub object_name: String,
+    pub revision: String,
+    pub uid: String,
+    pub releasable: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColdBlock {
+    pub cidr: IpNet,
+    pub block_name: String,
+    pub revision: String,
+}
+
+/// What one pass decided. Tests assert on this, not on HTTP.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    pub full: bool,
+    pub examined: u64,
+    /// Every garbage allocation examined this pass, sorted by gid.
+    pub leaks: Vec<LeakRecord>,
+    pub releases: Vec<BlockRelease>,
+    /// Confirmed leaks left for a later pass by the per-pass cap.
+    pub deferred: usize,
+    pub empty_blocks: Vec<EmptyBlockRecord>,
+    pub nodes_to_release: Vec<NodeRelease>,
+    pub orphan_handles: Vec<OrphanHandle>,
+    pub cold_blocks: Vec<ColdBlock>,
+    /// Confirmed leaks whose pod the shell must re-read before releasing (namespace, pod).
+    pub revalidate: Vec<(Gid, String, String)>,
+}
+
+impl Plan {
+    pub fn release_count(&self) -> usize {
+        self.releases.iter().map(|b| b.items.len()).sum()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Tracked {
+    since: Millis,
+    confirmed: bool,
+    /// Identity of the allocation when first seen: a reallocation resets the leak state.
+    identity: (u64, u64),
+}
+
+/// The GC's memory across passes: leak candidates, empty blocks and orphan handles first seen.
+#[derive(Debug, Default)]
+pub struct GcState {
+    leaks: HashMap<Gid, Tracked>,
+    tracked: RoaringBitmap,
+    confirmed: RoaringBitmap,
+    /// Reasons of the latest verdict for tracked leaks.
+    reasons: HashMap<Gid, LeakReason>,
+    empty_since: HashMap<IpNet, Millis>,
+    orphan_since: HashMap<String, (Millis, String)>,
+    release_cursor: Gid,
+}
+
+fn identity(index: &IpamIndex, a: &Alloc) -> (u64, u64) {
+    (hash_str(index.resolve(a.handle)), a.seq)
+}
+
+impl GcState {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn candidate_count(&self) -> u64 {
+        self.tracked.len()
+    }
+    pub fn confirmed_count(&self) -> u64 {
+        self.confirmed.len()
+    }
+    pub fn is_confirmed(&self, g: Gid) -> bool {
+        self.confirmed.contains(g)
+    }
+
+    /// Forgets tracked allocations that no longer exist or were reallocated.
+    fn prune(&mut self, index: &IpamIndex) {
+        let gone = &self.tracked - index.allocated();
+        let mut stale: Vec<Gid> = gone.iter().collect();
+        for (g, t) in &self.leaks {
+            if let Some(a) = index.alloc(*g) {
+                if identity(index, a) != t.identity {
+                    stale.push(*g);
+                }
+            }
+        }
+        for g in stale {
+            self.forget(g);
+        }
+    }
+
+    fn forget(&mut self, g: Gid) {
+        self.leaks.remove(&g);
+        self.reasons.remove(&g);
+        self.tracked.remove(g);
+        self.confirmed.remove(g);
+    }
+
+    /// One GC pass: classify the scope, advance leak states, and plan releases (SPEC §5.4 order:
+    /// leaks, cold IPs, empty blocks, nodes). `fresh_pods` holds the re-read pods of confirmed
+    /// leaks (`None` = NotFound) for the final re-validation; pods missing from it are judged on
+    /// cached facts (what leak-scan and simulate do).
+    pub fn pass(
+        &mut self,
+        index: &IpamIndex,
+        now: Millis,
+        cfg: &GcConfig,
+        scope: &Scope,
+        kubevirt: Option<&KubeVirtFacts>,
+        fresh_pods: &BTreeMap<(String, String), Option<PodFacts>>,
+    ) -> Plan {
+        self.prune(index);
+        let full = matches!(scope, Scope::Full);
+        let examined: RoaringBitmap = match scope {
+            Scope::Full => index.allocated().clone(),
+            Scope::Dirty(nodes) => {
+                let mut bm = RoaringBitmap::new();
+                for n in nodes {
+                    if let Some(s) = index.strings().lookup(n) {
+                        if let Some(b) = index.allocations_of_node(s) {
+                            bm |= b;
+                        }
+                    }
+                }
+                bm
+            }
+        };
+        let gids: Vec<Gid> = examined.iter().collect();
+        // Classification is the hot loop: parallel, allocation-free, results in gid order.
+        let verdicts: Vec<(Gid, LeakReason)> = gids
+            .par_chunks(4096)
+            .flat_map_iter(|chunk| {
+                let mut out = Vec::new();
+                let mut cur_slot = u32::MAX;
+                let mut block = None;
+                for &g in chunk {
+                    if gid_slot(g) != cur_slot {
+                        cur_slot = gid_slot(g);
+                        block = index.block(cur_slot);
+                    }
+                    let Some(b) = block else { continue };
+                    let Some(a) = b.alloc(gid_ordinal(g)) else { continue };
+                    if let Verdict::Leak(r) = classify(index, g, a, &b.cidr, kubevirt) {
+                        out.push((g, r));
+                    }
+                }
+                out
+            })
+            .collect();
+        let mut leak_bm = RoaringBitmap::new();
+        for (g, _) in &verdicts {
+            leak_bm.insert(*g);
+        }
+        // Valid allocations lose any leak state ("resurrected").
+        let revived = &(&examined - &leak_bm) & &self.tracked;
+        for g in revived.iter() {
+            self.forget(g);
+        }
+
+        // Nodes that are gone, and which of them still hold something valid or unjudgeable.
+        let mut gone_nodes: BTreeSet<Sym> = BTreeSet::new();
+        let mut blocked: HashSet<Sym> = HashSet::new();
+        let node_syms: Vec<Sym> = match scope {
+            Scope::Full => {
+                let mut v: BTreeSet<Sym> = index.nodes_with_allocations().collect();
+                v.extend(index.hosts_with_blocks());
+                v.extend(index.affinities().map(|(_, a)| a.node));
+                v.into_iter().collect()
+            }
+            Scope::Dirty(nodes) => nodes.iter().filter_map(|n| index.strings().lookup(n)).collect(),
+        };
+        for n in node_syms {
+            if n.is_none() || index.node_exists(n) {
+                continue;
+            }
+            gone_nodes.insert(n);
+            if let Some(bm) = index.allocations_of_node(n) {
+                let valid = bm - &leak_bm;
+                if valid.iter().any(|g| index.alloc(g).is_some_and(|a| a.kind != AllocKind::Tunnel)) {
+                    blocked.insert(n);
+                }
+                // A leak we may not release (namespace outside a dump) also blocks the node.
+                if bm.iter().any(|g| leak_bm.contains(g) && index.alloc(g).is_some_and(|a| a.kind == AllocKind::Pod && !index.namespace_covered(a.namespace))) {
+                    blocked.insert(n);
+                }
+            }
+        }
+
+        let mut plan = Plan { full, examined: examined.len(), ..Plan::default() };
+        for (g, reason) in verdicts {
+            let a = *index.alloc(g).expect("classified gid is allocated");
+            let id = identity(index, &a);
+            let node_gone = !index.node_exists(a.node);
+            let mut held = None;
+            let t = self.leaks.entry(g).or_insert(Tracked { since: now, confirmed: false, identity: id });
+            self.tracked.insert(g);
+            self.reasons.insert(g, reason);
+            let confirm = if a.kind == AllocKind::Pod && !index.namespace_covered(a.namespace) {
+                held = Some(HeldBy::NamespaceNotInDump);
+                false
+            } else if node_gone {
+                if a.kind == AllocKind::Tunnel && blocked.contains(&a.node) {
+                    held = Some(HeldBy::NodeHasValidAllocations);
+                    false
+                } else {
+                    true
+                }
+            } else {
+                let grace = if a.vmi.is_none() { cfg.leak_grace } else { cfg.leak_grace.max(VM_MIN_GRACE) };
+                if cfg.leak_grace <= 0 {
+                    held = Some(HeldBy::GraceDisabled);
+                    false
+                } else {
+                    now - t.since > grace
+                }
+            };
+            if confirm {
+                t.confirmed = true;
+                self.confirmed.insert(g);
+            } else if t.confirmed {
+                t.confirmed = false;
+                self.confirmed.remove(g);
+            }
+            let state = if t.confirmed { LeakState::Confirmed { since: t.since } } else { LeakState::Candidate { since: t.since } };
+            plan.leaks.push(LeakRecord { gid: g, reason, state, held_by: held });
+        }
+
+        self.plan_releases(index, cfg, fresh_pods, &mut plan);
+        self.plan_cold_blocks(index, now, cfg, &mut plan);
+        self.plan_empty_blocks(index, now, cfg, full, &gone_nodes, &mut plan);
+        for n in &gone_nodes {
+            if blocked.contains(n) {
+                continue;
+            }
+            // Every remaining allocation of the node is being released in this pass.
+            let name = index.resolve(*n).to_string();
+            let mut affinities: Vec<(String, IpNet)> = index
+                .affinities()
+                .filter(|(_, a)| a.node == *n)
+                .map(|(k, a)| (k.to_string(), a.cidr))
+                .collect();
+            affinities.sort();
+            let mut blocks: Vec<IpNet> = index.host_blocks(*n).iter().filter_map(|s| index.block(*s)).map(|b| b.cidr).collect();
+            blocks.sort();
+            plan.nodes_to_release.push(NodeRelease { node: name, affinities, blocks });
+        }
+        if full {
+            self.plan_orphan_handles(index, now, cfg, &mut plan);
+        }
+        plan
+    }
+
+    fn plan_releases(&mut self, index: &IpamIndex, cfg: &GcConfig, fresh: &BTreeMap<(String, String), Option<PodFacts>>, plan: &mut Plan) {
+        // Final re-validation, then all-or-none per handle.
+        let mut releasable = RoaringBitmap::new();
+        for g in self.confirmed.iter() {
+            let Some(a) = index.alloc(g) else { continue };
+            let key = (index.resolve(a.namespace).to_string(), index.resolve(a.pod).to_string());
+            let verdict = match fresh.get(&key) {
+                Some(f) if a.kind == AllocKind::Pod => revalidate(index, g, f.as_ref()),
+                _ => {
+                    let b = index.block(gid_slot(g)).expect("allocated gid has a block");
+                    classify(index, g, a, &b.cidr, None)
+                }
+            };
+            match verdict {
+                Verdict::Leak(_) => {
+                    releasable.insert(g);
+                    if a.kind == AllocKind::Pod && index.node_exists(a.node) && !fresh.contains_key(&key) {
+                        plan.revalidate.push((g, key.0, key.1));
+                    }
+                }
+                Verdict::Valid(_) => {
+                    if let Some(r) = plan.leaks.iter_mut().find(|r| r.gid == g) {
+                        r.held_by = Some(HeldBy::Revalidated);
+                    }
+                }
+            }
+        }
+        // Revalidated-valid leaks are forgotten: they start over if they leak again.
+        let revived: Vec<Gid> = (&self.confirmed - &releasable).iter().collect();
+        for g in revived {
+            self.forget(g);
+        }
+        let mut allowed = RoaringBitmap::new();
+        let mut handle_held = RoaringBitmap::new();
+        for g in releasable.iter() {
+            let a = index.alloc(g).expect("releasable gid is allocated");
+            if index.allocations_of_handle(a.handle).iter().all(|h| releasable.contains(*h)) {
+                allowed.insert(g);
+            } else {
+                handle_held.insert(g);
+            }
+        }
+        for r in plan.leaks.iter_mut() {
+            if handle_held.contains(r.gid) && r.held_by.is_none() {
+                r.held_by = Some(HeldBy::HandleHasValidIp);
+            }
+        }
+        // The cap rolls over: start after the last address planned in the previous pass, and keep
+        // whole handles together so all-or-none holds across the cut.
+        let order: Vec<Gid> = allowed.iter().filter(|g| *g >= self.release_cursor).chain(allowed.iter().filter(|g| *g < self.release_cursor)).collect();
+        let mut chosen: Vec<Gid> = Vec::new();
+        let mut chosen_set = RoaringBitmap::new();
+        for g in order {
+            if chosen_set.contains(g) {
+                continue;
+            }
+            let a = index.alloc(g).expect("allowed gid is allocated");
+            let group = index.allocations_of_handle(a.handle);
+            if chosen.len() + group.len() > cfg.max_releases_per_pass.max(1) && !chosen.is_empty() {
+                break;
+            }
+            for h in group {
+                if chosen_set.insert(*h) {
+                    chosen.push(*h);
+                }
+            }
+        }
+        plan.deferred = (allowed.len() - chosen_set.len()) as usize;
+        if let Some(last) = chosen.last() {
+            self.release_cursor = last.wrapping_add(1);
+        }
+        let mut by_block: BTreeMap<u32, Vec<Gid>> = BTreeMap::new();
+        for g in chosen_set.iter() {
+            by_block.entry(gid_slot(g)).or_default().push(g);
+        }
+        for (slot, gs) in by_block {
+            let b = index.block(slot).expect("block of an allocated gid");
+            let items = gs
+                .iter()
+                .map(|g| {
+                    let a = b.alloc(gid_ordinal(*g)).expect("allocated");
+                    ReleaseItem {
+                        ordinal: gid_ordinal(*g),
+                        ip: ordinal_to_ip(&b.cidr, gid_ordinal(*g)),
+                        handle: index.resolve(a.handle).to_string(),
+                        sequence: a.seq,
+                        reason: self.reasons.get(g).copied().unwrap_or(LeakReason::PodNotFound),
+                    }
+                })
+                .collect();
+            plan.releases.push(BlockRelease { cidr: b.cidr, block_name: b.name.to_string(), revision: b.revision.to_string(), items });
+        }
+        plan.releases.sort_by_key(|r| crate::model::names::ip_sort_key(&r.cidr.network()));
+    }
+
+    fn plan_cold_blocks(&self, index: &IpamIndex, now: Millis, cfg: &GcConfig, plan: &mut Plan) {
+        for slot in index.cold_blocks().iter() {
+            let b = index.block(slot).expect("cold block exists");
+            if b.earliest_release.is_some_and(|t| t + cfg.ip_cooldown <= now) {
+                plan.cold_blocks.push(ColdBlock { cidr: b.cidr, block_name: b.name.to_string(), revision: b.revision.to_string() });
+            }
+        }
+    }
+
+    fn plan_empty_blocks(&mut self, index: &IpamIndex, now: Millis, cfg: &GcConfig, full: bool, gone: &BTreeSet<Sym>, plan: &mut Plan) {
+        let mut still_empty: HashSet<IpNet> = HashSet::new();
+        for slot in index.empty_blocks().iter() {
+            let b = index.block(slot).expect("empty block exists");
+            let host = b.host();
+            if gone.contains(&host) || (!full && !index.node_exists(host)) {
+                // A deleted node's blocks go with the node release.
+                continue;
+            }
+            still_empty.insert(b.cidr);
+            let mut rec = EmptyBlockRecord {
+                cidr: b.cidr,
+                block_name: b.name.to_string(),
+                node: index.resolve(host).to_string(),
+                revision: b.revision.to_string(),
+                releasable: false,
+                held_by: None,
+            };
+            if index.host_blocks(host).len() <= 1 {
+                rec.held_by = Some("node-last-block");
+                self.empty_since.remove(&b.cidr);
+            } else if index.node(host).is_some_and(|n| n.migration_in_progress) {
+                rec.held_by = Some("flannel-migration");
+                self.empty_since.remove(&b.cidr);
+            } else if cfg.leak_grace <= 0 {
+                rec.held_by = Some(HeldBy::GraceDisabled.as_str());
+            } else {
+                let since = *self.empty_since.entry(b.cidr).or_insert(now);
+                rec.releasable = now - since > cfg.leak_grace;
+                if !rec.releasable {
+                    rec.held_by = Some("within-grace-period");
+                }
+            }
+            plan.empty_blocks.push(rec);
+        }
+        if full {
+            self.empty_since.retain(|c, _| still_empty.contains(c));
+        } else {
+            // A dirty pass sees only part of the cluster; forget only blocks that are no longer empty.
+            self.empty_since.retain(|c, _| index.block_slot(c).is_some_and(|s| index.empty_blocks().contains(s)));
+        }
+        plan.empty_blocks.sort_by_key(|e| crate::model::names::ip_sort_key(&e.cidr.network()));
+    }
+
+    fn plan_orphan_handles(&mut self, index: &IpamIndex, now: Millis, cfg: &GcConfig, plan: &mut Plan) {
+        let mut seen = HashSet::new();
+        for h in index.unreferenced_handles() {
+            let id = index.resolve(h).to_string();
+            let e = index.handle(h).expect("listed handle exists");
+            let entry = self.orphan_since.entry(id.clone()).or_insert((now, e.revision.to_string()));
+            if entry.1 != *e.revision {
+                // The handle changed since first seen: the CNI is using it; start over.
+                *entry = (now, e.revision.to_string());
+            }
+            let releasable = cfg.leak_grace > 0 && now - entry.0 > cfg.leak_grace;
+            plan.orphan_handles.push(OrphanHandle {
+                handle_id: id.clone(),
+                object_name: e.name.to_string(),
+                revision: e.revision.to_string(),
+                uid: e.uid.to_string(),
+                releasable,
+            });
+            seen.insert(id);
+        }
+        self.orphan_since.retain(|k, _| seen.contains(k));
+    }
+
+    /// Cross-checks the tracker's maps with each other and with the index.
+    pub fn check_invariants(&self, index: &IpamIndex) -> Result<(), String> {
+        let keys: RoaringBitmap = self.leaks.keys().copied().collect();
+        if keys != self.tracked {
+            return Err("tracked bitmap differs from leak map".into());
+        }
+        let confirmed: RoaringBitmap = self.leaks.iter().filter(|(_, t)| t.confirmed).map(|(g, _)| *g).collect();
+        if confirmed != self.confirmed {
+            return Err("confirmed bitmap differs from leak map".into());
+        }
+        if self.reasons.len() != self.leaks.len() || self.reasons.keys().any(|g| !self.leaks.contains_key(g)) {
+            return Err("reasons and leaks disagree".into());
+        }
+        for (g, t) in &self.leaks {
+            if let Some(a) = index.alloc(*g) {
+                if identity(index, a) != t.identity {
+                    // Allowed only until the next prune; a pass always prunes first.
+                    continue;
+                }
+                if index.live_gids().contains(*g) && t.confirmed {
+                    return Err(format!("allocation {g} is confirmed but a live pod reports it"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Helper for tests and the simulator: the gid of an IP, if allocated.
+pub fn gid_for(index: &IpamIndex, ip: IpAddr) -> Option<Gid> {
+    index.gid_of_ip(ip).filter(|g| index.allocated().contains(*g))
+}
+
+#[doc(hidden)]
+pub fn _gid(slot: u32, ord: u32) -> Gid {
+    gid(slot, ord)
+}

@@ -1,0 +1,1031 @@
+//! The allocation index and the live facts it is judged against: a synchronous single-writer
+//! state machine fed `apply_*` / `delete_*` / `reset` by one owner.
+//!
+//! Owns: every allocation of every block (compact records, per-block sorted vectors), cluster-wide
+//! roaring bitmaps over global allocation ids (allocated, by node, live IPs, empty and cold blocks),
+//! the compact pod and node facts, affinities and handle objects, and the dirty-node set.
+//! Must not: read the clock, do I/O, or decide anything about leaks (that is `gc`).
+//!
+//! A global allocation id (`Gid`) is `block_slot << 12 | ordinal`: Calico blocks hold at most
+//! 4096 addresses (/20 for IPv4, /116 for IPv6), so ordinals fit in 12 bits and a u32 id leaves
+//! room for a million blocks, which lets every cluster-wide set be a `RoaringBitmap`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use rayon::prelude::*;
+use roaring::RoaringBitmap;
+
+use super::intern::{Interner, Sym};
+use crate::model::block::{Affinity, BlockView, WINDOWS_RESERVED_HANDLE};
+use crate::model::names::{ip_sort_key, ip_to_ordinal, ordinal_to_ip, sanitize_handle};
+use crate::model::time::{parse_rfc3339, Millis};
+use crate::model::{BlockAffinity, InvalidObject, IpamBlock, IpamHandle, NodeLite, PodFacts, PodPhase};
+
+pub type Gid = u32;
+pub const ORDINAL_BITS: u32 = 12;
+const MAX_BLOCK_SLOTS: u32 = 1 << (32 - ORDINAL_BITS);
+
+pub fn gid(slot: u32, ordinal: u32) -> Gid {
+    (slot << ORDINAL_BITS) | ordinal
+}
+pub fn gid_slot(g: Gid) -> u32 {
+    g >> ORDINAL_BITS
+}
+pub fn gid_ordinal(g: Gid) -> u32 {
+    g & ((1 << ORDINAL_BITS) - 1)
+}
+
+/// The five `type` attribute values that mark a node's tunnel address.
+pub const TUNNEL_TYPES: [&str; 5] =
+    ["ipipTunnelAddress", "vxlanTunnelAddress", "vxlanV6TunnelAddress", "wireguardTunnelAddress", "wireguardV6TunnelAddress"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllocKind {
+    /// `namespace` and `pod` attributes both set.
+    Pod,
+    /// `type` is one of [`TUNNEL_TYPES`]; judged by node existence only.
+    Tunnel,
+    /// Pre-allocated by Calico for Windows; never garbage.
+    WindowsReserved,
+    /// Neither a pod nor a tunnel: an owner we cannot judge, never released.
+    Unknown,
+}
+
+/// One allocated ordinal that carries a handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Alloc {
+    pub ordinal: u16,
+    pub kind: AllocKind,
+    pub handle: Sym,
+    pub namespace: Sym,
+    pub pod: Sym,
+    pub node: Sym,
+    /// `type` attribute (tunnels, LoadBalancer), kept for reports.
+    pub alloc_type: Sym,
+    /// KubeVirt `vmi-name` attribute; set means the allocation belongs to a VM.
+    pub vmi: Sym,
+    /// Index into the pod table, `NO_POD` unless kind is Pod.
+    pub pod_slot: u32,
+    /// `sequenceNumberForAllocation[ordinal]`, the CAS token for releasing it.
+    pub seq: u64,
+}
+
+pub const NO_POD: u32 = u32::MAX;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockOwner {
+    None,
+    Host(Sym),
+    Virtual(Sym),
+}
+
+#[derive(Debug, Clone)]
+pub struct BlockEntry {
+    pub cidr: IpNet,
+    pub name: Box<str>,
+    pub revision: Box<str>,
+    pub owner: BlockOwner,
+    pub seq: u64,
+    /// Allocations with a handle, sorted by ordinal.
+    pub allocs: Vec<Alloc>,
+    /// Non-nil ordinals, including cooldown and Windows-reserved ones (upstream's notion of empty).
+    pub used_ordinals: u32,
+    /// Earliest `releasedAt` of a cooling-down ordinal, if any.
+    pub earliest_release: Option<Millis>,
+    /// Ordinals in cooldown (reported as `coolingDown` in the check report).
+    pub cooling: Vec<u16>,
+}
+
+impl BlockEntry {
+    pub fn alloc(&self, ordinal: u32) -> Option<&Alloc> {
+        self.allocs.binary_search_by_key(&(ordinal as u16), |a| a.ordinal).ok().map(|i| &self.allocs[i])
+    }
+    pub fn host(&self) -> Sym {
+        match self.owner {
+            BlockOwner::Host(h) => h,
+            _ => Sym::NONE,
+        }
+    }
+}
+
+/// A pod as the GC sees it; a slot exists while the pod is present or an allocation names it.
+#[derive(Debug, Clone, Default)]
+pub struct PodSlot {
+    pub namespace: Sym,
+    pub name: Sym,
+    pub present: bool,
+    pub node: Sym,
+    pub uid: Sym,
+    pub phase: u8,
+    pub evicted: bool,
+    pub deleting: bool,
+    pub status_reports_ip: bool,
+    pub unparsable_ips: bool,
+    pub ips: Box<[IpAddr]>,
+    /// Allocations naming this pod.
+    alloc_refs: u32,
+}
+
+impl PodSlot {
+    pub fn phase(&self) -> PodPhase {
+        match self.phase {
+            1 => PodPhase::Running,
+            2 => PodPhase::Succeeded,
+            3 => PodPhase::Failed,
+            4 => PodPhase::Unknown,
+            5 => PodPhase::Completed,
+            _ => PodPhase::Pending,
+        }
+    }
+    pub fn finished(&self) -> bool {
+        matches!(self.phase(), PodPhase::Failed | PodPhase::Succeeded | PodPhase::Completed)
+    }
+}
+
+fn phase_code(p: PodPhase) -> u8 {
+    match p {
+        PodPhase::Pending => 0,
+        PodPhase::Running => 1,
+        PodPhase::Succeeded => 2,
+        PodPhase::Failed => 3,
+        PodPhase::Unknown => 4,
+        PodPhase::Completed => 5,
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AffinityEntry {
+    pub node: Sym,
+    pub cidr: IpNet,
+    pub revision: Box<str>,
+    pub state: Box<str>,
+}
+
+#[derive(Debug, Clone)]
+pub struct HandleEntry {
+    pub name: Box<str>,
+    pub revision: Box<str>,
+    pub uid: Box<str>,
+    /// Block CIDR -> count, as the handle object says.
+    pub blocks: Vec<(Box<str>, u32)>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NodeEntry {
+    pub migration_in_progress: bool,
+}
+
+/// Which namespaces' pods the facts cover. A live controller watches every pod; a dump may not.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum PodCoverage {
+    #[default]
+    All,
+    /// Only these namespaces are known completely; allocations elsewhere are never releasable.
+    Namespaces(BTreeSet<String>),
+}
+
+#[derive(Debug, Default)]
+pub struct IpamIndex {
+    pub(crate) strings: Interner,
+    blocks: Vec<Option<BlockEntry>>,
+    free_slots: Vec<u32>,
+    by_cidr: HashMap<IpNet, u32>,
+    by_network: BTreeMap<(u8, u128), u32>,
+    allocated: RoaringBitmap,
+    by_node: HashMap<Sym, RoaringBitmap>,
+    by_handle: HashMap<Sym, Vec<Gid>>,
+    blocks_by_host: HashMap<Sym, Vec<u32>>,
+    empty_blocks: RoaringBitmap,
+    cold_blocks: RoaringBitmap,
+    pods: Vec<PodSlot>,
+    free_pods: Vec<u32>,
+    pod_by_key: HashMap<(Sym, Sym), u32>,
+    live_ip_refs: HashMap<IpAddr, u32>,
+    live_gids: RoaringBitmap,
+    nodes: HashMap<Sym, NodeEntry>,
+    affinities: HashMap<Box<str>, AffinityEntry>,
+    handles: HashMap<Sym, HandleEntry>,
+    dirty_nodes: BTreeSet<Box<str>>,
+    full_scan_requested: bool,
+    pub coverage: PodCoverage,
+}
+
+impl IpamIndex {
+    pub fn new() -> Self {
+        IpamIndex { strings: Interner::new(), ..Default::default() }
+    }
+
+    // ---- read access -------------------------------------------------------------------------
+
+    pub fn strings(&self) -> &Interner {
+        &self.strings
+    }
+    pub fn resolve(&self, s: Sym) -> &str {
+        self.strings.resolve(s)
+    }
+    pub fn block(&self, slot: u32) -> Option<&BlockEntry> {
+        self.blocks.get(slot as usize)?.as_ref()
+    }
+    pub fn block_slot(&self, cidr: &IpNet) -> Option<u32> {
+        self.by_cidr.get(cidr).copied()
+    }
+    pub fn blocks(&self) -> impl Iterator<Item = (u32, &BlockEntry)> {
+        self.blocks.iter().enumerate().filter_map(|(i, b)| Some((i as u32, b.as_ref()?)))
+    }
+    /// Blocks in a deterministic order (by address).
+    pub fn blocks_sorted(&self) -> Vec<u32> {
+        self.by_network.values().copied().collect()
+    }
+    pub fn block_count(&self) -> usize {
+        self.by_cidr.len()
+    }
+    pub fn allocation_count(&self) -> u64 {
+        self.allocated.len()
+    }
+    pub fn allocated(&self) -> &RoaringBitmap {
+        &self.allocated
+    }
+    pub fn alloc(&self, g: Gid) -> Option<&Alloc> {
+        self.block(gid_slot(g))?.alloc(gid_ordinal(g))
+    }
+    pub fn ip_of(&self, g: Gid) -> Option<IpAddr> {
+        Some(ordinal_to_ip(&self.block(gid_slot(g))?.cidr, gid_ordinal(g)))
+    }
+    pub fn allocations_of_node(&self, node: Sym) -> Option<&RoaringBitmap> {
+        self.by_node.get(&node)
+    }
+    pub fn nodes_with_allocations(&self) -> impl Iterator<Item = Sym> + '_ {
+        self.by_node.keys().copied()
+    }
+    pub fn allocations_of_handle(&self, handle: Sym) -> &[Gid] {
+        self.by_handle.get(&handle).map(Vec::as_slice).unwrap_or(&[])
+    }
+    pub fn host_blocks(&self, node: Sym) -> &[u32] {
+        self.blocks_by_host.get(&node).map(Vec::as_slice).unwrap_or(&[])
+    }
+    pub fn hosts_with_blocks(&self) -> impl Iterator<Item = Sym> + '_ {
+        self.blocks_by_host.keys().copied()
+    }
+    pub fn empty_blocks(&self) -> &RoaringBitmap {
+        &self.empty_blocks
+    }
+    pub fn cold_blocks(&self) -> &RoaringBitmap {
+        &self.cold_blocks
+    }
+    pub fn live_gids(&self) -> &RoaringBitmap {
+        &self.live_gids
+    }
+    pub fn pod(&self, slot: u32) -> Option<&PodSlot> {
+        self.pods.get(slot as usize)
+    }
+    pub fn pod_by_name(&self, namespace: &str, name: &str) -> Option<&PodSlot> {
+        let key = (self.strings.lookup(namespace)?, self.strings.lookup(name)?);
+        self.pods.get(*self.pod_by_key.get(&key)? as usize).filter(|p| p.present)
+    }
+    pub fn present_pods(&self) -> impl Iterator<Item = &PodSlot> {
+        self.pods.iter().filter(|p| p.present)
+    }
+    pub fn node_exists(&self, node: Sym) -> bool {
+        !node.is_none() && self.nodes.contains_key(&node)
+    }
+    pub fn node(&self, node: Sym) -> Option<&NodeEntry> {
+        self.nodes.get(&node)
+    }
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+    pub fn node_names(&self) -> impl Iterator<Item = &str> {
+        self.nodes.keys().map(|s| self.strings.resolve(*s))
+    }
+    pub fn affinities(&self) -> impl Iterator<Item = (&str, &AffinityEntry)> {
+        self.affinities.iter().map(|(k, v)| (&**k, v))
+    }
+    pub fn handles(&self) -> impl Iterator<Item = (Sym, &HandleEntry)> {
+        self.handles.iter().map(|(k, v)| (*k, v))
+    }
+    pub fn handle(&self, handle: Sym) -> Option<&HandleEntry> {
+        self.handles.get(&handle)
+    }
+    pub fn namespace_covered(&self, ns: Sym) -> bool {
+        match &self.coverage {
+            PodCoverage::All => true,
+            PodCoverage::Namespaces(set) => set.contains(self.strings.resolve(ns)),
+        }
+    }
+
+    /// The block holding `ip`, if any.
+    pub fn block_containing(&self, ip: IpAddr) -> Option<u32> {
+        let key = ip_sort_key(&ip);
+        let (_, &slot) = self.by_network.range(..=key).next_back()?;
+        let b = self.block(slot)?;
+        b.cidr.contains(&ip).then_some(slot)
+    }
+
+    pub fn gid_of_ip(&self, ip: IpAddr) -> Option<Gid> {
+        let slot = self.block_containing(ip)?;
+        Some(gid(slot, ip_to_ordinal(&self.block(slot)?.cidr, ip)?))
+    }
+
+    /// Nodes marked dirty since the last call, and whether a full scan was requested.
+    pub fn take_dirty(&mut self) -> (BTreeSet<Box<str>>, bool) {
+        (std::mem::take(&mut self.dirty_nodes), std::mem::take(&mut self.full_scan_requested))
+    }
+    pub fn mark_dirty(&mut self, node: &str) {
+        if !node.is_empty() && !self.dirty_nodes.contains(node) {
+            self.dirty_nodes.insert(node.into());
+        }
+    }
+    pub fn request_full_scan(&mut self) {
+        self.full_scan_requested = true;
+    }
+    pub fn dirty_node_count(&self) -> usize {
+        self.dirty_nodes.len()
+    }
+
+    // ---- blocks ------------------------------------------------------------------------------
+
+    /// Adds or replaces a block. A soft-deleted block (`deleted: true`) is treated as gone.
+    pub fn apply_block(&mut self, block: &IpamBlock) -> Result<(), InvalidObject> {
+        let view = BlockView::from_block(block)?;
+        if block.spec.deleted {
+            self.delete_block(&view.cidr);
+            return Ok(());
+        }
+        let slot = match self.by_cidr.get(&view.cidr) {
+            Some(&s) => s,
+            None => {
+                let s = match self.free_slots.pop() {
+                    Some(s) => s,
+                    None => {
+                        let s = self.blocks.len() as u32;
+                        if s >= MAX_BLOCK_SLOTS {
+                            return Err(InvalidObject::new("IPAMBlock", block.name(), "index is full (over 1M blocks)"));
+                        }
+                        self.blocks.push(None);
+                        s
+                    }
+                };
+                self.by_cidr.insert(view.cidr, s);
+                self.by_network.insert(ip_sort_key(&view.cidr.network()), s);
+                s
+            }
+        };
+        let new_entry = self.build_entry(&view, slot);
+        let old = self.blocks[slot as usize].take();
+        if let Some(old) = &old {
+            self.unlink_block(slot, old, Some(&new_entry));
+        } else {
+            for a in &new_entry.allocs {
+                self.mark_dirty_sym(a.node);
+            }
+        }
+        self.link_block(slot, &new_entry);
+        self.blocks[slot as usize] = Some(new_entry);
+        if let Some(old) = old {
+            self.release_entry_refs(&old);
+        }
+        Ok(())
+    }
+
+    /// Removes a block and every allocation in it.
+    pub fn delete_block(&mut self, cidr: &IpNet) {
+        let Some(slot) = self.by_cidr.remove(cidr) else { return };
+        self.by_network.remove(&ip_sort_key(&cidr.network()));
+        if let Some(old) = self.blocks[slot as usize].take() {
+            self.unlink_block(slot, &old, None);
+            self.release_entry_refs(&old);
+        }
+        self.free_slots.push(slot);
+    }
+
+    fn mark_dirty_sym(&mut self, node: Sym) {
+        if !node.is_none() {
+            let name = self.strings.resolve(node);
+            if !self.dirty_nodes.contains(name) {
+                let boxed: Box<str> = name.into();
+                self.dirty_nodes.insert(boxed);
+            }
+        }
+    }
+
+    /// Interns the block's strings (taking references) and builds its entry.
+    fn build_entry(&mut self, view: &BlockView<'_>, slot: u32) -> BlockEntry {
+        let spec = &view.block.spec;
+        let owner = match &view.affinity {
+            Affinity::None => BlockOwner::None,
+            Affinity::Host(h) => BlockOwner::Host(self.strings.intern(h)),
+            Affinity::Virtual(v) => BlockOwner::Virtual(self.strings.intern(v)),
+        };
+        let mut allocs = Vec::new();
+        let mut used = 0u32;
+        let mut earliest: Option<Millis> = None;
+        let mut cooling = Vec::new();
+        for s in view.slots() {
+            used += 1;
+            let attr = s.attribute;
+            if let Some(at) = &attr.released_at {
+                // An unparsable releasedAt counts as released now-ish: the earliest possible, so the
+                // cooldown backstop looks at the block; calicoctl's validator reports it.
+                let t = parse_rfc3339(at).unwrap_or(0);
+                earliest = Some(earliest.map_or(t, |e| e.min(t)));
+                cooling.push(s.ordinal as u16);
+            }
+            let Some(handle) = attr.handle_id.as_deref().map(sanitize_handle).filter(|h| !h.is_empty()) else {
+                continue;
+            };
+            let ns = attr.attr("namespace").unwrap_or("");
+            let pod = attr.attr("pod").unwrap_or("");
+            let typ = attr.attr("type").unwrap_or("");
+            let kind = if handle == WINDOWS_RESERVED_HANDLE {
+                AllocKind::WindowsReserved
+            } else if !ns.is_empty() && !pod.is_empty() {
+                AllocKind::Pod
+            } else if TUNNEL_TYPES.contains(&typ) {
+                AllocKind::Tunnel
+            } else {
+                AllocKind::Unknown
+            };
+            let namespace = self.strings.intern(ns);
+            let pod_sym = self.strings.intern(pod);
+            let pod_slot = if kind == AllocKind::Pod { self.pod_slot_ref(namespace, pod_sym) } else { NO_POD };
+            allocs.push(Alloc {
+                ordinal: s.ordinal as u16,
+                kind,
+                handle: self.strings.intern(handle),
+                namespace,
+                pod: pod_sym,
+                node: self.strings.intern(attr.attr("node").unwrap_or("")),
+                alloc_type: self.strings.intern(typ),
+                vmi: self.strings.intern(attr.attr("vmi-name").unwrap_or("")),
+                pod_slot,
+                seq: s.sequence,
+            });
+        }
+        let _ = slot;
+        BlockEntry {
+            cidr: view.cidr,
+            name: view.block.name().into(),
+            revision: view.block.resource_version().into(),
+            owner,
+            seq: spec.sequence_number,
+            allocs,
+            used_ordinals: used,
+            earliest_release: earliest,
+            cooling,
+        }
+    }
+
+    fn release_entry_refs(&mut self, e: &BlockEntry) {
+        match e.owner {
+            BlockOwner::Host(s) | BlockOwner::Virtual(s) => self.strings.release(s),
+            BlockOwner::None => {}
+        }
+        for a in &e.allocs {
+            for s in [a.handle, a.namespace, a.pod, a.node, a.alloc_type, a.vmi] {
+                self.strings.release(s);
+            }
+            if a.pod_slot != NO_POD {
+                self.pod_slot_unref(a.pod_slot);
+            }
+        }
+    }
+
+    fn link_block(&mut self, slot: u32, e: &BlockEntry) {
+        for a in &e.allocs {
+            let g = gid(slot, u32::from(a.ordinal));
+            self.allocated.insert(g);
+            if !a.node.is_none() {
+                self.by_node.entry(a.node).or_default().insert(g);
+            }
+            self.by_handle.entry(a.handle).or_default().push(g);
+            if self.live_ip_refs.contains_key(&ordinal_to_ip(&e.cidr, u32::from(a.ordinal))) {
+                self.live_gids.insert(g);
+            }
+        }
+        if let BlockOwner::Host(h) = e.owner {
+            self.blocks_by_host.entry(h).or_default().push(slot);
+            if e.used_ordinals == 0 {
+                self.empty_blocks.insert(slot);
+            }
+        }
+        if e.earliest_release.is_some() {
+            self.cold_blocks.insert(slot);
+        }
+    }
+
+    /// Removes the old entry's bitmap memberships; marks dirty the nodes of allocations that
+    /// changed or vanished (compared with `new`, if the block is being replaced).
+    fn unlink_block(&mut self, slot: u32, e: &BlockEntry, new: Option<&BlockEntry>) {
+        let lo = gid(slot, 0);
+        let hi = gid(slot, (1 << ORDINAL_BITS) - 1);
+        self.allocated.remove_range(lo..=hi);
+        self.live_gids.remove_range(lo..=hi);
+        for a in &e.allocs {
+            let g = gid(slot, u32::from(a.ordinal));
+            if !a.node.is_none() {
+                if let Some(bm) = self.by_node.get_mut(&a.node) {
+                    bm.remove(g);
+                    if bm.is_empty() {
+                        self.by_node.remove(&a.node);
+                    }
+                }
+            }
+            if let Some(list) = self.by_handle.get_mut(&a.handle) {
+                list.retain(|x| *x != g);
+                if list.is_empty() {
+                    self.by_handle.remove(&a.handle);
+                }
+            }
+            let changed = match new.and_then(|n| n.alloc(u32::from(a.ordinal))) {
+                Some(b) => b.handle != a.handle || b.seq != a.seq || b.node != a.node || b.pod != a.pod,
+                None => true,
+            };
+            if changed {
+                self.mark_dirty_sym(a.node);
+            }
+        }
+        if let Some(n) = new {
+            for b in &n.allocs {
+                if e.alloc(u32::from(b.ordinal)).is_none() {
+                    self.mark_dirty_sym(b.node);
+                }
+            }
+        }
+        if let BlockOwner::Host(h) = e.owner {
+            if let Some(list) = self.blocks_by_host.get_mut(&h) {
+                list.retain(|s| *s != slot);
+                if list.is_empty() {
+                    self.blocks_by_host.remove(&h);
+                }
+            }
+        }
+        self.empty_blocks.remove(slot);
+        self.cold_blocks.remove(slot);
+    }
+
+    // ---- pods --------------------------------------------------------------------------------
+
+    fn pod_slot_ref(&mut self, ns: Sym, name: Sym) -> u32 {
+        if let Some(&slot) = self.pod_by_key.get(&(ns, name)) {
+            self.pods[slot as usize].alloc_refs += 1;
+            return slot;
+        }
+        let slot = self.new_pod_slot(ns, name);
+        self.pods[slot as usize].alloc_refs = 1;
+        slot
+    }
+
+    fn new_pod_slot(&mut self, ns: Sym, name: Sym) -> u32 {
+        self.strings.retain(ns);
+        self.strings.retain(name);
+        let fresh = PodSlot { namespace: ns, name, ..PodSlot::default() };
+        let slot = match self.free_pods.pop() {
+            Some(s) => {
+                self.pods[s as usize] = fresh;
+                s
+            }
+            None => {
+                self.pods.push(fresh);
+                (self.pods.len() - 1) as u32
+            }
+        };
+        self.pod_by_key.insert((ns, name), slot);
+        slot
+    }
+
+    fn pod_slot_unref(&mut self, slot: u32) {
+        let p = &mut self.pods[slot as usize];
+        p.alloc_refs -= 1;
+        self.maybe_free_pod(slot);
+    }
+
+    fn maybe_free_pod(&mut self, slot: u32) {
+        let p = &self.pods[slot as usize];
+        if p.alloc_refs > 0 || p.present {
+            return;
+        }
+        let (ns, name) = (p.namespace, p.name);
+        self.pod_by_key.remove(&(ns, name));
+        self.strings.release(ns);
+        self.strings.release(name);
+        self.pods[slot as usize] = PodSlot::default();
+        self.free_pods.push(slot);
+    }
+
+    fn set_live_ips(&mut self, ips: &[IpAddr], add: bool) {
+        for ip in ips {
+            if add {
+                let c = self.live_ip_refs.entry(*ip).or_insert(0);
+                *c += 1;
+                if *c == 1 {
+                    if let Some(g) = self.gid_of_ip(*ip) {
+                        if self.allocated.contains(g) {
+                            self.live_gids.insert(g);
+                        }
+                    }
+                }
+            } else if let Some(c) = self.live_ip_refs.get_mut(ip) {
+                *c -= 1;
+                if *c == 0 {
+                    self.live_ip_refs.remove(ip);
+                    if let Some(g) = self.gid_of_ip(*ip) {
+                        self.live_gids.remove(g);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Adds or replaces a pod's facts. Host-network pods hold no Calico IPs and are still
+    /// recorded: an allocation naming one is judged against it like any other.
+    pub fn apply_pod(&mut self, f: &PodFacts) {
+        let ns = self.strings.intern(&f.namespace);
+        let name = self.strings.intern(&f.name);
+        let slot = match self.pod_by_key.get(&(ns, name)) {
+            Some(&s) => s,
+            None => self.new_pod_slot(ns, name),
+        };
+        self.strings.release(ns);
+        self.strings.release(name);
+        let node = self.strings.intern(&f.node);
+        let uid = self.strings.intern(&f.uid);
+        let ips: Box<[IpAddr]> = if f.host_network { Box::new([]) } else { f.ips.clone().into_boxed_slice() };
+        let old = std::mem::take(&mut self.pods[slot as usize]);
+        let changed = !old.present
+            || old.node != node
+            || old.ips != ips
+            || old.phase != phase_code(f.phase)
+            || old.status_reports_ip != f.status_reports_ip
+            || old.deleting != f.deleting;
+        if old.present {
+            self.set_live_ips(&old.ips, false);
+            self.strings.release(old.node);
+            self.strings.release(old.uid);
+        }
+        self.set_live_ips(&ips, true);
+        self.pods[slot as usize] = PodSlot {
+            namespace: old.namespace,
+            name: old.name,
+            present: true,
+            node,
+            uid,
+            phase: phase_code(f.phase),
+            evicted: f.evicted,
+            deleting: f.deleting,
+            status_reports_ip: f.status_reports_ip,
+            unparsable_ips: f.unparsable_ips,
+            ips,
+            alloc_refs: old.alloc_refs,
+        };
+        if changed {
+            if old.present && old.node != node {
+                self.mark_dirty_sym(old.node);
+            }
+            self.mark_dirty_sym(node);
+        }
+    }
+
+    /// A pod is gone: its node is re-examined on the next dirty pass.
+    pub fn delete_pod(&mut self, namespace: &str, name: &str) {
+        let (Some(ns), Some(n)) = (self.strings.lookup(namespace), self.strings.lookup(name)) else { return };
+        let Some(&slot) = self.pod_by_key.get(&(ns, n)) else { return };
+        if !self.pods[slot as usize].present {
+            return;
+        }
+        let old = std::mem::take(&mut self.pods[slot as usize]);
+        self.set_live_ips(&old.ips, false);
+        self.mark_dirty_sym(old.node);
+        self.strings.release(old.node);
+        self.strings.release(old.uid);
+        self.pods[slot as usize] = PodSlot { namespace: old.namespace, name: old.name, alloc_refs: old.alloc_refs, ..PodSlot::default() };
+        self.maybe_free_pod(slot);
+    }
+
+    // ---- nodes, affinities, handles ---------------------------------------------------------
+
+    pub fn apply_node(&mut self, node: &NodeLite) {
+        let name = &node.metadata.name;
+        if name.is_empty() {
+            return;
+        }
+        let entry = NodeEntry { migration_in_progress: node.migration_in_progress() };
+        match self.strings.lookup(name).filter(|s| self.nodes.contains_key(s)) {
+            Some(s) => {
+                self.nodes.insert(s, entry);
+            }
+            None => {
+                let s = self.strings.intern(name);
+                self.nodes.insert(s, entry);
+                self.mark_dirty(name);
+            }
+        }
+    }
+
+    /// A node is gone: as upstream, this forces a full scan.
+    pub fn delete_node(&mut self, name: &str) {
+        if let Some(s) = self.strings.lookup(name) {
+            if self.nodes.remove(&s).is_some() {
+                self.strings.release(s);
+                self.mark_dirty(name);
+                self.full_scan_requested = true;
+            }
+        }
+    }
+
+    pub fn apply_affinity(&mut self, a: &BlockAffinity) -> Result<(), InvalidObject> {
+        let name = a.name();
+        if a.spec.deleted || !a.spec.is_host() {
+            self.delete_affinity(name);
+            return Ok(());
+        }
+        let cidr: IpNet = a
+            .spec
+            .cidr
+            .parse()
+            .map_err(|_| InvalidObject::new("BlockAffinity", name, format!("cidr {:?} is not a CIDR", a.spec.cidr)))?;
+        let node = self.strings.intern(&a.spec.node);
+        let entry = AffinityEntry { node, cidr, revision: a.resource_version().into(), state: a.spec.state.as_str().into() };
+        if let Some(old) = self.affinities.insert(name.into(), entry) {
+            self.strings.release(old.node);
+        }
+        Ok(())
+    }
+
+    pub fn delete_affinity(&mut self, name: &str) {
+        if let Some(old) = self.affinities.remove(name) {
+            self.strings.release(old.node);
+        }
+    }
+
+    pub fn apply_handle(&mut self, h: &IpamHandle) {
+        let id = sanitize_handle(&h.spec.handle_id);
+        let id = if id.is_empty() { h.name() } else { id };
+        if h.spec.deleted {
+            self.delete_handle(id);
+            return;
+        }
+        let sym = self.strings.intern(id);
+        let entry = HandleEntry {
+            name: h.name().into(),
+            revision: h.resource_version().into(),
+            uid: h.metadata.uid.as_deref().unwrap_or("").into(),
+            blocks: h.spec.block.iter().map(|(k, v)| (k.as_str().into(), *v)).collect(),
+        };
+        if self.handles.insert(sym, entry).is_some() {
+            self.strings.release(sym);
+        }
+    }
+
+    pub fn delete_handle(&mut self, handle_id: &str) {
+        if let Some(s) = self.strings.lookup(handle_id) {
+            if self.handles.remove(&s).is_some() {
+                self.strings.release(s);
+            }
+        }
+    }
+
+    /// Handle IDs with a handle object but no allocation referring to them, sorted.
+    pub fn unreferenced_handles(&self) -> Vec<Sym> {
+        let mut v: Vec<Sym> = self.handles.keys().copied().filter(|h| !self.by_handle.contains_key(h)).collect();
+        v.sort_by(|a, b| self.resolve(*a).cmp(self.resolve(*b)));
+        v
+    }
+
+    // ---- bulk ---------------------------------------------------------------------------------
+
+    /// Replaces the whole state from a snapshot (a relist). Blocks are validated in parallel;
+    /// malformed objects are returned, everything else is applied. Dirty state is cleared and a
+    /// full scan requested.
+    pub fn reset(&mut self, snap: Snapshot<'_>) -> Vec<InvalidObject> {
+        let coverage = std::mem::take(&mut self.coverage);
+        *self = IpamIndex::new();
+        self.coverage = coverage;
+        let mut invalid: Vec<InvalidObject> = snap
+            .blocks
+            .par_iter()
+            .filter_map(|b| BlockView::from_block(b).err())
+            .collect();
+        for n in snap.nodes {
+            self.apply_node(n);
+        }
+        for p in snap.pods {
+            self.apply_pod(p);
+        }
+        for b in snap.blocks {
+            // Already validated above; a failure here is reported once.
+            let _ = self.apply_block(b);
+        }
+        for a in snap.affinities {
+            if let Err(e) = self.apply_affinity(a) {
+                invalid.push(e);
+            }
+        }
+        for h in snap.handles {
+            self.apply_handle(h);
+        }
+        self.dirty_nodes.clear();
+        self.full_scan_requested = true;
+        invalid
+    }
+
+    /// Approximate heap bytes retained by the index and facts, for `simulate`'s memory report
+    /// alongside the allocator's own count.
+    pub fn heap_bytes(&self) -> usize {
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .flatten()
+            .map(|b| std::mem::size_of::<BlockEntry>() + b.allocs.capacity() * std::mem::size_of::<Alloc>() + b.name.len() + b.revision.len() + b.cooling.capacity() * 2)
+            .sum();
+        let pods = self.pods.capacity() * std::mem::size_of::<PodSlot>()
+            + self.pods.iter().map(|p| p.ips.len() * std::mem::size_of::<IpAddr>()).sum::<usize>();
+        let maps = self.pod_by_key.capacity() * 13
+            + self.live_ip_refs.capacity() * 22
+            + self.by_handle.capacity() * 29
+            + self.by_handle.values().map(|v| v.capacity() * 4).sum::<usize>()
+            + self.by_node.values().map(|b| b.serialized_size()).sum::<usize>()
+            + self.allocated.serialized_size()
+            + self.live_gids.serialized_size();
+        blocks + pods + maps + self.strings.heap_bytes()
+    }
+
+    // ---- invariants ----------------------------------------------------------------------------
+
+    /// Cross-checks every map against the blocks and pods they are derived from. Tests, property
+    /// tests and fuzz targets call this after every mutation.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        self.strings.check_invariants()?;
+        let mut allocated = RoaringBitmap::new();
+        let mut by_node: HashMap<Sym, RoaringBitmap> = HashMap::new();
+        let mut by_handle: HashMap<Sym, Vec<Gid>> = HashMap::new();
+        let mut hosts: HashMap<Sym, Vec<u32>> = HashMap::new();
+        let mut empty = RoaringBitmap::new();
+        let mut cold = RoaringBitmap::new();
+        let mut expected_refs: HashMap<Sym, u32> = HashMap::new();
+        let mut pod_refs: HashMap<u32, u32> = HashMap::new();
+        let bump = |s: Sym, m: &mut HashMap<Sym, u32>| {
+            if !s.is_none() {
+                *m.entry(s).or_default() += 1;
+            }
+        };
+        if self.by_cidr.len() != self.by_network.len() {
+            return Err("by_cidr and by_network disagree in size".into());
+        }
+        for (cidr, &slot) in &self.by_cidr {
+            let b = self.block(slot).ok_or_else(|| format!("block {cidr} maps to empty slot {slot}"))?;
+            if b.cidr != *cidr {
+                return Err(format!("slot {slot} holds {} not {cidr}", b.cidr));
+            }
+            if self.by_network.get(&ip_sort_key(&cidr.network())) != Some(&slot) {
+                return Err(format!("block {cidr} missing from by_network"));
+            }
+            if b.allocs.windows(2).any(|w| w[0].ordinal >= w[1].ordinal) {
+                return Err(format!("block {cidr} allocations not sorted"));
+            }
+            match b.owner {
+                BlockOwner::Host(h) => {
+                    hosts.entry(h).or_default().push(slot);
+                    bump(h, &mut expected_refs);
+                    if b.used_ordinals == 0 {
+                        empty.insert(slot);
+                    }
+                }
+                BlockOwner::Virtual(v) => bump(v, &mut expected_refs),
+                BlockOwner::None => {}
+            }
+            if b.earliest_release.is_some() {
+                cold.insert(slot);
+            }
+            for a in &b.allocs {
+                let g = gid(slot, u32::from(a.ordinal));
+                allocated.insert(g);
+                if !a.node.is_none() {
+                    by_node.entry(a.node).or_default().insert(g);
+                }
+                by_handle.entry(a.handle).or_default().push(g);
+                for s in [a.handle, a.namespace, a.pod, a.node, a.alloc_type, a.vmi] {
+                    bump(s, &mut expected_refs);
+                }
+                if (a.kind == AllocKind::Pod) != (a.pod_slot != NO_POD) {
+                    return Err(format!("allocation {g} kind/pod slot mismatch"));
+                }
+                if a.pod_slot != NO_POD {
+                    let p = &self.pods[a.pod_slot as usize];
+                    if p.namespace != a.namespace || p.name != a.pod {
+                        return Err(format!("allocation {g} points at the wrong pod slot"));
+                    }
+                    *pod_refs.entry(a.pod_slot).or_default() += 1;
+                }
+            }
+        }
+        if allocated != self.allocated {
+            return Err("allocated bitmap differs from blocks".into());
+        }
+        if by_node != self.by_node {
+            return Err("by_node differs from blocks".into());
+        }
+        let norm = |m: &HashMap<Sym, Vec<Gid>>| -> HashMap<Sym, Vec<Gid>> {
+            m.iter().map(|(k, v)| {
+                let mut v = v.clone();
+                v.sort_unstable();
+                (*k, v)
+            }).collect()
+        };
+        if norm(&by_handle) != norm(&self.by_handle) {
+            return Err("by_handle differs from blocks".into());
+        }
+        let norm_hosts = |m: &HashMap<Sym, Vec<u32>>| -> HashMap<Sym, Vec<u32>> {
+            m.iter().map(|(k, v)| {
+                let mut v = v.clone();
+                v.sort_unstable();
+                (*k, v)
+            }).collect()
+        };
+        if norm_hosts(&hosts) != norm_hosts(&self.blocks_by_host) {
+            return Err("blocks_by_host differs from block owners".into());
+        }
+        if empty != self.empty_blocks {
+            return Err("empty_blocks differs from blocks".into());
+        }
+        if cold != self.cold_blocks {
+            return Err("cold_blocks differs from blocks".into());
+        }
+        // Pods: slot table, key map, references, live IPs.
+        let mut live_refs: HashMap<IpAddr, u32> = HashMap::new();
+        let free: BTreeSet<u32> = self.free_pods.iter().copied().collect();
+        for (i, p) in self.pods.iter().enumerate() {
+            let i = i as u32;
+            if free.contains(&i) {
+                if p.present || p.alloc_refs != 0 {
+                    return Err(format!("free pod slot {i} is in use"));
+                }
+                continue;
+            }
+            if !p.present && p.alloc_refs == 0 {
+                return Err(format!("pod slot {i} is neither present nor referenced"));
+            }
+            if self.pod_by_key.get(&(p.namespace, p.name)) != Some(&i) {
+                return Err(format!("pod slot {i} not reachable by key"));
+            }
+            if p.alloc_refs != pod_refs.get(&i).copied().unwrap_or(0) {
+                return Err(format!("pod slot {i} has {} refs, {} allocations name it", p.alloc_refs, pod_refs.get(&i).copied().unwrap_or(0)));
+            }
+            bump(p.namespace, &mut expected_refs);
+            bump(p.name, &mut expected_refs);
+            if p.present {
+                bump(p.node, &mut expected_refs);
+                bump(p.uid, &mut expected_refs);
+                for ip in p.ips.iter() {
+                    *live_refs.entry(*ip).or_default() += 1;
+                }
+            }
+        }
+        if self.pod_by_key.len() + free.len() != self.pods.len() {
+            return Err("pod key map size does not match live slots".into());
+        }
+        if live_refs != self.live_ip_refs {
+            return Err("live IP reference counts differ from pods".into());
+        }
+        let mut live = RoaringBitmap::new();
+        for ip in live_refs.keys() {
+            if let Some(g) = self.gid_of_ip(*ip) {
+                if allocated.contains(g) {
+                    live.insert(g);
+                }
+            }
+        }
+        if live != self.live_gids {
+            return Err("live_gids differs from pods' IPs".into());
+        }
+        for n in self.nodes.keys() {
+            bump(*n, &mut expected_refs);
+        }
+        for a in self.affinities.values() {
+            bump(a.node, &mut expected_refs);
+        }
+        for h in self.handles.keys() {
+            bump(*h, &mut expected_refs);
+        }
+        for (s, c) in &expected_refs {
+            if self.strings.ref_count(*s) != *c {
+                return Err(format!("symbol {:?} has {} references, {} expected", self.resolve(*s), self.strings.ref_count(*s), c));
+            }
+        }
+        if self.strings.live() != expected_refs.len() {
+            return Err(format!("interner holds {} strings, {} are referenced", self.strings.live(), expected_refs.len()));
+        }
+        Ok(())
+    }
+}
+
+/// Everything needed to rebuild the index in one go.
+#[derive(Default, Clone, Copy)]
+pub struct Snapshot<'a> {
+    pub blocks: &'a [IpamBlock],
+    pub affinities: &'a [BlockAffinity],
+    pub handles: &'a [IpamHandle],
+    pub pods: &'a [PodFacts],
+    pub nodes: &'a [NodeLite],
+}

@@ -1,0 +1,220 @@
+//! A reference-counted string interner: every handle, pod, namespace and node name is stored once
+//! and referred to by a 4-byte [`Sym`].
+//!
+//! Strings are kept once (the lookup table is keyed by a 64-bit hash, with an exact-match side
+//! table for the rare collision), so a 150k-allocation cluster pays for each name one time.
+
+use std::collections::HashMap;
+
+/// An interned string. `Sym::NONE` stands for "absent or empty".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Sym(pub u32);
+
+impl Sym {
+    pub const NONE: Sym = Sym(0);
+    pub fn is_none(self) -> bool {
+        self.0 == 0
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Interner {
+    /// Slot 0 is the empty string and is never freed.
+    strings: Vec<Box<str>>,
+    refs: Vec<u32>,
+    free: Vec<u32>,
+    by_hash: HashMap<u64, u32>,
+    /// Strings whose hash is already taken by a different string.
+    collided: HashMap<Box<str>, u32>,
+}
+
+/// FxHash-style multiply-rotate over 8-byte words: fast and good enough for a table whose
+/// collisions are handled exactly.
+pub fn hash_str(s: &str) -> u64 {
+    const K: u64 = 0x517c_c1b7_2722_0a95;
+    let mut h: u64 = s.len() as u64;
+    let bytes = s.as_bytes();
+    let mut chunks = bytes.chunks_exact(8);
+    for c in &mut chunks {
+        let w = u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
+        h = (h.rotate_left(5) ^ w).wrapping_mul(K);
+    }
+    let mut tail = [0u8; 8];
+    let rest = chunks.remainder();
+    tail[..rest.len()].copy_from_slice(rest);
+    h = (h.rotate_left(5) ^ u64::from_le_bytes(tail)).wrapping_mul(K);
+    h ^ (h >> 29)
+}
+
+impl Interner {
+    pub fn new() -> Self {
+        Interner { strings: vec!["".into()], refs: vec![u32::MAX], ..Default::default() }
+    }
+
+    pub fn lookup(&self, s: &str) -> Option<Sym> {
+        if s.is_empty() {
+            return Some(Sym::NONE);
+        }
+        match self.by_hash.get(&hash_str(s)) {
+            Some(&id) if &*self.strings[id as usize] == s => Some(Sym(id)),
+            Some(_) => self.collided.get(s).map(|&id| Sym(id)),
+            None => None,
+        }
+    }
+
+    /// Interns `s` and takes one reference on it.
+    pub fn intern(&mut self, s: &str) -> Sym {
+        if s.is_empty() {
+            return Sym::NONE;
+        }
+        if let Some(sym) = self.lookup(s) {
+            self.refs[sym.0 as usize] += 1;
+            return sym;
+        }
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.strings[id as usize] = s.into();
+                self.refs[id as usize] = 1;
+                id
+            }
+            None => {
+                self.strings.push(s.into());
+                self.refs.push(1);
+                (self.strings.len() - 1) as u32
+            }
+        };
+        let h = hash_str(s);
+        if self.by_hash.contains_key(&h) {
+            self.collided.insert(s.into(), id);
+        } else {
+            self.by_hash.insert(h, id);
+        }
+        Sym(id)
+    }
+
+    /// Takes another reference on an interned symbol.
+    pub fn retain(&mut self, sym: Sym) {
+        if !sym.is_none() {
+            self.refs[sym.0 as usize] += 1;
+        }
+    }
+
+    /// Drops one reference; the string is freed with the last one.
+    pub fn release(&mut self, sym: Sym) {
+        if sym.is_none() {
+            return;
+        }
+        let id = sym.0 as usize;
+        debug_assert!(self.refs[id] > 0, "release of a dead symbol");
+        self.refs[id] = self.refs[id].saturating_sub(1);
+        if self.refs[id] > 0 {
+            return;
+        }
+        let s = std::mem::take(&mut self.strings[id]);
+        let h = hash_str(&s);
+        if self.collided.remove(&*s).is_none() {
+            self.by_hash.remove(&h);
+            // Promote a collided string with the same hash, if any, into the main table.
+            if let Some((k, &v)) = self.collided.iter().find(|(k, _)| hash_str(k) == h) {
+                let k = k.clone();
+                self.collided.remove(&k);
+                self.by_hash.insert(h, v);
+            }
+        }
+        self.free.push(id as u32);
+    }
+
+    pub fn resolve(&self, sym: Sym) -> &str {
+        &self.strings[sym.0 as usize]
+    }
+
+    pub fn live(&self) -> usize {
+        self.strings.len() - 1 - self.free.len()
+    }
+
+    pub fn ref_count(&self, sym: Sym) -> u32 {
+        self.refs[sym.0 as usize]
+    }
+
+    /// Heap bytes held by the interner (strings and tables), for memory reports.
+    pub fn heap_bytes(&self) -> usize {
+        let strings: usize = self.strings.iter().map(|s| s.len()).sum();
+        strings
+            + self.strings.capacity() * 16
+            + self.refs.capacity() * 4
+            + self.free.capacity() * 4
+            + self.by_hash.capacity() * 13
+            + self.collided.capacity() * 21
+    }
+
+    /// Every live string is found by lookup, every free slot is unreachable, and counts agree.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let free: std::collections::HashSet<u32> = self.free.iter().copied().collect();
+        if free.len() != self.free.len() {
+            return Err("interner free list has duplicates".into());
+        }
+        let mut reachable = 0;
+        for (id, s) in self.strings.iter().enumerate().skip(1) {
+            let id = id as u32;
+            if free.contains(&id) {
+                if self.refs[id as usize] != 0 {
+                    return Err(format!("free symbol {id} still has references"));
+                }
+                continue;
+            }
+            if self.refs[id as usize] == 0 {
+                return Err(format!("symbol {id} ({s:?}) is live with no references"));
+            }
+            if self.lookup(s) != Some(Sym(id)) {
+                return Err(format!("symbol {id} ({s:?}) is not found by lookup"));
+            }
+            reachable += 1;
+        }
+        if self.by_hash.len() + self.collided.len() != reachable {
+            return Err(format!("interner tables hold {} entries for {reachable} strings", self.by_hash.len() + self.collided.len()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn interning_twice_gives_the_same_symbol_and_last_release_frees_it() {
+        let mut i = Interner::new();
+        let a = i.intern("node-1");
+        assert_eq!(i.intern("node-1"), a);
+        assert_eq!(i.resolve(a), "node-1");
+        i.release(a);
+        assert_eq!(i.lookup("node-1"), Some(a));
+        i.release(a);
+        assert_eq!(i.lookup("node-1"), None);
+        assert_eq!(i.intern(""), Sym::NONE);
+        i.check_invariants().unwrap();
+    }
+
+    proptest! {
+        #[test]
+        fn interner_matches_a_counting_model(ops in proptest::collection::vec((0u8..12, any::<bool>()), 0..300)) {
+            let mut i = Interner::new();
+            let mut model: std::collections::HashMap<String, u32> = Default::default();
+            for (k, add) in ops {
+                let s = format!("s{k}");
+                if add {
+                    i.intern(&s);
+                    *model.entry(s).or_default() += 1;
+                } else if let Some(c) = model.get_mut(&s) {
+                    i.release(i.lookup(&s).unwrap());
+                    *c -= 1;
+                    if *c == 0 { model.remove(&s); }
+                }
+                i.check_invariants().map_err(TestCaseError::fail)?;
+            }
+            prop_assert_eq!(i.live(), model.len());
+            for (s, c) in model { prop_assert_eq!(i.ref_count(i.lookup(&s).unwrap()), c); }
+        }
+    }
+}

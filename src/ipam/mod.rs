@@ -1,0 +1,8 @@
+//! The pure IPAM core: the allocation index, GC decisions and the release write.
+//!
+//! Nothing here imports tokio, kube or the clock: callers pass `now` and execute the plans.
+
+pub mod intern;
+pub mod gc;
+pub mod index;
+pub mod release;
