@@ -219,6 +219,8 @@ pub fn classify(index: &IpamIndex, g: Gid, a: &Alloc, cidr: &IpNet, kubevirt: Op
     match a.kind {
         AllocKind::WindowsReserved => return Verdict::Valid(ValidReason::WindowsReserved),
         AllocKind::Unknown => return Verdict::Valid(ValidReason::UnknownOwner),
+        // Part A: whatever the allocation says it is, an IP a live pod reports is not garbage.
+        _ if index.live_gids().contains(g) => return Verdict::Valid(ValidReason::LivePodReportsIp),
         AllocKind::Tunnel => {
             return if index.node_exists(a.node) {
                 Verdict::Valid(ValidReason::TunnelNodeExists)
@@ -227,9 +229,6 @@ pub fn classify(index: &IpamIndex, g: Gid, a: &Alloc, cidr: &IpNet, kubevirt: Op
             };
         }
         AllocKind::Pod => {}
-    }
-    if index.live_gids().contains(g) {
-        return Verdict::Valid(ValidReason::LivePodReportsIp);
     }
     if a.node.is_none() {
         // Upstream never examines allocations without a node attribute.
@@ -246,13 +245,13 @@ pub fn classify(index: &IpamIndex, g: Gid, a: &Alloc, cidr: &IpNet, kubevirt: Op
 
 /// The verdict for a confirmed leak against a freshly read pod (`None` = NotFound), the final
 /// re-validation before a release (SPEC §5.7).
-pub fn revalidate(index: &IpamIndex, g: Gid, fresh: Option<&PodFacts>) -> Verdict {
+pub fn revalidate(index: &IpamIndex, g: Gid, fresh: Option<&PodFacts>, kubevirt: Option<&KubeVirtFacts>) -> Verdict {
     let Some(a) = index.alloc(g) else { return Verdict::Valid(ValidReason::UnknownOwner) };
     let Some(ip) = index.ip_of(g) else { return Verdict::Valid(ValidReason::UnknownOwner) };
     if a.kind != AllocKind::Pod || !a.vmi.is_none() || index.live_gids().contains(g) {
         // Tunnels and VMs are judged on cached facts only; a live pod reporting the IP wins.
         let slot = gid_slot(g);
-        return classify(index, g, a, &index.block(slot).expect("allocated gid has a block").cidr, None);
+        return classify(index, g, a, &index.block(slot).expect("allocated gid has a block").cidr, kubevirt);
     }
     let node_gone = !index.node_exists(a.node);
     let knode = if node_gone { "" } else { index.resolve(a.node) };
@@ -558,7 +557,7 @@ impl GcState {
             plan.leaks.push(LeakRecord { gid: g, reason, state, held_by: held });
         }
 
-        self.plan_releases(index, cfg, fresh_pods, &mut plan);
+        self.plan_releases(index, cfg, kubevirt, fresh_pods, &mut plan);
         self.plan_cold_blocks(index, now, cfg, &mut plan);
         self.plan_empty_blocks(index, now, cfg, full, &gone_nodes, &mut plan);
         for n in &gone_nodes {
@@ -583,17 +582,17 @@ impl GcState {
         plan
     }
 
-    fn plan_releases(&mut self, index: &IpamIndex, cfg: &GcConfig, fresh: &BTreeMap<(String, String), Option<PodFacts>>, plan: &mut Plan) {
+    fn plan_releases(&mut self, index: &IpamIndex, cfg: &GcConfig, kubevirt: Option<&KubeVirtFacts>, fresh: &BTreeMap<(String, String), Option<PodFacts>>, plan: &mut Plan) {
         // Final re-validation, then all-or-none per handle.
         let mut releasable = RoaringBitmap::new();
         for g in self.confirmed.iter() {
             let Some(a) = index.alloc(g) else { continue };
             let key = (index.resolve(a.namespace).to_string(), index.resolve(a.pod).to_string());
             let verdict = match fresh.get(&key) {
-                Some(f) if a.kind == AllocKind::Pod => revalidate(index, g, f.as_ref()),
+                Some(f) if a.kind == AllocKind::Pod => revalidate(index, g, f.as_ref(), kubevirt),
                 _ => {
                     let b = index.block(gid_slot(g)).expect("allocated gid has a block");
-                    classify(index, g, a, &b.cidr, None)
+                    classify(index, g, a, &b.cidr, kubevirt)
                 }
             };
             match verdict {

@@ -6,3 +6,5 @@ pub mod intern;
 pub mod gc;
 pub mod index;
 pub mod release;
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,570 @@
+//! Rule tests for the GC core: one test per rule of SPEC §5.5-§5.10 and Part A, named as the rule.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use proptest::prelude::*;
+use serde_json::json;
+
+use super::gc::{GcConfig, GcState, HeldBy, KubeVirtFacts, LeakReason, LeakState, Plan, Scope};
+use super::index::{IpamIndex, PodCoverage};
+use crate::model::{IpamBlock, IpamHandle, NodeLite, PodFacts, PodPhase};
+
+const MIN: i64 = 60_000;
+const T0: i64 = 1_800_000_000_000;
+
+/// A tiny cluster builder: blocks are /29 (8 addresses) under 10.0.<n>.0.
+pub struct World {
+    pub index: IpamIndex,
+    pub gc: GcState,
+    pub cfg: GcConfig,
+    pub kubevirt: Option<KubeVirtFacts>,
+}
+
+pub struct AllocSpec<'a> {
+    pub ord: u32,
+    pub handle: &'a str,
+    pub attrs: serde_json::Value,
+    pub seq: u64,
+}
+
+pub fn pod_alloc<'a>(ord: u32, handle: &'a str, ns: &str, pod: &str, node: &str) -> AllocSpec<'a> {
+    AllocSpec { ord, handle, attrs: json!({"namespace": ns, "pod": pod, "node": node}), seq: 100 + u64::from(ord) }
+}
+
+pub fn block(cidr: &str, host: Option<&str>, allocs: &[AllocSpec<'_>]) -> IpamBlock {
+    let net: ipnet::IpNet = cidr.parse().unwrap();
+    let size = crate::model::names::block_size(&net).unwrap() as usize;
+    let mut allocations = vec![serde_json::Value::Null; size];
+    let mut attributes = vec![];
+    let mut seqs = serde_json::Map::new();
+    for (i, a) in allocs.iter().enumerate() {
+        allocations[a.ord as usize] = json!(i);
+        attributes.push(json!({"handle_id": a.handle, "secondary": a.attrs}));
+        seqs.insert(a.ord.to_string(), json!(a.seq));
+    }
+    let unallocated: Vec<usize> = (0..size).filter(|o| allocations[*o].is_null()).collect();
+    serde_json::from_value(json!({
+        "apiVersion": "crd.projectcalico.org/v1", "kind": "IPAMBlock",
+        "metadata": {"name": crate::model::names::cidr_to_name(&net), "resourceVersion": "1"},
+        "spec": {"cidr": cidr, "affinity": host.map(|h| format!("host:{h}")), "strictAffinity": false,
+                 "allocations": allocations, "unallocated": unallocated, "attributes": attributes,
+                 "sequenceNumber": 1000, "sequenceNumberForAllocation": seqs}
+    }))
+    .unwrap()
+}
+
+pub fn pod(ns: &str, name: &str, node: &str, ips: &[&str]) -> PodFacts {
+    PodFacts {
+        namespace: ns.into(),
+        name: name.into(),
+        uid: format!("uid-{name}"),
+        node: node.into(),
+        phase: PodPhase::Running,
+        status_reports_ip: !ips.is_empty(),
+        ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
+        ..PodFacts::default()
+    }
+}
+
+pub fn node(name: &str) -> NodeLite {
+    serde_json::from_value(json!({"metadata": {"name": name}})).unwrap()
+}
+
+impl World {
+    pub fn new(grace_min: i64) -> Self {
+        World {
+            index: IpamIndex::new(),
+            gc: GcState::new(),
+            cfg: GcConfig { leak_grace: grace_min * MIN, ..GcConfig::default() },
+            kubevirt: None,
+        }
+    }
+    pub fn full(&mut self, now: i64) -> Plan {
+        self.pass(now, Scope::Full, &BTreeMap::new())
+    }
+    pub fn pass(&mut self, now: i64, scope: Scope, fresh: &BTreeMap<(String, String), Option<PodFacts>>) -> Plan {
+        let plan = self.gc.pass(&self.index, now, &self.cfg, &scope, self.kubevirt.as_ref(), fresh);
+        self.index.check_invariants().unwrap();
+        self.gc.check_invariants(&self.index).unwrap();
+        plan
+    }
+}
+
+fn released_ips(plan: &Plan) -> Vec<String> {
+    plan.releases.iter().flat_map(|b| b.items.iter().map(|i| i.ip.to_string())).collect()
+}
+
+fn leak_of<'p>(plan: &'p Plan, w: &World, ip: &str) -> Option<&'p super::gc::LeakRecord> {
+    let g = w.index.gid_of_ip(ip.parse::<IpAddr>().unwrap())?;
+    plan.leaks.iter().find(|l| l.gid == g)
+}
+
+/// One node `n1`, one block 10.0.0.0/29 with pod p1 on .1 and a leaked allocation for gone pod p2 on .2.
+fn basic(grace_min: i64) -> World {
+    let mut w = World::new(grace_min);
+    w.index.apply_node(&node("n1"));
+    w.index.apply_pod(&pod("ns", "p1", "n1", &["10.0.0.1"]));
+    w.index
+        .apply_block(&block("10.0.0.0/29", Some("n1"), &[pod_alloc(1, "h1", "ns", "p1", "n1"), pod_alloc(2, "h2", "ns", "p2", "n1")]))
+        .unwrap();
+    w.index.check_invariants().unwrap();
+    w
+}
+
+#[test]
+fn a_deleted_pods_ip_is_a_candidate_first_and_released_after_the_grace_period() {
+    let mut w = basic(15);
+    let p = w.full(T0);
+    assert_eq!(leak_of(&p, &w, "10.0.0.2").unwrap().state, LeakState::Candidate { since: T0 });
+    assert_eq!(leak_of(&p, &w, "10.0.0.2").unwrap().reason, LeakReason::PodNotFound);
+    assert!(p.releases.is_empty());
+    assert!(w.full(T0 + 15 * MIN).releases.is_empty(), "exactly the grace period is not past it");
+    let p = w.full(T0 + 15 * MIN + 1);
+    assert_eq!(released_ips(&p), vec!["10.0.0.2"]);
+    assert_eq!(p.releases[0].items[0].sequence, 102);
+    assert_eq!(p.revalidate, vec![(w.index.gid_of_ip("10.0.0.2".parse().unwrap()).unwrap(), "ns".into(), "p2".into())]);
+}
+
+#[test]
+fn live_pod_ip_is_never_released() {
+    let mut w = basic(1);
+    for t in 0..5 {
+        let p = w.full(T0 + t * 10 * MIN);
+        assert!(!released_ips(&p).contains(&"10.0.0.1".to_string()));
+        assert!(leak_of(&p, &w, "10.0.0.1").is_none());
+    }
+}
+
+#[test]
+fn a_live_pod_reporting_the_ip_keeps_it_whatever_the_node_attribute_says() {
+    let mut w = World::new(1);
+    w.index.apply_node(&node("n1"));
+    w.index.apply_node(&node("n2"));
+    // The pod runs on n2 and reports .3, but the allocation claims pod "old" on n1.
+    w.index.apply_pod(&pod("ns", "p", "n2", &["10.0.0.3"]));
+    w.index.apply_block(&block("10.0.0.0/29", Some("n1"), &[pod_alloc(3, "h", "ns", "old", "n1")])).unwrap();
+    w.full(T0);
+    let p = w.full(T0 + 10 * MIN);
+    assert!(p.releases.is_empty());
+    assert!(p.leaks.is_empty());
+    // Even once the node named in the attribute is deleted.
+    w.index.delete_node("n1");
+    assert!(w.full(T0 + 20 * MIN).releases.is_empty());
+}
+
+#[test]
+fn grace_period_zero_never_confirms_leaks_on_live_nodes() {
+    let mut w = basic(0);
+    for t in 0..4 {
+        let p = w.full(T0 + t * 60 * MIN);
+        assert!(p.releases.is_empty());
+        assert_eq!(leak_of(&p, &w, "10.0.0.2").unwrap().held_by, Some(HeldBy::GraceDisabled));
+    }
+}
+
+#[test]
+fn a_deleted_nodes_leaks_are_confirmed_at_once_with_its_tunnel_address_and_affinities() {
+    let mut w = World::new(15);
+    w.index.apply_node(&node("n2"));
+    let tunnel = super::tests::AllocSpec { ord: 0, handle: "ipip-tunnel-addr-n1", attrs: json!({"node": "n1", "type": "ipipTunnelAddress"}), seq: 1 };
+    w.index.apply_block(&block("10.0.0.0/29", Some("n1"), &[tunnel, pod_alloc(1, "h1", "ns", "p1", "n1")])).unwrap();
+    w.index.apply_affinity(&serde_json::from_value(json!({"metadata": {"name": "n1-10-0-0-0-29"}, "spec": {"state": "confirmed", "node": "n1", "cidr": "10.0.0.0/29", "deleted": "false"}})).unwrap()).unwrap();
+    let p = w.full(T0);
+    let mut ips = released_ips(&p);
+    ips.sort();
+    assert_eq!(ips, vec!["10.0.0.0", "10.0.0.1"]);
+    assert_eq!(leak_of(&p, &w, "10.0.0.1").unwrap().reason, LeakReason::NodeDeleted);
+    assert_eq!(leak_of(&p, &w, "10.0.0.0").unwrap().reason, LeakReason::TunnelNodeDeleted);
+    assert_eq!(p.nodes_to_release.len(), 1);
+    assert_eq!(p.nodes_to_release[0].node, "n1");
+    assert_eq!(p.nodes_to_release[0].affinities, vec![("n1-10-0-0-0-29".to_string(), "10.0.0.0/29".parse().unwrap())]);
+}
+
+#[test]
+fn a_pod_still_running_on_a_deleted_node_keeps_its_ip_and_the_nodes_tunnel_and_affinities() {
+    let mut w = World::new(60);
+    w.index.apply_pod(&pod("ns", "p1", "n1", &["10.0.0.1"]));
+    let tunnel = AllocSpec { ord: 0, handle: "ipip-tunnel-addr-n1", attrs: json!({"node": "n1", "type": "ipipTunnelAddress"}), seq: 1 };
+    w.index.apply_block(&block("10.0.0.0/29", Some("n1"), &[tunnel, pod_alloc(1, "h1", "ns", "p1", "n1")])).unwrap();
+    let p = w.full(T0);
+    assert!(p.releases.is_empty());
+    assert_eq!(leak_of(&p, &w, "10.0.0.0").unwrap().held_by, Some(HeldBy::NodeHasValidAllocations));
+    assert!(p.nodes_to_release.is_empty());
+    // The pod GC deletes the pod: everything goes in one pass.
+    w.index.delete_pod("ns", "p1");
+    let (dirty, _) = w.index.take_dirty();
+    let p = w.pass(T0 + MIN, Scope::Dirty(dirty), &BTreeMap::new());
+    assert_eq!(released_ips(&p).len(), 2);
+    assert_eq!(p.nodes_to_release.len(), 1);
+}
+
+#[test]
+fn unknown_owners_are_never_released_and_block_node_cleanup() {
+    let mut w = World::new(1);
+    let lb = AllocSpec { ord: 4, handle: "mystery", attrs: json!({"node": "n1"}), seq: 1 };
+    w.index.apply_block(&block("10.0.0.0/29", Some("n1"), &[lb])).unwrap();
+    let p = w.full(T0);
+    assert!(p.leaks.is_empty() && p.releases.is_empty());
+    assert!(p.nodes_to_release.is_empty(), "deleted node n1 still holds an unjudgeable allocation");
+}
+
+#[test]
+fn tunnel_addresses_on_live_nodes_are_valid() {
+    let mut w = World::new(1);
+    w.index.apply_node(&node("n1"));
+    let types = ["ipipTunnelAddress", "vxlanTunnelAddress", "vxlanV6TunnelAddress", "wireguardTunnelAddress", "wireguardV6TunnelAddress"];
+    let allocs: Vec<AllocSpec> = types.iter().enumerate().map(|(i, t)| AllocSpec { ord: i as u32, handle: "tunnel", attrs: json!({"node": "n1", "type": t}), seq: 1 }).collect();
+    w.index.apply_block(&block("10.0.0.0/29", Some("n1"), &allocs)).unwrap();
+    w.full(T0);
+    assert!(w.full(T0 + 60 * MIN).leaks.is_empty());
+}
+
+#[test]
+fn windows_reserved_addresses_are_skipped() {
+    let mut w = World::new(1);
+    let win: Vec<AllocSpec> = [0, 1, 2, 7].iter().map(|o| AllocSpec { ord: *o, handle: "windows-reserved-ipam-handle", attrs: json!({"note": "reserved"}), seq: 1 }).collect();
+    w.index.apply_block(&block("10.0.0.0/29", Some("gone"), &win)).unwrap();
+    let p = w.full(T0);
+    assert!(p.leaks.is_empty() && p.releases.is_empty());
+}
+
+#[test]
+fn a_pod_that_has_not_reported_its_ip_yet_keeps_the_allocation() {
+    let mut w = basic(1);
+    w.index.apply_pod(&pod("ns", "p2", "n1", &[]));
+    w.full(T0);
+    assert!(w.full(T0 + 10 * MIN).leaks.is_empty());
+}
+
+#[test]
+fn finished_and_evicted_pods_lose_their_ips() {
+    let mut w = basic(1);
+    let mut done = pod("ns", "p2", "n1", &[]);
+    done.phase = PodPhase::Succeeded;
+    done.status_reports_ip = true;
+    w.index.apply_pod(&done);
+    let p = w.full(T0);
+    assert_eq!(leak_of(&p, &w, "10.0.0.2").unwrap().reason, LeakReason::PodFinished);
+    let mut evicted = done.clone();
+    evicted.phase = PodPhase::Failed;
+    evicted.evicted = true;
+    w.index.apply_pod(&evicted);
+    let p = w.full(T0 + MIN);
+    assert_eq!(leak_of(&p, &w, "10.0.0.2").unwrap().reason, LeakReason::PodEvicted);
+    assert_eq!(released_ips(&w.full(T0 + 2 * MIN)), vec!["10.0.0.2"]);
+}
+
+#[test]
+fn a_pod_recreated_on_another_node_does_not_keep_the_old_allocation() {
+    let mut w = basic(1);
+    w.index.apply_node(&node("n2"));
+    w.index.apply_pod(&pod("ns", "p2", "n2", &["10.0.1.9"]));
+    let p = w.full(T0);
+    assert_eq!(leak_of(&p, &w, "10.0.0.2").unwrap().reason, LeakReason::PodRescheduled);
+}
+
+#[test]
+fn an_ip_the_pod_does_not_report_is_a_leak() {
+    let mut w = basic(1);
+    w.index.apply_pod(&pod("ns", "p2", "n1", &["10.0.0.6"]));
+    let p = w.full(T0);
+    assert_eq!(leak_of(&p, &w, "10.0.0.2").unwrap().reason, LeakReason::IpNotInPod);
+}
+
+#[test]
+fn a_handle_is_released_all_or_none() {
+    let mut w = World::new(1);
+    w.index.apply_node(&node("n1"));
+    // Dual-stack handle: the v4 address is still the pod's, the v6 one is not.
+    w.index.apply_pod(&pod("ns", "p", "n1", &["10.0.0.1"]));
+    w.index.apply_block(&block("10.0.0.0/29", Some("n1"), &[pod_alloc(1, "h", "ns", "p", "n1")])).unwrap();
+    w.index.apply_block(&block("fd00::/125", Some("n1"), &[pod_alloc(1, "h", "ns", "p", "n1")])).unwrap();
+    w.full(T0);
+    let p = w.full(T0 + 2 * MIN);
+    assert!(p.releases.is_empty());
+    assert_eq!(leak_of(&p, &w, "fd00::1").unwrap().held_by, Some(HeldBy::HandleHasValidIp));
+    // Once the pod is gone both go together.
+    w.index.delete_pod("ns", "p");
+    w.full(T0 + 3 * MIN);
+    let mut ips = released_ips(&w.full(T0 + 5 * MIN));
+    ips.sort();
+    assert_eq!(ips, vec!["10.0.0.1", "fd00::1"]);
+}
+
+#[test]
+fn the_per_pass_cap_rolls_the_rest_over_to_the_next_pass() {
+    let mut w = World::new(1);
+    let allocs: Vec<AllocSpec> = (0..8).map(|o| pod_alloc(o, Box::leak(format!("h{o}").into_boxed_str()), "ns", Box::leak(format!("p{o}").into_boxed_str()), "gone")).collect();
+    w.index.apply_block(&block("10.0.0.0/29", None, &allocs)).unwrap();
+    w.cfg.max_releases_per_pass = 3;
+    let p1 = w.full(T0);
+    assert_eq!(p1.release_count(), 3);
+    assert_eq!(p1.deferred, 5);
+    let p2 = w.full(T0 + 1);
+    assert_eq!(p2.release_count(), 3);
+    let first: Vec<_> = released_ips(&p1);
+    assert!(released_ips(&p2).iter().all(|ip| !first.contains(ip)), "the next pass continues after the cut");
+}
+
+#[test]
+fn a_reallocated_address_starts_over_as_valid() {
+    let mut w = basic(15);
+    w.full(T0);
+    // The CNI reallocated .2 to a new pod (new handle and sequence number) that is running.
+    w.index.apply_pod(&pod("ns", "p3", "n1", &["10.0.0.2"]));
+    let mut a = pod_alloc(2, "h3", "ns", "p3", "n1");
+    a.seq = 999;
+    w.index.apply_block(&block("10.0.0.0/29", Some("n1"), &[pod_alloc(1, "h1", "ns", "p1", "n1"), a])).unwrap();
+    let p = w.full(T0 + 20 * MIN);
+    assert!(p.leaks.is_empty() && p.releases.is_empty());
+    // And if that new pod goes, its own grace period starts from its own first sighting.
+    w.index.delete_pod("ns", "p3");
+    let p = w.full(T0 + 21 * MIN);
+    assert_eq!(leak_of(&p, &w, "10.0.0.2").unwrap().state, LeakState::Candidate { since: T0 + 21 * MIN });
+}
+
+#[test]
+fn final_revalidation_with_a_fresh_read_saves_an_ip_the_cache_thought_leaked() {
+    let mut w = basic(1);
+    w.full(T0);
+    let mut fresh = BTreeMap::new();
+    fresh.insert(("ns".to_string(), "p2".to_string()), Some(pod("ns", "p2", "n1", &["10.0.0.2"])));
+    let p = w.pass(T0 + 2 * MIN, Scope::Full, &fresh);
+    assert!(p.releases.is_empty());
+    assert_eq!(leak_of(&p, &w, "10.0.0.2").unwrap().held_by, Some(HeldBy::Revalidated));
+    // A fresh NotFound confirms it.
+    fresh.insert(("ns".to_string(), "p2".to_string()), None);
+    w.pass(T0 + 3 * MIN, Scope::Full, &fresh);
+    assert_eq!(released_ips(&w.pass(T0 + 5 * MIN, Scope::Full, &fresh)), vec!["10.0.0.2"]);
+}
+
+#[test]
+fn empty_blocks_are_released_after_two_observations_spanning_the_grace_period_but_never_a_nodes_last_block() {
+    let mut w = World::new(5);
+    w.index.apply_node(&node("n1"));
+    w.index.apply_block(&block("10.0.0.0/29", Some("n1"), &[])).unwrap();
+    let p = w.full(T0);
+    assert_eq!(p.empty_blocks[0].held_by, Some("node-last-block"));
+    w.index.apply_block(&block("10.0.0.8/29", Some("n1"), &[])).unwrap();
+    let p = w.full(T0 + MIN);
+    assert!(p.empty_blocks.iter().all(|e| !e.releasable));
+    let p = w.full(T0 + 6 * MIN + 1);
+    assert!(p.empty_blocks.iter().all(|e| e.releasable), "{:?}", p.empty_blocks);
+    // With grace 0, never.
+    let mut w0 = World::new(0);
+    w0.index.apply_node(&node("n1"));
+    w0.index.apply_block(&block("10.0.0.0/29", Some("n1"), &[])).unwrap();
+    w0.index.apply_block(&block("10.0.0.8/29", Some("n1"), &[])).unwrap();
+    w0.full(T0);
+    assert!(w0.full(T0 + 600 * MIN).empty_blocks.iter().all(|e| !e.releasable));
+}
+
+#[test]
+fn a_block_that_fills_up_again_restarts_its_empty_clock() {
+    let mut w = World::new(5);
+    w.index.apply_node(&node("n1"));
+    w.index.apply_pod(&pod("ns", "p", "n1", &["10.0.0.9"]));
+    w.index.apply_block(&block("10.0.0.0/29", Some("n1"), &[])).unwrap();
+    w.index.apply_block(&block("10.0.0.8/29", Some("n1"), &[])).unwrap();
+    w.full(T0);
+    w.index.apply_block(&block("10.0.0.8/29", Some("n1"), &[pod_alloc(1, "h", "ns", "p", "n1")])).unwrap();
+    w.full(T0 + 3 * MIN);
+    w.index.apply_block(&block("10.0.0.8/29", Some("n1"), &[])).unwrap();
+    let p = w.full(T0 + 6 * MIN);
+    let rec = p.empty_blocks.iter().find(|e| e.cidr.to_string() == "10.0.0.8/29").unwrap();
+    assert!(!rec.releasable, "first seen empty again at +6m");
+}
+
+#[test]
+fn cooling_down_addresses_are_not_leaks_and_the_backstop_collects_them_when_due() {
+    let mut w = World::new(1);
+    w.cfg.ip_cooldown = 60_000;
+    let mut b = block("10.0.0.0/29", Some("n1"), &[]);
+    b.spec.attributes.push(serde_json::from_value(json!({"releasedAt": crate::model::time::format_rfc3339(T0)})).unwrap());
+    b.spec.allocations[3] = Some(0);
+    b.spec.unallocated.retain(|o| *o != 3);
+    w.index.apply_node(&node("n1"));
+    w.index.apply_block(&b).unwrap();
+    let p = w.full(T0 + 1000);
+    assert!(p.leaks.is_empty());
+    assert!(p.cold_blocks.is_empty());
+    assert!(p.empty_blocks.is_empty(), "a cooling block is not empty");
+    assert_eq!(w.full(T0 + 60_000).cold_blocks.len(), 1);
+}
+
+#[test]
+fn orphan_handles_are_deleted_only_after_a_full_grace_period_unchanged() {
+    let mut w = World::new(5);
+    let h = |rv: &str| -> IpamHandle {
+        serde_json::from_value(json!({"metadata": {"name": "k8s-pod-network.x", "resourceVersion": rv, "uid": "u"}, "spec": {"handleID": "k8s-pod-network.x", "block": {}}})).unwrap()
+    };
+    w.index.apply_handle(&h("1"));
+    assert!(!w.full(T0).orphan_handles[0].releasable);
+    w.index.apply_handle(&h("2"));
+    assert!(!w.full(T0 + 6 * MIN).orphan_handles[0].releasable, "changed: the CNI is using it");
+    assert!(w.full(T0 + 12 * MIN).orphan_handles[0].releasable);
+    // Referenced by a block: not an orphan.
+    w.index.apply_block(&block("10.0.0.0/29", Some("n1"), &[pod_alloc(1, "k8s-pod-network.x", "ns", "p", "n1")])).unwrap();
+    assert!(w.full(T0 + 13 * MIN).orphan_handles.is_empty());
+    let mut w0 = World::new(0);
+    w0.index.apply_handle(&h("1"));
+    w0.full(T0);
+    assert!(!w0.full(T0 + 600 * MIN).orphan_handles[0].releasable, "never with grace 0");
+}
+
+#[test]
+fn kubevirt_allocations_stay_valid_without_facts_and_get_a_five_minute_floor_when_the_vm_is_gone() {
+    let mut w = World::new(1);
+    w.index.apply_node(&node("n1"));
+    let vm = AllocSpec { ord: 1, handle: "net.ns-vm1", attrs: json!({"namespace": "ns", "pod": "virt-launcher-vm1-abc", "node": "n1", "vmi-name": "vm1"}), seq: 1 };
+    w.index.apply_block(&block("10.0.0.0/29", Some("n1"), &[vm])).unwrap();
+    w.full(T0);
+    assert!(w.full(T0 + 30 * MIN).leaks.is_empty(), "no KubeVirt facts: valid");
+    let mut kv = KubeVirtFacts::default();
+    kv.vms.insert(("ns".into(), "vm1".into()));
+    w.kubevirt = Some(kv);
+    assert!(w.full(T0 + 31 * MIN).leaks.is_empty(), "the VM exists");
+    w.kubevirt = Some(KubeVirtFacts::default());
+    let p = w.full(T0 + 32 * MIN);
+    assert_eq!(leak_of(&p, &w, "10.0.0.1").unwrap().reason, LeakReason::VmDeleted);
+    assert!(w.full(T0 + 36 * MIN).releases.is_empty(), "within the 5 minute floor");
+    assert_eq!(released_ips(&w.full(T0 + 37 * MIN + 1)).len(), 1);
+}
+
+#[test]
+fn a_dirty_pass_examines_only_the_dirty_nodes() {
+    let mut w = basic(1);
+    w.index.apply_node(&node("n2"));
+    w.index.apply_block(&block("10.0.1.0/29", Some("n2"), &[pod_alloc(1, "hx", "ns", "px", "n2")])).unwrap();
+    w.index.take_dirty();
+    w.index.delete_pod("ns", "p1");
+    let (dirty, full) = w.index.take_dirty();
+    assert!(!full);
+    assert_eq!(dirty.iter().map(|s| s.to_string()).collect::<Vec<_>>(), vec!["n1"]);
+    let p = w.pass(T0, Scope::Dirty(dirty), &BTreeMap::new());
+    assert_eq!(p.examined, 2);
+    assert!(leak_of(&p, &w, "10.0.1.1").is_none(), "n2 was not examined");
+    assert!(leak_of(&p, &w, "10.0.0.1").is_some());
+}
+
+#[test]
+fn allocations_in_namespaces_a_dump_does_not_cover_are_never_releasable() {
+    let mut w = basic(1);
+    w.index.coverage = PodCoverage::Namespaces(["other".to_string()].into());
+    w.full(T0);
+    let p = w.full(T0 + 10 * MIN);
+    assert!(p.releases.is_empty());
+    assert_eq!(leak_of(&p, &w, "10.0.0.2").unwrap().held_by, Some(HeldBy::NamespaceNotInDump));
+}
+
+#[test]
+fn a_terminating_pod_keeps_its_ip() {
+    let mut w = basic(1);
+    let mut t = pod("ns", "p1", "n1", &["10.0.0.1"]);
+    t.deleting = true;
+    w.index.apply_pod(&t);
+    w.full(T0);
+    assert!(leak_of(&w.full(T0 + 10 * MIN), &w, "10.0.0.1").is_none());
+}
+
+// ---- properties ---------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+enum Op {
+    Block { b: u8, allocs: Vec<(u8, u8, u8, u8)> },
+    DeleteBlock(u8),
+    Pod { p: u8, node: u8, ip: Option<(u8, u8)>, phase: u8 },
+    DeletePod(u8),
+    Node(u8),
+    DeleteNode(u8),
+    Pass { minutes: u8, dirty: bool },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0u8..4, proptest::collection::vec((0u8..8, 0u8..6, 0u8..4, 0u8..3), 0..6)).prop_map(|(b, allocs)| Op::Block { b, allocs }),
+        (0u8..4).prop_map(Op::DeleteBlock),
+        (0u8..6, 0u8..4, proptest::option::of((0u8..4, 0u8..8)), 0u8..4).prop_map(|(p, node, ip, phase)| Op::Pod { p, node, ip, phase }),
+        (0u8..6).prop_map(Op::DeletePod),
+        (0u8..4).prop_map(Op::Node),
+        (0u8..4).prop_map(Op::DeleteNode),
+        (0u8..20, any::<bool>()).prop_map(|(minutes, dirty)| Op::Pass { minutes, dirty }),
+    ]
+}
+
+fn apply_op(w: &mut World, op: &Op, now: &mut i64) -> Option<Plan> {
+    match op {
+        Op::Block { b, allocs } => {
+            let mut seen = std::collections::BTreeSet::new();
+            let specs: Vec<AllocSpec> = allocs
+                .iter()
+                .filter(|(o, ..)| seen.insert(*o))
+                .map(|(o, p, n, kind)| {
+                    let handle: &str = Box::leak(format!("h{p}").into_boxed_str());
+                    let attrs = match kind {
+                        0 | 1 => json!({"namespace": "ns", "pod": format!("p{p}"), "node": format!("n{n}")}),
+                        _ => json!({"node": format!("n{n}"), "type": "vxlanTunnelAddress"}),
+                    };
+                    AllocSpec { ord: u32::from(*o), handle, attrs, seq: u64::from(*p) * 10 + u64::from(*o) }
+                })
+                .collect();
+            w.index.apply_block(&block(&format!("10.0.{b}.0/29"), Some(&format!("n{}", b % 4)), &specs)).unwrap();
+        }
+        Op::DeleteBlock(b) => w.index.delete_block(&format!("10.0.{b}.0/29").parse().unwrap()),
+        Op::Pod { p, node: n, ip, phase } => {
+            let ips: Vec<String> = ip.iter().map(|(b, o)| format!("10.0.{b}.{o}")).collect();
+            let refs: Vec<&str> = ips.iter().map(String::as_str).collect();
+            let mut f = pod("ns", &format!("p{p}"), &format!("n{n}"), &refs);
+            f.phase = [PodPhase::Running, PodPhase::Pending, PodPhase::Succeeded, PodPhase::Failed][*phase as usize];
+            if f.finished() {
+                f.ips.clear();
+            }
+            w.index.apply_pod(&f);
+        }
+        Op::DeletePod(p) => w.index.delete_pod("ns", &format!("p{p}")),
+        Op::Node(n) => w.index.apply_node(&node(&format!("n{n}"))),
+        Op::DeleteNode(n) => w.index.delete_node(&format!("n{n}")),
+        Op::Pass { minutes, dirty } => {
+            *now += i64::from(*minutes) * MIN;
+            let (d, full) = w.index.take_dirty();
+            let scope = if *dirty && !full { Scope::Dirty(d) } else { Scope::Full };
+            return Some(w.pass(*now, scope, &BTreeMap::new()));
+        }
+    }
+    w.index.check_invariants().map_err(|e| format!("{op:?}: {e}")).unwrap();
+    None
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// The index's maps agree after any sequence of mutations, and no plan ever releases an IP
+    /// that a live, unfinished pod reports, nor one whose pod holds it, nor half a handle.
+    #[test]
+    fn no_plan_releases_a_live_ip_and_every_map_stays_consistent(ops in proptest::collection::vec(op(), 1..60)) {
+        let mut w = World::new(5);
+        let mut now = T0;
+        for op in &ops {
+            if let Some(plan) = apply_op(&mut w, op, &mut now) {
+                let mut released = std::collections::HashSet::new();
+                for b in &plan.releases {
+                    for it in &b.items {
+                        let g = w.index.gid_of_ip(it.ip).unwrap();
+                        prop_assert!(!w.index.live_gids().contains(g), "released live IP {}", it.ip);
+                        let live_holder = w.index.present_pods().any(|p| !p.finished() && p.ips.contains(&it.ip));
+                        prop_assert!(!live_holder, "released {} held by a live pod", it.ip);
+                        released.insert(g);
+                    }
+                }
+                for g in &released {
+                    let a = w.index.alloc(*g).unwrap();
+                    for h in w.index.allocations_of_handle(a.handle) {
+                        prop_assert!(released.contains(h), "handle split");
+                    }
+                }
+                w.gc.check_invariants(&w.index).map_err(TestCaseError::fail)?;
+            }
+        }
+    }
+}
