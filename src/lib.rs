@@ -1,3 +1,4 @@
 //! calico-kube-controllers: the library behind the binary.
 #![forbid(unsafe_code)]
 pub mod model;
+pub mod scan;
