@@ -85,6 +85,13 @@ pub fn ip_sort_key(ip: &IpAddr) -> (u8, u128) {
     }
 }
 
+/// Calico's WorkloadEndpoint name for a Kubernetes pod: `<node>-k8s-<pod>-<endpoint>` with
+/// every dash inside a segment doubled (used for `owners` in check reports).
+pub fn workload_endpoint_name(node: &str, pod: &str, endpoint: &str) -> String {
+    let esc = |s: &str| s.replace('-', "--");
+    format!("{}-k8s-{}-{}", esc(node), esc(pod), esc(endpoint))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,6 +126,11 @@ mod tests {
     #[test]
     fn handle_names_are_lowercased_and_cut_at_carriage_return() {
         assert_eq!(handle_object_name("k8s-pod-network.ABC\r\n"), "k8s-pod-network.abc");
+    }
+
+    #[test]
+    fn workload_endpoint_names_double_dashes_per_segment() {
+        assert_eq!(workload_endpoint_name("node-1", "nginx-abc", "eth0"), "node--1-k8s-nginx--abc-eth0");
     }
 
     #[test]
