@@ -66,7 +66,8 @@ pub struct DumpContents {
     pub nodes: Vec<NodeLite>,
     /// Names of the Namespace objects seen.
     pub namespaces: BTreeSet<String>,
-    /// Objects seen per kind, ignored kinds included (`List` wrappers are not objects).
+    /// Objects seen per kind, ignored kinds included (`List` wrappers are not objects). Items with
+    /// no readable `kind` count as `<unreadable>`, objects without one as `<no kind>`.
     pub kind_counts: BTreeMap<String, u64>,
     /// Objects of a known kind that could not be read, and pods with unparsable IPs (kept).
     pub invalid: Vec<InvalidObject>,
@@ -994,6 +995,8 @@ enum Parsed {
 
 /// The kind recorded for an item that is not even a JSON object with a readable `kind`.
 const UNREADABLE_KIND: &str = "<unreadable>";
+/// The kind recorded for an object that has no `kind`.
+const NO_KIND: &str = "<no kind>";
 
 fn parse_batch(batch: &Batch, label: &str) -> Vec<Outcome> {
     batch
@@ -1121,7 +1124,7 @@ fn classify(bytes: &[u8], fallback: &str, nesting: usize) -> Outcome {
         }
         _ => Parsed::Ignored(None),
     };
-    let kind = if kind.is_empty() { "<no kind>".to_string() } else { kind };
+    let kind = if kind.is_empty() { NO_KIND.to_string() } else { kind };
     Outcome::Object { kind, v3: v3 && calico_api, parsed }
 }
 
@@ -1634,6 +1637,27 @@ mod tests {
             let _ = read_bytes("fuzz.yaml", &bytes);
             let whole = read_chunked(&bytes, 1 << 20, 1 << 20).map(|c| format!("{c:?}"));
             let split = read_chunked(&bytes, chunk, 8).map(|c| format!("{c:?}"));
+            prop_assert_eq!(whole, split);
+        }
+
+        #[test]
+        fn mutated_dumps_never_panic_and_chunking_agrees(
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), 0u8..3, any::<u8>()), 1..6),
+            chunk in 1usize..64,
+        ) {
+            let mut bytes = list(every_kind()).to_string().into_bytes();
+            for (at, op, byte) in edits {
+                let i = at.index(bytes.len() + 1);
+                match op {
+                    0 if i < bytes.len() => bytes[i] = byte,
+                    1 => bytes.insert(i, byte),
+                    _ if i < bytes.len() => { bytes.remove(i); }
+                    _ => {}
+                }
+            }
+            let _ = read_bytes("fuzz.yaml", &bytes);
+            let whole = read_chunked(&bytes, 1 << 20, 1 << 20).map(|c| format!("{c:?}"));
+            let split = read_chunked(&bytes, chunk, 256).map(|c| format!("{c:?}"));
             prop_assert_eq!(whole, split);
         }
 
