@@ -1,5 +1,6 @@
 //! calico-kube-controllers: the library behind the binary.
 #![forbid(unsafe_code)]
+pub mod datastore;
 pub mod ipam;
 pub mod memstat;
 pub mod model;

@@ -1,0 +1,501 @@
+//! The shell's write step: executes a GC [`Plan`] against any [`Datastore`], so the memory
+//! backend (simulator, tests) and the Kubernetes backend (controller) share one implementation.
+//!
+//! Owns: the order of writes, compare-and-swap retries (every retry re-reads, so sequence numbers
+//! are refreshed from the block and never retried blindly), the two-step empty-block release,
+//! node release, orphan-handle deletion, the cold-IP backstop, and the per-item outcome.
+//! Must not: decide what is garbage (the plan did), force a stale release, or let one failing
+//! block, node or handle stop the others: every item's failure is recorded and the loop goes on.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ipnet::IpNet;
+
+use super::{Datastore, DatastoreError, DsResult, Kind, Stored};
+use crate::ipam::gc::{BlockRelease, ColdBlock, EmptyBlockRecord, LeakReason, NodeRelease, OrphanHandle, Plan};
+use crate::ipam::release::{HandleAction, apply_release, check_block, collect_cooled, release_from_handle};
+use crate::model::affinity::STATE_PENDING_DELETION;
+use crate::model::block::{Affinity, IpamBlockSpec, WINDOWS_RESERVED_HANDLE};
+use crate::model::names::{affinity_name, cidr_to_name, handle_object_name};
+use crate::model::time::Millis;
+use crate::model::{BlockAffinity, IpamBlock, IpamHandle};
+
+/// How hard to push one item before leaving it for the next pass.
+#[derive(Debug, Clone)]
+pub struct ExecuteOptions {
+    /// Re-reads after a `Conflict` before an item is given up. Each retry works from a fresh read,
+    /// so a few suffice against CNI churn; an object that keeps moving is simply picked up again
+    /// by the next pass instead of spinning here (upstream tries 100 times per block).
+    pub conflict_retries: u32,
+    /// Run calicoctl's block validator on every block before writing it and refuse the write if it
+    /// fails. On in debug builds and tests; off in release builds so that a block someone else
+    /// already broke (say, a `releasedAt` from a skewed clock) does not stop its own cleanup.
+    pub validate_writes: bool,
+}
+
+impl Default for ExecuteOptions {
+    fn default() -> Self {
+        ExecuteOptions { conflict_retries: 5, validate_writes: cfg!(debug_assertions) }
+    }
+}
+
+/// Which plan item a failure belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ItemRef {
+    /// A block of `Plan::releases`.
+    Release(IpNet),
+    /// A handle decremented after a release.
+    Handle(String),
+    EmptyBlock(IpNet),
+    Node(String),
+    OrphanHandle(String),
+    ColdBlock(IpNet),
+}
+
+impl ItemRef {
+    /// A bounded label for metrics.
+    pub fn category(&self) -> &'static str {
+        match self {
+            ItemRef::Release(_) => "release",
+            ItemRef::Handle(_) => "handle",
+            ItemRef::EmptyBlock(_) => "empty_block",
+            ItemRef::Node(_) => "node",
+            ItemRef::OrphanHandle(_) => "orphan_handle",
+            ItemRef::ColdBlock(_) => "cold_block",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemFailure {
+    pub item: ItemRef,
+    /// [`DatastoreError::category`].
+    pub category: &'static str,
+    pub message: String,
+}
+
+/// What executing one plan did.
+#[derive(Debug, Clone, Default)]
+pub struct PlanOutcome {
+    /// Every address freed, as (block, ordinal), in plan order.
+    pub released: Vec<(IpNet, u32)>,
+    pub released_by_reason: BTreeMap<LeakReason, u64>,
+    /// Planned addresses whose handle or sequence number had moved on: reallocated since the scan,
+    /// never released.
+    pub stale: Vec<(IpNet, u32)>,
+    /// Planned addresses already free, cooling down, or in a block that no longer exists.
+    pub already_free: u64,
+    /// `Conflict` answers seen, retried ones included.
+    pub conflicts: u64,
+    /// Items given up for this pass, by [`DatastoreError::category`].
+    pub errors_by_category: BTreeMap<&'static str, u64>,
+    pub failures: Vec<ItemFailure>,
+    pub blocks_updated: u64,
+    pub blocks_deleted: u64,
+    /// Blocks of a released node kept (they hold other addresses) with their affinity removed.
+    pub blocks_unaffined: u64,
+    /// Empty blocks found holding addresses again at the re-check; their affinity was restored.
+    pub empty_blocks_kept: u64,
+    pub blocks_cooled: u64,
+    pub affinities_released: u64,
+    pub handles_updated: u64,
+    pub handles_deleted: u64,
+    /// Orphan handles changed (or replaced) since the plan, therefore not deleted.
+    pub orphans_skipped: u64,
+    pub nodes_released: u64,
+}
+
+impl PlanOutcome {
+    pub fn error_count(&self) -> u64 {
+        self.errors_by_category.values().sum()
+    }
+
+    fn fail(&mut self, item: ItemRef, e: DatastoreError) {
+        tracing::warn!(item = item.category(), target_item = ?item, category = e.category(), error = %e.message, "plan item failed");
+        *self.errors_by_category.entry(e.category()).or_default() += 1;
+        self.failures.push(ItemFailure { item, category: e.category(), message: e.message });
+    }
+}
+
+/// Executes `plan`: releases, the cold-IP backstop, empty blocks, node releases, orphan handles,
+/// in that order (a node's last addresses are released before its blocks are let go).
+pub async fn execute_plan<D: Datastore>(ds: &D, plan: &Plan, now: Millis, cooldown_secs: u32, opts: &ExecuteOptions) -> PlanOutcome {
+    let mut out = PlanOutcome::default();
+    for rel in &plan.releases {
+        if let Err(e) = release_block(ds, rel, now, cooldown_secs, opts, &mut out).await {
+            out.fail(ItemRef::Release(rel.cidr), e);
+        }
+    }
+    for cold in &plan.cold_blocks {
+        if let Err(e) = collect_cold_block(ds, cold, now, cooldown_secs, opts, &mut out).await {
+            out.fail(ItemRef::ColdBlock(cold.cidr), e);
+        }
+    }
+    for rec in plan.empty_blocks.iter().filter(|r| r.releasable) {
+        if let Err(e) = release_empty_block(ds, rec, opts, &mut out).await {
+            out.fail(ItemRef::EmptyBlock(rec.cidr), e);
+        }
+    }
+    for node in &plan.nodes_to_release {
+        if release_node(ds, node, opts, &mut out).await {
+            out.nodes_released += 1;
+        }
+    }
+    for orphan in plan.orphan_handles.iter().filter(|o| o.releasable) {
+        if let Err(e) = delete_orphan_handle(ds, orphan, &mut out).await {
+            out.fail(ItemRef::OrphanHandle(orphan.handle_id.clone()), e);
+        }
+    }
+    tracing::debug!(
+        released = out.released.len(),
+        stale = out.stale.len(),
+        conflicts = out.conflicts,
+        errors = out.error_count(),
+        "plan executed"
+    );
+    out
+}
+
+/// Counts a conflict and says whether another attempt is allowed.
+fn retry_conflict(e: &DatastoreError, attempt: &mut u32, opts: &ExecuteOptions, out: &mut PlanOutcome) -> bool {
+    if !e.is_conflict() {
+        return false;
+    }
+    out.conflicts += 1;
+    *attempt += 1;
+    *attempt <= opts.conflict_retries
+}
+
+fn validate(block: &IpamBlock, now: Millis, opts: &ExecuteOptions) -> DsResult<()> {
+    if opts.validate_writes {
+        check_block(block, now).map_err(|p| DatastoreError::invalid(format!("refusing to write an invalid block: {p}")))?;
+    }
+    Ok(())
+}
+
+async fn release_block<D: Datastore>(
+    ds: &D,
+    rel: &BlockRelease,
+    now: Millis,
+    cooldown_secs: u32,
+    opts: &ExecuteOptions,
+    out: &mut PlanOutcome,
+) -> DsResult<()> {
+    let mut attempt = 0;
+    let (result, cidr_text) = loop {
+        let stored = match ds.get(Kind::IpamBlock, &rel.block_name).await {
+            Err(e) if e.is_not_found() => {
+                // The block went away with everything in it (upstream counts these as released;
+                // we did not free them, so they are reported as already free).
+                out.already_free += rel.items.len() as u64;
+                return Ok(());
+            }
+            r => r?,
+        };
+        let mut block: IpamBlock = stored.decode()?;
+        // Items are checked against this fresh read: after a conflict, an address reallocated in
+        // the meantime no longer matches its planned handle and sequence number and is skipped.
+        let result = apply_release(&mut block, &rel.items, now, cooldown_secs).map_err(|e| DatastoreError::invalid(e.to_string()))?;
+        if !result.changed() {
+            break (result, block.spec.cidr);
+        }
+        validate(&block, now, opts)?;
+        let next = stored.with_value(&block)?;
+        let written = if result.delete_block {
+            ds.soft_delete(Kind::IpamBlock, &next).await
+        } else {
+            ds.update(Kind::IpamBlock, &next).await.map(|_| ())
+        };
+        match written {
+            Ok(()) => {
+                if result.delete_block {
+                    out.blocks_deleted += 1;
+                } else {
+                    out.blocks_updated += 1;
+                }
+                break (result, block.spec.cidr);
+            }
+            Err(e) if retry_conflict(&e, &mut attempt, opts, out) => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    let reasons: BTreeMap<u32, LeakReason> = rel.items.iter().map(|i| (i.ordinal, i.reason)).collect();
+    for ord in &result.released {
+        out.released.push((rel.cidr, *ord));
+        if let Some(r) = reasons.get(ord) {
+            *out.released_by_reason.entry(*r).or_default() += 1;
+        }
+    }
+    out.stale.extend(result.stale.iter().map(|o| (rel.cidr, *o)));
+    out.already_free += result.already_free.len() as u64;
+    if !result.stale.is_empty() {
+        tracing::debug!(block = %rel.cidr, stale = result.stale.len(), "stale release items skipped");
+    }
+    for (handle, count) in &result.handle_counts {
+        if let Err(e) = decrement_handle(ds, handle, &cidr_text, *count, opts, out).await {
+            out.fail(ItemRef::Handle(handle.clone()), e);
+        }
+    }
+    Ok(())
+}
+
+/// Takes `count` addresses in `cidr` off the handle; deletes the handle when nothing is left.
+async fn decrement_handle<D: Datastore>(ds: &D, handle_id: &str, cidr: &str, count: u32, opts: &ExecuteOptions, out: &mut PlanOutcome) -> DsResult<()> {
+    let name = handle_object_name(handle_id);
+    let mut attempt = 0;
+    loop {
+        let stored = match ds.get(Kind::IpamHandle, &name).await {
+            // No handle object: nothing to account (old or hand-made allocations).
+            Err(e) if e.is_not_found() => return Ok(()),
+            r => r?,
+        };
+        let mut handle: IpamHandle = stored.decode()?;
+        let written = match release_from_handle(&mut handle, cidr, count) {
+            HandleAction::Unchanged => return Ok(()),
+            HandleAction::Update => ds.update(Kind::IpamHandle, &stored.with_value(&handle)?).await.map(|_| HandleAction::Update),
+            HandleAction::Delete => ds.soft_delete(Kind::IpamHandle, &stored).await.map(|_| HandleAction::Delete),
+        };
+        match written {
+            Ok(HandleAction::Delete) => {
+                out.handles_deleted += 1;
+                return Ok(());
+            }
+            Ok(_) => {
+                out.handles_updated += 1;
+                return Ok(());
+            }
+            Err(e) if e.is_not_found() => return Ok(()),
+            Err(e) if retry_conflict(&e, &mut attempt, opts, out) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn collect_cold_block<D: Datastore>(ds: &D, cold: &ColdBlock, now: Millis, cooldown_secs: u32, opts: &ExecuteOptions, out: &mut PlanOutcome) -> DsResult<()> {
+    let mut attempt = 0;
+    loop {
+        let stored = match ds.get(Kind::IpamBlock, &cold.block_name).await {
+            Err(e) if e.is_not_found() => return Ok(()),
+            r => r?,
+        };
+        let mut block: IpamBlock = stored.decode()?;
+        if !collect_cooled(&mut block, now, cooldown_secs).map_err(|e| DatastoreError::invalid(e.to_string()))? {
+            return Ok(());
+        }
+        validate(&block, now, opts)?;
+        match ds.update(Kind::IpamBlock, &stored.with_value(&block)?).await {
+            Ok(_) => {
+                out.blocks_cooled += 1;
+                return Ok(());
+            }
+            Err(e) if retry_conflict(&e, &mut attempt, opts, out) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// No allocation other than Calico's pre-allocated Windows addresses (the library's "empty").
+fn holds_only_reserved(spec: &IpamBlockSpec) -> bool {
+    spec.allocations.iter().flatten().all(|a| {
+        spec.attributes.get(*a as usize).and_then(|attr| attr.handle_id.as_deref()) == Some(WINDOWS_RESERVED_HANDLE)
+    })
+}
+
+/// Sets the affinity's `state` under CAS, re-reading on conflict. `None` if the affinity is gone.
+async fn set_affinity_state<D: Datastore>(ds: &D, name: &str, state: &str, opts: &ExecuteOptions, out: &mut PlanOutcome) -> DsResult<Option<Stored>> {
+    let mut attempt = 0;
+    loop {
+        let stored = match ds.get(Kind::BlockAffinity, name).await {
+            Err(e) if e.is_not_found() => return Ok(None),
+            r => r?,
+        };
+        let mut affinity: BlockAffinity = stored.decode()?;
+        if affinity.spec.state == state {
+            return Ok(Some(stored));
+        }
+        affinity.spec.state = state.to_string();
+        match ds.update(Kind::BlockAffinity, &stored.with_value(&affinity)?).await {
+            Ok(s) => return Ok(Some(s)),
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) if retry_conflict(&e, &mut attempt, opts, out) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Soft-deletes the object; on conflict re-reads and retries, but only while `still_wanted`
+/// holds for the fresh version. Returns whether this call deleted it.
+async fn delete_fresh<D: Datastore>(
+    ds: &D,
+    kind: Kind,
+    first: Option<Stored>,
+    name: &str,
+    still_wanted: impl Fn(&Stored) -> bool + Send,
+    opts: &ExecuteOptions,
+    out: &mut PlanOutcome,
+) -> DsResult<bool> {
+    let mut attempt = 0;
+    let mut current = first;
+    loop {
+        let stored = match current.take() {
+            Some(s) => s,
+            None => match ds.get(kind, name).await {
+                Err(e) if e.is_not_found() => return Ok(false),
+                r => r?,
+            },
+        };
+        if !still_wanted(&stored) {
+            return Ok(false);
+        }
+        match ds.soft_delete(kind, &stored).await {
+            Ok(()) => return Ok(true),
+            Err(e) if e.is_not_found() => return Ok(false),
+            Err(e) if retry_conflict(&e, &mut attempt, opts, out) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Upstream's two-step affinity release with `mustBeEmpty`: mark the affinity `pendingDeletion`
+/// (so a concurrent claim backs off), delete the block only if it is still empty and still the
+/// node's, then delete the affinity.
+async fn release_empty_block<D: Datastore>(ds: &D, rec: &EmptyBlockRecord, opts: &ExecuteOptions, out: &mut PlanOutcome) -> DsResult<()> {
+    let aff_name = affinity_name(&rec.node, &rec.cidr);
+    let marked = set_affinity_state(ds, &aff_name, STATE_PENDING_DELETION, opts, out).await?;
+    let mut attempt = 0;
+    loop {
+        let stored = match ds.get(Kind::IpamBlock, &rec.block_name).await {
+            Err(e) if e.is_not_found() => break,
+            r => r?,
+        };
+        let block: IpamBlock = stored.decode()?;
+        let ours = Affinity::parse(block.spec.affinity.as_deref()) == Affinity::Host(rec.node.clone());
+        if !ours || block.spec.allocations.iter().any(Option::is_some) {
+            // Someone allocated from it (or re-claimed it) since the scan. Upstream leaves the
+            // affinity in pendingDeletion on this error; we restore it so the node keeps a usable
+            // claim on a block it is using.
+            out.empty_blocks_kept += 1;
+            if marked.is_some() {
+                set_affinity_state(ds, &aff_name, "confirmed", opts, out).await?;
+            }
+            return Ok(());
+        }
+        match ds.soft_delete(Kind::IpamBlock, &stored).await {
+            Ok(()) => {
+                out.blocks_deleted += 1;
+                break;
+            }
+            Err(e) if e.is_not_found() => break,
+            Err(e) if retry_conflict(&e, &mut attempt, opts, out) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    if marked.is_some() {
+        let pending = |s: &Stored| s.value["spec"]["state"] == STATE_PENDING_DELETION;
+        if delete_fresh(ds, Kind::BlockAffinity, marked, &aff_name, pending, opts, out).await? {
+            out.affinities_released += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Lets go of a deleted node's blocks: an empty block is deleted, a block still holding addresses
+/// (other nodes' pods, say) only loses its affinity, and the node's affinities are deleted. No
+/// address is ever released here. Returns whether every step succeeded.
+async fn release_node<D: Datastore>(ds: &D, node: &NodeRelease, opts: &ExecuteOptions, out: &mut PlanOutcome) -> bool {
+    let mut ok = true;
+    let cidrs: BTreeSet<IpNet> = node.blocks.iter().copied().chain(node.affinities.iter().map(|(_, c)| *c)).collect();
+    let mut held = BTreeSet::new();
+    for cidr in cidrs {
+        if let Err(e) = let_go_of_block(ds, &node.node, &cidr, opts, out).await {
+            ok = false;
+            held.insert(cidr);
+            out.fail(ItemRef::Node(node.node.clone()), e);
+        }
+    }
+    // An affinity goes only after its block has let go of the node, so that a failure never
+    // leaves a block claiming a node that has no affinity for it.
+    for (name, _) in node.affinities.iter().filter(|(_, c)| !held.contains(c)) {
+        match delete_fresh(ds, Kind::BlockAffinity, None, name, |_| true, opts, out).await {
+            Ok(true) => out.affinities_released += 1,
+            Ok(false) => {}
+            Err(e) => {
+                ok = false;
+                out.fail(ItemRef::Node(node.node.clone()), e);
+            }
+        }
+    }
+    if ok {
+        tracing::debug!(node = %node.node, "node's IPAM released");
+    }
+    ok
+}
+
+async fn let_go_of_block<D: Datastore>(ds: &D, node: &str, cidr: &IpNet, opts: &ExecuteOptions, out: &mut PlanOutcome) -> DsResult<()> {
+    let name = cidr_to_name(cidr);
+    let mut attempt = 0;
+    loop {
+        let stored = match ds.get(Kind::IpamBlock, &name).await {
+            Err(e) if e.is_not_found() => return Ok(()),
+            r => r?,
+        };
+        let mut block: IpamBlock = stored.decode()?;
+        if Affinity::parse(block.spec.affinity.as_deref()).host() != Some(node) {
+            // Claimed by someone else (or nobody) since the scan: not ours to touch.
+            return Ok(());
+        }
+        let empty = holds_only_reserved(&block.spec);
+        let written = if empty {
+            ds.soft_delete(Kind::IpamBlock, &stored).await
+        } else {
+            block.spec.affinity = None;
+            block.spec.affinity_claim_time = None;
+            // Every block write bumps the sequence number, as the IPAM library does.
+            block.spec.sequence_number = block.spec.sequence_number.wrapping_add(1);
+            ds.update(Kind::IpamBlock, &stored.with_value(&block)?).await.map(|_| ())
+        };
+        match written {
+            Ok(()) => {
+                if empty {
+                    out.blocks_deleted += 1;
+                } else {
+                    out.blocks_unaffined += 1;
+                }
+                return Ok(());
+            }
+            Err(e) if e.is_not_found() => return Ok(()),
+            Err(e) if retry_conflict(&e, &mut attempt, opts, out) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Deletes an orphan handle only if it is exactly the object the plan saw: same uid (not
+/// deleted and re-created by the CNI) and same revision (not touched since). A changed handle is
+/// in use again and is left alone, never retried.
+async fn delete_orphan_handle<D: Datastore>(ds: &D, orphan: &OrphanHandle, out: &mut PlanOutcome) -> DsResult<()> {
+    let stored = match ds.get(Kind::IpamHandle, &orphan.object_name).await {
+        Err(e) if e.is_not_found() => return Ok(()),
+        r => r?,
+    };
+    if stored.uid != orphan.uid || stored.revision != orphan.revision {
+        out.orphans_skipped += 1;
+        return Ok(());
+    }
+    match ds.soft_delete(Kind::IpamHandle, &stored).await {
+        Ok(()) => {
+            out.handles_deleted += 1;
+            Ok(())
+        }
+        Err(e) if e.is_not_found() => Ok(()),
+        Err(e) if e.is_conflict() => {
+            out.conflicts += 1;
+            out.orphans_skipped += 1;
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests;

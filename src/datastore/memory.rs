@@ -1,0 +1,462 @@
+//! The in-memory datastore: the same compare-and-swap and soft-delete semantics as KDD, for
+//! tests, the simulator and trying the product without a cluster.
+//!
+//! Owns: the object table, one global revision counter (like etcd's revision and Kubernetes'
+//! resourceVersion), deterministic uids, fault injection, "another writer" hooks, and per
+//! (verb, kind) operation counts.
+//! Must not: hold its lock across an `.await` (every operation runs synchronously inside one
+//! lock section, so every returned future is already complete), or read the clock.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::sync::{Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use serde_json::{Map, Value};
+
+use super::{Datastore, DatastoreError, DsResult, ErrorKind, Kind, Precondition, Stored};
+
+/// The verbs of the trait, for fault injection and operation counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Op {
+    Get,
+    List,
+    Create,
+    Update,
+    Delete,
+}
+
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Get => "get",
+            Op::List => "list",
+            Op::Create => "create",
+            Op::Update => "update",
+            Op::Delete => "delete",
+        }
+    }
+}
+
+/// A queued failure: the next `times` matching calls fail with `error` and change nothing.
+#[derive(Debug, Clone)]
+struct Fault {
+    kind: Option<Kind>,
+    name: Option<String>,
+    op: Op,
+    error: ErrorKind,
+    times: u32,
+}
+
+impl Fault {
+    fn matches(&self, op: Op, kind: Kind, name: Option<&str>) -> bool {
+        self.times > 0
+            && self.op == op
+            && self.kind.is_none_or(|k| k == kind)
+            && self.name.as_deref().is_none_or(|n| Some(n) == name)
+    }
+}
+
+type Mutation = Box<dyn FnOnce(&mut Value) + Send>;
+
+/// A one-shot "concurrent writer": runs just before the matching call, as if another client
+/// had written the object between our read and our write.
+struct Hook {
+    op: Op,
+    kind: Kind,
+    name: String,
+    mutate: Mutation,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    revision: u64,
+    uid: String,
+    value: Value,
+}
+
+#[derive(Default)]
+struct Inner {
+    objects: BTreeMap<(Kind, String), Entry>,
+    /// Last revision handed out; every create, update and delete takes the next one.
+    revision: u64,
+    /// Objects ever created; the source of deterministic uids.
+    created: u64,
+    faults: Vec<Fault>,
+    hooks: VecDeque<Hook>,
+    ops: BTreeMap<(Op, Kind), u64>,
+}
+
+impl Inner {
+    fn next_revision(&mut self) -> u64 {
+        self.revision += 1;
+        self.revision
+    }
+
+    /// Counts the call and returns the injected failure, if one is queued for it.
+    fn enter(&mut self, op: Op, kind: Kind, name: Option<&str>) -> DsResult<()> {
+        *self.ops.entry((op, kind)).or_default() += 1;
+        if let Some(name) = name {
+            while let Some(pos) = self.hooks.iter().position(|h| h.op == op && h.kind == kind && h.name == name) {
+                let Some(hook) = self.hooks.remove(pos) else { break };
+                self.mutate_now(kind, name, hook.mutate);
+            }
+        }
+        if let Some(f) = self.faults.iter_mut().find(|f| f.matches(op, kind, name)) {
+            f.times -= 1;
+            let error = f.error;
+            self.faults.retain(|f| f.times > 0);
+            return Err(DatastoreError::new(error, format!("injected {} on {} {}", error.category(), op.as_str(), kind.plural())));
+        }
+        Ok(())
+    }
+
+    fn mutate_now(&mut self, kind: Kind, name: &str, mutate: Mutation) -> Option<Stored> {
+        let revision = self.next_revision();
+        let entry = self.objects.get_mut(&(kind, name.to_string()))?;
+        mutate(&mut entry.value);
+        entry.revision = revision;
+        Some(stamp(name, entry))
+    }
+}
+
+/// The stored body with `metadata` naming this version.
+fn stamp(name: &str, entry: &Entry) -> Stored {
+    let mut value = entry.value.clone();
+    if let Some(obj) = value.as_object_mut() {
+        let meta = obj.entry("metadata").or_insert_with(|| Value::Object(Map::new()));
+        if let Some(meta) = meta.as_object_mut() {
+            meta.insert("name".into(), Value::String(name.to_string()));
+            meta.insert("resourceVersion".into(), Value::String(entry.revision.to_string()));
+            meta.insert("uid".into(), Value::String(entry.uid.clone()));
+        }
+    }
+    Stored { name: name.to_string(), revision: entry.revision.to_string(), uid: entry.uid.clone(), value }
+}
+
+/// Checks the body an update or create carries: a JSON object whose `metadata.name`, if set,
+/// is the object's name.
+fn check_body(kind: Kind, name: &str, value: &Value) -> DsResult<()> {
+    let Some(obj) = value.as_object() else {
+        return Err(DatastoreError::invalid(format!("{} {name}: body is not a JSON object", kind.kind_name())));
+    };
+    if name.is_empty() {
+        return Err(DatastoreError::invalid(format!("{}: empty name", kind.kind_name())));
+    }
+    match obj.get("metadata").and_then(|m| m.get("name")).and_then(Value::as_str) {
+        Some(n) if !n.is_empty() && n != name => {
+            Err(DatastoreError::invalid(format!("{} {name}: metadata.name is {n:?}", kind.kind_name())))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A datastore held in process memory. Cheap to create; share it by reference.
+#[derive(Default)]
+pub struct MemoryDatastore {
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for MemoryDatastore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let inner = self.lock();
+        f.debug_struct("MemoryDatastore").field("objects", &inner.objects.len()).field("revision", &inner.revision).finish()
+    }
+}
+
+impl MemoryDatastore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic in a test hook poisons the lock; the table itself is still consistent because
+        // every operation mutates it in one step.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a failure: the next `times` calls of `op` on `kind` (any kind if `None`) and `name`
+    /// (any name if `None`) fail with `error` and change nothing.
+    pub fn inject(&self, kind: Option<Kind>, name: Option<&str>, op: Op, error: ErrorKind, times: u32) {
+        if times > 0 {
+            self.lock().faults.push(Fault { kind, name: name.map(str::to_string), op, error, times });
+        }
+    }
+
+    /// Another writer changes the object now: `mutate` edits its body and it gets a new revision.
+    /// Returns the new version, or `None` if the object does not exist.
+    pub fn bump(&self, kind: Kind, name: &str, mutate: impl FnOnce(&mut Value) + Send + 'static) -> Option<Stored> {
+        self.lock().mutate_now(kind, name, Box::new(mutate))
+    }
+
+    /// Another writer changes the object just before our next `op` on it (after any read we
+    /// already made): the way to lose a race deterministically.
+    pub fn bump_before(&self, op: Op, kind: Kind, name: &str, mutate: impl FnOnce(&mut Value) + Send + 'static) {
+        self.lock().hooks.push_back(Hook { op, kind, name: name.to_string(), mutate: Box::new(mutate) });
+    }
+
+    /// The object as stored, without counting an operation or finishing a soft delete.
+    pub fn peek(&self, kind: Kind, name: &str) -> Option<Stored> {
+        let inner = self.lock();
+        inner.objects.get(&(kind, name.to_string())).map(|e| stamp(name, e))
+    }
+
+    /// Every object of `kind` as stored, by name, without counting an operation.
+    pub fn snapshot(&self, kind: Kind) -> Vec<Stored> {
+        let inner = self.lock();
+        inner.objects.iter().filter(|((k, _), _)| *k == kind).map(|((_, n), e)| stamp(n, e)).collect()
+    }
+
+    /// How many calls of `op` on `kind` were made (injected failures included).
+    pub fn op_count(&self, op: Op, kind: Kind) -> u64 {
+        self.lock().ops.get(&(op, kind)).copied().unwrap_or(0)
+    }
+
+    /// Every (verb, kind) count, for simulator reports.
+    pub fn op_counts(&self) -> BTreeMap<(Op, Kind), u64> {
+        self.lock().ops.clone()
+    }
+
+    /// The latest revision handed out.
+    pub fn revision(&self) -> u64 {
+        self.lock().revision
+    }
+
+    pub fn get_now(&self, kind: Kind, name: &str) -> DsResult<Stored> {
+        let mut inner = self.lock();
+        inner.enter(Op::Get, kind, Some(name))?;
+        let key = (kind, name.to_string());
+        let entry = inner.objects.get(&key).ok_or_else(|| not_found(kind, name))?;
+        let stored = stamp(name, entry);
+        if kind == Kind::IpamBlock && stored.is_soft_deleted() {
+            // KDD finishes a soft delete that its writer did not (SPEC §4.5).
+            inner.objects.remove(&key);
+            inner.next_revision();
+            return Err(not_found(kind, name));
+        }
+        Ok(stored)
+    }
+
+    pub fn list_now(&self, kind: Kind) -> DsResult<Vec<Stored>> {
+        let mut inner = self.lock();
+        inner.enter(Op::List, kind, None)?;
+        Ok(inner.objects.iter().filter(|((k, _), _)| *k == kind).map(|((_, n), e)| stamp(n, e)).collect())
+    }
+
+    pub fn create_now(&self, kind: Kind, name: &str, value: Value) -> DsResult<Stored> {
+        let mut inner = self.lock();
+        inner.enter(Op::Create, kind, Some(name))?;
+        check_body(kind, name, &value)?;
+        let key = (kind, name.to_string());
+        if inner.objects.contains_key(&key) {
+            return Err(DatastoreError::new(ErrorKind::AlreadyExists, format!("{} {name} already exists", kind.kind_name())));
+        }
+        inner.created += 1;
+        let uid = format!("00000000-0000-4000-8000-{:012x}", inner.created);
+        let revision = inner.next_revision();
+        let entry = Entry { revision, uid, value: strip_server_fields(value) };
+        let stored = stamp(name, &entry);
+        inner.objects.insert(key, entry);
+        Ok(stored)
+    }
+
+    pub fn update_now(&self, kind: Kind, object: &Stored) -> DsResult<Stored> {
+        let mut inner = self.lock();
+        inner.enter(Op::Update, kind, Some(&object.name))?;
+        check_body(kind, &object.name, &object.value)?;
+        if object.revision.is_empty() {
+            // As for Kubernetes custom resources: an update must name the version it replaces.
+            return Err(DatastoreError::invalid(format!("{} {}: update without a revision", kind.kind_name(), object.name)));
+        }
+        let key = (kind, object.name.clone());
+        let entry = inner.objects.get(&key).ok_or_else(|| not_found(kind, &object.name))?;
+        if entry.revision.to_string() != object.revision {
+            return Err(conflict(kind, &object.name, format!("revision {} is stale, stored {}", object.revision, entry.revision)));
+        }
+        if !object.uid.is_empty() && entry.uid != object.uid {
+            return Err(conflict(kind, &object.name, format!("uid {} is not the stored {}", object.uid, entry.uid)));
+        }
+        let uid = entry.uid.clone();
+        let revision = inner.next_revision();
+        let entry = Entry { revision, uid, value: strip_server_fields(object.value.clone()) };
+        let stored = stamp(&object.name, &entry);
+        inner.objects.insert(key, entry);
+        Ok(stored)
+    }
+
+    pub fn delete_now(&self, kind: Kind, name: &str, precondition: &Precondition) -> DsResult<()> {
+        let mut inner = self.lock();
+        inner.enter(Op::Delete, kind, Some(name))?;
+        let key = (kind, name.to_string());
+        let entry = inner.objects.get(&key).ok_or_else(|| not_found(kind, name))?;
+        if let Some(rev) = &precondition.revision
+            && entry.revision.to_string() != *rev
+        {
+            return Err(conflict(kind, name, format!("precondition revision {rev}, stored {}", entry.revision)));
+        }
+        if let Some(uid) = &precondition.uid
+            && entry.uid != *uid
+        {
+            return Err(conflict(kind, name, format!("precondition uid {uid}, stored {}", entry.uid)));
+        }
+        inner.objects.remove(&key);
+        inner.next_revision();
+        Ok(())
+    }
+}
+
+/// The server owns `resourceVersion` and `uid`; what a client sends there is not stored.
+fn strip_server_fields(mut value: Value) -> Value {
+    if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.remove("resourceVersion");
+        meta.remove("uid");
+    }
+    value
+}
+
+fn not_found(kind: Kind, name: &str) -> DatastoreError {
+    DatastoreError::not_found(format!("{} {name} not found", kind.kind_name()))
+}
+
+fn conflict(kind: Kind, name: &str, why: String) -> DatastoreError {
+    DatastoreError::conflict(format!("{} {name}: {why}", kind.kind_name()))
+}
+
+impl Datastore for MemoryDatastore {
+    fn get(&self, kind: Kind, name: &str) -> impl Future<Output = DsResult<Stored>> + Send {
+        std::future::ready(self.get_now(kind, name))
+    }
+
+    fn list(&self, kind: Kind) -> impl Future<Output = DsResult<Vec<Stored>>> + Send {
+        std::future::ready(self.list_now(kind))
+    }
+
+    fn create(&self, kind: Kind, name: &str, value: Value) -> impl Future<Output = DsResult<Stored>> + Send {
+        std::future::ready(self.create_now(kind, name, value))
+    }
+
+    fn update(&self, kind: Kind, object: &Stored) -> impl Future<Output = DsResult<Stored>> + Send {
+        std::future::ready(self.update_now(kind, object))
+    }
+
+    fn delete(&self, kind: Kind, name: &str, precondition: &Precondition) -> impl Future<Output = DsResult<()>> + Send {
+        std::future::ready(self.delete_now(kind, name, precondition))
+    }
+}
+
+/// Drives a future to completion on this thread without a runtime. Meant for futures that are
+/// always ready (everything the memory backend returns, and code generic over the trait running
+/// on it); a future that is pending is polled again after yielding the thread, so one that
+/// waits on another thread still finishes, just without a waker to make it efficient.
+pub fn block_on<F: Future>(future: F) -> F::Output {
+    let mut future = std::pin::pin!(future);
+    let mut cx = Context::from_waker(Waker::noop());
+    loop {
+        if let Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+            return out;
+        }
+        std::thread::yield_now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn handle(name: &str) -> Value {
+        json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "IPAMHandle", "metadata": {"name": name},
+               "spec": {"handleID": name, "block": {"10.0.0.0/26": 1}}})
+    }
+
+    fn block(name: &str, deleted: bool) -> Value {
+        json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "IPAMBlock", "metadata": {"name": name},
+               "spec": {"cidr": "10.0.0.0/30", "allocations": [null, null, null, null], "unallocated": [0, 1, 2, 3],
+                        "attributes": [], "strictAffinity": false, "deleted": deleted}})
+    }
+
+    #[test]
+    fn revisions_come_from_one_increasing_counter_and_uids_are_deterministic() {
+        let ds = MemoryDatastore::new();
+        let a = ds.create_now(Kind::IpamHandle, "a", handle("a")).unwrap();
+        let b = ds.create_now(Kind::BlockAffinity, "b", json!({"spec": {}})).unwrap();
+        let a2 = ds.update_now(Kind::IpamHandle, &a).unwrap();
+        let revs: Vec<u64> = [&a, &b, &a2].iter().map(|s| s.revision.parse().unwrap()).collect();
+        assert_eq!(revs, vec![1, 2, 3]);
+        assert_eq!(a2.uid, a.uid);
+        assert_ne!(a.uid, b.uid);
+        assert_eq!(a2.value["metadata"]["resourceVersion"], "3");
+        let again = MemoryDatastore::new().create_now(Kind::IpamHandle, "a", handle("a")).unwrap();
+        assert_eq!(again.uid, a.uid);
+    }
+
+    #[test]
+    fn injected_faults_fire_the_requested_number_of_times_and_change_nothing() {
+        let ds = MemoryDatastore::new();
+        let a = ds.create_now(Kind::IpamHandle, "a", handle("a")).unwrap();
+        ds.inject(Some(Kind::IpamHandle), Some("a"), Op::Update, ErrorKind::Conflict, 2);
+        ds.inject(None, None, Op::Get, ErrorKind::Transient, 1);
+        assert_eq!(ds.update_now(Kind::IpamHandle, &a).unwrap_err().kind, ErrorKind::Conflict);
+        assert_eq!(ds.update_now(Kind::IpamHandle, &a).unwrap_err().kind, ErrorKind::Conflict);
+        assert_eq!(ds.get_now(Kind::IpPool, "x").unwrap_err().kind, ErrorKind::Transient);
+        assert_eq!(ds.peek(Kind::IpamHandle, "a").unwrap().revision, a.revision);
+        ds.update_now(Kind::IpamHandle, &a).unwrap();
+        assert_eq!(ds.op_count(Op::Update, Kind::IpamHandle), 3);
+        assert_eq!(ds.op_count(Op::Get, Kind::IpPool), 1);
+    }
+
+    #[test]
+    fn a_bump_makes_the_reader_revision_stale() {
+        let ds = MemoryDatastore::new();
+        let a = ds.create_now(Kind::IpamHandle, "a", handle("a")).unwrap();
+        let bumped = ds.bump(Kind::IpamHandle, "a", |v| v["spec"]["block"]["10.0.0.0/26"] = json!(2)).unwrap();
+        assert_ne!(bumped.revision, a.revision);
+        assert!(ds.update_now(Kind::IpamHandle, &a).unwrap_err().is_conflict());
+        assert!(ds.bump(Kind::IpamHandle, "missing", |_| {}).is_none());
+    }
+
+    #[test]
+    fn a_hooked_writer_runs_just_before_the_matching_call() {
+        let ds = MemoryDatastore::new();
+        ds.create_now(Kind::IpamHandle, "a", handle("a")).unwrap();
+        let read = ds.get_now(Kind::IpamHandle, "a").unwrap();
+        ds.bump_before(Op::Update, Kind::IpamHandle, "a", |v| v["spec"]["note"] = json!("other writer"));
+        assert!(ds.update_now(Kind::IpamHandle, &read).unwrap_err().is_conflict());
+        let fresh = ds.get_now(Kind::IpamHandle, "a").unwrap();
+        assert_eq!(fresh.value["spec"]["note"], "other writer");
+        ds.update_now(Kind::IpamHandle, &fresh).unwrap();
+    }
+
+    #[test]
+    fn getting_a_soft_deleted_block_finishes_the_delete() {
+        let ds = MemoryDatastore::new();
+        ds.create_now(Kind::IpamBlock, "10-0-0-0-30", block("10-0-0-0-30", true)).unwrap();
+        assert_eq!(ds.list_now(Kind::IpamBlock).unwrap().len(), 1, "list shows soft-deleted objects");
+        assert!(ds.get_now(Kind::IpamBlock, "10-0-0-0-30").unwrap_err().is_not_found());
+        assert!(ds.peek(Kind::IpamBlock, "10-0-0-0-30").is_none());
+    }
+
+    #[test]
+    fn bodies_that_are_not_objects_or_name_another_object_are_invalid() {
+        let ds = MemoryDatastore::new();
+        assert_eq!(ds.create_now(Kind::IpPool, "p", json!(3)).unwrap_err().kind, ErrorKind::Invalid);
+        assert_eq!(ds.create_now(Kind::IpPool, "p", json!({"metadata": {"name": "q"}})).unwrap_err().kind, ErrorKind::Invalid);
+        let p = ds.create_now(Kind::IpPool, "p", json!({"spec": {}})).unwrap();
+        let no_rev = Stored { revision: String::new(), ..p };
+        assert_eq!(ds.update_now(Kind::IpPool, &no_rev).unwrap_err().kind, ErrorKind::Invalid);
+    }
+
+    #[test]
+    fn block_on_drives_ready_futures() {
+        assert_eq!(block_on(async { 7 }), 7);
+        let ds = MemoryDatastore::new();
+        assert!(block_on(ds.get(Kind::IpPool, "x")).unwrap_err().is_not_found());
+    }
+
+    #[test]
+    fn memory_backend_passes_the_conformance_suite() {
+        let ds = MemoryDatastore::new();
+        let opts = super::super::conformance::Options { prefix: "conf-".into(), unknown_spec_fields: true };
+        block_on(super::super::conformance::run_all(&ds, &opts)).unwrap();
+    }
+}

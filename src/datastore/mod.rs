@@ -1,0 +1,332 @@
+//! The datastore seam: one compare-and-swap shaped trait that the memory, Kubernetes (KDD) and
+//! etcd backends implement, the error classification every backend maps its failures into, and
+//! the KDD soft-delete protocol (SPEC §4.5).
+//!
+//! Owns: [`Kind`], [`Stored`], [`Precondition`], [`DatastoreError`] and the [`Datastore`] trait;
+//! the memory backend ([`memory`]), the plan executor shared by every backend ([`apply`]) and the
+//! conformance suite every backend must pass ([`conformance`]).
+//! Must not: import tokio or kube (this module is part of the pure core and builds with
+//! `--no-default-features`), read the clock, or decide what is garbage.
+//!
+//! Objects travel as JSON in the KDD shape (`apiVersion`, `kind`, `metadata`, `spec`, …). A
+//! backend that stores another shape (etcd keeps only the spec under a key) converts at its edge,
+//! so everything above this seam sees one shape and unknown fields pass through untouched.
+
+use std::future::Future;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+pub mod apply;
+pub mod conformance;
+pub mod memory;
+
+pub use apply::{ExecuteOptions, ItemFailure, ItemRef, PlanOutcome, execute_plan};
+pub use memory::{MemoryDatastore, Op, block_on};
+
+/// The Calico kinds this product reads or writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    IpamBlock,
+    BlockAffinity,
+    IpamHandle,
+    IpamConfig,
+    ClusterInformation,
+    KubeControllersConfiguration,
+    IpPool,
+    IpReservation,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 8] = [
+        Kind::IpamBlock,
+        Kind::BlockAffinity,
+        Kind::IpamHandle,
+        Kind::IpamConfig,
+        Kind::ClusterInformation,
+        Kind::KubeControllersConfiguration,
+        Kind::IpPool,
+        Kind::IpReservation,
+    ];
+
+    /// The CRD plural (`crd.projectcalico.org/v1`); also a bounded metric label.
+    pub fn plural(self) -> &'static str {
+        match self {
+            Kind::IpamBlock => "ipamblocks",
+            Kind::BlockAffinity => "blockaffinities",
+            Kind::IpamHandle => "ipamhandles",
+            Kind::IpamConfig => "ipamconfigs",
+            Kind::ClusterInformation => "clusterinformations",
+            Kind::KubeControllersConfiguration => "kubecontrollersconfigurations",
+            Kind::IpPool => "ippools",
+            Kind::IpReservation => "ipreservations",
+        }
+    }
+
+    /// The `kind` field of the v1 CRD objects.
+    pub fn kind_name(self) -> &'static str {
+        match self {
+            Kind::IpamBlock => crate::model::block::KIND,
+            Kind::BlockAffinity => crate::model::affinity::KIND,
+            Kind::IpamHandle => crate::model::handle::KIND,
+            Kind::IpamConfig => "IPAMConfig",
+            Kind::ClusterInformation => "ClusterInformation",
+            Kind::KubeControllersConfiguration => "KubeControllersConfiguration",
+            Kind::IpPool => "IPPool",
+            Kind::IpReservation => "IPReservation",
+        }
+    }
+
+    /// Kinds that KDD deletes in two steps (mark `spec.deleted`, then delete), so that a reader
+    /// racing the delete sees the object as gone (SPEC §4.5).
+    pub fn soft_deletes(self) -> bool {
+        matches!(self, Kind::IpamBlock | Kind::BlockAffinity | Kind::IpamHandle)
+    }
+}
+
+/// One object as a backend returned it: identity, the CAS token, and the whole KDD-shaped body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    pub name: String,
+    /// The CAS token: Kubernetes `resourceVersion`, etcd `ModRevision`, the memory counter.
+    pub revision: String,
+    /// Kubernetes `metadata.uid`; etcd and memory backends generate a stable one per creation.
+    pub uid: String,
+    /// The whole object, `metadata.resourceVersion`/`uid`/`name` matching the fields above.
+    pub value: Value,
+}
+
+impl Stored {
+    /// Decodes the body into a typed object (for example [`crate::model::IpamBlock`]).
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, DatastoreError> {
+        T::deserialize(&self.value)
+            .map_err(|e| DatastoreError::invalid(format!("{} does not decode: {e}", self.name)))
+    }
+
+    /// The same identity and CAS token with a new body: what an update sends back.
+    pub fn with_value<T: Serialize>(&self, object: &T) -> Result<Stored, DatastoreError> {
+        let value = serde_json::to_value(object)
+            .map_err(|e| DatastoreError::invalid(format!("{} does not encode: {e}", self.name)))?;
+        Ok(Stored { name: self.name.clone(), revision: self.revision.clone(), uid: self.uid.clone(), value })
+    }
+
+    /// Whether `spec.deleted` is set, as a bool (blocks, handles) or as the v1 BlockAffinity
+    /// string `"true"`.
+    pub fn is_soft_deleted(&self) -> bool {
+        match self.value.get("spec").and_then(|s| s.get("deleted")) {
+            Some(Value::Bool(b)) => *b,
+            Some(Value::String(s)) => s.eq_ignore_ascii_case("true"),
+            _ => false,
+        }
+    }
+
+    /// The precondition that deletes exactly this version of this object.
+    pub fn exact(&self) -> Precondition {
+        Precondition { revision: Some(self.revision.clone()), uid: Some(self.uid.clone()) }
+    }
+}
+
+/// What must still hold for a delete to go ahead. `None` fields are not checked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Precondition {
+    pub revision: Option<String>,
+    pub uid: Option<String>,
+}
+
+/// How a datastore call failed, classified where the failure enters (STYLE: errors).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ErrorKind {
+    NotFound,
+    /// The revision or uid no longer matches: re-read and retry soon.
+    Conflict,
+    AlreadyExists,
+    /// Timeouts, throttling, unavailable servers: back off per item.
+    Transient,
+    /// The object or the request is malformed: report and skip.
+    Invalid,
+}
+
+impl ErrorKind {
+    pub fn category(self) -> &'static str {
+        match self {
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::AlreadyExists => "already_exists",
+            ErrorKind::Transient => "transient",
+            ErrorKind::Invalid => "invalid",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {message}", kind.category())]
+pub struct DatastoreError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl DatastoreError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        DatastoreError { kind, message: message.into() }
+    }
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::NotFound, message)
+    }
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Conflict, message)
+    }
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Invalid, message)
+    }
+    /// A bounded label for metrics (never the message).
+    pub fn category(&self) -> &'static str {
+        self.kind.category()
+    }
+    pub fn is_not_found(&self) -> bool {
+        self.kind == ErrorKind::NotFound
+    }
+    pub fn is_conflict(&self) -> bool {
+        self.kind == ErrorKind::Conflict
+    }
+}
+
+pub type DsResult<T> = Result<T, DatastoreError>;
+
+/// A compare-and-swap datastore of Calico objects.
+///
+/// Every returned future is `Send`, so the Kubernetes backend's calls can run on tokio's
+/// multi-threaded runtime; the memory backend's futures are always ready (see [`block_on`]).
+pub trait Datastore: Send + Sync {
+    /// The object, or `NotFound`. A soft-deleted block is finished off and reported `NotFound`,
+    /// as KDD does (SPEC §4.5).
+    fn get(&self, kind: Kind, name: &str) -> impl Future<Output = DsResult<Stored>> + Send;
+
+    /// Every object of the kind, soft-deleted ones included (readers filter them on entry).
+    fn list(&self, kind: Kind) -> impl Future<Output = DsResult<Vec<Stored>>> + Send;
+
+    /// Creates `name` from a KDD-shaped body; `AlreadyExists` if the name is taken.
+    fn create(&self, kind: Kind, name: &str, value: Value) -> impl Future<Output = DsResult<Stored>> + Send;
+
+    /// Replaces the body if the stored revision (and uid, when not empty) still match
+    /// `object`'s: `Conflict` otherwise, `NotFound` if the object is gone. Returns the new version.
+    fn update(&self, kind: Kind, object: &Stored) -> impl Future<Output = DsResult<Stored>> + Send;
+
+    /// Deletes `name` if `precondition` holds: `NotFound` if missing, `Conflict` if not.
+    fn delete(&self, kind: Kind, name: &str, precondition: &Precondition) -> impl Future<Output = DsResult<()>> + Send;
+
+    /// Deletes exactly this version of the object. For blocks, affinities and handles this is the
+    /// KDD two-step: mark `spec.deleted` under CAS, then delete with revision and uid
+    /// preconditions. An etcd backend, whose deletes are atomic, overrides it with one delete.
+    fn soft_delete(&self, kind: Kind, object: &Stored) -> impl Future<Output = DsResult<()>> + Send {
+        async move {
+            if !kind.soft_deletes() {
+                return self.delete(kind, &object.name, &object.exact()).await;
+            }
+            let marked = mark_deleted(kind, object)?;
+            let marked = self.update(kind, &marked).await?;
+            self.delete(kind, &marked.name, &marked.exact()).await
+        }
+    }
+}
+
+/// The soft-delete mark: `spec.deleted = true`, a string in the v1 BlockAffinity CRD.
+pub fn mark_deleted(kind: Kind, object: &Stored) -> DsResult<Stored> {
+    let mut marked = object.clone();
+    let spec = marked
+        .value
+        .get_mut("spec")
+        .and_then(Value::as_object_mut)
+        .ok_or_else(|| DatastoreError::invalid(format!("{} {} has no spec", kind.kind_name(), object.name)))?;
+    let flag = if kind == Kind::BlockAffinity { Value::String("true".into()) } else { Value::Bool(true) };
+    spec.insert("deleted".into(), flag);
+    Ok(marked)
+}
+
+/// The helper form of [`Datastore::soft_delete`].
+pub async fn soft_delete<D: Datastore>(ds: &D, kind: Kind, object: &Stored) -> DsResult<()> {
+    ds.soft_delete(kind, object).await
+}
+
+/// Typed get: the stored object decoded into `T`.
+pub async fn get_typed<D: Datastore, T: DeserializeOwned>(ds: &D, kind: Kind, name: &str) -> DsResult<(Stored, T)> {
+    let stored = ds.get(kind, name).await?;
+    let typed = stored.decode()?;
+    Ok((stored, typed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn affinity_body() -> Value {
+        json!({
+            "apiVersion": "crd.projectcalico.org/v1", "kind": "BlockAffinity",
+            "metadata": {"name": "n1-10-0-0-0-26"},
+            "spec": {"state": "confirmed", "node": "n1", "cidr": "10.0.0.0/26", "deleted": "false"}
+        })
+    }
+
+    #[test]
+    fn categories_are_bounded_snake_case_labels() {
+        let all = [ErrorKind::NotFound, ErrorKind::Conflict, ErrorKind::AlreadyExists, ErrorKind::Transient, ErrorKind::Invalid];
+        let labels: Vec<_> = all.iter().map(|k| k.category()).collect();
+        assert_eq!(labels, ["not_found", "conflict", "already_exists", "transient", "invalid"]);
+        assert_eq!(DatastoreError::conflict("x").to_string(), "conflict: x");
+    }
+
+    #[test]
+    fn kinds_name_their_crd_plural_and_kind() {
+        assert_eq!(Kind::IpamBlock.plural(), "ipamblocks");
+        assert_eq!(Kind::BlockAffinity.kind_name(), "BlockAffinity");
+        assert_eq!(Kind::IpamHandle.kind_name(), "IPAMHandle");
+        assert!(Kind::IpamHandle.soft_deletes() && !Kind::IpPool.soft_deletes());
+        let plurals: std::collections::BTreeSet<_> = Kind::ALL.iter().map(|k| k.plural()).collect();
+        assert_eq!(plurals.len(), Kind::ALL.len());
+    }
+
+    #[test]
+    fn affinity_soft_delete_mark_is_the_string_true() {
+        let s = Stored { name: "n1-10-0-0-0-26".into(), revision: "1".into(), uid: "u".into(), value: affinity_body() };
+        let marked = mark_deleted(Kind::BlockAffinity, &s).unwrap();
+        assert_eq!(marked.value["spec"]["deleted"], "true");
+        assert!(marked.is_soft_deleted());
+        let handle = Stored { value: json!({"spec": {"handleID": "h"}}), ..s };
+        assert_eq!(mark_deleted(Kind::IpamHandle, &handle).unwrap().value["spec"]["deleted"], true);
+    }
+
+    #[test]
+    fn soft_delete_marks_then_deletes_and_a_failed_delete_leaves_the_string_mark() {
+        let ds = MemoryDatastore::new();
+        let created = block_on(ds.create(Kind::BlockAffinity, "n1-10-0-0-0-26", affinity_body())).unwrap();
+        ds.inject(Some(Kind::BlockAffinity), None, Op::Delete, ErrorKind::Transient, 1);
+        let err = block_on(soft_delete(&ds, Kind::BlockAffinity, &created)).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Transient);
+        let left = ds.peek(Kind::BlockAffinity, "n1-10-0-0-0-26").unwrap();
+        assert_eq!(left.value["spec"]["deleted"], "true", "v1 affinity mark is a string");
+        block_on(ds.delete(Kind::BlockAffinity, &left.name, &left.exact())).unwrap();
+        assert!(ds.peek(Kind::BlockAffinity, "n1-10-0-0-0-26").is_none());
+    }
+
+    #[test]
+    fn soft_delete_of_a_changed_object_is_a_conflict_and_deletes_nothing() {
+        let ds = MemoryDatastore::new();
+        let name = "n1-10-0-0-0-26";
+        let created = block_on(ds.create(Kind::BlockAffinity, name, affinity_body())).unwrap();
+        ds.bump(Kind::BlockAffinity, name, |v| v["spec"]["state"] = json!("pendingDeletion")).unwrap();
+        let err = block_on(soft_delete(&ds, Kind::BlockAffinity, &created)).unwrap_err();
+        assert!(err.is_conflict());
+        assert!(!ds.peek(Kind::BlockAffinity, name).unwrap().is_soft_deleted());
+    }
+
+    #[test]
+    fn typed_get_decodes_the_model_type() {
+        let ds = MemoryDatastore::new();
+        block_on(ds.create(Kind::BlockAffinity, "n1-10-0-0-0-26", affinity_body())).unwrap();
+        let (stored, a): (_, crate::model::BlockAffinity) = block_on(get_typed(&ds, Kind::BlockAffinity, "n1-10-0-0-0-26")).unwrap();
+        assert_eq!(a.spec.node, "n1");
+        assert_eq!(a.resource_version(), stored.revision);
+        assert_eq!(a.metadata.uid.as_deref(), Some(stored.uid.as_str()));
+    }
+}
