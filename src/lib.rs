@@ -5,3 +5,4 @@ pub mod ipam;
 pub mod memstat;
 pub mod model;
 pub mod scan;
+pub mod sim;

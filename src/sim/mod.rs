@@ -1,0 +1,496 @@
+//! `simulate`: a synthetic cluster of any size through the whole GC pipeline in memory, checked
+//! by an independent checker, with stage timings and memory.
+//!
+//! The pipeline, in order (the steps that a real controller does against a cluster are marked):
+//! 1. generate: build the cluster with leaks planted in known places ([`cluster`]);
+//! 2. load: write it into a [`MemoryDatastore`] (cluster: the objects already exist);
+//! 3. build: list the datastore and `reset` the index (timed, median of `repeats`);
+//! 4. full pass #1 at T0: leaks on deleted nodes confirm at once; the plan is executed
+//!    (cluster: writes) and the written objects are fed back into the index (cluster: watches);
+//! 5. events: pods deleted → dirty pass; a node and its pods deleted → the pass the index asks for;
+//! 6. full pass #2 after the grace period: second observations confirm live-node leaks, empty
+//!    blocks and orphan handles; executed and fed back; then passes until nothing is left
+//!    (the per-pass cap rolls over);
+//! 7. check: [`checker`] compares the datastore with the planted truth, never asking the GC;
+//! 8. steady-state timings (full pass, dirty pass of 10 nodes, execute) and memory.
+//!
+//! Must not: read the clock for anything but measuring (`now` is advanced by hand), or touch
+//! the network. Builds without the `cli` feature.
+
+pub mod checker;
+pub mod cluster;
+pub mod dump;
+pub mod report;
+pub mod rng;
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use crate::datastore::{block_on, execute_plan, ExecuteOptions, Kind, MemoryDatastore, PlanOutcome, Stored};
+use crate::ipam::gc::{GcConfig, GcState, Plan, Scope};
+use crate::ipam::index::{IpamIndex, Snapshot};
+use crate::model::time::Millis;
+use crate::model::{BlockAffinity, IpamBlock, IpamHandle, PodFacts};
+
+pub use checker::{check, CheckReport, FinalState};
+pub use cluster::{generate, Category, Planted, SimPod, SyntheticCluster};
+pub use report::{OutputFormat, SimReport};
+
+/// T0 of the pipeline: two days after the objects were created.
+pub const T0: Millis = cluster::CREATED_AT + 2 * 86_400_000;
+/// The grace period the simulated controller runs with (the product's default).
+pub const GRACE: Millis = crate::model::config::DEFAULT_LEAK_GRACE;
+/// Upper bound on follow-up passes after pass #2; the cap of 10,000 releases per pass means a
+/// cluster with N leaks needs N/10,000 of them.
+const MAX_DRAIN_PASSES: usize = 200;
+/// Nodes in the timed incremental pass.
+const DIRTY_NODES: usize = 10;
+
+#[derive(Debug, Clone)]
+pub struct SimOptions {
+    pub nodes: usize,
+    pub pods_per_node: usize,
+    /// Share of pods planted as leaks (deleted, finished, stale IP), and half of it as the share
+    /// of nodes deleted.
+    pub leak_fraction: f64,
+    pub seed: u64,
+    pub output: OutputFormat,
+    pub write_dump: Option<PathBuf>,
+    /// Runs per timed stage; the median is reported.
+    pub repeats: usize,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        SimOptions { nodes: 100, pods_per_node: 30, leak_fraction: 0.02, seed: 1, output: OutputFormat::Table, write_dump: None, repeats: 5 }
+    }
+}
+
+impl SimOptions {
+    /// Options whose cluster holds about `allocations` allocations at 30 pods per node (a node
+    /// carries ~39 on average: 30 pods, a quarter of them dual-stack, and its tunnels).
+    pub fn for_allocations(allocations: usize, seed: u64) -> SimOptions {
+        SimOptions { nodes: (allocations / 39).max(4), seed, ..SimOptions::default() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error("simulate: {0}")]
+    Options(String),
+    #[error("simulate: writing the dump: {0}")]
+    Dump(#[source] std::io::Error),
+    #[error("simulate: writing the report: {0}")]
+    Output(#[source] std::io::Error),
+    #[error("simulate: the memory datastore refused {what}: {message}")]
+    Datastore { what: String, message: String },
+}
+
+impl SimError {
+    pub fn category(&self) -> &'static str {
+        match self {
+            SimError::Options(_) => "options",
+            SimError::Dump(_) => "dump",
+            SimError::Output(_) => "output",
+            SimError::Datastore { .. } => "datastore",
+        }
+    }
+}
+
+/// The outcome: `ok` is the checker's verdict, so the CLI exits non-zero on any mismatch.
+#[derive(Debug, Clone)]
+pub struct SimSummary {
+    pub ok: bool,
+    pub report: SimReport,
+}
+
+/// Everything the pipeline leaves behind, for the checker and for tests that tamper with it.
+pub struct PipelineRun {
+    pub cluster: SyntheticCluster,
+    pub ds: MemoryDatastore,
+    pub index: IpamIndex,
+    pub gc: GcState,
+    pub cfg: GcConfig,
+    /// Pods present at the end.
+    pub live_pods: Vec<PodFacts>,
+    /// Addresses that some pass reported as leaked (candidate or confirmed).
+    pub found: HashSet<IpAddr>,
+    pub passes: Vec<report::PassStat>,
+    /// Problems found by the pipeline itself (invariants, index vs datastore, leftover work).
+    pub problems: Vec<String>,
+    pub build_samples: Vec<f64>,
+    pub now: Millis,
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1000.0
+}
+
+fn ds_error(what: impl Into<String>) -> impl FnOnce(crate::datastore::DatastoreError) -> SimError {
+    let what = what.into();
+    move |e| SimError::Datastore { what, message: e.to_string() }
+}
+
+/// Writes the cluster's Calico objects into a fresh memory datastore.
+pub fn load_datastore(cluster: &SyntheticCluster) -> Result<MemoryDatastore, SimError> {
+    let ds = MemoryDatastore::new();
+    fn put<T: serde::Serialize>(ds: &MemoryDatastore, kind: Kind, name: &str, obj: &T) -> Result<(), SimError> {
+        let value = serde_json::to_value(obj).map_err(|e| SimError::Datastore { what: name.to_string(), message: e.to_string() })?;
+        ds.create_now(kind, name, value).map_err(ds_error(name))?;
+        Ok(())
+    }
+    for p in &cluster.pools {
+        put(&ds, Kind::IpPool, p.name(), p)?;
+    }
+    for b in &cluster.blocks {
+        put(&ds, Kind::IpamBlock, b.name(), b)?;
+    }
+    for a in &cluster.affinities {
+        put(&ds, Kind::BlockAffinity, a.name(), a)?;
+    }
+    for h in &cluster.handles {
+        put(&ds, Kind::IpamHandle, h.name(), h)?;
+    }
+    Ok(ds)
+}
+
+/// The datastore's IPAM objects as a relist would deliver them (soft-deleted ones skipped).
+pub struct Listed {
+    pub blocks: Vec<IpamBlock>,
+    pub affinities: Vec<BlockAffinity>,
+    pub handles: Vec<IpamHandle>,
+}
+
+fn decode_all<T: serde::de::DeserializeOwned>(stored: Vec<Stored>) -> Result<Vec<T>, SimError> {
+    stored.iter().filter(|s| !s.is_soft_deleted()).map(|s| s.decode().map_err(ds_error(s.name.clone()))).collect()
+}
+
+pub fn list_ipam(ds: &MemoryDatastore) -> Result<Listed, SimError> {
+    Ok(Listed {
+        blocks: decode_all(ds.snapshot(Kind::IpamBlock))?,
+        affinities: decode_all(ds.snapshot(Kind::BlockAffinity))?,
+        handles: decode_all(ds.snapshot(Kind::IpamHandle))?,
+    })
+}
+
+/// Feeds what the datastore now holds back into the index, as the watches would: changed
+/// objects are applied, vanished ones deleted. Compares revisions, so unchanged objects cost a
+/// lookup only.
+pub fn sync_index(ds: &MemoryDatastore, index: &mut IpamIndex) -> Result<(), SimError> {
+    let mut seen_blocks = HashSet::new();
+    for s in ds.snapshot(Kind::IpamBlock) {
+        if s.is_soft_deleted() {
+            continue;
+        }
+        let Some(cidr) = s.value["spec"]["cidr"].as_str().and_then(|c| c.parse::<ipnet::IpNet>().ok()) else { continue };
+        seen_blocks.insert(cidr);
+        let current = index.block_slot(&cidr).and_then(|slot| index.block(slot)).map(|b| b.revision.to_string());
+        if current.as_deref() != Some(s.revision.as_str()) {
+            let block: IpamBlock = s.decode().map_err(ds_error(s.name.clone()))?;
+            index.apply_block(&block).map_err(|e| SimError::Datastore { what: s.name.clone(), message: e.to_string() })?;
+        }
+    }
+    let gone: Vec<ipnet::IpNet> = index.blocks().map(|(_, b)| b.cidr).filter(|c| !seen_blocks.contains(c)).collect();
+    for c in gone {
+        index.delete_block(&c);
+    }
+
+    let stored_affinities: BTreeMap<String, Stored> = ds.snapshot(Kind::BlockAffinity).into_iter().filter(|s| !s.is_soft_deleted()).map(|s| (s.name.clone(), s)).collect();
+    let indexed: BTreeMap<String, String> = index.affinities().map(|(k, a)| (k.to_string(), a.revision.to_string())).collect();
+    for (name, s) in &stored_affinities {
+        if indexed.get(name) != Some(&s.revision) {
+            let a: BlockAffinity = s.decode().map_err(ds_error(name.clone()))?;
+            index.apply_affinity(&a).map_err(|e| SimError::Datastore { what: name.clone(), message: e.to_string() })?;
+        }
+    }
+    for name in indexed.keys().filter(|n| !stored_affinities.contains_key(*n)) {
+        index.delete_affinity(name);
+    }
+
+    let stored_handles: BTreeMap<String, Stored> = ds.snapshot(Kind::IpamHandle).into_iter().filter(|s| !s.is_soft_deleted()).map(|s| (s.name.clone(), s)).collect();
+    let indexed: BTreeMap<String, (String, String)> =
+        index.handles().map(|(sym, h)| (h.name.to_string(), (index.resolve(sym).to_string(), h.revision.to_string()))).collect();
+    for (name, s) in &stored_handles {
+        if indexed.get(name).map(|(_, rev)| rev) != Some(&s.revision) {
+            let h: IpamHandle = s.decode().map_err(ds_error(name.clone()))?;
+            index.apply_handle(&h);
+        }
+    }
+    for (name, (id, _)) in &indexed {
+        if !stored_handles.contains_key(name) {
+            index.delete_handle(id);
+        }
+    }
+    Ok(())
+}
+
+fn median(samples: &[f64]) -> f64 {
+    let mut v = samples.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn gc_config() -> GcConfig {
+    GcConfig { leak_grace: GRACE, ..GcConfig::default() }
+}
+
+struct Runner<'a> {
+    ds: &'a MemoryDatastore,
+    index: IpamIndex,
+    gc: GcState,
+    cfg: GcConfig,
+    found: HashSet<IpAddr>,
+    passes: Vec<report::PassStat>,
+    exec: ExecuteOptions,
+}
+
+impl Runner<'_> {
+    /// One pass, its execution and the feed-back. Returns the plan's outcome.
+    fn step(&mut self, name: &'static str, now: Millis, scope: Scope) -> Result<(Plan, PlanOutcome), SimError> {
+        let full = matches!(scope, Scope::Full);
+        let started = Instant::now();
+        let plan = self.gc.pass(&self.index, now, &self.cfg, &scope, None, &BTreeMap::new());
+        let pass_ms = ms(started);
+        for l in &plan.leaks {
+            if let Some(ip) = self.index.ip_of(l.gid) {
+                self.found.insert(ip);
+            }
+        }
+        let started = Instant::now();
+        let outcome = block_on(execute_plan(self.ds, &plan, now, 0, &self.exec));
+        let execute_ms = ms(started);
+        sync_index(self.ds, &mut self.index)?;
+        self.passes.push(report::PassStat::new(name, full, now - T0, &plan, &outcome, pass_ms, execute_ms));
+        Ok((plan, outcome))
+    }
+}
+
+fn plan_has_work(plan: &Plan) -> bool {
+    plan.release_count() > 0
+        || !plan.nodes_to_release.is_empty()
+        || plan.empty_blocks.iter().any(|e| e.releasable)
+        || plan.orphan_handles.iter().any(|o| o.releasable)
+        || !plan.cold_blocks.is_empty()
+}
+
+/// Runs steps 2-6 of the pipeline on `cluster` and collects what the checker needs.
+pub fn run_pipeline(cluster: SyntheticCluster, repeats: usize) -> Result<PipelineRun, SimError> {
+    let ds = load_datastore(&cluster)?;
+    let listed = list_ipam(&ds)?;
+    let snapshot = Snapshot {
+        blocks: &listed.blocks,
+        affinities: &listed.affinities,
+        handles: &listed.handles,
+        pods: &cluster.pod_facts,
+        nodes: &cluster.nodes,
+    };
+    let mut build_samples = Vec::new();
+    let mut index = IpamIndex::new();
+    for _ in 0..repeats.max(1) {
+        let mut fresh = IpamIndex::new();
+        let started = Instant::now();
+        let invalid = fresh.reset(snapshot);
+        build_samples.push(ms(started));
+        if !invalid.is_empty() {
+            return Err(SimError::Options(format!("generated objects are invalid: {:?}", &invalid[..invalid.len().min(3)])));
+        }
+        index = fresh;
+    }
+    drop(listed);
+    index.take_dirty();
+
+    let mut r = Runner { ds: &ds, index, gc: GcState::new(), cfg: gc_config(), found: HashSet::new(), passes: Vec::new(), exec: ExecuteOptions::default() };
+    let mut problems = Vec::new();
+
+    // Pass #1: first observation.
+    r.step("full #1", T0, Scope::Full)?;
+
+    // Events: pods deleted, then a node and its pods.
+    let mut present: BTreeMap<(String, String), PodFacts> =
+        cluster.pod_facts.iter().map(|p| ((p.namespace.clone(), p.name.clone()), p.clone())).collect();
+    for (ns, name) in &cluster.events.deleted_pods {
+        r.index.delete_pod(ns, name);
+        present.remove(&(ns.clone(), name.clone()));
+    }
+    let (dirty, full) = r.index.take_dirty();
+    r.step("pods deleted", T0 + 30_000, if full { Scope::Full } else { Scope::Dirty(dirty) })?;
+    if let Some(node) = &cluster.events.deleted_node {
+        for (ns, name) in &cluster.events.deleted_node_pods {
+            r.index.delete_pod(ns, name);
+            present.remove(&(ns.clone(), name.clone()));
+        }
+        r.index.delete_node(node);
+        let (dirty, full) = r.index.take_dirty();
+        r.step("node deleted", T0 + 45_000, if full { Scope::Full } else { Scope::Dirty(dirty) })?;
+    }
+
+    // Pass #2 after the grace period, then until nothing is left.
+    let t2 = T0 + GRACE + 120_000;
+    let mut now = t2;
+    let (plan, _) = r.step("full #2", now, Scope::Full)?;
+    let mut more = plan_has_work(&plan) && plan.deferred > 0;
+    let mut drained = 0;
+    while more && drained < MAX_DRAIN_PASSES {
+        now += 10_000;
+        drained += 1;
+        let (plan, _) = r.step("full (roll-over)", now, Scope::Full)?;
+        more = plan.deferred > 0;
+    }
+    now += 10_000;
+    let (last, outcome) = r.step("full (final)", now, Scope::Full)?;
+    if plan_has_work(&last) {
+        problems.push(format!(
+            "the final pass still had work: {} releases, {} nodes, {} of it done",
+            last.release_count(),
+            last.nodes_to_release.len(),
+            outcome.released.len()
+        ));
+    }
+    r.index.take_dirty();
+
+    if let Err(e) = r.index.check_invariants() {
+        problems.push(format!("index invariant: {e}"));
+    }
+    if let Err(e) = r.gc.check_invariants(&r.index) {
+        problems.push(format!("GC state invariant: {e}"));
+    }
+    let listed = list_ipam(&ds)?;
+    let ds_allocations = checker::allocated_ips(&listed.blocks).len() as u64;
+    if ds_allocations != r.index.allocation_count() {
+        problems.push(format!("index holds {} allocations, the datastore {ds_allocations}", r.index.allocation_count()));
+    }
+    let Runner { index, gc, cfg, found, passes, .. } = r;
+    Ok(PipelineRun {
+        live_pods: present.into_values().collect(),
+        ds,
+        index,
+        gc,
+        cfg,
+        found,
+        passes,
+        problems,
+        build_samples,
+        now,
+        cluster,
+    })
+}
+
+/// Runs the independent checker on a finished pipeline.
+pub fn check_run(run: &PipelineRun) -> Result<CheckReport, SimError> {
+    let listed = list_ipam(&run.ds)?;
+    let affinity_names: BTreeSet<String> = listed.affinities.iter().map(|a| a.metadata.name.clone()).collect();
+    let handle_ids: BTreeSet<String> = listed.handles.iter().map(|h| h.spec.handle_id.clone()).collect();
+    let live_ips: HashSet<IpAddr> = run.live_pods.iter().filter(|p| !p.finished()).flat_map(|p| p.ips.iter().copied()).collect();
+    let mut report = check(
+        &run.cluster,
+        &FinalState { blocks: &listed.blocks, affinity_names: &affinity_names, handle_ids: &handle_ids, live_ips: &live_ips, now: run.now },
+    );
+    report.problems.extend(run.problems.iter().cloned());
+    report.ok = report.problems.is_empty();
+    Ok(report)
+}
+
+/// Stage timings on the finished pipeline's steady state: full pass, dirty pass of 10 nodes.
+fn steady_state_timings(run: &mut PipelineRun, repeats: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut full = Vec::new();
+    let mut dirty = Vec::new();
+    let nodes: BTreeSet<Box<str>> = run.cluster.nodes.iter().take(DIRTY_NODES).map(|n| n.metadata.name.as_str().into()).collect();
+    let fresh = BTreeMap::new();
+    for k in 0..repeats.max(1) {
+        let now = run.now + 1_000 * (k as Millis + 1);
+        let started = Instant::now();
+        let plan = run.gc.pass(&run.index, now, &run.cfg, &Scope::Full, None, &fresh);
+        full.push(ms(started));
+        drop(plan);
+        let started = Instant::now();
+        let plan = run.gc.pass(&run.index, now, &run.cfg, &Scope::Dirty(nodes.clone()), None, &fresh);
+        dirty.push(ms(started));
+        drop(plan);
+    }
+    (full, dirty)
+}
+
+/// Execute timing: the first post-grace plan (every live-node leak, empty block and orphan),
+/// written into a fresh copy of the cluster each time.
+fn execute_timings(cluster: &SyntheticCluster, repeats: usize) -> Result<(Vec<f64>, usize), SimError> {
+    let mut samples = Vec::new();
+    let mut released = 0;
+    for _ in 0..repeats.max(1) {
+        let ds = load_datastore(cluster)?;
+        let listed = list_ipam(&ds)?;
+        let mut index = IpamIndex::new();
+        index.reset(Snapshot { blocks: &listed.blocks, affinities: &listed.affinities, handles: &listed.handles, pods: &cluster.pod_facts, nodes: &cluster.nodes });
+        let mut gc = GcState::new();
+        let cfg = gc_config();
+        gc.pass(&index, T0, &cfg, &Scope::Full, None, &BTreeMap::new());
+        let plan = gc.pass(&index, T0 + GRACE + 120_000, &cfg, &Scope::Full, None, &BTreeMap::new());
+        let opts = ExecuteOptions { validate_writes: false, ..ExecuteOptions::default() };
+        let started = Instant::now();
+        let outcome = block_on(execute_plan(&ds, &plan, T0 + GRACE + 120_000, 0, &opts));
+        samples.push(ms(started));
+        released = outcome.released.len();
+    }
+    Ok((samples, released))
+}
+
+/// Retained bytes of a freshly built index plus the GC state after one full pass, by the
+/// counting allocator if the binary installed one.
+fn retained_bytes(cluster: &SyntheticCluster, listed: &Listed) -> (Option<usize>, usize) {
+    let before = crate::memstat::current_bytes();
+    let mut index = IpamIndex::new();
+    index.reset(Snapshot { blocks: &listed.blocks, affinities: &listed.affinities, handles: &listed.handles, pods: &cluster.pod_facts, nodes: &cluster.nodes });
+    let mut gc = GcState::new();
+    let plan = gc.pass(&index, T0, &gc_config(), &Scope::Full, None, &BTreeMap::new());
+    drop(plan);
+    let after = crate::memstat::current_bytes();
+    let heap = index.heap_bytes();
+    let retained = match (before, after) {
+        (Some(b), Some(a)) => Some(a.saturating_sub(b)),
+        _ => None,
+    };
+    drop((index, gc));
+    (retained, heap)
+}
+
+/// The whole `simulate` command: generate, run, check, time, report to `out`.
+pub fn run(opts: &SimOptions, out: &mut dyn Write) -> Result<SimSummary, SimError> {
+    let cluster = generate(opts)?;
+    let dump = match &opts.write_dump {
+        Some(dir) => Some(dump::write_dump(&cluster, dir).map_err(SimError::Dump)?),
+        None => None,
+    };
+    let (retained, heap) = {
+        let ds = load_datastore(&cluster)?;
+        let listed = list_ipam(&ds)?;
+        retained_bytes(&cluster, &listed)
+    };
+    let (execute_samples, execute_released) = execute_timings(&cluster, opts.repeats)?;
+    let mut run = run_pipeline(cluster, opts.repeats)?;
+    let check = check_run(&run)?;
+    let (full, dirty) = steady_state_timings(&mut run, opts.repeats);
+    let stages = vec![
+        report::StageTiming::new("index build (reset)", &run.build_samples),
+        report::StageTiming::new("full pass (steady state)", &full),
+        report::StageTiming::new("dirty pass (10 nodes)", &dirty),
+        report::StageTiming::new(&format!("execute ({execute_released} releases)"), &execute_samples),
+    ];
+    let report = report::build(opts, &run, check, stages, retained, heap, dump);
+    match opts.output {
+        OutputFormat::Json => {
+            serde_json::to_writer_pretty(&mut *out, &report).map_err(|e| SimError::Output(std::io::Error::other(e)))?;
+            writeln!(out).map_err(SimError::Output)?;
+        }
+        OutputFormat::Table => report::write_table(&report, out).map_err(SimError::Output)?,
+    }
+    Ok(SimSummary { ok: report.ok, report })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,171 @@
+//! The simulator's own tests: the pipeline passes its checker, the checker can fail, runs are
+//! deterministic, and the dump says what the cluster says.
+
+use std::collections::{BTreeSet, HashSet};
+use std::net::IpAddr;
+
+use serde_json::Value;
+
+use super::*;
+use crate::datastore::Kind;
+
+fn small(seed: u64) -> SimOptions {
+    SimOptions { nodes: 20, pods_per_node: 10, leak_fraction: 0.05, seed, output: OutputFormat::Json, write_dump: None, repeats: 1 }
+}
+
+fn category_counts(r: &SimReport) -> Vec<(&'static str, usize, usize, usize)> {
+    r.categories.iter().map(|c| (c.category, c.addresses, c.found, c.released)).collect()
+}
+
+#[test]
+fn a_small_simulation_releases_exactly_what_was_planted() {
+    let mut out = Vec::new();
+    let summary = run(&small(1), &mut out).unwrap();
+    assert!(summary.ok, "{:#?}", summary.report.check.problems);
+    let r = &summary.report;
+    assert!(r.check.released_total > 0 && r.check.released_total == r.check.expected_total);
+    // Every planted category is present at this size, and every releasable one was found.
+    let present: BTreeSet<&str> = r.categories.iter().map(|c| c.category).collect();
+    for c in Category::ALL {
+        assert!(present.contains(c.as_str()), "no {} planted", c.as_str());
+    }
+    for c in &r.categories {
+        if c.fate == "release" {
+            assert_eq!((c.found, c.released), (c.addresses, c.addresses), "{}", c.category);
+        } else {
+            assert_eq!(c.released, 0, "{}", c.category);
+        }
+    }
+    assert_eq!(r.objects.blocks_removed, r.objects.blocks_expected_removed);
+    assert!(r.objects.empty_blocks_planted > 0 && r.objects.orphan_handles_planted > 0);
+    let json: Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(json["ok"], true);
+    assert_eq!(json["stages"].as_array().unwrap().len(), 4);
+}
+
+#[test]
+fn the_table_report_says_ok_and_names_every_stage() {
+    let mut out = Vec::new();
+    let opts = SimOptions { output: OutputFormat::Table, ..small(3) };
+    assert!(run(&opts, &mut out).unwrap().ok);
+    let text = String::from_utf8(out).unwrap();
+    for needle in ["CATEGORY", "index build", "full pass (steady state)", "dirty pass (10 nodes)", "execute (", "check: OK", "stale-ip"] {
+        assert!(text.contains(needle), "missing {needle}:\n{text}");
+    }
+}
+
+/// Releases `ip` behind the GC's back with the real release write, as a wrong decision would.
+fn free_behind_the_gcs_back(run: &PipelineRun, ip: IpAddr) {
+    let block = run.cluster.blocks.iter().find(|b| b.spec.cidr.parse::<ipnet::IpNet>().unwrap().contains(&ip)).unwrap();
+    let cidr: ipnet::IpNet = block.spec.cidr.parse().unwrap();
+    let ord = crate::model::names::ip_to_ordinal(&cidr, ip).unwrap();
+    let stored = run.ds.peek(Kind::IpamBlock, block.name()).unwrap();
+    let mut current: crate::model::IpamBlock = stored.decode().unwrap();
+    let attr = current.spec.attributes[current.spec.allocations[ord as usize].unwrap() as usize].clone();
+    let item = crate::ipam::gc::ReleaseItem {
+        ordinal: ord,
+        ip,
+        handle: attr.handle_id.unwrap(),
+        sequence: current.spec.sequence_number_for_allocation[&ord.to_string()],
+        reason: crate::ipam::gc::LeakReason::PodNotFound,
+    };
+    let out = crate::ipam::release::apply_release(&mut current, &[item], run.now, 0).unwrap();
+    assert_eq!(out.released, vec![ord]);
+    run.ds.update_now(Kind::IpamBlock, &stored.with_value(&current).unwrap()).unwrap();
+}
+
+#[test]
+fn the_checker_fails_when_a_live_ip_is_released() {
+    let run = run_pipeline(generate(&small(2)).unwrap(), 1).unwrap();
+    assert!(check_run(&run).unwrap().ok);
+    let live = run.cluster.planted.iter().find(|p| p.category == Category::LivePod).unwrap().ips[0];
+    free_behind_the_gcs_back(&run, live);
+    let report = check_run(&run).unwrap();
+    assert!(!report.ok);
+    assert_eq!(report.unexpected_releases, 1);
+    assert_eq!(report.released_live_ips, 1);
+    let text = report.problems.join("\n");
+    assert!(text.contains("released but planted as kept") && text.contains("live pod reports it"), "{text}");
+    // The block itself is valid: only the ground truth catches this.
+    assert!(!text.contains("calicoctl"), "{text}");
+}
+
+#[test]
+fn the_checker_fails_when_a_kept_handle_or_block_goes_or_a_planted_leak_survives() {
+    let run = run_pipeline(generate(&small(4)).unwrap(), 1).unwrap();
+    let tunnel = run.cluster.planted.iter().find(|p| p.category == Category::Tunnel).unwrap();
+    let name = crate::model::names::handle_object_name(&tunnel.handle);
+    let stored = run.ds.peek(Kind::IpamHandle, &name).unwrap();
+    run.ds.delete_now(Kind::IpamHandle, &name, &stored.exact()).unwrap();
+    let report = check_run(&run).unwrap();
+    assert!(!report.ok);
+    assert!(report.problems.iter().any(|p| p.starts_with("handles removed but planted as kept")), "{:?}", report.problems);
+
+    // A checker that is told a kept item should have gone reports it as missed.
+    let mut cluster = run.cluster.clone();
+    let idx = cluster.planted.iter().position(|p| p.category == Category::WrongNodeAttr).unwrap();
+    cluster.planted[idx].category = Category::PodDeleted;
+    let run2 = PipelineRun { cluster, ..run };
+    let report = check_run(&run2).unwrap();
+    assert_eq!(report.missed_releases, 1, "{:?}", report.problems);
+}
+
+#[test]
+fn the_same_seed_gives_the_same_cluster_and_the_same_counts() {
+    let a = generate(&small(9)).unwrap();
+    let b = generate(&small(9)).unwrap();
+    let c = generate(&small(10)).unwrap();
+    assert_eq!(a.blocks, b.blocks);
+    assert_eq!(a.handles, b.handles);
+    assert_eq!(a.pod_facts, b.pod_facts);
+    assert_ne!(a.blocks, c.blocks);
+    let ra = run(&small(9), &mut Vec::new()).unwrap().report;
+    let rb = run(&small(9), &mut Vec::new()).unwrap().report;
+    assert_eq!(category_counts(&ra), category_counts(&rb));
+    let passes = |r: &SimReport| r.passes.iter().map(|p| (p.pass, p.examined, p.leaks, p.released)).collect::<Vec<_>>();
+    assert_eq!(passes(&ra), passes(&rb));
+}
+
+#[test]
+fn generated_objects_are_valid_and_pods_report_what_their_allocations_hold() {
+    let c = generate(&small(5)).unwrap();
+    for b in &c.blocks {
+        crate::ipam::release::check_block(b, T0).unwrap();
+    }
+    let allocated = checker::allocated_ips(&c.blocks);
+    let planted: usize = c.planted.iter().map(|p| p.ips.len()).sum();
+    assert_eq!(planted, allocated.len(), "every allocation is planted exactly once");
+    for p in &c.planted {
+        for ip in &p.ips {
+            assert_eq!(allocated.get(ip), Some(&p.handle));
+        }
+    }
+    let handles: HashSet<&str> = c.handles.iter().map(|h| h.spec.handle_id.as_str()).collect();
+    assert!(allocated.values().all(|h| handles.contains(h.as_str())), "every allocation has a handle object");
+    for (pod, facts) in c.pods.iter().zip(&c.pod_facts) {
+        assert!(pod.container_id.len() == 64 && facts.node == pod.node);
+    }
+}
+
+#[test]
+fn the_dump_reads_back_and_leak_scan_finds_the_initial_leaks() {
+    let c = generate(&small(6)).unwrap();
+    let dir = std::env::temp_dir().join(format!("sim-dump-test-{}", std::process::id()));
+    let stats = dump::write_dump(&c, &dir).unwrap();
+    assert!(stats.pod_bytes / stats.pods as u64 > 2_000, "pods are a few KB each: {stats:?}");
+    let contents = crate::scan::dump::read_paths(&[dir.clone()], &mut |_, _| {}).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(contents.invalid.is_empty(), "{:?}", contents.invalid);
+    assert_eq!(contents.pods, c.pod_facts);
+    assert_eq!(contents.nodes.len(), c.nodes.len());
+    assert_eq!(contents.blocks.len(), c.blocks.len());
+    assert_eq!(contents.handles.len(), c.handles.len());
+    assert_eq!(contents.affinities.len(), c.affinities.len());
+    assert_eq!(contents.namespaces.len(), c.namespaces.len());
+
+    let report = crate::scan::report::scan_dump(&contents, T0).unwrap();
+    let releasable: BTreeSet<IpAddr> = report.leaks.iter().filter(|l| l.releasable).map(|l| l.ip.parse().unwrap()).collect();
+    let initial = [Category::PodDeleted, Category::PodFinished, Category::StaleIp, Category::DeletedNodePod, Category::DeletedNodeTunnel];
+    let planted: BTreeSet<IpAddr> = c.planted.iter().filter(|p| initial.contains(&p.category)).flat_map(|p| p.ips.iter().copied()).collect();
+    assert_eq!(releasable, planted);
+}
