@@ -256,11 +256,10 @@ pub fn revalidate(index: &IpamIndex, g: Gid, fresh: Option<&PodFacts>, kubevirt:
     let node_gone = !index.node_exists(a.node);
     let knode = if node_gone { "" } else { index.resolve(a.node) };
     // A pod that now reports this IP from any node keeps it (Part A), even if it moved.
-    if let Some(p) = fresh {
-        if !p.finished() && p.ips.contains(&ip) {
+    if let Some(p) = fresh
+        && !p.finished() && p.ips.contains(&ip) {
             return Verdict::Valid(ValidReason::LivePodReportsIp);
         }
-    }
     judge_pod(fresh.map(|p| PodView::from_facts(p, knode)), ip, node_gone)
 }
 
@@ -410,11 +409,10 @@ impl GcState {
         let gone = &self.tracked - index.allocated();
         let mut stale: Vec<Gid> = gone.iter().collect();
         for (g, t) in &self.leaks {
-            if let Some(a) = index.alloc(*g) {
-                if identity(index, a) != t.identity {
+            if let Some(a) = index.alloc(*g)
+                && identity(index, a) != t.identity {
                     stale.push(*g);
                 }
-            }
         }
         for g in stale {
             self.forget(g);
@@ -448,11 +446,10 @@ impl GcState {
             Scope::Dirty(nodes) => {
                 let mut bm = RoaringBitmap::new();
                 for n in nodes {
-                    if let Some(s) = index.strings().lookup(n) {
-                        if let Some(b) = index.allocations_of_node(s) {
+                    if let Some(s) = index.strings().lookup(n)
+                        && let Some(b) = index.allocations_of_node(s) {
                             bm |= b;
                         }
-                    }
                 }
                 bm
             }

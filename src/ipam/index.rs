@@ -524,14 +524,13 @@ impl IpamIndex {
         self.live_gids.remove_range(lo..=hi);
         for a in &e.allocs {
             let g = gid(slot, u32::from(a.ordinal));
-            if !a.node.is_none() {
-                if let Some(bm) = self.by_node.get_mut(&a.node) {
+            if !a.node.is_none()
+                && let Some(bm) = self.by_node.get_mut(&a.node) {
                     bm.remove(g);
                     if bm.is_empty() {
                         self.by_node.remove(&a.node);
                     }
                 }
-            }
             if let Some(list) = self.by_handle.get_mut(&a.handle) {
                 list.retain(|x| *x != g);
                 if list.is_empty() {
@@ -553,14 +552,13 @@ impl IpamIndex {
                 }
             }
         }
-        if let BlockOwner::Host(h) = e.owner {
-            if let Some(list) = self.blocks_by_host.get_mut(&h) {
+        if let BlockOwner::Host(h) = e.owner
+            && let Some(list) = self.blocks_by_host.get_mut(&h) {
                 list.retain(|s| *s != slot);
                 if list.is_empty() {
                     self.blocks_by_host.remove(&h);
                 }
             }
-        }
         self.empty_blocks.remove(slot);
         self.cold_blocks.remove(slot);
     }
@@ -619,13 +617,11 @@ impl IpamIndex {
             if add {
                 let c = self.live_ip_refs.entry(*ip).or_insert(0);
                 *c += 1;
-                if *c == 1 {
-                    if let Some(g) = self.gid_of_ip(*ip) {
-                        if self.allocated.contains(g) {
+                if *c == 1
+                    && let Some(g) = self.gid_of_ip(*ip)
+                        && self.allocated.contains(g) {
                             self.live_gids.insert(g);
                         }
-                    }
-                }
             } else if let Some(c) = self.live_ip_refs.get_mut(ip) {
                 *c -= 1;
                 if *c == 0 {
@@ -725,13 +721,12 @@ impl IpamIndex {
 
     /// A node is gone: as upstream, this forces a full scan.
     pub fn delete_node(&mut self, name: &str) {
-        if let Some(s) = self.strings.lookup(name) {
-            if self.nodes.remove(&s).is_some() {
+        if let Some(s) = self.strings.lookup(name)
+            && self.nodes.remove(&s).is_some() {
                 self.strings.release(s);
                 self.mark_dirty(name);
                 self.full_scan_requested = true;
             }
-        }
     }
 
     pub fn apply_affinity(&mut self, a: &BlockAffinity) -> Result<(), InvalidObject> {
@@ -779,11 +774,10 @@ impl IpamIndex {
     }
 
     pub fn delete_handle(&mut self, handle_id: &str) {
-        if let Some(s) = self.strings.lookup(handle_id) {
-            if self.handles.remove(&s).is_some() {
+        if let Some(s) = self.strings.lookup(handle_id)
+            && self.handles.remove(&s).is_some() {
                 self.strings.release(s);
             }
-        }
     }
 
     /// Handle IDs with a handle object but no allocation referring to them, sorted.
@@ -990,11 +984,10 @@ impl IpamIndex {
         }
         let mut live = RoaringBitmap::new();
         for ip in live_refs.keys() {
-            if let Some(g) = self.gid_of_ip(*ip) {
-                if allocated.contains(g) {
+            if let Some(g) = self.gid_of_ip(*ip)
+                && allocated.contains(g) {
                     live.insert(g);
                 }
-            }
         }
         if live != self.live_gids {
             return Err("live_gids differs from pods' IPs".into());

@@ -84,10 +84,10 @@ impl Interner {
             }
         };
         let h = hash_str(s);
-        if self.by_hash.contains_key(&h) {
-            self.collided.insert(s.into(), id);
+        if let std::collections::hash_map::Entry::Vacant(e) = self.by_hash.entry(h) {
+            e.insert(id);
         } else {
-            self.by_hash.insert(h, id);
+            self.collided.insert(s.into(), id);
         }
         Sym(id)
     }

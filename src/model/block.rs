@@ -130,11 +130,10 @@ impl<'a> BlockView<'a> {
             return Err(bad(format!("allocations has {} entries, block {cidr} has {size} addresses", spec.allocations.len())));
         }
         for (ordinal, slot) in spec.allocations.iter().enumerate() {
-            if let Some(a) = slot {
-                if *a as usize >= spec.attributes.len() {
+            if let Some(a) = slot
+                && *a as usize >= spec.attributes.len() {
                     return Err(bad(format!("ordinal {ordinal} points at attribute {a}, only {} exist", spec.attributes.len())));
                 }
-            }
         }
         Ok(BlockView { cidr, size, affinity: Affinity::parse(spec.affinity.as_deref()), block })
     }

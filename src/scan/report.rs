@@ -366,7 +366,7 @@ pub fn write_table(r: &LeakReport, out: &mut dyn Write) -> io::Result<()> {
     }
     for (node, leaks) in by_node {
         writeln!(out, "\nnode {node} ({} leaks)", leaks.len())?;
-        writeln!(out, "  {:<40} {:<20} {:<12} {}", "IP", "REASON", "RELEASABLE", "POD / HELD BY")?;
+        writeln!(out, "  {:<40} {:<20} {:<12} POD / HELD BY", "IP", "REASON", "RELEASABLE")?;
         for l in leaks {
             let who = if l.pod.is_empty() { l.handle.clone() } else { format!("{}/{}", l.namespace, l.pod) };
             let tail = match l.held_by {
