@@ -29,12 +29,41 @@ pub struct DumpStats {
 /// Writes `pods.json`, `nodes.json`, `namespaces.json` and `ipam.json` into `dir` (created if needed).
 pub fn write_dump(cluster: &SyntheticCluster, dir: &Path) -> io::Result<DumpStats> {
     fs::create_dir_all(dir)?;
-    let mut stats = DumpStats::default();
-    let pod_bytes = write_list(&dir.join("pods.json"), cluster.pods.iter().enumerate().map(|(i, p)| pod_json(p, i)))?;
-    stats.pods = cluster.pods.len();
-    stats.pod_bytes = pod_bytes;
-    let node_bytes = write_list(&dir.join("nodes.json"), cluster.nodes.iter().map(|n| node_json(&n.metadata.name, cluster.windows_nodes.contains(&n.metadata.name))))?;
-    let ns_bytes = write_list(&dir.join("namespaces.json"), cluster.namespaces.iter().map(|n| namespace_json(n)))?;
+    let to_file = |name: &str, write: &dyn Fn(&mut dyn Write) -> io::Result<u64>| -> io::Result<u64> {
+        let mut out = BufWriter::with_capacity(1 << 20, File::create(dir.join(name))?);
+        let n = write(&mut out)?;
+        out.flush()?;
+        Ok(n)
+    };
+    let pod_bytes = to_file("pods.json", &|w| write_pods(cluster, w))?;
+    let node_bytes = to_file("nodes.json", &|w| write_nodes(cluster, w))?;
+    let ns_bytes = to_file("namespaces.json", &|w| write_namespaces(cluster, w))?;
+    let ipam_bytes = to_file("ipam.json", &|w| write_ipam(cluster, w))?;
+    Ok(DumpStats {
+        files: ["pods.json", "nodes.json", "namespaces.json", "ipam.json"].iter().map(|f| dir.join(f).display().to_string()).collect(),
+        bytes: pod_bytes + node_bytes + ns_bytes + ipam_bytes,
+        pods: cluster.pods.len(),
+        pod_bytes,
+    })
+}
+
+/// `kubectl get pods --all-namespaces -o json`. Returns the bytes written.
+pub fn write_pods(cluster: &SyntheticCluster, out: &mut dyn Write) -> io::Result<u64> {
+    write_list(out, cluster.pods.iter().enumerate().map(|(i, p)| pod_json(p, i)))
+}
+
+/// `kubectl get nodes -o json`.
+pub fn write_nodes(cluster: &SyntheticCluster, out: &mut dyn Write) -> io::Result<u64> {
+    write_list(out, cluster.nodes.iter().map(|n| node_json(&n.metadata.name, cluster.windows_nodes.contains(&n.metadata.name))))
+}
+
+/// `kubectl get namespaces -o json`.
+pub fn write_namespaces(cluster: &SyntheticCluster, out: &mut dyn Write) -> io::Result<u64> {
+    write_list(out, cluster.namespaces.iter().map(|n| namespace_json(n)))
+}
+
+/// `kubectl get ippools,ipamblocks,blockaffinities,ipamhandles -o json` (crd.projectcalico.org/v1).
+pub fn write_ipam(cluster: &SyntheticCluster, out: &mut dyn Write) -> io::Result<u64> {
     let mut rv = 1000u64;
     let mut stamp = |mut v: Value| {
         rv += 1;
@@ -46,7 +75,7 @@ pub fn write_dump(cluster: &SyntheticCluster, dir: &Path) -> io::Result<DumpStat
         }
         v
     };
-    let ipam = cluster
+    let items = cluster
         .pools
         .iter()
         .map(|o| serde_json::to_value(o).unwrap_or(Value::Null))
@@ -54,16 +83,12 @@ pub fn write_dump(cluster: &SyntheticCluster, dir: &Path) -> io::Result<DumpStat
         .chain(cluster.affinities.iter().map(|o| serde_json::to_value(o).unwrap_or(Value::Null)))
         .chain(cluster.handles.iter().map(|o| serde_json::to_value(o).unwrap_or(Value::Null)))
         .map(&mut stamp);
-    let ipam_bytes = write_list(&dir.join("ipam.json"), ipam)?;
-    stats.files = ["pods.json", "nodes.json", "namespaces.json", "ipam.json"].iter().map(|f| dir.join(f).display().to_string()).collect();
-    stats.bytes = pod_bytes + node_bytes + ns_bytes + ipam_bytes;
-    Ok(stats)
+    write_list(out, items)
 }
 
 /// A `v1 List` written item by item; returns the bytes written.
-fn write_list(path: &Path, items: impl Iterator<Item = Value>) -> io::Result<u64> {
-    let file = File::create(path)?;
-    let mut out = CountingWriter { inner: BufWriter::with_capacity(1 << 20, file), bytes: 0 };
+fn write_list(out: &mut dyn Write, items: impl Iterator<Item = Value>) -> io::Result<u64> {
+    let mut out = CountingWriter { inner: out, bytes: 0 };
     out.write_all(b"{\n    \"apiVersion\": \"v1\",\n    \"items\": [\n")?;
     for (i, item) in items.enumerate() {
         if i > 0 {
@@ -72,7 +97,6 @@ fn write_list(path: &Path, items: impl Iterator<Item = Value>) -> io::Result<u64
         serde_json::to_writer_pretty(&mut out, &item).map_err(io::Error::other)?;
     }
     out.write_all(b"\n    ],\n    \"kind\": \"List\",\n    \"metadata\": {\n        \"resourceVersion\": \"\"\n    }\n}\n")?;
-    out.inner.flush()?;
     Ok(out.bytes)
 }
 
