@@ -454,28 +454,51 @@ impl GcState {
                 bm
             }
         };
-        let gids: Vec<Gid> = examined.iter().collect();
-        // Classification is the hot loop: parallel, allocation-free, results in gid order.
-        let verdicts: Vec<(Gid, LeakReason)> = gids
-            .par_chunks(4096)
-            .flat_map_iter(|chunk| {
-                let mut out = Vec::new();
-                let mut cur_slot = u32::MAX;
-                let mut block = None;
-                for &g in chunk {
-                    if gid_slot(g) != cur_slot {
-                        cur_slot = gid_slot(g);
-                        block = index.block(cur_slot);
-                    }
-                    let Some(b) = block else { continue };
-                    let Some(a) = b.alloc(gid_ordinal(g)) else { continue };
-                    if let Verdict::Leak(r) = classify(index, g, a, &b.cidr, kubevirt) {
-                        out.push((g, r));
-                    }
-                }
-                out
-            })
-            .collect();
+        // Classification is the hot loop: parallel, allocation-free per item, results in gid order.
+        // A full pass walks the blocks' sorted allocation vectors directly (no per-id lookup).
+        let verdicts: Vec<(Gid, LeakReason)> = match scope {
+            Scope::Full => {
+                let slots: Vec<u32> = index.blocks().map(|(s, _)| s).collect();
+                slots
+                    .par_chunks(256)
+                    .flat_map_iter(|chunk| {
+                        let mut out = Vec::new();
+                        for &slot in chunk {
+                            let b = index.block(slot).expect("listed block exists");
+                            for a in &b.allocs {
+                                let g = gid(slot, u32::from(a.ordinal));
+                                if let Verdict::Leak(r) = classify(index, g, a, &b.cidr, kubevirt) {
+                                    out.push((g, r));
+                                }
+                            }
+                        }
+                        out
+                    })
+                    .collect()
+            }
+            Scope::Dirty(_) => {
+                let gids: Vec<Gid> = examined.iter().collect();
+                gids.par_chunks(4096)
+                    .flat_map_iter(|chunk| {
+                        let mut out = Vec::new();
+                        let mut cur_slot = u32::MAX;
+                        let mut block = None;
+                        for &g in chunk {
+                            if gid_slot(g) != cur_slot {
+                                cur_slot = gid_slot(g);
+                                block = index.block(cur_slot);
+                            }
+                            let Some(b) = block else { continue };
+                            let Some(a) = b.alloc(gid_ordinal(g)) else { continue };
+                            if let Verdict::Leak(r) = classify(index, g, a, &b.cidr, kubevirt) {
+                                out.push((g, r));
+                            }
+                        }
+                        out
+                    })
+                    .collect()
+            }
+        };
         let mut leak_bm = RoaringBitmap::new();
         for (g, _) in &verdicts {
             leak_bm.insert(*g);
@@ -733,14 +756,14 @@ impl GcState {
             let id = index.resolve(h).to_string();
             let e = index.handle(h).expect("listed handle exists");
             let entry = self.orphan_since.entry(id.clone()).or_insert((now, e.revision.to_string()));
-            if entry.1 != *e.revision {
+            if entry.1 != e.revision.to_string() {
                 // The handle changed since first seen: the CNI is using it; start over.
                 *entry = (now, e.revision.to_string());
             }
             let releasable = cfg.leak_grace > 0 && now - entry.0 > cfg.leak_grace;
             plan.orphan_handles.push(OrphanHandle {
                 handle_id: id.clone(),
-                object_name: e.name.to_string(),
+                object_name: crate::model::names::handle_object_name(&id),
                 revision: e.revision.to_string(),
                 uid: e.uid.to_string(),
                 releasable,

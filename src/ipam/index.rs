@@ -17,7 +17,7 @@ use ipnet::IpNet;
 use rayon::prelude::*;
 use roaring::RoaringBitmap;
 
-use super::intern::{Interner, Sym};
+use super::intern::{FastMap, Interner, Sym};
 use crate::model::block::{Affinity, BlockView, WINDOWS_RESERVED_HANDLE};
 use crate::model::names::{ip_sort_key, ip_to_ordinal, ordinal_to_ip, sanitize_handle};
 use crate::model::time::{parse_rfc3339, Millis};
@@ -117,7 +117,6 @@ pub struct PodSlot {
     pub name: Sym,
     pub present: bool,
     pub node: Sym,
-    pub uid: Sym,
     pub phase: u8,
     pub evicted: bool,
     pub deleting: bool,
@@ -163,13 +162,105 @@ pub struct AffinityEntry {
     pub state: Box<str>,
 }
 
-#[derive(Debug, Clone)]
+/// What the GC keeps of an IPAMHandle object: enough to delete it under a precondition.
+/// The object name is derived from the handle ID (lowercased), the block counts are re-read
+/// by the executor, so neither is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HandleEntry {
-    pub name: Box<str>,
-    pub revision: Box<str>,
-    pub uid: Box<str>,
-    /// Block CIDR -> count, as the handle object says.
-    pub blocks: Vec<(Box<str>, u32)>,
+    pub revision: Token,
+    pub uid: Token,
+}
+
+/// An opaque token (resourceVersion, UID) stored compactly when it has the usual shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Token {
+    Number(u64),
+    Uuid([u8; 16]),
+    Text(Box<str>),
+}
+
+impl Token {
+    pub fn new(s: &str) -> Token {
+        if let Ok(n) = s.parse::<u64>()
+            && n.to_string() == s
+        {
+            return Token::Number(n);
+        }
+        let hex: String = s.chars().filter(|c| *c != '-').collect();
+        if s.len() == 36
+            && hex.len() == 32
+            && [8, 13, 18, 23].iter().all(|i| s.as_bytes()[*i] == b'-')
+            && hex.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+        {
+            let mut out = [0u8; 16];
+            for (i, b) in out.iter_mut().enumerate() {
+                *b = u8::from_str_radix(&hex[i * 2..i * 2 + 2], 16).unwrap_or(0);
+            }
+            return Token::Uuid(out);
+        }
+        Token::Text(s.into())
+    }
+}
+
+impl std::fmt::Display for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Token::Number(n) => write!(f, "{n}"),
+            Token::Text(t) => f.write_str(t),
+            Token::Uuid(b) => {
+                for (i, x) in b.iter().enumerate() {
+                    if matches!(i, 4 | 6 | 8 | 10) {
+                        f.write_str("-")?;
+                    }
+                    write!(f, "{x:02x}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The allocations of one handle: almost always one (IPv4) or two (dual stack), kept inline
+/// without a heap allocation; more spill into a vector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandleGids {
+    Inline([Gid; 2], u8),
+    Spill(Vec<Gid>),
+}
+
+impl HandleGids {
+    pub fn one(g: Gid) -> Self {
+        HandleGids::Inline([g, 0], 1)
+    }
+    pub fn as_slice(&self) -> &[Gid] {
+        match self {
+            HandleGids::Inline(a, n) => &a[..*n as usize],
+            HandleGids::Spill(v) => v,
+        }
+    }
+    fn push(&mut self, g: Gid) {
+        match self {
+            HandleGids::Inline(a, n) if *n < 2 => {
+                a[*n as usize] = g;
+                *n += 1;
+            }
+            HandleGids::Inline(a, _) => *self = HandleGids::Spill(vec![a[0], a[1], g]),
+            HandleGids::Spill(v) => v.push(g),
+        }
+    }
+    /// Removes `g`; returns true when nothing is left.
+    fn remove(&mut self, g: Gid) -> bool {
+        let mut rest: Vec<Gid> = self.as_slice().iter().copied().filter(|x| *x != g).collect();
+        if rest.len() <= 2 {
+            let mut a = [0; 2];
+            a[..rest.len()].copy_from_slice(&rest);
+            *self = HandleGids::Inline(a, rest.len() as u8);
+        } else {
+            rest.shrink_to_fit();
+            *self = HandleGids::Spill(rest);
+        }
+        self.as_slice().is_empty()
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -191,22 +282,26 @@ pub struct IpamIndex {
     pub(crate) strings: Interner,
     blocks: Vec<Option<BlockEntry>>,
     free_slots: Vec<u32>,
-    by_cidr: HashMap<IpNet, u32>,
+    by_cidr: FastMap<IpNet, u32>,
     by_network: BTreeMap<(u8, u128), u32>,
     allocated: RoaringBitmap,
-    by_node: HashMap<Sym, RoaringBitmap>,
-    by_handle: HashMap<Sym, Vec<Gid>>,
-    blocks_by_host: HashMap<Sym, Vec<u32>>,
+    by_node: FastMap<Sym, RoaringBitmap>,
+    by_handle: FastMap<Sym, HandleGids>,
+    /// Handle objects no allocation refers to, kept up to date on every change.
+    orphans: BTreeSet<Sym>,
+    blocks_by_host: FastMap<Sym, Vec<u32>>,
     empty_blocks: RoaringBitmap,
     cold_blocks: RoaringBitmap,
     pods: Vec<PodSlot>,
     free_pods: Vec<u32>,
-    pod_by_key: HashMap<(Sym, Sym), u32>,
-    live_ip_refs: HashMap<IpAddr, u32>,
+    pod_by_key: FastMap<(Sym, Sym), u32>,
+    live_ip_refs: FastMap<IpAddr, u32>,
     live_gids: RoaringBitmap,
-    nodes: HashMap<Sym, NodeEntry>,
+    nodes: FastMap<Sym, NodeEntry>,
+    /// Symbols of existing nodes, for the hot loop's existence test.
+    node_bits: RoaringBitmap,
     affinities: HashMap<Box<str>, AffinityEntry>,
-    handles: HashMap<Sym, HandleEntry>,
+    handles: FastMap<Sym, HandleEntry>,
     dirty_nodes: BTreeSet<Box<str>>,
     full_scan_requested: bool,
     pub coverage: PodCoverage,
@@ -260,7 +355,7 @@ impl IpamIndex {
         self.by_node.keys().copied()
     }
     pub fn allocations_of_handle(&self, handle: Sym) -> &[Gid] {
-        self.by_handle.get(&handle).map(Vec::as_slice).unwrap_or(&[])
+        self.by_handle.get(&handle).map(HandleGids::as_slice).unwrap_or(&[])
     }
     pub fn host_blocks(&self, node: Sym) -> &[u32] {
         self.blocks_by_host.get(&node).map(Vec::as_slice).unwrap_or(&[])
@@ -288,7 +383,7 @@ impl IpamIndex {
         self.pods.iter().filter(|p| p.present)
     }
     pub fn node_exists(&self, node: Sym) -> bool {
-        !node.is_none() && self.nodes.contains_key(&node)
+        self.node_bits.contains(node.0)
     }
     pub fn node(&self, node: Sym) -> Option<&NodeEntry> {
         self.nodes.get(&node)
@@ -499,7 +594,13 @@ impl IpamIndex {
             if !a.node.is_none() {
                 self.by_node.entry(a.node).or_default().insert(g);
             }
-            self.by_handle.entry(a.handle).or_default().push(g);
+            match self.by_handle.get_mut(&a.handle) {
+                Some(list) => list.push(g),
+                None => {
+                    self.by_handle.insert(a.handle, HandleGids::one(g));
+                    self.orphans.remove(&a.handle);
+                }
+            }
             if self.live_ip_refs.contains_key(&ordinal_to_ip(&e.cidr, u32::from(a.ordinal))) {
                 self.live_gids.insert(g);
             }
@@ -531,10 +632,12 @@ impl IpamIndex {
                         self.by_node.remove(&a.node);
                     }
                 }
-            if let Some(list) = self.by_handle.get_mut(&a.handle) {
-                list.retain(|x| *x != g);
-                if list.is_empty() {
-                    self.by_handle.remove(&a.handle);
+            if let Some(list) = self.by_handle.get_mut(&a.handle)
+                && list.remove(g)
+            {
+                self.by_handle.remove(&a.handle);
+                if self.handles.contains_key(&a.handle) {
+                    self.orphans.insert(a.handle);
                 }
             }
             let changed = match new.and_then(|n| n.alloc(u32::from(a.ordinal))) {
@@ -646,7 +749,6 @@ impl IpamIndex {
         self.strings.release(ns);
         self.strings.release(name);
         let node = self.strings.intern(&f.node);
-        let uid = self.strings.intern(&f.uid);
         let ips: Box<[IpAddr]> = if f.host_network { Box::new([]) } else { f.ips.clone().into_boxed_slice() };
         let old = std::mem::take(&mut self.pods[slot as usize]);
         let changed = !old.present
@@ -658,7 +760,6 @@ impl IpamIndex {
         if old.present {
             self.set_live_ips(&old.ips, false);
             self.strings.release(old.node);
-            self.strings.release(old.uid);
         }
         self.set_live_ips(&ips, true);
         self.pods[slot as usize] = PodSlot {
@@ -666,7 +767,6 @@ impl IpamIndex {
             name: old.name,
             present: true,
             node,
-            uid,
             phase: phase_code(f.phase),
             evicted: f.evicted,
             deleting: f.deleting,
@@ -694,7 +794,6 @@ impl IpamIndex {
         self.set_live_ips(&old.ips, false);
         self.mark_dirty_sym(old.node);
         self.strings.release(old.node);
-        self.strings.release(old.uid);
         self.pods[slot as usize] = PodSlot { namespace: old.namespace, name: old.name, alloc_refs: old.alloc_refs, ..PodSlot::default() };
         self.maybe_free_pod(slot);
     }
@@ -714,6 +813,7 @@ impl IpamIndex {
             None => {
                 let s = self.strings.intern(name);
                 self.nodes.insert(s, entry);
+                self.node_bits.insert(s.0);
                 self.mark_dirty(name);
             }
         }
@@ -723,6 +823,7 @@ impl IpamIndex {
     pub fn delete_node(&mut self, name: &str) {
         if let Some(s) = self.strings.lookup(name)
             && self.nodes.remove(&s).is_some() {
+                self.node_bits.remove(s.0);
                 self.strings.release(s);
                 self.mark_dirty(name);
                 self.full_scan_requested = true;
@@ -762,27 +863,25 @@ impl IpamIndex {
             return;
         }
         let sym = self.strings.intern(id);
-        let entry = HandleEntry {
-            name: h.name().into(),
-            revision: h.resource_version().into(),
-            uid: h.metadata.uid.as_deref().unwrap_or("").into(),
-            blocks: h.spec.block.iter().map(|(k, v)| (k.as_str().into(), *v)).collect(),
-        };
+        let entry = HandleEntry { revision: Token::new(h.resource_version()), uid: Token::new(h.metadata.uid.as_deref().unwrap_or("")) };
         if self.handles.insert(sym, entry).is_some() {
             self.strings.release(sym);
+        } else if !self.by_handle.contains_key(&sym) {
+            self.orphans.insert(sym);
         }
     }
 
     pub fn delete_handle(&mut self, handle_id: &str) {
         if let Some(s) = self.strings.lookup(handle_id)
             && self.handles.remove(&s).is_some() {
+                self.orphans.remove(&s);
                 self.strings.release(s);
             }
     }
 
     /// Handle IDs with a handle object but no allocation referring to them, sorted.
     pub fn unreferenced_handles(&self) -> Vec<Sym> {
-        let mut v: Vec<Sym> = self.handles.keys().copied().filter(|h| !self.by_handle.contains_key(h)).collect();
+        let mut v: Vec<Sym> = self.orphans.iter().copied().collect();
         v.sort_by(|a, b| self.resolve(*a).cmp(self.resolve(*b)));
         v
     }
@@ -838,7 +937,8 @@ impl IpamIndex {
         let maps = self.pod_by_key.capacity() * 13
             + self.live_ip_refs.capacity() * 22
             + self.by_handle.capacity() * 29
-            + self.by_handle.values().map(|v| v.capacity() * 4).sum::<usize>()
+            + self.by_handle.values().map(|v| if matches!(v, HandleGids::Spill(_)) { v.as_slice().len() * 4 + 16 } else { 0 }).sum::<usize>()
+            + self.handles.capacity() * (std::mem::size_of::<HandleEntry>() + 5)
             + self.by_node.values().map(|b| b.serialized_size()).sum::<usize>()
             + self.allocated.serialized_size()
             + self.live_gids.serialized_size();
@@ -917,7 +1017,7 @@ impl IpamIndex {
         if allocated != self.allocated {
             return Err("allocated bitmap differs from blocks".into());
         }
-        if by_node != self.by_node {
+        if by_node.len() != self.by_node.len() || by_node.iter().any(|(k, v)| self.by_node.get(k) != Some(v)) {
             return Err("by_node differs from blocks".into());
         }
         let norm = |m: &HashMap<Sym, Vec<Gid>>| -> HashMap<Sym, Vec<Gid>> {
@@ -927,7 +1027,8 @@ impl IpamIndex {
                 (*k, v)
             }).collect()
         };
-        if norm(&by_handle) != norm(&self.by_handle) {
+        let mine: HashMap<Sym, Vec<Gid>> = self.by_handle.iter().map(|(k, v)| (*k, v.as_slice().to_vec())).collect();
+        if norm(&by_handle) != norm(&mine) {
             return Err("by_handle differs from blocks".into());
         }
         let norm_hosts = |m: &HashMap<Sym, Vec<u32>>| -> HashMap<Sym, Vec<u32>> {
@@ -937,7 +1038,8 @@ impl IpamIndex {
                 (*k, v)
             }).collect()
         };
-        if norm_hosts(&hosts) != norm_hosts(&self.blocks_by_host) {
+        let theirs: HashMap<Sym, Vec<u32>> = self.blocks_by_host.iter().map(|(k, v)| (*k, v.clone())).collect();
+        if norm_hosts(&hosts) != norm_hosts(&theirs) {
             return Err("blocks_by_host differs from block owners".into());
         }
         if empty != self.empty_blocks {
@@ -970,7 +1072,6 @@ impl IpamIndex {
             bump(p.name, &mut expected_refs);
             if p.present {
                 bump(p.node, &mut expected_refs);
-                bump(p.uid, &mut expected_refs);
                 for ip in p.ips.iter() {
                     *live_refs.entry(*ip).or_default() += 1;
                 }
@@ -979,7 +1080,7 @@ impl IpamIndex {
         if self.pod_by_key.len() + free.len() != self.pods.len() {
             return Err("pod key map size does not match live slots".into());
         }
-        if live_refs != self.live_ip_refs {
+        if live_refs.len() != self.live_ip_refs.len() || live_refs.iter().any(|(k, v)| self.live_ip_refs.get(k) != Some(v)) {
             return Err("live IP reference counts differ from pods".into());
         }
         let mut live = RoaringBitmap::new();
@@ -994,6 +1095,14 @@ impl IpamIndex {
         }
         for n in self.nodes.keys() {
             bump(*n, &mut expected_refs);
+        }
+        let bits: RoaringBitmap = self.nodes.keys().map(|s| s.0).collect();
+        if bits != self.node_bits {
+            return Err("node_bits differs from nodes".into());
+        }
+        let orphans: BTreeSet<Sym> = self.handles.keys().copied().filter(|h| !self.by_handle.contains_key(h)).collect();
+        if orphans != self.orphans {
+            return Err("orphan set differs from handles without allocations".into());
         }
         for a in self.affinities.values() {
             bump(a.node, &mut expected_refs);

@@ -212,7 +212,7 @@ pub fn sync_index(ds: &MemoryDatastore, index: &mut IpamIndex) -> Result<(), Sim
 
     let stored_handles: BTreeMap<String, Stored> = ds.snapshot(Kind::IpamHandle).into_iter().filter(|s| !s.is_soft_deleted()).map(|s| (s.name.clone(), s)).collect();
     let indexed: BTreeMap<String, (String, String)> =
-        index.handles().map(|(sym, h)| (h.name.to_string(), (index.resolve(sym).to_string(), h.revision.to_string()))).collect();
+        index.handles().map(|(sym, h)| (crate::model::names::handle_object_name(index.resolve(sym)), (index.resolve(sym).to_string(), h.revision.to_string()))).collect();
     for (name, s) in &stored_handles {
         if indexed.get(name).map(|(_, rev)| rev) != Some(&s.revision) {
             let h: IpamHandle = s.decode().map_err(ds_error(name.clone()))?;
