@@ -9,7 +9,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use rayon::prelude::*;
 use roaring::RoaringBitmap;
 
 use super::index::{gid, gid_ordinal, gid_slot, Alloc, AllocKind, Gid, IpamIndex, PodSlot};
@@ -454,51 +453,21 @@ impl GcState {
                 bm
             }
         };
-        // Classification is the hot loop: parallel, allocation-free per item, results in gid order.
-        // A full pass walks the blocks' sorted allocation vectors directly (no per-id lookup).
-        let verdicts: Vec<(Gid, LeakReason)> = match scope {
-            Scope::Full => {
-                let slots: Vec<u32> = index.blocks().map(|(s, _)| s).collect();
-                slots
-                    .par_chunks(256)
-                    .flat_map_iter(|chunk| {
-                        let mut out = Vec::new();
-                        for &slot in chunk {
-                            let b = index.block(slot).expect("listed block exists");
-                            for a in &b.allocs {
-                                let g = gid(slot, u32::from(a.ordinal));
-                                if let Verdict::Leak(r) = classify(index, g, a, &b.cidr, kubevirt) {
-                                    out.push((g, r));
-                                }
-                            }
-                        }
-                        out
-                    })
-                    .collect()
-            }
-            Scope::Dirty(_) => {
-                let gids: Vec<Gid> = examined.iter().collect();
-                gids.par_chunks(4096)
-                    .flat_map_iter(|chunk| {
-                        let mut out = Vec::new();
-                        let mut cur_slot = u32::MAX;
-                        let mut block = None;
-                        for &g in chunk {
-                            if gid_slot(g) != cur_slot {
-                                cur_slot = gid_slot(g);
-                                block = index.block(cur_slot);
-                            }
-                            let Some(b) = block else { continue };
-                            let Some(a) = b.alloc(gid_ordinal(g)) else { continue };
-                            if let Verdict::Leak(r) = classify(index, g, a, &b.cidr, kubevirt) {
-                                out.push((g, r));
-                            }
-                        }
-                        out
-                    })
-                    .collect()
-            }
-        };
+        // The index keeps every allocation's verdict current as facts change, so a pass only
+        // re-judges the suspects (for their reasons) and the KubeVirt allocations (whose facts
+        // arrive with the pass): O(suspects), not O(allocations).
+        let to_judge = &(index.suspects() | index.vm_allocations()) & &examined;
+        let verdicts: Vec<(Gid, LeakReason)> = to_judge
+            .iter()
+            .filter_map(|g| {
+                let b = index.block(gid_slot(g))?;
+                let a = b.alloc(gid_ordinal(g))?;
+                match classify(index, g, a, &b.cidr, kubevirt) {
+                    Verdict::Leak(r) => Some((g, r)),
+                    Verdict::Valid(_) => None,
+                }
+            })
+            .collect();
         let mut leak_bm = RoaringBitmap::new();
         for (g, _) in &verdicts {
             leak_bm.insert(*g);

@@ -111,7 +111,7 @@ impl BlockEntry {
 }
 
 /// A pod as the GC sees it; a slot exists while the pod is present or an allocation names it.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct PodSlot {
     pub namespace: Sym,
     pub name: Sym,
@@ -123,11 +123,32 @@ pub struct PodSlot {
     pub status_reports_ip: bool,
     pub unparsable_ips: bool,
     pub ips: Box<[IpAddr]>,
-    /// Allocations naming this pod.
-    alloc_refs: u32,
+    /// Allocations naming this pod (their verdicts are re-evaluated when the pod changes).
+    allocs: HandleGids,
+}
+
+impl Default for PodSlot {
+    fn default() -> Self {
+        PodSlot {
+            namespace: Sym::NONE,
+            name: Sym::NONE,
+            present: false,
+            node: Sym::NONE,
+            phase: 0,
+            evicted: false,
+            deleting: false,
+            status_reports_ip: false,
+            unparsable_ips: false,
+            ips: Box::new([]),
+            allocs: HandleGids::Inline([0, 0], 0),
+        }
+    }
 }
 
 impl PodSlot {
+    fn alloc_refs(&self) -> usize {
+        self.allocs.as_slice().len()
+    }
     pub fn phase(&self) -> PodPhase {
         match self.phase {
             1 => PodPhase::Running,
@@ -250,7 +271,10 @@ impl HandleGids {
     }
     /// Removes `g`; returns true when nothing is left.
     fn remove(&mut self, g: Gid) -> bool {
-        let mut rest: Vec<Gid> = self.as_slice().iter().copied().filter(|x| *x != g).collect();
+        let mut rest: Vec<Gid> = self.as_slice().to_vec();
+        if let Some(i) = rest.iter().position(|x| *x == g) {
+            rest.remove(i);
+        }
         if rest.len() <= 2 {
             let mut a = [0; 2];
             a[..rest.len()].copy_from_slice(&rest);
@@ -297,6 +321,12 @@ pub struct IpamIndex {
     pod_by_key: FastMap<(Sym, Sym), u32>,
     live_ip_refs: FastMap<IpAddr, u32>,
     live_gids: RoaringBitmap,
+    /// Allocations whose cached verdict (without KubeVirt facts) is a leak. Kept exact by
+    /// re-judging an allocation whenever its block, its pod, its node or its IP's liveness
+    /// changes, so a GC pass costs O(suspects), not O(allocations).
+    suspects: RoaringBitmap,
+    /// Allocations of KubeVirt VMs: judged in every pass against the VM facts of that pass.
+    vm_allocs: RoaringBitmap,
     nodes: FastMap<Sym, NodeEntry>,
     /// Symbols of existing nodes, for the hot loop's existence test.
     node_bits: RoaringBitmap,
@@ -423,6 +453,44 @@ impl IpamIndex {
         Some(gid(slot, ip_to_ordinal(&self.block(slot)?.cidr, ip)?))
     }
 
+    /// Allocations whose cached verdict is a leak (KubeVirt allocations excluded).
+    pub fn suspects(&self) -> &RoaringBitmap {
+        &self.suspects
+    }
+    pub fn vm_allocations(&self) -> &RoaringBitmap {
+        &self.vm_allocs
+    }
+
+    /// Re-judges allocations after something they depend on changed.
+    fn reeval(&mut self, gids: impl IntoIterator<Item = Gid>) {
+        let mut leak = Vec::new();
+        let mut valid = Vec::new();
+        for g in gids {
+            let verdict = self.block(gid_slot(g)).and_then(|b| Some((b.alloc(gid_ordinal(g))?, b.cidr))).map(|(a, cidr)| {
+                a.vmi.is_none() && matches!(crate::ipam::gc::classify(self, g, a, &cidr, None), crate::ipam::gc::Verdict::Leak(_))
+            });
+            if verdict == Some(true) { leak.push(g) } else { valid.push(g) }
+        }
+        for g in leak {
+            self.suspects.insert(g);
+        }
+        for g in valid {
+            self.suspects.remove(g);
+        }
+    }
+
+    fn reeval_pod(&mut self, slot: u32) {
+        let gids = self.pods[slot as usize].allocs.as_slice().to_vec();
+        self.reeval(gids);
+    }
+
+    fn reeval_node(&mut self, node: Sym) {
+        if let Some(bm) = self.by_node.get(&node) {
+            let gids: Vec<Gid> = bm.iter().collect();
+            self.reeval(gids);
+        }
+    }
+
     /// Nodes marked dirty since the last call, and whether a full scan was requested.
     pub fn take_dirty(&mut self) -> (BTreeSet<Box<str>>, bool) {
         (std::mem::take(&mut self.dirty_nodes), std::mem::take(&mut self.full_scan_requested))
@@ -477,10 +545,12 @@ impl IpamIndex {
             }
         }
         self.link_block(slot, &new_entry);
+        let gids: Vec<Gid> = new_entry.allocs.iter().map(|a| gid(slot, u32::from(a.ordinal))).collect();
         self.blocks[slot as usize] = Some(new_entry);
         if let Some(old) = old {
-            self.release_entry_refs(&old);
+            self.release_entry_refs(slot, &old);
         }
+        self.reeval(gids);
         Ok(())
     }
 
@@ -490,7 +560,7 @@ impl IpamIndex {
         self.by_network.remove(&ip_sort_key(&cidr.network()));
         if let Some(old) = self.blocks[slot as usize].take() {
             self.unlink_block(slot, &old, None);
-            self.release_entry_refs(&old);
+            self.release_entry_refs(slot, &old);
         }
         self.free_slots.push(slot);
     }
@@ -544,7 +614,7 @@ impl IpamIndex {
             };
             let namespace = self.strings.intern(ns);
             let pod_sym = self.strings.intern(pod);
-            let pod_slot = if kind == AllocKind::Pod { self.pod_slot_ref(namespace, pod_sym) } else { NO_POD };
+            let pod_slot = if kind == AllocKind::Pod { self.pod_slot_ref(namespace, pod_sym, gid(slot, s.ordinal)) } else { NO_POD };
             allocs.push(Alloc {
                 ordinal: s.ordinal as u16,
                 kind,
@@ -558,7 +628,6 @@ impl IpamIndex {
                 seq: s.sequence,
             });
         }
-        let _ = slot;
         BlockEntry {
             cidr: view.cidr,
             name: view.block.name().into(),
@@ -572,7 +641,7 @@ impl IpamIndex {
         }
     }
 
-    fn release_entry_refs(&mut self, e: &BlockEntry) {
+    fn release_entry_refs(&mut self, slot: u32, e: &BlockEntry) {
         match e.owner {
             BlockOwner::Host(s) | BlockOwner::Virtual(s) => self.strings.release(s),
             BlockOwner::None => {}
@@ -582,7 +651,7 @@ impl IpamIndex {
                 self.strings.release(s);
             }
             if a.pod_slot != NO_POD {
-                self.pod_slot_unref(a.pod_slot);
+                self.pod_slot_unref(a.pod_slot, gid(slot, u32::from(a.ordinal)));
             }
         }
     }
@@ -600,6 +669,9 @@ impl IpamIndex {
                     self.by_handle.insert(a.handle, HandleGids::one(g));
                     self.orphans.remove(&a.handle);
                 }
+            }
+            if !a.vmi.is_none() {
+                self.vm_allocs.insert(g);
             }
             if self.live_ip_refs.contains_key(&ordinal_to_ip(&e.cidr, u32::from(a.ordinal))) {
                 self.live_gids.insert(g);
@@ -623,6 +695,8 @@ impl IpamIndex {
         let hi = gid(slot, (1 << ORDINAL_BITS) - 1);
         self.allocated.remove_range(lo..=hi);
         self.live_gids.remove_range(lo..=hi);
+        self.suspects.remove_range(lo..=hi);
+        self.vm_allocs.remove_range(lo..=hi);
         for a in &e.allocs {
             let g = gid(slot, u32::from(a.ordinal));
             if !a.node.is_none()
@@ -668,13 +742,12 @@ impl IpamIndex {
 
     // ---- pods --------------------------------------------------------------------------------
 
-    fn pod_slot_ref(&mut self, ns: Sym, name: Sym) -> u32 {
-        if let Some(&slot) = self.pod_by_key.get(&(ns, name)) {
-            self.pods[slot as usize].alloc_refs += 1;
-            return slot;
-        }
-        let slot = self.new_pod_slot(ns, name);
-        self.pods[slot as usize].alloc_refs = 1;
+    fn pod_slot_ref(&mut self, ns: Sym, name: Sym, g: Gid) -> u32 {
+        let slot = match self.pod_by_key.get(&(ns, name)) {
+            Some(&slot) => slot,
+            None => self.new_pod_slot(ns, name),
+        };
+        self.pods[slot as usize].allocs.push(g);
         slot
     }
 
@@ -696,15 +769,14 @@ impl IpamIndex {
         slot
     }
 
-    fn pod_slot_unref(&mut self, slot: u32) {
-        let p = &mut self.pods[slot as usize];
-        p.alloc_refs -= 1;
+    fn pod_slot_unref(&mut self, slot: u32, g: Gid) {
+        self.pods[slot as usize].allocs.remove(g);
         self.maybe_free_pod(slot);
     }
 
     fn maybe_free_pod(&mut self, slot: u32) {
         let p = &self.pods[slot as usize];
-        if p.alloc_refs > 0 || p.present {
+        if p.alloc_refs() > 0 || p.present {
             return;
         }
         let (ns, name) = (p.namespace, p.name);
@@ -717,22 +789,27 @@ impl IpamIndex {
 
     fn set_live_ips(&mut self, ips: &[IpAddr], add: bool) {
         for ip in ips {
-            if add {
+            let changed = if add {
                 let c = self.live_ip_refs.entry(*ip).or_insert(0);
                 *c += 1;
-                if *c == 1
-                    && let Some(g) = self.gid_of_ip(*ip)
-                        && self.allocated.contains(g) {
-                            self.live_gids.insert(g);
-                        }
+                *c == 1
             } else if let Some(c) = self.live_ip_refs.get_mut(ip) {
                 *c -= 1;
-                if *c == 0 {
+                let gone = *c == 0;
+                if gone {
                     self.live_ip_refs.remove(ip);
-                    if let Some(g) = self.gid_of_ip(*ip) {
-                        self.live_gids.remove(g);
-                    }
                 }
+                gone
+            } else {
+                false
+            };
+            if changed && let Some(g) = self.gid_of_ip(*ip) && self.allocated.contains(g) {
+                if add {
+                    self.live_gids.insert(g);
+                } else {
+                    self.live_gids.remove(g);
+                }
+                self.reeval([g]);
             }
         }
     }
@@ -773,7 +850,7 @@ impl IpamIndex {
             status_reports_ip: f.status_reports_ip,
             unparsable_ips: f.unparsable_ips,
             ips,
-            alloc_refs: old.alloc_refs,
+            allocs: old.allocs,
         };
         if changed {
             if old.present && old.node != node {
@@ -781,6 +858,7 @@ impl IpamIndex {
             }
             self.mark_dirty_sym(node);
         }
+        self.reeval_pod(slot);
     }
 
     /// A pod is gone: its node is re-examined on the next dirty pass.
@@ -794,7 +872,8 @@ impl IpamIndex {
         self.set_live_ips(&old.ips, false);
         self.mark_dirty_sym(old.node);
         self.strings.release(old.node);
-        self.pods[slot as usize] = PodSlot { namespace: old.namespace, name: old.name, alloc_refs: old.alloc_refs, ..PodSlot::default() };
+        self.pods[slot as usize] = PodSlot { namespace: old.namespace, name: old.name, allocs: old.allocs, ..PodSlot::default() };
+        self.reeval_pod(slot);
         self.maybe_free_pod(slot);
     }
 
@@ -815,6 +894,7 @@ impl IpamIndex {
                 self.nodes.insert(s, entry);
                 self.node_bits.insert(s.0);
                 self.mark_dirty(name);
+                self.reeval_node(s);
             }
         }
     }
@@ -824,6 +904,7 @@ impl IpamIndex {
         if let Some(s) = self.strings.lookup(name)
             && self.nodes.remove(&s).is_some() {
                 self.node_bits.remove(s.0);
+                self.reeval_node(s);
                 self.strings.release(s);
                 self.mark_dirty(name);
                 self.full_scan_requested = true;
@@ -1054,19 +1135,19 @@ impl IpamIndex {
         for (i, p) in self.pods.iter().enumerate() {
             let i = i as u32;
             if free.contains(&i) {
-                if p.present || p.alloc_refs != 0 {
+                if p.present || p.alloc_refs() != 0 {
                     return Err(format!("free pod slot {i} is in use"));
                 }
                 continue;
             }
-            if !p.present && p.alloc_refs == 0 {
+            if !p.present && p.alloc_refs() == 0 {
                 return Err(format!("pod slot {i} is neither present nor referenced"));
             }
             if self.pod_by_key.get(&(p.namespace, p.name)) != Some(&i) {
                 return Err(format!("pod slot {i} not reachable by key"));
             }
-            if p.alloc_refs != pod_refs.get(&i).copied().unwrap_or(0) {
-                return Err(format!("pod slot {i} has {} refs, {} allocations name it", p.alloc_refs, pod_refs.get(&i).copied().unwrap_or(0)));
+            if p.alloc_refs() as u32 != pod_refs.get(&i).copied().unwrap_or(0) {
+                return Err(format!("pod slot {i} has {} refs, {} allocations name it", p.alloc_refs(), pod_refs.get(&i).copied().unwrap_or(0)));
             }
             bump(p.namespace, &mut expected_refs);
             bump(p.name, &mut expected_refs);
@@ -1095,6 +1176,24 @@ impl IpamIndex {
         }
         for n in self.nodes.keys() {
             bump(*n, &mut expected_refs);
+        }
+        let mut suspects = RoaringBitmap::new();
+        let mut vms = RoaringBitmap::new();
+        for (slot, b) in self.blocks() {
+            for a in &b.allocs {
+                let g = gid(slot, u32::from(a.ordinal));
+                if !a.vmi.is_none() {
+                    vms.insert(g);
+                } else if matches!(crate::ipam::gc::classify(self, g, a, &b.cidr, None), crate::ipam::gc::Verdict::Leak(_)) {
+                    suspects.insert(g);
+                }
+            }
+        }
+        if suspects != self.suspects {
+            return Err(format!("cached suspects differ from a fresh classification: cached-only {:?}, fresh-only {:?}", (&self.suspects - &suspects).iter().take(5).collect::<Vec<_>>(), (&suspects - &self.suspects).iter().take(5).collect::<Vec<_>>()));
+        }
+        if vms != self.vm_allocs {
+            return Err("vm_allocs differs from blocks".into());
         }
         let bits: RoaringBitmap = self.nodes.keys().map(|s| s.0).collect();
         if bits != self.node_bits {
