@@ -677,6 +677,9 @@ impl GcState {
 
     fn plan_empty_blocks(&mut self, index: &IpamIndex, now: Millis, cfg: &GcConfig, full: bool, gone: &BTreeSet<Sym>, plan: &mut Plan) {
         let mut still_empty: HashSet<IpNet> = HashSet::new();
+        // Blocks planned for release per host in this pass: a node keeps at least one block even
+        // when several of its blocks are empty at once.
+        let mut releasing: HashMap<Sym, usize> = HashMap::new();
         for slot in index.empty_blocks().iter() {
             let b = index.block(slot).expect("empty block exists");
             let host = b.host();
@@ -693,7 +696,7 @@ impl GcState {
                 releasable: false,
                 held_by: None,
             };
-            if index.host_blocks(host).len() <= 1 {
+            if index.host_blocks(host).len() <= 1 + releasing.get(&host).copied().unwrap_or(0) {
                 rec.held_by = Some("node-last-block");
                 self.empty_since.remove(&b.cidr);
             } else if index.node(host).is_some_and(|n| n.migration_in_progress) {
@@ -704,7 +707,9 @@ impl GcState {
             } else {
                 let since = *self.empty_since.entry(b.cidr).or_insert(now);
                 rec.releasable = now - since > cfg.leak_grace;
-                if !rec.releasable {
+                if rec.releasable {
+                    *releasing.entry(host).or_default() += 1;
+                } else {
                     rec.held_by = Some("within-grace-period");
                 }
             }
