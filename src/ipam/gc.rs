@@ -729,17 +729,17 @@ impl GcState {
         for h in index.unreferenced_handles() {
             let id = index.resolve(h).to_string();
             let e = index.handle(h).expect("listed handle exists");
-            let entry = self.orphan_since.entry(id.clone()).or_insert((now, e.revision.to_string()));
-            if entry.1 != e.revision.to_string() {
+            let entry = self.orphan_since.entry(id.clone()).or_insert((now, e.revision.clone()));
+            if entry.1 != e.revision {
                 // The handle changed since first seen: the CNI is using it; start over.
-                *entry = (now, e.revision.to_string());
+                *entry = (now, e.revision.clone());
             }
             let releasable = cfg.leak_grace > 0 && now - entry.0 > cfg.leak_grace;
             plan.orphan_handles.push(OrphanHandle {
                 handle_id: id.clone(),
                 object_name: crate::model::names::handle_object_name(&id),
-                revision: e.revision.to_string(),
-                uid: e.uid.to_string(),
+                revision: e.revision.clone(),
+                uid: e.uid.clone(),
                 releasable,
             });
             seen.insert(id);

@@ -186,10 +186,21 @@ pub struct AffinityEntry {
 /// What the GC keeps of an IPAMHandle object: enough to delete it under a precondition.
 /// The object name is derived from the handle ID (lowercased), the block counts are re-read
 /// by the executor, so neither is stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HandleEntry {
-    pub revision: Token,
-    pub uid: Token,
+    /// The resourceVersion as a number, or `ODD_TOKEN` when either token has another shape and
+    /// lives in the index's side table.
+    revision: u64,
+    uid: [u8; 16],
+}
+
+const ODD_TOKEN: u64 = u64::MAX;
+
+/// A handle object's CAS tokens, as strings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandleMeta {
+    pub revision: String,
+    pub uid: String,
 }
 
 /// An opaque token (resourceVersion, UID) stored compactly when it has the usual shape.
@@ -319,8 +330,12 @@ pub struct IpamIndex {
     pods: Vec<PodSlot>,
     free_pods: Vec<u32>,
     pod_by_key: FastMap<(Sym, Sym), u32>,
-    live_ip_refs: FastMap<IpAddr, u32>,
+    /// Ordinals of known blocks that at least one live, unfinished pod reports as its IP.
     live_gids: RoaringBitmap,
+    /// Holders beyond the first of a live ordinal (two pods reporting one IP: rare).
+    live_extra: FastMap<Gid, u32>,
+    /// Live pod IPs in no known block yet, with their holder counts; placed when the block comes.
+    live_unplaced: BTreeMap<(u8, u128), u32>,
     /// Allocations whose cached verdict (without KubeVirt facts) is a leak. Kept exact by
     /// re-judging an allocation whenever its block, its pod, its node or its IP's liveness
     /// changes, so a GC pass costs O(suspects), not O(allocations).
@@ -332,6 +347,8 @@ pub struct IpamIndex {
     node_bits: RoaringBitmap,
     affinities: HashMap<Box<str>, AffinityEntry>,
     handles: FastMap<Sym, HandleEntry>,
+    /// Tokens of handle objects whose resourceVersion is not a number or UID not a UUID.
+    odd_handle_tokens: FastMap<Sym, (Box<str>, Box<str>)>,
     dirty_nodes: BTreeSet<Box<str>>,
     full_scan_requested: bool,
     pub coverage: PodCoverage,
@@ -427,11 +444,16 @@ impl IpamIndex {
     pub fn affinities(&self) -> impl Iterator<Item = (&str, &AffinityEntry)> {
         self.affinities.iter().map(|(k, v)| (&**k, v))
     }
-    pub fn handles(&self) -> impl Iterator<Item = (Sym, &HandleEntry)> {
-        self.handles.iter().map(|(k, v)| (*k, v))
+    pub fn handles(&self) -> impl Iterator<Item = (Sym, HandleMeta)> + '_ {
+        self.handles.keys().filter_map(|k| Some((*k, self.handle(*k)?)))
     }
-    pub fn handle(&self, handle: Sym) -> Option<&HandleEntry> {
-        self.handles.get(&handle)
+    pub fn handle(&self, handle: Sym) -> Option<HandleMeta> {
+        let e = self.handles.get(&handle)?;
+        if e.revision == ODD_TOKEN {
+            let (r, u) = self.odd_handle_tokens.get(&handle)?;
+            return Some(HandleMeta { revision: r.to_string(), uid: u.to_string() });
+        }
+        Some(HandleMeta { revision: e.revision.to_string(), uid: Token::Uuid(e.uid).to_string() })
     }
     pub fn namespace_covered(&self, ns: Sym) -> bool {
         match &self.coverage {
@@ -532,6 +554,7 @@ impl IpamIndex {
                 };
                 self.by_cidr.insert(view.cidr, s);
                 self.by_network.insert(ip_sort_key(&view.cidr.network()), s);
+                self.place_live_ips(s, &view.cidr);
                 s
             }
         };
@@ -557,6 +580,7 @@ impl IpamIndex {
     /// Removes a block and every allocation in it.
     pub fn delete_block(&mut self, cidr: &IpNet) {
         let Some(slot) = self.by_cidr.remove(cidr) else { return };
+        self.unplace_live_ips(slot, cidr);
         self.by_network.remove(&ip_sort_key(&cidr.network()));
         if let Some(old) = self.blocks[slot as usize].take() {
             self.unlink_block(slot, &old, None);
@@ -673,9 +697,6 @@ impl IpamIndex {
             if !a.vmi.is_none() {
                 self.vm_allocs.insert(g);
             }
-            if self.live_ip_refs.contains_key(&ordinal_to_ip(&e.cidr, u32::from(a.ordinal))) {
-                self.live_gids.insert(g);
-            }
         }
         if let BlockOwner::Host(h) = e.owner {
             self.blocks_by_host.entry(h).or_default().push(slot);
@@ -694,7 +715,6 @@ impl IpamIndex {
         let lo = gid(slot, 0);
         let hi = gid(slot, (1 << ORDINAL_BITS) - 1);
         self.allocated.remove_range(lo..=hi);
-        self.live_gids.remove_range(lo..=hi);
         self.suspects.remove_range(lo..=hi);
         self.vm_allocs.remove_range(lo..=hi);
         for a in &e.allocs {
@@ -787,28 +807,62 @@ impl IpamIndex {
         self.free_pods.push(slot);
     }
 
+    /// A new block: live IPs waiting in `live_unplaced` inside it become live ordinals.
+    fn place_live_ips(&mut self, slot: u32, cidr: &IpNet) {
+        let (lo, hi) = (ip_sort_key(&cidr.network()), ip_sort_key(&cidr.broadcast()));
+        let inside: Vec<((u8, u128), u32)> = self.live_unplaced.range(lo..=hi).map(|(k, v)| (*k, *v)).collect();
+        for (key, count) in inside {
+            self.live_unplaced.remove(&key);
+            let g = gid(slot, (key.1 - lo.1) as u32);
+            self.live_gids.insert(g);
+            if count > 1 {
+                self.live_extra.insert(g, count - 1);
+            }
+        }
+    }
+
+    /// A block is going: its live ordinals go back to `live_unplaced` as addresses.
+    fn unplace_live_ips(&mut self, slot: u32, cidr: &IpNet) {
+        let (lo, hi) = (gid(slot, 0), gid(slot, (1 << ORDINAL_BITS) - 1));
+        let live: Vec<Gid> = self.live_gids.range(lo..=hi).collect();
+        for g in live {
+            let count = 1 + self.live_extra.remove(&g).unwrap_or(0);
+            self.live_unplaced.insert(ip_sort_key(&ordinal_to_ip(cidr, gid_ordinal(g))), count);
+        }
+        self.live_gids.remove_range(lo..=hi);
+    }
+
     fn set_live_ips(&mut self, ips: &[IpAddr], add: bool) {
         for ip in ips {
-            let changed = if add {
-                let c = self.live_ip_refs.entry(*ip).or_insert(0);
-                *c += 1;
-                *c == 1
-            } else if let Some(c) = self.live_ip_refs.get_mut(ip) {
-                *c -= 1;
-                let gone = *c == 0;
-                if gone {
-                    self.live_ip_refs.remove(ip);
-                }
-                gone
-            } else {
-                false
-            };
-            if changed && let Some(g) = self.gid_of_ip(*ip) && self.allocated.contains(g) {
+            let Some(g) = self.gid_of_ip(*ip) else {
+                let key = ip_sort_key(ip);
                 if add {
-                    self.live_gids.insert(g);
-                } else {
-                    self.live_gids.remove(g);
+                    *self.live_unplaced.entry(key).or_default() += 1;
+                } else if let Some(c) = self.live_unplaced.get_mut(&key) {
+                    *c -= 1;
+                    if *c == 0 {
+                        self.live_unplaced.remove(&key);
+                    }
                 }
+                continue;
+            };
+            let flipped = if add {
+                if self.live_gids.contains(g) {
+                    *self.live_extra.entry(g).or_default() += 1;
+                    false
+                } else {
+                    self.live_gids.insert(g)
+                }
+            } else if let Some(extra) = self.live_extra.get_mut(&g) {
+                *extra -= 1;
+                if *extra == 0 {
+                    self.live_extra.remove(&g);
+                }
+                false
+            } else {
+                self.live_gids.remove(g)
+            };
+            if flipped && self.allocated.contains(g) {
                 self.reeval([g]);
             }
         }
@@ -944,7 +998,17 @@ impl IpamIndex {
             return;
         }
         let sym = self.strings.intern(id);
-        let entry = HandleEntry { revision: Token::new(h.resource_version()), uid: Token::new(h.metadata.uid.as_deref().unwrap_or("")) };
+        let (rev, uid) = (h.resource_version(), h.metadata.uid.as_deref().unwrap_or(""));
+        let entry = match (Token::new(rev), Token::new(uid)) {
+            (Token::Number(n), Token::Uuid(u)) if n != ODD_TOKEN => {
+                self.odd_handle_tokens.remove(&sym);
+                HandleEntry { revision: n, uid: u }
+            }
+            _ => {
+                self.odd_handle_tokens.insert(sym, (rev.into(), uid.into()));
+                HandleEntry { revision: ODD_TOKEN, uid: [0; 16] }
+            }
+        };
         if self.handles.insert(sym, entry).is_some() {
             self.strings.release(sym);
         } else if !self.by_handle.contains_key(&sym) {
@@ -956,6 +1020,7 @@ impl IpamIndex {
         if let Some(s) = self.strings.lookup(handle_id)
             && self.handles.remove(&s).is_some() {
                 self.orphans.remove(&s);
+                self.odd_handle_tokens.remove(&s);
                 self.strings.release(s);
             }
     }
@@ -1016,7 +1081,8 @@ impl IpamIndex {
         let pods = self.pods.capacity() * std::mem::size_of::<PodSlot>()
             + self.pods.iter().map(|p| p.ips.len() * std::mem::size_of::<IpAddr>()).sum::<usize>();
         let maps = self.pod_by_key.capacity() * 13
-            + self.live_ip_refs.capacity() * 22
+            + self.live_extra.capacity() * 9
+            + self.live_unplaced.len() * 40
             + self.by_handle.capacity() * 29
             + self.by_handle.values().map(|v| if matches!(v, HandleGids::Spill(_)) { v.as_slice().len() * 4 + 16 } else { 0 }).sum::<usize>()
             + self.handles.capacity() * (std::mem::size_of::<HandleEntry>() + 5)
@@ -1161,18 +1227,30 @@ impl IpamIndex {
         if self.pod_by_key.len() + free.len() != self.pods.len() {
             return Err("pod key map size does not match live slots".into());
         }
-        if live_refs.len() != self.live_ip_refs.len() || live_refs.iter().any(|(k, v)| self.live_ip_refs.get(k) != Some(v)) {
-            return Err("live IP reference counts differ from pods".into());
-        }
         let mut live = RoaringBitmap::new();
-        for ip in live_refs.keys() {
-            if let Some(g) = self.gid_of_ip(*ip)
-                && allocated.contains(g) {
+        let mut extra: HashMap<Gid, u32> = HashMap::new();
+        let mut unplaced: BTreeMap<(u8, u128), u32> = BTreeMap::new();
+        for (ip, count) in &live_refs {
+            match self.gid_of_ip(*ip) {
+                Some(g) => {
                     live.insert(g);
+                    if *count > 1 {
+                        extra.insert(g, count - 1);
+                    }
                 }
+                None => {
+                    unplaced.insert(ip_sort_key(ip), *count);
+                }
+            }
         }
         if live != self.live_gids {
             return Err("live_gids differs from pods' IPs".into());
+        }
+        if extra.len() != self.live_extra.len() || extra.iter().any(|(k, v)| self.live_extra.get(k) != Some(v)) {
+            return Err("live_extra differs from pods' shared IPs".into());
+        }
+        if unplaced != self.live_unplaced {
+            return Err("live_unplaced differs from pods' IPs outside known blocks".into());
         }
         for n in self.nodes.keys() {
             bump(*n, &mut expected_refs);
@@ -1198,6 +1276,10 @@ impl IpamIndex {
         let bits: RoaringBitmap = self.nodes.keys().map(|s| s.0).collect();
         if bits != self.node_bits {
             return Err("node_bits differs from nodes".into());
+        }
+        let odd: BTreeSet<Sym> = self.handles.iter().filter(|(_, e)| e.revision == ODD_TOKEN).map(|(k, _)| *k).collect();
+        if odd != self.odd_handle_tokens.keys().copied().collect::<BTreeSet<Sym>>() {
+            return Err("odd handle tokens differ from handles marked odd".into());
         }
         let orphans: BTreeSet<Sym> = self.handles.keys().copied().filter(|h| !self.by_handle.contains_key(h)).collect();
         if orphans != self.orphans {

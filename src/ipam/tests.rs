@@ -581,3 +581,16 @@ fn several_empty_blocks_of_one_node_are_released_together_except_the_last() {
     assert_eq!(p.empty_blocks.iter().filter(|e| e.releasable).count(), 4);
     assert_eq!(p.empty_blocks.iter().filter(|e| e.held_by == Some("node-last-block")).count(), 1);
 }
+
+#[test]
+fn handle_tokens_are_stored_compactly_and_read_back_exactly() {
+    let mut w = World::new(5);
+    for (name, rv, uid) in [("a", "12345", "0b3d2c1e-9f8a-4b7c-8d6e-5f4a3b2c1d0e"), ("b", "rv-text", "not-a-uuid"), ("c", "007", "")] {
+        let h: IpamHandle = serde_json::from_value(json!({"metadata": {"name": name, "resourceVersion": rv, "uid": uid}, "spec": {"handleID": name, "block": {}}})).unwrap();
+        w.index.apply_handle(&h);
+        let meta = w.index.handle(w.index.strings().lookup(name).unwrap()).unwrap();
+        assert_eq!((meta.revision.as_str(), meta.uid.as_str()), (rv, uid));
+    }
+    w.index.delete_handle("b");
+    w.index.check_invariants().unwrap();
+}
