@@ -1066,6 +1066,7 @@ impl IpamIndex {
         }
         self.dirty_nodes.clear();
         self.full_scan_requested = true;
+        self.strings.shrink_to_fit();
         invalid
     }
 

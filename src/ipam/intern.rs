@@ -54,8 +54,13 @@ impl Sym {
 
 #[derive(Debug, Default)]
 pub struct Interner {
-    /// Slot 0 is the empty string and is never freed.
-    strings: Vec<Box<str>>,
+    /// Every live string's bytes back to back: one allocation instead of one per string (which
+    /// costs a 16-byte pointer and the allocator's own header each). Freed strings leave garbage
+    /// that is compacted away once it outweighs the live bytes.
+    arena: String,
+    garbage: usize,
+    /// Symbol -> (offset, length) in `arena`. Slot 0 is the empty string and is never freed.
+    spans: Vec<(u32, u32)>,
     refs: Vec<u32>,
     free: Vec<u32>,
     by_hash: FastMap<u64, u32>,
@@ -85,7 +90,7 @@ fn hash_str_bytes(bytes: &[u8]) -> u64 {
 
 impl Interner {
     pub fn new() -> Self {
-        Interner { strings: vec!["".into()], refs: vec![u32::MAX], ..Default::default() }
+        Interner { spans: vec![(0, 0)], refs: vec![u32::MAX], ..Default::default() }
     }
 
     pub fn lookup(&self, s: &str) -> Option<Sym> {
@@ -93,7 +98,7 @@ impl Interner {
             return Some(Sym::NONE);
         }
         match self.by_hash.get(&hash_str(s)) {
-            Some(&id) if &*self.strings[id as usize] == s => Some(Sym(id)),
+            Some(&id) if self.resolve(Sym(id)) == s => Some(Sym(id)),
             Some(_) => self.collided.get(s).map(|&id| Sym(id)),
             None => None,
         }
@@ -108,16 +113,23 @@ impl Interner {
             self.refs[sym.0 as usize] += 1;
             return sym;
         }
+        if self.arena.len() + s.len() > self.arena.capacity() {
+            // Grow by an eighth, not double: the arena is the interner's bulk, and doubling would
+            // leave up to half of it unused.
+            self.arena.reserve_exact((self.arena.len() / 8).max(s.len()).max(4096));
+        }
+        let span = (self.arena.len() as u32, s.len() as u32);
+        self.arena.push_str(s);
         let id = match self.free.pop() {
             Some(id) => {
-                self.strings[id as usize] = s.into();
+                self.spans[id as usize] = span;
                 self.refs[id as usize] = 1;
                 id
             }
             None => {
-                self.strings.push(s.into());
+                self.spans.push(span);
                 self.refs.push(1);
-                (self.strings.len() - 1) as u32
+                (self.spans.len() - 1) as u32
             }
         };
         let h = hash_str(s);
@@ -147,7 +159,9 @@ impl Interner {
         if self.refs[id] > 0 {
             return;
         }
-        let s = std::mem::take(&mut self.strings[id]);
+        let s = self.resolve(sym).to_string();
+        self.garbage += s.len();
+        self.spans[id] = (0, 0);
         let h = hash_str(&s);
         if self.collided.remove(&*s).is_none() {
             self.by_hash.remove(&h);
@@ -159,14 +173,38 @@ impl Interner {
             }
         }
         self.free.push(id as u32);
+        if self.garbage > 1 << 16 && self.garbage > self.arena.len() / 2 {
+            self.compact();
+        }
+    }
+
+    /// Rewrites the arena with only the live strings; symbols keep their numbers.
+    fn compact(&mut self) {
+        let mut arena = String::with_capacity(self.arena.len() - self.garbage);
+        for (id, span) in self.spans.iter_mut().enumerate().skip(1) {
+            if self.refs[id] == 0 {
+                continue;
+            }
+            let (o, l) = (span.0 as usize, span.1 as usize);
+            *span = (arena.len() as u32, span.1);
+            arena.push_str(&self.arena[o..o + l]);
+        }
+        self.arena = arena;
+        self.garbage = 0;
+    }
+
+    /// Returns spare arena capacity after a bulk load.
+    pub fn shrink_to_fit(&mut self) {
+        self.arena.shrink_to_fit();
     }
 
     pub fn resolve(&self, sym: Sym) -> &str {
-        &self.strings[sym.0 as usize]
+        let (o, l) = self.spans[sym.0 as usize];
+        &self.arena[o as usize..(o + l) as usize]
     }
 
     pub fn live(&self) -> usize {
-        self.strings.len() - 1 - self.free.len()
+        self.spans.len() - 1 - self.free.len()
     }
 
     pub fn ref_count(&self, sym: Sym) -> u32 {
@@ -175,9 +213,8 @@ impl Interner {
 
     /// Heap bytes held by the interner (strings and tables), for memory reports.
     pub fn heap_bytes(&self) -> usize {
-        let strings: usize = self.strings.iter().map(|s| s.len()).sum();
-        strings
-            + self.strings.capacity() * 16
+        self.arena.capacity()
+            + self.spans.capacity() * 8
             + self.refs.capacity() * 4
             + self.free.capacity() * 4
             + self.by_hash.capacity() * 13
@@ -191,7 +228,11 @@ impl Interner {
             return Err("interner free list has duplicates".into());
         }
         let mut reachable = 0;
-        for (id, s) in self.strings.iter().enumerate().skip(1) {
+        if self.spans.iter().skip(1).map(|(_, l)| *l as usize).sum::<usize>() + self.garbage != self.arena.len() {
+            return Err("interner arena size is not live bytes plus garbage".into());
+        }
+        for id in 1..self.spans.len() {
+            let s = self.resolve(Sym(id as u32));
             let id = id as u32;
             if free.contains(&id) {
                 if self.refs[id as usize] != 0 {
@@ -230,6 +271,23 @@ mod tests {
         i.release(a);
         assert_eq!(i.lookup("node-1"), None);
         assert_eq!(i.intern(""), Sym::NONE);
+        i.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn freed_strings_are_compacted_away_and_survivors_keep_their_symbols() {
+        let mut i = Interner::new();
+        let syms: Vec<Sym> = (0..20_000).map(|n| i.intern(&format!("k8s-pod-network.{n:040}"))).collect();
+        for (n, s) in syms.iter().enumerate() {
+            if n % 10 != 0 {
+                i.release(*s);
+            }
+        }
+        assert!(i.arena.len() < 20_000 * 56 / 2, "compaction ran: {} bytes", i.arena.len());
+        for (n, s) in syms.iter().enumerate().filter(|(n, _)| n % 10 == 0) {
+            assert_eq!(i.resolve(*s), format!("k8s-pod-network.{n:040}"));
+            assert_eq!(i.lookup(&format!("k8s-pod-network.{n:040}")), Some(*s));
+        }
         i.check_invariants().unwrap();
     }
 
