@@ -153,7 +153,7 @@ fn the_dump_reads_back_and_leak_scan_finds_the_initial_leaks() {
     let dir = std::env::temp_dir().join(format!("sim-dump-test-{}", std::process::id()));
     let stats = dump::write_dump(&c, &dir).unwrap();
     assert!(stats.pod_bytes / stats.pods as u64 > 2_000, "pods are a few KB each: {stats:?}");
-    let contents = crate::scan::dump::read_paths(&[dir.clone()], &mut |_, _| {}).unwrap();
+    let contents = crate::scan::dump::read_paths(std::slice::from_ref(&dir), &mut |_, _| {}).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(contents.invalid.is_empty(), "{:?}", contents.invalid);
     assert_eq!(contents.pods, c.pod_facts);
