@@ -257,7 +257,7 @@ impl std::fmt::Display for Token {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HandleGids {
     Inline([Gid; 2], u8),
-    Spill(Vec<Gid>),
+    Spill(Box<[Gid]>),
 }
 
 impl HandleGids {
@@ -276,8 +276,12 @@ impl HandleGids {
                 a[*n as usize] = g;
                 *n += 1;
             }
-            HandleGids::Inline(a, _) => *self = HandleGids::Spill(vec![a[0], a[1], g]),
-            HandleGids::Spill(v) => v.push(g),
+            HandleGids::Inline(a, _) => *self = HandleGids::Spill(vec![a[0], a[1], g].into()),
+            HandleGids::Spill(v) => {
+                let mut grown = v.to_vec();
+                grown.push(g);
+                *v = grown.into();
+            }
         }
     }
     /// Removes `g`; returns true when nothing is left.
@@ -291,8 +295,7 @@ impl HandleGids {
             a[..rest.len()].copy_from_slice(&rest);
             *self = HandleGids::Inline(a, rest.len() as u8);
         } else {
-            rest.shrink_to_fit();
-            *self = HandleGids::Spill(rest);
+            *self = HandleGids::Spill(rest.into());
         }
         self.as_slice().is_empty()
     }
@@ -1067,6 +1070,11 @@ impl IpamIndex {
         self.dirty_nodes.clear();
         self.full_scan_requested = true;
         self.strings.shrink_to_fit();
+        // A bulk load knows its final sizes: give back the growth slack of the big tables.
+        self.pods.shrink_to_fit();
+        self.pod_by_key.shrink_to_fit();
+        self.by_handle.shrink_to_fit();
+        self.handles.shrink_to_fit();
         invalid
     }
 
