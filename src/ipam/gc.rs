@@ -12,7 +12,7 @@ use ipnet::IpNet;
 use roaring::RoaringBitmap;
 
 use super::index::{gid, gid_ordinal, gid_slot, Alloc, AllocKind, Gid, IpamIndex, PodSlot};
-use super::intern::{hash_str, Sym};
+use super::intern::Sym;
 use crate::model::names::ordinal_to_ip;
 use crate::model::time::Millis;
 use crate::model::{PodFacts, PodPhase};
@@ -29,6 +29,10 @@ pub struct GcConfig {
     pub max_releases_per_pass: usize,
     /// IPAMConfig `ipCooldownSeconds`, in milliseconds.
     pub ip_cooldown: Millis,
+    /// A confirmed pod leak on a live node is released only after the shell re-read its pod
+    /// from the API (SPEC §5.7 final re-validation) and passed it in `fresh_pods`. The
+    /// controller sets this; leak-scan and simulate judge on their snapshot alone.
+    pub revalidate_live: bool,
 }
 
 impl Default for GcConfig {
@@ -37,6 +41,7 @@ impl Default for GcConfig {
             leak_grace: crate::model::config::DEFAULT_LEAK_GRACE,
             max_releases_per_pass: DEFAULT_MAX_RELEASES_PER_PASS,
             ip_cooldown: 0,
+            revalidate_live: false,
         }
     }
 }
@@ -384,8 +389,12 @@ pub struct GcState {
     release_cursor: Gid,
 }
 
-fn identity(index: &IpamIndex, a: &Alloc) -> (u64, u64) {
-    (hash_str(index.resolve(a.handle)), a.seq)
+/// An allocation's identity for leak tracking: its handle and sequence number. The CNI stamps a
+/// new sequence number on every allocation, so a reallocated ordinal never looks like the leak
+/// it replaced. (A handle symbol is only reused after its last reference is gone, and a block
+/// update interns the new handle before releasing the old one.)
+fn identity(_index: &IpamIndex, a: &Alloc) -> (u64, u64) {
+    (u64::from(a.handle.0), a.seq)
 }
 
 impl GcState {
@@ -574,33 +583,42 @@ impl GcState {
     fn plan_releases(&mut self, index: &IpamIndex, cfg: &GcConfig, kubevirt: Option<&KubeVirtFacts>, fresh: &BTreeMap<(String, String), Option<PodFacts>>, plan: &mut Plan) {
         // Final re-validation, then all-or-none per handle.
         let mut releasable = RoaringBitmap::new();
+        let mut awaiting = RoaringBitmap::new();
+        let mut revalidated_valid = RoaringBitmap::new();
         for g in self.confirmed.iter() {
             let Some(a) = index.alloc(g) else { continue };
-            let key = (index.resolve(a.namespace).to_string(), index.resolve(a.pod).to_string());
-            let verdict = match fresh.get(&key) {
-                Some(f) if a.kind == AllocKind::Pod => revalidate(index, g, f.as_ref(), kubevirt),
-                _ => {
+            let is_pod = a.kind == AllocKind::Pod && a.vmi.is_none();
+            let key = || (index.resolve(a.namespace).to_string(), index.resolve(a.pod).to_string());
+            let fresh_entry = if is_pod && !fresh.is_empty() { fresh.get(&key()) } else { None };
+            let verdict = match fresh_entry {
+                Some(f) => revalidate(index, g, f.as_ref(), kubevirt),
+                None => {
                     let b = index.block(gid_slot(g)).expect("allocated gid has a block");
                     classify(index, g, a, &b.cidr, kubevirt)
                 }
             };
             match verdict {
+                Verdict::Leak(_) if is_pod && cfg.revalidate_live && fresh_entry.is_none() && index.node_exists(a.node) => {
+                    // Not yet: the shell reads the pod and the next pass decides.
+                    awaiting.insert(g);
+                    let (ns, pod) = key();
+                    plan.revalidate.push((g, ns, pod));
+                }
                 Verdict::Leak(_) => {
                     releasable.insert(g);
-                    if a.kind == AllocKind::Pod && index.node_exists(a.node) && !fresh.contains_key(&key) {
-                        plan.revalidate.push((g, key.0, key.1));
-                    }
                 }
                 Verdict::Valid(_) => {
-                    if let Some(r) = plan.leaks.iter_mut().find(|r| r.gid == g) {
-                        r.held_by = Some(HeldBy::Revalidated);
-                    }
+                    revalidated_valid.insert(g);
                 }
             }
         }
+        if !revalidated_valid.is_empty() {
+            for r in plan.leaks.iter_mut().filter(|r| revalidated_valid.contains(r.gid)) {
+                r.held_by = Some(HeldBy::Revalidated);
+            }
+        }
         // Revalidated-valid leaks are forgotten: they start over if they leak again.
-        let revived: Vec<Gid> = (&self.confirmed - &releasable).iter().collect();
-        for g in revived {
+        for g in revalidated_valid.iter() {
             self.forget(g);
         }
         let mut allowed = RoaringBitmap::new();

@@ -123,7 +123,7 @@ fn a_deleted_pods_ip_is_a_candidate_first_and_released_after_the_grace_period() 
     let p = w.full(T0 + 15 * MIN + 1);
     assert_eq!(released_ips(&p), vec!["10.0.0.2"]);
     assert_eq!(p.releases[0].items[0].sequence, 102);
-    assert_eq!(p.revalidate, vec![(w.index.gid_of_ip("10.0.0.2".parse().unwrap()).unwrap(), "ns".into(), "p2".into())]);
+    assert!(p.revalidate.is_empty(), "judged on the snapshot when live re-validation is off");
 }
 
 #[test]
@@ -593,4 +593,27 @@ fn handle_tokens_are_stored_compactly_and_read_back_exactly() {
     }
     w.index.delete_handle("b");
     w.index.check_invariants().unwrap();
+}
+
+#[test]
+fn with_live_revalidation_a_confirmed_leak_waits_for_a_fresh_read_of_its_pod() {
+    let mut w = basic(1);
+    w.cfg.revalidate_live = true;
+    w.full(T0);
+    let g = w.index.gid_of_ip("10.0.0.2".parse().unwrap()).unwrap();
+    let p = w.full(T0 + 2 * MIN);
+    assert!(p.releases.is_empty(), "no release on cached facts alone");
+    assert_eq!(p.revalidate, vec![(g, "ns".to_string(), "p2".to_string())]);
+    assert!(w.gc.is_confirmed(g), "stays confirmed while the read is pending");
+    // The read shows the pod back with this IP: kept, and its leak state forgotten.
+    let mut fresh = BTreeMap::new();
+    fresh.insert(("ns".to_string(), "p2".to_string()), Some(pod("ns", "p2", "n1", &["10.0.0.2"])));
+    let p = w.pass(T0 + 3 * MIN, Scope::Full, &fresh);
+    assert!(p.releases.is_empty());
+    assert!(!w.gc.is_confirmed(g));
+    // Later the read says NotFound: released in that pass.
+    w.full(T0 + 4 * MIN);
+    w.full(T0 + 6 * MIN);
+    fresh.insert(("ns".to_string(), "p2".to_string()), None);
+    assert_eq!(released_ips(&w.pass(T0 + 7 * MIN, Scope::Full, &fresh)), vec!["10.0.0.2"]);
 }

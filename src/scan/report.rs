@@ -197,6 +197,8 @@ pub fn scan_dump(dump: &DumpContents, now: Millis) -> Result<LeakReport, Incompl
         leak_grace: dump.kube_controllers_config.as_ref().map_or(crate::model::config::DEFAULT_LEAK_GRACE, |k| k.spec.leak_grace_period()),
         max_releases_per_pass: usize::MAX,
         ip_cooldown: dump.ipam_config.as_ref().and_then(|c| c.spec.ip_cooldown_seconds).map_or(0, |s| i64::from(s) * 1000),
+        // The dump is the only source of truth a scan has.
+        revalidate_live: false,
     };
     let meta = ReportMeta::from_cluster_info(dump.cluster_info.as_ref());
     Ok(observe(&index, &cfg, now, meta, invalid))
