@@ -76,6 +76,8 @@ pub fn main() -> i32 {
     };
     match result {
         Ok(code) => code,
+        // A reader that stopped early (`| head`) is not a failure of the scan.
+        Err(e) if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) => 0,
         Err(e) => {
             eprintln!("error: {e:#}");
             2
