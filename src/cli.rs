@@ -100,13 +100,13 @@ fn leak_scan(a: LeakScanArgs) -> anyhow::Result<i32> {
             eprint!("\rreading dump: {} / {} MB", done >> 20, total >> 20);
         }
     };
-    let contents = dump::read_paths(&a.from_dump, &mut progress).context("reading the dump")?;
+    let mut contents = dump::read_paths_indexed(&a.from_dump, &mut progress).context("reading the dump")?;
     if tty && started.elapsed().as_secs_f64() > 1.0 {
         eprintln!();
     }
-    let r = report::scan_dump(&contents, now_millis())?;
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
+    let r = report::scan_dump(&mut contents, now_millis())?;
+    // Pretty JSON is many short lines: buffer them instead of a write per line.
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
     match a.output {
         Output::Json => {
             serde_json::to_writer_pretty(&mut out, &r)?;

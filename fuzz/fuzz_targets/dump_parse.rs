@@ -4,7 +4,7 @@ use calico_kube_controllers::scan::{dump, report};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(d) = dump::read_bytes("fuzz.json", data) {
-        let _ = report::scan_dump(&d, 1_800_000_000_000);
+    if let Ok(mut d) = dump::read_bytes("fuzz.json", data) {
+        let _ = report::scan_dump(&mut d, 1_800_000_000_000);
     }
 });

@@ -52,7 +52,7 @@ pub struct AllocationAttribute {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handle_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub secondary: Option<BTreeMap<String, String>>,
+    pub secondary: Option<AttrMap>,
     #[serde(default, rename = "alternateOwnerAttrs", skip_serializing_if = "Option::is_none")]
     pub alternate_owner_attrs: Option<BTreeMap<String, String>>,
     #[serde(default, rename = "releasedAt", skip_serializing_if = "Option::is_none")]
@@ -63,7 +63,61 @@ pub struct AllocationAttribute {
 
 impl AllocationAttribute {
     pub fn attr(&self, key: &str) -> Option<&str> {
-        self.secondary.as_ref()?.get(key).map(String::as_str).filter(|v| !v.is_empty())
+        self.secondary.as_ref()?.get(key).filter(|v| !v.is_empty())
+    }
+}
+
+/// A small string map kept as a vector of pairs in input order: an allocation's `secondary`
+/// has four or five keys, where a `BTreeMap` node would cost half a kilobyte per address.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AttrMap(pub Vec<(String, String)>);
+
+impl AttrMap {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+}
+
+impl From<BTreeMap<String, String>> for AttrMap {
+    fn from(m: BTreeMap<String, String>) -> Self {
+        AttrMap(m.into_iter().collect())
+    }
+}
+
+impl Serialize for AttrMap {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for AttrMap {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Pairs;
+        impl<'de> serde::de::Visitor<'de> for Pairs {
+            type Value = AttrMap;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map of strings")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<AttrMap, A::Error> {
+                let mut v: Vec<(String, String)> = Vec::with_capacity(map.size_hint().unwrap_or(4));
+                while let Some((k, val)) = map.next_entry::<String, Option<String>>()? {
+                    // A repeated key keeps its last value, as a map would.
+                    let val = val.unwrap_or_default();
+                    match v.iter_mut().find(|(key, _)| *key == k) {
+                        Some(slot) => slot.1 = val,
+                        None => v.push((k, val)),
+                    }
+                }
+                v.shrink_to_fit();
+                Ok(AttrMap(v))
+            }
+        }
+        d.deserialize_map(Pairs)
     }
 }
 

@@ -77,6 +77,11 @@ pub struct DumpContents {
     pub saw_v3_api: bool,
     pub bytes_read: u64,
     pub files: Vec<PathBuf>,
+    /// Namespaces with at least one Pod in the dump.
+    pub pod_namespaces: BTreeSet<String>,
+    /// Set by [`read_paths_indexed`]: Pods, Nodes and IPAM objects were applied here instead of
+    /// being collected in the vectors above.
+    pub index: Option<Box<crate::ipam::index::IpamIndex>>,
 }
 
 /// Why a dump could not be read at all.
@@ -119,13 +124,24 @@ fn io_error(path: &Path, source: io::Error) -> DumpError {
 /// `.yaml` and `.yml`), in sorted path order. `progress(bytes_so_far, total_bytes)` is called at
 /// most every ~8 MiB and once at the end.
 pub fn read_paths(paths: &[PathBuf], progress: &mut dyn FnMut(u64, u64)) -> Result<DumpContents, DumpError> {
+    read_paths_into(paths, DumpContents::default(), progress)
+}
+
+/// Like [`read_paths`], but Pods, Nodes, IPAMBlocks, BlockAffinities and IPAMHandles go straight
+/// into an allocation index as they arrive instead of being kept as objects: what a large scan
+/// holds is then the compact index, not the dump's objects.
+pub fn read_paths_indexed(paths: &[PathBuf], progress: &mut dyn FnMut(u64, u64)) -> Result<DumpContents, DumpError> {
+    let contents = DumpContents { index: Some(Box::new(crate::ipam::index::IpamIndex::new())), ..DumpContents::default() };
+    read_paths_into(paths, contents, progress)
+}
+
+fn read_paths_into(paths: &[PathBuf], mut contents: DumpContents, progress: &mut dyn FnMut(u64, u64)) -> Result<DumpContents, DumpError> {
     let files = collect_files(paths)?;
     let mut total = 0;
     for f in &files {
         total += fs::metadata(f).map_err(|e| io_error(f, e))?.len();
     }
     let mut progress = Progress { done: 0, reported: 0, total, report: progress };
-    let mut contents = DumpContents::default();
     for path in &files {
         let label = path.display().to_string();
         match format_of(path)? {
@@ -1100,17 +1116,17 @@ fn classify(bytes: &[u8], fallback: &str, nesting: usize) -> Outcome {
         }
         "IPAMBlock" => match serde_json::from_slice::<IpamBlock>(bytes) {
             Ok(b) if b.spec.deleted => Parsed::SoftDeleted,
-            Ok(b) => Parsed::Block(Box::new(b)),
+            Ok(b) => Parsed::Block(Box::new(trimmed(b))),
             Err(e) => invalid(e),
         },
         "BlockAffinity" => match serde_json::from_slice::<BlockAffinity>(bytes) {
             Ok(a) if a.spec.deleted => Parsed::SoftDeleted,
-            Ok(a) => Parsed::Affinity(Box::new(a)),
+            Ok(a) => Parsed::Affinity(Box::new(trimmed(a))),
             Err(e) => invalid(e),
         },
         "IPAMHandle" => match serde_json::from_slice::<IpamHandle>(bytes) {
             Ok(h) if h.spec.deleted => Parsed::SoftDeleted,
-            Ok(h) => Parsed::Handle(Box::new(h)),
+            Ok(h) => Parsed::Handle(Box::new(trimmed(h))),
             Err(e) => invalid(e),
         },
         "IPPool" => serde_json::from_slice(bytes).map_or_else(invalid, |p| Parsed::Pool(Box::new(p))),
@@ -1238,7 +1254,7 @@ fn keep_singleton<S>(slot: &mut Option<Object<S>>, new: Object<S>) {
 
 impl DumpContents {
     fn absorb(&mut self, outcome: Outcome) {
-        let (kind, v3, parsed) = match outcome {
+        let (kind, v3, mut parsed) = match outcome {
             Outcome::List(items) => {
                 for item in items {
                     self.absorb(item);
@@ -1249,6 +1265,31 @@ impl DumpContents {
         };
         *self.kind_counts.entry(kind).or_default() += 1;
         self.saw_v3_api |= v3;
+        if let Some(index) = self.index.as_deref_mut() {
+            match parsed {
+                Parsed::Block(b) => {
+                    if let Err(e) = index.apply_block(&b) {
+                        self.invalid.push(e);
+                    }
+                    return;
+                }
+                Parsed::Affinity(a) => {
+                    if let Err(e) = index.apply_affinity(&a) {
+                        self.invalid.push(e);
+                    }
+                    return;
+                }
+                Parsed::Handle(h) => return index.apply_handle(&h),
+                Parsed::Node(n) => return index.apply_node(&n),
+                Parsed::Pod(facts, problem) => {
+                    index.apply_pod(&facts);
+                    self.pod_namespaces.insert(facts.namespace);
+                    self.invalid.extend(problem);
+                    return;
+                }
+                other => parsed = other,
+            }
+        }
         match parsed {
             Parsed::Block(b) => self.blocks.push(*b),
             Parsed::Affinity(a) => self.affinities.push(*a),
@@ -1259,6 +1300,7 @@ impl DumpContents {
             Parsed::ClusterInfo(c) => keep_singleton(&mut self.cluster_info, *c),
             Parsed::KubeControllersConfig(c) => keep_singleton(&mut self.kube_controllers_config, *c),
             Parsed::Pod(facts, problem) => {
+                self.pod_namespaces.insert(facts.namespace.clone());
                 self.pods.push(*facts);
                 self.invalid.extend(problem);
             }
@@ -1667,4 +1709,15 @@ mod tests {
             let _ = read_bytes("fuzz.json", text.as_bytes());
         }
     }
+}
+
+/// A scan never writes objects back, so the metadata it does not read (managedFields, labels,
+/// annotations, status) is dropped as each IPAM object arrives: with one handle per pod, that
+/// metadata would otherwise outweigh everything the GC keeps.
+fn trimmed<S>(mut o: crate::model::Object<S>) -> crate::model::Object<S> {
+    o.metadata.extra = Default::default();
+    o.metadata.labels = Default::default();
+    o.metadata.annotations = Default::default();
+    o.extra = Default::default();
+    o
 }

@@ -171,7 +171,7 @@ impl ReportMeta {
 
 /// Runs one observation over a dump. Refuses (without guessing) when Pods, Nodes or IPAMBlocks
 /// are missing: with no pods every IP would look leaked.
-pub fn scan_dump(dump: &DumpContents, now: Millis) -> Result<LeakReport, IncompleteDump> {
+pub fn scan_dump(dump: &mut DumpContents, now: Millis) -> Result<LeakReport, IncompleteDump> {
     let mut missing = Vec::new();
     for (kind, label) in [("Pod", "Pods (all namespaces)"), ("Node", "Nodes"), ("IPAMBlock", "IPAMBlocks")] {
         if dump.kind_counts.get(kind).copied().unwrap_or(0) == 0 {
@@ -181,18 +181,24 @@ pub fn scan_dump(dump: &DumpContents, now: Millis) -> Result<LeakReport, Incompl
     if !missing.is_empty() {
         return Err(IncompleteDump { missing, hint: DUMP_HINT });
     }
-    let mut index = IpamIndex::new();
+    let mut invalid = dump.invalid.clone();
+    let mut index = match dump.index.take() {
+        Some(ix) => *ix,
+        None => {
+            let mut built = IpamIndex::new();
+            invalid.extend(built.reset(Snapshot {
+                blocks: &dump.blocks,
+                affinities: &dump.affinities,
+                handles: &dump.handles,
+                pods: &dump.pods,
+                nodes: &dump.nodes,
+            }));
+            built
+        }
+    };
     // A dump proves nothing about namespaces it holds no pod of: the user may have listed
     // pods of some namespaces only. Allocations elsewhere are reported but never releasable.
-    index.coverage = PodCoverage::Namespaces(dump.pods.iter().map(|p| p.namespace.clone()).collect());
-    let mut invalid = dump.invalid.clone();
-    invalid.extend(index.reset(Snapshot {
-        blocks: &dump.blocks,
-        affinities: &dump.affinities,
-        handles: &dump.handles,
-        pods: &dump.pods,
-        nodes: &dump.nodes,
-    }));
+    index.coverage = PodCoverage::Namespaces(dump.pod_namespaces.clone());
     let cfg = GcConfig {
         leak_grace: dump.kube_controllers_config.as_ref().map_or(crate::model::config::DEFAULT_LEAK_GRACE, |k| k.spec.leak_grace_period()),
         max_releases_per_pass: usize::MAX,
@@ -415,8 +421,8 @@ mod tests {
 
     #[test]
     fn a_dump_scan_reports_leaks_releasability_and_calicoctl_fields() {
-        let d = read_bytes("dump.json", dump().as_bytes()).unwrap();
-        let r = scan_dump(&d, NOW).unwrap();
+        let mut d = read_bytes("dump.json", dump().as_bytes()).unwrap();
+        let r = scan_dump(&mut d, NOW).unwrap();
         assert_eq!(r.leaks.len(), 2);
         let dead = r.leaks.iter().find(|l| l.pod == "dead").unwrap();
         assert!(dead.releasable && dead.held_by.is_none());
@@ -443,8 +449,8 @@ mod tests {
 
     #[test]
     fn a_dump_without_pods_is_refused() {
-        let d = read_bytes("dump.json", br#"{"apiVersion":"v1","kind":"List","items":[{"apiVersion":"v1","kind":"Node","metadata":{"name":"n1"}}]}"#).unwrap();
-        let err = scan_dump(&d, NOW).unwrap_err();
+        let mut d = read_bytes("dump.json", br#"{"apiVersion":"v1","kind":"List","items":[{"apiVersion":"v1","kind":"Node","metadata":{"name":"n1"}}]}"#).unwrap();
+        let err = scan_dump(&mut d, NOW).unwrap_err();
         assert!(err.missing.contains(&"Pods (all namespaces)"));
         assert!(err.missing.contains(&"IPAMBlocks"));
     }

@@ -565,7 +565,7 @@ pub fn generate(opts: &SimOptions) -> Result<SyntheticCluster, SimError> {
                 if !reserved.is_empty() {
                     attributes.push(AllocationAttribute {
                         handle_id: Some(WINDOWS_RESERVED_HANDLE.to_string()),
-                        secondary: Some(BTreeMap::from([("note".to_string(), "windows reserved".to_string())])),
+                        secondary: Some(BTreeMap::from([("note".to_string(), "windows reserved".to_string())]).into()),
                         ..AllocationAttribute::default()
                     });
                     for (k, ord) in reserved.iter().enumerate() {
@@ -584,7 +584,7 @@ pub fn generate(opts: &SimOptions) -> Result<SyntheticCluster, SimError> {
                 for req in chunk {
                     let ord = free_ords.next().ok_or_else(|| SimError::Options("block overflow".into()))?;
                     allocations[ord as usize] = Some(attributes.len() as u32);
-                    attributes.push(AllocationAttribute { handle_id: Some(req.handle.clone()), secondary: Some(req.attrs.clone()), ..AllocationAttribute::default() });
+                    attributes.push(AllocationAttribute { handle_id: Some(req.handle.clone()), secondary: Some(req.attrs.clone().into()), ..AllocationAttribute::default() });
                     seqs.insert(ord.to_string(), seq_base + 10 + u64::from(ord));
                     planted[req.planted].ips.push(crate::model::names::ordinal_to_ip(&cidr, ord));
                     *handle_counts.entry(req.handle.clone()).or_default().entry(cidr.to_string()).or_default() += 1;

@@ -153,7 +153,8 @@ fn the_dump_reads_back_and_leak_scan_finds_the_initial_leaks() {
     let dir = std::env::temp_dir().join(format!("sim-dump-test-{}", std::process::id()));
     let stats = dump::write_dump(&c, &dir).unwrap();
     assert!(stats.pod_bytes / stats.pods as u64 > 2_000, "pods are a few KB each: {stats:?}");
-    let contents = crate::scan::dump::read_paths(std::slice::from_ref(&dir), &mut |_, _| {}).unwrap();
+    let mut contents = crate::scan::dump::read_paths(std::slice::from_ref(&dir), &mut |_, _| {}).unwrap();
+    let mut indexed = crate::scan::dump::read_paths_indexed(std::slice::from_ref(&dir), &mut |_, _| {}).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(contents.invalid.is_empty(), "{:?}", contents.invalid);
     assert_eq!(contents.pods, c.pod_facts);
@@ -163,9 +164,16 @@ fn the_dump_reads_back_and_leak_scan_finds_the_initial_leaks() {
     assert_eq!(contents.affinities.len(), c.affinities.len());
     assert_eq!(contents.namespaces.len(), c.namespaces.len());
 
-    let report = crate::scan::report::scan_dump(&contents, T0).unwrap();
+    let report = crate::scan::report::scan_dump(&mut contents, T0).unwrap();
     let releasable: BTreeSet<IpAddr> = report.leaks.iter().filter(|l| l.releasable).map(|l| l.ip.parse().unwrap()).collect();
     let initial = [Category::PodDeleted, Category::PodFinished, Category::StaleIp, Category::DeletedNodePod, Category::DeletedNodeTunnel];
     let planted: BTreeSet<IpAddr> = c.planted.iter().filter(|p| initial.contains(&p.category)).flat_map(|p| p.ips.iter().copied()).collect();
     assert_eq!(releasable, planted);
+
+    // Streaming the same dump straight into the index gives the same report.
+    assert!(indexed.blocks.is_empty() && indexed.pods.is_empty(), "objects went to the index, not the vectors");
+    let streamed = crate::scan::report::scan_dump(&mut indexed, T0).unwrap();
+    assert_eq!(streamed.leaks, report.leaks);
+    assert_eq!(serde_json::to_value(&streamed.summary).unwrap(), serde_json::to_value(&report.summary).unwrap());
+    assert_eq!(streamed.allocations.len(), report.allocations.len());
 }
