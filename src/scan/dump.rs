@@ -1315,6 +1315,17 @@ impl DumpContents {
     }
 }
 
+/// A scan never writes objects back, so the metadata it does not read (managedFields, labels,
+/// annotations, status) is dropped as each IPAM object arrives: with one handle per pod, that
+/// metadata would otherwise outweigh everything the GC keeps.
+fn trimmed<S>(mut o: crate::model::Object<S>) -> crate::model::Object<S> {
+    o.metadata.extra = Default::default();
+    o.metadata.labels = Default::default();
+    o.metadata.annotations = Default::default();
+    o.extra = Default::default();
+    o
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1711,13 +1722,3 @@ mod tests {
     }
 }
 
-/// A scan never writes objects back, so the metadata it does not read (managedFields, labels,
-/// annotations, status) is dropped as each IPAM object arrives: with one handle per pod, that
-/// metadata would otherwise outweigh everything the GC keeps.
-fn trimmed<S>(mut o: crate::model::Object<S>) -> crate::model::Object<S> {
-    o.metadata.extra = Default::default();
-    o.metadata.labels = Default::default();
-    o.metadata.annotations = Default::default();
-    o.extra = Default::default();
-    o
-}
