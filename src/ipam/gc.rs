@@ -12,7 +12,7 @@ use ipnet::IpNet;
 use roaring::RoaringBitmap;
 
 use super::index::{gid, gid_ordinal, gid_slot, Alloc, AllocKind, Gid, IpamIndex, PodSlot};
-use super::intern::Sym;
+use super::intern::{FastMap, Sym};
 use crate::model::names::ordinal_to_ip;
 use crate::model::time::Millis;
 use crate::model::{PodFacts, PodPhase};
@@ -379,11 +379,11 @@ struct Tracked {
 /// The GC's memory across passes: leak candidates, empty blocks and orphan handles first seen.
 #[derive(Debug, Default)]
 pub struct GcState {
-    leaks: HashMap<Gid, Tracked>,
+    leaks: FastMap<Gid, Tracked>,
     tracked: RoaringBitmap,
     confirmed: RoaringBitmap,
     /// Reasons of the latest verdict for tracked leaks.
-    reasons: HashMap<Gid, LeakReason>,
+    reasons: FastMap<Gid, LeakReason>,
     empty_since: HashMap<IpNet, Millis>,
     orphan_since: HashMap<String, (Millis, String)>,
     release_cursor: Gid,
@@ -449,8 +449,9 @@ impl GcState {
     ) -> Plan {
         self.prune(index);
         let full = matches!(scope, Scope::Full);
-        let examined: RoaringBitmap = match scope {
-            Scope::Full => index.allocated().clone(),
+        let dirty_set: RoaringBitmap;
+        let examined: &RoaringBitmap = match scope {
+            Scope::Full => index.allocated(),
             Scope::Dirty(nodes) => {
                 let mut bm = RoaringBitmap::new();
                 for n in nodes {
@@ -459,13 +460,14 @@ impl GcState {
                             bm |= b;
                         }
                 }
-                bm
+                dirty_set = bm;
+                &dirty_set
             }
         };
         // The index keeps every allocation's verdict current as facts change, so a pass only
         // re-judges the suspects (for their reasons) and the KubeVirt allocations (whose facts
         // arrive with the pass): O(suspects), not O(allocations).
-        let to_judge = &(index.suspects() | index.vm_allocations()) & &examined;
+        let to_judge = &(index.suspects() | index.vm_allocations()) & examined;
         let verdicts: Vec<(Gid, LeakReason)> = to_judge
             .iter()
             .filter_map(|g| {
@@ -482,7 +484,8 @@ impl GcState {
             leak_bm.insert(*g);
         }
         // Valid allocations lose any leak state ("resurrected").
-        let revived = &(&examined - &leak_bm) & &self.tracked;
+        // Tracked leaks that were examined and are no longer garbage: ((tracked ∩ examined) − leaks).
+        let revived = &(&self.tracked & examined) - &leak_bm;
         for g in revived.iter() {
             self.forget(g);
         }
@@ -492,9 +495,12 @@ impl GcState {
         let mut blocked: HashSet<Sym> = HashSet::new();
         let node_syms: Vec<Sym> = match scope {
             Scope::Full => {
-                let mut v: BTreeSet<Sym> = index.nodes_with_allocations().collect();
-                v.extend(index.hosts_with_blocks());
-                v.extend(index.affinities().map(|(_, a)| a.node));
+                // Only nodes that no longer exist matter here; test existence before collecting.
+                let mut v: BTreeSet<Sym> = BTreeSet::new();
+                let gone = |n: &Sym| !n.is_none() && !index.node_exists(*n);
+                v.extend(index.nodes_with_allocations().filter(gone));
+                v.extend(index.hosts_with_blocks().filter(gone));
+                v.extend(index.affinities().map(|(_, a)| a.node).filter(gone));
                 v.into_iter().collect()
             }
             Scope::Dirty(nodes) => nodes.iter().filter_map(|n| index.strings().lookup(n)).collect(),
@@ -517,6 +523,7 @@ impl GcState {
         }
 
         let mut plan = Plan { full, examined: examined.len(), ..Plan::default() };
+        plan.leaks.reserve_exact(verdicts.len());
         for (g, reason) in verdicts {
             let a = *index.alloc(g).expect("classified gid is allocated");
             let id = identity(index, &a);
