@@ -118,32 +118,60 @@ port_free() {
   ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
 
+# Claims PORT for DIR: true if it is now reserved for DIR and nothing listens on it.
+claim_port() {
+  local dir="$1" port="$2" owner
+  port_free "$port" || return 1
+  if ! mkdir "$cache_root/ports/$port" 2>/dev/null; then
+    owner="$(cat "$cache_root/ports/$port/owner" 2>/dev/null || true)"
+    [[ "$owner" == "$dir" ]] && return 0
+    if [[ -n "$owner" && -f "$owner/ports.env" ]] && grep -q "=$port\$" "$owner/ports.env"; then
+      return 1
+    fi
+    # Stale (its cluster is gone) or being created this instant; only take it over when stale
+    # for a while, so a reservation in the middle of being written is never stolen.
+    [[ -n "$(find "$cache_root/ports/$port" -maxdepth 0 -mmin +1 2>/dev/null)" ]] || return 1
+    rm -rf "$cache_root/ports/$port"
+    mkdir "$cache_root/ports/$port" 2>/dev/null || return 1
+  fi
+  echo "$dir" >"$cache_root/ports/$port/owner"
+}
+
 reserve_port() {
-  local dir="$1" port owner tries
-  mkdir -p "$cache_root/ports"
+  local dir="$1" port tries
   for tries in $(seq 1 200); do
     port=$((20000 + (RANDOM * 32768 + RANDOM) % 12000))
-    port_free "$port" || continue
-    if ! mkdir "$cache_root/ports/$port" 2>/dev/null; then
-      owner="$(cat "$cache_root/ports/$port/owner" 2>/dev/null || true)"
-      if [[ -n "$owner" && -f "$owner/ports.env" ]] && grep -q "=$port\$" "$owner/ports.env"; then
-        continue
-      fi
-      # Stale (its cluster is gone) or being created this instant; only take it over when stale
-      # for a while, so a reservation in the middle of being written is never stolen.
-      [[ -n "$(find "$cache_root/ports/$port" -maxdepth 0 -mmin +1 2>/dev/null)" ]] || continue
-      rm -rf "$cache_root/ports/$port"
-      mkdir "$cache_root/ports/$port" 2>/dev/null || continue
+    if claim_port "$dir" "$port"; then
+      echo "$port"
+      return
     fi
-    echo "$dir" >"$cache_root/ports/$port/owner"
-    echo "$port"
-    return
   done
   die "no free port found on 127.0.0.1 after 200 tries"
 }
 
+# Reserves the five ports of DIR, keeping those of an earlier start when they are still free.
+reserve_ports() {
+  local dir="$1" name port ok=true
+  mkdir -p "$cache_root/ports"
+  if [[ -f "$dir/ports.env" ]]; then
+    while IFS='=' read -r name port; do
+      claim_port "$dir" "$port" || ok=false
+    done <"$dir/ports.env"
+    $ok && return 0
+    release_ports "$dir"
+  fi
+  {
+    echo "ETCD_PORT=$(reserve_port "$dir")"
+    echo "ETCD_PEER_PORT=$(reserve_port "$dir")"
+    echo "APISERVER_PORT=$(reserve_port "$dir")"
+    echo "CALICO_ETCD_PORT=$(reserve_port "$dir")"
+    echo "CALICO_ETCD_PEER_PORT=$(reserve_port "$dir")"
+  } >"$dir/ports.env.tmp"
+  mv "$dir/ports.env.tmp" "$dir/ports.env"
+}
+
 release_ports() {
-  local dir="$1" line port
+  local dir="$1" port
   [[ -f "$dir/ports.env" ]] || return 0
   while IFS='=' read -r _ port; do
     [[ "$(cat "$cache_root/ports/$port/owner" 2>/dev/null || true)" == "$dir" ]] && rm -rf "$cache_root/ports/$port"
@@ -176,21 +204,37 @@ log_tail() {
   tail -n 2 "$1" 2>/dev/null | cut -c1-400 | tr '\n' ' '
 }
 
-stop_one() {
-  local dir="$1" name="$2" pid i
-  if ours "$dir" "$name"; then
-    pid="$(cat "$dir/pids/$name.pid")"
-    kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 1 100); do
-      kill -0 "$pid" 2>/dev/null || break
-      sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    while kill -0 "$pid" 2>/dev/null && [[ -r "/proc/$pid/cmdline" ]] && [[ "$(cut -d' ' -f3 "/proc/$pid/stat")" != Z ]]; do
-      sleep 0.05
-    done
+# Stops the named components together (their data is disposable, so there is no point in
+# ordering them: each takes about 2 s to shut down cleanly), escalating to SIGKILL after 10 s.
+stop_components() {
+  local dir="$1" name pid pids=() i
+  shift
+  for name in "$@"; do
+    if ours "$dir" "$name"; then
+      pid="$(cat "$dir/pids/$name.pid")"
+      kill -TERM "$pid" 2>/dev/null || true
+      pids+=("$pid")
+    fi
+  done
+  for i in $(seq 1 100); do
+    alive "${pids[@]}" || break
+    sleep 0.1
+  done
+  if alive "${pids[@]}"; then
+    kill -KILL "${pids[@]}" 2>/dev/null || true
+    while alive "${pids[@]}"; do sleep 0.05; done
   fi
-  rm -f "$dir/pids/$name.pid"
+  for name in "$@"; do rm -f "$dir/pids/$name.pid"; done
+}
+
+# True while any of the pids is a running (not zombie) process.
+alive() {
+  local pid state
+  for pid in "$@"; do
+    state="$(cut -d' ' -f3 "/proc/$pid/stat" 2>/dev/null)" || continue
+    [[ "$state" != Z ]] && return 0
+  done
+  return 1
 }
 
 # Polls until CHECK succeeds; fails with the tail of NAME's log if NAME's process dies first.
@@ -282,7 +326,8 @@ EOF
 
 # --- components ----------------------------------------------------------------------------------
 
-# etcd tuned for tests: no fsync (data is disposable), quiet logs, no metrics listener.
+# etcd tuned for tests: no fsync (data is disposable), quiet logs, and short raft timers so the
+# single member elects itself in ~0.1 s instead of ~1 s (loopback has no latency to allow for).
 start_etcd_process() {
   local dir="$1" name="$2" data="$3" client_url="$4" peer_port="$5"
   shift 5
@@ -290,28 +335,36 @@ start_etcd_process() {
     --listen-client-urls "$client_url" --advertise-client-urls "$client_url" \
     --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
     --initial-cluster "$name=http://127.0.0.1:$peer_port" --initial-cluster-state new \
+    --heartbeat-interval 10 --election-timeout 100 \
     --unsafe-no-fsync --log-level warn --snapshot-count 10000 "$@"
 }
 
-start_etcd() {
+launch_etcd() {
+  start_etcd_process "$1" etcd "$1/etcd/data" "http://127.0.0.1:$ETCD_PORT" "$ETCD_PEER_PORT"
+}
+
+wait_etcd() {
   local dir="$1"
-  start_etcd_process "$dir" etcd "$dir/etcd/data" "http://127.0.0.1:$ETCD_PORT" "$ETCD_PEER_PORT"
   wait_for "$dir" etcd 30 "etcd to be healthy" \
     "$bins/etcdctl" --endpoints "http://127.0.0.1:$ETCD_PORT" --command-timeout 2s endpoint health
 }
 
-start_calico_etcd() {
+launch_calico_etcd() {
   local dir="$1" pki="$1/pki"
   start_etcd_process "$dir" calico-etcd "$dir/calico-etcd/data" "https://127.0.0.1:$CALICO_ETCD_PORT" "$CALICO_ETCD_PEER_PORT" \
     --cert-file "$pki/calico-etcd-server.crt" --key-file "$pki/calico-etcd-server.key" \
     --client-cert-auth --trusted-ca-file "$pki/calico-etcd-ca.crt"
+}
+
+wait_calico_etcd() {
+  local dir="$1"
   wait_for "$dir" calico-etcd 30 "Calico's etcd to be healthy" \
     "$bins/etcdctl" --endpoints "https://127.0.0.1:$CALICO_ETCD_PORT" --command-timeout 2s \
     --cacert "$dir/calico-etcd/ca.crt" --cert "$dir/calico-etcd/client.crt" --key "$dir/calico-etcd/client.key" \
     endpoint health
 }
 
-start_apiserver() {
+launch_apiserver() {
   local dir="$1" pki="$1/pki"
   # Metadata for every request, one event per request (RequestReceived would double them).
   cat >"$dir/audit-policy.yaml" <<'EOF'
@@ -337,6 +390,10 @@ EOF
     --audit-log-path "$dir/audit.log" --audit-policy-file "$dir/audit-policy.yaml" \
     --audit-log-maxsize 200 --audit-log-maxbackup 1 \
     --profiling=false --v=0
+}
+
+wait_apiserver() {
+  local dir="$1"
   wait_for "$dir" kube-apiserver 90 "kube-apiserver /readyz" \
     "$bins/kubectl" --kubeconfig "$dir/kubeconfig" --request-timeout 5s get --raw /readyz
 }
@@ -432,16 +489,7 @@ cmd_start() {
   # From here on, a failure stops whatever this start launched.
   trap 'bash "$self" stop "$dir" >/dev/null 2>&1 || true' ERR EXIT
 
-  if [[ ! -f "$dir/ports.env" ]]; then
-    {
-      echo "ETCD_PORT=$(reserve_port "$dir")"
-      echo "ETCD_PEER_PORT=$(reserve_port "$dir")"
-      echo "APISERVER_PORT=$(reserve_port "$dir")"
-      echo "CALICO_ETCD_PORT=$(reserve_port "$dir")"
-      echo "CALICO_ETCD_PEER_PORT=$(reserve_port "$dir")"
-    } >"$dir/ports.env.tmp"
-    mv "$dir/ports.env.tmp" "$dir/ports.env"
-  fi
+  reserve_ports "$dir"
   load_ports "$dir"
   make_pki "$dir"
   write_kubeconfig "$dir" "$APISERVER_PORT"
@@ -449,9 +497,13 @@ cmd_start() {
   echo "https://127.0.0.1:$CALICO_ETCD_PORT" >"$dir/calico-etcd/endpoints"
 
   if [[ -n "$owner" ]]; then start_watchdog "$dir" "$owner"; fi
-  start_etcd "$dir"
-  start_calico_etcd "$dir"
-  start_apiserver "$dir"
+  # All three at once: kube-apiserver retries until its etcd answers.
+  launch_etcd "$dir"
+  launch_calico_etcd "$dir"
+  launch_apiserver "$dir"
+  wait_etcd "$dir"
+  wait_calico_etcd "$dir"
+  wait_apiserver "$dir"
   install_crds "$dir"
   create_marker "$dir"
   trap - ERR EXIT
@@ -464,9 +516,10 @@ cmd_stop() {
   [[ -n "$dir" ]] || die "missing DIR argument"
   [[ -d "$dir" ]] || die "$dir does not exist"
   dir="$(cd "$dir" && pwd)"
-  for name in kube-apiserver etcd calico-etcd; do stop_one "$dir" "$name"; done
-  # The watchdog runs this verb itself when its owner exits; only stop it when someone else asks.
-  if [[ "$(cat "$dir/pids/watchdog.pid" 2>/dev/null || true)" != "$PPID" ]]; then stop_one "$dir" watchdog; fi
+  stop_components "$dir" kube-apiserver etcd calico-etcd
+  # The watchdog runs this verb itself (by exec) when its owner exits; it removed its pid file
+  # first, so this only stops a watchdog whose owner is still alive.
+  stop_components "$dir" watchdog
   release_ports "$dir"
 }
 
@@ -486,12 +539,14 @@ cmd_restart() {
   bins="$(ensure_bins)" || exit 1
   case "$component" in
     apiserver)
-      stop_one "$dir" kube-apiserver
-      start_apiserver "$dir"
+      stop_components "$dir" kube-apiserver
+      launch_apiserver "$dir"
+      wait_apiserver "$dir"
       ;;
     etcd)
-      stop_one "$dir" etcd
-      start_etcd "$dir"
+      stop_components "$dir" etcd
+      launch_etcd "$dir"
+      wait_etcd "$dir"
       # The apiserver reconnects by itself; wait until it serves again.
       if ours "$dir" kube-apiserver; then
         wait_for "$dir" kube-apiserver 60 "kube-apiserver /readyz after the etcd restart" \
@@ -499,8 +554,9 @@ cmd_restart() {
       fi
       ;;
     calico-etcd)
-      stop_one "$dir" calico-etcd
-      start_calico_etcd "$dir"
+      stop_components "$dir" calico-etcd
+      launch_calico_etcd "$dir"
+      wait_calico_etcd "$dir"
       ;;
     *) die "restart needs a component: apiserver, etcd or calico-etcd" ;;
   esac

@@ -1,0 +1,3 @@
+//! Shared helpers for the integration tests. Owns nothing of the product; only test plumbing.
+
+pub mod cluster;
