@@ -78,7 +78,8 @@ pub fn shared_cluster() -> &'static TestCluster {
 pub fn private_cluster() -> TestCluster {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let label = format!("private{}", NEXT.fetch_add(1, Ordering::Relaxed));
-    TestCluster::start(&label, true).unwrap_or_else(|reason| panic!("no private test cluster: {reason}"))
+    TestCluster::start(&label, true)
+        .unwrap_or_else(|reason| panic!("no private test cluster: {reason}"))
 }
 
 impl TestCluster {
@@ -86,7 +87,8 @@ impl TestCluster {
     /// a tokio runtime; make one per test, since a client's connections belong to the runtime
     /// that made it and every `#[tokio::test]` has its own.
     pub fn client(&self) -> Client {
-        Client::try_from(self.config.clone()).expect("building a kube client from the test kubeconfig")
+        Client::try_from(self.config.clone())
+            .expect("building a kube client from the test kubeconfig")
     }
 
     /// The admin client configuration.
@@ -102,17 +104,33 @@ impl TestCluster {
     /// Stops and starts one component (`apiserver`, `etcd` or `calico-etcd`) with the same
     /// data and ports. Only for clusters this process started.
     pub fn restart(&self, component: &str) -> Result<(), String> {
-        let dir = self.dir.as_ref().ok_or("an external cluster cannot be restarted")?;
+        let dir = self
+            .dir
+            .as_ref()
+            .ok_or("an external cluster cannot be restarted")?;
         run_script(&["restart".as_ref(), dir.as_os_str(), component.as_ref()]).map(|_| ())
     }
 
     /// Creates a uniquely named namespace and its `default` ServiceAccount (which no
     /// controller-manager will create here), and returns the namespace name.
-    pub async fn namespace_with_default_service_account(&self, client: &Client, prefix: &str) -> String {
+    pub async fn namespace_with_default_service_account(
+        &self,
+        client: &Client,
+        prefix: &str,
+    ) -> String {
         let name = unique_name(prefix);
         let namespaces: Api<Namespace> = Api::all(client.clone());
-        let namespace = Namespace { metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() }, ..Default::default() };
-        namespaces.create(&PostParams::default(), &namespace).await.expect("creating a test namespace");
+        let namespace = Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        namespaces
+            .create(&PostParams::default(), &namespace)
+            .await
+            .expect("creating a test namespace");
         create_service_account(client, &name, "default").await;
         name
     }
@@ -122,7 +140,10 @@ impl TestCluster {
     pub async fn client_for_service_account(&self, namespace: &str, name: &str) -> Client {
         let accounts: Api<ServiceAccount> = Api::namespaced(self.client(), namespace);
         let request = TokenRequest {
-            spec: Some(TokenRequestSpec { expiration_seconds: Some(3600), ..Default::default() }),
+            spec: Some(TokenRequestSpec {
+                expiration_seconds: Some(3600),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let token = accounts
@@ -134,7 +155,8 @@ impl TestCluster {
             .token;
         let mut config = self.config.clone();
         // Only the token: no client certificate may ride along from the admin identity.
-        config.auth_info = serde_json::from_value::<AuthInfo>(json!({ "token": token })).expect("token AuthInfo");
+        config.auth_info =
+            serde_json::from_value::<AuthInfo>(json!({ "token": token })).expect("token AuthInfo");
         Client::try_from(config).expect("building a kube client with a ServiceAccount token")
     }
 
@@ -143,18 +165,32 @@ impl TestCluster {
         remove_stale_cluster_dirs(&root);
         let dir = root.join(format!("{}-{label}", std::process::id()));
         if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| format!("clearing {}: {e}", dir.display()))?;
+            std::fs::remove_dir_all(&dir)
+                .map_err(|e| format!("clearing {}: {e}", dir.display()))?;
         }
         let began = Instant::now();
         let owner = std::process::id().to_string();
-        let stdout = run_script(&["start".as_ref(), dir.as_os_str(), "--owner-pid".as_ref(), owner.as_ref()])?;
+        let stdout = run_script(&[
+            "start".as_ref(),
+            dir.as_os_str(),
+            "--owner-pid".as_ref(),
+            owner.as_ref(),
+        ])?;
         let mut lines = stdout.lines();
         let (Some(kubeconfig), Some(etcd_endpoints_file)) = (lines.next(), lines.next()) else {
-            return Err(format!("test-cluster.sh start printed {stdout:?}, expected two paths"));
+            return Err(format!(
+                "test-cluster.sh start printed {stdout:?}, expected two paths"
+            ));
         };
-        eprintln!("test cluster {label} started in {:.1} s: {}", began.elapsed().as_secs_f64(), dir.display());
+        eprintln!(
+            "test cluster {label} started in {:.1} s: {}",
+            began.elapsed().as_secs_f64(),
+            dir.display()
+        );
         let read = |path: &Path| {
-            std::fs::read_to_string(path).map(|s| s.trim().to_owned()).map_err(|e| format!("reading {}: {e}", path.display()))
+            std::fs::read_to_string(path)
+                .map(|s| s.trim().to_owned())
+                .map_err(|e| format!("reading {}: {e}", path.display()))
         };
         let calico = dir.join("calico-etcd");
         Ok(TestCluster {
@@ -175,21 +211,36 @@ impl TestCluster {
     fn external(kubeconfig: PathBuf) -> Result<TestCluster, String> {
         let config = config_from_kubeconfig(&kubeconfig)?;
         check_marker(config.clone()).map_err(|reason| {
-            format!("{EXTERNAL_KUBECONFIG_VAR}={} is not a harness cluster: {reason}", kubeconfig.display())
+            format!(
+                "{EXTERNAL_KUBECONFIG_VAR}={} is not a harness cluster: {reason}",
+                kubeconfig.display()
+            )
         })?;
-        Ok(TestCluster { dir: None, kubeconfig, etcd_endpoints: None, calico_etcd: None, config, stop_on_drop: false })
+        Ok(TestCluster {
+            dir: None,
+            kubeconfig,
+            etcd_endpoints: None,
+            calico_etcd: None,
+            config,
+            stop_on_drop: false,
+        })
     }
 }
 
 impl Drop for TestCluster {
     fn drop(&mut self) {
-        let (true, Some(dir)) = (self.stop_on_drop, &self.dir) else { return };
+        let (true, Some(dir)) = (self.stop_on_drop, &self.dir) else {
+            return;
+        };
         if let Err(reason) = run_script(&["stop".as_ref(), dir.as_os_str()]) {
             eprintln!("stopping test cluster {}: {reason}", dir.display());
             return;
         }
         if std::thread::panicking() {
-            eprintln!("test failed; cluster logs kept in {}", dir.join("logs").display());
+            eprintln!(
+                "test failed; cluster logs kept in {}",
+                dir.join("logs").display()
+            );
         } else {
             let _ = std::fs::remove_dir_all(dir);
         }
@@ -202,10 +253,16 @@ pub fn unique_name(prefix: &str) -> String {
     static RUN: OnceLock<u32> = OnceLock::new();
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let run = RUN.get_or_init(|| {
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
         (nanos ^ std::process::id().rotate_left(16)) & 0xff_ffff
     });
-    format!("{prefix}-{run:06x}-{}", NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}-{run:06x}-{}",
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// A small integer unique within this test process, for carving non-overlapping CIDRs.
@@ -214,9 +271,19 @@ pub fn unique_number() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
-pub async fn create_service_account(client: &Client, namespace: &str, name: &str) -> ServiceAccount {
+pub async fn create_service_account(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> ServiceAccount {
     let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
-    let account = ServiceAccount { metadata: ObjectMeta { name: Some(name.into()), ..Default::default() }, ..Default::default() };
+    let account = ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
     accounts
         .create(&PostParams::default(), &account)
         .await
@@ -244,12 +311,15 @@ pub async fn set_pod_status(pods: &Api<Pod>, name: &str, patch: serde_json::Valu
 }
 
 fn config_from_kubeconfig(path: &Path) -> Result<Config, String> {
-    let kubeconfig = Kubeconfig::read_from(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let kubeconfig =
+        Kubeconfig::read_from(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
     // Config::from_custom_kubeconfig is async only in signature (it may run exec plugins,
     // which our kubeconfigs never use); drive it on a private runtime on another thread so
     // this works from inside a test's runtime too.
     let mut config = on_private_runtime(async move {
-        Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.map_err(|e| e.to_string())
+        Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .map_err(|e| e.to_string())
     })?
     .map_err(|e| format!("loading {}: {e}", path.display()))?;
     config.connect_timeout = Some(Duration::from_secs(10));
@@ -259,18 +329,28 @@ fn config_from_kubeconfig(path: &Path) -> Result<Config, String> {
 fn check_marker(config: Config) -> Result<(), String> {
     on_private_runtime(async move {
         let client = Client::try_from(config).map_err(|e| e.to_string())?;
-        let maps: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client, MARKER_NAMESPACE);
+        let maps: Api<k8s_openapi::api::core::v1::ConfigMap> =
+            Api::namespaced(client, MARKER_NAMESPACE);
         match maps.get_opt(MARKER_NAME).await {
             Ok(Some(_)) => Ok(()),
-            Ok(None) => Err(format!("ConfigMap {MARKER_NAMESPACE}/{MARKER_NAME} is missing")),
-            Err(error) => Err(format!("cannot read ConfigMap {MARKER_NAMESPACE}/{MARKER_NAME}: {error}")),
+            Ok(None) => Err(format!(
+                "ConfigMap {MARKER_NAMESPACE}/{MARKER_NAME} is missing"
+            )),
+            Err(error) => Err(format!(
+                "cannot read ConfigMap {MARKER_NAMESPACE}/{MARKER_NAME}: {error}"
+            )),
         }
     })?
 }
 
-fn on_private_runtime<T: Send + 'static>(work: impl std::future::Future<Output = T> + Send + 'static) -> Result<T, String> {
+fn on_private_runtime<T: Send + 'static>(
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> Result<T, String> {
     std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
         Ok(runtime.block_on(work))
     })
     .join()
@@ -296,8 +376,15 @@ fn run_script(args: &[&std::ffi::OsStr]) -> Result<String, String> {
         return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
     }
     let stderr = String::from_utf8_lossy(&output.stderr);
-    let reason = stderr.lines().rev().find(|line| !line.trim().is_empty()).unwrap_or("no message");
-    Err(format!("test-cluster.sh {:?} failed ({}): {reason}", args, output.status))
+    let reason = stderr
+        .lines()
+        .rev()
+        .find(|line| !line.trim().is_empty())
+        .unwrap_or("no message");
+    Err(format!(
+        "test-cluster.sh {:?} failed ({}): {reason}",
+        args, output.status
+    ))
 }
 
 /// Directories `<pid>-<label>` left by earlier test processes that are gone: stop whatever
@@ -306,10 +393,14 @@ fn run_script(args: &[&std::ffi::OsStr]) -> Result<String, String> {
 fn remove_stale_cluster_dirs(root: &Path) {
     static ONCE: OnceLock<()> = OnceLock::new();
     ONCE.get_or_init(|| {
-        let Ok(entries) = std::fs::read_dir(root) else { return };
+        let Ok(entries) = std::fs::read_dir(root) else {
+            return;
+        };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(pid) = name.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+            let Some(pid) = name.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+                continue;
+            };
             if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
                 continue;
             }
