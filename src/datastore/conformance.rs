@@ -125,7 +125,10 @@ async fn delete_preconditions_are_enforced<D: Datastore>(ds: &D, opts: &Options)
     let result = async {
         let wrong_uid = Precondition { revision: Some(v1.revision.clone()), uid: Some("00000000-dead-beef-0000-000000000000".into()) };
         expect_kind("delete with another uid", ds.delete(Kind::IpamHandle, &name, &wrong_uid).await, ErrorKind::Conflict)?;
-        let v2 = ds.update(Kind::IpamHandle, &v1).await.map_err(|e| e.to_string())?;
+        // A real change: Kubernetes keeps the resourceVersion of a replace that changes nothing.
+        let mut edit = v1.clone();
+        edit.value["spec"]["block"]["10.250.0.0/30"] = json!(3);
+        let v2 = ds.update(Kind::IpamHandle, &edit).await.map_err(|e| e.to_string())?;
         expect_kind("delete with an old revision", ds.delete(Kind::IpamHandle, &name, &v1.exact()).await, ErrorKind::Conflict)?;
         ds.get(Kind::IpamHandle, &name).await.map_err(|e| format!("a failed delete removed the object: {e}"))?;
         ds.delete(Kind::IpamHandle, &name, &v2.exact()).await.map_err(|e| format!("exact delete: {e}"))?;

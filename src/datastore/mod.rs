@@ -20,6 +20,8 @@ use serde_json::Value;
 
 pub mod apply;
 pub mod conformance;
+#[cfg(feature = "cli")]
+pub mod kube;
 pub mod memory;
 
 pub use apply::{ExecuteOptions, ItemFailure, ItemRef, PlanOutcome, execute_plan};

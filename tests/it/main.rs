@@ -2,6 +2,8 @@
 
 mod support;
 
+mod conformance_kube;
+
 mod e2e_smoke;
 
 mod scenarios;

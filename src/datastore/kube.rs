@@ -1,0 +1,284 @@
+//! The Kubernetes (KDD) backend: Calico's `crd.projectcalico.org/v1` objects through
+//! `kube::Api<DynamicObject>`, one cluster-scoped API per [`Kind`].
+//!
+//! Owns: the mapping of the CAS trait onto Kubernetes (resourceVersion and uid in the body of a
+//! replace, delete preconditions), the classification of API failures into [`ErrorKind`], the
+//! `dry_run` switch that turns every write into a successful no-op, and the API call counters
+//! (verb, resource, code) the metrics endpoint reads.
+//! Must not: decide what to write, retry (the plan executor does), or cache objects.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use ::kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, PostParams, Preconditions};
+use ::kube::Client;
+use serde_json::Value;
+
+use super::{Datastore, DatastoreError, DsResult, ErrorKind, Kind, Precondition, Stored};
+use crate::model::{CALICO_GROUP, CALICO_API_VERSION};
+
+/// Objects per LIST page: large enough that a 10k-block cluster lists in a few round trips,
+/// small enough that one page never holds more than a few MB.
+const LIST_PAGE: u32 = 500;
+
+/// The HTTP code label of a call that failed before an HTTP answer (connection, timeout, decode).
+pub const CODE_TRANSPORT: u16 = 0;
+
+/// API calls by (verb, resource, HTTP code), shared between the datastore, the watchers' reads
+/// and the metrics endpoint. Labels are bounded: verbs and resources are static strings.
+#[derive(Debug, Default)]
+pub struct ApiCounters {
+    calls: Mutex<BTreeMap<(&'static str, &'static str, u16), u64>>,
+}
+
+impl ApiCounters {
+    pub fn record(&self, verb: &'static str, resource: &'static str, code: u16) {
+        let mut calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+        *calls.entry((verb, resource, code)).or_default() += 1;
+    }
+
+    /// Records the outcome of one call: its success code or the code of its failure.
+    pub fn observe<T>(&self, verb: &'static str, resource: &'static str, ok_code: u16, result: &Result<T, ::kube::Error>) {
+        let code = match result {
+            Ok(_) => ok_code,
+            Err(e) => status_code(e),
+        };
+        self.record(verb, resource, code);
+    }
+
+    pub fn snapshot(&self) -> Vec<((&'static str, &'static str, u16), u64)> {
+        let calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+        calls.iter().map(|(k, v)| (*k, *v)).collect()
+    }
+}
+
+/// The HTTP status of an API error, [`CODE_TRANSPORT`] when there was none.
+pub fn status_code(e: &::kube::Error) -> u16 {
+    match e {
+        ::kube::Error::Api(status) => status.code,
+        _ => CODE_TRANSPORT,
+    }
+}
+
+/// Classifies a Kubernetes client error where it enters (STYLE: errors). `create` turns a 409
+/// into `AlreadyExists` itself, since only it knows that a 409 means the name is taken.
+pub fn classify(e: &::kube::Error) -> ErrorKind {
+    match e {
+        ::kube::Error::Api(status) => match status.code {
+            404 => ErrorKind::NotFound,
+            409 => ErrorKind::Conflict,
+            400 | 422 => ErrorKind::Invalid,
+            // 410 Gone (expired continue token), 429 throttling, 5xx: the server may answer later.
+            _ => ErrorKind::Transient,
+        },
+        ::kube::Error::SerdeError(_) | ::kube::Error::BuildRequest(_) => ErrorKind::Invalid,
+        _ => ErrorKind::Transient,
+    }
+}
+
+fn to_error(kind: Kind, name: &str, verb: &str, e: &::kube::Error) -> DatastoreError {
+    let message = match e {
+        ::kube::Error::Api(status) => format!("{verb} {} {name}: {} ({})", kind.plural(), status.message, status.code),
+        other => format!("{verb} {} {name}: {other}", kind.plural()),
+    };
+    DatastoreError::new(classify(e), message)
+}
+
+/// The `ApiResource` of a Calico v1 kind (all cluster-scoped).
+pub fn api_resource(kind: Kind) -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(CALICO_GROUP, "v1", kind.kind_name()), kind.plural())
+}
+
+/// Calico's CRDs over the Kubernetes API.
+#[derive(Clone)]
+pub struct KubeDatastore {
+    client: Client,
+    dry_run: bool,
+    counters: Arc<ApiCounters>,
+}
+
+impl KubeDatastore {
+    pub fn new(client: Client, dry_run: bool, counters: Arc<ApiCounters>) -> Self {
+        KubeDatastore { client, dry_run, counters }
+    }
+
+    pub fn dry_run(&self) -> bool {
+        self.dry_run
+    }
+
+    pub fn counters(&self) -> &Arc<ApiCounters> {
+        &self.counters
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    fn api(&self, kind: Kind) -> Api<DynamicObject> {
+        Api::all_with(self.client.clone(), &api_resource(kind))
+    }
+
+    async fn get_raw(&self, kind: Kind, name: &str) -> DsResult<Stored> {
+        let result = self.api(kind).get(name).await;
+        self.counters.observe("get", kind.plural(), 200, &result);
+        let object = result.map_err(|e| to_error(kind, name, "get", &e))?;
+        to_stored(kind, object)
+    }
+}
+
+/// The whole object as the trait carries it, identity lifted out of `metadata`.
+fn to_stored(kind: Kind, object: DynamicObject) -> DsResult<Stored> {
+    let name = object.metadata.name.clone().unwrap_or_default();
+    let revision = object.metadata.resource_version.clone().unwrap_or_default();
+    let uid = object.metadata.uid.clone().unwrap_or_default();
+    let mut value = serde_json::to_value(&object)
+        .map_err(|e| DatastoreError::invalid(format!("{} {name} does not encode: {e}", kind.plural())))?;
+    if let Some(map) = value.as_object_mut() {
+        // A dynamic object read back may lack these (lists strip them per item).
+        map.insert("apiVersion".into(), Value::String(CALICO_API_VERSION.into()));
+        map.insert("kind".into(), Value::String(kind.kind_name().into()));
+    }
+    Ok(Stored { name, revision, uid, value })
+}
+
+/// A body to send: the trait's JSON with name, and the CAS token set or cleared.
+fn to_object(kind: Kind, name: &str, value: &Value, revision: Option<&str>, uid: Option<&str>) -> DsResult<DynamicObject> {
+    let mut object: DynamicObject = serde_json::from_value(value.clone())
+        .map_err(|e| DatastoreError::invalid(format!("{} {name} is not an object: {e}", kind.plural())))?;
+    object.types = Some(::kube::api::TypeMeta { api_version: CALICO_API_VERSION.into(), kind: kind.kind_name().into() });
+    object.metadata.name = Some(name.to_string());
+    object.metadata.namespace = None;
+    object.metadata.resource_version = revision.filter(|r| !r.is_empty()).map(str::to_string);
+    object.metadata.uid = uid.filter(|u| !u.is_empty()).map(str::to_string);
+    // Server-owned fields the apiserver would reject or ignore on a write.
+    object.metadata.managed_fields = None;
+    object.metadata.creation_timestamp = None;
+    object.metadata.generation = None;
+    Ok(object)
+}
+
+impl Datastore for KubeDatastore {
+    async fn get(&self, kind: Kind, name: &str) -> DsResult<Stored> {
+        let stored = self.get_raw(kind, name).await?;
+        if kind == Kind::IpamBlock && stored.is_soft_deleted() {
+            // KDD finishes a soft delete whose writer died between the mark and the delete
+            // (SPEC §4.5); losing that race to another reader is fine.
+            match self.delete(kind, name, &stored.exact()).await {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() || e.is_conflict() => {}
+                Err(e) => return Err(e),
+            }
+            return Err(DatastoreError::not_found(format!("ipamblocks {name} is marked deleted")));
+        }
+        Ok(stored)
+    }
+
+    async fn list(&self, kind: Kind) -> DsResult<Vec<Stored>> {
+        let api = self.api(kind);
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut params = ListParams::default().limit(LIST_PAGE);
+            if let Some(t) = token.take() {
+                params = params.continue_token(&t);
+            }
+            let result = api.list(&params).await;
+            self.counters.observe("list", kind.plural(), 200, &result);
+            let page = result.map_err(|e| to_error(kind, "", "list", &e))?;
+            for object in page.items {
+                out.push(to_stored(kind, object)?);
+            }
+            match page.metadata.continue_ {
+                Some(t) if !t.is_empty() => token = Some(t),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    async fn create(&self, kind: Kind, name: &str, value: Value) -> DsResult<Stored> {
+        let object = to_object(kind, name, &value, None, None)?;
+        if self.dry_run {
+            return to_stored(kind, object);
+        }
+        let result = self.api(kind).create(&PostParams::default(), &object).await;
+        self.counters.observe("create", kind.plural(), 201, &result);
+        match result {
+            Ok(created) => to_stored(kind, created),
+            Err(e) if status_code(&e) == 409 => {
+                Err(DatastoreError::new(ErrorKind::AlreadyExists, format!("{} {name} already exists", kind.plural())))
+            }
+            Err(e) => Err(to_error(kind, name, "create", &e)),
+        }
+    }
+
+    async fn update(&self, kind: Kind, object: &Stored) -> DsResult<Stored> {
+        // The apiserver takes a uid in the body as a precondition of the replace (409 if it
+        // differs) and refuses a replace without resourceVersion for CRDs, which is our CAS.
+        let body = to_object(kind, &object.name, &object.value, Some(&object.revision), Some(&object.uid))?;
+        if self.dry_run {
+            return Ok(object.clone());
+        }
+        let result = self.api(kind).replace(&object.name, &PostParams::default(), &body).await;
+        self.counters.observe("update", kind.plural(), 200, &result);
+        let updated = result.map_err(|e| to_error(kind, &object.name, "update", &e))?;
+        to_stored(kind, updated)
+    }
+
+    async fn delete(&self, kind: Kind, name: &str, precondition: &Precondition) -> DsResult<()> {
+        if self.dry_run {
+            return Ok(());
+        }
+        let preconditions = (precondition.revision.is_some() || precondition.uid.is_some())
+            .then(|| Preconditions { resource_version: precondition.revision.clone(), uid: precondition.uid.clone() });
+        let params = DeleteParams { preconditions, ..DeleteParams::default() };
+        let result = self.api(kind).delete(name, &params).await;
+        self.counters.observe("delete", kind.plural(), 200, &result);
+        result.map(|_| ()).map_err(|e| to_error(kind, name, "delete", &e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api_error(code: u16) -> ::kube::Error {
+        ::kube::Error::Api(Box::new(::kube::core::Status { code, ..Default::default() }))
+    }
+
+    #[test]
+    fn api_failures_are_classified_by_status_code() {
+        assert_eq!(classify(&api_error(404)), ErrorKind::NotFound);
+        assert_eq!(classify(&api_error(409)), ErrorKind::Conflict);
+        assert_eq!(classify(&api_error(422)), ErrorKind::Invalid);
+        assert_eq!(classify(&api_error(400)), ErrorKind::Invalid);
+        for code in [429, 500, 503, 504, 410] {
+            assert_eq!(classify(&api_error(code)), ErrorKind::Transient, "{code}");
+        }
+    }
+
+    #[test]
+    fn a_body_to_write_carries_exactly_the_cas_token_given() {
+        let value = serde_json::json!({
+            "apiVersion": CALICO_API_VERSION, "kind": "IPAMHandle",
+            "metadata": {"name": "h", "resourceVersion": "9", "uid": "u-old", "managedFields": []},
+            "spec": {"handleID": "h", "block": {}}
+        });
+        let o = to_object(Kind::IpamHandle, "h", &value, Some("12"), Some("")).unwrap();
+        assert_eq!(o.metadata.resource_version.as_deref(), Some("12"));
+        assert_eq!(o.metadata.uid, None);
+        assert_eq!(o.metadata.managed_fields, None);
+        assert_eq!(o.data["spec"]["handleID"], "h");
+        let back = to_stored(Kind::IpamHandle, o).unwrap();
+        assert_eq!((back.revision.as_str(), back.value["kind"].as_str()), ("12", Some("IPAMHandle")));
+    }
+
+    #[test]
+    fn counters_group_calls_by_verb_resource_and_code() {
+        let c = ApiCounters::default();
+        c.observe::<()>("get", "ipamblocks", 200, &Ok(()));
+        c.observe::<()>("get", "ipamblocks", 200, &Ok(()));
+        c.observe::<()>("update", "ipamblocks", 200, &Err(api_error(409)));
+        assert_eq!(c.snapshot(), vec![(("get", "ipamblocks", 200), 2), (("update", "ipamblocks", 409), 1)]);
+    }
+}
