@@ -6,3 +6,5 @@ pub mod memstat;
 pub mod model;
 pub mod scan;
 pub mod sim;
+#[cfg(feature = "cli")]
+pub mod runtime;

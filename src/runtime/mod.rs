@@ -1,0 +1,118 @@
+//! The controller process: watches into the index, the GC loop, and the HTTP endpoints
+//! (`/metrics`, `/leak-report`, `/liveness`, `/readiness`).
+//!
+//! Pipeline: `watch` (needs a client) → `controller` (owns the index; pure decisions from
+//! `ipam::gc`, writes through the datastore, which needs a client) → [`Shared`] → `http`.
+//! Owns: starting and stopping those tasks and the state they share.
+//! Must not: hold the shared lock across an `.await`; decide what is garbage.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+
+use crate::datastore::kube::{ApiCounters, KubeDatastore};
+use crate::scan::report::LeakReport;
+
+pub mod controller;
+pub mod http;
+pub mod metrics;
+pub mod watch;
+
+pub use controller::ControllerOptions;
+pub use metrics::Metrics;
+
+/// Watch inputs queued for the index owner. When full, the watchers wait: back-pressure instead
+/// of unbounded memory during a relist of a large cluster (upstream buffers 1000 per channel).
+const INPUT_QUEUE: usize = 4096;
+
+/// What the GC loop publishes for the HTTP endpoints.
+#[derive(Default)]
+pub struct Shared {
+    report: Mutex<Option<Arc<LeakReport>>>,
+    metrics: Mutex<Metrics>,
+    pub api: Arc<ApiCounters>,
+    synced: AtomicBool,
+    stopping: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(api: Arc<ApiCounters>) -> Self {
+        Shared { api, ..Default::default() }
+    }
+    pub fn set_report(&self, report: LeakReport) {
+        *self.report.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(report));
+    }
+    pub fn report(&self) -> Option<Arc<LeakReport>> {
+        self.report.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    /// Runs `f` on the metrics under the lock (never across an `.await`).
+    pub fn metrics<R>(&self, f: impl FnOnce(&mut Metrics) -> R) -> R {
+        f(&mut self.metrics.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+    pub fn render_metrics(&self) -> String {
+        self.metrics(|m| m.render(&self.api))
+    }
+    pub fn set_synced(&self) {
+        self.synced.store(true, Ordering::Relaxed);
+    }
+    /// Ready once every watch finished its first list, until shutdown begins.
+    pub fn ready(&self) -> bool {
+        self.synced.load(Ordering::Relaxed) && !self.stopping.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub controller: ControllerOptions,
+    /// Ports for the HTTP endpoints; 0 disables a listener. Both serve every path.
+    pub metrics_port: u16,
+    pub health_port: u16,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("binding {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+/// Runs the controller until `stop` resolves, then lets the GC loop finish its pass in progress
+/// (in-flight writes complete) and returns.
+pub async fn run(client: kube::Client, opts: RunOptions, stop: impl Future<Output = ()>) -> Result<(), RunError> {
+    let api = Arc::new(ApiCounters::default());
+    let shared = Arc::new(Shared::new(api.clone()));
+    let ds = KubeDatastore::new(client.clone(), opts.controller.dry_run, api);
+    if opts.controller.dry_run {
+        tracing::warn!("dry run: plans are reported, nothing is written");
+    }
+
+    let mut servers = Vec::new();
+    let ports: std::collections::BTreeSet<u16> = [opts.metrics_port, opts.health_port].into_iter().filter(|p| *p != 0).collect();
+    for port in ports {
+        let addr = SocketAddr::from(([0, 0, 0, 0], port));
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| RunError::Bind { addr, source })?;
+        tracing::info!(%addr, "serving /metrics, /leak-report, /liveness, /readiness");
+        servers.push(tokio::spawn(http::serve(listener, shared.clone())));
+    }
+
+    let (tx, rx) = mpsc::channel(INPUT_QUEUE);
+    let watchers = watch::spawn_all(&client, &tx);
+    drop(tx);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let controller = controller::Controller::new(ds, opts.controller.clone(), shared.clone());
+    let gc_task = tokio::spawn(controller.run(rx, stop_rx));
+
+    stop.await;
+    tracing::info!("shutting down: finishing the pass in progress");
+    shared.stopping.store(true, Ordering::Relaxed);
+    let _ = stop_tx.send(true);
+    let _ = gc_task.await;
+    for w in watchers {
+        w.abort();
+    }
+    for s in servers {
+        s.abort();
+    }
+    Ok(())
+}

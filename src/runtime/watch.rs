@@ -1,0 +1,199 @@
+//! Watches into one channel: a task per kind runs `kube::runtime::watcher` (paged initial list,
+//! then a watch, restarted with backoff), trims every object on arrival (a Pod becomes
+//! [`PodFacts`] at once, never cached whole) and sends it to the single task that owns the index.
+//!
+//! Owns: which kinds are watched, how each is decoded, and the [`Input`] protocol.
+//! Must not: touch the index or decide anything; a malformed object is reported, not dropped
+//! silently, and never stops the stream.
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::Client;
+use kube::api::{Api, ApiResource, DynamicObject};
+use kube::runtime::{WatchStreamExt, watcher};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+
+use crate::datastore::Kind;
+use crate::datastore::kube::api_resource;
+use crate::model::{
+    BlockAffinity, ClusterInformation, InvalidObject, IpPool, IpamBlock, IpamConfig, IpamHandle, KubeControllersConfiguration, NodeLite,
+    PodFacts, PodLite,
+};
+
+/// Which watch an input came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Source {
+    Pods,
+    Nodes,
+    Blocks,
+    Affinities,
+    Handles,
+    ClusterInformation,
+    KubeControllersConfiguration,
+    IpamConfig,
+    Pools,
+}
+
+impl Source {
+    pub const ALL: [Source; 9] = [
+        Source::Pods,
+        Source::Nodes,
+        Source::Blocks,
+        Source::Affinities,
+        Source::Handles,
+        Source::ClusterInformation,
+        Source::KubeControllersConfiguration,
+        Source::IpamConfig,
+        Source::Pools,
+    ];
+
+    /// A bounded label (the resource plural).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Pods => "pods",
+            Source::Nodes => "nodes",
+            Source::Blocks => Kind::IpamBlock.plural(),
+            Source::Affinities => Kind::BlockAffinity.plural(),
+            Source::Handles => Kind::IpamHandle.plural(),
+            Source::ClusterInformation => Kind::ClusterInformation.plural(),
+            Source::KubeControllersConfiguration => Kind::KubeControllersConfiguration.plural(),
+            Source::IpamConfig => Kind::IpamConfig.plural(),
+            Source::Pools => Kind::IpPool.plural(),
+        }
+    }
+}
+
+/// One object, trimmed to what the controller keeps.
+#[derive(Debug, Clone)]
+pub enum Object {
+    Pod(Box<PodFacts>),
+    Node(NodeLite),
+    Block(Box<IpamBlock>),
+    Affinity(BlockAffinity),
+    Handle(IpamHandle),
+    ClusterInformation(Box<ClusterInformation>),
+    KubeControllersConfiguration(Box<KubeControllersConfiguration>),
+    IpamConfig(Box<IpamConfig>),
+    Pool(IpPool),
+}
+
+/// The watcher protocol, per source: `Init`, `InitApply`*, `InitDone` on every (re)list, then
+/// `Apply`/`Delete`. `Invalid` reports an object that did not decode.
+#[derive(Debug)]
+pub enum Change {
+    Init,
+    InitApply(Object),
+    InitDone,
+    Apply(Object),
+    Delete(Object),
+    Invalid(InvalidObject),
+}
+
+#[derive(Debug)]
+pub struct Input {
+    pub source: Source,
+    pub change: Change,
+}
+
+fn decode_as<T: DeserializeOwned>(kind: &str, o: &DynamicObject) -> Result<T, InvalidObject> {
+    let name = o.metadata.name.clone().unwrap_or_default();
+    let value = serde_json::to_value(o).map_err(|e| InvalidObject::new(kind, &name, e.to_string()))?;
+    serde_json::from_value(value).map_err(|e| InvalidObject::new(kind, &name, e.to_string()))
+}
+
+/// Decodes one object of `source`. A pod is trimmed here, so the whole object is dropped as soon
+/// as this returns; an unparsable pod IP is reported but the pod's facts are still kept.
+pub fn decode(source: Source, o: &DynamicObject) -> (Result<Object, InvalidObject>, Option<InvalidObject>) {
+    let r = match source {
+        Source::Pods => match decode_as::<PodLite>("Pod", o) {
+            Ok(lite) => {
+                let (facts, invalid) = PodFacts::from_lite(&lite);
+                return (Ok(Object::Pod(Box::new(facts))), invalid);
+            }
+            Err(e) => Err(e),
+        },
+        Source::Nodes => decode_as("Node", o).map(Object::Node),
+        Source::Blocks => decode_as("IPAMBlock", o).map(|b| Object::Block(Box::new(b))),
+        Source::Affinities => decode_as("BlockAffinity", o).map(Object::Affinity),
+        Source::Handles => decode_as("IPAMHandle", o).map(Object::Handle),
+        Source::ClusterInformation => decode_as("ClusterInformation", o).map(|c| Object::ClusterInformation(Box::new(c))),
+        Source::KubeControllersConfiguration => {
+            decode_as("KubeControllersConfiguration", o).map(|c| Object::KubeControllersConfiguration(Box::new(c)))
+        }
+        Source::IpamConfig => decode_as("IPAMConfig", o).map(|c| Object::IpamConfig(Box::new(c))),
+        Source::Pools => decode_as("IPPool", o).map(Object::Pool),
+    };
+    (r, None)
+}
+
+fn resource(source: Source) -> ApiResource {
+    match source {
+        Source::Pods => ApiResource::erase::<Pod>(&()),
+        Source::Nodes => ApiResource::erase::<Node>(&()),
+        Source::Blocks => api_resource(Kind::IpamBlock),
+        Source::Affinities => api_resource(Kind::BlockAffinity),
+        Source::Handles => api_resource(Kind::IpamHandle),
+        Source::ClusterInformation => api_resource(Kind::ClusterInformation),
+        Source::KubeControllersConfiguration => api_resource(Kind::KubeControllersConfiguration),
+        Source::IpamConfig => api_resource(Kind::IpamConfig),
+        Source::Pools => api_resource(Kind::IpPool),
+    }
+}
+
+/// Starts one watch task per source, all feeding `tx`. The tasks end when the receiver is gone.
+pub fn spawn_all(client: &Client, tx: &mpsc::Sender<Input>) -> Vec<tokio::task::JoinHandle<()>> {
+    Source::ALL.iter().map(|&source| tokio::spawn(watch_one(client.clone(), source, tx.clone()))).collect()
+}
+
+async fn watch_one(client: Client, source: Source, tx: mpsc::Sender<Input>) {
+    let api: Api<DynamicObject> = Api::all_with(client, &resource(source));
+    // Default config: ListWatch with 500-object pages for the initial list.
+    let mut stream = watcher(api, watcher::Config::default()).default_backoff().boxed();
+    while let Some(event) = stream.next().await {
+        let change = match event {
+            Ok(watcher::Event::Init) => Change::Init,
+            Ok(watcher::Event::InitDone) => Change::InitDone,
+            Ok(watcher::Event::InitApply(o)) => match send_invalid(&tx, source, decode(source, &o)).await {
+                Some(obj) => Change::InitApply(obj),
+                None => continue,
+            },
+            Ok(watcher::Event::Apply(o)) => match send_invalid(&tx, source, decode(source, &o)).await {
+                Some(obj) => Change::Apply(obj),
+                None => continue,
+            },
+            Ok(watcher::Event::Delete(o)) => match decode(source, &o).0 {
+                Ok(obj) => Change::Delete(obj),
+                Err(e) => {
+                    tracing::warn!(source = source.as_str(), error = %e, "deleted object did not decode");
+                    continue;
+                }
+            },
+            Err(e) => {
+                // The backoff wrapper retries; a 410 Gone restarts with a fresh list (Init).
+                tracing::warn!(source = source.as_str(), error = %e, "watch error");
+                continue;
+            }
+        };
+        if tx.send(Input { source, change }).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn send_invalid(
+    tx: &mpsc::Sender<Input>,
+    source: Source,
+    (result, extra): (Result<Object, InvalidObject>, Option<InvalidObject>),
+) -> Option<Object> {
+    if let Some(e) = extra {
+        let _ = tx.send(Input { source, change: Change::Invalid(e) }).await;
+    }
+    match result {
+        Ok(o) => Some(o),
+        Err(e) => {
+            let _ = tx.send(Input { source, change: Change::Invalid(e) }).await;
+            None
+        }
+    }
+}
