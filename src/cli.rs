@@ -19,6 +19,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the controller (the default when no subcommand is given).
+    Run(RunArgs),
     /// Report leaked IP allocations from a `kubectl get -o json|yaml` dump (read-only).
     LeakScan(LeakScanArgs),
     /// Build a synthetic cluster in memory and run the whole GC pipeline over it.
@@ -29,6 +31,22 @@ enum Command {
 enum Output {
     Table,
     Json,
+}
+
+#[derive(clap::Args, Debug, Default)]
+struct RunArgs {
+    /// Compute and report plans (metrics, /leak-report) but write nothing.
+    #[arg(long = "dry-run", env = "CKC_DRY_RUN")]
+    dry_run: bool,
+    /// Override the KubeControllersConfiguration's leakGracePeriod (Go duration, e.g. `2s`).
+    #[arg(long = "leak-grace-period")]
+    leak_grace_period: Option<String>,
+    /// Port for /metrics (and the other endpoints); 0 disables.
+    #[arg(long = "metrics-port", default_value_t = 9094)]
+    metrics_port: u16,
+    /// Port for /liveness and /readiness (and the other endpoints); 0 disables.
+    #[arg(long = "health-port", default_value_t = 0)]
+    health_port: u16,
 }
 
 #[derive(clap::Args, Debug)]
@@ -72,7 +90,8 @@ pub fn main() -> i32 {
     let result = match cli.command {
         Some(Command::LeakScan(a)) => leak_scan(a),
         Some(Command::Simulate(a)) => simulate(a),
-        None => Err(anyhow::anyhow!("the controller (`run`) is not part of this build yet; try `leak-scan` or `simulate`")),
+        Some(Command::Run(a)) => run_controller(a),
+        None => run_controller(RunArgs { metrics_port: 9094, ..RunArgs::default() }),
     };
     match result {
         Ok(code) => code,
@@ -138,4 +157,38 @@ fn simulate(a: SimulateArgs) -> anyhow::Result<i32> {
         return Ok(1);
     }
     Ok(0)
+}
+
+fn run_controller(a: RunArgs) -> anyhow::Result<i32> {
+    use calico_kube_controllers::runtime;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LOG_LEVEL")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new("info"))
+        .context("log filter")?;
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).try_init();
+    let leak_grace_override = match &a.leak_grace_period {
+        Some(text) => Some(
+            calico_kube_controllers::model::time::parse_go_duration(text)
+                .with_context(|| format!("--leak-grace-period {text:?} is not a Go duration"))?,
+        ),
+        None => None,
+    };
+    let opts = runtime::RunOptions {
+        controller: runtime::ControllerOptions { dry_run: a.dry_run, leak_grace_override },
+        metrics_port: a.metrics_port,
+        health_port: a.health_port,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    rt.block_on(async move {
+        // KUBECONFIG if set, else the in-cluster service account.
+        let client = kube::Client::try_default().await.context("building a Kubernetes client")?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("SIGTERM handler")?;
+        let stop = async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        };
+        runtime::run(client, opts, stop).await?;
+        anyhow::Ok(0)
+    })
 }

@@ -343,9 +343,9 @@ impl Controller {
             Source::Affinities => self.known.affinities.iter().filter(|k| !seen.contains(*k)).cloned().collect(),
             Source::Handles => self.known.handles.keys().filter(|k| !seen.contains(*k)).cloned().collect(),
             Source::Pools => self.known.pools.keys().filter(|k| !seen.contains(*k)).cloned().collect(),
-            Source::ClusterInformation | Source::KubeControllersConfiguration | Source::IpamConfig => {
-                if seen.contains("default") { Vec::new() } else { vec!["default".to_string()] }
-            }
+            Source::ClusterInformation => singleton_gone(self.cluster_info.is_some(), seen),
+            Source::KubeControllersConfiguration => singleton_gone(self.kcc.is_some(), seen),
+            Source::IpamConfig => singleton_gone(self.ipam_config.is_some(), seen),
         };
         if !stale.is_empty() {
             tracing::info!(source = source.as_str(), gone = stale.len(), "objects gone since the last list");
@@ -549,6 +549,10 @@ impl Controller {
             }
         }
     }
+}
+
+fn singleton_gone(held: bool, seen: &HashSet<String>) -> Vec<String> {
+    if held && !seen.contains("default") { vec!["default".to_string()] } else { Vec::new() }
 }
 
 fn plan_is_empty(plan: &Plan) -> bool {

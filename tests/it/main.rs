@@ -4,6 +4,7 @@ mod support;
 
 mod conformance_kube;
 
+mod e2e_controller;
 mod e2e_smoke;
 
 mod scenarios;
