@@ -218,3 +218,36 @@ async fn dry_run_controller_reports_the_leak_and_writes_nothing() {
     }
     eprintln!("dry run: leak reported {:.1} s after start", confirmed_at.as_secs_f64());
 }
+
+#[tokio::test]
+async fn datastore_not_ready_pauses_the_gc_until_it_is_ready_again() {
+    let cluster = private_cluster();
+    let s = setup(&cluster).await;
+    let infos: Api<DynamicObject> = Api::all_with(cluster.client(), &calico("ClusterInformation", "clusterinformations"));
+    let info = DynamicObject::new("default", &calico("ClusterInformation", "clusterinformations"))
+        .data(json!({"spec": {"clusterGUID": "0123456789abcdef0123456789abcdef", "clusterType": "k8s,kdd", "datastoreReady": false}}));
+    infos.create(&PostParams::default(), &info).await.expect("ClusterInformation");
+    let before = s.blocks.get(&s.block_name).await.unwrap().metadata.resource_version;
+    let port = free_port();
+    let _controller = start_controller(&cluster, &[], port, "paused");
+
+    // Grace 2 s: without the pause the IP would be gone in about 3 s (see the first test).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(s.blocks.get(&s.block_name).await.unwrap().metadata.resource_version, before, "paused GC wrote the block");
+    let (_, body) = http_get(port, "/metrics").await.expect("scraping /metrics");
+    assert!(body.contains("ipam_gc_datastore_paused 1"), "{body}");
+
+    let patch = json!({"spec": {"datastoreReady": true}});
+    infos.patch("default", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.expect("datastoreReady=true");
+    let resumed = Instant::now();
+    loop {
+        let block = s.blocks.get(&s.block_name).await.unwrap();
+        if block.data["spec"]["allocations"][2].is_null() {
+            assert_eq!(block.data["spec"]["allocations"][1], json!(0));
+            break;
+        }
+        assert!(resumed.elapsed() < DEADLINE, "GC did not resume after datastoreReady=true");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("released {:.1} s after datastoreReady=true", resumed.elapsed().as_secs_f64());
+}
