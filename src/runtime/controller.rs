@@ -569,3 +569,91 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datastore::kube::ApiCounters;
+    use crate::model::{IpamBlock, NodeLite};
+    use serde_json::json;
+
+    /// A controller whose client points nowhere: these tests never reach the network.
+    fn controller() -> (Controller, Arc<Shared>) {
+        let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
+        let client = kube::Client::try_from(config).unwrap();
+        let api = Arc::new(ApiCounters::default());
+        let shared = Arc::new(Shared::new(api.clone()));
+        let ds = KubeDatastore::new(client, true, api);
+        let opts = ControllerOptions { dry_run: true, leak_grace_override: Some(2000) };
+        (Controller::new(ds, opts, shared.clone()), shared)
+    }
+
+    fn block(cidr: &str, node: &str) -> Object {
+        let name = cidr.replace(['.', '/'], "-");
+        let b: IpamBlock = serde_json::from_value(json!({
+            "apiVersion": "crd.projectcalico.org/v1", "kind": "IPAMBlock",
+            "metadata": {"name": name, "resourceVersion": "1", "uid": "00000000-0000-4000-8000-000000000001"},
+            "spec": {"cidr": cidr, "affinity": format!("host:{node}"), "strictAffinity": false,
+                     "allocations": [0, null, null, null], "unallocated": [1, 2, 3],
+                     "attributes": [{"handle_id": "h", "secondary": {"namespace": "ns", "pod": "p", "node": node}}],
+                     "sequenceNumber": 1, "deleted": false}
+        }))
+        .unwrap();
+        Object::Block(Box::new(b))
+    }
+
+    fn node(name: &str) -> Object {
+        Object::Node(serde_json::from_value::<NodeLite>(json!({"metadata": {"name": name}})).unwrap())
+    }
+
+    fn input(source: Source, change: Change) -> Input {
+        Input { source, change }
+    }
+
+    fn list(c: &mut Controller, source: Source, objects: Vec<Object>) {
+        c.handle(input(source, Change::Init));
+        for o in objects {
+            c.handle(input(source, Change::InitApply(o)));
+        }
+        c.handle(input(source, Change::InitDone));
+    }
+
+    #[tokio::test]
+    async fn a_relist_drops_the_objects_it_no_longer_shows() {
+        let (mut c, _) = controller();
+        list(&mut c, Source::Blocks, vec![block("10.0.0.0/30", "n1"), block("10.0.0.4/30", "n2")]);
+        list(&mut c, Source::Nodes, vec![node("n1"), node("n2")]);
+        assert_eq!((c.index.block_count(), c.index.node_count()), (2, 2));
+        // After a 410 Gone the watcher lists again: what the new list lacks was deleted meanwhile.
+        list(&mut c, Source::Blocks, vec![block("10.0.0.4/30", "n2")]);
+        list(&mut c, Source::Nodes, vec![node("n2")]);
+        assert_eq!((c.index.block_count(), c.index.node_count()), (1, 1));
+        assert!(c.index.block_slot(&"10.0.0.4/30".parse().unwrap()).is_some());
+        c.index.check_invariants().unwrap();
+    }
+
+    #[tokio::test]
+    async fn no_pass_runs_and_readiness_waits_until_every_watch_listed() {
+        let (mut c, shared) = controller();
+        for source in Source::ALL.iter().copied().filter(|s| *s != Source::Pods) {
+            list(&mut c, source, Vec::new());
+        }
+        c.gc_round(true).await;
+        assert!(shared.report().is_none(), "no decision before the pod list is complete");
+        assert!(!shared.ready());
+        list(&mut c, Source::Pods, Vec::new());
+        assert!(shared.ready());
+        c.gc_round(true).await;
+        assert!(shared.report().is_some());
+    }
+
+    #[tokio::test]
+    async fn watch_deletes_remove_blocks_and_nodes_by_name() {
+        let (mut c, _) = controller();
+        list(&mut c, Source::Blocks, vec![block("10.0.0.0/30", "n1")]);
+        list(&mut c, Source::Nodes, vec![node("n1")]);
+        c.handle(input(Source::Blocks, Change::Delete(block("10.0.0.0/30", "n1"))));
+        c.handle(input(Source::Nodes, Change::Delete(node("n1"))));
+        assert_eq!((c.index.block_count(), c.index.node_count()), (0, 0));
+    }
+}
