@@ -31,6 +31,10 @@ use crate::scan::report::{ReportMeta, build_report};
 const BATCH_WINDOW: Duration = Duration::from_secs(1);
 /// Full passes never run more often than this, whatever the grace period.
 const MIN_FULL_PERIOD: Duration = Duration::from_secs(1);
+/// The leak report lists every allocation (calicoctl's format), O(allocations) with strings:
+/// rebuilt on every full pass and at most this often after dirty passes, so event churn on a
+/// 200k-allocation cluster does not spend its time formatting reports nobody reads.
+const REPORT_MIN_INTERVAL: Duration = Duration::from_secs(5);
 /// The pool label of blocks that no IPPool contains (upstream's name).
 const NO_POOL: &str = "no_ippool";
 
@@ -76,6 +80,7 @@ pub struct Controller {
     fresh: BTreeMap<(String, String), Option<PodFacts>>,
     logged_grace: Option<Millis>,
     logged_pause: bool,
+    report_built: Option<Instant>,
 }
 
 impl Controller {
@@ -96,6 +101,7 @@ impl Controller {
             fresh: BTreeMap::new(),
             logged_grace: None,
             logged_pause: false,
+            report_built: None,
         }
     }
 
@@ -423,10 +429,13 @@ impl Controller {
         let cfg = self.gc_config();
         let fresh = std::mem::take(&mut self.fresh);
         let plan = self.gc.pass(&self.index, now, &cfg, scope, None, &fresh);
-        let meta = ReportMeta::from_cluster_info(self.cluster_info.as_ref());
-        let invalid: Vec<InvalidObject> = self.invalid.values().cloned().collect();
-        let report = build_report(&self.index, &plan, &plan, &cfg, meta, invalid);
-        self.shared.set_report(report);
+        if plan.full || !plan.releases.is_empty() || self.report_built.is_none_or(|t| t.elapsed() >= REPORT_MIN_INTERVAL) {
+            let meta = ReportMeta::from_cluster_info(self.cluster_info.as_ref());
+            let invalid: Vec<InvalidObject> = self.invalid.values().cloned().collect();
+            let report = build_report(&self.index, &plan, &plan, &cfg, meta, invalid);
+            self.shared.set_report(report);
+            self.report_built = Some(Instant::now());
+        }
 
         let reclaimed_labels = self.reclamation_labels(&plan);
         let outcome = if self.opts.dry_run || plan_is_empty(&plan) {
@@ -510,14 +519,23 @@ impl Controller {
     }
 
     fn in_use_by_pool_and_node(&self) -> BTreeMap<(String, String), u64> {
-        let mut out: BTreeMap<(String, String), u64> = BTreeMap::new();
+        // Counted by interned symbols first: no string is built per allocation.
+        let mut counts: HashMap<(String, crate::ipam::intern::Sym), u64> = HashMap::new();
+        let mut per_block: HashMap<crate::ipam::intern::Sym, u64> = HashMap::new();
         for (_, block) in self.index.blocks() {
-            let pool = self.pool_of(&block.cidr);
             for a in &block.allocs {
-                let node = self.index.resolve(a.node);
-                let node = if node.is_empty() { "unknown_node" } else { node };
-                *out.entry((pool.clone(), node.to_string())).or_default() += 1;
+                *per_block.entry(a.node).or_default() += 1;
             }
+            let pool = self.pool_of(&block.cidr);
+            for (node, n) in per_block.drain() {
+                *counts.entry((pool.clone(), node)).or_default() += n;
+            }
+        }
+        let mut out: BTreeMap<(String, String), u64> = BTreeMap::new();
+        for ((pool, node), n) in counts {
+            let node = self.index.resolve(node);
+            let node = if node.is_empty() { "unknown_node" } else { node };
+            *out.entry((pool, node.to_string())).or_default() += n;
         }
         out
     }
