@@ -1187,15 +1187,9 @@ impl IpamIndex {
         if norm(&by_handle) != norm(&mine) {
             return Err("by_handle differs from blocks".into());
         }
-        let norm_hosts = |m: &HashMap<Sym, Vec<u32>>| -> HashMap<Sym, Vec<u32>> {
-            m.iter().map(|(k, v)| {
-                let mut v = v.clone();
-                v.sort_unstable();
-                (*k, v)
-            }).collect()
-        };
+        // Block slots and gids are both u32 lists keyed by symbol: the same normalisation serves.
         let theirs: HashMap<Sym, Vec<u32>> = self.blocks_by_host.iter().map(|(k, v)| (*k, v.clone())).collect();
-        if norm_hosts(&hosts) != norm_hosts(&theirs) {
+        if norm(&hosts) != norm(&theirs) {
             return Err("blocks_by_host differs from block owners".into());
         }
         if empty != self.empty_blocks {
