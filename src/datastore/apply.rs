@@ -27,9 +27,10 @@ pub struct ExecuteOptions {
     /// so a few suffice against CNI churn; an object that keeps moving is simply picked up again
     /// by the next pass instead of spinning here (upstream tries 100 times per block).
     pub conflict_retries: u32,
-    /// Run calicoctl's block validator on every block before writing it and refuse the write if it
-    /// fails. On in debug builds and tests; off in release builds so that a block someone else
-    /// already broke (say, a `releasedAt` from a skewed clock) does not stop its own cleanup.
+    /// Refuse to write any block calicoctl's validator rejects, even one that was already broken
+    /// before our change. On in debug builds and tests. Either way a block that was valid when read
+    /// is never written back invalid: the validator runs on every write, and only a block someone
+    /// else already broke (say, a `releasedAt` from a skewed clock) may still be cleaned.
     pub validate_writes: bool,
 }
 
@@ -166,8 +167,8 @@ fn retry_conflict(e: &DatastoreError, attempt: &mut u32, opts: &ExecuteOptions, 
     *attempt <= opts.conflict_retries
 }
 
-fn validate(block: &IpamBlock, now: Millis, opts: &ExecuteOptions) -> DsResult<()> {
-    if opts.validate_writes {
+fn validate(block: &IpamBlock, was_valid: bool, now: Millis, opts: &ExecuteOptions) -> DsResult<()> {
+    if opts.validate_writes || was_valid {
         check_block(block, now).map_err(|p| DatastoreError::invalid(format!("refusing to write an invalid block: {p}")))?;
     }
     Ok(())
@@ -195,11 +196,12 @@ async fn release_block<D: Datastore>(
         let mut block: IpamBlock = stored.decode()?;
         // Items are checked against this fresh read: after a conflict, an address reallocated in
         // the meantime no longer matches its planned handle and sequence number and is skipped.
+        let was_valid = check_block(&block, now).is_ok();
         let result = apply_release(&mut block, &rel.items, now, cooldown_secs).map_err(|e| DatastoreError::invalid(e.to_string()))?;
         if !result.changed() {
             break (result, block.spec.cidr);
         }
-        validate(&block, now, opts)?;
+        validate(&block, was_valid, now, opts)?;
         let next = stored.with_value(&block)?;
         let written = if result.delete_block {
             ds.soft_delete(Kind::IpamBlock, &next).await
@@ -279,10 +281,11 @@ async fn collect_cold_block<D: Datastore>(ds: &D, cold: &ColdBlock, now: Millis,
             r => r?,
         };
         let mut block: IpamBlock = stored.decode()?;
+        let was_valid = check_block(&block, now).is_ok();
         if !collect_cooled(&mut block, now, cooldown_secs).map_err(|e| DatastoreError::invalid(e.to_string()))? {
             return Ok(());
         }
-        validate(&block, now, opts)?;
+        validate(&block, was_valid, now, opts)?;
         match ds.update(Kind::IpamBlock, &stored.with_value(&block)?).await {
             Ok(_) => {
                 out.blocks_cooled += 1;
