@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use roaring::RoaringBitmap;
 
-use super::index::{gid, gid_ordinal, gid_slot, Alloc, AllocKind, Gid, IpamIndex, PodSlot};
+use super::index::{gid_ordinal, gid_slot, Alloc, AllocKind, Gid, IpamIndex, PodSlot};
 use super::intern::{FastMap, Sym};
 use crate::model::names::ordinal_to_ip;
 use crate::model::time::Millis;
@@ -393,7 +393,7 @@ pub struct GcState {
 /// new sequence number on every allocation, so a reallocated ordinal never looks like the leak
 /// it replaced. (A handle symbol is only reused after its last reference is gone, and a block
 /// update interns the new handle before releasing the old one.)
-fn identity(_index: &IpamIndex, a: &Alloc) -> (u64, u64) {
+fn identity(a: &Alloc) -> (u64, u64) {
     (u64::from(a.handle.0), a.seq)
 }
 
@@ -418,7 +418,7 @@ impl GcState {
         let mut stale: Vec<Gid> = gone.iter().collect();
         for (g, t) in &self.leaks {
             if let Some(a) = index.alloc(*g)
-                && identity(index, a) != t.identity {
+                && identity(a) != t.identity {
                     stale.push(*g);
                 }
         }
@@ -526,7 +526,7 @@ impl GcState {
         plan.leaks.reserve_exact(verdicts.len());
         for (g, reason) in verdicts {
             let a = *index.alloc(g).expect("classified gid is allocated");
-            let id = identity(index, &a);
+            let id = identity(&a);
             let node_gone = !index.node_exists(a.node);
             let mut held = None;
             let t = self.leaks.entry(g).or_insert(Tracked { since: now, confirmed: false, identity: id });
@@ -787,7 +787,7 @@ impl GcState {
         }
         for (g, t) in &self.leaks {
             if let Some(a) = index.alloc(*g) {
-                if identity(index, a) != t.identity {
+                if identity(a) != t.identity {
                     // Allowed only until the next prune; a pass always prunes first.
                     continue;
                 }
@@ -800,12 +800,3 @@ impl GcState {
     }
 }
 
-/// Helper for tests and the simulator: the gid of an IP, if allocated.
-pub fn gid_for(index: &IpamIndex, ip: IpAddr) -> Option<Gid> {
-    index.gid_of_ip(ip).filter(|g| index.allocated().contains(*g))
-}
-
-#[doc(hidden)]
-pub fn _gid(slot: u32, ord: u32) -> Gid {
-    gid(slot, ord)
-}

@@ -993,9 +993,15 @@ impl IpamIndex {
         }
     }
 
-    pub fn apply_handle(&mut self, h: &IpamHandle) {
+    /// The handle ID the index keys a handle object by: `spec.handleID` as the IPAM library
+    /// sanitizes it, or the object name when that is empty. Deletes must use the same key.
+    pub fn handle_key(h: &IpamHandle) -> &str {
         let id = sanitize_handle(&h.spec.handle_id);
-        let id = if id.is_empty() { h.name() } else { id };
+        if id.is_empty() { h.name() } else { id }
+    }
+
+    pub fn apply_handle(&mut self, h: &IpamHandle) {
+        let id = Self::handle_key(h);
         if h.spec.deleted {
             self.delete_handle(id);
             return;

@@ -617,3 +617,14 @@ fn with_live_revalidation_a_confirmed_leak_waits_for_a_fresh_read_of_its_pod() {
     fresh.insert(("ns".to_string(), "p2".to_string()), None);
     assert_eq!(released_ips(&w.pass(T0 + 7 * MIN, Scope::Full, &fresh)), vec!["10.0.0.2"]);
 }
+
+#[test]
+fn a_handle_written_with_a_carriage_return_is_deleted_by_the_key_it_was_indexed_under() {
+    let mut w = World::new(5);
+    let h: IpamHandle = serde_json::from_value(json!({"metadata": {"name": "k8s-pod-network.x", "resourceVersion": "1"}, "spec": {"handleID": "k8s-pod-network.x\r\n", "block": {}}})).unwrap();
+    w.index.apply_handle(&h);
+    assert_eq!(IpamIndex::handle_key(&h), "k8s-pod-network.x");
+    w.index.delete_handle(IpamIndex::handle_key(&h));
+    assert_eq!(w.index.handles().count(), 0);
+    w.index.check_invariants().unwrap();
+}

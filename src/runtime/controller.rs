@@ -247,7 +247,7 @@ impl Controller {
             Object::Handle(h) => {
                 let name = h.metadata.name.clone();
                 self.index.apply_handle(&h);
-                let id = if h.spec.handle_id.is_empty() { name.clone() } else { h.spec.handle_id.clone() };
+                let id = IpamIndex::handle_key(&h).to_string();
                 self.known.handles.insert(name.clone(), id);
                 name
             }
