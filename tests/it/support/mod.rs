@@ -1,3 +1,4 @@
 //! Shared helpers for the integration tests. Owns nothing of the product; only test plumbing.
 
 pub mod cluster;
+pub mod controller;

@@ -1,0 +1,137 @@
+//! Running the built controller binary against a test cluster: a child-process guard that keeps
+//! its log, a fixture cluster state (node, live pod, block with a live and a gone allocation),
+//! HTTP scraping and metric parsing. Test plumbing only.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use calico_kube_controllers::model::names::{affinity_name, handle_object_name};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::cluster::{TestCluster, set_pod_ips};
+
+pub const DEADLINE: Duration = Duration::from_secs(30);
+pub const CIDR: &str = "10.65.0.0/26";
+pub const LIVE_IP: &str = "10.65.0.1";
+pub const NODE: &str = "n1";
+
+/// Kills the controller when the test ends, also on panic, and keeps its log path for the message.
+pub struct ChildGuard {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("controller log: {}", self.log.display());
+        }
+    }
+}
+
+pub fn calico(kind: &str, plural: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("crd.projectcalico.org", "v1", kind), plural)
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().unwrap().port()
+}
+
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((code, body))
+}
+
+/// Sum of every sample of `metric` in a Prometheus text body.
+pub fn metric_sum(body: &str, metric: &str) -> f64 {
+    body.lines()
+        .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+pub struct Setup {
+    pub blocks: Api<DynamicObject>,
+    pub handles: Api<DynamicObject>,
+    pub block_name: String,
+    pub live_handle: String,
+    pub gone_handle: String,
+    pub gone_ip: &'static str,
+}
+
+/// Node n1, a live pod reporting LIVE_IP, and a block on n1 with the live pod's IP (ordinal 1)
+/// and a gone pod's IP (ordinal 2), their handles and the block's affinity.
+pub async fn setup(cluster: &TestCluster) -> Setup {
+    let client = cluster.client();
+    let ns = cluster.namespace_with_default_service_account(&client, "e2e-gc").await;
+    let nodes: Api<Node> = Api::all(client.clone());
+    nodes.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": NODE}})).unwrap()).await.expect("node");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "live"},
+        "spec": {"nodeName": NODE, "containers": [{"name": "c", "image": "registry.invalid/c:1"}]},
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.expect("live pod");
+    set_pod_ips(&pods, "live", &[LIVE_IP]).await;
+
+    let cidr: ipnet::IpNet = CIDR.parse().unwrap();
+    let block_name = CIDR.replace(['.', '/'], "-");
+    let live_handle = format!("k8s-pod-network.live-{ns}");
+    let gone_handle = format!("k8s-pod-network.gone-{ns}");
+    let blocks: Api<DynamicObject> = Api::all_with(client.clone(), &calico("IPAMBlock", "ipamblocks"));
+    let handles: Api<DynamicObject> = Api::all_with(client.clone(), &calico("IPAMHandle", "ipamhandles"));
+    let affinities: Api<DynamicObject> = Api::all_with(client.clone(), &calico("BlockAffinity", "blockaffinities"));
+    let mut allocations = vec![Value::Null; 64];
+    allocations[1] = json!(0);
+    allocations[2] = json!(1);
+    let unallocated: Vec<u32> = (0..64).filter(|o| *o != 1 && *o != 2).collect();
+    let attr = |handle: &str, pod: &str| json!({"handle_id": handle, "secondary": {"namespace": ns, "node": NODE, "pod": pod, "timestamp": "2026-01-02 03:04:05.1 +0000 UTC"}});
+    let block = DynamicObject::new(&block_name, &calico("IPAMBlock", "ipamblocks")).data(json!({"spec": {
+        "cidr": CIDR, "affinity": format!("host:{NODE}"), "strictAffinity": false, "deleted": false,
+        "allocations": allocations, "unallocated": unallocated,
+        "attributes": [attr(&live_handle, "live"), attr(&gone_handle, "gone")],
+        "sequenceNumber": 3, "sequenceNumberForAllocation": {"1": 1, "2": 2},
+    }}));
+    blocks.create(&PostParams::default(), &block).await.expect("block");
+    for h in [&live_handle, &gone_handle] {
+        let o = DynamicObject::new(&handle_object_name(h), &calico("IPAMHandle", "ipamhandles"))
+            .data(json!({"spec": {"handleID": h, "block": {CIDR: 1}, "deleted": false}}));
+        handles.create(&PostParams::default(), &o).await.expect("handle");
+    }
+    let a = DynamicObject::new(&affinity_name(NODE, &cidr), &calico("BlockAffinity", "blockaffinities"))
+        .data(json!({"spec": {"cidr": CIDR, "node": NODE, "state": "confirmed", "type": "host", "deleted": "false"}}));
+    affinities.create(&PostParams::default(), &a).await.expect("affinity");
+    Setup { blocks, handles, block_name, live_handle, gone_handle, gone_ip: "10.65.0.2" }
+}
+
+pub fn start_controller(cluster: &TestCluster, extra: &[&str], port: u16, label: &str) -> ChildGuard {
+    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("controller-{label}-{}.log", std::process::id()));
+    let file = std::fs::File::create(&log).expect("log file");
+    let port = port.to_string();
+    let mut args = vec!["run", "--leak-grace-period", "2s", "--metrics-port", port.as_str()];
+    args.extend_from_slice(extra);
+    let child = Command::new(env!("CARGO_BIN_EXE_calico-kube-controllers"))
+        .args(&args)
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .env("LOG_LEVEL", "info")
+        .env_remove("CKC_DRY_RUN")
+        .stdout(Stdio::null())
+        .stderr(file)
+        .spawn()
+        .expect("starting the controller");
+    ChildGuard { child, log }
+}
+
