@@ -5,6 +5,8 @@ mod support;
 mod conformance_kube;
 
 mod e2e_controller;
+mod e2e_deploy;
+mod e2e_nodes;
 mod e2e_smoke;
 
 mod scenarios;

@@ -138,6 +138,36 @@ impl TestCluster {
     /// A client authenticated as ServiceAccount `namespace/name` with a token minted through
     /// the TokenRequest API; the cluster's RBAC decides what it may do.
     pub async fn client_for_service_account(&self, namespace: &str, name: &str) -> Client {
+        let token = self.service_account_token(namespace, name).await;
+        let mut config = self.config.clone();
+        // Only the token: no client certificate may ride along from the admin identity.
+        config.auth_info =
+            serde_json::from_value::<AuthInfo>(json!({ "token": token })).expect("token AuthInfo");
+        Client::try_from(config).expect("building a kube client with a ServiceAccount token")
+    }
+
+    /// A kubeconfig file at `path` for ServiceAccount `namespace/name` (a minted token, no
+    /// client certificate), for running the controller binary as that account.
+    pub async fn kubeconfig_for_service_account(&self, namespace: &str, name: &str, path: &Path) {
+        let token = self.service_account_token(namespace, name).await;
+        let admin = std::fs::read_to_string(&self.kubeconfig).expect("reading the admin kubeconfig");
+        let field = |key: &str| {
+            admin
+                .lines()
+                .find_map(|l| l.trim().strip_prefix(key).map(|v| v.trim().to_string()))
+                .unwrap_or_else(|| panic!("{key} missing from the admin kubeconfig"))
+        };
+        let config = json!({
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "test", "cluster": {"server": field("server:"), "certificate-authority-data": field("certificate-authority-data:")}}],
+            "users": [{"name": name, "user": {"token": token}}],
+            "contexts": [{"name": "test", "context": {"cluster": "test", "user": name}}],
+            "current-context": "test",
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&config).unwrap()).expect("writing a kubeconfig");
+    }
+
+    async fn service_account_token(&self, namespace: &str, name: &str) -> String {
         let accounts: Api<ServiceAccount> = Api::namespaced(self.client(), namespace);
         let request = TokenRequest {
             spec: Some(TokenRequestSpec {
@@ -146,18 +176,14 @@ impl TestCluster {
             }),
             ..Default::default()
         };
-        let token = accounts
+        accounts
             .create_token_request(name, &PostParams::default(), &request)
             .await
             .unwrap_or_else(|error| panic!("minting a token for {namespace}/{name}: {error}"))
             .status
             .expect("TokenRequest response without status")
-            .token;
-        let mut config = self.config.clone();
-        // Only the token: no client certificate may ride along from the admin identity.
-        config.auth_info =
-            serde_json::from_value::<AuthInfo>(json!({ "token": token })).expect("token AuthInfo");
-        Client::try_from(config).expect("building a kube client with a ServiceAccount token")
+            .token
+            .expect("TokenRequest status without token")
     }
 
     fn start(label: &str, stop_on_drop: bool) -> Result<TestCluster, String> {

@@ -2,7 +2,7 @@
 //! its log, a fixture cluster state (node, live pod, block with a live and a gone allocation),
 //! HTTP scraping and metric parsing. Test plumbing only.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -118,20 +118,73 @@ pub async fn setup(cluster: &TestCluster) -> Setup {
 }
 
 pub fn start_controller(cluster: &TestCluster, extra: &[&str], port: u16, label: &str) -> ChildGuard {
+    start_controller_with(&cluster.kubeconfig, extra, &[], port, label)
+}
+
+/// The controller binary with `--metrics-port port`, `--leak-grace-period 2s` unless `extra` sets
+/// it, then `extra`,
+/// reaching the cluster through `kubeconfig`, with `env` added; its log goes to a file named
+/// after `label`.
+pub fn start_controller_with(kubeconfig: &Path, extra: &[&str], env: &[(&str, &str)], port: u16, label: &str) -> ChildGuard {
     let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("controller-{label}-{}.log", std::process::id()));
     let file = std::fs::File::create(&log).expect("log file");
     let port = port.to_string();
-    let mut args = vec!["run", "--leak-grace-period", "2s", "--metrics-port", port.as_str()];
+    let mut args = vec!["run", "--metrics-port", port.as_str()];
+    if !extra.contains(&"--leak-grace-period") {
+        args.extend_from_slice(&["--leak-grace-period", "2s"]);
+    }
     args.extend_from_slice(extra);
-    let child = Command::new(env!("CARGO_BIN_EXE_calico-kube-controllers"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_calico-kube-controllers"));
+    command
         .args(&args)
-        .env("KUBECONFIG", &cluster.kubeconfig)
+        .env("KUBECONFIG", kubeconfig)
         .env("LOG_LEVEL", "info")
         .env_remove("CKC_DRY_RUN")
         .stdout(Stdio::null())
-        .stderr(file)
-        .spawn()
-        .expect("starting the controller");
+        .stderr(file);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let child = command.spawn().expect("starting the controller");
     ChildGuard { child, log }
 }
 
+/// Polls `check` every 200 ms until it returns `Some`, failing the test with `what` after
+/// [`DEADLINE`].
+pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(started.elapsed() < DEADLINE, "timed out after {DEADLINE:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+
+/// The ServiceAccount the controller runs as in deploy/.
+pub const CONTROLLER_USER: &str = "system:serviceaccount:kube-system:calico-kube-controllers";
+
+/// Applies deploy/base (ServiceAccount, ClusterRole, bindings, Deployment) with the cluster's
+/// kubectl, as an operator would, and returns a kubeconfig for the controller's ServiceAccount:
+/// a controller started with it has exactly the rights deploy/ grants.
+pub async fn install_deploy_base(cluster: &TestCluster, label: &str) -> PathBuf {
+    let kubectl = cluster.bin_dir().expect("a harness cluster").join("kubectl");
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/base");
+    let out = Command::new(&kubectl)
+        .arg("--kubeconfig")
+        .arg(&cluster.kubeconfig)
+        .args(["apply", "-k"])
+        .arg(&base)
+        .output()
+        .expect("running kubectl");
+    assert!(out.status.success(), "kubectl apply -k deploy/base: {}", String::from_utf8_lossy(&out.stderr));
+    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("kubeconfig-sa-{label}-{}", std::process::id()));
+    cluster.kubeconfig_for_service_account("kube-system", "calico-kube-controllers", &path).await;
+    path
+}

@@ -2,3 +2,5 @@
 
 pub mod cluster;
 pub mod controller;
+pub mod audit;
+pub mod ipam;

@@ -1,0 +1,105 @@
+//! End-to-end node deletion (SPEC §5.11, §9.4 KDD part): three nodes holding their own,
+//! borrowed and unaffine pod addresses and tunnel addresses. With a grace period of an hour,
+//! nothing on a live node is touched; deleting a node releases exactly what belonged to it (its
+//! pods' addresses wherever they are, its tunnels, its affinities), keeps blocks that still
+//! hold other nodes' addresses, and after the last node nothing of IPAM remains. One handle ID
+//! carries the `\r` suffix that broken CNI versions wrote.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, DeleteParams, PostParams};
+use serde_json::{Value, json};
+
+use crate::support::cluster::private_cluster;
+use crate::support::controller::{free_port, http_get, start_controller, wait_for};
+use crate::support::ipam::{Alloc, Ipam, pod_attrs, tunnel_attrs};
+
+const A: &str = "10.70.0.0/28";
+const B: &str = "10.70.0.16/28";
+const C: &str = "10.70.0.32/28";
+const D: &str = "10.70.0.48/28";
+
+fn allocated(spec: &Value, ordinal: usize) -> bool {
+    !spec["allocations"][ordinal].is_null()
+}
+
+#[tokio::test]
+async fn deleting_nodes_one_by_one_releases_exactly_their_ipam_and_finally_all_of_it() {
+    let cluster = private_cluster();
+    let client = cluster.client();
+    let nodes: Api<Node> = Api::all(client.clone());
+    for n in ["n-a", "n-b", "n-c"] {
+        nodes.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": n}})).unwrap()).await.expect("node");
+    }
+    let ipam = Ipam::new(&client);
+    let pa = "k8s-pod-network.pa";
+    let pb_borrowed = "k8s-pod-network.pb-borrowed";
+    let pb = "k8s-pod-network.pb\r";
+    let pc = "k8s-pod-network.pc";
+    let tun_a = "ipip-tunnel-addr-n-a";
+    let tun_b = "vxlan-tunnel-addr-n-b";
+    let block_a = ipam
+        .block(A, Some("n-a"), &[
+            Alloc { ordinal: 1, handle: pa, secondary: pod_attrs("ns", "pa", "n-a") },
+            Alloc { ordinal: 2, handle: pb_borrowed, secondary: pod_attrs("ns", "pb-borrowed", "n-b") },
+            Alloc { ordinal: 3, handle: tun_a, secondary: tunnel_attrs("n-a", "ipipTunnelAddress") },
+        ])
+        .await;
+    let block_b = ipam
+        .block(B, Some("n-b"), &[
+            Alloc { ordinal: 1, handle: pb, secondary: pod_attrs("ns", "pb", "n-b") },
+            Alloc { ordinal: 2, handle: tun_b, secondary: tunnel_attrs("n-b", "vxlanTunnelAddress") },
+        ])
+        .await;
+    let block_c = ipam.block(C, None, &[Alloc { ordinal: 1, handle: pc, secondary: pod_attrs("ns", "pc", "n-c") }]).await;
+    let block_d = ipam.block(D, Some("n-c"), &[]).await;
+
+    let port = free_port();
+    let _controller = start_controller(&cluster, &["--leak-grace-period", "1h"], port, "nodes");
+    wait_for("the controller's first report", || async { http_get(port, "/leak-report").await.filter(|(c, _)| *c == 200) }).await;
+    // Live nodes, an hour of grace: a few passes change nothing.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = ipam.all_names().await;
+    assert_eq!(before.len(), 4 + 6 + 3, "4 blocks, 6 handles, 3 affinities untouched: {before:?}");
+
+    // n-a goes: its pod and tunnel in A are released, n-b's borrowed address in A stays, and
+    // so does A (without n-a's affinity).
+    let t = Instant::now();
+    nodes.delete("n-a", &DeleteParams::default()).await.expect("deleting n-a");
+    let spec_a = wait_for("n-a's addresses released", || async {
+        let spec = ipam.block_spec(&block_a).await?;
+        (!allocated(&spec, 1) && !allocated(&spec, 3) && !ipam.affinity_exists("n-a", A).await).then_some(spec)
+    })
+    .await;
+    eprintln!("n-a cleaned {:.1} s after its deletion", t.elapsed().as_secs_f64());
+    assert!(allocated(&spec_a, 2), "n-b's borrowed address survives n-a's deletion: {spec_a}");
+    assert!(!ipam.handle_exists(pa).await && !ipam.handle_exists(tun_a).await, "n-a's handles are deleted");
+    assert!(ipam.handle_exists(pb_borrowed).await && ipam.handle_exists(pb).await && ipam.handle_exists(pc).await);
+    assert!(ipam.block_spec(&block_b).await.is_some_and(|s| allocated(&s, 1) && allocated(&s, 2)), "n-b's block untouched");
+    assert!(ipam.block_spec(&block_c).await.is_some_and(|s| allocated(&s, 1)), "n-c's unaffine address untouched");
+    assert!(ipam.block_spec(&block_d).await.is_some() && ipam.affinity_exists("n-c", D).await, "n-c's empty block untouched");
+
+    // n-b goes: its borrowed address empties A (now unaffine: deleted), and its own block B with
+    // the `\r` handle and the VXLAN tunnel goes entirely.
+    let t = Instant::now();
+    nodes.delete("n-b", &DeleteParams::default()).await.expect("deleting n-b");
+    wait_for("n-b's IPAM cleaned", || async {
+        let gone = ipam.block_spec(&block_a).await.is_none()
+            && ipam.block_spec(&block_b).await.is_none()
+            && !ipam.affinity_exists("n-b", B).await
+            && !ipam.handle_exists(pb).await
+            && !ipam.handle_exists(pb_borrowed).await
+            && !ipam.handle_exists(tun_b).await;
+        gone.then_some(())
+    })
+    .await;
+    eprintln!("n-b cleaned {:.1} s after its deletion", t.elapsed().as_secs_f64());
+    assert!(ipam.block_spec(&block_c).await.is_some_and(|s| allocated(&s, 1)), "n-c's address survives n-b's deletion");
+
+    // n-c goes: nothing of IPAM remains.
+    let t = Instant::now();
+    nodes.delete("n-c", &DeleteParams::default()).await.expect("deleting n-c");
+    wait_for("every IPAM object gone", || async { ipam.all_names().await.is_empty().then_some(()) }).await;
+    eprintln!("n-c cleaned {:.1} s after its deletion", t.elapsed().as_secs_f64());
+}
