@@ -10,8 +10,9 @@ use calico_kube_controllers::model::names::handle_object_name;
 use kube::api::{Api, DynamicObject, PostParams};
 use serde_json::{Value, json};
 
+use crate::support::audit;
 use crate::support::cluster::private_cluster;
-use crate::support::controller::{DEADLINE, LIVE_IP, calico, free_port, http_get, metric_sum, setup, start_controller};
+use crate::support::controller::{CONTROLLER_USER, DEADLINE, install_deploy_base, start_controller_with, LIVE_IP, calico, free_port, http_get, metric_sum, setup, start_controller};
 
 #[tokio::test]
 async fn controller_frees_a_gone_pods_ip_and_handle_and_keeps_the_live_one() {
@@ -62,9 +63,10 @@ async fn dry_run_controller_reports_the_leak_and_writes_nothing() {
     let cluster = private_cluster();
     let s = setup(&cluster).await;
     let before = s.blocks.get(&s.block_name).await.unwrap().metadata.resource_version;
+    let kubeconfig = install_deploy_base(&cluster, "dry").await;
     let port = free_port();
     let started = Instant::now();
-    let _controller = start_controller(&cluster, &["--dry-run"], port, "dry");
+    let _controller = start_controller_with(&kubeconfig, &["--dry-run"], &[], port, "dry");
 
     // Wait until the leak is confirmed and releasable in the report, then for several more passes.
     loop {
@@ -93,6 +95,12 @@ async fn dry_run_controller_reports_the_leak_and_writes_nothing() {
         let prefix = format!("kube_controllers_api_requests_total{{verb=\"{verb}\"");
         assert!(!body.lines().any(|l| l.starts_with(&prefix)), "dry run sent a {verb}: {body}");
     }
+    let writes: Vec<_> = audit::read(cluster.dir.as_ref().unwrap())
+        .into_iter()
+        .filter(|e| e.user == CONTROLLER_USER && e.is_write())
+        .map(|e| format!("{} {}/{}/{} -> {}", e.verb, e.resource, e.namespace, e.name, e.code))
+        .collect();
+    assert!(writes.is_empty(), "the dry run sent writes (audit log): {writes:#?}");
     eprintln!("dry run: leak reported {:.1} s after start", confirmed_at.as_secs_f64());
 }
 

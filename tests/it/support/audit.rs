@@ -12,9 +12,7 @@ use serde_json::Value;
 pub struct AuditEvent {
     pub verb: String,
     pub user: String,
-    pub user_agent: String,
     pub resource: String,
-    pub subresource: String,
     pub namespace: String,
     pub name: String,
     pub code: u16,
@@ -49,9 +47,7 @@ pub fn read(cluster_dir: &Path) -> Vec<AuditEvent> {
             events.push(AuditEvent {
                 verb: s(&v["verb"]),
                 user: s(&v["user"]["username"]),
-                user_agent: s(&v["userAgent"]),
                 resource: s(&v["objectRef"]["resource"]),
-                subresource: s(&v["objectRef"]["subresource"]),
                 namespace: s(&v["objectRef"]["namespace"]),
                 name: s(&v["objectRef"]["name"]),
                 code: v["responseStatus"]["code"].as_u64().unwrap_or(0) as u16,
