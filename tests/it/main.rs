@@ -7,6 +7,7 @@ mod conformance_kube;
 mod e2e_controller;
 mod e2e_deploy;
 mod e2e_nodes;
+mod e2e_restart;
 mod e2e_smoke;
 
 mod scenarios;
