@@ -52,7 +52,8 @@ struct RunArgs {
 #[derive(clap::Args, Debug)]
 struct LeakScanArgs {
     /// Files or folders of Kubernetes objects (JSON or YAML, `List`s or single objects).
-    #[arg(long = "from-dump", num_args = 1.., required = true)]
+    /// Without it, the cluster of KUBECONFIG (or the in-cluster account) is listed, read-only.
+    #[arg(long = "from-dump", num_args = 1..)]
     from_dump: Vec<PathBuf>,
     #[arg(long, value_enum, default_value = "table")]
     output: Output,
@@ -119,7 +120,11 @@ fn leak_scan(a: LeakScanArgs) -> anyhow::Result<i32> {
             eprint!("\rreading dump: {} / {} MB", done >> 20, total >> 20);
         }
     };
-    let mut contents = dump::read_paths_indexed(&a.from_dump, &mut progress).context("reading the dump")?;
+    let mut contents = if a.from_dump.is_empty() {
+        read_live_cluster(tty, started)?
+    } else {
+        dump::read_paths_indexed(&a.from_dump, &mut progress).context("reading the dump")?
+    };
     if tty && started.elapsed().as_secs_f64() > 1.0 {
         eprintln!();
     }
@@ -135,6 +140,20 @@ fn leak_scan(a: LeakScanArgs) -> anyhow::Result<i32> {
     }
     out.flush()?;
     Ok(if r.releasable_leaks() > 0 { 1 } else { 0 })
+}
+
+/// One paged, read-only list per kind from the cluster of KUBECONFIG (or in-cluster).
+fn read_live_cluster(tty: bool, started: Instant) -> anyhow::Result<dump::DumpContents> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
+    rt.block_on(async {
+        let client = kube::Client::try_default().await.context("building a Kubernetes client (KUBECONFIG or in-cluster)")?;
+        let mut progress = |resource: &str, n: u64| {
+            if tty && started.elapsed().as_secs_f64() > 1.0 {
+                eprint!("\rlisting {resource}: {n}          ");
+            }
+        };
+        calico_kube_controllers::scan::live::read_cluster(&client, &mut progress).await.context("reading the cluster")
+    })
 }
 
 fn simulate(a: SimulateArgs) -> anyhow::Result<i32> {

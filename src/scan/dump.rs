@@ -82,6 +82,8 @@ pub struct DumpContents {
     /// Set by [`read_paths_indexed`]: Pods, Nodes and IPAM objects were applied here instead of
     /// being collected in the vectors above.
     pub index: Option<Box<crate::ipam::index::IpamIndex>>,
+    /// Every Pod of the cluster was read (a live scan), so every namespace counts as covered.
+    pub complete_pod_view: bool,
 }
 
 /// Why a dump could not be read at all.
@@ -1253,6 +1255,12 @@ fn keep_singleton<S>(slot: &mut Option<Object<S>>, new: Object<S>) {
 }
 
 impl DumpContents {
+    /// Takes one object given as JSON text (with its `kind` and `apiVersion`), exactly as if it
+    /// had been read from a dump file; `label` names it in errors when it has no name.
+    pub fn absorb_object_json(&mut self, bytes: &[u8], label: &str) {
+        self.absorb(classify(bytes, label, 0));
+    }
+
     fn absorb(&mut self, outcome: Outcome) {
         let (kind, v3, mut parsed) = match outcome {
             Outcome::List(items) => {

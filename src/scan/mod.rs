@@ -1,2 +1,4 @@
 pub mod dump;
+#[cfg(feature = "cli")]
+pub mod live;
 pub mod report;

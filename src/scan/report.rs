@@ -169,13 +169,17 @@ impl ReportMeta {
     }
 }
 
+const REQUIRED_KINDS: [(&str, &str); 3] = [("Pod", "Pods (all namespaces)"), ("Node", "Nodes"), ("IPAMBlock", "IPAMBlocks")];
+
 /// Runs one observation over a dump. Refuses (without guessing) when Pods, Nodes or IPAMBlocks
 /// are missing: with no pods every IP would look leaked.
 pub fn scan_dump(dump: &mut DumpContents, now: Millis) -> Result<LeakReport, IncompleteDump> {
     let mut missing = Vec::new();
-    for (kind, label) in [("Pod", "Pods (all namespaces)"), ("Node", "Nodes"), ("IPAMBlock", "IPAMBlocks")] {
-        if dump.kind_counts.get(kind).copied().unwrap_or(0) == 0 {
-            missing.push(label);
+    // A live scan listed every kind: an empty list is the cluster's answer, not a gap in a dump.
+    let checked: &[(&str, &str)] = if dump.complete_pod_view { &[] } else { &REQUIRED_KINDS };
+    for (kind, label) in checked {
+        if dump.kind_counts.get(*kind).copied().unwrap_or(0) == 0 {
+            missing.push(*label);
         }
     }
     if !missing.is_empty() {
@@ -198,7 +202,8 @@ pub fn scan_dump(dump: &mut DumpContents, now: Millis) -> Result<LeakReport, Inc
     };
     // A dump proves nothing about namespaces it holds no pod of: the user may have listed
     // pods of some namespaces only. Allocations elsewhere are reported but never releasable.
-    index.coverage = PodCoverage::Namespaces(dump.pod_namespaces.clone());
+    index.coverage =
+        if dump.complete_pod_view { PodCoverage::All } else { PodCoverage::Namespaces(dump.pod_namespaces.clone()) };
     let cfg = GcConfig {
         leak_grace: dump.kube_controllers_config.as_ref().map_or(crate::model::config::DEFAULT_LEAK_GRACE, |k| k.spec.leak_grace_period()),
         max_releases_per_pass: usize::MAX,
