@@ -10,6 +10,7 @@ mod e2e_leak_scan_live;
 mod e2e_nodes;
 mod e2e_restart;
 mod e2e_rules;
+mod e2e_scale;
 mod e2e_smoke;
 
 mod scenarios;
