@@ -52,7 +52,7 @@ impl Sym {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Interner {
     /// Every live string's bytes back to back: one allocation instead of one per string (which
     /// costs a 16-byte pointer and the allocator's own header each). Freed strings leave garbage
@@ -88,9 +88,25 @@ fn hash_str_bytes(bytes: &[u8]) -> u64 {
     h ^ (h >> 29)
 }
 
+/// `Default` is the same valid, empty interner as `new()` (slot 0 reserved), so an index built
+/// with `IpamIndex::default()` works too.
+impl Default for Interner {
+    fn default() -> Self {
+        Interner {
+            arena: String::new(),
+            garbage: 0,
+            spans: vec![(0, 0)],
+            refs: vec![u32::MAX],
+            free: Vec::new(),
+            by_hash: FastMap::default(),
+            collided: HashMap::new(),
+        }
+    }
+}
+
 impl Interner {
     pub fn new() -> Self {
-        Interner { spans: vec![(0, 0)], refs: vec![u32::MAX], ..Default::default() }
+        Self::default()
     }
 
     pub fn lookup(&self, s: &str) -> Option<Sym> {

@@ -628,3 +628,14 @@ fn a_handle_written_with_a_carriage_return_is_deleted_by_the_key_it_was_indexed_
     assert_eq!(w.index.handles().count(), 0);
     w.index.check_invariants().unwrap();
 }
+
+#[test]
+fn a_default_index_is_as_usable_as_a_new_one() {
+    let mut a = crate::ipam::index::IpamIndex::default();
+    let mut b = crate::ipam::index::IpamIndex::new();
+    for ix in [&mut a, &mut b] {
+        ix.apply_node(&serde_json::from_value(serde_json::json!({"metadata": {"name": "n1"}})).unwrap());
+        ix.check_invariants().unwrap();
+    }
+    assert_eq!(a.node_count(), b.node_count());
+}
