@@ -97,6 +97,10 @@ async fn one_of_two_replicas_leads_and_alone_writes_and_a_killed_leader_is_repla
         !events.iter().any(|e| e.resource == "leases" && e.verb == "update" && e.sent_by(follower.name)),
         "the follower never wrote the Lease"
     );
+    // Executing a plan starts with reading the object to change; a follower never gets that far
+    // (its view comes from watches alone), even when the leader got to every write first.
+    let follower_reads: Vec<_> = events.iter().filter(|e| e.verb == "get" && e.is_ipam() && e.sent_by(follower.name)).collect();
+    assert!(follower_reads.is_empty(), "the follower started executing plans: {follower_reads:#?}");
 
     // SIGKILL: no release, the Lease must run out.
     let mut leader = leader;
@@ -113,15 +117,19 @@ async fn one_of_two_replicas_leads_and_alone_writes_and_a_killed_leader_is_repla
     wait_freed(&s, 3, &handle, "the leak made after the kill").await;
     eprintln!("new leak {ip} freed {:.1} s after the kill", killed.elapsed().as_secs_f64());
 
+    // The standby saw the new leak confirmed for about 8 s before the dead leader's Lease ran
+    // out: had it executed plans while following, its reads and writes of IPAM objects would
+    // show up before its takeover (the acquireTime it wrote; one clock, one machine).
+    let spec = lease(&cluster).await.and_then(|l| l.spec).expect("the Lease");
+    let acquired_ms = spec.acquire_time.as_ref().map(|t| t.0.as_millisecond()).expect("acquireTime");
+    assert!(spec.lease_transitions.unwrap_or(0) >= 1, "a takeover counts a transition: {spec:?}");
     let events = audit(&cluster);
-    let by = |name: &str| events.iter().filter(|e| e.is_ipam_write() && e.sent_by(name)).map(|e| e.received_ms).collect::<Vec<_>>();
-    let new_leader_writes = by(follower.name);
-    assert!(!new_leader_writes.is_empty(), "the new leader freed the new leak");
-    assert!(new_leader_writes.iter().all(|t| *t >= killed_at), "the standby wrote before the leader died");
-    assert!(by(leader.name).iter().all(|t| *t <= killed_at), "the killed leader wrote after its death?");
-    let l = lease(&cluster).await.expect("the Lease");
-    let transitions = l.spec.and_then(|s| s.lease_transitions).unwrap_or(0);
-    assert!(transitions >= 1, "a takeover counts a transition: {transitions}");
+    let ipam = |name: &str| events.iter().filter(|e| e.is_ipam() && e.verb != "list" && e.verb != "watch" && e.sent_by(name)).collect::<Vec<_>>();
+    let standby = ipam(follower.name);
+    assert!(standby.iter().any(|e| e.is_ipam_write()), "the new leader freed the new leak");
+    let early: Vec<_> = standby.iter().filter(|e| e.received_ms < acquired_ms).collect();
+    assert!(early.is_empty(), "the standby touched IPAM objects before it took over at {acquired_ms}: {early:#?}");
+    assert!(ipam(leader.name).iter().all(|e| e.received_ms <= killed_at), "the killed leader wrote after its death?");
 }
 
 #[tokio::test]

@@ -68,9 +68,12 @@ pub struct AuditEntry {
 }
 
 impl AuditEntry {
+    pub fn is_ipam(&self) -> bool {
+        matches!(self.resource.as_str(), "ipamblocks" | "ipamhandles" | "blockaffinities")
+    }
+
     pub fn is_ipam_write(&self) -> bool {
-        matches!(self.verb.as_str(), "create" | "update" | "patch" | "delete" | "deletecollection")
-            && matches!(self.resource.as_str(), "ipamblocks" | "ipamhandles" | "blockaffinities")
+        self.is_ipam() && matches!(self.verb.as_str(), "create" | "update" | "patch" | "delete" | "deletecollection")
     }
 
     /// Sent by the replica named `pod_name` (its User-Agent ends with `(pod_name)`).
