@@ -262,7 +262,8 @@ pub fn spawn(client: kube::Client, opts: ElectionOptions, shared: Arc<Shared>) -
 enum Attempt {
     /// We hold the Lease; the write was sent at this monotonic time.
     Holding { sent: Millis },
-    Following { holder: String },
+    /// Another replica holds the Lease until `expires` (wall clock) unless it renews.
+    Following { holder: String, expires: Millis },
     /// Another replica wrote the Lease between our read and our write.
     LostRace,
 }
@@ -301,6 +302,7 @@ impl Campaign {
         let mut renewed: Option<Millis> = None;
         let mut followed: Option<String> = None;
         loop {
+            let mut wait = timing.retry_period;
             let step_down_at = renewed.map(|t| epoch + millis(t + timing.renew_deadline));
             let result = tokio::select! {
                 biased;
@@ -317,8 +319,11 @@ impl Campaign {
                     followed = None;
                     self.set_leading(true, "acquired the Lease");
                 }
-                Some(Ok(Ok(Attempt::Following { holder }))) => {
+                Some(Ok(Ok(Attempt::Following { holder, expires }))) => {
                     renewed = None;
+                    // Look again right after the Lease would run out rather than up to a retry
+                    // period later: a dead leader is replaced that much sooner.
+                    wait = (expires - now_millis() + 1).clamp(1, timing.retry_period);
                     self.set_leading(false, "another replica holds the Lease");
                     if followed.as_deref() != Some(&holder) {
                         tracing::info!(leader = %holder, "following");
@@ -342,7 +347,7 @@ impl Campaign {
                 biased;
                 _ = stop.changed() => break,
                 _ = sleep_until_opt(step_down_at) => {}
-                _ = tokio::time::sleep(millis(timing.retry_period)) => {}
+                _ = tokio::time::sleep(millis(wait)) => {}
             }
         }
         let held = renewed.is_some();
@@ -394,7 +399,7 @@ impl Campaign {
             Observed { record: record_of(l), first_seen }
         });
         let written = match (decide(observed.as_ref(), &self.opts.identity, now, &self.opts.timing), lease) {
-            (Action::Follow { holder, .. }, _) => return Ok(Attempt::Following { holder }),
+            (Action::Follow { holder, expires }, _) => return Ok(Attempt::Following { holder, expires }),
             (Action::Create(record), _) => {
                 let lease = Lease {
                     metadata: ObjectMeta { name: Some(LEASE_NAME.into()), namespace: Some(self.opts.namespace.clone()), ..Default::default() },
