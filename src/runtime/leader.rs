@@ -40,7 +40,9 @@ pub const DEFAULT_NAMESPACE: &str = "kube-system";
 /// standby notices within one retry period (2 s) more. The renew deadline leaves a leader that
 /// cannot reach the API server 3 s between stopping its writes and its Lease expiring.
 pub const DEFAULT_LEASE_DURATION: Millis = 10_000;
+/// See [`DEFAULT_LEASE_DURATION`].
 pub const DEFAULT_RENEW_DEADLINE: Millis = 7_000;
+/// See [`DEFAULT_LEASE_DURATION`].
 pub const DEFAULT_RETRY_PERIOD: Millis = 2_000;
 /// Shutdown waits this long at most for the Lease to be given up; if the API server does not
 /// answer in time the Lease simply expires, as if the process had been killed.
@@ -210,7 +212,7 @@ pub fn identity_from_env() -> String {
     let pod = std::env::var("POD_NAME").ok();
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").ok().or_else(|| std::env::var("HOSTNAME").ok());
     let random = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos() as u64).unwrap_or(0);
-    identity(pod.as_deref(), host.as_deref(), std::process::id(), random ^ u64::from(std::process::id()) << 32)
+    identity(pod.as_deref(), host.as_deref(), std::process::id(), random ^ (u64::from(std::process::id()) << 32))
 }
 
 /// `POD_NAMESPACE`, else [`DEFAULT_NAMESPACE`].
