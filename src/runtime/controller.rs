@@ -711,6 +711,48 @@ mod tests {
         assert!(shared.report().is_some());
     }
 
+    /// A controller that would write (no dry run), steered by the returned "may write" sender.
+    fn writer() -> (Controller, Arc<Shared>, watch::Sender<bool>) {
+        let (c, shared) = controller();
+        let (tx, may_write) = watch::channel(false);
+        let c = Controller { opts: ControllerOptions { dry_run: false, ..c.opts.clone() }, may_write, ..c };
+        (c, shared, tx)
+    }
+
+    /// An empty block still affine to node `gone`, which no longer exists: a plan to let it go.
+    fn empty_block_of_gone_node() -> Object {
+        let b: IpamBlock = serde_json::from_value(json!({
+            "apiVersion": "crd.projectcalico.org/v1", "kind": "IPAMBlock",
+            "metadata": {"name": "10-0-0-0-30", "resourceVersion": "1", "uid": "00000000-0000-4000-8000-000000000002"},
+            "spec": {"cidr": "10.0.0.0/30", "affinity": "host:gone", "strictAffinity": false,
+                     "allocations": [null, null, null, null], "unallocated": [0, 1, 2, 3], "attributes": [],
+                     "sequenceNumber": 1, "deleted": false}
+        }))
+        .unwrap();
+        Object::Block(Box::new(b))
+    }
+
+    fn block_calls(shared: &Shared) -> u64 {
+        shared.api.snapshot().iter().filter(|((_, resource, _), _)| *resource == "ipamblocks").map(|(_, n)| n).sum()
+    }
+
+    #[tokio::test]
+    async fn a_follower_plans_and_reports_but_executes_nothing_until_it_leads() {
+        let (mut c, shared, leader) = writer();
+        for source in Source::ALL.iter().copied() {
+            let objects = if source == Source::Blocks { vec![empty_block_of_gone_node()] } else { Vec::new() };
+            list(&mut c, source, objects);
+        }
+        c.gc_round(true).await;
+        assert!(shared.report().is_some(), "a follower publishes its report");
+        assert_eq!(block_calls(&shared), 0, "a follower sends no IPAM request: {:?}", shared.api.snapshot());
+
+        // This client reaches nothing, so the leader's first write attempt fails, but it is made.
+        leader.send_replace(true);
+        c.gc_round(true).await;
+        assert!(block_calls(&shared) > 0, "the leader executes the plan: {:?}", shared.api.snapshot());
+    }
+
     #[tokio::test]
     async fn watch_deletes_remove_blocks_and_nodes_by_name() {
         let (mut c, _) = controller();
