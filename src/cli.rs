@@ -47,6 +47,17 @@ struct RunArgs {
     /// Port for /liveness and /readiness (and the other endpoints); 0 disables.
     #[arg(long = "health-port", default_value_t = 0)]
     health_port: u16,
+    /// How long the leader's Lease stays valid without renewal (Go duration) [default: 10s].
+    #[arg(long = "leader-election-lease-duration", env = "CKC_LEADER_ELECTION_LEASE_DURATION")]
+    leader_election_lease_duration: Option<String>,
+    /// A leader that could not renew for this long stops writing; below the lease duration
+    /// [default: 7s].
+    #[arg(long = "leader-election-renew-deadline", env = "CKC_LEADER_ELECTION_RENEW_DEADLINE")]
+    leader_election_renew_deadline: Option<String>,
+    /// How often the leader renews and a standby checks the Lease; below the renew deadline
+    /// [default: 2s].
+    #[arg(long = "leader-election-retry-period", env = "CKC_LEADER_ELECTION_RETRY_PERIOD")]
+    leader_election_retry_period: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -178,6 +189,20 @@ fn simulate(a: SimulateArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// The three leader election durations, defaulted and checked against each other.
+fn election_timing(a: &RunArgs) -> anyhow::Result<calico_kube_controllers::runtime::Timing> {
+    use calico_kube_controllers::model::time::parse_go_duration;
+    use calico_kube_controllers::runtime::leader;
+    let parse = |flag: &str, text: &Option<String>, default| match text {
+        Some(t) => parse_go_duration(t).with_context(|| format!("--{flag} {t:?} is not a Go duration")),
+        None => Ok(default),
+    };
+    let lease = parse("leader-election-lease-duration", &a.leader_election_lease_duration, leader::DEFAULT_LEASE_DURATION)?;
+    let renew = parse("leader-election-renew-deadline", &a.leader_election_renew_deadline, leader::DEFAULT_RENEW_DEADLINE)?;
+    let retry = parse("leader-election-retry-period", &a.leader_election_retry_period, leader::DEFAULT_RETRY_PERIOD)?;
+    Ok(leader::Timing::new(lease, renew, retry)?)
+}
+
 fn run_controller(a: RunArgs) -> anyhow::Result<i32> {
     use calico_kube_controllers::runtime;
     let filter = tracing_subscriber::EnvFilter::try_from_env("LOG_LEVEL")
@@ -191,15 +216,23 @@ fn run_controller(a: RunArgs) -> anyhow::Result<i32> {
         ),
         None => None,
     };
+    let timing = election_timing(&a)?;
+    let identity = runtime::leader::identity_from_env();
+    let user_agent = runtime::leader::user_agent(&identity);
+    let election = runtime::ElectionOptions { identity, namespace: runtime::leader::namespace_from_env(), timing };
     let opts = runtime::RunOptions {
         controller: runtime::ControllerOptions { dry_run: a.dry_run, leak_grace_override },
         metrics_port: a.metrics_port,
         health_port: a.health_port,
+        election,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     rt.block_on(async move {
         // KUBECONFIG if set, else the in-cluster service account.
-        let client = kube::Client::try_default().await.context("building a Kubernetes client")?;
+        let mut config = kube::Config::infer().await.context("building a Kubernetes client")?;
+        // The replica's name in the user agent tells replicas apart in the API server's audit log.
+        config.headers.push(("user-agent".parse().context("user-agent header name")?, user_agent.parse().context("user-agent header")?));
+        let client = kube::Client::try_from(config).context("building a Kubernetes client")?;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("SIGTERM handler")?;
         let stop = async move {
             tokio::select! {

@@ -6,8 +6,10 @@
 //! node release, orphan-handle deletion, the cold-IP backstop, and the per-item outcome.
 //! Must not: decide what is garbage (the plan did), force a stale release, or let one failing
 //! block, node or handle stop the others: every item's failure is recorded and the loop goes on.
+//! The one early stop is [`ExecuteOptions::keep_going`] turning false (leadership lost).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -32,11 +34,39 @@ pub struct ExecuteOptions {
     /// is never written back invalid: the validator runs on every write, and only a block someone
     /// else already broke (say, a `releasedAt` from a skewed clock) may still be cleaned.
     pub validate_writes: bool,
+    /// Asked before each plan item and before each retry after a conflict; once it answers
+    /// false, the rest of the plan is skipped (`PlanOutcome::interrupted`). The controller
+    /// passes "still the leader" here, so a replica that lost its Lease stops writing mid-plan.
+    /// The writes of an item already begun (a block release and its handle decrements) are
+    /// finished, so no item is left half-done by the stop itself.
+    pub keep_going: Option<KeepGoing>,
 }
 
 impl Default for ExecuteOptions {
     fn default() -> Self {
-        ExecuteOptions { conflict_retries: 5, validate_writes: cfg!(debug_assertions) }
+        ExecuteOptions { conflict_retries: 5, validate_writes: cfg!(debug_assertions), keep_going: None }
+    }
+}
+
+impl ExecuteOptions {
+    fn may_continue(&self) -> bool {
+        self.keep_going.as_ref().is_none_or(|k| (k.0)())
+    }
+}
+
+/// A cheap, synchronous "may I keep writing?" check (no I/O, no lock held for long).
+#[derive(Clone)]
+pub struct KeepGoing(Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl KeepGoing {
+    pub fn new(check: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        KeepGoing(Arc::new(check))
+    }
+}
+
+impl std::fmt::Debug for KeepGoing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeepGoing(..)")
     }
 }
 
@@ -104,6 +134,8 @@ pub struct PlanOutcome {
     /// Orphan handles changed (or replaced) since the plan, therefore not deleted.
     pub orphans_skipped: u64,
     pub nodes_released: u64,
+    /// `keep_going` said stop: the items after that point were not attempted.
+    pub interrupted: bool,
 }
 
 impl PlanOutcome {
@@ -122,27 +154,51 @@ impl PlanOutcome {
 /// in that order (a node's last addresses are released before its blocks are let go).
 pub async fn execute_plan<D: Datastore>(ds: &D, plan: &Plan, now: Millis, cooldown_secs: u32, opts: &ExecuteOptions) -> PlanOutcome {
     let mut out = PlanOutcome::default();
+    // Checked before every item; `go` records the first refusal so the remaining sections are
+    // skipped too.
+    let go = |out: &mut PlanOutcome| {
+        if !out.interrupted && !opts.may_continue() {
+            out.interrupted = true;
+            tracing::info!("plan execution stopped: no longer allowed to write");
+        }
+        !out.interrupted
+    };
     for rel in &plan.releases {
+        if !go(&mut out) {
+            break;
+        }
         if let Err(e) = release_block(ds, rel, now, cooldown_secs, opts, &mut out).await {
             out.fail(ItemRef::Release(rel.cidr), e);
         }
     }
     for cold in &plan.cold_blocks {
+        if !go(&mut out) {
+            break;
+        }
         if let Err(e) = collect_cold_block(ds, cold, now, cooldown_secs, opts, &mut out).await {
             out.fail(ItemRef::ColdBlock(cold.cidr), e);
         }
     }
     for rec in plan.empty_blocks.iter().filter(|r| r.releasable) {
+        if !go(&mut out) {
+            break;
+        }
         if let Err(e) = release_empty_block(ds, rec, opts, &mut out).await {
             out.fail(ItemRef::EmptyBlock(rec.cidr), e);
         }
     }
     for node in &plan.nodes_to_release {
+        if !go(&mut out) {
+            break;
+        }
         if release_node(ds, node, opts, &mut out).await {
             out.nodes_released += 1;
         }
     }
     for orphan in plan.orphan_handles.iter().filter(|o| o.releasable) {
+        if !go(&mut out) {
+            break;
+        }
         if let Err(e) = delete_orphan_handle(ds, orphan, &mut out).await {
             out.fail(ItemRef::OrphanHandle(orphan.handle_id.clone()), e);
         }
@@ -157,14 +213,15 @@ pub async fn execute_plan<D: Datastore>(ds: &D, plan: &Plan, now: Millis, cooldo
     out
 }
 
-/// Counts a conflict and says whether another attempt is allowed.
+/// Counts a conflict and says whether another attempt is allowed (not once writing must stop:
+/// the conflict is then this item's failure, and the next item is not started).
 fn retry_conflict(e: &DatastoreError, attempt: &mut u32, opts: &ExecuteOptions, out: &mut PlanOutcome) -> bool {
     if !e.is_conflict() {
         return false;
     }
     out.conflicts += 1;
     *attempt += 1;
-    *attempt <= opts.conflict_retries
+    *attempt <= opts.conflict_retries && opts.may_continue()
 }
 
 fn validate(block: &IpamBlock, was_valid: bool, now: Millis, opts: &ExecuteOptions) -> DsResult<()> {

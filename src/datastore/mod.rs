@@ -24,7 +24,7 @@ pub mod conformance;
 pub mod kube;
 pub mod memory;
 
-pub use apply::{ExecuteOptions, ItemFailure, ItemRef, PlanOutcome, execute_plan};
+pub use apply::{ExecuteOptions, ItemFailure, ItemRef, KeepGoing, PlanOutcome, execute_plan};
 pub use memory::{MemoryDatastore, Op, block_on};
 
 /// The Calico kinds this product reads or writes.

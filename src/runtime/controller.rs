@@ -4,6 +4,8 @@
 //!
 //! Owns: relist bookkeeping (objects not re-listed at `InitDone` are deleted), the readiness
 //! gate (no GC decision before every watch finished its first list), the `datastoreReady` pause,
+//! the leadership gate (a follower computes passes and the report but executes no plan, and a
+//! plan stops mid-way when leadership is lost),
 //! the final re-validation reads of confirmed leaks, and publishing the report and metrics.
 //! Must not: list or read anything else inside the loop (every input comes from a watch; the
 //! only reads are the re-validation GETs), or hold the shared lock across an `.await`.
@@ -19,7 +21,7 @@ use tokio::sync::{mpsc, watch};
 use super::Shared;
 use super::watch::{Change, Input, Object, Source};
 use crate::datastore::kube::{KubeDatastore, status_code};
-use crate::datastore::{ExecuteOptions, PlanOutcome, execute_plan};
+use crate::datastore::{ExecuteOptions, KeepGoing, PlanOutcome, execute_plan};
 use crate::ipam::gc::{DEFAULT_MAX_RELEASES_PER_PASS, GcConfig, GcState, Plan, Scope};
 use crate::ipam::index::IpamIndex;
 use crate::model::time::{Millis, format_go_duration};
@@ -71,6 +73,8 @@ pub struct Controller {
     ds: KubeDatastore,
     opts: ControllerOptions,
     shared: Arc<Shared>,
+    /// True while this replica holds the leader Lease: plans are executed only then.
+    may_write: watch::Receiver<bool>,
     known: Known,
     /// Keys seen since the last `Init` of each source that is relisting.
     relisting: HashMap<Source, HashSet<String>>,
@@ -87,13 +91,14 @@ pub struct Controller {
 }
 
 impl Controller {
-    pub fn new(ds: KubeDatastore, opts: ControllerOptions, shared: Arc<Shared>) -> Self {
+    pub fn new(ds: KubeDatastore, opts: ControllerOptions, shared: Arc<Shared>, may_write: watch::Receiver<bool>) -> Self {
         Controller {
             index: IpamIndex::new(),
             gc: GcState::new(),
             ds,
             opts,
             shared,
+            may_write,
             known: Known::default(),
             relisting: HashMap::new(),
             synced: BTreeSet::new(),
@@ -130,10 +135,26 @@ impl Controller {
         let mut batch_deadline: Option<tokio::time::Instant> = None;
         let mut period = self.full_period();
         let mut next_full = tokio::time::Instant::now() + period;
+        let mut leadership = self.may_write.clone();
+        let mut leadership_open = true;
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
+                changed = leadership.changed(), if leadership_open => {
+                    if changed.is_err() {
+                        // No election (dry run): leadership never changes.
+                        leadership_open = false;
+                        continue;
+                    }
+                    if *leadership.borrow_and_update() {
+                        // While following, passes ran but nothing was written, and the old leader
+                        // wrote meanwhile: look at everything once, now.
+                        tracing::info!("leading: full pass requested");
+                        self.index.request_full_scan();
+                        batch_deadline = Some(tokio::time::Instant::now());
+                    }
+                }
                 input = rx.recv() => {
                     let Some(input) = input else { break };
                     self.handle(input);
@@ -457,10 +478,14 @@ impl Controller {
         }
 
         let reclaimed_labels = self.reclamation_labels(&plan);
-        let outcome = if self.opts.dry_run || plan_is_empty(&plan) {
+        let leading = *self.may_write.borrow();
+        let outcome = if self.opts.dry_run || !leading || plan_is_empty(&plan) {
             PlanOutcome::default()
         } else {
-            let o = execute_plan(&self.ds, &plan, now, self.cooldown_secs(), &ExecuteOptions::default()).await;
+            let may_write = self.may_write.clone();
+            let keep_going = KeepGoing::new(move || *may_write.borrow());
+            let exec = ExecuteOptions { keep_going: Some(keep_going), ..ExecuteOptions::default() };
+            let o = execute_plan(&self.ds, &plan, now, self.cooldown_secs(), &exec).await;
             tracing::info!(
                 full = plan.full,
                 released = o.released.len(),
@@ -470,6 +495,7 @@ impl Controller {
                 handles_deleted = o.handles_deleted,
                 blocks_deleted = o.blocks_deleted,
                 nodes_released = o.nodes_released,
+                interrupted = o.interrupted,
                 "plan executed"
             );
             o
@@ -622,7 +648,8 @@ mod tests {
         let shared = Arc::new(Shared::new(api.clone()));
         let ds = KubeDatastore::new(client, true, api);
         let opts = ControllerOptions { dry_run: true, leak_grace_override: Some(2000) };
-        (Controller::new(ds, opts, shared.clone()), shared)
+        let (_, may_write) = watch::channel(false);
+        (Controller::new(ds, opts, shared.clone(), may_write), shared)
     }
 
     fn block(cidr: &str, node: &str) -> Object {
@@ -682,6 +709,48 @@ mod tests {
         assert!(shared.ready());
         c.gc_round(true).await;
         assert!(shared.report().is_some());
+    }
+
+    /// A controller that would write (no dry run), steered by the returned "may write" sender.
+    fn writer() -> (Controller, Arc<Shared>, watch::Sender<bool>) {
+        let (c, shared) = controller();
+        let (tx, may_write) = watch::channel(false);
+        let c = Controller { opts: ControllerOptions { dry_run: false, ..c.opts.clone() }, may_write, ..c };
+        (c, shared, tx)
+    }
+
+    /// An empty block still affine to node `gone`, which no longer exists: a plan to let it go.
+    fn empty_block_of_gone_node() -> Object {
+        let b: IpamBlock = serde_json::from_value(json!({
+            "apiVersion": "crd.projectcalico.org/v1", "kind": "IPAMBlock",
+            "metadata": {"name": "10-0-0-0-30", "resourceVersion": "1", "uid": "00000000-0000-4000-8000-000000000002"},
+            "spec": {"cidr": "10.0.0.0/30", "affinity": "host:gone", "strictAffinity": false,
+                     "allocations": [null, null, null, null], "unallocated": [0, 1, 2, 3], "attributes": [],
+                     "sequenceNumber": 1, "deleted": false}
+        }))
+        .unwrap();
+        Object::Block(Box::new(b))
+    }
+
+    fn block_calls(shared: &Shared) -> u64 {
+        shared.api.snapshot().iter().filter(|((_, resource, _), _)| *resource == "ipamblocks").map(|(_, n)| n).sum()
+    }
+
+    #[tokio::test]
+    async fn a_follower_plans_and_reports_but_executes_nothing_until_it_leads() {
+        let (mut c, shared, leader) = writer();
+        for source in Source::ALL.iter().copied() {
+            let objects = if source == Source::Blocks { vec![empty_block_of_gone_node()] } else { Vec::new() };
+            list(&mut c, source, objects);
+        }
+        c.gc_round(true).await;
+        assert!(shared.report().is_some(), "a follower publishes its report");
+        assert_eq!(block_calls(&shared), 0, "a follower sends no IPAM request: {:?}", shared.api.snapshot());
+
+        // This client reaches nothing, so the leader's first write attempt fails, but it is made.
+        leader.send_replace(true);
+        c.gc_round(true).await;
+        assert!(block_calls(&shared) > 0, "the leader executes the plan: {:?}", shared.api.snapshot());
     }
 
     #[tokio::test]

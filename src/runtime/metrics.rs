@@ -53,6 +53,8 @@ pub struct Metrics {
     pub conflicts_total: u64,
     pub write_errors_total: BTreeMap<&'static str, u64>,
     pub datastore_paused: bool,
+    /// This replica holds the Lease and may write.
+    pub leader: bool,
 }
 
 fn escape(v: &str) -> String {
@@ -114,6 +116,9 @@ impl Metrics {
             let _ = writeln!(out, "ipam_allocations_in_use{{ippool=\"{}\",node=\"{}\"}} {n}", escape(pool), escape(node));
         }
 
+        header(&mut out, "kube_controllers_leader", "gauge", "1 while this replica holds the leader Lease (the only one that writes), else 0.");
+        let _ = writeln!(out, "kube_controllers_leader {}", u8::from(self.leader));
+
         header(&mut out, "kube_controllers_api_requests_total", "counter", "Kubernetes API requests, by verb, resource and HTTP code (0: no answer).");
         for ((verb, resource, code), n) in api.snapshot() {
             let _ = writeln!(out, "kube_controllers_api_requests_total{{verb=\"{verb}\",resource=\"{resource}\",code=\"{code}\"}} {n}");
@@ -141,5 +146,8 @@ mod tests {
         assert!(text.contains("ipam_gc_releases_total{reason=\"pod-not-found\"} 2"));
         assert!(text.contains("ipam_gc_releases_total{reason=\"node-deleted\"} 0"));
         assert!(text.contains("ipam_allocations_in_use{ippool=\"pool-a\",node=\"n\\\"1\"} 5"));
+        assert!(text.contains("kube_controllers_leader 0\n"));
+        m.leader = true;
+        assert!(m.render(&ApiCounters::default()).contains("kube_controllers_leader 1\n"));
     }
 }

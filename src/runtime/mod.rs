@@ -2,8 +2,10 @@
 //! (`/metrics`, `/leak-report`, `/liveness`, `/readiness`).
 //!
 //! Pipeline: `watch` (needs a client) → `controller` (owns the index; pure decisions from
-//! `ipam::gc`, writes through the datastore, which needs a client) → [`Shared`] → `http`.
-//! Owns: starting and stopping those tasks and the state they share.
+//! `ipam::gc`, writes through the datastore, which needs a client, only while `leader` says this
+//! replica holds the Lease) → [`Shared`] → `http`.
+//! Owns: starting and stopping those tasks and the state they share, in this order on shutdown:
+//! the GC loop finishes its writes, then the Lease is given up.
 //! Must not: hold the shared lock across an `.await`; decide what is garbage.
 
 use std::net::SocketAddr;
@@ -17,10 +19,12 @@ use crate::scan::report::LeakReport;
 
 pub mod controller;
 pub mod http;
+pub mod leader;
 pub mod metrics;
 pub mod watch;
 
 pub use controller::ControllerOptions;
+pub use leader::{ElectionOptions, Timing};
 pub use metrics::Metrics;
 
 /// Watch inputs queued for the index owner. When full, the watchers wait: back-pressure instead
@@ -69,6 +73,8 @@ pub struct RunOptions {
     /// Ports for the HTTP endpoints; 0 disables a listener. Both serve every path.
     pub metrics_port: u16,
     pub health_port: u16,
+    /// Unused in dry run: a dry-run replica never touches the Lease and never leads.
+    pub election: ElectionOptions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,7 +106,16 @@ pub async fn run(client: kube::Client, opts: RunOptions, stop: impl Future<Outpu
     let watchers = watch::spawn_all(&client, &tx);
     drop(tx);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let controller = controller::Controller::new(ds, opts.controller.clone(), shared.clone());
+    // Followers are ready too (readiness is about the watches, not leadership): a standby that
+    // failed readiness would be restarted for doing its job.
+    let (may_write, election, _never_leader) = if opts.controller.dry_run {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        (rx, None, Some(tx))
+    } else {
+        let (rx, handle) = leader::spawn(client.clone(), opts.election.clone(), shared.clone());
+        (rx, Some(handle), None)
+    };
+    let controller = controller::Controller::new(ds, opts.controller.clone(), shared.clone(), may_write);
     let gc_task = tokio::spawn(controller.run(rx, stop_rx));
 
     stop.await;
@@ -108,6 +123,9 @@ pub async fn run(client: kube::Client, opts: RunOptions, stop: impl Future<Outpu
     shared.stopping.store(true, Ordering::Relaxed);
     let _ = stop_tx.send(true);
     let _ = gc_task.await;
+    if let Some(election) = election {
+        election.resign().await;
+    }
     for w in watchers {
         w.abort();
     }

@@ -6,6 +6,7 @@ mod conformance_kube;
 
 mod e2e_controller;
 mod e2e_deploy;
+mod e2e_ha;
 mod e2e_leak_scan_live;
 mod e2e_nodes;
 mod e2e_restart;

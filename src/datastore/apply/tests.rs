@@ -472,3 +472,66 @@ fn execute_plan_is_send_so_it_runs_on_a_multi_threaded_runtime() {
     assert_send(&fut);
     assert_eq!(block_on(fut).error_count(), 0);
 }
+
+/// A `keep_going` that says yes `allowed` times, then no, and counts how often it was asked.
+fn keep_going_for(allowed: usize) -> (ExecuteOptions, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let asked = Arc::new(AtomicUsize::new(0));
+    let counter = asked.clone();
+    let check = KeepGoing::new(move || counter.fetch_add(1, Ordering::SeqCst) < allowed);
+    (ExecuteOptions { keep_going: Some(check), ..ExecuteOptions::default() }, asked)
+}
+
+#[test]
+fn a_replica_that_may_not_write_executes_nothing_of_the_plan() {
+    let ds = two_pod_block();
+    let before = block_of(&ds, A).unwrap();
+    let plan = Plan { releases: vec![release(A, &[(0, "h-a", 10)])], ..Plan::default() };
+    let (opts, _) = keep_going_for(0);
+    let out = block_on(execute_plan(&ds, &plan, 1_000_000, 0, &opts));
+    assert!(out.interrupted);
+    assert!(out.released.is_empty() && out.failures.is_empty(), "{out:?}");
+    assert_eq!(block_of(&ds, A).unwrap(), before);
+    assert_eq!(ds.op_count(Op::Update, Kind::IpamBlock) + ds.op_count(Op::Get, Kind::IpamBlock), 0, "not even a read");
+}
+
+#[test]
+fn losing_leadership_mid_plan_finishes_the_item_in_hand_and_starts_no_other() {
+    let ds = two_pod_block();
+    put(&ds, Kind::IpamBlock, block_value(B, Some("host:node1"), &[(3, "h-d", "node1", 20)]));
+    put(&ds, Kind::IpamHandle, handle_value("h-d", &[(B, 1)]));
+    let before_b = block_of(&ds, B).unwrap();
+    let plan = Plan { releases: vec![release(A, &[(0, "h-a", 10)]), release(B, &[(3, "h-d", 20)])], ..Plan::default() };
+    // Yes for block A, no from block B on.
+    let (opts, asked) = keep_going_for(1);
+    let out = block_on(execute_plan(&ds, &plan, 1_000_000, 0, &opts));
+    assert!(out.interrupted);
+    assert_eq!(out.released, vec![(net(A), 0)]);
+    assert!(ds.peek(Kind::IpamHandle, "h-a").is_none(), "A's item finished, handle included");
+    assert_eq!(block_of(&ds, B).unwrap(), before_b, "B never started");
+    assert!(ds.peek(Kind::IpamHandle, "h-d").is_some());
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 2, "asked once per item, then never again");
+}
+
+#[test]
+fn a_conflict_after_leadership_is_lost_is_not_retried() {
+    let ds = two_pod_block();
+    let before = block_of(&ds, A).unwrap();
+    let plan = Plan { releases: vec![release(A, &[(0, "h-a", 10)])], ..Plan::default() };
+    ds.inject(Some(Kind::IpamBlock), None, Op::Update, ErrorKind::Conflict, 1);
+    let (opts, _) = keep_going_for(1);
+    let out = block_on(execute_plan(&ds, &plan, 1_000_000, 0, &opts));
+    assert_eq!(out.conflicts, 1);
+    assert_eq!(ds.op_count(Op::Update, Kind::IpamBlock), 1, "no second attempt");
+    assert_eq!(out.errors_by_category.get("conflict"), Some(&1));
+    assert_eq!(block_of(&ds, A).unwrap(), before);
+}
+
+#[test]
+fn without_a_keep_going_check_the_whole_plan_runs() {
+    let ds = two_pod_block();
+    let plan = Plan { releases: vec![release(A, &[(0, "h-a", 10), (1, "h-b", 11)])], ..Plan::default() };
+    let out = run(&ds, &plan);
+    assert!(!out.interrupted);
+    assert_eq!(out.released.len(), 2);
+}

@@ -12,6 +12,7 @@ use serde_json::Value;
 pub struct AuditEvent {
     pub verb: String,
     pub user: String,
+    pub user_agent: String,
     pub resource: String,
     pub namespace: String,
     pub name: String,
@@ -23,6 +24,19 @@ pub struct AuditEvent {
 impl AuditEvent {
     pub fn is_write(&self) -> bool {
         matches!(self.verb.as_str(), "create" | "update" | "patch" | "delete" | "deletecollection")
+    }
+
+    pub fn is_ipam(&self) -> bool {
+        matches!(self.resource.as_str(), "ipamblocks" | "ipamhandles" | "blockaffinities")
+    }
+
+    pub fn is_ipam_write(&self) -> bool {
+        self.is_ipam() && self.is_write()
+    }
+
+    /// Sent by the controller replica named `pod_name` (its User-Agent ends with `(pod_name)`).
+    pub fn sent_by(&self, pod_name: &str) -> bool {
+        self.user_agent.starts_with("calico-kube-controllers/") && self.user_agent.ends_with(&format!("({pod_name})"))
     }
 }
 
@@ -47,6 +61,7 @@ pub fn read(cluster_dir: &Path) -> Vec<AuditEvent> {
             events.push(AuditEvent {
                 verb: s(&v["verb"]),
                 user: s(&v["user"]["username"]),
+                user_agent: s(&v["userAgent"]),
                 resource: s(&v["objectRef"]["resource"]),
                 namespace: s(&v["objectRef"]["namespace"]),
                 name: s(&v["objectRef"]["name"]),

@@ -3,4 +3,5 @@
 pub mod cluster;
 pub mod controller;
 pub mod audit;
+pub mod ha;
 pub mod ipam;
