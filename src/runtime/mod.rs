@@ -15,8 +15,10 @@ use tokio::sync::mpsc;
 use crate::datastore::kube::{ApiCounters, KubeDatastore};
 use crate::scan::report::LeakReport;
 
+pub mod backoff;
 pub mod controller;
 pub mod http;
+pub mod ipam_gauges;
 pub mod metrics;
 pub mod watch;
 

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use crate::datastore::Kind;
 use crate::datastore::kube::api_resource;
 use crate::model::{
-    BlockAffinity, ClusterInformation, InvalidObject, IpPool, IpamBlock, IpamConfig, IpamHandle, KubeControllersConfiguration, NodeLite,
+    BlockAffinity, ClusterInformation, InvalidObject, IpPool, IpReservation, IpamBlock, IpamConfig, IpamHandle, KubeControllersConfiguration, NodeLite,
     PodFacts, PodLite,
 };
 
@@ -33,10 +33,11 @@ pub enum Source {
     KubeControllersConfiguration,
     IpamConfig,
     Pools,
+    Reservations,
 }
 
 impl Source {
-    pub const ALL: [Source; 9] = [
+    pub const ALL: [Source; 10] = [
         Source::Pods,
         Source::Nodes,
         Source::Blocks,
@@ -46,6 +47,7 @@ impl Source {
         Source::KubeControllersConfiguration,
         Source::IpamConfig,
         Source::Pools,
+        Source::Reservations,
     ];
 
     /// A bounded label (the resource plural).
@@ -60,6 +62,7 @@ impl Source {
             Source::KubeControllersConfiguration => Kind::KubeControllersConfiguration.plural(),
             Source::IpamConfig => Kind::IpamConfig.plural(),
             Source::Pools => Kind::IpPool.plural(),
+            Source::Reservations => Kind::IpReservation.plural(),
         }
     }
 }
@@ -76,6 +79,7 @@ pub enum Object {
     KubeControllersConfiguration(Box<KubeControllersConfiguration>),
     IpamConfig(Box<IpamConfig>),
     Pool(IpPool),
+    Reservation(IpReservation),
 }
 
 /// The watcher protocol, per source: `Init`, `InitApply`*, `InitDone` on every (re)list, then
@@ -123,6 +127,7 @@ pub fn decode(source: Source, o: &DynamicObject) -> (Result<Object, InvalidObjec
         }
         Source::IpamConfig => decode_as("IPAMConfig", o).map(|c| Object::IpamConfig(Box::new(c))),
         Source::Pools => decode_as("IPPool", o).map(Object::Pool),
+        Source::Reservations => decode_as("IPReservation", o).map(Object::Reservation),
     };
     (r, None)
 }
@@ -138,6 +143,7 @@ fn resource(source: Source) -> ApiResource {
         Source::KubeControllersConfiguration => api_resource(Kind::KubeControllersConfiguration),
         Source::IpamConfig => api_resource(Kind::IpamConfig),
         Source::Pools => api_resource(Kind::IpPool),
+        Source::Reservations => api_resource(Kind::IpReservation),
     }
 }
 
