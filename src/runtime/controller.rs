@@ -685,6 +685,7 @@ impl Controller {
                 continue;
             }
             let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &resource);
+            self.ds.throttle().await;
             let result = api.get(pod).await;
             self.ds.counters().observe("get", "pods", 200, &result);
             match result {

@@ -17,6 +17,7 @@ use crate::scan::report::LeakReport;
 
 pub mod backoff;
 pub mod controller;
+pub mod discovery;
 pub mod http;
 pub mod ipam_gauges;
 pub mod metrics;
@@ -71,12 +72,33 @@ pub struct RunOptions {
     /// Ports for the HTTP endpoints; 0 disables a listener. Both serve every path.
     pub metrics_port: u16,
     pub health_port: u16,
+    /// `K8S_CLIENT_QPS` / `K8S_CLIENT_BURST`: the limit of the writer's requests (watches are
+    /// never limited); QPS <= 0 disables it.
+    pub client_qps: f32,
+    pub client_burst: u32,
+    /// `CALICO_API_GROUP`, checked against what this version supports.
+    pub api_group: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("binding {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    RateLimit(#[from] crate::datastore::rate::RateError),
+    #[error(transparent)]
+    ApiGroup(#[from] discovery::ApiGroupError),
+}
+
+impl RunError {
+    /// The process exit code for this error (2: a setting or cluster this version refuses).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunError::ApiGroup(e) => e.exit_code(),
+            RunError::RateLimit(_) => 2,
+            RunError::Bind { .. } => 1,
+        }
+    }
 }
 
 /// Runs the controller until `stop` resolves, then lets the GC loop finish its pass in progress
@@ -84,7 +106,10 @@ pub enum RunError {
 pub async fn run(client: kube::Client, opts: RunOptions, stop: impl Future<Output = ()>) -> Result<(), RunError> {
     let api = Arc::new(ApiCounters::default());
     let shared = Arc::new(Shared::new(api.clone()));
-    let ds = KubeDatastore::new(client.clone(), opts.controller.dry_run, api);
+    let bucket = crate::datastore::rate::TokenBucket::new(opts.client_qps, opts.client_burst)?;
+    // Before any watch: a cluster on Calico's v3 API would look empty through v1 watches.
+    discovery::check_api_group(&client, opts.api_group.as_deref()).await?;
+    let ds = KubeDatastore::new(client.clone(), opts.controller.dry_run, api).with_rate_limit(bucket);
     if opts.controller.dry_run {
         tracing::warn!("dry run: plans are reported, nothing is written");
     }
