@@ -950,6 +950,33 @@ mod tests {
         assert!(lines.contains(&r#"ipam_allocations_in_use{ippool="pool-a",node="n1"} 0"#.to_string()));
     }
 
+    fn api_calls(shared: &Shared) -> u64 {
+        shared.api.snapshot().iter().map(|(_, n)| n).sum()
+    }
+
+    #[tokio::test]
+    async fn items_failing_transiently_wait_out_their_backoff_and_a_retry_round_is_scheduled() {
+        let (mut c, shared) = controller();
+        // The client points at a closed port: every request fails without an answer (transient).
+        c.opts.dry_run = false;
+        for source in Source::ALL.iter().copied().filter(|s| *s != Source::Blocks) {
+            list(&mut c, source, Vec::new());
+        }
+        // A block of a node that no longer exists: its address and the node are released at once.
+        list(&mut c, Source::Blocks, vec![block("10.0.0.0/30", "gone")]);
+        c.gc_round(true).await;
+        let after_first = api_calls(&shared);
+        assert!(after_first > 0, "the first round tried the writes");
+        assert!(c.retry_at.is_some(), "a round that failed schedules a retry soon");
+        let waiting = shared.metrics(|m| m.items_backing_off.clone());
+        assert_eq!(waiting.get("block"), Some(&1), "{waiting:?}");
+        // Rounds before the items are due send nothing for them, yet still run and re-arm.
+        c.gc_round(true).await;
+        assert_eq!(api_calls(&shared), after_first, "a backing-off item is not retried early");
+        assert!(c.retry_at.is_some());
+        assert!(shared.render_metrics().contains("ipam_gc_items_backing_off{item=\"block\"} 1"));
+    }
+
     #[tokio::test]
     async fn watch_deletes_remove_blocks_and_nodes_by_name() {
         let (mut c, _) = controller();

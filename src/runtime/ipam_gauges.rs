@@ -7,8 +7,6 @@
 //! interned symbols and only the final (pool, node) cells are turned into strings, so a 200k
 //! allocation cluster costs a few milliseconds after each pass.
 
-use std::collections::BTreeMap;
-
 use ipnet::IpNet;
 use roaring::RoaringBitmap;
 
@@ -29,30 +27,43 @@ pub struct PoolDef {
     pub cidr: IpNet,
 }
 
-/// The gauges of one pool (or of `no_ippool`), by node label.
+/// One (pool, node) cell; `None` = no series (upstream only zero-seeds some of them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeCells {
+    pub in_use: Option<u64>,
+    pub borrowed: Option<u64>,
+    pub blocks: Option<u64>,
+    pub gc_candidates: Option<u64>,
+}
+
+/// The gauges of one pool (or of `no_ippool`).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PoolGauges {
     /// `ipam_ippool_size`; `None` for `no_ippool`.
     pub size: Option<f64>,
     /// `ipam_ippool_reserved`; `None` for `no_ippool`.
     pub reserved: Option<f64>,
-    pub in_use: BTreeMap<String, u64>,
-    pub borrowed: BTreeMap<String, u64>,
-    pub blocks: BTreeMap<String, u64>,
-    pub gc_candidates: BTreeMap<String, u64>,
+    /// Node label → cells, sorted by label.
+    pub nodes: Vec<(String, NodeCells)>,
+}
+
+/// One node's legacy all-pool gauges; `None` = no series.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LegacyCells {
+    pub allocations: Option<u64>,
+    pub borrowed: Option<u64>,
+    pub blocks: Option<u64>,
 }
 
 /// Every IPAM gauge at one moment, replaced whole after each pass: nothing accumulates, so a
-/// deleted pool or node simply is not in the next value.
+/// deleted pool or node simply is not in the next value. One cell per (pool, node) keeps the
+/// string work at the number of series, whatever the number of allocations.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct IpamGauges {
-    /// Pool name → gauges; `no_ippool` only when some block matches no pool.
-    pub pools: BTreeMap<String, PoolGauges>,
-    /// Legacy `ipam_allocations_per_node` (allocations with a node attribute, all pools).
-    pub allocations_per_node: BTreeMap<String, u64>,
-    pub borrowed_per_node: BTreeMap<String, u64>,
-    /// Legacy `ipam_blocks_per_node`, `no_affinity` included.
-    pub blocks_per_node: BTreeMap<String, u64>,
+    /// Pool name → gauges, sorted by name; `no_ippool` only when some block matches no pool.
+    pub pools: Vec<(String, PoolGauges)>,
+    /// Node label → legacy gauges, sorted by label.
+    pub per_node: Vec<(String, LegacyCells)>,
 }
 
 /// Addresses in `net` (2^(bits − prefix)), as a float because an IPv6 /0 has 2^128.
@@ -86,11 +97,18 @@ pub fn pool_index(pools: &[PoolDef], cidr: &IpNet) -> Option<usize> {
     pools.iter().enumerate().filter(|(_, p)| p.cidr.contains(cidr)).max_by_key(|(_, p)| p.cidr.prefix_len()).map(|(i, _)| i)
 }
 
-#[derive(Default, Clone, Copy)]
-struct Cell {
-    in_use: u64,
-    borrowed: u64,
-    candidates: u64,
+/// A node label before it becomes a string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Label {
+    Node(Sym),
+    /// An allocation without a `node` attribute.
+    UnknownNode,
+    /// A block without a host affinity.
+    NoAffinity,
+}
+
+fn bump(cell: &mut Option<u64>, n: u64) {
+    *cell = Some(cell.unwrap_or(0) + n);
 }
 
 /// Computes every gauge. `tracked` holds the GC's candidate and confirmed leaks (gids);
@@ -104,95 +122,112 @@ pub fn compute<'a>(
 ) -> IpamGauges {
     // Pool of each block slot, as `pools.len()` for `no_ippool`: the candidate walk reuses it.
     let no_pool = pools.len();
-    let mut pool_of_slot: FastMap<u32, usize> = FastMap::default();
-    let mut cells: FastMap<(usize, Sym), Cell> = FastMap::default();
-    // Blocks keyed by (pool, host); `Sym::NONE` stands for no_affinity.
-    let mut blocks: FastMap<(usize, Sym), u64> = FastMap::default();
+    // Slots are dense (freed ones are reused), so a vector indexed by slot is the cheap map.
+    let mut pool_of_slot: Vec<usize> = Vec::new();
+    let mut cells: FastMap<(usize, Label), NodeCells> = FastMap::default();
     for (slot, block) in index.blocks() {
         let p = pool_index(pools, &block.cidr).unwrap_or(no_pool);
-        pool_of_slot.insert(slot, p);
+        let i = slot as usize;
+        if pool_of_slot.len() <= i {
+            pool_of_slot.resize(i + 1, no_pool);
+        }
+        pool_of_slot[i] = p;
         let host = match block.owner {
-            BlockOwner::Host(h) => h,
-            BlockOwner::None | BlockOwner::Virtual(_) => Sym::NONE,
+            BlockOwner::Host(h) if !h.is_none() => Label::Node(h),
+            _ => Label::NoAffinity,
         };
-        *blocks.entry((p, host)).or_default() += 1;
+        bump(&mut cells.entry((p, host)).or_default().blocks, 1);
         // A block's allocations mostly share one node: count runs, touch the map once per run.
-        let mut run: Option<(Sym, Cell)> = None;
+        let mut run: Option<(Sym, u64, u64)> = None;
         for a in &block.allocs {
-            let borrowed = !a.node.is_none() && a.node != host;
+            let borrowed = u64::from(!a.node.is_none() && Label::Node(a.node) != host);
             match &mut run {
-                Some((node, cell)) if *node == a.node => {
-                    cell.in_use += 1;
-                    cell.borrowed += u64::from(borrowed);
+                Some((node, in_use, b)) if *node == a.node => {
+                    *in_use += 1;
+                    *b += borrowed;
                 }
                 _ => {
-                    if let Some((node, cell)) = run.take() {
-                        add(&mut cells, (p, node), cell);
+                    if let Some(r) = run.take() {
+                        add_run(&mut cells, p, r);
                     }
-                    run = Some((a.node, Cell { in_use: 1, borrowed: u64::from(borrowed), candidates: 0 }));
+                    run = Some((a.node, 1, borrowed));
                 }
             }
         }
-        if let Some((node, cell)) = run {
-            add(&mut cells, (p, node), cell);
+        if let Some(r) = run {
+            add_run(&mut cells, p, r);
         }
     }
     for g in tracked {
         let slot = gid_slot(g);
         let Some(a) = index.block(slot).and_then(|b| b.alloc(gid_ordinal(g))) else { continue };
-        let p = pool_of_slot.get(&slot).copied().unwrap_or(no_pool);
-        cells.entry((p, a.node)).or_default().candidates += 1;
+        let p = pool_of_slot.get(slot as usize).copied().unwrap_or(no_pool);
+        let label = if a.node.is_none() { Label::UnknownNode } else { Label::Node(a.node) };
+        bump(&mut cells.entry((p, label)).or_default().gc_candidates, 1);
+    }
+    // Zero seeding (real pools only): known nodes get in_use, borrowed and gc_candidates.
+    let seeded: Vec<Sym> = known_nodes.filter_map(|n| index.strings().lookup(n)).filter(|s| !s.is_none()).collect();
+    for p in 0..pools.len() {
+        for node in &seeded {
+            let c = cells.entry((p, Label::Node(*node))).or_default();
+            c.in_use.get_or_insert(0);
+            c.borrowed.get_or_insert(0);
+            c.gc_candidates.get_or_insert(0);
+        }
     }
 
-    let pool_name = |p: usize| if p == no_pool { NO_POOL } else { pools[p].name.as_str() };
-    let node_name = |s: Sym, none: &'static str| if s.is_none() { none.to_string() } else { index.resolve(s).to_string() };
+    let label_text = |l: Label| match l {
+        Label::Node(s) => index.resolve(s).to_string(),
+        Label::UnknownNode => UNKNOWN_NODE.to_string(),
+        Label::NoAffinity => NO_AFFINITY.to_string(),
+    };
+    let mut by_pool: Vec<Vec<(String, NodeCells)>> = vec![Vec::new(); pools.len() + 1];
+    let mut legacy: FastMap<Label, LegacyCells> = FastMap::default();
+    for ((p, label), c) in cells {
+        // Legacy series: allocations and borrowed only for named nodes, blocks for any label.
+        if c.blocks.is_some() || (matches!(label, Label::Node(_)) && c.in_use.is_some_and(|n| n > 0)) {
+            let l = legacy.entry(label).or_default();
+            if let Some(n) = c.blocks {
+                bump(&mut l.blocks, n);
+            }
+            if let (Label::Node(_), Some(n)) = (label, c.in_use.filter(|n| *n > 0)) {
+                bump(&mut l.allocations, n);
+                if let Some(b) = c.borrowed.filter(|b| *b > 0) {
+                    bump(&mut l.borrowed, b);
+                }
+            }
+        }
+        by_pool[p].push((label_text(label), c));
+    }
     let mut out = IpamGauges::default();
-    let mut seeded: Vec<String> = known_nodes.map(str::to_string).collect();
-    seeded.sort();
-    seeded.dedup();
-    for pool in pools {
-        let g = out.pools.entry(pool.name.clone()).or_default();
-        g.size = Some(addresses(&pool.cidr));
-        g.reserved = Some(reserved_in(&pool.cidr, reserved));
-        for node in &seeded {
-            g.in_use.insert(node.clone(), 0);
-            g.borrowed.insert(node.clone(), 0);
-            g.gc_candidates.insert(node.clone(), 0);
-        }
-    }
-    for ((p, host), n) in blocks {
-        let node = node_name(host, NO_AFFINITY);
-        *out.blocks_per_node.entry(node.clone()).or_default() += n;
-        *out.pools.entry(pool_name(p).to_string()).or_default().blocks.entry(node).or_default() += n;
-    }
-    for ((p, node), cell) in cells {
-        let label = node_name(node, UNKNOWN_NODE);
-        let g = out.pools.entry(pool_name(p).to_string()).or_default();
-        if cell.in_use > 0 {
-            *g.in_use.entry(label.clone()).or_default() += cell.in_use;
-            // Upstream never reports a borrowed series for unknown_node; zeros come only from
-            // seeding, so `no_ippool` has no zero series.
-            if !node.is_none() && cell.borrowed > 0 {
-                *g.borrowed.entry(label.clone()).or_default() += cell.borrowed;
+    for (p, mut nodes) in by_pool.into_iter().enumerate() {
+        nodes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        if p == no_pool {
+            if !nodes.is_empty() {
+                out.pools.push((NO_POOL.to_string(), PoolGauges { size: None, reserved: None, nodes }));
             }
-        }
-        if cell.candidates > 0 {
-            *g.gc_candidates.entry(label.clone()).or_default() += cell.candidates;
-        }
-        if !node.is_none() && cell.in_use > 0 {
-            *out.allocations_per_node.entry(label.clone()).or_default() += cell.in_use;
-            if cell.borrowed > 0 {
-                *out.borrowed_per_node.entry(label).or_default() += cell.borrowed;
-            }
+        } else {
+            let cidr = &pools[p].cidr;
+            let g = PoolGauges { size: Some(addresses(cidr)), reserved: Some(reserved_in(cidr, reserved)), nodes };
+            out.pools.push((pools[p].name.clone(), g));
         }
     }
+    out.pools.sort_by(|a, b| a.0.cmp(&b.0));
+    out.per_node = legacy.into_iter().map(|(l, c)| (label_text(l), c)).collect();
+    out.per_node.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     out
 }
 
-fn add(cells: &mut FastMap<(usize, Sym), Cell>, key: (usize, Sym), c: Cell) {
-    let e = cells.entry(key).or_default();
-    e.in_use += c.in_use;
-    e.borrowed += c.borrowed;
+/// Adds a run of `in_use` allocations of `node` (of which `borrowed` borrowed) to pool `p`.
+/// Upstream never reports a borrowed series for unknown_node, and zeros come only from
+/// seeding, so `no_ippool` has no zero series.
+fn add_run(cells: &mut FastMap<(usize, Label), NodeCells>, p: usize, (node, in_use, borrowed): (Sym, u64, u64)) {
+    let label = if node.is_none() { Label::UnknownNode } else { Label::Node(node) };
+    let c = cells.entry((p, label)).or_default();
+    bump(&mut c.in_use, in_use);
+    if borrowed > 0 {
+        bump(&mut c.borrowed, borrowed);
+    }
 }
 
 #[cfg(test)]
@@ -225,5 +260,39 @@ mod tests {
         assert_eq!(pool_index(&pools, &net("10.1.2.0/26")), Some(1));
         assert_eq!(pool_index(&pools, &net("10.2.2.0/26")), Some(0));
         assert_eq!(pool_index(&pools, &net("192.168.0.0/26")), None);
+    }
+}
+
+#[cfg(test)]
+mod scale_tests {
+    use super::*;
+    use crate::ipam::gc::{GcConfig, GcState, Scope};
+    use crate::ipam::index::Snapshot;
+    use crate::sim::{self, SimOptions};
+
+    fn totals(scale: usize) -> (IpamGauges, u64, usize) {
+        let c = sim::generate(&SimOptions::for_allocations(scale, 7)).expect("cluster");
+        let mut index = IpamIndex::new();
+        index.reset(Snapshot { blocks: &c.blocks, affinities: &c.affinities, handles: &c.handles, pods: &c.pod_facts, nodes: &c.nodes });
+        let mut gc = GcState::new();
+        gc.pass(&index, sim::T0, &GcConfig::default(), &Scope::Full, None, &Default::default());
+        let pools = [PoolDef { name: "all-v4".into(), cidr: "0.0.0.0/0".parse().unwrap() }];
+        let g = compute(&index, &pools, &[], gc.tracked(), index.node_names());
+        (g, index.allocation_count(), index.block_count())
+    }
+
+    #[test]
+    fn gauges_account_for_every_allocation_and_block_of_a_synthetic_cluster() {
+        let (g, allocations, blocks) = totals(10_000);
+        let cells = || g.pools.iter().flat_map(|(_, p)| p.nodes.iter().map(|(_, c)| *c));
+        let in_use: u64 = cells().filter_map(|c| c.in_use).sum();
+        let block_sum: u64 = cells().filter_map(|c| c.blocks).sum();
+        let borrowed: u64 = cells().filter_map(|c| c.borrowed).sum();
+        assert_eq!(in_use, allocations);
+        assert_eq!(block_sum as usize, blocks);
+        let legacy = || g.per_node.iter().map(|(_, c)| *c);
+        assert_eq!(legacy().filter_map(|c| c.blocks).sum::<u64>() as usize, blocks);
+        assert_eq!(borrowed, legacy().filter_map(|c| c.borrowed).sum::<u64>());
+        assert!(in_use >= legacy().filter_map(|c| c.allocations).sum::<u64>());
     }
 }

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use super::ipam_gauges::{IpamGauges, PoolGauges};
+use super::ipam_gauges::{IpamGauges, LegacyCells, NodeCells};
 use crate::datastore::kube::ApiCounters;
 
 /// Pass duration buckets in seconds: a dirty pass takes well under a millisecond, a full pass at
@@ -126,18 +126,22 @@ impl Metrics {
     }
 }
 
-/// Writes `name{ippool="…",node="…"} n` for every pool's map chosen by `cells`.
-fn pool_node_series<'a>(out: &mut String, name: &str, g: &'a IpamGauges, cells: impl Fn(&'a PoolGauges) -> &'a BTreeMap<String, u64>) {
+/// Writes `name{ippool="…",node="…"} n` for every (pool, node) cell that has the series.
+fn pool_node_series(out: &mut String, name: &str, g: &IpamGauges, cell: impl Fn(&NodeCells) -> Option<u64>) {
     for (pool, pg) in &g.pools {
-        for (node, n) in cells(pg) {
-            let _ = writeln!(out, "{name}{{ippool=\"{}\",node=\"{}\"}} {n}", escape(pool), escape(node));
+        for (node, c) in &pg.nodes {
+            if let Some(n) = cell(c) {
+                let _ = writeln!(out, "{name}{{ippool=\"{}\",node=\"{}\"}} {n}", escape(pool), escape(node));
+            }
         }
     }
 }
 
-fn node_series(out: &mut String, name: &str, cells: &BTreeMap<String, u64>) {
-    for (node, n) in cells {
-        let _ = writeln!(out, "{name}{{node=\"{}\"}} {n}", escape(node));
+fn node_series(out: &mut String, name: &str, g: &IpamGauges, cell: impl Fn(&LegacyCells) -> Option<u64>) {
+    for (node, c) in &g.per_node {
+        if let Some(n) = cell(c) {
+            let _ = writeln!(out, "{name}{{node=\"{}\"}} {n}", escape(node));
+        }
     }
 }
 
@@ -145,13 +149,13 @@ impl Metrics {
     fn render_ipam(&self, out: &mut String) {
         let g = &self.ipam;
         header(out, "ipam_allocations_in_use", "gauge", "IPs currently allocated in the pool, by the allocation's node.");
-        pool_node_series(out, "ipam_allocations_in_use", g, |p| &p.in_use);
+        pool_node_series(out, "ipam_allocations_in_use", g, |c| c.in_use);
         header(out, "ipam_allocations_borrowed", "gauge", "IPs allocated to a node from a block affine to another node (or to none).");
-        pool_node_series(out, "ipam_allocations_borrowed", g, |p| &p.borrowed);
+        pool_node_series(out, "ipam_allocations_borrowed", g, |c| c.borrowed);
         header(out, "ipam_blocks", "gauge", "IPAM blocks in the pool, by affine node.");
-        pool_node_series(out, "ipam_blocks", g, |p| &p.blocks);
+        pool_node_series(out, "ipam_blocks", g, |c| c.blocks);
         header(out, "ipam_allocations_gc_candidates", "gauge", "Allocations the GC holds as leak candidates or confirmed leaks.");
-        pool_node_series(out, "ipam_allocations_gc_candidates", g, |p| &p.gc_candidates);
+        pool_node_series(out, "ipam_allocations_gc_candidates", g, |c| c.gc_candidates);
         header(out, "ipam_ippool_size", "gauge", "Addresses in the pool's CIDR.");
         for (pool, pg) in &g.pools {
             if let Some(size) = pg.size {
@@ -165,11 +169,11 @@ impl Metrics {
             }
         }
         header(out, "ipam_allocations_per_node", "gauge", "IPs allocated to the node, all pools (legacy).");
-        node_series(out, "ipam_allocations_per_node", &g.allocations_per_node);
+        node_series(out, "ipam_allocations_per_node", g, |c| c.allocations);
         header(out, "ipam_allocations_borrowed_per_node", "gauge", "IPs the node borrowed from other nodes' blocks, all pools (legacy).");
-        node_series(out, "ipam_allocations_borrowed_per_node", &g.borrowed_per_node);
+        node_series(out, "ipam_allocations_borrowed_per_node", g, |c| c.borrowed);
         header(out, "ipam_blocks_per_node", "gauge", "IPAM blocks affine to the node, all pools (legacy).");
-        node_series(out, "ipam_blocks_per_node", &g.blocks_per_node);
+        node_series(out, "ipam_blocks_per_node", g, |c| c.blocks);
     }
 }
 
@@ -183,7 +187,8 @@ mod tests {
         m.pass_full.observe(0.002);
         m.pass_full.observe(3.0);
         m.releases_total.insert("pod-not-found", 2);
-        m.ipam.pools.entry("pool-a".into()).or_default().in_use.insert("n\"1".into(), 5);
+        let cell = NodeCells { in_use: Some(5), ..NodeCells::default() };
+        m.ipam.pools.push(("pool-a".into(), crate::runtime::ipam_gauges::PoolGauges { nodes: vec![("n\"1".into(), cell)], ..Default::default() }));
         let text = m.render(&ApiCounters::default());
         assert!(text.contains("ipam_gc_pass_duration_seconds_bucket{scan=\"full\",le=\"0.0025\"} 1"), "{text}");
         assert!(text.contains("ipam_gc_pass_duration_seconds_bucket{scan=\"full\",le=\"5\"} 2"));
