@@ -22,7 +22,7 @@ use super::ipam_gauges::{self, NO_POOL, PoolDef, UNKNOWN_NODE};
 use super::watch::{Change, Input, Object, Source};
 use crate::datastore::kube::{KubeDatastore, status_code};
 use crate::datastore::{ErrorKind, ExecuteOptions, PlanOutcome, execute_plan};
-use crate::ipam::gc::{DEFAULT_MAX_RELEASES_PER_PASS, GcConfig, GcState, Plan, Scope};
+use crate::ipam::gc::{DEFAULT_MAX_RELEASES_PER_PASS, GcConfig, GcState, KubeVirtFacts, Plan, Scope};
 use crate::ipam::index::IpamIndex;
 use crate::model::time::{Millis, format_go_duration};
 use crate::model::{ClusterInformation, InvalidObject, IpamConfig, KubeControllersConfiguration, PodFacts};
@@ -65,6 +65,8 @@ struct Known {
     pools: HashMap<String, IpNet>,
     /// IPReservation name → reserved CIDRs (unparsable ones are reported and left out).
     reservations: HashMap<String, Vec<IpNet>>,
+    /// KubeVirt VMs and VMIs, once the cluster has them.
+    kubevirt: KubeVirtFacts,
 }
 
 pub struct Controller {
@@ -131,7 +133,14 @@ impl Controller {
     }
 
     fn all_synced(&self) -> bool {
-        self.synced.len() == Source::ALL.len()
+        Source::ALL.iter().all(|s| self.synced.contains(s))
+    }
+
+    /// The KubeVirt facts once both kinds are listed. Before that (or without KubeVirt) VM
+    /// allocations are judged valid, as upstream does without its KubeVirt informers: a VM is
+    /// never released on a view that has not seen it.
+    fn kubevirt_synced(&self) -> bool {
+        self.synced.contains(&Source::VirtualMachines) && self.synced.contains(&Source::VirtualMachineInstances)
     }
 
     /// The loop: inputs, batched dirty passes, periodic full passes, until `shutdown` flips. A
@@ -199,7 +208,7 @@ impl Controller {
                 self.finish_relist(source, &seen);
                 if self.synced.insert(source) {
                     tracing::info!(source = source.as_str(), "initial list complete");
-                    if self.all_synced() {
+                    if Source::ALL.contains(&source) && self.all_synced() {
                         tracing::info!(blocks = self.index.block_count(), allocations = self.index.allocation_count(), "every watch is in sync");
                         self.shared.set_synced();
                         self.index.request_full_scan();
@@ -301,6 +310,16 @@ impl Controller {
                 self.known.reservations.insert(name.clone(), cidrs);
                 name
             }
+            Object::VirtualMachine(v) => {
+                let key = format!("{}/{}", v.namespace, v.name);
+                self.known.kubevirt.vms.insert((v.namespace, v.name));
+                key
+            }
+            Object::VirtualMachineInstance(v) => {
+                let key = format!("{}/{}", v.namespace, v.name);
+                self.known.kubevirt.vmis.insert((v.namespace, v.name), v.owned_by_vm);
+                key
+            }
             Object::Pool(p) => {
                 let name = p.metadata.name.clone();
                 match p.spec.cidr.parse::<IpNet>() {
@@ -331,6 +350,8 @@ impl Controller {
             Object::IpamConfig(c) => self.delete_key(Source::IpamConfig, &c.metadata.name),
             Object::Pool(p) => self.delete_key(Source::Pools, &p.metadata.name),
             Object::Reservation(r) => self.delete_key(Source::Reservations, &r.metadata.name),
+            Object::VirtualMachine(v) => self.delete_key(Source::VirtualMachines, &format!("{}/{}", v.namespace, v.name)),
+            Object::VirtualMachineInstance(v) => self.delete_key(Source::VirtualMachineInstances, &format!("{}/{}", v.namespace, v.name)),
         }
     }
 
@@ -372,6 +393,16 @@ impl Controller {
             Source::Reservations => {
                 self.known.reservations.remove(key);
             }
+            Source::VirtualMachines => {
+                if let Some((ns, name)) = key.split_once('/') {
+                    self.known.kubevirt.vms.remove(&(ns.to_string(), name.to_string()));
+                }
+            }
+            Source::VirtualMachineInstances => {
+                if let Some((ns, name)) = key.split_once('/') {
+                    self.known.kubevirt.vmis.remove(&(ns.to_string(), name.to_string()));
+                }
+            }
             _ => {}
         }
     }
@@ -386,6 +417,12 @@ impl Controller {
             Source::Handles => self.known.handles.keys().filter(|k| !seen.contains(*k)).cloned().collect(),
             Source::Pools => self.known.pools.keys().filter(|k| !seen.contains(*k)).cloned().collect(),
             Source::Reservations => self.known.reservations.keys().filter(|k| !seen.contains(*k)).cloned().collect(),
+            Source::VirtualMachines => {
+                self.known.kubevirt.vms.iter().map(|(ns, n)| format!("{ns}/{n}")).filter(|k| !seen.contains(k)).collect()
+            }
+            Source::VirtualMachineInstances => {
+                self.known.kubevirt.vmis.keys().map(|(ns, n)| format!("{ns}/{n}")).filter(|k| !seen.contains(k)).collect()
+            }
             Source::ClusterInformation => singleton_gone(self.cluster_info.is_some(), seen),
             Source::KubeControllersConfiguration => singleton_gone(self.kcc.is_some(), seen),
             Source::IpamConfig => singleton_gone(self.ipam_config.is_some(), seen),
@@ -472,7 +509,8 @@ impl Controller {
         let now = now_millis();
         let cfg = self.gc_config();
         let fresh = std::mem::take(&mut self.fresh);
-        let plan = self.gc.pass(&self.index, now, &cfg, scope, None, &fresh);
+        let kubevirt = self.kubevirt_synced().then_some(&self.known.kubevirt);
+        let plan = self.gc.pass(&self.index, now, &cfg, scope, kubevirt, &fresh);
         let interval = if !plan.releases.is_empty() {
             REPORT_INTERVAL_RELEASES
         } else if plan.full {
@@ -521,10 +559,14 @@ impl Controller {
         // Work left behind (items that failed or wait out a backoff, leaks over the per-pass
         // cap) is retried soon by a timer instead of waiting for the next full period.
         let work_left = outcome.error_count() > 0 || held_back > 0 || plan.deferred > 0;
-        self.retry_at = self.retry.round_finished(work_left).map(|delay| {
-            let delay = self.backoff.next_due(now).map_or(delay, |due| delay.min(due - now).max(1));
-            tokio::time::Instant::now() + Duration::from_millis(delay as u64)
-        });
+        // Items waiting out a backoff need a round when they come due, even if this one went well.
+        let delay = match (self.retry.round_finished(work_left), self.backoff.next_due(now).map(|due| due - now)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let at = delay.map(|d| tokio::time::Instant::now() + Duration::from_millis(d.max(1) as u64));
+        // A dirty round saw only some nodes: it never cancels a retry an earlier round asked for.
+        self.retry_at = if plan.full { at } else { [self.retry_at, at].into_iter().flatten().min() };
         let elapsed = started.elapsed().as_secs_f64();
         let dirty_count = match scope {
             Scope::Dirty(n) => Some(n.len() as u64),
@@ -975,6 +1017,42 @@ mod tests {
         assert_eq!(api_calls(&shared), after_first, "a backing-off item is not retried early");
         assert!(c.retry_at.is_some());
         assert!(shared.render_metrics().contains("ipam_gc_items_backing_off{item=\"block\"} 1"));
+    }
+
+    fn kubevirt(namespace: &str, name: &str, owned_by_vm: bool) -> super::super::watch::KubeVirtObject {
+        super::super::watch::KubeVirtObject { namespace: namespace.into(), name: name.into(), owned_by_vm }
+    }
+
+    #[tokio::test]
+    async fn vm_allocations_become_candidates_only_once_kubevirt_is_listed_and_shows_the_vm_gone() {
+        let (mut c, _) = controller();
+        for source in Source::ALL.iter().copied().filter(|s| *s != Source::Blocks) {
+            list(&mut c, source, if source == Source::Nodes { vec![node("n1")] } else { Vec::new() });
+        }
+        let b: IpamBlock = serde_json::from_value(json!({
+            "metadata": {"name": "10-0-0-0-30", "resourceVersion": "1", "uid": "00000000-0000-4000-8000-000000000001"},
+            "spec": {"cidr": "10.0.0.0/30", "affinity": "host:n1", "strictAffinity": false,
+                     "allocations": [0, null, null, null], "unallocated": [1, 2, 3],
+                     "attributes": [{"handle_id": "h", "secondary": {"namespace": "ns", "pod": "virt-launcher-vm1-x", "node": "n1", "vmi-name": "vm1"}}],
+                     "sequenceNumber": 1, "deleted": false}
+        }))
+        .unwrap();
+        list(&mut c, Source::Blocks, vec![Object::Block(Box::new(b))]);
+        c.gc_round(true).await;
+        assert_eq!(c.gc.candidate_count(), 0, "without KubeVirt facts a VM allocation is kept");
+
+        // KubeVirt listed: the VM exists, so its allocation stays valid.
+        list(&mut c, Source::VirtualMachines, vec![Object::VirtualMachine(kubevirt("ns", "vm1", false))]);
+        list(&mut c, Source::VirtualMachineInstances, Vec::new());
+        c.gc_round(true).await;
+        assert_eq!(c.gc.candidate_count(), 0);
+
+        // A VMI a VirtualMachine owns does not keep it alive on its own once the VM is gone.
+        c.handle(input(Source::VirtualMachineInstances, Change::Apply(Object::VirtualMachineInstance(kubevirt("ns", "vm1", true)))));
+        c.handle(input(Source::VirtualMachines, Change::Delete(Object::VirtualMachine(kubevirt("ns", "vm1", false)))));
+        c.gc_round(true).await;
+        assert_eq!(c.gc.candidate_count(), 1, "VM gone: its allocation is a leak candidate");
+        assert!(c.all_synced(), "KubeVirt's sources never make readiness wait");
     }
 
     #[tokio::test]
