@@ -5,6 +5,7 @@ mod support;
 mod conformance_kube;
 
 mod e2e_controller;
+mod e2e_kubevirt;
 mod e2e_metrics;
 mod e2e_smoke;
 
