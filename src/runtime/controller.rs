@@ -4,7 +4,11 @@
 //!
 //! Owns: relist bookkeeping (objects not re-listed at `InitDone` are deleted), the readiness
 //! gate (no GC decision before every watch finished its first list), the `datastoreReady` pause,
-//! the final re-validation reads of confirmed leaks, and publishing the report and metrics.
+//! the final re-validation reads of confirmed leaks, per-item backoff and the retry timer (their
+//! arithmetic is in `backoff`), and publishing the report and metrics (IPAM gauges computed here,
+//! in the GC task, never in a scrape). Stale sequence numbers are never retried blindly: the
+//! executor re-reads every block before a write and skips reallocated addresses, and the index
+//! learns the new numbers from the block watch.
 //! Must not: list or read anything else inside the loop (every input comes from a watch; the
 //! only reads are the re-validation GETs), or hold the shared lock across an `.await`.
 
@@ -17,7 +21,7 @@ use kube::api::{Api, ApiResource, DynamicObject};
 use tokio::sync::{mpsc, watch};
 
 use super::Shared;
-use super::backoff::{ItemBackoff, ItemKey, RetryTimer};
+use super::backoff::{FIRST_DELAY, ItemBackoff, ItemKey, RetryTimer};
 use super::ipam_gauges::{self, NO_POOL, PoolDef, UNKNOWN_NODE};
 use super::watch::{Change, Input, Object, Source};
 use crate::datastore::kube::{KubeDatastore, status_code};
@@ -556,11 +560,15 @@ impl Controller {
             o
         };
         let released_nodes = self.record_item_results(&due, &outcome, now);
-        // Work left behind (items that failed or wait out a backoff, leaks over the per-pass
-        // cap) is retried soon by a timer instead of waiting for the next full period.
-        let work_left = outcome.error_count() > 0 || held_back > 0 || plan.deferred > 0;
-        // Items waiting out a backoff need a round when they come due, even if this one went well.
-        let delay = match (self.retry.round_finished(work_left), self.backoff.next_due(now).map(|due| due - now)) {
+        // Work left behind is retried by a timer instead of waiting for the next full period
+        // (grace/2, 7.5 min by default): failed items (conflicts that ran out of re-reads,
+        // transient errors) back off round by round; leaks over the per-pass cap go on at
+        // once; items waiting out their own backoff get a round when they come due.
+        let mut retry_in = self.retry.round_finished(outcome.error_count() > 0);
+        if retry_in.is_none() && plan.deferred > 0 {
+            retry_in = Some(FIRST_DELAY);
+        }
+        let delay = match (retry_in, self.backoff.next_due(now).map(|due| due - now)) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
@@ -682,10 +690,12 @@ impl Controller {
         let reserved: Vec<IpNet> = self.known.reservations.values().flatten().copied().collect();
         let gauges = ipam_gauges::compute(&self.index, &pools, &reserved, self.gc.tracked(), self.index.node_names());
         let live: HashSet<&str> = pools.iter().map(|p| p.name.as_str()).collect();
-        self.shared.metrics(|m| {
-            m.ipam = gauges;
+        let old = self.shared.metrics(|m| {
             m.reclamations.retain(|(pool, _), _| pool == NO_POOL || live.contains(pool.as_str()));
+            std::mem::replace(&mut m.ipam, gauges)
         });
+        // Dropped outside the lock: a scrape never waits for the previous value to be freed.
+        drop(old);
     }
 
     /// (pool, node) of every address the plan releases, read before the writes land.
