@@ -303,6 +303,21 @@ mod tests {
         assert_eq!((back.revision.as_str(), back.value["kind"].as_str()), ("12", Some("IPAMHandle")));
     }
 
+    #[tokio::test]
+    async fn requests_wait_for_the_client_rate_limit_and_unlimited_ones_do_not() {
+        let client = ::kube::Client::try_from(::kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
+        let counters = Arc::new(ApiCounters::default());
+        // 50 per second, burst 1: the second and third requests wait 20 ms each.
+        let limited = KubeDatastore::new(client.clone(), true, counters.clone()).with_rate_limit(TokenBucket::new(50.0, 1).unwrap());
+        let started = std::time::Instant::now();
+        for _ in 0..3 {
+            limited.throttle().await;
+        }
+        assert!(started.elapsed() >= std::time::Duration::from_millis(35), "{:?}", started.elapsed());
+        let unlimited = KubeDatastore::new(client, true, counters).with_rate_limit(TokenBucket::new(0.0, 0).unwrap());
+        assert!(unlimited.limiter.is_none());
+    }
+
     #[test]
     fn counters_group_calls_by_verb_resource_and_code() {
         let c = ApiCounters::default();
