@@ -669,12 +669,15 @@ impl Controller {
                 self.backoff.succeeded(&key);
             }
         }
-        // Blocks that no longer exist and nodes without IPAM have nothing left to retry.
+        // Blocks that no longer exist, nodes without IPAM and handles nobody knows have nothing
+        // left to retry.
         let index = &self.index;
         self.backoff.retain(|k| match k {
             ItemKey::Block(c) => index.block_slot(c).is_some(),
             ItemKey::Node(n) => index.strings().lookup(n).is_some_and(|s| !index.host_blocks(s).is_empty() || index.allocations_of_node(s).is_some()),
-            ItemKey::Handle(_) => true,
+            ItemKey::Handle(h) => {
+                index.strings().lookup(h).is_some_and(|s| index.handle(s).is_some() || !index.allocations_of_handle(s).is_empty())
+            }
         });
         if self.opts.dry_run {
             return HashSet::new();
