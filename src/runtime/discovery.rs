@@ -48,7 +48,6 @@ impl ApiGroupError {
 /// The decision, from `CALICO_API_GROUP` and which groups serve `ipamblocks`.
 pub fn decide(configured: Option<&str>, v1_serves: bool, v3_serves: bool) -> Result<(), ApiGroupError> {
     match configured.map(str::trim).filter(|c| !c.is_empty()) {
-        Some(c) if c == V3 => return Err(ApiGroupError::V3Only),
         Some(c) if c != SUPPORTED => return Err(ApiGroupError::Configured(c.to_string())),
         _ => {}
     }
@@ -108,7 +107,9 @@ mod tests {
 
     #[test]
     fn calico_api_group_set_to_v3_or_anything_else_is_refused() {
-        assert!(matches!(decide(Some("projectcalico.org/v3"), true, true), Err(ApiGroupError::V3Only)));
+        let e = decide(Some("projectcalico.org/v3"), true, true).unwrap_err();
+        assert!(matches!(e, ApiGroupError::Configured(_)));
+        assert_eq!(e.exit_code(), 2);
         let e = decide(Some("example.org/v9"), true, false).unwrap_err();
         assert_eq!((e.exit_code(), e.to_string()), (2, r#"CALICO_API_GROUP="example.org/v9": this version supports crd.projectcalico.org/v1 only"#.to_string()));
     }
