@@ -695,7 +695,7 @@ impl Controller {
         let live: HashSet<&str> = pools.iter().map(|p| p.name.as_str()).collect();
         let old = self.shared.metrics(|m| {
             m.reclamations.retain(|(pool, _), _| pool == NO_POOL || live.contains(pool.as_str()));
-            std::mem::replace(&mut m.ipam, gauges)
+            std::mem::replace(&mut m.ipam, Arc::new(gauges))
         });
         // Dropped outside the lock: a scrape never waits for the previous value to be freed.
         drop(old);

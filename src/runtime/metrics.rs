@@ -49,8 +49,9 @@ pub struct Metrics {
     pub releases_total: BTreeMap<&'static str, u64>,
     /// (pool, node) → releases, upstream's `ipam_allocations_gc_reclamations`.
     pub reclamations: BTreeMap<(String, String), u64>,
-    /// Upstream's per-pool and per-node IPAM gauges, replaced whole after each pass.
-    pub ipam: IpamGauges,
+    /// Upstream's per-pool and per-node IPAM gauges, replaced whole after each pass; shared so
+    /// a scrape takes a snapshot of the metrics without copying them.
+    pub ipam: std::sync::Arc<IpamGauges>,
     /// Plan items waiting out a per-item backoff after a transient failure, by item category.
     pub items_backing_off: BTreeMap<&'static str, u64>,
     pub conflicts_total: u64,
@@ -188,7 +189,8 @@ mod tests {
         m.pass_full.observe(3.0);
         m.releases_total.insert("pod-not-found", 2);
         let cell = NodeCells { in_use: Some(5), ..NodeCells::default() };
-        m.ipam.pools.push(("pool-a".into(), crate::runtime::ipam_gauges::PoolGauges { nodes: vec![("n\"1".into(), cell)], ..Default::default() }));
+        let pool = crate::runtime::ipam_gauges::PoolGauges { nodes: vec![("n\"1".into(), cell)], ..Default::default() };
+        m.ipam = std::sync::Arc::new(IpamGauges { pools: vec![("pool-a".into(), pool)], ..Default::default() });
         let text = m.render(&ApiCounters::default());
         assert!(text.contains("ipam_gc_pass_duration_seconds_bucket{scan=\"full\",le=\"0.0025\"} 1"), "{text}");
         assert!(text.contains("ipam_gc_pass_duration_seconds_bucket{scan=\"full\",le=\"5\"} 2"));

@@ -54,8 +54,10 @@ impl Shared {
     pub fn metrics<R>(&self, f: impl FnOnce(&mut Metrics) -> R) -> R {
         f(&mut self.metrics.lock().unwrap_or_else(|p| p.into_inner()))
     }
+    /// Renders a snapshot taken under the lock (a cheap clone: the IPAM gauges are shared), so
+    /// formatting never holds up the GC task.
     pub fn render_metrics(&self) -> String {
-        self.metrics(|m| m.render(&self.api))
+        self.metrics(|m| m.clone()).render(&self.api)
     }
     pub fn set_synced(&self) {
         self.synced.store(true, Ordering::Relaxed);
