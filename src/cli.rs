@@ -58,6 +58,14 @@ struct RunArgs {
     /// [default: 2s].
     #[arg(long = "leader-election-retry-period", env = "CKC_LEADER_ELECTION_RETRY_PERIOD")]
     leader_election_retry_period: Option<String>,
+    /// Requests per second of the writer (never the watches); <= 0: unlimited.
+    #[arg(long = "client-qps", env = "K8S_CLIENT_QPS", default_value_t = calico_kube_controllers::datastore::rate::DEFAULT_QPS)]
+    client_qps: f32,
+    #[arg(long = "client-burst", env = "K8S_CLIENT_BURST", default_value_t = calico_kube_controllers::datastore::rate::DEFAULT_BURST)]
+    client_burst: u32,
+    /// Calico API group to use; only `crd.projectcalico.org/v1` is supported.
+    #[arg(long = "calico-api-group", env = "CALICO_API_GROUP")]
+    calico_api_group: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -103,7 +111,12 @@ pub fn main() -> i32 {
         Some(Command::LeakScan(a)) => leak_scan(a),
         Some(Command::Simulate(a)) => simulate(a),
         Some(Command::Run(a)) => run_controller(a),
-        None => run_controller(RunArgs { metrics_port: 9094, ..RunArgs::default() }),
+        // No subcommand (the upstream image's entry point): `run` with its defaults and env.
+        None => <RunArgs as clap::FromArgMatches>::from_arg_matches(
+            &<RunArgs as clap::Args>::augment_args(clap::Command::new("run")).get_matches_from(["run"]),
+        )
+        .map_err(anyhow::Error::from)
+        .and_then(run_controller),
     };
     match result {
         Ok(code) => code,
@@ -225,6 +238,9 @@ fn run_controller(a: RunArgs) -> anyhow::Result<i32> {
         metrics_port: a.metrics_port,
         health_port: a.health_port,
         election,
+        client_qps: a.client_qps,
+        client_burst: a.client_burst,
+        api_group: a.calico_api_group.clone(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     rt.block_on(async move {
@@ -240,7 +256,10 @@ fn run_controller(a: RunArgs) -> anyhow::Result<i32> {
                 _ = tokio::signal::ctrl_c() => {}
             }
         };
-        runtime::run(client, opts, stop).await?;
+        if let Err(e) = runtime::run(client, opts, stop).await {
+            eprintln!("calico-kube-controllers: {e}");
+            return anyhow::Ok(e.exit_code());
+        }
         anyhow::Ok(0)
     })
 }

@@ -5,6 +5,8 @@
 //! replace, delete preconditions), the classification of API failures into [`ErrorKind`], the
 //! `dry_run` switch that turns every write into a successful no-op, and the API call counters
 //! (verb, resource, code) the metrics endpoint reads.
+//! Also owns the client-side request limit (`K8S_CLIENT_QPS`/`K8S_CLIENT_BURST`) every request
+//! of the writer waits on.
 //! Must not: decide what to write, retry (the plan executor does), or cache objects.
 
 use std::collections::BTreeMap;
@@ -14,6 +16,7 @@ use ::kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKin
 use ::kube::Client;
 use serde_json::Value;
 
+use super::rate::TokenBucket;
 use super::{Datastore, DatastoreError, DsResult, ErrorKind, Kind, Precondition, Stored};
 use crate::model::{CALICO_GROUP, CALICO_API_VERSION};
 
@@ -95,11 +98,33 @@ pub struct KubeDatastore {
     client: Client,
     dry_run: bool,
     counters: Arc<ApiCounters>,
+    /// The client-side request limit with its time origin; `None` = unlimited.
+    limiter: Option<Arc<Mutex<(std::time::Instant, TokenBucket)>>>,
 }
 
 impl KubeDatastore {
     pub fn new(client: Client, dry_run: bool, counters: Arc<ApiCounters>) -> Self {
-        KubeDatastore { client, dry_run, counters }
+        KubeDatastore { client, dry_run, counters, limiter: None }
+    }
+
+    /// Limits every request this datastore (and [`KubeDatastore::throttle`]'s other callers)
+    /// issues; `None` leaves them unlimited.
+    pub fn with_rate_limit(mut self, bucket: Option<TokenBucket>) -> Self {
+        self.limiter = bucket.map(|b| Arc::new(Mutex::new((std::time::Instant::now(), b))));
+        self
+    }
+
+    /// Waits for a request token. The lock is released before the sleep.
+    pub async fn throttle(&self) {
+        let Some(limiter) = &self.limiter else { return };
+        let wait = {
+            let mut l = limiter.lock().unwrap_or_else(|p| p.into_inner());
+            let now = l.0.elapsed();
+            l.1.reserve(now)
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
     }
 
     pub fn dry_run(&self) -> bool {
@@ -119,6 +144,7 @@ impl KubeDatastore {
     }
 
     async fn get_raw(&self, kind: Kind, name: &str) -> DsResult<Stored> {
+        self.throttle().await;
         let result = self.api(kind).get(name).await;
         self.counters.observe("get", kind.plural(), 200, &result);
         let object = result.map_err(|e| to_error(kind, name, "get", &e))?;
@@ -182,6 +208,7 @@ impl Datastore for KubeDatastore {
             if let Some(t) = token.take() {
                 params = params.continue_token(&t);
             }
+            self.throttle().await;
             let result = api.list(&params).await;
             self.counters.observe("list", kind.plural(), 200, &result);
             let page = result.map_err(|e| to_error(kind, "", "list", &e))?;
@@ -201,6 +228,7 @@ impl Datastore for KubeDatastore {
         if self.dry_run {
             return to_stored(kind, object);
         }
+        self.throttle().await;
         let result = self.api(kind).create(&PostParams::default(), &object).await;
         self.counters.observe("create", kind.plural(), 201, &result);
         match result {
@@ -219,6 +247,7 @@ impl Datastore for KubeDatastore {
         if self.dry_run {
             return Ok(object.clone());
         }
+        self.throttle().await;
         let result = self.api(kind).replace(&object.name, &PostParams::default(), &body).await;
         self.counters.observe("update", kind.plural(), 200, &result);
         let updated = result.map_err(|e| to_error(kind, &object.name, "update", &e))?;
@@ -232,6 +261,7 @@ impl Datastore for KubeDatastore {
         let preconditions = (precondition.revision.is_some() || precondition.uid.is_some())
             .then(|| Preconditions { resource_version: precondition.revision.clone(), uid: precondition.uid.clone() });
         let params = DeleteParams { preconditions, ..DeleteParams::default() };
+        self.throttle().await;
         let result = self.api(kind).delete(name, &params).await;
         self.counters.observe("delete", kind.plural(), 200, &result);
         result.map(|_| ()).map_err(|e| to_error(kind, name, "delete", &e))
@@ -271,6 +301,21 @@ mod tests {
         assert_eq!(o.data["spec"]["handleID"], "h");
         let back = to_stored(Kind::IpamHandle, o).unwrap();
         assert_eq!((back.revision.as_str(), back.value["kind"].as_str()), ("12", Some("IPAMHandle")));
+    }
+
+    #[tokio::test]
+    async fn requests_wait_for_the_client_rate_limit_and_unlimited_ones_do_not() {
+        let client = ::kube::Client::try_from(::kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
+        let counters = Arc::new(ApiCounters::default());
+        // 50 per second, burst 1: the second and third requests wait 20 ms each.
+        let limited = KubeDatastore::new(client.clone(), true, counters.clone()).with_rate_limit(TokenBucket::new(50.0, 1).unwrap());
+        let started = std::time::Instant::now();
+        for _ in 0..3 {
+            limited.throttle().await;
+        }
+        assert!(started.elapsed() >= std::time::Duration::from_millis(35), "{:?}", started.elapsed());
+        let unlimited = KubeDatastore::new(client, true, counters).with_rate_limit(TokenBucket::new(0.0, 0).unwrap());
+        assert!(unlimited.limiter.is_none());
     }
 
     #[test]

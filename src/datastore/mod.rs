@@ -23,6 +23,7 @@ pub mod conformance;
 #[cfg(feature = "cli")]
 pub mod kube;
 pub mod memory;
+pub mod rate;
 
 pub use apply::{ExecuteOptions, ItemFailure, ItemRef, KeepGoing, PlanOutcome, execute_plan};
 pub use memory::{MemoryDatastore, Op, block_on};

@@ -408,6 +408,10 @@ impl GcState {
     pub fn confirmed_count(&self) -> u64 {
         self.confirmed.len()
     }
+    /// Every tracked leak, candidate or confirmed (upstream's `gc_candidates`).
+    pub fn tracked(&self) -> &RoaringBitmap {
+        &self.tracked
+    }
     pub fn is_confirmed(&self, g: Gid) -> bool {
         self.confirmed.contains(g)
     }

@@ -6,7 +6,11 @@
 //! gate (no GC decision before every watch finished its first list), the `datastoreReady` pause,
 //! the leadership gate (a follower computes passes and the report but executes no plan, and a
 //! plan stops mid-way when leadership is lost),
-//! the final re-validation reads of confirmed leaks, and publishing the report and metrics.
+//! the final re-validation reads of confirmed leaks, per-item backoff and the retry timer (their
+//! arithmetic is in `backoff`), and publishing the report and metrics (IPAM gauges computed here,
+//! in the GC task, never in a scrape). Stale sequence numbers are never retried blindly: the
+//! executor re-reads every block before a write and skips reallocated addresses, and the index
+//! learns the new numbers from the block watch.
 //! Must not: list or read anything else inside the loop (every input comes from a watch; the
 //! only reads are the re-validation GETs), or hold the shared lock across an `.await`.
 
@@ -19,10 +23,12 @@ use kube::api::{Api, ApiResource, DynamicObject};
 use tokio::sync::{mpsc, watch};
 
 use super::Shared;
+use super::backoff::{FIRST_DELAY, ItemBackoff, ItemKey, RetryTimer};
+use super::ipam_gauges::{self, NO_POOL, PoolDef, UNKNOWN_NODE};
 use super::watch::{Change, Input, Object, Source};
 use crate::datastore::kube::{KubeDatastore, status_code};
-use crate::datastore::{ExecuteOptions, KeepGoing, PlanOutcome, execute_plan};
-use crate::ipam::gc::{DEFAULT_MAX_RELEASES_PER_PASS, GcConfig, GcState, Plan, Scope};
+use crate::datastore::{ErrorKind, ExecuteOptions, KeepGoing, PlanOutcome, execute_plan};
+use crate::ipam::gc::{DEFAULT_MAX_RELEASES_PER_PASS, GcConfig, GcState, KubeVirtFacts, Plan, Scope};
 use crate::ipam::index::IpamIndex;
 use crate::model::time::{Millis, format_go_duration};
 use crate::model::{ClusterInformation, InvalidObject, IpamConfig, KubeControllersConfiguration, PodFacts};
@@ -40,8 +46,6 @@ const MIN_FULL_PERIOD: Duration = Duration::from_secs(1);
 const REPORT_INTERVAL_RELEASES: Duration = Duration::from_secs(1);
 const REPORT_INTERVAL_FULL: Duration = Duration::from_secs(5);
 const REPORT_INTERVAL_DIRTY: Duration = Duration::from_secs(30);
-/// The pool label of blocks that no IPPool contains (upstream's name).
-const NO_POOL: &str = "no_ippool";
 
 #[derive(Debug, Clone)]
 pub struct ControllerOptions {
@@ -65,6 +69,10 @@ struct Known {
     /// Object name → handle ID (the index keys handles by ID).
     handles: HashMap<String, String>,
     pools: HashMap<String, IpNet>,
+    /// IPReservation name → reserved CIDRs (unparsable ones are reported and left out).
+    reservations: HashMap<String, Vec<IpNet>>,
+    /// KubeVirt VMs and VMIs, once the cluster has them.
+    kubevirt: KubeVirtFacts,
 }
 
 pub struct Controller {
@@ -88,6 +96,11 @@ pub struct Controller {
     logged_grace: Option<Millis>,
     logged_pause: bool,
     report_built: Option<Instant>,
+    /// Plan items that failed with a transient error, skipped until due.
+    backoff: ItemBackoff,
+    retry: RetryTimer,
+    /// When to run a round again because the last one left work behind.
+    retry_at: Option<tokio::time::Instant>,
 }
 
 impl Controller {
@@ -110,6 +123,9 @@ impl Controller {
             logged_grace: None,
             logged_pause: false,
             report_built: None,
+            backoff: ItemBackoff::default(),
+            retry: RetryTimer::default(),
+            retry_at: None,
         }
     }
 
@@ -126,7 +142,14 @@ impl Controller {
     }
 
     fn all_synced(&self) -> bool {
-        self.synced.len() == Source::ALL.len()
+        Source::ALL.iter().all(|s| self.synced.contains(s))
+    }
+
+    /// The KubeVirt facts once both kinds are listed. Before that (or without KubeVirt) VM
+    /// allocations are judged valid, as upstream does without its KubeVirt informers: a VM is
+    /// never released on a view that has not seen it.
+    fn kubevirt_synced(&self) -> bool {
+        self.synced.contains(&Source::VirtualMachines) && self.synced.contains(&Source::VirtualMachineInstances)
     }
 
     /// The loop: inputs, batched dirty passes, periodic full passes, until `shutdown` flips. A
@@ -182,6 +205,12 @@ impl Controller {
                     next_full = tokio::time::Instant::now() + period;
                     self.gc_round(true).await;
                 }
+                _ = sleep_until_opt(self.retry_at) => {
+                    self.retry_at = None;
+                    // A full round: confirmed leaks and failed items are planned again whatever
+                    // the dirty set, each failed item only once its own backoff is over.
+                    self.gc_round(true).await;
+                }
             }
         }
         tracing::info!("GC loop stopped");
@@ -204,7 +233,7 @@ impl Controller {
                 self.finish_relist(source, &seen);
                 if self.synced.insert(source) {
                     tracing::info!(source = source.as_str(), "initial list complete");
-                    if self.all_synced() {
+                    if Source::ALL.contains(&source) && self.all_synced() {
                         tracing::info!(blocks = self.index.block_count(), allocations = self.index.allocation_count(), "every watch is in sync");
                         self.shared.set_synced();
                         self.index.request_full_scan();
@@ -293,6 +322,29 @@ impl Controller {
                 }
                 name
             }
+            Object::Reservation(r) => {
+                let name = r.metadata.name.clone();
+                let mut cidrs = Vec::new();
+                for text in &r.spec.reserved_cidrs {
+                    // A bare address reserves itself (Calico accepts both forms).
+                    match text.parse::<IpNet>().or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from)) {
+                        Ok(c) => cidrs.push(c.trunc()),
+                        Err(_) => tracing::warn!(reservation = %name, cidr = %text, "unparsable reserved CIDR ignored"),
+                    }
+                }
+                self.known.reservations.insert(name.clone(), cidrs);
+                name
+            }
+            Object::VirtualMachine(v) => {
+                let key = format!("{}/{}", v.namespace, v.name);
+                self.known.kubevirt.vms.insert((v.namespace, v.name));
+                key
+            }
+            Object::VirtualMachineInstance(v) => {
+                let key = format!("{}/{}", v.namespace, v.name);
+                self.known.kubevirt.vmis.insert((v.namespace, v.name), v.owned_by_vm);
+                key
+            }
             Object::Pool(p) => {
                 let name = p.metadata.name.clone();
                 match p.spec.cidr.parse::<IpNet>() {
@@ -322,6 +374,9 @@ impl Controller {
             Object::KubeControllersConfiguration(k) => self.delete_key(Source::KubeControllersConfiguration, &k.metadata.name),
             Object::IpamConfig(c) => self.delete_key(Source::IpamConfig, &c.metadata.name),
             Object::Pool(p) => self.delete_key(Source::Pools, &p.metadata.name),
+            Object::Reservation(r) => self.delete_key(Source::Reservations, &r.metadata.name),
+            Object::VirtualMachine(v) => self.delete_key(Source::VirtualMachines, &format!("{}/{}", v.namespace, v.name)),
+            Object::VirtualMachineInstance(v) => self.delete_key(Source::VirtualMachineInstances, &format!("{}/{}", v.namespace, v.name)),
         }
     }
 
@@ -360,6 +415,19 @@ impl Controller {
             Source::Pools => {
                 self.known.pools.remove(key);
             }
+            Source::Reservations => {
+                self.known.reservations.remove(key);
+            }
+            Source::VirtualMachines => {
+                if let Some((ns, name)) = key.split_once('/') {
+                    self.known.kubevirt.vms.remove(&(ns.to_string(), name.to_string()));
+                }
+            }
+            Source::VirtualMachineInstances => {
+                if let Some((ns, name)) = key.split_once('/') {
+                    self.known.kubevirt.vmis.remove(&(ns.to_string(), name.to_string()));
+                }
+            }
             _ => {}
         }
     }
@@ -373,6 +441,13 @@ impl Controller {
             Source::Affinities => self.known.affinities.iter().filter(|k| !seen.contains(*k)).cloned().collect(),
             Source::Handles => self.known.handles.keys().filter(|k| !seen.contains(*k)).cloned().collect(),
             Source::Pools => self.known.pools.keys().filter(|k| !seen.contains(*k)).cloned().collect(),
+            Source::Reservations => self.known.reservations.keys().filter(|k| !seen.contains(*k)).cloned().collect(),
+            Source::VirtualMachines => {
+                self.known.kubevirt.vms.iter().map(|(ns, n)| format!("{ns}/{n}")).filter(|k| !seen.contains(k)).collect()
+            }
+            Source::VirtualMachineInstances => {
+                self.known.kubevirt.vmis.keys().map(|(ns, n)| format!("{ns}/{n}")).filter(|k| !seen.contains(k)).collect()
+            }
             Source::ClusterInformation => singleton_gone(self.cluster_info.is_some(), seen),
             Source::KubeControllersConfiguration => singleton_gone(self.kcc.is_some(), seen),
             Source::IpamConfig => singleton_gone(self.ipam_config.is_some(), seen),
@@ -411,6 +486,13 @@ impl Controller {
         if !self.all_synced() {
             return;
         }
+        self.pass_round(full).await;
+        // Also after rounds without a pass: a pool, reservation or affinity change moves the
+        // gauges without dirtying any node.
+        self.publish_gauges();
+    }
+
+    async fn pass_round(&mut self, full: bool) {
         let grace = self.leak_grace();
         if self.logged_grace != Some(grace) {
             let source = if self.opts.leak_grace_override.is_some() { "--leak-grace-period" } else { "KubeControllersConfiguration (unset = 15m)" };
@@ -452,7 +534,8 @@ impl Controller {
         let now = now_millis();
         let cfg = self.gc_config();
         let fresh = std::mem::take(&mut self.fresh);
-        let plan = self.gc.pass(&self.index, now, &cfg, scope, None, &fresh);
+        let kubevirt = self.kubevirt_synced().then_some(&self.known.kubevirt);
+        let plan = self.gc.pass(&self.index, now, &cfg, scope, kubevirt, &fresh);
         let interval = if !plan.releases.is_empty() {
             REPORT_INTERVAL_RELEASES
         } else if plan.full {
@@ -478,14 +561,15 @@ impl Controller {
         }
 
         let reclaimed_labels = self.reclamation_labels(&plan);
+        let (due, held_back) = self.due_items(&plan, now);
         let leading = *self.may_write.borrow();
-        let outcome = if self.opts.dry_run || !leading || plan_is_empty(&plan) {
+        let outcome = if self.opts.dry_run || !leading || plan_is_empty(&due) {
             PlanOutcome::default()
         } else {
             let may_write = self.may_write.clone();
             let keep_going = KeepGoing::new(move || *may_write.borrow());
             let exec = ExecuteOptions { keep_going: Some(keep_going), ..ExecuteOptions::default() };
-            let o = execute_plan(&self.ds, &plan, now, self.cooldown_secs(), &exec).await;
+            let o = execute_plan(&self.ds, &due, now, self.cooldown_secs(), &exec).await;
             tracing::info!(
                 full = plan.full,
                 released = o.released.len(),
@@ -496,18 +580,35 @@ impl Controller {
                 blocks_deleted = o.blocks_deleted,
                 nodes_released = o.nodes_released,
                 interrupted = o.interrupted,
+                held_back,
                 "plan executed"
             );
             o
         };
+        let released_nodes = self.record_item_results(&due, &outcome, now);
+        // Work left behind is retried by a timer instead of waiting for the next full period
+        // (grace/2, 7.5 min by default): failed items (conflicts that ran out of re-reads,
+        // transient errors) back off round by round; leaks over the per-pass cap go on at
+        // once; items waiting out their own backoff get a round when they come due.
+        let mut retry_in = self.retry.round_finished(outcome.error_count() > 0);
+        if retry_in.is_none() && plan.deferred > 0 {
+            retry_in = Some(FIRST_DELAY);
+        }
+        let delay = match (retry_in, self.backoff.next_due(now).map(|due| due - now)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let at = delay.map(|d| tokio::time::Instant::now() + Duration::from_millis(d.max(1) as u64));
+        // A dirty round saw only some nodes: it never cancels a retry an earlier round asked for.
+        self.retry_at = if plan.full { at } else { [self.retry_at, at].into_iter().flatten().min() };
         let elapsed = started.elapsed().as_secs_f64();
-        let in_use = self.in_use_by_pool_and_node();
         let dirty_count = match scope {
             Scope::Dirty(n) => Some(n.len() as u64),
             Scope::Full => None,
         };
         let confirmed = self.gc.confirmed_count();
         let orphans = self.index.unreferenced_handles().len() as u64;
+        let backing_off = self.backoff.waiting_by_category(now);
         self.shared.metrics(|m| {
             if plan.full { m.pass_full.observe(elapsed) } else { m.pass_dirty.observe(elapsed) }
             if let Some(n) = dirty_count {
@@ -523,16 +624,107 @@ impl Controller {
                     *m.reclamations.entry(label.clone()).or_default() += 1;
                 }
             }
+            // Upstream drops a node's reclamation series once the node's IPAM is released.
+            m.reclamations.retain(|(_, node), _| !released_nodes.contains(node.as_str()));
             m.conflicts_total += outcome.conflicts;
             for (category, n) in &outcome.errors_by_category {
                 *m.write_errors_total.entry(category).or_default() += n;
             }
-            m.in_use = in_use;
+            m.items_backing_off = backing_off;
             if outcome.error_count() == 0 {
                 m.last_success_seconds = now as f64 / 1000.0;
             }
         });
         plan
+    }
+
+    /// The part of `plan` whose items are not waiting out a backoff, and how many were held
+    /// back. Without any backoff the plan is executed as it is (no copy).
+    fn due_items<'p>(&self, plan: &'p Plan, now: Millis) -> (std::borrow::Cow<'p, Plan>, usize) {
+        if self.backoff.is_empty() {
+            return (std::borrow::Cow::Borrowed(plan), 0);
+        }
+        let due = |k: ItemKey| self.backoff.is_due(&k, now);
+        // Only the executed parts are copied; the leak records stay behind.
+        let filtered = Plan {
+            full: plan.full,
+            releases: plan.releases.iter().filter(|r| due(ItemKey::Block(r.cidr))).cloned().collect(),
+            cold_blocks: plan.cold_blocks.iter().filter(|c| due(ItemKey::Block(c.cidr))).cloned().collect(),
+            empty_blocks: plan.empty_blocks.iter().filter(|e| !e.releasable || due(ItemKey::Block(e.cidr))).cloned().collect(),
+            nodes_to_release: plan.nodes_to_release.iter().filter(|n| due(ItemKey::Node(n.node.clone()))).cloned().collect(),
+            orphan_handles: plan
+                .orphan_handles
+                .iter()
+                .filter(|o| !o.releasable || due(ItemKey::Handle(o.handle_id.clone())))
+                .cloned()
+                .collect(),
+            ..Plan::default()
+        };
+        let held = (plan.releases.len() - filtered.releases.len())
+            + (plan.cold_blocks.len() - filtered.cold_blocks.len())
+            + (plan.empty_blocks.len() - filtered.empty_blocks.len())
+            + (plan.nodes_to_release.len() - filtered.nodes_to_release.len())
+            + (plan.orphan_handles.len() - filtered.orphan_handles.len());
+        (std::borrow::Cow::Owned(filtered), held)
+    }
+
+    /// Backoff bookkeeping after a plan ran: transient and invalid failures wait per item (the
+    /// apiserver is struggling or the object is broken: asking again at once would not help),
+    /// conflicts do not (the next round re-reads), everything else executed starts afresh.
+    /// Returns the nodes whose IPAM was released.
+    fn record_item_results(&mut self, executed: &Plan, outcome: &PlanOutcome, now: Millis) -> HashSet<String> {
+        let backs_off = |category: &str| category == ErrorKind::Transient.category() || category == ErrorKind::Invalid.category();
+        let mut failed: HashSet<ItemKey> = HashSet::new();
+        for f in &outcome.failures {
+            let key = ItemKey::of(&f.item);
+            if backs_off(f.category) {
+                self.backoff.failed(key.clone(), now);
+            }
+            failed.insert(key);
+        }
+        let executed_keys = executed
+            .releases
+            .iter()
+            .map(|r| ItemKey::Block(r.cidr))
+            .chain(executed.cold_blocks.iter().map(|c| ItemKey::Block(c.cidr)))
+            .chain(executed.empty_blocks.iter().filter(|e| e.releasable).map(|e| ItemKey::Block(e.cidr)))
+            .chain(executed.nodes_to_release.iter().map(|n| ItemKey::Node(n.node.clone())))
+            .chain(executed.orphan_handles.iter().filter(|o| o.releasable).map(|o| ItemKey::Handle(o.handle_id.clone())));
+        for key in executed_keys {
+            if !failed.contains(&key) {
+                self.backoff.succeeded(&key);
+            }
+        }
+        // Blocks that no longer exist, nodes without IPAM and handles nobody knows have nothing
+        // left to retry.
+        let index = &self.index;
+        self.backoff.retain(|k| match k {
+            ItemKey::Block(c) => index.block_slot(c).is_some(),
+            ItemKey::Node(n) => index.strings().lookup(n).is_some_and(|s| !index.host_blocks(s).is_empty() || index.allocations_of_node(s).is_some()),
+            ItemKey::Handle(h) => {
+                index.strings().lookup(h).is_some_and(|s| index.handle(s).is_some() || !index.allocations_of_handle(s).is_empty())
+            }
+        });
+        if self.opts.dry_run {
+            return HashSet::new();
+        }
+        executed.nodes_to_release.iter().filter(|n| !failed.contains(&ItemKey::Node(n.node.clone()))).map(|n| n.node.clone()).collect()
+    }
+
+    /// Recomputes every IPAM gauge from the index and hands the finished numbers to the metrics
+    /// (the HTTP handler only renders). Reclamation series of pools that are gone go with them.
+    fn publish_gauges(&self) {
+        let mut pools: Vec<PoolDef> = self.known.pools.iter().map(|(name, cidr)| PoolDef { name: name.clone(), cidr: *cidr }).collect();
+        pools.sort_by(|a, b| a.name.cmp(&b.name));
+        let reserved: Vec<IpNet> = self.known.reservations.values().flatten().copied().collect();
+        let gauges = ipam_gauges::compute(&self.index, &pools, &reserved, self.gc.tracked(), self.index.node_names());
+        let live: HashSet<&str> = pools.iter().map(|p| p.name.as_str()).collect();
+        let old = self.shared.metrics(|m| {
+            m.reclamations.retain(|(pool, _), _| pool == NO_POOL || live.contains(pool.as_str()));
+            std::mem::replace(&mut m.ipam, Arc::new(gauges))
+        });
+        // Dropped outside the lock: a scrape never waits for the previous value to be freed.
+        drop(old);
     }
 
     /// (pool, node) of every address the plan releases, read before the writes land.
@@ -547,7 +739,7 @@ impl Controller {
                     .alloc(item.ordinal)
                     .map(|a| self.index.resolve(a.node))
                     .filter(|n| !n.is_empty())
-                    .unwrap_or("unknown_node");
+                    .unwrap_or(UNKNOWN_NODE);
                 out.insert((rel.cidr, item.ordinal), (pool.clone(), node.to_string()));
             }
         }
@@ -563,28 +755,6 @@ impl Controller {
             .map_or_else(|| NO_POOL.to_string(), |(name, _)| name.clone())
     }
 
-    fn in_use_by_pool_and_node(&self) -> BTreeMap<(String, String), u64> {
-        // Counted by interned symbols first: no string is built per allocation.
-        let mut counts: HashMap<(String, crate::ipam::intern::Sym), u64> = HashMap::new();
-        let mut per_block: HashMap<crate::ipam::intern::Sym, u64> = HashMap::new();
-        for (_, block) in self.index.blocks() {
-            for a in &block.allocs {
-                *per_block.entry(a.node).or_default() += 1;
-            }
-            let pool = self.pool_of(&block.cidr);
-            for (node, n) in per_block.drain() {
-                *counts.entry((pool.clone(), node)).or_default() += n;
-            }
-        }
-        let mut out: BTreeMap<(String, String), u64> = BTreeMap::new();
-        for ((pool, node), n) in counts {
-            let node = self.index.resolve(node);
-            let node = if node.is_empty() { "unknown_node" } else { node };
-            *out.entry((pool, node.to_string())).or_default() += n;
-        }
-        out
-    }
-
     /// Re-reads the pods of confirmed leaks (SPEC §5.7). NotFound is an answer; any other error
     /// leaves the pod out, so its leak waits for a later pass instead of being released blind.
     async fn revalidate(&mut self, plan: &Plan) {
@@ -596,6 +766,7 @@ impl Controller {
                 continue;
             }
             let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &resource);
+            self.ds.throttle().await;
             let result = api.get(pod).await;
             self.ds.counters().observe("get", "pods", 200, &result);
             match result {
@@ -732,6 +903,44 @@ mod tests {
         Object::Block(Box::new(b))
     }
 
+
+    fn pool(name: &str, cidr: &str, deleting: bool) -> Object {
+        let mut meta = json!({"name": name});
+        if deleting {
+            meta["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        }
+        Object::Pool(serde_json::from_value(json!({"metadata": meta, "spec": {"cidr": cidr}})).unwrap())
+    }
+
+    fn reservation(name: &str, cidrs: &[&str]) -> Object {
+        Object::Reservation(serde_json::from_value(json!({"metadata": {"name": name}, "spec": {"reservedCIDRs": cidrs}})).unwrap())
+    }
+
+    /// A block with the given affinity and (ordinal, node attribute) allocations.
+    fn block_with(cidr: &str, affinity: Option<&str>, allocs: &[(usize, &str)]) -> Object {
+        let name = cidr.replace(['.', '/'], "-");
+        let mut allocations = vec![serde_json::Value::Null; 4];
+        let mut attributes = Vec::new();
+        for (i, (ord, node)) in allocs.iter().enumerate() {
+            allocations[*ord] = json!(i);
+            let mut secondary = json!({"namespace": "ns", "pod": format!("p-{name}-{ord}")});
+            if !node.is_empty() {
+                secondary["node"] = json!(node);
+            }
+            attributes.push(json!({"handle_id": format!("h-{name}-{ord}"), "secondary": secondary}));
+        }
+        let unallocated: Vec<usize> = (0..4).filter(|o| !allocs.iter().any(|(a, _)| a == o)).collect();
+        let b: IpamBlock = serde_json::from_value(json!({
+            "apiVersion": "crd.projectcalico.org/v1", "kind": "IPAMBlock",
+            "metadata": {"name": name, "resourceVersion": "1", "uid": "00000000-0000-4000-8000-000000000001"},
+            "spec": {"cidr": cidr, "affinity": affinity, "strictAffinity": false,
+                     "allocations": allocations, "unallocated": unallocated, "attributes": attributes,
+                     "sequenceNumber": 1, "deleted": false}
+        }))
+        .unwrap();
+        Object::Block(Box::new(b))
+    }
+
     fn block_calls(shared: &Shared) -> u64 {
         shared.api.snapshot().iter().filter(|((_, resource, _), _)| *resource == "ipamblocks").map(|(_, n)| n).sum()
     }
@@ -751,6 +960,182 @@ mod tests {
         leader.send_replace(true);
         c.gc_round(true).await;
         assert!(block_calls(&shared) > 0, "the leader executes the plan: {:?}", shared.api.snapshot());
+    }
+
+    /// The lines of the rendered text that start with one of `prefixes`, in rendered order.
+    fn lines_of(text: &str, prefixes: &[&str]) -> Vec<String> {
+        text.lines().filter(|l| prefixes.iter().any(|p| l.starts_with(&format!("{p}{{")))).map(str::to_string).collect()
+    }
+
+    const IPAM_METRICS: [&str; 10] = [
+        "ipam_allocations_in_use",
+        "ipam_allocations_borrowed",
+        "ipam_blocks",
+        "ipam_allocations_gc_candidates",
+        "ipam_ippool_size",
+        "ipam_ippool_reserved",
+        "ipam_allocations_per_node",
+        "ipam_allocations_borrowed_per_node",
+        "ipam_blocks_per_node",
+        "ipam_allocations_gc_reclamations",
+    ];
+
+    fn ipam_lines(c: &Controller, shared: &Shared) -> Vec<String> {
+        c.publish_gauges();
+        lines_of(&shared.render_metrics(), &IPAM_METRICS)
+    }
+
+    #[tokio::test]
+    async fn ipam_gauges_count_by_pool_and_node_with_zero_series_for_known_nodes() {
+        let (mut c, shared) = controller();
+        list(&mut c, Source::Nodes, vec![node("n1"), node("n2")]);
+        list(&mut c, Source::Pools, vec![pool("pool-a", "10.0.0.0/24", false), pool("pool-b", "10.1.0.0/24", false)]);
+        list(&mut c, Source::Reservations, vec![reservation("r", &["10.0.0.0/30", "10.0.0.2", "10.9.0.0/16"])]);
+        list(
+            &mut c,
+            Source::Blocks,
+            vec![
+                // n1's block: n1's pod, n2's borrowed pod, and one allocation without a node.
+                block_with("10.0.0.0/30", Some("host:n1"), &[(0, "n1"), (1, "n2"), (2, "")]),
+                // An unaffine block: every allocation in it is borrowed.
+                block_with("10.0.0.4/30", None, &[(1, "n1")]),
+                // A virtual block counts as no_affinity too.
+                block_with("10.0.0.8/30", Some("virtual:lb"), &[]),
+                // A block in no pool.
+                block_with("192.168.0.0/30", Some("host:n2"), &[(3, "n2")]),
+            ],
+        );
+        let expected = [
+            r#"ipam_allocations_in_use{ippool="no_ippool",node="n2"} 1"#,
+            r#"ipam_allocations_in_use{ippool="pool-a",node="n1"} 2"#,
+            r#"ipam_allocations_in_use{ippool="pool-a",node="n2"} 1"#,
+            r#"ipam_allocations_in_use{ippool="pool-a",node="unknown_node"} 1"#,
+            r#"ipam_allocations_in_use{ippool="pool-b",node="n1"} 0"#,
+            r#"ipam_allocations_in_use{ippool="pool-b",node="n2"} 0"#,
+            r#"ipam_allocations_borrowed{ippool="pool-a",node="n1"} 1"#,
+            r#"ipam_allocations_borrowed{ippool="pool-a",node="n2"} 1"#,
+            r#"ipam_allocations_borrowed{ippool="pool-b",node="n1"} 0"#,
+            r#"ipam_allocations_borrowed{ippool="pool-b",node="n2"} 0"#,
+            r#"ipam_blocks{ippool="no_ippool",node="n2"} 1"#,
+            r#"ipam_blocks{ippool="pool-a",node="n1"} 1"#,
+            r#"ipam_blocks{ippool="pool-a",node="no_affinity"} 2"#,
+            r#"ipam_allocations_gc_candidates{ippool="pool-a",node="n1"} 0"#,
+            r#"ipam_allocations_gc_candidates{ippool="pool-a",node="n2"} 0"#,
+            r#"ipam_allocations_gc_candidates{ippool="pool-b",node="n1"} 0"#,
+            r#"ipam_allocations_gc_candidates{ippool="pool-b",node="n2"} 0"#,
+            r#"ipam_ippool_size{ippool="pool-a"} 256"#,
+            r#"ipam_ippool_size{ippool="pool-b"} 256"#,
+            r#"ipam_ippool_reserved{ippool="pool-a"} 4"#,
+            r#"ipam_ippool_reserved{ippool="pool-b"} 0"#,
+            r#"ipam_allocations_per_node{node="n1"} 2"#,
+            r#"ipam_allocations_per_node{node="n2"} 2"#,
+            r#"ipam_allocations_borrowed_per_node{node="n1"} 1"#,
+            r#"ipam_allocations_borrowed_per_node{node="n2"} 1"#,
+            r#"ipam_blocks_per_node{node="n1"} 1"#,
+            r#"ipam_blocks_per_node{node="n2"} 1"#,
+            r#"ipam_blocks_per_node{node="no_affinity"} 2"#,
+        ];
+        assert_eq!(ipam_lines(&c, &shared), expected);
+    }
+
+    #[tokio::test]
+    async fn a_deleted_pool_takes_its_series_along_and_its_blocks_move_to_no_ippool() {
+        let (mut c, shared) = controller();
+        list(&mut c, Source::Nodes, vec![node("n1")]);
+        list(&mut c, Source::Pools, vec![pool("pool-a", "10.0.0.0/24", false)]);
+        list(&mut c, Source::Blocks, vec![block_with("10.0.0.0/30", Some("host:n1"), &[(0, "n1")])]);
+        shared.metrics(|m| {
+            m.reclamations.insert(("pool-a".into(), "n1".into()), 3);
+            m.reclamations.insert((NO_POOL.into(), "n1".into()), 1);
+        });
+        assert!(ipam_lines(&c, &shared).contains(&r#"ipam_allocations_gc_reclamations{ippool="pool-a",node="n1"} 3"#.to_string()));
+        // A deletionTimestamp is as good as gone (upstream unregisters the pool's vectors then).
+        c.handle(input(Source::Pools, Change::Apply(pool("pool-a", "10.0.0.0/24", true))));
+        let expected = [
+            r#"ipam_allocations_gc_reclamations{ippool="no_ippool",node="n1"} 1"#,
+            r#"ipam_allocations_in_use{ippool="no_ippool",node="n1"} 1"#,
+            r#"ipam_blocks{ippool="no_ippool",node="n1"} 1"#,
+            r#"ipam_allocations_per_node{node="n1"} 1"#,
+            r#"ipam_blocks_per_node{node="n1"} 1"#,
+        ];
+        assert_eq!(ipam_lines(&c, &shared), expected);
+    }
+
+    #[tokio::test]
+    async fn gauges_are_recomputed_so_a_deleted_block_and_node_leave_no_series() {
+        let (mut c, shared) = controller();
+        list(&mut c, Source::Nodes, vec![node("n1"), node("n2")]);
+        list(&mut c, Source::Pools, vec![pool("pool-a", "10.0.0.0/24", false)]);
+        list(&mut c, Source::Blocks, vec![block_with("10.0.0.0/30", Some("host:n2"), &[(0, "n2")])]);
+        assert_eq!(ipam_lines(&c, &shared).iter().filter(|l| l.contains("\"n2\"")).count(), 6);
+        c.handle(input(Source::Blocks, Change::Delete(block_with("10.0.0.0/30", Some("host:n2"), &[]))));
+        c.handle(input(Source::Nodes, Change::Delete(node("n2"))));
+        let lines = ipam_lines(&c, &shared);
+        assert!(lines.iter().all(|l| !l.contains("\"n2\"")), "{lines:#?}");
+        assert!(lines.contains(&r#"ipam_allocations_in_use{ippool="pool-a",node="n1"} 0"#.to_string()));
+    }
+
+    fn api_calls(shared: &Shared) -> u64 {
+        shared.api.snapshot().iter().map(|(_, n)| n).sum()
+    }
+
+    #[tokio::test]
+    async fn items_failing_transiently_wait_out_their_backoff_and_a_retry_round_is_scheduled() {
+        // The client points at a closed port: every request fails without an answer (transient).
+        let (mut c, shared, leader) = writer();
+        leader.send_replace(true);
+        for source in Source::ALL.iter().copied().filter(|s| *s != Source::Blocks) {
+            list(&mut c, source, Vec::new());
+        }
+        // A block of a node that no longer exists: its address and the node are released at once.
+        list(&mut c, Source::Blocks, vec![block("10.0.0.0/30", "gone")]);
+        c.gc_round(true).await;
+        let after_first = api_calls(&shared);
+        assert!(after_first > 0, "the first round tried the writes");
+        assert!(c.retry_at.is_some(), "a round that failed schedules a retry soon");
+        let waiting = shared.metrics(|m| m.items_backing_off.clone());
+        assert_eq!(waiting.get("block"), Some(&1), "{waiting:?}");
+        // Rounds before the items are due send nothing for them, yet still run and re-arm.
+        c.gc_round(true).await;
+        assert_eq!(api_calls(&shared), after_first, "a backing-off item is not retried early");
+        assert!(c.retry_at.is_some());
+        assert!(shared.render_metrics().contains("ipam_gc_items_backing_off{item=\"block\"} 1"));
+    }
+
+    fn kubevirt(namespace: &str, name: &str, owned_by_vm: bool) -> super::super::watch::KubeVirtObject {
+        super::super::watch::KubeVirtObject { namespace: namespace.into(), name: name.into(), owned_by_vm }
+    }
+
+    #[tokio::test]
+    async fn vm_allocations_become_candidates_only_once_kubevirt_is_listed_and_shows_the_vm_gone() {
+        let (mut c, _) = controller();
+        for source in Source::ALL.iter().copied().filter(|s| *s != Source::Blocks) {
+            list(&mut c, source, if source == Source::Nodes { vec![node("n1")] } else { Vec::new() });
+        }
+        let b: IpamBlock = serde_json::from_value(json!({
+            "metadata": {"name": "10-0-0-0-30", "resourceVersion": "1", "uid": "00000000-0000-4000-8000-000000000001"},
+            "spec": {"cidr": "10.0.0.0/30", "affinity": "host:n1", "strictAffinity": false,
+                     "allocations": [0, null, null, null], "unallocated": [1, 2, 3],
+                     "attributes": [{"handle_id": "h", "secondary": {"namespace": "ns", "pod": "virt-launcher-vm1-x", "node": "n1", "vmi-name": "vm1"}}],
+                     "sequenceNumber": 1, "deleted": false}
+        }))
+        .unwrap();
+        list(&mut c, Source::Blocks, vec![Object::Block(Box::new(b))]);
+        c.gc_round(true).await;
+        assert_eq!(c.gc.candidate_count(), 0, "without KubeVirt facts a VM allocation is kept");
+
+        // KubeVirt listed: the VM exists, so its allocation stays valid.
+        list(&mut c, Source::VirtualMachines, vec![Object::VirtualMachine(kubevirt("ns", "vm1", false))]);
+        list(&mut c, Source::VirtualMachineInstances, Vec::new());
+        c.gc_round(true).await;
+        assert_eq!(c.gc.candidate_count(), 0);
+
+        // A VMI a VirtualMachine owns does not keep it alive on its own once the VM is gone.
+        c.handle(input(Source::VirtualMachineInstances, Change::Apply(Object::VirtualMachineInstance(kubevirt("ns", "vm1", true)))));
+        c.handle(input(Source::VirtualMachines, Change::Delete(Object::VirtualMachine(kubevirt("ns", "vm1", false)))));
+        c.gc_round(true).await;
+        assert_eq!(c.gc.candidate_count(), 1, "VM gone: its allocation is a leak candidate");
+        assert!(c.all_synced(), "KubeVirt's sources never make readiness wait");
     }
 
     #[tokio::test]

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
+use super::ipam_gauges::{IpamGauges, LegacyCells, NodeCells};
 use crate::datastore::kube::ApiCounters;
 
 /// Pass duration buckets in seconds: a dirty pass takes well under a millisecond, a full pass at
@@ -48,8 +49,11 @@ pub struct Metrics {
     pub releases_total: BTreeMap<&'static str, u64>,
     /// (pool, node) → releases, upstream's `ipam_allocations_gc_reclamations`.
     pub reclamations: BTreeMap<(String, String), u64>,
-    /// (pool, node) → allocations, upstream's `ipam_allocations_in_use`.
-    pub in_use: BTreeMap<(String, String), u64>,
+    /// Upstream's per-pool and per-node IPAM gauges, replaced whole after each pass; shared so
+    /// a scrape takes a snapshot of the metrics without copying them.
+    pub ipam: std::sync::Arc<IpamGauges>,
+    /// Plan items waiting out a per-item backoff after a transient failure, by item category.
+    pub items_backing_off: BTreeMap<&'static str, u64>,
     pub conflicts_total: u64,
     pub write_errors_total: BTreeMap<&'static str, u64>,
     pub datastore_paused: bool,
@@ -107,14 +111,16 @@ impl Metrics {
             let _ = writeln!(out, "ipam_gc_write_errors_total{{category=\"{category}\"}} {n}");
         }
 
+        header(&mut out, "ipam_gc_items_backing_off", "gauge", "Plan items skipped until their per-item backoff after a transient failure ends, by item kind.");
+        for (category, n) in &self.items_backing_off {
+            let _ = writeln!(out, "ipam_gc_items_backing_off{{item=\"{category}\"}} {n}");
+        }
+
         header(&mut out, "ipam_allocations_gc_reclamations", "counter", "Allocations released by the GC, by pool and node.");
         for ((pool, node), n) in &self.reclamations {
             let _ = writeln!(out, "ipam_allocations_gc_reclamations{{ippool=\"{}\",node=\"{}\"}} {n}", escape(pool), escape(node));
         }
-        header(&mut out, "ipam_allocations_in_use", "gauge", "Allocations in use, by pool and the allocation's node.");
-        for ((pool, node), n) in &self.in_use {
-            let _ = writeln!(out, "ipam_allocations_in_use{{ippool=\"{}\",node=\"{}\"}} {n}", escape(pool), escape(node));
-        }
+        self.render_ipam(&mut out);
 
         header(&mut out, "kube_controllers_leader", "gauge", "1 while this replica holds the leader Lease (the only one that writes), else 0.");
         let _ = writeln!(out, "kube_controllers_leader {}", u8::from(self.leader));
@@ -124,6 +130,57 @@ impl Metrics {
             let _ = writeln!(out, "kube_controllers_api_requests_total{{verb=\"{verb}\",resource=\"{resource}\",code=\"{code}\"}} {n}");
         }
         out
+    }
+}
+
+/// Writes `name{ippool="…",node="…"} n` for every (pool, node) cell that has the series.
+fn pool_node_series(out: &mut String, name: &str, g: &IpamGauges, cell: impl Fn(&NodeCells) -> Option<u64>) {
+    for (pool, pg) in &g.pools {
+        for (node, c) in &pg.nodes {
+            if let Some(n) = cell(c) {
+                let _ = writeln!(out, "{name}{{ippool=\"{}\",node=\"{}\"}} {n}", escape(pool), escape(node));
+            }
+        }
+    }
+}
+
+fn node_series(out: &mut String, name: &str, g: &IpamGauges, cell: impl Fn(&LegacyCells) -> Option<u64>) {
+    for (node, c) in &g.per_node {
+        if let Some(n) = cell(c) {
+            let _ = writeln!(out, "{name}{{node=\"{}\"}} {n}", escape(node));
+        }
+    }
+}
+
+impl Metrics {
+    fn render_ipam(&self, out: &mut String) {
+        let g = &self.ipam;
+        header(out, "ipam_allocations_in_use", "gauge", "IPs currently allocated in the pool, by the allocation's node.");
+        pool_node_series(out, "ipam_allocations_in_use", g, |c| c.in_use);
+        header(out, "ipam_allocations_borrowed", "gauge", "IPs allocated to a node from a block affine to another node (or to none).");
+        pool_node_series(out, "ipam_allocations_borrowed", g, |c| c.borrowed);
+        header(out, "ipam_blocks", "gauge", "IPAM blocks in the pool, by affine node.");
+        pool_node_series(out, "ipam_blocks", g, |c| c.blocks);
+        header(out, "ipam_allocations_gc_candidates", "gauge", "Allocations the GC holds as leak candidates or confirmed leaks.");
+        pool_node_series(out, "ipam_allocations_gc_candidates", g, |c| c.gc_candidates);
+        header(out, "ipam_ippool_size", "gauge", "Addresses in the pool's CIDR.");
+        for (pool, pg) in &g.pools {
+            if let Some(size) = pg.size {
+                let _ = writeln!(out, "ipam_ippool_size{{ippool=\"{}\"}} {size}", escape(pool));
+            }
+        }
+        header(out, "ipam_ippool_reserved", "gauge", "Addresses of the pool covered by IPReservations.");
+        for (pool, pg) in &g.pools {
+            if let Some(reserved) = pg.reserved {
+                let _ = writeln!(out, "ipam_ippool_reserved{{ippool=\"{}\"}} {reserved}", escape(pool));
+            }
+        }
+        header(out, "ipam_allocations_per_node", "gauge", "IPs allocated to the node, all pools (legacy).");
+        node_series(out, "ipam_allocations_per_node", g, |c| c.allocations);
+        header(out, "ipam_allocations_borrowed_per_node", "gauge", "IPs the node borrowed from other nodes' blocks, all pools (legacy).");
+        node_series(out, "ipam_allocations_borrowed_per_node", g, |c| c.borrowed);
+        header(out, "ipam_blocks_per_node", "gauge", "IPAM blocks affine to the node, all pools (legacy).");
+        node_series(out, "ipam_blocks_per_node", g, |c| c.blocks);
     }
 }
 
@@ -137,7 +194,9 @@ mod tests {
         m.pass_full.observe(0.002);
         m.pass_full.observe(3.0);
         m.releases_total.insert("pod-not-found", 2);
-        m.in_use.insert(("pool-a".into(), "n\"1".into()), 5);
+        let cell = NodeCells { in_use: Some(5), ..NodeCells::default() };
+        let pool = crate::runtime::ipam_gauges::PoolGauges { nodes: vec![("n\"1".into(), cell)], ..Default::default() };
+        m.ipam = std::sync::Arc::new(IpamGauges { pools: vec![("pool-a".into(), pool)], ..Default::default() });
         let text = m.render(&ApiCounters::default());
         assert!(text.contains("ipam_gc_pass_duration_seconds_bucket{scan=\"full\",le=\"0.0025\"} 1"), "{text}");
         assert!(text.contains("ipam_gc_pass_duration_seconds_bucket{scan=\"full\",le=\"5\"} 2"));

@@ -17,9 +17,12 @@ use tokio::sync::mpsc;
 use crate::datastore::kube::{ApiCounters, KubeDatastore};
 use crate::scan::report::LeakReport;
 
+pub mod backoff;
 pub mod controller;
+pub mod discovery;
 pub mod http;
 pub mod leader;
+pub mod ipam_gauges;
 pub mod metrics;
 pub mod watch;
 
@@ -55,8 +58,10 @@ impl Shared {
     pub fn metrics<R>(&self, f: impl FnOnce(&mut Metrics) -> R) -> R {
         f(&mut self.metrics.lock().unwrap_or_else(|p| p.into_inner()))
     }
+    /// Renders a snapshot taken under the lock (a cheap clone: the IPAM gauges are shared), so
+    /// formatting never holds up the GC task.
     pub fn render_metrics(&self) -> String {
-        self.metrics(|m| m.render(&self.api))
+        self.metrics(|m| m.clone()).render(&self.api)
     }
     pub fn set_synced(&self) {
         self.synced.store(true, Ordering::Relaxed);
@@ -75,12 +80,33 @@ pub struct RunOptions {
     pub health_port: u16,
     /// Unused in dry run: a dry-run replica never touches the Lease and never leads.
     pub election: ElectionOptions,
+    /// `K8S_CLIENT_QPS` / `K8S_CLIENT_BURST`: the limit of the writer's requests (watches are
+    /// never limited); QPS <= 0 disables it.
+    pub client_qps: f32,
+    pub client_burst: u32,
+    /// `CALICO_API_GROUP`, checked against what this version supports.
+    pub api_group: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("binding {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    RateLimit(#[from] crate::datastore::rate::RateError),
+    #[error(transparent)]
+    ApiGroup(#[from] discovery::ApiGroupError),
+}
+
+impl RunError {
+    /// The process exit code for this error (2: a setting or cluster this version refuses).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunError::ApiGroup(e) => e.exit_code(),
+            RunError::RateLimit(_) => 2,
+            RunError::Bind { .. } => 1,
+        }
+    }
 }
 
 /// Runs the controller until `stop` resolves, then lets the GC loop finish its pass in progress
@@ -88,7 +114,10 @@ pub enum RunError {
 pub async fn run(client: kube::Client, opts: RunOptions, stop: impl Future<Output = ()>) -> Result<(), RunError> {
     let api = Arc::new(ApiCounters::default());
     let shared = Arc::new(Shared::new(api.clone()));
-    let ds = KubeDatastore::new(client.clone(), opts.controller.dry_run, api);
+    let bucket = crate::datastore::rate::TokenBucket::new(opts.client_qps, opts.client_burst)?;
+    // Before any watch: a cluster on Calico's v3 API would look empty through v1 watches.
+    discovery::check_api_group(&client, opts.api_group.as_deref()).await?;
+    let ds = KubeDatastore::new(client.clone(), opts.controller.dry_run, api).with_rate_limit(bucket);
     if opts.controller.dry_run {
         tracing::warn!("dry run: plans are reported, nothing is written");
     }

@@ -2,7 +2,8 @@
 //! then a watch, restarted with backoff), trims every object on arrival (a Pod becomes
 //! [`PodFacts`] at once, never cached whole) and sends it to the single task that owns the index.
 //!
-//! Owns: which kinds are watched, how each is decoded, and the [`Input`] protocol.
+//! Owns: which kinds are watched (KubeVirt's only once discovery shows them), how each is
+//! decoded, and the [`Input`] protocol.
 //! Must not: touch the index or decide anything; a malformed object is reported, not dropped
 //! silently, and never stops the stream.
 
@@ -17,7 +18,7 @@ use tokio::sync::mpsc;
 use crate::datastore::Kind;
 use crate::datastore::kube::api_resource;
 use crate::model::{
-    BlockAffinity, ClusterInformation, InvalidObject, IpPool, IpamBlock, IpamConfig, IpamHandle, KubeControllersConfiguration, NodeLite,
+    BlockAffinity, ClusterInformation, InvalidObject, IpPool, IpReservation, IpamBlock, IpamConfig, IpamHandle, KubeControllersConfiguration, NodeLite,
     PodFacts, PodLite,
 };
 
@@ -33,10 +34,15 @@ pub enum Source {
     KubeControllersConfiguration,
     IpamConfig,
     Pools,
+    Reservations,
+    /// KubeVirt's kinds: watched only once the cluster serves them, and not part of
+    /// [`Source::ALL`], so a cluster without KubeVirt is ready without them.
+    VirtualMachines,
+    VirtualMachineInstances,
 }
 
 impl Source {
-    pub const ALL: [Source; 9] = [
+    pub const ALL: [Source; 10] = [
         Source::Pods,
         Source::Nodes,
         Source::Blocks,
@@ -46,6 +52,7 @@ impl Source {
         Source::KubeControllersConfiguration,
         Source::IpamConfig,
         Source::Pools,
+        Source::Reservations,
     ];
 
     /// A bounded label (the resource plural).
@@ -60,6 +67,9 @@ impl Source {
             Source::KubeControllersConfiguration => Kind::KubeControllersConfiguration.plural(),
             Source::IpamConfig => Kind::IpamConfig.plural(),
             Source::Pools => Kind::IpPool.plural(),
+            Source::Reservations => Kind::IpReservation.plural(),
+            Source::VirtualMachines => "virtualmachines",
+            Source::VirtualMachineInstances => "virtualmachineinstances",
         }
     }
 }
@@ -76,6 +86,30 @@ pub enum Object {
     KubeControllersConfiguration(Box<KubeControllersConfiguration>),
     IpamConfig(Box<IpamConfig>),
     Pool(IpPool),
+    Reservation(IpReservation),
+    VirtualMachine(KubeVirtObject),
+    VirtualMachineInstance(KubeVirtObject),
+}
+
+/// What the GC needs of a KubeVirt VirtualMachine or VirtualMachineInstance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubeVirtObject {
+    pub namespace: String,
+    pub name: String,
+    /// A VirtualMachine owns this instance (only meaningful for instances).
+    pub owned_by_vm: bool,
+}
+
+impl KubeVirtObject {
+    fn from_dynamic(o: &DynamicObject) -> Result<Self, InvalidObject> {
+        let name = o.metadata.name.clone().unwrap_or_default();
+        let namespace = o.metadata.namespace.clone().unwrap_or_default();
+        if name.is_empty() || namespace.is_empty() {
+            return Err(InvalidObject::new("KubeVirt", &name, "no name or namespace".to_string()));
+        }
+        let owned_by_vm = o.metadata.owner_references.iter().flatten().any(|r| r.kind == "VirtualMachine");
+        Ok(KubeVirtObject { namespace, name, owned_by_vm })
+    }
 }
 
 /// The watcher protocol, per source: `Init`, `InitApply`*, `InitDone` on every (re)list, then
@@ -123,6 +157,9 @@ pub fn decode(source: Source, o: &DynamicObject) -> (Result<Object, InvalidObjec
         }
         Source::IpamConfig => decode_as("IPAMConfig", o).map(|c| Object::IpamConfig(Box::new(c))),
         Source::Pools => decode_as("IPPool", o).map(Object::Pool),
+        Source::Reservations => decode_as("IPReservation", o).map(Object::Reservation),
+        Source::VirtualMachines => KubeVirtObject::from_dynamic(o).map(Object::VirtualMachine),
+        Source::VirtualMachineInstances => KubeVirtObject::from_dynamic(o).map(Object::VirtualMachineInstance),
     };
     (r, None)
 }
@@ -138,12 +175,52 @@ fn resource(source: Source) -> ApiResource {
         Source::KubeControllersConfiguration => api_resource(Kind::KubeControllersConfiguration),
         Source::IpamConfig => api_resource(Kind::IpamConfig),
         Source::Pools => api_resource(Kind::IpPool),
+        Source::Reservations => api_resource(Kind::IpReservation),
+        Source::VirtualMachines => kubevirt_resource("VirtualMachine", "virtualmachines"),
+        Source::VirtualMachineInstances => kubevirt_resource("VirtualMachineInstance", "virtualmachineinstances"),
+    }
+}
+
+/// KubeVirt's API group and version.
+pub const KUBEVIRT_GROUP_VERSION: &str = "kubevirt.io/v1";
+/// How often a cluster without KubeVirt is asked again whether it has it now: installing
+/// KubeVirt is rare, and until its VMs are known their allocations are simply kept (valid), so
+/// a minute of delay costs nothing but one discovery request per minute.
+const KUBEVIRT_PROBE: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn kubevirt_resource(kind: &str, plural: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(&kube::api::GroupVersionKind::gvk("kubevirt.io", "v1", kind), plural)
+}
+
+/// Waits until the cluster serves KubeVirt's VirtualMachines and VirtualMachineInstances, then
+/// watches both. Never ends before the receiver is gone.
+async fn watch_kubevirt_when_installed(client: Client, tx: mpsc::Sender<Input>) {
+    loop {
+        match client.list_api_group_resources(KUBEVIRT_GROUP_VERSION).await {
+            Ok(list) if ["virtualmachines", "virtualmachineinstances"].iter().all(|r| list.resources.iter().any(|x| x.name == *r)) => {
+                tracing::info!("KubeVirt found: watching VirtualMachines and VirtualMachineInstances");
+                futures::join!(
+                    watch_one(client.clone(), Source::VirtualMachines, tx.clone()),
+                    watch_one(client.clone(), Source::VirtualMachineInstances, tx.clone())
+                );
+                return;
+            }
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => tracing::debug!(error = %e, "KubeVirt discovery failed; asking again later"),
+        }
+        if tx.is_closed() {
+            return;
+        }
+        tokio::time::sleep(KUBEVIRT_PROBE).await;
     }
 }
 
 /// Starts one watch task per source, all feeding `tx`. The tasks end when the receiver is gone.
 pub fn spawn_all(client: &Client, tx: &mpsc::Sender<Input>) -> Vec<tokio::task::JoinHandle<()>> {
-    Source::ALL.iter().map(|&source| tokio::spawn(watch_one(client.clone(), source, tx.clone()))).collect()
+    let mut tasks: Vec<_> = Source::ALL.iter().map(|&source| tokio::spawn(watch_one(client.clone(), source, tx.clone()))).collect();
+    tasks.push(tokio::spawn(watch_kubevirt_when_installed(client.clone(), tx.clone())));
+    tasks
 }
 
 async fn watch_one(client: Client, source: Source, tx: mpsc::Sender<Input>) {
