@@ -19,6 +19,12 @@ pub const KUBE_API_SERVER: &str = "KubeAPIServer";
 pub const WATCHES_SYNCED: &str = "WatchesSynced";
 /// Ours: the controller loop's heartbeat is fresh.
 pub const EVENT_LOOP: &str = "EventLoop";
+/// Ours: always ready; its reason lists enabled controllers this version does not implement.
+pub const CONTROLLERS: &str = "Controllers";
+/// Ours: the key of a watch the apiserver refuses (`Watch:<plural>`).
+pub fn watch_key(plural: &str) -> String {
+    format!("Watch:{plural}")
+}
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Readiness {
@@ -80,7 +86,8 @@ pub struct StatusBoard {
 
 impl StatusBoard {
     pub fn set_ready(&mut self, key: &str, ready: bool, reason: impl Into<String>) -> bool {
-        let next = Readiness { ready, reason: if ready { String::new() } else { reason.into() } };
+        // A ready condition may carry a note (e.g. which controllers are not implemented).
+        let next = Readiness { ready, reason: reason.into() };
         if self.file.readiness.get(key) == Some(&next) {
             return false;
         }
@@ -127,10 +134,9 @@ mod tests {
         assert!(b.set_ready(KUBE_API_SERVER, false, "apiserver /healthz: 500"));
         assert!(b.set_ready(CALICO_DATASTORE, false, "Error verifying datastore: forbidden"));
         assert_eq!(b.file().ready(), Err("Error verifying datastore: forbidden; apiserver /healthz: 500".into()));
-        b.set_ready(KUBE_API_SERVER, true, "ignored when ready");
+        b.set_ready(KUBE_API_SERVER, true, "a note on a ready key is kept but is no reason");
         b.set_ready(CALICO_DATASTORE, true, "");
         assert_eq!(b.file().ready(), Ok(()));
-        assert_eq!(b.file().readiness[KUBE_API_SERVER].reason, "");
     }
 
     #[test]

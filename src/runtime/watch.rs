@@ -11,10 +11,14 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::Client;
 use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::{WatchStreamExt, watcher};
+use std::sync::Arc;
+
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
+use super::Shared;
 use crate::datastore::Kind;
+use crate::health;
 use crate::datastore::kube::api_resource;
 use crate::model::{
     BlockAffinity, ClusterInformation, InvalidObject, IpPool, IpamBlock, IpamConfig, IpamHandle, KubeControllersConfiguration, NodeLite,
@@ -142,15 +146,39 @@ fn resource(source: Source) -> ApiResource {
 }
 
 /// Starts one watch task per source, all feeding `tx`. The tasks end when the receiver is gone.
-pub fn spawn_all(client: &Client, tx: &mpsc::Sender<Input>) -> Vec<tokio::task::JoinHandle<()>> {
-    Source::ALL.iter().map(|&source| tokio::spawn(watch_one(client.clone(), source, tx.clone()))).collect()
+pub fn spawn_all(client: &Client, tx: &mpsc::Sender<Input>, shared: &Arc<Shared>) -> Vec<tokio::task::JoinHandle<()>> {
+    Source::ALL.iter().map(|&source| tokio::spawn(watch_one(client.clone(), source, tx.clone(), shared.clone()))).collect()
 }
 
-async fn watch_one(client: Client, source: Source, tx: mpsc::Sender<Input>) {
+/// The HTTP status inside a watcher error, if the apiserver answered.
+fn watch_error_code(e: &watcher::Error) -> Option<u16> {
+    match e {
+        watcher::Error::InitialListFailed(k) | watcher::Error::WatchStartFailed(k) | watcher::Error::WatchFailed(k) => match k {
+            kube::Error::Api(status) => Some(status.code),
+            _ => None,
+        },
+        watcher::Error::WatchError(status) => Some(status.code),
+        watcher::Error::NoResourceVersion => None,
+    }
+}
+
+/// Errors that retrying will not fix (no permission, no such resource): they make the process
+/// not ready, with a reason naming the resource, until the watch works again.
+fn is_configuration_error(code: Option<u16>) -> bool {
+    matches!(code, Some(401 | 403 | 404))
+}
+
+async fn watch_one(client: Client, source: Source, tx: mpsc::Sender<Input>, shared: Arc<Shared>) {
+    let key = health::watch_key(source.as_str());
+    let mut refused = false;
     let api: Api<DynamicObject> = Api::all_with(client, &resource(source));
     // Default config: ListWatch with 500-object pages for the initial list.
     let mut stream = watcher(api, watcher::Config::default()).default_backoff().boxed();
     while let Some(event) = stream.next().await {
+        if refused && event.is_ok() {
+            refused = false;
+            shared.status.set_ready(&key, true, "");
+        }
         let change = match event {
             Ok(watcher::Event::Init) => Change::Init,
             Ok(watcher::Event::InitDone) => Change::InitDone,
@@ -172,6 +200,12 @@ async fn watch_one(client: Client, source: Source, tx: mpsc::Sender<Input>) {
             Err(e) => {
                 // The backoff wrapper retries; a 410 Gone restarts with a fresh list (Init).
                 tracing::warn!(source = source.as_str(), error = %e, "watch error");
+                let code = watch_error_code(&e);
+                if is_configuration_error(code) {
+                    refused = true;
+                    let code = code.unwrap_or_default();
+                    shared.status.set_ready(&key, false, format!("watching {} refused by the apiserver ({code}): {e}", source.as_str()));
+                }
                 continue;
             }
         };
