@@ -265,7 +265,8 @@ fn health_probe(a: &HealthArgs) -> i32 {
         let mut s = std::net::TcpStream::connect_timeout(&addr, PROBE_TIMEOUT)?;
         s.set_read_timeout(Some(PROBE_TIMEOUT))?;
         s.set_write_timeout(Some(PROBE_TIMEOUT))?;
-        write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+        // One write: a server that answers after a partial request would reset the connection.
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes())?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf)?;
         Ok(String::from_utf8_lossy(&buf).into_owned())

@@ -1,0 +1,147 @@
+//! End-to-end start-up on an empty private cluster: the controller creates
+//! `ClusterInformation/default` and the `default` KubeControllersConfiguration (with its status),
+//! reports an enabled but unimplemented controller without failing, becomes ready in the status
+//! file (`check-status -r`) and over HTTP, and applies KubeControllersConfiguration changes
+//! (log level, leak grace period, metrics port) without a restart.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use serde_json::{Value, json};
+
+use crate::support::cluster::private_cluster;
+use crate::support::controller::{ChildGuard, DEADLINE, calico, free_port, http_get, start_controller_env};
+
+/// Polls `probe` every 200 ms until it returns `Some`, failing after [`DEADLINE`] with `what`.
+async fn wait_for<T, F: Future<Output = Option<T>>>(what: &str, guard: &ChildGuard, mut probe: impl FnMut() -> F) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(started.elapsed() < DEADLINE, "{what} not within {DEADLINE:?}; log tail:\n{}", tail(&guard.log_text()));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+fn check_status(file: &std::path::Path) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_calico-kube-controllers"))
+        .args(["check-status", "-r", "-f", file.to_str().unwrap()])
+        .output()
+        .expect("running check-status");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+#[tokio::test]
+async fn start_up_initializes_the_datastore_reports_status_and_applies_config_live() {
+    let cluster = private_cluster();
+    let client = cluster.client();
+    let infos: Api<DynamicObject> = Api::all_with(client.clone(), &calico("ClusterInformation", "clusterinformations"));
+    let kccs: Api<DynamicObject> = Api::all_with(client.clone(), &calico("KubeControllersConfiguration", "kubecontrollersconfigurations"));
+    assert!(infos.get_opt("default").await.unwrap().is_none() && kccs.get_opt("default").await.unwrap().is_none(), "an empty cluster");
+
+    let status_dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("startup-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&status_dir);
+    let status_file = status_dir.join("status/status.json");
+    let health_port = free_port();
+    let (hp, sf) = (health_port.to_string(), status_file.to_str().unwrap().to_string());
+    // As upstream's images start it: `calico component kube-controllers`, KDD env of the manifests.
+    let guard = start_controller_env(
+        &cluster,
+        &["component", "kube-controllers", "--health-port", &hp, "--status-file", &sf],
+        &[("ENABLED_CONTROLLERS", "node,loadbalancer"), ("DATASTORE_TYPE", "kubernetes")],
+        "startup",
+    );
+
+    let info = wait_for("ClusterInformation default", &guard, || async { infos.get_opt("default").await.ok().flatten() }).await;
+    let spec = &info.data["spec"];
+    let guid = spec["clusterGUID"].as_str().unwrap_or_default();
+    assert!(guid.len() == 32 && guid.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)), "{spec}");
+    assert_eq!((spec["clusterType"].as_str(), spec["datastoreReady"].as_bool()), (Some("k8s,kdd"), Some(true)), "{spec}");
+
+    let kcc = wait_for("KubeControllersConfiguration default with status", &guard, || async {
+        kccs.get_opt("default").await.ok().flatten().filter(|k| k.data.get("status").is_some_and(|s| !s.is_null()))
+    })
+    .await;
+    let spec = &kcc.data["spec"];
+    assert_eq!(spec["logSeverityScreen"], "Info");
+    assert_eq!(spec["healthChecks"], "Enabled");
+    assert_eq!(spec["etcdV3CompactionPeriod"], "10m");
+    assert_eq!(spec["prometheusMetricsPort"], 9094);
+    assert_eq!(spec["controllers"]["node"], json!({"reconcilerPeriod": "5m", "syncLabels": "Enabled", "leakGracePeriod": "15m",
+        "hostEndpoint": {"autoCreate": "Disabled", "createDefaultHostEndpoint": "Enabled"}}));
+    for section in ["policy", "workloadEndpoint", "serviceAccount", "namespace"] {
+        assert_eq!(spec["controllers"][section], json!({"reconcilerPeriod": "5m"}), "{section}");
+    }
+    assert_eq!(spec["controllers"]["loadBalancer"], json!({"assignIPs": "AllServices"}));
+    assert_eq!(spec["controllers"]["migration"], json!({"policyNameMigrator": "Enabled"}));
+    let status = &kcc.data["status"];
+    assert_eq!(status["environmentVars"], json!({"DATASTORE_TYPE": "kubernetes", "ENABLED_CONTROLLERS": "node,loadbalancer"}), "{status}");
+    assert_eq!(status["runningConfig"]["controllers"]["node"]["leakGracePeriod"], "15m0s", "{status}");
+    assert_eq!(status["runningConfig"]["controllers"]["loadBalancer"], json!({"assignIPs": "AllServices"}), "{status}");
+    assert_eq!(status["runningConfig"]["controllers"]["policy"], Value::Null, "not in ENABLED_CONTROLLERS: {status}");
+
+    // Ready, in the file and over HTTP, although loadbalancer is not implemented.
+    let (code, out) = wait_for("check-status -r to pass", &guard, || async {
+        let r = check_status(&status_file);
+        (r.0 == 0).then_some(r)
+    })
+    .await;
+    assert_eq!((code, out.as_str()), (0, "Ready"));
+    let file: Value = serde_json::from_slice(&std::fs::read(&status_file).unwrap()).unwrap();
+    for key in ["Startup", "CalicoDatastore", "KubeAPIServer"] {
+        assert_eq!(file["Readiness"][key]["Ready"], true, "{key}: {file}");
+    }
+    let note = file["Readiness"]["Controllers"]["Reason"].as_str().unwrap_or_default().to_string();
+    assert!(note.contains("not implemented in this version") && note.contains("loadbalancer") && !note.contains("node"), "{file}");
+    assert!(guard.log_text().contains("not implemented in this version"), "logged once at start");
+    assert_eq!(http_get(health_port, "/readiness").await.map(|r| r.0), Some(200));
+    assert_eq!(http_get(health_port, "/liveness").await.map(|r| r.0), Some(200));
+
+    // Live: log level, leak grace period and metrics port from one edit, no restart.
+    let metrics_port = free_port();
+    let patch = json!({"spec": {"logSeverityScreen": "Debug", "prometheusMetricsPort": metrics_port, "controllers": {"node": {"leakGracePeriod": "3s"}}}});
+    kccs.patch("default", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("editing the KCC");
+    wait_for("the new leak grace period in the running config", &guard, || async {
+        let k = kccs.get("default").await.ok()?;
+        let running = &k.data["status"]["runningConfig"];
+        (running["controllers"]["node"]["leakGracePeriod"] == "3s" && running["logSeverityScreen"] == "Debug").then_some(())
+    })
+    .await;
+    wait_for("the log level and grace period applied", &guard, || async {
+        let log = guard.log_text();
+        (log.contains("log level applied") && log.contains("level=\"Debug\"") && log.contains("DEBUG") && log.contains("leak_grace=3s")).then_some(())
+    })
+    .await;
+    let (code, body) = wait_for("metrics on the new port", &guard, || async { http_get(metrics_port, "/metrics").await }).await;
+    assert_eq!(code, 200);
+    assert!(body.contains("ipam_gc_pass_duration_seconds"), "{body}");
+
+    let mut guard = guard;
+    assert!(guard.child.try_wait().unwrap().is_none(), "still the same process: no restart on config change");
+}
+
+#[tokio::test]
+async fn an_explicit_not_ready_datastore_is_kept_and_a_partial_cluster_type_is_completed() {
+    let cluster = private_cluster();
+    let client = cluster.client();
+    let infos: Api<DynamicObject> = Api::all_with(client.clone(), &calico("ClusterInformation", "clusterinformations"));
+    let info = DynamicObject::new("default", &calico("ClusterInformation", "clusterinformations"))
+        .data(json!({"spec": {"clusterType": "typha", "datastoreReady": false}}));
+    infos.create(&Default::default(), &info).await.expect("ClusterInformation");
+    let guard = start_controller_env(&cluster, &["run", "--metrics-port", "0", "--status-file", "/proc/nonexistent/status.json"], &[], "repair");
+    let spec = wait_for("ClusterInformation repaired", &guard, || async {
+        let o = infos.get("default").await.ok()?;
+        o.data["spec"]["clusterGUID"].is_string().then(|| o.data["spec"].clone())
+    })
+    .await;
+    assert_eq!(spec["clusterType"], "typha,k8s,kdd");
+    assert_eq!(spec["datastoreReady"], false, "never flipped: an upgrade may be in progress");
+    assert!(guard.log_text().contains("cannot write the status file"), "an unwritable status path is a warning, not fatal");
+}
