@@ -145,3 +145,78 @@ async fn an_explicit_not_ready_datastore_is_kept_and_a_partial_cluster_type_is_c
     assert_eq!(spec["datastoreReady"], false, "never flipped: an upgrade may be in progress");
     assert!(guard.log_text().contains("cannot write the status file"), "an unwritable status path is a warning, not fatal");
 }
+
+/// A kubeconfig file for ServiceAccount `namespace/name`: the cluster's own file with the user
+/// replaced by a freshly minted token.
+async fn kubeconfig_for_service_account(cluster: &crate::support::cluster::TestCluster, namespace: &str, name: &str) -> std::path::PathBuf {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let accounts: Api<ServiceAccount> = Api::namespaced(cluster.client(), namespace);
+    let request = TokenRequest { spec: Some(TokenRequestSpec { expiration_seconds: Some(3600), ..Default::default() }), ..Default::default() };
+    let token = accounts.create_token_request(name, &Default::default(), &request).await.expect("token").status.expect("token status").token;
+    let text = std::fs::read_to_string(&cluster.kubeconfig).expect("reading the kubeconfig");
+    let mut kc: Value = serde_saphyr::from_str(&text).expect("kubeconfig YAML");
+    for user in kc["users"].as_array_mut().expect("users") {
+        user["user"] = json!({"token": token});
+    }
+    let path = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("kubeconfig-{name}-{}.json", std::process::id()));
+    std::fs::write(&path, serde_json::to_vec(&kc).unwrap()).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn a_refused_watch_makes_the_controller_not_ready_with_a_reason_naming_the_resource() {
+    use crate::support::cluster::create_service_account;
+    let cluster = private_cluster();
+    let client = cluster.client();
+    let ns = cluster.namespace_with_default_service_account(&client, "ckc-rbac").await;
+    create_service_account(&client, &ns, "ckc").await;
+    // Everything the controller needs except access to IPAMHandles.
+    let role: k8s_openapi::api::rbac::v1::ClusterRole = serde_json::from_value(json!({
+        "metadata": {"name": "ckc-without-handles"},
+        "rules": [
+            {"apiGroups": [""], "resources": ["pods", "nodes"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["crd.projectcalico.org"], "verbs": ["get", "list", "watch", "create", "update", "delete"],
+             "resources": ["ipamblocks", "blockaffinities", "ipamconfigs", "ippools", "clusterinformations", "kubecontrollersconfigurations", "kubecontrollersconfigurations/status"]},
+        ]
+    }))
+    .unwrap();
+    let binding: k8s_openapi::api::rbac::v1::ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "ckc-without-handles"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "ckc-without-handles"},
+        "subjects": [{"kind": "ServiceAccount", "name": "ckc", "namespace": ns}]
+    }))
+    .unwrap();
+    Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(client.clone()).create(&Default::default(), &role).await.expect("ClusterRole");
+    Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(client.clone()).create(&Default::default(), &binding).await.expect("binding");
+    let kubeconfig = kubeconfig_for_service_account(&cluster, &ns, "ckc").await;
+
+    let status_file = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("rbac-{}/status.json", std::process::id()));
+    let health_port = free_port();
+    let (hp, sf) = (health_port.to_string(), status_file.to_str().unwrap().to_string());
+    let guard = start_controller_env(
+        &cluster,
+        &["run", "--metrics-port", "0", "--health-port", &hp, "--status-file", &sf],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap()), ("ENABLED_CONTROLLERS", "node")],
+        "rbac",
+    );
+    let reason = wait_for("the refused watch in the status file", &guard, || async {
+        let file: Value = serde_json::from_slice(&std::fs::read(&status_file).ok()?).ok()?;
+        let c = &file["Readiness"]["Watch:ipamhandles"];
+        (c["Ready"] == false).then(|| c["Reason"].as_str().unwrap_or_default().to_string())
+    })
+    .await;
+    assert!(reason.contains("ipamhandles") && reason.contains("403"), "{reason}");
+    // Everything else it may do works: start-up finished with the permissions it has.
+    wait_for("start-up done", &guard, || async {
+        let file: Value = serde_json::from_slice(&std::fs::read(&status_file).ok()?).ok()?;
+        (file["Readiness"]["Startup"]["Ready"] == true).then_some(())
+    })
+    .await;
+    let (code, out) = check_status(&status_file);
+    assert_eq!(code, 1);
+    assert!(out.contains("watching ipamhandles refused by the apiserver (403)"), "{out}");
+    let (code, body) = http_get(health_port, "/readiness").await.expect("readiness");
+    assert!(code == 503 && body.contains("ipamhandles"), "{code} {body}");
+    assert_eq!(http_get(health_port, "/liveness").await.map(|r| r.0), Some(200), "a refused watch is no reason to restart");
+}
