@@ -164,6 +164,11 @@ pub async fn run(client: kube::Client, opts: RunOptions, stop: impl Future<Outpu
     let shared = Arc::new(Shared::with_status(api.clone(), StatusReporter::new(opts.status_file.clone()), env));
     shared.status.set_ready(health::STARTUP, false, "initializing the datastore");
     shared.status.set_ready(health::WATCHES_SYNCED, false, "waiting for the first list of every watch");
+    if shared.config.borrow().run.health_enabled {
+        // As upstream: not ready until the first health round has actually checked.
+        shared.status.set_ready(health::KUBE_API_SERVER, false, "apiserver not checked yet");
+        shared.status.set_ready(health::CALICO_DATASTORE, false, "datastore not checked yet");
+    }
     let ds = KubeDatastore::new(client.clone(), opts.controller.dry_run, api);
     if opts.controller.dry_run {
         tracing::warn!("dry run: plans are reported, nothing is written");

@@ -157,3 +157,19 @@ fn calico_health_probes_the_local_port_and_exits_by_status() {
     let (code, out) = run(&calico, &["health", "--port", &closed, "--type", "readiness"], &[]);
     assert_eq!(code, 1, "nothing listening fails the probe: {out}");
 }
+
+#[test]
+fn log_format_json_writes_json_lines() {
+    let dir = scratch("logjson");
+    // DATASTORE_TYPE unset is logged at start; the missing kubeconfig then ends the run (exit 2).
+    for (args, env) in [(vec![], vec![("LOG_FORMAT", "json")]), (vec!["--log-format", "json"], vec![])] {
+        let (code, out) = run(&dir.join("kube-controllers"), &args, &env);
+        assert_eq!(code, 2, "{out}");
+        let line = out.lines().find(|l| l.contains("DATASTORE_TYPE unset")).unwrap_or_else(|| panic!("no start-up line: {out}"));
+        let parsed: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert_eq!(parsed["level"], "INFO", "{line}");
+    }
+    let (_, out) = run(&dir.join("kube-controllers"), &[], &[]);
+    let line = out.lines().find(|l| l.contains("DATASTORE_TYPE unset")).unwrap_or_else(|| panic!("no start-up line: {out}"));
+    assert!(!line.starts_with('{'), "text by default: {line}");
+}

@@ -123,6 +123,28 @@ async fn start_up_initializes_the_datastore_reports_status_and_applies_config_li
     assert_eq!(code, 200);
     assert!(body.contains("ipam_gc_pass_duration_seconds"), "{body}");
 
+    // Health checks off: their conditions leave the file and readiness holds (upstream's HTTP
+    // readiness would never pass again, §10.3).
+    let patch = json!({"spec": {"healthChecks": "Disabled"}});
+    kccs.patch("default", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("disabling health checks");
+    wait_for("health conditions gone from the status file", &guard, || async {
+        let file: Value = serde_json::from_slice(&std::fs::read(&status_file).ok()?).ok()?;
+        file["Readiness"].get("KubeAPIServer").is_none().then_some(())
+    })
+    .await;
+    assert_eq!(check_status(&status_file), (0, "Ready".to_string()));
+    assert_eq!(http_get(health_port, "/readiness").await.map(|r| r.0), Some(200));
+
+    // Deleted, it comes back (as upstream), with the defaults and a fresh status.
+    let old_uid = kccs.get("default").await.unwrap().metadata.uid;
+    kccs.delete("default", &Default::default()).await.expect("deleting the KCC");
+    wait_for("the default KCC re-created", &guard, || async {
+        let k = kccs.get_opt("default").await.ok().flatten()?;
+        (k.metadata.uid != old_uid && k.data["spec"]["logSeverityScreen"] == "Info" && k.data["status"]["runningConfig"]["logSeverityScreen"] == "Info")
+            .then_some(())
+    })
+    .await;
+
     let mut guard = guard;
     assert!(guard.child.try_wait().unwrap().is_none(), "still the same process: no restart on config change");
 }
