@@ -4,7 +4,9 @@
 //!
 //! Owns: relist bookkeeping (objects not re-listed at `InitDone` are deleted), the readiness
 //! gate (no GC decision before every watch finished its first list), the `datastoreReady` pause,
-//! the final re-validation reads of confirmed leaks, and publishing the report and metrics.
+//! the final re-validation reads of confirmed leaks, publishing the report and metrics, merging
+//! env with each KubeControllersConfiguration it sees (no GC pass without the node controller),
+//! and the heartbeat that liveness judges.
 //! Must not: list or read anything else inside the loop (every input comes from a watch; the
 //! only reads are the re-validation GETs), or hold the shared lock across an `.await`.
 
@@ -16,9 +18,9 @@ use ipnet::IpNet;
 use kube::api::{Api, ApiResource, DynamicObject};
 use tokio::sync::{mpsc, watch};
 
+use super::watch::{Change, Input, Object, Source};
 use super::{ConfigState, Shared};
 use crate::config::{EnvConfig, RunConfig};
-use super::watch::{Change, Input, Object, Source};
 use crate::datastore::kube::{KubeDatastore, status_code};
 use crate::datastore::{ExecuteOptions, PlanOutcome, execute_plan};
 use crate::ipam::gc::{DEFAULT_MAX_RELEASES_PER_PASS, GcConfig, GcState, Plan, Scope};

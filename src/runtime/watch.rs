@@ -2,24 +2,25 @@
 //! then a watch, restarted with backoff), trims every object on arrival (a Pod becomes
 //! [`PodFacts`] at once, never cached whole) and sends it to the single task that owns the index.
 //!
-//! Owns: which kinds are watched, how each is decoded, and the [`Input`] protocol.
+//! Owns: which kinds are watched, how each is decoded, the [`Input`] protocol, and reporting a
+//! watch the apiserver refuses (401/403/404) as a not-ready condition naming the resource.
 //! Must not: touch the index or decide anything; a malformed object is reported, not dropped
 //! silently, and never stops the stream.
+
+use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::Client;
 use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::{WatchStreamExt, watcher};
-use std::sync::Arc;
-
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
 use super::Shared;
 use crate::datastore::Kind;
-use crate::health;
 use crate::datastore::kube::api_resource;
+use crate::health;
 use crate::model::{
     BlockAffinity, ClusterInformation, InvalidObject, IpPool, IpamBlock, IpamConfig, IpamHandle, KubeControllersConfiguration, NodeLite,
     PodFacts, PodLite,
