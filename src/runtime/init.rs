@@ -1,7 +1,8 @@
 //! Start-of-day writes (SPEC §0 step 3) and the KubeControllersConfiguration's status: create or
-//! repair `ClusterInformation/default`, create the `default` KubeControllersConfiguration with
-//! upstream's defaults when missing, and write `status` (runningConfig, environmentVars) through
-//! the status subresource when it differs from what is stored.
+//! repair `ClusterInformation/default`, create the tiers upstream ensures (`default`,
+//! `kube-admin`, `kube-baseline`) and the `default` KubeControllersConfiguration with upstream's
+//! defaults when missing, and write `status` (runningConfig, environmentVars) through the status
+//! subresource when it differs from what is stored.
 //!
 //! Owns: those writes and their retry policy (every 5 s for up to 60 s, as upstream).
 //! Must not: run in dry-run mode or on a replica that may not write; the caller decides (see the
@@ -10,12 +11,12 @@
 use std::time::Duration;
 
 use kube::Client;
-use kube::api::{Api, DynamicObject, PostParams};
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
 use serde_json::{Value, json};
 
 use crate::datastore::Kind;
 use crate::datastore::kube::{ApiCounters, api_resource, status_code};
-use crate::model::CALICO_API_VERSION;
+use crate::model::{CALICO_API_VERSION, CALICO_GROUP};
 use crate::model::config::ClusterInformationSpec;
 
 /// Upstream's retry interval and budget for EnsureInitialized before giving up.
@@ -24,12 +25,15 @@ const RETRY_FOR: Duration = Duration::from_secs(60);
 /// What kube-controllers on the Kubernetes datastore writes into `clusterType`.
 const CLUSTER_TYPES: [&str; 2] = ["k8s", "kdd"];
 pub const DEFAULT_NAME: &str = "default";
+/// The tiers upstream's EnsureInitialized creates: (name, order, default action). Calico's own
+/// CRD validation pins these values, so they are not ours to tune.
+const TIERS: [(&str, u64, &str); 3] = [("default", 1_000_000, "Deny"), ("kube-admin", 1_000, "Pass"), ("kube-baseline", 10_000_000, "Pass")];
 
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
     #[error("initializing the datastore (ClusterInformation, KubeControllersConfiguration) failed for {secs}s: {last}")]
     GaveUp { secs: u64, last: String },
-    #[error("{verb} {resource}/default: {source}")]
+    #[error("{verb} {resource}: {source}")]
     Api { verb: &'static str, resource: &'static str, source: kube::Error },
     #[error("{resource}/default does not decode: {problem}")]
     Decode { resource: &'static str, problem: String },
@@ -161,13 +165,47 @@ pub async fn write_kcc_status(client: &Client, counters: &ApiCounters, status: &
     Ok(true)
 }
 
+/// Creates the missing tiers; existing ones are left as they are (upstream does not rewrite
+/// them either). A cluster without the Tier CRD (404 on the resource) has no tiers to ensure.
+async fn ensure_tiers(client: &Client, counters: &ApiCounters) -> Result<(), InitError> {
+    let resource = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(CALICO_GROUP, "v1", "Tier"), "tiers");
+    let tiers: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+    for (name, order, action) in TIERS {
+        let got = tiers.get_opt(name).await;
+        counters.observe("get", "tiers", 200, &got);
+        match got {
+            Ok(Some(_)) => continue,
+            Ok(None) => {}
+            Err(e) if status_code(&e) == 404 => {
+                tracing::info!("no Tier resource in this cluster: tiers not ensured");
+                return Ok(());
+            }
+            Err(source) => return Err(InitError::Api { verb: "get", resource: "tiers", source }),
+        }
+        let body: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": CALICO_API_VERSION, "kind": "Tier", "metadata": {"name": name},
+            "spec": {"order": order, "defaultAction": action}
+        }))
+        .map_err(|e| InitError::Decode { resource: "tiers", problem: e.to_string() })?;
+        let created = tiers.create(&PostParams::default(), &body).await;
+        counters.observe("create", "tiers", 201, &created);
+        match created {
+            Ok(_) => tracing::info!(tier = name, "created tier"),
+            Err(e) if status_code(&e) == 409 => {}
+            Err(source) => return Err(InitError::Api { verb: "create", resource: "tiers", source }),
+        }
+    }
+    Ok(())
+}
+
 async fn ensure_once(client: &Client, counters: &ApiCounters) -> Result<(), InitError> {
     ensure_cluster_information(client, counters).await?;
+    ensure_tiers(client, counters).await?;
     ensure_default_kcc(client, counters).await
 }
 
-/// Upstream's EnsureInitialized for the Kubernetes datastore, retried every 5 s for up to 60 s.
-/// Tiers are not created: this version writes no policy.
+/// Upstream's EnsureInitialized for the Kubernetes datastore (plus the default
+/// KubeControllersConfiguration), retried every 5 s for up to 60 s.
 pub async fn ensure_initialized(client: &Client, counters: &ApiCounters) -> Result<(), InitError> {
     let started = tokio::time::Instant::now();
     loop {

@@ -81,6 +81,11 @@ async fn start_up_initializes_the_datastore_reports_status_and_applies_config_li
     }
     assert_eq!(spec["controllers"]["loadBalancer"], json!({"assignIPs": "AllServices"}));
     assert_eq!(spec["controllers"]["migration"], json!({"policyNameMigrator": "Enabled"}));
+    let tiers: Api<DynamicObject> = Api::all_with(client.clone(), &calico("Tier", "tiers"));
+    for (name, order, action) in [("default", 1e6, "Deny"), ("kube-admin", 1e3, "Pass"), ("kube-baseline", 1e7, "Pass")] {
+        let tier = tiers.get(name).await.unwrap_or_else(|e| panic!("tier {name}: {e}"));
+        assert_eq!((tier.data["spec"]["order"].as_f64(), tier.data["spec"]["defaultAction"].as_str()), (Some(order), Some(action)), "{name}");
+    }
     let status = &kcc.data["status"];
     assert_eq!(status["environmentVars"], json!({"DATASTORE_TYPE": "kubernetes", "ENABLED_CONTROLLERS": "node,loadbalancer"}), "{status}");
     assert_eq!(status["runningConfig"]["controllers"]["node"]["leakGracePeriod"], "15m0s", "{status}");
@@ -199,7 +204,7 @@ async fn a_refused_watch_makes_the_controller_not_ready_with_a_reason_naming_the
         "rules": [
             {"apiGroups": [""], "resources": ["pods", "nodes"], "verbs": ["get", "list", "watch"]},
             {"apiGroups": ["crd.projectcalico.org"], "verbs": ["get", "list", "watch", "create", "update", "delete"],
-             "resources": ["ipamblocks", "blockaffinities", "ipamconfigs", "ippools", "clusterinformations", "kubecontrollersconfigurations", "kubecontrollersconfigurations/status"]},
+             "resources": ["ipamblocks", "blockaffinities", "ipamconfigs", "ippools", "clusterinformations", "tiers", "kubecontrollersconfigurations", "kubecontrollersconfigurations/status"]},
         ]
     }))
     .unwrap();
