@@ -100,6 +100,7 @@ async fn apply(shared: &Arc<Shared>, opts: &RunOptions, metrics: &mut MetricsLis
         (false, false) => format!("{gc_note}; not implemented in this version: {}", missing.join(",")),
     };
     shared.status.set_ready(health::CONTROLLERS, true, note);
+    tracing::debug!(config = ?rc, "configuration applied");
 }
 
 /// Start-of-day writes, then the KubeControllersConfiguration's status on every config change

@@ -232,3 +232,24 @@ async fn send_invalid(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api_error(code: u16) -> kube::Error {
+        kube::Error::Api(Box::new(kube::core::Status { code, ..Default::default() }))
+    }
+
+    #[test]
+    fn only_refusals_that_retrying_cannot_fix_count_against_readiness() {
+        let refused = watcher::Error::InitialListFailed(api_error(403));
+        assert!(is_configuration_error(watch_error_code(&refused)));
+        assert!(is_configuration_error(watch_error_code(&watcher::Error::WatchStartFailed(api_error(404)))));
+        // A 410 Gone or a 500 during a watch is routine: the watcher relists or retries.
+        assert!(!is_configuration_error(watch_error_code(&watcher::Error::WatchFailed(api_error(500)))));
+        let gone = watcher::Error::WatchError(Box::new(kube::core::Status { code: 410, ..Default::default() }));
+        assert!(!is_configuration_error(watch_error_code(&gone)));
+        assert!(!is_configuration_error(watch_error_code(&watcher::Error::NoResourceVersion)));
+    }
+}
