@@ -1,13 +1,20 @@
-//! Argument parsing and dispatch only. Exit codes: 0 success, 1 "found something" (leaks to
-//! release, not ready), 2 the command could not run.
+//! Argument parsing and dispatch only, under upstream's program names too (`kube-controllers`,
+//! `check-status`, `calico component kube-controllers`, `calico health`). Exit codes: 0 success,
+//! 1 "found something" (leaks to release, not ready), 2 the command could not run (bad flags,
+//! bad configuration, a datastore that could not be initialized).
 
+use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
+use calico_kube_controllers::config::{EnvConfig, LogLevel};
+use calico_kube_controllers::health::StatusFile;
+use calico_kube_controllers::runtime::{self, LogControl};
 use calico_kube_controllers::scan::{dump, report};
 
 #[derive(Parser, Debug)]
@@ -25,11 +32,48 @@ enum Command {
     LeakScan(LeakScanArgs),
     /// Build a synthetic cluster in memory and run the whole GC pipeline over it.
     Simulate(SimulateArgs),
+    /// Upstream's probe: exit 0 and print `Ready` when the status file says so, else exit 1.
+    CheckStatus(CheckStatusArgs),
+    /// Upstream's unified `calico` binary: `component kube-controllers` runs the controller.
+    Component {
+        #[command(subcommand)]
+        component: Component,
+    },
+    /// Upstream's `calico health`: GET 127.0.0.1:<port>/<type>; exit 0 on 2xx, else 1.
+    Health(HealthArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum Component {
+    /// Run the controller, as `calico component kube-controllers`.
+    KubeControllers(ComponentArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ComponentArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(subcommand)]
+    probe: Option<ComponentProbe>,
+}
+
+#[derive(Subcommand, Debug)]
+enum ComponentProbe {
+    /// The probe upstream's chart runs (`... kube-controllers kube-controllers-health -l|-r`),
+    /// which upstream itself lacks (SPEC §10.4): the same as `check-status`.
+    KubeControllersHealth(CheckStatusArgs),
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq)]
 enum Output {
     Table,
+    Json,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq, Default)]
+enum LogFormat {
+    #[default]
+    Text,
     Json,
 }
 
@@ -41,9 +85,10 @@ struct RunArgs {
     /// Override the KubeControllersConfiguration's leakGracePeriod (Go duration, e.g. `2s`).
     #[arg(long = "leak-grace-period")]
     leak_grace_period: Option<String>,
-    /// Port for /metrics (and the other endpoints); 0 disables.
-    #[arg(long = "metrics-port", default_value_t = 9094)]
-    metrics_port: u16,
+    /// Port for /metrics (and the other endpoints); 0 disables. Default: the
+    /// KubeControllersConfiguration's prometheusMetricsPort (9094 when unset), applied live.
+    #[arg(long = "metrics-port")]
+    metrics_port: Option<u16>,
     /// Port for /liveness and /readiness (and the other endpoints); 0 disables.
     #[arg(long = "health-port", default_value_t = 0)]
     health_port: u16,
@@ -66,6 +111,44 @@ struct RunArgs {
     /// Calico API group to use; only `crd.projectcalico.org/v1` is supported.
     #[arg(long = "calico-api-group", env = "CALICO_API_GROUP")]
     calico_api_group: Option<String>,
+    /// Where the status file for `check-status` is written (upstream's default).
+    #[arg(long = "status-file", default_value = runtime::DEFAULT_STATUS_FILE)]
+    status_file: PathBuf,
+    /// Log format.
+    #[arg(long = "log-format", env = "LOG_FORMAT", value_enum, default_value = "text", ignore_case = true)]
+    log_format: LogFormat,
+}
+
+#[derive(clap::Args, Debug)]
+#[command(disable_version_flag = true)]
+struct CheckStatusArgs {
+    /// The status file to read.
+    #[arg(short = 'f', long = "file", default_value = runtime::DEFAULT_STATUS_FILE)]
+    file: PathBuf,
+    /// Check readiness.
+    #[arg(short = 'r', long = "ready")]
+    ready: bool,
+    /// Check liveness (its own conditions; upstream's files have none, then it is -r).
+    #[arg(short = 'l', long = "live")]
+    live: bool,
+    /// Print the version.
+    #[arg(short = 'v', long = "version")]
+    version: bool,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq)]
+enum ProbeType {
+    Readiness,
+    Liveness,
+}
+
+#[derive(clap::Args, Debug)]
+struct HealthArgs {
+    /// The controller's --health-port.
+    #[arg(long)]
+    port: u16,
+    #[arg(long = "type", value_enum, default_value = "readiness")]
+    probe: ProbeType,
 }
 
 #[derive(clap::Args, Debug)]
@@ -98,8 +181,25 @@ struct SimulateArgs {
     repeats: usize,
 }
 
+/// The arguments as clap should see them: upstream's images call this program by other names,
+/// so `kube-controllers` means `run` and `check-status` means `check-status`. (As `calico`, the
+/// subcommands `component kube-controllers` and `health` already match ours.)
+fn effective_args(args: Vec<OsString>) -> Vec<OsString> {
+    let mut args = args;
+    let invoked_as = args.first().map(|a| Path::new(a).file_name().unwrap_or_default().to_string_lossy().into_owned()).unwrap_or_default();
+    let implied = match invoked_as.as_str() {
+        "kube-controllers" => Some("run"),
+        "check-status" => Some("check-status"),
+        _ => None,
+    };
+    if let Some(sub) = implied {
+        args.insert(1.min(args.len()), sub.into());
+    }
+    args
+}
+
 pub fn main() -> i32 {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse_from(effective_args(std::env::args_os().collect())) {
         Ok(c) => c,
         Err(e) => {
             let code = if e.use_stderr() { 2 } else { 0 };
@@ -111,12 +211,21 @@ pub fn main() -> i32 {
         Some(Command::LeakScan(a)) => leak_scan(a),
         Some(Command::Simulate(a)) => simulate(a),
         Some(Command::Run(a)) => run_controller(a),
-        // No subcommand (the upstream image's entry point): `run` with its defaults and env.
-        None => <RunArgs as clap::FromArgMatches>::from_arg_matches(
-            &<RunArgs as clap::Args>::augment_args(clap::Command::new("run")).get_matches_from(["run"]),
-        )
-        .map_err(anyhow::Error::from)
-        .and_then(run_controller),
+        Some(Command::CheckStatus(a)) => Ok(check_status(&a)),
+        Some(Command::Component { component: Component::KubeControllers(a) }) => match a.probe {
+            Some(ComponentProbe::KubeControllersHealth(c)) => Ok(check_status(&c)),
+            None => run_controller(a.run),
+        },
+        Some(Command::Health(a)) => Ok(health_probe(&a)),
+        // Parsed again as `run` so its defaults and environment (LOG_FORMAT, CKC_DRY_RUN) apply.
+        None => match Cli::try_parse_from(["calico-kube-controllers", "run"]) {
+            Ok(Cli { command: Some(Command::Run(a)) }) => run_controller(a),
+            Ok(_) => unreachable!("`run` parses as Run"),
+            Err(e) => {
+                let _ = e.print();
+                return 2;
+            }
+        },
     };
     match result {
         Ok(code) => code,
@@ -125,6 +234,73 @@ pub fn main() -> i32 {
         Err(e) => {
             eprintln!("error: {e:#}");
             2
+        }
+    }
+}
+
+/// Upstream's `check-status`: prints `Ready` and returns 0, or prints the reasons and returns 1.
+fn check_status(a: &CheckStatusArgs) -> i32 {
+    if a.version {
+        println!("{}", env!("CARGO_PKG_VERSION"));
+        return 0;
+    }
+    if !a.ready && !a.live {
+        println!("No command specified to check-status");
+        return 1;
+    }
+    let file = match std::fs::read(&a.file)
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| serde_json::from_slice::<StatusFile>(&bytes).map_err(|e| e.to_string()))
+    {
+        Ok(f) => f,
+        Err(e) => {
+            println!("Failed to read status file {}: {e}", a.file.display());
+            return 1;
+        }
+    };
+    let verdict = if a.ready { file.ready() } else { Ok(()) }.and(if a.live { file.live() } else { Ok(()) });
+    match verdict {
+        Ok(()) => {
+            println!("Ready");
+            0
+        }
+        Err(reasons) => {
+            println!("{reasons}");
+            1
+        }
+    }
+}
+
+/// Upstream's `calico health`: one GET to the local health listener.
+fn health_probe(a: &HealthArgs) -> i32 {
+    use std::io::Read;
+    // The kubelet's probe timeout in upstream's manifests; a slower answer is a failure anyway.
+    const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+    let path = match a.probe {
+        ProbeType::Readiness => "/readiness",
+        ProbeType::Liveness => "/liveness",
+    };
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], a.port));
+    let answer = (|| -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, PROBE_TIMEOUT)?;
+        s.set_read_timeout(Some(PROBE_TIMEOUT))?;
+        s.set_write_timeout(Some(PROBE_TIMEOUT))?;
+        // One write: a server that answers after a partial request would reset the connection.
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes())?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    })();
+    match answer {
+        Ok(text) => {
+            let code: u16 = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+            let body = text.split_once("\r\n\r\n").map(|(_, b)| b.trim()).unwrap_or("");
+            println!("{path}: {code} {body}");
+            if (200..300).contains(&code) { 0 } else { 1 }
+        }
+        Err(e) => {
+            println!("{path} on {addr}: {e}");
+            1
         }
     }
 }
@@ -216,12 +392,43 @@ fn election_timing(a: &RunArgs) -> anyhow::Result<calico_kube_controllers::runti
     Ok(leader::Timing::new(lease, renew, retry)?)
 }
 
+/// The subscriber, with the level reloadable so a KubeControllersConfiguration change applies live.
+fn init_logging(format: LogFormat, level: LogLevel) -> LogControl {
+    use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, reload, util::SubscriberInitExt};
+    let (filter, handle) = reload::Layer::new(EnvFilter::new(level.filter_directive()));
+    let output = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).boxed(),
+    };
+    let _ = tracing_subscriber::registry().with(filter).with(output).try_init();
+    LogControl::new(move |level: LogLevel| {
+        let _ = handle.reload(EnvFilter::new(level.filter_directive()));
+    })
+}
+
+async fn kube_config(env: &EnvConfig) -> anyhow::Result<kube::Config> {
+    // libcalico also reads CALICO_KUBECONFIG; kube's own default only knows KUBECONFIG.
+    let plain = std::env::var_os("KUBECONFIG").is_some_and(|v| !v.is_empty());
+    match (&env.kubeconfig, plain) {
+        (Some(path), false) => {
+            let kc = kube::config::Kubeconfig::read_from(path).with_context(|| format!("reading kubeconfig {path}"))?;
+            let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("loading kubeconfig {path}"))?;
+            Ok(config)
+        }
+        // KUBECONFIG if set, else the in-cluster service account.
+        _ => kube::Config::infer().await.context("building a Kubernetes client configuration"),
+    }
+}
+
 fn run_controller(a: RunArgs) -> anyhow::Result<i32> {
-    use calico_kube_controllers::runtime;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LOG_LEVEL")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new("info"))
-        .context("log filter")?;
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).try_init();
+    let vars: BTreeMap<String, String> = std::env::vars().collect();
+    let env = EnvConfig::from_env(&vars).context("configuration from the environment")?;
+    let log = init_logging(a.log_format, env.log_level.unwrap_or(LogLevel::Info));
+    if env.datastore_defaulted {
+        tracing::info!("DATASTORE_TYPE unset (upstream's default is etcdv3): using the Kubernetes datastore");
+    }
     let leak_grace_override = match &a.leak_grace_period {
         Some(text) => Some(
             calico_kube_controllers::model::time::parse_go_duration(text)
@@ -234,18 +441,19 @@ fn run_controller(a: RunArgs) -> anyhow::Result<i32> {
     let user_agent = runtime::leader::user_agent(&identity);
     let election = runtime::ElectionOptions { identity, namespace: runtime::leader::namespace_from_env(), timing };
     let opts = runtime::RunOptions {
-        controller: runtime::ControllerOptions { dry_run: a.dry_run, leak_grace_override },
+        controller: runtime::ControllerOptions { dry_run: a.dry_run, leak_grace_override, env: env.clone() },
         metrics_port: a.metrics_port,
         health_port: a.health_port,
         election,
         client_qps: a.client_qps,
         client_burst: a.client_burst,
         api_group: a.calico_api_group.clone(),
+        status_file: Some(a.status_file),
+        log,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     rt.block_on(async move {
-        // KUBECONFIG if set, else the in-cluster service account.
-        let mut config = kube::Config::infer().await.context("building a Kubernetes client")?;
+        let mut config = kube_config(&env).await?;
         // The replica's name in the user agent tells replicas apart in the API server's audit log.
         config.headers.push(("user-agent".parse().context("user-agent header name")?, user_agent.parse().context("user-agent header")?));
         let client = kube::Client::try_from(config).context("building a Kubernetes client")?;

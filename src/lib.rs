@@ -1,6 +1,8 @@
 //! calico-kube-controllers: the library behind the binary.
 #![forbid(unsafe_code)]
+pub mod config;
 pub mod datastore;
+pub mod health;
 pub mod ipam;
 pub mod memstat;
 pub mod model;

@@ -11,6 +11,8 @@
 //! in the GC task, never in a scrape). Stale sequence numbers are never retried blindly: the
 //! executor re-reads every block before a write and skips reallocated addresses, and the index
 //! learns the new numbers from the block watch.
+//! merging env with each KubeControllersConfiguration it sees (no GC pass without the node controller),
+//! and the heartbeat that liveness judges.
 //! Must not: list or read anything else inside the loop (every input comes from a watch; the
 //! only reads are the re-validation GETs), or hold the shared lock across an `.await`.
 
@@ -22,10 +24,11 @@ use ipnet::IpNet;
 use kube::api::{Api, ApiResource, DynamicObject};
 use tokio::sync::{mpsc, watch};
 
-use super::Shared;
 use super::backoff::{FIRST_DELAY, ItemBackoff, ItemKey, RetryTimer};
 use super::ipam_gauges::{self, NO_POOL, PoolDef, UNKNOWN_NODE};
 use super::watch::{Change, Input, Object, Source};
+use super::{ConfigState, Shared};
+use crate::config::{EnvConfig, RunConfig};
 use crate::datastore::kube::{KubeDatastore, status_code};
 use crate::datastore::{ErrorKind, ExecuteOptions, KeepGoing, PlanOutcome, execute_plan};
 use crate::ipam::gc::{DEFAULT_MAX_RELEASES_PER_PASS, GcConfig, GcState, KubeVirtFacts, Plan, Scope};
@@ -53,6 +56,8 @@ pub struct ControllerOptions {
     pub dry_run: bool,
     /// Overrides the KubeControllersConfiguration's `leakGracePeriod` (tests).
     pub leak_grace_override: Option<Millis>,
+    /// The environment's part of the configuration, merged with every KubeControllersConfiguration.
+    pub env: EnvConfig,
 }
 
 pub fn now_millis() -> Millis {
@@ -93,8 +98,11 @@ pub struct Controller {
     invalid: BTreeMap<(String, String), InvalidObject>,
     /// Re-read pods of confirmed leaks, for the next pass (`None` = NotFound).
     fresh: BTreeMap<(String, String), Option<PodFacts>>,
+    /// `env` merged with `kcc` (the defaults we create while there is none).
+    run_config: RunConfig,
     logged_grace: Option<Millis>,
     logged_pause: bool,
+    logged_gc_disabled: bool,
     report_built: Option<Instant>,
     /// Plan items that failed with a transient error, skipped until due.
     backoff: ItemBackoff,
@@ -105,7 +113,10 @@ pub struct Controller {
 
 impl Controller {
     pub fn new(ds: KubeDatastore, opts: ControllerOptions, shared: Arc<Shared>, may_write: watch::Receiver<bool>) -> Self {
+        let run_config = RunConfig::merge(&opts.env, None);
         Controller {
+            run_config,
+            logged_gc_disabled: false,
             index: IpamIndex::new(),
             gc: GcState::new(),
             ds,
@@ -130,9 +141,21 @@ impl Controller {
     }
 
     fn leak_grace(&self) -> Millis {
-        self.opts
-            .leak_grace_override
-            .unwrap_or_else(|| self.kcc.as_ref().map_or(crate::model::config::DEFAULT_LEAK_GRACE, |k| k.spec.leak_grace_period()))
+        self.opts.leak_grace_override.unwrap_or_else(|| self.run_config.leak_grace())
+    }
+
+    /// Re-merges env with the current KubeControllersConfiguration and publishes the result when
+    /// it changed (the live-config and writer tasks act on it).
+    fn config_changed(&mut self) {
+        self.run_config = RunConfig::merge(&self.opts.env, self.kcc.as_ref().map(|k| &k.spec));
+        let next = ConfigState { run: self.run_config.clone(), api_present: self.kcc.is_some() };
+        self.shared.config.send_if_modified(|current| {
+            if *current == next {
+                return false;
+            }
+            *current = next;
+            true
+        });
     }
 
     fn full_period(&self) -> Duration {
@@ -160,7 +183,10 @@ impl Controller {
         let mut next_full = tokio::time::Instant::now() + period;
         let mut leadership = self.may_write.clone();
         let mut leadership_open = true;
+        let mut heartbeat = tokio::time::interval(super::status::HEARTBEAT_EVERY);
         loop {
+            // Liveness: a loop that stops coming back here stops beating (see status.rs).
+            self.shared.status.beat();
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
@@ -178,6 +204,7 @@ impl Controller {
                         batch_deadline = Some(tokio::time::Instant::now());
                     }
                 }
+                _ = heartbeat.tick() => {}
                 input = rx.recv() => {
                     let Some(input) = input else { break };
                     self.handle(input);
@@ -233,6 +260,11 @@ impl Controller {
                 self.finish_relist(source, &seen);
                 if self.synced.insert(source) {
                     tracing::info!(source = source.as_str(), "initial list complete");
+                    if !self.all_synced() {
+                        let waiting: Vec<&str> = Source::ALL.iter().filter(|s| !self.synced.contains(s)).map(|s| s.as_str()).collect();
+                        let reason = format!("waiting for the first list of: {}", waiting.join(", "));
+                        self.shared.status.set_ready(crate::health::WATCHES_SYNCED, false, reason);
+                    }
                     if Source::ALL.contains(&source) && self.all_synced() {
                         tracing::info!(blocks = self.index.block_count(), allocations = self.index.allocation_count(), "every watch is in sync");
                         self.shared.set_synced();
@@ -312,6 +344,7 @@ impl Controller {
                 let name = k.metadata.name.clone();
                 if name == "default" {
                     self.kcc = Some(*k);
+                    self.config_changed();
                 }
                 name
             }
@@ -410,7 +443,10 @@ impl Controller {
                 }
             }
             Source::ClusterInformation if key == "default" => self.cluster_info = None,
-            Source::KubeControllersConfiguration if key == "default" => self.kcc = None,
+            Source::KubeControllersConfiguration if key == "default" => {
+                self.kcc = None;
+                self.config_changed();
+            }
             Source::IpamConfig if key == "default" => self.ipam_config = None,
             Source::Pools => {
                 self.known.pools.remove(key);
@@ -461,8 +497,8 @@ impl Controller {
     }
 
     fn datastore_paused(&self) -> bool {
-        // Upstream also pauses when ClusterInformation is missing; it creates the object at start
-        // (EnsureInitialized), which this controller does not do yet, so only an explicit
+        // Upstream also pauses when ClusterInformation is missing. Ours is created at start by the
+        // writer task, but not in dry run (nor, later, by a follower); only an explicit
         // `datastoreReady: false` (an upgrade or migration in progress) pauses here.
         self.cluster_info.as_ref().is_some_and(|c| c.spec.datastore_ready == Some(false))
     }
@@ -493,6 +529,14 @@ impl Controller {
     }
 
     async fn pass_round(&mut self, full: bool) {
+        if !self.run_config.gc_enabled() {
+            if !self.logged_gc_disabled {
+                tracing::warn!("node controller not enabled: no GC pass runs (the watches stay up so enabling it is immediate)");
+                self.logged_gc_disabled = true;
+            }
+            return;
+        }
+        self.logged_gc_disabled = false;
         let grace = self.leak_grace();
         if self.logged_grace != Some(grace) {
             let source = if self.opts.leak_grace_override.is_some() { "--leak-grace-period" } else { "KubeControllersConfiguration (unset = 15m)" };
@@ -818,7 +862,7 @@ mod tests {
         let api = Arc::new(ApiCounters::default());
         let shared = Arc::new(Shared::new(api.clone()));
         let ds = KubeDatastore::new(client, true, api);
-        let opts = ControllerOptions { dry_run: true, leak_grace_override: Some(2000) };
+        let opts = ControllerOptions { dry_run: true, leak_grace_override: Some(2000), env: EnvConfig::default() };
         let (_, may_write) = watch::channel(false);
         (Controller::new(ds, opts, shared.clone(), may_write), shared)
     }
@@ -1136,6 +1180,38 @@ mod tests {
         c.gc_round(true).await;
         assert_eq!(c.gc.candidate_count(), 1, "VM gone: its allocation is a leak candidate");
         assert!(c.all_synced(), "KubeVirt's sources never make readiness wait");
+    }
+
+    #[tokio::test]
+    async fn without_the_node_controller_no_gc_pass_runs_but_readiness_still_follows_the_watches() {
+        let (mut c, shared) = controller();
+        let env = EnvConfig::from_env(&[("ENABLED_CONTROLLERS".to_string(), "loadbalancer".to_string())].into()).unwrap();
+        c.opts.env = env;
+        c.config_changed();
+        for source in Source::ALL {
+            list(&mut c, source, Vec::new());
+        }
+        c.gc_round(true).await;
+        assert!(shared.ready(), "process stays up and ready");
+        assert!(shared.report().is_none(), "no GC pass without the node controller");
+        assert!(!shared.config.borrow().run.gc_enabled(), "the merged config is published");
+    }
+
+    #[tokio::test]
+    async fn a_kcc_change_is_merged_and_published_once() {
+        let (mut c, shared) = controller();
+        let mut rx = shared.config.subscribe();
+        let kcc: KubeControllersConfiguration = serde_json::from_value(json!({
+            "metadata": {"name": "default"},
+            "spec": {"logSeverityScreen": "Debug", "controllers": {"node": {"leakGracePeriod": "7s"}}}
+        }))
+        .unwrap();
+        c.handle(input(Source::KubeControllersConfiguration, Change::Apply(Object::KubeControllersConfiguration(Box::new(kcc.clone())))));
+        assert!(rx.has_changed().unwrap());
+        let state = rx.borrow_and_update().clone();
+        assert_eq!((state.run.log_level, state.run.leak_grace(), state.api_present), (crate::config::LogLevel::Debug, 7000, true));
+        c.handle(input(Source::KubeControllersConfiguration, Change::Apply(Object::KubeControllersConfiguration(Box::new(kcc)))));
+        assert!(!rx.has_changed().unwrap(), "an unchanged merge (our own status write) is not republished");
     }
 
     #[tokio::test]

@@ -46,14 +46,14 @@ pub fn route(path: &str, shared: &Shared) -> (u16, &'static str, Vec<u8>) {
             },
             None => (503, "text/plain", b"no GC pass yet\n".to_vec()),
         },
-        "/liveness" => (200, "text/plain", b"live\n".to_vec()),
-        "/readiness" => {
-            if shared.ready() {
-                (200, "text/plain", b"ready\n".to_vec())
-            } else {
-                (503, "text/plain", b"not ready: watches not in sync\n".to_vec())
-            }
-        }
+        "/liveness" => match shared.status.live() {
+            Ok(()) => (200, "text/plain", b"live\n".to_vec()),
+            Err(reasons) => (503, "text/plain", format!("not live: {reasons}\n").into_bytes()),
+        },
+        "/readiness" => match shared.readiness() {
+            Ok(()) => (200, "text/plain", b"ready\n".to_vec()),
+            Err(reasons) => (503, "text/plain", format!("not ready: {reasons}\n").into_bytes()),
+        },
         _ => (404, "text/plain", b"not found\n".to_vec()),
     }
 }
@@ -106,6 +106,12 @@ mod tests {
         assert_eq!(route("/readiness", &shared).0, 503, "not ready before the watches sync");
         shared.set_synced();
         assert_eq!(route("/readiness?verbose=1", &shared).0, 200);
+        shared.status.set_ready(crate::health::KUBE_API_SERVER, false, "apiserver down");
+        let (code, _, body) = route("/readiness", &shared);
+        assert_eq!((code, String::from_utf8(body).unwrap()), (503, "not ready: apiserver down\n".to_string()));
+        assert_eq!(route("/liveness", &shared).0, 200, "an unreachable apiserver does not fail liveness");
+        shared.status.set_live(crate::health::EVENT_LOOP, false, "wedged");
+        assert_eq!(route("/liveness", &shared).0, 503);
         assert_eq!(route("/leak-report", &shared).0, 503);
         let (code, ct, body) = route("/metrics", &shared);
         assert_eq!((code, ct.starts_with("text/plain; version=0.0.4")), (200, true));

@@ -1,52 +1,91 @@
-//! The controller process: watches into the index, the GC loop, and the HTTP endpoints
-//! (`/metrics`, `/leak-report`, `/liveness`, `/readiness`).
+//! The controller process: watches into the index, the GC loop, the HTTP endpoints
+//! (`/metrics`, `/leak-report`, `/liveness`, `/readiness`), the status file, start-of-day writes
+//! and live configuration.
 //!
 //! Pipeline: `watch` (needs a client) → `controller` (owns the index; pure decisions from
 //! `ipam::gc`, writes through the datastore, which needs a client, only while `leader` says this
 //! replica holds the Lease) → [`Shared`] → `http`.
+//! The controller merges env and the KubeControllersConfiguration (`crate::config`) and
+//! publishes the result; `live` applies it in process (log level, metrics listener, health
+//! checks) and the writer task (behind the WRITE GATE below, started only on the leader)
+//! initializes the datastore and reports the config's status.
 //! Owns: starting and stopping those tasks and the state they share, in this order on shutdown:
 //! the GC loop finishes its writes, then the Lease is given up.
 //! Must not: hold the shared lock across an `.await`; decide what is garbage.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
+use crate::config::{EnvConfig, LogLevel, RunConfig};
 use crate::datastore::kube::{ApiCounters, KubeDatastore};
+use crate::health;
 use crate::scan::report::LeakReport;
 
 pub mod backoff;
 pub mod controller;
 pub mod discovery;
+pub mod health_check;
 pub mod http;
-pub mod leader;
+pub mod init;
 pub mod ipam_gauges;
+pub mod leader;
+pub mod live;
 pub mod metrics;
+pub mod status;
 pub mod watch;
 
 pub use controller::ControllerOptions;
 pub use leader::{ElectionOptions, Timing};
 pub use metrics::Metrics;
+pub use status::{DEFAULT_STATUS_FILE, StatusReporter};
 
 /// Watch inputs queued for the index owner. When full, the watchers wait: back-pressure instead
 /// of unbounded memory during a relist of a large cluster (upstream buffers 1000 per channel).
 const INPUT_QUEUE: usize = 4096;
 
-/// What the GC loop publishes for the HTTP endpoints.
-#[derive(Default)]
+/// The merged configuration as the controller last computed it, and whether the `default`
+/// KubeControllersConfiguration exists (the writer recreates it when deleted).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigState {
+    pub run: RunConfig,
+    pub api_present: bool,
+}
+
+/// What the GC loop publishes for the HTTP endpoints, and the conditions every task reports.
 pub struct Shared {
     report: Mutex<Option<Arc<LeakReport>>>,
     metrics: Mutex<Metrics>,
     pub api: Arc<ApiCounters>,
-    synced: AtomicBool,
+    pub status: StatusReporter,
+    /// The controller sends, `live` and the writer task subscribe.
+    pub config: tokio::sync::watch::Sender<ConfigState>,
     stopping: AtomicBool,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared::new(Arc::new(ApiCounters::default()))
+    }
 }
 
 impl Shared {
     pub fn new(api: Arc<ApiCounters>) -> Self {
-        Shared { api, ..Default::default() }
+        Shared::with_status(api, StatusReporter::default(), &EnvConfig::default())
+    }
+    pub fn with_status(api: Arc<ApiCounters>, status: StatusReporter, env: &EnvConfig) -> Self {
+        let (config, _) = tokio::sync::watch::channel(ConfigState { run: RunConfig::merge(env, None), api_present: false });
+        Shared {
+            report: Mutex::new(None),
+            metrics: Mutex::new(Metrics::default()),
+            api,
+            status,
+            config,
+            stopping: AtomicBool::new(false),
+        }
     }
     pub fn set_report(&self, report: LeakReport) {
         *self.report.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(report));
@@ -64,19 +103,49 @@ impl Shared {
         self.metrics(|m| m.clone()).render(&self.api)
     }
     pub fn set_synced(&self) {
-        self.synced.store(true, Ordering::Relaxed);
+        self.status.set_ready(health::WATCHES_SYNCED, true, "");
     }
-    /// Ready once every watch finished its first list, until shutdown begins.
+    /// Ready when every condition is (start-up done, apiserver and datastore healthy, every watch
+    /// listed and permitted), until shutdown begins. `Err` carries the reasons.
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.stopping.load(Ordering::Relaxed) {
+            return Err("shutting down".into());
+        }
+        self.status.snapshot().ready()
+    }
     pub fn ready(&self) -> bool {
-        self.synced.load(Ordering::Relaxed) && !self.stopping.load(Ordering::Relaxed)
+        self.readiness().is_ok()
+    }
+}
+
+/// Sets the process's log level; installed by the binary, which owns the subscriber.
+#[derive(Clone, Default)]
+pub struct LogControl(Option<Arc<dyn Fn(LogLevel) + Send + Sync>>);
+
+impl LogControl {
+    pub fn new(f: impl Fn(LogLevel) + Send + Sync + 'static) -> Self {
+        LogControl(Some(Arc::new(f)))
+    }
+    pub fn set(&self, level: LogLevel) {
+        if let Some(f) = &self.0 {
+            f(level);
+        }
+    }
+}
+
+impl std::fmt::Debug for LogControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "LogControl(installed)" } else { "LogControl(none)" })
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub controller: ControllerOptions,
-    /// Ports for the HTTP endpoints; 0 disables a listener. Both serve every path.
-    pub metrics_port: u16,
+    /// `--metrics-port`: when given it beats the KubeControllersConfiguration's
+    /// `prometheusMetricsPort`; 0 disables.
+    pub metrics_port: Option<u16>,
+    /// `--health-port`; 0 disables. Both listeners serve every path.
     pub health_port: u16,
     /// Unused in dry run: a dry-run replica never touches the Lease and never leads.
     pub election: ElectionOptions,
@@ -86,6 +155,9 @@ pub struct RunOptions {
     pub client_burst: u32,
     /// `CALICO_API_GROUP`, checked against what this version supports.
     pub api_group: Option<String>,
+    /// `--status-file`; `None` writes no file.
+    pub status_file: Option<PathBuf>,
+    pub log: LogControl,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +166,8 @@ pub enum RunError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
     RateLimit(#[from] crate::datastore::rate::RateError),
+    #[error(transparent)]
+    Init(#[from] init::InitError),
     #[error(transparent)]
     ApiGroup(#[from] discovery::ApiGroupError),
 }
@@ -105,15 +179,29 @@ impl RunError {
             RunError::ApiGroup(e) => e.exit_code(),
             RunError::RateLimit(_) => 2,
             RunError::Bind { .. } => 1,
+            RunError::Init(_) => 2,
         }
     }
 }
 
+pub async fn bind(port: u16) -> Result<tokio::net::TcpListener, RunError> {
+    let addr = SocketAddr::from(([0, 0, 0, 0], port));
+    tokio::net::TcpListener::bind(addr).await.map_err(|source| RunError::Bind { addr, source })
+}
+
 /// Runs the controller until `stop` resolves, then lets the GC loop finish its pass in progress
-/// (in-flight writes complete) and returns.
+/// (in-flight writes complete) and returns. Fails if the datastore cannot be initialized.
 pub async fn run(client: kube::Client, opts: RunOptions, stop: impl Future<Output = ()>) -> Result<(), RunError> {
     let api = Arc::new(ApiCounters::default());
-    let shared = Arc::new(Shared::new(api.clone()));
+    let env = &opts.controller.env;
+    let shared = Arc::new(Shared::with_status(api.clone(), StatusReporter::new(opts.status_file.clone()), env));
+    shared.status.set_ready(health::STARTUP, false, "initializing the datastore");
+    shared.status.set_ready(health::WATCHES_SYNCED, false, "waiting for the first list of every watch");
+    if shared.config.borrow().run.health_enabled {
+        // As upstream: not ready until the first health round has actually checked.
+        shared.status.set_ready(health::KUBE_API_SERVER, false, "apiserver not checked yet");
+        shared.status.set_ready(health::CALICO_DATASTORE, false, "datastore not checked yet");
+    }
     let bucket = crate::datastore::rate::TokenBucket::new(opts.client_qps, opts.client_burst)?;
     // Before any watch: a cluster on Calico's v3 API would look empty through v1 watches.
     discovery::check_api_group(&client, opts.api_group.as_deref()).await?;
@@ -123,18 +211,25 @@ pub async fn run(client: kube::Client, opts: RunOptions, stop: impl Future<Outpu
     }
 
     let mut servers = Vec::new();
-    let ports: std::collections::BTreeSet<u16> = [opts.metrics_port, opts.health_port].into_iter().filter(|p| *p != 0).collect();
-    for port in ports {
-        let addr = SocketAddr::from(([0, 0, 0, 0], port));
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| RunError::Bind { addr, source })?;
-        tracing::info!(%addr, "serving /metrics, /leak-report, /liveness, /readiness");
+    if opts.health_port != 0 {
+        let listener = bind(opts.health_port).await?;
+        tracing::info!(port = opts.health_port, "health listener: /liveness, /readiness (and /metrics, /leak-report)");
         servers.push(tokio::spawn(http::serve(listener, shared.clone())));
+    }
+    // An explicit --metrics-port must bind now; a port from the configuration is (re)bound by
+    // `live`, which logs a failure and keeps running, as upstream's metrics server does.
+    let mut metrics = live::MetricsListener::new(opts.health_port);
+    if let Some(port) = opts.metrics_port {
+        metrics.bind_now(port, &shared).await?;
     }
 
     let (tx, rx) = mpsc::channel(INPUT_QUEUE);
-    let watchers = watch::spawn_all(&client, &tx);
+    let watchers = watch::spawn_all(&client, &tx, &shared);
     drop(tx);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let live_task = tokio::spawn(live::apply_config(shared.clone(), opts.clone(), metrics));
+    let health_task = tokio::spawn(health_check::health_loop(client.clone(), shared.clone()));
+
     // Followers are ready too (readiness is about the watches, not leadership): a standby that
     // failed readiness would be restarted for doing its job.
     let (may_write, election, _never_leader) = if opts.controller.dry_run {
@@ -144,10 +239,26 @@ pub async fn run(client: kube::Client, opts: RunOptions, stop: impl Future<Outpu
         let (rx, handle) = leader::spawn(client.clone(), opts.election.clone(), shared.clone());
         (rx, Some(handle), None)
     };
+
+    // WRITE GATE: the only place that starts start-of-day writes (ClusterInformation, the
+    // default KubeControllersConfiguration, its status): `live::writer` runs while this replica
+    // leads and is stopped when it stops leading.
+    let (fatal_tx, mut fatal_rx) = tokio::sync::oneshot::channel::<init::InitError>();
+    let writer_task = if opts.controller.dry_run {
+        tracing::warn!("dry run: ClusterInformation and KubeControllersConfiguration are neither created nor repaired");
+        shared.status.set_ready(health::STARTUP, true, "dry run: datastore not initialized by us");
+        None
+    } else {
+        Some(tokio::spawn(writer_while_leading(client.clone(), shared.clone(), may_write.clone(), fatal_tx)))
+    };
+
     let controller = controller::Controller::new(ds, opts.controller.clone(), shared.clone(), may_write);
     let gc_task = tokio::spawn(controller.run(rx, stop_rx));
 
-    stop.await;
+    let result = tokio::select! {
+        _ = stop => Ok(()),
+        Ok(e) = &mut fatal_rx => Err(RunError::Init(e)),
+    };
     tracing::info!("shutting down: finishing the pass in progress");
     shared.stopping.store(true, Ordering::Relaxed);
     let _ = stop_tx.send(true);
@@ -158,8 +269,66 @@ pub async fn run(client: kube::Client, opts: RunOptions, stop: impl Future<Outpu
     for w in watchers {
         w.abort();
     }
+    for task in [Some(live_task), Some(health_task), writer_task].into_iter().flatten() {
+        task.abort();
+    }
     for s in servers {
         s.abort();
     }
-    Ok(())
+    result
+}
+
+/// Runs `live::writer` while `may_write` says this replica leads: started on election, stopped
+/// on losing it. A standby reports `Startup` ready (the leader initializes the datastore); an
+/// initialization that fails for good is sent to `fatal`.
+async fn writer_while_leading(
+    client: kube::Client,
+    shared: Arc<Shared>,
+    mut may_write: tokio::sync::watch::Receiver<bool>,
+    fatal: tokio::sync::oneshot::Sender<init::InitError>,
+) {
+    const STANDBY: &str = "standby: the leader initializes the datastore";
+    let mut fatal = Some(fatal);
+    let mut task: Option<tokio::task::JoinHandle<Result<(), init::InitError>>> = None;
+    // The writer ended on its own during this term (its config channel closed): not restarted
+    // until leadership is lost and won again.
+    let mut finished_this_term = false;
+    loop {
+        let leading = *may_write.borrow_and_update();
+        if leading && task.is_none() && !finished_this_term {
+            shared.status.set_ready(health::STARTUP, false, "initializing the datastore");
+            task = Some(tokio::spawn(live::writer(client.clone(), shared.clone())));
+        } else if !leading {
+            if let Some(t) = task.take() {
+                t.abort();
+            }
+            finished_this_term = false;
+            shared.status.set_ready(health::STARTUP, true, STANDBY);
+        }
+        match task.as_mut() {
+            Some(t) => {
+                tokio::select! {
+                    changed = may_write.changed() => if changed.is_err() { break },
+                    ended = t => {
+                        task = None;
+                        finished_this_term = true;
+                        if let Ok(Err(e)) = ended
+                            && let Some(tx) = fatal.take()
+                        {
+                            let _ = tx.send(e);
+                            return;
+                        }
+                    }
+                }
+            }
+            None => {
+                if may_write.changed().await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    if let Some(t) = task {
+        t.abort();
+    }
 }

@@ -3,9 +3,12 @@
 //! [`PodFacts`] at once, never cached whole) and sends it to the single task that owns the index.
 //!
 //! Owns: which kinds are watched (KubeVirt's only once discovery shows them), how each is
-//! decoded, and the [`Input`] protocol.
+//! decoded, the [`Input`] protocol, and reporting a watch the apiserver refuses (401/403/404) as
+//! a not-ready condition naming the resource.
 //! Must not: touch the index or decide anything; a malformed object is reported, not dropped
 //! silently, and never stops the stream.
+
+use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -15,8 +18,10 @@ use kube::runtime::{WatchStreamExt, watcher};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
+use super::Shared;
 use crate::datastore::Kind;
 use crate::datastore::kube::api_resource;
+use crate::health;
 use crate::model::{
     BlockAffinity, ClusterInformation, InvalidObject, IpPool, IpReservation, IpamBlock, IpamConfig, IpamHandle, KubeControllersConfiguration, NodeLite,
     PodFacts, PodLite,
@@ -194,14 +199,14 @@ fn kubevirt_resource(kind: &str, plural: &str) -> ApiResource {
 
 /// Waits until the cluster serves KubeVirt's VirtualMachines and VirtualMachineInstances, then
 /// watches both. Never ends before the receiver is gone.
-async fn watch_kubevirt_when_installed(client: Client, tx: mpsc::Sender<Input>) {
+async fn watch_kubevirt_when_installed(client: Client, tx: mpsc::Sender<Input>, shared: Arc<Shared>) {
     loop {
         match client.list_api_group_resources(KUBEVIRT_GROUP_VERSION).await {
             Ok(list) if ["virtualmachines", "virtualmachineinstances"].iter().all(|r| list.resources.iter().any(|x| x.name == *r)) => {
                 tracing::info!("KubeVirt found: watching VirtualMachines and VirtualMachineInstances");
                 futures::join!(
-                    watch_one(client.clone(), Source::VirtualMachines, tx.clone()),
-                    watch_one(client.clone(), Source::VirtualMachineInstances, tx.clone())
+                    watch_one(client.clone(), Source::VirtualMachines, tx.clone(), shared.clone()),
+                    watch_one(client.clone(), Source::VirtualMachineInstances, tx.clone(), shared.clone())
                 );
                 return;
             }
@@ -217,17 +222,42 @@ async fn watch_kubevirt_when_installed(client: Client, tx: mpsc::Sender<Input>) 
 }
 
 /// Starts one watch task per source, all feeding `tx`. The tasks end when the receiver is gone.
-pub fn spawn_all(client: &Client, tx: &mpsc::Sender<Input>) -> Vec<tokio::task::JoinHandle<()>> {
-    let mut tasks: Vec<_> = Source::ALL.iter().map(|&source| tokio::spawn(watch_one(client.clone(), source, tx.clone()))).collect();
-    tasks.push(tokio::spawn(watch_kubevirt_when_installed(client.clone(), tx.clone())));
+pub fn spawn_all(client: &Client, tx: &mpsc::Sender<Input>, shared: &Arc<Shared>) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks: Vec<_> =
+        Source::ALL.iter().map(|&source| tokio::spawn(watch_one(client.clone(), source, tx.clone(), shared.clone()))).collect();
+    tasks.push(tokio::spawn(watch_kubevirt_when_installed(client.clone(), tx.clone(), shared.clone())));
     tasks
 }
 
-async fn watch_one(client: Client, source: Source, tx: mpsc::Sender<Input>) {
+/// The HTTP status inside a watcher error, if the apiserver answered.
+fn watch_error_code(e: &watcher::Error) -> Option<u16> {
+    match e {
+        watcher::Error::InitialListFailed(k) | watcher::Error::WatchStartFailed(k) | watcher::Error::WatchFailed(k) => match k {
+            kube::Error::Api(status) => Some(status.code),
+            _ => None,
+        },
+        watcher::Error::WatchError(status) => Some(status.code),
+        watcher::Error::NoResourceVersion => None,
+    }
+}
+
+/// Errors that retrying will not fix (no permission, no such resource): they make the process
+/// not ready, with a reason naming the resource, until the watch works again.
+fn is_configuration_error(code: Option<u16>) -> bool {
+    matches!(code, Some(401 | 403 | 404))
+}
+
+async fn watch_one(client: Client, source: Source, tx: mpsc::Sender<Input>, shared: Arc<Shared>) {
+    let key = health::watch_key(source.as_str());
+    let mut refused = false;
     let api: Api<DynamicObject> = Api::all_with(client, &resource(source));
     // Default config: ListWatch with 500-object pages for the initial list.
     let mut stream = watcher(api, watcher::Config::default()).default_backoff().boxed();
     while let Some(event) = stream.next().await {
+        if refused && event.is_ok() {
+            refused = false;
+            shared.status.set_ready(&key, true, "");
+        }
         let change = match event {
             Ok(watcher::Event::Init) => Change::Init,
             Ok(watcher::Event::InitDone) => Change::InitDone,
@@ -249,6 +279,12 @@ async fn watch_one(client: Client, source: Source, tx: mpsc::Sender<Input>) {
             Err(e) => {
                 // The backoff wrapper retries; a 410 Gone restarts with a fresh list (Init).
                 tracing::warn!(source = source.as_str(), error = %e, "watch error");
+                let code = watch_error_code(&e);
+                if is_configuration_error(code) {
+                    refused = true;
+                    let code = code.unwrap_or_default();
+                    shared.status.set_ready(&key, false, format!("watching {} refused by the apiserver ({code}): {e}", source.as_str()));
+                }
                 continue;
             }
         };
@@ -272,5 +308,26 @@ async fn send_invalid(
             let _ = tx.send(Input { source, change: Change::Invalid(e) }).await;
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api_error(code: u16) -> kube::Error {
+        kube::Error::Api(Box::new(kube::core::Status { code, ..Default::default() }))
+    }
+
+    #[test]
+    fn only_refusals_that_retrying_cannot_fix_count_against_readiness() {
+        let refused = watcher::Error::InitialListFailed(api_error(403));
+        assert!(is_configuration_error(watch_error_code(&refused)));
+        assert!(is_configuration_error(watch_error_code(&watcher::Error::WatchStartFailed(api_error(404)))));
+        // A 410 Gone or a 500 during a watch is routine: the watcher relists or retries.
+        assert!(!is_configuration_error(watch_error_code(&watcher::Error::WatchFailed(api_error(500)))));
+        let gone = watcher::Error::WatchError(Box::new(kube::core::Status { code: 410, ..Default::default() }));
+        assert!(!is_configuration_error(watch_error_code(&gone)));
+        assert!(!is_configuration_error(watch_error_code(&watcher::Error::NoResourceVersion)));
     }
 }

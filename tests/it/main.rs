@@ -2,6 +2,7 @@
 
 mod support;
 
+mod cli_compat;
 mod conformance_kube;
 
 mod e2e_controller;
@@ -15,5 +16,6 @@ mod e2e_restart;
 mod e2e_rules;
 mod e2e_scale;
 mod e2e_smoke;
+mod e2e_startup;
 
 mod scenarios;

@@ -188,3 +188,26 @@ pub async fn install_deploy_base(cluster: &TestCluster, label: &str) -> PathBuf 
     cluster.kubeconfig_for_service_account("kube-system", "calico-kube-controllers", &path).await;
     path
 }
+
+/// Starts the binary with exactly `args` and `env` (on top of KUBECONFIG): no implied `run`, no
+/// grace override, no LOG_LEVEL, so the KubeControllersConfiguration decides what the test
+/// leaves open.
+pub fn start_controller_env(cluster: &TestCluster, args: &[&str], env: &[(&str, &str)], label: &str) -> ChildGuard {
+    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("controller-{label}-{}.log", std::process::id()));
+    let file = std::fs::File::create(&log).expect("log file");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_calico-kube-controllers"));
+    command.args(args).env("KUBECONFIG", &cluster.kubeconfig);
+    for var in ["LOG_LEVEL", "CKC_DRY_RUN", "ENABLED_CONTROLLERS", "DATASTORE_TYPE", "LOG_FORMAT", "HEALTH_ENABLED"] {
+        command.env_remove(var);
+    }
+    command.envs(env.iter().copied());
+    let child = command.stdout(Stdio::null()).stderr(file).spawn().expect("starting the controller");
+    ChildGuard { child, log }
+}
+
+impl ChildGuard {
+    /// The controller's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}

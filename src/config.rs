@@ -1,0 +1,728 @@
+//! Upstream's configuration surface, pure: the environment variables kube-controllers reads
+//! (SPEC §2.1), the `default` KubeControllersConfiguration we create (§2.2), and the merge of the
+//! two into the [`RunConfig`] the process runs with, plus the `status` we report back.
+//!
+//! Owns: env parsing and validation (every error names its variable), the merge rules (env
+//! beats API; a controller runs iff the env list names it, else iff its API section exists),
+//! log-level names, and which upstream controllers this version implements.
+//! Must not: read the process environment, the clock, files or the network; callers pass a map.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Value, json};
+
+use crate::model::config::{ControllersConfig, KubeControllersConfigurationSpec, NodeControllerConfig};
+use crate::model::time::{Millis, format_go_duration, parse_go_duration};
+
+/// Upstream's period for every periodic reconciler when the API section exists but gives none.
+pub const DEFAULT_RECONCILER_PERIOD: Millis = 5 * 60 * 1000;
+/// Upstream's etcd compaction interval; reported in status even though KDD never compacts.
+pub const DEFAULT_COMPACTION_PERIOD: Millis = 10 * 60 * 1000;
+/// libcalico fills this port in on create; we apply it whenever the field is unset, so a
+/// KubeControllersConfiguration written with kubectl does not silently turn metrics off (§10.6).
+pub const DEFAULT_METRICS_PORT: u16 = 9094;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("etcd datastore not supported yet ({var}={value}); this version runs on the Kubernetes datastore (DATASTORE_TYPE=kubernetes)")]
+    EtcdNotSupported { var: &'static str, value: String },
+    #[error("{var}={value:?}: {problem}")]
+    Invalid { var: &'static str, value: String, problem: String },
+}
+
+impl ConfigError {
+    fn invalid(var: &'static str, value: &str, problem: impl Into<String>) -> Self {
+        ConfigError::Invalid { var, value: value.to_string(), problem: problem.into() }
+    }
+}
+
+/// Every controller name upstream's `ENABLED_CONTROLLERS` accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ControllerName {
+    Node,
+    LoadBalancer,
+    Policy,
+    /// `namespace` and its alias `profile`.
+    Namespace,
+    ServiceAccount,
+    WorkloadEndpoint,
+    FlannelMigration,
+}
+
+impl ControllerName {
+    pub const ALL: [ControllerName; 7] = [
+        ControllerName::Node,
+        ControllerName::LoadBalancer,
+        ControllerName::Policy,
+        ControllerName::Namespace,
+        ControllerName::ServiceAccount,
+        ControllerName::WorkloadEndpoint,
+        ControllerName::FlannelMigration,
+    ];
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "node" => ControllerName::Node,
+            "loadbalancer" => ControllerName::LoadBalancer,
+            "policy" => ControllerName::Policy,
+            "namespace" | "profile" => ControllerName::Namespace,
+            "serviceaccount" => ControllerName::ServiceAccount,
+            "workloadendpoint" => ControllerName::WorkloadEndpoint,
+            "flannelmigration" => ControllerName::FlannelMigration,
+            _ => return None,
+        })
+    }
+
+    /// The name as `ENABLED_CONTROLLERS` spells it (a bounded label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ControllerName::Node => "node",
+            ControllerName::LoadBalancer => "loadbalancer",
+            ControllerName::Policy => "policy",
+            ControllerName::Namespace => "namespace",
+            ControllerName::ServiceAccount => "serviceaccount",
+            ControllerName::WorkloadEndpoint => "workloadendpoint",
+            ControllerName::FlannelMigration => "flannelmigration",
+        }
+    }
+
+    /// Only the node controller (its IPAM garbage collector) exists in this version.
+    pub fn implemented(self) -> bool {
+        self == ControllerName::Node
+    }
+}
+
+/// A log level, from upstream's logrus names (env) or the KCC's `logSeverityScreen`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    Trace,
+    Debug,
+    Info,
+    Warning,
+    Error,
+    Fatal,
+    Panic,
+    /// `logSeverityScreen: None`: nothing is logged.
+    Off,
+}
+
+impl LogLevel {
+    /// `LOG_LEVEL`: logrus's names, any case.
+    pub fn parse_env(text: &str) -> Option<Self> {
+        Some(match text.trim().to_ascii_lowercase().as_str() {
+            "trace" => LogLevel::Trace,
+            "debug" => LogLevel::Debug,
+            "info" => LogLevel::Info,
+            "warn" | "warning" => LogLevel::Warning,
+            "error" => LogLevel::Error,
+            "fatal" => LogLevel::Fatal,
+            "panic" => LogLevel::Panic,
+            _ => return None,
+        })
+    }
+
+    /// `logSeverityScreen`: the CRD's enum (None, Debug, Info, Warning, Error, Fatal, Panic).
+    pub fn parse_api(text: &str) -> Option<Self> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "none" => Some(LogLevel::Off),
+            "trace" => None,
+            other => LogLevel::parse_env(other),
+        }
+    }
+
+    /// The `tracing` filter directive. Fatal and panic have no tracing level: both mean "errors
+    /// only", which is what a logrus process at those levels prints before it dies.
+    pub fn filter_directive(self) -> &'static str {
+        match self {
+            LogLevel::Trace => "trace",
+            LogLevel::Debug => "debug",
+            LogLevel::Info => "info",
+            LogLevel::Warning => "warn",
+            LogLevel::Error | LogLevel::Fatal | LogLevel::Panic => "error",
+            LogLevel::Off => "off",
+        }
+    }
+
+    /// Title case, as upstream reports `status.runningConfig.logSeverityScreen`.
+    pub fn title(self) -> &'static str {
+        match self {
+            LogLevel::Trace => "Trace",
+            LogLevel::Debug => "Debug",
+            LogLevel::Info => "Info",
+            LogLevel::Warning => "Warning",
+            LogLevel::Error => "Error",
+            LogLevel::Fatal => "Fatal",
+            LogLevel::Panic => "Panic",
+            LogLevel::Off => "None",
+        }
+    }
+}
+
+/// What the environment says, validated. `None` everywhere means "not set, the API decides".
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EnvConfig {
+    /// `DATASTORE_TYPE` was unset: upstream's default is etcdv3, we run on Kubernetes and say so.
+    pub datastore_defaulted: bool,
+    pub enabled_controllers: Option<Vec<ControllerName>>,
+    pub log_level: Option<LogLevel>,
+    pub health_enabled: Option<bool>,
+    pub reconciler_period: Option<Millis>,
+    pub compaction_period: Option<Millis>,
+    pub sync_node_labels: Option<bool>,
+    pub auto_host_endpoints: Option<bool>,
+    /// `WORKLOAD_ENDPOINT_WORKERS`, `PROFILE_WORKERS`, `POLICY_WORKERS`, `NODE_WORKERS`.
+    pub workers: BTreeMap<&'static str, u32>,
+    /// `KUBECONFIG`, or libcalico's `CALICO_KUBECONFIG`.
+    pub kubeconfig: Option<String>,
+    /// The variables consulted that were set, as upstream lists them in `status.environmentVars`.
+    pub consulted: BTreeMap<String, String>,
+}
+
+const WORKER_VARS: [&str; 4] = ["WORKLOAD_ENDPOINT_WORKERS", "PROFILE_WORKERS", "POLICY_WORKERS", "NODE_WORKERS"];
+
+/// Go's `strconv.ParseBool`, which envconfig uses.
+fn parse_go_bool(text: &str) -> Option<bool> {
+    match text {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+impl EnvConfig {
+    /// Parses the variables out of `env` (the process environment in production). An empty
+    /// value counts as unset, as it does for envconfig.
+    pub fn from_env(env: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
+        let mut out = EnvConfig::default();
+        let mut get = |name: &'static str| -> Option<String> {
+            let v = env.get(name).filter(|v| !v.trim().is_empty())?.clone();
+            out.consulted.insert(name.to_string(), v.clone());
+            Some(v)
+        };
+
+        // libcalico accepts its datastore variables with and without the CALICO_ prefix.
+        let datastore = get("DATASTORE_TYPE").map(|v| ("DATASTORE_TYPE", v)).or_else(|| get("CALICO_DATASTORE_TYPE").map(|v| ("CALICO_DATASTORE_TYPE", v)));
+        let etcd_endpoints = get("ETCD_ENDPOINTS").or_else(|| get("CALICO_ETCD_ENDPOINTS"));
+        match datastore {
+            Some((var, v)) => match v.trim().to_ascii_lowercase().as_str() {
+                "kubernetes" => {}
+                "etcdv3" => return Err(ConfigError::EtcdNotSupported { var, value: v }),
+                _ => return Err(ConfigError::invalid(var, &v, "expected kubernetes or etcdv3")),
+            },
+            // Unset means etcdv3 upstream; with etcd endpoints given that is clearly the intent.
+            None if etcd_endpoints.is_some() => {
+                return Err(ConfigError::EtcdNotSupported { var: "ETCD_ENDPOINTS", value: etcd_endpoints.unwrap_or_default() });
+            }
+            None => out.datastore_defaulted = true,
+        }
+        let kubeconfig = get("KUBECONFIG").or_else(|| get("CALICO_KUBECONFIG"));
+
+        let enabled = match get("ENABLED_CONTROLLERS") {
+            Some(v) => {
+                let mut names = Vec::new();
+                for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                    let name = ControllerName::parse(&part.to_ascii_lowercase()).ok_or_else(|| {
+                        ConfigError::invalid(
+                            "ENABLED_CONTROLLERS",
+                            &v,
+                            format!("unknown controller {part:?} (known: node, loadbalancer, policy, namespace, profile, serviceaccount, workloadendpoint, flannelmigration)"),
+                        )
+                    })?;
+                    if !names.contains(&name) {
+                        names.push(name);
+                    }
+                }
+                if names.contains(&ControllerName::FlannelMigration) && names.len() > 1 {
+                    return Err(ConfigError::invalid("ENABLED_CONTROLLERS", &v, "flannelmigration must be the only controller when enabled"));
+                }
+                Some(names)
+            }
+            None => None,
+        };
+        let log_level = match get("LOG_LEVEL") {
+            Some(v) => Some(LogLevel::parse_env(&v).ok_or_else(|| {
+                ConfigError::invalid("LOG_LEVEL", &v, "expected trace, debug, info, warn, warning, error, fatal or panic")
+            })?),
+            None => None,
+        };
+        let mut boolean = |name: &'static str| -> Result<Option<bool>, ConfigError> {
+            match get(name) {
+                Some(v) => parse_go_bool(v.trim()).map(Some).ok_or_else(|| ConfigError::invalid(name, &v, "expected true or false")),
+                None => Ok(None),
+            }
+        };
+        let health_enabled = boolean("HEALTH_ENABLED")?;
+        let sync_node_labels = boolean("SYNC_NODE_LABELS")?;
+        let mut duration = |name: &'static str| -> Result<Option<Millis>, ConfigError> {
+            match get(name) {
+                Some(v) => match parse_go_duration(&v) {
+                    Some(ms) if ms >= 0 => Ok(Some(ms)),
+                    _ => Err(ConfigError::invalid(name, &v, "expected a Go duration such as 5m or 30s")),
+                },
+                None => Ok(None),
+            }
+        };
+        let reconciler_period = duration("RECONCILER_PERIOD")?;
+        let compaction_period = duration("COMPACTION_PERIOD")?;
+        let auto_host_endpoints = match get("AUTO_HOST_ENDPOINTS") {
+            Some(v) => match v.trim().to_ascii_lowercase().as_str() {
+                "enabled" => Some(true),
+                "disabled" => Some(false),
+                _ => return Err(ConfigError::invalid("AUTO_HOST_ENDPOINTS", &v, "expected enabled or disabled")),
+            },
+            None => None,
+        };
+        let mut workers = BTreeMap::new();
+        for name in WORKER_VARS {
+            if let Some(v) = get(name) {
+                match v.trim().parse::<u32>() {
+                    Ok(n) if n > 0 => {
+                        workers.insert(name, n);
+                    }
+                    _ => return Err(ConfigError::invalid(name, &v, "expected a positive number of workers")),
+                }
+            }
+        }
+        out.kubeconfig = kubeconfig;
+        out.enabled_controllers = enabled;
+        out.log_level = log_level;
+        out.health_enabled = health_enabled;
+        out.sync_node_labels = sync_node_labels;
+        out.reconciler_period = reconciler_period;
+        out.compaction_period = compaction_period;
+        out.auto_host_endpoints = auto_host_endpoints;
+        out.workers = workers;
+        Ok(out)
+    }
+}
+
+/// The `default` KubeControllersConfiguration as kube-controllers creates it (§2.2), with
+/// libcalico's client-side defaults (metrics port, leak grace period, assignIPs) filled in.
+pub fn default_kcc_spec() -> KubeControllersConfigurationSpec {
+    let period = || json!({"reconcilerPeriod": "5m"});
+    KubeControllersConfigurationSpec {
+        log_severity_screen: Some("Info".into()),
+        health_checks: Some("Enabled".into()),
+        etcd_v3_compaction_period: Some("10m".into()),
+        prometheus_metrics_port: Some(DEFAULT_METRICS_PORT),
+        debug_profile_port: None,
+        controllers: ControllersConfig {
+            node: Some(NodeControllerConfig {
+                reconciler_period: Some("5m".into()),
+                sync_labels: Some("Enabled".into()),
+                leak_grace_period: Some("15m".into()),
+                host_endpoint: Some(json!({"autoCreate": "Disabled", "createDefaultHostEndpoint": "Enabled"})),
+                extra: BTreeMap::new(),
+            }),
+            policy: Some(period()),
+            workload_endpoint: Some(period()),
+            service_account: Some(period()),
+            namespace: Some(period()),
+            load_balancer: Some(json!({"assignIPs": "AllServices"})),
+            migration: Some(json!({"policyNameMigrator": "Enabled"})),
+            extra: BTreeMap::new(),
+        },
+        extra: BTreeMap::new(),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeRunConfig {
+    /// 0 = no periodic reconcile. Upstream reports it as nil and so do we.
+    pub reconciler_period: Millis,
+    /// Always false on the Kubernetes datastore (label sync is etcd-only).
+    pub sync_labels: bool,
+    /// `None` = unset in the API; the GC then uses 15 minutes (Part A).
+    pub leak_grace_period: Option<Millis>,
+    pub auto_create_host_endpoints: bool,
+    pub create_default_host_endpoint: bool,
+}
+
+/// The effective configuration: env over API, per §2.2.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunConfig {
+    pub log_level: LogLevel,
+    pub health_enabled: bool,
+    pub compaction_period: Millis,
+    /// 0 disables the metrics listener.
+    pub metrics_port: u16,
+    pub debug_profile_port: Option<u16>,
+    pub node: Option<NodeRunConfig>,
+    /// Reconciler periods of the controllers that have one; `Some` = enabled.
+    pub policy: Option<Millis>,
+    pub workload_endpoint: Option<Millis>,
+    pub service_account: Option<Millis>,
+    pub namespace: Option<Millis>,
+    /// `assignIPs`; `Some` = enabled.
+    pub load_balancer: Option<String>,
+    pub flannel_migration: bool,
+    pub policy_name_migrator: bool,
+    /// Env vars for `status.environmentVars`.
+    pub environment: BTreeMap<String, String>,
+}
+
+fn section_str<'a>(section: Option<&'a Value>, field: &str) -> Option<&'a str> {
+    section?.get(field)?.as_str()
+}
+
+fn enabled_str(text: Option<&str>, default: bool) -> bool {
+    match text.map(|t| t.trim().to_ascii_lowercase()) {
+        Some(t) if t == "enabled" => true,
+        Some(t) if t == "disabled" => false,
+        _ => default,
+    }
+}
+
+impl RunConfig {
+    /// Merges env with the API's `default` object. `api` is `None` when there is none (yet):
+    /// the defaults we would create stand in, as upstream always works from a created object.
+    pub fn merge(env: &EnvConfig, api: Option<&KubeControllersConfigurationSpec>) -> RunConfig {
+        let defaults;
+        let api = match api {
+            Some(a) => a,
+            None => {
+                defaults = default_kcc_spec();
+                &defaults
+            }
+        };
+        let c = &api.controllers;
+        let listed = |name: ControllerName| env.enabled_controllers.as_ref().map(|l| l.contains(&name));
+        let enabled = |name: ControllerName, section: bool| listed(name).unwrap_or(section);
+        // A periodic reconciler's period: RECONCILER_PERIOD, else the API's value, else 5m, but
+        // only when the API section exists (enabled by env alone ⇒ 0, upstream's quirk kept:
+        // changing it would reconcile more often than operators configured).
+        let period = |section: Option<&Value>| {
+            env.reconciler_period.unwrap_or_else(|| match section {
+                Some(s) => section_str(Some(s), "reconcilerPeriod").and_then(parse_go_duration).unwrap_or(DEFAULT_RECONCILER_PERIOD),
+                None => 0,
+            })
+        };
+        let simple = |name: ControllerName, section: Option<&Value>| enabled(name, section.is_some()).then(|| period(section));
+
+        let node = enabled(ControllerName::Node, c.node.is_some()).then(|| {
+            let api_node = c.node.clone().unwrap_or_default();
+            let hep = api_node.host_endpoint.as_ref();
+            let (auto_create, create_default) = match env.auto_host_endpoints {
+                // The env override forces the default HEP on and ignores API templates (§1.6).
+                Some(true) => (true, true),
+                Some(false) => (false, enabled_str(section_str(hep, "createDefaultHostEndpoint"), true)),
+                None => (enabled_str(section_str(hep, "autoCreate"), false), enabled_str(section_str(hep, "createDefaultHostEndpoint"), true)),
+            };
+            NodeRunConfig {
+                reconciler_period: match (&c.node, &api_node.reconciler_period) {
+                    (Some(_), Some(p)) => parse_go_duration(p).unwrap_or(DEFAULT_RECONCILER_PERIOD),
+                    (Some(_), None) => DEFAULT_RECONCILER_PERIOD,
+                    (None, _) => 0,
+                },
+                // Label sync is etcd-only; this version only runs on Kubernetes.
+                sync_labels: false,
+                leak_grace_period: api_node.leak_grace_period.as_deref().and_then(parse_go_duration),
+                auto_create_host_endpoints: auto_create,
+                create_default_host_endpoint: create_default,
+            }
+        });
+        let load_balancer = enabled(ControllerName::LoadBalancer, c.load_balancer.is_some())
+            .then(|| section_str(c.load_balancer.as_ref(), "assignIPs").unwrap_or("AllServices").to_string());
+
+        let log_level = env.log_level.unwrap_or_else(|| api.log_severity_screen.as_deref().and_then(LogLevel::parse_api).unwrap_or(LogLevel::Info));
+        let health_enabled = env.health_enabled.unwrap_or_else(|| enabled_str(api.health_checks.as_deref(), true));
+        let compaction_period = env
+            .compaction_period
+            .unwrap_or_else(|| api.etcd_v3_compaction_period.as_deref().and_then(parse_go_duration).unwrap_or(DEFAULT_COMPACTION_PERIOD));
+
+        let mut environment = env.consulted.clone();
+        // Only the variables that shape the running config; credentials and paths stay out.
+        environment.retain(|k, _| {
+            matches!(
+                k.as_str(),
+                "DATASTORE_TYPE"
+                    | "CALICO_DATASTORE_TYPE"
+                    | "ENABLED_CONTROLLERS"
+                    | "LOG_LEVEL"
+                    | "HEALTH_ENABLED"
+                    | "RECONCILER_PERIOD"
+                    | "COMPACTION_PERIOD"
+                    | "SYNC_NODE_LABELS"
+                    | "AUTO_HOST_ENDPOINTS"
+            ) || WORKER_VARS.contains(&k.as_str())
+        });
+        if node.is_some() {
+            environment.insert("DATASTORE_TYPE".into(), "kubernetes".into());
+        }
+
+        RunConfig {
+            log_level,
+            health_enabled,
+            compaction_period,
+            metrics_port: api.prometheus_metrics_port.unwrap_or(DEFAULT_METRICS_PORT),
+            debug_profile_port: api.debug_profile_port,
+            node,
+            policy: simple(ControllerName::Policy, c.policy.as_ref()),
+            workload_endpoint: simple(ControllerName::WorkloadEndpoint, c.workload_endpoint.as_ref()),
+            service_account: simple(ControllerName::ServiceAccount, c.service_account.as_ref()),
+            namespace: simple(ControllerName::Namespace, c.namespace.as_ref()),
+            load_balancer,
+            flannel_migration: listed(ControllerName::FlannelMigration).unwrap_or(false),
+            policy_name_migrator: enabled_str(section_str(c.migration.as_ref(), "policyNameMigrator"), true),
+            environment,
+        }
+    }
+
+    /// Whether the IPAM garbage collector (inside the node controller) runs.
+    pub fn gc_enabled(&self) -> bool {
+        self.node.is_some()
+    }
+
+    /// The effective leak grace period for the GC: unset means 15 minutes (Part A).
+    pub fn leak_grace(&self) -> Millis {
+        self.node.as_ref().and_then(|n| n.leak_grace_period).unwrap_or(crate::model::config::DEFAULT_LEAK_GRACE)
+    }
+
+    /// The enabled controllers, by `ENABLED_CONTROLLERS` name.
+    pub fn enabled_controllers(&self) -> Vec<ControllerName> {
+        let mut out = Vec::new();
+        let mut push = |on: bool, name| {
+            if on {
+                out.push(name);
+            }
+        };
+        push(self.node.is_some(), ControllerName::Node);
+        push(self.load_balancer.is_some(), ControllerName::LoadBalancer);
+        push(self.policy.is_some(), ControllerName::Policy);
+        push(self.namespace.is_some(), ControllerName::Namespace);
+        push(self.service_account.is_some(), ControllerName::ServiceAccount);
+        push(self.workload_endpoint.is_some(), ControllerName::WorkloadEndpoint);
+        push(self.flannel_migration, ControllerName::FlannelMigration);
+        out
+    }
+
+    /// Enabled controllers this version does not implement (logged once, listed in the status
+    /// file; never fatal, so a drop-in deployment keeps running its GC).
+    pub fn not_implemented(&self) -> Vec<&'static str> {
+        let mut out: Vec<&'static str> = self.enabled_controllers().into_iter().filter(|c| !c.implemented()).map(ControllerName::as_str).collect();
+        if self.policy_name_migrator {
+            out.push("policy-name-migrator");
+        }
+        out
+    }
+
+    /// `status` for the KubeControllersConfiguration: `runningConfig` in the spec's shape with
+    /// effective values, and `environmentVars`.
+    pub fn status(&self) -> Value {
+        let period = |p: Millis| json!({"reconcilerPeriod": format_go_duration(p)});
+        let mut controllers = serde_json::Map::new();
+        if let Some(n) = &self.node {
+            let mut node = json!({
+                "syncLabels": if n.sync_labels { "Enabled" } else { "Disabled" },
+                "hostEndpoint": {
+                    "autoCreate": if n.auto_create_host_endpoints { "Enabled" } else { "Disabled" },
+                    "createDefaultHostEndpoint": if n.create_default_host_endpoint { "Enabled" } else { "Disabled" },
+                },
+            });
+            if let Some(g) = n.leak_grace_period {
+                node["leakGracePeriod"] = json!(format_go_duration(g));
+            }
+            controllers.insert("node".into(), node);
+        }
+        for (key, p) in [
+            ("policy", self.policy),
+            ("workloadEndpoint", self.workload_endpoint),
+            ("serviceAccount", self.service_account),
+            ("namespace", self.namespace),
+        ] {
+            if let Some(p) = p {
+                controllers.insert(key.into(), period(p));
+            }
+        }
+        if let Some(lb) = &self.load_balancer {
+            controllers.insert("loadBalancer".into(), json!({"assignIPs": lb}));
+        }
+        controllers.insert("migration".into(), json!({"policyNameMigrator": if self.policy_name_migrator { "Enabled" } else { "Disabled" }}));
+        let mut running = json!({
+            "logSeverityScreen": self.log_level.title(),
+            "healthChecks": if self.health_enabled { "Enabled" } else { "Disabled" },
+            "etcdV3CompactionPeriod": format_go_duration(self.compaction_period),
+            "prometheusMetricsPort": self.metrics_port,
+            "controllers": controllers,
+        });
+        if let Some(p) = self.debug_profile_port {
+            running["debugProfilePort"] = json!(p);
+        }
+        json!({"runningConfig": running, "environmentVars": self.environment})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> EnvConfig {
+        EnvConfig::from_env(&pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()).unwrap()
+    }
+
+    fn env_err(pairs: &[(&str, &str)]) -> ConfigError {
+        EnvConfig::from_env(&pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()).unwrap_err()
+    }
+
+    fn spec(v: Value) -> KubeControllersConfigurationSpec {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn no_env_and_no_api_object_runs_what_the_created_default_enables() {
+        let e = env(&[]);
+        assert!(e.datastore_defaulted, "unset DATASTORE_TYPE is noted so the caller can log it");
+        let rc = RunConfig::merge(&e, None);
+        assert_eq!(rc, RunConfig::merge(&e, Some(&default_kcc_spec())));
+        assert_eq!(rc.log_level, LogLevel::Info);
+        assert!(rc.health_enabled && rc.gc_enabled());
+        assert_eq!(rc.metrics_port, 9094);
+        assert_eq!(rc.leak_grace(), 15 * 60 * 1000);
+        assert_eq!(rc.policy, Some(DEFAULT_RECONCILER_PERIOD));
+        assert_eq!(rc.load_balancer.as_deref(), Some("AllServices"));
+        assert_eq!(
+            rc.not_implemented(),
+            vec!["loadbalancer", "policy", "namespace", "serviceaccount", "workloadendpoint", "policy-name-migrator"]
+        );
+    }
+
+    #[test]
+    fn etcd_datastore_is_refused_with_a_clear_message() {
+        let e = env_err(&[("DATASTORE_TYPE", "etcdv3")]);
+        assert!(e.to_string().contains("etcd datastore not supported yet"), "{e}");
+        assert!(matches!(env_err(&[("CALICO_DATASTORE_TYPE", "etcdv3")]), ConfigError::EtcdNotSupported { var: "CALICO_DATASTORE_TYPE", .. }));
+        assert!(matches!(env_err(&[("ETCD_ENDPOINTS", "https://e:2379")]), ConfigError::EtcdNotSupported { .. }));
+        assert!(!env(&[("DATASTORE_TYPE", "kubernetes"), ("ETCD_ENDPOINTS", "x")]).datastore_defaulted);
+        assert!(!env(&[("CALICO_DATASTORE_TYPE", "Kubernetes")]).datastore_defaulted);
+        assert!(env_err(&[("DATASTORE_TYPE", "consul")]).to_string().contains("DATASTORE_TYPE"));
+    }
+
+    #[test]
+    fn every_upstream_controller_name_is_accepted_and_others_are_errors() {
+        let e = env(&[("ENABLED_CONTROLLERS", "node, loadbalancer,policy,profile,namespace,serviceaccount,workloadendpoint")]);
+        assert_eq!(e.enabled_controllers.as_ref().unwrap().len(), 6, "profile and namespace are one controller");
+        assert_eq!(env(&[("ENABLED_CONTROLLERS", "flannelmigration")]).enabled_controllers, Some(vec![ControllerName::FlannelMigration]));
+        let err = env_err(&[("ENABLED_CONTROLLERS", "node,ipam")]);
+        assert!(err.to_string().contains("ENABLED_CONTROLLERS") && err.to_string().contains("\"ipam\""), "{err}");
+        assert!(env_err(&[("ENABLED_CONTROLLERS", "node,flannelmigration")]).to_string().contains("only controller"));
+    }
+
+    #[test]
+    fn env_controller_list_beats_api_sections() {
+        let e = env(&[("ENABLED_CONTROLLERS", "node,loadbalancer")]);
+        let rc = RunConfig::merge(&e, Some(&default_kcc_spec()));
+        assert_eq!(rc.enabled_controllers(), vec![ControllerName::Node, ControllerName::LoadBalancer]);
+        assert_eq!(rc.not_implemented(), vec!["loadbalancer", "policy-name-migrator"]);
+        // Without the env list, sections decide.
+        let api = spec(json!({"controllers": {"policy": {}}}));
+        let rc = RunConfig::merge(&env(&[]), Some(&api));
+        assert_eq!(rc.enabled_controllers(), vec![ControllerName::Policy]);
+        assert!(!rc.gc_enabled(), "no node section and no env list: the GC does not run");
+    }
+
+    #[test]
+    fn a_controller_enabled_only_by_env_gets_no_periodic_reconcile_unless_reconciler_period_is_set() {
+        let api = spec(json!({"controllers": {"policy": {"reconcilerPeriod": "1m"}}}));
+        let rc = RunConfig::merge(&env(&[("ENABLED_CONTROLLERS", "policy,namespace,node")]), Some(&api));
+        assert_eq!((rc.policy, rc.namespace), (Some(60_000), Some(0)));
+        assert_eq!(rc.node.as_ref().unwrap().reconciler_period, 0);
+        assert_eq!(rc.leak_grace(), 15 * 60 * 1000, "a node section absent from the API means the 15m default");
+        let rc = RunConfig::merge(&env(&[("ENABLED_CONTROLLERS", "policy,namespace"), ("RECONCILER_PERIOD", "30s")]), Some(&api));
+        assert_eq!((rc.policy, rc.namespace), (Some(30_000), Some(30_000)));
+        let rc = RunConfig::merge(&env(&[]), Some(&spec(json!({"controllers": {"policy": {}}}))));
+        assert_eq!(rc.policy, Some(DEFAULT_RECONCILER_PERIOD), "a section without a period gets 5m");
+    }
+
+    #[test]
+    fn log_level_env_beats_api_and_bad_api_values_mean_info() {
+        let api = spec(json!({"logSeverityScreen": "Debug", "controllers": {}}));
+        assert_eq!(RunConfig::merge(&env(&[]), Some(&api)).log_level, LogLevel::Debug);
+        assert_eq!(RunConfig::merge(&env(&[("LOG_LEVEL", "WARNING")]), Some(&api)).log_level, LogLevel::Warning);
+        assert_eq!(RunConfig::merge(&env(&[]), Some(&spec(json!({"logSeverityScreen": "Loud", "controllers": {}})))).log_level, LogLevel::Info);
+        assert_eq!(RunConfig::merge(&env(&[]), Some(&spec(json!({"logSeverityScreen": "None", "controllers": {}})))).log_level, LogLevel::Off);
+        for (text, level) in [("trace", LogLevel::Trace), ("Warn", LogLevel::Warning), ("fatal", LogLevel::Fatal), ("PANIC", LogLevel::Panic)] {
+            assert_eq!(LogLevel::parse_env(text), Some(level));
+        }
+        let err = env_err(&[("LOG_LEVEL", "verbose")]);
+        assert!(err.to_string().starts_with("LOG_LEVEL=\"verbose\""), "{err}");
+        assert_eq!(LogLevel::Fatal.filter_directive(), "error");
+    }
+
+    #[test]
+    fn health_compaction_and_host_endpoint_env_overrides_beat_the_api() {
+        let api = spec(json!({"healthChecks": "Disabled", "etcdV3CompactionPeriod": "1h",
+            "controllers": {"node": {"hostEndpoint": {"autoCreate": "Enabled", "createDefaultHostEndpoint": "Disabled"}}}}));
+        let rc = RunConfig::merge(&env(&[]), Some(&api));
+        assert!(!rc.health_enabled);
+        assert_eq!(rc.compaction_period, 3_600_000);
+        let n = rc.node.unwrap();
+        assert!(n.auto_create_host_endpoints && !n.create_default_host_endpoint);
+        let e = env(&[("HEALTH_ENABLED", "true"), ("COMPACTION_PERIOD", "0"), ("AUTO_HOST_ENDPOINTS", "Enabled"), ("SYNC_NODE_LABELS", "true")]);
+        let rc = RunConfig::merge(&e, Some(&api));
+        assert!(rc.health_enabled);
+        assert_eq!(rc.compaction_period, 0);
+        let n = rc.node.unwrap();
+        assert!(n.auto_create_host_endpoints && n.create_default_host_endpoint, "the env override forces the default HEP on");
+        assert!(!n.sync_labels, "label sync is etcd-only, forced off on Kubernetes");
+        let rc = RunConfig::merge(&env(&[("AUTO_HOST_ENDPOINTS", "disabled")]), Some(&api));
+        assert!(!rc.node.unwrap().auto_create_host_endpoints);
+    }
+
+    #[test]
+    fn invalid_env_values_name_their_variable() {
+        for (var, value) in [
+            ("HEALTH_ENABLED", "yes"),
+            ("SYNC_NODE_LABELS", "on"),
+            ("RECONCILER_PERIOD", "5 minutes"),
+            ("COMPACTION_PERIOD", "-"),
+            ("AUTO_HOST_ENDPOINTS", "maybe"),
+            ("POLICY_WORKERS", "0"),
+            ("WORKLOAD_ENDPOINT_WORKERS", "many"),
+        ] {
+            let err = env_err(&[(var, value)]);
+            assert!(err.to_string().starts_with(&format!("{var}=")), "{err}");
+        }
+        assert_eq!(env(&[("PROFILE_WORKERS", "4")]).workers.get("PROFILE_WORKERS"), Some(&4));
+        assert_eq!(env(&[("LOG_LEVEL", "")]).log_level, None, "an empty value is unset");
+    }
+
+    #[test]
+    fn leak_grace_and_metrics_port_come_from_the_api_with_client_side_defaults() {
+        let api = spec(json!({"prometheusMetricsPort": 0, "controllers": {"node": {"leakGracePeriod": "2s"}}}));
+        let rc = RunConfig::merge(&env(&[]), Some(&api));
+        assert_eq!((rc.metrics_port, rc.leak_grace()), (0, 2000));
+        let rc = RunConfig::merge(&env(&[]), Some(&spec(json!({"controllers": {"node": {}}}))));
+        assert_eq!((rc.metrics_port, rc.leak_grace()), (9094, 15 * 60 * 1000), "kubectl-written objects keep metrics and GC on");
+        assert_eq!(rc.node.unwrap().leak_grace_period, None, "reported as unset, as written");
+    }
+
+    #[test]
+    fn load_balancer_is_not_defaulted_unless_enabled() {
+        let api = spec(json!({"controllers": {"node": {}}}));
+        assert_eq!(RunConfig::merge(&env(&[]), Some(&api)).load_balancer, None);
+        let rc = RunConfig::merge(&env(&[("ENABLED_CONTROLLERS", "loadbalancer")]), Some(&api));
+        assert_eq!(rc.load_balancer.as_deref(), Some("AllServices"));
+        assert!(!rc.gc_enabled());
+        let migr = spec(json!({"controllers": {"migration": {"policyNameMigrator": "Disabled"}}}));
+        assert!(!RunConfig::merge(&env(&[]), Some(&migr)).policy_name_migrator);
+    }
+
+    #[test]
+    fn status_reports_effective_values_and_the_env_that_shaped_them() {
+        let e = env(&[("ENABLED_CONTROLLERS", "node"), ("LOG_LEVEL", "debug"), ("KUBECONFIG", "/secret/path")]);
+        let s = RunConfig::merge(&e, Some(&default_kcc_spec())).status();
+        let r = &s["runningConfig"];
+        assert_eq!(r["logSeverityScreen"], "Debug");
+        assert_eq!(r["healthChecks"], "Enabled");
+        assert_eq!(r["etcdV3CompactionPeriod"], "10m0s");
+        assert_eq!(r["prometheusMetricsPort"], 9094);
+        assert_eq!(r["controllers"]["node"]["leakGracePeriod"], "15m0s");
+        assert_eq!(r["controllers"]["node"]["reconcilerPeriod"], Value::Null, "upstream reports the node period as nil");
+        assert_eq!(r["controllers"]["policy"], Value::Null);
+        assert_eq!(
+            s["environmentVars"],
+            json!({"DATASTORE_TYPE": "kubernetes", "ENABLED_CONTROLLERS": "node", "LOG_LEVEL": "debug"}),
+            "consulted variables only, and never paths or credentials"
+        );
+    }
+}

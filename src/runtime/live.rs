@@ -1,0 +1,129 @@
+//! Live configuration: what the merged [`RunConfig`] changes in a running process, without the
+//! exit-and-re-exec upstream uses (§10.1): the log level, the metrics listener's port, whether
+//! health checks run, and the notes on controllers this version does not implement. Also the
+//! writer task that initializes the datastore and keeps the KubeControllersConfiguration's
+//! status current.
+//!
+//! Owns: applying each new config once, and the metrics listener's lifetime.
+//! Must not: merge configuration (the controller does, with `crate::config`) or write to the
+//! API outside [`writer`], which only the WRITE GATE in `runtime/mod.rs` starts.
+
+use std::sync::Arc;
+
+use tokio::task::JoinHandle;
+
+use super::{ConfigState, RunError, RunOptions, Shared, init};
+use crate::config::RunConfig;
+use crate::health;
+
+/// The metrics listener, rebound when `prometheusMetricsPort` changes. A port equal to the
+/// health port is already served there (both listeners serve every path).
+pub struct MetricsListener {
+    health_port: u16,
+    port: u16,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Drop for MetricsListener {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+impl MetricsListener {
+    pub fn new(health_port: u16) -> Self {
+        MetricsListener { health_port, port: 0, task: None }
+    }
+
+    /// Binds `port` (0 = none) in place of the current listener; an error leaves none bound.
+    pub async fn bind_now(&mut self, port: u16, shared: &Arc<Shared>) -> Result<(), RunError> {
+        if port == self.port && (self.task.is_some() || port == 0) {
+            return Ok(());
+        }
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+        self.port = port;
+        if port == 0 || port == self.health_port {
+            tracing::info!(port, "metrics: no separate listener");
+            return Ok(());
+        }
+        let listener = super::bind(port).await?;
+        tracing::info!(port, "serving /metrics, /leak-report, /liveness, /readiness");
+        self.task = Some(tokio::spawn(super::http::serve(listener, shared.clone())));
+        Ok(())
+    }
+}
+
+/// Applies every published configuration until the channel closes.
+pub async fn apply_config(shared: Arc<Shared>, opts: RunOptions, mut metrics: MetricsListener) {
+    let mut rx = shared.config.subscribe();
+    let mut last: Option<RunConfig> = None;
+    loop {
+        let state = rx.borrow_and_update().clone();
+        apply(&shared, &opts, &mut metrics, last.as_ref(), &state.run).await;
+        last = Some(state.run);
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn apply(shared: &Arc<Shared>, opts: &RunOptions, metrics: &mut MetricsListener, last: Option<&RunConfig>, rc: &RunConfig) {
+    if last.map(|l| l.log_level) != Some(rc.log_level) {
+        opts.log.set(rc.log_level);
+        // Logged at warn so the change is visible at any level but the new one's "None".
+        tracing::warn!(level = rc.log_level.title(), "log level applied");
+    }
+    if last.map(|l| l.health_enabled) != Some(rc.health_enabled) {
+        tracing::info!(enabled = rc.health_enabled, "health checks");
+    }
+    // The explicit flag wins over the API, so a test or an operator can pin the port.
+    let port = opts.metrics_port.unwrap_or(rc.metrics_port);
+    if let Err(e) = metrics.bind_now(port, shared).await {
+        tracing::error!(error = %e, "metrics listener not bound; will retry when the configuration changes");
+    }
+    let missing = rc.not_implemented();
+    if last.map(RunConfig::not_implemented) != Some(missing.clone()) && !missing.is_empty() {
+        tracing::warn!(controllers = %missing.join(","), "enabled but not implemented in this version; ignored");
+    }
+    let gc_note = if rc.gc_enabled() { "" } else { "node controller not enabled: the IPAM garbage collector does not run" };
+    if last.map(RunConfig::gc_enabled) != Some(rc.gc_enabled()) && !rc.gc_enabled() {
+        tracing::error!("node controller not enabled (ENABLED_CONTROLLERS or controllers.node): the IPAM garbage collector does not run");
+    }
+    let note = match (missing.is_empty(), gc_note.is_empty()) {
+        (true, true) => String::new(),
+        (false, true) => format!("not implemented in this version: {}", missing.join(",")),
+        (true, false) => gc_note.to_string(),
+        (false, false) => format!("{gc_note}; not implemented in this version: {}", missing.join(",")),
+    };
+    shared.status.set_ready(health::CONTROLLERS, true, note);
+    tracing::debug!(config = ?rc, "configuration applied");
+}
+
+/// Start-of-day writes, then the KubeControllersConfiguration's status on every config change
+/// (and its re-creation when deleted). Runs only behind the WRITE GATE. Returns an error only
+/// when start-of-day initialization gave up (fatal, as upstream).
+pub async fn writer(client: kube::Client, shared: Arc<Shared>) -> Result<(), init::InitError> {
+    init::ensure_initialized(&client, &shared.api).await?;
+    shared.status.set_ready(health::STARTUP, true, "");
+    let mut rx = shared.config.subscribe();
+    loop {
+        let state: ConfigState = rx.borrow_and_update().clone();
+        if !state.api_present
+            && let Err(e) = init::ensure_default_kcc(&client, &shared.api).await
+        {
+            tracing::warn!(error = %e, "re-creating the default KubeControllersConfiguration failed");
+        }
+        match init::write_kcc_status(&client, &shared.api, &state.run.status()).await {
+            Ok(true) => tracing::info!("KubeControllersConfiguration status updated"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "writing the KubeControllersConfiguration status failed"),
+        }
+        if rx.changed().await.is_err() {
+            return Ok(());
+        }
+    }
+}
