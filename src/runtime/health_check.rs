@@ -33,10 +33,13 @@ async fn check_apiserver(client: &Client, timeout: Duration) -> Result<(), Strin
     }
 }
 
-async fn check_datastore(client: &Client, timeout: Duration) -> Result<(), String> {
+/// `missing_ok`: a dry run never creates `ClusterInformation/default`, so for it a readable
+/// datastore without one is healthy (a shadow beside upstream must not stay unready forever).
+async fn check_datastore(client: &Client, timeout: Duration, missing_ok: bool) -> Result<(), String> {
     let infos: Api<DynamicObject> = Api::all_with(client.clone(), &api_resource(Kind::ClusterInformation));
     match tokio::time::timeout(timeout, infos.get_opt("default")).await {
         Ok(Ok(Some(_))) => Ok(()),
+        Ok(Ok(None)) if missing_ok => Ok(()),
         Ok(Ok(None)) => Err("Error verifying datastore: ClusterInformation default does not exist".into()),
         Ok(Err(e)) => Err(format!("Error verifying datastore: {e}")),
         Err(_) => Err(format!("Error verifying datastore: timed out after {}s", timeout.as_secs())),
@@ -44,7 +47,7 @@ async fn check_datastore(client: &Client, timeout: Duration) -> Result<(), Strin
 }
 
 /// Runs until aborted.
-pub async fn health_loop(client: Client, shared: Arc<Shared>) {
+pub async fn health_loop(client: Client, shared: Arc<Shared>, dry_run: bool) {
     let mut timeout = FIRST_TIMEOUT;
     let mut config = shared.config.subscribe();
     loop {
@@ -57,7 +60,7 @@ pub async fn health_loop(client: Client, shared: Arc<Shared>) {
         }
         let enabled = config.borrow_and_update().run.health_enabled;
         let pause = if enabled {
-            let (api, ds) = tokio::join!(check_apiserver(&client, timeout), check_datastore(&client, timeout));
+            let (api, ds) = tokio::join!(check_apiserver(&client, timeout), check_datastore(&client, timeout, dry_run));
             let healthy = api.is_ok() && ds.is_ok();
             shared.status.set_ready(KUBE_API_SERVER, api.is_ok(), api.err().unwrap_or_default());
             shared.status.set_ready(CALICO_DATASTORE, ds.is_ok(), ds.err().unwrap_or_default());

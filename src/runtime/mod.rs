@@ -228,7 +228,7 @@ pub async fn run(client: kube::Client, opts: RunOptions, stop: impl Future<Outpu
     drop(tx);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let live_task = tokio::spawn(live::apply_config(shared.clone(), opts.clone(), metrics));
-    let health_task = tokio::spawn(health_check::health_loop(client.clone(), shared.clone()));
+    let health_task = tokio::spawn(health_check::health_loop(client.clone(), shared.clone(), opts.controller.dry_run));
 
     // Followers are ready too (readiness is about the watches, not leadership): a standby that
     // failed readiness would be restarted for doing its job.
