@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use futures::StreamExt;
 use ipnet::IpNet;
 
 use super::{Datastore, DatastoreError, DsResult, Kind, Stored};
@@ -21,6 +22,13 @@ use crate::model::block::{Affinity, IpamBlockSpec, WINDOWS_RESERVED_HANDLE};
 use crate::model::names::{affinity_name, cidr_to_name, handle_object_name};
 use crate::model::time::Millis;
 use crate::model::{BlockAffinity, IpamBlock, IpamHandle};
+
+/// Blocks (and nodes) written at once. Each item is a read-modify-CAS round trip; one at a time
+/// a 200-node deletion (6,000 addresses, ~12k requests) took minutes at API latency alone. Items
+/// never share a block (a plan has one release per block and one record per node); a handle
+/// spanning two blocks may see a conflict, which the CAS retry absorbs. Bounded so the API
+/// server sees a handful of writers, not a burst; the QPS bucket still limits the rate.
+const PARALLEL_ITEMS: usize = 8;
 
 /// How hard to push one item before leaving it for the next pass.
 #[derive(Debug, Clone)]
@@ -143,6 +151,53 @@ impl PlanOutcome {
         self.errors_by_category.values().sum()
     }
 
+    /// Adds another item's outcome to this one. Destructured field by field, so a new field
+    /// cannot be forgotten here.
+    fn absorb(&mut self, other: PlanOutcome) {
+        let PlanOutcome {
+            released,
+            released_by_reason,
+            stale,
+            already_free,
+            conflicts,
+            errors_by_category,
+            failures,
+            blocks_updated,
+            blocks_deleted,
+            blocks_unaffined,
+            empty_blocks_kept,
+            blocks_cooled,
+            affinities_released,
+            handles_updated,
+            handles_deleted,
+            orphans_skipped,
+            nodes_released,
+            interrupted,
+        } = other;
+        self.released.extend(released);
+        for (reason, n) in released_by_reason {
+            *self.released_by_reason.entry(reason).or_default() += n;
+        }
+        self.stale.extend(stale);
+        self.already_free += already_free;
+        self.conflicts += conflicts;
+        for (category, n) in errors_by_category {
+            *self.errors_by_category.entry(category).or_default() += n;
+        }
+        self.failures.extend(failures);
+        self.blocks_updated += blocks_updated;
+        self.blocks_deleted += blocks_deleted;
+        self.blocks_unaffined += blocks_unaffined;
+        self.empty_blocks_kept += empty_blocks_kept;
+        self.blocks_cooled += blocks_cooled;
+        self.affinities_released += affinities_released;
+        self.handles_updated += handles_updated;
+        self.handles_deleted += handles_deleted;
+        self.orphans_skipped += orphans_skipped;
+        self.nodes_released += nodes_released;
+        self.interrupted |= interrupted;
+    }
+
     fn fail(&mut self, item: ItemRef, e: DatastoreError) {
         tracing::warn!(item = item.category(), target_item = ?item, category = e.category(), error = %e.message, "plan item failed");
         *self.errors_by_category.entry(e.category()).or_default() += 1;
@@ -163,13 +218,14 @@ pub async fn execute_plan<D: Datastore>(ds: &D, plan: &Plan, now: Millis, cooldo
         }
         !out.interrupted
     };
-    for rel in &plan.releases {
-        if !go(&mut out) {
-            break;
-        }
-        if let Err(e) = release_block(ds, rel, now, cooldown_secs, opts, &mut out).await {
-            out.fail(ItemRef::Release(rel.cidr), e);
-        }
+    // Releases first, several blocks at once; outcomes are merged in plan order.
+    let pending: Vec<_> = plan.releases.iter().map(|rel| release_one(ds, rel, now, cooldown_secs, opts)).collect();
+    let releases: Vec<PlanOutcome> = futures::stream::iter(pending).buffered(PARALLEL_ITEMS).collect().await;
+    for o in releases {
+        out.absorb(o);
+    }
+    if out.interrupted {
+        tracing::info!("plan execution stopped: no longer allowed to write");
     }
     for cold in &plan.cold_blocks {
         if !go(&mut out) {
@@ -187,12 +243,11 @@ pub async fn execute_plan<D: Datastore>(ds: &D, plan: &Plan, now: Millis, cooldo
             out.fail(ItemRef::EmptyBlock(rec.cidr), e);
         }
     }
-    for node in &plan.nodes_to_release {
-        if !go(&mut out) {
-            break;
-        }
-        if release_node(ds, node, opts, &mut out).await {
-            out.nodes_released += 1;
+    if go(&mut out) {
+        let pending: Vec<_> = plan.nodes_to_release.iter().map(|node| release_node_one(ds, node, opts)).collect();
+        let nodes: Vec<PlanOutcome> = futures::stream::iter(pending).buffered(PARALLEL_ITEMS).collect().await;
+        for o in nodes {
+            out.absorb(o);
         }
     }
     for orphan in plan.orphan_handles.iter().filter(|o| o.releasable) {
@@ -211,6 +266,32 @@ pub async fn execute_plan<D: Datastore>(ds: &D, plan: &Plan, now: Millis, cooldo
         "plan executed"
     );
     out
+}
+
+/// One block's release as an outcome of its own, for running several at once.
+async fn release_one<D: Datastore>(ds: &D, rel: &BlockRelease, now: Millis, cooldown_secs: u32, opts: &ExecuteOptions) -> PlanOutcome {
+    let mut o = PlanOutcome::default();
+    if !opts.may_continue() {
+        o.interrupted = true;
+        return o;
+    }
+    if let Err(e) = release_block(ds, rel, now, cooldown_secs, opts, &mut o).await {
+        o.fail(ItemRef::Release(rel.cidr), e);
+    }
+    o
+}
+
+/// One node's release as an outcome of its own, for running several at once.
+async fn release_node_one<D: Datastore>(ds: &D, node: &NodeRelease, opts: &ExecuteOptions) -> PlanOutcome {
+    let mut o = PlanOutcome::default();
+    if !opts.may_continue() {
+        o.interrupted = true;
+        return o;
+    }
+    if release_node(ds, node, opts, &mut o).await {
+        o.nodes_released += 1;
+    }
+    o
 }
 
 /// Counts a conflict and says whether another attempt is allowed (not once writing must stop:

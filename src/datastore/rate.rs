@@ -7,9 +7,12 @@
 
 use std::time::Duration;
 
-/// Upstream's clientset defaults (SPEC §0: QPS 100, burst 200).
-pub const DEFAULT_QPS: f32 = 100.0;
-pub const DEFAULT_BURST: u32 = 200;
+/// Upstream writes IPAM objects through libcalico's Kubernetes client, which runs at QPS 500
+/// (SPEC §0, run.go:312; `K8S_CLIENT_QPS` is libcalico's setting). Our writer only writes Calico
+/// objects and reads pods to re-validate, so it takes that client's rate; the burst is two
+/// seconds' worth, as client-go's own defaults (100/200) are.
+pub const DEFAULT_QPS: f32 = 500.0;
+pub const DEFAULT_BURST: u32 = 1000;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum RateError {
