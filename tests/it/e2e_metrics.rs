@@ -94,7 +94,7 @@ async fn cluster_objects(cluster: &TestCluster) -> Api<DynamicObject> {
     }
     let reservations: Api<DynamicObject> = Api::all_with(client.clone(), &calico("IPReservation", "ipreservations"));
     let r = DynamicObject::new("reserved", &calico("IPReservation", "ipreservations"))
-        .data(json!({"spec": {"reservedCIDRs": ["10.70.0.248/29", "10.70.0.250", "192.168.0.0/16"]}}));
+        .data(json!({"spec": {"reservedCIDRs": ["10.70.0.248/29", "10.70.0.250/32", "192.168.0.0/16"]}}));
     reservations.create(&PostParams::default(), &r).await.expect("reservation");
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
