@@ -111,6 +111,9 @@ struct RunArgs {
     /// Calico API group to use; only `crd.projectcalico.org/v1` is supported.
     #[arg(long = "calico-api-group", env = "CALICO_API_GROUP")]
     calico_api_group: Option<String>,
+    /// Also write the leak report (the `/leak-report` JSON) to this file after each full pass.
+    #[arg(long = "leak-report-file", env = "CKC_LEAK_REPORT_FILE")]
+    leak_report_file: Option<PathBuf>,
     /// Where the status file for `check-status` is written (upstream's default).
     #[arg(long = "status-file", default_value = runtime::DEFAULT_STATUS_FILE)]
     status_file: PathBuf,
@@ -441,7 +444,7 @@ fn run_controller(a: RunArgs) -> anyhow::Result<i32> {
     let user_agent = runtime::leader::user_agent(&identity);
     let election = runtime::ElectionOptions { identity, namespace: runtime::leader::namespace_from_env(), timing };
     let opts = runtime::RunOptions {
-        controller: runtime::ControllerOptions { dry_run: a.dry_run, leak_grace_override, env: env.clone() },
+        controller: runtime::ControllerOptions { dry_run: a.dry_run, leak_grace_override, env: env.clone(), report_file: a.leak_report_file.clone() },
         metrics_port: a.metrics_port,
         health_port: a.health_port,
         election,

@@ -58,6 +58,8 @@ pub struct ControllerOptions {
     pub leak_grace_override: Option<Millis>,
     /// The environment's part of the configuration, merged with every KubeControllersConfiguration.
     pub env: EnvConfig,
+    /// `--leak-report-file`: the leak report is also written here (atomically) after full passes.
+    pub report_file: Option<std::path::PathBuf>,
 }
 
 pub fn now_millis() -> Millis {
@@ -602,6 +604,17 @@ impl Controller {
             report.allocations = kept;
             self.shared.set_report(report);
             self.report_built = Some(Instant::now());
+            if plan.full
+                && let (Some(path), Some(report)) = (&self.opts.report_file, self.shared.report())
+            {
+                // Off the GC task: the file system may be slow; the report is shared, not copied.
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = write_report_file(&path, &report) {
+                        tracing::warn!(path = %path.display(), error = %e, "writing the leak report file failed");
+                    }
+                });
+            }
         }
 
         let reclaimed_labels = self.reclamation_labels(&plan);
@@ -829,6 +842,17 @@ impl Controller {
     }
 }
 
+/// Writes `report` as pretty JSON to `path` through a temporary file and a rename, so a reader
+/// never sees half a report.
+fn write_report_file(path: &std::path::Path, report: &crate::scan::report::LeakReport) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let bytes = serde_json::to_vec_pretty(report).map_err(std::io::Error::other)?;
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
 fn singleton_gone(held: bool, seen: &HashSet<String>) -> Vec<String> {
     if held && !seen.contains("default") { vec!["default".to_string()] } else { Vec::new() }
 }
@@ -862,7 +886,7 @@ mod tests {
         let api = Arc::new(ApiCounters::default());
         let shared = Arc::new(Shared::new(api.clone()));
         let ds = KubeDatastore::new(client, true, api);
-        let opts = ControllerOptions { dry_run: true, leak_grace_override: Some(2000), env: EnvConfig::default() };
+        let opts = ControllerOptions { dry_run: true, leak_grace_override: Some(2000), env: EnvConfig::default(), report_file: None };
         let (_, may_write) = watch::channel(false);
         (Controller::new(ds, opts, shared.clone(), may_write), shared)
     }

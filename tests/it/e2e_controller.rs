@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use crate::support::audit;
 use crate::support::cluster::private_cluster;
-use crate::support::controller::{CONTROLLER_USER, DEADLINE, install_deploy_base, start_controller_with, LIVE_IP, calico, free_port, http_get, metric_sum, setup, start_controller};
+use crate::support::controller::{CONTROLLER_USER, DEADLINE, wait_for, install_deploy_base, start_controller_with, LIVE_IP, calico, free_port, http_get, metric_sum, setup, start_controller};
 
 #[tokio::test]
 async fn controller_frees_a_gone_pods_ip_and_handle_and_keeps_the_live_one() {
@@ -20,7 +20,10 @@ async fn controller_frees_a_gone_pods_ip_and_handle_and_keeps_the_live_one() {
     let s = setup(&cluster).await;
     let port = free_port();
     let started = Instant::now();
-    let controller = start_controller(&cluster, &[], port, "gc");
+    let report_file = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("leak-report-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&report_file);
+    let report_arg = report_file.to_string_lossy().into_owned();
+    let controller = start_controller(&cluster, &["--leak-report-file", &report_arg], port, "gc");
 
     let freed = loop {
         let block = s.blocks.get(&s.block_name).await.expect("reading the block");
@@ -41,6 +44,10 @@ async fn controller_frees_a_gone_pods_ip_and_handle_and_keeps_the_live_one() {
     assert!(metric_sum(&body, "ipam_allocations_gc_reclamations") >= 1.0, "{body}");
     assert!(body.contains("kube_controllers_api_requests_total{verb=\"update\",resource=\"ipamblocks\",code=\"200\"}"), "{body}");
     assert_eq!(http_get(port, "/readiness").await.map(|r| r.0), Some(200));
+    // --leak-report-file: the same JSON as /leak-report, written after full passes.
+    let file: Value = serde_json::from_slice(&std::fs::read(&report_file).expect("the leak report file is written")).expect("report file JSON");
+    assert!(file["summary"]["allocations"].as_u64().is_some(), "{file}");
+    assert!(file["leaks"].is_array());
 
     // SIGTERM: the pass in progress finishes, then a clean exit.
     let mut controller = controller;
@@ -66,7 +73,10 @@ async fn dry_run_controller_reports_the_leak_and_writes_nothing() {
     let kubeconfig = install_deploy_base(&cluster, "dry").await;
     let port = free_port();
     let started = Instant::now();
-    let _controller = start_controller_with(&kubeconfig, &["--dry-run"], &[], port, "dry");
+    let report_file = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("leak-report-dry-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&report_file);
+    let report_arg = report_file.to_string_lossy().into_owned();
+    let _controller = start_controller_with(&kubeconfig, &["--dry-run", "--leak-report-file", &report_arg], &[], port, "dry");
 
     // Wait until the leak is confirmed and releasable in the report, then for several more passes.
     loop {
@@ -82,6 +92,12 @@ async fn dry_run_controller_reports_the_leak_and_writes_nothing() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let confirmed_at = started.elapsed();
+    // The report file (written after full passes) says the same once a full pass has run.
+    wait_for("the leak in the report file", || async {
+        let file: Value = serde_json::from_slice(&std::fs::read(&report_file).ok()?).ok()?;
+        file["leaks"].as_array()?.iter().any(|l| l["ip"] == s.gone_ip && l["releasable"] == true).then_some(())
+    })
+    .await;
     // Grace 2 s ⇒ a full pass every second: wait for at least three more.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let after = s.blocks.get(&s.block_name).await.unwrap();
