@@ -61,6 +61,14 @@ pub struct Metrics {
     pub leader: bool,
 }
 
+/// Resident set size from `/proc/self/status` (`VmRSS`, in kB: no page-size assumption; Linux
+/// only, `None` elsewhere). Read at scrape time.
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 fn escape(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
@@ -121,6 +129,18 @@ impl Metrics {
             let _ = writeln!(out, "ipam_allocations_gc_reclamations{{ippool=\"{}\",node=\"{}\"}} {n}", escape(pool), escape(node));
         }
         self.render_ipam(&mut out);
+
+        // Memory, as operators compare it with upstream's `process_resident_memory_bytes`.
+        if let Some(rss) = resident_bytes() {
+            header(&mut out, "process_resident_memory_bytes", "gauge", "Resident memory size in bytes.");
+            let _ = writeln!(out, "process_resident_memory_bytes {rss}");
+        }
+        if let (Some(now), Some(peak)) = (crate::memstat::current_bytes(), crate::memstat::peak_bytes()) {
+            header(&mut out, "kube_controllers_heap_bytes", "gauge", "Bytes allocated on the heap and not yet freed.");
+            let _ = writeln!(out, "kube_controllers_heap_bytes {now}");
+            header(&mut out, "kube_controllers_heap_peak_bytes", "gauge", "The most heap bytes allocated at once since start.");
+            let _ = writeln!(out, "kube_controllers_heap_peak_bytes {peak}");
+        }
 
         header(&mut out, "kube_controllers_leader", "gauge", "1 while this replica holds the leader Lease (the only one that writes), else 0.");
         let _ = writeln!(out, "kube_controllers_leader {}", u8::from(self.leader));

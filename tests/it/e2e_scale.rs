@@ -154,6 +154,11 @@ async fn deleting_a_fifth_of_the_nodes_cleans_their_ipam_and_touches_nothing_els
     }
     let cleaned = t.elapsed();
     let hwm = vm_hwm_kib(pid).unwrap_or(0);
+    let (_, metrics) = http_get(port, "/metrics").await.expect("scraping /metrics");
+    let heap_peak = metric_sum(&metrics, "kube_controllers_heap_peak_bytes");
+    let heap_now = metric_sum(&metrics, "kube_controllers_heap_bytes");
+    assert!(heap_peak > 0.0 && heap_now > 0.0 && metric_sum(&metrics, "process_resident_memory_bytes") > 0.0, "memory metrics: {metrics}");
+    eprintln!("scale: controller heap now {:.1} MiB, heap peak {:.1} MiB", heap_now / 1048576.0, heap_peak / 1048576.0);
     eprintln!(
         "scale: {deleted_n} of {nodes_n} nodes ({} pods) deleted in {:.1} s; their IPAM fully cleaned {:.1} s after the deletions began; controller peak RSS {:.1} MiB",
         deleted_n * PODS_PER_NODE,
