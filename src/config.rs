@@ -473,6 +473,12 @@ impl RunConfig {
         self.node.is_some()
     }
 
+    /// Whether the configuration sets `leakGracePeriod` (else [`RunConfig::leak_grace`] is the
+    /// 15-minute default).
+    pub fn leak_grace_is_set(&self) -> bool {
+        self.node.as_ref().is_some_and(|n| n.leak_grace_period.is_some())
+    }
+
     /// The effective leak grace period for the GC: unset means 15 minutes (Part A).
     pub fn leak_grace(&self) -> Millis {
         self.node.as_ref().and_then(|n| n.leak_grace_period).unwrap_or(crate::model::config::DEFAULT_LEAK_GRACE)

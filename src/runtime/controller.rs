@@ -40,6 +40,8 @@ use crate::scan::report::{ReportMeta, build_report};
 /// Events are batched this long before a dirty pass, as upstream does (1 s): a burst of pod
 /// deletions becomes one pass instead of hundreds.
 const BATCH_WINDOW: Duration = Duration::from_secs(1);
+/// Full passes with `leakGracePeriod` unset or 0: upstream's node reconciler period.
+const UNSET_GRACE_FULL_PERIOD: Duration = Duration::from_secs(300);
 /// Full passes never run more often than this, whatever the grace period.
 const MIN_FULL_PERIOD: Duration = Duration::from_secs(1);
 /// `build_report` formats every allocation (calicoctl's format): 450-600 ms at 250k allocations
@@ -160,10 +162,13 @@ impl Controller {
         });
     }
 
+    /// Full passes run every `leakGracePeriod / 2`, so a leak is confirmed within 1.5 grace
+    /// periods. With `leakGracePeriod` unset, or 0 (confirmation off; full passes still find gone
+    /// nodes), every 5 minutes: upstream's node reconciler period.
     fn full_period(&self) -> Duration {
+        let explicit = self.opts.leak_grace_override.is_some() || self.run_config.leak_grace_is_set();
         let half = Duration::from_millis((self.leak_grace().max(0) / 2) as u64);
-        // A grace of 0 disables confirmation; full passes still find gone nodes (upstream: 5 min).
-        if half.is_zero() { Duration::from_secs(300) } else { half.max(MIN_FULL_PERIOD) }
+        if !explicit || half.is_zero() { UNSET_GRACE_FULL_PERIOD } else { half.max(MIN_FULL_PERIOD) }
     }
 
     fn all_synced(&self) -> bool {
@@ -919,6 +924,29 @@ mod tests {
             c.handle(input(source, Change::InitApply(o)));
         }
         c.handle(input(source, Change::InitDone));
+    }
+
+    #[tokio::test]
+    async fn full_passes_run_every_half_grace_and_every_five_minutes_when_grace_is_unset() {
+        let (mut c, _) = controller();
+        assert_eq!(c.full_period(), Duration::from_secs(1), "--leak-grace-period 2s");
+        c.opts.leak_grace_override = None;
+        assert_eq!(c.full_period(), Duration::from_secs(450), "no configuration yet: the default one's 15m, halved");
+        let kcc = |grace: &str| {
+            let mut node = json!({});
+            if !grace.is_empty() {
+                node["leakGracePeriod"] = json!(grace);
+            }
+            let k: KubeControllersConfiguration =
+                serde_json::from_value(json!({"metadata": {"name": "default"}, "spec": {"controllers": {"node": node}}})).unwrap();
+            Object::KubeControllersConfiguration(Box::new(k))
+        };
+        c.handle(input(Source::KubeControllersConfiguration, Change::Apply(kcc(""))));
+        assert_eq!(c.full_period(), Duration::from_secs(300), "unset (a kubectl-written object): 5 minutes");
+        c.handle(input(Source::KubeControllersConfiguration, Change::Apply(kcc("4m"))));
+        assert_eq!(c.full_period(), Duration::from_secs(120));
+        c.handle(input(Source::KubeControllersConfiguration, Change::Apply(kcc("0s"))));
+        assert_eq!(c.full_period(), Duration::from_secs(300), "grace 0 still looks for gone nodes");
     }
 
     #[tokio::test]
