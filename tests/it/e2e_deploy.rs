@@ -34,12 +34,13 @@ async fn controller_with_the_deploy_service_account_needs_no_other_right_and_lis
     let live_pod_ns = setup_namespace(&s).await;
     let pods: Api<Pod> = Api::namespaced(cluster.client(), &live_pod_ns);
     pods.delete("live", &DeleteParams::default().grace_period(0)).await.expect("deleting the live pod");
-    let block = wait_for("the deleted pod's IP freed", || async {
+    // The block is written first, then the handle: wait for both.
+    let block = wait_for("the deleted pod's IP and handle freed", || async {
         let block = s.blocks.get(&s.block_name).await.ok()?;
-        block.data["spec"]["allocations"][1].is_null().then_some(block)
+        let handle_gone = s.handles.get_opt(&handle_object_name(&s.live_handle)).await.ok()?.is_none();
+        (block.data["spec"]["allocations"][1].is_null() && handle_gone).then_some(block)
     })
     .await;
-    assert!(s.handles.get_opt(&handle_object_name(&s.live_handle)).await.unwrap().is_none(), "its handle went with it");
     assert_eq!(block.data["spec"]["allocations"].as_array().map(|a| a.iter().all(|v| v.is_null())), Some(true));
     // Quiet steady state: several full passes (grace 2 s ⇒ one a second) with nothing to do.
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -69,12 +69,12 @@ async fn deleting_nodes_one_by_one_releases_exactly_their_ipam_and_finally_all_o
     nodes.delete("n-a", &DeleteParams::default()).await.expect("deleting n-a");
     let spec_a = wait_for("n-a's addresses released", || async {
         let spec = ipam.block_spec(&block_a).await?;
-        (!allocated(&spec, 1) && !allocated(&spec, 3) && !ipam.affinity_exists("n-a", A).await).then_some(spec)
+        let handles_gone = !ipam.handle_exists(pa).await && !ipam.handle_exists(tun_a).await;
+        (!allocated(&spec, 1) && !allocated(&spec, 3) && !ipam.affinity_exists("n-a", A).await && handles_gone).then_some(spec)
     })
     .await;
     eprintln!("n-a cleaned {:.1} s after its deletion", t.elapsed().as_secs_f64());
     assert!(allocated(&spec_a, 2), "n-b's borrowed address survives n-a's deletion: {spec_a}");
-    assert!(!ipam.handle_exists(pa).await && !ipam.handle_exists(tun_a).await, "n-a's handles are deleted");
     assert!(ipam.handle_exists(pb_borrowed).await && ipam.handle_exists(pb).await && ipam.handle_exists(pc).await);
     assert!(ipam.block_spec(&block_b).await.is_some_and(|s| allocated(&s, 1) && allocated(&s, 2)), "n-b's block untouched");
     assert!(ipam.block_spec(&block_c).await.is_some_and(|s| allocated(&s, 1)), "n-c's unaffine address untouched");
