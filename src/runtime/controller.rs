@@ -70,13 +70,12 @@ pub fn now_millis() -> Millis {
 
 /// Keys of the objects of each kind the index holds, for deleting what a relist no longer shows.
 #[derive(Default)]
+/// Pods and handles are not here: the index holds their keys already (interned), and a copy
+/// would cost ~300 bytes a pod.
 struct Known {
-    pods: HashSet<(String, String)>,
     nodes: HashSet<String>,
     blocks: HashMap<String, IpNet>,
     affinities: HashSet<String>,
-    /// Object name → handle ID (the index keys handles by ID).
-    handles: HashMap<String, String>,
     pools: HashMap<String, IpNet>,
     /// IPReservation name → reserved CIDRs (unparsable ones are reported and left out).
     reservations: HashMap<String, Vec<IpNet>>,
@@ -295,9 +294,7 @@ impl Controller {
         match obj {
             Object::Pod(p) => {
                 self.index.apply_pod(&p);
-                let key = format!("{}/{}", p.namespace, p.name);
-                self.known.pods.insert((p.namespace.clone(), p.name.clone()));
-                key
+                format!("{}/{}", p.namespace, p.name)
             }
             Object::Node(n) => {
                 self.index.apply_node(&n);
@@ -333,12 +330,10 @@ impl Controller {
                 }
                 name
             }
+            // Handles are tracked by ID, as the index keys them (their object names derive from it).
             Object::Handle(h) => {
-                let name = h.metadata.name.clone();
                 self.index.apply_handle(&h);
-                let id = IpamIndex::handle_key(&h).to_string();
-                self.known.handles.insert(name.clone(), id);
-                name
+                IpamIndex::handle_key(&h).to_string()
             }
             Object::ClusterInformation(c) => {
                 let name = c.metadata.name.clone();
@@ -402,14 +397,11 @@ impl Controller {
 
     fn delete(&mut self, obj: Object) {
         match obj {
-            Object::Pod(p) => {
-                self.index.delete_pod(&p.namespace, &p.name);
-                self.known.pods.remove(&(p.namespace.clone(), p.name.clone()));
-            }
+            Object::Pod(p) => self.index.delete_pod(&p.namespace, &p.name),
             Object::Node(n) => self.delete_key(Source::Nodes, &n.metadata.name),
             Object::Block(b) => self.delete_key(Source::Blocks, &b.metadata.name),
             Object::Affinity(a) => self.delete_key(Source::Affinities, &a.metadata.name),
-            Object::Handle(h) => self.delete_key(Source::Handles, &h.metadata.name),
+            Object::Handle(h) => self.delete_key(Source::Handles, IpamIndex::handle_key(&h)),
             Object::ClusterInformation(c) => self.delete_key(Source::ClusterInformation, &c.metadata.name),
             Object::KubeControllersConfiguration(k) => self.delete_key(Source::KubeControllersConfiguration, &k.metadata.name),
             Object::IpamConfig(c) => self.delete_key(Source::IpamConfig, &c.metadata.name),
@@ -425,7 +417,6 @@ impl Controller {
             Source::Pods => {
                 if let Some((ns, name)) = key.split_once('/') {
                     self.index.delete_pod(ns, name);
-                    self.known.pods.remove(&(ns.to_string(), name.to_string()));
                 }
             }
             Source::Nodes => {
@@ -444,11 +435,7 @@ impl Controller {
                 self.index.delete_affinity(key);
                 self.known.affinities.remove(key);
             }
-            Source::Handles => {
-                if let Some(id) = self.known.handles.remove(key) {
-                    self.index.delete_handle(&id);
-                }
-            }
+            Source::Handles => self.index.delete_handle(key),
             Source::ClusterInformation if key == "default" => self.cluster_info = None,
             Source::KubeControllersConfiguration if key == "default" => {
                 self.kcc = None;
@@ -478,11 +465,19 @@ impl Controller {
     /// Deletes what the index holds of `source` but the relist did not show.
     fn finish_relist(&mut self, source: Source, seen: &HashSet<String>) {
         let stale: Vec<String> = match source {
-            Source::Pods => self.known.pods.iter().map(|(ns, n)| format!("{ns}/{n}")).filter(|k| !seen.contains(k)).collect(),
+            // Pods and handles are listed from the index itself: no second copy of their names.
+            Source::Pods => self
+                .index
+                .present_pods()
+                .map(|p| format!("{}/{}", self.index.resolve(p.namespace), self.index.resolve(p.name)))
+                .filter(|k| !seen.contains(k))
+                .collect(),
             Source::Nodes => self.known.nodes.iter().filter(|k| !seen.contains(*k)).cloned().collect(),
             Source::Blocks => self.known.blocks.keys().filter(|k| !seen.contains(*k)).cloned().collect(),
             Source::Affinities => self.known.affinities.iter().filter(|k| !seen.contains(*k)).cloned().collect(),
-            Source::Handles => self.known.handles.keys().filter(|k| !seen.contains(*k)).cloned().collect(),
+            Source::Handles => {
+                self.index.handles().map(|(id, _)| self.index.resolve(id)).filter(|k| !seen.contains(*k)).map(str::to_string).collect()
+            }
             Source::Pools => self.known.pools.keys().filter(|k| !seen.contains(*k)).cloned().collect(),
             Source::Reservations => self.known.reservations.keys().filter(|k| !seen.contains(*k)).cloned().collect(),
             Source::VirtualMachines => {
@@ -947,6 +942,47 @@ mod tests {
         assert_eq!(c.full_period(), Duration::from_secs(120));
         c.handle(input(Source::KubeControllersConfiguration, Change::Apply(kcc("0s"))));
         assert_eq!(c.full_period(), Duration::from_secs(300), "grace 0 still looks for gone nodes");
+    }
+
+    fn pod_obj(ns: &str, name: &str) -> Object {
+        let lite: crate::model::PodLite = serde_json::from_value(json!({
+            "metadata": {"namespace": ns, "name": name, "uid": "u"},
+            "spec": {"nodeName": "n1"},
+            "status": {"phase": "Running", "podIP": "10.0.0.1", "podIPs": [{"ip": "10.0.0.1"}]}
+        }))
+        .unwrap();
+        Object::Pod(Box::new(PodFacts::from_lite(&lite).0))
+    }
+
+    fn handle_obj(id: &str) -> Object {
+        Object::Handle(
+            serde_json::from_value(json!({
+                "metadata": {"name": crate::model::names::handle_object_name(id), "resourceVersion": "1", "uid": "00000000-0000-4000-8000-000000000003"},
+                "spec": {"handleID": id, "block": {}, "deleted": false}
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_relist_drops_pods_and_handles_it_no_longer_shows_straight_from_the_index() {
+        let (mut c, _) = controller();
+        list(&mut c, Source::Pods, vec![pod_obj("a", "p1"), pod_obj("a", "p2"), pod_obj("b", "p1")]);
+        // A handle ID whose object name differs from it (upper case and a `\r` suffix).
+        list(&mut c, Source::Handles, vec![handle_obj("k8s-pod-network.Keep\r"), handle_obj("k8s-pod-network.gone")]);
+        assert_eq!(c.index.present_pods().count(), 3);
+        assert_eq!(c.index.handles().count(), 2);
+        list(&mut c, Source::Pods, vec![pod_obj("a", "p2")]);
+        list(&mut c, Source::Handles, vec![handle_obj("k8s-pod-network.Keep\r")]);
+        let pods: Vec<String> = c.index.present_pods().map(|p| format!("{}/{}", c.index.resolve(p.namespace), c.index.resolve(p.name))).collect();
+        assert_eq!(pods, ["a/p2"]);
+        let handles: Vec<&str> = c.index.handles().map(|(id, _)| c.index.resolve(id)).collect();
+        assert_eq!(handles, ["k8s-pod-network.Keep"], "the index keys the handle by its cleaned ID");
+        // A watch delete names the handle by its object; the index forgets it by ID.
+        c.handle(input(Source::Handles, Change::Delete(handle_obj("k8s-pod-network.Keep\r"))));
+        c.handle(input(Source::Pods, Change::Delete(pod_obj("a", "p2"))));
+        assert_eq!((c.index.handles().count(), c.index.present_pods().count()), (0, 0));
+        c.index.check_invariants().unwrap();
     }
 
     #[tokio::test]
