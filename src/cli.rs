@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -308,9 +308,6 @@ fn health_probe(a: &HealthArgs) -> i32 {
     }
 }
 
-pub fn now_millis() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
 
 fn leak_scan(a: LeakScanArgs) -> anyhow::Result<i32> {
     let started = Instant::now();
@@ -331,7 +328,7 @@ fn leak_scan(a: LeakScanArgs) -> anyhow::Result<i32> {
     if tty && started.elapsed().as_secs_f64() > 1.0 {
         eprintln!();
     }
-    let r = report::scan_dump(&mut contents, now_millis())?;
+    let r = report::scan_dump(&mut contents, calico_kube_controllers::runtime::controller::now_millis())?;
     // Pretty JSON is many short lines: buffer them instead of a write per line.
     let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
     match a.output {

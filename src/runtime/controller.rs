@@ -842,15 +842,10 @@ impl Controller {
     }
 }
 
-/// Writes `report` as pretty JSON to `path` through a temporary file and a rename, so a reader
-/// never sees half a report.
+/// Writes `report` as pretty JSON to `path`, atomically (a reader never sees half a report).
 fn write_report_file(path: &std::path::Path, report: &crate::scan::report::LeakReport) -> std::io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
     let bytes = serde_json::to_vec_pretty(report).map_err(std::io::Error::other)?;
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
+    super::status::write_atomically(path, &bytes)
 }
 
 fn singleton_gone(held: bool, seen: &HashSet<String>) -> Vec<String> {
