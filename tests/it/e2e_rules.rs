@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, PostParams};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::support::cluster::{private_cluster, set_pod_ips, set_pod_status};
 use crate::support::controller::{free_port, http_get, start_controller, wait_for};
-use crate::support::ipam::{Alloc, Ipam, pod_attrs, tunnel_attrs};
+use crate::support::ipam::{Alloc, Ipam, add_allocation, pod_attrs, tunnel_attrs};
 
 const X: &str = "10.66.0.0/26";
 const Y: &str = "10.66.0.64/26";
@@ -96,24 +96,9 @@ async fn each_gc_rule_frees_or_keeps_its_address_while_a_concurrent_writer_loses
         let mut written = Vec::new();
         let mut conflicts = 0u32;
         for ordinal in 20u32..50 {
-            loop {
-                let mut b = writer_blocks.get(&writer_block).await.expect("writer read");
-                let spec = &mut b.data["spec"];
-                let attrs = spec["attributes"].as_array_mut().unwrap();
-                attrs.push(json!({"handle_id": format!("writer-{ordinal}"), "secondary": {"node": "n1", "type": "ipipTunnelAddress"}}));
-                let index = attrs.len() - 1;
-                spec["allocations"][ordinal as usize] = json!(index);
-                let unallocated: Vec<Value> = spec["unallocated"].as_array().unwrap().iter().filter(|o| **o != json!(ordinal)).cloned().collect();
-                spec["unallocated"] = json!(unallocated);
-                let seq = spec["sequenceNumber"].as_u64().unwrap() + 1;
-                spec["sequenceNumber"] = json!(seq);
-                spec["sequenceNumberForAllocation"][ordinal.to_string()] = json!(seq);
-                match writer_blocks.replace(&writer_block, &PostParams::default(), &b).await {
-                    Ok(_) => break,
-                    Err(kube::Error::Api(s)) if s.code == 409 => conflicts += 1,
-                    Err(e) => panic!("writer: {e}"),
-                }
-            }
+            let handle = format!("writer-{ordinal}");
+            let tunnel = Alloc { ordinal, handle: &handle, secondary: tunnel_attrs("n1", "ipipTunnelAddress") };
+            conflicts += add_allocation(&writer_blocks, &writer_block, &tunnel).await;
             written.push(ordinal);
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

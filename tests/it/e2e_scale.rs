@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::support::cluster::{private_cluster, set_pod_ips};
 use crate::support::controller::{calico, free_port, http_get, metric_sum, start_controller};
+use crate::support::ipam::{Alloc, affinity_object, block_object, handle_object, pod_attrs};
 
 const PODS_PER_NODE: u32 = 30;
 /// Requests in flight while building the cluster: enough to keep kube-apiserver busy on 2 cores.
@@ -64,25 +65,12 @@ async fn deleting_a_fifth_of_the_nodes_cleans_their_ipam_and_touches_nothing_els
                 let name = format!("scale-n{i}");
                 nodes.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": name}})).unwrap()).await.expect("node");
                 let (cidr, _) = block_cidr(i);
-                let mut allocations = vec![Value::Null; 64];
-                let mut attributes = Vec::new();
-                let mut seq = serde_json::Map::new();
-                for j in 0..PODS_PER_NODE {
-                    allocations[1 + j as usize] = json!(j);
-                    attributes.push(json!({"handle_id": handle_id(i, j), "secondary": {"namespace": ns, "pod": format!("p-{i}-{j}"), "node": name}}));
-                    seq.insert((1 + j).to_string(), json!(j + 1));
-                }
-                let unallocated: Vec<u32> = (0..64).filter(|o| *o == 0 || *o > PODS_PER_NODE).collect();
-                let block = kube::api::DynamicObject::new(&cidr.replace(['.', '/'], "-"), &calico("IPAMBlock", "ipamblocks")).data(json!({"spec": {
-                    "cidr": cidr, "affinity": format!("host:{name}"), "strictAffinity": false, "deleted": false,
-                    "allocations": allocations, "unallocated": unallocated, "attributes": attributes,
-                    "sequenceNumber": PODS_PER_NODE + 1, "sequenceNumberForAllocation": seq,
-                }}));
-                blocks.create(&PostParams::default(), &block).await.expect("block");
-                let net: ipnet::IpNet = cidr.parse().unwrap();
-                let a = kube::api::DynamicObject::new(&calico_kube_controllers::model::names::affinity_name(&name, &net), &calico("BlockAffinity", "blockaffinities"))
-                    .data(json!({"spec": {"cidr": cidr, "node": name, "state": "confirmed", "type": "host", "deleted": "false"}}));
-                affinities.create(&PostParams::default(), &a).await.expect("affinity");
+                let handles: Vec<String> = (0..PODS_PER_NODE).map(|j| handle_id(i, j)).collect();
+                let allocs: Vec<Alloc> = (0..PODS_PER_NODE)
+                    .map(|j| Alloc { ordinal: 1 + j, handle: &handles[j as usize], secondary: pod_attrs(&ns, &format!("p-{i}-{j}"), &name) })
+                    .collect();
+                blocks.create(&PostParams::default(), &block_object(&cidr, Some(&name), &allocs)).await.expect("block");
+                affinities.create(&PostParams::default(), &affinity_object(&name, &cidr)).await.expect("affinity");
             }
         })
         .await;
@@ -96,10 +84,7 @@ async fn deleting_a_fifth_of_the_nodes_cleans_their_ipam_and_touches_nothing_els
                 pods.create(&PostParams::default(), &serde_json::from_value(pod).unwrap()).await.expect("pod");
                 set_pod_ips(&pods, &name, &[&pod_ip(i, j)]).await;
                 let (cidr, _) = block_cidr(i);
-                let id = handle_id(i, j);
-                let h = kube::api::DynamicObject::new(&calico_kube_controllers::model::names::handle_object_name(&id), &calico("IPAMHandle", "ipamhandles"))
-                    .data(json!({"spec": {"handleID": id, "block": {cidr: 1}, "deleted": false}}));
-                handles.create(&PostParams::default(), &h).await.expect("handle");
+                handles.create(&PostParams::default(), &handle_object(&handle_id(i, j), &cidr, 1)).await.expect("handle");
             }
         })
         .await;

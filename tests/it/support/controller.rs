@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use calico_kube_controllers::model::names::{affinity_name, handle_object_name};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::cluster::{TestCluster, set_pod_ips};
+use crate::support::ipam::{Alloc, Ipam, pod_attrs};
 
 pub const DEADLINE: Duration = Duration::from_secs(30);
 pub const CIDR: &str = "10.65.0.0/26";
@@ -87,33 +87,16 @@ pub async fn setup(cluster: &TestCluster) -> Setup {
     pods.create(&PostParams::default(), &pod).await.expect("live pod");
     set_pod_ips(&pods, "live", &[LIVE_IP]).await;
 
-    let cidr: ipnet::IpNet = CIDR.parse().unwrap();
-    let block_name = CIDR.replace(['.', '/'], "-");
     let live_handle = format!("k8s-pod-network.live-{ns}");
     let gone_handle = format!("k8s-pod-network.gone-{ns}");
-    let blocks: Api<DynamicObject> = Api::all_with(client.clone(), &calico("IPAMBlock", "ipamblocks"));
-    let handles: Api<DynamicObject> = Api::all_with(client.clone(), &calico("IPAMHandle", "ipamhandles"));
-    let affinities: Api<DynamicObject> = Api::all_with(client.clone(), &calico("BlockAffinity", "blockaffinities"));
-    let mut allocations = vec![Value::Null; 64];
-    allocations[1] = json!(0);
-    allocations[2] = json!(1);
-    let unallocated: Vec<u32> = (0..64).filter(|o| *o != 1 && *o != 2).collect();
-    let attr = |handle: &str, pod: &str| json!({"handle_id": handle, "secondary": {"namespace": ns, "node": NODE, "pod": pod, "timestamp": "2026-01-02 03:04:05.1 +0000 UTC"}});
-    let block = DynamicObject::new(&block_name, &calico("IPAMBlock", "ipamblocks")).data(json!({"spec": {
-        "cidr": CIDR, "affinity": format!("host:{NODE}"), "strictAffinity": false, "deleted": false,
-        "allocations": allocations, "unallocated": unallocated,
-        "attributes": [attr(&live_handle, "live"), attr(&gone_handle, "gone")],
-        "sequenceNumber": 3, "sequenceNumberForAllocation": {"1": 1, "2": 2},
-    }}));
-    blocks.create(&PostParams::default(), &block).await.expect("block");
-    for h in [&live_handle, &gone_handle] {
-        let o = DynamicObject::new(&handle_object_name(h), &calico("IPAMHandle", "ipamhandles"))
-            .data(json!({"spec": {"handleID": h, "block": {CIDR: 1}, "deleted": false}}));
-        handles.create(&PostParams::default(), &o).await.expect("handle");
-    }
-    let a = DynamicObject::new(&affinity_name(NODE, &cidr), &calico("BlockAffinity", "blockaffinities"))
-        .data(json!({"spec": {"cidr": CIDR, "node": NODE, "state": "confirmed", "type": "host", "deleted": "false"}}));
-    affinities.create(&PostParams::default(), &a).await.expect("affinity");
+    let ipam = Ipam::new(&client);
+    let block_name = ipam
+        .block(CIDR, Some(NODE), &[
+            Alloc { ordinal: 1, handle: &live_handle, secondary: pod_attrs(&ns, "live", NODE) },
+            Alloc { ordinal: 2, handle: &gone_handle, secondary: pod_attrs(&ns, "gone", NODE) },
+        ])
+        .await;
+    let Ipam { blocks, handles, .. } = ipam;
     Setup { blocks, handles, block_name, live_handle, gone_handle, gone_ip: "10.65.0.2" }
 }
 
@@ -121,32 +104,18 @@ pub fn start_controller(cluster: &TestCluster, extra: &[&str], port: u16, label:
     start_controller_with(&cluster.kubeconfig, extra, &[], port, label)
 }
 
-/// The controller binary with `--metrics-port port`, `--leak-grace-period 2s` unless `extra` sets
-/// it, then `extra`,
-/// reaching the cluster through `kubeconfig`, with `env` added; its log goes to a file named
-/// after `label`.
+/// `run --metrics-port port`, `--leak-grace-period 2s` unless `extra` sets it, then `extra`,
+/// reaching the cluster through `kubeconfig`, with `LOG_LEVEL=info` and `env`.
 pub fn start_controller_with(kubeconfig: &Path, extra: &[&str], env: &[(&str, &str)], port: u16, label: &str) -> ChildGuard {
-    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("controller-{label}-{}.log", std::process::id()));
-    let file = std::fs::File::create(&log).expect("log file");
     let port = port.to_string();
     let mut args = vec!["run", "--metrics-port", port.as_str()];
     if !extra.contains(&"--leak-grace-period") {
         args.extend_from_slice(&["--leak-grace-period", "2s"]);
     }
     args.extend_from_slice(extra);
-    let mut command = Command::new(env!("CARGO_BIN_EXE_calico-kube-controllers"));
-    command
-        .args(&args)
-        .env("KUBECONFIG", kubeconfig)
-        .env("LOG_LEVEL", "info")
-        .env_remove("CKC_DRY_RUN")
-        .stdout(Stdio::null())
-        .stderr(file);
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    let child = command.spawn().expect("starting the controller");
-    ChildGuard { child, log }
+    let mut all_env = vec![("LOG_LEVEL", "info")];
+    all_env.extend_from_slice(env);
+    spawn_controller(kubeconfig, &args, &all_env, label)
 }
 
 /// Polls `check` every 200 ms until it returns `Some`, failing the test with `what` after
@@ -193,10 +162,16 @@ pub async fn install_deploy_base(cluster: &TestCluster, label: &str) -> PathBuf 
 /// grace override, no LOG_LEVEL, so the KubeControllersConfiguration decides what the test
 /// leaves open.
 pub fn start_controller_env(cluster: &TestCluster, args: &[&str], env: &[(&str, &str)], label: &str) -> ChildGuard {
+    spawn_controller(&cluster.kubeconfig, args, env, label)
+}
+
+/// The controller binary with exactly `args`, `KUBECONFIG` and `env`: the configuration variables
+/// of the test process itself are not inherited. Its log goes to a file named after `label`.
+fn spawn_controller(kubeconfig: &Path, args: &[&str], env: &[(&str, &str)], label: &str) -> ChildGuard {
     let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("controller-{label}-{}.log", std::process::id()));
     let file = std::fs::File::create(&log).expect("log file");
     let mut command = Command::new(env!("CARGO_BIN_EXE_calico-kube-controllers"));
-    command.args(args).env("KUBECONFIG", &cluster.kubeconfig);
+    command.args(args).env("KUBECONFIG", kubeconfig);
     for var in ["LOG_LEVEL", "CKC_DRY_RUN", "ENABLED_CONTROLLERS", "DATASTORE_TYPE", "LOG_FORMAT", "HEALTH_ENABLED"] {
         command.env_remove(var);
     }

@@ -2,14 +2,12 @@
 //! `POD_NAME` (and so by their User-Agent), the `kube_controllers_leader` gauge, the Lease, and
 //! one more leaked allocation for a fixture block. Test plumbing only.
 
-
-use calico_kube_controllers::model::names::handle_object_name;
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::{Api, DynamicObject, PostParams};
-use serde_json::{Value, json};
+use kube::api::{Api, PostParams};
 
 use crate::support::cluster::TestCluster;
-use crate::support::controller::{CIDR, ChildGuard, NODE, Setup, calico, http_get, metric_sum, start_controller_with};
+use crate::support::controller::{CIDR, ChildGuard, NODE, Setup, http_get, metric_sum, start_controller_with};
+use crate::support::ipam::{Alloc, add_allocation, handle_object, pod_attrs};
 
 pub const LEASE_NAMESPACE: &str = "kube-system";
 pub const LEASE_NAME: &str = "calico-kube-controllers";
@@ -43,33 +41,7 @@ pub fn lease_holder(lease: &Lease) -> Option<String> {
 pub async fn add_gone_allocation(s: &Setup, ordinal: u32, pod: &str) -> (String, String) {
     let ns = s.gone_handle.trim_start_matches("k8s-pod-network.gone-").to_string();
     let handle = format!("k8s-pod-network.{pod}-{ns}");
-    let o = DynamicObject::new(&handle_object_name(&handle), &calico("IPAMHandle", "ipamhandles"))
-        .data(json!({"spec": {"handleID": handle, "block": {CIDR: 1}, "deleted": false}}));
-    s.handles.create(&PostParams::default(), &o).await.expect("creating the new leak's handle");
-    for _ in 0..20 {
-        let mut block = s.blocks.get(&s.block_name).await.expect("reading the block");
-        let spec = &mut block.data["spec"];
-        assert!(spec["allocations"][ordinal as usize].is_null(), "ordinal {ordinal} is taken: {spec}");
-        let attrs = spec["attributes"].as_array_mut().expect("attributes");
-        attrs.push(json!({"handle_id": handle, "secondary": {"namespace": ns, "node": NODE, "pod": pod, "timestamp": "2026-01-02 03:04:05.1 +0000 UTC"}}));
-        let index = attrs.len() - 1;
-        spec["allocations"][ordinal as usize] = json!(index);
-        let unallocated: Vec<Value> = spec["unallocated"].as_array().expect("unallocated").iter().filter(|o| o.as_u64() != Some(u64::from(ordinal))).cloned().collect();
-        spec["unallocated"] = Value::Array(unallocated);
-        let seq = spec["sequenceNumber"].as_u64().unwrap_or(0) + 1;
-        spec["sequenceNumber"] = json!(seq);
-        if !spec["sequenceNumberForAllocation"].is_object() {
-            spec["sequenceNumberForAllocation"] = json!({});
-        }
-        spec["sequenceNumberForAllocation"][ordinal.to_string()] = json!(seq);
-        match s.blocks.replace(&s.block_name, &PostParams::default(), &block).await {
-            Ok(_) => {
-                let ip = format!("10.65.0.{ordinal}");
-                return (handle, ip);
-            }
-            Err(kube::Error::Api(status)) if status.code == 409 => continue,
-            Err(e) => panic!("writing the new leak into the block: {e}"),
-        }
-    }
-    panic!("20 conflicts in a row writing the block");
+    s.handles.create(&PostParams::default(), &handle_object(&handle, CIDR, 1)).await.expect("creating the new leak's handle");
+    add_allocation(&s.blocks, &s.block_name, &Alloc { ordinal, handle: &handle, secondary: pod_attrs(&ns, pod, NODE) }).await;
+    (handle, format!("10.65.0.{ordinal}"))
 }
