@@ -154,7 +154,8 @@ async fn deleting_a_fifth_of_the_nodes_cleans_their_ipam_and_touches_nothing_els
     // Survivors: every remaining block still holds all of its pods' addresses.
     for i in deleted_n..nodes_n {
         let (cidr, _) = block_cidr(i);
-        let b = blocks.get(&cidr.replace(['.', '/'], "-")).await.expect("a surviving node's block");
+        let name = calico_kube_controllers::model::names::cidr_to_name(&cidr.parse().unwrap());
+        let b = blocks.get(&name).await.expect("a surviving node's block");
         let held = b.data["spec"]["allocations"].as_array().unwrap().iter().filter(|v| !v.is_null()).count();
         assert_eq!(held, PODS_PER_NODE as usize, "surviving node scale-n{i} lost addresses");
     }

@@ -1,7 +1,7 @@
 //! Building Calico IPAM state in a test cluster the way the CNI plugin leaves it: blocks with
 //! allocations and attributes, the handles that count them, and host affinities. Test plumbing.
 
-use calico_kube_controllers::model::names::{affinity_name, handle_object_name};
+use calico_kube_controllers::model::names::{affinity_name, cidr_to_name, handle_object_name};
 use kube::Client;
 use kube::api::{Api, DynamicObject, PostParams};
 use serde_json::{Value, json};
@@ -112,7 +112,7 @@ pub fn block_object(cidr: &str, node: Option<&str>, allocs: &[Alloc<'_>]) -> Dyn
     }
     let unallocated: Vec<u32> = (0..size).filter(|o| !allocs.iter().any(|a| a.ordinal == *o)).collect();
     let affinity = node.map(|n| format!("host:{n}"));
-    DynamicObject::new(&cidr.replace(['.', '/', ':'], "-"), &calico("IPAMBlock", "ipamblocks")).data(json!({"spec": {
+    DynamicObject::new(&cidr_to_name(&net), &calico("IPAMBlock", "ipamblocks")).data(json!({"spec": {
         "cidr": cidr, "affinity": affinity, "strictAffinity": false, "deleted": false,
         "allocations": allocations, "unallocated": unallocated, "attributes": attributes,
         "sequenceNumber": allocs.len() + 1, "sequenceNumberForAllocation": seq,
