@@ -19,14 +19,18 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 pub mod apply;
+pub mod cluster;
 pub mod conformance;
 #[cfg(feature = "cli")]
 pub mod kube;
 pub mod memory;
 pub mod rate;
+pub mod watch;
 
 pub use apply::{ExecuteOptions, ItemFailure, ItemRef, KeepGoing, PlanOutcome, execute_plan};
+pub use cluster::{ClusterKind, ClusterReader};
 pub use memory::{MemoryDatastore, Op, block_on};
+pub use watch::{WatchEvent, WatchFailure, WatchStream};
 
 /// The Calico kinds this product reads or writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -1,0 +1,64 @@
+//! The Kubernetes reader: the objects the GC judges allocations against, which live in
+//! Kubernetes whatever Calico's datastore is (pods, nodes, KubeVirt's VMs), and the apiserver's
+//! own health. The GC loop, start-up and health checks see Kubernetes only through this trait.
+//!
+//! Owns: [`ClusterKind`] and the [`ClusterReader`] trait (list + watch with the protocol of
+//! [`super::watch`], single reads for re-validation, discovery, `/healthz`).
+//! Must not: import tokio or kube (part of the pure core), write anything, or cache objects.
+
+use std::future::Future;
+
+use super::watch::WatchStream;
+use super::{DsResult, Stored};
+
+/// The Kubernetes kinds the controller reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ClusterKind {
+    Pod,
+    Node,
+    VirtualMachine,
+    VirtualMachineInstance,
+}
+
+impl ClusterKind {
+    pub const ALL: [ClusterKind; 4] = [ClusterKind::Pod, ClusterKind::Node, ClusterKind::VirtualMachine, ClusterKind::VirtualMachineInstance];
+
+    /// The resource plural; also a bounded metric label.
+    pub fn plural(self) -> &'static str {
+        match self {
+            ClusterKind::Pod => "pods",
+            ClusterKind::Node => "nodes",
+            ClusterKind::VirtualMachine => "virtualmachines",
+            ClusterKind::VirtualMachineInstance => "virtualmachineinstances",
+        }
+    }
+
+    pub fn namespaced(self) -> bool {
+        !matches!(self, ClusterKind::Node)
+    }
+
+    /// Served only where KubeVirt is installed.
+    pub fn optional(self) -> bool {
+        matches!(self, ClusterKind::VirtualMachine | ClusterKind::VirtualMachineInstance)
+    }
+}
+
+/// Read access to Kubernetes. [`Stored::name`] is the object's `metadata.name`; the namespace is
+/// in the body (`metadata.namespace`).
+pub trait ClusterReader: Send + Sync {
+    /// List + watch of every object of `kind`, in all namespaces.
+    fn watch(&self, kind: ClusterKind) -> WatchStream;
+
+    /// One object, or `NotFound`. `namespace` is ignored for cluster-scoped kinds.
+    fn get(&self, kind: ClusterKind, namespace: &str, name: &str) -> impl Future<Output = DsResult<Stored>> + Send;
+
+    /// Every object of `kind`, handed to `sink` page by page as it arrives (a large cluster's
+    /// pods are never all in memory at once). `NotFound` if the cluster does not serve the kind.
+    fn list_each(&self, kind: ClusterKind, sink: &mut (dyn FnMut(Stored) + Send)) -> impl Future<Output = DsResult<u64>> + Send;
+
+    /// Whether the cluster serves `kind` now (KubeVirt's kinds may be installed later).
+    fn serves(&self, kind: ClusterKind) -> impl Future<Output = DsResult<bool>> + Send;
+
+    /// The apiserver's `/healthz`: `Ok` when it answers `ok`, else why not.
+    fn healthz(&self) -> impl Future<Output = Result<(), String>> + Send;
+}
