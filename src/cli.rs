@@ -328,7 +328,7 @@ fn leak_scan(a: LeakScanArgs) -> anyhow::Result<i32> {
     if tty && started.elapsed().as_secs_f64() > 1.0 {
         eprintln!();
     }
-    let r = report::scan_dump(&mut contents, calico_kube_controllers::runtime::controller::now_millis())?;
+    let r = report::scan_dump(&mut contents, calico_kube_controllers::runtime::ipam_gc::clock::now_millis())?;
     // Pretty JSON is many short lines: buffer them instead of a write per line.
     let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
     match a.output {

@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::Shared;
-use super::controller::now_millis;
+use super::ipam_gc::clock::now_millis;
 use crate::datastore::kube::status_code;
 use crate::model::time::{Millis, format_go_duration};
 

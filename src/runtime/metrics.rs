@@ -59,6 +59,8 @@ pub struct Metrics {
     pub datastore_paused: bool,
     /// This replica holds the Lease and may write.
     pub leader: bool,
+    /// Datastore calls the plan executor made, by how they ended.
+    pub executor_calls: crate::runtime::ipam_gc::executor::CallCounts,
 }
 
 /// Resident set size from `/proc/self/status` (`VmRSS`, in kB: no page-size assumption; Linux
@@ -92,7 +94,7 @@ impl Metrics {
     pub fn render(&self, api: &ApiCounters) -> String {
         let mut out = String::with_capacity(4096);
         let h = "ipam_gc_pass_duration_seconds";
-        header(&mut out, h, "histogram", "Duration of a GC pass (decision and writes), by scan scope.");
+        header(&mut out, h, "histogram", "Duration of a GC pass (the decision; its writes run in the executor), by scan scope.");
         histogram(&mut out, h, "full", &self.pass_full);
         histogram(&mut out, h, "dirty", &self.pass_dirty);
 
@@ -117,6 +119,12 @@ impl Metrics {
         header(&mut out, "ipam_gc_write_errors_total", "counter", "Plan items given up for a pass, by error category.");
         for (category, n) in &self.write_errors_total {
             let _ = writeln!(out, "ipam_gc_write_errors_total{{category=\"{category}\"}} {n}");
+        }
+
+        header(&mut out, "ipam_gc_datastore_calls_total", "counter", "Datastore calls made by the plan executor (writes and re-validation reads), by outcome; each call runs under a timeout.");
+        let calls = &self.executor_calls;
+        for (outcome, n) in [("succeeded", calls.succeeded), ("failed", calls.failed), ("timed_out", calls.timed_out)] {
+            let _ = writeln!(out, "ipam_gc_datastore_calls_total{{outcome=\"{outcome}\"}} {n}");
         }
 
         header(&mut out, "ipam_gc_items_backing_off", "gauge", "Plan items skipped until their per-item backoff after a transient failure ends, by item kind.");

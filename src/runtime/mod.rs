@@ -2,9 +2,9 @@
 //! (`/metrics`, `/leak-report`, `/liveness`, `/readiness`), the status file, start-of-day writes
 //! and live configuration.
 //!
-//! Pipeline: `watch` (needs a client) → `controller` (owns the index; pure decisions from
-//! `ipam::gc`, writes through the datastore, which needs a client, only while `leader` says this
-//! replica holds the Lease) → [`Shared`] → `http`.
+//! Pipeline: `watch` (list + watch through the datastore seam and the Kubernetes reader) →
+//! `ipam_gc` (owns the index; pure decisions from `ipam::gc`; its executor task writes through
+//! the datastore only while `leader` says this replica holds the Lease) → [`Shared`] → `http`.
 //! The controller merges env and the KubeControllersConfiguration (`crate::config`) and
 //! publishes the result; `live` applies it in process (log level, metrics listener, health
 //! checks) and the writer task (behind the WRITE GATE below, started only on the leader)
@@ -21,31 +21,31 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
 use crate::config::{EnvConfig, LogLevel, RunConfig};
-use crate::datastore::kube::{ApiCounters, KubeDatastore};
+use crate::datastore::kube::{ApiCounters, KubeCluster, KubeDatastore};
 use crate::health;
 use crate::scan::report::LeakReport;
 
 pub mod backoff;
-pub mod controller;
 pub mod discovery;
 pub mod health_check;
 pub mod http;
 pub mod init;
 pub mod ipam_gauges;
+pub mod ipam_gc;
 pub mod leader;
 pub mod live;
 pub mod metrics;
 pub mod status;
 pub mod watch;
 
-pub use controller::ControllerOptions;
+pub use ipam_gc::ControllerOptions;
 pub use leader::{ElectionOptions, Timing};
 pub use metrics::Metrics;
 pub use status::{DEFAULT_STATUS_FILE, StatusReporter};
 
 /// Watch inputs queued for the index owner. When full, the watchers wait: back-pressure instead
 /// of unbounded memory during a relist of a large cluster (upstream buffers 1000 per channel).
-const INPUT_QUEUE: usize = 4096;
+pub(crate) const INPUT_QUEUE: usize = 4096;
 
 /// The merged configuration as the controller last computed it, and whether the `default`
 /// KubeControllersConfiguration exists (the writer recreates it when deleted).
@@ -205,7 +205,11 @@ pub async fn run(client: kube::Client, opts: RunOptions, stop: impl Future<Outpu
     let bucket = crate::datastore::rate::TokenBucket::new(opts.client_qps, opts.client_burst)?;
     // Before any watch: a cluster on Calico's v3 API would look empty through v1 watches.
     discovery::check_api_group(&client, opts.api_group.as_deref()).await?;
-    let ds = KubeDatastore::new(client.clone(), opts.controller.dry_run, api).with_rate_limit(bucket);
+    let ds = KubeDatastore::new(client.clone(), opts.controller.dry_run, api.clone()).with_rate_limit(bucket);
+    // Pods, nodes and the re-validation reads: Kubernetes whatever the datastore (the same
+    // client-side request limit as the writer's).
+    let cluster = Arc::new(KubeCluster::new(client.clone(), api, ds.limiter()));
+    let ds = Arc::new(ds);
     if opts.controller.dry_run {
         tracing::warn!("dry run: plans are reported, nothing is written");
     }
@@ -224,7 +228,7 @@ pub async fn run(client: kube::Client, opts: RunOptions, stop: impl Future<Outpu
     }
 
     let (tx, rx) = mpsc::channel(INPUT_QUEUE);
-    let watchers = watch::spawn_all(&client, &tx, &shared);
+    let watchers = watch::spawn_all(&ds, &cluster, &tx, &shared);
     drop(tx);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let live_task = tokio::spawn(live::apply_config(shared.clone(), opts.clone(), metrics));
@@ -252,7 +256,7 @@ pub async fn run(client: kube::Client, opts: RunOptions, stop: impl Future<Outpu
         Some(tokio::spawn(writer_while_leading(client.clone(), shared.clone(), may_write.clone(), fatal_tx)))
     };
 
-    let controller = controller::Controller::new(ds, opts.controller.clone(), shared.clone(), may_write);
+    let controller = ipam_gc::GcController::new(ds.clone(), cluster.clone(), opts.controller.clone(), shared.clone(), may_write);
     let gc_task = tokio::spawn(controller.run(rx, stop_rx));
 
     let result = tokio::select! {

@@ -10,19 +10,20 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::health::{Liveness, StatusBoard, StatusFile};
 
 /// Upstream's default `--status-file`.
 pub const DEFAULT_STATUS_FILE: &str = "/status/status.json";
 
-/// The controller loop beats at least this often while idle (see `controller.rs`).
+/// The controller loop beats at least this often while idle (see `ipam_gc`).
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
 /// A heartbeat older than this means the loop is wedged and the process should be restarted.
-/// A GC round holds the loop while its writes run (at most 10k releases, each one API call),
-/// and one call may legitimately take up to kube's 295 s read timeout; 300 s stays above both,
-/// and with the kubelet's 6 × 10 s failure threshold a wedged loop is restarted within 6 min.
+/// The loop never waits on a write (the executor task runs them), so its longest legitimate
+/// silence is applying one batch of inputs or one pass (well under a second at 250k
+/// allocations); 300 s leaves room for a starved 2-core node, and with the kubelet's 6 × 10 s
+/// failure threshold a wedged loop is restarted within 6 min.
 pub const HEARTBEAT_STALE: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Default)]
@@ -30,7 +31,8 @@ pub struct StatusReporter {
     board: Mutex<StatusBoard>,
     path: Option<PathBuf>,
     warned: AtomicBool,
-    heartbeat: Mutex<Option<Instant>>,
+    /// tokio's clock, so loop tests on a paused runtime see the heartbeat age as the loop does.
+    heartbeat: Mutex<Option<tokio::time::Instant>>,
 }
 
 impl StatusReporter {
@@ -56,7 +58,7 @@ impl StatusReporter {
     }
 
     pub fn beat(&self) {
-        *self.heartbeat.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        *self.heartbeat.lock().unwrap_or_else(|p| p.into_inner()) = Some(tokio::time::Instant::now());
     }
 
     /// Time since the controller loop last beat; `None` before it started.
@@ -142,7 +144,7 @@ mod tests {
     fn a_stale_heartbeat_fails_liveness() {
         let r = StatusReporter::new(None);
         assert_eq!(r.live(), Ok(()));
-        *r.heartbeat.lock().unwrap() = Instant::now().checked_sub(HEARTBEAT_STALE + Duration::from_secs(1));
+        *r.heartbeat.lock().unwrap() = tokio::time::Instant::now().checked_sub(HEARTBEAT_STALE + Duration::from_secs(1));
         if r.heartbeat_age().is_some() {
             assert!(r.live().unwrap_err().contains("controller loop silent"));
         }

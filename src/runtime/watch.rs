@@ -1,26 +1,22 @@
-//! Watches into one channel: a task per kind runs `kube::runtime::watcher` (paged initial list,
-//! then a watch, restarted with backoff), trims every object on arrival (a Pod becomes
-//! [`PodFacts`] at once, never cached whole) and sends it to the single task that owns the index.
+//! Watches into one channel: a task per source reads one list + watch from the datastore seam
+//! (Calico's kinds through [`Datastore::watch`], Kubernetes' own through
+//! [`ClusterReader::watch`]), trims every object on arrival (a Pod becomes [`PodFacts`] at once,
+//! never cached whole) and sends it to the single task that owns the index.
 //!
-//! Owns: which kinds are watched (KubeVirt's only once discovery shows them), how each is
-//! decoded, the [`Input`] protocol, and reporting a watch the apiserver refuses (401/403/404) as
+//! Owns: which kinds are watched (KubeVirt's only once the cluster serves them), how each is
+//! decoded, the [`Input`] protocol, and reporting a watch the backend refuses (401/403/404) as
 //! a not-ready condition naming the resource.
-//! Must not: touch the index or decide anything; a malformed object is reported, not dropped
-//! silently, and never stops the stream.
+//! Must not: touch the index or decide anything, or know which backend it reads; a malformed
+//! object is reported, not dropped silently, and never stops the stream.
 
 use std::sync::Arc;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::Client;
-use kube::api::{Api, ApiResource, DynamicObject};
-use kube::runtime::{WatchStreamExt, watcher};
-use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use super::Shared;
-use crate::datastore::Kind;
-use crate::datastore::kube::api_resource;
+use crate::datastore::{ClusterKind, ClusterReader, Datastore, Kind, Stored, WatchEvent, WatchStream};
 use crate::health;
 use crate::model::{
     BlockAffinity, ClusterInformation, InvalidObject, IpPool, IpReservation, IpamBlock, IpamConfig, IpamHandle, KubeControllersConfiguration, NodeLite,
@@ -77,6 +73,31 @@ impl Source {
             Source::VirtualMachineInstances => "virtualmachineinstances",
         }
     }
+
+    /// Where this source is read: a Calico kind from the datastore, or a Kubernetes kind.
+    pub fn origin(self) -> Origin {
+        match self {
+            Source::Pods => Origin::Cluster(ClusterKind::Pod),
+            Source::Nodes => Origin::Cluster(ClusterKind::Node),
+            Source::VirtualMachines => Origin::Cluster(ClusterKind::VirtualMachine),
+            Source::VirtualMachineInstances => Origin::Cluster(ClusterKind::VirtualMachineInstance),
+            Source::Blocks => Origin::Datastore(Kind::IpamBlock),
+            Source::Affinities => Origin::Datastore(Kind::BlockAffinity),
+            Source::Handles => Origin::Datastore(Kind::IpamHandle),
+            Source::ClusterInformation => Origin::Datastore(Kind::ClusterInformation),
+            Source::KubeControllersConfiguration => Origin::Datastore(Kind::KubeControllersConfiguration),
+            Source::IpamConfig => Origin::Datastore(Kind::IpamConfig),
+            Source::Pools => Origin::Datastore(Kind::IpPool),
+            Source::Reservations => Origin::Datastore(Kind::IpReservation),
+        }
+    }
+}
+
+/// The backend a source is read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Datastore(Kind),
+    Cluster(ClusterKind),
 }
 
 /// One object, trimmed to what the controller keeps.
@@ -106,13 +127,17 @@ pub struct KubeVirtObject {
 }
 
 impl KubeVirtObject {
-    fn from_dynamic(o: &DynamicObject) -> Result<Self, InvalidObject> {
-        let name = o.metadata.name.clone().unwrap_or_default();
-        let namespace = o.metadata.namespace.clone().unwrap_or_default();
+    fn from_value(v: &serde_json::Value) -> Result<Self, InvalidObject> {
+        let meta = v.get("metadata");
+        let text = |field: &str| meta.and_then(|m| m.get(field)).and_then(serde_json::Value::as_str).unwrap_or_default().to_string();
+        let (name, namespace) = (text("name"), text("namespace"));
         if name.is_empty() || namespace.is_empty() {
             return Err(InvalidObject::new("KubeVirt", &name, "no name or namespace".to_string()));
         }
-        let owned_by_vm = o.metadata.owner_references.iter().flatten().any(|r| r.kind == "VirtualMachine");
+        let owned_by_vm = meta
+            .and_then(|m| m.get("ownerReferences"))
+            .and_then(serde_json::Value::as_array)
+            .is_some_and(|refs| refs.iter().any(|r| r.get("kind").and_then(serde_json::Value::as_str) == Some("VirtualMachine")));
         Ok(KubeVirtObject { namespace, name, owned_by_vm })
     }
 }
@@ -135,15 +160,14 @@ pub struct Input {
     pub change: Change,
 }
 
-fn decode_as<T: DeserializeOwned>(kind: &str, o: &DynamicObject) -> Result<T, InvalidObject> {
-    let name = o.metadata.name.clone().unwrap_or_default();
-    let value = serde_json::to_value(o).map_err(|e| InvalidObject::new(kind, &name, e.to_string()))?;
-    serde_json::from_value(value).map_err(|e| InvalidObject::new(kind, &name, e.to_string()))
+fn decode_as<T: for<'de> Deserialize<'de>>(kind: &str, o: &Stored) -> Result<T, InvalidObject> {
+    T::deserialize(&o.value).map_err(|e| InvalidObject::new(kind, &o.name, e.to_string()))
 }
 
 /// Decodes one object of `source`. A pod is trimmed here, so the whole object is dropped as soon
-/// as this returns; an unparsable pod IP is reported but the pod's facts are still kept.
-pub fn decode(source: Source, o: &DynamicObject) -> (Result<Object, InvalidObject>, Option<InvalidObject>) {
+/// as the caller drops the [`Stored`]; an unparsable pod IP is reported but the pod's facts are
+/// still kept.
+pub fn decode_stored(source: Source, o: &Stored) -> (Result<Object, InvalidObject>, Option<InvalidObject>) {
     let r = match source {
         Source::Pods => match decode_as::<PodLite>("Pod", o) {
             Ok(lite) => {
@@ -163,56 +187,34 @@ pub fn decode(source: Source, o: &DynamicObject) -> (Result<Object, InvalidObjec
         Source::IpamConfig => decode_as("IPAMConfig", o).map(|c| Object::IpamConfig(Box::new(c))),
         Source::Pools => decode_as("IPPool", o).map(Object::Pool),
         Source::Reservations => decode_as("IPReservation", o).map(Object::Reservation),
-        Source::VirtualMachines => KubeVirtObject::from_dynamic(o).map(Object::VirtualMachine),
-        Source::VirtualMachineInstances => KubeVirtObject::from_dynamic(o).map(Object::VirtualMachineInstance),
+        Source::VirtualMachines => KubeVirtObject::from_value(&o.value).map(Object::VirtualMachine),
+        Source::VirtualMachineInstances => KubeVirtObject::from_value(&o.value).map(Object::VirtualMachineInstance),
     };
     (r, None)
 }
 
-fn resource(source: Source) -> ApiResource {
-    match source {
-        Source::Pods => ApiResource::erase::<Pod>(&()),
-        Source::Nodes => ApiResource::erase::<Node>(&()),
-        Source::Blocks => api_resource(Kind::IpamBlock),
-        Source::Affinities => api_resource(Kind::BlockAffinity),
-        Source::Handles => api_resource(Kind::IpamHandle),
-        Source::ClusterInformation => api_resource(Kind::ClusterInformation),
-        Source::KubeControllersConfiguration => api_resource(Kind::KubeControllersConfiguration),
-        Source::IpamConfig => api_resource(Kind::IpamConfig),
-        Source::Pools => api_resource(Kind::IpPool),
-        Source::Reservations => api_resource(Kind::IpReservation),
-        Source::VirtualMachines => kubevirt_resource("VirtualMachine", "virtualmachines"),
-        Source::VirtualMachineInstances => kubevirt_resource("VirtualMachineInstance", "virtualmachineinstances"),
-    }
-}
-
-/// KubeVirt's API group and version.
-pub const KUBEVIRT_GROUP_VERSION: &str = "kubevirt.io/v1";
 /// How often a cluster without KubeVirt is asked again whether it has it now: installing
 /// KubeVirt is rare, and until its VMs are known their allocations are simply kept (valid), so
 /// a minute of delay costs nothing but one discovery request per minute.
 const KUBEVIRT_PROBE: std::time::Duration = std::time::Duration::from_secs(60);
 
-fn kubevirt_resource(kind: &str, plural: &str) -> ApiResource {
-    ApiResource::from_gvk_with_plural(&kube::api::GroupVersionKind::gvk("kubevirt.io", "v1", kind), plural)
-}
-
 /// Waits until the cluster serves KubeVirt's VirtualMachines and VirtualMachineInstances, then
 /// watches both. Never ends before the receiver is gone.
-async fn watch_kubevirt_when_installed(client: Client, tx: mpsc::Sender<Input>, shared: Arc<Shared>) {
+async fn watch_kubevirt_when_installed<C: ClusterReader + 'static>(cluster: Arc<C>, tx: mpsc::Sender<Input>, shared: Arc<Shared>) {
     loop {
-        match client.list_api_group_resources(KUBEVIRT_GROUP_VERSION).await {
-            Ok(list) if ["virtualmachines", "virtualmachineinstances"].iter().all(|r| list.resources.iter().any(|x| x.name == *r)) => {
+        let vms = cluster.serves(ClusterKind::VirtualMachine).await;
+        let vmis = cluster.serves(ClusterKind::VirtualMachineInstance).await;
+        match (vms, vmis) {
+            (Ok(true), Ok(true)) => {
                 tracing::info!("KubeVirt found: watching VirtualMachines and VirtualMachineInstances");
                 futures::join!(
-                    watch_one(client.clone(), Source::VirtualMachines, tx.clone(), shared.clone()),
-                    watch_one(client.clone(), Source::VirtualMachineInstances, tx.clone(), shared.clone())
+                    forward(cluster.watch(ClusterKind::VirtualMachine), Source::VirtualMachines, tx.clone(), shared.clone()),
+                    forward(cluster.watch(ClusterKind::VirtualMachineInstance), Source::VirtualMachineInstances, tx.clone(), shared.clone())
                 );
                 return;
             }
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => tracing::debug!(error = %e, "KubeVirt discovery failed; asking again later"),
+            (Err(e), _) | (_, Err(e)) => tracing::debug!(error = %e, "KubeVirt discovery failed; asking again later"),
+            _ => {}
         }
         if tx.is_closed() {
             return;
@@ -221,69 +223,61 @@ async fn watch_kubevirt_when_installed(client: Client, tx: mpsc::Sender<Input>, 
     }
 }
 
-/// Starts one watch task per source, all feeding `tx`. The tasks end when the receiver is gone.
-pub fn spawn_all(client: &Client, tx: &mpsc::Sender<Input>, shared: &Arc<Shared>) -> Vec<tokio::task::JoinHandle<()>> {
-    let mut tasks: Vec<_> =
-        Source::ALL.iter().map(|&source| tokio::spawn(watch_one(client.clone(), source, tx.clone(), shared.clone()))).collect();
-    tasks.push(tokio::spawn(watch_kubevirt_when_installed(client.clone(), tx.clone(), shared.clone())));
-    tasks
-}
-
-/// The HTTP status inside a watcher error, if the apiserver answered.
-fn watch_error_code(e: &watcher::Error) -> Option<u16> {
-    match e {
-        watcher::Error::InitialListFailed(k) | watcher::Error::WatchStartFailed(k) | watcher::Error::WatchFailed(k) => match k {
-            kube::Error::Api(status) => Some(status.code),
-            _ => None,
-        },
-        watcher::Error::WatchError(status) => Some(status.code),
-        watcher::Error::NoResourceVersion => None,
+/// The list + watch of one source, from whichever backend holds it.
+pub fn stream_of<D: Datastore, C: ClusterReader>(ds: &D, cluster: &C, source: Source) -> WatchStream {
+    match source.origin() {
+        Origin::Datastore(kind) => ds.watch(kind),
+        Origin::Cluster(kind) => cluster.watch(kind),
     }
 }
 
-/// Errors that retrying will not fix (no permission, no such resource): they make the process
-/// not ready, with a reason naming the resource, until the watch works again.
-fn is_configuration_error(code: Option<u16>) -> bool {
-    matches!(code, Some(401 | 403 | 404))
+/// Starts one watch task per source, all feeding `tx`. The tasks end when the receiver is gone.
+pub fn spawn_all<D, C>(ds: &Arc<D>, cluster: &Arc<C>, tx: &mpsc::Sender<Input>, shared: &Arc<Shared>) -> Vec<tokio::task::JoinHandle<()>>
+where
+    D: Datastore + 'static,
+    C: ClusterReader + 'static,
+{
+    let mut tasks: Vec<_> = Source::ALL
+        .iter()
+        .map(|&source| tokio::spawn(forward(stream_of(&**ds, &**cluster, source), source, tx.clone(), shared.clone())))
+        .collect();
+    tasks.push(tokio::spawn(watch_kubevirt_when_installed(cluster.clone(), tx.clone(), shared.clone())));
+    tasks
 }
 
-async fn watch_one(client: Client, source: Source, tx: mpsc::Sender<Input>, shared: Arc<Shared>) {
+/// Feeds one source's watch into `tx` until either end is gone.
+pub async fn forward(mut stream: WatchStream, source: Source, tx: mpsc::Sender<Input>, shared: Arc<Shared>) {
     let key = health::watch_key(source.as_str());
     let mut refused = false;
-    let api: Api<DynamicObject> = Api::all_with(client, &resource(source));
-    // Default config: ListWatch with 500-object pages for the initial list.
-    let mut stream = watcher(api, watcher::Config::default()).default_backoff().boxed();
     while let Some(event) = stream.next().await {
-        if refused && event.is_ok() {
+        if refused && !matches!(event, WatchEvent::Error(_)) {
             refused = false;
             shared.status.set_ready(&key, true, "");
         }
         let change = match event {
-            Ok(watcher::Event::Init) => Change::Init,
-            Ok(watcher::Event::InitDone) => Change::InitDone,
-            Ok(watcher::Event::InitApply(o)) => match send_invalid(&tx, source, decode(source, &o)).await {
+            WatchEvent::Init => Change::Init,
+            WatchEvent::InitDone => Change::InitDone,
+            WatchEvent::InitApply(o) => match send_invalid(&tx, source, decode_stored(source, &o)).await {
                 Some(obj) => Change::InitApply(obj),
                 None => continue,
             },
-            Ok(watcher::Event::Apply(o)) => match send_invalid(&tx, source, decode(source, &o)).await {
+            WatchEvent::Apply(o) => match send_invalid(&tx, source, decode_stored(source, &o)).await {
                 Some(obj) => Change::Apply(obj),
                 None => continue,
             },
-            Ok(watcher::Event::Delete(o)) => match decode(source, &o).0 {
+            WatchEvent::Delete(o) => match decode_stored(source, &o).0 {
                 Ok(obj) => Change::Delete(obj),
                 Err(e) => {
                     tracing::warn!(source = source.as_str(), error = %e, "deleted object did not decode");
                     continue;
                 }
             },
-            Err(e) => {
-                // The backoff wrapper retries; a 410 Gone restarts with a fresh list (Init).
-                tracing::warn!(source = source.as_str(), error = %e, "watch error");
-                let code = watch_error_code(&e);
-                if is_configuration_error(code) {
+            WatchEvent::Error(e) => {
+                // The backend retries; an expiry restarts with a fresh list (Init).
+                tracing::warn!(source = source.as_str(), error = %e.message, "watch error");
+                if let Some(code) = e.refused {
                     refused = true;
-                    let code = code.unwrap_or_default();
-                    shared.status.set_ready(&key, false, format!("watching {} refused by the apiserver ({code}): {e}", source.as_str()));
+                    shared.status.set_ready(&key, false, format!("watching {} refused by the apiserver ({code}): {}", source.as_str(), e.message));
                 }
                 continue;
             }
@@ -308,26 +302,5 @@ async fn send_invalid(
             let _ = tx.send(Input { source, change: Change::Invalid(e) }).await;
             None
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn api_error(code: u16) -> kube::Error {
-        kube::Error::Api(Box::new(kube::core::Status { code, ..Default::default() }))
-    }
-
-    #[test]
-    fn only_refusals_that_retrying_cannot_fix_count_against_readiness() {
-        let refused = watcher::Error::InitialListFailed(api_error(403));
-        assert!(is_configuration_error(watch_error_code(&refused)));
-        assert!(is_configuration_error(watch_error_code(&watcher::Error::WatchStartFailed(api_error(404)))));
-        // A 410 Gone or a 500 during a watch is routine: the watcher relists or retries.
-        assert!(!is_configuration_error(watch_error_code(&watcher::Error::WatchFailed(api_error(500)))));
-        let gone = watcher::Error::WatchError(Box::new(kube::core::Status { code: 410, ..Default::default() }));
-        assert!(!is_configuration_error(watch_error_code(&gone)));
-        assert!(!is_configuration_error(watch_error_code(&watcher::Error::NoResourceVersion)));
     }
 }

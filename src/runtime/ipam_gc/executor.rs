@@ -1,0 +1,220 @@
+//! The executor task: runs the plans the GC loop computed, so the task that owns the index never
+//! waits on the network. It receives one [`Job`] at a time, executes its plan through the
+//! datastore (every call under a timeout), re-reads the pods the plan asked to re-validate, and
+//! sends a [`JobResult`] back.
+//!
+//! Owns: the per-call timeout and the succeeded / failed / timed-out call counts, the
+//! re-validation reads (SPEC §5.7: NotFound is an answer, any other failure leaves the pod out
+//! so its leak waits instead of being released blind), and finishing the job in progress when
+//! the loop shuts down.
+//! Must not: decide anything, touch the index, or run two jobs at once (the loop sends the next
+//! job only after the previous result arrived).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::datastore::{
+    ClusterKind, ClusterReader, Datastore, DatastoreError, DsResult, ErrorKind, ExecuteOptions, Kind, PlanOutcome, Precondition, Stored,
+    WatchStream, execute_plan,
+};
+use crate::ipam::plan::Plan;
+use crate::model::PodFacts;
+use crate::model::time::Millis;
+use crate::runtime::watch::{Object, Source, decode_stored};
+
+/// A datastore call that has not answered in this long is given up and counted as timed out;
+/// its item fails as transient and backs off. Long enough for an apiserver under load (its own
+/// request timeout is 60 s for writes, and kube's client reads for up to 295 s), short enough
+/// that one hung connection does not hold a cleanup of thousands of nodes for minutes.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One plan to execute and the pods to re-read after it.
+#[derive(Debug)]
+pub struct Job {
+    /// The executable part of a pass's plan (possibly empty: a job of re-validation reads only).
+    pub plan: Plan,
+    pub now: Millis,
+    pub cooldown_secs: u32,
+    /// (namespace, pod) of confirmed leaks to re-read.
+    pub revalidate: Vec<(String, String)>,
+}
+
+/// Datastore calls made by one job, by how they ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CallCounts {
+    pub succeeded: u64,
+    pub failed: u64,
+    pub timed_out: u64,
+}
+
+#[derive(Debug)]
+pub struct JobResult {
+    /// The plan that was executed, back to its owner for the backoff bookkeeping.
+    pub plan: Plan,
+    pub outcome: PlanOutcome,
+    /// Re-read pods (`None` = NotFound), for the next pass.
+    pub fresh: BTreeMap<(String, String), Option<PodFacts>>,
+    pub calls: CallCounts,
+}
+
+#[derive(Default)]
+struct Tally {
+    succeeded: AtomicU64,
+    failed: AtomicU64,
+    timed_out: AtomicU64,
+}
+
+impl Tally {
+    fn counts(&self) -> CallCounts {
+        CallCounts {
+            succeeded: self.succeeded.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            timed_out: self.timed_out.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Runs `call` under `timeout` and counts how it ended.
+    async fn timed<T>(&self, timeout: Duration, what: impl FnOnce() -> String, call: impl Future<Output = DsResult<T>>) -> DsResult<T> {
+        match tokio::time::timeout(timeout, call).await {
+            Ok(Ok(v)) => {
+                self.succeeded.fetch_add(1, Ordering::Relaxed);
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                Err(e)
+            }
+            Err(_) => {
+                self.timed_out.fetch_add(1, Ordering::Relaxed);
+                Err(DatastoreError::new(ErrorKind::Transient, format!("{} timed out after {}s", what(), timeout.as_secs_f64())))
+            }
+        }
+    }
+}
+
+/// The datastore as the executor sees it: every call of the wrapped one under a timeout, counted.
+struct Timed<'a, D> {
+    inner: &'a D,
+    timeout: Duration,
+    tally: &'a Tally,
+}
+
+impl<D: Datastore> Datastore for Timed<'_, D> {
+    async fn get(&self, kind: Kind, name: &str) -> DsResult<Stored> {
+        self.tally.timed(self.timeout, || format!("get {} {name}", kind.plural()), self.inner.get(kind, name)).await
+    }
+    async fn list(&self, kind: Kind) -> DsResult<Vec<Stored>> {
+        self.tally.timed(self.timeout, || format!("list {}", kind.plural()), self.inner.list(kind)).await
+    }
+    async fn create(&self, kind: Kind, name: &str, value: Value) -> DsResult<Stored> {
+        self.tally.timed(self.timeout, || format!("create {} {name}", kind.plural()), self.inner.create(kind, name, value)).await
+    }
+    async fn update(&self, kind: Kind, object: &Stored) -> DsResult<Stored> {
+        self.tally.timed(self.timeout, || format!("update {} {}", kind.plural(), object.name), self.inner.update(kind, object)).await
+    }
+    async fn update_status(&self, kind: Kind, object: &Stored) -> DsResult<Stored> {
+        self.tally.timed(self.timeout, || format!("update {}/status {}", kind.plural(), object.name), self.inner.update_status(kind, object)).await
+    }
+    async fn delete(&self, kind: Kind, name: &str, precondition: &Precondition) -> DsResult<()> {
+        self.tally.timed(self.timeout, || format!("delete {} {name}", kind.plural()), self.inner.delete(kind, name, precondition)).await
+    }
+    /// The backend's own soft delete (two calls in KDD, one in etcd), under one timeout each
+    /// step would have had.
+    async fn soft_delete(&self, kind: Kind, object: &Stored) -> DsResult<()> {
+        self.tally.timed(self.timeout * 2, || format!("delete {} {}", kind.plural(), object.name), self.inner.soft_delete(kind, object)).await
+    }
+    fn watch(&self, kind: Kind) -> WatchStream {
+        self.inner.watch(kind)
+    }
+}
+
+#[derive(Clone)]
+pub struct ExecutorOptions {
+    pub call_timeout: Duration,
+    pub execute: ExecuteOptions,
+}
+
+impl Default for ExecutorOptions {
+    fn default() -> Self {
+        ExecutorOptions { call_timeout: CALL_TIMEOUT, execute: ExecuteOptions::default() }
+    }
+}
+
+/// The loop's end of the executor: send a job, receive its result.
+pub struct Executor {
+    jobs: mpsc::Sender<Job>,
+    pub results: mpsc::Receiver<JobResult>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Executor {
+    /// Starts the executor task on `ds` (plans) and `cluster` (re-validation reads).
+    pub fn spawn<D, C>(ds: Arc<D>, cluster: Arc<C>, opts: ExecutorOptions) -> Executor
+    where
+        D: Datastore + 'static,
+        C: ClusterReader + 'static,
+    {
+        // One job at a time: the loop never has two plans in flight.
+        let (jobs, mut job_rx) = mpsc::channel::<Job>(1);
+        let (result_tx, results) = mpsc::channel(1);
+        let task = tokio::spawn(async move {
+            while let Some(job) = job_rx.recv().await {
+                let result = run_job(&*ds, &*cluster, &opts, job).await;
+                if result_tx.send(result).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Executor { jobs, results, task }
+    }
+
+    /// Hands `job` to the executor. The loop calls this only with no job in flight, so the
+    /// one-slot queue always has room; `Err` gives the job back if the task is gone.
+    pub fn send(&self, job: Job) -> Result<(), Job> {
+        self.jobs.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(j) | mpsc::error::TrySendError::Closed(j) => j,
+        })
+    }
+}
+
+impl Drop for Executor {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn run_job<D: Datastore, C: ClusterReader>(ds: &D, cluster: &C, opts: &ExecutorOptions, job: Job) -> JobResult {
+    let tally = Tally::default();
+    let timed = Timed { inner: ds, timeout: opts.call_timeout, tally: &tally };
+    let outcome = if crate::runtime::ipam_gc::gating::plan_is_empty(&job.plan) {
+        PlanOutcome::default()
+    } else {
+        execute_plan(&timed, &job.plan, job.now, job.cooldown_secs, &opts.execute).await
+    };
+    let mut fresh = BTreeMap::new();
+    for (ns, pod) in job.revalidate {
+        let key = (ns, pod);
+        if fresh.contains_key(&key) {
+            continue;
+        }
+        let read = tally.timed(opts.call_timeout, || format!("get pods {}/{}", key.0, key.1), cluster.get(ClusterKind::Pod, &key.0, &key.1)).await;
+        match read {
+            Ok(stored) => match decode_stored(Source::Pods, &stored).0 {
+                Ok(Object::Pod(p)) => {
+                    fresh.insert(key, Some(*p));
+                }
+                _ => tracing::warn!(namespace = %key.0, pod = %key.1, "re-read pod did not decode; leak kept"),
+            },
+            Err(e) if e.is_not_found() => {
+                fresh.insert(key, None);
+            }
+            Err(e) => tracing::warn!(namespace = %key.0, pod = %key.1, error = %e, "re-validation read failed; leak kept"),
+        }
+    }
+    JobResult { plan: job.plan, outcome, fresh, calls: tally.counts() }
+}

@@ -1,0 +1,139 @@
+//! Which parts of a plan may be executed now, and what an execution's outcome means for the
+//! per-item backoff: pure functions over the plan, the backoff table and the set of items in
+//! flight, so they are tested without a loop, a clock or a datastore.
+//!
+//! Owns: the due filter (items waiting out a backoff, or already in flight in the executor, are
+//! left out), the keys of a plan's executable items, and the backoff bookkeeping after a plan ran.
+//! Must not: decide what is garbage (the GC did), read the clock (callers pass `now`), or do I/O.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+
+use crate::datastore::{ErrorKind, PlanOutcome};
+use crate::ipam::index::IpamIndex;
+use crate::ipam::plan::Plan;
+use crate::model::time::Millis;
+use crate::runtime::backoff::{ItemBackoff, ItemKey};
+
+/// The keys of every item of `plan` that executing it would write.
+pub fn executable_keys(plan: &Plan) -> impl Iterator<Item = ItemKey> + '_ {
+    plan.releases
+        .iter()
+        .map(|r| ItemKey::Block(r.cidr))
+        .chain(plan.cold_blocks.iter().map(|c| ItemKey::Block(c.cidr)))
+        .chain(plan.empty_blocks.iter().filter(|e| e.releasable).map(|e| ItemKey::Block(e.cidr)))
+        .chain(plan.nodes_to_release.iter().map(|n| ItemKey::Node(n.node.clone())))
+        .chain(plan.orphan_handles.iter().filter(|o| o.releasable).map(|o| ItemKey::Handle(o.handle_id.clone())))
+}
+
+/// Whether executing `plan` would write nothing.
+pub fn plan_is_empty(plan: &Plan) -> bool {
+    executable_keys(plan).next().is_none()
+}
+
+/// The part of `plan` whose items are neither waiting out a backoff nor in flight, and how many
+/// were held back. With nothing to hold back the plan is returned as it is (no copy).
+pub fn due_items<'p>(plan: &'p Plan, backoff: &ItemBackoff, in_flight: &HashSet<ItemKey>, now: Millis) -> (Cow<'p, Plan>, usize) {
+    if backoff.is_empty() && in_flight.is_empty() {
+        return (Cow::Borrowed(plan), 0);
+    }
+    let due = |k: ItemKey| !in_flight.contains(&k) && backoff.is_due(&k, now);
+    // Only the executed parts are copied; the leak records stay behind.
+    let filtered = Plan {
+        full: plan.full,
+        releases: plan.releases.iter().filter(|r| due(ItemKey::Block(r.cidr))).cloned().collect(),
+        cold_blocks: plan.cold_blocks.iter().filter(|c| due(ItemKey::Block(c.cidr))).cloned().collect(),
+        empty_blocks: plan.empty_blocks.iter().filter(|e| !e.releasable || due(ItemKey::Block(e.cidr))).cloned().collect(),
+        nodes_to_release: plan.nodes_to_release.iter().filter(|n| due(ItemKey::Node(n.node.clone()))).cloned().collect(),
+        orphan_handles: plan.orphan_handles.iter().filter(|o| !o.releasable || due(ItemKey::Handle(o.handle_id.clone()))).cloned().collect(),
+        ..Plan::default()
+    };
+    let held = (plan.releases.len() - filtered.releases.len())
+        + (plan.cold_blocks.len() - filtered.cold_blocks.len())
+        + (plan.empty_blocks.len() - filtered.empty_blocks.len())
+        + (plan.nodes_to_release.len() - filtered.nodes_to_release.len())
+        + (plan.orphan_handles.len() - filtered.orphan_handles.len());
+    (Cow::Owned(filtered), held)
+}
+
+/// Backoff bookkeeping after a plan ran: transient and invalid failures wait per item (the
+/// apiserver is struggling or the object is broken: asking again at once would not help),
+/// conflicts do not (the next round re-reads), everything else executed starts afresh. Items the
+/// index no longer knows are forgotten. Returns the nodes whose IPAM was released.
+pub fn record_item_results(backoff: &mut ItemBackoff, index: &IpamIndex, executed: &Plan, outcome: &PlanOutcome, now: Millis) -> HashSet<String> {
+    let backs_off = |category: &str| category == ErrorKind::Transient.category() || category == ErrorKind::Invalid.category();
+    let mut failed: HashSet<ItemKey> = HashSet::new();
+    for f in &outcome.failures {
+        let key = ItemKey::of(&f.item);
+        if backs_off(f.category) {
+            backoff.failed(key.clone(), now);
+        }
+        failed.insert(key);
+    }
+    for key in executable_keys(executed) {
+        if !failed.contains(&key) {
+            backoff.succeeded(&key);
+        }
+    }
+    // Blocks that no longer exist, nodes without IPAM and handles nobody knows have nothing
+    // left to retry.
+    backoff.retain(|k| match k {
+        ItemKey::Block(c) => index.block_slot(c).is_some(),
+        ItemKey::Node(n) => index.strings().lookup(n).is_some_and(|s| !index.host_blocks(s).is_empty() || index.allocations_of_node(s).is_some()),
+        ItemKey::Handle(h) => index.strings().lookup(h).is_some_and(|s| index.handle(s).is_some() || !index.allocations_of_handle(s).is_empty()),
+    });
+    executed.nodes_to_release.iter().filter(|n| !failed.contains(&ItemKey::Node(n.node.clone()))).map(|n| n.node.clone()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datastore::{ItemFailure, ItemRef};
+    use crate::ipam::plan::{BlockRelease, NodeRelease};
+
+    fn plan() -> Plan {
+        Plan {
+            releases: vec![
+                BlockRelease { cidr: "10.0.0.0/30".parse().unwrap(), block_name: "10-0-0-0-30".into(), revision: "1".into(), items: Vec::new() },
+                BlockRelease { cidr: "10.0.0.4/30".parse().unwrap(), block_name: "10-0-0-4-30".into(), revision: "1".into(), items: Vec::new() },
+            ],
+            nodes_to_release: vec![NodeRelease { node: "gone".into(), affinities: Vec::new(), blocks: Vec::new() }],
+            ..Plan::default()
+        }
+    }
+
+    #[test]
+    fn items_in_flight_and_items_backing_off_are_held_back_and_the_rest_is_due() {
+        let p = plan();
+        let mut backoff = ItemBackoff::default();
+        let (due, held) = due_items(&p, &backoff, &HashSet::new(), 0);
+        assert!(matches!(due, Cow::Borrowed(_)) && held == 0, "nothing to hold back: no copy");
+        backoff.failed(ItemKey::Node("gone".into()), 0);
+        let in_flight: HashSet<ItemKey> = [ItemKey::Block("10.0.0.0/30".parse().unwrap())].into();
+        let (due, held) = due_items(&p, &backoff, &in_flight, 1);
+        assert_eq!(held, 2);
+        assert_eq!(due.releases.iter().map(|r| r.block_name.as_str()).collect::<Vec<_>>(), ["10-0-0-4-30"]);
+        assert!(due.nodes_to_release.is_empty());
+        assert!(!plan_is_empty(&due));
+    }
+
+    #[test]
+    fn transient_failures_back_off_and_conflicts_do_not() {
+        let p = plan();
+        let outcome = PlanOutcome {
+            failures: vec![
+                ItemFailure { item: ItemRef::Release("10.0.0.0/30".parse().unwrap()), category: "transient", message: String::new() },
+                ItemFailure { item: ItemRef::Release("10.0.0.4/30".parse().unwrap()), category: "conflict", message: String::new() },
+            ],
+            ..PlanOutcome::default()
+        };
+        let mut backoff = ItemBackoff::default();
+        // An empty index knows none of the items: the backoff forgets them all at the end.
+        let released = record_item_results(&mut backoff, &IpamIndex::new(), &p, &outcome, 0);
+        assert_eq!(released, HashSet::from(["gone".to_string()]));
+        assert!(backoff.is_empty(), "items the index no longer knows have nothing to retry");
+        let mut kept = ItemBackoff::default();
+        kept.failed(ItemKey::Block("10.0.0.0/30".parse().unwrap()), 0);
+        assert!(!kept.is_due(&ItemKey::Block("10.0.0.0/30".parse().unwrap()), 1));
+    }
+}

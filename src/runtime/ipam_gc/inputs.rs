@@ -1,0 +1,367 @@
+//! The GC controller's inputs: the [`IpamIndex`] and every fact beside it that the watches
+//! deliver (pools, reservations, KubeVirt objects, the singleton configuration objects,
+//! malformed objects), with the relist bookkeeping of the watch protocol.
+//!
+//! Owns: applying one [`Input`] (objects not re-listed at `InitDone` are deleted), which
+//! sources have finished their first list, and the keys of what is held per source (pods and
+//! handles are listed from the index itself: no second copy of their names).
+//! Must not: decide anything, touch the network or the clock, or publish anything; it reports
+//! what changed in an [`Applied`] and the loop acts on it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use ipnet::IpNet;
+
+use crate::ipam::gc::KubeVirtFacts;
+use crate::ipam::index::IpamIndex;
+use crate::model::{ClusterInformation, InvalidObject, IpamConfig, KubeControllersConfiguration};
+use crate::runtime::watch::{Change, Input, Object, Source};
+
+/// Keys of the objects of each kind held, for deleting what a relist no longer shows. Pods and
+/// handles are not here: the index holds their keys already (interned), and a copy would cost
+/// ~300 bytes a pod.
+#[derive(Default)]
+pub struct Known {
+    pub nodes: HashSet<String>,
+    pub blocks: HashMap<String, IpNet>,
+    pub affinities: HashSet<String>,
+    pub pools: HashMap<String, IpNet>,
+    /// IPReservation name → reserved CIDRs (unparsable ones are reported and left out).
+    pub reservations: HashMap<String, Vec<IpNet>>,
+    /// KubeVirt VMs and VMIs, once the cluster has them.
+    pub kubevirt: KubeVirtFacts,
+}
+
+/// What applying an input changed that the loop must act on.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    /// The `default` KubeControllersConfiguration appeared, changed or went.
+    pub kcc_changed: bool,
+    /// This source finished its first list just now.
+    pub first_sync: Option<Source>,
+}
+
+#[derive(Default)]
+pub struct GcInputs {
+    pub index: IpamIndex,
+    pub known: Known,
+    /// Keys seen since the last `Init` of each source that is relisting.
+    relisting: HashMap<Source, HashSet<String>>,
+    synced: BTreeSet<Source>,
+    pub cluster_info: Option<ClusterInformation>,
+    pub kcc: Option<KubeControllersConfiguration>,
+    pub ipam_config: Option<IpamConfig>,
+    pub invalid: BTreeMap<(String, String), InvalidObject>,
+}
+
+impl GcInputs {
+    pub fn new() -> Self {
+        GcInputs { index: IpamIndex::new(), ..GcInputs::default() }
+    }
+
+    /// Every required source finished its first list: decisions may be made.
+    pub fn all_synced(&self) -> bool {
+        Source::ALL.iter().all(|s| self.synced.contains(s))
+    }
+
+    /// The required sources still waiting for their first list.
+    pub fn waiting(&self) -> Vec<Source> {
+        Source::ALL.iter().copied().filter(|s| !self.synced.contains(s)).collect()
+    }
+
+    /// The KubeVirt facts once both kinds are listed. Before that (or without KubeVirt) VM
+    /// allocations are judged valid, as upstream does without its KubeVirt informers: a VM is
+    /// never released on a view that has not seen it.
+    pub fn kubevirt(&self) -> Option<&KubeVirtFacts> {
+        self.kubevirt_listed().then_some(&self.known.kubevirt)
+    }
+
+    /// Both KubeVirt kinds finished their first list.
+    pub fn kubevirt_listed(&self) -> bool {
+        self.synced.contains(&Source::VirtualMachines) && self.synced.contains(&Source::VirtualMachineInstances)
+    }
+
+    /// `datastoreReady: false` (an upgrade or migration in progress) pauses the GC. Upstream also
+    /// pauses when ClusterInformation is missing; ours is created at start by the writer task,
+    /// but not in dry run (nor by a follower), so only the explicit flag counts here.
+    pub fn datastore_paused(&self) -> bool {
+        self.cluster_info.as_ref().is_some_and(|c| c.spec.datastore_ready == Some(false))
+    }
+
+    /// IPAMConfig `ipCooldownSeconds` (0 when unset).
+    pub fn cooldown_secs(&self) -> u32 {
+        self.ipam_config.as_ref().and_then(|c| c.spec.ip_cooldown_seconds).unwrap_or(0)
+    }
+
+    pub fn handle(&mut self, input: Input) -> Applied {
+        let Input { source, change } = input;
+        let mut applied = Applied::default();
+        match change {
+            Change::Init => {
+                self.relisting.insert(source, HashSet::new());
+            }
+            Change::InitApply(obj) => {
+                let key = self.apply(obj, &mut applied);
+                if let Some(seen) = self.relisting.get_mut(&source) {
+                    seen.insert(key);
+                }
+            }
+            Change::InitDone => {
+                let seen = self.relisting.remove(&source).unwrap_or_default();
+                self.finish_relist(source, &seen, &mut applied);
+                if self.synced.insert(source) {
+                    applied.first_sync = Some(source);
+                }
+            }
+            Change::Apply(obj) => {
+                self.apply(obj, &mut applied);
+            }
+            Change::Delete(obj) => self.delete(obj, &mut applied),
+            Change::Invalid(e) => {
+                tracing::warn!(kind = %e.kind, name = %e.name, problem = %e.problem, "malformed object skipped");
+                self.invalid.insert((e.kind.clone(), e.name.clone()), e);
+            }
+        }
+        applied
+    }
+
+    /// Applies one object and returns its relist key.
+    fn apply(&mut self, obj: Object, applied: &mut Applied) -> String {
+        match obj {
+            Object::Pod(p) => {
+                self.index.apply_pod(&p);
+                format!("{}/{}", p.namespace, p.name)
+            }
+            Object::Node(n) => {
+                self.index.apply_node(&n);
+                self.known.nodes.insert(n.metadata.name.clone());
+                n.metadata.name
+            }
+            Object::Block(b) => {
+                let name = b.metadata.name.clone();
+                self.invalid.remove(&("IPAMBlock".to_string(), name.clone()));
+                match self.index.apply_block(&b) {
+                    Ok(()) => {
+                        if let Ok(cidr) = b.spec.cidr.parse::<IpNet>() {
+                            if b.spec.deleted {
+                                self.known.blocks.remove(&name);
+                            } else {
+                                self.known.blocks.insert(name.clone(), cidr);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(block = %name, problem = %e.problem, "malformed block skipped");
+                        self.invalid.insert((e.kind.clone(), e.name.clone()), e);
+                    }
+                }
+                name
+            }
+            Object::Affinity(a) => {
+                let name = a.metadata.name.clone();
+                if let Err(e) = self.index.apply_affinity(&a) {
+                    self.invalid.insert((e.kind.clone(), e.name.clone()), e);
+                } else {
+                    self.known.affinities.insert(name.clone());
+                }
+                name
+            }
+            // Handles are tracked by ID, as the index keys them (their object names derive from it).
+            Object::Handle(h) => {
+                self.index.apply_handle(&h);
+                IpamIndex::handle_key(&h).to_string()
+            }
+            Object::ClusterInformation(c) => {
+                let name = c.metadata.name.clone();
+                if name == "default" {
+                    self.cluster_info = Some(*c);
+                }
+                name
+            }
+            Object::KubeControllersConfiguration(k) => {
+                let name = k.metadata.name.clone();
+                if name == "default" {
+                    self.kcc = Some(*k);
+                    applied.kcc_changed = true;
+                }
+                name
+            }
+            Object::IpamConfig(c) => {
+                let name = c.metadata.name.clone();
+                if name == "default" {
+                    self.ipam_config = Some(*c);
+                }
+                name
+            }
+            Object::Reservation(r) => {
+                let name = r.metadata.name.clone();
+                let mut cidrs = Vec::new();
+                for text in &r.spec.reserved_cidrs {
+                    // A bare address reserves itself (Calico accepts both forms).
+                    match text.parse::<IpNet>().or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from)) {
+                        Ok(c) => cidrs.push(c.trunc()),
+                        Err(_) => tracing::warn!(reservation = %name, cidr = %text, "unparsable reserved CIDR ignored"),
+                    }
+                }
+                self.known.reservations.insert(name.clone(), cidrs);
+                name
+            }
+            Object::VirtualMachine(v) => {
+                let key = format!("{}/{}", v.namespace, v.name);
+                self.known.kubevirt.vms.insert((v.namespace, v.name));
+                key
+            }
+            Object::VirtualMachineInstance(v) => {
+                let key = format!("{}/{}", v.namespace, v.name);
+                self.known.kubevirt.vmis.insert((v.namespace, v.name), v.owned_by_vm);
+                key
+            }
+            Object::Pool(p) => {
+                let name = p.metadata.name.clone();
+                match p.spec.cidr.parse::<IpNet>() {
+                    Ok(cidr) if p.metadata.deletion_timestamp.is_none() => {
+                        self.known.pools.insert(name.clone(), cidr);
+                    }
+                    _ => {
+                        self.known.pools.remove(&name);
+                    }
+                }
+                name
+            }
+        }
+    }
+
+    fn delete(&mut self, obj: Object, applied: &mut Applied) {
+        match obj {
+            Object::Pod(p) => self.index.delete_pod(&p.namespace, &p.name),
+            Object::Node(n) => self.delete_key(Source::Nodes, &n.metadata.name, applied),
+            Object::Block(b) => self.delete_key(Source::Blocks, &b.metadata.name, applied),
+            Object::Affinity(a) => self.delete_key(Source::Affinities, &a.metadata.name, applied),
+            Object::Handle(h) => self.delete_key(Source::Handles, IpamIndex::handle_key(&h), applied),
+            Object::ClusterInformation(c) => self.delete_key(Source::ClusterInformation, &c.metadata.name, applied),
+            Object::KubeControllersConfiguration(k) => self.delete_key(Source::KubeControllersConfiguration, &k.metadata.name, applied),
+            Object::IpamConfig(c) => self.delete_key(Source::IpamConfig, &c.metadata.name, applied),
+            Object::Pool(p) => self.delete_key(Source::Pools, &p.metadata.name, applied),
+            Object::Reservation(r) => self.delete_key(Source::Reservations, &r.metadata.name, applied),
+            Object::VirtualMachine(v) => self.delete_key(Source::VirtualMachines, &format!("{}/{}", v.namespace, v.name), applied),
+            Object::VirtualMachineInstance(v) => {
+                self.delete_key(Source::VirtualMachineInstances, &format!("{}/{}", v.namespace, v.name), applied)
+            }
+        }
+    }
+
+    fn delete_key(&mut self, source: Source, key: &str, applied: &mut Applied) {
+        match source {
+            Source::Pods => {
+                if let Some((ns, name)) = key.split_once('/') {
+                    self.index.delete_pod(ns, name);
+                }
+            }
+            Source::Nodes => {
+                self.index.delete_node(key);
+                self.known.nodes.remove(key);
+                // A node deletion is when upstream runs a full scan: its blocks and tunnels go.
+                self.index.request_full_scan();
+            }
+            Source::Blocks => {
+                if let Some(cidr) = self.known.blocks.remove(key) {
+                    self.index.delete_block(&cidr);
+                }
+                self.invalid.remove(&("IPAMBlock".to_string(), key.to_string()));
+            }
+            Source::Affinities => {
+                self.index.delete_affinity(key);
+                self.known.affinities.remove(key);
+            }
+            Source::Handles => self.index.delete_handle(key),
+            Source::ClusterInformation if key == "default" => self.cluster_info = None,
+            Source::KubeControllersConfiguration if key == "default" => {
+                self.kcc = None;
+                applied.kcc_changed = true;
+            }
+            Source::IpamConfig if key == "default" => self.ipam_config = None,
+            Source::Pools => {
+                self.known.pools.remove(key);
+            }
+            Source::Reservations => {
+                self.known.reservations.remove(key);
+            }
+            Source::VirtualMachines => {
+                if let Some((ns, name)) = key.split_once('/') {
+                    self.known.kubevirt.vms.remove(&(ns.to_string(), name.to_string()));
+                }
+            }
+            Source::VirtualMachineInstances => {
+                if let Some((ns, name)) = key.split_once('/') {
+                    self.known.kubevirt.vmis.remove(&(ns.to_string(), name.to_string()));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Deletes what is held of `source` but the relist did not show.
+    fn finish_relist(&mut self, source: Source, seen: &HashSet<String>, applied: &mut Applied) {
+        let stale: Vec<String> = match source {
+            // Pods and handles are listed from the index itself: no second copy of their names.
+            Source::Pods => self
+                .index
+                .present_pods()
+                .map(|p| format!("{}/{}", self.index.resolve(p.namespace), self.index.resolve(p.name)))
+                .filter(|k| !seen.contains(k))
+                .collect(),
+            Source::Nodes => self.known.nodes.iter().filter(|k| !seen.contains(*k)).cloned().collect(),
+            Source::Blocks => self.known.blocks.keys().filter(|k| !seen.contains(*k)).cloned().collect(),
+            Source::Affinities => self.known.affinities.iter().filter(|k| !seen.contains(*k)).cloned().collect(),
+            Source::Handles => {
+                self.index.handles().map(|(id, _)| self.index.resolve(id)).filter(|k| !seen.contains(*k)).map(str::to_string).collect()
+            }
+            Source::Pools => self.known.pools.keys().filter(|k| !seen.contains(*k)).cloned().collect(),
+            Source::Reservations => self.known.reservations.keys().filter(|k| !seen.contains(*k)).cloned().collect(),
+            Source::VirtualMachines => {
+                self.known.kubevirt.vms.iter().map(|(ns, n)| format!("{ns}/{n}")).filter(|k| !seen.contains(k)).collect()
+            }
+            Source::VirtualMachineInstances => {
+                self.known.kubevirt.vmis.keys().map(|(ns, n)| format!("{ns}/{n}")).filter(|k| !seen.contains(k)).collect()
+            }
+            Source::ClusterInformation => singleton_gone(self.cluster_info.is_some(), seen),
+            Source::KubeControllersConfiguration => singleton_gone(self.kcc.is_some(), seen),
+            Source::IpamConfig => singleton_gone(self.ipam_config.is_some(), seen),
+        };
+        if !stale.is_empty() {
+            tracing::info!(source = source.as_str(), gone = stale.len(), "objects gone since the last list");
+        }
+        for key in stale {
+            self.delete_key(source, &key, applied);
+        }
+    }
+
+    /// Cross-checks the side tables with the index they shadow. Tests call it after inputs.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        self.index.check_invariants()?;
+        for (name, cidr) in &self.known.blocks {
+            let Some(slot) = self.index.block_slot(cidr) else {
+                return Err(format!("known block {name} ({cidr}) is not in the index"));
+            };
+            if self.index.block(slot).is_none() {
+                return Err(format!("known block {name} has an empty slot"));
+            }
+        }
+        if self.known.blocks.len() > self.index.block_count() {
+            return Err(format!("{} known blocks, {} in the index", self.known.blocks.len(), self.index.block_count()));
+        }
+        for name in self.known.nodes.iter().filter(|n| !n.is_empty()) {
+            if !self.index.strings().lookup(name).is_some_and(|s| self.index.node_exists(s)) {
+                return Err(format!("known node {name} is not in the index"));
+            }
+        }
+        if self.known.pools.keys().chain(self.known.reservations.keys()).any(String::is_empty) {
+            return Err("a pool or reservation is held under an empty name".into());
+        }
+        Ok(())
+    }
+}
+
+fn singleton_gone(held: bool, seen: &HashSet<String>) -> Vec<String> {
+    if held && !seen.contains("default") { vec!["default".to_string()] } else { Vec::new() }
+}

@@ -1,0 +1,313 @@
+//! The whole loop on the memory backends and tokio's paused clock: watches through the seam,
+//! the owner task, the executor task, with faults injected where a real cluster has them
+//! (slow writes, writes past the timeout, 409 storms, stalled and expired watches).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
+
+use super::clock::Clock;
+use super::executor::ExecutorOptions;
+use super::{ControllerOptions, GcController};
+use crate::config::EnvConfig;
+use crate::datastore::{
+    ClusterKind, Datastore, DsResult, ErrorKind, Kind, MemoryCluster, MemoryDatastore, Op, Precondition, Stored, WatchStream,
+};
+use crate::model::names::{cidr_to_name, handle_object_name};
+use crate::runtime::Shared;
+use crate::runtime::watch;
+
+/// 2026-01-01T00:00:00Z: the wall time the paused clock starts at.
+const T0: i64 = 1_767_225_600_000;
+
+/// A datastore whose every call takes `delay` (on tokio's clock) before the memory backend
+/// answers, and whose block updates can be made slower still: an apiserver under load.
+struct Slow {
+    inner: Arc<MemoryDatastore>,
+    delay: Duration,
+    block_update_delay: std::sync::Mutex<Duration>,
+    done: AtomicU64,
+}
+
+impl Slow {
+    fn new(inner: Arc<MemoryDatastore>, delay: Duration) -> Self {
+        Slow { inner, delay, block_update_delay: std::sync::Mutex::new(Duration::ZERO), done: AtomicU64::new(0) }
+    }
+    async fn wait(&self, extra: Duration) {
+        tokio::time::sleep(self.delay + extra).await;
+        self.done.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Datastore for Slow {
+    async fn get(&self, kind: Kind, name: &str) -> DsResult<Stored> {
+        self.wait(Duration::ZERO).await;
+        self.inner.get(kind, name).await
+    }
+    async fn list(&self, kind: Kind) -> DsResult<Vec<Stored>> {
+        self.wait(Duration::ZERO).await;
+        self.inner.list(kind).await
+    }
+    async fn create(&self, kind: Kind, name: &str, value: Value) -> DsResult<Stored> {
+        self.wait(Duration::ZERO).await;
+        self.inner.create(kind, name, value).await
+    }
+    async fn update(&self, kind: Kind, object: &Stored) -> DsResult<Stored> {
+        let extra = if kind == Kind::IpamBlock { *self.block_update_delay.lock().unwrap() } else { Duration::ZERO };
+        self.wait(extra).await;
+        self.inner.update(kind, object).await
+    }
+    async fn update_status(&self, kind: Kind, object: &Stored) -> DsResult<Stored> {
+        self.wait(Duration::ZERO).await;
+        self.inner.update_status(kind, object).await
+    }
+    async fn delete(&self, kind: Kind, name: &str, precondition: &Precondition) -> DsResult<()> {
+        self.wait(Duration::ZERO).await;
+        self.inner.delete(kind, name, precondition).await
+    }
+    fn watch(&self, kind: Kind) -> WatchStream {
+        self.inner.watch(kind)
+    }
+}
+
+/// A /30 block affine to `node` with one pod allocation per (ordinal, pod, handle), the handles,
+/// and the block's affinity, written to `ds` as the CNI leaves them.
+fn put_block(ds: &MemoryDatastore, cidr: &str, node: &str, allocs: &[(u32, &str, &str)]) {
+    let net: IpNet = cidr.parse().unwrap();
+    let name = cidr_to_name(&net);
+    let mut allocations = vec![Value::Null; 4];
+    let mut attributes = Vec::new();
+    for (i, (ordinal, pod, handle)) in allocs.iter().enumerate() {
+        allocations[*ordinal as usize] = json!(i);
+        attributes.push(json!({"handle_id": handle, "secondary": {"namespace": "ns", "pod": pod, "node": node}}));
+    }
+    let unallocated: Vec<u32> = (0..4).filter(|o| !allocs.iter().any(|(a, _, _)| a == o)).collect();
+    let block = json!({
+        "apiVersion": "crd.projectcalico.org/v1", "kind": "IPAMBlock", "metadata": {"name": name},
+        "spec": {"cidr": cidr, "affinity": format!("host:{node}"), "strictAffinity": false, "allocations": allocations,
+                 "unallocated": unallocated, "attributes": attributes, "sequenceNumber": 1, "deleted": false}
+    });
+    ds.create_now(Kind::IpamBlock, &name, block).unwrap();
+    for (_, _, handle) in allocs {
+        let object_name = handle_object_name(handle);
+        let body = json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "IPAMHandle", "metadata": {"name": object_name},
+                          "spec": {"handleID": handle, "block": {cidr: 1}, "deleted": false}});
+        ds.create_now(Kind::IpamHandle, &object_name, body).unwrap();
+    }
+    let affinity = crate::model::names::affinity_name(node, &net);
+    let body = json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "BlockAffinity", "metadata": {"name": affinity},
+                      "spec": {"state": "confirmed", "node": node, "cidr": cidr, "deleted": "false"}});
+    ds.create_now(Kind::BlockAffinity, &affinity, body).unwrap();
+}
+
+fn node(name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})
+}
+
+fn pod(name: &str, node: &str, ip: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"namespace": "ns", "name": name, "uid": format!("uid-{name}")},
+           "spec": {"nodeName": node}, "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}})
+}
+
+/// The default KubeControllersConfiguration, with a log level to see when the loop applied it.
+fn kcc(level: &str) -> Value {
+    json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "KubeControllersConfiguration", "metadata": {"name": "default"},
+           "spec": {"logSeverityScreen": level, "controllers": {"node": {"leakGracePeriod": "2s"}}}})
+}
+
+/// How many addresses the blocks in `ds` still hold.
+fn allocated(ds: &MemoryDatastore) -> usize {
+    ds.snapshot(Kind::IpamBlock)
+        .iter()
+        .map(|b| b.value["spec"]["allocations"].as_array().map_or(0, |a| a.iter().filter(|x| !x.is_null()).count()))
+        .sum()
+}
+
+/// The running loop: watches from both backends, the owner task, the executor.
+struct Running {
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    owner: tokio::task::JoinHandle<()>,
+    watchers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    fn start<D: Datastore + 'static>(ds: Arc<D>, cluster: Arc<MemoryCluster>, exec: ExecutorOptions) -> Running {
+        let shared = Arc::new(Shared::default());
+        let (tx, rx) = mpsc::channel(crate::runtime::INPUT_QUEUE);
+        let watchers = watch::spawn_all(&ds, &cluster, &tx, &shared);
+        drop(tx);
+        let opts = ControllerOptions { dry_run: false, leak_grace_override: Some(2_000), env: EnvConfig::default(), report_file: None };
+        let (leader, may_write) = tokio::sync::watch::channel(true);
+        let c = GcController::with_executor(ds, cluster, opts, shared.clone(), may_write, exec, Clock::tokio_from(T0));
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let owner = tokio::spawn(async move {
+            // This replica leads throughout: the sender lives as long as the loop.
+            let _leader = leader;
+            c.run(rx, stop_rx).await;
+        });
+        Running { shared, stop, owner, watchers }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        self.owner.await.unwrap();
+        for w in self.watchers {
+            w.abort();
+        }
+    }
+}
+
+/// Sleeps on the paused clock until `done` holds, at most `limit`.
+async fn until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let step = Duration::from_millis(100);
+    let mut waited = Duration::ZERO;
+    while waited < limit {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(step).await;
+        waited += step;
+    }
+    done()
+}
+
+#[tokio::test(start_paused = true)]
+async fn watch_events_are_applied_and_the_heartbeat_stays_fresh_while_ten_thousand_writes_run() {
+    let mem = Arc::new(MemoryDatastore::new());
+    let cluster = Arc::new(MemoryCluster::new());
+    // 1,000 blocks of a deleted node, four pod addresses each with a handle of its own: the plan
+    // is 1,000 block releases (a read and a write each), 4,000 handle releases (a read and a
+    // write each) and the node's release, about 10,000 calls.
+    for i in 0..1_000u32 {
+        let cidr = format!("10.{}.{}.{}/30", 1 + i / 16_384, (i / 64) % 256, (i % 64) * 4);
+        let pods: Vec<(u32, String, String)> = (0..4).map(|o| (o, format!("p{i}-{o}"), format!("k8s-pod-network.h{i}-{o}"))).collect();
+        let allocs: Vec<(u32, &str, &str)> = pods.iter().map(|(o, p, h)| (*o, p.as_str(), h.as_str())).collect();
+        put_block(&mem, &cidr, "gone", &allocs);
+    }
+    mem.create_now(Kind::KubeControllersConfiguration, "default", kcc("Info")).unwrap();
+    let before = mem.revision();
+    // Every call takes 250 ms: with 8 items at once, about 300 s for the whole plan, longer than
+    // the heartbeat may stay silent (300 s) if the loop waited for it.
+    let slow = Arc::new(Slow::new(mem.clone(), Duration::from_millis(250)));
+    let run = Running::start(slow.clone(), cluster.clone(), ExecutorOptions::default());
+    let mut config = run.shared.config.subscribe();
+
+    assert!(until(Duration::from_secs(30), || slow.done.load(Ordering::Relaxed) > 100).await, "the plan started");
+    let mut checks = 0;
+    let mut applied_mid_plan = false;
+    while allocated(&mem) > 0 {
+        let age = run.shared.status.heartbeat_age().expect("the loop beats");
+        assert!(age <= Duration::from_secs(6), "heartbeat {age:?} old while the executor writes");
+        checks += 1;
+        if checks == 20 {
+            // A change arrives through the watch mid-plan: the owner applies it at once.
+            let stored = mem.peek(Kind::KubeControllersConfiguration, "default").unwrap();
+            let mut next = stored.clone();
+            next.value = kcc("Debug");
+            next.value["metadata"]["resourceVersion"] = json!(stored.revision);
+            mem.update_now(Kind::KubeControllersConfiguration, &next).unwrap();
+            cluster.apply(ClusterKind::Node, node("new-node"));
+            let debug = crate::config::LogLevel::Debug;
+            assert!(until(Duration::from_secs(5), || config.borrow_and_update().run.log_level == debug).await, "the KCC change was applied");
+            applied_mid_plan = allocated(&mem) > 0;
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(checks < 1_000, "the plan never finished");
+    }
+    assert!(applied_mid_plan, "the event was applied while the plan still had addresses to release");
+    let calls = slow.done.load(Ordering::Relaxed);
+    assert!(calls >= 10_000, "about 10,000 calls: {calls}");
+    assert!(checks * 5 >= 240, "the plan ran for {} s of tokio time, long enough to matter", checks * 5);
+    // Everything of the gone node is released: handles deleted, blocks and affinities let go.
+    assert!(until(Duration::from_secs(1_200), || mem.snapshot(Kind::IpamHandle).is_empty() && mem.snapshot(Kind::BlockAffinity).is_empty()).await);
+    assert!(mem.revision() > before);
+    let text = run.shared.render_metrics();
+    assert!(text.contains("ipam_gc_datastore_calls_total{outcome=\"timed_out\"} 0"), "{text}");
+    run.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_write_past_the_timeout_is_counted_backs_off_and_goes_through_once_the_store_answers() {
+    let mem = Arc::new(MemoryDatastore::new());
+    let cluster = Arc::new(MemoryCluster::new());
+    cluster.apply(ClusterKind::Node, node("n1"));
+    cluster.apply(ClusterKind::Pod, pod("live", "n1", "10.0.0.1"));
+    put_block(&mem, "10.0.0.0/30", "n1", &[(0, "gone", "k8s-pod-network.gone"), (1, "live", "k8s-pod-network.live")]);
+    let slow = Arc::new(Slow::new(mem.clone(), Duration::from_millis(1)));
+    *slow.block_update_delay.lock().unwrap() = Duration::from_secs(60);
+    let exec = ExecutorOptions { call_timeout: Duration::from_secs(5), ..ExecutorOptions::default() };
+    let run = Running::start(slow.clone(), cluster.clone(), exec);
+    let timed_out = |shared: &Shared| shared.metrics(|m| m.executor_calls.timed_out);
+    assert!(until(Duration::from_secs(60), || timed_out(&run.shared) > 0).await, "a block update timed out");
+    assert_eq!(allocated(&mem), 2, "a write that timed out changed nothing");
+    assert!(run.shared.render_metrics().contains("ipam_gc_write_errors_total{category=\"transient\"}"));
+    // The store answers again: the next due round releases the gone pod's address, only it.
+    *slow.block_update_delay.lock().unwrap() = Duration::ZERO;
+    assert!(until(Duration::from_secs(120), || allocated(&mem) == 1).await, "released once the store answers");
+    let block = mem.peek(Kind::IpamBlock, "10-0-0-0-30").unwrap();
+    assert!(!block.value["spec"]["allocations"][1].is_null(), "the live pod keeps its address");
+    assert!(mem.peek(Kind::IpamHandle, "k8s-pod-network.live").is_some());
+    run.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_409_storm_delays_a_release_and_never_takes_the_live_address() {
+    let mem = Arc::new(MemoryDatastore::new());
+    let cluster = Arc::new(MemoryCluster::new());
+    cluster.apply(ClusterKind::Node, node("n1"));
+    cluster.apply(ClusterKind::Pod, pod("live", "n1", "10.0.0.1"));
+    put_block(&mem, "10.0.0.0/30", "n1", &[(0, "gone", "k8s-pod-network.gone"), (1, "live", "k8s-pod-network.live")]);
+    // Another writer wins the block 60 times in a row.
+    mem.inject(Some(Kind::IpamBlock), None, Op::Update, ErrorKind::Conflict, 60);
+    let run = Running::start(mem.clone(), cluster.clone(), ExecutorOptions::default());
+    assert!(until(Duration::from_secs(120), || allocated(&mem) == 1).await, "released after the storm");
+    let conflicts = run.shared.metrics(|m| m.conflicts_total);
+    assert!(conflicts >= 60, "every lost race was counted: {conflicts}");
+    let block = mem.peek(Kind::IpamBlock, "10-0-0-0-30").unwrap();
+    assert!(block.value["spec"]["allocations"][0].is_null());
+    assert!(!block.value["spec"]["allocations"][1].is_null(), "the live pod keeps its address");
+    run.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_pod_watch_holds_the_release_back_and_a_resumed_one_lets_it_go() {
+    let mem = Arc::new(MemoryDatastore::new());
+    let cluster = Arc::new(MemoryCluster::new());
+    cluster.apply(ClusterKind::Node, node("n1"));
+    cluster.apply(ClusterKind::Pod, pod("p", "n1", "10.0.0.1"));
+    put_block(&mem, "10.0.0.0/30", "n1", &[(1, "p", "k8s-pod-network.p")]);
+    let run = Running::start(mem.clone(), cluster.clone(), ExecutorOptions::default());
+    assert!(until(Duration::from_secs(10), || run.shared.ready()).await, "every watch listed");
+    // The pod is deleted while its watch is stuck: the loop still sees the pod, so its address stays.
+    cluster.stall_watches(ClusterKind::Pod);
+    cluster.delete(ClusterKind::Pod, "ns", "p");
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(allocated(&mem), 1, "no release on a view that has not seen the deletion");
+    cluster.resume_watches(ClusterKind::Pod);
+    assert!(until(Duration::from_secs(30), || allocated(&mem) == 0).await, "released once the deletion arrived");
+    assert!(mem.peek(Kind::IpamHandle, "k8s-pod-network.p").is_none());
+    run.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_block_event_is_repaired_by_the_relist_after_an_expiry() {
+    let mem = Arc::new(MemoryDatastore::new());
+    let cluster = Arc::new(MemoryCluster::new());
+    cluster.apply(ClusterKind::Node, node("n1"));
+    let run = Running::start(mem.clone(), cluster.clone(), ExecutorOptions::default());
+    assert!(until(Duration::from_secs(10), || run.shared.ready()).await, "every watch listed");
+    // The block of a pod that does not exist arrives, but its watch event is lost.
+    mem.drop_watch_events(Kind::IpamBlock, 1);
+    put_block(&mem, "10.0.0.0/30", "n1", &[(2, "never-existed", "k8s-pod-network.x")]);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(allocated(&mem), 1, "unseen, so not judged");
+    // The watch expires (a compaction): the relist shows the block and the leak is found.
+    mem.expire_watches(Kind::IpamBlock);
+    assert!(until(Duration::from_secs(30), || allocated(&mem) == 0).await, "the relisted leak is released");
+    run.stop().await;
+}
