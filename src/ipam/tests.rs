@@ -6,7 +6,8 @@ use std::net::IpAddr;
 use proptest::prelude::*;
 use serde_json::json;
 
-use super::gc::{GcConfig, GcState, HeldBy, KubeVirtFacts, LeakReason, LeakState, Plan, Scope};
+use super::gc::{GcConfig, GcState, KubeVirtFacts};
+use super::plan::{HeldBy, LeakReason, LeakState, Plan, Scope};
 use super::index::{IpamIndex, PodCoverage};
 use crate::model::{IpamBlock, IpamHandle, NodeLite, PodFacts, PodPhase};
 
@@ -84,7 +85,7 @@ impl World {
         self.pass(now, Scope::Full, &BTreeMap::new())
     }
     pub fn pass(&mut self, now: i64, scope: Scope, fresh: &BTreeMap<(String, String), Option<PodFacts>>) -> Plan {
-        let plan = self.gc.pass(&self.index, now, &self.cfg, &scope, self.kubevirt.as_ref(), fresh);
+        let plan = self.gc.pass(&mut self.index, now, &self.cfg, &scope, self.kubevirt.as_ref(), fresh);
         self.index.check_invariants().unwrap();
         self.gc.check_invariants(&self.index).unwrap();
         plan
@@ -95,7 +96,7 @@ fn released_ips(plan: &Plan) -> Vec<String> {
     plan.releases.iter().flat_map(|b| b.items.iter().map(|i| i.ip.to_string())).collect()
 }
 
-fn leak_of<'p>(plan: &'p Plan, w: &World, ip: &str) -> Option<&'p super::gc::LeakRecord> {
+fn leak_of<'p>(plan: &'p Plan, w: &World, ip: &str) -> Option<&'p super::plan::LeakRecord> {
     let g = w.index.gid_of_ip(ip.parse::<IpAddr>().unwrap())?;
     plan.leaks.iter().find(|l| l.gid == g)
 }

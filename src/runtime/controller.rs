@@ -31,7 +31,8 @@ use super::{ConfigState, Shared};
 use crate::config::{EnvConfig, RunConfig};
 use crate::datastore::kube::{KubeDatastore, status_code};
 use crate::datastore::{ErrorKind, ExecuteOptions, KeepGoing, PlanOutcome, execute_plan};
-use crate::ipam::gc::{DEFAULT_MAX_RELEASES_PER_PASS, GcConfig, GcState, KubeVirtFacts, Plan, Scope};
+use crate::ipam::gc::{DEFAULT_MAX_RELEASES_PER_PASS, GcConfig, GcState, KubeVirtFacts};
+use crate::ipam::plan::{Plan, Scope};
 use crate::ipam::index::IpamIndex;
 use crate::model::time::{Millis, format_go_duration};
 use crate::model::{ClusterInformation, InvalidObject, IpamConfig, KubeControllersConfiguration, PodFacts};
@@ -581,7 +582,7 @@ impl Controller {
         let cfg = self.gc_config();
         let fresh = std::mem::take(&mut self.fresh);
         let kubevirt = self.kubevirt_synced().then_some(&self.known.kubevirt);
-        let plan = self.gc.pass(&self.index, now, &cfg, scope, kubevirt, &fresh);
+        let plan = self.gc.pass(&mut self.index, now, &cfg, scope, kubevirt, &fresh);
         let interval = if !plan.releases.is_empty() {
             REPORT_INTERVAL_RELEASES
         } else if plan.full {
