@@ -267,6 +267,11 @@ impl GcState {
     pub fn tracked(&self) -> &RoaringBitmap {
         &self.tracked
     }
+    /// Allocations whose verdict on cached facts was a leak at the last pass (VM allocations
+    /// excluded).
+    pub fn suspects(&self) -> &RoaringBitmap {
+        &self.suspects
+    }
     pub fn is_confirmed(&self, g: Gid) -> bool {
         self.confirmed.contains(g)
     }
@@ -295,9 +300,9 @@ impl GcState {
 
     /// Brings the verdict cache up to date with the index: drops suspects that are no longer
     /// allocated and re-judges every allocation the index recorded as changed since the last
-    /// refresh (every allocation, the first time). `pass` starts with this; callers that read
-    /// the cache between passes may call it themselves.
-    pub fn refresh_verdicts(&mut self, index: &mut IpamIndex) {
+    /// refresh (every allocation, the first time). Only `pass` calls it, so "recorded as changed"
+    /// also means "changed since the last pass", which `check_invariants` relies on.
+    fn refresh_verdicts(&mut self, index: &mut IpamIndex) {
         let mut changed = index.take_changed_allocations();
         if !self.verdicts_primed {
             changed |= index.allocated();
@@ -672,7 +677,9 @@ impl GcState {
                     // Allowed only until the next prune; a pass always prunes first.
                     continue;
                 }
-                if index.live_gids().contains(*g) && t.confirmed {
+                // A pod may start reporting a confirmed leak's IP between passes: the index records
+                // that as a change and the next pass forgets the leak.
+                if index.live_gids().contains(*g) && t.confirmed && !index.changed_allocations().contains(*g) {
                     return Err(format!("allocation {g} is confirmed but a live pod reports it"));
                 }
             }
