@@ -9,7 +9,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use calico_kube_controllers::ipam::gc::{GcConfig, GcState, Scope};
+use calico_kube_controllers::ipam::gc::{GcConfig, GcState};
+use calico_kube_controllers::ipam::plan::Scope;
 use calico_kube_controllers::ipam::index::{IpamIndex, Snapshot};
 use calico_kube_controllers::scan::dump::read_bytes;
 use calico_kube_controllers::sim::{self, SimOptions, SyntheticCluster};
@@ -33,7 +34,7 @@ fn gc_benches(c: &mut Criterion) {
         let mut index = IpamIndex::new();
         index.reset(snapshot(&cluster));
         let mut gc = GcState::new();
-        gc.pass(&index, sim::T0, &cfg, &Scope::Full, None, &fresh);
+        gc.pass(&mut index, sim::T0, &cfg, &Scope::Full, None, &fresh);
         let now = sim::T0 + 1_000;
         let dirty: BTreeSet<Box<str>> = cluster.nodes.iter().take(10).map(|n| n.metadata.name.as_str().into()).collect();
 
@@ -48,10 +49,10 @@ fn gc_benches(c: &mut Criterion) {
             })
         });
         group.bench_function(BenchmarkId::new("full_pass", scale), |b| {
-            b.iter_with_large_drop(|| gc.pass(&index, now, &cfg, &Scope::Full, None, &fresh))
+            b.iter_with_large_drop(|| gc.pass(&mut index, now, &cfg, &Scope::Full, None, &fresh))
         });
         group.bench_function(BenchmarkId::new("dirty_pass_10_nodes", scale), |b| {
-            b.iter_with_large_drop(|| gc.pass(&index, now, &cfg, &Scope::Dirty(dirty.clone()), None, &fresh))
+            b.iter_with_large_drop(|| gc.pass(&mut index, now, &cfg, &Scope::Dirty(dirty.clone()), None, &fresh))
         });
         if scale <= MAX_PARSE_SCALE {
             let mut pods = Vec::new();

@@ -1,7 +1,7 @@
 //! Any bytes as an IPAMBlock: parsing, validation, indexing and a release never panic, and a
 //! release that succeeds leaves a block calicoctl's validator accepts (if the input was valid).
 #![no_main]
-use calico_kube_controllers::ipam::gc::{LeakReason, ReleaseItem};
+use calico_kube_controllers::ipam::plan::{LeakReason, ReleaseItem};
 use calico_kube_controllers::ipam::index::IpamIndex;
 use calico_kube_controllers::ipam::release::{apply_release, check_block, collect_cooled};
 use calico_kube_controllers::model::block::{validate_block, BlockView};

@@ -5,7 +5,8 @@
 #![no_main]
 use std::collections::{BTreeMap, BTreeSet};
 
-use calico_kube_controllers::ipam::gc::{GcConfig, GcState, Scope};
+use calico_kube_controllers::ipam::gc::{GcConfig, GcState};
+use calico_kube_controllers::ipam::plan::Scope;
 use calico_kube_controllers::ipam::index::IpamIndex;
 use calico_kube_controllers::model::{IpamBlock, NodeLite, PodFacts, PodPhase};
 use libfuzzer_sys::fuzz_target;
@@ -78,7 +79,7 @@ fuzz_target!(|data: &[u8]| {
             }
             _ => {
                 now += i64::from(a) * 1000;
-                let plan = gc.pass(&index, now, &cfg, &Scope::Full, None, &BTreeMap::new());
+                let plan = gc.pass(&mut index, now, &cfg, &Scope::Full, None, &BTreeMap::new());
                 let live: BTreeSet<String> = pods.values().filter_map(|(_, ip)| ip.map(|o| format!("10.0.0.{o}"))).collect();
                 for r in &plan.releases {
                     for it in &r.items {
@@ -89,6 +90,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         index.check_invariants().unwrap();
+        gc.check_invariants(&index).unwrap();
         let total: usize = model.values().map(BTreeMap::len).sum();
         assert_eq!(index.allocation_count() as usize, total);
         for (blk, allocs) in &model {

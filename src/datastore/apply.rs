@@ -15,7 +15,7 @@ use futures::StreamExt;
 use ipnet::IpNet;
 
 use super::{Datastore, DatastoreError, DsResult, Kind, Stored};
-use crate::ipam::gc::{BlockRelease, ColdBlock, EmptyBlockRecord, LeakReason, NodeRelease, OrphanHandle, Plan};
+use crate::ipam::plan::{BlockRelease, ColdBlock, EmptyBlockRecord, LeakReason, NodeRelease, OrphanHandle, Plan};
 use crate::ipam::release::{HandleAction, apply_release, check_block, collect_cooled, release_from_handle};
 use crate::model::affinity::STATE_PENDING_DELETION;
 use crate::model::block::{Affinity, IpamBlockSpec, WINDOWS_RESERVED_HANDLE};

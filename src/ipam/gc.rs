@@ -1,9 +1,12 @@
 //! GC decisions: which allocations are valid, candidate or confirmed leaks, and what one pass
 //! releases (SPEC §5.5-§5.10, with Part A's stricter rules).
 //!
-//! Owns: the verdict of one allocation against the live facts, the leak tracker (first seen,
-//! confirmed), the empty-block and orphan-handle trackers, and the release plan.
-//! Must not: read the clock (callers pass `now`), do I/O, or mutate the index.
+//! Owns: the verdict of one allocation against the live facts, the verdict cache (which
+//! allocations are leaks on cached facts, refreshed from the index's changed-allocation record),
+//! the leak tracker (first seen, confirmed), the empty-block and orphan-handle trackers, and the
+//! computing of the plan (its types live in `plan`).
+//! Must not: read the clock (callers pass `now`), do I/O, or change the index's facts: the only
+//! write is taking its changed-allocation record.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
@@ -13,6 +16,7 @@ use roaring::RoaringBitmap;
 
 use super::index::{gid_ordinal, gid_slot, Alloc, AllocKind, Gid, IpamIndex, PodSlot};
 use super::intern::{FastMap, Sym};
+use super::plan::{BlockRelease, ColdBlock, EmptyBlockRecord, HeldBy, LeakReason, LeakRecord, LeakState, NodeRelease, OrphanHandle, Plan, ReleaseItem, Scope};
 use crate::model::names::ordinal_to_ip;
 use crate::model::time::Millis;
 use crate::model::{PodFacts, PodPhase};
@@ -60,71 +64,6 @@ pub enum ValidReason {
     NoNodeAttribute,
     VmNotProvenGone,
     WindowsReserved,
-}
-
-/// Why an allocation is garbage. The strings are the documented `reason` values of reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum LeakReason {
-    PodNotFound,
-    PodRescheduled,
-    IpNotInPod,
-    PodFinished,
-    PodEvicted,
-    NodeDeleted,
-    TunnelNodeDeleted,
-    VmDeleted,
-}
-
-impl LeakReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LeakReason::PodNotFound => "pod-not-found",
-            LeakReason::PodRescheduled => "pod-rescheduled",
-            LeakReason::IpNotInPod => "ip-not-in-pod",
-            LeakReason::PodFinished => "pod-finished",
-            LeakReason::PodEvicted => "pod-evicted",
-            LeakReason::NodeDeleted => "node-deleted",
-            LeakReason::TunnelNodeDeleted => "tunnel-node-deleted",
-            LeakReason::VmDeleted => "vm-deleted",
-        }
-    }
-    pub const ALL: [LeakReason; 8] = [
-        LeakReason::PodNotFound,
-        LeakReason::PodRescheduled,
-        LeakReason::IpNotInPod,
-        LeakReason::PodFinished,
-        LeakReason::PodEvicted,
-        LeakReason::NodeDeleted,
-        LeakReason::TunnelNodeDeleted,
-        LeakReason::VmDeleted,
-    ];
-}
-
-/// What keeps a leak from being released. The strings are the documented `heldBy` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum HeldBy {
-    /// Another address of the same handle is still valid (all-or-none per handle).
-    HandleHasValidIp,
-    /// A tunnel address of a deleted node whose other allocations are not all garbage.
-    NodeHasValidAllocations,
-    /// The dump does not cover the allocation's namespace.
-    NamespaceNotInDump,
-    /// `leakGracePeriod` is 0: leaks on live nodes are never confirmed.
-    GraceDisabled,
-    /// The final re-validation found the pod holding the IP again.
-    Revalidated,
-}
-
-impl HeldBy {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            HeldBy::HandleHasValidIp => "handle-has-valid-ip",
-            HeldBy::NodeHasValidAllocations => "node-has-valid-allocations",
-            HeldBy::NamespaceNotInDump => "namespace-not-in-dump",
-            HeldBy::GraceDisabled => "grace-period-disabled",
-            HeldBy::Revalidated => "pod-holds-ip-on-recheck",
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -267,107 +206,6 @@ pub fn revalidate(index: &IpamIndex, g: Gid, fresh: Option<&PodFacts>, kubevirt:
     judge_pod(fresh.map(|p| PodView::from_facts(p, knode)), ip, node_gone)
 }
 
-/// Which allocations a pass examines.
-#[derive(Debug, Clone)]
-pub enum Scope {
-    Full,
-    /// Only allocations attributed to these nodes (and those nodes' blocks).
-    Dirty(BTreeSet<Box<str>>),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LeakState {
-    Candidate { since: Millis },
-    Confirmed { since: Millis },
-}
-
-/// One allocation found to be garbage in the latest pass.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LeakRecord {
-    pub gid: Gid,
-    pub reason: LeakReason,
-    pub state: LeakState,
-    pub held_by: Option<HeldBy>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReleaseItem {
-    pub ordinal: u32,
-    pub ip: IpAddr,
-    pub handle: String,
-    /// `sequenceNumberForAllocation` as indexed: the release must fail if the block moved on.
-    pub sequence: u64,
-    pub reason: LeakReason,
-}
-
-/// All releases in one block, to be written as one compare-and-swap update.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BlockRelease {
-    pub cidr: IpNet,
-    pub block_name: String,
-    pub revision: String,
-    pub items: Vec<ReleaseItem>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EmptyBlockRecord {
-    pub cidr: IpNet,
-    pub block_name: String,
-    pub node: String,
-    pub revision: String,
-    pub releasable: bool,
-    pub held_by: Option<&'static str>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeRelease {
-    pub node: String,
-    /// `(affinity object name, cidr)` of every host affinity the node still has.
-    pub affinities: Vec<(String, IpNet)>,
-    /// Blocks affine to the node (by the block's own `affinity`).
-    pub blocks: Vec<IpNet>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OrphanHandle {
-    pub handle_id: String,
-    pub object_name: String,
-    pub revision: String,
-    pub uid: String,
-    pub releasable: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ColdBlock {
-    pub cidr: IpNet,
-    pub block_name: String,
-    pub revision: String,
-}
-
-/// What one pass decided. Tests assert on this, not on HTTP.
-#[derive(Debug, Clone, Default)]
-pub struct Plan {
-    pub full: bool,
-    pub examined: u64,
-    /// Every garbage allocation examined this pass, sorted by gid.
-    pub leaks: Vec<LeakRecord>,
-    pub releases: Vec<BlockRelease>,
-    /// Confirmed leaks left for a later pass by the per-pass cap.
-    pub deferred: usize,
-    pub empty_blocks: Vec<EmptyBlockRecord>,
-    pub nodes_to_release: Vec<NodeRelease>,
-    pub orphan_handles: Vec<OrphanHandle>,
-    pub cold_blocks: Vec<ColdBlock>,
-    /// Confirmed leaks whose pod the shell must re-read before releasing (namespace, pod).
-    pub revalidate: Vec<(Gid, String, String)>,
-}
-
-impl Plan {
-    pub fn release_count(&self) -> usize {
-        self.releases.iter().map(|b| b.items.len()).sum()
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Tracked {
     since: Millis,
@@ -387,6 +225,23 @@ pub struct GcState {
     empty_since: HashMap<IpNet, Millis>,
     orphan_since: HashMap<String, (Millis, String)>,
     release_cursor: Gid,
+    /// Allocations whose cached verdict (without KubeVirt facts) is a leak; VM allocations are
+    /// left out, they are judged in every pass against that pass's VM facts. Exact for every
+    /// allocation the index has not recorded as changed since the last refresh, so a pass
+    /// re-judges O(suspects + changed) allocations, not O(allocations).
+    suspects: RoaringBitmap,
+    /// False until the first refresh, which judges every allocation rather than only the
+    /// changed ones: a state created beside an index whose record was already taken (a new
+    /// state for an old index) still starts exact.
+    verdicts_primed: bool,
+}
+
+/// The cached verdict of one allocation: a leak on the index's facts alone. Unallocated gids and
+/// VM allocations are never suspects.
+fn leaks_on_cached_facts(index: &IpamIndex, g: Gid) -> bool {
+    let Some(b) = index.block(gid_slot(g)) else { return false };
+    let Some(a) = b.alloc(gid_ordinal(g)) else { return false };
+    !index.vm_allocations().contains(g) && matches!(classify(index, g, a, &b.cidr, None), Verdict::Leak(_))
 }
 
 /// An allocation's identity for leak tracking: its handle and sequence number. The CNI stamps a
@@ -411,6 +266,11 @@ impl GcState {
     /// Every tracked leak, candidate or confirmed (upstream's `gc_candidates`).
     pub fn tracked(&self) -> &RoaringBitmap {
         &self.tracked
+    }
+    /// Allocations whose verdict on cached facts was a leak at the last pass (VM allocations
+    /// excluded).
+    pub fn suspects(&self) -> &RoaringBitmap {
+        &self.suspects
     }
     pub fn is_confirmed(&self, g: Gid) -> bool {
         self.confirmed.contains(g)
@@ -438,19 +298,39 @@ impl GcState {
         self.confirmed.remove(g);
     }
 
+    /// Brings the verdict cache up to date with the index: drops suspects that are no longer
+    /// allocated and re-judges every allocation the index recorded as changed since the last
+    /// refresh (every allocation, the first time). Only `pass` calls it, so "recorded as changed"
+    /// also means "changed since the last pass", which `check_invariants` relies on.
+    fn refresh_verdicts(&mut self, index: &mut IpamIndex) {
+        let mut changed = index.take_changed_allocations();
+        if !self.verdicts_primed {
+            changed |= index.allocated();
+            self.verdicts_primed = true;
+        }
+        self.suspects &= index.allocated();
+        // `changed` iterates in order, so the re-judged leaks build a bitmap without searching.
+        let leaks = RoaringBitmap::from_sorted_iter(changed.iter().filter(|g| leaks_on_cached_facts(index, *g)))
+            .expect("a roaring bitmap iterates in order");
+        self.suspects -= &changed;
+        self.suspects |= leaks;
+    }
+
     /// One GC pass: classify the scope, advance leak states, and plan releases (SPEC §5.4 order:
     /// leaks, cold IPs, empty blocks, nodes). `fresh_pods` holds the re-read pods of confirmed
     /// leaks (`None` = NotFound) for the final re-validation; pods missing from it are judged on
     /// cached facts (what leak-scan and simulate do).
     pub fn pass(
         &mut self,
-        index: &IpamIndex,
+        index: &mut IpamIndex,
         now: Millis,
         cfg: &GcConfig,
         scope: &Scope,
         kubevirt: Option<&KubeVirtFacts>,
         fresh_pods: &BTreeMap<(String, String), Option<PodFacts>>,
     ) -> Plan {
+        self.refresh_verdicts(index);
+        let index: &IpamIndex = index;
         self.prune(index);
         let full = matches!(scope, Scope::Full);
         let dirty_set: RoaringBitmap;
@@ -468,10 +348,10 @@ impl GcState {
                 &dirty_set
             }
         };
-        // The index keeps every allocation's verdict current as facts change, so a pass only
+        // The refreshed cache holds every allocation's verdict on cached facts, so a pass only
         // re-judges the suspects (for their reasons) and the KubeVirt allocations (whose facts
         // arrive with the pass): O(suspects), not O(allocations).
-        let to_judge = &(index.suspects() | index.vm_allocations()) & examined;
+        let to_judge = &(&self.suspects | index.vm_allocations()) & examined;
         let verdicts: Vec<(Gid, LeakReason)> = to_judge
             .iter()
             .filter_map(|g| {
@@ -776,8 +656,10 @@ impl GcState {
         self.orphan_since.retain(|k, _| seen.contains(k));
     }
 
-    /// Cross-checks the tracker's maps with each other and with the index.
+    /// Cross-checks the tracker's maps with each other and with the index, and the verdict cache
+    /// with a fresh classification of every allocation the index has not recorded as changed.
     pub fn check_invariants(&self, index: &IpamIndex) -> Result<(), String> {
+        self.check_verdict_cache(index)?;
         let keys: RoaringBitmap = self.leaks.keys().copied().collect();
         if keys != self.tracked {
             return Err("tracked bitmap differs from leak map".into());
@@ -795,12 +677,34 @@ impl GcState {
                     // Allowed only until the next prune; a pass always prunes first.
                     continue;
                 }
-                if index.live_gids().contains(*g) && t.confirmed {
+                // A pod may start reporting a confirmed leak's IP between passes: the index records
+                // that as a change and the next pass forgets the leak.
+                if index.live_gids().contains(*g) && t.confirmed && !index.changed_allocations().contains(*g) {
                     return Err(format!("allocation {g} is confirmed but a live pod reports it"));
                 }
             }
         }
         Ok(())
     }
+    fn check_verdict_cache(&self, index: &IpamIndex) -> Result<(), String> {
+        if !self.verdicts_primed {
+            // Never refreshed: every allocation is still to be judged.
+            return if self.suspects.is_empty() { Ok(()) } else { Err("suspects cached before the first refresh".into()) };
+        }
+        let pending = index.changed_allocations();
+        let (mut cached_only, mut fresh_only) = (Vec::new(), Vec::new());
+        for g in (&self.suspects | index.allocated()).iter().filter(|g| !pending.contains(*g)) {
+            match (self.suspects.contains(g), leaks_on_cached_facts(index, g)) {
+                (true, false) => cached_only.push(g),
+                (false, true) => fresh_only.push(g),
+                _ => {}
+            }
+        }
+        if cached_only.is_empty() && fresh_only.is_empty() {
+            return Ok(());
+        }
+        cached_only.truncate(5);
+        fresh_only.truncate(5);
+        Err(format!("cached suspects differ from a fresh classification of unchanged allocations: cached-only {cached_only:?}, fresh-only {fresh_only:?}"))
+    }
 }
-

@@ -3,7 +3,8 @@
 //!
 //! Owns: every allocation of every block (compact records, per-block sorted vectors), cluster-wide
 //! roaring bitmaps over global allocation ids (allocated, by node, live IPs, empty and cold blocks),
-//! the compact pod and node facts, affinities and handle objects, and the dirty-node set.
+//! the compact pod and node facts, affinities and handle objects, the dirty-node set, and the
+//! record of which allocations' facts changed (for the GC's verdict cache).
 //! Must not: read the clock, do I/O, or decide anything about leaks (that is `gc`).
 //!
 //! A global allocation id (`Gid`) is `block_slot << 12 | ordinal`: Calico blocks hold at most
@@ -339,10 +340,10 @@ pub struct IpamIndex {
     live_extra: FastMap<Gid, u32>,
     /// Live pod IPs in no known block yet, with their holder counts; placed when the block comes.
     live_unplaced: BTreeMap<(u8, u128), u32>,
-    /// Allocations whose cached verdict (without KubeVirt facts) is a leak. Kept exact by
-    /// re-judging an allocation whenever its block, its pod, its node or its IP's liveness
-    /// changes, so a GC pass costs O(suspects), not O(allocations).
-    suspects: RoaringBitmap,
+    /// Allocations whose facts changed since the GC last took this record: their block entry,
+    /// their pod, their node's existence or their IP's liveness. The GC re-judges exactly these,
+    /// so its verdict cache stays exact and a pass costs O(suspects), not O(allocations).
+    changed: RoaringBitmap,
     /// Allocations of KubeVirt VMs: judged in every pass against the VM facts of that pass.
     vm_allocs: RoaringBitmap,
     nodes: FastMap<Sym, NodeEntry>,
@@ -478,41 +479,28 @@ impl IpamIndex {
         Some(gid(slot, ip_to_ordinal(&self.block(slot)?.cidr, ip)?))
     }
 
-    /// Allocations whose cached verdict is a leak (KubeVirt allocations excluded).
-    pub fn suspects(&self) -> &RoaringBitmap {
-        &self.suspects
-    }
     pub fn vm_allocations(&self) -> &RoaringBitmap {
         &self.vm_allocs
     }
 
-    /// Re-judges allocations after something they depend on changed.
-    fn reeval(&mut self, gids: impl IntoIterator<Item = Gid>) {
-        let mut leak = Vec::new();
-        let mut valid = Vec::new();
-        for g in gids {
-            let verdict = self.block(gid_slot(g)).and_then(|b| Some((b.alloc(gid_ordinal(g))?, b.cidr))).map(|(a, cidr)| {
-                a.vmi.is_none() && matches!(crate::ipam::gc::classify(self, g, a, &cidr, None), crate::ipam::gc::Verdict::Leak(_))
-            });
-            if verdict == Some(true) { leak.push(g) } else { valid.push(g) }
-        }
-        for g in leak {
-            self.suspects.insert(g);
-        }
-        for g in valid {
-            self.suspects.remove(g);
-        }
+    /// Allocations whose facts changed since the last call (including gids that are no longer
+    /// allocated). The GC's verdict cache is their one consumer.
+    pub fn take_changed_allocations(&mut self) -> RoaringBitmap {
+        std::mem::take(&mut self.changed)
+    }
+    /// Allocations whose facts changed and that nobody has taken yet.
+    pub fn changed_allocations(&self) -> &RoaringBitmap {
+        &self.changed
     }
 
-    fn reeval_pod(&mut self, slot: u32) {
-        let gids = self.pods[slot as usize].allocs.as_slice().to_vec();
-        self.reeval(gids);
+    fn pod_facts_changed(&mut self, slot: u32) {
+        let gids = self.pods[slot as usize].allocs.as_slice();
+        self.changed.extend(gids.iter().copied());
     }
 
-    fn reeval_node(&mut self, node: Sym) {
+    fn node_existence_changed(&mut self, node: Sym) {
         if let Some(bm) = self.by_node.get(&node) {
-            let gids: Vec<Gid> = bm.iter().collect();
-            self.reeval(gids);
+            self.changed |= bm;
         }
     }
 
@@ -571,12 +559,11 @@ impl IpamIndex {
             }
         }
         self.link_block(slot, &new_entry);
-        let gids: Vec<Gid> = new_entry.allocs.iter().map(|a| gid(slot, u32::from(a.ordinal))).collect();
+        self.changed.extend(new_entry.allocs.iter().map(|a| gid(slot, u32::from(a.ordinal))));
         self.blocks[slot as usize] = Some(new_entry);
         if let Some(old) = old {
             self.release_entry_refs(slot, &old);
         }
-        self.reeval(gids);
         Ok(())
     }
 
@@ -718,10 +705,11 @@ impl IpamIndex {
         let lo = gid(slot, 0);
         let hi = gid(slot, (1 << ORDINAL_BITS) - 1);
         self.allocated.remove_range(lo..=hi);
-        self.suspects.remove_range(lo..=hi);
         self.vm_allocs.remove_range(lo..=hi);
         for a in &e.allocs {
             let g = gid(slot, u32::from(a.ordinal));
+            // The old allocation is gone or replaced: a verdict cached for it is stale.
+            self.changed.insert(g);
             if !a.node.is_none()
                 && let Some(bm) = self.by_node.get_mut(&a.node) {
                     bm.remove(g);
@@ -866,7 +854,7 @@ impl IpamIndex {
                 self.live_gids.remove(g)
             };
             if flipped && self.allocated.contains(g) {
-                self.reeval([g]);
+                self.changed.insert(g);
             }
         }
     }
@@ -915,7 +903,7 @@ impl IpamIndex {
             }
             self.mark_dirty_sym(node);
         }
-        self.reeval_pod(slot);
+        self.pod_facts_changed(slot);
     }
 
     /// A pod is gone: its node is re-examined on the next dirty pass.
@@ -930,7 +918,7 @@ impl IpamIndex {
         self.mark_dirty_sym(old.node);
         self.strings.release(old.node);
         self.pods[slot as usize] = PodSlot { namespace: old.namespace, name: old.name, allocs: old.allocs, ..PodSlot::default() };
-        self.reeval_pod(slot);
+        self.pod_facts_changed(slot);
         self.maybe_free_pod(slot);
     }
 
@@ -951,7 +939,7 @@ impl IpamIndex {
                 self.nodes.insert(s, entry);
                 self.node_bits.insert(s.0);
                 self.mark_dirty(name);
-                self.reeval_node(s);
+                self.node_existence_changed(s);
             }
         }
     }
@@ -961,7 +949,7 @@ impl IpamIndex {
         if let Some(s) = self.strings.lookup(name)
             && self.nodes.remove(&s).is_some() {
                 self.node_bits.remove(s.0);
-                self.reeval_node(s);
+                self.node_existence_changed(s);
                 self.strings.release(s);
                 self.mark_dirty(name);
                 self.full_scan_requested = true;
@@ -1048,8 +1036,13 @@ impl IpamIndex {
     /// full scan requested.
     pub fn reset(&mut self, snap: Snapshot<'_>) -> Vec<InvalidObject> {
         let coverage = std::mem::take(&mut self.coverage);
+        // Every allocation of the old state changed too (it may be gone): verdicts cached for
+        // those gids are stale until the GC re-judges them.
+        let mut changed = std::mem::take(&mut self.changed);
+        changed |= &self.allocated;
         *self = IpamIndex::new();
         self.coverage = coverage;
+        self.changed = changed;
         let mut invalid: Vec<InvalidObject> = snap
             .blocks
             .par_iter()
@@ -1103,7 +1096,8 @@ impl IpamIndex {
             + self.handles.capacity() * (std::mem::size_of::<HandleEntry>() + 5)
             + self.by_node.values().map(|b| b.serialized_size()).sum::<usize>()
             + self.allocated.serialized_size()
-            + self.live_gids.serialized_size();
+            + self.live_gids.serialized_size()
+            + self.changed.serialized_size();
         blocks + pods + maps + self.strings.heap_bytes()
     }
 
@@ -1264,20 +1258,15 @@ impl IpamIndex {
         for n in self.nodes.keys() {
             bump(*n, &mut expected_refs);
         }
-        let mut suspects = RoaringBitmap::new();
+        // `changed` is a record, not derived state: any gid may be in it, stale ones included, so
+        // there is nothing here to cross-check; the GC's invariant checks what it must make exact.
         let mut vms = RoaringBitmap::new();
         for (slot, b) in self.blocks() {
             for a in &b.allocs {
-                let g = gid(slot, u32::from(a.ordinal));
                 if !a.vmi.is_none() {
-                    vms.insert(g);
-                } else if matches!(crate::ipam::gc::classify(self, g, a, &b.cidr, None), crate::ipam::gc::Verdict::Leak(_)) {
-                    suspects.insert(g);
+                    vms.insert(gid(slot, u32::from(a.ordinal)));
                 }
             }
-        }
-        if suspects != self.suspects {
-            return Err(format!("cached suspects differ from a fresh classification: cached-only {:?}, fresh-only {:?}", (&self.suspects - &suspects).iter().take(5).collect::<Vec<_>>(), (&suspects - &self.suspects).iter().take(5).collect::<Vec<_>>()));
         }
         if vms != self.vm_allocs {
             return Err("vm_allocs differs from blocks".into());

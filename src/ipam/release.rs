@@ -12,7 +12,7 @@ use crate::model::names::sanitize_handle;
 use crate::model::time::{format_rfc3339, parse_rfc3339, Millis};
 use crate::model::{InvalidObject, IpamBlock, IpamHandle};
 
-use super::gc::ReleaseItem;
+use super::plan::ReleaseItem;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReleaseOutcome {
@@ -173,7 +173,7 @@ pub fn check_block(block: &IpamBlock, now: Millis) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ipam::gc::LeakReason;
+    use crate::ipam::plan::LeakReason;
     use crate::model::block::tests::sample_block;
 
     fn item(ord: u32, handle: &str, seq: u64) -> ReleaseItem {

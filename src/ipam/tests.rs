@@ -6,7 +6,8 @@ use std::net::IpAddr;
 use proptest::prelude::*;
 use serde_json::json;
 
-use super::gc::{GcConfig, GcState, HeldBy, KubeVirtFacts, LeakReason, LeakState, Plan, Scope};
+use super::gc::{GcConfig, GcState, KubeVirtFacts};
+use super::plan::{HeldBy, LeakReason, LeakState, Plan, Scope};
 use super::index::{IpamIndex, PodCoverage};
 use crate::model::{IpamBlock, IpamHandle, NodeLite, PodFacts, PodPhase};
 
@@ -84,7 +85,7 @@ impl World {
         self.pass(now, Scope::Full, &BTreeMap::new())
     }
     pub fn pass(&mut self, now: i64, scope: Scope, fresh: &BTreeMap<(String, String), Option<PodFacts>>) -> Plan {
-        let plan = self.gc.pass(&self.index, now, &self.cfg, &scope, self.kubevirt.as_ref(), fresh);
+        let plan = self.gc.pass(&mut self.index, now, &self.cfg, &scope, self.kubevirt.as_ref(), fresh);
         self.index.check_invariants().unwrap();
         self.gc.check_invariants(&self.index).unwrap();
         plan
@@ -95,7 +96,7 @@ fn released_ips(plan: &Plan) -> Vec<String> {
     plan.releases.iter().flat_map(|b| b.items.iter().map(|i| i.ip.to_string())).collect()
 }
 
-fn leak_of<'p>(plan: &'p Plan, w: &World, ip: &str) -> Option<&'p super::gc::LeakRecord> {
+fn leak_of<'p>(plan: &'p Plan, w: &World, ip: &str) -> Option<&'p super::plan::LeakRecord> {
     let g = w.index.gid_of_ip(ip.parse::<IpAddr>().unwrap())?;
     plan.leaks.iter().find(|l| l.gid == g)
 }
@@ -468,6 +469,81 @@ fn a_terminating_pod_keeps_its_ip() {
     assert!(leak_of(&w.full(T0 + 10 * MIN), &w, "10.0.0.1").is_none());
 }
 
+// ---- the index records, the GC judges --------------------------------------------------------
+
+fn gid_of(w: &World, ip: &str) -> u32 {
+    w.index.gid_of_ip(ip.parse::<IpAddr>().unwrap()).unwrap()
+}
+
+#[test]
+fn the_index_records_changed_allocations_and_the_gc_takes_them() {
+    let mut w = basic(15);
+    let (g1, g2) = (gid_of(&w, "10.0.0.1"), gid_of(&w, "10.0.0.2"));
+    assert!(w.index.changed_allocations().contains(g1) && w.index.changed_allocations().contains(g2), "applied allocations are recorded");
+    w.full(T0);
+    assert!(w.index.changed_allocations().is_empty(), "the pass took the record");
+    assert!(w.gc.suspects().contains(g2) && !w.gc.suspects().contains(g1));
+    w.index.delete_pod("ns", "p1");
+    assert!(w.index.changed_allocations().contains(g1), "the pod's allocation is recorded as changed");
+    assert!(!w.gc.suspects().contains(g1), "the index judges nothing: the GC has not seen it yet");
+    w.gc.check_invariants(&w.index).unwrap();
+    let p = w.full(T0 + MIN);
+    assert!(w.index.changed_allocations().is_empty());
+    assert!(w.gc.suspects().contains(g1), "the pass re-judged it");
+    assert_eq!(leak_of(&p, &w, "10.0.0.1").unwrap().reason, LeakReason::PodNotFound);
+}
+
+#[test]
+fn a_deleted_block_leaves_no_suspect_behind() {
+    let mut w = basic(15);
+    w.full(T0);
+    let g2 = gid_of(&w, "10.0.0.2");
+    w.index.delete_block(&"10.0.0.0/29".parse().unwrap());
+    assert!(w.index.changed_allocations().contains(g2), "the old entry's allocations are recorded");
+    w.gc.check_invariants(&w.index).unwrap();
+    let p = w.full(T0 + MIN);
+    assert!(p.leaks.is_empty() && w.gc.suspects().is_empty());
+}
+
+#[test]
+fn a_reset_records_the_old_allocations_so_no_cached_verdict_goes_stale() {
+    let mut w = basic(15);
+    w.full(T0);
+    let g2 = gid_of(&w, "10.0.0.2");
+    // A relist in which the block is gone and another takes its slot.
+    let other = block("10.0.5.0/29", Some("n1"), &[pod_alloc(1, "h9", "ns", "p1", "n1")]);
+    let nodes = [node("n1")];
+    let pods = [pod("ns", "p1", "n1", &["10.0.5.1"])];
+    w.index.reset(super::index::Snapshot { blocks: std::slice::from_ref(&other), nodes: &nodes, pods: &pods, ..Default::default() });
+    assert!(w.index.changed_allocations().contains(g2), "the old allocations are recorded as changed");
+    w.gc.check_invariants(&w.index).unwrap();
+    let p = w.full(T0 + MIN);
+    assert!(p.leaks.is_empty() && w.gc.suspects().is_empty());
+}
+
+#[test]
+fn a_new_gc_state_beside_an_index_whose_record_was_taken_still_finds_every_leak() {
+    let mut w = basic(15);
+    w.full(T0);
+    let mut gc = GcState::new();
+    gc.check_invariants(&w.index).unwrap();
+    let p = gc.pass(&mut w.index, T0 + MIN, &w.cfg, &Scope::Full, None, &BTreeMap::new());
+    assert_eq!(leak_of(&p, &w, "10.0.0.2").unwrap().state, LeakState::Candidate { since: T0 + MIN });
+    gc.check_invariants(&w.index).unwrap();
+}
+
+#[test]
+fn the_gc_invariant_catches_a_change_the_gc_never_saw() {
+    let mut w = basic(15);
+    w.full(T0);
+    w.index.delete_pod("ns", "p1");
+    // Someone else takes the record: the cache is now wrong for .1 and nothing says it is pending.
+    let taken = w.index.take_changed_allocations();
+    assert!(taken.contains(gid_of(&w, "10.0.0.1")));
+    let err = w.gc.check_invariants(&w.index).unwrap_err();
+    assert!(err.contains("fresh-only"), "{err}");
+}
+
 // ---- properties ---------------------------------------------------------------------------------
 
 #[derive(Debug, Clone)]
@@ -533,6 +609,7 @@ fn apply_op(w: &mut World, op: &Op, now: &mut i64) -> Option<Plan> {
         }
     }
     w.index.check_invariants().map_err(|e| format!("{op:?}: {e}")).unwrap();
+    w.gc.check_invariants(&w.index).map_err(|e| format!("{op:?}: {e}")).unwrap();
     None
 }
 

@@ -266,7 +266,8 @@ mod tests {
 #[cfg(test)]
 mod scale_tests {
     use super::*;
-    use crate::ipam::gc::{GcConfig, GcState, Scope};
+    use crate::ipam::gc::{GcConfig, GcState};
+    use crate::ipam::plan::Scope;
     use crate::ipam::index::Snapshot;
     use crate::sim::{self, SimOptions};
 
@@ -275,7 +276,7 @@ mod scale_tests {
         let mut index = IpamIndex::new();
         index.reset(Snapshot { blocks: &c.blocks, affinities: &c.affinities, handles: &c.handles, pods: &c.pod_facts, nodes: &c.nodes });
         let mut gc = GcState::new();
-        gc.pass(&index, sim::T0, &GcConfig::default(), &Scope::Full, None, &Default::default());
+        gc.pass(&mut index, sim::T0, &GcConfig::default(), &Scope::Full, None, &Default::default());
         let pools = [PoolDef { name: "all-v4".into(), cidr: "0.0.0.0/0".parse().unwrap() }];
         let g = compute(&index, &pools, &[], gc.tracked(), index.node_names());
         (g, index.allocation_count(), index.block_count())

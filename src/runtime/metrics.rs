@@ -110,7 +110,7 @@ impl Metrics {
         let _ = writeln!(out, "ipam_gc_datastore_paused {}", u8::from(self.datastore_paused));
 
         header(&mut out, "ipam_gc_releases_total", "counter", "Addresses released by the GC, by reason.");
-        for reason in crate::ipam::gc::LeakReason::ALL {
+        for reason in crate::ipam::plan::LeakReason::ALL {
             let n = self.releases_total.get(reason.as_str()).copied().unwrap_or(0);
             let _ = writeln!(out, "ipam_gc_releases_total{{reason=\"{}\"}} {n}", reason.as_str());
         }

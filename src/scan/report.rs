@@ -14,7 +14,8 @@ use std::io::{self, Write};
 
 use serde::Serialize;
 
-use crate::ipam::gc::{GcConfig, GcState, HeldBy, LeakState, Plan, Scope};
+use crate::ipam::gc::{GcConfig, GcState};
+use crate::ipam::plan::{HeldBy, LeakState, Plan, Scope};
 use crate::ipam::index::{gid_ordinal, gid_slot, AllocKind, IpamIndex, PodCoverage, Snapshot};
 use crate::model::names::{ip_sort_key, ordinal_to_ip, workload_endpoint_name};
 use crate::model::time::Millis;
@@ -212,12 +213,12 @@ pub fn scan_dump(dump: &mut DumpContents, now: Millis) -> Result<LeakReport, Inc
         revalidate_live: false,
     };
     let meta = ReportMeta::from_cluster_info(dump.cluster_info.as_ref());
-    Ok(observe(&index, &cfg, now, meta, invalid))
+    Ok(observe(&mut index, &cfg, now, meta, invalid))
 }
 
 /// One observation of `index` at `now` with fresh GC state, and the look-ahead pass that decides
 /// what is releasable. Used by `leak-scan` in both its dump and live forms.
-pub fn observe(index: &IpamIndex, cfg: &GcConfig, now: Millis, meta: ReportMeta, invalid: Vec<InvalidObject>) -> LeakReport {
+pub fn observe(index: &mut IpamIndex, cfg: &GcConfig, now: Millis, meta: ReportMeta, invalid: Vec<InvalidObject>) -> LeakReport {
     let mut gc = GcState::new();
     let no_fresh = BTreeMap::new();
     let first = gc.pass(index, now, cfg, &Scope::Full, None, &no_fresh);

@@ -30,7 +30,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use crate::datastore::{block_on, execute_plan, ExecuteOptions, Kind, MemoryDatastore, PlanOutcome, Stored};
-use crate::ipam::gc::{GcConfig, GcState, Plan, Scope};
+use crate::ipam::gc::{GcConfig, GcState};
+use crate::ipam::plan::{Plan, Scope};
 use crate::ipam::index::{IpamIndex, Snapshot};
 use crate::model::time::Millis;
 use crate::model::{BlockAffinity, IpamBlock, IpamHandle, PodFacts};
@@ -256,7 +257,7 @@ impl Runner<'_> {
     fn step(&mut self, name: &'static str, now: Millis, scope: Scope) -> Result<(Plan, PlanOutcome), SimError> {
         let full = matches!(scope, Scope::Full);
         let started = Instant::now();
-        let plan = self.gc.pass(&self.index, now, &self.cfg, &scope, None, &BTreeMap::new());
+        let plan = self.gc.pass(&mut self.index, now, &self.cfg, &scope, None, &BTreeMap::new());
         let pass_ms = ms(started);
         for l in &plan.leaks {
             if let Some(ip) = self.index.ip_of(l.gid) {
@@ -406,11 +407,11 @@ fn steady_state_timings(run: &mut PipelineRun, repeats: usize) -> (Vec<f64>, Vec
     for k in 0..repeats.max(1) {
         let now = run.now + 1_000 * (k as Millis + 1);
         let started = Instant::now();
-        let plan = run.gc.pass(&run.index, now, &run.cfg, &Scope::Full, None, &fresh);
+        let plan = run.gc.pass(&mut run.index, now, &run.cfg, &Scope::Full, None, &fresh);
         full.push(ms(started));
         drop(plan);
         let started = Instant::now();
-        let plan = run.gc.pass(&run.index, now, &run.cfg, &Scope::Dirty(nodes.clone()), None, &fresh);
+        let plan = run.gc.pass(&mut run.index, now, &run.cfg, &Scope::Dirty(nodes.clone()), None, &fresh);
         dirty.push(ms(started));
         drop(plan);
     }
@@ -429,8 +430,8 @@ fn execute_timings(cluster: &SyntheticCluster, repeats: usize) -> Result<(Vec<f6
         index.reset(Snapshot { blocks: &listed.blocks, affinities: &listed.affinities, handles: &listed.handles, pods: &cluster.pod_facts, nodes: &cluster.nodes });
         let mut gc = GcState::new();
         let cfg = gc_config();
-        gc.pass(&index, T0, &cfg, &Scope::Full, None, &BTreeMap::new());
-        let plan = gc.pass(&index, T0 + GRACE + 120_000, &cfg, &Scope::Full, None, &BTreeMap::new());
+        gc.pass(&mut index, T0, &cfg, &Scope::Full, None, &BTreeMap::new());
+        let plan = gc.pass(&mut index, T0 + GRACE + 120_000, &cfg, &Scope::Full, None, &BTreeMap::new());
         let opts = ExecuteOptions { validate_writes: false, ..ExecuteOptions::default() };
         let started = Instant::now();
         let outcome = block_on(execute_plan(&ds, &plan, T0 + GRACE + 120_000, 0, &opts));
@@ -447,7 +448,7 @@ fn retained_bytes(cluster: &SyntheticCluster, listed: &Listed) -> (Option<usize>
     let mut index = IpamIndex::new();
     index.reset(Snapshot { blocks: &listed.blocks, affinities: &listed.affinities, handles: &listed.handles, pods: &cluster.pod_facts, nodes: &cluster.nodes });
     let mut gc = GcState::new();
-    let plan = gc.pass(&index, T0, &gc_config(), &Scope::Full, None, &BTreeMap::new());
+    let plan = gc.pass(&mut index, T0, &gc_config(), &Scope::Full, None, &BTreeMap::new());
     drop(plan);
     let after = crate::memstat::current_bytes();
     let heap = index.heap_bytes();

@@ -13,7 +13,7 @@ use super::cluster::Category;
 use super::dump::DumpStats;
 use super::{median, PipelineRun, SimOptions};
 use crate::datastore::PlanOutcome;
-use crate::ipam::gc::{LeakState, Plan};
+use crate::ipam::plan::{LeakState, Plan};
 use crate::model::time::Millis;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -62,12 +62,12 @@ fn free_behind_the_gcs_back(run: &PipelineRun, ip: IpAddr) {
     let stored = run.ds.peek(Kind::IpamBlock, block.name()).unwrap();
     let mut current: crate::model::IpamBlock = stored.decode().unwrap();
     let attr = current.spec.attributes[current.spec.allocations[ord as usize].unwrap() as usize].clone();
-    let item = crate::ipam::gc::ReleaseItem {
+    let item = crate::ipam::plan::ReleaseItem {
         ordinal: ord,
         ip,
         handle: attr.handle_id.unwrap(),
         sequence: current.spec.sequence_number_for_allocation[&ord.to_string()],
-        reason: crate::ipam::gc::LeakReason::PodNotFound,
+        reason: crate::ipam::plan::LeakReason::PodNotFound,
     };
     let out = crate::ipam::release::apply_release(&mut current, &[item], run.now, 0).unwrap();
     assert_eq!(out.released, vec![ord]);

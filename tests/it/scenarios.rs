@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use calico_kube_controllers::datastore::apply::{execute_plan, ExecuteOptions};
 use calico_kube_controllers::datastore::memory::{block_on, MemoryDatastore, Op};
 use calico_kube_controllers::datastore::{ErrorKind, Kind};
-use calico_kube_controllers::ipam::gc::{GcConfig, GcState, Scope};
+use calico_kube_controllers::ipam::gc::{GcConfig, GcState};
+use calico_kube_controllers::ipam::plan::Scope;
 use calico_kube_controllers::ipam::index::IpamIndex;
 use calico_kube_controllers::model::{IpamBlock, NodeLite, PodFacts, PodPhase};
 use calico_kube_controllers::sim::sync_index;
@@ -122,7 +123,7 @@ impl Cluster {
         self.now += minutes * MIN;
         sync_index(&self.ds, &mut self.index).unwrap();
         self.index.take_dirty();
-        let plan = self.gc.pass(&self.index, self.now, &self.cfg, &Scope::Full, None, &BTreeMap::new());
+        let plan = self.gc.pass(&mut self.index, self.now, &self.cfg, &Scope::Full, None, &BTreeMap::new());
         let out = block_on(execute_plan(&self.ds, &plan, self.now, 0, &ExecuteOptions { validate_writes: true, ..ExecuteOptions::default() }));
         sync_index(&self.ds, &mut self.index).unwrap();
         self.index.check_invariants().unwrap();

@@ -4,7 +4,7 @@ use serde_json::{Value, json};
 
 use super::*;
 use crate::datastore::{ErrorKind, MemoryDatastore, Op, block_on};
-use crate::ipam::gc::ReleaseItem;
+use crate::ipam::plan::ReleaseItem;
 use crate::model::names::ordinal_to_ip;
 use crate::model::time::parse_rfc3339;
 

@@ -1,0 +1,181 @@
+//! What a GC pass decides: the scope it examines, the leaks it found and why, what holds them,
+//! and the releases, deletions and writes it wants (the plan the shell executes).
+//!
+//! Owns: the plan types and the documented `reason` / `heldBy` strings of reports.
+//! Must not: judge allocations or keep state across passes (that is `gc`), read the index,
+//! read the clock or do I/O. Plain data only, so the shell and reports depend on it alone.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use super::index::Gid;
+use crate::model::time::Millis;
+
+/// Why an allocation is garbage. The strings are the documented `reason` values of reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LeakReason {
+    PodNotFound,
+    PodRescheduled,
+    IpNotInPod,
+    PodFinished,
+    PodEvicted,
+    NodeDeleted,
+    TunnelNodeDeleted,
+    VmDeleted,
+}
+
+impl LeakReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeakReason::PodNotFound => "pod-not-found",
+            LeakReason::PodRescheduled => "pod-rescheduled",
+            LeakReason::IpNotInPod => "ip-not-in-pod",
+            LeakReason::PodFinished => "pod-finished",
+            LeakReason::PodEvicted => "pod-evicted",
+            LeakReason::NodeDeleted => "node-deleted",
+            LeakReason::TunnelNodeDeleted => "tunnel-node-deleted",
+            LeakReason::VmDeleted => "vm-deleted",
+        }
+    }
+    pub const ALL: [LeakReason; 8] = [
+        LeakReason::PodNotFound,
+        LeakReason::PodRescheduled,
+        LeakReason::IpNotInPod,
+        LeakReason::PodFinished,
+        LeakReason::PodEvicted,
+        LeakReason::NodeDeleted,
+        LeakReason::TunnelNodeDeleted,
+        LeakReason::VmDeleted,
+    ];
+}
+
+/// What keeps a leak from being released. The strings are the documented `heldBy` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum HeldBy {
+    /// Another address of the same handle is still valid (all-or-none per handle).
+    HandleHasValidIp,
+    /// A tunnel address of a deleted node whose other allocations are not all garbage.
+    NodeHasValidAllocations,
+    /// The dump does not cover the allocation's namespace.
+    NamespaceNotInDump,
+    /// `leakGracePeriod` is 0: leaks on live nodes are never confirmed.
+    GraceDisabled,
+    /// The final re-validation found the pod holding the IP again.
+    Revalidated,
+}
+
+impl HeldBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HeldBy::HandleHasValidIp => "handle-has-valid-ip",
+            HeldBy::NodeHasValidAllocations => "node-has-valid-allocations",
+            HeldBy::NamespaceNotInDump => "namespace-not-in-dump",
+            HeldBy::GraceDisabled => "grace-period-disabled",
+            HeldBy::Revalidated => "pod-holds-ip-on-recheck",
+        }
+    }
+}
+
+/// Which allocations a pass examines.
+#[derive(Debug, Clone)]
+pub enum Scope {
+    Full,
+    /// Only allocations attributed to these nodes (and those nodes' blocks).
+    Dirty(BTreeSet<Box<str>>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeakState {
+    Candidate { since: Millis },
+    Confirmed { since: Millis },
+}
+
+/// One allocation found to be garbage in the latest pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeakRecord {
+    pub gid: Gid,
+    pub reason: LeakReason,
+    pub state: LeakState,
+    pub held_by: Option<HeldBy>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseItem {
+    pub ordinal: u32,
+    pub ip: IpAddr,
+    pub handle: String,
+    /// `sequenceNumberForAllocation` as indexed: the release must fail if the block moved on.
+    pub sequence: u64,
+    pub reason: LeakReason,
+}
+
+/// All releases in one block, to be written as one compare-and-swap update.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockRelease {
+    pub cidr: IpNet,
+    pub block_name: String,
+    pub revision: String,
+    pub items: Vec<ReleaseItem>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmptyBlockRecord {
+    pub cidr: IpNet,
+    pub block_name: String,
+    pub node: String,
+    pub revision: String,
+    pub releasable: bool,
+    pub held_by: Option<&'static str>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRelease {
+    pub node: String,
+    /// `(affinity object name, cidr)` of every host affinity the node still has.
+    pub affinities: Vec<(String, IpNet)>,
+    /// Blocks affine to the node (by the block's own `affinity`).
+    pub blocks: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrphanHandle {
+    pub handle_id: String,
+    pub object_name: String,
+    pub revision: String,
+    pub uid: String,
+    pub releasable: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColdBlock {
+    pub cidr: IpNet,
+    pub block_name: String,
+    pub revision: String,
+}
+
+/// What one pass decided. Tests assert on this, not on HTTP.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    pub full: bool,
+    pub examined: u64,
+    /// Every garbage allocation examined this pass, sorted by gid.
+    pub leaks: Vec<LeakRecord>,
+    pub releases: Vec<BlockRelease>,
+    /// Confirmed leaks left for a later pass by the per-pass cap.
+    pub deferred: usize,
+    pub empty_blocks: Vec<EmptyBlockRecord>,
+    pub nodes_to_release: Vec<NodeRelease>,
+    pub orphan_handles: Vec<OrphanHandle>,
+    pub cold_blocks: Vec<ColdBlock>,
+    /// Confirmed leaks whose pod the shell must re-read before releasing (namespace, pod).
+    pub revalidate: Vec<(Gid, String, String)>,
+}
+
+impl Plan {
+    pub fn release_count(&self) -> usize {
+        self.releases.iter().map(|b| b.items.len()).sum()
+    }
+}
+
