@@ -1,14 +1,18 @@
 //! The datastore conformance suite: the compare-and-swap and soft-delete laws every backend must
-//! keep, written once against the trait. The memory backend runs it in a unit test; the
-//! Kubernetes and etcd backends run it from `tests/it` against the test cluster.
+//! keep, and the laws of its watches ([`run_watch`]), written once against the trait. The memory
+//! backend runs it in a unit test; the Kubernetes and etcd backends run it from `tests/it`
+//! against the test cluster.
 //!
 //! Owns: the laws and the objects they are checked with (schema-valid for Calico's v1 CRDs, all
 //! named under a caller-chosen prefix and removed afterwards, so the suite can share a cluster).
-//! Must not: depend on a particular backend or leave objects behind on success.
+//! Must not: depend on a particular backend or leave objects behind on success, or time out by
+//! itself (it has no clock): a watch law that never sees its event waits, so a caller on a real
+//! backend bounds the suite with its own timeout.
 
+use futures::StreamExt;
 use serde_json::{Value, json};
 
-use super::{Datastore, ErrorKind, Kind, Precondition, Stored, mark_deleted};
+use super::{Datastore, ErrorKind, Kind, Precondition, Stored, WatchEvent, WatchStream, mark_deleted};
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -232,5 +236,132 @@ async fn unknown_fields_survive_update<D: Datastore>(ds: &D, opts: &Options) -> 
     }
     .await;
     cleanup(ds, Kind::IpamBlock, &name).await;
+    result
+}
+
+/// Runs every watch law; the error names the first one broken and how. Objects of other
+/// writers (a shared cluster) are ignored: only names under the prefix are checked.
+pub async fn run_watch<D: Datastore>(ds: &D, opts: &Options) -> Result<(), String> {
+    initial_list_matches_list(ds, opts).await.map_err(|e| format!("initial_list_matches_list: {e}"))?;
+    changes_arrive_as_apply_apply_delete(ds, opts).await.map_err(|e| format!("changes_arrive_as_apply_apply_delete: {e}"))?;
+    a_later_watch_lists_earlier_changes(ds, opts).await.map_err(|e| format!("a_later_watch_lists_earlier_changes: {e}"))?;
+    Ok(())
+}
+
+async fn next_event(stream: &mut WatchStream) -> Result<WatchEvent, String> {
+    stream.next().await.ok_or_else(|| "the watch stream ended".to_string())
+}
+
+/// The objects under `prefix` in the stream's first complete list. Transient errors are
+/// skipped (the backend retries); a list that starts over is read again from its `Init`.
+async fn first_list(stream: &mut WatchStream, prefix: &str) -> Result<Vec<Stored>, String> {
+    let mut listed = None;
+    loop {
+        match next_event(stream).await? {
+            WatchEvent::Init => listed = Some(Vec::new()),
+            WatchEvent::InitApply(s) => match listed.as_mut() {
+                Some(l) if s.name.starts_with(prefix) => l.push(s),
+                Some(_) => {}
+                None => return Err(format!("InitApply of {} before Init", s.name)),
+            },
+            WatchEvent::InitDone => return listed.ok_or_else(|| "InitDone before Init".to_string()),
+            WatchEvent::Error(f) if f.refused.is_none() => {}
+            other => return Err(format!("unexpected event during the first list: {other:?}")),
+        }
+    }
+}
+
+fn identities(objects: &[Stored]) -> Vec<(String, String, String)> {
+    let mut ids: Vec<_> = objects.iter().map(|s| (s.name.clone(), s.revision.clone(), s.uid.clone())).collect();
+    ids.sort();
+    ids
+}
+
+async fn initial_list_matches_list<D: Datastore>(ds: &D, opts: &Options) -> Result<(), String> {
+    let prefix = format!("{}watch-list-", opts.prefix);
+    let names: Vec<String> = (0..2).map(|i| format!("{prefix}{i}")).collect();
+    for n in &names {
+        cleanup(ds, Kind::IpamHandle, n).await;
+        ds.create(Kind::IpamHandle, n, handle_body(n)).await.map_err(|e| e.to_string())?;
+    }
+    let result = async {
+        let listed: Vec<Stored> = ds.list(Kind::IpamHandle).await.map_err(|e| e.to_string())?.into_iter().filter(|s| s.name.starts_with(&prefix)).collect();
+        let mut stream = ds.watch(Kind::IpamHandle);
+        let watched = first_list(&mut stream, &prefix).await?;
+        if identities(&watched) != identities(&listed) || listed.len() != names.len() {
+            return Err(format!("the watch listed {:?}, list() {:?}", identities(&watched), identities(&listed)));
+        }
+        if let Some(s) = watched.iter().find(|s| s.value["spec"]["handleID"] != json!(s.name)) {
+            return Err(format!("{} listed without its body: {}", s.name, s.value));
+        }
+        Ok(())
+    }
+    .await;
+    for n in &names {
+        cleanup(ds, Kind::IpamHandle, n).await;
+    }
+    result
+}
+
+async fn changes_arrive_as_apply_apply_delete<D: Datastore>(ds: &D, opts: &Options) -> Result<(), String> {
+    let name = format!("{}watch-changes", opts.prefix);
+    cleanup(ds, Kind::IpamHandle, &name).await;
+    let mut stream = ds.watch(Kind::IpamHandle);
+    first_list(&mut stream, &name).await?;
+    let created = ds.create(Kind::IpamHandle, &name, handle_body(&name)).await.map_err(|e| format!("create: {e}"))?;
+    let mut edit = created.clone();
+    edit.value["spec"]["block"]["10.250.0.0/30"] = json!(2);
+    let updated = ds.update(Kind::IpamHandle, &edit).await.map_err(|e| format!("update: {e}"));
+    let updated = match updated {
+        Ok(u) => u,
+        Err(e) => {
+            cleanup(ds, Kind::IpamHandle, &name).await;
+            return Err(e);
+        }
+    };
+    ds.delete(Kind::IpamHandle, &name, &updated.exact()).await.map_err(|e| format!("delete: {e}"))?;
+    let mut seen = Vec::new();
+    while !matches!(seen.last(), Some(WatchEvent::Delete(_))) {
+        match next_event(&mut stream).await? {
+            WatchEvent::Apply(s) | WatchEvent::Delete(s) if s.name != name => {}
+            e @ (WatchEvent::Apply(_) | WatchEvent::Delete(_)) => seen.push(e),
+            WatchEvent::Error(f) if f.refused.is_none() => {}
+            other => return Err(format!("unexpected event while watching changes: {other:?}")),
+        }
+    }
+    match seen.as_slice() {
+        [WatchEvent::Apply(a), WatchEvent::Apply(b), WatchEvent::Delete(d)]
+            if a.revision == created.revision && b.revision == updated.revision && d.uid == created.uid && b.value["spec"]["block"]["10.250.0.0/30"] == json!(2) =>
+        {
+            Ok(())
+        }
+        _ => Err(format!("expected Apply@{} Apply@{} Delete, got {seen:?}", created.revision, updated.revision)),
+    }
+}
+
+async fn a_later_watch_lists_earlier_changes<D: Datastore>(ds: &D, opts: &Options) -> Result<(), String> {
+    let prefix = format!("{}watch-later-", opts.prefix);
+    let (kept, gone) = (format!("{prefix}kept"), format!("{prefix}gone"));
+    for n in [&kept, &gone] {
+        cleanup(ds, Kind::IpamHandle, n).await;
+    }
+    let result = async {
+        let k = ds.create(Kind::IpamHandle, &kept, handle_body(&kept)).await.map_err(|e| e.to_string())?;
+        let g = ds.create(Kind::IpamHandle, &gone, handle_body(&gone)).await.map_err(|e| e.to_string())?;
+        let mut edit = k.clone();
+        edit.value["spec"]["block"]["10.250.0.0/30"] = json!(3);
+        let k2 = ds.update(Kind::IpamHandle, &edit).await.map_err(|e| e.to_string())?;
+        ds.delete(Kind::IpamHandle, &gone, &g.exact()).await.map_err(|e| e.to_string())?;
+        let mut stream = ds.watch(Kind::IpamHandle);
+        let listed = first_list(&mut stream, &prefix).await?;
+        match listed.as_slice() {
+            [s] if s.name == kept && s.revision == k2.revision && s.value["spec"]["block"]["10.250.0.0/30"] == json!(3) => Ok(()),
+            _ => Err(format!("expected only {kept}@{}, the watch listed {:?}", k2.revision, identities(&listed))),
+        }
+    }
+    .await;
+    for n in [&kept, &gone] {
+        cleanup(ds, Kind::IpamHandle, n).await;
+    }
     result
 }

@@ -2,11 +2,13 @@
 //! `kube::Api<DynamicObject>`, one cluster-scoped API per [`Kind`].
 //!
 //! Owns: the mapping of the CAS trait onto Kubernetes (resourceVersion and uid in the body of a
-//! replace, delete preconditions), the classification of API failures into [`ErrorKind`], the
+//! replace, delete preconditions, `kube::runtime::watcher` onto the watch seam), the
+//! classification of API and watch failures into [`ErrorKind`] and [`WatchFailure`], the
 //! `dry_run` switch that turns every write into a successful no-op, and the API call counters
 //! (verb, resource, code) the metrics endpoint reads.
 //! Also owns the client-side request limit (`K8S_CLIENT_QPS`/`K8S_CLIENT_BURST`) every request
-//! of the writer waits on.
+//! of the writer waits on ([`RequestLimiter`], shared with [`super::kube_cluster`]); watches
+//! never wait on it.
 //! Must not: decide what to write, retry (the plan executor does), or cache objects.
 
 use std::collections::BTreeMap;
@@ -14,15 +16,18 @@ use std::sync::{Arc, Mutex};
 
 use ::kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, PostParams, Preconditions};
 use ::kube::Client;
+use ::kube::runtime::{WatchStreamExt, watcher};
+use futures::StreamExt;
 use serde_json::Value;
 
 use super::rate::TokenBucket;
+use super::watch::{WatchEvent, WatchFailure, WatchStream};
 use super::{Datastore, DatastoreError, DsResult, ErrorKind, Kind, Precondition, Stored};
 use crate::model::{CALICO_GROUP, CALICO_API_VERSION};
 
 /// Objects per LIST page: large enough that a 10k-block cluster lists in a few round trips,
 /// small enough that one page never holds more than a few MB.
-const LIST_PAGE: u32 = 500;
+pub(crate) const LIST_PAGE: u32 = 500;
 
 /// The HTTP code label of a call that failed before an HTTP answer (connection, timeout, decode).
 pub const CODE_TRANSPORT: u16 = 0;
@@ -80,16 +85,111 @@ pub fn classify(e: &::kube::Error) -> ErrorKind {
 }
 
 fn to_error(kind: Kind, name: &str, verb: &str, e: &::kube::Error) -> DatastoreError {
+    to_error_on(kind.plural(), name, verb, e)
+}
+
+/// A classified error naming the call: `verb resource name: message (code)`.
+pub(crate) fn to_error_on(resource: &str, name: &str, verb: &str, e: &::kube::Error) -> DatastoreError {
     let message = match e {
-        ::kube::Error::Api(status) => format!("{verb} {} {name}: {} ({})", kind.plural(), status.message, status.code),
-        other => format!("{verb} {} {name}: {other}", kind.plural()),
+        ::kube::Error::Api(status) => format!("{verb} {resource} {name}: {} ({})", status.message, status.code),
+        other => format!("{verb} {resource} {name}: {other}"),
     };
     DatastoreError::new(classify(e), message)
+}
+
+/// The HTTP status inside a watcher error, if the apiserver answered.
+pub fn watch_error_code(e: &watcher::Error) -> Option<u16> {
+    match e {
+        watcher::Error::InitialListFailed(k) | watcher::Error::WatchStartFailed(k) | watcher::Error::WatchFailed(k) => match k {
+            ::kube::Error::Api(status) => Some(status.code),
+            _ => None,
+        },
+        watcher::Error::WatchError(status) => Some(status.code),
+        watcher::Error::NoResourceVersion => None,
+    }
+}
+
+/// Classifies a watcher error where it enters the seam: refused only for the answers that
+/// retrying will not fix (401, 403: no permission; 404: no such resource); a 410 Gone, a 5xx or
+/// a lost connection is routine and the watcher's backoff absorbs it.
+pub fn watch_failure(e: &watcher::Error) -> WatchFailure {
+    match watch_error_code(e) {
+        Some(code @ (401 | 403 | 404)) => WatchFailure::refused(code, e.to_string()),
+        _ => WatchFailure::transient(e.to_string()),
+    }
+}
+
+/// `kube::runtime::watcher` (paged initial list, then a watch, restarted with the default
+/// backoff) on `api`, its events mapped onto the seam by `stored`.
+pub(crate) fn watch_stream<F>(api: Api<DynamicObject>, stored: F) -> WatchStream
+where
+    F: Fn(DynamicObject) -> DsResult<Stored> + Send + 'static,
+{
+    let lift = move |object, make: fn(Stored) -> WatchEvent| match stored(object) {
+        Ok(s) => make(s),
+        Err(e) => WatchEvent::Error(WatchFailure::transient(e.message)),
+    };
+    let events = watcher(api, watcher::Config::default()).default_backoff().map(move |event| match event {
+        Ok(watcher::Event::Init) => WatchEvent::Init,
+        Ok(watcher::Event::InitApply(o)) => lift(o, WatchEvent::InitApply),
+        Ok(watcher::Event::InitDone) => WatchEvent::InitDone,
+        Ok(watcher::Event::Apply(o)) => lift(o, WatchEvent::Apply),
+        Ok(watcher::Event::Delete(o)) => lift(o, WatchEvent::Delete),
+        Err(e) => WatchEvent::Error(watch_failure(&e)),
+    });
+    Box::pin(events)
+}
+
+/// The metric label of a kind's status subresource.
+fn status_resource(kind: Kind) -> &'static str {
+    match kind {
+        Kind::IpamBlock => "ipamblocks/status",
+        Kind::BlockAffinity => "blockaffinities/status",
+        Kind::IpamHandle => "ipamhandles/status",
+        Kind::IpamConfig => "ipamconfigs/status",
+        Kind::ClusterInformation => "clusterinformations/status",
+        Kind::KubeControllersConfiguration => "kubecontrollersconfigurations/status",
+        Kind::IpPool => "ippools/status",
+        Kind::IpReservation => "ipreservations/status",
+        Kind::Tier => "tiers/status",
+    }
 }
 
 /// The `ApiResource` of a Calico v1 kind (all cluster-scoped).
 pub fn api_resource(kind: Kind) -> ApiResource {
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(CALICO_GROUP, "v1", kind.kind_name()), kind.plural())
+}
+
+/// The client-side request limit, shared by every clone: the datastore and the cluster reader
+/// of one process draw from one bucket.
+#[derive(Clone, Default)]
+pub struct RequestLimiter {
+    /// The bucket with its time origin; `None` = unlimited.
+    bucket: Option<Arc<Mutex<(std::time::Instant, TokenBucket)>>>,
+}
+
+impl RequestLimiter {
+    /// `None` leaves requests unlimited.
+    pub fn new(bucket: Option<TokenBucket>) -> Self {
+        RequestLimiter { bucket: bucket.map(|b| Arc::new(Mutex::new((std::time::Instant::now(), b)))) }
+    }
+
+    pub fn is_limited(&self) -> bool {
+        self.bucket.is_some()
+    }
+
+    /// Waits for a request token. The lock is released before the sleep.
+    pub async fn wait(&self) {
+        let Some(bucket) = &self.bucket else { return };
+        let wait = {
+            let mut b = bucket.lock().unwrap_or_else(|p| p.into_inner());
+            let now = b.0.elapsed();
+            b.1.reserve(now)
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
 }
 
 /// Calico's CRDs over the Kubernetes API.
@@ -98,33 +198,29 @@ pub struct KubeDatastore {
     client: Client,
     dry_run: bool,
     counters: Arc<ApiCounters>,
-    /// The client-side request limit with its time origin; `None` = unlimited.
-    limiter: Option<Arc<Mutex<(std::time::Instant, TokenBucket)>>>,
+    limiter: RequestLimiter,
 }
 
 impl KubeDatastore {
     pub fn new(client: Client, dry_run: bool, counters: Arc<ApiCounters>) -> Self {
-        KubeDatastore { client, dry_run, counters, limiter: None }
+        KubeDatastore { client, dry_run, counters, limiter: RequestLimiter::default() }
     }
 
     /// Limits every request this datastore (and [`KubeDatastore::throttle`]'s other callers)
     /// issues; `None` leaves them unlimited.
     pub fn with_rate_limit(mut self, bucket: Option<TokenBucket>) -> Self {
-        self.limiter = bucket.map(|b| Arc::new(Mutex::new((std::time::Instant::now(), b))));
+        self.limiter = RequestLimiter::new(bucket);
         self
     }
 
-    /// Waits for a request token. The lock is released before the sleep.
+    /// Waits for a request token.
     pub async fn throttle(&self) {
-        let Some(limiter) = &self.limiter else { return };
-        let wait = {
-            let mut l = limiter.lock().unwrap_or_else(|p| p.into_inner());
-            let now = l.0.elapsed();
-            l.1.reserve(now)
-        };
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
-        }
+        self.limiter.wait().await;
+    }
+
+    /// The request limit this datastore waits on, to share with a [`super::kube_cluster::KubeCluster`].
+    pub fn limiter(&self) -> &RequestLimiter {
+        &self.limiter
     }
 
     pub fn dry_run(&self) -> bool {
@@ -154,15 +250,20 @@ impl KubeDatastore {
 
 /// The whole object as the trait carries it, identity lifted out of `metadata`.
 fn to_stored(kind: Kind, object: DynamicObject) -> DsResult<Stored> {
+    dynamic_to_stored(object, CALICO_API_VERSION, kind.kind_name(), kind.plural())
+}
+
+/// The whole object with `apiVersion` and `kind` set (list and watch items lack them) and its
+/// identity lifted out of `metadata`; `resource` names it in an error.
+pub(crate) fn dynamic_to_stored(object: DynamicObject, api_version: &str, kind: &str, resource: &str) -> DsResult<Stored> {
     let name = object.metadata.name.clone().unwrap_or_default();
     let revision = object.metadata.resource_version.clone().unwrap_or_default();
     let uid = object.metadata.uid.clone().unwrap_or_default();
-    let mut value = serde_json::to_value(&object)
-        .map_err(|e| DatastoreError::invalid(format!("{} {name} does not encode: {e}", kind.plural())))?;
+    let mut value =
+        serde_json::to_value(&object).map_err(|e| DatastoreError::invalid(format!("{resource} {name} does not encode: {e}")))?;
     if let Some(map) = value.as_object_mut() {
-        // A dynamic object read back may lack these (lists strip them per item).
-        map.insert("apiVersion".into(), Value::String(CALICO_API_VERSION.into()));
-        map.insert("kind".into(), Value::String(kind.kind_name().into()));
+        map.insert("apiVersion".into(), Value::String(api_version.into()));
+        map.insert("kind".into(), Value::String(kind.into()));
     }
     Ok(Stored { name, revision, uid, value })
 }
@@ -254,6 +355,23 @@ impl Datastore for KubeDatastore {
         to_stored(kind, updated)
     }
 
+    async fn update_status(&self, kind: Kind, object: &Stored) -> DsResult<Stored> {
+        let body = to_object(kind, &object.name, &object.value, Some(&object.revision), Some(&object.uid))?;
+        if self.dry_run {
+            return Ok(object.clone());
+        }
+        self.throttle().await;
+        let result = self.api(kind).replace_status(&object.name, &PostParams::default(), &body).await;
+        self.counters.observe("update", status_resource(kind), 200, &result);
+        let updated = result.map_err(|e| to_error_on(status_resource(kind), &object.name, "update", &e))?;
+        to_stored(kind, updated)
+    }
+
+    fn watch(&self, kind: Kind) -> WatchStream {
+        // Soft-deleted objects pass through: the consumer filters them, as it does a list's.
+        watch_stream(self.api(kind), move |object| to_stored(kind, object))
+    }
+
     async fn delete(&self, kind: Kind, name: &str, precondition: &Precondition) -> DsResult<()> {
         if self.dry_run {
             return Ok(());
@@ -315,7 +433,22 @@ mod tests {
         }
         assert!(started.elapsed() >= std::time::Duration::from_millis(35), "{:?}", started.elapsed());
         let unlimited = KubeDatastore::new(client, true, counters).with_rate_limit(TokenBucket::new(0.0, 0).unwrap());
-        assert!(unlimited.limiter.is_none());
+        assert!(!unlimited.limiter.is_limited());
+    }
+
+    #[test]
+    fn only_watch_refusals_that_retrying_cannot_fix_are_refused() {
+        let refused = watcher::Error::InitialListFailed(api_error(403));
+        assert_eq!(watch_failure(&refused).refused, Some(403));
+        assert_eq!(watch_failure(&watcher::Error::WatchStartFailed(api_error(404))).refused, Some(404));
+        assert_eq!(watch_failure(&watcher::Error::InitialListFailed(api_error(401))).refused, Some(401));
+        // A 410 Gone or a 500 during a watch is routine: the watcher relists or retries.
+        assert_eq!(watch_failure(&watcher::Error::WatchFailed(api_error(500))).refused, None);
+        let gone = watcher::Error::WatchError(Box::new(::kube::core::Status { code: 410, ..Default::default() }));
+        assert_eq!(watch_error_code(&gone), Some(410));
+        assert_eq!(watch_failure(&gone).refused, None);
+        assert_eq!(watch_failure(&watcher::Error::NoResourceVersion).refused, None);
+        assert!(watch_failure(&refused).message.contains("initial object list"), "{}", watch_failure(&refused).message);
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! tests, the simulator and trying the product without a cluster.
 //!
 //! Owns: the object table, one global revision counter (like etcd's revision and Kubernetes'
-//! resourceVersion), deterministic uids, fault injection, "another writer" hooks, and per
-//! (verb, kind) operation counts.
+//! resourceVersion), deterministic uids, fault injection, "another writer" hooks, per
+//! (verb, kind) operation counts, and the watches of every kind (a broadcast fed in commit
+//! order under the table's lock, with the faults of a real watch on demand).
 //! Must not: hold its lock across an `.await` (every operation runs synchronously inside one
 //! lock section, so every returned future is already complete), or read the clock.
 
@@ -14,6 +15,8 @@ use std::task::{Context, Poll, Waker};
 
 use serde_json::{Map, Value};
 
+use super::watch::{WatchEvent, WatchStream};
+use super::watch_hub::WatchHub;
 use super::{Datastore, DatastoreError, DsResult, ErrorKind, Kind, Precondition, Stored};
 
 /// The verbs of the trait, for fault injection and operation counts.
@@ -23,6 +26,8 @@ pub enum Op {
     List,
     Create,
     Update,
+    /// A write of `status` alone (the status subresource).
+    UpdateStatus,
     Delete,
 }
 
@@ -33,6 +38,7 @@ impl Op {
             Op::List => "list",
             Op::Create => "create",
             Op::Update => "update",
+            Op::UpdateStatus => "update_status",
             Op::Delete => "delete",
         }
     }
@@ -85,6 +91,7 @@ struct Inner {
     faults: Vec<Fault>,
     hooks: VecDeque<Hook>,
     ops: BTreeMap<(Op, Kind), u64>,
+    watches: WatchHub<Kind>,
 }
 
 impl Inner {
@@ -116,7 +123,33 @@ impl Inner {
         let entry = self.objects.get_mut(&(kind, name.to_string()))?;
         mutate(&mut entry.value);
         entry.revision = revision;
-        Some(stamp(name, entry))
+        let stored = stamp(name, entry);
+        self.watches.publish(kind, WatchEvent::Apply(stored.clone()));
+        Some(stored)
+    }
+
+    /// Stores a new version of an existing object and tells the watches.
+    fn replace(&mut self, kind: Kind, name: &str, uid: String, value: Value) -> Stored {
+        let revision = self.next_revision();
+        let entry = Entry { revision, uid, value };
+        let stored = stamp(name, &entry);
+        self.objects.insert((kind, name.to_string()), entry);
+        self.watches.publish(kind, WatchEvent::Apply(stored.clone()));
+        stored
+    }
+
+    /// Every object of `kind`, stamped, soft-deleted ones included (what a list returns).
+    fn current(&self, kind: Kind) -> Vec<Stored> {
+        self.objects.iter().filter(|((k, _), _)| *k == kind).map(|((_, n), e)| stamp(n, e)).collect()
+    }
+
+    /// Removes the object and tells the watches, its last body stamped with the delete's
+    /// revision (as a Kubernetes DELETED event carries it).
+    fn remove(&mut self, kind: Kind, name: &str) {
+        let Some(mut entry) = self.objects.remove(&(kind, name.to_string())) else { return };
+        entry.revision = self.next_revision();
+        let last = stamp(name, &entry);
+        self.watches.publish(kind, WatchEvent::Delete(last));
     }
 }
 
@@ -195,6 +228,52 @@ impl MemoryDatastore {
         self.lock().hooks.push_back(Hook { op, kind, name: name.to_string(), mutate: Box::new(mutate) });
     }
 
+    /// A list + watch of `kind`: the current objects and, after them, every change in commit
+    /// order, with the faults queued below. Not counted as an operation.
+    pub fn watch_now(&self, kind: Kind) -> WatchStream {
+        let mut inner = self.lock();
+        let current = inner.current(kind);
+        inner.watches.subscribe(kind, current)
+    }
+
+    /// The watches of `kind` expire (a 410 Gone): each gets a transient `expired` error, then a
+    /// relist of the current objects.
+    pub fn expire_watches(&self, kind: Kind) {
+        let mut inner = self.lock();
+        let current = inner.current(kind);
+        inner.watches.expire(kind, current);
+    }
+
+    /// The next `n` changes of `kind` never reach the current watches: a missed event that only
+    /// a later relist repairs.
+    pub fn drop_watch_events(&self, kind: Kind, n: u64) {
+        self.lock().watches.drop_events(kind, n);
+    }
+
+    /// The watches of `kind` stop delivering; their events are held until [`Self::resume_watches`].
+    pub fn stall_watches(&self, kind: Kind) {
+        self.lock().watches.stall(kind);
+    }
+
+    /// The apiserver refuses the watches of `kind` with `code` (401, 403, 404): each gets the
+    /// refusal, then nothing until [`Self::resume_watches`].
+    pub fn refuse_watches(&self, kind: Kind, code: u16) {
+        self.lock().watches.refuse(kind, code, &format!("watching {} refused ({code})", kind.plural()));
+    }
+
+    /// Ends a stall (held events delivered in order) or a refusal (a relist, as a watcher that
+    /// recovers lists again).
+    pub fn resume_watches(&self, kind: Kind) {
+        let mut inner = self.lock();
+        let current = inner.current(kind);
+        inner.watches.resume(kind, current);
+    }
+
+    /// One transient error on every watch of `kind`; the streams go on.
+    pub fn fail_watches(&self, kind: Kind, message: &str) {
+        self.lock().watches.fail(kind, message);
+    }
+
     /// The object as stored, without counting an operation or finishing a soft delete.
     pub fn peek(&self, kind: Kind, name: &str) -> Option<Stored> {
         let inner = self.lock();
@@ -203,8 +282,7 @@ impl MemoryDatastore {
 
     /// Every object of `kind` as stored, by name, without counting an operation.
     pub fn snapshot(&self, kind: Kind) -> Vec<Stored> {
-        let inner = self.lock();
-        inner.objects.iter().filter(|((k, _), _)| *k == kind).map(|((_, n), e)| stamp(n, e)).collect()
+        self.lock().current(kind)
     }
 
     /// How many calls of `op` on `kind` were made (injected failures included).
@@ -230,8 +308,7 @@ impl MemoryDatastore {
         let stored = stamp(name, entry);
         if kind == Kind::IpamBlock && stored.is_soft_deleted() {
             // KDD finishes a soft delete that its writer did not (SPEC §4.5).
-            inner.objects.remove(&key);
-            inner.next_revision();
+            inner.remove(kind, name);
             return Err(not_found(kind, name));
         }
         Ok(stored)
@@ -240,7 +317,7 @@ impl MemoryDatastore {
     pub fn list_now(&self, kind: Kind) -> DsResult<Vec<Stored>> {
         let mut inner = self.lock();
         inner.enter(Op::List, kind, None)?;
-        Ok(inner.objects.iter().filter(|((k, _), _)| *k == kind).map(|((_, n), e)| stamp(n, e)).collect())
+        Ok(inner.current(kind))
     }
 
     pub fn create_now(&self, kind: Kind, name: &str, value: Value) -> DsResult<Stored> {
@@ -257,31 +334,32 @@ impl MemoryDatastore {
         let entry = Entry { revision, uid, value: strip_server_fields(value) };
         let stored = stamp(name, &entry);
         inner.objects.insert(key, entry);
+        inner.watches.publish(kind, WatchEvent::Apply(stored.clone()));
         Ok(stored)
     }
 
     pub fn update_now(&self, kind: Kind, object: &Stored) -> DsResult<Stored> {
         let mut inner = self.lock();
         inner.enter(Op::Update, kind, Some(&object.name))?;
-        check_body(kind, &object.name, &object.value)?;
-        if object.revision.is_empty() {
-            // As for Kubernetes custom resources: an update must name the version it replaces.
-            return Err(DatastoreError::invalid(format!("{} {}: update without a revision", kind.kind_name(), object.name)));
+        let uid = cas_target(&inner, kind, object)?.uid.clone();
+        let value = strip_server_fields(object.value.clone());
+        Ok(inner.replace(kind, &object.name, uid, value))
+    }
+
+    /// Replaces only `status`, under the same compare-and-swap as [`Self::update_now`]: what the
+    /// status subresource does. A body without `status` clears it.
+    pub fn update_status_now(&self, kind: Kind, object: &Stored) -> DsResult<Stored> {
+        let mut inner = self.lock();
+        inner.enter(Op::UpdateStatus, kind, Some(&object.name))?;
+        let entry = cas_target(&inner, kind, object)?;
+        let (uid, mut value) = (entry.uid.clone(), entry.value.clone());
+        if let Some(body) = value.as_object_mut() {
+            match object.value.get("status") {
+                Some(status) => body.insert("status".into(), status.clone()),
+                None => body.remove("status"),
+            };
         }
-        let key = (kind, object.name.clone());
-        let entry = inner.objects.get(&key).ok_or_else(|| not_found(kind, &object.name))?;
-        if entry.revision.to_string() != object.revision {
-            return Err(conflict(kind, &object.name, format!("revision {} is stale, stored {}", object.revision, entry.revision)));
-        }
-        if !object.uid.is_empty() && entry.uid != object.uid {
-            return Err(conflict(kind, &object.name, format!("uid {} is not the stored {}", object.uid, entry.uid)));
-        }
-        let uid = entry.uid.clone();
-        let revision = inner.next_revision();
-        let entry = Entry { revision, uid, value: strip_server_fields(object.value.clone()) };
-        let stored = stamp(&object.name, &entry);
-        inner.objects.insert(key, entry);
-        Ok(stored)
+        Ok(inner.replace(kind, &object.name, uid, value))
     }
 
     pub fn delete_now(&self, kind: Kind, name: &str, precondition: &Precondition) -> DsResult<()> {
@@ -299,10 +377,27 @@ impl MemoryDatastore {
         {
             return Err(conflict(kind, name, format!("precondition uid {uid}, stored {}", entry.uid)));
         }
-        inner.objects.remove(&key);
-        inner.next_revision();
+        inner.remove(kind, name);
         Ok(())
     }
+}
+
+/// The stored object an update of `object` would replace: its body must be valid and its
+/// revision (and uid, when set) must match the stored ones.
+fn cas_target<'a>(inner: &'a Inner, kind: Kind, object: &Stored) -> DsResult<&'a Entry> {
+    check_body(kind, &object.name, &object.value)?;
+    if object.revision.is_empty() {
+        // As for Kubernetes custom resources: an update must name the version it replaces.
+        return Err(DatastoreError::invalid(format!("{} {}: update without a revision", kind.kind_name(), object.name)));
+    }
+    let entry = inner.objects.get(&(kind, object.name.clone())).ok_or_else(|| not_found(kind, &object.name))?;
+    if entry.revision.to_string() != object.revision {
+        return Err(conflict(kind, &object.name, format!("revision {} is stale, stored {}", object.revision, entry.revision)));
+    }
+    if !object.uid.is_empty() && entry.uid != object.uid {
+        return Err(conflict(kind, &object.name, format!("uid {} is not the stored {}", object.uid, entry.uid)));
+    }
+    Ok(entry)
 }
 
 /// The server owns `resourceVersion` and `uid`; what a client sends there is not stored.
@@ -339,8 +434,16 @@ impl Datastore for MemoryDatastore {
         std::future::ready(self.update_now(kind, object))
     }
 
+    fn update_status(&self, kind: Kind, object: &Stored) -> impl Future<Output = DsResult<Stored>> + Send {
+        std::future::ready(self.update_status_now(kind, object))
+    }
+
     fn delete(&self, kind: Kind, name: &str, precondition: &Precondition) -> impl Future<Output = DsResult<()>> + Send {
         std::future::ready(self.delete_now(kind, name, precondition))
+    }
+
+    fn watch(&self, kind: Kind) -> WatchStream {
+        self.watch_now(kind)
     }
 }
 
@@ -451,6 +554,165 @@ mod tests {
         assert_eq!(block_on(async { 7 }), 7);
         let ds = MemoryDatastore::new();
         assert!(block_on(ds.get(Kind::IpPool, "x")).unwrap_err().is_not_found());
+    }
+
+    /// Every event already delivered, without waiting.
+    fn ready(stream: &mut WatchStream) -> Vec<WatchEvent> {
+        use futures::{FutureExt, StreamExt};
+        let mut out = Vec::new();
+        while let Some(Some(e)) = stream.next().now_or_never() {
+            out.push(e);
+        }
+        out
+    }
+
+    /// The events in a compact form: `I`, `I+name@rev`, `D`, `A name@rev`, `X name@rev`, `E`/`R403`.
+    fn script(events: &[WatchEvent]) -> Vec<String> {
+        events
+            .iter()
+            .map(|e| match e {
+                WatchEvent::Init => "I".to_string(),
+                WatchEvent::InitApply(s) => format!("I+{}@{}", s.name, s.revision),
+                WatchEvent::InitDone => "D".to_string(),
+                WatchEvent::Apply(s) => format!("A {}@{}", s.name, s.revision),
+                WatchEvent::Delete(s) => format!("X {}@{}", s.name, s.revision),
+                WatchEvent::Error(f) => match f.refused {
+                    Some(code) => format!("R{code}"),
+                    None => format!("E {}", f.message),
+                },
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_watch_starts_with_the_current_list_and_then_sees_every_change_in_commit_order() {
+        let ds = MemoryDatastore::new();
+        ds.create_now(Kind::IpamHandle, "a", handle("a")).unwrap();
+        ds.create_now(Kind::IpamBlock, "10-0-0-0-30", block("10-0-0-0-30", true)).unwrap();
+        let mut handles = ds.watch_now(Kind::IpamHandle);
+        let mut blocks = ds.watch_now(Kind::IpamBlock);
+        assert_eq!(script(&ready(&mut handles)), ["I", "I+a@1", "D"]);
+        assert_eq!(script(&ready(&mut blocks)), ["I", "I+10-0-0-0-30@2", "D"], "soft-deleted objects are listed");
+        let b = ds.create_now(Kind::IpamHandle, "b", handle("b")).unwrap();
+        ds.update_now(Kind::IpamHandle, &b).unwrap();
+        ds.bump(Kind::IpamHandle, "a", |v| v["spec"]["note"] = json!(1)).unwrap();
+        ds.bump_before(Op::Delete, Kind::IpamHandle, "b", |v| v["spec"]["note"] = json!(2));
+        ds.delete_now(Kind::IpamHandle, "b", &Precondition::default()).unwrap();
+        assert_eq!(script(&ready(&mut handles)), ["A b@3", "A b@4", "A a@5", "A b@6", "X b@7"]);
+        assert!(ds.get_now(Kind::IpamBlock, "10-0-0-0-30").unwrap_err().is_not_found());
+        assert_eq!(script(&ready(&mut blocks)), ["X 10-0-0-0-30@8"], "the finished soft delete is a Delete");
+    }
+
+    #[test]
+    fn a_dropped_watch_unsubscribes() {
+        let ds = MemoryDatastore::new();
+        let kept = ds.watch_now(Kind::IpPool);
+        drop(ds.watch_now(Kind::IpPool));
+        ds.create_now(Kind::IpPool, "p", json!({"spec": {}})).unwrap();
+        assert_eq!(ds.lock().watches.subscribers_of(Kind::IpPool), 1);
+        drop(kept);
+        ds.create_now(Kind::IpPool, "q", json!({"spec": {}})).unwrap();
+        assert_eq!(ds.lock().watches.subscribers_of(Kind::IpPool), 0);
+    }
+
+    #[test]
+    fn an_expired_watch_reports_it_and_relists_the_current_state() {
+        let ds = MemoryDatastore::new();
+        ds.create_now(Kind::IpamHandle, "a", handle("a")).unwrap();
+        let mut w = ds.watch_now(Kind::IpamHandle);
+        ready(&mut w);
+        ds.create_now(Kind::IpamHandle, "b", handle("b")).unwrap();
+        ds.expire_watches(Kind::IpamHandle);
+        assert_eq!(script(&ready(&mut w)), ["A b@2", "E expired", "I", "I+a@1", "I+b@2", "D"]);
+    }
+
+    #[test]
+    fn dropped_events_are_missed_until_a_relist_repairs_them() {
+        let ds = MemoryDatastore::new();
+        let mut w = ds.watch_now(Kind::IpamHandle);
+        let mut other = ds.watch_now(Kind::IpPool);
+        ready(&mut w);
+        ready(&mut other);
+        ds.drop_watch_events(Kind::IpamHandle, 2);
+        ds.create_now(Kind::IpamHandle, "a", handle("a")).unwrap();
+        ds.create_now(Kind::IpPool, "p", json!({"spec": {}})).unwrap();
+        ds.create_now(Kind::IpamHandle, "b", handle("b")).unwrap();
+        ds.create_now(Kind::IpamHandle, "c", handle("c")).unwrap();
+        assert_eq!(script(&ready(&mut w)), ["A c@4"], "a and b were lost");
+        assert_eq!(script(&ready(&mut other)), ["A p@2"], "other kinds lose nothing");
+        ds.expire_watches(Kind::IpamHandle);
+        assert_eq!(script(&ready(&mut w)), ["E expired", "I", "I+a@1", "I+b@3", "I+c@4", "D"]);
+    }
+
+    #[test]
+    fn a_stalled_watch_holds_its_events_and_delivers_them_in_order_on_resume() {
+        let ds = MemoryDatastore::new();
+        let mut w = ds.watch_now(Kind::IpamHandle);
+        ready(&mut w);
+        ds.stall_watches(Kind::IpamHandle);
+        let a = ds.create_now(Kind::IpamHandle, "a", handle("a")).unwrap();
+        ds.update_now(Kind::IpamHandle, &a).unwrap();
+        let mut late = ds.watch_now(Kind::IpamHandle);
+        assert!(ready(&mut w).is_empty() && ready(&mut late).is_empty());
+        ds.resume_watches(Kind::IpamHandle);
+        assert_eq!(script(&ready(&mut w)), ["A a@1", "A a@2"]);
+        assert_eq!(script(&ready(&mut late)), ["I", "I+a@2", "D"]);
+    }
+
+    #[test]
+    fn a_refused_watch_delivers_nothing_until_resumed_and_then_relists() {
+        let ds = MemoryDatastore::new();
+        ds.create_now(Kind::IpamHandle, "a", handle("a")).unwrap();
+        let mut w = ds.watch_now(Kind::IpamHandle);
+        ready(&mut w);
+        ds.refuse_watches(Kind::IpamHandle, 403);
+        ds.create_now(Kind::IpamHandle, "b", handle("b")).unwrap();
+        ds.fail_watches(Kind::IpamHandle, "ignored while refused");
+        let mut late = ds.watch_now(Kind::IpamHandle);
+        assert_eq!(script(&ready(&mut w)), ["R403"]);
+        assert_eq!(script(&ready(&mut late)), ["R403"], "a new watch is refused too");
+        ds.resume_watches(Kind::IpamHandle);
+        assert_eq!(script(&ready(&mut w)), ["I", "I+a@1", "I+b@2", "D"]);
+        assert_eq!(script(&ready(&mut late)), ["I", "I+a@1", "I+b@2", "D"]);
+    }
+
+    #[test]
+    fn a_failed_watch_reports_one_transient_error_and_goes_on() {
+        let ds = MemoryDatastore::new();
+        let mut w = ds.watch_now(Kind::IpamHandle);
+        ready(&mut w);
+        ds.fail_watches(Kind::IpamHandle, "connection reset");
+        ds.create_now(Kind::IpamHandle, "a", handle("a")).unwrap();
+        let events = ready(&mut w);
+        assert_eq!(script(&events), ["E connection reset", "A a@1"]);
+        assert_eq!(events[0], WatchEvent::Error(crate::datastore::WatchFailure::transient("connection reset")));
+    }
+
+    #[test]
+    fn a_status_update_replaces_only_the_status_under_the_revision_check() {
+        let ds = MemoryDatastore::new();
+        let kcc = ds.create_now(Kind::KubeControllersConfiguration, "default", json!({"spec": {"a": 1}})).unwrap();
+        let mut edit = kcc.clone();
+        edit.value["spec"]["a"] = json!(2);
+        edit.value["status"] = json!({"runningConfig": {}});
+        let written = ds.update_status_now(Kind::KubeControllersConfiguration, &edit).unwrap();
+        assert_eq!((written.value["spec"]["a"].clone(), written.value["status"].clone()), (json!(1), json!({"runningConfig": {}})));
+        assert!(ds.update_status_now(Kind::KubeControllersConfiguration, &edit).unwrap_err().is_conflict(), "stale revision");
+        assert_eq!(ds.op_count(Op::UpdateStatus, Kind::KubeControllersConfiguration), 2);
+    }
+
+    #[test]
+    fn memory_backend_passes_the_watch_conformance_suite() {
+        let ds = std::sync::Arc::new(MemoryDatastore::new());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let runner = ds.clone();
+        // On its own thread: a missing event would leave block_on polling forever.
+        std::thread::spawn(move || {
+            let opts = super::super::conformance::Options { prefix: "conf-".into(), unknown_spec_fields: true };
+            let _ = tx.send(block_on(super::super::conformance::run_watch(&*runner, &opts)));
+        });
+        let result = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("the watch suite finished");
+        result.unwrap();
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! the KDD soft-delete protocol (SPEC §4.5).
 //!
 //! Owns: [`Kind`], [`Stored`], [`Precondition`], [`DatastoreError`] and the [`Datastore`] trait;
-//! the memory backend ([`memory`]), the plan executor shared by every backend ([`apply`]) and the
-//! conformance suite every backend must pass ([`conformance`]).
+//! the watch seam ([`watch`]) and the Kubernetes reader trait ([`cluster`]); the memory backends
+//! ([`memory`], [`memory_cluster`], sharing one watch broadcast), the plan executor shared by
+//! every backend ([`apply`]) and the conformance suite every backend must pass ([`conformance`]).
 //! Must not: import tokio or kube (this module is part of the pure core and builds with
 //! `--no-default-features`), read the clock, or decide what is garbage.
 //!
@@ -23,13 +24,18 @@ pub mod cluster;
 pub mod conformance;
 #[cfg(feature = "cli")]
 pub mod kube;
+#[cfg(feature = "cli")]
+pub mod kube_cluster;
 pub mod memory;
+pub mod memory_cluster;
 pub mod rate;
 pub mod watch;
+mod watch_hub;
 
 pub use apply::{ExecuteOptions, ItemFailure, ItemRef, KeepGoing, PlanOutcome, execute_plan};
 pub use cluster::{ClusterKind, ClusterReader};
 pub use memory::{MemoryDatastore, Op, block_on};
+pub use memory_cluster::MemoryCluster;
 pub use watch::{WatchEvent, WatchFailure, WatchStream};
 
 /// The Calico kinds this product reads or writes.
@@ -43,10 +49,12 @@ pub enum Kind {
     KubeControllersConfiguration,
     IpPool,
     IpReservation,
+    /// Policy tiers: only the ones upstream's start-up ensures are written (`runtime::init`).
+    Tier,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::IpamBlock,
         Kind::BlockAffinity,
         Kind::IpamHandle,
@@ -55,6 +63,7 @@ impl Kind {
         Kind::KubeControllersConfiguration,
         Kind::IpPool,
         Kind::IpReservation,
+        Kind::Tier,
     ];
 
     /// The CRD plural (`crd.projectcalico.org/v1`); also a bounded metric label.
@@ -68,6 +77,7 @@ impl Kind {
             Kind::KubeControllersConfiguration => "kubecontrollersconfigurations",
             Kind::IpPool => "ippools",
             Kind::IpReservation => "ipreservations",
+            Kind::Tier => "tiers",
         }
     }
 
@@ -82,6 +92,7 @@ impl Kind {
             Kind::KubeControllersConfiguration => "KubeControllersConfiguration",
             Kind::IpPool => "IPPool",
             Kind::IpReservation => "IPReservation",
+            Kind::Tier => "Tier",
         }
     }
 
@@ -219,8 +230,16 @@ pub trait Datastore: Send + Sync {
     /// `object`'s: `Conflict` otherwise, `NotFound` if the object is gone. Returns the new version.
     fn update(&self, kind: Kind, object: &Stored) -> impl Future<Output = DsResult<Stored>> + Send;
 
+    /// Replaces only `status` (the status subresource: the rest of `object`'s body is ignored),
+    /// under the same revision check as [`Datastore::update`]. Returns the new version.
+    fn update_status(&self, kind: Kind, object: &Stored) -> impl Future<Output = DsResult<Stored>> + Send;
+
     /// Deletes `name` if `precondition` holds: `NotFound` if missing, `Conflict` if not.
     fn delete(&self, kind: Kind, name: &str, precondition: &Precondition) -> impl Future<Output = DsResult<()>> + Send;
+
+    /// List + watch of every object of `kind` with the protocol of [`watch`]: soft-deleted
+    /// objects included (consumers filter them, as for [`Datastore::list`]). Never rate limited.
+    fn watch(&self, kind: Kind) -> WatchStream;
 
     /// Deletes exactly this version of the object. For blocks, affinities and handles this is the
     /// KDD two-step: mark `spec.deleted` under CAS, then delete with revision and uid
