@@ -21,7 +21,8 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
 use crate::config::{EnvConfig, LogLevel, RunConfig};
-use crate::datastore::kube::{ApiCounters, KubeCluster, KubeDatastore};
+use crate::datastore::kube::{ApiCounters, KubeDatastore};
+use crate::datastore::kube_cluster::KubeCluster;
 use crate::health;
 use crate::scan::report::LeakReport;
 
@@ -208,7 +209,7 @@ pub async fn run(client: kube::Client, opts: RunOptions, stop: impl Future<Outpu
     let ds = KubeDatastore::new(client.clone(), opts.controller.dry_run, api.clone()).with_rate_limit(bucket);
     // Pods, nodes and the re-validation reads: Kubernetes whatever the datastore (the same
     // client-side request limit as the writer's).
-    let cluster = Arc::new(KubeCluster::new(client.clone(), api, ds.limiter()));
+    let cluster = Arc::new(KubeCluster::new(client.clone(), api, ds.limiter().clone()));
     let ds = Arc::new(ds);
     if opts.controller.dry_run {
         tracing::warn!("dry run: plans are reported, nothing is written");

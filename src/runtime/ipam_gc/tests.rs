@@ -3,6 +3,7 @@
     use super::*;
     use crate::datastore::{ErrorKind, Kind, MemoryCluster, MemoryDatastore, Op};
     use crate::model::{IpamBlock, KubeControllersConfiguration, NodeLite, PodFacts};
+    use crate::runtime::ipam_gauges::NO_POOL;
     use crate::runtime::watch::{Change, Object};
     use serde_json::json;
 
