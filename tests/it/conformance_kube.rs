@@ -1,9 +1,9 @@
-//! The datastore conformance suite against [`KubeDatastore`] on the real test cluster, and the
-//! dry-run switch that must write nothing.
+//! The datastore conformance suite (CAS, soft-delete and watch laws) against [`KubeDatastore`]
+//! on the real test cluster, and the dry-run switch that must write nothing.
 
 use std::sync::Arc;
 
-use calico_kube_controllers::datastore::conformance::{Options, run_all};
+use calico_kube_controllers::datastore::conformance::{Options, run_all, run_watch};
 use calico_kube_controllers::datastore::kube::{ApiCounters, KubeDatastore};
 use calico_kube_controllers::datastore::{Datastore, ErrorKind, Kind};
 use serde_json::json;
@@ -20,6 +20,16 @@ async fn kube_datastore_keeps_the_cas_and_soft_delete_laws() {
     run_all(&ds, &opts).await.unwrap_or_else(|law| panic!("KubeDatastore broke a law: {law}"));
     let calls = counters.snapshot();
     assert!(calls.iter().any(|((verb, res, code), _)| *verb == "update" && *res == "ipamhandles" && *code == 409), "{calls:?}");
+}
+
+#[tokio::test]
+async fn kube_datastore_watches_keep_the_watch_laws() {
+    let cluster = shared_cluster();
+    let ds = KubeDatastore::new(cluster.client(), false, Arc::new(ApiCounters::default()));
+    let opts = Options { prefix: format!("{}-", unique_name("confw")), unknown_spec_fields: false };
+    // The suite has no clock: a watch that never delivers its event would wait forever.
+    let laws = tokio::time::timeout(std::time::Duration::from_secs(60), run_watch(&ds, &opts)).await.expect("the watch laws finished within 60s");
+    laws.unwrap_or_else(|law| panic!("KubeDatastore's watch broke a law: {law}"));
 }
 
 #[tokio::test]
