@@ -352,7 +352,12 @@ fn read_live_cluster(tty: bool, started: Instant) -> anyhow::Result<dump::DumpCo
                 eprint!("\rlisting {resource}: {n}          ");
             }
         };
-        calico_kube_controllers::scan::live::read_cluster(&client, &mut progress).await.context("reading the cluster")
+        // Read-only and unlimited, as a one-off scan: no writer shares the client.
+        use calico_kube_controllers::datastore::{kube as kdd, kube_cluster};
+        let counters = std::sync::Arc::new(kdd::ApiCounters::default());
+        let ds = kdd::KubeDatastore::new(client.clone(), true, counters.clone());
+        let cluster = kube_cluster::KubeCluster::new(client, counters, kdd::RequestLimiter::default());
+        calico_kube_controllers::scan::live::read_cluster(&ds, &cluster, &mut progress).await.context("reading the cluster")
     })
 }
 

@@ -75,7 +75,8 @@ impl ClusterReader for KubeCluster {
         self.limiter.wait().await;
         let result = api.get(name).await;
         self.counters.observe("get", kind.plural(), 200, &result);
-        let object = result.map_err(|e| to_error_on(kind.plural(), &format!("{namespace}/{name}"), "get", &e))?;
+        let named = if kind.namespaced() { format!("{namespace}/{name}") } else { name.to_string() };
+        let object = result.map_err(|e| to_error_on(kind.plural(), &named, "get", &e))?;
         Self::to_stored(kind, &resource, object)
     }
 

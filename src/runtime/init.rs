@@ -10,13 +10,10 @@
 
 use std::time::Duration;
 
-use kube::Client;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
 use serde_json::{Value, json};
 
-use crate::datastore::Kind;
-use crate::datastore::kube::{ApiCounters, api_resource, status_code};
-use crate::model::{CALICO_API_VERSION, CALICO_GROUP};
+use crate::datastore::{Datastore, DatastoreError, ErrorKind, Kind, Stored};
+use crate::model::CALICO_API_VERSION;
 use crate::model::config::ClusterInformationSpec;
 
 /// Upstream's retry interval and budget for EnsureInitialized before giving up.
@@ -28,15 +25,23 @@ pub const DEFAULT_NAME: &str = "default";
 /// The tiers upstream's EnsureInitialized creates: (name, order, default action). Calico's own
 /// CRD validation pins these values, so they are not ours to tune.
 const TIERS: [(&str, u64, &str); 3] = [("default", 1_000_000, "Deny"), ("kube-admin", 1_000, "Pass"), ("kube-baseline", 10_000_000, "Pass")];
+/// The metric label and error name of the KubeControllersConfiguration's status subresource.
+const KCC_STATUS: &str = "kubecontrollersconfigurations/status";
 
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
     #[error("initializing the datastore (ClusterInformation, KubeControllersConfiguration) failed for {secs}s: {last}")]
     GaveUp { secs: u64, last: String },
     #[error("{verb} {resource}: {source}")]
-    Api { verb: &'static str, resource: &'static str, source: kube::Error },
+    Api { verb: &'static str, resource: &'static str, source: DatastoreError },
     #[error("{resource}/default does not decode: {problem}")]
     Decode { resource: &'static str, problem: String },
+}
+
+impl InitError {
+    fn api(verb: &'static str, resource: &'static str) -> impl FnOnce(DatastoreError) -> InitError {
+        move |source| InitError::Api { verb, resource, source }
+    }
 }
 
 /// 32 lowercase hex characters from the kernel's random source (upstream: a UUID's hex).
@@ -78,43 +83,39 @@ pub fn repair_cluster_information(spec: &ClusterInformationSpec, guid: impl FnOn
     (out != *spec).then_some(out)
 }
 
-fn api(client: &Client, kind: Kind) -> Api<DynamicObject> {
-    Api::all_with(client.clone(), &api_resource(kind))
+/// A KDD-shaped body named `name`.
+fn body(kind: Kind, name: &str, spec: Value) -> Value {
+    json!({"apiVersion": CALICO_API_VERSION, "kind": kind.kind_name(), "metadata": {"name": name}, "spec": spec})
 }
 
-fn object(kind: Kind, spec: Value) -> Result<DynamicObject, InitError> {
-    serde_json::from_value(json!({"apiVersion": CALICO_API_VERSION, "kind": kind.kind_name(), "metadata": {"name": DEFAULT_NAME}, "spec": spec}))
-        .map_err(|e| InitError::Decode { resource: kind.plural(), problem: e.to_string() })
+/// The object, or `None` when it does not exist.
+async fn get_opt<D: Datastore>(ds: &D, kind: Kind, name: &str) -> Result<Option<Stored>, InitError> {
+    match ds.get(kind, name).await {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(InitError::api("get", kind.plural())(e)),
+    }
 }
 
-async fn ensure_cluster_information(client: &Client, counters: &ApiCounters) -> Result<(), InitError> {
+async fn ensure_cluster_information<D: Datastore>(ds: &D) -> Result<(), InitError> {
     let kind = Kind::ClusterInformation;
-    let infos = api(client, kind);
-    let got = infos.get_opt(DEFAULT_NAME).await;
-    counters.observe("get", kind.plural(), 200, &got);
-    let got = got.map_err(|source| InitError::Api { verb: "get", resource: kind.plural(), source })?;
-    match got {
+    match get_opt(ds, kind, DEFAULT_NAME).await? {
         None => {
             let spec = repair_cluster_information(&ClusterInformationSpec::default(), new_cluster_guid).unwrap_or_default();
-            let body = object(kind, serde_json::to_value(&spec).unwrap_or_default())?;
-            let created = infos.create(&PostParams::default(), &body).await;
-            counters.observe("create", kind.plural(), 201, &created);
-            match created {
-                Ok(_) => tracing::info!(guid = spec.cluster_guid.as_deref().unwrap_or(""), "created ClusterInformation default"),
-                // A 409 (someone else created it meanwhile) too: the next attempt repairs theirs.
-                Err(source) => return Err(InitError::Api { verb: "create", resource: kind.plural(), source }),
-            }
+            let value = body(kind, DEFAULT_NAME, serde_json::to_value(&spec).unwrap_or_default());
+            // An AlreadyExists (someone else created it meanwhile) too: the next attempt repairs theirs.
+            ds.create(kind, DEFAULT_NAME, value).await.map_err(InitError::api("create", kind.plural()))?;
+            tracing::info!(guid = spec.cluster_guid.as_deref().unwrap_or(""), "created ClusterInformation default");
         }
-        Some(mut existing) => {
-            let spec: ClusterInformationSpec = serde_json::from_value(existing.data.get("spec").cloned().unwrap_or(json!({})))
+        Some(existing) => {
+            let spec: ClusterInformationSpec = serde_json::from_value(existing.value.get("spec").cloned().unwrap_or(json!({})))
                 .map_err(|e| InitError::Decode { resource: kind.plural(), problem: e.to_string() })?;
             if let Some(repaired) = repair_cluster_information(&spec, new_cluster_guid) {
-                // A replace with the read resourceVersion: a concurrent writer makes this a 409
-                // and the retry reads theirs.
-                existing.data["spec"] = serde_json::to_value(&repaired).unwrap_or_default();
-                let replaced = infos.replace(DEFAULT_NAME, &PostParams::default(), &existing).await;
-                counters.observe("update", kind.plural(), 200, &replaced);
-                replaced.map_err(|source| InitError::Api { verb: "update", resource: kind.plural(), source })?;
+                // A compare-and-swap on the read revision: a concurrent writer makes this a
+                // conflict and the retry reads theirs.
+                let mut edit = existing;
+                edit.value["spec"] = serde_json::to_value(&repaired).unwrap_or_default();
+                ds.update(kind, &edit).await.map_err(InitError::api("update", kind.plural()))?;
                 tracing::info!(cluster_type = repaired.cluster_type.as_deref().unwrap_or(""), "repaired ClusterInformation default");
             }
         }
@@ -124,92 +125,71 @@ async fn ensure_cluster_information(client: &Client, counters: &ApiCounters) -> 
 
 /// Creates the `default` KubeControllersConfiguration with upstream's defaults if it is missing
 /// (also after someone deletes it, as upstream recreates it).
-pub async fn ensure_default_kcc(client: &Client, counters: &ApiCounters) -> Result<(), InitError> {
+pub async fn ensure_default_kcc<D: Datastore>(ds: &D) -> Result<(), InitError> {
     let kind = Kind::KubeControllersConfiguration;
-    let kccs = api(client, kind);
-    let got = kccs.get_opt(DEFAULT_NAME).await;
-    counters.observe("get", kind.plural(), 200, &got);
-    if got.map_err(|source| InitError::Api { verb: "get", resource: kind.plural(), source })?.is_some() {
+    if get_opt(ds, kind, DEFAULT_NAME).await?.is_some() {
         return Ok(());
     }
-    let body = object(kind, serde_json::to_value(crate::config::default_kcc_spec()).unwrap_or_default())?;
-    let created = kccs.create(&PostParams::default(), &body).await;
-    counters.observe("create", kind.plural(), 201, &created);
-    match created {
+    let value = body(kind, DEFAULT_NAME, serde_json::to_value(crate::config::default_kcc_spec()).unwrap_or_default());
+    match ds.create(kind, DEFAULT_NAME, value).await {
         Ok(_) => {
             tracing::info!("created KubeControllersConfiguration default with upstream's defaults");
             Ok(())
         }
-        Err(e) if status_code(&e) == 409 => Ok(()),
-        Err(source) => Err(InitError::Api { verb: "create", resource: kind.plural(), source }),
+        Err(e) if e.kind == ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(InitError::api("create", kind.plural())(e)),
     }
 }
 
 /// Writes `status` on the `default` object if it differs from what is stored; returns whether
 /// it wrote. Comparing first is what keeps our own status write from feeding the watch forever.
-pub async fn write_kcc_status(client: &Client, counters: &ApiCounters, status: &Value) -> Result<bool, InitError> {
+pub async fn write_kcc_status<D: Datastore>(ds: &D, status: &Value) -> Result<bool, InitError> {
     let kind = Kind::KubeControllersConfiguration;
-    let kccs = api(client, kind);
-    let got = kccs.get_opt(DEFAULT_NAME).await;
-    counters.observe("get", kind.plural(), 200, &got);
-    let Some(mut existing) = got.map_err(|source| InitError::Api { verb: "get", resource: kind.plural(), source })? else {
+    let Some(mut existing) = get_opt(ds, kind, DEFAULT_NAME).await? else {
         return Ok(false);
     };
-    if existing.data.get("status") == Some(status) {
+    if existing.value.get("status") == Some(status) {
         return Ok(false);
     }
-    existing.data["status"] = status.clone();
-    let replaced = kccs.replace_status(DEFAULT_NAME, &PostParams::default(), &existing).await;
-    counters.observe("update", "kubecontrollersconfigurations/status", 200, &replaced);
-    replaced.map_err(|source| InitError::Api { verb: "update", resource: "kubecontrollersconfigurations/status", source })?;
+    existing.value["status"] = status.clone();
+    ds.update_status(kind, &existing).await.map_err(InitError::api("update", KCC_STATUS))?;
     Ok(true)
 }
 
 /// Creates the missing tiers; existing ones are left as they are (upstream does not rewrite
-/// them either). A cluster without the Tier CRD (404 on the resource) has no tiers to ensure.
-async fn ensure_tiers(client: &Client, counters: &ApiCounters) -> Result<(), InitError> {
-    let resource = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(CALICO_GROUP, "v1", "Tier"), "tiers");
-    let tiers: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+/// them either). A cluster without the Tier CRD has no tiers to ensure: there a tier is never
+/// found and its create finds no resource (404) either.
+async fn ensure_tiers<D: Datastore>(ds: &D) -> Result<(), InitError> {
+    let kind = Kind::Tier;
     for (name, order, action) in TIERS {
-        let got = tiers.get_opt(name).await;
-        counters.observe("get", "tiers", 200, &got);
-        match got {
-            Ok(Some(_)) => continue,
-            Ok(None) => {}
-            Err(e) if status_code(&e) == 404 => {
+        if get_opt(ds, kind, name).await?.is_some() {
+            continue;
+        }
+        match ds.create(kind, name, body(kind, name, json!({"order": order, "defaultAction": action}))).await {
+            Ok(_) => tracing::info!(tier = name, "created tier"),
+            Err(e) if e.kind == ErrorKind::AlreadyExists => {}
+            Err(e) if e.is_not_found() => {
                 tracing::info!("no Tier resource in this cluster: tiers not ensured");
                 return Ok(());
             }
-            Err(source) => return Err(InitError::Api { verb: "get", resource: "tiers", source }),
-        }
-        let body: DynamicObject = serde_json::from_value(json!({
-            "apiVersion": CALICO_API_VERSION, "kind": "Tier", "metadata": {"name": name},
-            "spec": {"order": order, "defaultAction": action}
-        }))
-        .map_err(|e| InitError::Decode { resource: "tiers", problem: e.to_string() })?;
-        let created = tiers.create(&PostParams::default(), &body).await;
-        counters.observe("create", "tiers", 201, &created);
-        match created {
-            Ok(_) => tracing::info!(tier = name, "created tier"),
-            Err(e) if status_code(&e) == 409 => {}
-            Err(source) => return Err(InitError::Api { verb: "create", resource: "tiers", source }),
+            Err(e) => return Err(InitError::api("create", kind.plural())(e)),
         }
     }
     Ok(())
 }
 
-async fn ensure_once(client: &Client, counters: &ApiCounters) -> Result<(), InitError> {
-    ensure_cluster_information(client, counters).await?;
-    ensure_tiers(client, counters).await?;
-    ensure_default_kcc(client, counters).await
+async fn ensure_once<D: Datastore>(ds: &D) -> Result<(), InitError> {
+    ensure_cluster_information(ds).await?;
+    ensure_tiers(ds).await?;
+    ensure_default_kcc(ds).await
 }
 
 /// Upstream's EnsureInitialized for the Kubernetes datastore (plus the default
 /// KubeControllersConfiguration), retried every 5 s for up to 60 s.
-pub async fn ensure_initialized(client: &Client, counters: &ApiCounters) -> Result<(), InitError> {
+pub async fn ensure_initialized<D: Datastore>(ds: &D) -> Result<(), InitError> {
     let started = tokio::time::Instant::now();
     loop {
-        match ensure_once(client, counters).await {
+        match ensure_once(ds).await {
             Ok(()) => return Ok(()),
             Err(e) if started.elapsed() + RETRY_EVERY > RETRY_FOR => {
                 return Err(InitError::GaveUp { secs: started.elapsed().as_secs(), last: e.to_string() });
@@ -225,6 +205,7 @@ pub async fn ensure_initialized(client: &Client, counters: &ApiCounters) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::datastore::{MemoryDatastore, Op};
 
     fn spec(v: Value) -> ClusterInformationSpec {
         serde_json::from_value(v).unwrap()
@@ -251,5 +232,79 @@ mod tests {
     fn a_complete_cluster_information_is_not_rewritten() {
         let s = spec(json!({"clusterGUID": "abc", "clusterType": "k8s,bgp,kdd", "datastoreReady": true}));
         assert_eq!(repair_cluster_information(&s, new_cluster_guid), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fresh_datastore_gets_cluster_information_the_three_tiers_and_the_default_kcc() {
+        let ds = MemoryDatastore::new();
+        ensure_initialized(&ds).await.unwrap();
+        let info = ds.peek(Kind::ClusterInformation, DEFAULT_NAME).expect("ClusterInformation default");
+        let spec = &info.value["spec"];
+        assert_eq!(spec["clusterGUID"].as_str().map(str::len), Some(32), "{spec}");
+        assert_eq!((spec["clusterType"].as_str(), spec["datastoreReady"].as_bool()), (Some("k8s,kdd"), Some(true)));
+        let tiers: Vec<(String, Value, Value)> = ds
+            .snapshot(Kind::Tier)
+            .into_iter()
+            .map(|t| (t.name, t.value["spec"]["order"].clone(), t.value["spec"]["defaultAction"].clone()))
+            .collect();
+        assert_eq!(
+            tiers,
+            [
+                ("default".to_string(), json!(1_000_000), json!("Deny")),
+                ("kube-admin".to_string(), json!(1_000), json!("Pass")),
+                ("kube-baseline".to_string(), json!(10_000_000), json!("Pass")),
+            ]
+        );
+        let kcc = ds.peek(Kind::KubeControllersConfiguration, DEFAULT_NAME).expect("the default KubeControllersConfiguration");
+        assert_eq!(kcc.value["spec"], serde_json::to_value(crate::config::default_kcc_spec()).unwrap());
+        // A second start writes nothing.
+        let revision = ds.revision();
+        ensure_initialized(&ds).await.unwrap();
+        assert_eq!(ds.revision(), revision);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_existing_explicit_datastore_not_ready_is_kept() {
+        let ds = MemoryDatastore::new();
+        let spec = json!({"clusterGUID": "abc", "clusterType": "typha", "datastoreReady": false});
+        ds.create_now(Kind::ClusterInformation, DEFAULT_NAME, body(Kind::ClusterInformation, DEFAULT_NAME, spec)).unwrap();
+        ensure_initialized(&ds).await.unwrap();
+        let spec = ds.peek(Kind::ClusterInformation, DEFAULT_NAME).unwrap().value["spec"].clone();
+        assert_eq!(spec, json!({"clusterGUID": "abc", "clusterType": "typha,k8s,kdd", "datastoreReady": false}));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_datastore_without_the_tier_resource_is_initialized_without_tiers() {
+        let ds = MemoryDatastore::new();
+        ds.inject(Some(Kind::Tier), None, Op::Create, ErrorKind::NotFound, 1);
+        ensure_initialized(&ds).await.unwrap();
+        assert!(ds.snapshot(Kind::Tier).is_empty());
+        assert_eq!(ds.op_count(Op::Create, Kind::Tier), 1, "the first 404 ends the tiers");
+        assert!(ds.peek(Kind::KubeControllersConfiguration, DEFAULT_NAME).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn initialization_retries_every_5s_and_gives_up_after_60s() {
+        let ds = MemoryDatastore::new();
+        ds.inject(Some(Kind::ClusterInformation), None, Op::Get, ErrorKind::Transient, 1000);
+        let started = tokio::time::Instant::now();
+        let err = ensure_initialized(&ds).await.unwrap_err();
+        assert!(matches!(err, InitError::GaveUp { secs: 60, .. }), "{err}");
+        assert!(err.to_string().starts_with("initializing the datastore (ClusterInformation, KubeControllersConfiguration) failed for 60s: get clusterinformations: transient: "), "{err}");
+        assert_eq!(started.elapsed(), Duration::from_secs(60));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_status_is_written_only_when_it_differs() {
+        let ds = MemoryDatastore::new();
+        assert!(!write_kcc_status(&ds, &json!({"runningConfig": {}})).await.unwrap(), "no configuration: nothing to write");
+        ensure_default_kcc(&ds).await.unwrap();
+        let status = json!({"runningConfig": {"controllers": {}}, "environmentVars": {"ENABLED_CONTROLLERS": "node"}});
+        assert!(write_kcc_status(&ds, &status).await.unwrap());
+        assert!(!write_kcc_status(&ds, &status).await.unwrap());
+        assert_eq!(ds.op_count(Op::UpdateStatus, Kind::KubeControllersConfiguration), 1);
+        let kcc = ds.peek(Kind::KubeControllersConfiguration, DEFAULT_NAME).unwrap();
+        assert_eq!(kcc.value["status"], status);
+        assert_eq!(kcc.value["spec"], serde_json::to_value(crate::config::default_kcc_spec()).unwrap(), "the spec is untouched");
     }
 }

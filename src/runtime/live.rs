@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 
 use super::{ConfigState, RunError, RunOptions, Shared, init};
 use crate::config::RunConfig;
+use crate::datastore::Datastore;
 use crate::health;
 
 /// The metrics listener, rebound when `prometheusMetricsPort` changes. A port equal to the
@@ -106,18 +107,18 @@ async fn apply(shared: &Arc<Shared>, opts: &RunOptions, metrics: &mut MetricsLis
 /// Start-of-day writes, then the KubeControllersConfiguration's status on every config change
 /// (and its re-creation when deleted). Runs only behind the WRITE GATE. Returns an error only
 /// when start-of-day initialization gave up (fatal, as upstream).
-pub async fn writer(client: kube::Client, shared: Arc<Shared>) -> Result<(), init::InitError> {
-    init::ensure_initialized(&client, &shared.api).await?;
+pub async fn writer<D: Datastore>(ds: D, shared: Arc<Shared>) -> Result<(), init::InitError> {
+    init::ensure_initialized(&ds).await?;
     shared.status.set_ready(health::STARTUP, true, "");
     let mut rx = shared.config.subscribe();
     loop {
         let state: ConfigState = rx.borrow_and_update().clone();
         if !state.api_present
-            && let Err(e) = init::ensure_default_kcc(&client, &shared.api).await
+            && let Err(e) = init::ensure_default_kcc(&ds).await
         {
             tracing::warn!(error = %e, "re-creating the default KubeControllersConfiguration failed");
         }
-        match init::write_kcc_status(&client, &shared.api, &state.run.status()).await {
+        match init::write_kcc_status(&ds, &state.run.status()).await {
             Ok(true) => tracing::info!("KubeControllersConfiguration status updated"),
             Ok(false) => {}
             Err(e) => tracing::warn!(error = %e, "writing the KubeControllersConfiguration status failed"),

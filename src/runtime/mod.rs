@@ -233,7 +233,11 @@ pub async fn run(client: kube::Client, opts: RunOptions, stop: impl Future<Outpu
     drop(tx);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let live_task = tokio::spawn(live::apply_config(shared.clone(), opts.clone(), metrics));
-    let health_task = tokio::spawn(health_check::health_loop(client.clone(), shared.clone(), opts.controller.dry_run));
+    // Health reads never wait behind the writer's request limit: a burst of releases must not
+    // make the datastore look unhealthy.
+    let health_ds = KubeDatastore::new(client.clone(), opts.controller.dry_run, ds.counters().clone());
+    let (health_shared, health_cluster, dry_run) = (shared.clone(), cluster.clone(), opts.controller.dry_run);
+    let health_task = tokio::spawn(async move { health_check::health_loop(&health_ds, &*health_cluster, health_shared, dry_run).await });
 
     // Followers are ready too (readiness is about the watches, not leadership): a standby that
     // failed readiness would be restarted for doing its job.
@@ -254,7 +258,7 @@ pub async fn run(client: kube::Client, opts: RunOptions, stop: impl Future<Outpu
         shared.status.set_ready(health::STARTUP, true, "dry run: datastore not initialized by us");
         None
     } else {
-        Some(tokio::spawn(writer_while_leading(client.clone(), shared.clone(), may_write.clone(), fatal_tx)))
+        Some(tokio::spawn(writer_while_leading((*ds).clone(), shared.clone(), may_write.clone(), fatal_tx)))
     };
 
     let controller = ipam_gc::GcController::new(ds.clone(), cluster.clone(), opts.controller.clone(), shared.clone(), may_write);
@@ -287,7 +291,7 @@ pub async fn run(client: kube::Client, opts: RunOptions, stop: impl Future<Outpu
 /// on losing it. A standby reports `Startup` ready (the leader initializes the datastore); an
 /// initialization that fails for good is sent to `fatal`.
 async fn writer_while_leading(
-    client: kube::Client,
+    ds: KubeDatastore,
     shared: Arc<Shared>,
     mut may_write: tokio::sync::watch::Receiver<bool>,
     fatal: tokio::sync::oneshot::Sender<init::InitError>,
@@ -302,7 +306,7 @@ async fn writer_while_leading(
         let leading = *may_write.borrow_and_update();
         if leading && task.is_none() && !finished_this_term {
             shared.status.set_ready(health::STARTUP, false, "initializing the datastore");
-            task = Some(tokio::spawn(live::writer(client.clone(), shared.clone())));
+            task = Some(tokio::spawn(live::writer(ds.clone(), shared.clone())));
         } else if !leading {
             if let Some(t) = task.take() {
                 t.abort();

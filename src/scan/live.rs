@@ -3,25 +3,22 @@
 //! to the index as they arrive), then the same two-observation report. No watch, no write, no
 //! datastore lock.
 //!
-//! Owns: which kinds are listed, paging, and the refusal of clusters this version cannot read.
-//! Must not: write anything, or keep a page longer than it takes to absorb it.
-
-use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::Client;
-use kube::api::{Api, ApiResource, DynamicObject, ListParams, TypeMeta};
+//! Owns: which kinds are listed and in what order, progress reporting, and the refusal of
+//! clusters this version cannot read.
+//! Must not: write anything, or keep a page longer than it takes to absorb it; it reads Calico's
+//! objects through the [`Datastore`] seam and Kubernetes' through [`ClusterReader`], never a
+//! client of its own.
 
 use super::dump::DumpContents;
-use crate::datastore::Kind;
-use crate::datastore::kube::api_resource;
+use crate::datastore::{ClusterKind, ClusterReader, Datastore, DatastoreError, Kind, Stored};
 
-/// Items per LIST page: large enough that 100k pods take 200 round trips, small enough that a
-/// page of full Pods (about 10 KB each) stays near 5 MB.
-const PAGE_SIZE: u32 = 500;
+/// Objects between two progress reports while pods or nodes stream in: one LIST page's worth.
+const PROGRESS_EVERY: u64 = 500;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LiveScanError {
     #[error("listing {resource}: {source}")]
-    List { resource: String, source: kube::Error },
+    List { resource: String, source: DatastoreError },
     #[error(
         "this cluster serves no ipamblocks under crd.projectcalico.org/v1: Calico's CRDs are not installed, \
          or the cluster uses the projectcalico.org/v3 CRDs, which this version does not read yet"
@@ -29,14 +26,40 @@ pub enum LiveScanError {
     NoCalicoCrds,
 }
 
+#[derive(Debug, Clone, Copy)]
+enum Listed {
+    Calico(Kind),
+    Cluster(ClusterKind),
+}
+
+impl Listed {
+    fn plural(self) -> &'static str {
+        match self {
+            Listed::Calico(k) => k.plural(),
+            Listed::Cluster(k) => k.plural(),
+        }
+    }
+
+    /// The `kind` the dump reader counts objects under.
+    fn kind_name(self) -> &'static str {
+        match self {
+            Listed::Calico(k) => k.kind_name(),
+            Listed::Cluster(ClusterKind::Pod) => "Pod",
+            Listed::Cluster(ClusterKind::Node) => "Node",
+            Listed::Cluster(ClusterKind::VirtualMachine) => "VirtualMachine",
+            Listed::Cluster(ClusterKind::VirtualMachineInstance) => "VirtualMachineInstance",
+        }
+    }
+}
+
 /// What is listed, in this order: blocks first (a cluster without Calico's CRDs stops at once),
-/// then the facts. `true`: a missing resource (404) is an error rather than an empty list.
-fn listed() -> [(ApiResource, bool); 10] {
-    let calico = |kind: Kind, required| (api_resource(kind), required);
+/// then the facts. `true`: a missing resource (NotFound) is an error rather than an empty list.
+fn listed() -> [(Listed, bool); 10] {
+    let calico = |kind: Kind, required| (Listed::Calico(kind), required);
     [
         calico(Kind::IpamBlock, true),
-        (ApiResource::erase::<Node>(&()), true),
-        (ApiResource::erase::<Pod>(&()), true),
+        (Listed::Cluster(ClusterKind::Node), true),
+        (Listed::Cluster(ClusterKind::Pod), true),
         calico(Kind::BlockAffinity, false),
         calico(Kind::IpamHandle, false),
         calico(Kind::IpPool, false),
@@ -47,46 +70,95 @@ fn listed() -> [(ApiResource, bool); 10] {
     ]
 }
 
+fn absorb(contents: &mut DumpContents, what: Listed, position: u64, object: &Stored) {
+    match serde_json::to_vec(&object.value) {
+        Ok(bytes) => contents.absorb_object_json(&bytes, &format!("{}[{position}]", what.plural())),
+        Err(e) => tracing::warn!(resource = what.plural(), error = %e, "object could not be re-encoded; skipped"),
+    }
+}
+
+fn seen(contents: &DumpContents, what: Listed) -> u64 {
+    contents.kind_counts.get(what.kind_name()).copied().unwrap_or(0)
+}
+
 /// Lists every kind the GC reads into an indexed [`DumpContents`], ready for `scan_dump`.
-/// `progress(kind, objects_so_far)` is called after each page.
-pub async fn read_cluster(client: &Client, progress: &mut dyn FnMut(&str, u64)) -> Result<DumpContents, LiveScanError> {
+/// `progress(kind, objects_so_far)` is called as objects arrive and after each kind.
+pub async fn read_cluster<D: Datastore, C: ClusterReader>(
+    ds: &D,
+    cluster: &C,
+    progress: &mut (dyn FnMut(&str, u64) + Send),
+) -> Result<DumpContents, LiveScanError> {
     let mut contents =
         DumpContents { index: Some(Box::new(crate::ipam::index::IpamIndex::new())), complete_pod_view: true, ..DumpContents::default() };
-    for (resource, required) in listed() {
-        let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
-        let types = TypeMeta { api_version: resource.api_version.clone(), kind: resource.kind.clone() };
-        let mut params = ListParams::default().limit(PAGE_SIZE);
-        let mut seen = 0u64;
-        loop {
-            let page = match api.list(&params).await {
-                Ok(page) => page,
-                Err(kube::Error::Api(status)) if status.code == 404 => {
-                    if resource.plural == Kind::IpamBlock.plural() {
-                        return Err(LiveScanError::NoCalicoCrds);
-                    }
-                    if required {
-                        return Err(LiveScanError::List { resource: resource.plural, source: kube::Error::Api(status) });
-                    }
-                    break;
+    for (what, required) in listed() {
+        let result = match what {
+            Listed::Calico(kind) => ds.list(kind).await.map(|objects| {
+                for (i, object) in objects.iter().enumerate() {
+                    absorb(&mut contents, what, i as u64, object);
                 }
-                Err(source) => return Err(LiveScanError::List { resource: resource.plural, source }),
-            };
-            let next = page.metadata.continue_.clone().filter(|c| !c.is_empty());
-            for (i, mut item) in page.items.into_iter().enumerate() {
-                // List items of built-in kinds come without apiVersion/kind; the reader needs them.
-                item.types = Some(types.clone());
-                match serde_json::to_vec(&item) {
-                    Ok(bytes) => contents.absorb_object_json(&bytes, &format!("{}[{}]", resource.plural, seen + i as u64)),
-                    Err(e) => tracing::warn!(resource = %resource.plural, error = %e, "object could not be re-encoded; skipped"),
-                }
+            }),
+            Listed::Cluster(kind) => {
+                let mut position = 0u64;
+                let mut sink = |object: Stored| {
+                    absorb(&mut contents, what, position, &object);
+                    position += 1;
+                    if position.is_multiple_of(PROGRESS_EVERY) {
+                        progress(what.plural(), seen(&contents, what));
+                    }
+                };
+                cluster.list_each(kind, &mut sink).await.map(|_| ())
             }
-            seen = *contents.kind_counts.get(&resource.kind).unwrap_or(&0);
-            progress(&resource.plural, seen);
-            match next {
-                Some(token) => params = params.continue_token(&token),
-                None => break,
-            }
+        };
+        match result {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() && matches!(what, Listed::Calico(Kind::IpamBlock)) => return Err(LiveScanError::NoCalicoCrds),
+            Err(e) if e.is_not_found() && !required => continue,
+            Err(source) => return Err(LiveScanError::List { resource: what.plural().to_string(), source }),
         }
+        progress(what.plural(), seen(&contents, what));
     }
     Ok(contents)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datastore::{ErrorKind, MemoryCluster, MemoryDatastore, Op, block_on};
+    use serde_json::json;
+
+    #[test]
+    fn a_cluster_is_read_from_both_seams_in_order_with_progress() {
+        let ds = MemoryDatastore::new();
+        let cluster = MemoryCluster::new();
+        let block = json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "IPAMBlock", "metadata": {"name": "10-0-0-0-30"},
+            "spec": {"cidr": "10.0.0.0/30", "affinity": "host:n1", "allocations": [0, null, null, null], "unallocated": [1, 2, 3],
+                     "attributes": [{"handle_id": "h", "secondary": {"node": "n1", "namespace": "ns", "pod": "p"}}], "strictAffinity": false}});
+        ds.create_now(Kind::IpamBlock, "10-0-0-0-30", block).unwrap();
+        cluster.apply(ClusterKind::Node, json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}}));
+        cluster.apply(ClusterKind::Pod, json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"namespace": "ns", "name": "p"},
+            "spec": {"nodeName": "n1"}, "status": {"podIP": "10.0.0.0", "podIPs": [{"ip": "10.0.0.0"}]}}));
+        let mut calls = Vec::new();
+        let mut progress = |kind: &str, n: u64| calls.push((kind.to_string(), n));
+        let contents = block_on(read_cluster(&ds, &cluster, &mut progress)).unwrap();
+        assert_eq!(contents.kind_counts.get("IPAMBlock"), Some(&1));
+        assert_eq!(contents.kind_counts.get("Pod"), Some(&1));
+        assert_eq!(contents.kind_counts.get("Node"), Some(&1));
+        let order: Vec<&str> = calls.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(&order[..4], ["ipamblocks", "nodes", "pods", "blockaffinities"]);
+        assert_eq!(calls[2], ("pods".to_string(), 1));
+    }
+
+    #[test]
+    fn a_datastore_without_ipam_blocks_is_refused_and_other_failures_name_the_resource() {
+        let cluster = MemoryCluster::new();
+        let ds = MemoryDatastore::new();
+        ds.inject(Some(Kind::IpamBlock), None, Op::List, ErrorKind::NotFound, 1);
+        let mut progress = |_: &str, _: u64| {};
+        assert!(matches!(block_on(read_cluster(&ds, &cluster, &mut progress)), Err(LiveScanError::NoCalicoCrds)));
+        ds.inject(Some(Kind::IpPool), None, Op::List, ErrorKind::NotFound, 1);
+        block_on(read_cluster(&ds, &cluster, &mut progress)).expect("an optional kind may be missing");
+        ds.inject(Some(Kind::IpamHandle), None, Op::List, ErrorKind::Transient, 1);
+        let err = block_on(read_cluster(&ds, &cluster, &mut progress)).unwrap_err();
+        assert!(err.to_string().starts_with("listing ipamhandles: transient: injected"), "{err}");
+    }
 }

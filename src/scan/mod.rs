@@ -1,4 +1,3 @@
 pub mod dump;
-#[cfg(feature = "cli")]
 pub mod live;
 pub mod report;
