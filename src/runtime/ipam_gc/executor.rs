@@ -145,6 +145,11 @@ impl Default for ExecutorOptions {
     }
 }
 
+/// The executor task ended (it panicked or the runtime is shutting down).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the plan executor is gone")]
+pub struct ExecutorGone;
+
 /// The loop's end of the executor: send a job, receive its result.
 pub struct Executor {
     jobs: mpsc::Sender<Job>,
@@ -174,11 +179,9 @@ impl Executor {
     }
 
     /// Hands `job` to the executor. The loop calls this only with no job in flight, so the
-    /// one-slot queue always has room; `Err` gives the job back if the task is gone.
-    pub fn send(&self, job: Job) -> Result<(), Job> {
-        self.jobs.try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(j) | mpsc::error::TrySendError::Closed(j) => j,
-        })
+    /// one-slot queue always has room; `Err` if the task is gone (the job is dropped).
+    pub fn send(&self, job: Job) -> Result<(), ExecutorGone> {
+        self.jobs.try_send(job).map_err(|_| ExecutorGone)
     }
 }
 
