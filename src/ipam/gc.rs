@@ -686,6 +686,7 @@ impl GcState {
         }
         Ok(())
     }
+
     fn check_verdict_cache(&self, index: &IpamIndex) -> Result<(), String> {
         if !self.verdicts_primed {
             // Never refreshed: every allocation is still to be judged.
