@@ -461,3 +461,18 @@
         c.handle(input(Source::Nodes, Change::Delete(node("n1"))));
         assert_eq!((c.inputs.index.block_count(), c.inputs.index.node_count()), (0, 0));
     }
+
+    #[tokio::test]
+    async fn the_input_side_tables_are_checked_against_the_index() {
+        let (mut c, _) = controller();
+        list(&mut c, Source::Blocks, vec![block("10.0.0.0/30", "n1")]);
+        list(&mut c, Source::Nodes, vec![node("n1")]);
+        c.inputs.check_invariants().unwrap();
+        // A block the side table names but the index lost is caught, and so is a node.
+        c.inputs.known.blocks.insert("10-9-9-0-30".into(), "10.9.9.0/30".parse().unwrap());
+        assert!(c.inputs.check_invariants().unwrap_err().contains("10-9-9-0-30"));
+        c.inputs.known.blocks.remove("10-9-9-0-30");
+        c.inputs.known.nodes.insert("ghost".into());
+        assert!(c.inputs.check_invariants().unwrap_err().contains("ghost"));
+    }
+
