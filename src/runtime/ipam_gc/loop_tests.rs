@@ -132,6 +132,25 @@ fn allocated(ds: &MemoryDatastore) -> usize {
         .sum()
 }
 
+/// Node `n1` with a live pod at 10.0.0.1, and one block holding that address and the address of
+/// a pod that no longer exists.
+fn a_live_and_a_gone_pod_in_one_block() -> (Arc<MemoryDatastore>, Arc<MemoryCluster>) {
+    let mem = Arc::new(MemoryDatastore::new());
+    let cluster = Arc::new(MemoryCluster::new());
+    cluster.apply(ClusterKind::Node, node("n1"));
+    cluster.apply(ClusterKind::Pod, pod("live", "n1", "10.0.0.1"));
+    put_block(&mem, "10.0.0.0/30", "n1", &[(0, "gone", "k8s-pod-network.gone"), (1, "live", "k8s-pod-network.live")]);
+    (mem, cluster)
+}
+
+/// The gone pod's address is free and the live pod's is held, with its handle.
+fn only_the_gone_address_was_released(mem: &MemoryDatastore) {
+    let block = mem.peek(Kind::IpamBlock, "10-0-0-0-30").unwrap();
+    assert!(block.value["spec"]["allocations"][0].is_null(), "the gone pod's address is free");
+    assert!(!block.value["spec"]["allocations"][1].is_null(), "the live pod keeps its address");
+    assert!(mem.peek(Kind::IpamHandle, "k8s-pod-network.live").is_some());
+}
+
 /// The running loop: watches from both backends, the owner task, the executor.
 struct Running {
     shared: Arc<Shared>,
@@ -242,11 +261,7 @@ async fn watch_events_are_applied_and_the_heartbeat_stays_fresh_while_ten_thousa
 
 #[tokio::test(start_paused = true)]
 async fn a_write_past_the_timeout_is_counted_backs_off_and_goes_through_once_the_store_answers() {
-    let mem = Arc::new(MemoryDatastore::new());
-    let cluster = Arc::new(MemoryCluster::new());
-    cluster.apply(ClusterKind::Node, node("n1"));
-    cluster.apply(ClusterKind::Pod, pod("live", "n1", "10.0.0.1"));
-    put_block(&mem, "10.0.0.0/30", "n1", &[(0, "gone", "k8s-pod-network.gone"), (1, "live", "k8s-pod-network.live")]);
+    let (mem, cluster) = a_live_and_a_gone_pod_in_one_block();
     let slow = Arc::new(Slow::new(mem.clone(), Duration::from_millis(1)));
     *slow.block_update_delay.lock().unwrap() = Duration::from_secs(60);
     let exec = ExecutorOptions { call_timeout: Duration::from_secs(5), ..ExecutorOptions::default() };
@@ -258,28 +273,20 @@ async fn a_write_past_the_timeout_is_counted_backs_off_and_goes_through_once_the
     // The store answers again: the next due round releases the gone pod's address, only it.
     *slow.block_update_delay.lock().unwrap() = Duration::ZERO;
     assert!(until(Duration::from_secs(120), || allocated(&mem) == 1).await, "released once the store answers");
-    let block = mem.peek(Kind::IpamBlock, "10-0-0-0-30").unwrap();
-    assert!(!block.value["spec"]["allocations"][1].is_null(), "the live pod keeps its address");
-    assert!(mem.peek(Kind::IpamHandle, "k8s-pod-network.live").is_some());
+    only_the_gone_address_was_released(&mem);
     run.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_409_storm_delays_a_release_and_never_takes_the_live_address() {
-    let mem = Arc::new(MemoryDatastore::new());
-    let cluster = Arc::new(MemoryCluster::new());
-    cluster.apply(ClusterKind::Node, node("n1"));
-    cluster.apply(ClusterKind::Pod, pod("live", "n1", "10.0.0.1"));
-    put_block(&mem, "10.0.0.0/30", "n1", &[(0, "gone", "k8s-pod-network.gone"), (1, "live", "k8s-pod-network.live")]);
+    let (mem, cluster) = a_live_and_a_gone_pod_in_one_block();
     // Another writer wins the block 60 times in a row.
     mem.inject(Some(Kind::IpamBlock), None, Op::Update, ErrorKind::Conflict, 60);
     let run = Running::start(mem.clone(), cluster.clone(), ExecutorOptions::default());
     assert!(until(Duration::from_secs(120), || allocated(&mem) == 1).await, "released after the storm");
     let conflicts = run.shared.metrics(|m| m.conflicts_total);
     assert!(conflicts >= 60, "every lost race was counted: {conflicts}");
-    let block = mem.peek(Kind::IpamBlock, "10-0-0-0-30").unwrap();
-    assert!(block.value["spec"]["allocations"][0].is_null());
-    assert!(!block.value["spec"]["allocations"][1].is_null(), "the live pod keeps its address");
+    only_the_gone_address_was_released(&mem);
     run.stop().await;
 }
 
