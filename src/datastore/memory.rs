@@ -124,7 +124,7 @@ impl Inner {
         mutate(&mut entry.value);
         entry.revision = revision;
         let stored = stamp(name, entry);
-        self.watches.publish(kind, WatchEvent::Apply(stored.clone()));
+        self.watches.tell(kind, || WatchEvent::Apply(stored.clone()));
         Some(stored)
     }
 
@@ -134,7 +134,7 @@ impl Inner {
         let entry = Entry { revision, uid, value };
         let stored = stamp(name, &entry);
         self.objects.insert((kind, name.to_string()), entry);
-        self.watches.publish(kind, WatchEvent::Apply(stored.clone()));
+        self.watches.tell(kind, || WatchEvent::Apply(stored.clone()));
         stored
     }
 
@@ -148,8 +148,7 @@ impl Inner {
     fn remove(&mut self, kind: Kind, name: &str) {
         let Some(mut entry) = self.objects.remove(&(kind, name.to_string())) else { return };
         entry.revision = self.next_revision();
-        let last = stamp(name, &entry);
-        self.watches.publish(kind, WatchEvent::Delete(last));
+        self.watches.tell(kind, || WatchEvent::Delete(stamp(name, &entry)));
     }
 }
 
@@ -334,7 +333,7 @@ impl MemoryDatastore {
         let entry = Entry { revision, uid, value: strip_server_fields(value) };
         let stored = stamp(name, &entry);
         inner.objects.insert(key, entry);
-        inner.watches.publish(kind, WatchEvent::Apply(stored.clone()));
+        inner.watches.tell(kind, || WatchEvent::Apply(stored.clone()));
         Ok(stored)
     }
 
