@@ -147,7 +147,8 @@ fn judge_pod(pod: Option<PodView<'_>>, ip: IpAddr, node_gone: bool) -> Verdict {
 
 fn judge_vm(index: &IpamIndex, a: &Alloc, kubevirt: Option<&KubeVirtFacts>) -> Verdict {
     let Some(kv) = kubevirt else { return Verdict::Valid(ValidReason::VmNotProvenGone) };
-    if a.namespace.is_none() {
+    if a.namespace.is_none() || a.vmi.is_none() {
+        // Upstream: a VM allocation without a namespace or VMI name is valid.
         return Verdict::Valid(ValidReason::VmNotProvenGone);
     }
     let key = (index.resolve(a.namespace).to_string(), index.resolve(a.vmi).to_string());
@@ -177,7 +178,7 @@ pub fn classify(index: &IpamIndex, g: Gid, a: &Alloc, cidr: &IpNet, kubevirt: Op
         // Upstream never examines allocations without a node attribute.
         return Verdict::Valid(ValidReason::NoNodeAttribute);
     }
-    if !a.vmi.is_none() {
+    if a.vm {
         return judge_vm(index, a, kubevirt);
     }
     let node_gone = !index.node_exists(a.node);
@@ -191,7 +192,7 @@ pub fn classify(index: &IpamIndex, g: Gid, a: &Alloc, cidr: &IpNet, kubevirt: Op
 pub fn revalidate(index: &IpamIndex, g: Gid, fresh: Option<&PodFacts>, kubevirt: Option<&KubeVirtFacts>) -> Verdict {
     let Some(a) = index.alloc(g) else { return Verdict::Valid(ValidReason::UnknownOwner) };
     let Some(ip) = index.ip_of(g) else { return Verdict::Valid(ValidReason::UnknownOwner) };
-    if a.kind != AllocKind::Pod || !a.vmi.is_none() || index.live_gids().contains(g) {
+    if a.kind != AllocKind::Pod || a.vm || index.live_gids().contains(g) {
         // Tunnels and VMs are judged on cached facts only; a live pod reporting the IP wins.
         let slot = gid_slot(g);
         return classify(index, g, a, &index.block(slot).expect("allocated gid has a block").cidr, kubevirt);
@@ -427,7 +428,7 @@ impl GcState {
                     true
                 }
             } else {
-                let grace = if a.vmi.is_none() { cfg.leak_grace } else { cfg.leak_grace.max(VM_MIN_GRACE) };
+                let grace = if !a.vm { cfg.leak_grace } else { cfg.leak_grace.max(VM_MIN_GRACE) };
                 if cfg.leak_grace <= 0 {
                     held = Some(HeldBy::GraceDisabled);
                     false
@@ -478,7 +479,7 @@ impl GcState {
         let mut revalidated_valid = RoaringBitmap::new();
         for g in self.confirmed.iter() {
             let Some(a) = index.alloc(g) else { continue };
-            let is_pod = a.kind == AllocKind::Pod && a.vmi.is_none();
+            let is_pod = a.kind == AllocKind::Pod && !a.vm;
             let key = || (index.resolve(a.namespace).to_string(), index.resolve(a.pod).to_string());
             let fresh_entry = if is_pod && !fresh.is_empty() { fresh.get(&key()) } else { None };
             let verdict = match fresh_entry {

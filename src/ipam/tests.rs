@@ -716,3 +716,37 @@ fn a_default_index_is_as_usable_as_a_new_one() {
     }
     assert_eq!(a.node_count(), b.node_count());
 }
+
+#[test]
+fn an_empty_vmi_name_still_makes_a_vm_allocation() {
+    // Upstream tests the attribute's presence, not its value: such an allocation is judged as a
+    // VM's (kept without KubeVirt facts), never as a plain pod leak.
+    let mut w = World::new(1);
+    w.index.apply_node(&node("n1"));
+    let vm = AllocSpec { ord: 1, handle: "net.ns-vm1", attrs: json!({"namespace": "ns", "pod": "virt-launcher-vm1-abc", "node": "n1", "vmi-name": ""}), seq: 1 };
+    w.index.apply_block(&block("10.0.0.0/29", Some("n1"), &[vm])).unwrap();
+    assert_eq!(w.index.vm_allocations().len(), 1);
+    w.full(T0);
+    assert!(w.full(T0 + 30 * MIN).leaks.is_empty(), "no KubeVirt facts: valid");
+    w.kubevirt = Some(KubeVirtFacts::default());
+    w.full(T0 + 31 * MIN);
+    assert!(released_ips(&w.full(T0 + 60 * MIN)).is_empty(), "an empty VMI name can never be proven gone");
+}
+
+#[test]
+fn a_finished_pod_that_reports_no_ip_loses_its_allocation_after_the_grace_period() {
+    // A deliberate difference: upstream keeps such an allocation forever (a pod without an IP in
+    // its status is "not yet reported"); a Succeeded or Failed pod will never report one.
+    let mut w = World::new(1);
+    w.index.apply_node(&node("n1"));
+    let mut done = pod("ns", "job", "n1", &[]);
+    done.phase = PodPhase::Succeeded;
+    w.index.apply_pod(&done);
+    w.index.apply_block(&block("10.0.0.0/29", Some("n1"), &[pod_alloc(1, "hj", "ns", "job", "n1")])).unwrap();
+    let p = w.full(T0);
+    let l = leak_of(&p, &w, "10.0.0.1").expect("a finished pod's allocation is a leak");
+    assert_eq!(l.reason, LeakReason::PodFinished);
+    assert!(matches!(l.state, LeakState::Candidate { .. }));
+    assert!(w.full(T0 + MIN).releases.is_empty(), "exactly the grace period is not past it");
+    assert_eq!(released_ips(&w.full(T0 + MIN + 1)), vec!["10.0.0.1"]);
+}
