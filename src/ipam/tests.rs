@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use proptest::prelude::*;
 use serde_json::json;
 
-use super::gc::{GcConfig, GcState, KubeVirtFacts};
+use super::gc::{GcConfig, GcState, KubeVirtFacts, NodeProof};
 use super::plan::{HeldBy, LeakReason, LeakState, Plan, Scope};
 use super::index::{IpamIndex, PodCoverage};
 use crate::model::{IpamBlock, IpamHandle, NodeLite, PodFacts, PodPhase};
@@ -749,4 +749,96 @@ fn a_finished_pod_that_reports_no_ip_loses_its_allocation_after_the_grace_period
     assert!(matches!(l.state, LeakState::Candidate { .. }));
     assert!(w.full(T0 + MIN).releases.is_empty(), "exactly the grace period is not past it");
     assert_eq!(released_ips(&w.full(T0 + MIN + 1)), vec!["10.0.0.1"]);
+}
+
+/// Node n1 missing from the index: a tunnel on .0, gone pod p1's address on .1, an affinity for its block.
+fn uncached_node(grace_min: i64, proof: NodeProof) -> World {
+    let mut w = World::new(grace_min);
+    w.cfg.node_proof = proof;
+    w.cfg.revalidate_live = true;
+    w.index.apply_node(&node("n2"));
+    let tunnel = AllocSpec { ord: 0, handle: "ipip-tunnel-addr-n1", attrs: json!({"node": "n1", "type": "ipipTunnelAddress"}), seq: 1 };
+    w.index.apply_block(&block("10.0.0.0/29", Some("n1"), &[tunnel, pod_alloc(1, "h1", "ns", "p1", "n1")])).unwrap();
+    w.index.apply_affinity(&serde_json::from_value(json!({"metadata": {"name": "n1-10-0-0-0-29"}, "spec": {"state": "confirmed", "node": "n1", "cidr": "10.0.0.0/29", "deleted": "false"}})).unwrap()).unwrap();
+    w
+}
+
+fn proven(names: &[&str]) -> NodeProof {
+    NodeProof::Proven(names.iter().map(|n| n.to_string()).collect())
+}
+
+#[test]
+fn a_node_missing_from_the_cache_but_not_proven_gone_keeps_its_tunnel_and_affinities_and_its_pods_get_the_grace_period() {
+    let mut w = uncached_node(1, proven(&[]));
+    let p = w.full(T0);
+    assert!(p.releases.is_empty(), "nothing goes on a cache miss");
+    assert!(p.nodes_to_release.is_empty(), "no node release on a cache miss");
+    assert_eq!(p.prove_gone, vec!["n1".to_string()], "the plan asks for a read of the node");
+    let tunnel = leak_of(&p, &w, "10.0.0.0").unwrap();
+    assert_eq!(tunnel.held_by, Some(HeldBy::NodeNotProvenGone));
+    assert!(matches!(tunnel.state, LeakState::Candidate { .. }));
+    let pod_leak = leak_of(&p, &w, "10.0.0.1").unwrap();
+    assert_eq!(pod_leak.reason, LeakReason::PodNotFound, "not node-deleted: the node is not known to be gone");
+    assert!(matches!(pod_leak.state, LeakState::Candidate { .. }), "no instant confirmation");
+    // After the grace period the pod's address is confirmed but waits for its live re-read.
+    let p = w.full(T0 + 2 * MIN);
+    assert!(p.releases.is_empty());
+    assert!(matches!(leak_of(&p, &w, "10.0.0.1").unwrap().state, LeakState::Confirmed { .. }));
+    assert_eq!(p.revalidate.iter().map(|(_, ns, pod)| (ns.as_str(), pod.as_str())).collect::<Vec<_>>(), vec![("ns", "p1")]);
+    let fresh: BTreeMap<(String, String), Option<PodFacts>> = [(("ns".to_string(), "p1".to_string()), None)].into();
+    let p = w.pass(T0 + 2 * MIN, Scope::Full, &fresh);
+    assert_eq!(released_ips(&p), vec!["10.0.0.1"], "the re-read pod is gone: only its address goes");
+    assert!(p.nodes_to_release.is_empty());
+    assert_eq!(leak_of(&p, &w, "10.0.0.0").unwrap().held_by, Some(HeldBy::NodeNotProvenGone));
+}
+
+#[test]
+fn a_dirty_pass_on_a_node_not_proven_gone_asks_for_its_proof_and_releases_nothing() {
+    let mut w = uncached_node(1, proven(&[]));
+    w.index.take_dirty();
+    let p = w.pass(T0, Scope::Dirty(["n1".into()].into()), &BTreeMap::new());
+    assert!(p.releases.is_empty() && p.nodes_to_release.is_empty());
+    assert_eq!(p.prove_gone, vec!["n1".to_string()]);
+}
+
+#[test]
+fn a_node_proven_gone_loses_its_addresses_and_affinities_at_once() {
+    let mut w = uncached_node(15, proven(&["n1"]));
+    let p = w.full(T0);
+    let mut ips = released_ips(&p);
+    ips.sort();
+    assert_eq!(ips, vec!["10.0.0.0", "10.0.0.1"]);
+    assert_eq!(leak_of(&p, &w, "10.0.0.1").unwrap().reason, LeakReason::NodeDeleted);
+    assert_eq!(leak_of(&p, &w, "10.0.0.0").unwrap().reason, LeakReason::TunnelNodeDeleted);
+    assert_eq!(p.nodes_to_release.len(), 1);
+    assert_eq!(p.nodes_to_release[0].affinities, vec![("n1-10-0-0-0-29".to_string(), "10.0.0.0/29".parse().unwrap())]);
+    assert!(p.prove_gone.is_empty());
+}
+
+#[test]
+fn a_node_proven_gone_later_is_released_in_the_pass_that_has_the_proof() {
+    let mut w = uncached_node(15, proven(&[]));
+    assert!(w.full(T0).releases.is_empty());
+    w.cfg.node_proof = proven(&["n1"]);
+    let p = w.full(T0 + MIN);
+    assert_eq!(released_ips(&p).len(), 2);
+    assert_eq!(p.nodes_to_release.len(), 1);
+}
+
+#[test]
+fn a_cached_node_is_there_whatever_the_proof_says() {
+    let mut w = uncached_node(15, proven(&["n1"]));
+    w.index.apply_node(&node("n1"));
+    let p = w.full(T0);
+    assert!(p.releases.is_empty() && p.nodes_to_release.is_empty() && p.prove_gone.is_empty());
+    assert!(leak_of(&p, &w, "10.0.0.0").is_none(), "the tunnel of a live node is valid");
+}
+
+#[test]
+fn a_complete_snapshot_takes_every_absent_node_as_gone() {
+    let mut w = uncached_node(15, NodeProof::AbsenceIsProof);
+    let p = w.full(T0);
+    assert_eq!(released_ips(&p).len(), 2);
+    assert_eq!(p.nodes_to_release.len(), 1);
+    assert!(p.prove_gone.is_empty());
 }
