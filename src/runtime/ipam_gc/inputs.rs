@@ -1,6 +1,7 @@
 //! The GC controller's inputs: the [`IpamIndex`] and every fact beside it that the watches
 //! deliver (pools, reservations, KubeVirt objects, the singleton configuration objects,
-//! malformed objects), with the relist bookkeeping of the watch protocol.
+//! malformed objects), with the relist bookkeeping of the watch protocol, and the nodes a read
+//! proved deleted while the Node cache lacked them (forgotten when the Node watch delivers one).
 //!
 //! Owns: applying one [`Input`] (objects not re-listed at `InitDone` are deleted), which
 //! sources have finished their first list, and the keys of what is held per source (pods and
