@@ -66,7 +66,8 @@ enum NodeState {
 /// `NodeProof` resolved against the index for one pass.
 #[derive(Debug, Clone, Copy)]
 enum Proof<'a> {
-    AbsenceIsProof,
+    /// A complete snapshot: every absent node is gone.
+    Complete,
     /// Symbols of the proven-gone nodes.
     Proven(&'a RoaringBitmap),
     /// No absent node is proven gone (the verdict cache's second view).
@@ -83,7 +84,7 @@ impl Proof<'_> {
             return NodeState::Gone;
         }
         match self {
-            Proof::AbsenceIsProof => NodeState::Gone,
+            Proof::Complete => NodeState::Gone,
             Proof::Proven(bm) if bm.contains(node.0) => NodeState::Gone,
             Proof::Proven(_) | Proof::NoneProven => NodeState::Unproven,
         }
@@ -213,7 +214,7 @@ fn judge_vm(index: &IpamIndex, a: &Alloc, kubevirt: Option<&KubeVirtFacts>) -> V
 /// The verdict for one allocation against the cached facts, every node absent from the index
 /// taken as deleted.
 pub fn classify(index: &IpamIndex, g: Gid, a: &Alloc, cidr: &IpNet, kubevirt: Option<&KubeVirtFacts>) -> Verdict {
-    classify_with(index, g, a, cidr, kubevirt, Proof::AbsenceIsProof)
+    classify_with(index, g, a, cidr, kubevirt, Proof::Complete)
 }
 
 /// The verdict for one allocation against the cached facts and `proof`. A tunnel of an unproven
@@ -249,7 +250,7 @@ fn classify_with(index: &IpamIndex, g: Gid, a: &Alloc, cidr: &IpNet, kubevirt: O
 /// The verdict for a confirmed leak against a freshly read pod (`None` = NotFound), the final
 /// re-validation before a release (SPEC §5.7), every absent node taken as deleted.
 pub fn revalidate(index: &IpamIndex, g: Gid, fresh: Option<&PodFacts>, kubevirt: Option<&KubeVirtFacts>) -> Verdict {
-    revalidate_with(index, g, fresh, kubevirt, Proof::AbsenceIsProof)
+    revalidate_with(index, g, fresh, kubevirt, Proof::Complete)
 }
 
 fn revalidate_with(index: &IpamIndex, g: Gid, fresh: Option<&PodFacts>, kubevirt: Option<&KubeVirtFacts>, proof: Proof<'_>) -> Verdict {
@@ -311,7 +312,7 @@ fn leaks_on_cached_facts(index: &IpamIndex, g: Gid) -> bool {
         return false;
     }
     let leaks = |proof| matches!(classify_with(index, g, a, &b.cidr, None, proof), Verdict::Leak(_));
-    leaks(Proof::AbsenceIsProof) || (!index.node_exists(a.node) && leaks(Proof::NoneProven))
+    leaks(Proof::Complete) || (!index.node_exists(a.node) && leaks(Proof::NoneProven))
 }
 
 /// An allocation's identity for leak tracking: its handle and sequence number. The CNI stamps a
@@ -404,7 +405,7 @@ impl GcState {
         self.prune(index);
         let proven: RoaringBitmap;
         let proof = match &cfg.node_proof {
-            NodeProof::AbsenceIsProof => Proof::AbsenceIsProof,
+            NodeProof::AbsenceIsProof => Proof::Complete,
             NodeProof::Proven(names) => {
                 proven = names.iter().filter_map(|n| index.strings().lookup(n)).map(|s| s.0).collect();
                 Proof::Proven(&proven)
