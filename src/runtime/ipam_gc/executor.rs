@@ -36,7 +36,8 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// One plan to execute and the pods to re-read after it.
 #[derive(Debug)]
 pub struct Job {
-    /// The executable part of a pass's plan (possibly empty: a job of re-validation reads only).
+    /// The executable part of a pass's plan (possibly empty: a job of re-validation reads or
+    /// node reads only).
     pub plan: Plan,
     pub now: Millis,
     pub cooldown_secs: u32,

@@ -426,7 +426,7 @@ impl GcController {
         let had_reads = !result.fresh.is_empty() || !result.nodes_gone.is_empty();
         self.record_result(result);
         if had_reads && !follow_up_done {
-            // The pass that acts on the re-validation reads, in the same round.
+            // The pass that acts on the re-validation reads or the proven-gone nodes, in the same round.
             self.pass_and_dispatch(&Scope::Full, true);
         } else if std::mem::take(&mut self.round_after_flight) {
             self.gc_round(true);
