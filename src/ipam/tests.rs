@@ -646,6 +646,39 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// With only n0 and n1 ever proven gone and no pod re-read answered, nothing is released
+    /// unless its node is absent and proven gone, and only such nodes are released: a cache miss
+    /// alone never frees an address or an affinity.
+    #[test]
+    fn only_nodes_proven_gone_lose_anything_without_a_reread(ops in proptest::collection::vec(op(), 1..60)) {
+        let mut w = World::new(5);
+        w.cfg.node_proof = proven(&["n0", "n1"]);
+        w.cfg.revalidate_live = true;
+        let mut now = T0;
+        let proven_absent = |w: &World, n: &str| (n == "n0" || n == "n1") && !w.index.node_names().any(|c| c == n);
+        for op in &ops {
+            if let Some(plan) = apply_op(&mut w, op, &mut now) {
+                for b in &plan.releases {
+                    for it in &b.items {
+                        let a = w.index.alloc(w.index.gid_of_ip(it.ip).unwrap()).unwrap();
+                        let n = w.index.resolve(a.node).to_string();
+                        prop_assert!(proven_absent(&w, &n), "released {} of node {n}, not proven gone", it.ip);
+                    }
+                }
+                for r in &plan.nodes_to_release {
+                    prop_assert!(proven_absent(&w, &r.node), "released node {}, not proven gone", r.node);
+                }
+                for n in &plan.prove_gone {
+                    prop_assert!(!proven_absent(&w, n) && !w.index.node_names().any(|c| c == n), "asked to prove {n}");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn several_empty_blocks_of_one_node_are_released_together_except_the_last() {
     let mut w = World::new(1);
