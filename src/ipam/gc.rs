@@ -37,6 +37,58 @@ pub struct GcConfig {
     /// from the API (SPEC §5.7 final re-validation) and passed it in `fresh_pods`. The
     /// controller sets this; leak-scan and simulate judge on their snapshot alone.
     pub revalidate_live: bool,
+    /// Which nodes missing from the index are deleted (SPEC issue #9: a cache miss is not a
+    /// deletion).
+    pub node_proof: NodeProof,
+}
+
+/// Which nodes absent from the index count as deleted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum NodeProof {
+    /// Every absent node is deleted: the input is a complete snapshot (leak-scan's dump or live
+    /// listing, simulate).
+    #[default]
+    AbsenceIsProof,
+    /// Only these absent nodes are deleted (a read answered NotFound); any other absent node is
+    /// unproven: its tunnel and affinities are kept and its pod leaks are judged as on a live node.
+    Proven(BTreeSet<String>),
+}
+
+/// A node as one pass sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NodeState {
+    Exists,
+    Gone,
+    /// Absent from the index, but not proven deleted.
+    Unproven,
+}
+
+/// `NodeProof` resolved against the index for one pass.
+#[derive(Debug, Clone, Copy)]
+enum Proof<'a> {
+    /// A complete snapshot: every absent node is gone.
+    Complete,
+    /// Symbols of the proven-gone nodes.
+    Proven(&'a RoaringBitmap),
+    /// No absent node is proven gone (the verdict cache's second view).
+    NoneProven,
+}
+
+impl Proof<'_> {
+    fn state(self, index: &IpamIndex, node: Sym) -> NodeState {
+        if index.node_exists(node) {
+            return NodeState::Exists;
+        }
+        // No node attribute: nothing to read, and absence is all there is (as before proofs).
+        if node.is_none() {
+            return NodeState::Gone;
+        }
+        match self {
+            Proof::Complete => NodeState::Gone,
+            Proof::Proven(bm) if bm.contains(node.0) => NodeState::Gone,
+            Proof::Proven(_) | Proof::NoneProven => NodeState::Unproven,
+        }
+    }
 }
 
 impl Default for GcConfig {
@@ -46,6 +98,7 @@ impl Default for GcConfig {
             max_releases_per_pass: DEFAULT_MAX_RELEASES_PER_PASS,
             ip_cooldown: 0,
             revalidate_live: false,
+            node_proof: NodeProof::AbsenceIsProof,
         }
     }
 }
@@ -147,7 +200,8 @@ fn judge_pod(pod: Option<PodView<'_>>, ip: IpAddr, node_gone: bool) -> Verdict {
 
 fn judge_vm(index: &IpamIndex, a: &Alloc, kubevirt: Option<&KubeVirtFacts>) -> Verdict {
     let Some(kv) = kubevirt else { return Verdict::Valid(ValidReason::VmNotProvenGone) };
-    if a.namespace.is_none() {
+    if a.namespace.is_none() || a.vmi.is_none() {
+        // Upstream: a VM allocation without a namespace or VMI name is valid.
         return Verdict::Valid(ValidReason::VmNotProvenGone);
     }
     let key = (index.resolve(a.namespace).to_string(), index.resolve(a.vmi).to_string());
@@ -157,8 +211,15 @@ fn judge_vm(index: &IpamIndex, a: &Alloc, kubevirt: Option<&KubeVirtFacts>) -> V
     Verdict::Leak(LeakReason::VmDeleted)
 }
 
-/// The verdict for one allocation against the cached facts.
+/// The verdict for one allocation against the cached facts, every node absent from the index
+/// taken as deleted.
 pub fn classify(index: &IpamIndex, g: Gid, a: &Alloc, cidr: &IpNet, kubevirt: Option<&KubeVirtFacts>) -> Verdict {
+    classify_with(index, g, a, cidr, kubevirt, Proof::Complete)
+}
+
+/// The verdict for one allocation against the cached facts and `proof`. A tunnel of an unproven
+/// node is a leak (the pass holds it); a pod allocation on one is judged as on a live node.
+fn classify_with(index: &IpamIndex, g: Gid, a: &Alloc, cidr: &IpNet, kubevirt: Option<&KubeVirtFacts>, proof: Proof<'_>) -> Verdict {
     match a.kind {
         AllocKind::WindowsReserved => return Verdict::Valid(ValidReason::WindowsReserved),
         AllocKind::Unknown => return Verdict::Valid(ValidReason::UnknownOwner),
@@ -177,26 +238,30 @@ pub fn classify(index: &IpamIndex, g: Gid, a: &Alloc, cidr: &IpNet, kubevirt: Op
         // Upstream never examines allocations without a node attribute.
         return Verdict::Valid(ValidReason::NoNodeAttribute);
     }
-    if !a.vmi.is_none() {
+    if a.vm {
         return judge_vm(index, a, kubevirt);
     }
-    let node_gone = !index.node_exists(a.node);
+    let node_gone = proof.state(index, a.node) == NodeState::Gone;
     let knode = if node_gone { Sym::NONE } else { a.node };
     let pod = index.pod(a.pod_slot).filter(|p| p.present).map(|p| PodView::from_slot(p, knode));
     judge_pod(pod, ordinal_to_ip(cidr, gid_ordinal(g)), node_gone)
 }
 
 /// The verdict for a confirmed leak against a freshly read pod (`None` = NotFound), the final
-/// re-validation before a release (SPEC §5.7).
+/// re-validation before a release (SPEC §5.7), every absent node taken as deleted.
 pub fn revalidate(index: &IpamIndex, g: Gid, fresh: Option<&PodFacts>, kubevirt: Option<&KubeVirtFacts>) -> Verdict {
+    revalidate_with(index, g, fresh, kubevirt, Proof::Complete)
+}
+
+fn revalidate_with(index: &IpamIndex, g: Gid, fresh: Option<&PodFacts>, kubevirt: Option<&KubeVirtFacts>, proof: Proof<'_>) -> Verdict {
     let Some(a) = index.alloc(g) else { return Verdict::Valid(ValidReason::UnknownOwner) };
     let Some(ip) = index.ip_of(g) else { return Verdict::Valid(ValidReason::UnknownOwner) };
-    if a.kind != AllocKind::Pod || !a.vmi.is_none() || index.live_gids().contains(g) {
+    if a.kind != AllocKind::Pod || a.vm || index.live_gids().contains(g) {
         // Tunnels and VMs are judged on cached facts only; a live pod reporting the IP wins.
         let slot = gid_slot(g);
-        return classify(index, g, a, &index.block(slot).expect("allocated gid has a block").cidr, kubevirt);
+        return classify_with(index, g, a, &index.block(slot).expect("allocated gid has a block").cidr, kubevirt, proof);
     }
-    let node_gone = !index.node_exists(a.node);
+    let node_gone = proof.state(index, a.node) == NodeState::Gone;
     let knode = if node_gone { "" } else { index.resolve(a.node) };
     // A pod that now reports this IP from any node keeps it (Part A), even if it moved.
     if let Some(p) = fresh
@@ -236,12 +301,18 @@ pub struct GcState {
     verdicts_primed: bool,
 }
 
-/// The cached verdict of one allocation: a leak on the index's facts alone. Unallocated gids and
-/// VM allocations are never suspects.
+/// The cached verdict of one allocation: a leak on the index's facts alone, with its node's
+/// absence taken either as a deletion or as unproven (so the cache holds no proofs: a pass
+/// re-judges its suspects with the proofs it has). Unallocated gids and VM allocations are never
+/// suspects.
 fn leaks_on_cached_facts(index: &IpamIndex, g: Gid) -> bool {
     let Some(b) = index.block(gid_slot(g)) else { return false };
     let Some(a) = b.alloc(gid_ordinal(g)) else { return false };
-    !index.vm_allocations().contains(g) && matches!(classify(index, g, a, &b.cidr, None), Verdict::Leak(_))
+    if index.vm_allocations().contains(g) {
+        return false;
+    }
+    let leaks = |proof| matches!(classify_with(index, g, a, &b.cidr, None, proof), Verdict::Leak(_));
+    leaks(Proof::Complete) || (!index.node_exists(a.node) && leaks(Proof::NoneProven))
 }
 
 /// An allocation's identity for leak tracking: its handle and sequence number. The CNI stamps a
@@ -332,6 +403,14 @@ impl GcState {
         self.refresh_verdicts(index);
         let index: &IpamIndex = index;
         self.prune(index);
+        let proven: RoaringBitmap;
+        let proof = match &cfg.node_proof {
+            NodeProof::AbsenceIsProof => Proof::Complete,
+            NodeProof::Proven(names) => {
+                proven = names.iter().filter_map(|n| index.strings().lookup(n)).map(|s| s.0).collect();
+                Proof::Proven(&proven)
+            }
+        };
         let full = matches!(scope, Scope::Full);
         let dirty_set: RoaringBitmap;
         let examined: &RoaringBitmap = match scope {
@@ -357,7 +436,7 @@ impl GcState {
             .filter_map(|g| {
                 let b = index.block(gid_slot(g))?;
                 let a = b.alloc(gid_ordinal(g))?;
-                match classify(index, g, a, &b.cidr, kubevirt) {
+                match classify_with(index, g, a, &b.cidr, kubevirt, proof) {
                     Verdict::Leak(r) => Some((g, r)),
                     Verdict::Valid(_) => None,
                 }
@@ -375,7 +454,9 @@ impl GcState {
         }
 
         // Nodes that are gone, and which of them still hold something valid or unjudgeable.
+        // Nodes absent but unproven are only listed for the shell to prove.
         let mut gone_nodes: BTreeSet<Sym> = BTreeSet::new();
+        let mut unproven_nodes: BTreeSet<Sym> = BTreeSet::new();
         let mut blocked: HashSet<Sym> = HashSet::new();
         let node_syms: Vec<Sym> = match scope {
             Scope::Full => {
@@ -390,8 +471,16 @@ impl GcState {
             Scope::Dirty(nodes) => nodes.iter().filter_map(|n| index.strings().lookup(n)).collect(),
         };
         for n in node_syms {
-            if n.is_none() || index.node_exists(n) {
+            if n.is_none() {
                 continue;
+            }
+            match proof.state(index, n) {
+                NodeState::Exists => continue,
+                NodeState::Unproven => {
+                    unproven_nodes.insert(n);
+                    continue;
+                }
+                NodeState::Gone => {}
             }
             gone_nodes.insert(n);
             if let Some(bm) = index.allocations_of_node(n) {
@@ -411,7 +500,7 @@ impl GcState {
         for (g, reason) in verdicts {
             let a = *index.alloc(g).expect("classified gid is allocated");
             let id = identity(&a);
-            let node_gone = !index.node_exists(a.node);
+            let node_state = proof.state(index, a.node);
             let mut held = None;
             let t = self.leaks.entry(g).or_insert(Tracked { since: now, confirmed: false, identity: id });
             self.tracked.insert(g);
@@ -419,7 +508,10 @@ impl GcState {
             let confirm = if a.kind == AllocKind::Pod && !index.namespace_covered(a.namespace) {
                 held = Some(HeldBy::NamespaceNotInDump);
                 false
-            } else if node_gone {
+            } else if a.kind == AllocKind::Tunnel && node_state == NodeState::Unproven {
+                held = Some(HeldBy::NodeNotProvenGone);
+                false
+            } else if node_state == NodeState::Gone {
                 if a.kind == AllocKind::Tunnel && blocked.contains(&a.node) {
                     held = Some(HeldBy::NodeHasValidAllocations);
                     false
@@ -427,7 +519,7 @@ impl GcState {
                     true
                 }
             } else {
-                let grace = if a.vmi.is_none() { cfg.leak_grace } else { cfg.leak_grace.max(VM_MIN_GRACE) };
+                let grace = if !a.vm { cfg.leak_grace } else { cfg.leak_grace.max(VM_MIN_GRACE) };
                 if cfg.leak_grace <= 0 {
                     held = Some(HeldBy::GraceDisabled);
                     false
@@ -446,9 +538,12 @@ impl GcState {
             plan.leaks.push(LeakRecord { gid: g, reason, state, held_by: held });
         }
 
-        self.plan_releases(index, cfg, kubevirt, fresh_pods, &mut plan);
+        self.plan_releases(index, cfg, kubevirt, proof, fresh_pods, &mut plan);
         self.plan_cold_blocks(index, now, cfg, &mut plan);
-        self.plan_empty_blocks(index, now, cfg, full, &gone_nodes, &mut plan);
+        self.plan_empty_blocks(index, now, cfg, full, &gone_nodes, &unproven_nodes, &mut plan);
+        // Symbols order by interning, not by name.
+        plan.prove_gone = unproven_nodes.iter().map(|n| index.resolve(*n).to_string()).collect();
+        plan.prove_gone.sort();
         for n in &gone_nodes {
             if blocked.contains(n) {
                 continue;
@@ -471,25 +566,35 @@ impl GcState {
         plan
     }
 
-    fn plan_releases(&mut self, index: &IpamIndex, cfg: &GcConfig, kubevirt: Option<&KubeVirtFacts>, fresh: &BTreeMap<(String, String), Option<PodFacts>>, plan: &mut Plan) {
+    fn plan_releases(
+        &mut self,
+        index: &IpamIndex,
+        cfg: &GcConfig,
+        kubevirt: Option<&KubeVirtFacts>,
+        proof: Proof<'_>,
+        fresh: &BTreeMap<(String, String), Option<PodFacts>>,
+        plan: &mut Plan,
+    ) {
         // Final re-validation, then all-or-none per handle.
         let mut releasable = RoaringBitmap::new();
         let mut awaiting = RoaringBitmap::new();
         let mut revalidated_valid = RoaringBitmap::new();
         for g in self.confirmed.iter() {
             let Some(a) = index.alloc(g) else { continue };
-            let is_pod = a.kind == AllocKind::Pod && a.vmi.is_none();
+            let is_pod = a.kind == AllocKind::Pod && !a.vm;
             let key = || (index.resolve(a.namespace).to_string(), index.resolve(a.pod).to_string());
             let fresh_entry = if is_pod && !fresh.is_empty() { fresh.get(&key()) } else { None };
             let verdict = match fresh_entry {
-                Some(f) => revalidate(index, g, f.as_ref(), kubevirt),
+                Some(f) => revalidate_with(index, g, f.as_ref(), kubevirt, proof),
                 None => {
                     let b = index.block(gid_slot(g)).expect("allocated gid has a block");
-                    classify(index, g, a, &b.cidr, kubevirt)
+                    classify_with(index, g, a, &b.cidr, kubevirt, proof)
                 }
             };
+            // Only a proven-gone node spares the re-read (its pods' leaks are released on cached
+            // facts, as upstream's final check uses the cache when the node is gone).
             match verdict {
-                Verdict::Leak(_) if is_pod && cfg.revalidate_live && fresh_entry.is_none() && index.node_exists(a.node) => {
+                Verdict::Leak(_) if is_pod && cfg.revalidate_live && fresh_entry.is_none() && proof.state(index, a.node) != NodeState::Gone => {
                     // Not yet: the shell reads the pod and the next pass decides.
                     awaiting.insert(g);
                     let (ns, pod) = key();
@@ -584,7 +689,8 @@ impl GcState {
         }
     }
 
-    fn plan_empty_blocks(&mut self, index: &IpamIndex, now: Millis, cfg: &GcConfig, full: bool, gone: &BTreeSet<Sym>, plan: &mut Plan) {
+    #[allow(clippy::too_many_arguments)]
+    fn plan_empty_blocks(&mut self, index: &IpamIndex, now: Millis, cfg: &GcConfig, full: bool, gone: &BTreeSet<Sym>, unproven: &BTreeSet<Sym>, plan: &mut Plan) {
         let mut still_empty: HashSet<IpNet> = HashSet::new();
         // Blocks planned for release per host in this pass: a node keeps at least one block even
         // when several of its blocks are empty at once.
@@ -592,8 +698,9 @@ impl GcState {
         for slot in index.empty_blocks().iter() {
             let b = index.block(slot).expect("empty block exists");
             let host = b.host();
-            if gone.contains(&host) || (!full && !index.node_exists(host)) {
-                // A deleted node's blocks go with the node release.
+            if gone.contains(&host) || unproven.contains(&host) || (!full && !index.node_exists(host)) {
+                // A deleted node's blocks go with the node release; an unproven node's wait for
+                // its proof.
                 continue;
             }
             still_empty.insert(b.cidr);

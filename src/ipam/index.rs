@@ -65,8 +65,11 @@ pub struct Alloc {
     pub node: Sym,
     /// `type` attribute (tunnels, LoadBalancer), kept for reports.
     pub alloc_type: Sym,
-    /// KubeVirt `vmi-name` attribute; set means the allocation belongs to a VM.
+    /// KubeVirt `vmi-name` attribute (`Sym::NONE` when absent or empty).
     pub vmi: Sym,
+    /// The allocation has a `vmi-name` attribute, even an empty one: it belongs to a VM
+    /// (upstream tests the key's presence, not its value).
+    pub vm: bool,
     /// Index into the pod table, `NO_POD` unless kind is Pod.
     pub pod_slot: u32,
     /// `sequenceNumberForAllocation[ordinal]`, the CAS token for releasing it.
@@ -638,6 +641,7 @@ impl IpamIndex {
                 node: self.strings.intern(attr.attr("node").unwrap_or("")),
                 alloc_type: self.strings.intern(typ),
                 vmi: self.strings.intern(attr.attr("vmi-name").unwrap_or("")),
+                vm: attr.has_attr("vmi-name"),
                 pod_slot,
                 seq: s.sequence,
             });
@@ -684,7 +688,7 @@ impl IpamIndex {
                     self.orphans.remove(&a.handle);
                 }
             }
-            if !a.vmi.is_none() {
+            if a.vm {
                 self.vm_allocs.insert(g);
             }
         }
@@ -1263,7 +1267,7 @@ impl IpamIndex {
         let mut vms = RoaringBitmap::new();
         for (slot, b) in self.blocks() {
             for a in &b.allocs {
-                if !a.vmi.is_none() {
+                if a.vm {
                     vms.insert(gid(slot, u32::from(a.ordinal)));
                 }
             }

@@ -64,6 +64,9 @@ pub enum HeldBy {
     GraceDisabled,
     /// The final re-validation found the pod holding the IP again.
     Revalidated,
+    /// A tunnel address of a node missing from the Node cache that no read has proven deleted
+    /// yet (a watch behind, refused or stuck, or a node newer than the cache).
+    NodeNotProvenGone,
 }
 
 impl HeldBy {
@@ -74,6 +77,7 @@ impl HeldBy {
             HeldBy::NamespaceNotInDump => "namespace-not-in-dump",
             HeldBy::GraceDisabled => "grace-period-disabled",
             HeldBy::Revalidated => "pod-holds-ip-on-recheck",
+            HeldBy::NodeNotProvenGone => "node-not-proven-gone",
         }
     }
 }
@@ -171,6 +175,9 @@ pub struct Plan {
     pub cold_blocks: Vec<ColdBlock>,
     /// Confirmed leaks whose pod the shell must re-read before releasing (namespace, pod).
     pub revalidate: Vec<(Gid, String, String)>,
+    /// Nodes missing from the Node cache whose deletion no read has proven: the shell reads
+    /// each, and only a NotFound lets a later pass treat it as deleted. Sorted, no duplicates.
+    pub prove_gone: Vec<String>,
 }
 
 impl Plan {

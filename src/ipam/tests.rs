@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use proptest::prelude::*;
 use serde_json::json;
 
-use super::gc::{GcConfig, GcState, KubeVirtFacts};
+use super::gc::{GcConfig, GcState, KubeVirtFacts, NodeProof};
 use super::plan::{HeldBy, LeakReason, LeakState, Plan, Scope};
 use super::index::{IpamIndex, PodCoverage};
 use crate::model::{IpamBlock, IpamHandle, NodeLite, PodFacts, PodPhase};
@@ -646,6 +646,39 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// With only n0 and n1 ever proven gone and no pod re-read answered, nothing is released
+    /// unless its node is absent and proven gone, and only such nodes are released: a cache miss
+    /// alone never frees an address or an affinity.
+    #[test]
+    fn only_nodes_proven_gone_lose_anything_without_a_reread(ops in proptest::collection::vec(op(), 1..60)) {
+        let mut w = World::new(5);
+        w.cfg.node_proof = proven(&["n0", "n1"]);
+        w.cfg.revalidate_live = true;
+        let mut now = T0;
+        let proven_absent = |w: &World, n: &str| (n == "n0" || n == "n1") && !w.index.node_names().any(|c| c == n);
+        for op in &ops {
+            if let Some(plan) = apply_op(&mut w, op, &mut now) {
+                for b in &plan.releases {
+                    for it in &b.items {
+                        let a = w.index.alloc(w.index.gid_of_ip(it.ip).unwrap()).unwrap();
+                        let n = w.index.resolve(a.node).to_string();
+                        prop_assert!(proven_absent(&w, &n), "released {} of node {n}, not proven gone", it.ip);
+                    }
+                }
+                for r in &plan.nodes_to_release {
+                    prop_assert!(proven_absent(&w, &r.node), "released node {}, not proven gone", r.node);
+                }
+                for n in &plan.prove_gone {
+                    prop_assert!(!proven_absent(&w, n) && !w.index.node_names().any(|c| c == n), "asked to prove {n}");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn several_empty_blocks_of_one_node_are_released_together_except_the_last() {
     let mut w = World::new(1);
@@ -715,4 +748,130 @@ fn a_default_index_is_as_usable_as_a_new_one() {
         ix.check_invariants().unwrap();
     }
     assert_eq!(a.node_count(), b.node_count());
+}
+
+#[test]
+fn an_empty_vmi_name_still_makes_a_vm_allocation() {
+    // Upstream tests the attribute's presence, not its value: such an allocation is judged as a
+    // VM's (kept without KubeVirt facts), never as a plain pod leak.
+    let mut w = World::new(1);
+    w.index.apply_node(&node("n1"));
+    let vm = AllocSpec { ord: 1, handle: "net.ns-vm1", attrs: json!({"namespace": "ns", "pod": "virt-launcher-vm1-abc", "node": "n1", "vmi-name": ""}), seq: 1 };
+    w.index.apply_block(&block("10.0.0.0/29", Some("n1"), &[vm])).unwrap();
+    assert_eq!(w.index.vm_allocations().len(), 1);
+    w.full(T0);
+    assert!(w.full(T0 + 30 * MIN).leaks.is_empty(), "no KubeVirt facts: valid");
+    w.kubevirt = Some(KubeVirtFacts::default());
+    w.full(T0 + 31 * MIN);
+    assert!(released_ips(&w.full(T0 + 60 * MIN)).is_empty(), "an empty VMI name can never be proven gone");
+}
+
+#[test]
+fn a_finished_pod_that_reports_no_ip_loses_its_allocation_after_the_grace_period() {
+    // A deliberate difference: upstream keeps such an allocation forever (a pod without an IP in
+    // its status is "not yet reported"); a Succeeded or Failed pod will never report one.
+    let mut w = World::new(1);
+    w.index.apply_node(&node("n1"));
+    let mut done = pod("ns", "job", "n1", &[]);
+    done.phase = PodPhase::Succeeded;
+    w.index.apply_pod(&done);
+    w.index.apply_block(&block("10.0.0.0/29", Some("n1"), &[pod_alloc(1, "hj", "ns", "job", "n1")])).unwrap();
+    let p = w.full(T0);
+    let l = leak_of(&p, &w, "10.0.0.1").expect("a finished pod's allocation is a leak");
+    assert_eq!(l.reason, LeakReason::PodFinished);
+    assert!(matches!(l.state, LeakState::Candidate { .. }));
+    assert!(w.full(T0 + MIN).releases.is_empty(), "exactly the grace period is not past it");
+    assert_eq!(released_ips(&w.full(T0 + MIN + 1)), vec!["10.0.0.1"]);
+}
+
+/// Node n1 missing from the index: a tunnel on .0, gone pod p1's address on .1, an affinity for its block.
+fn uncached_node(grace_min: i64, proof: NodeProof) -> World {
+    let mut w = World::new(grace_min);
+    w.cfg.node_proof = proof;
+    w.cfg.revalidate_live = true;
+    w.index.apply_node(&node("n2"));
+    let tunnel = AllocSpec { ord: 0, handle: "ipip-tunnel-addr-n1", attrs: json!({"node": "n1", "type": "ipipTunnelAddress"}), seq: 1 };
+    w.index.apply_block(&block("10.0.0.0/29", Some("n1"), &[tunnel, pod_alloc(1, "h1", "ns", "p1", "n1")])).unwrap();
+    w.index.apply_affinity(&serde_json::from_value(json!({"metadata": {"name": "n1-10-0-0-0-29"}, "spec": {"state": "confirmed", "node": "n1", "cidr": "10.0.0.0/29", "deleted": "false"}})).unwrap()).unwrap();
+    w
+}
+
+fn proven(names: &[&str]) -> NodeProof {
+    NodeProof::Proven(names.iter().map(|n| n.to_string()).collect())
+}
+
+#[test]
+fn a_node_missing_from_the_cache_but_not_proven_gone_keeps_its_tunnel_and_affinities_and_its_pods_get_the_grace_period() {
+    let mut w = uncached_node(1, proven(&[]));
+    let p = w.full(T0);
+    assert!(p.releases.is_empty(), "nothing goes on a cache miss");
+    assert!(p.nodes_to_release.is_empty(), "no node release on a cache miss");
+    assert_eq!(p.prove_gone, vec!["n1".to_string()], "the plan asks for a read of the node");
+    let tunnel = leak_of(&p, &w, "10.0.0.0").unwrap();
+    assert_eq!(tunnel.held_by, Some(HeldBy::NodeNotProvenGone));
+    assert!(matches!(tunnel.state, LeakState::Candidate { .. }));
+    let pod_leak = leak_of(&p, &w, "10.0.0.1").unwrap();
+    assert_eq!(pod_leak.reason, LeakReason::PodNotFound, "not node-deleted: the node is not known to be gone");
+    assert!(matches!(pod_leak.state, LeakState::Candidate { .. }), "no instant confirmation");
+    // After the grace period the pod's address is confirmed but waits for its live re-read.
+    let p = w.full(T0 + 2 * MIN);
+    assert!(p.releases.is_empty());
+    assert!(matches!(leak_of(&p, &w, "10.0.0.1").unwrap().state, LeakState::Confirmed { .. }));
+    assert_eq!(p.revalidate.iter().map(|(_, ns, pod)| (ns.as_str(), pod.as_str())).collect::<Vec<_>>(), vec![("ns", "p1")]);
+    let fresh: BTreeMap<(String, String), Option<PodFacts>> = [(("ns".to_string(), "p1".to_string()), None)].into();
+    let p = w.pass(T0 + 2 * MIN, Scope::Full, &fresh);
+    assert_eq!(released_ips(&p), vec!["10.0.0.1"], "the re-read pod is gone: only its address goes");
+    assert!(p.nodes_to_release.is_empty());
+    assert_eq!(leak_of(&p, &w, "10.0.0.0").unwrap().held_by, Some(HeldBy::NodeNotProvenGone));
+}
+
+#[test]
+fn a_dirty_pass_on_a_node_not_proven_gone_asks_for_its_proof_and_releases_nothing() {
+    let mut w = uncached_node(1, proven(&[]));
+    w.index.take_dirty();
+    let p = w.pass(T0, Scope::Dirty(["n1".into()].into()), &BTreeMap::new());
+    assert!(p.releases.is_empty() && p.nodes_to_release.is_empty());
+    assert_eq!(p.prove_gone, vec!["n1".to_string()]);
+}
+
+#[test]
+fn a_node_proven_gone_loses_its_addresses_and_affinities_at_once() {
+    let mut w = uncached_node(15, proven(&["n1"]));
+    let p = w.full(T0);
+    let mut ips = released_ips(&p);
+    ips.sort();
+    assert_eq!(ips, vec!["10.0.0.0", "10.0.0.1"]);
+    assert_eq!(leak_of(&p, &w, "10.0.0.1").unwrap().reason, LeakReason::NodeDeleted);
+    assert_eq!(leak_of(&p, &w, "10.0.0.0").unwrap().reason, LeakReason::TunnelNodeDeleted);
+    assert_eq!(p.nodes_to_release.len(), 1);
+    assert_eq!(p.nodes_to_release[0].affinities, vec![("n1-10-0-0-0-29".to_string(), "10.0.0.0/29".parse().unwrap())]);
+    assert!(p.prove_gone.is_empty());
+}
+
+#[test]
+fn a_node_proven_gone_later_is_released_in_the_pass_that_has_the_proof() {
+    let mut w = uncached_node(15, proven(&[]));
+    assert!(w.full(T0).releases.is_empty());
+    w.cfg.node_proof = proven(&["n1"]);
+    let p = w.full(T0 + MIN);
+    assert_eq!(released_ips(&p).len(), 2);
+    assert_eq!(p.nodes_to_release.len(), 1);
+}
+
+#[test]
+fn a_cached_node_is_there_whatever_the_proof_says() {
+    let mut w = uncached_node(15, proven(&["n1"]));
+    w.index.apply_node(&node("n1"));
+    let p = w.full(T0);
+    assert!(p.releases.is_empty() && p.nodes_to_release.is_empty() && p.prove_gone.is_empty());
+    assert!(leak_of(&p, &w, "10.0.0.0").is_none(), "the tunnel of a live node is valid");
+}
+
+#[test]
+fn a_complete_snapshot_takes_every_absent_node_as_gone() {
+    let mut w = uncached_node(15, NodeProof::AbsenceIsProof);
+    let p = w.full(T0);
+    assert_eq!(released_ips(&p).len(), 2);
+    assert_eq!(p.nodes_to_release.len(), 1);
+    assert!(p.prove_gone.is_empty());
 }

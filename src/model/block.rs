@@ -65,6 +65,10 @@ impl AllocationAttribute {
     pub fn attr(&self, key: &str) -> Option<&str> {
         self.secondary.as_ref()?.get(key).filter(|v| !v.is_empty())
     }
+    /// Whether `secondary` has the key at all, even with an empty value.
+    pub fn has_attr(&self, key: &str) -> bool {
+        self.secondary.as_ref().is_some_and(|m| m.get(key).is_some())
+    }
 }
 
 /// A small string map kept as a vector of pairs in input order: an allocation's `secondary`

@@ -211,6 +211,8 @@ pub fn scan_dump(dump: &mut DumpContents, now: Millis) -> Result<LeakReport, Inc
         ip_cooldown: dump.ipam_config.as_ref().and_then(|c| c.spec.ip_cooldown_seconds).map_or(0, |s| i64::from(s) * 1000),
         // The dump is the only source of truth a scan has.
         revalidate_live: false,
+        // The dump's nodes are the whole cluster's: a node it lacks is deleted.
+        node_proof: crate::ipam::gc::NodeProof::AbsenceIsProof,
     };
     let meta = ReportMeta::from_cluster_info(dump.cluster_info.as_ref());
     Ok(observe(&mut index, &cfg, now, meta, invalid))

@@ -1,12 +1,12 @@
 //! The executor task: runs the plans the GC loop computed, so the task that owns the index never
 //! waits on the network. It receives one [`Job`] at a time, executes its plan through the
-//! datastore (every call under a timeout), re-reads the pods the plan asked to re-validate, and
-//! sends a [`JobResult`] back.
+//! datastore (every call under a timeout), re-reads the pods the plan asked to re-validate and
+//! the nodes whose deletion it asked to prove, and sends a [`JobResult`] back.
 //!
 //! Owns: the per-call timeout and the succeeded / failed / timed-out call counts, the
 //! re-validation reads (SPEC §5.7: NotFound is an answer, any other failure leaves the pod out
-//! so its leak waits instead of being released blind), and finishing the job in progress when
-//! the loop shuts down.
+//! so its leak waits instead of being released blind; for a node only NotFound proves it deleted),
+//! and finishing the job in progress when the loop shuts down.
 //! Must not: decide anything, touch the index, or run two jobs at once (the loop sends the next
 //! job only after the previous result arrived).
 
@@ -36,12 +36,15 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// One plan to execute and the pods to re-read after it.
 #[derive(Debug)]
 pub struct Job {
-    /// The executable part of a pass's plan (possibly empty: a job of re-validation reads only).
+    /// The executable part of a pass's plan (possibly empty: a job of re-validation reads or
+    /// node reads only).
     pub plan: Plan,
     pub now: Millis,
     pub cooldown_secs: u32,
     /// (namespace, pod) of confirmed leaks to re-read.
     pub revalidate: Vec<(String, String)>,
+    /// Nodes missing from the Node cache to read: a NotFound proves one deleted.
+    pub prove_gone: Vec<String>,
 }
 
 /// Datastore calls made by one job, by how they ended.
@@ -59,6 +62,9 @@ pub struct JobResult {
     pub outcome: PlanOutcome,
     /// Re-read pods (`None` = NotFound), for the next pass.
     pub fresh: BTreeMap<(String, String), Option<PodFacts>>,
+    /// The nodes of `Job::prove_gone` that the read found deleted (NotFound). A node that was
+    /// there, or whose read failed, is left out: it stays unproven and is read again next round.
+    pub nodes_gone: Vec<String>,
     pub calls: CallCounts,
 }
 
@@ -219,5 +225,13 @@ async fn run_job<D: Datastore, C: ClusterReader>(ds: &D, cluster: &C, opts: &Exe
             Err(e) => tracing::warn!(namespace = %key.0, pod = %key.1, error = %e, "re-validation read failed; leak kept"),
         }
     }
-    JobResult { plan: job.plan, outcome, fresh, calls: tally.counts() }
+    let mut nodes_gone = Vec::new();
+    for name in job.prove_gone {
+        match tally.timed(opts.call_timeout, || format!("get nodes {name}"), cluster.get(ClusterKind::Node, "", &name)).await {
+            Err(e) if e.is_not_found() => nodes_gone.push(name),
+            Ok(_) => tracing::info!(node = %name, "node missing from the Node cache exists; its addresses are kept"),
+            Err(e) => tracing::warn!(node = %name, error = %e, "node read failed; the node is not proven deleted"),
+        }
+    }
+    JobResult { plan: job.plan, outcome, fresh, nodes_gone, calls: tally.counts() }
 }

@@ -1,6 +1,7 @@
 //! The GC controller's inputs: the [`IpamIndex`] and every fact beside it that the watches
 //! deliver (pools, reservations, KubeVirt objects, the singleton configuration objects,
-//! malformed objects), with the relist bookkeeping of the watch protocol.
+//! malformed objects), with the relist bookkeeping of the watch protocol, and the nodes a read
+//! proved deleted while the Node cache lacked them (forgotten when the Node watch delivers one).
 //!
 //! Owns: applying one [`Input`] (objects not re-listed at `InitDone` are deleted), which
 //! sources have finished their first list, and the keys of what is held per source (pods and
@@ -52,11 +53,29 @@ pub struct GcInputs {
     pub kcc: Option<KubeControllersConfiguration>,
     pub ipam_config: Option<IpamConfig>,
     pub invalid: BTreeMap<(String, String), InvalidObject>,
+    /// Nodes a read found deleted (NotFound) while the Node cache lacked them; forgotten when the
+    /// Node watch delivers the name again. Only these absent nodes count as deleted.
+    pub proven_gone: BTreeSet<String>,
 }
 
 impl GcInputs {
     pub fn new() -> Self {
         GcInputs { index: IpamIndex::new(), ..GcInputs::default() }
+    }
+
+    /// Whether the Node cache holds `name`.
+    pub fn node_cached(&self, name: &str) -> bool {
+        self.index.strings().lookup(name).is_some_and(|s| self.index.node_exists(s))
+    }
+
+    /// Remembers nodes a read found deleted, unless the watch delivered them meanwhile (the read
+    /// answered before the node was created).
+    pub fn nodes_proven_gone(&mut self, names: impl IntoIterator<Item = String>) {
+        for name in names {
+            if !self.node_cached(&name) {
+                self.proven_gone.insert(name);
+            }
+        }
     }
 
     /// Every required source finished its first list: decisions may be made.
@@ -134,6 +153,7 @@ impl GcInputs {
             }
             Object::Node(n) => {
                 self.index.apply_node(&n);
+                self.proven_gone.remove(&n.metadata.name);
                 self.known.nodes.insert(n.metadata.name.clone());
                 n.metadata.name
             }
@@ -354,6 +374,9 @@ impl GcInputs {
             if !self.index.strings().lookup(name).is_some_and(|s| self.index.node_exists(s)) {
                 return Err(format!("known node {name} is not in the index"));
             }
+        }
+        if let Some(name) = self.proven_gone.iter().find(|n| self.node_cached(n)) {
+            return Err(format!("node {name} is proven gone but the Node cache holds it"));
         }
         if self.known.pools.keys().chain(self.known.reservations.keys()).any(String::is_empty) {
             return Err("a pool or reservation is held under an empty name".into());

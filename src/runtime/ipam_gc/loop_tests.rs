@@ -109,6 +109,24 @@ fn put_block(ds: &MemoryDatastore, cidr: &str, node: &str, allocs: &[(u32, &str,
     ds.create_now(Kind::BlockAffinity, &affinity, body).unwrap();
 }
 
+/// A /30 block affine to `node` holding the node's IPIP tunnel address at .0 and the address of
+/// pod `pod` at .1 (with their handles), and the block's affinity.
+fn put_tunnel_and_pod_block(ds: &MemoryDatastore, cidr: &str, node: &str, pod: &str) {
+    put_block(ds, cidr, node, &[(1, pod, &format!("k8s-pod-network.{pod}"))]);
+    let name = cidr_to_name(&cidr.parse::<IpNet>().unwrap());
+    let mut block = ds.peek(Kind::IpamBlock, &name).unwrap();
+    let spec = &mut block.value["spec"];
+    spec["allocations"][0] = json!(1);
+    spec["attributes"].as_array_mut().unwrap().push(json!({"handle_id": format!("ipip-tunnel-addr-{node}"), "secondary": {"node": node, "type": "ipipTunnelAddress"}}));
+    spec["unallocated"] = json!([2, 3]);
+    block.value["metadata"]["resourceVersion"] = json!(block.revision);
+    ds.update_now(Kind::IpamBlock, &block).unwrap();
+    let handle = format!("ipip-tunnel-addr-{node}");
+    let body = json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "IPAMHandle", "metadata": {"name": handle_object_name(&handle)},
+                      "spec": {"handleID": handle, "block": {cidr: 1}, "deleted": false}});
+    ds.create_now(Kind::IpamHandle, &handle_object_name(&handle), body).unwrap();
+}
+
 fn node(name: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})
 }
@@ -325,5 +343,83 @@ async fn a_lost_block_event_is_repaired_by_the_relist_after_an_expiry() {
     // The watch expires (a compaction): the relist shows the block and the leak is found.
     mem.expire_watches(Kind::IpamBlock);
     assert!(until(Duration::from_secs(30), || allocated(&mem) == 0).await, "the relisted leak is released");
+    run.stop().await;
+}
+
+/// Whether the block holds an address at `ordinal`.
+fn holds(mem: &MemoryDatastore, block: &str, ordinal: usize) -> bool {
+    mem.peek(Kind::IpamBlock, block).is_some_and(|b| !b.value["spec"]["allocations"][ordinal].is_null())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_node_whose_watch_event_was_lost_keeps_its_tunnel_and_affinity_and_a_gone_pods_address_waits_for_grace_and_a_reread() {
+    let mem = Arc::new(MemoryDatastore::new());
+    let cluster = Arc::new(MemoryCluster::new());
+    cluster.apply(ClusterKind::Node, node("n0"));
+    let run = Running::start(mem.clone(), cluster.clone(), ExecutorOptions::default());
+    assert!(until(Duration::from_secs(10), || run.shared.ready()).await, "every watch listed");
+    // A new node joins but its watch event is lost: the Node cache never sees it.
+    cluster.drop_watch_events(ClusterKind::Node, 1);
+    cluster.apply(ClusterKind::Node, node("n1"));
+    put_tunnel_and_pod_block(&mem, "10.0.0.0/30", "n1", "gone");
+    // The dirty pass after the batch window sees n1 missing: before the fix this released all
+    // of it at once.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(allocated(&mem), 2, "a cache miss confirms nothing at once");
+    assert!(cluster.get_count(ClusterKind::Node) >= 1, "the node was read to prove its deletion");
+    // After the grace period (2 s) and the pod's re-read, the gone pod's address goes; the
+    // tunnel and the affinity stay.
+    assert!(until(Duration::from_secs(30), || !holds(&mem, "10-0-0-0-30", 1)).await, "the gone pod's address is released");
+    assert!(cluster.get_count(ClusterKind::Pod) >= 1, "the pod was re-read before its release");
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(holds(&mem, "10-0-0-0-30", 0), "the tunnel of a node that exists is kept");
+    assert!(mem.peek(Kind::IpamHandle, &handle_object_name("ipip-tunnel-addr-n1")).is_some(), "and its handle");
+    assert_eq!(mem.snapshot(Kind::BlockAffinity).len(), 1, "the affinity is kept");
+    run.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deleted_node_is_proven_by_one_read_and_then_released_as_before() {
+    let mem = Arc::new(MemoryDatastore::new());
+    let cluster = Arc::new(MemoryCluster::new());
+    cluster.apply(ClusterKind::Node, node("n1"));
+    cluster.apply(ClusterKind::Pod, pod("p", "n1", "10.0.0.1"));
+    put_tunnel_and_pod_block(&mem, "10.0.0.0/30", "n1", "p");
+    let run = Running::start(mem.clone(), cluster.clone(), ExecutorOptions::default());
+    assert!(until(Duration::from_secs(10), || run.shared.ready()).await, "every watch listed");
+    cluster.delete(ClusterKind::Node, "", "n1");
+    // The pod still runs, so the node's tunnel stays; rounds go on and never read the node again.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(allocated(&mem), 2, "a running pod keeps its address and the node's tunnel");
+    assert_eq!(cluster.get_count(ClusterKind::Node), 1, "one read proved the deletion; quiet rounds read nothing");
+    // The pod goes: as before, everything of the node goes at once, without a pod re-read.
+    cluster.delete(ClusterKind::Pod, "ns", "p");
+    let all_gone = || allocated(&mem) == 0 && mem.snapshot(Kind::BlockAffinity).is_empty() && mem.snapshot(Kind::IpamHandle).is_empty();
+    assert!(until(Duration::from_secs(30), all_gone).await, "the node's addresses, handles and affinity are released");
+    assert_eq!(cluster.get_count(ClusterKind::Pod), 0, "a proven-gone node's pods are judged on the cache");
+    assert_eq!(cluster.get_count(ClusterKind::Node), 1);
+    run.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_node_the_watch_delivers_again_is_no_longer_taken_as_proven_gone() {
+    let mem = Arc::new(MemoryDatastore::new());
+    let cluster = Arc::new(MemoryCluster::new());
+    cluster.apply(ClusterKind::Node, node("n1"));
+    cluster.apply(ClusterKind::Pod, pod("p", "n1", "10.0.0.1"));
+    put_tunnel_and_pod_block(&mem, "10.0.0.0/30", "n1", "p");
+    let run = Running::start(mem.clone(), cluster.clone(), ExecutorOptions::default());
+    assert!(until(Duration::from_secs(10), || run.shared.ready()).await, "every watch listed");
+    cluster.delete(ClusterKind::Node, "", "n1");
+    assert!(until(Duration::from_secs(10), || cluster.get_count(ClusterKind::Node) == 1).await, "the deletion was proven");
+    // The node comes back, then is deleted again: the old NotFound is forgotten, so the new
+    // deletion needs its own read.
+    cluster.apply(ClusterKind::Node, node("n1"));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    cluster.delete(ClusterKind::Node, "", "n1");
+    assert!(until(Duration::from_secs(10), || cluster.get_count(ClusterKind::Node) == 2).await, "the second deletion was read too");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(cluster.get_count(ClusterKind::Node), 2);
+    assert_eq!(allocated(&mem), 2, "the running pod keeps its address and the node's tunnel");
     run.stop().await;
 }

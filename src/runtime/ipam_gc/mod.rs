@@ -39,7 +39,7 @@ use super::watch::{Input, Source};
 use super::{ConfigState, Shared};
 use crate::config::{EnvConfig, RunConfig};
 use crate::datastore::{ClusterReader, Datastore, KeepGoing};
-use crate::ipam::gc::{DEFAULT_MAX_RELEASES_PER_PASS, GcConfig, GcState};
+use crate::ipam::gc::{DEFAULT_MAX_RELEASES_PER_PASS, GcConfig, GcState, NodeProof};
 use crate::ipam::plan::{Plan, Scope};
 use crate::model::PodFacts;
 use crate::model::time::{Millis, format_go_duration};
@@ -305,6 +305,7 @@ impl GcController {
             max_releases_per_pass: DEFAULT_MAX_RELEASES_PER_PASS,
             ip_cooldown: self.inputs.cooldown_secs() as Millis * 1000,
             revalidate_live: true,
+            node_proof: NodeProof::Proven(self.inputs.proven_gone.clone()),
         }
     }
 
@@ -385,7 +386,9 @@ impl GcController {
         let writes = may_execute && !gating::plan_is_empty(&due);
         let mut revalidate: Vec<(String, String)> = plan.revalidate.iter().map(|(_, ns, pod)| (ns.clone(), pod.clone())).collect();
         revalidate.dedup();
-        if !writes && revalidate.is_empty() {
+        // Nodes proven gone already are not in the plan's list; names are read only while unproven.
+        let prove_gone = plan.prove_gone.clone();
+        if !writes && revalidate.is_empty() && prove_gone.is_empty() {
             // Nothing for the executor: the round is over (no errors, nothing left but what the
             // per-pass cap deferred).
             self.shared.metrics(|m| m.last_success_seconds = now as f64 / 1000.0);
@@ -409,20 +412,21 @@ impl GcController {
         if held_back > 0 {
             tracing::debug!(held_back, "plan items waiting out their backoff or in flight");
         }
-        let job = Job { plan: job_plan, now, cooldown_secs: self.inputs.cooldown_secs(), revalidate };
+        let job = Job { plan: job_plan, now, cooldown_secs: self.inputs.cooldown_secs(), revalidate, prove_gone };
         match self.executor.send(job) {
             Ok(()) => self.in_flight = Some(flight),
             Err(_) => tracing::error!("the plan executor is gone; plan dropped"),
         }
     }
 
-    /// A job is back: bookkeeping, then the follow-up pass its re-read pods call for, or the
-    /// round that waited for it.
+    /// A job is back: bookkeeping, then the follow-up pass its re-read pods or proven-gone nodes
+    /// call for, or the round that waited for it.
     fn job_finished(&mut self, result: JobResult) {
-        let (follow_up_done, had_reads) = (self.in_flight.as_ref().is_some_and(|f| f.follow_up), !result.fresh.is_empty());
+        let follow_up_done = self.in_flight.as_ref().is_some_and(|f| f.follow_up);
+        let had_reads = !result.fresh.is_empty() || !result.nodes_gone.is_empty();
         self.record_result(result);
         if had_reads && !follow_up_done {
-            // The pass that acts on the re-validation reads, in the same round.
+            // The pass that acts on the re-validation reads or the proven-gone nodes, in the same round.
             self.pass_and_dispatch(&Scope::Full, true);
         } else if std::mem::take(&mut self.round_after_flight) {
             self.gc_round(true);
@@ -431,7 +435,7 @@ impl GcController {
 
     fn record_result(&mut self, result: JobResult) {
         let Some(flight) = self.in_flight.take() else { return };
-        let JobResult { plan, outcome, fresh, calls } = result;
+        let JobResult { plan, outcome, fresh, nodes_gone, calls } = result;
         let now = self.clock.now();
         let released_nodes = gating::record_item_results(&mut self.backoff, &self.inputs.index, &plan, &outcome, now);
         if !gating::plan_is_empty(&plan) {
@@ -450,6 +454,10 @@ impl GcController {
             );
         }
         self.fresh.extend(fresh);
+        if !nodes_gone.is_empty() {
+            tracing::info!(nodes = ?nodes_gone, "nodes missing from the Node cache proven deleted");
+        }
+        self.inputs.nodes_proven_gone(nodes_gone);
         self.schedule_retry(outcome.error_count() > 0, flight.deferred, flight.full, now);
         let backing_off = self.backoff.waiting_by_category(now);
         self.shared.metrics(|m| {

@@ -476,3 +476,19 @@
         assert!(c.inputs.check_invariants().unwrap_err().contains("ghost"));
     }
 
+
+    #[tokio::test]
+    async fn a_proven_gone_node_is_forgotten_when_the_node_watch_delivers_it_and_never_remembered_while_cached() {
+        let (mut c, _) = controller();
+        list(&mut c, Source::Nodes, vec![node("n1")]);
+        // A read that answered NotFound before the watch delivered the node proves nothing.
+        c.inputs.nodes_proven_gone(["n1".to_string(), "n2".to_string()]);
+        assert_eq!(c.inputs.proven_gone.iter().map(String::as_str).collect::<Vec<_>>(), vec!["n2"]);
+        c.inputs.check_invariants().unwrap();
+        c.handle(input(Source::Nodes, Change::Apply(node("n2"))));
+        assert!(c.inputs.proven_gone.is_empty(), "the watch delivered n2 again");
+        c.inputs.check_invariants().unwrap();
+        // The invariant catches a proof of a node the cache holds.
+        c.inputs.proven_gone.insert("n1".into());
+        assert!(c.inputs.check_invariants().unwrap_err().contains("n1"));
+    }
