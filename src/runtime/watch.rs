@@ -4,8 +4,9 @@
 //! never cached whole) and sends it to the single task that owns the index.
 //!
 //! Owns: which kinds are watched (KubeVirt's only once the cluster serves them), how each is
-//! decoded, the [`Input`] protocol, and reporting a watch the backend refuses (401/403/404) as
-//! a not-ready condition naming the resource.
+//! decoded, the [`Input`] protocol, reporting a watch the backend refuses (401/403/404) as a
+//! not-ready condition naming the resource, and telling the loop when a watch fails and when it
+//! delivers again (`Unhealthy` / `Healthy`).
 //! Must not: touch the index or decide anything, or know which backend it reads; a malformed
 //! object is reported, not dropped silently, and never stops the stream.
 
@@ -143,7 +144,10 @@ impl KubeVirtObject {
 }
 
 /// The watcher protocol, per source: `Init`, `InitApply`*, `InitDone` on every (re)list, then
-/// `Apply`/`Delete`. `Invalid` reports an object that did not decode.
+/// `Apply`/`Delete`. `Invalid` reports an object that did not decode. `Unhealthy` says the watch
+/// failed (sent on every failure, with its reason); `Healthy` follows the first good event after
+/// a failure, once that event has been sent, so the loop never sees the kind healthy on a view
+/// older than the event that proved it.
 #[derive(Debug)]
 pub enum Change {
     Init,
@@ -152,6 +156,8 @@ pub enum Change {
     Apply(Object),
     Delete(Object),
     Invalid(InvalidObject),
+    Unhealthy { reason: String },
+    Healthy,
 }
 
 #[derive(Debug)]
@@ -249,43 +255,58 @@ where
 pub async fn forward(mut stream: WatchStream, source: Source, tx: mpsc::Sender<Input>, shared: Arc<Shared>) {
     let key = health::watch_key(source.as_str());
     let mut refused = false;
+    // A failure was reported and no good event has arrived since.
+    let mut failing = false;
     while let Some(event) = stream.next().await {
         if refused && !matches!(event, WatchEvent::Error(_)) {
             refused = false;
             shared.status.set_ready(&key, true, "");
         }
-        let change = match event {
-            WatchEvent::Init => Change::Init,
-            WatchEvent::InitDone => Change::InitDone,
-            WatchEvent::InitApply(o) => match send_invalid(&tx, source, decode_stored(source, &o)).await {
-                Some(obj) => Change::InitApply(obj),
-                None => continue,
-            },
-            WatchEvent::Apply(o) => match send_invalid(&tx, source, decode_stored(source, &o)).await {
-                Some(obj) => Change::Apply(obj),
-                None => continue,
-            },
-            WatchEvent::Delete(o) => match decode_stored(source, &o).0 {
-                Ok(obj) => Change::Delete(obj),
-                Err(e) => {
-                    tracing::warn!(source = source.as_str(), error = %e, "deleted object did not decode");
-                    continue;
-                }
-            },
-            WatchEvent::Error(e) => {
-                // The backend retries; an expiry restarts with a fresh list (Init).
-                tracing::warn!(source = source.as_str(), error = %e.message, "watch error");
-                if let Some(code) = e.refused {
-                    refused = true;
-                    shared.status.set_ready(&key, false, format!("watching {} refused by the apiserver ({code}): {}", source.as_str(), e.message));
-                }
-                continue;
+        let recovered = failing && !matches!(event, WatchEvent::Error(_));
+        if let Some(change) = change_of(event, source, &tx, &key, &shared, &mut refused).await {
+            failing |= matches!(change, Change::Unhealthy { .. });
+            if tx.send(Input { source, change }).await.is_err() {
+                return;
             }
-        };
-        if tx.send(Input { source, change }).await.is_err() {
-            return;
+        }
+        if recovered {
+            failing = false;
+            if tx.send(Input { source, change: Change::Healthy }).await.is_err() {
+                return;
+            }
         }
     }
+}
+
+/// The input one watch event becomes, if any (a malformed object is sent as `Invalid` here).
+async fn change_of(event: WatchEvent, source: Source, tx: &mpsc::Sender<Input>, key: &str, shared: &Shared, refused: &mut bool) -> Option<Change> {
+    Some(match event {
+        WatchEvent::Init => Change::Init,
+        WatchEvent::InitDone => Change::InitDone,
+        WatchEvent::InitApply(o) => Change::InitApply(send_invalid(tx, source, decode_stored(source, &o)).await?),
+        WatchEvent::Apply(o) => Change::Apply(send_invalid(tx, source, decode_stored(source, &o)).await?),
+        WatchEvent::Delete(o) => match decode_stored(source, &o).0 {
+            Ok(obj) => Change::Delete(obj),
+            Err(e) => {
+                tracing::warn!(source = source.as_str(), error = %e, "deleted object did not decode");
+                return None;
+            }
+        },
+        WatchEvent::Error(e) => {
+            // The backend retries; an expiry restarts with a fresh list (Init).
+            tracing::warn!(source = source.as_str(), error = %e.message, "watch error");
+            let reason = match e.refused {
+                Some(code) => {
+                    *refused = true;
+                    let reason = format!("watching {} refused by the apiserver ({code}): {}", source.as_str(), e.message);
+                    shared.status.set_ready(key, false, reason.clone());
+                    reason
+                }
+                None => format!("watch error: {}", e.message),
+            };
+            Change::Unhealthy { reason }
+        }
+    })
 }
 
 async fn send_invalid(
