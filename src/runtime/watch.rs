@@ -75,6 +75,23 @@ impl Source {
         }
     }
 
+    /// The kind a malformed object of this source is reported under ([`InvalidObject::kind`]).
+    pub fn kind_name(self) -> &'static str {
+        match self {
+            Source::Pods => "Pod",
+            Source::Nodes => "Node",
+            Source::Blocks => "IPAMBlock",
+            Source::Affinities => "BlockAffinity",
+            Source::Handles => "IPAMHandle",
+            Source::ClusterInformation => "ClusterInformation",
+            Source::KubeControllersConfiguration => "KubeControllersConfiguration",
+            Source::IpamConfig => "IPAMConfig",
+            Source::Pools => "IPPool",
+            Source::Reservations => "IPReservation",
+            Source::VirtualMachines | Source::VirtualMachineInstances => "KubeVirt",
+        }
+    }
+
     /// Where this source is read: a Calico kind from the datastore, or a Kubernetes kind.
     pub fn origin(self) -> Origin {
         match self {
@@ -158,6 +175,8 @@ pub enum Change {
     Invalid(InvalidObject),
     Unhealthy { reason: String },
     Healthy,
+    /// An object that did not decode was deleted: its malformed record goes with it.
+    DeleteMalformed { name: String },
 }
 
 #[derive(Debug)]
@@ -174,25 +193,26 @@ fn decode_as<T: for<'de> Deserialize<'de>>(kind: &str, o: &Stored) -> Result<T, 
 /// as the caller drops the [`Stored`]; an unparsable pod IP is reported but the pod's facts are
 /// still kept.
 pub fn decode_stored(source: Source, o: &Stored) -> (Result<Object, InvalidObject>, Option<InvalidObject>) {
+    let kind = source.kind_name();
     let r = match source {
-        Source::Pods => match decode_as::<PodLite>("Pod", o) {
+        Source::Pods => match decode_as::<PodLite>(kind, o) {
             Ok(lite) => {
                 let (facts, invalid) = PodFacts::from_lite(&lite);
                 return (Ok(Object::Pod(Box::new(facts))), invalid);
             }
             Err(e) => Err(e),
         },
-        Source::Nodes => decode_as("Node", o).map(Object::Node),
-        Source::Blocks => decode_as("IPAMBlock", o).map(|b| Object::Block(Box::new(b))),
-        Source::Affinities => decode_as("BlockAffinity", o).map(Object::Affinity),
-        Source::Handles => decode_as("IPAMHandle", o).map(Object::Handle),
-        Source::ClusterInformation => decode_as("ClusterInformation", o).map(|c| Object::ClusterInformation(Box::new(c))),
+        Source::Nodes => decode_as(kind, o).map(Object::Node),
+        Source::Blocks => decode_as(kind, o).map(|b| Object::Block(Box::new(b))),
+        Source::Affinities => decode_as(kind, o).map(Object::Affinity),
+        Source::Handles => decode_as(kind, o).map(Object::Handle),
+        Source::ClusterInformation => decode_as(kind, o).map(|c| Object::ClusterInformation(Box::new(c))),
         Source::KubeControllersConfiguration => {
-            decode_as("KubeControllersConfiguration", o).map(|c| Object::KubeControllersConfiguration(Box::new(c)))
+            decode_as(kind, o).map(|c| Object::KubeControllersConfiguration(Box::new(c)))
         }
-        Source::IpamConfig => decode_as("IPAMConfig", o).map(|c| Object::IpamConfig(Box::new(c))),
-        Source::Pools => decode_as("IPPool", o).map(Object::Pool),
-        Source::Reservations => decode_as("IPReservation", o).map(Object::Reservation),
+        Source::IpamConfig => decode_as(kind, o).map(|c| Object::IpamConfig(Box::new(c))),
+        Source::Pools => decode_as(kind, o).map(Object::Pool),
+        Source::Reservations => decode_as(kind, o).map(Object::Reservation),
         Source::VirtualMachines => KubeVirtObject::from_value(&o.value).map(Object::VirtualMachine),
         Source::VirtualMachineInstances => KubeVirtObject::from_value(&o.value).map(Object::VirtualMachineInstance),
     };
@@ -289,7 +309,7 @@ async fn change_of(event: WatchEvent, source: Source, tx: &mpsc::Sender<Input>, 
             Ok(obj) => Change::Delete(obj),
             Err(e) => {
                 tracing::warn!(source = source.as_str(), error = %e, "deleted object did not decode");
-                return None;
+                Change::DeleteMalformed { name: o.name }
             }
         },
         WatchEvent::Error(e) => {

@@ -148,6 +148,12 @@ impl GcInputs {
             Change::Delete(obj) => self.delete(obj, &mut applied),
             Change::Invalid(e) => {
                 tracing::warn!(kind = %e.kind, name = %e.name, problem = %e.problem, "malformed object skipped");
+                // A relist that shows a malformed block keeps its record (see `finish_relist`).
+                if source == Source::Blocks
+                    && let Some(seen) = self.relisting.get_mut(&source)
+                {
+                    seen.insert(e.name.clone());
+                }
                 self.invalid.insert((e.kind.clone(), e.name.clone()), e);
             }
             Change::Unhealthy { reason } => {
@@ -155,6 +161,10 @@ impl GcInputs {
                 self.unhealthy.insert(source, reason);
             }
             Change::Healthy => applied.health_changed = self.unhealthy.remove(&source).is_some(),
+            Change::DeleteMalformed { name } => {
+                let kind = source.kind_name();
+                self.invalid.retain(|(k, n), _| !(k == kind && *n == name));
+            }
         }
         applied
     }
@@ -364,6 +374,11 @@ impl GcInputs {
         };
         if !stale.is_empty() {
             tracing::info!(source = source.as_str(), gone = stale.len(), "objects gone since the last list");
+        }
+        if source == Source::Blocks {
+            // A malformed block the relist no longer shows was deleted unseen: it no longer holds
+            // orphan-handle deletions back.
+            self.invalid.retain(|(kind, name), _| kind != "IPAMBlock" || seen.contains(name));
         }
         for key in stale {
             self.delete_key(source, &key, applied);

@@ -525,7 +525,7 @@
     }
 
     #[tokio::test]
-    async fn a_malformed_block_is_counted_for_the_orphan_hold_and_forgotten_when_deleted() {
+    async fn a_malformed_block_is_counted_for_the_orphan_hold_and_forgotten_when_deleted_or_no_longer_listed() {
         let (mut c, _) = controller();
         let malformed = crate::model::InvalidObject::new("IPAMBlock", "10-0-0-0-30", "bad cidr".to_string());
         c.handle(input(Source::Blocks, Change::Invalid(malformed)));
@@ -533,6 +533,20 @@
         c.inputs.check_invariants().unwrap();
         c.handle(input(Source::Blocks, Change::Delete(block("10.0.0.0/30", "n1"))));
         assert_eq!(c.inputs.invalid_blocks(), 0);
+        // One that never decoded goes when its deletion arrives, or when a relist no longer shows it.
+        let undecodable = |name: &str| crate::model::InvalidObject::new("IPAMBlock", name, "invalid type: string".to_string());
+        c.handle(input(Source::Blocks, Change::Invalid(undecodable("a"))));
+        c.handle(input(Source::Blocks, Change::Invalid(undecodable("b"))));
+        c.handle(input(Source::Pods, Change::DeleteMalformed { name: "a".into() }));
+        assert_eq!(c.inputs.invalid_blocks(), 2, "a pod of that name is another object");
+        c.handle(input(Source::Blocks, Change::DeleteMalformed { name: "a".into() }));
+        assert_eq!(c.inputs.invalid_blocks(), 1);
+        c.handle(input(Source::Blocks, Change::Init));
+        c.handle(input(Source::Blocks, Change::Invalid(undecodable("b"))));
+        c.handle(input(Source::Blocks, Change::InitDone));
+        assert_eq!(c.inputs.invalid_blocks(), 1, "still listed, still held");
+        list(&mut c, Source::Blocks, Vec::new());
+        assert_eq!(c.inputs.invalid_blocks(), 0, "gone from the relist");
         // An entry held under another key than its own is caught.
         let stray = crate::model::InvalidObject::new("IPAMBlock", "elsewhere", "x".to_string());
         c.inputs.invalid.insert(("IPAMBlock".into(), "10-0-0-4-30".into()), stray);
