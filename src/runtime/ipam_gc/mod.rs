@@ -324,6 +324,9 @@ impl GcController {
             None => {
                 tracing::info!("every required watch is healthy again: GC writes resume");
                 self.shared.status.set_ready(crate::health::GC_DECISIONS, true, "");
+                // What the held rounds planned is planned again by the next round, whatever
+                // its dirty set, instead of waiting for the next full period.
+                self.inputs.index.request_full_scan();
             }
         }
         self.said.decisions_held = reason;
@@ -426,8 +429,10 @@ impl GcController {
         revalidate.dedup();
         if !writes && revalidate.is_empty() {
             // Nothing for the executor: the round is over (no errors, nothing left but what the
-            // per-pass cap deferred).
-            self.shared.metrics(|m| m.last_success_seconds = now as f64 / 1000.0);
+            // per-pass cap deferred). A round whose writes were held is no success.
+            if held == 0 || !may_execute {
+                self.shared.metrics(|m| m.last_success_seconds = now as f64 / 1000.0);
+            }
             self.schedule_retry(false, plan.deferred, plan.full, now);
             return;
         }

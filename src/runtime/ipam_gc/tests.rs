@@ -502,6 +502,7 @@
         assert_eq!(shared.metrics(|m| m.rounds_writes_held), 1);
         c.handle(input(Source::Affinities, Change::Healthy));
         assert!(shared.ready());
+        assert!(c.inputs.index.take_dirty().1, "the next round looks at everything the held ones planned");
         round(&mut c, true).await;
         assert!(block_calls(&ds) > 0, "written once the watch delivers again: {:?}", ds.op_counts());
     }
