@@ -2,7 +2,8 @@
 //! `kube::Api<DynamicObject>`, one cluster-scoped API per [`Kind`].
 //!
 //! Owns: the mapping of the CAS trait onto Kubernetes (resourceVersion and uid in the body of a
-//! replace, delete preconditions, `kube::runtime::watcher` onto the watch seam), the
+//! replace, delete preconditions, `kube::runtime::watcher` onto the watch seam, restarted from a
+//! fresh list after a failure so that recovery is visible as `InitDone`), the
 //! classification of API and watch failures into [`ErrorKind`] and [`WatchFailure`], the
 //! `dry_run` switch that turns every write into a successful no-op, and the API call counters
 //! (verb, resource, code) the metrics endpoint reads.
@@ -16,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use ::kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, PostParams, Preconditions};
 use ::kube::Client;
-use ::kube::runtime::{WatchStreamExt, watcher};
+use ::kube::runtime::watcher;
 use futures::StreamExt;
 use serde_json::Value;
 
@@ -119,23 +120,69 @@ pub fn watch_failure(e: &watcher::Error) -> WatchFailure {
     }
 }
 
-/// `kube::runtime::watcher` (paged initial list, then a watch, restarted with the default
-/// backoff) on `api`, its events mapped onto the seam by `stored`.
+/// A failed watch is started afresh after this delay, doubled for each failure that follows
+/// within [`RESTART_RESET_AFTER`] of a restart, up to [`RESTART_MAX`]: kube's own default
+/// backoff (800 ms to 30 s, reset after 120 s without a failure), so an apiserver that lists but
+/// refuses watches is listed at most every 30 s.
+const RESTART_FIRST: std::time::Duration = std::time::Duration::from_millis(800);
+const RESTART_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+const RESTART_RESET_AFTER: std::time::Duration = std::time::Duration::from_secs(120);
+
+type KubeWatcher = futures::stream::BoxStream<'static, Result<watcher::Event<DynamicObject>, watcher::Error>>;
+
+/// One kind's list + watch, restarted from a fresh list after every failure.
+struct RestartingWatch<F> {
+    api: Api<DynamicObject>,
+    stored: F,
+    current: Option<KubeWatcher>,
+    started: tokio::time::Instant,
+    delay: std::time::Duration,
+}
+
+/// `kube::runtime::watcher` (paged initial list, then a watch) on `api`, its events mapped onto
+/// the seam by `stored`. After a failure the watcher is not left to resume on its own: kube's
+/// watcher re-establishes a failed watch without any event, so the consumer could not tell when
+/// the kind is whole again. It is started afresh instead, and its relist ends in `InitDone`,
+/// which says so. That costs a list per failure; failures are rare (a quiet watch that times
+/// out is resumed by the watcher without one), and upstream's reflector relists on most too.
 pub(crate) fn watch_stream<F>(api: Api<DynamicObject>, stored: F) -> WatchStream
 where
     F: Fn(DynamicObject) -> DsResult<Stored> + Send + 'static,
 {
-    let lift = move |object, make: fn(Stored) -> WatchEvent| match stored(object) {
-        Ok(s) => make(s),
-        Err(e) => WatchEvent::Error(WatchFailure::transient(e.message)),
-    };
-    let events = watcher(api, watcher::Config::default()).default_backoff().map(move |event| match event {
-        Ok(watcher::Event::Init) => WatchEvent::Init,
-        Ok(watcher::Event::InitApply(o)) => lift(o, WatchEvent::InitApply),
-        Ok(watcher::Event::InitDone) => WatchEvent::InitDone,
-        Ok(watcher::Event::Apply(o)) => lift(o, WatchEvent::Apply),
-        Ok(watcher::Event::Delete(o)) => lift(o, WatchEvent::Delete),
-        Err(e) => WatchEvent::Error(watch_failure(&e)),
+    let state = RestartingWatch { api, stored, current: None, started: tokio::time::Instant::now(), delay: std::time::Duration::ZERO };
+    let events = futures::stream::unfold(state, |mut s| async move {
+        loop {
+            if s.current.is_none() {
+                if !s.delay.is_zero() {
+                    tokio::time::sleep(s.delay).await;
+                }
+                s.current = Some(watcher(s.api.clone(), watcher::Config::default()).boxed());
+                s.started = tokio::time::Instant::now();
+            }
+            let next = s.current.as_mut().expect("started above").next().await;
+            let lift = |object, make: fn(Stored) -> WatchEvent| match (s.stored)(object) {
+                Ok(stored) => make(stored),
+                Err(e) => WatchEvent::Error(WatchFailure::transient(e.message)),
+            };
+            let event = match next {
+                Some(Ok(watcher::Event::Init)) => WatchEvent::Init,
+                Some(Ok(watcher::Event::InitApply(o))) => lift(o, WatchEvent::InitApply),
+                Some(Ok(watcher::Event::InitDone)) => WatchEvent::InitDone,
+                Some(Ok(watcher::Event::Apply(o))) => lift(o, WatchEvent::Apply),
+                Some(Ok(watcher::Event::Delete(o))) => lift(o, WatchEvent::Delete),
+                Some(Err(e)) => {
+                    s.current = None;
+                    s.delay = if s.started.elapsed() >= RESTART_RESET_AFTER { RESTART_FIRST } else { (s.delay * 2).clamp(RESTART_FIRST, RESTART_MAX) };
+                    WatchEvent::Error(watch_failure(&e))
+                }
+                // The watcher never ends; if it did, a fresh one takes over at once.
+                None => {
+                    s.current = None;
+                    continue;
+                }
+            };
+            return Some((event, s));
+        }
     });
     Box::pin(events)
 }

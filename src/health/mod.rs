@@ -17,6 +17,9 @@ pub const CALICO_DATASTORE: &str = "CalicoDatastore";
 pub const KUBE_API_SERVER: &str = "KubeAPIServer";
 /// Ours: every required watch finished its first list (no GC decision before that).
 pub const WATCHES_SYNCED: &str = "WatchesSynced";
+/// Ours: GC decisions are not waiting on a failing or relisting watch. Written only once they
+/// first wait, so a process whose watches never fail shows no such key.
+pub const GC_DECISIONS: &str = "GcDecisions";
 /// Ours: the controller loop's heartbeat is fresh.
 pub const EVENT_LOOP: &str = "EventLoop";
 /// Ours: always ready; its reason lists enabled controllers this version does not implement.

@@ -61,6 +61,10 @@ pub struct Metrics {
     pub leader: bool,
     /// Datastore calls the plan executor made, by how they ended.
     pub executor_calls: crate::runtime::ipam_gc::executor::CallCounts,
+    /// Required sources whose watch fails or relists (GC writes wait); absent = healthy.
+    pub watch_unhealthy: std::collections::BTreeSet<&'static str>,
+    /// Rounds whose due writes were held back by [`crate::runtime::ipam_gc::gating::WriteHold`].
+    pub rounds_writes_held: u64,
 }
 
 /// Resident set size from `/proc/self/status` (`VmRSS`, in kB: no page-size assumption; Linux
@@ -108,6 +112,13 @@ impl Metrics {
         let _ = writeln!(out, "ipam_gc_orphan_handles {}", self.orphan_handles);
         header(&mut out, "ipam_gc_datastore_paused", "gauge", "1 while ClusterInformation says the datastore is not ready (no writes).");
         let _ = writeln!(out, "ipam_gc_datastore_paused {}", u8::from(self.datastore_paused));
+
+        header(&mut out, "ipam_gc_watch_unhealthy", "gauge", "1 while the watch of a required resource fails or relists, so GC writes wait; else 0.");
+        for source in crate::runtime::watch::Source::ALL {
+            let _ = writeln!(out, "ipam_gc_watch_unhealthy{{resource=\"{}\"}} {}", source.as_str(), u8::from(self.watch_unhealthy.contains(source.as_str())));
+        }
+        header(&mut out, "ipam_gc_rounds_writes_held_total", "counter", "GC rounds whose due writes were held: a required watch failed or relisted, or a malformed block held orphan-handle deletions.");
+        let _ = writeln!(out, "ipam_gc_rounds_writes_held_total {}", self.rounds_writes_held);
 
         header(&mut out, "ipam_gc_releases_total", "counter", "Addresses released by the GC, by reason.");
         for reason in crate::ipam::plan::LeakReason::ALL {
@@ -236,5 +247,21 @@ mod tests {
         assert!(text.contains("kube_controllers_leader 0\n"));
         m.leader = true;
         assert!(m.render(&ApiCounters::default()).contains("kube_controllers_leader 1\n"));
+    }
+
+    #[test]
+    fn every_required_watch_has_an_unhealthy_gauge_and_held_rounds_are_counted() {
+        let mut m = Metrics::default();
+        let text = m.render(&ApiCounters::default());
+        let gauges: Vec<&str> = text.lines().filter(|l| l.starts_with("ipam_gc_watch_unhealthy{")).collect();
+        assert_eq!(gauges.len(), crate::runtime::watch::Source::ALL.len(), "{gauges:?}");
+        assert!(gauges.iter().all(|l| l.ends_with(" 0")), "{gauges:?}");
+        assert!(text.contains("ipam_gc_rounds_writes_held_total 0\n"));
+        m.watch_unhealthy.insert("ipamblocks");
+        m.rounds_writes_held = 3;
+        let text = m.render(&ApiCounters::default());
+        assert!(text.contains("ipam_gc_watch_unhealthy{resource=\"ipamblocks\"} 1\n"), "{text}");
+        assert!(text.contains("ipam_gc_watch_unhealthy{resource=\"pods\"} 0\n"));
+        assert!(text.contains("ipam_gc_rounds_writes_held_total 3\n"));
     }
 }

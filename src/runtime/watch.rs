@@ -4,8 +4,9 @@
 //! never cached whole) and sends it to the single task that owns the index.
 //!
 //! Owns: which kinds are watched (KubeVirt's only once the cluster serves them), how each is
-//! decoded, the [`Input`] protocol, and reporting a watch the backend refuses (401/403/404) as
-//! a not-ready condition naming the resource.
+//! decoded, the [`Input`] protocol, reporting a watch the backend refuses (401/403/404) as a
+//! not-ready condition naming the resource, and telling the loop when a watch fails and when it
+//! delivers again (`Unhealthy` / `Healthy`).
 //! Must not: touch the index or decide anything, or know which backend it reads; a malformed
 //! object is reported, not dropped silently, and never stops the stream.
 
@@ -71,6 +72,23 @@ impl Source {
             Source::Reservations => Kind::IpReservation.plural(),
             Source::VirtualMachines => "virtualmachines",
             Source::VirtualMachineInstances => "virtualmachineinstances",
+        }
+    }
+
+    /// The kind a malformed object of this source is reported under ([`InvalidObject::kind`]).
+    pub fn kind_name(self) -> &'static str {
+        match self {
+            Source::Pods => "Pod",
+            Source::Nodes => "Node",
+            Source::Blocks => "IPAMBlock",
+            Source::Affinities => "BlockAffinity",
+            Source::Handles => "IPAMHandle",
+            Source::ClusterInformation => "ClusterInformation",
+            Source::KubeControllersConfiguration => "KubeControllersConfiguration",
+            Source::IpamConfig => "IPAMConfig",
+            Source::Pools => "IPPool",
+            Source::Reservations => "IPReservation",
+            Source::VirtualMachines | Source::VirtualMachineInstances => "KubeVirt",
         }
     }
 
@@ -143,7 +161,10 @@ impl KubeVirtObject {
 }
 
 /// The watcher protocol, per source: `Init`, `InitApply`*, `InitDone` on every (re)list, then
-/// `Apply`/`Delete`. `Invalid` reports an object that did not decode.
+/// `Apply`/`Delete`. `Invalid` reports an object that did not decode. `Unhealthy` says the watch
+/// failed (sent on every failure, with its reason); `Healthy` follows the first good event after
+/// a failure, once that event has been sent, so the loop never sees the kind healthy on a view
+/// older than the event that proved it.
 #[derive(Debug)]
 pub enum Change {
     Init,
@@ -152,6 +173,10 @@ pub enum Change {
     Apply(Object),
     Delete(Object),
     Invalid(InvalidObject),
+    Unhealthy { reason: String },
+    Healthy,
+    /// An object that did not decode was deleted: its malformed record goes with it.
+    DeleteMalformed { name: String },
 }
 
 #[derive(Debug)]
@@ -168,25 +193,26 @@ fn decode_as<T: for<'de> Deserialize<'de>>(kind: &str, o: &Stored) -> Result<T, 
 /// as the caller drops the [`Stored`]; an unparsable pod IP is reported but the pod's facts are
 /// still kept.
 pub fn decode_stored(source: Source, o: &Stored) -> (Result<Object, InvalidObject>, Option<InvalidObject>) {
+    let kind = source.kind_name();
     let r = match source {
-        Source::Pods => match decode_as::<PodLite>("Pod", o) {
+        Source::Pods => match decode_as::<PodLite>(kind, o) {
             Ok(lite) => {
                 let (facts, invalid) = PodFacts::from_lite(&lite);
                 return (Ok(Object::Pod(Box::new(facts))), invalid);
             }
             Err(e) => Err(e),
         },
-        Source::Nodes => decode_as("Node", o).map(Object::Node),
-        Source::Blocks => decode_as("IPAMBlock", o).map(|b| Object::Block(Box::new(b))),
-        Source::Affinities => decode_as("BlockAffinity", o).map(Object::Affinity),
-        Source::Handles => decode_as("IPAMHandle", o).map(Object::Handle),
-        Source::ClusterInformation => decode_as("ClusterInformation", o).map(|c| Object::ClusterInformation(Box::new(c))),
+        Source::Nodes => decode_as(kind, o).map(Object::Node),
+        Source::Blocks => decode_as(kind, o).map(|b| Object::Block(Box::new(b))),
+        Source::Affinities => decode_as(kind, o).map(Object::Affinity),
+        Source::Handles => decode_as(kind, o).map(Object::Handle),
+        Source::ClusterInformation => decode_as(kind, o).map(|c| Object::ClusterInformation(Box::new(c))),
         Source::KubeControllersConfiguration => {
-            decode_as("KubeControllersConfiguration", o).map(|c| Object::KubeControllersConfiguration(Box::new(c)))
+            decode_as(kind, o).map(|c| Object::KubeControllersConfiguration(Box::new(c)))
         }
-        Source::IpamConfig => decode_as("IPAMConfig", o).map(|c| Object::IpamConfig(Box::new(c))),
-        Source::Pools => decode_as("IPPool", o).map(Object::Pool),
-        Source::Reservations => decode_as("IPReservation", o).map(Object::Reservation),
+        Source::IpamConfig => decode_as(kind, o).map(|c| Object::IpamConfig(Box::new(c))),
+        Source::Pools => decode_as(kind, o).map(Object::Pool),
+        Source::Reservations => decode_as(kind, o).map(Object::Reservation),
         Source::VirtualMachines => KubeVirtObject::from_value(&o.value).map(Object::VirtualMachine),
         Source::VirtualMachineInstances => KubeVirtObject::from_value(&o.value).map(Object::VirtualMachineInstance),
     };
@@ -249,43 +275,58 @@ where
 pub async fn forward(mut stream: WatchStream, source: Source, tx: mpsc::Sender<Input>, shared: Arc<Shared>) {
     let key = health::watch_key(source.as_str());
     let mut refused = false;
+    // A failure was reported and no good event has arrived since.
+    let mut failing = false;
     while let Some(event) = stream.next().await {
         if refused && !matches!(event, WatchEvent::Error(_)) {
             refused = false;
             shared.status.set_ready(&key, true, "");
         }
-        let change = match event {
-            WatchEvent::Init => Change::Init,
-            WatchEvent::InitDone => Change::InitDone,
-            WatchEvent::InitApply(o) => match send_invalid(&tx, source, decode_stored(source, &o)).await {
-                Some(obj) => Change::InitApply(obj),
-                None => continue,
-            },
-            WatchEvent::Apply(o) => match send_invalid(&tx, source, decode_stored(source, &o)).await {
-                Some(obj) => Change::Apply(obj),
-                None => continue,
-            },
-            WatchEvent::Delete(o) => match decode_stored(source, &o).0 {
-                Ok(obj) => Change::Delete(obj),
-                Err(e) => {
-                    tracing::warn!(source = source.as_str(), error = %e, "deleted object did not decode");
-                    continue;
-                }
-            },
-            WatchEvent::Error(e) => {
-                // The backend retries; an expiry restarts with a fresh list (Init).
-                tracing::warn!(source = source.as_str(), error = %e.message, "watch error");
-                if let Some(code) = e.refused {
-                    refused = true;
-                    shared.status.set_ready(&key, false, format!("watching {} refused by the apiserver ({code}): {}", source.as_str(), e.message));
-                }
-                continue;
+        let recovered = failing && !matches!(event, WatchEvent::Error(_));
+        if let Some(change) = change_of(event, source, &tx, &key, &shared, &mut refused).await {
+            failing |= matches!(change, Change::Unhealthy { .. });
+            if tx.send(Input { source, change }).await.is_err() {
+                return;
             }
-        };
-        if tx.send(Input { source, change }).await.is_err() {
-            return;
+        }
+        if recovered {
+            failing = false;
+            if tx.send(Input { source, change: Change::Healthy }).await.is_err() {
+                return;
+            }
         }
     }
+}
+
+/// The input one watch event becomes, if any (a malformed object is sent as `Invalid` here).
+async fn change_of(event: WatchEvent, source: Source, tx: &mpsc::Sender<Input>, key: &str, shared: &Shared, refused: &mut bool) -> Option<Change> {
+    Some(match event {
+        WatchEvent::Init => Change::Init,
+        WatchEvent::InitDone => Change::InitDone,
+        WatchEvent::InitApply(o) => Change::InitApply(send_invalid(tx, source, decode_stored(source, &o)).await?),
+        WatchEvent::Apply(o) => Change::Apply(send_invalid(tx, source, decode_stored(source, &o)).await?),
+        WatchEvent::Delete(o) => match decode_stored(source, &o).0 {
+            Ok(obj) => Change::Delete(obj),
+            Err(e) => {
+                tracing::warn!(source = source.as_str(), error = %e, "deleted object did not decode");
+                Change::DeleteMalformed { name: o.name }
+            }
+        },
+        WatchEvent::Error(e) => {
+            // The backend retries; an expiry restarts with a fresh list (Init).
+            tracing::warn!(source = source.as_str(), error = %e.message, "watch error");
+            let reason = match e.refused {
+                Some(code) => {
+                    *refused = true;
+                    let reason = format!("watching {} refused by the apiserver ({code}): {}", source.as_str(), e.message);
+                    shared.status.set_ready(key, false, reason.clone());
+                    reason
+                }
+                None => format!("watch error: {}", e.message),
+            };
+            Change::Unhealthy { reason }
+        }
+    })
 }
 
 async fn send_invalid(

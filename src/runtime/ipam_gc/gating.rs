@@ -3,7 +3,9 @@
 //! flight, so they are tested without a loop, a clock or a datastore.
 //!
 //! Owns: the due filter (items waiting out a backoff, or already in flight in the executor, are
-//! left out), the keys of a plan's executable items, and the backoff bookkeeping after a plan ran.
+//! left out), the write hold (nothing is written while a required watch fails or relists; no
+//! orphan handle is deleted while a malformed block is known), the keys of a plan's executable
+//! items, and the backoff bookkeeping after a plan ran.
 //! Must not: decide what is garbage (the GC did), read the clock (callers pass `now`), or do I/O.
 
 use std::borrow::Cow;
@@ -14,6 +16,60 @@ use crate::ipam::index::IpamIndex;
 use crate::ipam::plan::Plan;
 use crate::model::time::Millis;
 use crate::runtime::backoff::{ItemBackoff, ItemKey};
+use crate::runtime::watch::Source;
+
+/// What this round's writes wait on.
+#[derive(Debug, Default, Clone)]
+pub struct WriteHold {
+    /// Required sources whose view is not to be trusted now, with why
+    /// ([`super::inputs::GcInputs::decisions_waiting`]).
+    pub watches: Vec<(Source, String)>,
+    /// IPAMBlocks known only as malformed.
+    pub invalid_blocks: usize,
+}
+
+impl WriteHold {
+    /// Every decision rests on more than one kind (a release on pods, nodes and blocks; a node
+    /// release on nodes, blocks and affinities; an empty block on blocks, affinities and pools;
+    /// an orphan handle on blocks and handles), and a gone pod's release is confirmed against
+    /// all of them: so any failing or relisting required watch holds every write, not only the
+    /// decisions of its own kind.
+    pub fn holds_everything(&self) -> bool {
+        !self.watches.is_empty()
+    }
+
+    /// A handle no readable block refers to may still be referred to by a malformed block (a
+    /// live pod's allocation the index cannot see): deleting it would make the CNI's
+    /// release-by-handle free nothing. Held while any malformed block is known, whatever its pool.
+    pub fn holds_orphan_handles(&self) -> bool {
+        self.holds_everything() || self.invalid_blocks > 0
+    }
+
+    /// The readiness reason naming what the decisions wait on.
+    pub fn reason(&self) -> String {
+        let watches: Vec<String> = self.watches.iter().map(|(s, why)| format!("{} ({why})", s.as_str())).collect();
+        format!("GC decisions wait for the watches of: {}", watches.join(", "))
+    }
+}
+
+/// The part of `due` that `hold` lets through, and how many executable items it held.
+pub fn without_held<'p>(due: Cow<'p, Plan>, hold: &WriteHold) -> (Cow<'p, Plan>, usize) {
+    if hold.holds_everything() {
+        let held = executable_keys(&due).count();
+        if held == 0 {
+            return (due, 0);
+        }
+        // The leak records stay with the pass's own plan (the report); nothing executable is left.
+        return (Cow::Owned(Plan { full: due.full, ..Plan::default() }), held);
+    }
+    let orphans = due.orphan_handles.iter().filter(|o| o.releasable).count();
+    if !hold.holds_orphan_handles() || orphans == 0 {
+        return (due, 0);
+    }
+    let mut kept = due.into_owned();
+    kept.orphan_handles.retain(|o| !o.releasable);
+    (Cow::Owned(kept), orphans)
+}
 
 /// The keys of every item of `plan` that executing it would write.
 pub fn executable_keys(plan: &Plan) -> impl Iterator<Item = ItemKey> + '_ {
@@ -89,7 +145,7 @@ pub fn record_item_results(backoff: &mut ItemBackoff, index: &IpamIndex, execute
 mod tests {
     use super::*;
     use crate::datastore::{ItemFailure, ItemRef};
-    use crate::ipam::plan::{BlockRelease, NodeRelease};
+    use crate::ipam::plan::{BlockRelease, NodeRelease, OrphanHandle};
 
     fn plan() -> Plan {
         Plan {
@@ -135,5 +191,37 @@ mod tests {
         let mut kept = ItemBackoff::default();
         kept.failed(ItemKey::Block("10.0.0.0/30".parse().unwrap()), 0);
         assert!(!kept.is_due(&ItemKey::Block("10.0.0.0/30".parse().unwrap()), 1));
+    }
+
+    fn with_orphan(mut p: Plan) -> Plan {
+        let orphan = |id: &str, releasable| OrphanHandle { handle_id: id.into(), object_name: id.into(), revision: "1".into(), uid: "u".into(), releasable };
+        p.orphan_handles = vec![orphan("old", true), orphan("young", false)];
+        p
+    }
+
+    #[test]
+    fn a_failing_or_relisting_watch_holds_every_write_and_names_itself() {
+        let p = with_orphan(plan());
+        let hold = WriteHold { watches: vec![(Source::Blocks, "relist in progress".into())], invalid_blocks: 0 };
+        let (kept, held) = without_held(Cow::Borrowed(&p), &hold);
+        assert_eq!(held, 4, "two block releases, a node release, an orphan handle");
+        assert!(plan_is_empty(&kept));
+        assert!(hold.reason().contains("ipamblocks (relist in progress)"), "{}", hold.reason());
+        let (kept, held) = without_held(Cow::Borrowed(&p), &WriteHold::default());
+        assert!(matches!(kept, Cow::Borrowed(_)) && held == 0, "nothing held in the normal case: no copy");
+    }
+
+    #[test]
+    fn a_malformed_block_holds_only_the_orphan_handle_deletions() {
+        let p = with_orphan(plan());
+        let hold = WriteHold { watches: Vec::new(), invalid_blocks: 1 };
+        let (kept, held) = without_held(Cow::Borrowed(&p), &hold);
+        assert_eq!(held, 1);
+        assert_eq!((kept.releases.len(), kept.nodes_to_release.len()), (2, 1), "releases and node releases go ahead");
+        assert!(kept.orphan_handles.iter().all(|o| !o.releasable), "no orphan handle is deleted");
+        // Without an orphan due, nothing is copied.
+        let no_orphans = plan();
+        let (kept, held) = without_held(Cow::Borrowed(&no_orphans), &hold);
+        assert!(matches!(kept, Cow::Borrowed(_)) && held == 0);
     }
 }

@@ -4,8 +4,9 @@
 //! proved deleted while the Node cache lacked them (forgotten when the Node watch delivers one).
 //!
 //! Owns: applying one [`Input`] (objects not re-listed at `InitDone` are deleted), which
-//! sources have finished their first list, and the keys of what is held per source (pods and
-//! handles are listed from the index itself: no second copy of their names).
+//! sources have finished their first list, which are failing or relisting (decisions resting on
+//! them wait), and the keys of what is held per source (pods and handles are listed from the
+//! index itself: no second copy of their names).
 //! Must not: decide anything, touch the network or the clock, or publish anything; it reports
 //! what changed in an [`Applied`] and the loop acts on it.
 
@@ -40,6 +41,9 @@ pub struct Applied {
     pub kcc_changed: bool,
     /// This source finished its first list just now.
     pub first_sync: Option<Source>,
+    /// A source failed, recovered, or began or finished a relist: what decisions wait on may
+    /// have changed.
+    pub health_changed: bool,
 }
 
 #[derive(Default)]
@@ -49,6 +53,8 @@ pub struct GcInputs {
     /// Keys seen since the last `Init` of each source that is relisting.
     relisting: HashMap<Source, HashSet<String>>,
     synced: BTreeSet<Source>,
+    /// Sources whose watch failed and has delivered nothing good since, with the last reason.
+    unhealthy: BTreeMap<Source, String>,
     pub cluster_info: Option<ClusterInformation>,
     pub kcc: Option<KubeControllersConfiguration>,
     pub ipam_config: Option<IpamConfig>,
@@ -88,6 +94,27 @@ impl GcInputs {
         Source::ALL.iter().copied().filter(|s| !self.synced.contains(s)).collect()
     }
 
+    /// The required sources whose view decisions may not rest on now, each with why: its watch
+    /// is failing (errors, refusal), or it is relisting after its first list (between `Init` and
+    /// `InitDone` the kind is part old view, part new). The first list is not counted here: no
+    /// decision is made before every source finished it anyway ([`Self::all_synced`]).
+    pub fn decisions_waiting(&self) -> Vec<(Source, String)> {
+        Source::ALL
+            .iter()
+            .filter_map(|s| match self.unhealthy.get(s) {
+                Some(reason) => Some((*s, reason.clone())),
+                None if self.synced.contains(s) && self.relisting.contains_key(s) => Some((*s, "relist in progress".to_string())),
+                None => None,
+            })
+            .collect()
+    }
+
+    /// How many IPAMBlocks are known only as malformed: one of them may hold a live pod's
+    /// allocation, so the handles no readable block refers to are not all orphans.
+    pub fn invalid_blocks(&self) -> usize {
+        self.invalid.keys().filter(|(kind, _)| kind == "IPAMBlock").count()
+    }
+
     /// The KubeVirt facts once both kinds are listed. Before that (or without KubeVirt) VM
     /// allocations are judged valid, as upstream does without its KubeVirt informers: a VM is
     /// never released on a view that has not seen it.
@@ -118,6 +145,7 @@ impl GcInputs {
         match change {
             Change::Init => {
                 self.relisting.insert(source, HashSet::new());
+                applied.health_changed = true;
             }
             Change::InitApply(obj) => {
                 let key = self.apply(obj, &mut applied);
@@ -131,6 +159,7 @@ impl GcInputs {
                 if self.synced.insert(source) {
                     applied.first_sync = Some(source);
                 }
+                applied.health_changed = true;
             }
             Change::Apply(obj) => {
                 self.apply(obj, &mut applied);
@@ -138,7 +167,22 @@ impl GcInputs {
             Change::Delete(obj) => self.delete(obj, &mut applied),
             Change::Invalid(e) => {
                 tracing::warn!(kind = %e.kind, name = %e.name, problem = %e.problem, "malformed object skipped");
+                // A relist that shows a malformed block keeps its record (see `finish_relist`).
+                if source == Source::Blocks
+                    && let Some(seen) = self.relisting.get_mut(&source)
+                {
+                    seen.insert(e.name.clone());
+                }
                 self.invalid.insert((e.kind.clone(), e.name.clone()), e);
+            }
+            Change::Unhealthy { reason } => {
+                applied.health_changed = self.unhealthy.get(&source) != Some(&reason);
+                self.unhealthy.insert(source, reason);
+            }
+            Change::Healthy => applied.health_changed = self.unhealthy.remove(&source).is_some(),
+            Change::DeleteMalformed { name } => {
+                let kind = source.kind_name();
+                self.invalid.retain(|(k, n), _| !(k == kind && *n == name));
             }
         }
         applied
@@ -351,6 +395,11 @@ impl GcInputs {
         if !stale.is_empty() {
             tracing::info!(source = source.as_str(), gone = stale.len(), "objects gone since the last list");
         }
+        if source == Source::Blocks {
+            // A malformed block the relist no longer shows was deleted unseen: it no longer holds
+            // orphan-handle deletions back.
+            self.invalid.retain(|(kind, name), _| kind != "IPAMBlock" || seen.contains(name));
+        }
         for key in stale {
             self.delete_key(source, &key, applied);
         }
@@ -380,6 +429,13 @@ impl GcInputs {
         }
         if self.known.pools.keys().chain(self.known.reservations.keys()).any(String::is_empty) {
             return Err("a pool or reservation is held under an empty name".into());
+        }
+        if let Some((source, _)) = self.unhealthy.iter().find(|(_, reason)| reason.is_empty()) {
+            return Err(format!("{} is unhealthy without a reason", source.as_str()));
+        }
+        // The orphan-handle hold counts malformed blocks by these keys: each must be its entry's.
+        if let Some(((kind, name), e)) = self.invalid.iter().find(|((kind, name), e)| *kind != e.kind || *name != e.name) {
+            return Err(format!("malformed object {kind}/{name} is held under another key ({}/{})", e.kind, e.name));
         }
         Ok(())
     }

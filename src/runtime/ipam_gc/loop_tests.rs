@@ -423,3 +423,145 @@ async fn a_node_the_watch_delivers_again_is_no_longer_taken_as_proven_gone() {
     assert_eq!(allocated(&mem), 2, "the running pod keeps its address and the node's tunnel");
     run.stop().await;
 }
+
+
+/// The `GcDecisions` readiness condition as the status file holds it, if it was ever written.
+fn decisions_condition(shared: &Shared) -> Option<crate::health::Readiness> {
+    shared.status.snapshot().readiness.get("GcDecisions").cloned()
+}
+
+/// The `ipam_gc_watch_unhealthy` line of `resource` in the rendered metrics.
+fn unhealthy_gauge(shared: &Shared, resource: &str) -> Option<String> {
+    let prefix = format!("ipam_gc_watch_unhealthy{{resource=\"{resource}\"}} ");
+    shared.render_metrics().lines().find(|l| l.starts_with(&prefix)).map(str::to_string)
+}
+
+/// Node `n1` with a pod at 10.0.0.1 that holds its address in a /30 block, every watch listed.
+async fn a_listed_pod_with_its_address() -> (Arc<MemoryDatastore>, Arc<MemoryCluster>) {
+    let mem = Arc::new(MemoryDatastore::new());
+    let cluster = Arc::new(MemoryCluster::new());
+    cluster.apply(ClusterKind::Node, node("n1"));
+    cluster.apply(ClusterKind::Pod, pod("p", "n1", "10.0.0.1"));
+    put_block(&mem, "10.0.0.0/30", "n1", &[(1, "p", "k8s-pod-network.p")]);
+    (mem, cluster)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pod_deleted_while_the_block_watch_is_refused_keeps_its_address_until_the_watch_is_back() {
+    let (mem, cluster) = a_listed_pod_with_its_address().await;
+    let run = Running::start(mem.clone(), cluster.clone(), ExecutorOptions::default());
+    assert!(until(Duration::from_secs(10), || run.shared.ready()).await, "every watch listed");
+    assert!(decisions_condition(&run.shared).is_none_or(|c| c.ready), "decisions do not wait in the normal case");
+    assert_eq!(unhealthy_gauge(&run.shared, "ipamblocks").as_deref(), Some("ipam_gc_watch_unhealthy{resource=\"ipamblocks\"} 0"));
+    // The block watch is refused, then the pod goes: the pod watch sees it, the block view is stale.
+    mem.refuse_watches(Kind::IpamBlock, 403);
+    cluster.delete(ClusterKind::Pod, "ns", "p");
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(allocated(&mem), 1, "no release while the block watch is refused");
+    assert!(mem.peek(Kind::IpamHandle, "k8s-pod-network.p").is_some(), "no handle deleted either");
+    let held = decisions_condition(&run.shared).expect("the decisions condition is written");
+    assert!(!held.ready && held.reason.contains("ipamblocks"), "{held:?}");
+    assert_eq!(unhealthy_gauge(&run.shared, "ipamblocks").as_deref(), Some("ipam_gc_watch_unhealthy{resource=\"ipamblocks\"} 1"));
+    assert_eq!(unhealthy_gauge(&run.shared, "pods").as_deref(), Some("ipam_gc_watch_unhealthy{resource=\"pods\"} 0"));
+    let text = run.shared.render_metrics();
+    let held_rounds = text.lines().find_map(|l| l.strip_prefix("ipam_gc_rounds_writes_held_total ")).map(|n| n.parse::<u64>().unwrap());
+    assert!(held_rounds.is_some_and(|n| n > 0), "{text}");
+    // The watch is allowed again: it relists, and the leak is released.
+    mem.resume_watches(Kind::IpamBlock);
+    assert!(until(Duration::from_secs(30), || allocated(&mem) == 0).await, "released once the block watch is back");
+    assert!(decisions_condition(&run.shared).is_some_and(|c| c.ready));
+    assert_eq!(unhealthy_gauge(&run.shared, "ipamblocks").as_deref(), Some("ipam_gc_watch_unhealthy{resource=\"ipamblocks\"} 0"));
+    assert!(run.shared.ready());
+    run.stop().await;
+}
+
+/// The memory datastore, except that the block watch is fed by the test: the first list is the
+/// store's blocks, and later events are whatever the test sends (a relist it never finishes).
+struct ScriptedBlocks {
+    inner: Arc<MemoryDatastore>,
+    blocks: std::sync::Mutex<Option<futures::channel::mpsc::UnboundedReceiver<crate::datastore::WatchEvent>>>,
+}
+
+impl Datastore for ScriptedBlocks {
+    async fn get(&self, kind: Kind, name: &str) -> DsResult<Stored> {
+        self.inner.get(kind, name).await
+    }
+    async fn list(&self, kind: Kind) -> DsResult<Vec<Stored>> {
+        self.inner.list(kind).await
+    }
+    async fn create(&self, kind: Kind, name: &str, value: Value) -> DsResult<Stored> {
+        self.inner.create(kind, name, value).await
+    }
+    async fn update(&self, kind: Kind, object: &Stored) -> DsResult<Stored> {
+        self.inner.update(kind, object).await
+    }
+    async fn update_status(&self, kind: Kind, object: &Stored) -> DsResult<Stored> {
+        self.inner.update_status(kind, object).await
+    }
+    async fn delete(&self, kind: Kind, name: &str, precondition: &Precondition) -> DsResult<()> {
+        self.inner.delete(kind, name, precondition).await
+    }
+    fn watch(&self, kind: Kind) -> WatchStream {
+        match (kind, self.blocks.lock().unwrap().take()) {
+            (Kind::IpamBlock, Some(rx)) => Box::pin(rx),
+            _ => self.inner.watch(kind),
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_relist_in_progress_holds_every_write_until_its_init_done() {
+    use crate::datastore::WatchEvent;
+    let (mem, cluster) = a_listed_pod_with_its_address().await;
+    let (tx, rx) = futures::channel::mpsc::unbounded();
+    let relist = |tx: &futures::channel::mpsc::UnboundedSender<WatchEvent>, done: bool| {
+        tx.unbounded_send(WatchEvent::Init).unwrap();
+        for b in mem.snapshot(Kind::IpamBlock) {
+            tx.unbounded_send(WatchEvent::InitApply(b)).unwrap();
+        }
+        if done {
+            tx.unbounded_send(WatchEvent::InitDone).unwrap();
+        }
+    };
+    relist(&tx, true);
+    let ds = Arc::new(ScriptedBlocks { inner: mem.clone(), blocks: std::sync::Mutex::new(Some(rx)) });
+    let run = Running::start(ds, cluster.clone(), ExecutorOptions::default());
+    assert!(until(Duration::from_secs(10), || run.shared.ready()).await, "every watch listed");
+    // The block watch expired and its relist is under way (no InitDone yet) when the pod goes.
+    tx.unbounded_send(WatchEvent::Error(crate::datastore::WatchFailure::transient("expired"))).unwrap();
+    relist(&tx, false);
+    cluster.delete(ClusterKind::Pod, "ns", "p");
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(allocated(&mem), 1, "no release while the block relist is incomplete");
+    let held = decisions_condition(&run.shared).expect("the decisions condition is written");
+    assert!(!held.ready && held.reason.contains("ipamblocks") && held.reason.contains("relist"), "{held:?}");
+    tx.unbounded_send(WatchEvent::InitDone).unwrap();
+    assert!(until(Duration::from_secs(30), || allocated(&mem) == 0).await, "released once the relist is complete");
+    assert!(decisions_condition(&run.shared).is_some_and(|c| c.ready));
+    run.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_orphan_handle_is_kept_while_a_malformed_block_is_known_and_deleted_once_it_is_gone() {
+    let mem = Arc::new(MemoryDatastore::new());
+    let cluster = Arc::new(MemoryCluster::new());
+    cluster.apply(ClusterKind::Node, node("n1"));
+    // A handle that no block the loop can read refers to; the block that may hold its address
+    // does not validate.
+    let body = json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "IPAMHandle", "metadata": {"name": "k8s-pod-network.orphan"},
+                      "spec": {"handleID": "k8s-pod-network.orphan", "block": {"10.0.0.0/30": 1}, "deleted": false}});
+    mem.create_now(Kind::IpamHandle, "k8s-pod-network.orphan", body).unwrap();
+    let malformed = json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "IPAMBlock", "metadata": {"name": "10-0-0-0-30"},
+                           "spec": {"cidr": "not-a-cidr", "affinity": "host:n1", "strictAffinity": false, "allocations": [0, null, null, null],
+                                    "unallocated": [1, 2, 3], "attributes": [{"handle_id": "k8s-pod-network.orphan", "secondary": {}}],
+                                    "sequenceNumber": 1, "deleted": false}});
+    mem.create_now(Kind::IpamBlock, "10-0-0-0-30", malformed).unwrap();
+    let run = Running::start(mem.clone(), cluster.clone(), ExecutorOptions::default());
+    assert!(until(Duration::from_secs(10), || run.shared.ready()).await, "every watch listed");
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(mem.peek(Kind::IpamHandle, "k8s-pod-network.orphan").is_some(), "kept while a malformed block may hold its address");
+    assert!(run.shared.ready(), "a malformed block is reported, not a readiness failure");
+    mem.delete_now(Kind::IpamBlock, "10-0-0-0-30", &Precondition::default()).unwrap();
+    assert!(until(Duration::from_secs(30), || mem.peek(Kind::IpamHandle, "k8s-pod-network.orphan").is_none()).await, "deleted once the block is gone");
+    run.stop().await;
+}

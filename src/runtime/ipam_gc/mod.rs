@@ -8,6 +8,8 @@
 //! which plan items are due, backoff after an outcome), `executor` (the writes and re-validation
 //! reads, each call under a timeout), `publish` (report, gauges), `clock`.
 //! Owns: the readiness gate (no GC decision before every watch finished its first list), the
+//! watch-health hold (no write while a required watch fails or relists, readiness and gauges
+//! saying which; no orphan-handle deletion while a malformed block is known), the
 //! `datastoreReady` pause, the leadership gate (a follower computes passes and the report but
 //! executes no plan, and a plan stops mid-way when leadership is lost), at most one plan in
 //! flight (its items are excluded from passes until its result is back), the retry timer,
@@ -92,6 +94,8 @@ struct Said {
     grace: Option<Millis>,
     pause: bool,
     gc_disabled: bool,
+    /// Why GC writes are held now (the `GcDecisions` reason); `None` while they are not.
+    decisions_held: Option<String>,
 }
 
 pub struct GcController {
@@ -283,6 +287,9 @@ impl GcController {
         if applied.kcc_changed {
             self.config_changed();
         }
+        if applied.health_changed {
+            self.watch_health_changed();
+        }
         if let Some(source) = applied.first_sync {
             tracing::info!(source = source.as_str(), "initial list complete");
             if !self.inputs.all_synced() {
@@ -297,6 +304,36 @@ impl GcController {
                 self.inputs.index.request_full_scan();
             }
         }
+    }
+
+    /// Publishes which required watches the decisions wait on: the gauges always, the readiness
+    /// condition once it was first not ready (a process whose watches never fail has no such key).
+    fn watch_health_changed(&mut self) {
+        let hold = self.write_hold();
+        let reason = hold.holds_everything().then(|| hold.reason());
+        if reason == self.said.decisions_held {
+            return;
+        }
+        let waiting: std::collections::BTreeSet<&'static str> = hold.watches.iter().map(|(s, _)| s.as_str()).collect();
+        self.shared.metrics(|m| m.watch_unhealthy = waiting);
+        match &reason {
+            Some(why) => {
+                tracing::warn!(reason = %why, "GC writes held");
+                self.shared.status.set_ready(crate::health::GC_DECISIONS, false, why.clone());
+            }
+            None => {
+                tracing::info!("every required watch is healthy again: GC writes resume");
+                self.shared.status.set_ready(crate::health::GC_DECISIONS, true, "");
+                // What the held rounds planned is planned again by the next round, whatever
+                // its dirty set, instead of waiting for the next full period.
+                self.inputs.index.request_full_scan();
+            }
+        }
+        self.said.decisions_held = reason;
+    }
+
+    fn write_hold(&self) -> gating::WriteHold {
+        gating::WriteHold { watches: self.inputs.decisions_waiting(), invalid_blocks: self.inputs.invalid_blocks() }
     }
 
     fn gc_config(&self) -> GcConfig {
@@ -383,6 +420,11 @@ impl GcController {
         let in_flight = self.in_flight.as_ref().map(|f| f.keys.clone()).unwrap_or_default();
         let (due, held_back) = gating::due_items(&plan, &self.backoff, &in_flight, now);
         let may_execute = !self.opts.dry_run && *self.may_write.borrow();
+        let (due, held) = gating::without_held(due, &self.write_hold());
+        if held > 0 && may_execute {
+            tracing::debug!(held, "plan items held: a required watch fails or relists, or a malformed block is known");
+            self.shared.metrics(|m| m.rounds_writes_held += 1);
+        }
         let writes = may_execute && !gating::plan_is_empty(&due);
         let mut revalidate: Vec<(String, String)> = plan.revalidate.iter().map(|(_, ns, pod)| (ns.clone(), pod.clone())).collect();
         revalidate.dedup();
@@ -390,8 +432,10 @@ impl GcController {
         let prove_gone = plan.prove_gone.clone();
         if !writes && revalidate.is_empty() && prove_gone.is_empty() {
             // Nothing for the executor: the round is over (no errors, nothing left but what the
-            // per-pass cap deferred).
-            self.shared.metrics(|m| m.last_success_seconds = now as f64 / 1000.0);
+            // per-pass cap deferred). A round whose writes were held is no success.
+            if held == 0 || !may_execute {
+                self.shared.metrics(|m| m.last_success_seconds = now as f64 / 1000.0);
+            }
             self.schedule_retry(false, plan.deferred, plan.full, now);
             return;
         }

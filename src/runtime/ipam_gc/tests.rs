@@ -492,3 +492,81 @@
         c.inputs.proven_gone.insert("n1".into());
         assert!(c.inputs.check_invariants().unwrap_err().contains("n1"));
     }
+
+
+    /// A leader with every source listed and one block of the gone node `gone`: a plan to write.
+    async fn a_leader_with_a_gone_nodes_block() -> (GcController, Arc<Shared>, watch::Sender<bool>, Arc<MemoryDatastore>) {
+        let (mut c, shared, leader, ds) = writer();
+        leader.send_replace(true);
+        for source in Source::ALL.iter().copied() {
+            let objects = if source == Source::Blocks { vec![empty_block_of_gone_node()] } else { Vec::new() };
+            list(&mut c, source, objects);
+        }
+        (c, shared, leader, ds)
+    }
+
+    #[tokio::test]
+    async fn a_failing_watch_holds_every_write_and_readiness_names_it_until_its_next_good_event() {
+        let (mut c, shared, _leader, ds) = a_leader_with_a_gone_nodes_block().await;
+        assert!(shared.ready() && !shared.status.snapshot().readiness.contains_key(crate::health::GC_DECISIONS), "no such key while nothing failed");
+        c.handle(input(Source::Affinities, Change::Unhealthy { reason: "watch error: connection reset".into() }));
+        c.inputs.check_invariants().unwrap();
+        round(&mut c, true).await;
+        assert_eq!(block_calls(&ds), 0, "no IPAM request while the affinity watch fails: {:?}", ds.op_counts());
+        assert!(shared.report().is_some(), "the pass still runs for the report");
+        let why = shared.readiness().unwrap_err();
+        assert!(why.contains("blockaffinities (watch error: connection reset)"), "{why}");
+        assert_eq!(shared.metrics(|m| m.rounds_writes_held), 1);
+        c.handle(input(Source::Affinities, Change::Healthy));
+        assert!(shared.ready());
+        assert!(c.inputs.index.take_dirty().1, "the next round looks at everything the held ones planned");
+        round(&mut c, true).await;
+        assert!(block_calls(&ds) > 0, "written once the watch delivers again: {:?}", ds.op_counts());
+    }
+
+    #[tokio::test]
+    async fn a_relist_holds_writes_from_its_init_to_its_init_done_but_a_follower_counts_no_held_round() {
+        let (mut c, shared, leader, ds) = a_leader_with_a_gone_nodes_block().await;
+        leader.send_replace(false);
+        c.handle(input(Source::Pods, Change::Init));
+        round(&mut c, true).await;
+        assert!(!shared.ready(), "a relist after the first list is named");
+        assert_eq!(shared.metrics(|m| m.rounds_writes_held), 0, "a follower writes nothing anyway: no round held");
+        leader.send_replace(true);
+        round(&mut c, true).await;
+        assert_eq!(block_calls(&ds), 0, "nothing written mid-relist");
+        assert_eq!(shared.metrics(|m| m.rounds_writes_held), 1);
+        c.handle(input(Source::Pods, Change::InitDone));
+        assert!(shared.ready());
+        round(&mut c, true).await;
+        assert!(block_calls(&ds) > 0, "written once the relist is complete");
+    }
+
+    #[tokio::test]
+    async fn a_malformed_block_is_counted_for_the_orphan_hold_and_forgotten_when_deleted_or_no_longer_listed() {
+        let (mut c, _) = controller();
+        let malformed = crate::model::InvalidObject::new("IPAMBlock", "10-0-0-0-30", "bad cidr".to_string());
+        c.handle(input(Source::Blocks, Change::Invalid(malformed)));
+        assert_eq!(c.inputs.invalid_blocks(), 1);
+        c.inputs.check_invariants().unwrap();
+        c.handle(input(Source::Blocks, Change::Delete(block("10.0.0.0/30", "n1"))));
+        assert_eq!(c.inputs.invalid_blocks(), 0);
+        // One that never decoded goes when its deletion arrives, or when a relist no longer shows it.
+        let undecodable = |name: &str| crate::model::InvalidObject::new("IPAMBlock", name, "invalid type: string".to_string());
+        c.handle(input(Source::Blocks, Change::Invalid(undecodable("a"))));
+        c.handle(input(Source::Blocks, Change::Invalid(undecodable("b"))));
+        c.handle(input(Source::Pods, Change::DeleteMalformed { name: "a".into() }));
+        assert_eq!(c.inputs.invalid_blocks(), 2, "a pod of that name is another object");
+        c.handle(input(Source::Blocks, Change::DeleteMalformed { name: "a".into() }));
+        assert_eq!(c.inputs.invalid_blocks(), 1);
+        c.handle(input(Source::Blocks, Change::Init));
+        c.handle(input(Source::Blocks, Change::Invalid(undecodable("b"))));
+        c.handle(input(Source::Blocks, Change::InitDone));
+        assert_eq!(c.inputs.invalid_blocks(), 1, "still listed, still held");
+        list(&mut c, Source::Blocks, Vec::new());
+        assert_eq!(c.inputs.invalid_blocks(), 0, "gone from the relist");
+        // An entry held under another key than its own is caught.
+        let stray = crate::model::InvalidObject::new("IPAMBlock", "elsewhere", "x".to_string());
+        c.inputs.invalid.insert(("IPAMBlock".into(), "10-0-0-4-30".into()), stray);
+        assert!(c.inputs.check_invariants().unwrap_err().contains("10-0-0-4-30"));
+    }
