@@ -22,7 +22,7 @@ fn block_json(b: u8, allocs: &BTreeMap<u8, (String, String, String)>) -> IpamBlo
         attributes.push(json!({"handle_id": h, "secondary": {"namespace": "ns", "pod": p, "node": n}}));
     }
     let unallocated: Vec<usize> = (0..8).filter(|o| allocations[*o].is_null()).collect();
-    serde_json::from_value(json!({"metadata": {"name": format!("b{b}")}, "spec": {
+    serde_json::from_value(json!({"metadata": {"name": format!("10-0-{b}-0-29")}, "spec": {
         "cidr": format!("10.0.{b}.0/29"), "affinity": format!("host:n{}", b % 3), "allocations": allocations,
         "unallocated": unallocated, "attributes": attributes, "strictAffinity": false}}))
     .unwrap()

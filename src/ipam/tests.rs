@@ -875,3 +875,36 @@ fn a_complete_snapshot_takes_every_absent_node_as_gone() {
     assert_eq!(p.nodes_to_release.len(), 1);
     assert!(p.prove_gone.is_empty());
 }
+
+/// `block` under another object name.
+fn misnamed(mut b: IpamBlock, name: &str) -> IpamBlock {
+    b.metadata.name = name.to_string();
+    b
+}
+
+#[test]
+fn a_block_named_for_another_cidr_is_invalid_and_never_stands_in_for_the_real_block() {
+    let mut w = basic(15);
+    // Same CIDR as the real block, but stored under the name of 10.0.1.0/29: it must not replace
+    // the real block (p1's allocation would vanish from the index) nor add its own leak.
+    let impostor = misnamed(block("10.0.0.0/29", Some("n1"), &[pod_alloc(5, "h9", "ns", "gone", "n1")]), "10-0-1-0-29");
+    let err = w.index.apply_block(&impostor).unwrap_err();
+    assert_eq!((err.kind.as_str(), err.name.as_str()), ("IPAMBlock", "10-0-1-0-29"));
+    assert!(err.problem.contains("10-0-1-0-29") && err.problem.contains("10.0.0.0/29") && err.problem.contains("10-0-0-0-29"), "{err}");
+    // A block under a name no CIDR of its own matches is not indexed either (IPv6 too).
+    let v4 = misnamed(block("10.0.2.0/29", Some("n1"), &[pod_alloc(3, "h8", "ns", "gone", "n1")]), "10-0-2-0-28");
+    assert!(w.index.apply_block(&v4).is_err());
+    let v6 = misnamed(block("fd00:1::/125", Some("n1"), &[pod_alloc(3, "h7", "ns", "gone", "n1")]), "fd00:1::-125");
+    assert!(w.index.apply_block(&v6).is_err());
+    w.index.apply_block(&block("fd00:2::/125", None, &[])).expect("an IPv6 block under its own name is valid");
+    w.index.check_invariants().unwrap();
+
+    assert_eq!(w.index.block_count(), 2);
+    assert!(w.index.gid_of_ip("10.0.0.5".parse().unwrap()).is_some_and(|g| !w.index.allocated().contains(g)));
+    assert!(w.index.gid_of_ip("10.0.2.3".parse().unwrap()).is_none());
+    assert!(w.index.gid_of_ip("fd00:1::3".parse().unwrap()).is_none());
+    let p = w.full(T0);
+    assert!(leak_of(&p, &w, "10.0.0.1").is_none(), "the live pod's address in the real block is kept");
+    assert!(leak_of(&p, &w, "10.0.0.2").is_some(), "the real block's own leak is still judged");
+    assert_eq!(p.leaks.len(), 1, "no leak from any misnamed block: {:?}", p.leaks);
+}

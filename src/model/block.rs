@@ -155,8 +155,8 @@ impl Affinity {
     }
 }
 
-/// A block that passed [`BlockView::from_block`]: the CIDR is a network, the allocation table
-/// has one slot per address, and every slot points at an existing attribute.
+/// A block that passed [`BlockView::from_block`]: the CIDR is a network, the object is named for
+/// it, the allocation table has one slot per address, and every slot points at an existing attribute.
 #[derive(Debug, Clone)]
 pub struct BlockView<'a> {
     pub cidr: IpNet,
@@ -184,6 +184,13 @@ impl<'a> BlockView<'a> {
             return Err(bad(format!("cidr {cidr} has host bits set")));
         }
         let size = block_size(&cidr).ok_or_else(|| bad(format!("cidr {cidr} is larger than any Calico block (/20, /116)")))?;
+        // Calico reads and writes a block by the name its CIDR encodes, so a block stored under
+        // another name is not the block for its CIDR: indexed, it would stand in for the real one
+        // (its allocations judged, its releases written to the wrong object).
+        let expected = cidr_to_name(&cidr);
+        if name != expected {
+            return Err(bad(format!("name {name:?} does not match cidr {cidr} (whose block is named {expected:?})")));
+        }
         if spec.allocations.len() != size as usize {
             return Err(bad(format!("allocations has {} entries, block {cidr} has {size} addresses", spec.allocations.len())));
         }

@@ -456,6 +456,31 @@ mod tests {
     }
 
     #[test]
+    fn a_dump_scan_lists_misnamed_blocks_as_invalid_and_reports_no_leak_from_them() {
+        let mut v: serde_json::Value = serde_json::from_str(&dump()).unwrap();
+        let attrs = serde_json::json!([{"handle_id": "k8s-pod-network.ghost", "secondary": {"namespace": "ns", "pod": "ghost", "node": "n1"}}]);
+        // After the real 10.0.0.0/30: the same CIDR under another block's name, then a CIDR of its own.
+        for (name, cidr) in [("10-0-1-0-30", "10.0.0.0/30"), ("10-0-5-0-30", "10.0.4.0/30")] {
+            v["items"].as_array_mut().unwrap().push(serde_json::json!({
+                "apiVersion": "crd.projectcalico.org/v1", "kind": "IPAMBlock", "metadata": {"name": name},
+                "spec": {"cidr": cidr, "affinity": "host:n1", "strictAffinity": false, "allocations": [0, null, null, null],
+                         "unallocated": [1, 2, 3], "attributes": attrs, "sequenceNumber": 1, "sequenceNumberForAllocation": {"0": 1}}}));
+        }
+        let mut d = read_bytes("dump.json", v.to_string().as_bytes()).unwrap();
+        let r = scan_dump(&mut d, NOW).unwrap();
+        let mut leaks: Vec<_> = r.leaks.iter().map(|l| l.pod.as_str()).collect();
+        leaks.sort_unstable();
+        assert_eq!(leaks, ["dead", "x"], "the real block's leaks only");
+        assert!(r.allocations["10.0.0.1"][0].in_use, "the real block still holds the live pod");
+        assert!(!r.allocations.contains_key("10.0.0.0") && !r.allocations.contains_key("10.0.4.0"));
+        let mut invalid: Vec<_> = r.invalid.iter().map(|e| (e.kind.as_str(), e.name.as_str())).collect();
+        invalid.sort_unstable();
+        assert_eq!(invalid, [("IPAMBlock", "10-0-1-0-30"), ("IPAMBlock", "10-0-5-0-30"), ("IPAMBlock", "bad")]);
+        let impostor = r.invalid.iter().find(|e| e.name == "10-0-1-0-30").unwrap();
+        assert!(impostor.error.contains("does not match cidr 10.0.0.0/30"), "{}", impostor.error);
+    }
+
+    #[test]
     fn a_dump_without_pods_is_refused() {
         let mut d = read_bytes("dump.json", br#"{"apiVersion":"v1","kind":"List","items":[{"apiVersion":"v1","kind":"Node","metadata":{"name":"n1"}}]}"#).unwrap();
         let err = scan_dump(&mut d, NOW).unwrap_err();
