@@ -276,7 +276,7 @@ struct Tracked {
     since: Millis,
     confirmed: bool,
     /// Identity of the allocation when first seen: a reallocation resets the leak state.
-    identity: (u64, u64),
+    identity: Identity,
 }
 
 /// The GC's memory across passes: leak candidates, empty blocks and orphan handles first seen.
@@ -315,13 +315,18 @@ fn leaks_on_cached_facts(index: &IpamIndex, g: Gid) -> bool {
     leaks(Proof::Complete) || (!index.node_exists(a.node) && leaks(Proof::NoneProven))
 }
 
-/// An allocation's identity for leak tracking: its handle and sequence number. The CNI stamps a
-/// new sequence number on every allocation, so a reallocated ordinal never looks like the leak
-/// it replaced. (A handle symbol is only reused after its last reference is gone, and a block
-/// update interns the new handle before releasing the old one.)
-fn identity(a: &Alloc) -> (u64, u64) {
-    (u64::from(a.handle.0), a.seq)
+/// An allocation's identity for leak tracking: its handle and sequence number, and the facts a
+/// confirmation rests on (node, kind, namespace, pod). The CNI stamps a new sequence number on
+/// every allocation, so a reallocated ordinal never looks like the leak it replaced; a block
+/// rewritten with other attributes under the same handle and sequence (a pod leak of a deleted
+/// node turned into a live node's tunnel) starts over too, instead of keeping a confirmation
+/// its new facts never earned. (A symbol is only reused after its last reference is gone, and a
+/// block update interns the new strings before releasing the old ones.)
+fn identity(a: &Alloc) -> Identity {
+    (a.handle, a.seq, a.node, a.kind, a.namespace, a.pod)
 }
+
+type Identity = (Sym, u64, Sym, AllocKind, Sym, Sym);
 
 impl GcState {
     pub fn new() -> Self {
