@@ -110,7 +110,7 @@ impl Metrics {
         let _ = writeln!(out, "ipam_gc_confirmed_leaks {}", self.confirmed_leaks);
         header(&mut out, "ipam_gc_orphan_handles", "gauge", "IPAMHandles that no allocation refers to.");
         let _ = writeln!(out, "ipam_gc_orphan_handles {}", self.orphan_handles);
-        header(&mut out, "ipam_gc_datastore_paused", "gauge", "1 while ClusterInformation says the datastore is not ready (no writes).");
+        header(&mut out, "ipam_gc_datastore_paused", "gauge", "1 while ClusterInformation says the datastore is not ready, or is missing (no writes).");
         let _ = writeln!(out, "ipam_gc_datastore_paused {}", u8::from(self.datastore_paused));
 
         header(&mut out, "ipam_gc_watch_unhealthy", "gauge", "1 while the watch of a required resource fails or relists, so GC writes wait; else 0.");

@@ -26,6 +26,9 @@ pub struct WriteHold {
     pub watches: Vec<(Source, String)>,
     /// IPAMBlocks known only as malformed.
     pub invalid_blocks: usize,
+    /// `ClusterInformation/default` is missing after its watch listed, and this process would
+    /// write (not a dry run): upstream writes nothing then.
+    pub cluster_info_missing: bool,
 }
 
 impl WriteHold {
@@ -35,7 +38,7 @@ impl WriteHold {
     /// all of them: so any failing or relisting required watch holds every write, not only the
     /// decisions of its own kind.
     pub fn holds_everything(&self) -> bool {
-        !self.watches.is_empty()
+        !self.watches.is_empty() || self.cluster_info_missing
     }
 
     /// A handle no readable block refers to may still be referred to by a malformed block (a
@@ -47,8 +50,15 @@ impl WriteHold {
 
     /// The readiness reason naming what the decisions wait on.
     pub fn reason(&self) -> String {
-        let watches: Vec<String> = self.watches.iter().map(|(s, why)| format!("{} ({why})", s.as_str())).collect();
-        format!("GC decisions wait for the watches of: {}", watches.join(", "))
+        let mut parts = Vec::new();
+        if self.cluster_info_missing {
+            parts.push("GC writes paused: ClusterInformation default does not exist".to_string());
+        }
+        if !self.watches.is_empty() {
+            let watches: Vec<String> = self.watches.iter().map(|(s, why)| format!("{} ({why})", s.as_str())).collect();
+            parts.push(format!("GC decisions wait for the watches of: {}", watches.join(", ")));
+        }
+        parts.join("; ")
     }
 }
 
@@ -202,7 +212,7 @@ mod tests {
     #[test]
     fn a_failing_or_relisting_watch_holds_every_write_and_names_itself() {
         let p = with_orphan(plan());
-        let hold = WriteHold { watches: vec![(Source::Blocks, "relist in progress".into())], invalid_blocks: 0 };
+        let hold = WriteHold { watches: vec![(Source::Blocks, "relist in progress".into())], invalid_blocks: 0, ..WriteHold::default() };
         let (kept, held) = without_held(Cow::Borrowed(&p), &hold);
         assert_eq!(held, 4, "two block releases, a node release, an orphan handle");
         assert!(plan_is_empty(&kept));
@@ -214,7 +224,7 @@ mod tests {
     #[test]
     fn a_malformed_block_holds_only_the_orphan_handle_deletions() {
         let p = with_orphan(plan());
-        let hold = WriteHold { watches: Vec::new(), invalid_blocks: 1 };
+        let hold = WriteHold { watches: Vec::new(), invalid_blocks: 1, ..WriteHold::default() };
         let (kept, held) = without_held(Cow::Borrowed(&p), &hold);
         assert_eq!(held, 1);
         assert_eq!((kept.releases.len(), kept.nodes_to_release.len()), (2, 1), "releases and node releases go ahead");

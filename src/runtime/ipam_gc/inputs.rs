@@ -127,11 +127,17 @@ impl GcInputs {
         self.synced.contains(&Source::VirtualMachines) && self.synced.contains(&Source::VirtualMachineInstances)
     }
 
-    /// `datastoreReady: false` (an upgrade or migration in progress) pauses the GC. Upstream also
-    /// pauses when ClusterInformation is missing; ours is created at start by the writer task,
-    /// but not in dry run (nor by a follower), so only the explicit flag counts here.
+    /// `datastoreReady: false` (an upgrade or migration in progress) pauses the GC: no pass runs.
+    /// A missing ClusterInformation is [`Self::cluster_info_missing`].
     pub fn datastore_paused(&self) -> bool {
         self.cluster_info.as_ref().is_some_and(|c| c.spec.datastore_ready == Some(false))
+    }
+
+    /// `ClusterInformation/default` does not exist although its watch finished its first list.
+    /// Upstream's GC pauses then (its `datastoreReady` cache is false without one); the leader
+    /// creates ours at start, so before that list this is not yet known and says false.
+    pub fn cluster_info_missing(&self) -> bool {
+        self.synced.contains(&Source::ClusterInformation) && self.cluster_info.is_none()
     }
 
     /// IPAMConfig `ipCooldownSeconds` (0 when unset).
@@ -238,6 +244,8 @@ impl GcInputs {
             Object::ClusterInformation(c) => {
                 let name = c.metadata.name.clone();
                 if name == "default" {
+                    // Its appearance lifts the write hold of a missing one.
+                    applied.health_changed |= self.cluster_info.is_none();
                     self.cluster_info = Some(*c);
                 }
                 name
@@ -338,7 +346,10 @@ impl GcInputs {
                 self.known.affinities.remove(key);
             }
             Source::Handles => self.index.delete_handle(key),
-            Source::ClusterInformation if key == "default" => self.cluster_info = None,
+            Source::ClusterInformation if key == "default" => {
+                // Its deletion holds every write (see `cluster_info_missing`).
+                applied.health_changed |= self.cluster_info.take().is_some();
+            }
             Source::KubeControllersConfiguration if key == "default" => {
                 self.kcc = None;
                 applied.kcc_changed = true;

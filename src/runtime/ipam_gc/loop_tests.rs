@@ -79,6 +79,16 @@ impl Datastore for Slow {
     }
 }
 
+/// A memory datastore holding what the leader creates at start: `ClusterInformation/default`
+/// (without it the GC writes nothing).
+fn initialized_store() -> Arc<MemoryDatastore> {
+    let mem = Arc::new(MemoryDatastore::new());
+    let info = json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "ClusterInformation", "metadata": {"name": "default"},
+                      "spec": {"datastoreReady": true}});
+    mem.create_now(Kind::ClusterInformation, "default", info).unwrap();
+    mem
+}
+
 /// A /30 block affine to `node` with one pod allocation per (ordinal, pod, handle), the handles,
 /// and the block's affinity, written to `ds` as the CNI leaves them.
 fn put_block(ds: &MemoryDatastore, cidr: &str, node: &str, allocs: &[(u32, &str, &str)]) {
@@ -153,7 +163,7 @@ fn allocated(ds: &MemoryDatastore) -> usize {
 /// Node `n1` with a live pod at 10.0.0.1, and one block holding that address and the address of
 /// a pod that no longer exists.
 fn a_live_and_a_gone_pod_in_one_block() -> (Arc<MemoryDatastore>, Arc<MemoryCluster>) {
-    let mem = Arc::new(MemoryDatastore::new());
+    let mem = initialized_store();
     let cluster = Arc::new(MemoryCluster::new());
     cluster.apply(ClusterKind::Node, node("n1"));
     cluster.apply(ClusterKind::Pod, pod("live", "n1", "10.0.0.1"));
@@ -223,7 +233,7 @@ async fn until_every(step: Duration, limit: Duration, mut done: impl FnMut() -> 
 
 #[tokio::test(start_paused = true)]
 async fn watch_events_are_applied_and_the_heartbeat_stays_fresh_while_ten_thousand_writes_run() {
-    let mem = Arc::new(MemoryDatastore::new());
+    let mem = initialized_store();
     let cluster = Arc::new(MemoryCluster::new());
     // 1,000 blocks of a deleted node, four pod addresses each with a handle of its own: the plan
     // is 1,000 block releases (a read and a write each), 4,000 handle releases (a read and a
@@ -310,7 +320,7 @@ async fn a_409_storm_delays_a_release_and_never_takes_the_live_address() {
 
 #[tokio::test(start_paused = true)]
 async fn a_stalled_pod_watch_holds_the_release_back_and_a_resumed_one_lets_it_go() {
-    let mem = Arc::new(MemoryDatastore::new());
+    let mem = initialized_store();
     let cluster = Arc::new(MemoryCluster::new());
     cluster.apply(ClusterKind::Node, node("n1"));
     cluster.apply(ClusterKind::Pod, pod("p", "n1", "10.0.0.1"));
@@ -330,7 +340,7 @@ async fn a_stalled_pod_watch_holds_the_release_back_and_a_resumed_one_lets_it_go
 
 #[tokio::test(start_paused = true)]
 async fn a_lost_block_event_is_repaired_by_the_relist_after_an_expiry() {
-    let mem = Arc::new(MemoryDatastore::new());
+    let mem = initialized_store();
     let cluster = Arc::new(MemoryCluster::new());
     cluster.apply(ClusterKind::Node, node("n1"));
     let run = Running::start(mem.clone(), cluster.clone(), ExecutorOptions::default());
@@ -353,7 +363,7 @@ fn holds(mem: &MemoryDatastore, block: &str, ordinal: usize) -> bool {
 
 #[tokio::test(start_paused = true)]
 async fn a_node_whose_watch_event_was_lost_keeps_its_tunnel_and_affinity_and_a_gone_pods_address_waits_for_grace_and_a_reread() {
-    let mem = Arc::new(MemoryDatastore::new());
+    let mem = initialized_store();
     let cluster = Arc::new(MemoryCluster::new());
     cluster.apply(ClusterKind::Node, node("n0"));
     let run = Running::start(mem.clone(), cluster.clone(), ExecutorOptions::default());
@@ -380,7 +390,7 @@ async fn a_node_whose_watch_event_was_lost_keeps_its_tunnel_and_affinity_and_a_g
 
 #[tokio::test(start_paused = true)]
 async fn a_deleted_node_is_proven_by_one_read_and_then_released_as_before() {
-    let mem = Arc::new(MemoryDatastore::new());
+    let mem = initialized_store();
     let cluster = Arc::new(MemoryCluster::new());
     cluster.apply(ClusterKind::Node, node("n1"));
     cluster.apply(ClusterKind::Pod, pod("p", "n1", "10.0.0.1"));
@@ -403,7 +413,7 @@ async fn a_deleted_node_is_proven_by_one_read_and_then_released_as_before() {
 
 #[tokio::test(start_paused = true)]
 async fn a_node_the_watch_delivers_again_is_no_longer_taken_as_proven_gone() {
-    let mem = Arc::new(MemoryDatastore::new());
+    let mem = initialized_store();
     let cluster = Arc::new(MemoryCluster::new());
     cluster.apply(ClusterKind::Node, node("n1"));
     cluster.apply(ClusterKind::Pod, pod("p", "n1", "10.0.0.1"));
@@ -438,7 +448,7 @@ fn unhealthy_gauge(shared: &Shared, resource: &str) -> Option<String> {
 
 /// Node `n1` with a pod at 10.0.0.1 that holds its address in a /30 block, every watch listed.
 async fn a_listed_pod_with_its_address() -> (Arc<MemoryDatastore>, Arc<MemoryCluster>) {
-    let mem = Arc::new(MemoryDatastore::new());
+    let mem = initialized_store();
     let cluster = Arc::new(MemoryCluster::new());
     cluster.apply(ClusterKind::Node, node("n1"));
     cluster.apply(ClusterKind::Pod, pod("p", "n1", "10.0.0.1"));
@@ -543,7 +553,7 @@ async fn a_relist_in_progress_holds_every_write_until_its_init_done() {
 
 #[tokio::test(start_paused = true)]
 async fn an_orphan_handle_is_kept_while_a_malformed_block_is_known_and_deleted_once_it_is_gone() {
-    let mem = Arc::new(MemoryDatastore::new());
+    let mem = initialized_store();
     let cluster = Arc::new(MemoryCluster::new());
     cluster.apply(ClusterKind::Node, node("n1"));
     // A handle that no block the loop can read refers to; the block that may hold its address

@@ -306,8 +306,9 @@ impl GcController {
         }
     }
 
-    /// Publishes which required watches the decisions wait on: the gauges always, the readiness
-    /// condition once it was first not ready (a process whose watches never fail has no such key).
+    /// Publishes which required watches the decisions wait on, and whether a missing
+    /// ClusterInformation holds the writes: the gauges always, the readiness condition once it
+    /// was first not ready (a process whose watches never fail has no such key).
     fn watch_health_changed(&mut self) {
         let hold = self.write_hold();
         let reason = hold.holds_everything().then(|| hold.reason());
@@ -322,7 +323,7 @@ impl GcController {
                 self.shared.status.set_ready(crate::health::GC_DECISIONS, false, why.clone());
             }
             None => {
-                tracing::info!("every required watch is healthy again: GC writes resume");
+                tracing::info!("every required watch is healthy again and ClusterInformation exists: GC writes resume");
                 self.shared.status.set_ready(crate::health::GC_DECISIONS, true, "");
                 // What the held rounds planned is planned again by the next round, whatever
                 // its dirty set, instead of waiting for the next full period.
@@ -333,7 +334,13 @@ impl GcController {
     }
 
     fn write_hold(&self) -> gating::WriteHold {
-        gating::WriteHold { watches: self.inputs.decisions_waiting(), invalid_blocks: self.inputs.invalid_blocks() }
+        gating::WriteHold {
+            watches: self.inputs.decisions_waiting(),
+            invalid_blocks: self.inputs.invalid_blocks(),
+            // A dry run never creates it and writes nothing anyway: beside upstream (which owns
+            // the object) it must stay ready and keep reporting.
+            cluster_info_missing: !self.opts.dry_run && self.inputs.cluster_info_missing(),
+        }
     }
 
     fn gc_config(&self) -> GcConfig {
@@ -374,7 +381,10 @@ impl GcController {
             self.said.grace = Some(grace);
         }
         let paused = self.inputs.datastore_paused();
-        self.shared.metrics(|m| m.datastore_paused = paused);
+        // A missing ClusterInformation pauses the writes too, but the passes still run for the
+        // report (the write hold takes the executor's part, see `pass_and_dispatch`).
+        let missing = self.write_hold().cluster_info_missing;
+        self.shared.metrics(|m| m.datastore_paused = paused || missing);
         if paused {
             if !self.said.pause {
                 tracing::warn!("ClusterInformation says datastoreReady=false: GC paused");
@@ -422,7 +432,7 @@ impl GcController {
         let may_execute = !self.opts.dry_run && *self.may_write.borrow();
         let (due, held) = gating::without_held(due, &self.write_hold());
         if held > 0 && may_execute {
-            tracing::debug!(held, "plan items held: a required watch fails or relists, or a malformed block is known");
+            tracing::debug!(held, "plan items held: a required watch fails or relists, ClusterInformation is missing, or a malformed block is known");
             self.shared.metrics(|m| m.rounds_writes_held += 1);
         }
         let writes = may_execute && !gating::plan_is_empty(&due);

@@ -228,7 +228,11 @@
     async fn a_follower_plans_and_reports_but_executes_nothing_until_it_leads() {
         let (mut c, shared, leader, ds) = writer();
         for source in Source::ALL.iter().copied() {
-            let objects = if source == Source::Blocks { vec![empty_block_of_gone_node()] } else { Vec::new() };
+            let objects = match source {
+                Source::Blocks => vec![empty_block_of_gone_node()],
+                Source::ClusterInformation => vec![cluster_info()],
+                _ => Vec::new(),
+            };
             list(&mut c, source, objects);
         }
         round(&mut c, true).await;
@@ -367,7 +371,7 @@
         }
         leader.send_replace(true);
         for source in Source::ALL.iter().copied().filter(|s| *s != Source::Blocks) {
-            list(&mut c, source, Vec::new());
+            list(&mut c, source, if source == Source::ClusterInformation { vec![cluster_info()] } else { Vec::new() });
         }
         // A block of a node that no longer exists: its address and the node are released at once.
         list(&mut c, Source::Blocks, vec![block("10.0.0.0/30", "gone")]);
@@ -499,7 +503,11 @@
         let (mut c, shared, leader, ds) = writer();
         leader.send_replace(true);
         for source in Source::ALL.iter().copied() {
-            let objects = if source == Source::Blocks { vec![empty_block_of_gone_node()] } else { Vec::new() };
+            let objects = match source {
+                Source::Blocks => vec![empty_block_of_gone_node()],
+                Source::ClusterInformation => vec![cluster_info()],
+                _ => Vec::new(),
+            };
             list(&mut c, source, objects);
         }
         (c, shared, leader, ds)
@@ -569,4 +577,54 @@
         let stray = crate::model::InvalidObject::new("IPAMBlock", "elsewhere", "x".to_string());
         c.inputs.invalid.insert(("IPAMBlock".into(), "10-0-0-4-30".into()), stray);
         assert!(c.inputs.check_invariants().unwrap_err().contains("10-0-0-4-30"));
+    }
+
+    fn cluster_info() -> Object {
+        Object::ClusterInformation(Box::new(
+            serde_json::from_value(json!({"metadata": {"name": "default", "resourceVersion": "1"}, "spec": {"datastoreReady": true}})).unwrap(),
+        ))
+    }
+
+    /// Every source listed, one block of the gone node `gone`, and no ClusterInformation.
+    fn listed_without_cluster_information(c: &mut GcController) {
+        for source in Source::ALL.iter().copied().filter(|s| *s != Source::ClusterInformation) {
+            let objects = if source == Source::Blocks { vec![empty_block_of_gone_node()] } else { Vec::new() };
+            list(c, source, objects);
+        }
+        assert!(!c.shared.status.snapshot().readiness.contains_key(crate::health::GC_DECISIONS), "nothing judged before its watch listed");
+        list(c, Source::ClusterInformation, Vec::new());
+    }
+
+    #[tokio::test]
+    async fn a_missing_cluster_information_holds_every_write_and_readiness_names_it_while_passes_still_report() {
+        let (mut c, shared, leader, ds) = writer();
+        leader.send_replace(true);
+        listed_without_cluster_information(&mut c);
+        let why = shared.readiness().unwrap_err();
+        assert!(why.contains("ClusterInformation default does not exist"), "{why}");
+        round(&mut c, true).await;
+        assert_eq!(block_calls(&ds), 0, "no IPAM request without ClusterInformation: {:?}", ds.op_counts());
+        assert!(shared.report().is_some(), "the pass still runs for the report");
+        assert!(shared.metrics(|m| m.datastore_paused));
+        assert_eq!(shared.metrics(|m| m.rounds_writes_held), 1);
+
+        c.handle(input(Source::ClusterInformation, Change::Apply(cluster_info())));
+        assert!(shared.ready(), "{:?}", shared.readiness());
+        round(&mut c, true).await;
+        assert!(block_calls(&ds) > 0, "written once ClusterInformation exists: {:?}", ds.op_counts());
+        assert!(!shared.metrics(|m| m.datastore_paused));
+
+        c.handle(input(Source::ClusterInformation, Change::Delete(cluster_info())));
+        assert!(shared.readiness().unwrap_err().contains("ClusterInformation default does not exist"), "deleted: held again");
+    }
+
+    #[tokio::test]
+    async fn a_dry_run_without_cluster_information_stays_ready_and_keeps_reporting() {
+        let (mut c, shared) = controller();
+        listed_without_cluster_information(&mut c);
+        assert!(shared.ready(), "{:?}", shared.readiness());
+        round(&mut c, true).await;
+        assert!(shared.report().is_some());
+        assert!(!shared.metrics(|m| m.datastore_paused));
+        assert!(shared.ready());
     }
