@@ -388,8 +388,9 @@ async fn a_node_whose_watch_event_was_lost_keeps_its_tunnel_and_affinity_and_a_g
     run.stop().await;
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_deleted_node_is_proven_by_one_read_and_then_released_as_before() {
+/// Node `n1` with its tunnel and a running pod's address in one block, every watch listed, and
+/// then the Node deleted (the pod object is still there).
+async fn a_running_pod_on_a_node_just_deleted() -> (Arc<MemoryDatastore>, Arc<MemoryCluster>, Running) {
     let mem = initialized_store();
     let cluster = Arc::new(MemoryCluster::new());
     cluster.apply(ClusterKind::Node, node("n1"));
@@ -398,6 +399,12 @@ async fn a_deleted_node_is_proven_by_one_read_and_then_released_as_before() {
     let run = Running::start(mem.clone(), cluster.clone(), ExecutorOptions::default());
     assert!(until(Duration::from_secs(10), || run.shared.ready()).await, "every watch listed");
     cluster.delete(ClusterKind::Node, "", "n1");
+    (mem, cluster, run)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deleted_node_is_proven_by_one_read_and_then_released_as_before() {
+    let (mem, cluster, run) = a_running_pod_on_a_node_just_deleted().await;
     // The pod still runs, so the node's tunnel stays; rounds go on and never read the node again.
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(allocated(&mem), 2, "a running pod keeps its address and the node's tunnel");
@@ -413,14 +420,7 @@ async fn a_deleted_node_is_proven_by_one_read_and_then_released_as_before() {
 
 #[tokio::test(start_paused = true)]
 async fn a_node_the_watch_delivers_again_is_no_longer_taken_as_proven_gone() {
-    let mem = initialized_store();
-    let cluster = Arc::new(MemoryCluster::new());
-    cluster.apply(ClusterKind::Node, node("n1"));
-    cluster.apply(ClusterKind::Pod, pod("p", "n1", "10.0.0.1"));
-    put_tunnel_and_pod_block(&mem, "10.0.0.0/30", "n1", "p");
-    let run = Running::start(mem.clone(), cluster.clone(), ExecutorOptions::default());
-    assert!(until(Duration::from_secs(10), || run.shared.ready()).await, "every watch listed");
-    cluster.delete(ClusterKind::Node, "", "n1");
+    let (mem, cluster, run) = a_running_pod_on_a_node_just_deleted().await;
     assert!(until(Duration::from_secs(10), || cluster.get_count(ClusterKind::Node) == 1).await, "the deletion was proven");
     // The node comes back, then is deleted again: the old NotFound is forgotten, so the new
     // deletion needs its own read.
