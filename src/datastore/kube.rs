@@ -187,6 +187,35 @@ where
     Box::pin(events)
 }
 
+/// A paged LIST (`LIST_PAGE` objects a page), every page waiting on `limiter` and counted as
+/// ("list", `resource`, code); each object goes to `each` as its page arrives, so no more than a
+/// page is held here. Returns how many objects were listed.
+pub(crate) async fn list_pages(
+    api: &Api<DynamicObject>,
+    limiter: &RequestLimiter,
+    counters: &ApiCounters,
+    resource: &'static str,
+    mut each: impl FnMut(DynamicObject) -> DsResult<()>,
+) -> DsResult<u64> {
+    let mut params = ListParams::default().limit(LIST_PAGE);
+    let mut listed = 0u64;
+    loop {
+        limiter.wait().await;
+        let result = api.list(&params).await;
+        counters.observe("list", resource, 200, &result);
+        let page = result.map_err(|e| to_error_on(resource, "", "list", &e))?;
+        let next = page.metadata.continue_.clone().filter(|t| !t.is_empty());
+        for object in page.items {
+            each(object)?;
+            listed += 1;
+        }
+        match next {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(listed),
+        }
+    }
+}
+
 /// The metric label of a kind's status subresource.
 fn status_resource(kind: Kind) -> &'static str {
     match kind {
@@ -348,26 +377,12 @@ impl Datastore for KubeDatastore {
     }
 
     async fn list(&self, kind: Kind) -> DsResult<Vec<Stored>> {
-        let api = self.api(kind);
         let mut out = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let mut params = ListParams::default().limit(LIST_PAGE);
-            if let Some(t) = token.take() {
-                params = params.continue_token(&t);
-            }
-            self.throttle().await;
-            let result = api.list(&params).await;
-            self.counters.observe("list", kind.plural(), 200, &result);
-            let page = result.map_err(|e| to_error(kind, "", "list", &e))?;
-            for object in page.items {
-                out.push(to_stored(kind, object)?);
-            }
-            match page.metadata.continue_ {
-                Some(t) if !t.is_empty() => token = Some(t),
-                _ => break,
-            }
-        }
+        list_pages(&self.api(kind), &self.limiter, &self.counters, kind.plural(), |object| {
+            out.push(to_stored(kind, object)?);
+            Ok(())
+        })
+        .await?;
         Ok(out)
     }
 

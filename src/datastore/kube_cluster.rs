@@ -12,11 +12,11 @@
 use std::sync::Arc;
 
 use ::kube::Client;
-use ::kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams};
+use ::kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use k8s_openapi::api::core::v1::{Node, Pod};
 
 use super::cluster::{ClusterKind, ClusterReader};
-use super::kube::{ApiCounters, LIST_PAGE, RequestLimiter, dynamic_to_stored, status_code, to_error_on, watch_stream};
+use super::kube::{ApiCounters, RequestLimiter, dynamic_to_stored, list_pages, status_code, to_error_on, watch_stream};
 use super::watch::WatchStream;
 use super::{DsResult, Stored};
 
@@ -83,23 +83,11 @@ impl ClusterReader for KubeCluster {
     async fn list_each(&self, kind: ClusterKind, sink: &mut (dyn FnMut(Stored) + Send)) -> DsResult<u64> {
         let resource = cluster_resource(kind);
         let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &resource);
-        let mut params = ListParams::default().limit(LIST_PAGE);
-        let mut listed = 0u64;
-        loop {
-            self.limiter.wait().await;
-            let result = api.list(&params).await;
-            self.counters.observe("list", kind.plural(), 200, &result);
-            let page = result.map_err(|e| to_error_on(kind.plural(), "", "list", &e))?;
-            let next = page.metadata.continue_.clone().filter(|t| !t.is_empty());
-            for object in page.items {
-                sink(Self::to_stored(kind, &resource, object)?);
-                listed += 1;
-            }
-            match next {
-                Some(token) => params = params.continue_token(&token),
-                None => return Ok(listed),
-            }
-        }
+        list_pages(&api, &self.limiter, &self.counters, kind.plural(), |object| {
+            sink(Self::to_stored(kind, &resource, object)?);
+            Ok(())
+        })
+        .await
     }
 
     async fn serves(&self, kind: ClusterKind) -> DsResult<bool> {
