@@ -132,7 +132,7 @@ impl MemoryCluster {
         let entry = Entry { revision: inner.revision, uid, value };
         let stored = stamp(&key, &entry);
         inner.objects.insert(key, entry);
-        inner.watches.publish(kind, WatchEvent::Apply(stored.clone()));
+        inner.watches.tell(kind, || WatchEvent::Apply(stored.clone()));
         stored
     }
 
@@ -144,7 +144,7 @@ impl MemoryCluster {
         inner.revision += 1;
         entry.revision = inner.revision;
         let last = stamp(&key, &entry);
-        inner.watches.publish(kind, WatchEvent::Delete(last.clone()));
+        inner.watches.tell(kind, || WatchEvent::Delete(last.clone()));
         Some(last)
     }
 

@@ -85,7 +85,7 @@ impl<K: Copy + Ord> WatchHub<K> {
         }
     }
 
-    pub fn publish(&mut self, kind: K, event: WatchEvent) {
+    fn publish(&mut self, kind: K, event: WatchEvent) {
         let faults = self.faults(kind);
         if faults.refused.is_some() {
             return;
