@@ -115,14 +115,9 @@ impl GcInputs {
         self.invalid.keys().filter(|(kind, _)| kind == "IPAMBlock").count()
     }
 
-    /// The KubeVirt facts once both kinds are listed. Before that (or without KubeVirt) VM
+    /// Both KubeVirt kinds finished their first list. Before that (or without KubeVirt) VM
     /// allocations are judged valid, as upstream does without its KubeVirt informers: a VM is
     /// never released on a view that has not seen it.
-    pub fn kubevirt(&self) -> Option<&KubeVirtFacts> {
-        self.kubevirt_listed().then_some(&self.known.kubevirt)
-    }
-
-    /// Both KubeVirt kinds finished their first list.
     pub fn kubevirt_listed(&self) -> bool {
         self.synced.contains(&Source::VirtualMachines) && self.synced.contains(&Source::VirtualMachineInstances)
     }

@@ -337,10 +337,14 @@ impl GcController {
         gating::WriteHold {
             watches: self.inputs.decisions_waiting(),
             invalid_blocks: self.inputs.invalid_blocks(),
-            // A dry run never creates it and writes nothing anyway: beside upstream (which owns
-            // the object) it must stay ready and keep reporting.
-            cluster_info_missing: !self.opts.dry_run && self.inputs.cluster_info_missing(),
+            cluster_info_missing: self.cluster_info_holds_writes(),
         }
+    }
+
+    /// A dry run never creates `ClusterInformation/default` and writes nothing anyway: beside
+    /// upstream (which owns the object) it must stay ready and keep reporting.
+    fn cluster_info_holds_writes(&self) -> bool {
+        !self.opts.dry_run && self.inputs.cluster_info_missing()
     }
 
     fn gc_config(&self) -> GcConfig {
@@ -383,7 +387,7 @@ impl GcController {
         let paused = self.inputs.datastore_paused();
         // A missing ClusterInformation pauses the writes too, but the passes still run for the
         // report (the write hold takes the executor's part, see `pass_and_dispatch`).
-        let missing = self.write_hold().cluster_info_missing;
+        let missing = self.cluster_info_holds_writes();
         self.shared.metrics(|m| m.datastore_paused = paused || missing);
         if paused {
             if !self.said.pause {
@@ -427,8 +431,9 @@ impl GcController {
         }
         self.publish_pass_metrics(&plan, scope, started.elapsed().as_secs_f64());
 
-        let in_flight = self.in_flight.as_ref().map(|f| f.keys.clone()).unwrap_or_default();
-        let (due, held_back) = gating::due_items(&plan, &self.backoff, &in_flight, now);
+        let nothing_in_flight = HashSet::new();
+        let in_flight = self.in_flight.as_ref().map_or(&nothing_in_flight, |f| &f.keys);
+        let (due, held_back) = gating::due_items(&plan, &self.backoff, in_flight, now);
         let may_execute = !self.opts.dry_run && *self.may_write.borrow();
         let (due, held) = gating::without_held(due, &self.write_hold());
         if held > 0 && may_execute {
@@ -436,8 +441,8 @@ impl GcController {
             self.shared.metrics(|m| m.rounds_writes_held += 1);
         }
         let writes = may_execute && !gating::plan_is_empty(&due);
-        let mut revalidate: Vec<(String, String)> = plan.revalidate.iter().map(|(_, ns, pod)| (ns.clone(), pod.clone())).collect();
-        revalidate.dedup();
+        // A pod named twice is read once: the executor skips a key it already holds.
+        let revalidate: Vec<(String, String)> = plan.revalidate.iter().map(|(_, ns, pod)| (ns.clone(), pod.clone())).collect();
         // Nodes proven gone already are not in the plan's list; names are read only while unproven.
         let prove_gone = plan.prove_gone.clone();
         if !writes && revalidate.is_empty() && prove_gone.is_empty() {
