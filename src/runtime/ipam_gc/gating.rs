@@ -193,14 +193,27 @@ mod tests {
             ],
             ..PlanOutcome::default()
         };
+        // Both blocks are still indexed, so what backs off stays in the table.
+        let mut index = IpamIndex::new();
+        for cidr in ["10.0.0.0/30", "10.0.0.4/30"] {
+            let net: ipnet::IpNet = cidr.parse().unwrap();
+            let block: crate::model::IpamBlock = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": crate::model::names::cidr_to_name(&net), "resourceVersion": "1"},
+                "spec": {"cidr": cidr, "affinity": "host:gone", "strictAffinity": false, "allocations": [null, null, null, null],
+                         "unallocated": [0, 1, 2, 3], "attributes": [], "sequenceNumber": 1, "deleted": false}
+            }))
+            .unwrap();
+            index.apply_block(&block).unwrap();
+        }
         let mut backoff = ItemBackoff::default();
-        // An empty index knows none of the items: the backoff forgets them all at the end.
-        let released = record_item_results(&mut backoff, &IpamIndex::new(), &p, &outcome, 0);
-        assert_eq!(released, HashSet::from(["gone".to_string()]));
+        let released = record_item_results(&mut backoff, &index, &p, &outcome, 0);
+        assert_eq!(released, HashSet::from(["gone".to_string()]), "the node's release went through");
+        assert!(!backoff.is_due(&ItemKey::Block("10.0.0.0/30".parse().unwrap()), 1), "a transient failure waits out its backoff");
+        assert!(backoff.is_due(&ItemKey::Block("10.0.0.4/30".parse().unwrap()), 1), "a conflict is retried by the next round");
+        assert!(backoff.is_due(&ItemKey::Node("gone".into()), 1));
+        // An empty index knows none of the items: the backoff forgets them all.
+        record_item_results(&mut backoff, &IpamIndex::new(), &Plan::default(), &PlanOutcome::default(), 1);
         assert!(backoff.is_empty(), "items the index no longer knows have nothing to retry");
-        let mut kept = ItemBackoff::default();
-        kept.failed(ItemKey::Block("10.0.0.0/30".parse().unwrap()), 0);
-        assert!(!kept.is_due(&ItemKey::Block("10.0.0.0/30".parse().unwrap()), 1));
     }
 
     fn with_orphan(mut p: Plan) -> Plan {
