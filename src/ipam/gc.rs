@@ -18,7 +18,7 @@ use super::index::{gid_ordinal, gid_slot, Alloc, AllocKind, Gid, IpamIndex, PodS
 use super::intern::{FastMap, Sym};
 use super::plan::{BlockRelease, ColdBlock, EmptyBlockRecord, HeldBy, LeakReason, LeakRecord, LeakState, NodeRelease, OrphanHandle, Plan, ReleaseItem, Scope};
 use crate::model::names::ordinal_to_ip;
-use crate::model::time::Millis;
+use crate::model::time::{Millis, PassTime};
 use crate::model::{PodFacts, PodPhase};
 
 /// KubeVirt VM allocations are never confirmed sooner than this (upstream's floor).
@@ -328,6 +328,39 @@ fn identity(a: &Alloc) -> Identity {
 
 type Identity = (Sym, u64, Sym, AllocKind, Sym, Sym);
 
+/// The confirmation rules of one leak (SPEC §5.2-§5.3): `Ok(true)` confirms it now, `Ok(false)`
+/// leaves it a candidate within its grace period, `Err` says what holds it. `node_blocked`: its
+/// node is deleted but still has valid (or unreleasable) allocations besides tunnels.
+fn confirmation(index: &IpamIndex, a: &Alloc, node: NodeState, node_blocked: bool, cfg: &GcConfig, since: Millis, now: Millis) -> Result<bool, HeldBy> {
+    if a.kind == AllocKind::Pod && !index.namespace_covered(a.namespace) {
+        return Err(HeldBy::NamespaceNotInDump);
+    }
+    if a.kind == AllocKind::Tunnel && node == NodeState::Unproven {
+        return Err(HeldBy::NodeNotProvenGone);
+    }
+    if node == NodeState::Gone {
+        return if a.kind == AllocKind::Tunnel && node_blocked { Err(HeldBy::NodeHasValidAllocations) } else { Ok(true) };
+    }
+    if cfg.leak_grace <= 0 {
+        return Err(HeldBy::GraceDisabled);
+    }
+    let grace = if !a.vm { cfg.leak_grace } else { cfg.leak_grace.max(VM_MIN_GRACE) };
+    Ok(now - since > grace)
+}
+
+/// Whether deleted node `n` still has something that keeps its tunnel address: a non-tunnel
+/// allocation that is not a leak, or a pod leak that may not be released (its namespace is
+/// outside the dump).
+fn node_blocked(index: &IpamIndex, n: Sym, leaks: &RoaringBitmap) -> bool {
+    let Some(bm) = index.allocations_of_node(n) else { return false };
+    bm.iter().any(|g| {
+        index.alloc(g).is_some_and(|a| {
+            let leak = leaks.contains(g);
+            (!leak && a.kind != AllocKind::Tunnel) || (leak && a.kind == AllocKind::Pod && !index.namespace_covered(a.namespace))
+        })
+    })
+}
+
 impl GcState {
     pub fn new() -> Self {
         Self::default()
@@ -399,12 +432,16 @@ impl GcState {
     pub fn pass(
         &mut self,
         index: &mut IpamIndex,
-        now: Millis,
+        time: impl Into<PassTime>,
         cfg: &GcConfig,
         scope: &Scope,
         kubevirt: Option<&KubeVirtFacts>,
         fresh_pods: &BTreeMap<(String, String), Option<PodFacts>>,
     ) -> Plan {
+        let time = time.into();
+        // Every duration below is measured on the monotonic reading; only the cooldown compares
+        // with wall timestamps written into blocks.
+        let now = time.mono;
         self.refresh_verdicts(index);
         let index: &IpamIndex = index;
         self.prune(index);
@@ -488,49 +525,23 @@ impl GcState {
                 NodeState::Gone => {}
             }
             gone_nodes.insert(n);
-            if let Some(bm) = index.allocations_of_node(n) {
-                let valid = bm - &leak_bm;
-                if valid.iter().any(|g| index.alloc(g).is_some_and(|a| a.kind != AllocKind::Tunnel)) {
-                    blocked.insert(n);
-                }
-                // A leak we may not release (namespace outside a dump) also blocks the node.
-                if bm.iter().any(|g| leak_bm.contains(g) && index.alloc(g).is_some_and(|a| a.kind == AllocKind::Pod && !index.namespace_covered(a.namespace))) {
-                    blocked.insert(n);
-                }
+            if node_blocked(index, n, &leak_bm) {
+                blocked.insert(n);
             }
         }
 
-        let mut plan = Plan { full, examined: examined.len(), ..Plan::default() };
+        let mut plan = Plan { full, examined: examined.len(), time, ..Plan::default() };
         plan.leaks.reserve_exact(verdicts.len());
         for (g, reason) in verdicts {
             let a = *index.alloc(g).expect("classified gid is allocated");
             let id = identity(&a);
             let node_state = proof.state(index, a.node);
-            let mut held = None;
             let t = self.leaks.entry(g).or_insert(Tracked { since: now, confirmed: false, identity: id });
             self.tracked.insert(g);
             self.reasons.insert(g, reason);
-            let confirm = if a.kind == AllocKind::Pod && !index.namespace_covered(a.namespace) {
-                held = Some(HeldBy::NamespaceNotInDump);
-                false
-            } else if a.kind == AllocKind::Tunnel && node_state == NodeState::Unproven {
-                held = Some(HeldBy::NodeNotProvenGone);
-                false
-            } else if node_state == NodeState::Gone {
-                if a.kind == AllocKind::Tunnel && blocked.contains(&a.node) {
-                    held = Some(HeldBy::NodeHasValidAllocations);
-                    false
-                } else {
-                    true
-                }
-            } else {
-                let grace = if !a.vm { cfg.leak_grace } else { cfg.leak_grace.max(VM_MIN_GRACE) };
-                if cfg.leak_grace <= 0 {
-                    held = Some(HeldBy::GraceDisabled);
-                    false
-                } else {
-                    now - t.since > grace
-                }
+            let (confirm, held) = match confirmation(index, &a, node_state, blocked.contains(&a.node), cfg, t.since, now) {
+                Ok(due) => (due, None),
+                Err(h) => (false, Some(h)),
             };
             if confirm {
                 t.confirmed = true;
@@ -543,8 +554,8 @@ impl GcState {
             plan.leaks.push(LeakRecord { gid: g, reason, state, held_by: held });
         }
 
-        self.plan_releases(index, cfg, kubevirt, proof, fresh_pods, &mut plan);
-        self.plan_cold_blocks(index, now, cfg, &mut plan);
+        self.plan_releases(index, now, cfg, kubevirt, proof, fresh_pods, &mut plan);
+        self.plan_cold_blocks(index, time.wall, cfg, &mut plan);
         self.plan_empty_blocks(index, now, cfg, full, &gone_nodes, &unproven_nodes, &mut plan);
         // Symbols order by interning, not by name.
         plan.prove_gone = unproven_nodes.iter().map(|n| index.resolve(*n).to_string()).collect();
@@ -571,15 +582,18 @@ impl GcState {
         plan
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn plan_releases(
         &mut self,
         index: &IpamIndex,
+        now: Millis,
         cfg: &GcConfig,
         kubevirt: Option<&KubeVirtFacts>,
         proof: Proof<'_>,
         fresh: &BTreeMap<(String, String), Option<PodFacts>>,
         plan: &mut Plan,
     ) {
+        self.recheck_confirmations(index, now, cfg, proof, plan);
         // Final re-validation, then all-or-none per handle.
         let mut releasable = RoaringBitmap::new();
         let mut awaiting = RoaringBitmap::new();
@@ -685,10 +699,52 @@ impl GcState {
         plan.releases.sort_by_key(|r| crate::model::names::ip_sort_key(&r.cidr.network()));
     }
 
-    fn plan_cold_blocks(&self, index: &IpamIndex, now: Millis, cfg: &GcConfig, plan: &mut Plan) {
+    /// Applies the confirmation rules again to every confirmed leak, examined or not: a dirty
+    /// pass examines only its nodes, but the rules may have changed for the others since they
+    /// were confirmed (`leakGracePeriod` set to 0 or raised, a deleted node's proof withdrawn, a
+    /// valid allocation on a deleted node that holds its tunnel). A leak the rules no longer
+    /// confirm goes back to being a candidate, with the hold in its record.
+    fn recheck_confirmations(&mut self, index: &IpamIndex, now: Millis, cfg: &GcConfig, proof: Proof<'_>, plan: &mut Plan) {
+        let mut blocked: HashMap<Sym, bool> = HashMap::new();
+        let mut withdrawn: Vec<(Gid, Option<HeldBy>)> = Vec::new();
+        for g in self.confirmed.iter() {
+            let (Some(a), Some(t)) = (index.alloc(g), self.leaks.get(&g)) else { continue };
+            let state = proof.state(index, a.node);
+            let node_blocked = state == NodeState::Gone
+                && a.kind == AllocKind::Tunnel
+                && *blocked.entry(a.node).or_insert_with(|| node_blocked(index, a.node, &self.tracked));
+            match confirmation(index, a, state, node_blocked, cfg, t.since, now) {
+                Ok(true) => {}
+                Ok(false) => withdrawn.push((g, None)),
+                Err(h) => withdrawn.push((g, Some(h))),
+            }
+        }
+        if withdrawn.is_empty() {
+            return;
+        }
+        let held: HashMap<Gid, Option<HeldBy>> = withdrawn.iter().copied().collect();
+        for (g, _) in &withdrawn {
+            if let Some(t) = self.leaks.get_mut(g) {
+                t.confirmed = false;
+            }
+            self.confirmed.remove(*g);
+        }
+        for r in plan.leaks.iter_mut() {
+            if let Some(h) = held.get(&r.gid) {
+                let since = match r.state {
+                    LeakState::Candidate { since } | LeakState::Confirmed { since } => since,
+                };
+                r.state = LeakState::Candidate { since };
+                r.held_by = r.held_by.or(*h);
+            }
+        }
+    }
+
+    /// `wall`: the blocks' release timestamps are wall time written by other hosts.
+    fn plan_cold_blocks(&self, index: &IpamIndex, wall: Millis, cfg: &GcConfig, plan: &mut Plan) {
         for slot in index.cold_blocks().iter() {
             let b = index.block(slot).expect("cold block exists");
-            if b.earliest_release.is_some_and(|t| t + cfg.ip_cooldown <= now) {
+            if b.earliest_release.is_some_and(|t| t + cfg.ip_cooldown <= wall) {
                 plan.cold_blocks.push(ColdBlock { cidr: b.cidr, block_name: b.name.to_string(), revision: b.revision.to_string() });
             }
         }

@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::index::Gid;
-use crate::model::time::Millis;
+use crate::model::time::{Millis, PassTime};
 
 /// Why an allocation is garbage. The strings are the documented `reason` values of reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -178,6 +178,9 @@ pub struct Plan {
     /// Nodes missing from the Node cache whose deletion no read has proven: the shell reads
     /// each, and only a NotFound lets a later pass treat it as deleted. Sorted, no duplicates.
     pub prove_gone: Vec<String>,
+    /// When the pass ran: leak `since` values are `time.mono` readings, reports show them as
+    /// wall time with [`PassTime::wall_of`].
+    pub time: PassTime,
 }
 
 impl Plan {

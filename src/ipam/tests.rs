@@ -433,6 +433,36 @@ fn kubevirt_allocations_stay_valid_without_facts_and_get_a_five_minute_floor_whe
     assert_eq!(released_ips(&w.full(T0 + 37 * MIN + 1)).len(), 1);
 }
 
+/// A leak confirmed and waiting for its re-read when `leakGracePeriod` changes; the next pass is
+/// a dirty one elsewhere and the re-read answers NotFound.
+fn confirmed_leak_then_new_grace(new_grace: i64) -> Plan {
+    let mut w = basic(15);
+    w.cfg.revalidate_live = true;
+    w.index.apply_node(&node("n2"));
+    w.index.apply_block(&block("10.0.1.0/29", Some("n2"), &[pod_alloc(1, "hx", "ns", "px", "n2")])).unwrap();
+    w.full(T0);
+    let p = w.full(T0 + 15 * MIN + 1);
+    assert!(p.releases.is_empty() && p.revalidate.len() == 2, "confirmed, waiting for the re-reads");
+    w.cfg.leak_grace = new_grace;
+    w.index.take_dirty();
+    w.index.apply_pod(&pod("ns", "px", "n2", &["10.0.1.1"]));
+    let (dirty, _) = w.index.take_dirty();
+    let fresh: BTreeMap<_, _> = [(("ns".to_string(), "p2".to_string()), None)].into_iter().collect();
+    w.pass(T0 + 15 * MIN + 2, Scope::Dirty(dirty), &fresh)
+}
+
+#[test]
+fn a_grace_period_turned_off_holds_confirmed_leaks_a_dirty_pass_does_not_examine() {
+    let p = confirmed_leak_then_new_grace(0);
+    assert!(p.releases.is_empty(), "released after leakGracePeriod became 0: {:?}", released_ips(&p));
+}
+
+#[test]
+fn a_longer_grace_period_turns_confirmed_leaks_back_into_candidates() {
+    let p = confirmed_leak_then_new_grace(60 * MIN);
+    assert!(p.releases.is_empty(), "released before the new grace period: {:?}", released_ips(&p));
+}
+
 #[test]
 fn a_dirty_pass_examines_only_the_dirty_nodes() {
     let mut w = basic(1);

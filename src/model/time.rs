@@ -5,6 +5,29 @@
 /// Milliseconds since the Unix epoch, UTC.
 pub type Millis = i64;
 
+/// The time of one GC pass, on two clocks. `mono` never steps back or jumps: every duration the
+/// GC measures (grace periods, the two observations of empty blocks and orphan handles, backoff)
+/// is a difference of `mono` readings. `wall` is for comparisons with timestamps stored in
+/// objects (the IP cooldown) and for reports. A lone `Millis` stands for both (snapshots, tests).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PassTime {
+    pub wall: Millis,
+    pub mono: Millis,
+}
+
+impl PassTime {
+    /// The wall time at which a `mono` reading of this process was taken, as this pass sees it.
+    pub fn wall_of(self, mono: Millis) -> Millis {
+        self.wall - (self.mono - mono)
+    }
+}
+
+impl From<Millis> for PassTime {
+    fn from(both: Millis) -> Self {
+        PassTime { wall: both, mono: both }
+    }
+}
+
 /// Parses `2026-01-02T03:04:05Z`, `...05.123456789Z`, `...05+01:00` and Go's `time.Time.String()`
 /// form `2026-01-02 03:04:05.1 +0000 UTC` (what Calico's CNI writes into `timestamp`).
 pub fn parse_rfc3339(text: &str) -> Option<Millis> {

@@ -275,7 +275,7 @@ pub fn build_report(index: &IpamIndex, current: &Plan, outlook: &Plan, cfg: &GcC
             releasable: is_releasable,
             held_by: held,
             state,
-            first_seen: since,
+            first_seen: current.time.wall_of(since),
         });
         *summary.leaks_by_reason.entry(l.reason.as_str()).or_default() += 1;
         if let Some(h) = held {

@@ -189,13 +189,17 @@ struct Running {
 
 impl Running {
     fn start<D: Datastore + 'static>(ds: Arc<D>, cluster: Arc<MemoryCluster>, exec: ExecutorOptions) -> Running {
+        Self::start_with_clock(ds, cluster, exec, Clock::tokio_from(T0))
+    }
+
+    fn start_with_clock<D: Datastore + 'static>(ds: Arc<D>, cluster: Arc<MemoryCluster>, exec: ExecutorOptions, clock: Clock) -> Running {
         let shared = Arc::new(Shared::default());
         let (tx, rx) = mpsc::channel(crate::runtime::INPUT_QUEUE);
         let watchers = spawn_all(&ds, &cluster, &tx, &shared);
         drop(tx);
         let opts = ControllerOptions { dry_run: false, leak_grace_override: Some(2_000), env: EnvConfig::default(), report_file: None };
         let (leader, may_write) = tokio::sync::watch::channel(true);
-        let c = GcController::with_executor(ds, cluster, opts, shared.clone(), may_write, exec, Clock::tokio_from(T0));
+        let c = GcController::with_executor(ds, cluster, opts, shared.clone(), may_write, exec, clock);
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let owner = tokio::spawn(async move {
             // This replica leads throughout: the sender lives as long as the loop.
@@ -303,6 +307,40 @@ async fn a_write_past_the_timeout_is_counted_backs_off_and_goes_through_once_the
     assert!(until(Duration::from_secs(120), || allocated(&mem) == 1).await, "released once the store answers");
     only_the_gone_address_was_released(&mem);
     run.stop().await;
+}
+
+/// The gone pod's address is released a grace period (2 s) of monotonic time after it was
+/// first seen however the wall clock steps meanwhile (an NTP correction, `date -s`): a step
+/// forward never shortens the grace, a step back never stretches it. Returns how long after it
+/// was first seen it went, and checks that the report shows `firstSeen` in wall time.
+async fn release_time_with_wall_step(step: i64) -> Duration {
+    let (mem, cluster) = a_live_and_a_gone_pod_in_one_block();
+    let clock = Clock::tokio_from(T0);
+    let started = tokio::time::Instant::now();
+    let run = Running::start_with_clock(mem.clone(), cluster.clone(), ExecutorOptions::default(), clock.clone());
+    let leak_reported = |shared: &Shared| shared.report().is_some_and(|r| !r.leaks.is_empty());
+    assert!(until_every(Duration::from_millis(10), Duration::from_millis(1_900), || leak_reported(&run.shared)).await, "the gone pod's address is a candidate");
+    assert_eq!(allocated(&mem), 2, "a candidate waits out its grace");
+    let first_seen = run.shared.report().unwrap().leaks[0].first_seen;
+    assert!((0..2_000).contains(&(first_seen - T0)), "first seen at {first_seen}, in wall time");
+    clock.step_wall(step);
+    assert!(until_every(Duration::from_millis(10), Duration::from_secs(60), || allocated(&mem) == 1).await, "released in the end");
+    let released = started.elapsed();
+    only_the_gone_address_was_released(&mem);
+    run.stop().await;
+    released - Duration::from_millis((first_seen - T0) as u64)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wall_clock_step_forward_never_shortens_the_grace_period() {
+    let released = release_time_with_wall_step(3_600_000).await;
+    assert!(released >= Duration::from_secs(2), "released {released:?} after it was first seen, within the grace period");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wall_clock_step_back_never_stretches_the_grace_period() {
+    let released = release_time_with_wall_step(-3_600_000).await;
+    assert!(released < Duration::from_secs(5), "released {released:?} after it was first seen: the step back held it");
 }
 
 #[tokio::test(start_paused = true)]

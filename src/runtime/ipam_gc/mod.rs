@@ -85,7 +85,8 @@ struct InFlight {
     /// another follow-up (at most one per round, as before the executor existed).
     follow_up: bool,
     reclaimed: HashMap<(IpNet, u32), (String, String)>,
-    now: Millis,
+    /// Wall time of the pass that planned it (for `last_success_seconds`).
+    wall: Millis,
 }
 
 /// Log lines said once per state change, not once per pass.
@@ -130,7 +131,7 @@ impl GcController {
         D: Datastore + 'static,
         C: ClusterReader + 'static,
     {
-        Self::with_executor(ds, cluster, opts, shared, may_write, ExecutorOptions::default(), Clock::System)
+        Self::with_executor(ds, cluster, opts, shared, may_write, ExecutorOptions::default(), Clock::system())
     }
 
     pub fn with_executor<D, C>(
@@ -411,13 +412,14 @@ impl GcController {
     /// One pass; its executable, due part goes to the executor if none is in flight.
     fn pass_and_dispatch(&mut self, scope: &Scope, follow_up: bool) {
         let started = std::time::Instant::now();
-        let now = self.clock.now();
+        let time = self.clock.now();
+        let now = time.mono;
         let cfg = self.gc_config();
         let fresh = std::mem::take(&mut self.fresh);
         let listed = self.inputs.kubevirt_listed();
         let inputs = &mut self.inputs;
         let kubevirt = listed.then_some(&inputs.known.kubevirt);
-        let plan = self.gc.pass(&mut inputs.index, now, &cfg, scope, kubevirt, &fresh);
+        let plan = self.gc.pass(&mut inputs.index, time, &cfg, scope, kubevirt, &fresh);
         let interval = if !plan.releases.is_empty() {
             REPORT_INTERVAL_RELEASES
         } else if plan.full {
@@ -449,7 +451,7 @@ impl GcController {
             // Nothing for the executor: the round is over (no errors, nothing left but what the
             // per-pass cap deferred). A round whose writes were held is no success.
             if held == 0 || !may_execute {
-                self.shared.metrics(|m| m.last_success_seconds = now as f64 / 1000.0);
+                self.shared.metrics(|m| m.last_success_seconds = time.wall as f64 / 1000.0);
             }
             self.schedule_retry(false, plan.deferred, plan.full, now);
             return;
@@ -466,12 +468,13 @@ impl GcController {
             deferred: plan.deferred,
             follow_up,
             reclaimed: publish::reclamation_labels(&self.inputs, &job_plan),
-            now,
+            wall: time.wall,
         };
         if held_back > 0 {
             tracing::debug!(held_back, "plan items waiting out their backoff or in flight");
         }
-        let job = Job { plan: job_plan, now, cooldown_secs: self.inputs.cooldown_secs(), revalidate, prove_gone };
+        // Release timestamps written into blocks are wall time, as every other host writes them.
+        let job = Job { plan: job_plan, now: time.wall, cooldown_secs: self.inputs.cooldown_secs(), revalidate, prove_gone };
         match self.executor.send(job) {
             Ok(()) => self.in_flight = Some(flight),
             Err(_) => tracing::error!("the plan executor is gone; plan dropped"),
@@ -495,7 +498,7 @@ impl GcController {
     fn record_result(&mut self, result: JobResult) {
         let Some(flight) = self.in_flight.take() else { return };
         let JobResult { plan, outcome, fresh, nodes_gone, calls } = result;
-        let now = self.clock.now();
+        let now = self.clock.mono();
         let released_nodes = gating::record_item_results(&mut self.backoff, &self.inputs.index, &plan, &outcome, now);
         if !gating::plan_is_empty(&plan) {
             tracing::info!(
@@ -539,7 +542,7 @@ impl GcController {
             m.executor_calls.failed += calls.failed;
             m.executor_calls.timed_out += calls.timed_out;
             if outcome.error_count() == 0 {
-                m.last_success_seconds = flight.now as f64 / 1000.0;
+                m.last_success_seconds = flight.wall as f64 / 1000.0;
             }
         });
     }
@@ -569,7 +572,7 @@ impl GcController {
         };
         let confirmed = self.gc.confirmed_count();
         let orphans = self.inputs.index.unreferenced_handles().len() as u64;
-        let backing_off = self.backoff.waiting_by_category(self.clock.now());
+        let backing_off = self.backoff.waiting_by_category(self.clock.mono());
         self.shared.metrics(|m| {
             if plan.full { m.pass_full.observe(elapsed) } else { m.pass_dirty.observe(elapsed) }
             if let Some(n) = dirty_count {

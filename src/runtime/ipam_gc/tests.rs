@@ -20,7 +20,7 @@
         let cluster = Arc::new(MemoryCluster::new());
         let opts = ControllerOptions { dry_run, leak_grace_override: Some(2000), env: EnvConfig::default(), report_file: None };
         let (tx, may_write) = watch::channel(false);
-        let c = GcController::with_executor(ds.clone(), cluster, opts, shared.clone(), may_write, ExecutorOptions::default(), Clock::System);
+        let c = GcController::with_executor(ds.clone(), cluster, opts, shared.clone(), may_write, ExecutorOptions::default(), Clock::system());
         (c, shared, tx, ds)
     }
 
