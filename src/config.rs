@@ -174,11 +174,24 @@ pub struct EnvConfig {
     pub workers: BTreeMap<&'static str, u32>,
     /// `KUBECONFIG`, or libcalico's `CALICO_KUBECONFIG`.
     pub kubeconfig: Option<String>,
+    /// `CKC_MASS_CHANGE_GUARD`, `CKC_MASS_CHANGE_SHARE`, `CKC_MASS_CHANGE_MIN_ADDRESSES`,
+    /// `CKC_MASS_CHANGE_MIN_NODES` over the guard's defaults.
+    pub guard: crate::guard::GuardConfig,
     /// The variables consulted that were set, as upstream lists them in `status.environmentVars`.
     pub consulted: BTreeMap<String, String>,
 }
 
 const WORKER_VARS: [&str; 4] = ["WORKLOAD_ENDPOINT_WORKERS", "PROFILE_WORKERS", "POLICY_WORKERS", "NODE_WORKERS"];
+
+/// `0.2` or `20%`: a share in (0, 1].
+fn parse_share(text: &str) -> Option<f64> {
+    let t = text.trim();
+    let v = match t.strip_suffix('%') {
+        Some(p) => p.trim().parse::<f64>().ok()? / 100.0,
+        None => t.parse::<f64>().ok()?,
+    };
+    (v > 0.0 && v <= 1.0).then_some(v)
+}
 
 /// Go's `strconv.ParseBool`, which envconfig uses.
 fn parse_go_bool(text: &str) -> Option<bool> {
@@ -283,6 +296,23 @@ impl EnvConfig {
                 }
             }
         }
+        let mut guard = crate::guard::GuardConfig::default();
+        if let Some(v) = get("CKC_MASS_CHANGE_GUARD") {
+            guard.enabled = match v.trim().to_ascii_lowercase().as_str() {
+                "enabled" | "on" | "true" => true,
+                "disabled" | "off" | "false" => false,
+                _ => return Err(ConfigError::invalid("CKC_MASS_CHANGE_GUARD", &v, "expected enabled or disabled")),
+            };
+        }
+        if let Some(v) = get("CKC_MASS_CHANGE_SHARE") {
+            guard.share = parse_share(&v).ok_or_else(|| ConfigError::invalid("CKC_MASS_CHANGE_SHARE", &v, "expected a share such as 0.2 or 20%, above 0 and at most 1"))?;
+        }
+        for (name, field) in [("CKC_MASS_CHANGE_MIN_ADDRESSES", &mut guard.min_addresses), ("CKC_MASS_CHANGE_MIN_NODES", &mut guard.min_nodes)] {
+            if let Some(v) = get(name) {
+                *field = v.trim().parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| ConfigError::invalid(name, &v, "expected a positive count"))?;
+            }
+        }
+        out.guard = guard;
         out.kubeconfig = kubeconfig;
         out.enabled_controllers = enabled;
         out.log_level = log_level;
@@ -672,6 +702,18 @@ mod tests {
         assert!(!n.sync_labels, "label sync is etcd-only, forced off on Kubernetes");
         let rc = RunConfig::merge(&env(&[("AUTO_HOST_ENDPOINTS", "disabled")]), Some(&api));
         assert!(!rc.node.unwrap().auto_create_host_endpoints);
+    }
+
+    #[test]
+    fn the_mass_change_guard_is_on_by_default_and_its_settings_are_checked() {
+        assert_eq!(env(&[]).guard, crate::guard::GuardConfig::default());
+        let g = env(&[("CKC_MASS_CHANGE_SHARE", "35%"), ("CKC_MASS_CHANGE_MIN_ADDRESSES", "500"), ("CKC_MASS_CHANGE_MIN_NODES", "2")]).guard;
+        assert_eq!((g.enabled, g.share, g.min_addresses, g.min_nodes), (true, 0.35, 500, 2));
+        assert!(!env(&[("CKC_MASS_CHANGE_GUARD", "disabled")]).guard.enabled);
+        assert_eq!(env(&[("CKC_MASS_CHANGE_SHARE", "0.5")]).guard.share, 0.5);
+        for (var, bad) in [("CKC_MASS_CHANGE_SHARE", "0"), ("CKC_MASS_CHANGE_SHARE", "120%"), ("CKC_MASS_CHANGE_SHARE", "lots"), ("CKC_MASS_CHANGE_MIN_NODES", "0"), ("CKC_MASS_CHANGE_GUARD", "maybe")] {
+            assert!(env_err(&[(var, bad)]).to_string().contains(var), "{var}={bad}");
+        }
     }
 
     #[test]

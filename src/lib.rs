@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 pub mod config;
 pub mod datastore;
+pub mod guard;
 pub mod health;
 pub mod ipam;
 pub mod memstat;

@@ -20,6 +20,9 @@ pub const WATCHES_SYNCED: &str = "WatchesSynced";
 /// Ours: GC decisions are not waiting on a failing or relisting watch. Written only once they
 /// first wait, so a process whose watches never fail shows no such key.
 pub const GC_DECISIONS: &str = "GcDecisions";
+/// Ours: no destructive change waits on the mass-change guard. Written only once something
+/// first waits; the reason names the held sets and the id that approves each.
+pub const MASS_CHANGE_GUARD: &str = "MassChangeGuard";
 /// Ours: the controller loop's heartbeat is fresh.
 pub const EVENT_LOOP: &str = "EventLoop";
 /// Ours: always ready; its reason lists enabled controllers this version does not implement.

@@ -17,6 +17,7 @@ use roaring::RoaringBitmap;
 use super::index::{gid_ordinal, gid_slot, Alloc, AllocKind, Gid, IpamIndex, PodSlot};
 use super::intern::{FastMap, Sym};
 use super::plan::{BlockRelease, ColdBlock, EmptyBlockRecord, HeldBy, LeakReason, LeakRecord, LeakState, NodeRelease, OrphanHandle, Plan, ReleaseItem, Scope};
+use crate::guard::{self, Decision, GuardConfig, MassGuard, Proposal};
 use crate::model::names::ordinal_to_ip;
 use crate::model::time::{Millis, PassTime};
 use crate::model::{PodFacts, PodPhase};
@@ -40,6 +41,12 @@ pub struct GcConfig {
     /// Which nodes missing from the index are deleted (SPEC issue #9: a cache miss is not a
     /// deletion).
     pub node_proof: NodeProof,
+    /// The mass-change guard over address releases and node cleanups (off for snapshots).
+    pub guard: GuardConfig,
+    /// Held sets an operator approved, by id.
+    pub guard_approved: BTreeSet<String>,
+    /// Every required watch is healthy: a full pass then is a complete observation for the guard.
+    pub view_complete: bool,
 }
 
 /// Which nodes absent from the index count as deleted.
@@ -99,6 +106,9 @@ impl Default for GcConfig {
             ip_cooldown: 0,
             revalidate_live: false,
             node_proof: NodeProof::AbsenceIsProof,
+            guard: GuardConfig::OFF,
+            guard_approved: BTreeSet::new(),
+            view_complete: true,
         }
     }
 }
@@ -299,6 +309,8 @@ pub struct GcState {
     /// changed ones: a state created beside an index whose record was already taken (a new
     /// state for an old index) still starts exact.
     verdicts_primed: bool,
+    /// The mass-change guard's held sets.
+    guard: MassGuard,
 }
 
 /// The cached verdict of one allocation: a leak on the index's facts alone, with its node's
@@ -554,14 +566,23 @@ impl GcState {
             plan.leaks.push(LeakRecord { gid: g, reason, state, held_by: held });
         }
 
-        self.plan_releases(index, now, cfg, kubevirt, proof, fresh_pods, &mut plan);
+        // Nodes whose IPAM this pass would clean, through the guard before anything of theirs is
+        // released: a node held back keeps its addresses too.
+        let cleanable: Vec<Sym> = gone_nodes.iter().filter(|n| !blocked.contains(n)).copied().collect();
+        let node_print = |n: Sym| guard::fingerprint(&[index.resolve(n).as_bytes()]);
+        let proposed: BTreeSet<u64> = cleanable.iter().map(|n| node_print(*n)).collect();
+        let complete = full && cfg.view_complete;
+        let node_total = (index.node_count() + gone_nodes.len()) as u64;
+        let nodes_ok = self.guard.review(guard::IPAM_NODES, Proposal { members: &proposed, total: node_total, complete }, &cfg.guard, now, cfg.leak_grace, &cfg.guard_approved);
+        let held_nodes: BTreeSet<Sym> = cleanable.iter().filter(|n| !nodes_ok.allows(node_print(**n))).copied().collect();
+        self.plan_releases(index, now, cfg, kubevirt, proof, fresh_pods, &held_nodes, &mut plan);
         self.plan_cold_blocks(index, time.wall, cfg, &mut plan);
         self.plan_empty_blocks(index, now, cfg, full, &gone_nodes, &unproven_nodes, &mut plan);
         // Symbols order by interning, not by name.
         plan.prove_gone = unproven_nodes.iter().map(|n| index.resolve(*n).to_string()).collect();
         plan.prove_gone.sort();
         for n in &gone_nodes {
-            if blocked.contains(n) {
+            if blocked.contains(n) || held_nodes.contains(n) {
                 continue;
             }
             // Every remaining allocation of the node is being released in this pass.
@@ -591,6 +612,7 @@ impl GcState {
         kubevirt: Option<&KubeVirtFacts>,
         proof: Proof<'_>,
         fresh: &BTreeMap<(String, String), Option<PodFacts>>,
+        held_nodes: &BTreeSet<Sym>,
         plan: &mut Plan,
     ) {
         self.recheck_confirmations(index, now, cfg, proof, plan);
@@ -651,6 +673,12 @@ impl GcState {
                 r.held_by = Some(HeldBy::HandleHasValidIp);
             }
         }
+        let guarded = self.guard_addresses(index, now, cfg, plan.full, held_nodes, &awaiting, &mut allowed);
+        if !guarded.is_empty() {
+            for r in plan.leaks.iter_mut().filter(|r| guarded.contains(r.gid)) {
+                r.held_by = r.held_by.or(Some(HeldBy::MassChangeGuard));
+            }
+        }
         // The cap rolls over: start after the last address planned in the previous pass, and keep
         // whole handles together so all-or-none holds across the cut.
         let order: Vec<Gid> = allowed.iter().filter(|g| *g >= self.release_cursor).chain(allowed.iter().filter(|g| *g < self.release_cursor)).collect();
@@ -697,6 +725,51 @@ impl GcState {
             plan.releases.push(BlockRelease { cidr: b.cidr, block_name: b.name.to_string(), revision: b.revision.to_string(), items });
         }
         plan.releases.sort_by_key(|r| crate::model::names::ip_sort_key(&r.cidr.network()));
+    }
+
+    /// Puts the addresses this pass would release (before the per-pass cap, so a cap never hides
+    /// a mass change) through the guard, and removes what must wait from `allowed`, whole handles
+    /// at a time. Addresses of nodes the guard holds wait with their node. Confirmed leaks
+    /// awaiting their pod's re-read count as proposed (the pass after the read releases them):
+    /// a set is not forgotten by the pass that only asked for the reads. Returns what waits.
+    #[allow(clippy::too_many_arguments)]
+    fn guard_addresses(
+        &mut self,
+        index: &IpamIndex,
+        now: Millis,
+        cfg: &GcConfig,
+        full: bool,
+        held_nodes: &BTreeSet<Sym>,
+        awaiting: &RoaringBitmap,
+        allowed: &mut RoaringBitmap,
+    ) -> RoaringBitmap {
+        let mut waiting: RoaringBitmap = allowed.iter().filter(|g| index.alloc(*g).is_some_and(|a| held_nodes.contains(&a.node))).collect();
+        let print = |g: Gid| -> u64 {
+            let a = index.alloc(g).expect("allowed gid is allocated");
+            let ip = index.ip_of(g).map(|ip| ip.to_string()).unwrap_or_default();
+            guard::fingerprint(&[ip.as_bytes(), index.resolve(a.handle).as_bytes(), &a.seq.to_le_bytes()])
+        };
+        let candidates = &(&*allowed | awaiting) - &waiting;
+        let prints: Vec<(Gid, u64)> = candidates.iter().map(|g| (g, print(g))).collect();
+        let members: BTreeSet<u64> = prints.iter().map(|(_, p)| *p).collect();
+        let proposal = Proposal { members: &members, total: index.allocation_count(), complete: full && cfg.view_complete };
+        let decision = self.guard.review(guard::IPAM_ADDRESSES, proposal, &cfg.guard, now, cfg.leak_grace, &cfg.guard_approved);
+        if let Decision::Only(_) = decision {
+            // Leaks awaiting their re-read are listed too, so their records say what holds them.
+            waiting.extend(prints.iter().filter(|(_, p)| !decision.allows(*p)).map(|(g, _)| *g));
+        }
+        // All or none per handle: a handle with one address waiting waits whole.
+        let handles: HashSet<Sym> = waiting.iter().filter_map(|g| index.alloc(g)).map(|a| a.handle).collect();
+        for h in handles {
+            waiting.extend(index.allocations_of_handle(h).iter().copied().filter(|g| allowed.contains(*g)));
+        }
+        *allowed -= &waiting;
+        waiting
+    }
+
+    /// The sets the mass-change guard holds now.
+    pub fn guard_held(&self) -> Vec<guard::Held> {
+        self.guard.held()
     }
 
     /// Applies the confirmation rules again to every confirmed leak, examined or not: a dirty
@@ -828,6 +901,7 @@ impl GcState {
     /// with a fresh classification of every allocation the index has not recorded as changed.
     pub fn check_invariants(&self, index: &IpamIndex) -> Result<(), String> {
         self.check_verdict_cache(index)?;
+        self.guard.check_invariants()?;
         let keys: RoaringBitmap = self.leaks.keys().copied().collect();
         if keys != self.tracked {
             return Err("tracked bitmap differs from leak map".into());

@@ -10,3 +10,5 @@ pub mod plan;
 pub mod release;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod guard_tests;

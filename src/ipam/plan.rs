@@ -67,6 +67,9 @@ pub enum HeldBy {
     /// A tunnel address of a node missing from the Node cache that no read has proven deleted
     /// yet (a watch behind, refused or stuck, or a node newer than the cache).
     NodeNotProvenGone,
+    /// The pass would release more than the mass-change guard allows at once: waiting for a
+    /// complete observation a grace period later, or an operator's approval.
+    MassChangeGuard,
 }
 
 impl HeldBy {
@@ -78,6 +81,7 @@ impl HeldBy {
             HeldBy::GraceDisabled => "grace-period-disabled",
             HeldBy::Revalidated => "pod-holds-ip-on-recheck",
             HeldBy::NodeNotProvenGone => "node-not-proven-gone",
+            HeldBy::MassChangeGuard => "mass-change-guard",
         }
     }
 }

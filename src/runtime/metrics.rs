@@ -65,6 +65,8 @@ pub struct Metrics {
     pub watch_unhealthy: std::collections::BTreeSet<&'static str>,
     /// Rounds whose due writes were held back by [`crate::runtime::ipam_gc::gating::WriteHold`].
     pub rounds_writes_held: u64,
+    /// Members the mass-change guard holds, by scope (absent = none).
+    pub mass_change_held: BTreeMap<&'static str, u64>,
 }
 
 /// Resident set size from `/proc/self/status` (`VmRSS`, in kB: no page-size assumption; Linux
@@ -119,6 +121,11 @@ impl Metrics {
         }
         header(&mut out, "ipam_gc_rounds_writes_held_total", "counter", "GC rounds whose due writes were held: a required watch failed or relisted, or a malformed block held orphan-handle deletions.");
         let _ = writeln!(out, "ipam_gc_rounds_writes_held_total {}", self.rounds_writes_held);
+
+        header(&mut out, "kube_controllers_mass_change_held", "gauge", "Destructive changes the mass-change guard holds (addresses to release, nodes to clean), by scope; 0 when nothing waits.");
+        for scope in [crate::guard::IPAM_ADDRESSES, crate::guard::IPAM_NODES] {
+            let _ = writeln!(out, "kube_controllers_mass_change_held{{scope=\"{}\"}} {}", scope.name, self.mass_change_held.get(scope.name).copied().unwrap_or(0));
+        }
 
         header(&mut out, "ipam_gc_releases_total", "counter", "Addresses released by the GC, by reason.");
         for reason in crate::ipam::plan::LeakReason::ALL {

@@ -213,6 +213,8 @@ pub fn scan_dump(dump: &mut DumpContents, now: Millis) -> Result<LeakReport, Inc
         revalidate_live: false,
         // The dump's nodes are the whole cluster's: a node it lacks is deleted.
         node_proof: crate::ipam::gc::NodeProof::AbsenceIsProof,
+        // One read-only observation: the release procedure's two scans are its second look.
+        ..GcConfig::default()
     };
     let meta = ReportMeta::from_cluster_info(dump.cluster_info.as_ref());
     Ok(observe(&mut index, &cfg, now, meta, invalid))

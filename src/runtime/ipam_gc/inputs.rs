@@ -19,6 +19,11 @@ use crate::ipam::index::IpamIndex;
 use crate::model::{ClusterInformation, InvalidObject, IpamConfig, KubeControllersConfiguration};
 use crate::runtime::watch::{Change, Input, Object, Source};
 
+/// The annotation of `KubeControllersConfiguration/default` that approves sets the mass-change
+/// guard holds: `kubectl annotate kubecontrollersconfigurations default
+/// calico-kube-controllers/approve-mass-change=<id>[,<id>…] --overwrite`.
+pub const APPROVE_ANNOTATION: &str = "calico-kube-controllers/approve-mass-change";
+
 /// Keys of the objects of each kind held, for deleting what a relist no longer shows. Pods and
 /// handles are not here: the index holds their keys already (interned), and a copy would cost
 /// ~300 bytes a pod.
@@ -92,6 +97,15 @@ impl GcInputs {
     /// The required sources still waiting for their first list.
     pub fn waiting(&self) -> Vec<Source> {
         Source::ALL.iter().copied().filter(|s| !self.synced.contains(s)).collect()
+    }
+
+    /// The mass-change sets operators approved: the ids listed (comma-separated) in the
+    /// [`APPROVE_ANNOTATION`] of the `default` KubeControllersConfiguration.
+    pub fn guard_approvals(&self) -> BTreeSet<String> {
+        let Some(kcc) = &self.kcc else { return BTreeSet::new() };
+        kcc.metadata.annotations.get(APPROVE_ANNOTATION).map_or_else(BTreeSet::new, |v| {
+            v.split(',').map(str::trim).filter(|id| !id.is_empty()).map(str::to_string).collect()
+        })
     }
 
     /// The required sources whose view decisions may not rest on now, each with why: its watch

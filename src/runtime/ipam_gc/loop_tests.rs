@@ -193,11 +193,15 @@ impl Running {
     }
 
     fn start_with_clock<D: Datastore + 'static>(ds: Arc<D>, cluster: Arc<MemoryCluster>, exec: ExecutorOptions, clock: Clock) -> Running {
+        Self::start_with_grace(ds, cluster, exec, clock, 2_000)
+    }
+
+    fn start_with_grace<D: Datastore + 'static>(ds: Arc<D>, cluster: Arc<MemoryCluster>, exec: ExecutorOptions, clock: Clock, grace: i64) -> Running {
         let shared = Arc::new(Shared::default());
         let (tx, rx) = mpsc::channel(crate::runtime::INPUT_QUEUE);
         let watchers = spawn_all(&ds, &cluster, &tx, &shared);
         drop(tx);
-        let opts = ControllerOptions { dry_run: false, leak_grace_override: Some(2_000), env: EnvConfig::default(), report_file: None };
+        let opts = ControllerOptions { dry_run: false, leak_grace_override: Some(grace), env: EnvConfig::default(), report_file: None };
         let (leader, may_write) = tokio::sync::watch::channel(true);
         let c = GcController::with_executor(ds, cluster, opts, shared.clone(), may_write, exec, clock);
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
@@ -611,5 +615,64 @@ async fn an_orphan_handle_is_kept_while_a_malformed_block_is_known_and_deleted_o
     assert!(run.shared.ready(), "a malformed block is reported, not a readiness failure");
     mem.delete_now(Kind::IpamBlock, "10-0-0-0-30", &Precondition::default()).unwrap();
     assert!(until(Duration::from_secs(30), || mem.peek(Kind::IpamHandle, "k8s-pod-network.orphan").is_none()).await, "deleted once the block is gone");
+    run.stop().await;
+}
+
+/// 60 addresses of pods that are gone, in 15 blocks of live node `n1`: every address of the
+/// cluster, so releasing them at once is a mass change.
+fn sixty_addresses_of_gone_pods() -> (Arc<MemoryDatastore>, Arc<MemoryCluster>) {
+    let mem = initialized_store();
+    let cluster = Arc::new(MemoryCluster::new());
+    cluster.apply(ClusterKind::Node, node("n1"));
+    for b in 0..15u32 {
+        let pods: Vec<(u32, String, String)> = (0..4).map(|o| (o, format!("p{b}-{o}"), format!("k8s-pod-network.h{b}-{o}"))).collect();
+        let allocs: Vec<(u32, &str, &str)> = pods.iter().map(|(o, p, h)| (*o, p.as_str(), h.as_str())).collect();
+        put_block(&mem, &format!("10.0.{b}.0/30"), "n1", &allocs);
+    }
+    (mem, cluster)
+}
+
+fn guard_gauge(shared: &Shared, scope: &str) -> Option<String> {
+    let prefix = format!("kube_controllers_mass_change_held{{scope=\"{scope}\"}} ");
+    shared.render_metrics().lines().find(|l| l.starts_with(&prefix)).map(|l| l[prefix.len()..].to_string())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_mass_release_is_held_visibly_until_an_operator_approves_the_set_it_published() {
+    let (mem, cluster) = sixty_addresses_of_gone_pods();
+    mem.create_now(Kind::KubeControllersConfiguration, "default", kcc("Info")).unwrap();
+    // A grace period of 10 minutes: the guard's own wait would end 10 minutes after it held.
+    let run = Running::start_with_grace(mem.clone(), cluster.clone(), ExecutorOptions::default(), Clock::tokio_from(T0), 600_000);
+    assert_eq!(guard_gauge(&run.shared, "ipam-addresses").as_deref(), Some("0"));
+    let held = |shared: &Shared| guard_gauge(shared, "ipam-addresses").as_deref() == Some("60");
+    assert!(until_every(Duration::from_secs(1), Duration::from_secs(1_200), || held(&run.shared)).await, "the guard holds the 60 confirmed leaks");
+    assert_eq!(allocated(&mem), 60, "nothing released");
+    let cond = run.shared.status.snapshot().readiness.get("MassChangeGuard").cloned().expect("a readiness condition names the hold");
+    assert!(!cond.ready, "{cond:?}");
+    assert!(cond.reason.contains("ipam-addresses: 60 of 60") && cond.reason.contains("calico-kube-controllers/approve-mass-change="), "{}", cond.reason);
+    let id = cond.reason.rsplit('=').next().unwrap().to_string();
+    let report = run.shared.report().unwrap();
+    assert!(report.leaks.iter().all(|l| l.held_by == Some("mass-change-guard")), "the report says why");
+    // The operator approves exactly that set.
+    let stored = mem.peek(Kind::KubeControllersConfiguration, "default").unwrap();
+    let mut next = stored.clone();
+    next.value["metadata"]["annotations"] = json!({"calico-kube-controllers/approve-mass-change": id});
+    mem.update_now(Kind::KubeControllersConfiguration, &next).unwrap();
+    assert!(until(Duration::from_secs(30), || allocated(&mem) == 0).await, "released once approved, well before the guard's own wait");
+    assert!(until(Duration::from_secs(30), || guard_gauge(&run.shared, "ipam-addresses").as_deref() == Some("0")).await);
+    let cond = run.shared.status.snapshot().readiness.get("MassChangeGuard").cloned().unwrap();
+    assert!(cond.ready, "{cond:?}");
+    run.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_held_mass_release_goes_by_itself_after_a_complete_observation_a_grace_period_later() {
+    let (mem, cluster) = sixty_addresses_of_gone_pods();
+    let run = Running::start_with_grace(mem.clone(), cluster.clone(), ExecutorOptions::default(), Clock::tokio_from(T0), 60_000);
+    let held = |shared: &Shared| guard_gauge(shared, "ipam-addresses").as_deref() == Some("60");
+    assert!(until_every(Duration::from_secs(1), Duration::from_secs(300), || held(&run.shared)).await, "held");
+    let since = tokio::time::Instant::now();
+    assert!(until(Duration::from_secs(300), || allocated(&mem) == 0).await, "released in the end");
+    assert!(since.elapsed() >= Duration::from_secs(55), "released {:?} after the hold, within the grace period", since.elapsed());
     run.stop().await;
 }

@@ -20,7 +20,7 @@
 //! Must not: list or read anything itself (every input comes from a watch, every read and write
 //! goes through the executor), or hold the shared lock across an `.await`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -97,6 +97,10 @@ struct Said {
     gc_disabled: bool,
     /// Why GC writes are held now (the `GcDecisions` reason); `None` while they are not.
     decisions_held: Option<String>,
+    /// Ids of the sets the mass-change guard held at the last pass.
+    guard_ids: Vec<String>,
+    /// Mass-change approvals last seen in the configuration.
+    approvals: BTreeSet<String>,
 }
 
 pub struct GcController {
@@ -186,6 +190,14 @@ impl GcController {
             *current = next;
             true
         });
+        let approvals = self.inputs.guard_approvals();
+        if approvals != self.said.approvals {
+            if !approvals.is_empty() {
+                tracing::info!(approved = ?approvals, "mass-change approval seen: a full pass applies it");
+            }
+            self.said.approvals = approvals;
+            self.inputs.index.request_full_scan();
+        }
     }
 
     /// Full passes run every `leakGracePeriod / 2`, so a leak is confirmed within 1.5 grace
@@ -334,6 +346,36 @@ impl GcController {
         self.said.decisions_held = reason;
     }
 
+    /// The mass-change guard's held sets: the gauge after every pass, and once per new held set
+    /// a warning, the readiness reason and (through the events sink) an Event. A set that no
+    /// longer waits clears them.
+    fn publish_guard(&mut self, time: crate::model::time::PassTime) {
+        let held = self.gc.guard_held();
+        let counts: BTreeMap<&'static str, u64> = held.iter().map(|h| (h.scope.name, h.waiting)).collect();
+        self.shared.metrics(|m| m.mass_change_held = counts);
+        let ids: Vec<String> = held.iter().map(|h| h.id.clone()).collect();
+        if ids == self.said.guard_ids {
+            return;
+        }
+        self.said.guard_ids = ids;
+        if held.is_empty() {
+            tracing::info!("the mass-change guard holds nothing any more");
+            self.shared.status.set_ready(crate::health::MASS_CHANGE_GUARD, true, "");
+            return;
+        }
+        let why: Vec<String> = held
+            .iter()
+            .map(|h| {
+                let share = if h.total == 0 { 100.0 } else { 100.0 * h.waiting as f64 / h.total as f64 };
+                let waited = format_go_duration(time.mono - h.since);
+                format!("{}: {} of {} ({share:.1}%) held for {waited}; approve with the annotation {}={}", h.scope.name, h.waiting, h.total, inputs::APPROVE_ANNOTATION, h.id)
+            })
+            .collect();
+        let reason = format!("mass change held until a complete observation a grace period later shows it again, or approval: {}", why.join("; "));
+        tracing::warn!(reason = %reason, "mass-change guard");
+        self.shared.status.set_ready(crate::health::MASS_CHANGE_GUARD, false, reason);
+    }
+
     fn write_hold(&self) -> gating::WriteHold {
         gating::WriteHold {
             watches: self.inputs.decisions_waiting(),
@@ -355,6 +397,9 @@ impl GcController {
             ip_cooldown: self.inputs.cooldown_secs() as Millis * 1000,
             revalidate_live: true,
             node_proof: NodeProof::Proven(self.inputs.proven_gone.clone()),
+            guard: self.opts.env.guard,
+            guard_approved: self.inputs.guard_approvals(),
+            view_complete: self.inputs.decisions_waiting().is_empty(),
         }
     }
 
@@ -420,6 +465,7 @@ impl GcController {
         let inputs = &mut self.inputs;
         let kubevirt = listed.then_some(&inputs.known.kubevirt);
         let plan = self.gc.pass(&mut inputs.index, time, &cfg, scope, kubevirt, &fresh);
+        self.publish_guard(time);
         let interval = if !plan.releases.is_empty() {
             REPORT_INTERVAL_RELEASES
         } else if plan.full {
