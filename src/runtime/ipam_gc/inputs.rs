@@ -224,17 +224,30 @@ impl GcInputs {
             }
             Object::Affinity(a) => {
                 let name = a.metadata.name.clone();
+                self.invalid.remove(&(crate::model::affinity::KIND.to_string(), name.clone()));
                 if let Err(e) = self.index.apply_affinity(&a) {
+                    tracing::warn!(affinity = %name, problem = %e.problem, "malformed affinity skipped");
+                    // The index dropped any earlier version held under this name.
+                    self.known.affinities.remove(&name);
                     self.invalid.insert((e.kind.clone(), e.name.clone()), e);
                 } else {
                     self.known.affinities.insert(name.clone());
                 }
                 name
             }
-            // Handles are tracked by ID, as the index keys them (their object names derive from it).
+            // Handles are tracked by ID, as the index keys them (their object names derive from
+            // it); one whose name contradicts its ID is held as malformed under its name.
             Object::Handle(h) => {
-                self.index.apply_handle(&h);
-                IpamIndex::handle_key(&h).to_string()
+                let name = h.metadata.name.clone();
+                self.invalid.remove(&(crate::model::handle::KIND.to_string(), name.clone()));
+                match self.index.apply_handle(&h) {
+                    Ok(()) => IpamIndex::handle_key(&h).to_string(),
+                    Err(e) => {
+                        tracing::warn!(handle = %name, problem = %e.problem, "malformed handle skipped");
+                        self.invalid.insert((e.kind.clone(), e.name.clone()), e);
+                        name
+                    }
+                }
             }
             Object::ClusterInformation(c) => {
                 let name = c.metadata.name.clone();
@@ -304,7 +317,14 @@ impl GcInputs {
             Object::Node(n) => self.delete_key(Source::Nodes, &n.metadata.name, applied),
             Object::Block(b) => self.delete_key(Source::Blocks, &b.metadata.name, applied),
             Object::Affinity(a) => self.delete_key(Source::Affinities, &a.metadata.name, applied),
-            Object::Handle(h) => self.delete_key(Source::Handles, IpamIndex::handle_key(&h), applied),
+            Object::Handle(h) => {
+                self.invalid.remove(&(crate::model::handle::KIND.to_string(), h.metadata.name.clone()));
+                // An object whose name contradicts its ID was never indexed: its deletion must
+                // not take the real handle's entry with it.
+                if let Ok(id) = IpamIndex::checked_handle_key(&h) {
+                    self.delete_key(Source::Handles, id, applied);
+                }
+            }
             Object::ClusterInformation(c) => self.delete_key(Source::ClusterInformation, &c.metadata.name, applied),
             Object::KubeControllersConfiguration(k) => self.delete_key(Source::KubeControllersConfiguration, &k.metadata.name, applied),
             Object::IpamConfig(c) => self.delete_key(Source::IpamConfig, &c.metadata.name, applied),
@@ -339,6 +359,7 @@ impl GcInputs {
             Source::Affinities => {
                 self.index.delete_affinity(key);
                 self.known.affinities.remove(key);
+                self.invalid.remove(&(crate::model::affinity::KIND.to_string(), key.to_string()));
             }
             Source::Handles => self.index.delete_handle(key),
             Source::ClusterInformation if key == "default" => {
@@ -401,10 +422,12 @@ impl GcInputs {
         if !stale.is_empty() {
             tracing::info!(source = source.as_str(), gone = stale.len(), "objects gone since the last list");
         }
-        if source == Source::Blocks {
-            // A malformed block the relist no longer shows was deleted unseen: it no longer holds
-            // orphan-handle deletions back.
-            self.invalid.retain(|(kind, name), _| kind != "IPAMBlock" || seen.contains(name));
+        if matches!(source, Source::Blocks | Source::Affinities | Source::Handles) {
+            // A malformed object the relist no longer shows was deleted unseen (a malformed block
+            // then no longer holds orphan-handle deletions back). Malformed handles are seen by
+            // their object names, valid ones by their IDs.
+            let kind = source.kind_name();
+            self.invalid.retain(|(k, name), _| k != kind || seen.contains(name));
         }
         for key in stale {
             self.delete_key(source, &key, applied);

@@ -135,6 +135,46 @@
         c.inputs.check_invariants().unwrap();
     }
 
+    fn named_handle_obj(name: &str, id: &str, rv: &str) -> Object {
+        Object::Handle(
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "resourceVersion": rv, "uid": "00000000-0000-4000-8000-000000000004"},
+                "spec": {"handleID": id, "block": {}, "deleted": false}
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn affinity_obj(name: &str, node: &str, cidr: &str) -> Object {
+        Object::Affinity(
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "resourceVersion": "1"},
+                "spec": {"state": "confirmed", "node": node, "cidr": cidr, "deleted": "false"}
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_handle_or_affinity_whose_name_contradicts_its_content_is_reported_and_never_stands_in_for_the_real_one() {
+        let (mut c, _) = controller();
+        let bogus = named_handle_obj("bogus", "k8s-pod-network.a", "9");
+        list(&mut c, Source::Handles, vec![handle_obj("k8s-pod-network.a"), bogus.clone()]);
+        list(&mut c, Source::Affinities, vec![affinity_obj("n1-10-0-0-0-30", "n1", "10.0.0.0/30"), affinity_obj("n2-10-0-0-0-30", "n1", "10.0.0.0/30")]);
+        let invalid: Vec<(String, String)> = c.inputs.invalid.keys().cloned().collect();
+        assert_eq!(invalid, [("BlockAffinity".to_string(), "n2-10-0-0-0-30".to_string()), ("IPAMHandle".to_string(), "bogus".to_string())]);
+        let sym = c.inputs.index.strings().lookup("k8s-pod-network.a").unwrap();
+        assert_eq!(c.inputs.index.handle(sym).unwrap().revision, "1", "the real handle's tokens");
+        assert_eq!(c.inputs.index.affinities().map(|(n, _)| n.to_string()).collect::<Vec<_>>(), ["n1-10-0-0-0-30"]);
+        // The bogus handle's deletion takes only its own report with it.
+        c.handle(input(Source::Handles, Change::Delete(bogus)));
+        assert_eq!(c.inputs.index.handles().count(), 1, "the real handle stays indexed");
+        // A relist no longer showing the bogus affinity drops its report too.
+        list(&mut c, Source::Affinities, vec![affinity_obj("n1-10-0-0-0-30", "n1", "10.0.0.0/30")]);
+        assert!(c.inputs.invalid.is_empty(), "{:?}", c.inputs.invalid);
+        c.inputs.check_invariants().unwrap();
+    }
+
     #[tokio::test]
     async fn a_relist_drops_the_objects_it_no_longer_shows() {
         let (mut c, _) = controller();
