@@ -14,8 +14,8 @@ use std::sync::Arc;
 use futures::StreamExt;
 use ipnet::IpNet;
 
-use super::{Datastore, DatastoreError, DsResult, Kind, Stored};
-use crate::ipam::plan::{BlockRelease, ColdBlock, EmptyBlockRecord, LeakReason, NodeRelease, OrphanHandle, Plan};
+use super::{Datastore, DatastoreError, DsResult, Kind, Precondition, Stored};
+use crate::ipam::plan::{BlockRelease, ColdBlock, EmptyBlockRecord, LeakReason, NodeRelease, OrphanHandle, Plan, SoftDeletedBlock};
 use crate::ipam::release::{HandleAction, apply_release, check_block, collect_cooled, release_from_handle};
 use crate::model::affinity::STATE_PENDING_DELETION;
 use crate::model::block::{Affinity, IpamBlockSpec, WINDOWS_RESERVED_HANDLE};
@@ -89,6 +89,8 @@ pub enum ItemRef {
     Node(String),
     OrphanHandle(String),
     ColdBlock(IpNet),
+    /// A half soft-deleted block being finished.
+    SoftDeletedBlock(IpNet),
 }
 
 impl ItemRef {
@@ -101,6 +103,7 @@ impl ItemRef {
             ItemRef::Node(_) => "node",
             ItemRef::OrphanHandle(_) => "orphan_handle",
             ItemRef::ColdBlock(_) => "cold_block",
+            ItemRef::SoftDeletedBlock(_) => "soft_deleted_block",
         }
     }
 }
@@ -142,6 +145,8 @@ pub struct PlanOutcome {
     /// Orphan handles changed (or replaced) since the plan, therefore not deleted.
     pub orphans_skipped: u64,
     pub nodes_released: u64,
+    /// Half soft-deleted blocks this plan finished (deleted under the revision and uid seen).
+    pub soft_deletes_finished: u64,
     /// `keep_going` said stop: the items after that point were not attempted.
     pub interrupted: bool,
 }
@@ -172,6 +177,7 @@ impl PlanOutcome {
             handles_deleted,
             orphans_skipped,
             nodes_released,
+            soft_deletes_finished,
             interrupted,
         } = other;
         self.released.extend(released);
@@ -195,6 +201,7 @@ impl PlanOutcome {
         self.handles_deleted += handles_deleted;
         self.orphans_skipped += orphans_skipped;
         self.nodes_released += nodes_released;
+        self.soft_deletes_finished += soft_deletes_finished;
         self.interrupted |= interrupted;
     }
 
@@ -205,8 +212,9 @@ impl PlanOutcome {
     }
 }
 
-/// Executes `plan`: releases, the cold-IP backstop, empty blocks, node releases, orphan handles,
-/// in that order (a node's last addresses are released before its blocks are let go).
+/// Executes `plan`: half soft-deleted blocks, releases, the cold-IP backstop, empty blocks, node
+/// releases, orphan handles, in that order (a node's last addresses are released before its
+/// blocks are let go; a pending soft delete is finished before any handle is deleted).
 pub async fn execute_plan<D: Datastore>(ds: &D, plan: &Plan, now: Millis, cooldown_secs: u32, opts: &ExecuteOptions) -> PlanOutcome {
     let mut out = PlanOutcome::default();
     // Checked before every item; `go` records the first refusal so the remaining sections are
@@ -218,7 +226,15 @@ pub async fn execute_plan<D: Datastore>(ds: &D, plan: &Plan, now: Millis, cooldo
         }
         !out.interrupted
     };
-    // Releases first, several blocks at once; outcomes are merged in plan order.
+    for pending in &plan.soft_deleted_blocks {
+        if !go(&mut out) {
+            break;
+        }
+        if let Err(e) = finish_soft_delete(ds, pending, &mut out).await {
+            out.fail(ItemRef::SoftDeletedBlock(pending.cidr), e);
+        }
+    }
+    // Releases next, several blocks at once; outcomes are merged in plan order.
     let pending: Vec<_> = plan.releases.iter().map(|rel| release_one(ds, rel, now, cooldown_secs, opts)).collect();
     let releases: Vec<PlanOutcome> = futures::stream::iter(pending).buffered(PARALLEL_ITEMS).collect().await;
     for o in releases {
@@ -608,6 +624,27 @@ async fn let_go_of_block<D: Datastore>(ds: &D, node: &str, cidr: &IpNet, opts: &
             Err(e) if retry_conflict(&e, &mut attempt, opts, out) => continue,
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// Finishes a half soft-deleted block as KDD readers do: deletes it only if it is still exactly
+/// the version that was seen marked (same revision and uid). A conflict means someone rewrote
+/// it since (took the mark back, or re-created the block): it is left alone, and the watch
+/// shows what it is now.
+async fn finish_soft_delete<D: Datastore>(ds: &D, pending: &SoftDeletedBlock, out: &mut PlanOutcome) -> DsResult<()> {
+    let exact = Precondition { revision: Some(pending.revision.clone()), uid: Some(pending.uid.clone()).filter(|u| !u.is_empty()) };
+    match ds.delete(Kind::IpamBlock, &pending.block_name, &exact).await {
+        Ok(()) => {
+            tracing::info!(block = %pending.cidr, "finished a block its deleter left marked deleted");
+            out.soft_deletes_finished += 1;
+            Ok(())
+        }
+        Err(e) if e.is_not_found() => Ok(()),
+        Err(e) if e.is_conflict() => {
+            out.conflicts += 1;
+            Ok(())
+        }
+        Err(e) => Err(e),
     }
 }
 

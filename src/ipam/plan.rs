@@ -159,6 +159,17 @@ pub struct ColdBlock {
     pub revision: String,
 }
 
+/// A block marked `deleted` whose deleter died before the second KDD step. Every KDD reader
+/// finishes such a block (and answers NotFound); the leader does the same, deleting exactly the
+/// version it saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SoftDeletedBlock {
+    pub cidr: IpNet,
+    pub block_name: String,
+    pub revision: String,
+    pub uid: String,
+}
+
 /// What one pass decided. Tests assert on this, not on HTTP.
 #[derive(Debug, Clone, Default)]
 pub struct Plan {
@@ -173,6 +184,9 @@ pub struct Plan {
     pub nodes_to_release: Vec<NodeRelease>,
     pub orphan_handles: Vec<OrphanHandle>,
     pub cold_blocks: Vec<ColdBlock>,
+    /// Half soft-deleted blocks to finish. The watch inputs track them (the index ignores
+    /// soft-deleted objects), so the controller fills this in beside the pass's own decisions.
+    pub soft_deleted_blocks: Vec<SoftDeletedBlock>,
     /// Confirmed leaks whose pod the shell must re-read before releasing (namespace, pod).
     pub revalidate: Vec<(Gid, String, String)>,
     /// Nodes missing from the Node cache whose deletion no read has proven: the shell reads

@@ -16,6 +16,7 @@ use ipnet::IpNet;
 
 use crate::ipam::gc::KubeVirtFacts;
 use crate::ipam::index::IpamIndex;
+use crate::ipam::plan::SoftDeletedBlock;
 use crate::model::{ClusterInformation, InvalidObject, IpamConfig, KubeControllersConfiguration};
 use crate::runtime::watch::{Change, Input, Object, Source};
 
@@ -62,6 +63,9 @@ pub struct GcInputs {
     /// Nodes a read found deleted (NotFound) while the Node cache lacked them; forgotten when the
     /// Node watch delivers the name again. Only these absent nodes count as deleted.
     pub proven_gone: BTreeSet<String>,
+    /// Blocks marked `deleted` and not deleted yet, by object name: the index ignores them, the
+    /// leader finishes them, and no orphan handle is deleted while one is pending.
+    soft_deleted: BTreeMap<String, SoftDeletedBlock>,
 }
 
 impl GcInputs {
@@ -113,6 +117,17 @@ impl GcInputs {
     /// allocation, so the handles no readable block refers to are not all orphans.
     pub fn invalid_blocks(&self) -> usize {
         self.invalid.keys().filter(|(kind, _)| kind == "IPAMBlock").count()
+    }
+
+    /// Half soft-deleted blocks waiting to be finished, by address.
+    pub fn soft_deleted_blocks(&self) -> Vec<SoftDeletedBlock> {
+        let mut v: Vec<SoftDeletedBlock> = self.soft_deleted.values().cloned().collect();
+        v.sort_by_key(|b| crate::model::names::ip_sort_key(&b.cidr.network()));
+        v
+    }
+
+    pub fn soft_deleted_count(&self) -> usize {
+        self.soft_deleted.len()
     }
 
     /// Both KubeVirt kinds finished their first list. Before that (or without KubeVirt) VM
@@ -205,11 +220,15 @@ impl GcInputs {
             Object::Block(b) => {
                 let name = b.metadata.name.clone();
                 self.invalid.remove(&("IPAMBlock".to_string(), name.clone()));
+                self.soft_deleted.remove(&name);
                 match self.index.apply_block(&b) {
                     Ok(()) => {
                         if let Ok(cidr) = b.spec.cidr.parse::<IpNet>() {
                             if b.spec.deleted {
                                 self.known.blocks.remove(&name);
+                                let (revision, uid) = (b.resource_version().to_string(), b.metadata.uid.clone().unwrap_or_default());
+                                tracing::info!(block = %name, "block marked deleted but not deleted: the leader finishes it");
+                                self.soft_deleted.insert(name.clone(), SoftDeletedBlock { cidr, block_name: name.clone(), revision, uid });
                             } else {
                                 self.known.blocks.insert(name.clone(), cidr);
                             }
@@ -354,6 +373,7 @@ impl GcInputs {
                 if let Some(cidr) = self.known.blocks.remove(key) {
                     self.index.delete_block(&cidr);
                 }
+                self.soft_deleted.remove(key);
                 self.invalid.remove(&("IPAMBlock".to_string(), key.to_string()));
             }
             Source::Affinities => {
@@ -402,7 +422,7 @@ impl GcInputs {
                 .filter(|k| !seen.contains(k))
                 .collect(),
             Source::Nodes => self.known.nodes.iter().filter(|k| !seen.contains(*k)).cloned().collect(),
-            Source::Blocks => self.known.blocks.keys().filter(|k| !seen.contains(*k)).cloned().collect(),
+            Source::Blocks => self.known.blocks.keys().chain(self.soft_deleted.keys()).filter(|k| !seen.contains(*k)).cloned().collect(),
             Source::Affinities => self.known.affinities.iter().filter(|k| !seen.contains(*k)).cloned().collect(),
             Source::Handles => {
                 self.index.handles().map(|(id, _)| self.index.resolve(id)).filter(|k| !seen.contains(*k)).map(str::to_string).collect()
@@ -451,6 +471,14 @@ impl GcInputs {
         for name in self.known.nodes.iter().filter(|n| !n.is_empty()) {
             if !self.index.strings().lookup(name).is_some_and(|s| self.index.node_exists(s)) {
                 return Err(format!("known node {name} is not in the index"));
+            }
+        }
+        for (name, b) in &self.soft_deleted {
+            if *name != b.block_name || *name != crate::model::names::cidr_to_name(&b.cidr) {
+                return Err(format!("soft-deleted block {name} is held under another name ({}, {})", b.block_name, b.cidr));
+            }
+            if self.known.blocks.contains_key(name) || self.index.block_slot(&b.cidr).is_some() {
+                return Err(format!("block {name} is both soft-deleted and live"));
             }
         }
         if let Some(name) = self.proven_gone.iter().find(|n| self.node_cached(n)) {

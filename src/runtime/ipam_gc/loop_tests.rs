@@ -575,3 +575,52 @@ async fn an_orphan_handle_is_kept_while_a_malformed_block_is_known_and_deleted_o
     assert!(until(Duration::from_secs(30), || mem.peek(Kind::IpamHandle, "k8s-pod-network.orphan").is_none()).await, "deleted once the block is gone");
     run.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_half_soft_deleted_block_is_finished_before_its_handle_is_touched() {
+    let mem = initialized_store();
+    let cluster = Arc::new(MemoryCluster::new());
+    cluster.apply(ClusterKind::Node, node("n1"));
+    // A block whose deleter died between the two KDD steps: marked `deleted`, never deleted. It
+    // still names its pod's handle.
+    put_block(&mem, "10.0.0.0/30", "n1", &[(1, "p", "k8s-pod-network.p")]);
+    let marked = mem.bump(Kind::IpamBlock, "10-0-0-0-30", |v| v["spec"]["deleted"] = json!(true)).unwrap();
+    // The first completions fail (an apiserver hiccup): the block stays pending a while.
+    mem.inject(Some(Kind::IpamBlock), Some("10-0-0-0-30"), Op::Delete, ErrorKind::Transient, 3);
+    let run = Running::start(mem.clone(), cluster.clone(), ExecutorOptions::default());
+    assert!(until(Duration::from_secs(10), || run.shared.ready()).await, "every watch listed");
+    let block_gone = || mem.peek(Kind::IpamBlock, "10-0-0-0-30").is_none();
+    let handle_gone = || mem.peek(Kind::IpamHandle, "k8s-pod-network.p").is_none();
+    // Well past the grace period (2 s) and its two observations, the handle is never deleted
+    // while the block is pending; the block is finished once the store answers.
+    let mut waited = Duration::ZERO;
+    while !block_gone() {
+        assert!(!handle_gone(), "the handle was deleted while its soft-deleted block was pending ({waited:?})");
+        assert!(waited < Duration::from_secs(120), "the soft-deleted block was never finished");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited += Duration::from_millis(100);
+    }
+    assert!(waited >= Duration::from_secs(1), "the injected failures held the completion back a while ({waited:?})");
+    assert_eq!(mem.op_count(Op::Delete, Kind::IpamBlock), 4, "three failed completions, one that went through");
+    let _ = marked;
+    run.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_soft_deleted_block_rewritten_since_is_not_finished_by_a_stale_plan() {
+    let mem = initialized_store();
+    let cluster = Arc::new(MemoryCluster::new());
+    cluster.apply(ClusterKind::Node, node("n1"));
+    cluster.apply(ClusterKind::Pod, pod("p", "n1", "10.0.0.1"));
+    put_block(&mem, "10.0.0.0/30", "n1", &[(1, "p", "k8s-pod-network.p")]);
+    mem.bump(Kind::IpamBlock, "10-0-0-0-30", |v| v["spec"]["deleted"] = json!(true)).unwrap();
+    // Just before the completion, another writer takes the mark back: the delete's revision
+    // precondition fails and the block, live again, stays.
+    mem.bump_before(Op::Delete, Kind::IpamBlock, "10-0-0-0-30", |v| v["spec"]["deleted"] = json!(false));
+    let run = Running::start(mem.clone(), cluster.clone(), ExecutorOptions::default());
+    assert!(until(Duration::from_secs(10), || run.shared.ready()).await, "every watch listed");
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(holds(&mem, "10-0-0-0-30", 1), "the block and the live pod's address stay");
+    assert!(mem.peek(Kind::IpamHandle, "k8s-pod-network.p").is_some());
+    run.stop().await;
+}

@@ -175,6 +175,40 @@
         c.inputs.check_invariants().unwrap();
     }
 
+    fn marked_deleted(o: Object, revision: &str) -> Object {
+        let Object::Block(mut b) = o else { unreachable!() };
+        b.spec.deleted = true;
+        b.metadata.resource_version = Some(revision.into());
+        Object::Block(b)
+    }
+
+    #[tokio::test]
+    async fn a_block_marked_deleted_is_tracked_until_it_is_gone_or_live_again_and_planned_for_completion() {
+        let (mut c, _) = controller();
+        list(&mut c, Source::Blocks, vec![block("10.0.0.0/30", "n1"), marked_deleted(block("10.0.0.4/30", "n1"), "7")]);
+        assert_eq!(c.inputs.index.block_count(), 1, "the index ignores the marked block");
+        let pending = c.inputs.soft_deleted_blocks();
+        assert_eq!(pending.len(), 1);
+        assert_eq!((pending[0].block_name.as_str(), pending[0].revision.as_str()), ("10-0-0-4-30", "7"));
+        assert_eq!(pending[0].uid, "00000000-0000-4000-8000-000000000001");
+        assert_eq!(c.write_hold().soft_deleted_blocks, 1);
+        c.inputs.check_invariants().unwrap();
+        // The live block is marked too; the other one's mark is taken back.
+        c.handle(input(Source::Blocks, Change::Apply(marked_deleted(block("10.0.0.0/30", "n1"), "8"))));
+        c.handle(input(Source::Blocks, Change::Apply(block("10.0.0.4/30", "n1"))));
+        assert_eq!(c.inputs.soft_deleted_blocks().iter().map(|b| b.block_name.as_str()).collect::<Vec<_>>(), ["10-0-0-0-30"]);
+        assert_eq!(c.inputs.index.block_count(), 1);
+        c.inputs.check_invariants().unwrap();
+        // Its delete arrives: nothing is pending. A relist no longer showing a marked block forgets it too.
+        c.handle(input(Source::Blocks, Change::Delete(block("10.0.0.0/30", "n1"))));
+        assert_eq!(c.inputs.soft_deleted_count(), 0);
+        c.handle(input(Source::Blocks, Change::Apply(marked_deleted(block("10.0.0.8/30", "n1"), "9"))));
+        list(&mut c, Source::Blocks, vec![block("10.0.0.4/30", "n1")]);
+        assert_eq!(c.inputs.soft_deleted_count(), 0);
+        assert_eq!(c.write_hold().soft_deleted_blocks, 0);
+        c.inputs.check_invariants().unwrap();
+    }
+
     #[tokio::test]
     async fn a_relist_drops_the_objects_it_no_longer_shows() {
         let (mut c, _) = controller();
