@@ -67,6 +67,10 @@ pub enum HeldBy {
     /// A tunnel address of a node missing from the Node cache that no read has proven deleted
     /// yet (a watch behind, refused or stuck, or a node newer than the cache).
     NodeNotProvenGone,
+    /// A deleted node's block still holds addresses once this pass's releases are done (another
+    /// node's pod, a cooling-down address): as upstream's `mustBeEmpty`, the block keeps its
+    /// affinity and the node's release is retried until the block is empty.
+    BlockNotEmpty,
 }
 
 impl HeldBy {
@@ -78,6 +82,7 @@ impl HeldBy {
             HeldBy::GraceDisabled => "grace-period-disabled",
             HeldBy::Revalidated => "pod-holds-ip-on-recheck",
             HeldBy::NodeNotProvenGone => "node-not-proven-gone",
+            HeldBy::BlockNotEmpty => "block-not-empty",
         }
     }
 }
@@ -139,8 +144,13 @@ pub struct NodeRelease {
     pub node: String,
     /// `(affinity object name, cidr)` of every host affinity the node still has.
     pub affinities: Vec<(String, IpNet)>,
-    /// Blocks affine to the node (by the block's own `affinity`).
-    pub blocks: Vec<IpNet>,
+    /// `(object name as stored, cidr)` of every block affine to the node (by the block's own
+    /// `affinity`).
+    pub blocks: Vec<(String, IpNet)>,
+    /// The blocks this pass expects to still hold addresses after its own releases, and why.
+    /// They keep their affinity, the node's affinity for them stays, and the node is retried.
+    /// A prediction for the report: the executor decides on its fresh read of each block.
+    pub held: Vec<(IpNet, HeldBy)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

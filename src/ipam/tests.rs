@@ -1003,3 +1003,36 @@ proptest! {
         w.index.check_invariants().map_err(TestCaseError::fail)?;
     }
 }
+
+// ---- node release keeps upstream's mustBeEmpty (issue #9) ---------------------------------
+
+#[test]
+fn a_deleted_nodes_block_still_holding_another_nodes_address_is_planned_as_held_and_its_affinity_kept() {
+    let mut w = World::new(15);
+    w.index.apply_node(&node("n2"));
+    w.index.apply_pod(&pod("ns", "b", "n2", &["10.0.0.2"]));
+    // n1 is gone. Its block A holds its own gone pod and n2's running pod; its block B only its own.
+    w.index.apply_block(&block("10.0.0.0/29", Some("n1"), &[pod_alloc(1, "h1", "ns", "p1", "n1"), pod_alloc(2, "hb", "ns", "b", "n2")])).unwrap();
+    w.index.apply_block(&block("10.0.0.8/29", Some("n1"), &[pod_alloc(1, "h9", "ns", "p9", "n1")])).unwrap();
+    let p = w.full(T0);
+    let mut ips = released_ips(&p);
+    ips.sort();
+    assert_eq!(ips, vec!["10.0.0.1", "10.0.0.9"], "n1's own addresses go at once");
+    let r = &p.nodes_to_release[0];
+    assert_eq!(r.node, "n1");
+    let a: ipnet::IpNet = "10.0.0.0/29".parse().unwrap();
+    let b: ipnet::IpNet = "10.0.0.8/29".parse().unwrap();
+    assert_eq!(r.blocks, vec![("10-0-0-0-29".to_string(), a), ("10-0-0-8-29".to_string(), b)], "blocks by their stored names");
+    assert_eq!(r.held, vec![(a, HeldBy::BlockNotEmpty)], "B empties with this pass's releases; A keeps n2's address");
+    assert_eq!(HeldBy::BlockNotEmpty.as_str(), "block-not-empty");
+    // n2's pod goes and its address is released (a live node: after the grace period): A is
+    // empty after that pass, and n1's release holds nothing any more.
+    w.index.delete_pod("ns", "b");
+    w.full(T0 + MIN);
+    let p = w.full(T0 + 20 * MIN);
+    // (Nothing executes here, so n1's own addresses are planned again beside it.)
+    assert!(released_ips(&p).contains(&"10.0.0.2".to_string()), "{:?}", released_ips(&p));
+    let r = p.nodes_to_release.iter().find(|r| r.node == "n1").expect("n1 is planned again");
+    assert!(r.held.is_empty(), "{:?}", r.held);
+    w.gc.check_invariants(&w.index).unwrap();
+}

@@ -138,7 +138,8 @@ pub fn due_items<'p>(plan: &'p Plan, backoff: &ItemBackoff, in_flight: &HashSet<
 
 /// Backoff bookkeeping after a plan ran: transient and invalid failures wait per item (the
 /// apiserver is struggling or the object is broken: asking again at once would not help),
-/// conflicts do not (the next round re-reads), everything else executed starts afresh. Items the
+/// conflicts do not (the next round re-reads), a node kept for its non-empty blocks waits too,
+/// everything else executed starts afresh. Items the
 /// index no longer knows are forgotten. Returns the nodes whose IPAM was released.
 pub fn record_item_results(backoff: &mut ItemBackoff, index: &IpamIndex, executed: &Plan, outcome: &PlanOutcome, now: Millis) -> HashSet<String> {
     let backs_off = |category: &str| category == ErrorKind::Transient.category() || category == ErrorKind::Invalid.category();
@@ -149,6 +150,14 @@ pub fn record_item_results(backoff: &mut ItemBackoff, index: &IpamIndex, execute
             backoff.failed(key.clone(), now);
         }
         failed.insert(key);
+    }
+    // A deleted node whose blocks still hold addresses is retried with a backoff, as a failure
+    // (upstream's `work remaining`): the pod rules release those addresses meanwhile.
+    for (node, _) in &outcome.blocks_held {
+        let key = ItemKey::Node(node.clone());
+        if failed.insert(key.clone()) {
+            backoff.failed(key, now);
+        }
     }
     for key in executable_keys(executed) {
         if !failed.contains(&key) {
@@ -177,7 +186,7 @@ mod tests {
                 BlockRelease { cidr: "10.0.0.0/30".parse().unwrap(), block_name: "10-0-0-0-30".into(), revision: "1".into(), items: Vec::new() },
                 BlockRelease { cidr: "10.0.0.4/30".parse().unwrap(), block_name: "10-0-0-4-30".into(), revision: "1".into(), items: Vec::new() },
             ],
-            nodes_to_release: vec![NodeRelease { node: "gone".into(), affinities: Vec::new(), blocks: Vec::new() }],
+            nodes_to_release: vec![NodeRelease { node: "gone".into(), affinities: Vec::new(), blocks: Vec::new(), held: Vec::new() }],
             ..Plan::default()
         }
     }
@@ -228,6 +237,27 @@ mod tests {
         // An empty index knows none of the items: the backoff forgets them all.
         record_item_results(&mut backoff, &IpamIndex::new(), &Plan::default(), &PlanOutcome::default(), 1);
         assert!(backoff.is_empty(), "items the index no longer knows have nothing to retry");
+    }
+
+    #[test]
+    fn a_node_kept_for_its_non_empty_blocks_backs_off_and_is_not_released() {
+        let p = plan();
+        let cidr: ipnet::IpNet = "10.0.0.0/30".parse().unwrap();
+        let outcome = PlanOutcome { blocks_held: vec![("gone".into(), cidr)], ..PlanOutcome::default() };
+        let mut index = IpamIndex::new();
+        let block: crate::model::IpamBlock = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "10-0-0-0-30", "resourceVersion": "1"},
+            "spec": {"cidr": "10.0.0.0/30", "affinity": "host:gone", "strictAffinity": false, "allocations": [0, null, null, null],
+                     "unallocated": [1, 2, 3], "attributes": [{"handle_id": "h", "secondary": {"namespace": "ns", "pod": "p", "node": "other"}}],
+                     "sequenceNumber": 1, "deleted": false}
+        }))
+        .unwrap();
+        index.apply_block(&block).unwrap();
+        let mut backoff = ItemBackoff::default();
+        let released = record_item_results(&mut backoff, &index, &p, &outcome, 0);
+        assert!(released.is_empty(), "its reclamation series stay: the node is not released yet");
+        assert!(!backoff.is_due(&ItemKey::Node("gone".into()), 1), "retried after a backoff");
+        assert!(backoff.is_due(&ItemKey::Node("gone".into()), crate::runtime::backoff::FIRST_DELAY));
     }
 
     fn with_orphan(mut p: Plan) -> Plan {

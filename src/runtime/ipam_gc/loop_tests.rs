@@ -624,3 +624,36 @@ async fn a_soft_deleted_block_rewritten_since_is_not_finished_by_a_stale_plan() 
     assert!(mem.peek(Kind::IpamHandle, "k8s-pod-network.p").is_some());
     run.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_deleted_nodes_block_holding_another_nodes_pod_keeps_its_affinity_and_the_node_is_released_once_that_pod_goes() {
+    let mem = initialized_store();
+    let cluster = Arc::new(MemoryCluster::new());
+    cluster.apply(ClusterKind::Node, node("n1"));
+    cluster.apply(ClusterKind::Node, node("n2"));
+    cluster.apply(ClusterKind::Pod, pod("b", "n2", "10.0.0.2"));
+    // n1's block holds n1's pod `a` (gone) and n2's pod `b`, borrowed.
+    put_block(&mem, "10.0.0.0/30", "n1", &[(1, "a", "k8s-pod-network.a")]);
+    mem.bump(Kind::IpamBlock, "10-0-0-0-30", |v| {
+        v["spec"]["allocations"][2] = json!(1);
+        v["spec"]["attributes"].as_array_mut().unwrap().push(json!({"handle_id": "k8s-pod-network.b", "secondary": {"namespace": "ns", "pod": "b", "node": "n2"}}));
+        v["spec"]["unallocated"] = json!([0, 3]);
+    });
+    let run = Running::start(mem.clone(), cluster.clone(), ExecutorOptions::default());
+    assert!(until(Duration::from_secs(10), || run.shared.ready()).await, "every watch listed");
+    cluster.delete(ClusterKind::Node, "", "n1");
+    assert!(until(Duration::from_secs(30), || !holds(&mem, "10-0-0-0-30", 1)).await, "n1's pod address goes");
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let block = mem.peek(Kind::IpamBlock, "10-0-0-0-30").expect("the block stays");
+    assert_eq!(block.value["spec"]["affinity"], "host:n1", "still affine to n1 (mustBeEmpty)");
+    assert!(holds(&mem, "10-0-0-0-30", 2), "n2's pod keeps its address");
+    assert_eq!(mem.snapshot(Kind::BlockAffinity).len(), 1, "n1's affinity for it stays");
+    let gets = mem.op_count(Op::Get, Kind::IpamBlock);
+    assert!(gets <= 10, "the held node is retried with a backoff, not every round: {gets} block reads in 60 s");
+    // n2's pod goes: its address is released (grace 2 s and a re-read), and the retried node
+    // release finds the block empty.
+    cluster.delete(ClusterKind::Pod, "ns", "b");
+    let all_gone = || mem.peek(Kind::IpamBlock, "10-0-0-0-30").is_none() && mem.snapshot(Kind::BlockAffinity).is_empty();
+    assert!(until(Duration::from_secs(120), all_gone).await, "block and affinity go once the block is empty");
+    run.stop().await;
+}
