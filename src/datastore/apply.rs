@@ -14,12 +14,12 @@ use std::sync::Arc;
 use futures::StreamExt;
 use ipnet::IpNet;
 
-use super::{Datastore, DatastoreError, DsResult, Kind, Stored};
-use crate::ipam::plan::{BlockRelease, ColdBlock, EmptyBlockRecord, LeakReason, NodeRelease, OrphanHandle, Plan};
+use super::{Datastore, DatastoreError, DsResult, Kind, Precondition, Stored};
+use crate::ipam::plan::{BlockRelease, ColdBlock, EmptyBlockRecord, LeakReason, NodeRelease, OrphanHandle, Plan, SoftDeletedBlock};
 use crate::ipam::release::{HandleAction, apply_release, check_block, collect_cooled, release_from_handle};
 use crate::model::affinity::STATE_PENDING_DELETION;
 use crate::model::block::{Affinity, IpamBlockSpec, WINDOWS_RESERVED_HANDLE};
-use crate::model::names::{affinity_name, cidr_to_name, handle_object_name};
+use crate::model::names::{affinity_name, handle_object_name};
 use crate::model::time::Millis;
 use crate::model::{BlockAffinity, IpamBlock, IpamHandle};
 
@@ -89,6 +89,8 @@ pub enum ItemRef {
     Node(String),
     OrphanHandle(String),
     ColdBlock(IpNet),
+    /// A half soft-deleted block being finished.
+    SoftDeletedBlock(IpNet),
 }
 
 impl ItemRef {
@@ -101,6 +103,7 @@ impl ItemRef {
             ItemRef::Node(_) => "node",
             ItemRef::OrphanHandle(_) => "orphan_handle",
             ItemRef::ColdBlock(_) => "cold_block",
+            ItemRef::SoftDeletedBlock(_) => "soft_deleted_block",
         }
     }
 }
@@ -131,8 +134,9 @@ pub struct PlanOutcome {
     pub failures: Vec<ItemFailure>,
     pub blocks_updated: u64,
     pub blocks_deleted: u64,
-    /// Blocks of a released node kept (they hold other addresses) with their affinity removed.
-    pub blocks_unaffined: u64,
+    /// `(node, block)` of each deleted node's block kept because it still holds addresses
+    /// (upstream's `mustBeEmpty`): the block and the node's affinity stay, the node is retried.
+    pub blocks_held: Vec<(String, IpNet)>,
     /// Empty blocks found holding addresses again at the re-check; their affinity was restored.
     pub empty_blocks_kept: u64,
     pub blocks_cooled: u64,
@@ -142,6 +146,8 @@ pub struct PlanOutcome {
     /// Orphan handles changed (or replaced) since the plan, therefore not deleted.
     pub orphans_skipped: u64,
     pub nodes_released: u64,
+    /// Half soft-deleted blocks this plan finished (deleted under the revision and uid seen).
+    pub soft_deletes_finished: u64,
     /// `keep_going` said stop: the items after that point were not attempted.
     pub interrupted: bool,
 }
@@ -164,7 +170,7 @@ impl PlanOutcome {
             failures,
             blocks_updated,
             blocks_deleted,
-            blocks_unaffined,
+            blocks_held,
             empty_blocks_kept,
             blocks_cooled,
             affinities_released,
@@ -172,6 +178,7 @@ impl PlanOutcome {
             handles_deleted,
             orphans_skipped,
             nodes_released,
+            soft_deletes_finished,
             interrupted,
         } = other;
         self.released.extend(released);
@@ -187,7 +194,7 @@ impl PlanOutcome {
         self.failures.extend(failures);
         self.blocks_updated += blocks_updated;
         self.blocks_deleted += blocks_deleted;
-        self.blocks_unaffined += blocks_unaffined;
+        self.blocks_held.extend(blocks_held);
         self.empty_blocks_kept += empty_blocks_kept;
         self.blocks_cooled += blocks_cooled;
         self.affinities_released += affinities_released;
@@ -195,6 +202,7 @@ impl PlanOutcome {
         self.handles_deleted += handles_deleted;
         self.orphans_skipped += orphans_skipped;
         self.nodes_released += nodes_released;
+        self.soft_deletes_finished += soft_deletes_finished;
         self.interrupted |= interrupted;
     }
 
@@ -205,8 +213,9 @@ impl PlanOutcome {
     }
 }
 
-/// Executes `plan`: releases, the cold-IP backstop, empty blocks, node releases, orphan handles,
-/// in that order (a node's last addresses are released before its blocks are let go).
+/// Executes `plan`: half soft-deleted blocks, releases, the cold-IP backstop, empty blocks, node
+/// releases, orphan handles, in that order (a node's last addresses are released before its
+/// blocks are let go; a pending soft delete is finished before any handle is deleted).
 pub async fn execute_plan<D: Datastore>(ds: &D, plan: &Plan, now: Millis, cooldown_secs: u32, opts: &ExecuteOptions) -> PlanOutcome {
     let mut out = PlanOutcome::default();
     // Checked before every item; `go` records the first refusal so the remaining sections are
@@ -218,7 +227,15 @@ pub async fn execute_plan<D: Datastore>(ds: &D, plan: &Plan, now: Millis, cooldo
         }
         !out.interrupted
     };
-    // Releases first, several blocks at once; outcomes are merged in plan order.
+    for pending in &plan.soft_deleted_blocks {
+        if !go(&mut out) {
+            break;
+        }
+        if let Err(e) = finish_soft_delete(ds, pending, &mut out).await {
+            out.fail(ItemRef::SoftDeletedBlock(pending.cidr), e);
+        }
+    }
+    // Releases next, several blocks at once; outcomes are merged in plan order.
     let pending: Vec<_> = plan.releases.iter().map(|rel| release_one(ds, rel, now, cooldown_secs, opts)).collect();
     let releases: Vec<PlanOutcome> = futures::stream::iter(pending).buffered(PARALLEL_ITEMS).collect().await;
     for o in releases {
@@ -540,23 +557,33 @@ async fn release_empty_block<D: Datastore>(ds: &D, rec: &EmptyBlockRecord, opts:
     Ok(())
 }
 
-/// Lets go of a deleted node's blocks: an empty block is deleted, a block still holding addresses
-/// (other nodes' pods, say) only loses its affinity, and the node's affinities are deleted. No
-/// address is ever released here. Returns whether every step succeeded.
+/// Lets go of a deleted node's blocks with upstream's `mustBeEmpty`: an empty block (nothing but
+/// Windows' reserved addresses) is deleted; a block still holding addresses (another node's pod,
+/// a cooling-down address) is left exactly as it is, affinity included, and so is the node's
+/// affinity for it: it is recorded in `blocks_held` and the node's release is retried until
+/// the block is empty. The node's other affinities are deleted. No address is ever released
+/// here. Returns whether the node's IPAM is now released entirely.
 async fn release_node<D: Datastore>(ds: &D, node: &NodeRelease, opts: &ExecuteOptions, out: &mut PlanOutcome) -> bool {
     let mut ok = true;
-    let cidrs: BTreeSet<IpNet> = node.blocks.iter().copied().chain(node.affinities.iter().map(|(_, c)| *c)).collect();
-    let mut held = BTreeSet::new();
-    for cidr in cidrs {
-        if let Err(e) = let_go_of_block(ds, &node.node, &cidr, opts, out).await {
-            ok = false;
-            held.insert(cidr);
-            out.fail(ItemRef::Node(node.node.clone()), e);
+    let mut kept = BTreeSet::new();
+    for (name, cidr) in &node.blocks {
+        match let_go_of_block(ds, &node.node, name, opts, out).await {
+            Ok(LetGo::Done) => {}
+            Ok(LetGo::NotEmpty) => {
+                ok = false;
+                kept.insert(*cidr);
+                out.blocks_held.push((node.node.clone(), *cidr));
+            }
+            Err(e) => {
+                ok = false;
+                kept.insert(*cidr);
+                out.fail(ItemRef::Node(node.node.clone()), e);
+            }
         }
     }
     // An affinity goes only after its block has let go of the node, so that a failure never
     // leaves a block claiming a node that has no affinity for it.
-    for (name, _) in node.affinities.iter().filter(|(_, c)| !held.contains(c)) {
+    for (name, _) in node.affinities.iter().filter(|(_, c)| !kept.contains(c)) {
         match delete_fresh(ds, Kind::BlockAffinity, None, name, |_| true, opts, out).await {
             Ok(true) => out.affinities_released += 1,
             Ok(false) => {}
@@ -568,46 +595,67 @@ async fn release_node<D: Datastore>(ds: &D, node: &NodeRelease, opts: &ExecuteOp
     }
     if ok {
         tracing::debug!(node = %node.node, "node's IPAM released");
+    } else if !kept.is_empty() {
+        tracing::info!(node = %node.node, blocks = kept.len(), "deleted node's blocks still hold addresses: kept with their affinities, retried");
     }
     ok
 }
 
-async fn let_go_of_block<D: Datastore>(ds: &D, node: &str, cidr: &IpNet, opts: &ExecuteOptions, out: &mut PlanOutcome) -> DsResult<()> {
-    let name = cidr_to_name(cidr);
+/// What became of one block of a released node.
+enum LetGo {
+    /// Deleted, already gone, or no longer the node's.
+    Done,
+    /// Still holds addresses: kept as it is.
+    NotEmpty,
+}
+
+async fn let_go_of_block<D: Datastore>(ds: &D, node: &str, name: &str, opts: &ExecuteOptions, out: &mut PlanOutcome) -> DsResult<LetGo> {
     let mut attempt = 0;
     loop {
-        let stored = match ds.get(Kind::IpamBlock, &name).await {
-            Err(e) if e.is_not_found() => return Ok(()),
+        let stored = match ds.get(Kind::IpamBlock, name).await {
+            Err(e) if e.is_not_found() => return Ok(LetGo::Done),
             r => r?,
         };
-        let mut block: IpamBlock = stored.decode()?;
+        let block: IpamBlock = stored.decode()?;
         if Affinity::parse(block.spec.affinity.as_deref()).host() != Some(node) {
             // Claimed by someone else (or nobody) since the scan: not ours to touch.
-            return Ok(());
+            return Ok(LetGo::Done);
         }
-        let empty = holds_only_reserved(&block.spec);
-        let written = if empty {
-            ds.soft_delete(Kind::IpamBlock, &stored).await
-        } else {
-            block.spec.affinity = None;
-            block.spec.affinity_claim_time = None;
-            // Every block write bumps the sequence number, as the IPAM library does.
-            block.spec.sequence_number = block.spec.sequence_number.wrapping_add(1);
-            ds.update(Kind::IpamBlock, &stored.with_value(&block)?).await.map(|_| ())
-        };
-        match written {
+        if !holds_only_reserved(&block.spec) {
+            // Upstream strips nothing here either (`mustBeEmpty`): the node stays affine until
+            // the pod rules have released what the block holds.
+            return Ok(LetGo::NotEmpty);
+        }
+        match ds.soft_delete(Kind::IpamBlock, &stored).await {
             Ok(()) => {
-                if empty {
-                    out.blocks_deleted += 1;
-                } else {
-                    out.blocks_unaffined += 1;
-                }
-                return Ok(());
+                out.blocks_deleted += 1;
+                return Ok(LetGo::Done);
             }
-            Err(e) if e.is_not_found() => return Ok(()),
+            Err(e) if e.is_not_found() => return Ok(LetGo::Done),
             Err(e) if retry_conflict(&e, &mut attempt, opts, out) => continue,
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// Finishes a half soft-deleted block as KDD readers do: deletes it only if it is still exactly
+/// the version that was seen marked (same revision and uid). A conflict means someone rewrote
+/// it since (took the mark back, or re-created the block): it is left alone, and the watch
+/// shows what it is now.
+async fn finish_soft_delete<D: Datastore>(ds: &D, pending: &SoftDeletedBlock, out: &mut PlanOutcome) -> DsResult<()> {
+    let exact = Precondition { revision: Some(pending.revision.clone()), uid: Some(pending.uid.clone()).filter(|u| !u.is_empty()) };
+    match ds.delete(Kind::IpamBlock, &pending.block_name, &exact).await {
+        Ok(()) => {
+            tracing::info!(block = %pending.cidr, "finished a block its deleter left marked deleted");
+            out.soft_deletes_finished += 1;
+            Ok(())
+        }
+        Err(e) if e.is_not_found() => Ok(()),
+        Err(e) if e.is_conflict() => {
+            out.conflicts += 1;
+            Ok(())
+        }
+        Err(e) => Err(e),
     }
 }
 

@@ -327,6 +327,21 @@ fn leaks_on_cached_facts(index: &IpamIndex, g: Gid) -> bool {
     leaks(Proof::Complete) || (!index.node_exists(a.node) && leaks(Proof::NoneProven))
 }
 
+/// The blocks of `blocks` that still hold an address once `releases` are done: any used ordinal
+/// that is neither released in this pass nor one of Calico's Windows-reserved addresses (a block
+/// holding only those is empty to the IPAM library). Cooling-down ordinals count as used.
+fn blocks_left_non_empty(index: &IpamIndex, blocks: &[(String, IpNet)], releases: &[BlockRelease]) -> Vec<IpNet> {
+    blocks
+        .iter()
+        .filter_map(|(_, cidr)| {
+            let b = index.block(index.block_slot(cidr)?)?;
+            let released = releases.iter().find(|r| r.cidr == *cidr).map_or(0, |r| r.items.len()) as u32;
+            let reserved = b.allocs.iter().filter(|a| a.kind == AllocKind::WindowsReserved).count() as u32;
+            (b.used_ordinals > released + reserved).then_some(*cidr)
+        })
+        .collect()
+}
+
 /// An allocation's identity for leak tracking: its handle and sequence number, and the facts a
 /// confirmation rests on (node, kind, namespace, pod). The CNI stamps a new sequence number on
 /// every allocation, so a reallocated ordinal never looks like the leak it replaced; a block
@@ -593,9 +608,10 @@ impl GcState {
                 .map(|(k, a)| (k.to_string(), a.cidr))
                 .collect();
             affinities.sort();
-            let mut blocks: Vec<IpNet> = index.host_blocks(*n).iter().filter_map(|s| index.block(*s)).map(|b| b.cidr).collect();
-            blocks.sort();
-            plan.nodes_to_release.push(NodeRelease { node: name, affinities, blocks });
+            let mut blocks: Vec<(String, IpNet)> = index.host_blocks(*n).iter().filter_map(|s| index.block(*s)).map(|b| (b.name.to_string(), b.cidr)).collect();
+            blocks.sort_by_key(|(_, c)| *c);
+            let held = blocks_left_non_empty(index, &blocks, &plan.releases).into_iter().map(|c| (c, HeldBy::BlockNotEmpty)).collect();
+            plan.nodes_to_release.push(NodeRelease { node: name, affinities, blocks, held });
         }
         if full {
             self.plan_orphan_handles(index, now, cfg, &mut plan);

@@ -20,7 +20,7 @@ use roaring::RoaringBitmap;
 
 use super::intern::{FastMap, Interner, Sym};
 use crate::model::block::{Affinity, BlockView, WINDOWS_RESERVED_HANDLE};
-use crate::model::names::{ip_sort_key, ip_to_ordinal, ordinal_to_ip, sanitize_handle};
+use crate::model::names::{affinity_name, handle_object_name, ip_sort_key, ip_to_ordinal, ordinal_to_ip, sanitize_handle};
 use crate::model::time::{parse_rfc3339, Millis};
 use crate::model::{BlockAffinity, InvalidObject, IpamBlock, IpamHandle, NodeLite, PodFacts, PodPhase};
 
@@ -960,17 +960,37 @@ impl IpamIndex {
             }
     }
 
+    /// Adds or replaces a host affinity. One whose name is not the name KDD derives from its node
+    /// and CIDR (`<node>-<cidr name>`, hashed when long) is not the affinity of that node and
+    /// block: it is reported invalid and dropped, so it never stands in for the real one (its
+    /// node would look affine, and a node release would act on the wrong object).
     pub fn apply_affinity(&mut self, a: &BlockAffinity) -> Result<(), InvalidObject> {
         let name = a.name();
         if a.spec.deleted || !a.spec.is_host() {
             self.delete_affinity(name);
             return Ok(());
         }
-        let cidr: IpNet = a
-            .spec
-            .cidr
-            .parse()
-            .map_err(|_| InvalidObject::new("BlockAffinity", name, format!("cidr {:?} is not a CIDR", a.spec.cidr)))?;
+        let invalid = |problem: String| InvalidObject::new(crate::model::affinity::KIND, name, problem);
+        let checked = match a.spec.cidr.parse::<IpNet>() {
+            Err(_) => Err(invalid(format!("cidr {:?} is not a CIDR", a.spec.cidr))),
+            Ok(c) if c.network() != c.addr() => Err(invalid(format!("cidr {c} has host bits set"))),
+            Ok(c) => {
+                let expected = affinity_name(&a.spec.node, &c);
+                if name == expected {
+                    Ok(c)
+                } else {
+                    Err(invalid(format!("name {name:?} does not match node {:?} and cidr {c} (whose affinity is named {expected:?})", a.spec.node)))
+                }
+            }
+        };
+        let cidr = match checked {
+            Ok(c) => c,
+            Err(e) => {
+                // A version that was valid is replaced by this one: the old entry must not linger.
+                self.delete_affinity(name);
+                return Err(e);
+            }
+        };
         let node = self.strings.intern(&a.spec.node);
         let entry = AffinityEntry { node, cidr, revision: a.resource_version().into(), state: a.spec.state.as_str().into() };
         if let Some(old) = self.affinities.insert(name.into(), entry) {
@@ -986,17 +1006,40 @@ impl IpamIndex {
     }
 
     /// The handle ID the index keys a handle object by: `spec.handleID` as the IPAM library
-    /// sanitizes it, or the object name when that is empty. Deletes must use the same key.
+    /// sanitizes it. Deletes must use the same key.
     pub fn handle_key(h: &IpamHandle) -> &str {
-        let id = sanitize_handle(&h.spec.handle_id);
-        if id.is_empty() { h.name() } else { id }
+        sanitize_handle(&h.spec.handle_id)
     }
 
-    pub fn apply_handle(&mut self, h: &IpamHandle) {
+    /// The handle's key if its object name is the one KDD derives from its handle ID (the
+    /// lowercased ID); otherwise the object is not that handle (another object claiming its ID,
+    /// or one with no ID at all) and is reported invalid.
+    pub fn checked_handle_key(h: &IpamHandle) -> Result<&str, InvalidObject> {
         let id = Self::handle_key(h);
+        let name = h.name();
+        if id.is_empty() {
+            return Err(InvalidObject::new(crate::model::handle::KIND, name, "spec.handleID is empty"));
+        }
+        let expected = handle_object_name(id);
+        if name != expected {
+            return Err(InvalidObject::new(
+                crate::model::handle::KIND,
+                name,
+                format!("name {name:?} does not match handleID {id:?} (whose handle is named {expected:?})"),
+            ));
+        }
+        Ok(id)
+    }
+
+    /// Adds or replaces a handle object (a soft-deleted one is treated as gone). One whose name
+    /// contradicts its handle ID is reported invalid and changes nothing: indexed, its tokens
+    /// would replace the real handle's (a delete by them would fail or hit the wrong object)
+    /// and its soft delete would drop the real handle from the index.
+    pub fn apply_handle(&mut self, h: &IpamHandle) -> Result<(), InvalidObject> {
+        let id = Self::checked_handle_key(h)?;
         if h.spec.deleted {
             self.delete_handle(id);
-            return;
+            return Ok(());
         }
         let sym = self.strings.intern(id);
         let (rev, uid) = (h.resource_version(), h.metadata.uid.as_deref().unwrap_or(""));
@@ -1015,6 +1058,7 @@ impl IpamIndex {
         } else if !self.by_handle.contains_key(&sym) {
             self.orphans.insert(sym);
         }
+        Ok(())
     }
 
     pub fn delete_handle(&mut self, handle_id: &str) {
@@ -1068,7 +1112,9 @@ impl IpamIndex {
             }
         }
         for h in snap.handles {
-            self.apply_handle(h);
+            if let Err(e) = self.apply_handle(h) {
+                invalid.push(e);
+            }
         }
         self.dirty_nodes.clear();
         self.full_scan_requested = true;

@@ -70,6 +70,10 @@ pub enum HeldBy {
     /// The pass would release more than the mass-change guard allows at once: waiting for a
     /// complete observation a grace period later, or an operator's approval.
     MassChangeGuard,
+    /// A deleted node's block still holds addresses once this pass's releases are done (another
+    /// node's pod, a cooling-down address): as upstream's `mustBeEmpty`, the block keeps its
+    /// affinity and the node's release is retried until the block is empty.
+    BlockNotEmpty,
 }
 
 impl HeldBy {
@@ -82,6 +86,7 @@ impl HeldBy {
             HeldBy::Revalidated => "pod-holds-ip-on-recheck",
             HeldBy::NodeNotProvenGone => "node-not-proven-gone",
             HeldBy::MassChangeGuard => "mass-change-guard",
+            HeldBy::BlockNotEmpty => "block-not-empty",
         }
     }
 }
@@ -143,8 +148,13 @@ pub struct NodeRelease {
     pub node: String,
     /// `(affinity object name, cidr)` of every host affinity the node still has.
     pub affinities: Vec<(String, IpNet)>,
-    /// Blocks affine to the node (by the block's own `affinity`).
-    pub blocks: Vec<IpNet>,
+    /// `(object name as stored, cidr)` of every block affine to the node (by the block's own
+    /// `affinity`).
+    pub blocks: Vec<(String, IpNet)>,
+    /// The blocks this pass expects to still hold addresses after its own releases, and why.
+    /// They keep their affinity, the node's affinity for them stays, and the node is retried.
+    /// A prediction for the report: the executor decides on its fresh read of each block.
+    pub held: Vec<(IpNet, HeldBy)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,6 +173,17 @@ pub struct ColdBlock {
     pub revision: String,
 }
 
+/// A block marked `deleted` whose deleter died before the second KDD step. Every KDD reader
+/// finishes such a block (and answers NotFound); the leader does the same, deleting exactly the
+/// version it saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SoftDeletedBlock {
+    pub cidr: IpNet,
+    pub block_name: String,
+    pub revision: String,
+    pub uid: String,
+}
+
 /// What one pass decided. Tests assert on this, not on HTTP.
 #[derive(Debug, Clone, Default)]
 pub struct Plan {
@@ -177,6 +198,9 @@ pub struct Plan {
     pub nodes_to_release: Vec<NodeRelease>,
     pub orphan_handles: Vec<OrphanHandle>,
     pub cold_blocks: Vec<ColdBlock>,
+    /// Half soft-deleted blocks to finish. The watch inputs track them (the index ignores
+    /// soft-deleted objects), so the controller fills this in beside the pass's own decisions.
+    pub soft_deleted_blocks: Vec<SoftDeletedBlock>,
     /// Confirmed leaks whose pod the shell must re-read before releasing (namespace, pod).
     pub revalidate: Vec<(Gid, String, String)>,
     /// Nodes missing from the Node cache whose deletion no read has proven: the shell reads

@@ -400,16 +400,16 @@ fn orphan_handles_are_deleted_only_after_a_full_grace_period_unchanged() {
     let h = |rv: &str| -> IpamHandle {
         serde_json::from_value(json!({"metadata": {"name": "k8s-pod-network.x", "resourceVersion": rv, "uid": "u"}, "spec": {"handleID": "k8s-pod-network.x", "block": {}}})).unwrap()
     };
-    w.index.apply_handle(&h("1"));
+    w.index.apply_handle(&h("1")).unwrap();
     assert!(!w.full(T0).orphan_handles[0].releasable);
-    w.index.apply_handle(&h("2"));
+    w.index.apply_handle(&h("2")).unwrap();
     assert!(!w.full(T0 + 6 * MIN).orphan_handles[0].releasable, "changed: the CNI is using it");
     assert!(w.full(T0 + 12 * MIN).orphan_handles[0].releasable);
     // Referenced by a block: not an orphan.
     w.index.apply_block(&block("10.0.0.0/29", Some("n1"), &[pod_alloc(1, "k8s-pod-network.x", "ns", "p", "n1")])).unwrap();
     assert!(w.full(T0 + 13 * MIN).orphan_handles.is_empty());
     let mut w0 = World::new(0);
-    w0.index.apply_handle(&h("1"));
+    w0.index.apply_handle(&h("1")).unwrap();
     w0.full(T0);
     assert!(!w0.full(T0 + 600 * MIN).orphan_handles[0].releasable, "never with grace 0");
 }
@@ -727,7 +727,7 @@ fn handle_tokens_are_stored_compactly_and_read_back_exactly() {
     let mut w = World::new(5);
     for (name, rv, uid) in [("a", "12345", "0b3d2c1e-9f8a-4b7c-8d6e-5f4a3b2c1d0e"), ("b", "rv-text", "not-a-uuid"), ("c", "007", "")] {
         let h: IpamHandle = serde_json::from_value(json!({"metadata": {"name": name, "resourceVersion": rv, "uid": uid}, "spec": {"handleID": name, "block": {}}})).unwrap();
-        w.index.apply_handle(&h);
+        w.index.apply_handle(&h).unwrap();
         let meta = w.index.handle(w.index.strings().lookup(name).unwrap()).unwrap();
         assert_eq!((meta.revision.as_str(), meta.uid.as_str()), (rv, uid));
     }
@@ -762,7 +762,7 @@ fn with_live_revalidation_a_confirmed_leak_waits_for_a_fresh_read_of_its_pod() {
 fn a_handle_written_with_a_carriage_return_is_deleted_by_the_key_it_was_indexed_under() {
     let mut w = World::new(5);
     let h: IpamHandle = serde_json::from_value(json!({"metadata": {"name": "k8s-pod-network.x", "resourceVersion": "1"}, "spec": {"handleID": "k8s-pod-network.x\r\n", "block": {}}})).unwrap();
-    w.index.apply_handle(&h);
+    w.index.apply_handle(&h).unwrap();
     assert_eq!(IpamIndex::handle_key(&h), "k8s-pod-network.x");
     w.index.delete_handle(IpamIndex::handle_key(&h));
     assert_eq!(w.index.handles().count(), 0);
@@ -937,4 +937,132 @@ fn a_block_named_for_another_cidr_is_invalid_and_never_stands_in_for_the_real_bl
     assert!(leak_of(&p, &w, "10.0.0.1").is_none(), "the live pod's address in the real block is kept");
     assert!(leak_of(&p, &w, "10.0.0.2").is_some(), "the real block's own leak is still judged");
     assert_eq!(p.leaks.len(), 1, "no leak from any misnamed block: {:?}", p.leaks);
+}
+
+// ---- name and content agree (issue #9) ----------------------------------------------------
+
+fn affinity_object(name: &str, node: &str, cidr: &str) -> crate::model::BlockAffinity {
+    serde_json::from_value(json!({"metadata": {"name": name, "resourceVersion": "1"},
+                                  "spec": {"state": "confirmed", "node": node, "cidr": cidr, "deleted": "false"}}))
+    .unwrap()
+}
+
+fn handle_object(name: &str, id: &str, rv: &str, deleted: bool) -> IpamHandle {
+    serde_json::from_value(json!({"metadata": {"name": name, "resourceVersion": rv, "uid": "0b3d2c1e-9f8a-4b7c-8d6e-5f4a3b2c1d0e"},
+                                  "spec": {"handleID": id, "block": {}, "deleted": deleted}}))
+    .unwrap()
+}
+
+#[test]
+fn an_affinity_whose_name_is_not_the_one_its_node_and_cidr_derive_is_invalid_and_never_indexed() {
+    let mut w = World::new(5);
+    // Named for n2, claiming n1: it would make n1 look affine (and be deleted with n1's release).
+    let e = w.index.apply_affinity(&affinity_object("n2-10-0-0-0-29", "n1", "10.0.0.0/29")).unwrap_err();
+    assert_eq!((e.kind.as_str(), e.name.as_str()), ("BlockAffinity", "n2-10-0-0-0-29"));
+    assert!(e.problem.contains("n1-10-0-0-0-29"), "{}", e.problem);
+    assert_eq!(w.index.affinities().count(), 0);
+    // A valid affinity later rewritten to contradict its name is dropped, not kept stale.
+    w.index.apply_affinity(&affinity_object("n1-10-0-0-0-29", "n1", "10.0.0.0/29")).unwrap();
+    assert_eq!(w.index.affinities().count(), 1);
+    assert!(w.index.apply_affinity(&affinity_object("n1-10-0-0-0-29", "n1", "10.0.0.8/29")).is_err());
+    assert_eq!(w.index.affinities().count(), 0);
+    // A CIDR with host bits set names no block.
+    assert!(w.index.apply_affinity(&affinity_object("n1-10-0-0-1-29", "n1", "10.0.0.1/29")).is_err());
+    w.index.check_invariants().unwrap();
+}
+
+#[test]
+fn a_handle_whose_name_contradicts_its_handle_id_is_invalid_and_never_stands_in_for_the_real_one() {
+    let mut w = World::new(5);
+    w.index.apply_handle(&handle_object("k8s-pod-network.a", "k8s-pod-network.a", "10", false)).unwrap();
+    // Another object claims the same handle ID: indexed, its tokens would replace the real
+    // handle's, and its soft delete would drop the real one from the index.
+    let e = w.index.apply_handle(&handle_object("bogus", "k8s-pod-network.a", "99", false)).unwrap_err();
+    assert_eq!((e.kind.as_str(), e.name.as_str()), ("IPAMHandle", "bogus"));
+    assert!(w.index.apply_handle(&handle_object("bogus", "k8s-pod-network.a", "99", true)).is_err());
+    let sym = w.index.strings().lookup("k8s-pod-network.a").unwrap();
+    assert_eq!(w.index.handle(sym).unwrap().revision, "10", "the real handle is untouched");
+    // No handle ID at all says nothing about which handle the object is.
+    assert!(w.index.apply_handle(&handle_object("k8s-pod-network.b", "", "1", false)).is_err());
+    // The KDD name is the lowercased ID; a `\r` suffix of old CNIs is not part of it.
+    w.index.apply_handle(&handle_object("k8s-pod-network.mixed", "k8s-pod-network.MiXed", "1", false)).unwrap();
+    w.index.apply_handle(&handle_object("k8s-pod-network.cr", "k8s-pod-network.cr\r\n", "1", false)).unwrap();
+    assert_eq!(w.index.handles().count(), 3);
+    w.index.check_invariants().unwrap();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// An affinity is indexed exactly when its name is the one KDD derives from its node and
+    /// CIDR (long names included); any other name is reported invalid and leaves the index as
+    /// it was.
+    #[test]
+    fn an_affinity_is_indexed_only_under_the_name_its_content_derives(
+        host in "[a-z0-9]([a-z0-9.-]{0,250}[a-z0-9])?",
+        third in 0u8..=255,
+        prefix in 26u8..=32,
+        other in "[a-z0-9-]{1,20}",
+    ) {
+        let cidr = ipnet::IpNet::new(IpAddr::from([10, 1, third, 0]), prefix).unwrap().trunc();
+        let good = crate::model::names::affinity_name(&host, &cidr);
+        let mut w = World::new(5);
+        prop_assert!(w.index.apply_affinity(&affinity_object(&good, &host, &cidr.to_string())).is_ok());
+        prop_assert_eq!(w.index.affinities().count(), 1);
+        let bad = format!("{other}-{good}");
+        prop_assert!(w.index.apply_affinity(&affinity_object(&bad, &host, &cidr.to_string())).is_err());
+        prop_assert_eq!(w.index.affinities().map(|(n, _)| n.to_string()).collect::<Vec<_>>(), vec![good]);
+        w.index.check_invariants().map_err(TestCaseError::fail)?;
+    }
+
+    /// A handle is indexed exactly when its object name is its lowercased handle ID; a name
+    /// that differs anywhere is reported invalid and never replaces the real handle's entry.
+    #[test]
+    fn a_handle_is_indexed_only_under_the_name_its_id_derives(id in "[A-Za-z0-9][A-Za-z0-9.-]{0,60}", flip in 0usize..61) {
+        let mut w = World::new(5);
+        let name = id.to_lowercase();
+        prop_assert!(w.index.apply_handle(&handle_object(&name, &id, "7", false)).is_ok());
+        let mut wrong: Vec<char> = name.chars().collect();
+        let i = flip % wrong.len();
+        wrong[i] = if wrong[i] == 'x' { 'y' } else { 'x' };
+        let wrong: String = wrong.into_iter().collect();
+        prop_assert!(w.index.apply_handle(&handle_object(&wrong, &id, "8", false)).is_err());
+        prop_assert!(w.index.apply_handle(&handle_object(&wrong, &id, "9", true)).is_err());
+        let sym = w.index.strings().lookup(crate::model::names::sanitize_handle(&id)).unwrap();
+        prop_assert_eq!(w.index.handle(sym).map(|h| h.revision), Some("7".to_string()));
+        w.index.check_invariants().map_err(TestCaseError::fail)?;
+    }
+}
+
+// ---- node release keeps upstream's mustBeEmpty (issue #9) ---------------------------------
+
+#[test]
+fn a_deleted_nodes_block_still_holding_another_nodes_address_is_planned_as_held_and_its_affinity_kept() {
+    let mut w = World::new(15);
+    w.index.apply_node(&node("n2"));
+    w.index.apply_pod(&pod("ns", "b", "n2", &["10.0.0.2"]));
+    // n1 is gone. Its block A holds its own gone pod and n2's running pod; its block B only its own.
+    w.index.apply_block(&block("10.0.0.0/29", Some("n1"), &[pod_alloc(1, "h1", "ns", "p1", "n1"), pod_alloc(2, "hb", "ns", "b", "n2")])).unwrap();
+    w.index.apply_block(&block("10.0.0.8/29", Some("n1"), &[pod_alloc(1, "h9", "ns", "p9", "n1")])).unwrap();
+    let p = w.full(T0);
+    let mut ips = released_ips(&p);
+    ips.sort();
+    assert_eq!(ips, vec!["10.0.0.1", "10.0.0.9"], "n1's own addresses go at once");
+    let r = &p.nodes_to_release[0];
+    assert_eq!(r.node, "n1");
+    let a: ipnet::IpNet = "10.0.0.0/29".parse().unwrap();
+    let b: ipnet::IpNet = "10.0.0.8/29".parse().unwrap();
+    assert_eq!(r.blocks, vec![("10-0-0-0-29".to_string(), a), ("10-0-0-8-29".to_string(), b)], "blocks by their stored names");
+    assert_eq!(r.held, vec![(a, HeldBy::BlockNotEmpty)], "B empties with this pass's releases; A keeps n2's address");
+    assert_eq!(HeldBy::BlockNotEmpty.as_str(), "block-not-empty");
+    // n2's pod goes and its address is released (a live node: after the grace period): A is
+    // empty after that pass, and n1's release holds nothing any more.
+    w.index.delete_pod("ns", "b");
+    w.full(T0 + MIN);
+    let p = w.full(T0 + 20 * MIN);
+    // (Nothing executes here, so n1's own addresses are planned again beside it.)
+    assert!(released_ips(&p).contains(&"10.0.0.2".to_string()), "{:?}", released_ips(&p));
+    let r = p.nodes_to_release.iter().find(|r| r.node == "n1").expect("n1 is planned again");
+    assert!(r.held.is_empty(), "{:?}", r.held);
+    w.gc.check_invariants(&w.index).unwrap();
 }

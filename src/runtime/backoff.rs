@@ -39,7 +39,7 @@ pub enum ItemKey {
 impl ItemKey {
     pub fn of(item: &ItemRef) -> ItemKey {
         match item {
-            ItemRef::Release(c) | ItemRef::EmptyBlock(c) | ItemRef::ColdBlock(c) => ItemKey::Block(*c),
+            ItemRef::Release(c) | ItemRef::EmptyBlock(c) | ItemRef::ColdBlock(c) | ItemRef::SoftDeletedBlock(c) => ItemKey::Block(*c),
             ItemRef::Handle(h) | ItemRef::OrphanHandle(h) => ItemKey::Handle(h.clone()),
             ItemRef::Node(n) => ItemKey::Node(n.clone()),
         }

@@ -1287,7 +1287,12 @@ impl DumpContents {
                     }
                     return;
                 }
-                Parsed::Handle(h) => return index.apply_handle(&h),
+                Parsed::Handle(h) => {
+                    if let Err(e) = index.apply_handle(&h) {
+                        self.invalid.push(e);
+                    }
+                    return;
+                }
                 Parsed::Node(n) => return index.apply_node(&n),
                 Parsed::Pod(facts, problem) => {
                     index.apply_pod(&facts);

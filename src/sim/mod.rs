@@ -217,7 +217,7 @@ pub fn sync_index(ds: &MemoryDatastore, index: &mut IpamIndex) -> Result<(), Sim
     for (name, s) in &stored_handles {
         if indexed.get(name).map(|(_, rev)| rev) != Some(&s.revision) {
             let h: IpamHandle = s.decode().map_err(ds_error(name.clone()))?;
-            index.apply_handle(&h);
+            index.apply_handle(&h).map_err(|e| SimError::Datastore { what: name.clone(), message: e.to_string() })?;
         }
     }
     for (name, (id, _)) in &indexed {

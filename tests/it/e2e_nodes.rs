@@ -2,7 +2,8 @@
 //! borrowed and unaffine pod addresses and tunnel addresses. With a grace period of an hour,
 //! nothing on a live node is touched; deleting a node releases exactly what belonged to it (its
 //! pods' addresses wherever they are, its tunnels, its affinities), keeps blocks that still
-//! hold other nodes' addresses, and after the last node nothing of IPAM remains. One handle ID
+//! hold other nodes' addresses with the deleted node's affinity (upstream's `mustBeEmpty`) until
+//! those addresses go, and after the last node nothing of IPAM remains. One handle ID
 //! carries the `\r` suffix that broken CNI versions wrote.
 
 use std::time::{Duration, Instant};
@@ -64,28 +65,34 @@ async fn deleting_nodes_one_by_one_releases_exactly_their_ipam_and_finally_all_o
     assert_eq!(before.len(), 4 + 6 + 3, "4 blocks, 6 handles, 3 affinities untouched: {before:?}");
 
     // n-a goes: its pod and tunnel in A are released, n-b's borrowed address in A stays, and
-    // so does A (without n-a's affinity).
+    // so does A, still affine to n-a, with n-a's affinity (a block that is not empty is held).
     let t = Instant::now();
     nodes.delete("n-a", &DeleteParams::default()).await.expect("deleting n-a");
     let spec_a = wait_for("n-a's addresses released", || async {
         let spec = ipam.block_spec(&block_a).await?;
         let handles_gone = !ipam.handle_exists(pa).await && !ipam.handle_exists(tun_a).await;
-        (!allocated(&spec, 1) && !allocated(&spec, 3) && !ipam.affinity_exists("n-a", A).await && handles_gone).then_some(spec)
+        (!allocated(&spec, 1) && !allocated(&spec, 3) && handles_gone).then_some(spec)
     })
     .await;
     eprintln!("n-a cleaned {:.1} s after its deletion", t.elapsed().as_secs_f64());
     assert!(allocated(&spec_a, 2), "n-b's borrowed address survives n-a's deletion: {spec_a}");
+    // A few retries of n-a's release later, A is still held.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let spec_a = ipam.block_spec(&block_a).await.expect("block A stays");
+    assert_eq!(spec_a["affinity"], "host:n-a", "a block that is not empty keeps its affinity: {spec_a}");
+    assert!(ipam.affinity_exists("n-a", A).await, "and so does the deleted node's affinity for it");
     assert!(ipam.handle_exists(pb_borrowed).await && ipam.handle_exists(pb).await && ipam.handle_exists(pc).await);
     assert!(ipam.block_spec(&block_b).await.is_some_and(|s| allocated(&s, 1) && allocated(&s, 2)), "n-b's block untouched");
     assert!(ipam.block_spec(&block_c).await.is_some_and(|s| allocated(&s, 1)), "n-c's unaffine address untouched");
     assert!(ipam.block_spec(&block_d).await.is_some() && ipam.affinity_exists("n-c", D).await, "n-c's empty block untouched");
 
-    // n-b goes: its borrowed address empties A (now unaffine: deleted), and its own block B with
-    // the `\r` handle and the VXLAN tunnel goes entirely.
+    // n-b goes: its borrowed address empties A, so n-a's retried release deletes A and n-a's
+    // affinity; n-b's own block B with the `\r` handle and the VXLAN tunnel goes entirely.
     let t = Instant::now();
     nodes.delete("n-b", &DeleteParams::default()).await.expect("deleting n-b");
     wait_for("n-b's IPAM cleaned", || async {
         let gone = ipam.block_spec(&block_a).await.is_none()
+            && !ipam.affinity_exists("n-a", A).await
             && ipam.block_spec(&block_b).await.is_none()
             && !ipam.affinity_exists("n-b", B).await
             && !ipam.handle_exists(pb).await

@@ -254,16 +254,27 @@ fn deleting_a_node_with_pods_still_present_releases_nothing_until_the_pods_go() 
 }
 
 #[test]
-fn a_deleted_nodes_affinity_is_released_but_another_nodes_borrowed_ip_in_its_block_is_kept() {
+fn a_deleted_nodes_block_holding_another_nodes_borrowed_ip_keeps_its_affinity_until_that_ip_is_released() {
     let mut c = Cluster::new(15);
     c.index.apply_node(&node("n2"));
     c.index.apply_pod(&running("ns", "b", "n2", &["192.168.0.5"]));
     c.block("192.168.0.0/26", Some("n1"), &[pod_attr(5, "hb", "ns", "b", "n2"), pod_attr(6, "hx", "ns", "x", "n1")]);
-    c.cycle(0);
+    let out = c.cycle(0);
     assert_eq!(c.allocated("192.168.0.0/26"), vec![5], "the deleted node's pod IP goes at once, the borrowed one stays");
-    assert!(!c.has(Kind::BlockAffinity, "n1-192-168-0-0-26"));
+    // Upstream's mustBeEmpty: a block that is not empty keeps its affinity, and so does the node.
+    assert_eq!(out.blocks_held, vec![("n1".to_string(), "192.168.0.0/26".parse().unwrap())]);
+    assert_eq!(out.nodes_released, 0);
+    assert!(c.has(Kind::BlockAffinity, "n1-192-168-0-0-26"));
     let b: IpamBlock = c.ds.peek(Kind::IpamBlock, "192-168-0-0-26").unwrap().decode().unwrap();
-    assert_eq!(b.spec.affinity, None, "the block is no longer affine to the deleted node");
+    assert_eq!(b.spec.affinity.as_deref(), Some("host:n1"), "the block stays affine to the deleted node");
+    // n2's pod goes; its address is released after the grace period, and the retried node
+    // release then finds the block empty: block and affinity go.
+    c.index.delete_pod("ns", "b");
+    c.cycle(1);
+    c.cycle(16);
+    c.cycle(1);
+    assert!(!c.has(Kind::IpamBlock, "192-168-0-0-26"), "the emptied block is deleted");
+    assert!(!c.has(Kind::BlockAffinity, "n1-192-168-0-0-26"), "with the node's affinity");
 }
 
 #[test]

@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 use super::*;
 use crate::datastore::{ErrorKind, MemoryDatastore, Op, block_on};
 use crate::ipam::plan::ReleaseItem;
-use crate::model::names::ordinal_to_ip;
+use crate::model::names::{cidr_to_name, ordinal_to_ip};
 use crate::model::time::parse_rfc3339;
 
 /// One allocated ordinal: (ordinal, handle, node, sequence number).
@@ -334,31 +334,54 @@ fn node_plan(node: &str, cidrs: &[&str]) -> NodeRelease {
     NodeRelease {
         node: node.into(),
         affinities: cidrs.iter().map(|c| (affinity_name(node, &net(c)), net(c))).collect(),
-        blocks: cidrs.iter().map(|c| net(c)).collect(),
+        blocks: cidrs.iter().map(|c| (cidr_to_name(&net(c)), net(c))).collect(),
+        held: Vec::new(),
     }
 }
 
 #[test]
-fn node_release_strips_the_affinity_from_a_block_holding_another_nodes_ip_and_keeps_that_ip() {
+fn node_release_keeps_a_block_holding_another_nodes_ip_with_its_affinity_and_reports_it_held() {
     let ds = MemoryDatastore::new();
     // Node1 is gone; its block A still holds node2's pod; its block B holds only Windows' reserved addresses.
     put(&ds, Kind::IpamBlock, block_value(A, Some("host:node1"), &[(2, "h-c", "node2", 12)]));
     put(&ds, Kind::IpamBlock, block_value(B, Some("host:node1"), &[(0, WINDOWS_RESERVED_HANDLE, "", 1), (7, WINDOWS_RESERVED_HANDLE, "", 1)]));
     put(&ds, Kind::BlockAffinity, affinity_value("node1", A));
     put(&ds, Kind::BlockAffinity, affinity_value("node1", B));
+    let before_a = block_of(&ds, A).unwrap();
     let plan = Plan { nodes_to_release: vec![node_plan("node1", &[A, B])], ..Plan::default() };
     let out = run(&ds, &plan);
-    assert_eq!(out.error_count(), 0, "{:?}", out.failures);
-    assert_eq!((out.nodes_released, out.blocks_unaffined, out.blocks_deleted, out.affinities_released), (1, 1, 1, 2));
+    assert_eq!(out.error_count(), 0, "a held block is no write error: {:?}", out.failures);
+    // Upstream's mustBeEmpty: the non-empty block keeps its affinity, the node is not released.
+    assert_eq!((out.nodes_released, out.blocks_deleted, out.affinities_released), (0, 1, 1));
+    assert_eq!(out.blocks_held, vec![("node1".to_string(), net(A))]);
     assert!(out.released.is_empty(), "a node release never releases an address");
-    let a = block_of(&ds, A).unwrap();
-    assert_eq!(a.spec.affinity, None);
-    assert_eq!(a.spec.sequence_number, 101);
-    let idx = a.spec.allocations[2].expect("node2's address kept") as usize;
-    assert_eq!(a.spec.attributes[idx].handle_id.as_deref(), Some("h-c"));
-    check_block(&a, 0).unwrap();
-    assert!(block_of(&ds, B).is_none());
-    assert!(ds.snapshot(Kind::BlockAffinity).is_empty());
+    assert_eq!(block_of(&ds, A).unwrap(), before_a, "block A is untouched, affinity and all");
+    assert!(ds.peek(Kind::BlockAffinity, &affinity_name("node1", &net(A))).is_some(), "and so is the node's affinity for it");
+    assert!(block_of(&ds, B).is_none(), "a block of reserved addresses only counts as empty");
+    assert!(ds.peek(Kind::BlockAffinity, &affinity_name("node1", &net(B))).is_none());
+    // Node2's pod goes: the retried release empties the node.
+    ds.bump(Kind::IpamBlock, &cidr_to_name(&net(A)), |v| {
+        v["spec"]["allocations"][2] = json!(null);
+        v["spec"]["attributes"] = json!([]);
+    });
+    let again = run(&ds, &Plan { nodes_to_release: vec![node_plan("node1", &[A])], ..Plan::default() });
+    assert_eq!((again.nodes_released, again.blocks_deleted, again.affinities_released, again.error_count()), (1, 1, 1, 0));
+    assert!(again.blocks_held.is_empty());
+    assert!(ds.snapshot(Kind::IpamBlock).is_empty() && ds.snapshot(Kind::BlockAffinity).is_empty());
+}
+
+#[test]
+fn node_release_finds_blocks_by_their_stored_names() {
+    let ds = MemoryDatastore::new();
+    put(&ds, Kind::IpamBlock, block_value(A, Some("host:node1"), &[]));
+    put(&ds, Kind::BlockAffinity, affinity_value("node1", A));
+    // The plan names the block as the index stored it; the executor reads that name only.
+    let mut plan = node_plan("node1", &[A]);
+    plan.blocks = vec![("not-the-derived-name".to_string(), net(A))];
+    let out = run(&ds, &Plan { nodes_to_release: vec![plan], ..Plan::default() });
+    assert_eq!(ds.op_count(Op::Get, Kind::IpamBlock), 1);
+    assert_eq!(out.blocks_deleted, 0, "nothing under that name: nothing deleted");
+    assert!(block_of(&ds, A).is_some());
 }
 
 #[test]

@@ -26,6 +26,8 @@ pub struct WriteHold {
     pub watches: Vec<(Source, String)>,
     /// IPAMBlocks known only as malformed.
     pub invalid_blocks: usize,
+    /// Blocks marked deleted whose delete is not finished yet.
+    pub soft_deleted_blocks: usize,
     /// `ClusterInformation/default` is missing after its watch listed, and this process would
     /// write (not a dry run): upstream writes nothing then.
     pub cluster_info_missing: bool,
@@ -44,8 +46,17 @@ impl WriteHold {
     /// A handle no readable block refers to may still be referred to by a malformed block (a
     /// live pod's allocation the index cannot see): deleting it would make the CNI's
     /// release-by-handle free nothing. Held while any malformed block is known, whatever its pool.
+    ///
+    /// Held too while any block marked deleted is not finished. The index ignores such a block,
+    /// so every handle it names looks orphaned, yet until its second step the block is half
+    /// there: the mark can still be taken back by its writer (then the block and its allocations
+    /// are live again) and readers disagree on whether it exists. So no handle goes before the
+    /// block is gone for good. Held globally rather than only for the handles it names: its body
+    /// is a record of a writer that died mid-operation (what it names is not to be trusted), the
+    /// state is short-lived (the leader finishes it in its next plan), and a wrong deletion is a
+    /// leak for good while waiting costs one round.
     pub fn holds_orphan_handles(&self) -> bool {
-        self.holds_everything() || self.invalid_blocks > 0
+        self.holds_everything() || self.invalid_blocks > 0 || self.soft_deleted_blocks > 0
     }
 
     /// The readiness reason naming what the decisions wait on.
@@ -87,6 +98,7 @@ pub fn executable_keys(plan: &Plan) -> impl Iterator<Item = ItemKey> + '_ {
         .iter()
         .map(|r| ItemKey::Block(r.cidr))
         .chain(plan.cold_blocks.iter().map(|c| ItemKey::Block(c.cidr)))
+        .chain(plan.soft_deleted_blocks.iter().map(|b| ItemKey::Block(b.cidr)))
         .chain(plan.empty_blocks.iter().filter(|e| e.releasable).map(|e| ItemKey::Block(e.cidr)))
         .chain(plan.nodes_to_release.iter().map(|n| ItemKey::Node(n.node.clone())))
         .chain(plan.orphan_handles.iter().filter(|o| o.releasable).map(|o| ItemKey::Handle(o.handle_id.clone())))
@@ -109,6 +121,7 @@ pub fn due_items<'p>(plan: &'p Plan, backoff: &ItemBackoff, in_flight: &HashSet<
         full: plan.full,
         releases: plan.releases.iter().filter(|r| due(ItemKey::Block(r.cidr))).cloned().collect(),
         cold_blocks: plan.cold_blocks.iter().filter(|c| due(ItemKey::Block(c.cidr))).cloned().collect(),
+        soft_deleted_blocks: plan.soft_deleted_blocks.iter().filter(|b| due(ItemKey::Block(b.cidr))).cloned().collect(),
         empty_blocks: plan.empty_blocks.iter().filter(|e| !e.releasable || due(ItemKey::Block(e.cidr))).cloned().collect(),
         nodes_to_release: plan.nodes_to_release.iter().filter(|n| due(ItemKey::Node(n.node.clone()))).cloned().collect(),
         orphan_handles: plan.orphan_handles.iter().filter(|o| !o.releasable || due(ItemKey::Handle(o.handle_id.clone()))).cloned().collect(),
@@ -116,6 +129,7 @@ pub fn due_items<'p>(plan: &'p Plan, backoff: &ItemBackoff, in_flight: &HashSet<
     };
     let held = (plan.releases.len() - filtered.releases.len())
         + (plan.cold_blocks.len() - filtered.cold_blocks.len())
+        + (plan.soft_deleted_blocks.len() - filtered.soft_deleted_blocks.len())
         + (plan.empty_blocks.len() - filtered.empty_blocks.len())
         + (plan.nodes_to_release.len() - filtered.nodes_to_release.len())
         + (plan.orphan_handles.len() - filtered.orphan_handles.len());
@@ -124,7 +138,8 @@ pub fn due_items<'p>(plan: &'p Plan, backoff: &ItemBackoff, in_flight: &HashSet<
 
 /// Backoff bookkeeping after a plan ran: transient and invalid failures wait per item (the
 /// apiserver is struggling or the object is broken: asking again at once would not help),
-/// conflicts do not (the next round re-reads), everything else executed starts afresh. Items the
+/// conflicts do not (the next round re-reads), a node kept for its non-empty blocks waits too,
+/// everything else executed starts afresh. Items the
 /// index no longer knows are forgotten. Returns the nodes whose IPAM was released.
 pub fn record_item_results(backoff: &mut ItemBackoff, index: &IpamIndex, executed: &Plan, outcome: &PlanOutcome, now: Millis) -> HashSet<String> {
     let backs_off = |category: &str| category == ErrorKind::Transient.category() || category == ErrorKind::Invalid.category();
@@ -135,6 +150,14 @@ pub fn record_item_results(backoff: &mut ItemBackoff, index: &IpamIndex, execute
             backoff.failed(key.clone(), now);
         }
         failed.insert(key);
+    }
+    // A deleted node whose blocks still hold addresses is retried with a backoff, as a failure
+    // (upstream's `work remaining`): the pod rules release those addresses meanwhile.
+    for (node, _) in &outcome.blocks_held {
+        let key = ItemKey::Node(node.clone());
+        if failed.insert(key.clone()) {
+            backoff.failed(key, now);
+        }
     }
     for key in executable_keys(executed) {
         if !failed.contains(&key) {
@@ -163,7 +186,7 @@ mod tests {
                 BlockRelease { cidr: "10.0.0.0/30".parse().unwrap(), block_name: "10-0-0-0-30".into(), revision: "1".into(), items: Vec::new() },
                 BlockRelease { cidr: "10.0.0.4/30".parse().unwrap(), block_name: "10-0-0-4-30".into(), revision: "1".into(), items: Vec::new() },
             ],
-            nodes_to_release: vec![NodeRelease { node: "gone".into(), affinities: Vec::new(), blocks: Vec::new() }],
+            nodes_to_release: vec![NodeRelease { node: "gone".into(), affinities: Vec::new(), blocks: Vec::new(), held: Vec::new() }],
             ..Plan::default()
         }
     }
@@ -216,6 +239,27 @@ mod tests {
         assert!(backoff.is_empty(), "items the index no longer knows have nothing to retry");
     }
 
+    #[test]
+    fn a_node_kept_for_its_non_empty_blocks_backs_off_and_is_not_released() {
+        let p = plan();
+        let cidr: ipnet::IpNet = "10.0.0.0/30".parse().unwrap();
+        let outcome = PlanOutcome { blocks_held: vec![("gone".into(), cidr)], ..PlanOutcome::default() };
+        let mut index = IpamIndex::new();
+        let block: crate::model::IpamBlock = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "10-0-0-0-30", "resourceVersion": "1"},
+            "spec": {"cidr": "10.0.0.0/30", "affinity": "host:gone", "strictAffinity": false, "allocations": [0, null, null, null],
+                     "unallocated": [1, 2, 3], "attributes": [{"handle_id": "h", "secondary": {"namespace": "ns", "pod": "p", "node": "other"}}],
+                     "sequenceNumber": 1, "deleted": false}
+        }))
+        .unwrap();
+        index.apply_block(&block).unwrap();
+        let mut backoff = ItemBackoff::default();
+        let released = record_item_results(&mut backoff, &index, &p, &outcome, 0);
+        assert!(released.is_empty(), "its reclamation series stay: the node is not released yet");
+        assert!(!backoff.is_due(&ItemKey::Node("gone".into()), 1), "retried after a backoff");
+        assert!(backoff.is_due(&ItemKey::Node("gone".into()), crate::runtime::backoff::FIRST_DELAY));
+    }
+
     fn with_orphan(mut p: Plan) -> Plan {
         let orphan = |id: &str, releasable| OrphanHandle { handle_id: id.into(), object_name: id.into(), revision: "1".into(), uid: "u".into(), releasable };
         p.orphan_handles = vec![orphan("old", true), orphan("young", false)];
@@ -232,6 +276,19 @@ mod tests {
         assert!(hold.reason().contains("ipamblocks (relist in progress)"), "{}", hold.reason());
         let (kept, held) = without_held(Cow::Borrowed(&p), &WriteHold::default());
         assert!(matches!(kept, Cow::Borrowed(_)) && held == 0, "nothing held in the normal case: no copy");
+    }
+
+    #[test]
+    fn a_pending_soft_delete_holds_the_orphan_handle_deletions_and_is_itself_executable() {
+        let mut p = with_orphan(plan());
+        let cidr: ipnet::IpNet = "10.0.1.0/30".parse().unwrap();
+        p.soft_deleted_blocks = vec![crate::ipam::plan::SoftDeletedBlock { cidr, block_name: "10-0-1-0-30".into(), revision: "5".into(), uid: "u".into() }];
+        assert!(executable_keys(&p).any(|k| k == ItemKey::Block(cidr)), "finishing it is a write of its own");
+        let hold = WriteHold { soft_deleted_blocks: 1, ..WriteHold::default() };
+        let (kept, held) = without_held(Cow::Borrowed(&p), &hold);
+        assert_eq!(held, 1, "only the orphan handle");
+        assert!(kept.orphan_handles.iter().all(|o| !o.releasable));
+        assert_eq!((kept.releases.len(), kept.soft_deleted_blocks.len()), (2, 1), "the rest goes ahead, the completion included");
     }
 
     #[test]

@@ -16,6 +16,7 @@ use ipnet::IpNet;
 
 use crate::ipam::gc::KubeVirtFacts;
 use crate::ipam::index::IpamIndex;
+use crate::ipam::plan::SoftDeletedBlock;
 use crate::model::{ClusterInformation, InvalidObject, IpamConfig, KubeControllersConfiguration};
 use crate::runtime::watch::{Change, Input, Object, Source};
 
@@ -67,6 +68,9 @@ pub struct GcInputs {
     /// Nodes a read found deleted (NotFound) while the Node cache lacked them; forgotten when the
     /// Node watch delivers the name again. Only these absent nodes count as deleted.
     pub proven_gone: BTreeSet<String>,
+    /// Blocks marked `deleted` and not deleted yet, by object name: the index ignores them, the
+    /// leader finishes them, and no orphan handle is deleted while one is pending.
+    soft_deleted: BTreeMap<String, SoftDeletedBlock>,
 }
 
 impl GcInputs {
@@ -127,6 +131,17 @@ impl GcInputs {
     /// allocation, so the handles no readable block refers to are not all orphans.
     pub fn invalid_blocks(&self) -> usize {
         self.invalid.keys().filter(|(kind, _)| kind == "IPAMBlock").count()
+    }
+
+    /// Half soft-deleted blocks waiting to be finished, by address.
+    pub fn soft_deleted_blocks(&self) -> Vec<SoftDeletedBlock> {
+        let mut v: Vec<SoftDeletedBlock> = self.soft_deleted.values().cloned().collect();
+        v.sort_by_key(|b| crate::model::names::ip_sort_key(&b.cidr.network()));
+        v
+    }
+
+    pub fn soft_deleted_count(&self) -> usize {
+        self.soft_deleted.len()
     }
 
     /// Both KubeVirt kinds finished their first list. Before that (or without KubeVirt) VM
@@ -219,11 +234,15 @@ impl GcInputs {
             Object::Block(b) => {
                 let name = b.metadata.name.clone();
                 self.invalid.remove(&("IPAMBlock".to_string(), name.clone()));
+                self.soft_deleted.remove(&name);
                 match self.index.apply_block(&b) {
                     Ok(()) => {
                         if let Ok(cidr) = b.spec.cidr.parse::<IpNet>() {
                             if b.spec.deleted {
                                 self.known.blocks.remove(&name);
+                                let (revision, uid) = (b.resource_version().to_string(), b.metadata.uid.clone().unwrap_or_default());
+                                tracing::info!(block = %name, "block marked deleted but not deleted: the leader finishes it");
+                                self.soft_deleted.insert(name.clone(), SoftDeletedBlock { cidr, block_name: name.clone(), revision, uid });
                             } else {
                                 self.known.blocks.insert(name.clone(), cidr);
                             }
@@ -238,17 +257,30 @@ impl GcInputs {
             }
             Object::Affinity(a) => {
                 let name = a.metadata.name.clone();
+                self.invalid.remove(&(crate::model::affinity::KIND.to_string(), name.clone()));
                 if let Err(e) = self.index.apply_affinity(&a) {
+                    tracing::warn!(affinity = %name, problem = %e.problem, "malformed affinity skipped");
+                    // The index dropped any earlier version held under this name.
+                    self.known.affinities.remove(&name);
                     self.invalid.insert((e.kind.clone(), e.name.clone()), e);
                 } else {
                     self.known.affinities.insert(name.clone());
                 }
                 name
             }
-            // Handles are tracked by ID, as the index keys them (their object names derive from it).
+            // Handles are tracked by ID, as the index keys them (their object names derive from
+            // it); one whose name contradicts its ID is held as malformed under its name.
             Object::Handle(h) => {
-                self.index.apply_handle(&h);
-                IpamIndex::handle_key(&h).to_string()
+                let name = h.metadata.name.clone();
+                self.invalid.remove(&(crate::model::handle::KIND.to_string(), name.clone()));
+                match self.index.apply_handle(&h) {
+                    Ok(()) => IpamIndex::handle_key(&h).to_string(),
+                    Err(e) => {
+                        tracing::warn!(handle = %name, problem = %e.problem, "malformed handle skipped");
+                        self.invalid.insert((e.kind.clone(), e.name.clone()), e);
+                        name
+                    }
+                }
             }
             Object::ClusterInformation(c) => {
                 let name = c.metadata.name.clone();
@@ -318,7 +350,14 @@ impl GcInputs {
             Object::Node(n) => self.delete_key(Source::Nodes, &n.metadata.name, applied),
             Object::Block(b) => self.delete_key(Source::Blocks, &b.metadata.name, applied),
             Object::Affinity(a) => self.delete_key(Source::Affinities, &a.metadata.name, applied),
-            Object::Handle(h) => self.delete_key(Source::Handles, IpamIndex::handle_key(&h), applied),
+            Object::Handle(h) => {
+                self.invalid.remove(&(crate::model::handle::KIND.to_string(), h.metadata.name.clone()));
+                // An object whose name contradicts its ID was never indexed: its deletion must
+                // not take the real handle's entry with it.
+                if let Ok(id) = IpamIndex::checked_handle_key(&h) {
+                    self.delete_key(Source::Handles, id, applied);
+                }
+            }
             Object::ClusterInformation(c) => self.delete_key(Source::ClusterInformation, &c.metadata.name, applied),
             Object::KubeControllersConfiguration(k) => self.delete_key(Source::KubeControllersConfiguration, &k.metadata.name, applied),
             Object::IpamConfig(c) => self.delete_key(Source::IpamConfig, &c.metadata.name, applied),
@@ -348,11 +387,13 @@ impl GcInputs {
                 if let Some(cidr) = self.known.blocks.remove(key) {
                     self.index.delete_block(&cidr);
                 }
+                self.soft_deleted.remove(key);
                 self.invalid.remove(&("IPAMBlock".to_string(), key.to_string()));
             }
             Source::Affinities => {
                 self.index.delete_affinity(key);
                 self.known.affinities.remove(key);
+                self.invalid.remove(&(crate::model::affinity::KIND.to_string(), key.to_string()));
             }
             Source::Handles => self.index.delete_handle(key),
             Source::ClusterInformation if key == "default" => {
@@ -395,7 +436,7 @@ impl GcInputs {
                 .filter(|k| !seen.contains(k))
                 .collect(),
             Source::Nodes => self.known.nodes.iter().filter(|k| !seen.contains(*k)).cloned().collect(),
-            Source::Blocks => self.known.blocks.keys().filter(|k| !seen.contains(*k)).cloned().collect(),
+            Source::Blocks => self.known.blocks.keys().chain(self.soft_deleted.keys()).filter(|k| !seen.contains(*k)).cloned().collect(),
             Source::Affinities => self.known.affinities.iter().filter(|k| !seen.contains(*k)).cloned().collect(),
             Source::Handles => {
                 self.index.handles().map(|(id, _)| self.index.resolve(id)).filter(|k| !seen.contains(*k)).map(str::to_string).collect()
@@ -415,10 +456,12 @@ impl GcInputs {
         if !stale.is_empty() {
             tracing::info!(source = source.as_str(), gone = stale.len(), "objects gone since the last list");
         }
-        if source == Source::Blocks {
-            // A malformed block the relist no longer shows was deleted unseen: it no longer holds
-            // orphan-handle deletions back.
-            self.invalid.retain(|(kind, name), _| kind != "IPAMBlock" || seen.contains(name));
+        if matches!(source, Source::Blocks | Source::Affinities | Source::Handles) {
+            // A malformed object the relist no longer shows was deleted unseen (a malformed block
+            // then no longer holds orphan-handle deletions back). Malformed handles are seen by
+            // their object names, valid ones by their IDs.
+            let kind = source.kind_name();
+            self.invalid.retain(|(k, name), _| k != kind || seen.contains(name));
         }
         for key in stale {
             self.delete_key(source, &key, applied);
@@ -442,6 +485,14 @@ impl GcInputs {
         for name in self.known.nodes.iter().filter(|n| !n.is_empty()) {
             if !self.index.strings().lookup(name).is_some_and(|s| self.index.node_exists(s)) {
                 return Err(format!("known node {name} is not in the index"));
+            }
+        }
+        for (name, b) in &self.soft_deleted {
+            if *name != b.block_name || *name != crate::model::names::cidr_to_name(&b.cidr) {
+                return Err(format!("soft-deleted block {name} is held under another name ({}, {})", b.block_name, b.cidr));
+            }
+            if self.known.blocks.contains_key(name) || self.index.block_slot(&b.cidr).is_some() {
+                return Err(format!("block {name} is both soft-deleted and live"));
             }
         }
         if let Some(name) = self.proven_gone.iter().find(|n| self.node_cached(n)) {

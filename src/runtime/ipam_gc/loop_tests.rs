@@ -666,6 +666,36 @@ async fn a_mass_release_is_held_visibly_until_an_operator_approves_the_set_it_pu
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_half_soft_deleted_block_is_finished_before_its_handle_is_touched() {
+    let mem = initialized_store();
+    let cluster = Arc::new(MemoryCluster::new());
+    cluster.apply(ClusterKind::Node, node("n1"));
+    // A block whose deleter died between the two KDD steps: marked `deleted`, never deleted. It
+    // still names its pod's handle.
+    put_block(&mem, "10.0.0.0/30", "n1", &[(1, "p", "k8s-pod-network.p")]);
+    let marked = mem.bump(Kind::IpamBlock, "10-0-0-0-30", |v| v["spec"]["deleted"] = json!(true)).unwrap();
+    // The first completions fail (an apiserver hiccup): the block stays pending a while.
+    mem.inject(Some(Kind::IpamBlock), Some("10-0-0-0-30"), Op::Delete, ErrorKind::Transient, 3);
+    let run = Running::start(mem.clone(), cluster.clone(), ExecutorOptions::default());
+    assert!(until(Duration::from_secs(10), || run.shared.ready()).await, "every watch listed");
+    let block_gone = || mem.peek(Kind::IpamBlock, "10-0-0-0-30").is_none();
+    let handle_gone = || mem.peek(Kind::IpamHandle, "k8s-pod-network.p").is_none();
+    // Well past the grace period (2 s) and its two observations, the handle is never deleted
+    // while the block is pending; the block is finished once the store answers.
+    let mut waited = Duration::ZERO;
+    while !block_gone() {
+        assert!(!handle_gone(), "the handle was deleted while its soft-deleted block was pending ({waited:?})");
+        assert!(waited < Duration::from_secs(120), "the soft-deleted block was never finished");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited += Duration::from_millis(100);
+    }
+    assert!(waited >= Duration::from_secs(1), "the injected failures held the completion back a while ({waited:?})");
+    assert_eq!(mem.op_count(Op::Delete, Kind::IpamBlock), 4, "three failed completions, one that went through");
+    let _ = marked;
+    run.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_held_mass_release_goes_by_itself_after_a_complete_observation_a_grace_period_later() {
     let (mem, cluster) = sixty_addresses_of_gone_pods();
     let run = Running::start_with_grace(mem.clone(), cluster.clone(), ExecutorOptions::default(), Clock::tokio_from(T0), 60_000);
@@ -674,5 +704,57 @@ async fn a_held_mass_release_goes_by_itself_after_a_complete_observation_a_grace
     let since = tokio::time::Instant::now();
     assert!(until(Duration::from_secs(300), || allocated(&mem) == 0).await, "released in the end");
     assert!(since.elapsed() >= Duration::from_secs(55), "released {:?} after the hold, within the grace period", since.elapsed());
+    run.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_soft_deleted_block_rewritten_since_is_not_finished_by_a_stale_plan() {
+    let mem = initialized_store();
+    let cluster = Arc::new(MemoryCluster::new());
+    cluster.apply(ClusterKind::Node, node("n1"));
+    cluster.apply(ClusterKind::Pod, pod("p", "n1", "10.0.0.1"));
+    put_block(&mem, "10.0.0.0/30", "n1", &[(1, "p", "k8s-pod-network.p")]);
+    mem.bump(Kind::IpamBlock, "10-0-0-0-30", |v| v["spec"]["deleted"] = json!(true)).unwrap();
+    // Just before the completion, another writer takes the mark back: the delete's revision
+    // precondition fails and the block, live again, stays.
+    mem.bump_before(Op::Delete, Kind::IpamBlock, "10-0-0-0-30", |v| v["spec"]["deleted"] = json!(false));
+    let run = Running::start(mem.clone(), cluster.clone(), ExecutorOptions::default());
+    assert!(until(Duration::from_secs(10), || run.shared.ready()).await, "every watch listed");
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(holds(&mem, "10-0-0-0-30", 1), "the block and the live pod's address stay");
+    assert!(mem.peek(Kind::IpamHandle, "k8s-pod-network.p").is_some());
+    run.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deleted_nodes_block_holding_another_nodes_pod_keeps_its_affinity_and_the_node_is_released_once_that_pod_goes() {
+    let mem = initialized_store();
+    let cluster = Arc::new(MemoryCluster::new());
+    cluster.apply(ClusterKind::Node, node("n1"));
+    cluster.apply(ClusterKind::Node, node("n2"));
+    cluster.apply(ClusterKind::Pod, pod("b", "n2", "10.0.0.2"));
+    // n1's block holds n1's pod `a` (gone) and n2's pod `b`, borrowed.
+    put_block(&mem, "10.0.0.0/30", "n1", &[(1, "a", "k8s-pod-network.a")]);
+    mem.bump(Kind::IpamBlock, "10-0-0-0-30", |v| {
+        v["spec"]["allocations"][2] = json!(1);
+        v["spec"]["attributes"].as_array_mut().unwrap().push(json!({"handle_id": "k8s-pod-network.b", "secondary": {"namespace": "ns", "pod": "b", "node": "n2"}}));
+        v["spec"]["unallocated"] = json!([0, 3]);
+    });
+    let run = Running::start(mem.clone(), cluster.clone(), ExecutorOptions::default());
+    assert!(until(Duration::from_secs(10), || run.shared.ready()).await, "every watch listed");
+    cluster.delete(ClusterKind::Node, "", "n1");
+    assert!(until(Duration::from_secs(30), || !holds(&mem, "10-0-0-0-30", 1)).await, "n1's pod address goes");
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let block = mem.peek(Kind::IpamBlock, "10-0-0-0-30").expect("the block stays");
+    assert_eq!(block.value["spec"]["affinity"], "host:n1", "still affine to n1 (mustBeEmpty)");
+    assert!(holds(&mem, "10-0-0-0-30", 2), "n2's pod keeps its address");
+    assert_eq!(mem.snapshot(Kind::BlockAffinity).len(), 1, "n1's affinity for it stays");
+    let gets = mem.op_count(Op::Get, Kind::IpamBlock);
+    assert!(gets <= 10, "the held node is retried with a backoff, not every round: {gets} block reads in 60 s");
+    // n2's pod goes: its address is released (grace 2 s and a re-read), and the retried node
+    // release finds the block empty.
+    cluster.delete(ClusterKind::Pod, "ns", "b");
+    let all_gone = || mem.peek(Kind::IpamBlock, "10-0-0-0-30").is_none() && mem.snapshot(Kind::BlockAffinity).is_empty();
+    assert!(until(Duration::from_secs(120), all_gone).await, "block and affinity go once the block is empty");
     run.stop().await;
 }

@@ -380,6 +380,7 @@ impl GcController {
         gating::WriteHold {
             watches: self.inputs.decisions_waiting(),
             invalid_blocks: self.inputs.invalid_blocks(),
+            soft_deleted_blocks: self.inputs.soft_deleted_count(),
             cluster_info_missing: self.cluster_info_holds_writes(),
         }
     }
@@ -464,7 +465,9 @@ impl GcController {
         let listed = self.inputs.kubevirt_listed();
         let inputs = &mut self.inputs;
         let kubevirt = listed.then_some(&inputs.known.kubevirt);
-        let plan = self.gc.pass(&mut inputs.index, time, &cfg, scope, kubevirt, &fresh);
+        let mut plan = self.gc.pass(&mut inputs.index, time, &cfg, scope, kubevirt, &fresh);
+        // The index ignores soft-deleted blocks; the inputs hold the ones left half done.
+        plan.soft_deleted_blocks = self.inputs.soft_deleted_blocks();
         self.publish_guard(time);
         let interval = if !plan.releases.is_empty() {
             REPORT_INTERVAL_RELEASES

@@ -135,6 +135,80 @@
         c.inputs.check_invariants().unwrap();
     }
 
+    fn named_handle_obj(name: &str, id: &str, rv: &str) -> Object {
+        Object::Handle(
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "resourceVersion": rv, "uid": "00000000-0000-4000-8000-000000000004"},
+                "spec": {"handleID": id, "block": {}, "deleted": false}
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn affinity_obj(name: &str, node: &str, cidr: &str) -> Object {
+        Object::Affinity(
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "resourceVersion": "1"},
+                "spec": {"state": "confirmed", "node": node, "cidr": cidr, "deleted": "false"}
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_handle_or_affinity_whose_name_contradicts_its_content_is_reported_and_never_stands_in_for_the_real_one() {
+        let (mut c, _) = controller();
+        let bogus = named_handle_obj("bogus", "k8s-pod-network.a", "9");
+        list(&mut c, Source::Handles, vec![handle_obj("k8s-pod-network.a"), bogus.clone()]);
+        list(&mut c, Source::Affinities, vec![affinity_obj("n1-10-0-0-0-30", "n1", "10.0.0.0/30"), affinity_obj("n2-10-0-0-0-30", "n1", "10.0.0.0/30")]);
+        let invalid: Vec<(String, String)> = c.inputs.invalid.keys().cloned().collect();
+        assert_eq!(invalid, [("BlockAffinity".to_string(), "n2-10-0-0-0-30".to_string()), ("IPAMHandle".to_string(), "bogus".to_string())]);
+        let sym = c.inputs.index.strings().lookup("k8s-pod-network.a").unwrap();
+        assert_eq!(c.inputs.index.handle(sym).unwrap().revision, "1", "the real handle's tokens");
+        assert_eq!(c.inputs.index.affinities().map(|(n, _)| n.to_string()).collect::<Vec<_>>(), ["n1-10-0-0-0-30"]);
+        // The bogus handle's deletion takes only its own report with it.
+        c.handle(input(Source::Handles, Change::Delete(bogus)));
+        assert_eq!(c.inputs.index.handles().count(), 1, "the real handle stays indexed");
+        // A relist no longer showing the bogus affinity drops its report too.
+        list(&mut c, Source::Affinities, vec![affinity_obj("n1-10-0-0-0-30", "n1", "10.0.0.0/30")]);
+        assert!(c.inputs.invalid.is_empty(), "{:?}", c.inputs.invalid);
+        c.inputs.check_invariants().unwrap();
+    }
+
+    fn marked_deleted(o: Object, revision: &str) -> Object {
+        let Object::Block(mut b) = o else { unreachable!() };
+        b.spec.deleted = true;
+        b.metadata.resource_version = Some(revision.into());
+        Object::Block(b)
+    }
+
+    #[tokio::test]
+    async fn a_block_marked_deleted_is_tracked_until_it_is_gone_or_live_again_and_planned_for_completion() {
+        let (mut c, _) = controller();
+        list(&mut c, Source::Blocks, vec![block("10.0.0.0/30", "n1"), marked_deleted(block("10.0.0.4/30", "n1"), "7")]);
+        assert_eq!(c.inputs.index.block_count(), 1, "the index ignores the marked block");
+        let pending = c.inputs.soft_deleted_blocks();
+        assert_eq!(pending.len(), 1);
+        assert_eq!((pending[0].block_name.as_str(), pending[0].revision.as_str()), ("10-0-0-4-30", "7"));
+        assert_eq!(pending[0].uid, "00000000-0000-4000-8000-000000000001");
+        assert_eq!(c.write_hold().soft_deleted_blocks, 1);
+        c.inputs.check_invariants().unwrap();
+        // The live block is marked too; the other one's mark is taken back.
+        c.handle(input(Source::Blocks, Change::Apply(marked_deleted(block("10.0.0.0/30", "n1"), "8"))));
+        c.handle(input(Source::Blocks, Change::Apply(block("10.0.0.4/30", "n1"))));
+        assert_eq!(c.inputs.soft_deleted_blocks().iter().map(|b| b.block_name.as_str()).collect::<Vec<_>>(), ["10-0-0-0-30"]);
+        assert_eq!(c.inputs.index.block_count(), 1);
+        c.inputs.check_invariants().unwrap();
+        // Its delete arrives: nothing is pending. A relist no longer showing a marked block forgets it too.
+        c.handle(input(Source::Blocks, Change::Delete(block("10.0.0.0/30", "n1"))));
+        assert_eq!(c.inputs.soft_deleted_count(), 0);
+        c.handle(input(Source::Blocks, Change::Apply(marked_deleted(block("10.0.0.8/30", "n1"), "9"))));
+        list(&mut c, Source::Blocks, vec![block("10.0.0.4/30", "n1")]);
+        assert_eq!(c.inputs.soft_deleted_count(), 0);
+        assert_eq!(c.write_hold().soft_deleted_blocks, 0);
+        c.inputs.check_invariants().unwrap();
+    }
+
     #[tokio::test]
     async fn a_relist_drops_the_objects_it_no_longer_shows() {
         let (mut c, _) = controller();
