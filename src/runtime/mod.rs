@@ -28,6 +28,7 @@ use crate::scan::report::LeakReport;
 
 pub mod backoff;
 pub mod discovery;
+pub mod events;
 pub mod health_check;
 pub mod http;
 pub mod init;
