@@ -131,7 +131,7 @@ impl EventRequest {
         EventRequest::new(node.clone(), EventType::Normal, REASON_ADDRESSES_RELEASED, ACTION_ADDRESSES_RELEASED, note)
     }
 
-    /// The guard held `count` changes of `kind` (e.g. "address releases", "node cleanups) out of
+    /// The guard held `count` changes of `kind` (e.g. "address releases", "node cleanups") out of
     /// `total` known; `set_id` names the held set, `how_to_approve` tells the operator what to do.
     pub fn mass_change_held(kind: &str, count: u64, total: u64, set_id: &str, how_to_approve: &str) -> Self {
         let share = if total == 0 { 100.0 } else { count as f64 * 100.0 / total as f64 };

@@ -233,6 +233,8 @@ mod tests {
         assert_eq!(v["type"], "Normal");
         assert_eq!(v["regarding"], serde_json::json!({"apiVersion": "v1", "kind": "Node", "name": "n1", "uid": "u1"}));
         assert!(v.get("series").is_none() && v.get("deprecatedCount").is_none());
-        assert!(REPORTING_CONTROLLER.len() <= 63 + 1 + "projectcalico.org".len());
+        // A qualified name: a DNS subdomain prefix, '/', a name of at most 63 characters.
+        let (prefix, name) = REPORTING_CONTROLLER.split_once('/').unwrap();
+        assert!(crate::runtime::events::series::is_dns_subdomain(prefix) && !name.is_empty() && name.len() <= 63);
     }
 }
