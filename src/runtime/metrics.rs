@@ -67,6 +67,8 @@ pub struct Metrics {
     pub rounds_writes_held: u64,
     /// Members the mass-change guard holds, by scope (absent = none).
     pub mass_change_held: BTreeMap<&'static str, u64>,
+    /// Events written by the recorder task (and dropped by a full queue); shared with it.
+    pub events: std::sync::Arc<crate::runtime::events::EventCounters>,
 }
 
 /// Resident set size from `/proc/self/status` (`VmRSS`, in kB: no page-size assumption; Linux
@@ -171,6 +173,11 @@ impl Metrics {
         header(&mut out, "kube_controllers_leader", "gauge", "1 while this replica holds the leader Lease (the only one that writes), else 0.");
         let _ = writeln!(out, "kube_controllers_leader {}", u8::from(self.leader));
 
+        header(&mut out, "kube_controllers_events_total", "counter", "Kubernetes Events about releases and held changes, by result (created, updated: a series repeat, failed, dropped: queue full).");
+        for (result, n) in self.events.snapshot() {
+            let _ = writeln!(out, "kube_controllers_events_total{{result=\"{result}\"}} {n}");
+        }
+
         header(&mut out, "kube_controllers_api_requests_total", "counter", "Kubernetes API requests, by verb, resource and HTTP code (0: no answer).");
         for ((verb, resource, code), n) in api.snapshot() {
             let _ = writeln!(out, "kube_controllers_api_requests_total{{verb=\"{verb}\",resource=\"{resource}\",code=\"{code}\"}} {n}");
@@ -252,6 +259,9 @@ mod tests {
         assert!(text.contains("ipam_gc_releases_total{reason=\"node-deleted\"} 0"));
         assert!(text.contains("ipam_allocations_in_use{ippool=\"pool-a\",node=\"n\\\"1\"} 5"));
         assert!(text.contains("kube_controllers_leader 0\n"));
+        assert!(text.contains("kube_controllers_events_total{result=\"dropped\"} 0\n"), "{text}");
+        m.events.created.fetch_add(2, std::sync::atomic::Ordering::Relaxed);
+        assert!(m.clone().render(&ApiCounters::default()).contains("kube_controllers_events_total{result=\"created\"} 2\n"));
         m.leader = true;
         assert!(m.render(&ApiCounters::default()).contains("kube_controllers_leader 1\n"));
     }

@@ -28,6 +28,7 @@ use crate::scan::report::LeakReport;
 
 pub mod backoff;
 pub mod discovery;
+pub mod events;
 pub mod health_check;
 pub mod http;
 pub mod init;
@@ -261,7 +262,13 @@ pub async fn run(client: kube::Client, opts: RunOptions, stop: impl Future<Outpu
         Some(tokio::spawn(writer_while_leading((*ds).clone(), shared.clone(), may_write.clone(), fatal_tx)))
     };
 
-    let controller = ipam_gc::GcController::new(ds.clone(), cluster.clone(), opts.controller.clone(), shared.clone(), may_write);
+    // Events go out only from a process that writes: a dry run records none.
+    let events = if opts.controller.dry_run {
+        events::EventRecorder::off()
+    } else {
+        events::spawn(client.clone(), events::EventOptions::from_env(), shared.metrics(|m| m.events.clone())).0
+    };
+    let controller = ipam_gc::GcController::new(ds.clone(), cluster.clone(), opts.controller.clone(), shared.clone(), may_write).with_events(events);
     let gc_task = tokio::spawn(controller.run(rx, stop_rx));
 
     let result = tokio::select! {

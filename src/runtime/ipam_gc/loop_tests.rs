@@ -182,6 +182,8 @@ fn only_the_gone_address_was_released(mem: &MemoryDatastore) {
 /// The running loop: watches from both backends, the owner task, the executor.
 struct Running {
     shared: Arc<Shared>,
+    /// The Events the loop recorded.
+    events: crate::runtime::events::MemoryEvents,
     stop: tokio::sync::watch::Sender<bool>,
     owner: tokio::task::JoinHandle<()>,
     watchers: Vec<tokio::task::JoinHandle<()>>,
@@ -203,14 +205,15 @@ impl Running {
         drop(tx);
         let opts = ControllerOptions { dry_run: false, leak_grace_override: Some(grace), env: EnvConfig::default(), report_file: None };
         let (leader, may_write) = tokio::sync::watch::channel(true);
-        let c = GcController::with_executor(ds, cluster, opts, shared.clone(), may_write, exec, clock);
+        let (events, recorded) = crate::runtime::events::EventRecorder::memory();
+        let c = GcController::with_executor(ds, cluster, opts, shared.clone(), may_write, exec, clock).with_events(events);
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let owner = tokio::spawn(async move {
             // This replica leads throughout: the sender lives as long as the loop.
             let _leader = leader;
             c.run(rx, stop_rx).await;
         });
-        Running { shared, stop, owner, watchers }
+        Running { shared, stop, owner, watchers, events: recorded }
     }
 
     async fn stop(self) {
@@ -354,6 +357,10 @@ async fn a_409_storm_delays_a_release_and_never_takes_the_live_address() {
     mem.inject(Some(Kind::IpamBlock), None, Op::Update, ErrorKind::Conflict, 60);
     let run = Running::start(mem.clone(), cluster.clone(), ExecutorOptions::default());
     assert!(until(Duration::from_secs(120), || allocated(&mem) == 1).await, "released after the storm");
+    let events = run.events.snapshot();
+    assert_eq!(events.len(), 1, "one Event for the one release: {events:?}");
+    assert_eq!((events[0].regarding.kind.as_str(), events[0].regarding.name.as_str(), events[0].reason), ("Node", "n1", "IPAddressesReleased"));
+    assert_eq!(events[0].note, "released 1 address: 1 pod-not-found");
     let conflicts = run.shared.metrics(|m| m.conflicts_total);
     assert!(conflicts >= 60, "every lost race was counted: {conflicts}");
     only_the_gone_address_was_released(&mem);
@@ -658,7 +665,14 @@ async fn a_mass_release_is_held_visibly_until_an_operator_approves_the_set_it_pu
     let mut next = stored.clone();
     next.value["metadata"]["annotations"] = json!({"calico-kube-controllers/approve-mass-change": id});
     mem.update_now(Kind::KubeControllersConfiguration, &next).unwrap();
+    let events = run.events.snapshot();
+    assert_eq!(events.len(), 1, "one Event for the held set: {events:?}");
+    assert_eq!((events[0].regarding.kind.as_str(), events[0].reason, events[0].type_.as_str()), ("KubeControllersConfiguration", "MassChangeHeld", "Warning"));
+    assert!(events[0].note.contains("held 60 address releases of 60") && events[0].note.contains(&id), "{}", events[0].note);
     assert!(until(Duration::from_secs(30), || allocated(&mem) == 0).await, "released once approved, well before the guard's own wait");
+    let released: Vec<_> = run.events.snapshot().into_iter().filter(|e| e.reason == "IPAddressesReleased").collect();
+    assert_eq!(released.len(), 1, "{released:?}");
+    assert_eq!(released[0].note, "released 60 addresses: 60 pod-not-found");
     assert!(until(Duration::from_secs(30), || guard_gauge(&run.shared, "ipam-addresses").as_deref() == Some("0")).await);
     let cond = run.shared.status.snapshot().readiness.get("MassChangeGuard").cloned().unwrap();
     assert!(cond.ready, "{cond:?}");
@@ -756,5 +770,8 @@ async fn a_deleted_nodes_block_holding_another_nodes_pod_keeps_its_affinity_and_
     cluster.delete(ClusterKind::Pod, "ns", "b");
     let all_gone = || mem.peek(Kind::IpamBlock, "10-0-0-0-30").is_none() && mem.snapshot(Kind::BlockAffinity).is_empty();
     assert!(until(Duration::from_secs(120), all_gone).await, "block and affinity go once the block is empty");
+    let cleaned: Vec<_> = run.events.snapshot().into_iter().filter(|e| e.reason == "NodeIPAMReleased").collect();
+    assert_eq!(cleaned.len(), 1, "one Event for n1's cleanup, none while it was held: {cleaned:?}");
+    assert_eq!(cleaned[0].regarding.name, "n1");
     run.stop().await;
 }

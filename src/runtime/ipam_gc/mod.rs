@@ -34,6 +34,7 @@ pub mod inputs;
 pub mod publish;
 
 use self::clock::Clock;
+use crate::runtime::events::{EventRecorder, Regarding};
 use self::executor::{Executor, ExecutorOptions, Job, JobResult};
 use self::inputs::GcInputs;
 use super::backoff::{FIRST_DELAY, ItemBackoff, ItemKey, RetryTimer};
@@ -104,6 +105,8 @@ struct Said {
 }
 
 pub struct GcController {
+    /// Events of executed releases and of held mass changes (only the leader records them).
+    events: EventRecorder,
     inputs: GcInputs,
     gc: GcState,
     opts: ControllerOptions,
@@ -171,7 +174,15 @@ impl GcController {
             executor,
             in_flight: None,
             round_after_flight: false,
+            events: EventRecorder::off(),
         }
+    }
+
+    /// Where the Events of executed releases and of the mass-change guard go (off by default:
+    /// tests and dry runs).
+    pub fn with_events(mut self, events: EventRecorder) -> Self {
+        self.events = events;
+        self
     }
 
     fn leak_grace(&self) -> Millis {
@@ -373,6 +384,17 @@ impl GcController {
             .collect();
         let reason = format!("mass change held until a complete observation a grace period later shows it again, or approval: {}", why.join("; "));
         tracing::warn!(reason = %reason, "mass-change guard");
+        if !self.opts.dry_run && *self.may_write.borrow() {
+            for h in &held {
+                let kind = if h.scope.unit == crate::guard::Unit::Nodes { "node cleanups" } else { "address releases" };
+                let how = format!(
+                    "waits for a complete observation one leakGracePeriod later, or: kubectl annotate kubecontrollersconfigurations.crd.projectcalico.org default {}={} --overwrite",
+                    inputs::APPROVE_ANNOTATION,
+                    h.id
+                );
+                self.events.mass_change_held(kind, h.waiting, h.total, &h.id, &how);
+            }
+        }
         self.shared.status.set_ready(crate::health::MASS_CHANGE_GUARD, false, reason);
     }
 
@@ -564,6 +586,7 @@ impl GcController {
                 "plan executed"
             );
         }
+        self.record_release_events(&plan, &outcome, &flight, &released_nodes);
         self.fresh.extend(fresh);
         if !nodes_gone.is_empty() {
             tracing::info!(nodes = ?nodes_gone, "nodes missing from the Node cache proven deleted");
@@ -594,6 +617,36 @@ impl GcController {
                 m.last_success_seconds = flight.wall as f64 / 1000.0;
             }
         });
+    }
+
+    /// One Event per node for the addresses this round released there (tallied by reason), and
+    /// one per node whose IPAM was cleaned up; repeats merge into series in the recorder.
+    fn record_release_events(&self, plan: &Plan, outcome: &crate::datastore::apply::PlanOutcome, flight: &InFlight, released_nodes: &HashSet<String>) {
+        if outcome.released.is_empty() && released_nodes.is_empty() {
+            return;
+        }
+        let reasons: HashMap<(IpNet, u32), &'static str> =
+            plan.releases.iter().flat_map(|b| b.items.iter().map(move |i| ((b.cidr, i.ordinal), i.reason.as_str()))).collect();
+        let mut by_node: BTreeMap<&str, BTreeMap<&'static str, u64>> = BTreeMap::new();
+        for released in &outcome.released {
+            let node = flight.reclaimed.get(released).map_or(crate::runtime::ipam_gauges::UNKNOWN_NODE, |(_, n)| n.as_str());
+            let reason = reasons.get(released).copied().unwrap_or("released");
+            *by_node.entry(node).or_default().entry(reason).or_default() += 1;
+        }
+        // Addresses without a node (no attribute, no affine host) have no object to be about:
+        // they are counted in the metrics only.
+        for (node, tally) in by_node.iter().filter(|(n, _)| **n != crate::runtime::ipam_gauges::UNKNOWN_NODE) {
+            let count = tally.values().sum();
+            let tally: Vec<(&str, u64)> = tally.iter().map(|(r, n)| (*r, *n)).collect();
+            self.events.addresses_released(&Regarding::node(node, None), count, &tally);
+        }
+        for node in released_nodes {
+            let summary = match by_node.get(node.as_str()) {
+                Some(t) => format!("its affinities and empty blocks released, with {} of its addresses", t.values().sum::<u64>()),
+                None => "its affinities and empty blocks released".to_string(),
+            };
+            self.events.node_ipam_released(&Regarding::node(node, None), &summary);
+        }
     }
 
     /// Work left behind is retried by a timer instead of waiting for the next full period
