@@ -9,7 +9,8 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Node;
-use kube::api::{Api, DeleteParams, PostParams};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
 use crate::support::cluster::private_cluster;
@@ -109,4 +110,88 @@ async fn deleting_nodes_one_by_one_releases_exactly_their_ipam_and_finally_all_o
     nodes.delete("n-c", &DeleteParams::default()).await.expect("deleting n-c");
     wait_for("every IPAM object gone", || async { ipam.all_names().await.is_empty().then_some(()) }).await;
     eprintln!("n-c cleaned {:.1} s after its deletion", t.elapsed().as_secs_f64());
+
+    // Every cleanup is visible on its Node: one NodeIPAMReleased Event per deleted node, and the
+    // released pod and tunnel addresses as IPAddressesReleased.
+    let events: Api<Event> = Api::namespaced(client.clone(), "default");
+    let seen = wait_for("the cleanup Events", || async {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        let of = |reason: &str| -> Vec<String> {
+            let mut v: Vec<String> = list.items.iter().filter(|e| e.reason.as_deref() == Some(reason)).filter_map(|e| e.regarding.as_ref()?.name.clone()).collect();
+            v.sort();
+            v
+        };
+        let cleaned = of("NodeIPAMReleased");
+        (cleaned == ["n-a", "n-b", "n-c"]).then(|| (cleaned, of("IPAddressesReleased")))
+    })
+    .await;
+    assert_eq!(seen.1, ["n-a", "n-b", "n-c"], "each node's released addresses are reported on it");
+}
+
+/// The mass-change guard on the real cluster: deleting 5 of 6 nodes at once (more than 20%, at
+/// least 5) cleans nothing; the hold is visible in readiness, metrics and an Event, and the
+/// operator's approval of the published id lets exactly that set go.
+#[tokio::test]
+async fn deleting_most_nodes_at_once_is_held_until_an_operator_approves_it() {
+    let cluster = private_cluster();
+    let client = cluster.client();
+    let nodes: Api<Node> = Api::all(client.clone());
+    let ipam = Ipam::new(&client);
+    let names: Vec<String> = (0..6).map(|i| format!("m-{i}")).collect();
+    let mut blocks = Vec::new();
+    for (i, n) in names.iter().enumerate() {
+        nodes.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": n}})).unwrap()).await.expect("node");
+        let tunnel = format!("ipip-tunnel-addr-{n}");
+        let cidr = format!("10.71.0.{}/28", i * 16);
+        blocks.push(ipam.block(&cidr, Some(n), &[Alloc { ordinal: 1, handle: &tunnel, secondary: tunnel_attrs(n, "ipipTunnelAddress") }]).await);
+    }
+    let port = free_port();
+    let _controller = start_controller(&cluster, &["--leak-grace-period", "1h"], port, "mass-change");
+    wait_for("the controller's first report", || async { http_get(port, "/leak-report").await.filter(|(c, _)| *c == 200) }).await;
+    for n in &names[..5] {
+        nodes.delete(n, &DeleteParams::default()).await.expect("deleting a node");
+    }
+    let held = "kube_controllers_mass_change_held{scope=\"ipam-nodes\"} 5";
+    wait_for("the guard holding the five node cleanups", || async {
+        let (_, metrics) = http_get(port, "/metrics").await?;
+        metrics.contains(held).then_some(())
+    })
+    .await;
+    let (code, readiness) = http_get(port, "/readiness").await.expect("readiness answers");
+    assert_ne!(code, 200, "not ready while a mass change waits: {readiness}");
+    let key = "calico-kube-controllers/approve-mass-change=";
+    let at = readiness.find(key).unwrap_or_else(|| panic!("readiness names the approval: {readiness}"));
+    let id: String = readiness[at + key.len()..].chars().take_while(|c| c.is_ascii_hexdigit()).collect();
+    assert_eq!(id.len(), 16, "{readiness}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for b in &blocks {
+        assert!(ipam.block_spec(b).await.is_some_and(|s| allocated(&s, 1)), "nothing cleaned while held: {b}");
+    }
+    let events: Api<Event> = Api::namespaced(client.clone(), "default");
+    let warning = events.list(&ListParams::default()).await.expect("events").items.into_iter().find(|e| e.reason.as_deref() == Some("MassChangeHeld"));
+    let warning = warning.expect("a MassChangeHeld Event");
+    assert_eq!(warning.type_.as_deref(), Some("Warning"));
+    assert!(warning.note.as_deref().is_some_and(|n| n.contains(&id)), "{warning:?}");
+
+    // The operator approves the published set.
+    let kcc = kube::api::ApiResource {
+        group: "crd.projectcalico.org".into(),
+        version: "v1".into(),
+        api_version: "crd.projectcalico.org/v1".into(),
+        kind: "KubeControllersConfiguration".into(),
+        plural: "kubecontrollersconfigurations".into(),
+    };
+    let kccs: Api<kube::api::DynamicObject> = Api::all_with(client.clone(), &kcc);
+    let patch = json!({"metadata": {"annotations": {"calico-kube-controllers/approve-mass-change": id}}});
+    kccs.patch("default", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("annotating the configuration");
+    wait_for("the five nodes cleaned", || async {
+        let mut left = 0;
+        for b in &blocks[..5] {
+            left += usize::from(ipam.block_spec(b).await.is_some());
+        }
+        (left == 0).then_some(())
+    })
+    .await;
+    assert!(ipam.block_spec(&blocks[5]).await.is_some_and(|s| allocated(&s, 1)), "the live node keeps its tunnel");
+    wait_for("ready again", || async { http_get(port, "/readiness").await.filter(|(c, _)| *c == 200) }).await;
 }
