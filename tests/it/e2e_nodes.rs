@@ -195,3 +195,26 @@ async fn deleting_most_nodes_at_once_is_held_until_an_operator_approves_it() {
     assert!(ipam.block_spec(&blocks[5]).await.is_some_and(|s| allocated(&s, 1)), "the live node keeps its tunnel");
     wait_for("ready again", || async { http_get(port, "/readiness").await.filter(|(c, _)| *c == 200) }).await;
 }
+
+/// A block whose deleter died between KDD's two steps (marked `deleted`, never deleted) is
+/// finished by the leader before anything touches its handle: the block goes first, and the
+/// handle it named is only then an orphan (deleted after its own two observations).
+#[tokio::test]
+async fn a_half_soft_deleted_block_is_finished_before_its_handle_is_touched() {
+    let cluster = private_cluster();
+    let client = cluster.client();
+    let nodes: Api<Node> = Api::all(client.clone());
+    nodes.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "n-s"}})).unwrap()).await.expect("node");
+    let ipam = Ipam::new(&client);
+    let handle = "k8s-pod-network.half-deleted";
+    let block = ipam.block("10.72.0.0/28", Some("n-s"), &[Alloc { ordinal: 1, handle, secondary: pod_attrs("ns", "gone", "n-s") }]).await;
+    // A second block keeps n-s from losing its last block to the empty-block rule.
+    ipam.block("10.72.0.16/28", Some("n-s"), &[]).await;
+    let mark = json!({"spec": {"deleted": true}});
+    ipam.blocks.patch(&block, &PatchParams::default(), &Patch::Merge(&mark)).await.expect("marking the block deleted");
+    let port = free_port();
+    let _controller = start_controller(&cluster, &[], port, "half-deleted");
+    wait_for("the half-deleted block finished", || async { ipam.block_spec(&block).await.is_none().then_some(()) }).await;
+    assert!(ipam.handle_exists(handle).await, "the handle outlives the block it was named by");
+    wait_for("the handle, an orphan now, deleted after its two observations", || async { (!ipam.handle_exists(handle).await).then_some(()) }).await;
+}

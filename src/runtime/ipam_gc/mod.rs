@@ -384,7 +384,12 @@ impl GcController {
             .collect();
         let reason = format!("mass change held until a complete observation a grace period later shows it again, or approval: {}", why.join("; "));
         tracing::warn!(reason = %reason, "mass-change guard");
-        if !self.opts.dry_run && *self.may_write.borrow() {
+        if self.opts.dry_run {
+            // A dry run beside upstream stays ready: the report's heldBy says what would wait.
+            return;
+        }
+        self.shared.status.set_ready(crate::health::MASS_CHANGE_GUARD, false, reason);
+        if *self.may_write.borrow() {
             for h in &held {
                 let kind = if h.scope.unit == crate::guard::Unit::Nodes { "node cleanups" } else { "address releases" };
                 let how = format!(
@@ -395,7 +400,6 @@ impl GcController {
                 self.events.mass_change_held(kind, h.waiting, h.total, &h.id, &how);
             }
         }
-        self.shared.status.set_ready(crate::health::MASS_CHANGE_GUARD, false, reason);
     }
 
     fn write_hold(&self) -> gating::WriteHold {
