@@ -1,3 +1,4 @@
 pub mod dump;
+pub mod merge;
 pub mod live;
 pub mod report;
