@@ -67,6 +67,16 @@ pub enum HeldBy {
     /// A tunnel address of a node missing from the Node cache that no read has proven deleted
     /// yet (a watch behind, refused or stuck, or a node newer than the cache).
     NodeNotProvenGone,
+    /// leak-scan only: a Pod the dump's parser rejected may own the address.
+    PodUnreadable,
+    /// leak-scan only: an item of the dump was unreadable and may have been a pod.
+    ObjectUnreadable,
+    /// leak-scan only: the dump holds two copies of the block (or of what shapes every verdict)
+    /// and nothing tells which is newer.
+    ConflictingCopies,
+    /// leak-scan only: the dump's lists were read in an order in which a new pod's address
+    /// looks leaked (Pods before IPAM).
+    DumpOrderUnsafe,
 }
 
 impl HeldBy {
@@ -78,6 +88,10 @@ impl HeldBy {
             HeldBy::GraceDisabled => "grace-period-disabled",
             HeldBy::Revalidated => "pod-holds-ip-on-recheck",
             HeldBy::NodeNotProvenGone => "node-not-proven-gone",
+            HeldBy::PodUnreadable => "pod-unreadable",
+            HeldBy::ObjectUnreadable => "object-unreadable",
+            HeldBy::ConflictingCopies => "conflicting-copies",
+            HeldBy::DumpOrderUnsafe => "dump-order-unsafe",
         }
     }
 }
