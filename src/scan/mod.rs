@@ -3,3 +3,4 @@ pub mod merge;
 pub mod order;
 pub mod live;
 pub mod report;
+pub mod save;
