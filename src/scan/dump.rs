@@ -12,8 +12,14 @@
 //! one is being read, and results are merged in input order. Peak memory is two batches of raw
 //! text plus the compact results: pods are trimmed to [`PodFacts`] as they arrive.
 //!
-//! YAML dumps are read whole (serde-saphyr parses from a `&str`): each item is converted to JSON
-//! text on arrival and then goes through the same per-item parser, so both formats agree.
+//! YAML is streamed too: serde-saphyr's reader parses document by document on a thread of its
+//! own and hands every item (the items of a `kind: List` document one by one) over as JSON text
+//! through a bounded channel, to the same per-item parser, so both formats agree.
+//!
+//! A List's own `kind` and `metadata.resourceVersion` are kept ([`DumpList`]): they tell the
+//! order the parts were read in, and a typed List's kind (`PodList`) is the kind of its items,
+//! which the API server writes without one. Second copies of an object are judged by
+//! [`super::merge`] as they arrive.
 //!
 //! Must not: keep whole pods, panic or loop on any input, touch the network or the clock.
 
