@@ -2161,6 +2161,29 @@ mod tests {
             prop_assert_eq!(whole, split);
         }
 
+        /// A List read as YAML gives what the same List gives as JSON, item for item, however
+        /// its items are split into documents; and its version is kept either way.
+        #[test]
+        fn yaml_and_json_lists_read_alike(n in 0usize..12, rv in 1u64..1000, split in any::<bool>()) {
+            let pods: Vec<Value> = (0..n).map(|i| pod("ns", &format!("p{i}"), &format!("10.0.0.{i}"))).collect();
+            let mut l = list(pods.clone());
+            l["metadata"] = json!({"resourceVersion": rv.to_string()});
+            let from_json = read("dump.json", &l.to_string());
+            let yaml = if split {
+                pods.iter().map(|p| serde_saphyr::to_string(p).unwrap()).collect::<Vec<_>>().join("---\n")
+            } else {
+                serde_saphyr::to_string(&l).unwrap()
+            };
+            let from_yaml = read("dump.yaml", &yaml);
+            prop_assert_eq!(format!("{:?}", from_json.pods), format!("{:?}", from_yaml.pods));
+            prop_assert_eq!(&from_json.kind_counts, &from_yaml.kind_counts);
+            if !split {
+                prop_assert_eq!(from_yaml.lists.len(), 1);
+                prop_assert_eq!(&from_yaml.lists[0].head.resource_version, &rv.to_string());
+                prop_assert_eq!(&from_json.lists[0].head, &from_yaml.lists[0].head);
+            }
+        }
+
         #[test]
         fn text_never_panics_as_yaml(text in "[a-z:{}\\[\\]\\-, \n\"'&*!|>#]{0,200}") {
             let _ = read_bytes("fuzz.yaml", text.as_bytes());

@@ -593,6 +593,20 @@ pub fn write_table(r: &LeakReport, out: &mut dyn Write) -> io::Result<()> {
     writeln!(out, "  empty blocks:       {} ({} releasable)", s.empty_blocks, s.releasable_empty_blocks)?;
     writeln!(out, "  orphan handles:     {}", s.orphan_handles)?;
     writeln!(out, "  invalid objects:    {}", s.invalid_objects)?;
+    if !r.duplicates.is_empty() {
+        writeln!(out, "  duplicate objects:  {}", s.duplicates)?;
+    }
+    if !r.nodes_missing_from_dump.is_empty() {
+        writeln!(out, "  nodes missing from the dump (judged live): {}", r.nodes_missing_from_dump.join(", "))?;
+    }
+    if let Some(o) = &r.dump_order {
+        let state = match o.state {
+            OrderState::Safe => "safe",
+            OrderState::Unsafe => "UNSAFE",
+            OrderState::Unknown => "unknown",
+        };
+        writeln!(out, "  dump order:         {state} ({})", o.detail)?;
+    }
     let mut by_node: BTreeMap<&str, Vec<&LeakEntry>> = BTreeMap::new();
     for l in &r.leaks {
         by_node.entry(if l.node.is_empty() { "<no node>" } else { &l.node }).or_default().push(l);
@@ -670,6 +684,7 @@ mod tests {
         write_table(&r, &mut table).unwrap();
         let table = String::from_utf8(table).unwrap();
         assert!(table.contains("node n1 (2 leaks)"), "{table}");
+        assert!(table.contains("dump order:         unknown"), "{table}");
     }
 
     #[test]
