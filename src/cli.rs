@@ -162,6 +162,21 @@ struct LeakScanArgs {
     from_dump: Vec<PathBuf>,
     #[arg(long, value_enum, default_value = "table")]
     output: Output,
+    /// Judge nodes that live pods run on but the dump's Nodes lack as live, however many.
+    #[arg(long = "allow-partial-nodes")]
+    allow_partial_nodes: bool,
+    /// Refuse (exit 2) when more than this percentage of the nodes live pods run on are missing
+    /// from the dump's Nodes.
+    #[arg(long = "missing-nodes-percent", default_value_t = report::DEFAULT_MISSING_NODES_PERCENT)]
+    missing_nodes_percent: f64,
+    /// The report's `version` (calicoctl's `calicoctl version` Client Version). Default: the
+    /// cluster's `calicoVersion` from ClusterInformation.
+    #[arg(long = "calicoctl-version")]
+    calicoctl_version: Option<String>,
+    /// Write a complete dump of the live cluster into this folder instead of scanning: IPAM
+    /// first, then Nodes, Namespaces, Pods, each a List with its resourceVersion.
+    #[arg(long = "save-dump", conflicts_with = "from_dump")]
+    save_dump: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -310,6 +325,9 @@ fn health_probe(a: &HealthArgs) -> i32 {
 
 
 fn leak_scan(a: LeakScanArgs) -> anyhow::Result<i32> {
+    if let Some(dir) = &a.save_dump {
+        return save_dump(dir);
+    }
     let started = Instant::now();
     let tty = std::io::stderr().is_terminal();
     let mut last = Instant::now();
@@ -328,7 +346,17 @@ fn leak_scan(a: LeakScanArgs) -> anyhow::Result<i32> {
     if tty && started.elapsed().as_secs_f64() > 1.0 {
         eprintln!();
     }
-    let r = report::scan_dump(&mut contents, calico_kube_controllers::runtime::ipam_gc::clock::now_millis())?;
+    let opts = report::ScanOptions {
+        allow_partial_nodes: a.allow_partial_nodes,
+        missing_nodes_percent: a.missing_nodes_percent,
+        calicoctl_version: a.calicoctl_version.clone(),
+    };
+    let r = report::scan_dump(&mut contents, calico_kube_controllers::runtime::ipam_gc::clock::now_millis(), &opts)?;
+    if let Some(order) = &r.dump_order
+        && order.state != calico_kube_controllers::scan::order::OrderState::Safe
+    {
+        eprintln!("leak-scan: dump order {}: {}", serde_json::to_string(&order.state).unwrap_or_default().trim_matches('"'), order.detail);
+    }
     // Pretty JSON is many short lines: buffer them instead of a write per line.
     let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
     match a.output {
@@ -340,6 +368,48 @@ fn leak_scan(a: LeakScanArgs) -> anyhow::Result<i32> {
     }
     out.flush()?;
     Ok(if r.releasable_leaks() > 0 { 1 } else { 0 })
+}
+
+/// LIST pages of the cluster of KUBECONFIG (or in-cluster), as they come.
+struct KubePages(kube::Client);
+
+impl calico_kube_controllers::scan::save::PageReader for KubePages {
+    fn page(&self, path: &str, limit: u32, token: Option<&str>) -> impl std::future::Future<Output = Result<serde_json::Value, calico_kube_controllers::scan::save::ListFailure>> + Send {
+        use calico_kube_controllers::scan::save::ListFailure;
+        let mut uri = format!("{path}?limit={limit}");
+        if let Some(t) = token {
+            uri.push_str("&continue=");
+            uri.push_str(&percent_encode(t));
+        }
+        let client = self.0.clone();
+        async move {
+            let request = http::Request::get(uri).body(Vec::new()).map_err(|e| ListFailure { status: 0, message: e.to_string() })?;
+            client.request::<serde_json::Value>(request).await.map_err(|e| ListFailure {
+                status: calico_kube_controllers::datastore::kube::status_code(&e),
+                message: e.to_string(),
+            })
+        }
+    }
+}
+
+/// A query value: everything but unreserved characters escaped (continue tokens are base64).
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
+}
+
+fn save_dump(dir: &Path) -> anyhow::Result<i32> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
+    let saved = rt.block_on(async {
+        let client = kube::Client::try_default().await.context("building a Kubernetes client (KUBECONFIG or in-cluster)")?;
+        calico_kube_controllers::scan::save::save_dump(&KubePages(client), dir).await.context("saving the dump")
+    })?;
+    for p in &saved {
+        eprintln!("{}: {} {} (resourceVersion {})", p.file.display(), p.items, p.kind, p.resource_version);
+    }
+    eprintln!("leak-scan: dump saved; scan it with: leak-scan --from-dump {}", dir.display());
+    Ok(0)
 }
 
 /// One paged, read-only list per kind from the cluster of KUBECONFIG (or in-cluster).

@@ -5,6 +5,6 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(mut d) = dump::read_bytes("fuzz.json", data) {
-        let _ = report::scan_dump(&mut d, 1_800_000_000_000);
+        let _ = report::scan_dump(&mut d, 1_800_000_000_000, &Default::default());
     }
 });

@@ -74,6 +74,16 @@ pub enum HeldBy {
     /// node's pod, a cooling-down address): as upstream's `mustBeEmpty`, the block keeps its
     /// affinity and the node's release is retried until the block is empty.
     BlockNotEmpty,
+    /// leak-scan only: a Pod the dump's parser rejected may own the address.
+    PodUnreadable,
+    /// leak-scan only: an item of the dump was unreadable and may have been a pod.
+    ObjectUnreadable,
+    /// leak-scan only: the dump holds two copies of the block (or of what shapes every verdict)
+    /// and nothing tells which is newer.
+    ConflictingCopies,
+    /// leak-scan only: the dump's lists were read in an order in which a new pod's address
+    /// looks leaked (Pods before IPAM).
+    DumpOrderUnsafe,
 }
 
 impl HeldBy {
@@ -87,6 +97,10 @@ impl HeldBy {
             HeldBy::NodeNotProvenGone => "node-not-proven-gone",
             HeldBy::MassChangeGuard => "mass-change-guard",
             HeldBy::BlockNotEmpty => "block-not-empty",
+            HeldBy::PodUnreadable => "pod-unreadable",
+            HeldBy::ObjectUnreadable => "object-unreadable",
+            HeldBy::ConflictingCopies => "conflicting-copies",
+            HeldBy::DumpOrderUnsafe => "dump-order-unsafe",
         }
     }
 }

@@ -89,7 +89,7 @@ pub async fn read_cluster<D: Datastore, C: ClusterReader>(
     progress: &mut (dyn FnMut(&str, u64) + Send),
 ) -> Result<DumpContents, LiveScanError> {
     let mut contents =
-        DumpContents { index: Some(Box::new(crate::ipam::index::IpamIndex::new())), complete_pod_view: true, ..DumpContents::default() };
+        DumpContents { index: Some(Box::new(crate::ipam::index::IpamIndex::new())), complete_pod_view: true, read_live: true, ..DumpContents::default() };
     for (what, required) in listed() {
         let result = match what {
             Listed::Calico(kind) => ds.list(kind).await.map(|objects| {

@@ -1,3 +1,6 @@
 pub mod dump;
+pub mod merge;
+pub mod order;
 pub mod live;
 pub mod report;
+pub mod save;

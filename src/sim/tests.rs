@@ -164,7 +164,7 @@ fn the_dump_reads_back_and_leak_scan_finds_the_initial_leaks() {
     assert_eq!(contents.affinities.len(), c.affinities.len());
     assert_eq!(contents.namespaces.len(), c.namespaces.len());
 
-    let report = crate::scan::report::scan_dump(&mut contents, T0).unwrap();
+    let report = crate::scan::report::scan_dump(&mut contents, T0, &Default::default()).unwrap();
     let releasable: BTreeSet<IpAddr> = report.leaks.iter().filter(|l| l.releasable).map(|l| l.ip.parse().unwrap()).collect();
     let initial = [Category::PodDeleted, Category::PodFinished, Category::StaleIp, Category::DeletedNodePod, Category::DeletedNodeTunnel];
     let planted: BTreeSet<IpAddr> = c.planted.iter().filter(|p| initial.contains(&p.category)).flat_map(|p| p.ips.iter().copied()).collect();
@@ -172,7 +172,7 @@ fn the_dump_reads_back_and_leak_scan_finds_the_initial_leaks() {
 
     // Streaming the same dump straight into the index gives the same report.
     assert!(indexed.blocks.is_empty() && indexed.pods.is_empty(), "objects went to the index, not the vectors");
-    let streamed = crate::scan::report::scan_dump(&mut indexed, T0).unwrap();
+    let streamed = crate::scan::report::scan_dump(&mut indexed, T0, &Default::default()).unwrap();
     assert_eq!(streamed.leaks, report.leaks);
     assert_eq!(serde_json::to_value(&streamed.summary).unwrap(), serde_json::to_value(&report.summary).unwrap());
     assert_eq!(streamed.allocations.len(), report.allocations.len());

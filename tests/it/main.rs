@@ -11,6 +11,7 @@ mod e2e_events;
 mod e2e_ha;
 mod e2e_kubevirt;
 mod e2e_leak_scan_live;
+mod e2e_leak_scan_release;
 mod e2e_metrics;
 mod e2e_nodes;
 mod e2e_restart;
