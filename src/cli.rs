@@ -434,6 +434,14 @@ fn run_controller(a: RunArgs) -> anyhow::Result<i32> {
     if env.datastore_defaulted {
         tracing::info!("DATASTORE_TYPE unset (upstream's default is etcdv3): using the Kubernetes datastore");
     }
+    if let Some(etcd) = &env.etcd {
+        // The settings are valid and the etcd backend exists, but the controllers do not run on it yet.
+        anyhow::bail!(
+            "the etcdv3 datastore ({}={}) is not wired into the controllers yet: the etcd settings are valid, but the IPAM GC runs only on the Kubernetes datastore (DATASTORE_TYPE=kubernetes) in this version",
+            etcd.endpoints_setting.var,
+            etcd.endpoints_setting.value
+        );
+    }
     let leak_grace_override = match &a.leak_grace_period {
         Some(text) => Some(
             calico_kube_controllers::model::time::parse_go_duration(text)

@@ -112,7 +112,8 @@ fn invalid_environment_stops_start_up_with_exit_two_naming_the_variable() {
     let dir = scratch("env");
     for (env, expected) in [
         (("LOG_LEVEL", "verbose"), "LOG_LEVEL"),
-        (("DATASTORE_TYPE", "etcdv3"), "etcd datastore not supported yet"),
+        (("DATASTORE_TYPE", "etcdv3"), "ETCD_ENDPOINTS"),
+        (("ETCD_ENDPOINTS", "http://127.0.0.1:1"), "not wired into the controllers yet"),
         (("ENABLED_CONTROLLERS", "node,ipam"), "ENABLED_CONTROLLERS"),
         (("HEALTH_ENABLED", "maybe"), "HEALTH_ENABLED"),
     ] {
