@@ -3,6 +3,7 @@
 mod support;
 
 mod cli_compat;
+mod conformance_etcd;
 mod conformance_kube;
 
 mod e2e_controller;
