@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use calico_kube_controllers::config::{EnvConfig, EtcdConfig};
 use calico_kube_controllers::datastore::conformance::{Options, run_all, run_watch};
 use calico_kube_controllers::datastore::etcd::EtcdDatastore;
-use calico_kube_controllers::datastore::{Datastore, ErrorKind, Kind};
+use calico_kube_controllers::datastore::{Datastore, ErrorKind, Kind, WatchEvent};
+use futures::StreamExt;
 use serde_json::{Value, json};
 
 use crate::support::cluster::{TestCluster, shared_cluster, unique_name};
@@ -161,18 +162,21 @@ async fn a_wrong_ca_is_refused_naming_the_ca_setting() {
     assert!(err.message.contains("ETCD_KEY_FILE"), "{err}");
 }
 
-/// A private plain-HTTP etcd with authentication on (user root), stopped when dropped.
-struct AuthEtcd {
-    child: Child,
+/// A private plain-HTTP etcd of this test (tests that enable authentication, compact or restart
+/// it must not share the harness's), stopped and its directory removed when dropped.
+struct PrivateEtcd {
+    child: Option<Child>,
     endpoint: String,
-    _dir: PathBuf,
+    peer_url: String,
+    binary: PathBuf,
+    etcdctl: PathBuf,
+    dir: PathBuf,
 }
 
-impl Drop for AuthEtcd {
+impl Drop for PrivateEtcd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self._dir);
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -190,35 +194,139 @@ fn etcd_binary(cluster: &TestCluster) -> PathBuf {
         .expect("the harness's etcd binary")
 }
 
-fn start_auth_etcd(cluster: &TestCluster, password: &str) -> AuthEtcd {
-    let dir = std::env::temp_dir().join(unique_name("ckc-auth-etcd"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (client, peer) = (free_port(), free_port());
-    let endpoint = format!("http://127.0.0.1:{client}");
-    let peer_url = format!("http://127.0.0.1:{peer}");
-    let log = std::fs::File::create(dir.join("etcd.log")).unwrap();
-    let child = Command::new(etcd_binary(cluster))
-        .args(["--name", "auth", "--data-dir"])
-        .arg(dir.join("data"))
-        .args(["--listen-client-urls", &endpoint, "--advertise-client-urls", &endpoint])
-        .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url, "--initial-cluster", &format!("auth={peer_url}")])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("etcd starts");
-    let etcd = AuthEtcd { child, endpoint: endpoint.clone(), _dir: dir };
-    let etcdctl = cluster.bin_dir().expect("harness bin dir").join("etcdctl");
-    let ctl = |args: &[&str]| Command::new(&etcdctl).args(["--endpoints", &endpoint]).args(args).output().expect("etcdctl runs");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !ctl(&["endpoint", "health"]).status.success() {
-        assert!(Instant::now() < deadline, "the private etcd did not become healthy");
-        std::thread::sleep(Duration::from_millis(200));
+impl PrivateEtcd {
+    fn start(cluster: &TestCluster) -> PrivateEtcd {
+        let dir = std::env::temp_dir().join(unique_name("ckc-private-etcd"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut etcd = PrivateEtcd {
+            child: None,
+            endpoint: format!("http://127.0.0.1:{}", free_port()),
+            peer_url: format!("http://127.0.0.1:{}", free_port()),
+            binary: etcd_binary(cluster),
+            etcdctl: cluster.bin_dir().expect("harness bin dir").join("etcdctl"),
+            dir,
+        };
+        etcd.launch();
+        etcd
     }
-    for args in [&["user", "add", "root", "--new-user-password", password][..], &["auth", "enable"][..]] {
-        let out = ctl(args);
+
+    /// Starts (again) on the same data and ports, and waits until it is healthy.
+    fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("etcd.log")).unwrap();
+        let child = Command::new(&self.binary)
+            .args(["--name", "private", "--data-dir"])
+            .arg(self.dir.join("data"))
+            .args(["--listen-client-urls", &self.endpoint, "--advertise-client-urls", &self.endpoint])
+            .args(["--listen-peer-urls", &self.peer_url, "--initial-advertise-peer-urls", &self.peer_url])
+            .args(["--initial-cluster", &format!("private={}", self.peer_url)])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("etcd starts");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.ctl(&["endpoint", "health"]).status.success() {
+            assert!(Instant::now() < deadline, "the private etcd did not become healthy");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn ctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(&self.etcdctl).args(["--endpoints", &self.endpoint]).args(args).output().expect("etcdctl runs")
+    }
+
+    fn ctl_ok(&self, args: &[&str]) {
+        let out = self.ctl(args);
         assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
+}
+
+fn start_auth_etcd(cluster: &TestCluster, password: &str) -> PrivateEtcd {
+    let etcd = PrivateEtcd::start(cluster);
+    etcd.ctl_ok(&["user", "add", "root", "--new-user-password", password]);
+    etcd.ctl_ok(&["auth", "enable"]);
     etcd
+}
+
+fn handle(name: &str) -> Value {
+    json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "IPAMHandle", "metadata": {"name": name},
+           "spec": {"handleID": name, "block": {"10.253.0.0/30": 1}, "deleted": false}})
+}
+
+/// The names in the next complete (re)list of `stream`, and the events before it.
+async fn next_list(stream: &mut calico_kube_controllers::datastore::WatchStream) -> (Vec<String>, Vec<WatchEvent>) {
+    let mut before = Vec::new();
+    let mut names: Option<Vec<String>> = None;
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(30), stream.next()).await.expect("an event within 30s").expect("the stream goes on");
+        match (&mut names, event) {
+            (_, WatchEvent::Init) => names = Some(Vec::new()),
+            (Some(n), WatchEvent::InitApply(s)) => n.push(s.name),
+            (Some(_), WatchEvent::InitDone) => return (names.unwrap_or_default(), before),
+            (_, other) => before.push(other),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_watch_that_resumes_past_a_compaction_relists_and_drops_what_is_gone() {
+    let cluster = shared_cluster();
+    let etcd = PrivateEtcd::start(cluster);
+    let ds = EtcdDatastore::connect(&etcd_config(&[("ETCD_ENDPOINTS", &etcd.endpoint)])).await.expect("connects");
+    ds.create(Kind::IpamHandle, "kept", handle("kept")).await.unwrap();
+    let gone = ds.create(Kind::IpamHandle, "gone", handle("gone")).await.unwrap();
+    let mut stream = ds.watch(Kind::IpamHandle);
+    let (mut first, _) = next_list(&mut stream).await;
+    first.sort();
+    assert_eq!(first, ["gone", "kept"]);
+    // The stream is not polled: its watch opens only now, from the revision after its list,
+    // which the compaction below removes from etcd's history.
+    ds.delete(Kind::IpamHandle, "gone", &gone.exact()).await.unwrap();
+    let new = ds.create(Kind::IpamHandle, "new", handle("new")).await.unwrap();
+    etcd.ctl_ok(&["compact", &new.revision]);
+    let (mut relisted, before) = next_list(&mut stream).await;
+    relisted.sort();
+    assert_eq!(relisted, ["kept", "new"], "the relist is the truth: gone is gone");
+    assert!(before.iter().any(|e| matches!(e, WatchEvent::Error(f) if f.refused.is_none() && f.message.contains("compacted"))), "{before:?}");
+}
+
+#[tokio::test]
+async fn a_watch_resumes_after_an_etcd_restart_from_its_last_revision_without_a_relist() {
+    let cluster = shared_cluster();
+    let mut etcd = PrivateEtcd::start(cluster);
+    let ds = EtcdDatastore::connect(&etcd_config(&[("ETCD_ENDPOINTS", &etcd.endpoint)])).await.expect("connects");
+    ds.create(Kind::IpamHandle, "before", handle("before")).await.unwrap();
+    let mut stream = ds.watch(Kind::IpamHandle);
+    let (first, _) = next_list(&mut stream).await;
+    assert_eq!(first, ["before"]);
+    // Let the watch open, then take etcd away under it.
+    assert!(tokio::time::timeout(Duration::from_millis(700), stream.next()).await.is_err(), "nothing happened yet");
+    etcd.stop();
+    let err = ds.get(Kind::IpamHandle, "before").await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Transient, "{err}");
+    etcd.launch();
+    let after = ds.create(Kind::IpamHandle, "after", handle("after")).await.expect("etcd is back");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    loop {
+        assert!(Instant::now() < deadline, "no Apply of after within 30s: {seen:?}");
+        let event = tokio::time::timeout(Duration::from_secs(30), stream.next()).await.expect("an event").expect("the stream goes on");
+        match event {
+            WatchEvent::Apply(s) if s.name == "after" => {
+                assert_eq!(s.revision, after.revision);
+                break;
+            }
+            other => seen.push(other),
+        }
+    }
+    assert!(seen.iter().all(|e| matches!(e, WatchEvent::Error(f) if f.refused.is_none())), "only routine errors, no relist: {seen:?}");
 }
 
 #[tokio::test]
