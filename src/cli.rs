@@ -434,14 +434,17 @@ fn run_controller(a: RunArgs) -> anyhow::Result<i32> {
     if env.datastore_defaulted {
         tracing::info!("DATASTORE_TYPE unset (upstream's default is etcdv3): using the Kubernetes datastore");
     }
-    if let Some(etcd) = &env.etcd {
-        // The settings are valid and the etcd backend exists, but the controllers do not run on it yet.
-        anyhow::bail!(
-            "the etcdv3 datastore ({}={}) is not wired into the controllers yet: the etcd settings are valid, but the IPAM GC runs only on the Kubernetes datastore (DATASTORE_TYPE=kubernetes) in this version",
-            etcd.endpoints_setting.var,
-            etcd.endpoints_setting.value
-        );
-    }
+    // Files are read now (a missing or unreadable certificate is a clear error naming its
+    // setting); etcd itself is only contacted once running, where failures show in readiness.
+    let etcd = match &env.etcd {
+        Some(cfg) => {
+            let ds = calico_kube_controllers::datastore::etcd::EtcdDatastore::new(cfg).map_err(|e| anyhow::anyhow!("etcd datastore: {}", e.message))?;
+            tracing::info!(endpoints = %cfg.endpoints_setting.value, "Calico datastore: etcd v3 (pods, nodes and leader election stay in Kubernetes)");
+            tracing::warn!("etcd datastore: Calico node names are taken to be the Kubernetes node names (the orchRefs mapping is not implemented yet)");
+            Some(ds)
+        }
+        None => None,
+    };
     let leak_grace_override = match &a.leak_grace_period {
         Some(text) => Some(
             calico_kube_controllers::model::time::parse_go_duration(text)
@@ -477,7 +480,13 @@ fn run_controller(a: RunArgs) -> anyhow::Result<i32> {
                 _ = tokio::signal::ctrl_c() => {}
             }
         };
-        if let Err(e) = runtime::run(client, opts, stop).await {
+        if let Some(ds) = &etcd
+            && let Err(e) = ds.probe().await
+        {
+            // Not fatal: the health loop keeps reporting it until etcd answers.
+            tracing::error!(error = %e.message, "etcd datastore not reachable yet");
+        }
+        if let Err(e) = runtime::run_with(client, etcd, opts, stop).await {
             eprintln!("calico-kube-controllers: {e}");
             return anyhow::Ok(e.exit_code());
         }

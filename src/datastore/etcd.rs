@@ -46,6 +46,8 @@ type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes
 #[derive(Clone)]
 pub struct EtcdDatastore {
     inner: Arc<Inner>,
+    /// Every write succeeds without reaching etcd (`--dry-run`); reads and watches are real.
+    dry_run: bool,
 }
 
 struct Inner {
@@ -221,7 +223,14 @@ impl EtcdDatastore {
                 token: Mutex::new(None),
                 tls_hint,
             }),
+            dry_run: false,
         })
+    }
+
+    /// The same datastore with writes turned into successful no-ops when `dry_run`.
+    pub fn with_dry_run(mut self, dry_run: bool) -> Self {
+        self.dry_run = dry_run;
+        self
     }
 
     /// [`EtcdDatastore::new`], then proves the settings work: authenticates if a user is set and
@@ -518,6 +527,9 @@ impl Datastore for EtcdDatastore {
     async fn create(&self, kind: Kind, name: &str, value: Value) -> DsResult<Stored> {
         let key = key_for_write(kind, name, &value)?;
         let bytes = to_etcd_value(kind, name, &value)?;
+        if self.dry_run {
+            return from_etcd_value(kind, &key, &bytes, 1, 1);
+        }
         let compare = json!([{"key": b64(&key), "target": "CREATE", "result": "EQUAL", "create_revision": "0"}]);
         let put = json!({"request_put": {"key": b64(&key), "value": B64.encode(&bytes)}});
         let (ok, revision, _) = self.txn(compare, json!([put]), json!([])).await?;
@@ -540,6 +552,9 @@ impl Datastore for EtcdDatastore {
             }
         }
         let bytes = to_etcd_value(kind, &object.name, &object.value)?;
+        if self.dry_run {
+            return Ok(object.clone());
+        }
         self.put_if(kind, &key, &bytes, revision).await
     }
 
@@ -564,6 +579,9 @@ impl Datastore for EtcdDatastore {
             _ => {}
         }
         let bytes = to_etcd_value(kind, &object.name, &current.value)?;
+        if self.dry_run {
+            return Ok(current);
+        }
         self.put_if(kind, &kv.key, &bytes, kv.mod_revision).await
     }
 
@@ -581,6 +599,9 @@ impl Datastore for EtcdDatastore {
             if Self::revision_of(kind, name, want)? != kv.mod_revision {
                 return Err(DatastoreError::conflict(format!("delete {} {name}: revision {want} is stale (now {})", kind.plural(), kv.mod_revision)));
             }
+        }
+        if self.dry_run {
+            return Ok(());
         }
         let compare = json!([{"key": b64(&kv.key), "target": "MOD", "result": "EQUAL", "mod_revision": kv.mod_revision.to_string()}]);
         let delete = json!({"request_delete_range": {"key": b64(&kv.key)}});

@@ -21,6 +21,8 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
 use crate::config::{EnvConfig, LogLevel, RunConfig};
+use crate::datastore::Datastore;
+use crate::datastore::etcd::EtcdDatastore;
 use crate::datastore::kube::{ApiCounters, KubeDatastore};
 use crate::datastore::kube_cluster::KubeCluster;
 use crate::health;
@@ -194,6 +196,12 @@ pub async fn bind(port: u16) -> Result<tokio::net::TcpListener, RunError> {
 /// Runs the controller until `stop` resolves, then lets the GC loop finish its pass in progress
 /// (in-flight writes complete) and returns. Fails if the datastore cannot be initialized.
 pub async fn run(client: kube::Client, opts: RunOptions, stop: impl Future<Output = ()>) -> Result<(), RunError> {
+    run_with(client, None, opts, stop).await
+}
+
+/// [`run`] with Calico's objects in `etcd` when given (`DATASTORE_TYPE=etcdv3`), in Kubernetes
+/// otherwise.
+pub async fn run_with(client: kube::Client, etcd: Option<EtcdDatastore>, opts: RunOptions, stop: impl Future<Output = ()>) -> Result<(), RunError> {
     let api = Arc::new(ApiCounters::default());
     let env = &opts.controller.env;
     let shared = Arc::new(Shared::with_status(api.clone(), StatusReporter::new(opts.status_file.clone()), env));
@@ -205,13 +213,39 @@ pub async fn run(client: kube::Client, opts: RunOptions, stop: impl Future<Outpu
         shared.status.set_ready(health::CALICO_DATASTORE, false, "datastore not checked yet");
     }
     let bucket = crate::datastore::rate::TokenBucket::new(opts.client_qps, opts.client_burst)?;
-    // Before any watch: a cluster on Calico's v3 API would look empty through v1 watches.
-    discovery::check_api_group(&client, opts.api_group.as_deref()).await?;
-    let ds = KubeDatastore::new(client.clone(), opts.controller.dry_run, api.clone()).with_rate_limit(bucket);
-    // Pods, nodes and the re-validation reads: Kubernetes whatever the datastore (the same
-    // client-side request limit as the writer's).
-    let cluster = Arc::new(KubeCluster::new(client.clone(), api, ds.limiter().clone()));
-    let ds = Arc::new(ds);
+    match etcd {
+        None => {
+            // Before any watch: a cluster on Calico's v3 API would look empty through v1 watches.
+            discovery::check_api_group(&client, opts.api_group.as_deref()).await?;
+            let ds = KubeDatastore::new(client.clone(), opts.controller.dry_run, api.clone()).with_rate_limit(bucket);
+            // Pods, nodes and the re-validation reads: Kubernetes whatever the datastore (the same
+            // client-side request limit as the writer's).
+            let cluster = Arc::new(KubeCluster::new(client.clone(), api, ds.limiter().clone()));
+            // Health reads never wait behind the writer's request limit: a burst of releases must
+            // not make the datastore look unhealthy.
+            let health_ds = KubeDatastore::new(client.clone(), opts.controller.dry_run, ds.counters().clone());
+            run_on(client, Arc::new(ds), health_ds, cluster, shared, opts, stop).await
+        }
+        Some(etcd) => {
+            // Calico's objects in etcd; pods and nodes (and the Lease) still in Kubernetes.
+            let ds = etcd.with_dry_run(opts.controller.dry_run);
+            let cluster = Arc::new(KubeCluster::new(client.clone(), api, crate::datastore::kube::RequestLimiter::new(bucket)));
+            run_on(client, Arc::new(ds.clone()), ds, cluster, shared, opts, stop).await
+        }
+    }
+}
+
+/// The controller over one Calico datastore `ds` (`health_ds` for the health reads) and the
+/// Kubernetes reader `cluster`.
+async fn run_on<D: Datastore + Clone + 'static>(
+    client: kube::Client,
+    ds: Arc<D>,
+    health_ds: D,
+    cluster: Arc<KubeCluster>,
+    shared: Arc<Shared>,
+    opts: RunOptions,
+    stop: impl Future<Output = ()>,
+) -> Result<(), RunError> {
     if opts.controller.dry_run {
         tracing::warn!("dry run: plans are reported, nothing is written");
     }
@@ -234,9 +268,6 @@ pub async fn run(client: kube::Client, opts: RunOptions, stop: impl Future<Outpu
     drop(tx);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let live_task = tokio::spawn(live::apply_config(shared.clone(), opts.clone(), metrics));
-    // Health reads never wait behind the writer's request limit: a burst of releases must not
-    // make the datastore look unhealthy.
-    let health_ds = KubeDatastore::new(client.clone(), opts.controller.dry_run, ds.counters().clone());
     let (health_shared, health_cluster, dry_run) = (shared.clone(), cluster.clone(), opts.controller.dry_run);
     let health_task = tokio::spawn(async move { health_check::health_loop(&health_ds, &*health_cluster, health_shared, dry_run).await });
 
@@ -297,8 +328,8 @@ pub async fn run(client: kube::Client, opts: RunOptions, stop: impl Future<Outpu
 /// Runs `live::writer` while `may_write` says this replica leads: started on election, stopped
 /// on losing it. A standby reports `Startup` ready (the leader initializes the datastore); an
 /// initialization that fails for good is sent to `fatal`.
-async fn writer_while_leading(
-    ds: KubeDatastore,
+async fn writer_while_leading<D: Datastore + Clone + 'static>(
+    ds: D,
     shared: Arc<Shared>,
     mut may_write: tokio::sync::watch::Receiver<bool>,
     fatal: tokio::sync::oneshot::Sender<init::InitError>,

@@ -113,7 +113,7 @@ fn invalid_environment_stops_start_up_with_exit_two_naming_the_variable() {
     for (env, expected) in [
         (("LOG_LEVEL", "verbose"), "LOG_LEVEL"),
         (("DATASTORE_TYPE", "etcdv3"), "ETCD_ENDPOINTS"),
-        (("ETCD_ENDPOINTS", "http://127.0.0.1:1"), "not wired into the controllers yet"),
+        (("ETCD_ENDPOINTS", "127.0.0.1:2379"), "ETCD_ENDPOINTS"),
         (("ENABLED_CONTROLLERS", "node,ipam"), "ENABLED_CONTROLLERS"),
         (("HEALTH_ENABLED", "maybe"), "HEALTH_ENABLED"),
     ] {

@@ -8,6 +8,7 @@ mod conformance_kube;
 
 mod e2e_controller;
 mod e2e_deploy;
+mod e2e_etcd;
 mod e2e_events;
 mod e2e_ha;
 mod e2e_kubevirt;

@@ -1,0 +1,88 @@
+//! End-to-end on the etcd datastore: the built controller with `DATASTORE_TYPE=etcdv3` against a
+//! private test cluster (pods, nodes and the Lease in Kubernetes) and that cluster's TLS Calico
+//! etcd (IPAM). A block in etcd holds a live pod's IP and a gone pod's IP: the controller frees
+//! exactly the gone pod's IP and handle in etcd and writes its start-up objects there.
+
+use std::time::{Duration, Instant};
+
+use calico_kube_controllers::config::EnvConfig;
+use calico_kube_controllers::datastore::etcd::EtcdDatastore;
+use calico_kube_controllers::datastore::{Datastore, Kind};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, PostParams};
+use serde_json::json;
+
+use crate::support::cluster::{private_cluster, set_pod_ips};
+use crate::support::controller::{CIDR, DEADLINE, LIVE_IP, NODE, free_port, http_get, start_controller_with};
+use crate::support::ipam::{Alloc, affinity_object, block_object, handle_object, pod_attrs};
+
+#[tokio::test]
+async fn controller_on_etcd_frees_a_gone_pods_ip_and_handle_and_keeps_the_live_one() {
+    let cluster = private_cluster();
+    let client = cluster.client();
+    let etcd = cluster.calico_etcd.clone().expect("the harness's Calico etcd");
+    let (ca, cert, key) = (etcd.ca_cert.display().to_string(), etcd.client_cert.display().to_string(), etcd.client_key.display().to_string());
+    let env = [
+        ("DATASTORE_TYPE", "etcdv3"),
+        ("ETCD_ENDPOINTS", etcd.endpoints.as_str()),
+        ("ETCD_CA_CERT_FILE", ca.as_str()),
+        ("ETCD_CERT_FILE", cert.as_str()),
+        ("ETCD_KEY_FILE", key.as_str()),
+    ];
+    let vars = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let cfg = EnvConfig::from_env(&vars).expect("valid settings").etcd.expect("etcd settings");
+    let ds = EtcdDatastore::connect(&cfg).await.expect("connects to Calico's etcd");
+
+    // Kubernetes: the node and the live pod with its IP.
+    let ns = cluster.namespace_with_default_service_account(&client, "e2e-etcd").await;
+    let nodes: Api<Node> = Api::all(client.clone());
+    nodes.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": NODE}})).unwrap()).await.expect("node");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "live"},
+        "spec": {"nodeName": NODE, "containers": [{"name": "c", "image": "registry.invalid/c:1"}]},
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.expect("live pod");
+    set_pod_ips(&pods, "live", &[LIVE_IP]).await;
+
+    // etcd: the block with both allocations, their handles and the node's affinity.
+    let live_handle = format!("k8s-pod-network.live-{ns}");
+    let gone_handle = format!("k8s-pod-network.gone-{ns}");
+    let block = block_object(CIDR, Some(NODE), &[
+        Alloc { ordinal: 1, handle: &live_handle, secondary: pod_attrs(&ns, "live", NODE) },
+        Alloc { ordinal: 2, handle: &gone_handle, secondary: pod_attrs(&ns, "gone", NODE) },
+    ]);
+    let block_name = block.metadata.name.clone().expect("named");
+    let body = |o: kube::api::DynamicObject| serde_json::to_value(o).expect("JSON");
+    ds.create(Kind::IpamBlock, &block_name, body(block)).await.expect("block in etcd");
+    for h in [&live_handle, &gone_handle] {
+        ds.create(Kind::IpamHandle, h, body(handle_object(h, CIDR, 1))).await.expect("handle in etcd");
+    }
+    let affinity = affinity_object(NODE, CIDR);
+    let affinity_name = affinity.metadata.name.clone().expect("named");
+    ds.create(Kind::BlockAffinity, &affinity_name, body(affinity)).await.expect("affinity in etcd");
+
+    let port = free_port();
+    let started = Instant::now();
+    let controller = start_controller_with(&cluster.kubeconfig, &[], &env, port, "etcd-gc");
+    let freed = loop {
+        let block = ds.get(Kind::IpamBlock, &block_name).await.expect("reading the block");
+        let gone = ds.get(Kind::IpamHandle, &gone_handle).await;
+        if block.value["spec"]["allocations"][2].is_null() && gone.as_ref().is_err_and(|e| e.is_not_found()) {
+            break block;
+        }
+        assert!(started.elapsed() < DEADLINE, "gone pod's IP not freed in {DEADLINE:?}: {}\n{}", block.value["spec"], controller.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!("etcd: gone pod's IP freed {:.1} s after the controller started", started.elapsed().as_secs_f64());
+    assert_eq!(freed.value["spec"]["allocations"][1], json!(0), "the live pod's IP stays allocated");
+    ds.get(Kind::IpamHandle, &live_handle).await.expect("the live handle stays");
+    ds.get(Kind::BlockAffinity, &affinity_name).await.expect("the live node keeps its affinity");
+    // Start-up wrote its objects to etcd, not to the CRDs.
+    let info = ds.get(Kind::ClusterInformation, "default").await.expect("ClusterInformation in etcd");
+    assert!(info.value["spec"]["clusterGUID"].as_str().is_some_and(|g| !g.is_empty()), "{}", info.value);
+    ds.get(Kind::KubeControllersConfiguration, "default").await.expect("the default KubeControllersConfiguration in etcd");
+    let ready = crate::support::controller::wait_for("readiness 200", || async { http_get(port, "/readiness").await.filter(|r| r.0 == 200) }).await;
+    assert_eq!(ready.0, 200);
+}
