@@ -476,10 +476,8 @@ fn etcd_config(
         return Err(ConfigError::invalid(var, &raw, "mixes http:// and https:// members; use one scheme for all"));
     }
     let tls = parsed[0].tls;
-    if !tls {
-        if let Some(s) = [&ca_cert_file, &cert_file, &key_file].into_iter().flatten().next() {
-            return Err(ConfigError::invalid(s.var, &s.value, format!("is set but {var} are plain http:// members; use https:// members to talk TLS")));
-        }
+    if !tls && let Some(s) = [&ca_cert_file, &cert_file, &key_file].into_iter().flatten().next() {
+        return Err(ConfigError::invalid(s.var, &s.value, format!("is set but {var} are plain http:// members; use https:// members to talk TLS")));
     }
     match (&cert_file, &key_file) {
         (Some(c), None) => return Err(ConfigError::invalid(c.var, &c.value, "a client certificate needs its key in ETCD_KEY_FILE")),

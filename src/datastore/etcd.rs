@@ -258,10 +258,10 @@ impl EtcdDatastore {
     /// The key holding `kind`/`name`, if any (affinity names may have several candidate keys).
     async fn locate(&self, kind: Kind, name: &str) -> DsResult<Option<Kv>> {
         for key in candidate_keys(kind, name)? {
-            if let Some(kv) = self.range_one(&key).await? {
-                if parse_key(kind, &kv.key).is_some_and(|i| i.name == name) {
-                    return Ok(Some(kv));
-                }
+            if let Some(kv) = self.range_one(&key).await?
+                && parse_key(kind, &kv.key).is_some_and(|i| i.name == name)
+            {
+                return Ok(Some(kv));
             }
         }
         Ok(None)
@@ -595,10 +595,10 @@ impl Datastore for EtcdDatastore {
                 return Err(DatastoreError::conflict(format!("delete {} {name}: uid {want} is not the stored {uid}", kind.plural())));
             }
         }
-        if let Some(want) = &precondition.revision {
-            if Self::revision_of(kind, name, want)? != kv.mod_revision {
-                return Err(DatastoreError::conflict(format!("delete {} {name}: revision {want} is stale (now {})", kind.plural(), kv.mod_revision)));
-            }
+        if let Some(want) = &precondition.revision
+            && Self::revision_of(kind, name, want)? != kv.mod_revision
+        {
+            return Err(DatastoreError::conflict(format!("delete {} {name}: revision {want} is stale (now {})", kind.plural(), kv.mod_revision)));
         }
         if self.dry_run {
             return Ok(());

@@ -264,10 +264,10 @@ pub fn to_etcd_value(kind: Kind, name: &str, body: &Value) -> DsResult<Vec<u8>> 
         }
         Kind::IpamHandle => {
             let mut spec = spec_of(kind, name, body)?;
-            if let Some(id) = spec.remove("handleID") {
-                if id.as_str() != Some(name) {
-                    return Err(invalid(kind, name, format!("spec.handleID {id} is not the key's handle ID")));
-                }
+            if let Some(id) = spec.remove("handleID")
+                && id.as_str() != Some(name)
+            {
+                return Err(invalid(kind, name, format!("spec.handleID {id} is not the key's handle ID")));
             }
             Value::Object(spec)
         }
