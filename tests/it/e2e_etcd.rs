@@ -86,3 +86,27 @@ async fn controller_on_etcd_frees_a_gone_pods_ip_and_handle_and_keeps_the_live_o
     let ready = crate::support::controller::wait_for("readiness 200", || async { http_get(port, "/readiness").await.filter(|r| r.0 == 200) }).await;
     assert_eq!(ready.0, 200);
 }
+
+#[tokio::test]
+async fn controller_with_an_unreachable_etcd_stays_up_not_ready_naming_etcd_endpoints() {
+    let cluster = crate::support::cluster::shared_cluster();
+    let etcd = cluster.calico_etcd.clone().expect("the harness's Calico etcd");
+    let (ca, cert, key) = (etcd.ca_cert.display().to_string(), etcd.client_cert.display().to_string(), etcd.client_key.display().to_string());
+    let env = [
+        ("DATASTORE_TYPE", "etcdv3"),
+        ("ETCD_ENDPOINTS", "https://127.0.0.1:1"),
+        ("ETCD_CA_CERT_FILE", ca.as_str()),
+        ("ETCD_CERT_FILE", cert.as_str()),
+        ("ETCD_KEY_FILE", key.as_str()),
+    ];
+    let port = free_port();
+    // A dry run: on the shared cluster this replica must not lead or write anything.
+    let mut controller = start_controller_with(&cluster.kubeconfig, &["--dry-run"], &env, port, "etcd-unreachable");
+    let text = crate::support::controller::wait_for("a readiness answer naming ETCD_ENDPOINTS", || async {
+        http_get(port, "/readiness").await.filter(|(code, body)| *code != 200 && body.contains("ETCD_ENDPOINTS"))
+    })
+    .await;
+    assert_eq!(text.0, 503, "{}", text.1);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(controller.child.try_wait().expect("waiting").is_none(), "the controller must not exit (no crash loop): {}", controller.log_text());
+}
