@@ -224,28 +224,33 @@ pub async fn run_with(client: kube::Client, etcd: Option<EtcdDatastore>, opts: R
             // Health reads never wait behind the writer's request limit: a burst of releases must
             // not make the datastore look unhealthy.
             let health_ds = KubeDatastore::new(client.clone(), opts.controller.dry_run, ds.counters().clone());
-            run_on(client, Arc::new(ds), health_ds, cluster, shared, opts, stop).await
+            let backend = Backend { ds: Arc::new(ds), health_ds, cluster, cluster_types: init::KDD_CLUSTER_TYPES };
+            run_on(client, backend, shared, opts, stop).await
         }
         Some(etcd) => {
             // Calico's objects in etcd; pods and nodes (and the Lease) still in Kubernetes.
             let ds = etcd.with_dry_run(opts.controller.dry_run);
             let cluster = Arc::new(KubeCluster::new(client.clone(), api, crate::datastore::kube::RequestLimiter::new(bucket)));
-            run_on(client, Arc::new(ds.clone()), ds, cluster, shared, opts, stop).await
+            let backend = Backend { ds: Arc::new(ds.clone()), health_ds: ds, cluster, cluster_types: init::ETCD_CLUSTER_TYPES };
+            run_on(client, backend, shared, opts, stop).await
         }
     }
 }
 
-/// The controller over one Calico datastore `ds` (`health_ds` for the health reads) and the
-/// Kubernetes reader `cluster`.
-async fn run_on<D: Datastore + Clone + 'static>(
-    client: kube::Client,
+/// One Calico datastore with what the controller needs around it.
+struct Backend<D> {
     ds: Arc<D>,
+    /// For the health reads (never behind the writer's request limit).
     health_ds: D,
+    /// Pods, nodes and the re-validation reads: always Kubernetes.
     cluster: Arc<KubeCluster>,
-    shared: Arc<Shared>,
-    opts: RunOptions,
-    stop: impl Future<Output = ()>,
-) -> Result<(), RunError> {
+    /// What start-up writes into ClusterInformation's `clusterType`.
+    cluster_types: &'static [&'static str],
+}
+
+/// The controller over one Calico datastore.
+async fn run_on<D: Datastore + Clone + 'static>(client: kube::Client, backend: Backend<D>, shared: Arc<Shared>, opts: RunOptions, stop: impl Future<Output = ()>) -> Result<(), RunError> {
+    let Backend { ds, health_ds, cluster, cluster_types } = backend;
     if opts.controller.dry_run {
         tracing::warn!("dry run: plans are reported, nothing is written");
     }
@@ -290,7 +295,7 @@ async fn run_on<D: Datastore + Clone + 'static>(
         shared.status.set_ready(health::STARTUP, true, "dry run: datastore not initialized by us");
         None
     } else {
-        Some(tokio::spawn(writer_while_leading((*ds).clone(), shared.clone(), may_write.clone(), fatal_tx)))
+        Some(tokio::spawn(writer_while_leading((*ds).clone(), shared.clone(), may_write.clone(), fatal_tx, cluster_types)))
     };
 
     // Events go out only from a process that writes: a dry run records none.
@@ -333,6 +338,7 @@ async fn writer_while_leading<D: Datastore + Clone + 'static>(
     shared: Arc<Shared>,
     mut may_write: tokio::sync::watch::Receiver<bool>,
     fatal: tokio::sync::oneshot::Sender<init::InitError>,
+    cluster_types: &'static [&'static str],
 ) {
     const STANDBY: &str = "standby: the leader initializes the datastore";
     let mut fatal = Some(fatal);
@@ -344,7 +350,7 @@ async fn writer_while_leading<D: Datastore + Clone + 'static>(
         let leading = *may_write.borrow_and_update();
         if leading && task.is_none() && !finished_this_term {
             shared.status.set_ready(health::STARTUP, false, "initializing the datastore");
-            task = Some(tokio::spawn(live::writer(ds.clone(), shared.clone())));
+            task = Some(tokio::spawn(live::writer(ds.clone(), shared.clone(), cluster_types)));
         } else if !leading {
             if let Some(t) = task.take() {
                 t.abort();

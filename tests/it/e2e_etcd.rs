@@ -82,6 +82,7 @@ async fn controller_on_etcd_frees_a_gone_pods_ip_and_handle_and_keeps_the_live_o
     // Start-up wrote its objects to etcd, not to the CRDs.
     let info = ds.get(Kind::ClusterInformation, "default").await.expect("ClusterInformation in etcd");
     assert!(info.value["spec"]["clusterGUID"].as_str().is_some_and(|g| !g.is_empty()), "{}", info.value);
+    assert_eq!(info.value["spec"]["clusterType"], "k8s", "upstream's etcd mode: no kdd");
     ds.get(Kind::KubeControllersConfiguration, "default").await.expect("the default KubeControllersConfiguration in etcd");
     let ready = crate::support::controller::wait_for("readiness 200", || async { http_get(port, "/readiness").await.filter(|r| r.0 == 200) }).await;
     assert_eq!(ready.0, 200);
