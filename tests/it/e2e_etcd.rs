@@ -111,3 +111,41 @@ async fn controller_with_an_unreachable_etcd_stays_up_not_ready_naming_etcd_endp
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(controller.child.try_wait().expect("waiting").is_none(), "the controller must not exit (no crash loop): {}", controller.log_text());
 }
+
+#[tokio::test]
+async fn live_leak_scan_on_etcd_reports_a_leak_in_etcd_and_writes_nothing() {
+    let cluster = crate::support::cluster::shared_cluster();
+    let etcd = cluster.calico_etcd.clone().expect("the harness's Calico etcd");
+    let (ca, cert, key) = (etcd.ca_cert.display().to_string(), etcd.client_cert.display().to_string(), etcd.client_key.display().to_string());
+    let env = [
+        ("CALICO_DATASTORE_TYPE", "etcdv3"),
+        ("CALICO_ETCD_ENDPOINTS", etcd.endpoints.as_str()),
+        ("CALICO_ETCD_CA_CERT_FILE", ca.as_str()),
+        ("CALICO_ETCD_CERT_FILE", cert.as_str()),
+        ("CALICO_ETCD_KEY_FILE", key.as_str()),
+    ];
+    let vars = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let cfg = EnvConfig::from_env(&vars).expect("valid settings").etcd.expect("etcd settings");
+    let ds = EtcdDatastore::connect(&cfg).await.expect("connects");
+    let ghost = format!("k8s-pod-network.{}", crate::support::cluster::unique_name("ghost"));
+    let node = crate::support::cluster::unique_name("scan-node");
+    let block = block_object("10.66.9.0/26", Some(&node), &[Alloc { ordinal: 7, handle: &ghost, secondary: pod_attrs("no-such-namespace", "ghost", &node) }]);
+    let name = block.metadata.name.clone().expect("named");
+    if let Ok(old) = ds.get(Kind::IpamBlock, &name).await {
+        ds.delete(Kind::IpamBlock, &name, &old.exact()).await.expect("clear an earlier run's block");
+    }
+    let created = ds.create(Kind::IpamBlock, &name, serde_json::to_value(block).unwrap()).await.expect("block in etcd");
+
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_calico-kube-controllers"));
+    command.args(["leak-scan", "--output", "json"]).env("KUBECONFIG", &cluster.kubeconfig).envs(env.iter().copied());
+    let out = command.output().expect("running leak-scan");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("JSON report ({e}); stderr: {stderr}"));
+    let leak = report["leaks"].as_array().into_iter().flatten().find(|l| l["ip"] == "10.66.9.7").cloned();
+    let leak = leak.unwrap_or_else(|| panic!("the etcd block's leak is reported: {report:#}; stderr: {stderr}"));
+    assert_eq!(leak["releasable"], true, "{leak}");
+    assert_eq!(out.status.code(), Some(1), "releasable leaks => exit 1; stderr: {stderr}");
+    let after = ds.get(Kind::IpamBlock, &name).await.expect("the block is still there");
+    assert_eq!(after.revision, created.revision, "read-only: the block is unchanged");
+    ds.delete(Kind::IpamBlock, &name, &after.exact()).await.expect("clean up");
+}
