@@ -37,6 +37,7 @@ const LIST_PAGE: i64 = 500;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// A unary call (range, txn, authenticate) that has no answer within this is given up on that member.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 const WATCH_RETRY_FIRST: Duration = Duration::from_millis(500);
 const WATCH_RETRY_MAX: Duration = Duration::from_secs(10);
 
@@ -205,6 +206,10 @@ impl EtcdDatastore {
         http.enforce_http(false);
         http.set_connect_timeout(Some(CONNECT_TIMEOUT));
         http.set_nodelay(true);
+        // A member that vanished without closing the connection (power loss, partition) would
+        // otherwise leave a quiet watch waiting forever: TCP keepalive ends it, and the watch
+        // resumes on another member.
+        http.set_keepalive(Some(TCP_KEEPALIVE));
         let https = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().wrap_connector(http);
         let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build(https);
         let files: Vec<String> = [&cfg.ca_cert_file, &cfg.cert_file, &cfg.key_file].into_iter().flatten().map(|s| format!("{}={}", s.var, s.value)).collect();

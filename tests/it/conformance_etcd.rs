@@ -353,3 +353,36 @@ async fn credentials_are_used_and_wrong_ones_are_refused_naming_the_settings() {
     let err = EtcdDatastore::connect(&none).await.err().expect("etcd wants a user");
     assert!(err.message.contains("ETCD_USERNAME") && err.message.contains("ETCD_PASSWORD"), "{err}");
 }
+
+#[tokio::test]
+async fn lists_and_watches_page_through_more_keys_than_one_range_returns() {
+    let cluster = shared_cluster();
+    let etcd = PrivateEtcd::start(cluster);
+    let ds = EtcdDatastore::connect(&etcd_config(&[("ETCD_ENDPOINTS", &etcd.endpoint)])).await.expect("connects");
+    const N: usize = 1234; // more than two pages of 500
+    let began = Instant::now();
+    let creates = futures::stream::iter(0..N).map(|i| {
+        let ds = ds.clone();
+        async move {
+            let name = format!("k8s-pod-network.page-{i:05}");
+            ds.create(Kind::IpamHandle, &name, handle(&name)).await.map(|_| ())
+        }
+    });
+    let results: Vec<_> = creates.buffer_unordered(16).collect().await;
+    assert!(results.iter().all(Result::is_ok), "{:?}", results.iter().find(|r| r.is_err()));
+    eprintln!("{N} creates in {:.2} s (16 in flight)", began.elapsed().as_secs_f64());
+    // Keys around the handles that are no handles must not show up.
+    etcd.ctl_ok(&["put", "/calico/ipam/v2/handlez", "{}"]);
+    etcd.ctl_ok(&["put", "/calico/ipam/v2/host/n1", ""]);
+    let began = Instant::now();
+    let listed = ds.list(Kind::IpamHandle).await.expect("list");
+    eprintln!("list of {} handles in {:.3} s", listed.len(), began.elapsed().as_secs_f64());
+    assert_eq!(listed.len(), N);
+    let mut names: Vec<_> = listed.iter().map(|s| s.name.clone()).collect();
+    names.dedup();
+    assert_eq!(names.len(), N, "no key twice across pages");
+    let mut stream = ds.watch(Kind::IpamHandle);
+    let (watched, _) = next_list(&mut stream).await;
+    assert_eq!(watched.len(), N);
+    assert!(ds.list(Kind::BlockAffinity).await.expect("list affinities").is_empty(), "a host marker is no affinity");
+}
