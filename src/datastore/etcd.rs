@@ -49,6 +49,7 @@ pub struct EtcdDatastore {
     inner: Arc<Inner>,
     /// Every write succeeds without reaching etcd (`--dry-run`); reads and watches are real.
     dry_run: bool,
+    counters: Option<Arc<super::kube::ApiCounters>>,
 }
 
 struct Inner {
@@ -229,6 +230,7 @@ impl EtcdDatastore {
                 tls_hint,
             }),
             dry_run: false,
+            counters: None,
         })
     }
 
@@ -511,8 +513,84 @@ impl Inner {
     }
 }
 
+/// The HTTP-like code a call's outcome is counted under, as the Kubernetes backend counts its
+/// calls (`kube_controllers_api_requests_total`): 0 when no member answered.
+fn outcome_code<T>(ok: u16, result: &DsResult<T>) -> u16 {
+    match result {
+        Ok(_) => ok,
+        Err(e) => match e.kind {
+            ErrorKind::NotFound => 404,
+            ErrorKind::Conflict | ErrorKind::AlreadyExists => 409,
+            ErrorKind::Invalid => 400,
+            ErrorKind::Transient => super::kube::CODE_TRANSPORT,
+        },
+    }
+}
+
+impl EtcdDatastore {
+    /// Counts every call of this datastore in `counters` (verb, plural, code), as the Kubernetes
+    /// backend does, so the API request metrics cover the etcd datastore too.
+    pub fn with_counters(mut self, counters: Arc<super::kube::ApiCounters>) -> Self {
+        self.counters = Some(counters);
+        self
+    }
+
+    fn count<T>(&self, verb: &'static str, resource: &'static str, ok: u16, result: &DsResult<T>) {
+        if let Some(c) = &self.counters {
+            c.record(verb, resource, outcome_code(ok, result));
+        }
+    }
+}
+
 impl Datastore for EtcdDatastore {
     async fn get(&self, kind: Kind, name: &str) -> DsResult<Stored> {
+        let result = self.get_inner(kind, name).await;
+        self.count("get", kind.plural(), 200, &result);
+        result
+    }
+
+    async fn list(&self, kind: Kind) -> DsResult<Vec<Stored>> {
+        let result = self.list_at(kind).await.map(|(objects, _)| objects);
+        self.count("list", kind.plural(), 200, &result);
+        result
+    }
+
+    async fn create(&self, kind: Kind, name: &str, value: Value) -> DsResult<Stored> {
+        let result = self.create_inner(kind, name, value).await;
+        self.count("create", kind.plural(), 201, &result);
+        result
+    }
+
+    async fn update(&self, kind: Kind, object: &Stored) -> DsResult<Stored> {
+        let result = self.update_inner(kind, object).await;
+        self.count("update", kind.plural(), 200, &result);
+        result
+    }
+
+    async fn update_status(&self, kind: Kind, object: &Stored) -> DsResult<Stored> {
+        let result = self.update_status_inner(kind, object).await;
+        self.count("update", kind.plural(), 200, &result);
+        result
+    }
+
+    async fn delete(&self, kind: Kind, name: &str, precondition: &Precondition) -> DsResult<()> {
+        let result = self.delete_inner(kind, name, precondition).await;
+        self.count("delete", kind.plural(), 200, &result);
+        result
+    }
+
+    /// etcd deletes are atomic: the KDD mark-then-delete is one guarded delete here.
+    async fn soft_delete(&self, kind: Kind, object: &Stored) -> DsResult<()> {
+        self.delete(kind, &object.name, &object.exact()).await
+    }
+
+    fn watch(&self, kind: Kind) -> WatchStream {
+        self.watch_inner(kind)
+    }
+}
+
+impl EtcdDatastore {
+    async fn get_inner(&self, kind: Kind, name: &str) -> DsResult<Stored> {
         let Some(kv) = self.locate(kind, name).await? else {
             return Err(DatastoreError::not_found(format!("get {} {name}: not found", kind.plural())));
         };
@@ -525,11 +603,7 @@ impl Datastore for EtcdDatastore {
         Ok(stored)
     }
 
-    async fn list(&self, kind: Kind) -> DsResult<Vec<Stored>> {
-        self.list_at(kind).await.map(|(objects, _)| objects)
-    }
-
-    async fn create(&self, kind: Kind, name: &str, value: Value) -> DsResult<Stored> {
+    async fn create_inner(&self, kind: Kind, name: &str, value: Value) -> DsResult<Stored> {
         let key = key_for_write(kind, name, &value)?;
         let bytes = to_etcd_value(kind, name, &value)?;
         if self.dry_run {
@@ -544,7 +618,7 @@ impl Datastore for EtcdDatastore {
         from_etcd_value(kind, &key, &bytes, revision, revision)
     }
 
-    async fn update(&self, kind: Kind, object: &Stored) -> DsResult<Stored> {
+    async fn update_inner(&self, kind: Kind, object: &Stored) -> DsResult<Stored> {
         let key = key_for_write(kind, &object.name, &object.value)?;
         let revision = Self::revision_of(kind, &object.name, &object.revision)?;
         if !object.uid.is_empty() {
@@ -563,7 +637,7 @@ impl Datastore for EtcdDatastore {
         self.put_if(kind, &key, &bytes, revision).await
     }
 
-    async fn update_status(&self, kind: Kind, object: &Stored) -> DsResult<Stored> {
+    async fn update_status_inner(&self, kind: Kind, object: &Stored) -> DsResult<Stored> {
         if matches!(kind, Kind::IpamBlock | Kind::BlockAffinity | Kind::IpamHandle | Kind::IpamConfig) {
             return Err(DatastoreError::invalid(format!("{} has no status on etcd", kind.kind_name())));
         }
@@ -590,7 +664,7 @@ impl Datastore for EtcdDatastore {
         self.put_if(kind, &kv.key, &bytes, kv.mod_revision).await
     }
 
-    async fn delete(&self, kind: Kind, name: &str, precondition: &Precondition) -> DsResult<()> {
+    async fn delete_inner(&self, kind: Kind, name: &str, precondition: &Precondition) -> DsResult<()> {
         let Some(kv) = self.locate(kind, name).await? else {
             return Err(DatastoreError::not_found(format!("delete {} {name}: not found", kind.plural())));
         };
@@ -619,12 +693,7 @@ impl Datastore for EtcdDatastore {
         }
     }
 
-    /// etcd deletes are atomic: the KDD mark-then-delete is one guarded delete here.
-    async fn soft_delete(&self, kind: Kind, object: &Stored) -> DsResult<()> {
-        self.delete(kind, &object.name, &object.exact()).await
-    }
-
-    fn watch(&self, kind: Kind) -> WatchStream {
+    fn watch_inner(&self, kind: Kind) -> WatchStream {
         let state = WatchState {
             ds: self.clone(),
             kind,

@@ -229,7 +229,7 @@ pub async fn run_with(client: kube::Client, etcd: Option<EtcdDatastore>, opts: R
         }
         Some(etcd) => {
             // Calico's objects in etcd; pods and nodes (and the Lease) still in Kubernetes.
-            let ds = etcd.with_dry_run(opts.controller.dry_run);
+            let ds = etcd.with_dry_run(opts.controller.dry_run).with_counters(api.clone());
             let cluster = Arc::new(KubeCluster::new(client.clone(), api, crate::datastore::kube::RequestLimiter::new(bucket)));
             let backend = Backend { ds: Arc::new(ds.clone()), health_ds: ds, cluster, cluster_types: init::ETCD_CLUSTER_TYPES };
             run_on(client, backend, shared, opts, stop).await

@@ -86,6 +86,10 @@ async fn controller_on_etcd_frees_a_gone_pods_ip_and_handle_and_keeps_the_live_o
     ds.get(Kind::KubeControllersConfiguration, "default").await.expect("the default KubeControllersConfiguration in etcd");
     let ready = crate::support::controller::wait_for("readiness 200", || async { http_get(port, "/readiness").await.filter(|r| r.0 == 200) }).await;
     assert_eq!(ready.0, 200);
+    // The etcd calls are counted like the apiserver's: the release was a block update in etcd.
+    let (_, metrics) = http_get(port, "/metrics").await.expect("scraping /metrics");
+    assert!(metrics.contains("kube_controllers_api_requests_total{verb=\"update\",resource=\"ipamblocks\",code=\"200\"}"), "{metrics}");
+    assert!(metrics.contains("kube_controllers_api_requests_total{verb=\"delete\",resource=\"ipamhandles\",code=\"200\"}"), "{metrics}");
 }
 
 #[tokio::test]
