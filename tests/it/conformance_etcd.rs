@@ -166,6 +166,7 @@ async fn a_wrong_ca_is_refused_naming_the_ca_setting() {
 /// it must not share the harness's), stopped and its directory removed when dropped.
 struct PrivateEtcd {
     child: Option<Child>,
+    extra: Vec<String>,
     endpoint: String,
     peer_url: String,
     binary: PathBuf,
@@ -196,10 +197,15 @@ fn etcd_binary(cluster: &TestCluster) -> PathBuf {
 
 impl PrivateEtcd {
     fn start(cluster: &TestCluster) -> PrivateEtcd {
+        Self::start_with(cluster, &[])
+    }
+
+    fn start_with(cluster: &TestCluster, extra: &[&str]) -> PrivateEtcd {
         let dir = std::env::temp_dir().join(unique_name("ckc-private-etcd"));
         std::fs::create_dir_all(&dir).unwrap();
         let mut etcd = PrivateEtcd {
             child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             endpoint: format!("http://127.0.0.1:{}", free_port()),
             peer_url: format!("http://127.0.0.1:{}", free_port()),
             binary: etcd_binary(cluster),
@@ -219,6 +225,7 @@ impl PrivateEtcd {
             .args(["--listen-client-urls", &self.endpoint, "--advertise-client-urls", &self.endpoint])
             .args(["--listen-peer-urls", &self.peer_url, "--initial-advertise-peer-urls", &self.peer_url])
             .args(["--initial-cluster", &format!("private={}", self.peer_url)])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -249,7 +256,8 @@ impl PrivateEtcd {
 }
 
 fn start_auth_etcd(cluster: &TestCluster, password: &str) -> PrivateEtcd {
-    let etcd = PrivateEtcd::start(cluster);
+    // Tokens that expire after a second idle, so the renewal is exercised.
+    let etcd = PrivateEtcd::start_with(cluster, &["--auth-token", "simple", "--auth-token-ttl", "1"]);
     etcd.ctl_ok(&["user", "add", "root", "--new-user-password", password]);
     etcd.ctl_ok(&["auth", "enable"]);
     etcd
@@ -342,6 +350,12 @@ async fn credentials_are_used_and_wrong_ones_are_refused_naming_the_settings() {
                       "spec": {"handleID": name, "block": {"10.252.0.0/30": 1}, "deleted": false}});
     let created = ds.create(Kind::IpamHandle, &name, body).await.expect("create with a token");
     assert_eq!(ds.get(Kind::IpamHandle, &name).await.expect("get with a token").revision, created.revision);
+    // The token expires: the next call is refused once, renews it and goes through.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(ds.get(Kind::IpamHandle, &name).await.expect("get after the token expired").revision, created.revision);
+    let mut stream = ds.watch(Kind::IpamHandle);
+    let (listed, _) = next_list(&mut stream).await;
+    assert_eq!(listed, [name.clone()], "a watch with a renewed token");
 
     let wrong = etcd_config(&[("ETCD_ENDPOINTS", endpoint), ("CALICO_ETCD_USERNAME", "root"), ("ETCD_PASSWORD", "wrong-password")]);
     let err = EtcdDatastore::connect(&wrong).await.err().expect("the wrong password is refused");
