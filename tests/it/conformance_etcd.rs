@@ -355,7 +355,7 @@ async fn credentials_are_used_and_wrong_ones_are_refused_naming_the_settings() {
     assert_eq!(ds.get(Kind::IpamHandle, &name).await.expect("get after the token expired").revision, created.revision);
     let mut stream = ds.watch(Kind::IpamHandle);
     let (listed, _) = next_list(&mut stream).await;
-    assert_eq!(listed, [name.clone()], "a watch with a renewed token");
+    assert_eq!(listed, std::slice::from_ref(&name), "a watch with a renewed token");
 
     let wrong = etcd_config(&[("ETCD_ENDPOINTS", endpoint), ("CALICO_ETCD_USERNAME", "root"), ("ETCD_PASSWORD", "wrong-password")]);
     let err = EtcdDatastore::connect(&wrong).await.err().expect("the wrong password is refused");
