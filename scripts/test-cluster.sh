@@ -288,8 +288,11 @@ make_pki() {
   openssl pkey -in "$pki/service-account.key" -pubout -out "$pki/service-account.pub" 2>/dev/null
   # Calico's etcd has its own CA, as in a real install.
   new_ca "$pki/calico-etcd-ca" "calico-etcd-test-ca"
+  # serverAuth and clientAuth, as kubeadm issues etcd server certificates: etcd's v3 JSON gateway
+  # (which the etcd backend talks to) dials etcd's own gRPC server presenting this certificate, and
+  # with --client-cert-auth a serverAuth-only certificate is refused there (etcd issues 9785, 16590).
   new_cert "$pki/calico-etcd-server" "$pki/calico-etcd-ca" "/CN=calico-etcd" \
-    "${server_ext%%subjectAltName*}subjectAltName=IP:127.0.0.1,DNS:localhost"
+    "${server_ext%%extendedKeyUsage*}extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost"
   new_cert "$pki/calico-etcd-client" "$pki/calico-etcd-ca" "/CN=calico-kube-controllers" "$client_ext"
   cp "$pki/calico-etcd-ca.crt" "$dir/calico-etcd/ca.crt"
   cp "$pki/calico-etcd-client.crt" "$dir/calico-etcd/client.crt"

@@ -413,6 +413,19 @@ fn save_dump(dir: &Path) -> anyhow::Result<i32> {
 }
 
 /// One paged, read-only list per kind from the cluster of KUBECONFIG (or in-cluster).
+/// The etcd settings of the environment (`DATASTORE_TYPE=etcdv3`, `ETCD_*`, each also
+/// `CALICO_`-prefixed), if it names the etcd datastore; the controller's other variables are
+/// not leak-scan's business and are not read.
+fn etcd_from_env() -> anyhow::Result<Option<calico_kube_controllers::config::EtcdConfig>> {
+    let vars: BTreeMap<String, String> = std::env::vars()
+        .filter(|(k, _)| {
+            let k = k.strip_prefix("CALICO_").unwrap_or(k);
+            k == "DATASTORE_TYPE" || k.starts_with("ETCD_")
+        })
+        .collect();
+    Ok(EnvConfig::from_env(&vars).context("etcd datastore settings")?.etcd)
+}
+
 fn read_live_cluster(tty: bool, started: Instant) -> anyhow::Result<dump::DumpContents> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
     rt.block_on(async {
@@ -425,9 +438,18 @@ fn read_live_cluster(tty: bool, started: Instant) -> anyhow::Result<dump::DumpCo
         // Read-only and unlimited, as a one-off scan: no writer shares the client.
         use calico_kube_controllers::datastore::{kube as kdd, kube_cluster};
         let counters = std::sync::Arc::new(kdd::ApiCounters::default());
-        let ds = kdd::KubeDatastore::new(client.clone(), true, counters.clone());
-        let cluster = kube_cluster::KubeCluster::new(client, counters, kdd::RequestLimiter::default());
-        calico_kube_controllers::scan::live::read_cluster(&ds, &cluster, &mut progress).await.context("reading the cluster")
+        let cluster = kube_cluster::KubeCluster::new(client.clone(), counters.clone(), kdd::RequestLimiter::default());
+        match etcd_from_env()? {
+            // Calico's IPAM from etcd, pods and nodes from Kubernetes; writes are off.
+            Some(cfg) => {
+                let ds = calico_kube_controllers::datastore::etcd::EtcdDatastore::new(&cfg).map_err(|e| anyhow::anyhow!("etcd datastore: {}", e.message))?.with_dry_run(true);
+                calico_kube_controllers::scan::live::read_cluster(&ds, &cluster, &mut progress).await.context("reading the cluster (Calico IPAM from etcd)")
+            }
+            None => {
+                let ds = kdd::KubeDatastore::new(client, true, counters);
+                calico_kube_controllers::scan::live::read_cluster(&ds, &cluster, &mut progress).await.context("reading the cluster")
+            }
+        }
     })
 }
 
@@ -504,6 +526,17 @@ fn run_controller(a: RunArgs) -> anyhow::Result<i32> {
     if env.datastore_defaulted {
         tracing::info!("DATASTORE_TYPE unset (upstream's default is etcdv3): using the Kubernetes datastore");
     }
+    // Files are read now (a missing or unreadable certificate is a clear error naming its
+    // setting); etcd itself is only contacted once running, where failures show in readiness.
+    let etcd = match &env.etcd {
+        Some(cfg) => {
+            let ds = calico_kube_controllers::datastore::etcd::EtcdDatastore::new(cfg).map_err(|e| anyhow::anyhow!("etcd datastore: {}", e.message))?;
+            tracing::info!(endpoints = %cfg.endpoints_setting.value, "Calico datastore: etcd v3 (pods, nodes and leader election stay in Kubernetes)");
+            tracing::warn!("etcd datastore: Calico node names are taken to be the Kubernetes node names (the orchRefs mapping is not implemented yet)");
+            Some(ds)
+        }
+        None => None,
+    };
     let leak_grace_override = match &a.leak_grace_period {
         Some(text) => Some(
             calico_kube_controllers::model::time::parse_go_duration(text)
@@ -539,7 +572,13 @@ fn run_controller(a: RunArgs) -> anyhow::Result<i32> {
                 _ = tokio::signal::ctrl_c() => {}
             }
         };
-        if let Err(e) = runtime::run(client, opts, stop).await {
+        if let Some(ds) = &etcd
+            && let Err(e) = ds.probe().await
+        {
+            // Not fatal: the health loop keeps reporting it until etcd answers.
+            tracing::error!(error = %e.message, "etcd datastore not reachable yet");
+        }
+        if let Err(e) = runtime::run_with(client, etcd, opts, stop).await {
             eprintln!("calico-kube-controllers: {e}");
             return anyhow::Ok(e.exit_code());
         }

@@ -24,8 +24,6 @@ pub const DEFAULT_METRICS_PORT: u16 = 9094;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
-    #[error("etcd datastore not supported yet ({var}={value}); this version runs on the Kubernetes datastore (DATASTORE_TYPE=kubernetes)")]
-    EtcdNotSupported { var: &'static str, value: String },
     #[error("{var}={value:?}: {problem}")]
     Invalid { var: &'static str, value: String, problem: String },
 }
@@ -33,6 +31,103 @@ pub enum ConfigError {
 impl ConfigError {
     fn invalid(var: &'static str, value: &str, problem: impl Into<String>) -> Self {
         ConfigError::Invalid { var, value: value.to_string(), problem: problem.into() }
+    }
+}
+
+/// One setting as it was given: the variable actually used (with or without the `CALICO_`
+/// prefix), so that every later error about it names what the operator wrote.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Setting {
+    pub var: &'static str,
+    pub value: String,
+}
+
+impl std::fmt::Debug for Setting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.var.ends_with("PASSWORD") {
+            write!(f, "{}=<redacted>", self.var)
+        } else {
+            write!(f, "{}={:?}", self.var, self.value)
+        }
+    }
+}
+
+/// One etcd member from `ETCD_ENDPOINTS`: `http(s)://host[:port]`, port 2379 when not given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdEndpoint {
+    pub tls: bool,
+    /// A DNS name, an IPv4 address, or an IPv6 address without its brackets.
+    pub host: String,
+    pub port: u16,
+}
+
+impl EtcdEndpoint {
+    /// The base URL requests go to: `https://host:port`.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        if self.host.contains(':') { format!("{scheme}://[{}]:{}", self.host, self.port) } else { format!("{scheme}://{}:{}", self.host, self.port) }
+    }
+
+    fn parse(text: &str) -> Result<Self, String> {
+        let t = text.trim();
+        let (tls, rest) = if let Some(r) = t.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = t.strip_prefix("http://") {
+            (false, r)
+        } else {
+            return Err(format!("{t:?} must start with http:// or https://"));
+        };
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if authority.is_empty() || authority.contains(['/', '?', '#', '@', ' ']) {
+            return Err(format!("{t:?} must be scheme://host[:port] with no path, user or query"));
+        }
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (h, after) = v6.split_once(']').ok_or_else(|| format!("{t:?} has an unclosed [ in its IPv6 address"))?;
+            let port = match after.strip_prefix(':') {
+                Some(p) => Some(p),
+                None if after.is_empty() => None,
+                None => return Err(format!("{t:?}: unexpected {after:?} after the IPv6 address")),
+            };
+            if h.parse::<std::net::Ipv6Addr>().is_err() {
+                return Err(format!("{t:?}: {h:?} is not an IPv6 address"));
+            }
+            (h.to_string(), port)
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), Some(p)),
+                None => (authority.to_string(), None),
+            }
+        };
+        if host.is_empty() || host.contains(':') && !authority.starts_with('[') {
+            return Err(format!("{t:?} has no usable host (IPv6 addresses go in brackets)"));
+        }
+        let port = match port {
+            Some(p) => p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| format!("{t:?}: port {p:?} is not a port number"))?,
+            None => 2379,
+        };
+        Ok(EtcdEndpoint { tls, host, port })
+    }
+}
+
+/// Calico's etcd v3 datastore (libcalico's `apiconfig` etcd settings), validated but not used:
+/// files are read and members contacted by the etcd backend, which names these settings in its
+/// errors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdConfig {
+    /// `ETCD_ENDPOINTS` as given (the variable and the raw list) and parsed, in order: requests
+    /// go to the first member that answers and fail over to the next.
+    pub endpoints_setting: Setting,
+    pub endpoints: Vec<EtcdEndpoint>,
+    pub username: Option<Setting>,
+    pub password: Option<Setting>,
+    pub ca_cert_file: Option<Setting>,
+    pub cert_file: Option<Setting>,
+    pub key_file: Option<Setting>,
+}
+
+impl EtcdConfig {
+    pub fn tls(&self) -> bool {
+        self.endpoints.first().is_some_and(|e| e.tls)
     }
 }
 
@@ -163,6 +258,9 @@ impl LogLevel {
 pub struct EnvConfig {
     /// `DATASTORE_TYPE` was unset: upstream's default is etcdv3, we run on Kubernetes and say so.
     pub datastore_defaulted: bool,
+    /// `DATASTORE_TYPE=etcdv3` (or unset with `ETCD_ENDPOINTS` given): Calico's objects live in
+    /// this etcd; pods and nodes still come from Kubernetes.
+    pub etcd: Option<EtcdConfig>,
     pub enabled_controllers: Option<Vec<ControllerName>>,
     pub log_level: Option<LogLevel>,
     pub health_enabled: Option<bool>,
@@ -215,18 +313,40 @@ impl EnvConfig {
 
         // libcalico accepts its datastore variables with and without the CALICO_ prefix.
         let datastore = get("DATASTORE_TYPE").map(|v| ("DATASTORE_TYPE", v)).or_else(|| get("CALICO_DATASTORE_TYPE").map(|v| ("CALICO_DATASTORE_TYPE", v)));
-        let etcd_endpoints = get("ETCD_ENDPOINTS").or_else(|| get("CALICO_ETCD_ENDPOINTS"));
-        match datastore {
+        let etcd_endpoints = get("ETCD_ENDPOINTS").map(|v| ("ETCD_ENDPOINTS", v)).or_else(|| get("CALICO_ETCD_ENDPOINTS").map(|v| ("CALICO_ETCD_ENDPOINTS", v)));
+        let use_etcd = match datastore {
             Some((var, v)) => match v.trim().to_ascii_lowercase().as_str() {
-                "kubernetes" => {}
-                "etcdv3" => return Err(ConfigError::EtcdNotSupported { var, value: v }),
+                "kubernetes" => false,
+                "etcdv3" => true,
                 _ => return Err(ConfigError::invalid(var, &v, "expected kubernetes or etcdv3")),
             },
             // Unset means etcdv3 upstream; with etcd endpoints given that is clearly the intent.
-            None if etcd_endpoints.is_some() => {
-                return Err(ConfigError::EtcdNotSupported { var: "ETCD_ENDPOINTS", value: etcd_endpoints.unwrap_or_default() });
+            None if etcd_endpoints.is_some() => true,
+            None => {
+                out.datastore_defaulted = true;
+                false
             }
-            None => out.datastore_defaulted = true,
+        };
+        if use_etcd {
+            let mut setting = |name: &'static str| -> Option<Setting> {
+                let prefixed: &'static str = match name {
+                    "ETCD_DISCOVERY_SRV" => "CALICO_ETCD_DISCOVERY_SRV",
+                    "ETCD_USERNAME" => "CALICO_ETCD_USERNAME",
+                    "ETCD_CA_CERT_FILE" => "CALICO_ETCD_CA_CERT_FILE",
+                    "ETCD_CERT_FILE" => "CALICO_ETCD_CERT_FILE",
+                    _ => "CALICO_ETCD_KEY_FILE",
+                };
+                get(name).map(|value| Setting { var: name, value }).or_else(|| get(prefixed).map(|value| Setting { var: prefixed, value }))
+            };
+            let discovery = setting("ETCD_DISCOVERY_SRV");
+            let username = setting("ETCD_USERNAME");
+            let ca_cert_file = setting("ETCD_CA_CERT_FILE");
+            let cert_file = setting("ETCD_CERT_FILE");
+            let key_file = setting("ETCD_KEY_FILE");
+            // The password is never recorded among the consulted variables (status shows those).
+            let secret = |name: &'static str| env.get(name).filter(|v| !v.is_empty()).map(|v| Setting { var: name, value: v.clone() });
+            let password = secret("ETCD_PASSWORD").or_else(|| secret("CALICO_ETCD_PASSWORD"));
+            out.etcd = Some(etcd_config(etcd_endpoints, discovery, username, password, ca_cert_file, cert_file, key_file)?);
         }
         let kubeconfig = get("KUBECONFIG").or_else(|| get("CALICO_KUBECONFIG"));
 
@@ -324,6 +444,52 @@ impl EnvConfig {
         out.workers = workers;
         Ok(out)
     }
+}
+
+/// Checks the etcd settings against each other; files and members are not touched here.
+fn etcd_config(
+    endpoints: Option<(&'static str, String)>,
+    discovery: Option<Setting>,
+    username: Option<Setting>,
+    password: Option<Setting>,
+    ca_cert_file: Option<Setting>,
+    cert_file: Option<Setting>,
+    key_file: Option<Setting>,
+) -> Result<EtcdConfig, ConfigError> {
+    if let Some(d) = &discovery {
+        return Err(ConfigError::invalid(d.var, &d.value, "DNS SRV discovery of etcd members is not supported yet; list the members in ETCD_ENDPOINTS instead"));
+    }
+    let Some((var, raw)) = endpoints else {
+        return Err(ConfigError::invalid("ETCD_ENDPOINTS", "", "the etcdv3 datastore needs ETCD_ENDPOINTS (for example https://10.0.0.1:2379,https://10.0.0.2:2379)"));
+    };
+    let mut parsed = Vec::new();
+    for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let e = EtcdEndpoint::parse(part).map_err(|problem| ConfigError::invalid(var, &raw, problem))?;
+        if !parsed.contains(&e) {
+            parsed.push(e);
+        }
+    }
+    if parsed.is_empty() {
+        return Err(ConfigError::invalid(var, &raw, "lists no endpoint"));
+    }
+    if parsed.iter().any(|e| e.tls) && parsed.iter().any(|e| !e.tls) {
+        return Err(ConfigError::invalid(var, &raw, "mixes http:// and https:// members; use one scheme for all"));
+    }
+    let tls = parsed[0].tls;
+    if !tls && let Some(s) = [&ca_cert_file, &cert_file, &key_file].into_iter().flatten().next() {
+        return Err(ConfigError::invalid(s.var, &s.value, format!("is set but {var} are plain http:// members; use https:// members to talk TLS")));
+    }
+    match (&cert_file, &key_file) {
+        (Some(c), None) => return Err(ConfigError::invalid(c.var, &c.value, "a client certificate needs its key in ETCD_KEY_FILE")),
+        (None, Some(k)) => return Err(ConfigError::invalid(k.var, &k.value, "a client key needs its certificate in ETCD_CERT_FILE")),
+        _ => {}
+    }
+    match (&username, &password) {
+        (Some(u), None) => return Err(ConfigError::invalid(u.var, &u.value, "a user name needs ETCD_PASSWORD")),
+        (None, Some(p)) => return Err(ConfigError::invalid(p.var, "<redacted>", "a password needs ETCD_USERNAME")),
+        _ => {}
+    }
+    Ok(EtcdConfig { endpoints_setting: Setting { var, value: raw }, endpoints: parsed, username, password, ca_cert_file, cert_file, key_file })
 }
 
 /// The `default` KubeControllersConfiguration as kube-controllers creates it (§2.2), with
@@ -623,14 +789,58 @@ mod tests {
     }
 
     #[test]
-    fn etcd_datastore_is_refused_with_a_clear_message() {
-        let e = env_err(&[("DATASTORE_TYPE", "etcdv3")]);
-        assert!(e.to_string().contains("etcd datastore not supported yet"), "{e}");
-        assert!(matches!(env_err(&[("CALICO_DATASTORE_TYPE", "etcdv3")]), ConfigError::EtcdNotSupported { var: "CALICO_DATASTORE_TYPE", .. }));
-        assert!(matches!(env_err(&[("ETCD_ENDPOINTS", "https://e:2379")]), ConfigError::EtcdNotSupported { .. }));
-        assert!(!env(&[("DATASTORE_TYPE", "kubernetes"), ("ETCD_ENDPOINTS", "x")]).datastore_defaulted);
+    fn etcd_settings_parse_with_and_without_the_calico_prefix() {
+        let e = env(&[
+            ("DATASTORE_TYPE", "etcdv3"),
+            ("ETCD_ENDPOINTS", "https://10.0.0.1:2379, https://etcd-2, https://[fd00::1]:4001/"),
+            ("CALICO_ETCD_CA_CERT_FILE", "/c/ca.pem"),
+            ("ETCD_CERT_FILE", "/c/cert.pem"),
+            ("ETCD_KEY_FILE", "/c/key.pem"),
+            ("CALICO_ETCD_USERNAME", "calico"),
+            ("ETCD_PASSWORD", "s3cret"),
+        ]);
+        let etcd = e.etcd.expect("etcd settings");
+        assert!(!e.datastore_defaulted && etcd.tls());
+        let urls: Vec<_> = etcd.endpoints.iter().map(EtcdEndpoint::url).collect();
+        assert_eq!(urls, ["https://10.0.0.1:2379", "https://etcd-2:2379", "https://[fd00::1]:4001"]);
+        assert_eq!(etcd.ca_cert_file, Some(Setting { var: "CALICO_ETCD_CA_CERT_FILE", value: "/c/ca.pem".into() }));
+        assert_eq!(etcd.username.as_ref().map(|u| u.var), Some("CALICO_ETCD_USERNAME"));
+        assert_eq!(etcd.password.as_ref().map(|p| p.value.as_str()), Some("s3cret"));
+        assert!(!format!("{etcd:?}").contains("s3cret"), "the password never reaches a log line");
+        assert!(!e.consulted.values().any(|v| v == "s3cret"), "nor the status");
+        // Unset DATASTORE_TYPE with endpoints given means etcd; CALICO_ prefixed type too.
+        let e = env(&[("CALICO_ETCD_ENDPOINTS", "http://127.0.0.1:2379")]);
+        assert_eq!(e.etcd.map(|c| c.endpoints_setting.var), Some("CALICO_ETCD_ENDPOINTS"));
+        assert!(env(&[("CALICO_DATASTORE_TYPE", "etcdv3"), ("ETCD_ENDPOINTS", "http://e")]).etcd.is_some());
+        assert!(env(&[("DATASTORE_TYPE", "kubernetes"), ("ETCD_ENDPOINTS", "x")]).etcd.is_none());
         assert!(!env(&[("CALICO_DATASTORE_TYPE", "Kubernetes")]).datastore_defaulted);
-        assert!(env_err(&[("DATASTORE_TYPE", "consul")]).to_string().contains("DATASTORE_TYPE"));
+        assert!(env(&[]).datastore_defaulted && env(&[]).etcd.is_none());
+    }
+
+    #[test]
+    fn bad_etcd_settings_are_errors_naming_the_setting() {
+        for (pairs, var, says) in [
+            (vec![("DATASTORE_TYPE", "etcdv3")], "ETCD_ENDPOINTS", "needs ETCD_ENDPOINTS"),
+            (vec![("DATASTORE_TYPE", "etcdv3"), ("ETCD_ENDPOINTS", " , ")], "ETCD_ENDPOINTS", "no endpoint"),
+            (vec![("ETCD_ENDPOINTS", "10.0.0.1:2379")], "ETCD_ENDPOINTS", "http:// or https://"),
+            (vec![("ETCD_ENDPOINTS", "https://e:99999")], "ETCD_ENDPOINTS", "not a port"),
+            (vec![("ETCD_ENDPOINTS", "https://e:2379/v3")], "ETCD_ENDPOINTS", "no path"),
+            (vec![("ETCD_ENDPOINTS", "https://fd00::1:2379")], "ETCD_ENDPOINTS", "brackets"),
+            (vec![("CALICO_ETCD_ENDPOINTS", "https://a,http://b")], "CALICO_ETCD_ENDPOINTS", "mixes"),
+            (vec![("ETCD_ENDPOINTS", "http://a"), ("ETCD_CA_CERT_FILE", "/ca")], "ETCD_CA_CERT_FILE", "plain http"),
+            (vec![("ETCD_ENDPOINTS", "https://a"), ("ETCD_CERT_FILE", "/c")], "ETCD_CERT_FILE", "ETCD_KEY_FILE"),
+            (vec![("ETCD_ENDPOINTS", "https://a"), ("CALICO_ETCD_KEY_FILE", "/k")], "CALICO_ETCD_KEY_FILE", "ETCD_CERT_FILE"),
+            (vec![("ETCD_ENDPOINTS", "https://a"), ("ETCD_USERNAME", "u")], "ETCD_USERNAME", "ETCD_PASSWORD"),
+            (vec![("ETCD_ENDPOINTS", "https://a"), ("ETCD_PASSWORD", "p")], "ETCD_PASSWORD", "ETCD_USERNAME"),
+            (vec![("DATASTORE_TYPE", "etcdv3"), ("ETCD_DISCOVERY_SRV", "example.com")], "ETCD_DISCOVERY_SRV", "not supported yet"),
+            (vec![("DATASTORE_TYPE", "consul")], "DATASTORE_TYPE", "kubernetes or etcdv3"),
+        ] {
+            let e = env_err(&pairs);
+            let text = e.to_string();
+            assert!(matches!(&e, ConfigError::Invalid { var: v, .. } if *v == var), "{pairs:?}: {e:?}");
+            assert!(text.starts_with(var) && text.contains(says), "{pairs:?}: {text}");
+            assert!(!text.contains("\"p\"") || var != "ETCD_PASSWORD", "password shown: {text}");
+        }
     }
 
     #[test]

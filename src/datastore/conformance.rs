@@ -21,11 +21,38 @@ pub struct Options {
     /// Whether unknown `spec` fields survive a write. Kubernetes prunes fields the CRD schema does
     /// not declare, so there only `metadata` labels and annotations are checked.
     pub unknown_spec_fields: bool,
+    /// Whether `metadata` labels and annotations of IPAM objects survive a write. etcd keeps
+    /// libcalico's v1 IPAM model, which has no metadata, so there they do not.
+    pub ipam_metadata: bool,
+    /// Whether names must be Calico's own: blocks named for their CIDR (`10-250-1-0-30`, which
+    /// cannot carry the prefix) and affinities `<node>-<cidrname>` (the node carries it). etcd
+    /// derives its keys from these names.
+    pub calico_names: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { prefix: "conformance-".into(), unknown_spec_fields: true }
+        Options { prefix: "conformance-".into(), unknown_spec_fields: true, ipam_metadata: true, calico_names: false }
+    }
+}
+
+/// The name and CIDR of the block a law uses; `n` tells the laws' blocks apart.
+fn block_for(opts: &Options, law: &str, n: u8) -> (String, String) {
+    if opts.calico_names {
+        let cidr = format!("10.250.{n}.0/30");
+        (cidr.replace(['.', '/'], "-"), cidr)
+    } else {
+        (format!("{}{law}", opts.prefix), "10.250.0.0/30".to_string())
+    }
+}
+
+/// The name and node of the affinity a law uses (for the block 10.250.0.0/30).
+fn affinity_for(opts: &Options, law: &str) -> (String, String) {
+    if opts.calico_names {
+        let node = format!("{}{law}", opts.prefix);
+        (format!("{node}-10-250-0-0-30"), node)
+    } else {
+        (format!("{}{law}", opts.prefix), "conformance-node".to_string())
     }
 }
 
@@ -49,20 +76,20 @@ fn handle_body(name: &str) -> Value {
     })
 }
 
-fn affinity_body(name: &str) -> Value {
+fn affinity_body(name: &str, node: &str) -> Value {
     json!({
         "apiVersion": crate::model::CALICO_API_VERSION, "kind": "BlockAffinity",
         "metadata": {"name": name},
-        "spec": {"state": "confirmed", "node": "conformance-node", "cidr": "10.250.0.0/30", "deleted": "false"}
+        "spec": {"state": "confirmed", "node": node, "cidr": "10.250.0.0/30", "deleted": "false"}
     })
 }
 
-fn block_body(name: &str) -> Value {
+fn block_body(name: &str, cidr: &str) -> Value {
     json!({
         "apiVersion": crate::model::CALICO_API_VERSION, "kind": "IPAMBlock",
         "metadata": {"name": name},
         "spec": {
-            "cidr": "10.250.0.0/30", "affinity": "host:conformance-node", "strictAffinity": false,
+            "cidr": cidr, "affinity": "host:conformance-node", "strictAffinity": false,
             "allocations": [0, null, null, null], "unallocated": [1, 2, 3],
             "attributes": [{"handle_id": "conformance-handle", "secondary": {"node": "conformance-node"}}],
             "sequenceNumber": 1, "deleted": false
@@ -152,21 +179,23 @@ async fn missing_objects_are_not_found<D: Datastore>(ds: &D, opts: &Options) -> 
 }
 
 async fn soft_delete_then_get_is_not_found<D: Datastore>(ds: &D, opts: &Options) -> Result<(), String> {
-    for (kind, body) in [
-        (Kind::IpamBlock, block_body as fn(&str) -> Value),
-        (Kind::BlockAffinity, affinity_body),
-        (Kind::IpamHandle, handle_body),
+    let (block, cidr) = block_for(opts, "soft-delete-ipamblocks", 1);
+    let (affinity, node) = affinity_for(opts, "soft-delete-blockaffinities");
+    let handle = format!("{}soft-delete-ipamhandles", opts.prefix);
+    for (kind, name, body) in [
+        (Kind::IpamBlock, block.clone(), block_body(&block, &cidr)),
+        (Kind::BlockAffinity, affinity.clone(), affinity_body(&affinity, &node)),
+        (Kind::IpamHandle, handle.clone(), handle_body(&handle)),
     ] {
-        let name = format!("{}soft-delete-{}", opts.prefix, kind.plural());
         cleanup(ds, kind, &name).await;
-        let created = ds.create(kind, &name, body(&name)).await.map_err(|e| format!("{}: {e}", kind.plural()))?;
+        let created = ds.create(kind, &name, body).await.map_err(|e| format!("{}: {e}", kind.plural()))?;
         ds.soft_delete(kind, &created).await.map_err(|e| format!("soft delete {}: {e}", kind.plural()))?;
         expect_kind(&format!("get {} after soft delete", kind.plural()), ds.get(kind, &name).await, ErrorKind::NotFound)?;
     }
     // A writer that marked a block deleted and died before deleting it: readers finish the job.
-    let name = format!("{}half-deleted-block", opts.prefix);
+    let (name, cidr) = block_for(opts, "half-deleted-block", 2);
     cleanup(ds, Kind::IpamBlock, &name).await;
-    let created = ds.create(Kind::IpamBlock, &name, block_body(&name)).await.map_err(|e| e.to_string())?;
+    let created = ds.create(Kind::IpamBlock, &name, block_body(&name, &cidr)).await.map_err(|e| e.to_string())?;
     let marked = mark_deleted(Kind::IpamBlock, &created).map_err(|e| e.to_string())?;
     ds.update(Kind::IpamBlock, &marked).await.map_err(|e| format!("mark: {e}"))?;
     let r = expect_kind("get of a soft-deleted block", ds.get(Kind::IpamBlock, &name).await, ErrorKind::NotFound);
@@ -175,10 +204,11 @@ async fn soft_delete_then_get_is_not_found<D: Datastore>(ds: &D, opts: &Options)
 }
 
 async fn list_returns_every_object<D: Datastore>(ds: &D, opts: &Options) -> Result<(), String> {
-    let names: Vec<String> = (0..3).map(|i| format!("{}list-{i}", opts.prefix)).collect();
-    for n in &names {
+    let affinities: Vec<(String, String)> = (0..3).map(|i| affinity_for(opts, &format!("list-{i}"))).collect();
+    let names: Vec<String> = affinities.iter().map(|(n, _)| n.clone()).collect();
+    for (n, node) in &affinities {
         cleanup(ds, Kind::BlockAffinity, n).await;
-        ds.create(Kind::BlockAffinity, n, affinity_body(n)).await.map_err(|e| e.to_string())?;
+        ds.create(Kind::BlockAffinity, n, affinity_body(n, node)).await.map_err(|e| e.to_string())?;
     }
     let result = async {
         let listed = ds.list(Kind::BlockAffinity).await.map_err(|e| e.to_string())?;
@@ -205,9 +235,9 @@ async fn list_returns_every_object<D: Datastore>(ds: &D, opts: &Options) -> Resu
 }
 
 async fn unknown_fields_survive_update<D: Datastore>(ds: &D, opts: &Options) -> Result<(), String> {
-    let name = format!("{}unknown-fields", opts.prefix);
+    let (name, cidr) = block_for(opts, "unknown-fields", 3);
     cleanup(ds, Kind::IpamBlock, &name).await;
-    let mut body = block_body(&name);
+    let mut body = block_body(&name, &cidr);
     body["metadata"]["labels"] = json!({"conformance.example/label": "kept"});
     body["metadata"]["annotations"] = json!({"conformance.example/note": "kept"});
     if opts.unknown_spec_fields {
@@ -223,7 +253,7 @@ async fn unknown_fields_survive_update<D: Datastore>(ds: &D, opts: &Options) -> 
         ds.update(Kind::IpamBlock, &edited).await.map_err(|e| format!("update: {e}"))?;
         let got = ds.get(Kind::IpamBlock, &name).await.map_err(|e| e.to_string())?;
         let v = &got.value;
-        if v["metadata"]["labels"]["conformance.example/label"] != "kept" || v["metadata"]["annotations"]["conformance.example/note"] != "kept" {
+        if opts.ipam_metadata && (v["metadata"]["labels"]["conformance.example/label"] != "kept" || v["metadata"]["annotations"]["conformance.example/note"] != "kept") {
             return Err(format!("metadata lost: {}", v["metadata"]));
         }
         if v["spec"]["sequenceNumber"] != json!(2) {

@@ -23,6 +23,9 @@ pub mod apply;
 pub mod cluster;
 pub mod conformance;
 #[cfg(feature = "cli")]
+pub mod etcd;
+pub mod etcd_layout;
+#[cfg(feature = "cli")]
 pub mod kube;
 #[cfg(feature = "cli")]
 pub mod kube_cluster;

@@ -20,7 +20,9 @@ use crate::model::config::ClusterInformationSpec;
 const RETRY_EVERY: Duration = Duration::from_secs(5);
 const RETRY_FOR: Duration = Duration::from_secs(60);
 /// What kube-controllers on the Kubernetes datastore writes into `clusterType`.
-const CLUSTER_TYPES: [&str; 2] = ["k8s", "kdd"];
+pub const KDD_CLUSTER_TYPES: &[&str] = &["k8s", "kdd"];
+/// What it writes on the etcd datastore (libcalico adds `kdd` only for KDD).
+pub const ETCD_CLUSTER_TYPES: &[&str] = &["k8s"];
 pub const DEFAULT_NAME: &str = "default";
 /// The tiers upstream's EnsureInitialized creates: (name, order, default action). Calico's own
 /// CRD validation pins these values, so they are not ours to tune.
@@ -62,16 +64,17 @@ fn new_cluster_guid() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The repaired spec, or `None` if nothing needs writing: a GUID if missing, `k8s` and `kdd` in
-/// `clusterType` (other entries kept, in order), `datastoreReady: true` only if unset.
-pub fn repair_cluster_information(spec: &ClusterInformationSpec, guid: impl FnOnce() -> String) -> Option<ClusterInformationSpec> {
+/// The repaired spec, or `None` if nothing needs writing: a GUID if missing, `cluster_types`
+/// (`k8s`, and `kdd` on KDD) in `clusterType` (other entries kept, in order),
+/// `datastoreReady: true` only if unset.
+pub fn repair_cluster_information(spec: &ClusterInformationSpec, cluster_types: &[&str], guid: impl FnOnce() -> String) -> Option<ClusterInformationSpec> {
     let mut out = spec.clone();
     if out.cluster_guid.as_deref().is_none_or(str::is_empty) {
         out.cluster_guid = Some(guid());
     }
     let mut types: Vec<String> =
         out.cluster_type.as_deref().unwrap_or("").split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_string).collect();
-    for t in CLUSTER_TYPES {
+    for &t in cluster_types {
         if !types.iter().any(|x| x == t) {
             types.push(t.to_string());
         }
@@ -97,11 +100,11 @@ async fn get_opt<D: Datastore>(ds: &D, kind: Kind, name: &str) -> Result<Option<
     }
 }
 
-async fn ensure_cluster_information<D: Datastore>(ds: &D) -> Result<(), InitError> {
+async fn ensure_cluster_information<D: Datastore>(ds: &D, cluster_types: &[&str]) -> Result<(), InitError> {
     let kind = Kind::ClusterInformation;
     match get_opt(ds, kind, DEFAULT_NAME).await? {
         None => {
-            let spec = repair_cluster_information(&ClusterInformationSpec::default(), new_cluster_guid).unwrap_or_default();
+            let spec = repair_cluster_information(&ClusterInformationSpec::default(), cluster_types, new_cluster_guid).unwrap_or_default();
             let value = body(kind, DEFAULT_NAME, serde_json::to_value(&spec).unwrap_or_default());
             // An AlreadyExists (someone else created it meanwhile) too: the next attempt repairs theirs.
             ds.create(kind, DEFAULT_NAME, value).await.map_err(InitError::api("create", kind.plural()))?;
@@ -110,7 +113,7 @@ async fn ensure_cluster_information<D: Datastore>(ds: &D) -> Result<(), InitErro
         Some(existing) => {
             let spec: ClusterInformationSpec = serde_json::from_value(existing.value.get("spec").cloned().unwrap_or(json!({})))
                 .map_err(|e| InitError::Decode { resource: kind.plural(), problem: e.to_string() })?;
-            if let Some(repaired) = repair_cluster_information(&spec, new_cluster_guid) {
+            if let Some(repaired) = repair_cluster_information(&spec, cluster_types, new_cluster_guid) {
                 // A compare-and-swap on the read revision: a concurrent writer makes this a
                 // conflict and the retry reads theirs.
                 let mut edit = existing;
@@ -178,8 +181,8 @@ async fn ensure_tiers<D: Datastore>(ds: &D) -> Result<(), InitError> {
     Ok(())
 }
 
-async fn ensure_once<D: Datastore>(ds: &D) -> Result<(), InitError> {
-    ensure_cluster_information(ds).await?;
+async fn ensure_once<D: Datastore>(ds: &D, cluster_types: &[&str]) -> Result<(), InitError> {
+    ensure_cluster_information(ds, cluster_types).await?;
     ensure_tiers(ds).await?;
     ensure_default_kcc(ds).await
 }
@@ -187,9 +190,14 @@ async fn ensure_once<D: Datastore>(ds: &D) -> Result<(), InitError> {
 /// Upstream's EnsureInitialized for the Kubernetes datastore (plus the default
 /// KubeControllersConfiguration), retried every 5 s for up to 60 s.
 pub async fn ensure_initialized<D: Datastore>(ds: &D) -> Result<(), InitError> {
+    ensure_initialized_as(ds, KDD_CLUSTER_TYPES).await
+}
+
+/// [`ensure_initialized`] writing `cluster_types` ([`KDD_CLUSTER_TYPES`] or [`ETCD_CLUSTER_TYPES`]).
+pub async fn ensure_initialized_as<D: Datastore>(ds: &D, cluster_types: &[&str]) -> Result<(), InitError> {
     let started = tokio::time::Instant::now();
     loop {
-        match ensure_once(ds).await {
+        match ensure_once(ds, cluster_types).await {
             Ok(()) => return Ok(()),
             Err(e) if started.elapsed() + RETRY_EVERY > RETRY_FOR => {
                 return Err(InitError::GaveUp { secs: started.elapsed().as_secs(), last: e.to_string() });
@@ -213,16 +221,24 @@ mod tests {
 
     #[test]
     fn a_missing_cluster_information_gets_a_guid_kdd_type_and_ready() {
-        let r = repair_cluster_information(&ClusterInformationSpec::default(), new_cluster_guid).unwrap();
+        let r = repair_cluster_information(&ClusterInformationSpec::default(), KDD_CLUSTER_TYPES, new_cluster_guid).unwrap();
         let guid = r.cluster_guid.unwrap();
         assert!(guid.len() == 32 && guid.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()), "{guid}");
         assert_eq!((r.cluster_type.as_deref(), r.datastore_ready), (Some("k8s,kdd"), Some(true)));
     }
 
     #[test]
+    fn on_etcd_the_cluster_type_is_k8s_without_kdd() {
+        let r = repair_cluster_information(&ClusterInformationSpec::default(), ETCD_CLUSTER_TYPES, new_cluster_guid).unwrap();
+        assert_eq!(r.cluster_type.as_deref(), Some("k8s"));
+        let s = spec(json!({"clusterGUID": "abc", "clusterType": "typha,k8s", "datastoreReady": true}));
+        assert_eq!(repair_cluster_information(&s, ETCD_CLUSTER_TYPES, new_cluster_guid), None, "nothing to repair");
+    }
+
+    #[test]
     fn repair_keeps_other_cluster_types_and_an_explicit_not_ready() {
         let s = spec(json!({"clusterGUID": "abc", "clusterType": "typha,k8s", "datastoreReady": false, "variant": "Calico"}));
-        let r = repair_cluster_information(&s, || unreachable!("the GUID is kept")).unwrap();
+        let r = repair_cluster_information(&s, KDD_CLUSTER_TYPES, || unreachable!("the GUID is kept")).unwrap();
         assert_eq!(r.cluster_type.as_deref(), Some("typha,k8s,kdd"));
         assert_eq!(r.datastore_ready, Some(false), "an explicit false is an upgrade in progress: never flipped");
         assert_eq!(r.extra["variant"], "Calico");
@@ -231,7 +247,7 @@ mod tests {
     #[test]
     fn a_complete_cluster_information_is_not_rewritten() {
         let s = spec(json!({"clusterGUID": "abc", "clusterType": "k8s,bgp,kdd", "datastoreReady": true}));
-        assert_eq!(repair_cluster_information(&s, new_cluster_guid), None);
+        assert_eq!(repair_cluster_information(&s, KDD_CLUSTER_TYPES, new_cluster_guid), None);
     }
 
     #[tokio::test(start_paused = true)]

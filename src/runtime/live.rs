@@ -107,8 +107,8 @@ async fn apply(shared: &Arc<Shared>, opts: &RunOptions, metrics: &mut MetricsLis
 /// Start-of-day writes, then the KubeControllersConfiguration's status on every config change
 /// (and its re-creation when deleted). Runs only behind the WRITE GATE. Returns an error only
 /// when start-of-day initialization gave up (fatal, as upstream).
-pub async fn writer<D: Datastore>(ds: D, shared: Arc<Shared>) -> Result<(), init::InitError> {
-    init::ensure_initialized(&ds).await?;
+pub async fn writer<D: Datastore>(ds: D, shared: Arc<Shared>, cluster_types: &'static [&'static str]) -> Result<(), init::InitError> {
+    init::ensure_initialized_as(&ds, cluster_types).await?;
     shared.status.set_ready(health::STARTUP, true, "");
     let mut rx = shared.config.subscribe();
     loop {

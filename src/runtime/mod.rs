@@ -21,6 +21,8 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
 use crate::config::{EnvConfig, LogLevel, RunConfig};
+use crate::datastore::Datastore;
+use crate::datastore::etcd::EtcdDatastore;
 use crate::datastore::kube::{ApiCounters, KubeDatastore};
 use crate::datastore::kube_cluster::KubeCluster;
 use crate::health;
@@ -194,6 +196,12 @@ pub async fn bind(port: u16) -> Result<tokio::net::TcpListener, RunError> {
 /// Runs the controller until `stop` resolves, then lets the GC loop finish its pass in progress
 /// (in-flight writes complete) and returns. Fails if the datastore cannot be initialized.
 pub async fn run(client: kube::Client, opts: RunOptions, stop: impl Future<Output = ()>) -> Result<(), RunError> {
+    run_with(client, None, opts, stop).await
+}
+
+/// [`run`] with Calico's objects in `etcd` when given (`DATASTORE_TYPE=etcdv3`), in Kubernetes
+/// otherwise.
+pub async fn run_with(client: kube::Client, etcd: Option<EtcdDatastore>, opts: RunOptions, stop: impl Future<Output = ()>) -> Result<(), RunError> {
     let api = Arc::new(ApiCounters::default());
     let env = &opts.controller.env;
     let shared = Arc::new(Shared::with_status(api.clone(), StatusReporter::new(opts.status_file.clone()), env));
@@ -205,13 +213,44 @@ pub async fn run(client: kube::Client, opts: RunOptions, stop: impl Future<Outpu
         shared.status.set_ready(health::CALICO_DATASTORE, false, "datastore not checked yet");
     }
     let bucket = crate::datastore::rate::TokenBucket::new(opts.client_qps, opts.client_burst)?;
-    // Before any watch: a cluster on Calico's v3 API would look empty through v1 watches.
-    discovery::check_api_group(&client, opts.api_group.as_deref()).await?;
-    let ds = KubeDatastore::new(client.clone(), opts.controller.dry_run, api.clone()).with_rate_limit(bucket);
-    // Pods, nodes and the re-validation reads: Kubernetes whatever the datastore (the same
-    // client-side request limit as the writer's).
-    let cluster = Arc::new(KubeCluster::new(client.clone(), api, ds.limiter().clone()));
-    let ds = Arc::new(ds);
+    match etcd {
+        None => {
+            // Before any watch: a cluster on Calico's v3 API would look empty through v1 watches.
+            discovery::check_api_group(&client, opts.api_group.as_deref()).await?;
+            let ds = KubeDatastore::new(client.clone(), opts.controller.dry_run, api.clone()).with_rate_limit(bucket);
+            // Pods, nodes and the re-validation reads: Kubernetes whatever the datastore (the same
+            // client-side request limit as the writer's).
+            let cluster = Arc::new(KubeCluster::new(client.clone(), api, ds.limiter().clone()));
+            // Health reads never wait behind the writer's request limit: a burst of releases must
+            // not make the datastore look unhealthy.
+            let health_ds = KubeDatastore::new(client.clone(), opts.controller.dry_run, ds.counters().clone());
+            let backend = Backend { ds: Arc::new(ds), health_ds, cluster, cluster_types: init::KDD_CLUSTER_TYPES };
+            run_on(client, backend, shared, opts, stop).await
+        }
+        Some(etcd) => {
+            // Calico's objects in etcd; pods and nodes (and the Lease) still in Kubernetes.
+            let ds = etcd.with_dry_run(opts.controller.dry_run).with_counters(api.clone());
+            let cluster = Arc::new(KubeCluster::new(client.clone(), api, crate::datastore::kube::RequestLimiter::new(bucket)));
+            let backend = Backend { ds: Arc::new(ds.clone()), health_ds: ds, cluster, cluster_types: init::ETCD_CLUSTER_TYPES };
+            run_on(client, backend, shared, opts, stop).await
+        }
+    }
+}
+
+/// One Calico datastore with what the controller needs around it.
+struct Backend<D> {
+    ds: Arc<D>,
+    /// For the health reads (never behind the writer's request limit).
+    health_ds: D,
+    /// Pods, nodes and the re-validation reads: always Kubernetes.
+    cluster: Arc<KubeCluster>,
+    /// What start-up writes into ClusterInformation's `clusterType`.
+    cluster_types: &'static [&'static str],
+}
+
+/// The controller over one Calico datastore.
+async fn run_on<D: Datastore + Clone + 'static>(client: kube::Client, backend: Backend<D>, shared: Arc<Shared>, opts: RunOptions, stop: impl Future<Output = ()>) -> Result<(), RunError> {
+    let Backend { ds, health_ds, cluster, cluster_types } = backend;
     if opts.controller.dry_run {
         tracing::warn!("dry run: plans are reported, nothing is written");
     }
@@ -234,9 +273,6 @@ pub async fn run(client: kube::Client, opts: RunOptions, stop: impl Future<Outpu
     drop(tx);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let live_task = tokio::spawn(live::apply_config(shared.clone(), opts.clone(), metrics));
-    // Health reads never wait behind the writer's request limit: a burst of releases must not
-    // make the datastore look unhealthy.
-    let health_ds = KubeDatastore::new(client.clone(), opts.controller.dry_run, ds.counters().clone());
     let (health_shared, health_cluster, dry_run) = (shared.clone(), cluster.clone(), opts.controller.dry_run);
     let health_task = tokio::spawn(async move { health_check::health_loop(&health_ds, &*health_cluster, health_shared, dry_run).await });
 
@@ -259,7 +295,7 @@ pub async fn run(client: kube::Client, opts: RunOptions, stop: impl Future<Outpu
         shared.status.set_ready(health::STARTUP, true, "dry run: datastore not initialized by us");
         None
     } else {
-        Some(tokio::spawn(writer_while_leading((*ds).clone(), shared.clone(), may_write.clone(), fatal_tx)))
+        Some(tokio::spawn(writer_while_leading((*ds).clone(), shared.clone(), may_write.clone(), fatal_tx, cluster_types)))
     };
 
     // Events go out only from a process that writes: a dry run records none.
@@ -297,11 +333,12 @@ pub async fn run(client: kube::Client, opts: RunOptions, stop: impl Future<Outpu
 /// Runs `live::writer` while `may_write` says this replica leads: started on election, stopped
 /// on losing it. A standby reports `Startup` ready (the leader initializes the datastore); an
 /// initialization that fails for good is sent to `fatal`.
-async fn writer_while_leading(
-    ds: KubeDatastore,
+async fn writer_while_leading<D: Datastore + Clone + 'static>(
+    ds: D,
     shared: Arc<Shared>,
     mut may_write: tokio::sync::watch::Receiver<bool>,
     fatal: tokio::sync::oneshot::Sender<init::InitError>,
+    cluster_types: &'static [&'static str],
 ) {
     const STANDBY: &str = "standby: the leader initializes the datastore";
     let mut fatal = Some(fatal);
@@ -313,7 +350,7 @@ async fn writer_while_leading(
         let leading = *may_write.borrow_and_update();
         if leading && task.is_none() && !finished_this_term {
             shared.status.set_ready(health::STARTUP, false, "initializing the datastore");
-            task = Some(tokio::spawn(live::writer(ds.clone(), shared.clone())));
+            task = Some(tokio::spawn(live::writer(ds.clone(), shared.clone(), cluster_types)));
         } else if !leading {
             if let Some(t) = task.take() {
                 t.abort();

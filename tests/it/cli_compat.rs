@@ -112,7 +112,8 @@ fn invalid_environment_stops_start_up_with_exit_two_naming_the_variable() {
     let dir = scratch("env");
     for (env, expected) in [
         (("LOG_LEVEL", "verbose"), "LOG_LEVEL"),
-        (("DATASTORE_TYPE", "etcdv3"), "etcd datastore not supported yet"),
+        (("DATASTORE_TYPE", "etcdv3"), "ETCD_ENDPOINTS"),
+        (("ETCD_ENDPOINTS", "127.0.0.1:2379"), "ETCD_ENDPOINTS"),
         (("ENABLED_CONTROLLERS", "node,ipam"), "ENABLED_CONTROLLERS"),
         (("HEALTH_ENABLED", "maybe"), "HEALTH_ENABLED"),
     ] {

@@ -16,7 +16,7 @@ async fn kube_datastore_keeps_the_cas_and_soft_delete_laws() {
     let counters = Arc::new(ApiCounters::default());
     let ds = KubeDatastore::new(cluster.client(), false, counters.clone());
     // The CRD schema prunes unknown spec fields, so only metadata round-trips are checked.
-    let opts = Options { prefix: format!("{}-", unique_name("conf")), unknown_spec_fields: false };
+    let opts = Options { prefix: format!("{}-", unique_name("conf")), unknown_spec_fields: false, ..Default::default() };
     run_all(&ds, &opts).await.unwrap_or_else(|law| panic!("KubeDatastore broke a law: {law}"));
     let calls = counters.snapshot();
     assert!(calls.iter().any(|((verb, res, code), _)| *verb == "update" && *res == "ipamhandles" && *code == 409), "{calls:?}");
@@ -26,7 +26,7 @@ async fn kube_datastore_keeps_the_cas_and_soft_delete_laws() {
 async fn kube_datastore_watches_keep_the_watch_laws() {
     let cluster = shared_cluster();
     let ds = KubeDatastore::new(cluster.client(), false, Arc::new(ApiCounters::default()));
-    let opts = Options { prefix: format!("{}-", unique_name("confw")), unknown_spec_fields: false };
+    let opts = Options { prefix: format!("{}-", unique_name("confw")), unknown_spec_fields: false, ..Default::default() };
     // The suite has no clock: a watch that never delivers its event would wait forever.
     let laws = tokio::time::timeout(std::time::Duration::from_secs(60), run_watch(&ds, &opts)).await.expect("the watch laws finished within 60s");
     laws.unwrap_or_else(|law| panic!("KubeDatastore's watch broke a law: {law}"));

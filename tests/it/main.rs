@@ -3,10 +3,12 @@
 mod support;
 
 mod cli_compat;
+mod conformance_etcd;
 mod conformance_kube;
 
 mod e2e_controller;
 mod e2e_deploy;
+mod e2e_etcd;
 mod e2e_events;
 mod e2e_ha;
 mod e2e_kubevirt;

@@ -1,0 +1,402 @@
+//! The etcd v3 backend against real etcd: the shared conformance suite (CAS, soft-delete and
+//! watch laws) on the harness's TLS Calico etcd with client certificates, Calico's keys and value
+//! shapes as etcdctl sees them, member failover, and the clear errors for a wrong CA, an
+//! unreachable member and wrong credentials (a private etcd with authentication enabled).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use calico_kube_controllers::config::{EnvConfig, EtcdConfig};
+use calico_kube_controllers::datastore::conformance::{Options, run_all, run_watch};
+use calico_kube_controllers::datastore::etcd::EtcdDatastore;
+use calico_kube_controllers::datastore::{Datastore, ErrorKind, Kind, WatchEvent};
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+use crate::support::cluster::{TestCluster, shared_cluster, unique_name};
+
+/// The etcd settings through the same parser `run` uses.
+fn etcd_config(vars: &[(&str, &str)]) -> EtcdConfig {
+    let env: BTreeMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let mut env = EnvConfig::from_env(&env).expect("valid etcd settings");
+    env.etcd.take().expect("etcd settings")
+}
+
+fn harness(cluster: &TestCluster) -> (String, String, String, String) {
+    let etcd = cluster.calico_etcd.as_ref().expect("a harness cluster with Calico's etcd");
+    let s = |p: &Path| p.display().to_string();
+    (etcd.endpoints.clone(), s(&etcd.ca_cert), s(&etcd.client_cert), s(&etcd.client_key))
+}
+
+fn tls_config(cluster: &TestCluster) -> EtcdConfig {
+    let (endpoints, ca, cert, key) = harness(cluster);
+    etcd_config(&[("DATASTORE_TYPE", "etcdv3"), ("ETCD_ENDPOINTS", &endpoints), ("ETCD_CA_CERT_FILE", &ca), ("ETCD_CERT_FILE", &cert), ("ETCD_KEY_FILE", &key)])
+}
+
+fn etcd_options(label: &str) -> Options {
+    Options { prefix: format!("{}-", unique_name(label)), unknown_spec_fields: true, ipam_metadata: false, calico_names: true }
+}
+
+/// `etcdctl get KEY --print-value-only` on the harness's Calico etcd.
+fn etcdctl_get(cluster: &TestCluster, key: &str) -> String {
+    let (endpoints, ca, cert, key_file) = harness(cluster);
+    let etcdctl = cluster.bin_dir().expect("harness bin dir").join("etcdctl");
+    let out = Command::new(etcdctl)
+        .args(["--endpoints", &endpoints, "--cacert", &ca, "--cert", &cert, "--key", &key_file, "get", key, "--print-value-only"])
+        .env("ETCDCTL_API", "3")
+        .output()
+        .expect("etcdctl runs");
+    assert!(out.status.success(), "etcdctl get {key}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test]
+async fn etcd_datastore_keeps_the_cas_and_soft_delete_laws_on_tls_etcd() {
+    let cluster = shared_cluster();
+    let ds = EtcdDatastore::connect(&tls_config(cluster)).await.expect("connects to Calico's TLS etcd with the harness's client certificate");
+    let laws = tokio::time::timeout(Duration::from_secs(60), run_all(&ds, &etcd_options("etcdconf"))).await.expect("the laws finished within 60s");
+    laws.unwrap_or_else(|law| panic!("EtcdDatastore broke a law: {law}"));
+}
+
+#[tokio::test]
+async fn etcd_datastore_watches_keep_the_watch_laws() {
+    let cluster = shared_cluster();
+    let ds = EtcdDatastore::connect(&tls_config(cluster)).await.expect("connects");
+    // The suite has no clock: a watch that never delivers its event would wait forever.
+    let laws = tokio::time::timeout(Duration::from_secs(60), run_watch(&ds, &etcd_options("etcdwatch"))).await.expect("the watch laws finished within 60s");
+    laws.unwrap_or_else(|law| panic!("EtcdDatastore's watch broke a law: {law}"));
+}
+
+#[tokio::test]
+async fn objects_land_under_calicos_keys_in_libcalicos_shapes() {
+    let cluster = shared_cluster();
+    let ds = EtcdDatastore::connect(&tls_config(cluster)).await.expect("connects");
+    let node = unique_name("etcdnode");
+    let handle = format!("k8s-pod-network.{}", unique_name("c"));
+    let block = json!({
+        "apiVersion": "crd.projectcalico.org/v1", "kind": "IPAMBlock", "metadata": {"name": "10-251-7-0-30"},
+        "spec": {"cidr": "10.251.7.0/30", "affinity": format!("host:{node}"), "affinityClaimTime": "2026-01-02T03:04:05Z", "strictAffinity": false,
+                 "allocations": [0, null, null, null], "unallocated": [1, 2, 3],
+                 "attributes": [{"handle_id": handle, "secondary": {"node": node, "namespace": "ns", "pod": "p"}}],
+                 "sequenceNumber": 1, "sequenceNumberForAllocation": {"0": 1}, "deleted": false}
+    });
+    let aff_name = format!("{node}-10-251-7-0-30");
+    let affinity = json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "BlockAffinity", "metadata": {"name": aff_name},
+                          "spec": {"state": "confirmed", "node": node, "cidr": "10.251.7.0/30", "deleted": "false"}});
+    let handle_body = json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "IPAMHandle", "metadata": {"name": handle},
+                             "spec": {"handleID": handle, "block": {"10.251.7.0/30": 1}, "deleted": false}});
+    // A leftover of an earlier run of this test would make the creates fail.
+    if let Ok(old) = ds.get(Kind::IpamBlock, "10-251-7-0-30").await {
+        ds.delete(Kind::IpamBlock, "10-251-7-0-30", &old.exact()).await.expect("clear the old block");
+    }
+    let b = ds.create(Kind::IpamBlock, "10-251-7-0-30", block).await.expect("create block");
+    let a = ds.create(Kind::BlockAffinity, &aff_name, affinity).await.expect("create affinity");
+    let h = ds.create(Kind::IpamHandle, &handle, handle_body).await.expect("create handle");
+
+    let raw: Value = serde_json::from_str(&etcdctl_get(cluster, "/calico/ipam/v2/assignment/ipv4/block/10.251.7.0-30")).expect("the block value is JSON");
+    assert_eq!(raw["cidr"], "10.251.7.0/30");
+    assert_eq!(raw["affinity_claim_time"], "2026-01-02T03:04:05Z");
+    assert_eq!(raw["attributes"][0]["handle_id"], json!(handle));
+    assert!(raw.get("strictAffinity").is_none() && raw.get("metadata").is_none(), "{raw}");
+    let raw: Value = serde_json::from_str(&etcdctl_get(cluster, &format!("/calico/ipam/v2/host/{node}/ipv4/block/10.251.7.0-30"))).unwrap();
+    assert_eq!(raw, json!({"state": "confirmed", "deleted": false}));
+    let raw: Value = serde_json::from_str(&etcdctl_get(cluster, &format!("/calico/ipam/v2/handle/{handle}"))).unwrap();
+    assert_eq!(raw, json!({"block": {"10.251.7.0/30": 1}, "deleted": false}));
+
+    // Read back through the seam in the KDD shape the GC decodes.
+    let got: calico_kube_controllers::model::BlockAffinity = ds.get(Kind::BlockAffinity, &aff_name).await.unwrap().decode().unwrap();
+    assert_eq!((got.spec.node.as_str(), got.spec.cidr.as_str()), (node.as_str(), "10.251.7.0/30"));
+    let listed = ds.list(Kind::IpamBlock).await.unwrap();
+    assert!(listed.iter().any(|s| s.name == "10-251-7-0-30" && s.revision == b.revision), "{listed:?}");
+
+    ds.soft_delete(Kind::IpamHandle, &h).await.expect("delete handle");
+    ds.soft_delete(Kind::BlockAffinity, &a).await.expect("delete affinity");
+    ds.soft_delete(Kind::IpamBlock, &b).await.expect("delete block");
+    assert_eq!(etcdctl_get(cluster, &format!("/calico/ipam/v2/handle/{handle}")), "", "gone from etcd");
+}
+
+#[tokio::test]
+async fn a_dead_member_is_skipped_for_the_next_one() {
+    let cluster = shared_cluster();
+    let (endpoints, ca, cert, key) = harness(cluster);
+    let both = format!("https://127.0.0.1:1,{endpoints}");
+    let cfg = etcd_config(&[("ETCD_ENDPOINTS", &both), ("ETCD_CA_CERT_FILE", &ca), ("ETCD_CERT_FILE", &cert), ("ETCD_KEY_FILE", &key)]);
+    let ds = EtcdDatastore::connect(&cfg).await.expect("the second member answers");
+    let err = ds.get(Kind::IpamHandle, &unique_name("nothing")).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::NotFound, "{err}");
+}
+
+#[tokio::test]
+async fn an_unreachable_member_is_a_transient_error_naming_etcd_endpoints_not_a_hang() {
+    let cluster = shared_cluster();
+    let (_, ca, cert, key) = harness(cluster);
+    let cfg = etcd_config(&[("CALICO_ETCD_ENDPOINTS", "https://127.0.0.1:1"), ("ETCD_CA_CERT_FILE", &ca), ("ETCD_CERT_FILE", &cert), ("ETCD_KEY_FILE", &key)]);
+    let began = Instant::now();
+    let err = EtcdDatastore::connect(&cfg).await.err().expect("nothing listens on port 1");
+    assert!(began.elapsed() < Duration::from_secs(10), "took {:?}", began.elapsed());
+    assert_eq!(err.kind, ErrorKind::Transient, "{err}");
+    assert!(err.message.contains("CALICO_ETCD_ENDPOINTS") && err.message.contains("127.0.0.1:1"), "{err}");
+}
+
+#[tokio::test]
+async fn a_wrong_ca_is_refused_naming_the_ca_setting() {
+    let cluster = shared_cluster();
+    let (endpoints, _, cert, key) = harness(cluster);
+    // The Kubernetes CA of the harness: a real CA, but not the one that signed Calico's etcd.
+    let other_ca = cluster.dir.as_ref().expect("harness dir").join("pki/ca.crt").display().to_string();
+    let cfg = etcd_config(&[("ETCD_ENDPOINTS", &endpoints), ("ETCD_CA_CERT_FILE", &other_ca), ("ETCD_CERT_FILE", &cert), ("ETCD_KEY_FILE", &key)]);
+    let err = EtcdDatastore::connect(&cfg).await.err().expect("the server certificate does not verify");
+    assert!(err.message.contains("TLS") && err.message.contains("ETCD_CA_CERT_FILE"), "{err}");
+    assert!(err.message.to_ascii_lowercase().contains("certificate"), "{err}");
+
+    let missing = etcd_config(&[("ETCD_ENDPOINTS", &endpoints), ("ETCD_CA_CERT_FILE", "/nonexistent/ca.pem")]);
+    let err = EtcdDatastore::new(&missing).err().expect("no such file");
+    assert!(err.message.starts_with("ETCD_CA_CERT_FILE=/nonexistent/ca.pem"), "{err}");
+    let not_pem = etcd_config(&[("ETCD_ENDPOINTS", &endpoints), ("ETCD_CA_CERT_FILE", &key)]);
+    let err = EtcdDatastore::new(&not_pem).err().expect("a key is no certificate");
+    assert!(err.message.contains("ETCD_CA_CERT_FILE") && err.message.contains("no PEM certificate"), "{err}");
+    let swapped = etcd_config(&[("ETCD_ENDPOINTS", &endpoints), ("ETCD_CERT_FILE", &cert), ("ETCD_KEY_FILE", &cert)]);
+    let err = EtcdDatastore::new(&swapped).err().expect("a certificate is no key");
+    assert!(err.message.contains("ETCD_KEY_FILE"), "{err}");
+}
+
+/// A private plain-HTTP etcd of this test (tests that enable authentication, compact or restart
+/// it must not share the harness's), stopped and its directory removed when dropped.
+struct PrivateEtcd {
+    child: Option<Child>,
+    extra: Vec<String>,
+    endpoint: String,
+    peer_url: String,
+    binary: PathBuf,
+    etcdctl: PathBuf,
+    dir: PathBuf,
+}
+
+impl Drop for PrivateEtcd {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn etcd_binary(cluster: &TestCluster) -> PathBuf {
+    let in_dir = cluster.bin_dir().map(|d| d.join("etcd")).filter(|p| p.exists());
+    in_dir
+        .or_else(|| {
+            let cache = PathBuf::from(std::env::var_os("HOME")?).join(".cache/calico-kube-controllers");
+            std::fs::read_dir(cache).ok()?.flatten().map(|e| e.path().join("etcd")).find(|p| p.exists())
+        })
+        .expect("the harness's etcd binary")
+}
+
+impl PrivateEtcd {
+    fn start(cluster: &TestCluster) -> PrivateEtcd {
+        Self::start_with(cluster, &[])
+    }
+
+    fn start_with(cluster: &TestCluster, extra: &[&str]) -> PrivateEtcd {
+        let dir = std::env::temp_dir().join(unique_name("ckc-private-etcd"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut etcd = PrivateEtcd {
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            endpoint: format!("http://127.0.0.1:{}", free_port()),
+            peer_url: format!("http://127.0.0.1:{}", free_port()),
+            binary: etcd_binary(cluster),
+            etcdctl: cluster.bin_dir().expect("harness bin dir").join("etcdctl"),
+            dir,
+        };
+        etcd.launch();
+        etcd
+    }
+
+    /// Starts (again) on the same data and ports, and waits until it is healthy.
+    fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("etcd.log")).unwrap();
+        let child = Command::new(&self.binary)
+            .args(["--name", "private", "--data-dir"])
+            .arg(self.dir.join("data"))
+            .args(["--listen-client-urls", &self.endpoint, "--advertise-client-urls", &self.endpoint])
+            .args(["--listen-peer-urls", &self.peer_url, "--initial-advertise-peer-urls", &self.peer_url])
+            .args(["--initial-cluster", &format!("private={}", self.peer_url)])
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("etcd starts");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.ctl(&["endpoint", "health"]).status.success() {
+            assert!(Instant::now() < deadline, "the private etcd did not become healthy");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn ctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(&self.etcdctl).args(["--endpoints", &self.endpoint]).args(args).output().expect("etcdctl runs")
+    }
+
+    fn ctl_ok(&self, args: &[&str]) {
+        let out = self.ctl(args);
+        assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+fn start_auth_etcd(cluster: &TestCluster, password: &str) -> PrivateEtcd {
+    // Tokens that expire after a second idle, so the renewal is exercised.
+    let etcd = PrivateEtcd::start_with(cluster, &["--auth-token", "simple", "--auth-token-ttl", "1"]);
+    etcd.ctl_ok(&["user", "add", "root", "--new-user-password", password]);
+    etcd.ctl_ok(&["auth", "enable"]);
+    etcd
+}
+
+fn handle(name: &str) -> Value {
+    json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "IPAMHandle", "metadata": {"name": name},
+           "spec": {"handleID": name, "block": {"10.253.0.0/30": 1}, "deleted": false}})
+}
+
+/// The names in the next complete (re)list of `stream`, and the events before it.
+async fn next_list(stream: &mut calico_kube_controllers::datastore::WatchStream) -> (Vec<String>, Vec<WatchEvent>) {
+    let mut before = Vec::new();
+    let mut names: Option<Vec<String>> = None;
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(30), stream.next()).await.expect("an event within 30s").expect("the stream goes on");
+        match (&mut names, event) {
+            (_, WatchEvent::Init) => names = Some(Vec::new()),
+            (Some(n), WatchEvent::InitApply(s)) => n.push(s.name),
+            (Some(_), WatchEvent::InitDone) => return (names.unwrap_or_default(), before),
+            (_, other) => before.push(other),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_watch_that_resumes_past_a_compaction_relists_and_drops_what_is_gone() {
+    let cluster = shared_cluster();
+    let etcd = PrivateEtcd::start(cluster);
+    let ds = EtcdDatastore::connect(&etcd_config(&[("ETCD_ENDPOINTS", &etcd.endpoint)])).await.expect("connects");
+    ds.create(Kind::IpamHandle, "kept", handle("kept")).await.unwrap();
+    let gone = ds.create(Kind::IpamHandle, "gone", handle("gone")).await.unwrap();
+    let mut stream = ds.watch(Kind::IpamHandle);
+    let (mut first, _) = next_list(&mut stream).await;
+    first.sort();
+    assert_eq!(first, ["gone", "kept"]);
+    // The stream is not polled: its watch opens only now, from the revision after its list,
+    // which the compaction below removes from etcd's history.
+    ds.delete(Kind::IpamHandle, "gone", &gone.exact()).await.unwrap();
+    let new = ds.create(Kind::IpamHandle, "new", handle("new")).await.unwrap();
+    etcd.ctl_ok(&["compact", &new.revision]);
+    let (mut relisted, before) = next_list(&mut stream).await;
+    relisted.sort();
+    assert_eq!(relisted, ["kept", "new"], "the relist is the truth: gone is gone");
+    assert!(before.iter().any(|e| matches!(e, WatchEvent::Error(f) if f.refused.is_none() && f.message.contains("compacted"))), "{before:?}");
+}
+
+#[tokio::test]
+async fn a_watch_resumes_after_an_etcd_restart_from_its_last_revision_without_a_relist() {
+    let cluster = shared_cluster();
+    let mut etcd = PrivateEtcd::start(cluster);
+    let ds = EtcdDatastore::connect(&etcd_config(&[("ETCD_ENDPOINTS", &etcd.endpoint)])).await.expect("connects");
+    ds.create(Kind::IpamHandle, "before", handle("before")).await.unwrap();
+    let mut stream = ds.watch(Kind::IpamHandle);
+    let (first, _) = next_list(&mut stream).await;
+    assert_eq!(first, ["before"]);
+    // Let the watch open, then take etcd away under it.
+    assert!(tokio::time::timeout(Duration::from_millis(700), stream.next()).await.is_err(), "nothing happened yet");
+    etcd.stop();
+    let err = ds.get(Kind::IpamHandle, "before").await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Transient, "{err}");
+    etcd.launch();
+    let after = ds.create(Kind::IpamHandle, "after", handle("after")).await.expect("etcd is back");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    loop {
+        assert!(Instant::now() < deadline, "no Apply of after within 30s: {seen:?}");
+        let event = tokio::time::timeout(Duration::from_secs(30), stream.next()).await.expect("an event").expect("the stream goes on");
+        match event {
+            WatchEvent::Apply(s) if s.name == "after" => {
+                assert_eq!(s.revision, after.revision);
+                break;
+            }
+            other => seen.push(other),
+        }
+    }
+    assert!(seen.iter().all(|e| matches!(e, WatchEvent::Error(f) if f.refused.is_none())), "only routine errors, no relist: {seen:?}");
+}
+
+#[tokio::test]
+async fn credentials_are_used_and_wrong_ones_are_refused_naming_the_settings() {
+    let cluster = shared_cluster();
+    let etcd = start_auth_etcd(cluster, "right-password");
+    let endpoint = etcd.endpoint.as_str();
+
+    let good = etcd_config(&[("ETCD_ENDPOINTS", endpoint), ("ETCD_USERNAME", "root"), ("ETCD_PASSWORD", "right-password")]);
+    let ds = EtcdDatastore::connect(&good).await.expect("the right password works");
+    let name = unique_name("auth-handle");
+    let body = json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "IPAMHandle", "metadata": {"name": name},
+                      "spec": {"handleID": name, "block": {"10.252.0.0/30": 1}, "deleted": false}});
+    let created = ds.create(Kind::IpamHandle, &name, body).await.expect("create with a token");
+    assert_eq!(ds.get(Kind::IpamHandle, &name).await.expect("get with a token").revision, created.revision);
+    // The token expires: the next call is refused once, renews it and goes through.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(ds.get(Kind::IpamHandle, &name).await.expect("get after the token expired").revision, created.revision);
+    let mut stream = ds.watch(Kind::IpamHandle);
+    let (listed, _) = next_list(&mut stream).await;
+    assert_eq!(listed, std::slice::from_ref(&name), "a watch with a renewed token");
+
+    let wrong = etcd_config(&[("ETCD_ENDPOINTS", endpoint), ("CALICO_ETCD_USERNAME", "root"), ("ETCD_PASSWORD", "wrong-password")]);
+    let err = EtcdDatastore::connect(&wrong).await.err().expect("the wrong password is refused");
+    assert_eq!(err.kind, ErrorKind::Invalid, "{err}");
+    assert!(err.message.contains("CALICO_ETCD_USERNAME=root") && err.message.contains("ETCD_PASSWORD"), "{err}");
+    assert!(!err.message.contains("wrong-password"), "the password is never shown: {err}");
+
+    let none = etcd_config(&[("ETCD_ENDPOINTS", endpoint)]);
+    let err = EtcdDatastore::connect(&none).await.err().expect("etcd wants a user");
+    assert!(err.message.contains("ETCD_USERNAME") && err.message.contains("ETCD_PASSWORD"), "{err}");
+}
+
+#[tokio::test]
+async fn lists_and_watches_page_through_more_keys_than_one_range_returns() {
+    let cluster = shared_cluster();
+    let etcd = PrivateEtcd::start(cluster);
+    let ds = EtcdDatastore::connect(&etcd_config(&[("ETCD_ENDPOINTS", &etcd.endpoint)])).await.expect("connects");
+    const N: usize = 1234; // more than two pages of 500
+    let began = Instant::now();
+    let creates = futures::stream::iter(0..N).map(|i| {
+        let ds = ds.clone();
+        async move {
+            let name = format!("k8s-pod-network.page-{i:05}");
+            ds.create(Kind::IpamHandle, &name, handle(&name)).await.map(|_| ())
+        }
+    });
+    let results: Vec<_> = creates.buffer_unordered(16).collect().await;
+    assert!(results.iter().all(Result::is_ok), "{:?}", results.iter().find(|r| r.is_err()));
+    eprintln!("{N} creates in {:.2} s (16 in flight)", began.elapsed().as_secs_f64());
+    // Keys around the handles that are no handles must not show up.
+    etcd.ctl_ok(&["put", "/calico/ipam/v2/handlez", "{}"]);
+    etcd.ctl_ok(&["put", "/calico/ipam/v2/host/n1", ""]);
+    let began = Instant::now();
+    let listed = ds.list(Kind::IpamHandle).await.expect("list");
+    eprintln!("list of {} handles in {:.3} s", listed.len(), began.elapsed().as_secs_f64());
+    assert_eq!(listed.len(), N);
+    let mut names: Vec<_> = listed.iter().map(|s| s.name.clone()).collect();
+    names.dedup();
+    assert_eq!(names.len(), N, "no key twice across pages");
+    let mut stream = ds.watch(Kind::IpamHandle);
+    let (watched, _) = next_list(&mut stream).await;
+    assert_eq!(watched.len(), N);
+    assert!(ds.list(Kind::BlockAffinity).await.expect("list affinities").is_empty(), "a host marker is no affinity");
+}
