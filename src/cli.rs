@@ -532,7 +532,7 @@ fn run_controller(a: RunArgs) -> anyhow::Result<i32> {
         Some(cfg) => {
             let ds = calico_kube_controllers::datastore::etcd::EtcdDatastore::new(cfg).map_err(|e| anyhow::anyhow!("etcd datastore: {}", e.message))?;
             tracing::info!(endpoints = %cfg.endpoints_setting.value, "Calico datastore: etcd v3 (pods, nodes and leader election stay in Kubernetes)");
-            tracing::warn!("etcd datastore: Calico node names are taken to be the Kubernetes node names (the orchRefs mapping is not implemented yet)");
+            tracing::info!("etcd datastore: a node missing from the Kubernetes Node cache is proven gone only through its Calico Node's k8s orchRef");
             Some(ds)
         }
         None => None,

@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 
 use super::etcd_layout::{self, candidate_keys, from_etcd_value, key_for_write, kind_range, parse_key, to_etcd_value};
 use super::watch::{WatchEvent, WatchFailure, WatchStream};
-use super::{Datastore, DatastoreError, DsResult, ErrorKind, Kind, Precondition, Stored};
+use super::{CalicoNodeView, Datastore, DatastoreError, DsResult, ErrorKind, Kind, Precondition, Stored};
 use crate::config::{EtcdConfig, Setting};
 
 /// Keys per range page while listing.
@@ -543,6 +543,22 @@ impl EtcdDatastore {
 }
 
 impl Datastore for EtcdDatastore {
+    async fn calico_node(&self, name: &str) -> DsResult<CalicoNodeView> {
+        if name.is_empty() || name.contains('/') {
+            return Err(DatastoreError::invalid(format!("{name:?} is not a Calico Node name")));
+        }
+        let key = format!("{}nodes/{name}", etcd_layout::RESOURCE_PREFIX);
+        let result = self.range_one(&key).await;
+        self.count("get", "nodes", 200, &result);
+        match result? {
+            None => Ok(CalicoNodeView::Missing),
+            Some(kv) => {
+                let body: Value = serde_json::from_slice(&kv.value).map_err(|e| DatastoreError::invalid(format!("Calico Node {name}: {e}")))?;
+                Ok(CalicoNodeView::of_node(&body))
+            }
+        }
+    }
+
     async fn get(&self, kind: Kind, name: &str) -> DsResult<Stored> {
         let result = self.get_inner(kind, name).await;
         self.count("get", kind.plural(), 200, &result);

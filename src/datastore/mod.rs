@@ -247,6 +247,14 @@ pub trait Datastore: Send + Sync {
     /// Deletes exactly this version of the object. For blocks, affinities and handles this is the
     /// KDD two-step: mark `spec.deleted` under CAS, then delete with revision and uid
     /// preconditions. An etcd backend, whose deletes are atomic, overrides it with one delete.
+    /// The Calico Node `name`, where the datastore keeps Calico Nodes apart from Kubernetes
+    /// (etcd). A node is proven gone only through what this says (see
+    /// [`CalicoNodeView::proof_target`]).
+    fn calico_node(&self, name: &str) -> impl Future<Output = DsResult<CalicoNodeView>> + Send {
+        let _ = name;
+        async { Ok(CalicoNodeView::NotKept) }
+    }
+
     fn soft_delete(&self, kind: Kind, object: &Stored) -> impl Future<Output = DsResult<()>> + Send {
         async move {
             if !kind.soft_deletes() {
@@ -256,6 +264,43 @@ pub trait Datastore: Send + Sync {
             let marked = self.update(kind, &marked).await?;
             self.delete(kind, &marked.name, &marked.exact()).await
         }
+    }
+}
+
+/// What a datastore holds about a Calico Node, for the proof that a node is gone (SPEC §9.3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CalicoNodeView {
+    /// The datastore keeps no Calico Nodes of its own (KDD: they are the Kubernetes Nodes).
+    NotKept,
+    /// No Calico Node of that name.
+    Missing,
+    /// The Calico Node exists; `k8s_node` is the Kubernetes node its `orchRefs` name for the
+    /// `k8s` orchestrator, `None` when it names none (not a Kubernetes node).
+    Present { k8s_node: Option<String> },
+}
+
+impl CalicoNodeView {
+    /// Which Kubernetes Node's NotFound proves the allocations' node `name` gone, or `None` when
+    /// nothing may: a Calico Node without a Kubernetes orchestrator reference is never taken as
+    /// deleted (as upstream, which leaves such nodes alone).
+    pub fn proof_target(&self, name: &str) -> Option<String> {
+        match self {
+            CalicoNodeView::NotKept | CalicoNodeView::Missing => Some(name.to_string()),
+            CalicoNodeView::Present { k8s_node } => k8s_node.clone(),
+        }
+    }
+
+    /// Reads the `k8s` orchestrator reference of a v3 Calico Node body.
+    pub fn of_node(body: &Value) -> CalicoNodeView {
+        let refs = body.pointer("/spec/orchRefs").and_then(Value::as_array);
+        let k8s_node = refs
+            .into_iter()
+            .flatten()
+            .find(|r| r.get("orchestrator").and_then(Value::as_str).is_some_and(|o| o.eq_ignore_ascii_case("k8s")))
+            .and_then(|r| r.get("nodeName").and_then(Value::as_str))
+            .filter(|n| !n.is_empty())
+            .map(str::to_string);
+        CalicoNodeView::Present { k8s_node }
     }
 }
 
@@ -313,6 +358,18 @@ mod tests {
         assert!(Kind::IpamHandle.soft_deletes() && !Kind::IpPool.soft_deletes());
         let plurals: std::collections::BTreeSet<_> = Kind::ALL.iter().map(|k| k.plural()).collect();
         assert_eq!(plurals.len(), Kind::ALL.len());
+    }
+
+    #[test]
+    fn a_calico_node_is_proven_gone_only_through_the_kubernetes_node_its_orch_ref_names() {
+        let node = |spec: serde_json::Value| CalicoNodeView::of_node(&json!({"metadata": {"name": "cn"}, "spec": spec}));
+        let mapped = node(json!({"orchRefs": [{"orchestrator": "openstack", "nodeName": "os-1"}, {"orchestrator": "k8s", "nodeName": "worker-1"}]}));
+        assert_eq!(mapped.proof_target("cn").as_deref(), Some("worker-1"));
+        for unmapped in [json!({}), json!({"orchRefs": []}), json!({"orchRefs": [{"orchestrator": "k8s", "nodeName": ""}]}), json!({"orchRefs": "bogus"})] {
+            assert_eq!(node(unmapped.clone()).proof_target("cn"), None, "{unmapped}");
+        }
+        assert_eq!(CalicoNodeView::Missing.proof_target("cn").as_deref(), Some("cn"));
+        assert_eq!(CalicoNodeView::NotKept.proof_target("cn").as_deref(), Some("cn"));
     }
 
     #[test]

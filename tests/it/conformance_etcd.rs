@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use calico_kube_controllers::config::{EnvConfig, EtcdConfig};
 use calico_kube_controllers::datastore::conformance::{Options, run_all, run_watch};
 use calico_kube_controllers::datastore::etcd::EtcdDatastore;
-use calico_kube_controllers::datastore::{Datastore, ErrorKind, Kind, WatchEvent};
+use calico_kube_controllers::datastore::{CalicoNodeView, Datastore, ErrorKind, Kind, WatchEvent};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
@@ -50,6 +50,40 @@ fn etcdctl_get(cluster: &TestCluster, key: &str) -> String {
         .expect("etcdctl runs");
     assert!(out.status.success(), "etcdctl get {key}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// `etcdctl put KEY VALUE` on the harness's Calico etcd.
+fn etcdctl_put(cluster: &TestCluster, key: &str, value: &str) {
+    let (endpoints, ca, cert, key_file) = harness(cluster);
+    let etcdctl = cluster.bin_dir().expect("harness bin dir").join("etcdctl");
+    let out = Command::new(etcdctl)
+        .args(["--endpoints", &endpoints, "--cacert", &ca, "--cert", &cert, "--key", &key_file, "put", key, value])
+        .env("ETCDCTL_API", "3")
+        .output()
+        .expect("etcdctl runs");
+    assert!(out.status.success(), "etcdctl put {key}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The node proof on etcd reads the Calico Node as calico/node writes it: its `k8s` orchRef
+/// names the Kubernetes Node to read; without one the node is never taken as deleted.
+#[tokio::test]
+async fn etcd_calico_nodes_name_the_kubernetes_node_that_proves_them_gone() {
+    let cluster = shared_cluster();
+    let ds = EtcdDatastore::connect(&tls_config(cluster)).await.expect("connects");
+    let prefix = "/calico/resources/v3/projectcalico.org/nodes/";
+    let mapped = r#"{"kind":"Node","apiVersion":"projectcalico.org/v3","metadata":{"name":"cn-mapped"},"spec":{"orchRefs":[{"orchestrator":"k8s","nodeName":"worker-1.example"}]}}"#;
+    let bare = r#"{"kind":"Node","apiVersion":"projectcalico.org/v3","metadata":{"name":"cn-bare"},"spec":{}}"#;
+    etcdctl_put(cluster, &format!("{prefix}cn-mapped"), mapped);
+    etcdctl_put(cluster, &format!("{prefix}cn-bare"), bare);
+    let mapped = ds.calico_node("cn-mapped").await.expect("read");
+    assert_eq!(mapped, CalicoNodeView::Present { k8s_node: Some("worker-1.example".into()) });
+    assert_eq!(mapped.proof_target("cn-mapped").as_deref(), Some("worker-1.example"));
+    let bare = ds.calico_node("cn-bare").await.expect("read");
+    assert_eq!(bare.proof_target("cn-bare"), None, "no Kubernetes orchestrator reference: never proven gone");
+    let missing = ds.calico_node("cn-missing").await.expect("read");
+    assert_eq!(missing, CalicoNodeView::Missing);
+    assert_eq!(missing.proof_target("cn-missing").as_deref(), Some("cn-missing"));
+    assert!(ds.calico_node("a/b").await.is_err(), "a name that is no key segment is refused");
 }
 
 #[tokio::test]

@@ -64,7 +64,8 @@ pub struct JobResult {
     pub fresh: BTreeMap<(String, String), Option<PodFacts>>,
     /// The nodes of `Job::prove_gone` that the read found deleted (NotFound). A node that was
     /// there, or whose read failed, is left out: it stays unproven and is read again next round.
-    pub nodes_gone: Vec<String>,
+    /// Each with the Kubernetes Node whose NotFound proved it.
+    pub nodes_gone: Vec<(String, String)>,
     pub calls: CallCounts,
 }
 
@@ -128,6 +129,9 @@ impl<D: Datastore> Datastore for Timed<'_, D> {
     }
     async fn delete(&self, kind: Kind, name: &str, precondition: &Precondition) -> DsResult<()> {
         self.tally.timed(self.timeout, || format!("delete {} {name}", kind.plural()), self.inner.delete(kind, name, precondition)).await
+    }
+    async fn calico_node(&self, name: &str) -> DsResult<crate::datastore::CalicoNodeView> {
+        self.tally.timed(self.timeout, || format!("get calico node {name}"), self.inner.calico_node(name)).await
     }
     /// The backend's own soft delete (two calls in KDD, one in etcd), under one timeout each
     /// step would have had.
@@ -227,9 +231,23 @@ async fn run_job<D: Datastore, C: ClusterReader>(ds: &D, cluster: &C, opts: &Exe
     }
     let mut nodes_gone = Vec::new();
     for name in job.prove_gone {
-        match tally.timed(opts.call_timeout, || format!("get nodes {name}"), cluster.get(ClusterKind::Node, "", &name)).await {
-            Err(e) if e.is_not_found() => nodes_gone.push(name),
-            Ok(_) => tracing::info!(node = %name, "node missing from the Node cache exists; its addresses are kept"),
+        // In etcd the allocations name Calico Nodes: the Kubernetes Node that proves one gone is
+        // the one its orchRef names (SPEC §9.3); in KDD they are one and the same.
+        let view = tally.timed(opts.call_timeout, || format!("get calico node {name}"), ds.calico_node(&name)).await;
+        let target = match view {
+            Ok(v) => v.proof_target(&name),
+            Err(e) => {
+                tracing::warn!(node = %name, error = %e, "Calico Node read failed; the node is not proven deleted");
+                continue;
+            }
+        };
+        let Some(k8s_name) = target else {
+            tracing::debug!(node = %name, "Calico Node without a Kubernetes orchestrator reference; never taken as deleted");
+            continue;
+        };
+        match tally.timed(opts.call_timeout, || format!("get nodes {k8s_name}"), cluster.get(ClusterKind::Node, "", &k8s_name)).await {
+            Err(e) if e.is_not_found() => nodes_gone.push((name, k8s_name)),
+            Ok(_) => tracing::info!(node = %name, kubernetes_node = %k8s_name, "node missing from the Node cache exists; its addresses are kept"),
             Err(e) => tracing::warn!(node = %name, error = %e, "node read failed; the node is not proven deleted"),
         }
     }

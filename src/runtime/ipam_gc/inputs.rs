@@ -65,9 +65,11 @@ pub struct GcInputs {
     pub kcc: Option<KubeControllersConfiguration>,
     pub ipam_config: Option<IpamConfig>,
     pub invalid: BTreeMap<(String, String), InvalidObject>,
-    /// Nodes a read found deleted (NotFound) while the Node cache lacked them; forgotten when the
-    /// Node watch delivers the name again. Only these absent nodes count as deleted.
-    pub proven_gone: BTreeSet<String>,
+    /// Nodes a read found deleted (NotFound) while the Node cache lacked them, each with the
+    /// Kubernetes Node whose NotFound proved it (the same name in KDD; in etcd the one the
+    /// Calico Node's orchRef names); forgotten when the Node watch delivers that Kubernetes name
+    /// again. Only these absent nodes count as deleted.
+    pub proven_gone: BTreeMap<String, String>,
     /// Blocks marked `deleted` and not deleted yet, by object name: the index ignores them, the
     /// leader finishes them, and no orphan handle is deleted while one is pending.
     soft_deleted: BTreeMap<String, SoftDeletedBlock>,
@@ -85,12 +87,17 @@ impl GcInputs {
 
     /// Remembers nodes a read found deleted, unless the watch delivered them meanwhile (the read
     /// answered before the node was created).
-    pub fn nodes_proven_gone(&mut self, names: impl IntoIterator<Item = String>) {
-        for name in names {
-            if !self.node_cached(&name) {
-                self.proven_gone.insert(name);
+    pub fn nodes_proven_gone(&mut self, proofs: impl IntoIterator<Item = (String, String)>) {
+        for (name, k8s_name) in proofs {
+            if !self.node_cached(&name) && !self.node_cached(&k8s_name) {
+                self.proven_gone.insert(name, k8s_name);
             }
         }
+    }
+
+    /// The nodes proven gone, for the pass.
+    pub fn proven_gone_names(&self) -> BTreeSet<String> {
+        self.proven_gone.keys().cloned().collect()
     }
 
     /// Every required source finished its first list: decisions may be made.
@@ -227,7 +234,8 @@ impl GcInputs {
             }
             Object::Node(n) => {
                 self.index.apply_node(&n);
-                self.proven_gone.remove(&n.metadata.name);
+                let name = &n.metadata.name;
+                self.proven_gone.retain(|node, k8s| node != name && k8s != name);
                 self.known.nodes.insert(n.metadata.name.clone());
                 n.metadata.name
             }
@@ -495,7 +503,7 @@ impl GcInputs {
                 return Err(format!("block {name} is both soft-deleted and live"));
             }
         }
-        if let Some(name) = self.proven_gone.iter().find(|n| self.node_cached(n)) {
+        if let Some((name, _)) = self.proven_gone.iter().find(|(n, k8s)| self.node_cached(n) || self.node_cached(k8s)) {
             return Err(format!("node {name} is proven gone but the Node cache holds it"));
         }
         if self.known.pools.keys().chain(self.known.reservations.keys()).any(String::is_empty) {

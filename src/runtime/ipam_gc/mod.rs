@@ -423,7 +423,7 @@ impl GcController {
             max_releases_per_pass: DEFAULT_MAX_RELEASES_PER_PASS,
             ip_cooldown: self.inputs.cooldown_secs() as Millis * 1000,
             revalidate_live: true,
-            node_proof: NodeProof::Proven(self.inputs.proven_gone.clone()),
+            node_proof: NodeProof::Proven(self.inputs.proven_gone_names()),
             guard: self.opts.env.guard,
             guard_approved: self.inputs.guard_approvals(),
             view_complete: self.inputs.decisions_waiting().is_empty(),

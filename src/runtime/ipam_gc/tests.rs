@@ -560,15 +560,31 @@
         let (mut c, _) = controller();
         list(&mut c, Source::Nodes, vec![node("n1")]);
         // A read that answered NotFound before the watch delivered the node proves nothing.
-        c.inputs.nodes_proven_gone(["n1".to_string(), "n2".to_string()]);
-        assert_eq!(c.inputs.proven_gone.iter().map(String::as_str).collect::<Vec<_>>(), vec!["n2"]);
+        c.inputs.nodes_proven_gone([("n1".to_string(), "n1".to_string()), ("n2".to_string(), "n2".to_string())]);
+        assert_eq!(c.inputs.proven_gone.keys().map(String::as_str).collect::<Vec<_>>(), vec!["n2"]);
         c.inputs.check_invariants().unwrap();
         c.handle(input(Source::Nodes, Change::Apply(node("n2"))));
         assert!(c.inputs.proven_gone.is_empty(), "the watch delivered n2 again");
         c.inputs.check_invariants().unwrap();
         // The invariant catches a proof of a node the cache holds.
-        c.inputs.proven_gone.insert("n1".into());
+        c.inputs.proven_gone.insert("n1".into(), "n1".into());
         assert!(c.inputs.check_invariants().unwrap_err().contains("n1"));
+    }
+
+    #[tokio::test]
+    async fn a_calico_node_proven_gone_through_its_kubernetes_node_is_forgotten_when_that_node_comes_back() {
+        let (mut c, _) = controller();
+        list(&mut c, Source::Nodes, vec![node("n1")]);
+        // etcd: the allocations name the Calico Node `calico-n2`, whose orchRef names `n2`.
+        c.inputs.nodes_proven_gone([("calico-n2".to_string(), "n2".to_string())]);
+        assert_eq!(c.inputs.proven_gone_names().into_iter().collect::<Vec<_>>(), vec!["calico-n2"]);
+        c.inputs.check_invariants().unwrap();
+        // The Kubernetes node is created again (same name): the old proof no longer holds.
+        c.handle(input(Source::Nodes, Change::Apply(node("n2"))));
+        assert!(c.inputs.proven_gone.is_empty(), "the watch delivered n2 again: {:?}", c.inputs.proven_gone);
+        // A NotFound that raced with the node's creation proves nothing either.
+        c.inputs.nodes_proven_gone([("calico-n2".to_string(), "n2".to_string())]);
+        assert!(c.inputs.proven_gone.is_empty());
     }
 
 
