@@ -55,6 +55,11 @@ async fn controller_with_the_deploy_service_account_needs_no_other_right_and_lis
         events.iter().any(|e| e.verb == "update" && e.resource == "ipamblocks" && e.code == 200),
         "the controller's block updates went through"
     );
+    // Both releases happened on one node within the series window: an Event, then a patch of its
+    // series, both allowed by deploy/base's ClusterRole.
+    let event_writes: Vec<_> = events.iter().filter(|e| e.resource == "events").map(|e| (e.verb.as_str(), e.code)).collect();
+    assert!(event_writes.contains(&("create", 201)), "the release Event was created: {event_writes:?}");
+    assert!(event_writes.contains(&("patch", 200)), "the second release patched its series: {event_writes:?}");
     let late_lists: Vec<_> = events.iter().filter(|e| e.verb == "list" && e.received_ms > synced_at).collect();
     assert!(late_lists.is_empty(), "LIST inside the steady-state loop: {late_lists:#?}");
     // With nothing to release, the loop reads nothing at all: no GET per pass. Only the Lease
