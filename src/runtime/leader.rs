@@ -118,7 +118,8 @@ pub struct LeaseRecord {
     pub transitions: i32,
 }
 
-/// A Lease as read, and when this replica first saw this version of it (its own clock).
+/// A Lease as read, and when this replica first saw this version of it (its own monotonic
+/// clock: a wall-clock step on this host neither ages nor freshens what it saw).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Observed {
     pub record: LeaseRecord,
@@ -133,16 +134,19 @@ pub enum Action {
     /// Write this record over the version read (a renewal, or a takeover of a free or expired
     /// Lease); a conflict means another replica wrote first.
     Update(LeaseRecord),
-    /// Another replica holds a live Lease; look again later.
-    Follow { holder: String, expires: Millis },
+    /// Another replica holds a live Lease; look again later. `expires_in`: how long until it
+    /// runs out unless renewed, by this replica's reckoning.
+    Follow { holder: String, expires_in: Millis },
 }
 
 /// The election's decision. A Lease held by someone else is expired only when both its
-/// `renewTime` and the moment this replica first saw that version lie more than its duration in
-/// the past. `renewTime` alone would let a replica whose clock runs ahead take over a live
-/// leader (client-go trusts only its own observation for that reason); requiring both costs a
-/// standby that has just started one lease duration of waiting at most.
-pub fn decide(observed: Option<&Observed>, me: &str, now: Millis, timing: &Timing) -> Action {
+/// `renewTime` (against our wall clock, `now`) and the moment this replica first saw that
+/// version (against our monotonic clock, `mono_now`) lie more than its duration in the past.
+/// `renewTime` alone would let a replica whose clock runs ahead, or is stepped forward, take
+/// over a live leader (client-go trusts only its own observation for that reason); requiring
+/// both costs a standby that has just started one lease duration of waiting at most. Records
+/// written carry wall time, as every replica reads them.
+pub fn decide(observed: Option<&Observed>, me: &str, now: Millis, mono_now: Millis, timing: &Timing) -> Action {
     let Some(o) = observed else {
         return Action::Create(LeaseRecord {
             holder: Some(me.to_string()),
@@ -161,7 +165,9 @@ pub fn decide(observed: Option<&Observed>, me: &str, now: Millis, timing: &Timin
             renewed: Some(now),
             transitions: record.transitions,
         }),
-        Some(holder) if now <= expires_at(o, timing) => Action::Follow { holder: holder.to_string(), expires: expires_at(o, timing) },
+        Some(holder) if expires_in(o, now, mono_now, timing) >= 0 => {
+            Action::Follow { holder: holder.to_string(), expires_in: expires_in(o, now, mono_now, timing) }
+        }
         // Free (released) or expired: take it over.
         _ => Action::Update(LeaseRecord {
             holder: Some(me.to_string()),
@@ -173,13 +179,16 @@ pub fn decide(observed: Option<&Observed>, me: &str, now: Millis, timing: &Timin
     }
 }
 
-/// When a Lease held by another replica runs out, by this replica's reckoning.
-fn expires_at(o: &Observed, timing: &Timing) -> Millis {
+/// How long until a Lease held by another replica runs out, by this replica's reckoning: the
+/// later of its last renewal (wall) and our first sight of this version (monotonic), each on
+/// its own clock. Negative once it ran out.
+fn expires_in(o: &Observed, now: Millis, mono_now: Millis, timing: &Timing) -> Millis {
     // A Lease without a duration is read with ours, as client-go reads a missing field as zero
     // but would then take over a live leader at once.
     let duration = if o.record.lease_seconds > 0 { Millis::from(o.record.lease_seconds) * 1000 } else { timing.lease };
-    let last_sign_of_life = o.record.renewed.or(o.record.acquired).unwrap_or(0).max(o.first_seen);
-    last_sign_of_life.saturating_add(duration)
+    let by_renewal = o.record.renewed.or(o.record.acquired).unwrap_or(0).saturating_add(duration).saturating_sub(now);
+    let by_observation = o.first_seen.saturating_add(duration).saturating_sub(mono_now);
+    by_renewal.max(by_observation)
 }
 
 /// Whether a leader whose last successful renewal was sent at `renewed` (monotonic clock) must
@@ -265,7 +274,7 @@ enum Attempt {
     /// We hold the Lease; the write was sent at this monotonic time.
     Holding { sent: Millis },
     /// Another replica holds the Lease until `expires` (wall clock) unless it renews.
-    Following { holder: String, expires: Millis },
+    Following { holder: String, expires_in: Millis },
     /// Another replica wrote the Lease between our read and our write.
     LostRace,
 }
@@ -321,11 +330,11 @@ impl Campaign {
                     followed = None;
                     self.set_leading(true, "acquired the Lease");
                 }
-                Some(Ok(Ok(Attempt::Following { holder, expires }))) => {
+                Some(Ok(Ok(Attempt::Following { holder, expires_in }))) => {
                     renewed = None;
                     // Look again right after the Lease would run out rather than up to a retry
                     // period later: a dead leader is replaced that much sooner.
-                    wait = (expires - now_millis() + 1).clamp(1, timing.retry_period);
+                    wait = (expires_in + 1).clamp(1, timing.retry_period);
                     self.set_leading(false, "another replica holds the Lease");
                     if followed.as_deref() != Some(&holder) {
                         tracing::info!(leader = %holder, "following");
@@ -395,13 +404,13 @@ impl Campaign {
             let version = l.metadata.resource_version.clone().unwrap_or_default();
             let first_seen = match seen {
                 Some(s) if s.version == version => s.first_seen,
-                _ => now,
+                _ => mono_now,
             };
             *seen = Some(Seen { version, first_seen });
             Observed { record: record_of(l), first_seen }
         });
-        let written = match (decide(observed.as_ref(), &self.opts.identity, now, &self.opts.timing), lease) {
-            (Action::Follow { holder, expires }, _) => return Ok(Attempt::Following { holder, expires }),
+        let written = match (decide(observed.as_ref(), &self.opts.identity, now, mono_now, &self.opts.timing), lease) {
+            (Action::Follow { holder, expires_in }, _) => return Ok(Attempt::Following { holder, expires_in }),
             (Action::Create(record), _) => {
                 let lease = Lease {
                     metadata: ObjectMeta { name: Some(LEASE_NAME.into()), namespace: Some(self.opts.namespace.clone()), ..Default::default() },
@@ -480,27 +489,27 @@ mod tests {
 
     #[test]
     fn a_missing_lease_is_created_held_by_us_with_no_transitions() {
-        let Action::Create(r) = decide(None, ME, NOW, &Timing::default()) else { panic!("expected Create") };
+        let Action::Create(r) = decide(None, ME, NOW, NOW, &Timing::default()) else { panic!("expected Create") };
         assert_eq!(r, LeaseRecord { holder: Some(ME.into()), lease_seconds: 10, acquired: Some(NOW), renewed: Some(NOW), transitions: 0 });
     }
 
     #[test]
     fn a_released_lease_is_taken_at_once_and_counts_a_transition() {
         let o = Observed { record: released(&held_by("replica-b", NOW, NOW).record, NOW), first_seen: NOW };
-        let Action::Update(r) = decide(Some(&o), ME, NOW, &Timing::default()) else { panic!("expected Update") };
+        let Action::Update(r) = decide(Some(&o), ME, NOW, NOW, &Timing::default()) else { panic!("expected Update") };
         assert_eq!((r.holder.as_deref(), r.transitions, r.acquired), (Some(ME), 4, Some(NOW)));
     }
 
     #[test]
     fn a_live_lease_of_another_replica_is_not_taken() {
         let o = held_by("replica-b", NOW - 9_000, NOW - 9_000);
-        assert_eq!(decide(Some(&o), ME, NOW, &Timing::default()), Action::Follow { holder: "replica-b".into(), expires: NOW + 1_000 });
+        assert_eq!(decide(Some(&o), ME, NOW, NOW, &Timing::default()), Action::Follow { holder: "replica-b".into(), expires_in: 1_000 });
     }
 
     #[test]
     fn an_expired_lease_is_taken_over_with_transitions_plus_one() {
         let o = held_by("replica-b", NOW - 10_001, NOW - 10_001);
-        let Action::Update(r) = decide(Some(&o), ME, NOW, &Timing::default()) else { panic!("expected Update") };
+        let Action::Update(r) = decide(Some(&o), ME, NOW, NOW, &Timing::default()) else { panic!("expected Update") };
         assert_eq!(r, LeaseRecord { holder: Some(ME.into()), lease_seconds: 10, acquired: Some(NOW), renewed: Some(NOW), transitions: 4 });
     }
 
@@ -509,20 +518,32 @@ mod tests {
         // A standby that just started, or whose clock runs ahead of the leader's: the renewal
         // looks old, but this replica has not watched the Lease stay still for a full duration.
         let o = held_by("replica-b", NOW - 600_000, NOW - 2_000);
-        assert!(matches!(decide(Some(&o), ME, NOW, &Timing::default()), Action::Follow { .. }));
-        assert!(matches!(decide(Some(&o), ME, NOW + 8_001, &Timing::default()), Action::Update(_)));
+        assert!(matches!(decide(Some(&o), ME, NOW, NOW, &Timing::default()), Action::Follow { .. }));
+        assert!(matches!(decide(Some(&o), ME, NOW + 8_001, NOW + 8_001, &Timing::default()), Action::Update(_)));
+    }
+
+    #[test]
+    fn a_wall_clock_stepped_forward_here_never_takes_over_a_live_lease() {
+        // The leader renewed 2 s ago and we saw that version 2 s ago; then this host's wall clock
+        // jumps an hour ahead: by renewTime the Lease looks long dead, by our own observation it
+        // is not, and it is not taken.
+        let o = held_by("replica-b", NOW - 2_000, NOW - 2_000);
+        let stepped = NOW + 3_600_000;
+        assert!(matches!(decide(Some(&o), ME, stepped, NOW, &Timing::default()), Action::Follow { expires_in: 8_000, .. }));
+        // A full duration of our own observation later, with the leader silent, it is.
+        assert!(matches!(decide(Some(&o), ME, stepped + 8_001, NOW + 8_001, &Timing::default()), Action::Update(_)));
     }
 
     #[test]
     fn a_renew_time_ahead_of_our_clock_delays_the_takeover() {
         let o = held_by("replica-b", NOW + 5_000, NOW - 20_000);
-        assert!(matches!(decide(Some(&o), ME, NOW, &Timing::default()), Action::Follow { .. }));
+        assert!(matches!(decide(Some(&o), ME, NOW, NOW, &Timing::default()), Action::Follow { .. }));
     }
 
     #[test]
     fn our_own_lease_is_renewed_keeping_acquire_time_and_transitions() {
         let o = held_by(ME, NOW - 2_000, NOW - 2_000);
-        let Action::Update(r) = decide(Some(&o), ME, NOW, &Timing::default()) else { panic!("expected Update") };
+        let Action::Update(r) = decide(Some(&o), ME, NOW, NOW, &Timing::default()) else { panic!("expected Update") };
         assert_eq!(r, LeaseRecord { holder: Some(ME.into()), lease_seconds: 10, acquired: Some(NOW - 62_000), renewed: Some(NOW), transitions: 3 });
     }
 
@@ -530,7 +551,7 @@ mod tests {
     fn our_own_lease_is_renewed_even_after_it_expired() {
         // Same pod name after a container restart: the Lease is still ours.
         let o = held_by(ME, NOW - 60_000, NOW - 60_000);
-        let Action::Update(r) = decide(Some(&o), ME, NOW, &Timing::default()) else { panic!("expected Update") };
+        let Action::Update(r) = decide(Some(&o), ME, NOW, NOW, &Timing::default()) else { panic!("expected Update") };
         assert_eq!(r.transitions, 3);
     }
 
