@@ -248,7 +248,10 @@ pub fn scan_dump(dump: &mut DumpContents, now: Millis, opts: &ScanOptions) -> Re
         }
     };
     let nodes_missing = live_nodes_missing(&index);
-    if !nodes_missing.is_empty() && !opts.allow_partial_nodes {
+    // A live scan listed the Nodes itself, completely: pods on a node that is gone (the pod GC
+    // not done yet) are a real state there, not a sign of a partial dump. Their nodes are still
+    // judged live below.
+    if !nodes_missing.is_empty() && !opts.allow_partial_nodes && !dump.read_live {
         let named = nodes_named_by_live_pods(&index).len();
         if nodes_missing.len() as f64 * 100.0 > opts.missing_nodes_percent * named as f64 {
             return Err(ScanRefused::PartialNodes {
@@ -905,6 +908,16 @@ mod tests {
         assert!(free_ips(&r).is_empty());
         let r = scan_text(&nodes_dump(10, 12), &ScanOptions { missing_nodes_percent: 20.0, ..ScanOptions::default() });
         assert!(r.is_ok());
+    }
+
+    #[test]
+    fn a_live_scan_is_never_refused_as_partial_and_still_judges_the_missing_nodes_live() {
+        // The scan listed the Nodes itself: pods on deleted nodes are real, not a partial dump.
+        let mut d = read_bytes("dump.json", nodes_dump(10, 12).as_bytes()).unwrap();
+        d.read_live = true;
+        let r = scan_dump(&mut d, NOW, &ScanOptions::default()).expect("a live scan is not refused");
+        assert_eq!(r.nodes_missing_from_dump, ["n10", "n11"]);
+        assert!(free_ips(&r).is_empty(), "their pods' addresses stay in use");
     }
 
     #[test]
