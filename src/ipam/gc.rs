@@ -327,14 +327,6 @@ fn leaks_on_cached_facts(index: &IpamIndex, g: Gid) -> bool {
     leaks(Proof::Complete) || (!index.node_exists(a.node) && leaks(Proof::NoneProven))
 }
 
-/// `small ∩ big`, in time linear in `small`'s containers (each looked up in `big`), where
-/// `&small & &big` walks the containers of both.
-fn within(small: &RoaringBitmap, big: &RoaringBitmap) -> RoaringBitmap {
-    let mut r = small.clone();
-    r &= big;
-    r
-}
-
 /// The blocks of `blocks` that still hold an address once `releases` are done: any used ordinal
 /// that is neither released in this pass nor one of Calico's Windows-reserved addresses (a block
 /// holding only those is empty to the IPAM library). Cooling-down ordinals count as used.
@@ -517,13 +509,7 @@ impl GcState {
         // The refreshed cache holds every allocation's verdict on cached facts, so a pass only
         // re-judges the suspects (for their reasons) and the KubeVirt allocations (whose facts
         // arrive with the pass): O(suspects), not O(allocations).
-        // A dirty pass intersects its small examined set with each (never the other way round,
-        // which would walk every container of the larger bitmap): O(dirty), not O(cluster).
-        let to_judge = if full {
-            &(&self.suspects | index.vm_allocations()) & examined
-        } else {
-            within(examined, &self.suspects) | within(examined, index.vm_allocations())
-        };
+        let to_judge = &(&self.suspects | index.vm_allocations()) & examined;
         let verdicts: Vec<(Gid, LeakReason)> = to_judge
             .iter()
             .filter_map(|g| {
@@ -541,7 +527,7 @@ impl GcState {
         }
         // Valid allocations lose any leak state ("resurrected").
         // Tracked leaks that were examined and are no longer garbage: ((tracked ∩ examined) − leaks).
-        let revived = if full { &(&self.tracked & examined) - &leak_bm } else { &within(examined, &self.tracked) - &leak_bm };
+        let revived = &(&self.tracked & examined) - &leak_bm;
         for g in revived.iter() {
             self.forget(g);
         }
