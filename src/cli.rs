@@ -197,6 +197,9 @@ struct SimulateArgs {
     /// Timed repetitions per stage; the report gives medians.
     #[arg(long, default_value_t = 5)]
     repeats: usize,
+    /// Timed dirty passes of 10 nodes; the report gives their median and p99.
+    #[arg(long = "dirty-samples", default_value_t = calico_kube_controllers::sim::DEFAULT_DIRTY_SAMPLES)]
+    dirty_samples: usize,
 }
 
 /// The arguments as clap should see them: upstream's images call this program by other names,
@@ -463,6 +466,7 @@ fn simulate(a: SimulateArgs) -> anyhow::Result<i32> {
         output: if a.output == Output::Json { sim::OutputFormat::Json } else { sim::OutputFormat::Table },
         write_dump: a.write_dump,
         repeats: a.repeats,
+        dirty_samples: a.dirty_samples,
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();

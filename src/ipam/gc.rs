@@ -412,16 +412,21 @@ impl GcState {
         self.confirmed.contains(g)
     }
 
-    /// Forgets tracked allocations that no longer exist or were reallocated.
-    fn prune(&mut self, index: &IpamIndex) {
-        let gone = &self.tracked - index.allocated();
-        let mut stale: Vec<Gid> = gone.iter().collect();
-        for (g, t) in &self.leaks {
-            if let Some(a) = index.alloc(*g)
-                && identity(a) != t.identity {
-                    stale.push(*g);
-                }
-        }
+    /// Forgets tracked allocations that no longer exist or were reallocated. Only allocations the
+    /// index recorded as changed since the last pass (`changed`) can be either: a leak is tracked
+    /// with its identity of that pass, and a new identity or a gid no longer allocated is a change
+    /// of its block entry, which the index records. So this costs O(changed), not O(tracked);
+    /// `check_invariants` verifies the premise.
+    fn prune(&mut self, index: &IpamIndex, changed: &RoaringBitmap) {
+        let mut candidates = changed.clone();
+        candidates &= &self.tracked;
+        let stale: Vec<Gid> = candidates
+            .iter()
+            .filter(|g| match (index.alloc(*g), self.leaks.get(g)) {
+                (Some(a), Some(t)) => identity(a) != t.identity,
+                _ => true,
+            })
+            .collect();
         for g in stale {
             self.forget(g);
         }
@@ -438,18 +443,22 @@ impl GcState {
     /// allocated and re-judges every allocation the index recorded as changed since the last
     /// refresh (every allocation, the first time). Only `pass` calls it, so "recorded as changed"
     /// also means "changed since the last pass", which `check_invariants` relies on.
-    fn refresh_verdicts(&mut self, index: &mut IpamIndex) {
+    ///
+    /// Returns the allocations re-judged. A suspect no longer allocated is among them (the index
+    /// records a gid that stops being allocated), so removing them drops it: no pass over every
+    /// allocation.
+    fn refresh_verdicts(&mut self, index: &mut IpamIndex) -> RoaringBitmap {
         let mut changed = index.take_changed_allocations();
         if !self.verdicts_primed {
             changed |= index.allocated();
             self.verdicts_primed = true;
         }
-        self.suspects &= index.allocated();
         // `changed` iterates in order, so the re-judged leaks build a bitmap without searching.
         let leaks = RoaringBitmap::from_sorted_iter(changed.iter().filter(|g| leaks_on_cached_facts(index, *g)))
             .expect("a roaring bitmap iterates in order");
         self.suspects -= &changed;
         self.suspects |= leaks;
+        changed
     }
 
     /// One GC pass: classify the scope, advance leak states, and plan releases (SPEC §5.4 order:
@@ -469,9 +478,10 @@ impl GcState {
         // Every duration below is measured on the monotonic reading; only the cooldown compares
         // with wall timestamps written into blocks.
         let now = time.mono;
-        self.refresh_verdicts(index);
+        let changed = self.refresh_verdicts(index);
         let index: &IpamIndex = index;
-        self.prune(index);
+        self.prune(index, &changed);
+        drop(changed);
         let proven: RoaringBitmap;
         let proof = match &cfg.node_proof {
             NodeProof::AbsenceIsProof => Proof::Complete,
@@ -929,7 +939,13 @@ impl GcState {
         if self.reasons.len() != self.leaks.len() || self.reasons.keys().any(|g| !self.leaks.contains_key(g)) {
             return Err("reasons and leaks disagree".into());
         }
+        let pending = index.changed_allocations();
         for (g, t) in &self.leaks {
+            if index.alloc(*g).is_none_or(|a| identity(a) != t.identity) && !pending.contains(*g) {
+                // `prune` looks only at recorded changes: a leak gone or reallocated unrecorded
+                // would be kept.
+                return Err(format!("tracked allocation {g} is gone or reallocated, and the index has not recorded it as changed"));
+            }
             if let Some(a) = index.alloc(*g) {
                 if identity(a) != t.identity {
                     // Allowed only until the next prune; a pass always prunes first.

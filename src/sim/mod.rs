@@ -49,6 +49,8 @@ pub const GRACE: Millis = crate::model::config::DEFAULT_LEAK_GRACE;
 const MAX_DRAIN_PASSES: usize = 200;
 /// Nodes in the timed incremental pass.
 const DIRTY_NODES: usize = 10;
+/// Timed dirty passes (of `DIRTY_NODES` nodes) by default: enough for a p99.
+pub const DEFAULT_DIRTY_SAMPLES: usize = 200;
 
 #[derive(Debug, Clone)]
 pub struct SimOptions {
@@ -62,11 +64,13 @@ pub struct SimOptions {
     pub write_dump: Option<PathBuf>,
     /// Runs per timed stage; the median is reported.
     pub repeats: usize,
+    /// Timed dirty passes of 10 nodes (at least `repeats`); the median and p99 are reported.
+    pub dirty_samples: usize,
 }
 
 impl Default for SimOptions {
     fn default() -> Self {
-        SimOptions { nodes: 100, pods_per_node: 30, leak_fraction: 0.02, seed: 1, output: OutputFormat::Table, write_dump: None, repeats: 5 }
+        SimOptions { nodes: 100, pods_per_node: 30, leak_fraction: 0.02, seed: 1, output: OutputFormat::Table, write_dump: None, repeats: 5, dirty_samples: DEFAULT_DIRTY_SAMPLES }
     }
 }
 
@@ -226,6 +230,17 @@ pub fn sync_index(ds: &MemoryDatastore, index: &mut IpamIndex) -> Result<(), Sim
         }
     }
     Ok(())
+}
+
+/// The nearest-rank `q` quantile (0 < q <= 1) of `samples`; 0 when there are none.
+fn quantile(samples: &[f64], q: f64) -> f64 {
+    let mut v = samples.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return 0.0;
+    }
+    let rank = (q * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
 }
 
 fn median(samples: &[f64]) -> f64 {
@@ -398,22 +413,32 @@ pub fn check_run(run: &PipelineRun) -> Result<CheckReport, SimError> {
     Ok(report)
 }
 
-/// Stage timings on the finished pipeline's steady state: full pass, dirty pass of 10 nodes.
-fn steady_state_timings(run: &mut PipelineRun, repeats: usize) -> (Vec<f64>, Vec<f64>) {
+/// Stage timings on the finished pipeline's steady state: `repeats` full passes, each followed by
+/// a dirty pass of `DIRTY_NODES` nodes, then more dirty passes until there are `dirty_samples`.
+fn steady_state_timings(run: &mut PipelineRun, repeats: usize, dirty_samples: usize) -> (Vec<f64>, Vec<f64>) {
     let mut full = Vec::new();
     let mut dirty = Vec::new();
     let nodes: BTreeSet<Box<str>> = run.cluster.nodes.iter().take(DIRTY_NODES).map(|n| n.metadata.name.as_str().into()).collect();
     let fresh = BTreeMap::new();
-    for k in 0..repeats.max(1) {
-        let now = run.now + 1_000 * (k as Millis + 1);
+    let mut now = run.now;
+    let dirty_pass = |run: &mut PipelineRun, now: Millis, dirty: &mut Vec<f64>| {
+        let scope = Scope::Dirty(nodes.clone());
+        let started = Instant::now();
+        let plan = run.gc.pass(&mut run.index, now, &run.cfg, &scope, None, &fresh);
+        dirty.push(ms(started));
+        drop(plan);
+    };
+    for _ in 0..repeats.max(1) {
+        now += 1_000;
         let started = Instant::now();
         let plan = run.gc.pass(&mut run.index, now, &run.cfg, &Scope::Full, None, &fresh);
         full.push(ms(started));
         drop(plan);
-        let started = Instant::now();
-        let plan = run.gc.pass(&mut run.index, now, &run.cfg, &Scope::Dirty(nodes.clone()), None, &fresh);
-        dirty.push(ms(started));
-        drop(plan);
+        dirty_pass(run, now, &mut dirty);
+    }
+    while dirty.len() < dirty_samples {
+        now += 1_000;
+        dirty_pass(run, now, &mut dirty);
     }
     (full, dirty)
 }
@@ -475,7 +500,7 @@ pub fn run(opts: &SimOptions, out: &mut dyn Write) -> Result<SimSummary, SimErro
     let (execute_samples, execute_released) = execute_timings(&cluster, opts.repeats)?;
     let mut run = run_pipeline(cluster, opts.repeats)?;
     let check = check_run(&run)?;
-    let (full, dirty) = steady_state_timings(&mut run, opts.repeats);
+    let (full, dirty) = steady_state_timings(&mut run, opts.repeats, opts.dirty_samples);
     let stages = vec![
         report::StageTiming::new("index build (reset)", &run.build_samples),
         report::StageTiming::new("full pass (steady state)", &full),

@@ -10,7 +10,7 @@ use super::*;
 use crate::datastore::Kind;
 
 fn small(seed: u64) -> SimOptions {
-    SimOptions { nodes: 20, pods_per_node: 10, leak_fraction: 0.05, seed, output: OutputFormat::Json, write_dump: None, repeats: 1 }
+    SimOptions { nodes: 20, pods_per_node: 10, leak_fraction: 0.05, seed, output: OutputFormat::Json, write_dump: None, repeats: 1, dirty_samples: 1 }
 }
 
 fn category_counts(r: &SimReport) -> Vec<(&'static str, usize, usize, usize)> {
