@@ -20,7 +20,7 @@ use roaring::RoaringBitmap;
 
 use super::intern::{FastMap, Interner, Sym};
 use crate::model::block::{Affinity, BlockView, WINDOWS_RESERVED_HANDLE};
-use crate::model::names::{affinity_name, handle_object_name, ip_sort_key, ip_to_ordinal, ordinal_to_ip, sanitize_handle};
+use crate::model::names::{affinity_name, handle_object_name, is_handle_object_name, ip_sort_key, ip_to_ordinal, ordinal_to_ip, sanitize_handle};
 use crate::model::time::{parse_rfc3339, Millis};
 use crate::model::{BlockAffinity, InvalidObject, IpamBlock, IpamHandle, NodeLite, PodFacts, PodPhase};
 
@@ -358,6 +358,9 @@ pub struct IpamIndex {
     odd_handle_tokens: FastMap<Sym, (Box<str>, Box<str>)>,
     dirty_nodes: BTreeSet<Box<str>>,
     full_scan_requested: bool,
+    /// Set while [`IpamIndex::reset`] loads a whole snapshot: it ends in a full scan with every
+    /// allocation recorded as changed, so no node is marked dirty and no gid recorded on the way.
+    bulk_loading: bool,
     pub coverage: PodCoverage,
 }
 
@@ -497,6 +500,10 @@ impl IpamIndex {
     }
 
     fn pod_facts_changed(&mut self, slot: u32) {
+        if self.bulk_loading {
+            // Every allocation is recorded as changed at the end of the load.
+            return;
+        }
         let gids = self.pods[slot as usize].allocs.as_slice();
         self.changed.extend(gids.iter().copied());
     }
@@ -512,7 +519,7 @@ impl IpamIndex {
         (std::mem::take(&mut self.dirty_nodes), std::mem::take(&mut self.full_scan_requested))
     }
     pub fn mark_dirty(&mut self, node: &str) {
-        if !node.is_empty() && !self.dirty_nodes.contains(node) {
+        if !node.is_empty() && !self.bulk_loading && !self.dirty_nodes.contains(node) {
             self.dirty_nodes.insert(node.into());
         }
     }
@@ -527,7 +534,11 @@ impl IpamIndex {
 
     /// Adds or replaces a block. A soft-deleted block (`deleted: true`) is treated as gone.
     pub fn apply_block(&mut self, block: &IpamBlock) -> Result<(), InvalidObject> {
-        let view = BlockView::from_block(block)?;
+        self.apply_block_view(&BlockView::from_block(block)?)
+    }
+
+    fn apply_block_view(&mut self, view: &BlockView<'_>) -> Result<(), InvalidObject> {
+        let block = view.block;
         if block.spec.deleted {
             self.delete_block(&view.cidr);
             return Ok(());
@@ -552,7 +563,7 @@ impl IpamIndex {
                 s
             }
         };
-        let new_entry = self.build_entry(&view, slot);
+        let new_entry = self.build_entry(view, slot);
         let old = self.blocks[slot as usize].take();
         if let Some(old) = &old {
             self.unlink_block(slot, old, Some(&new_entry));
@@ -562,7 +573,9 @@ impl IpamIndex {
             }
         }
         self.link_block(slot, &new_entry);
-        self.changed.extend(new_entry.allocs.iter().map(|a| gid(slot, u32::from(a.ordinal))));
+        if !self.bulk_loading {
+            self.changed.extend(new_entry.allocs.iter().map(|a| gid(slot, u32::from(a.ordinal))));
+        }
         self.blocks[slot as usize] = Some(new_entry);
         if let Some(old) = old {
             self.release_entry_refs(slot, &old);
@@ -583,7 +596,7 @@ impl IpamIndex {
     }
 
     fn mark_dirty_sym(&mut self, node: Sym) {
-        if !node.is_none() {
+        if !node.is_none() && !self.bulk_loading {
             let name = self.strings.resolve(node);
             if !self.dirty_nodes.contains(name) {
                 let boxed: Box<str> = name.into();
@@ -604,6 +617,8 @@ impl IpamIndex {
         let mut used = 0u32;
         let mut earliest: Option<Millis> = None;
         let mut cooling = Vec::new();
+        let mut last_ns: (&str, Sym) = ("", Sym::NONE);
+        let mut last_node: (&str, Sym) = ("", Sym::NONE);
         for s in view.slots() {
             used += 1;
             let attr = s.attribute;
@@ -629,7 +644,9 @@ impl IpamIndex {
             } else {
                 AllocKind::Unknown
             };
-            let namespace = self.strings.intern(ns);
+            // A block's addresses mostly share a node and often a namespace: the previous
+            // address's symbol is reused (one more reference) when the string repeats.
+            let namespace = self.intern_repeated(&mut last_ns, ns);
             let pod_sym = self.strings.intern(pod);
             let pod_slot = if kind == AllocKind::Pod { self.pod_slot_ref(namespace, pod_sym, gid(slot, s.ordinal)) } else { NO_POD };
             allocs.push(Alloc {
@@ -638,7 +655,7 @@ impl IpamIndex {
                 handle: self.strings.intern(handle),
                 namespace,
                 pod: pod_sym,
-                node: self.strings.intern(attr.attr("node").unwrap_or("")),
+                node: self.intern_repeated(&mut last_node, attr.attr("node").unwrap_or("")),
                 alloc_type: self.strings.intern(typ),
                 vmi: self.strings.intern(attr.attr("vmi-name").unwrap_or("")),
                 vm: attr.has_attr("vmi-name"),
@@ -657,6 +674,17 @@ impl IpamIndex {
             earliest_release: earliest,
             cooling,
         }
+    }
+
+    /// Interns `s`, reusing `last`'s symbol when `s` is the string interned just before.
+    fn intern_repeated<'s>(&mut self, last: &mut (&'s str, Sym), s: &'s str) -> Sym {
+        if !last.1.is_none() && last.0 == s {
+            self.strings.retain(last.1);
+            return last.1;
+        }
+        let sym = self.strings.intern(s);
+        *last = (s, sym);
+        sym
     }
 
     fn release_entry_refs(&mut self, slot: u32, e: &BlockEntry) {
@@ -857,7 +885,7 @@ impl IpamIndex {
             } else {
                 self.live_gids.remove(g)
             };
-            if flipped && self.allocated.contains(g) {
+            if flipped && !self.bulk_loading && self.allocated.contains(g) {
                 self.changed.insert(g);
             }
         }
@@ -1020,8 +1048,8 @@ impl IpamIndex {
         if id.is_empty() {
             return Err(InvalidObject::new(crate::model::handle::KIND, name, "spec.handleID is empty"));
         }
-        let expected = handle_object_name(id);
-        if name != expected {
+        if !is_handle_object_name(name, id) {
+            let expected = handle_object_name(id);
             return Err(InvalidObject::new(
                 crate::model::handle::KIND,
                 name,
@@ -1091,20 +1119,28 @@ impl IpamIndex {
         *self = IpamIndex::new();
         self.coverage = coverage;
         self.changed = changed;
-        let mut invalid: Vec<InvalidObject> = snap
-            .blocks
-            .par_iter()
-            .filter_map(|b| BlockView::from_block(b).err())
-            .collect();
+        self.bulk_loading = true;
+        // Sizes known up front: each handle, pod and node brings about one new string.
+        self.strings.reserve(snap.handles.len() + snap.pods.len() + snap.nodes.len());
+        self.pods.reserve(snap.pods.len());
+        self.pod_by_key.reserve(snap.pods.len());
+        self.by_handle.reserve(snap.handles.len());
+        self.handles.reserve(snap.handles.len());
+        // Validation is the part of a block's load that needs no index: done in parallel, once.
+        let views: Vec<Result<BlockView<'_>, InvalidObject>> = snap.blocks.par_iter().map(BlockView::from_block).collect();
+        let mut invalid = Vec::new();
         for n in snap.nodes {
             self.apply_node(n);
         }
+        // Blocks before pods: a pod's IP then lands straight on its block's ordinal instead of
+        // waiting in `live_unplaced` for the block.
+        for view in views {
+            if let Err(e) = view.and_then(|v| self.apply_block_view(&v)) {
+                invalid.push(e);
+            }
+        }
         for p in snap.pods {
             self.apply_pod(p);
-        }
-        for b in snap.blocks {
-            // Already validated above; a failure here is reported once.
-            let _ = self.apply_block(b);
         }
         for a in snap.affinities {
             if let Err(e) = self.apply_affinity(a) {
@@ -1116,6 +1152,10 @@ impl IpamIndex {
                 invalid.push(e);
             }
         }
+        // Every allocation of the new state is new to the GC's verdict cache: recorded at once.
+        self.changed |= &self.allocated;
+        self.bulk_loading = false;
+        debug_assert!(self.dirty_nodes.is_empty(), "a bulk load marks no node dirty");
         self.dirty_nodes.clear();
         self.full_scan_requested = true;
         self.strings.shrink_to_fit();
@@ -1156,6 +1196,9 @@ impl IpamIndex {
     /// Cross-checks every map against the blocks and pods they are derived from. Tests, property
     /// tests and fuzz targets call this after every mutation.
     pub fn check_invariants(&self) -> Result<(), String> {
+        if self.bulk_loading {
+            return Err("bulk_loading is set outside reset: dirty marks would be lost".into());
+        }
         self.strings.check_invariants()?;
         let mut allocated = RoaringBitmap::new();
         let mut by_node: HashMap<Sym, RoaringBitmap> = HashMap::new();

@@ -113,7 +113,11 @@ impl Interner {
         if s.is_empty() {
             return Some(Sym::NONE);
         }
-        match self.by_hash.get(&hash_str(s)) {
+        self.lookup_hashed(s, hash_str(s))
+    }
+
+    fn lookup_hashed(&self, s: &str, h: u64) -> Option<Sym> {
+        match self.by_hash.get(&h) {
             Some(&id) if self.resolve(Sym(id)) == s => Some(Sym(id)),
             Some(_) => self.collided.get(s).map(|&id| Sym(id)),
             None => None,
@@ -125,7 +129,8 @@ impl Interner {
         if s.is_empty() {
             return Sym::NONE;
         }
-        if let Some(sym) = self.lookup(s) {
+        let h = hash_str(s);
+        if let Some(sym) = self.lookup_hashed(s, h) {
             self.refs[sym.0 as usize] += 1;
             return sym;
         }
@@ -148,13 +153,19 @@ impl Interner {
                 (self.spans.len() - 1) as u32
             }
         };
-        let h = hash_str(s);
         if let std::collections::hash_map::Entry::Vacant(e) = self.by_hash.entry(h) {
             e.insert(id);
         } else {
             self.collided.insert(s.into(), id);
         }
         Sym(id)
+    }
+
+    /// Makes room for `additional` more strings, so a bulk load does not rehash its way up.
+    pub fn reserve(&mut self, additional: usize) {
+        self.by_hash.reserve(additional);
+        self.spans.reserve(additional);
+        self.refs.reserve(additional);
     }
 
     /// Takes another reference on an interned symbol.

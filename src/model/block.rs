@@ -206,10 +206,22 @@ impl<'a> BlockView<'a> {
     /// Every allocated ordinal in ascending order.
     pub fn slots(&self) -> impl Iterator<Item = SlotRef<'a>> + '_ {
         let spec = &self.block.spec;
+        // The per-ordinal sequence numbers are keyed by decimal strings: read them once per
+        // block (sorted by ordinal) and walk them beside the ordinals, rather than formatting and
+        // looking up a key for every address.
+        let seqs = sequence_table(spec);
+        let mut next = 0usize;
         spec.allocations.iter().enumerate().filter_map(move |(ordinal, slot)| {
             let attribute = &spec.attributes[(*slot)? as usize];
             let ordinal = ordinal as u32;
-            Some(SlotRef { ordinal, attribute, sequence: sequence_for(spec, ordinal) })
+            while next < seqs.len() && seqs[next].0 < ordinal {
+                next += 1;
+            }
+            let sequence = match seqs.get(next) {
+                Some(&(o, seq)) if o == ordinal => seq,
+                _ => 0,
+            };
+            Some(SlotRef { ordinal, attribute, sequence })
         })
     }
 
@@ -221,6 +233,24 @@ impl<'a> BlockView<'a> {
 
 pub(crate) fn sequence_for(spec: &IpamBlockSpec, ordinal: u32) -> u64 {
     spec.sequence_number_for_allocation.get(&ordinal.to_string()).copied().unwrap_or(0)
+}
+
+/// `sequenceNumberForAllocation` as (ordinal, sequence) pairs sorted by ordinal. Only keys that
+/// are an ordinal's canonical decimal form count, as [`sequence_for`]'s exact lookup has it
+/// (`"07"` or `"+7"` is not ordinal 7).
+pub(crate) fn sequence_table(spec: &IpamBlockSpec) -> Vec<(u32, u64)> {
+    let mut table: Vec<(u32, u64)> = spec
+        .sequence_number_for_allocation
+        .iter()
+        .filter(|(k, _)| canonical_ordinal(k))
+        .filter_map(|(k, v)| Some((k.parse::<u32>().ok()?, *v)))
+        .collect();
+    table.sort_unstable_by_key(|e| e.0);
+    table
+}
+
+fn canonical_ordinal(k: &str) -> bool {
+    !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()) && (k == "0" || !k.starts_with('0'))
 }
 
 /// calicoctl's `ipam check` block rules (SPEC §7.1 step 8), plus the structural ones of
@@ -296,6 +326,29 @@ pub(crate) mod tests {
             },
             "status": {"future": true}
         })
+    }
+
+    proptest::proptest! {
+        /// The sorted sequence table walked beside the ordinals gives what an exact lookup of each
+        /// ordinal's decimal key gives, whatever keys the map holds (non-canonical ones included).
+        #[test]
+        fn slot_sequences_match_the_exact_key_lookup(
+            allocated in proptest::collection::vec(proptest::bool::ANY, 64),
+            keys in proptest::collection::vec(("[+0]?[0-9]{1,2}|x|", 0u64..1000), 0..40),
+        ) {
+            let mut block: IpamBlock = serde_json::from_value(sample_block()).unwrap();
+            block.metadata.name = "10-0-0-0-26".into();
+            block.spec.cidr = "10.0.0.0/26".into();
+            block.spec.allocations = allocated.iter().map(|&a| if a { Some(0) } else { None }).collect();
+            block.spec.sequence_number_for_allocation = keys.into_iter().collect();
+            let view = BlockView::from_block(&block).unwrap();
+            let got: Vec<(u32, u64)> = view.slots().map(|s| (s.ordinal, s.sequence)).collect();
+            let want: Vec<(u32, u64)> = (0..64u32)
+                .filter(|&o| allocated[o as usize])
+                .map(|o| (o, sequence_for(&block.spec, o)))
+                .collect();
+            proptest::prop_assert_eq!(got, want);
+        }
     }
 
     #[test]

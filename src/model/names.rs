@@ -41,9 +41,30 @@ pub fn handle_object_name(handle_id: &str) -> String {
     sanitize_handle(handle_id).to_lowercase()
 }
 
+/// Whether `name` is [`handle_object_name`] of `handle_id`, without building that name (a bulk
+/// load checks every handle).
+pub fn is_handle_object_name(name: &str, handle_id: &str) -> bool {
+    // The common case, checked without branching per byte: the name is the ID itself and the ID
+    // is already a lowercase DNS name (so sanitizing and lowercasing leave it as it is).
+    if name == handle_id
+        && name.bytes().fold(true, |ok, b| ok & matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.'))
+    {
+        return true;
+    }
+    let id = sanitize_handle(handle_id);
+    if id.is_ascii() {
+        name.len() == id.len() && name.bytes().zip(id.bytes()).all(|(n, i)| n == i.to_ascii_lowercase())
+    } else {
+        name == id.to_lowercase()
+    }
+}
+
 /// The IPAM library drops anything from a carriage return on (old CNI versions wrote `\r\n`).
 pub fn sanitize_handle(handle_id: &str) -> &str {
-    handle_id.split('\r').next().unwrap_or("")
+    match handle_id.bytes().position(|b| b == b'\r') {
+        Some(cut) => &handle_id[..cut],
+        None => handle_id,
+    }
 }
 
 /// Number of addresses in a block, if the block is small enough to be a Calico block (at most 4096:
@@ -95,6 +116,22 @@ pub fn workload_endpoint_name(node: &str, pod: &str, endpoint: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// The allocation-free check agrees with building the name, for ASCII, non-ASCII and
+        /// carriage-return-suffixed IDs.
+        #[test]
+        fn is_handle_object_name_agrees_with_handle_object_name(
+            id in "[a-zA-Z0-9.\\-\r\n\u{e9}\u{130}]{0,12}",
+            other in "[a-z0-9.\\-\u{e9}]{0,12}",
+        ) {
+            let expected = handle_object_name(&id);
+            proptest::prop_assert!(is_handle_object_name(&expected, &id));
+            proptest::prop_assert_eq!(is_handle_object_name(&other, &id), other == expected);
+            let upper = expected.to_uppercase();
+            proptest::prop_assert_eq!(is_handle_object_name(&upper, &id), upper == expected);
+        }
+    }
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()
