@@ -147,7 +147,14 @@ ensure_tools() {
       export GOTOOLCHAIN=local GOFLAGS="-trimpath -mod=readonly" CGO_ENABLED=0
       set -x
       cd "$cluster_src/tools/helm"
-      go build -ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" -o "$tmp/helm" helm.sh/helm/v3/cmd/helm
+      # As helm's Makefile stamps them: its version, and the Kubernetes version of its client-go
+      # (the default for .Capabilities and lint's deprecation checks; else v1.20).
+      k8s_minor="$(sed -n 's/^[[:space:]]*k8s.io\/client-go v0\.\([0-9]*\)\..*/\1/p' go.mod)"
+      hflags="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+      for pkg in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+        hflags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$k8s_minor"
+      done
+      go build -ldflags="$hflags" -o "$tmp/helm" helm.sh/helm/v3/cmd/helm
       cd "$cluster_src/tools/promtool"
       go build -ldflags='-s -w' -o "$tmp/promtool" github.com/prometheus/prometheus/cmd/promtool
       cd "$cluster_src/tools/monitoring-crds"
