@@ -21,9 +21,9 @@ use calico_kube_controllers::datastore::etcd::EtcdDatastore;
 use calico_kube_controllers::datastore::{Datastore, Kind};
 
 use crate::support::audit;
-use crate::support::ipam::{Alloc, affinity_object, block_object, handle_object, pod_attrs};
 use crate::support::cluster::{TestCluster, private_cluster, shared_cluster};
 use crate::support::controller::{NODE, free_port, http_get, setup, start_controller_with, wait_for};
+use crate::support::ipam::{Alloc, affinity_object, block_object, handle_object, pod_attrs};
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/helm/calico-kube-controllers");
@@ -85,7 +85,12 @@ fn kubectl(cluster: &TestCluster, args: &[&str], input: Option<&str>, what: &str
 
 /// The API server accepts every object (admission, schema, the CRDs' validation), writing nothing.
 fn accepted(cluster: &TestCluster, yaml: &str, what: &str) {
-    let out = kubectl(cluster, &["apply", "--server-side", "--force-conflicts", "--dry-run=server", "-o", "name", "-f", "-"], Some(yaml), &format!("applying {what}"));
+    let out = kubectl(
+        cluster,
+        &["apply", "--server-side", "--force-conflicts", "--dry-run=server", "-o", "name", "-f", "-"],
+        Some(yaml),
+        &format!("applying {what}"),
+    );
     let applied = out.lines().count();
     assert_eq!(applied, objects(yaml).len(), "{what}: every object applied: {out}");
 }
@@ -97,7 +102,15 @@ fn install_monitoring_crds(cluster: &TestCluster) {
     kubectl(cluster, &["apply", "--server-side", "-f", &dir], None, "installing the prometheus-operator CRDs");
     kubectl(
         cluster,
-        &["wait", "--for", "condition=Established", "--timeout", "60s", "crd/servicemonitors.monitoring.coreos.com", "crd/prometheusrules.monitoring.coreos.com"],
+        &[
+            "wait",
+            "--for",
+            "condition=Established",
+            "--timeout",
+            "60s",
+            "crd/servicemonitors.monitoring.coreos.com",
+            "crd/prometheusrules.monitoring.coreos.com",
+        ],
         None,
         "waiting for the prometheus-operator CRDs",
     );
@@ -137,34 +150,42 @@ const VALUE_SETS: &[(&str, &[&str], Check)] = &[
         let role = find(o, "ClusterRole", "calico-kube-controllers").expect("the ClusterRole");
         assert!(!role.to_string().contains("crd.projectcalico.org"), "no Calico CRDs on etcd: {role}");
     }),
-    ("tls and exec probes", &[
-        "metrics.tls.enabled=true",
-        "metrics.tls.secretName=calico-kube-controllers-metrics-tls",
-        "metrics.tls.clientCommonName=calico-node-prometheus-client-tls",
-        "probes.type=exec",
-        "monitoring.serviceMonitor.enabled=true",
-        "monitoring.serviceMonitor.tlsConfig.serverName=calico-kube-controllers-metrics",
-    ], |o| {
-        let d = find(o, "Deployment", "calico-kube-controllers").expect("the Deployment");
-        let c = &d["spec"]["template"]["spec"]["containers"][0];
-        assert_eq!(env_value(c, "TLS_CRT_PATH").as_deref(), Some("/metrics-tls/tls.crt"));
-        assert_eq!(env_value(c, "TLS_KEY_PATH").as_deref(), Some("/metrics-tls/tls.key"));
-        assert_eq!(env_value(c, "CLIENT_COMMON_NAME").as_deref(), Some("calico-node-prometheus-client-tls"));
-        assert_eq!(env_value(c, "CA_CRT_PATH").as_deref(), Some("/metrics-tls/ca.crt"));
-        assert_eq!(c["readinessProbe"]["exec"]["command"], json!(["/usr/bin/check-status", "-r"]));
-        assert_eq!(c["livenessProbe"]["exec"]["command"], json!(["/usr/bin/check-status", "-l"]));
-        let sm = find(o, "ServiceMonitor", "calico-kube-controllers").expect("the ServiceMonitor");
-        assert_eq!(sm["spec"]["endpoints"][0]["scheme"], "https");
-    }),
-    ("leak-scan to a ConfigMap, monitoring", &["leakScan.enabled=true", "monitoring.serviceMonitor.enabled=true", "monitoring.prometheusRule.enabled=true"], |o| {
-        let job = find(o, "CronJob", "calico-kube-controllers-leak-scan").expect("the CronJob");
-        let c = &job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0];
-        let args: Vec<&str> = c["args"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
-        assert!(args.contains(&"--report-configmap=kube-system/calico-ipam-leak-report") && args.contains(&"--leaks-exit-code=0"), "{args:?}");
-        assert!(find(o, "Role", "calico-kube-controllers-leak-report").is_some());
-        assert!(find(o, "PersistentVolumeClaim", "calico-kube-controllers-leak-report").is_none());
-        assert!(find(o, "PrometheusRule", "calico-kube-controllers").is_some());
-    }),
+    (
+        "tls and exec probes",
+        &[
+            "metrics.tls.enabled=true",
+            "metrics.tls.secretName=calico-kube-controllers-metrics-tls",
+            "metrics.tls.clientCommonName=calico-node-prometheus-client-tls",
+            "probes.type=exec",
+            "monitoring.serviceMonitor.enabled=true",
+            "monitoring.serviceMonitor.tlsConfig.serverName=calico-kube-controllers-metrics",
+        ],
+        |o| {
+            let d = find(o, "Deployment", "calico-kube-controllers").expect("the Deployment");
+            let c = &d["spec"]["template"]["spec"]["containers"][0];
+            assert_eq!(env_value(c, "TLS_CRT_PATH").as_deref(), Some("/metrics-tls/tls.crt"));
+            assert_eq!(env_value(c, "TLS_KEY_PATH").as_deref(), Some("/metrics-tls/tls.key"));
+            assert_eq!(env_value(c, "CLIENT_COMMON_NAME").as_deref(), Some("calico-node-prometheus-client-tls"));
+            assert_eq!(env_value(c, "CA_CRT_PATH").as_deref(), Some("/metrics-tls/ca.crt"));
+            assert_eq!(c["readinessProbe"]["exec"]["command"], json!(["/usr/bin/check-status", "-r"]));
+            assert_eq!(c["livenessProbe"]["exec"]["command"], json!(["/usr/bin/check-status", "-l"]));
+            let sm = find(o, "ServiceMonitor", "calico-kube-controllers").expect("the ServiceMonitor");
+            assert_eq!(sm["spec"]["endpoints"][0]["scheme"], "https");
+        },
+    ),
+    (
+        "leak-scan to a ConfigMap, monitoring",
+        &["leakScan.enabled=true", "monitoring.serviceMonitor.enabled=true", "monitoring.prometheusRule.enabled=true"],
+        |o| {
+            let job = find(o, "CronJob", "calico-kube-controllers-leak-scan").expect("the CronJob");
+            let c = &job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0];
+            let args: Vec<&str> = c["args"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+            assert!(args.contains(&"--report-configmap=kube-system/calico-ipam-leak-report") && args.contains(&"--leaks-exit-code=0"), "{args:?}");
+            assert!(find(o, "Role", "calico-kube-controllers-leak-report").is_some());
+            assert!(find(o, "PersistentVolumeClaim", "calico-kube-controllers-leak-report").is_none());
+            assert!(find(o, "PrometheusRule", "calico-kube-controllers").is_some());
+        },
+    ),
     ("leak-scan to a PVC on etcd", &["datastore=etcdv3", "leakScan.enabled=true", "leakScan.storage=pvc", "gc.leakGracePeriodSeconds=600"], |o| {
         let job = find(o, "CronJob", "calico-kube-controllers-leak-scan").expect("the CronJob");
         let spec = &job["spec"]["jobTemplate"]["spec"]["template"]["spec"];
@@ -176,21 +197,41 @@ const VALUE_SETS: &[(&str, &[&str], Check)] = &[
         let args = d["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
         assert!(args.contains("--leak-grace-period=600s"), "{args}");
     }),
-    ("dry run beside upstream", &["name=calico-kube-controllers-dryrun", "gc.dryRun=true", "monitoring.prometheusRule.enabled=true", "image.digest=sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"], |o| {
-        let d = find(o, "Deployment", "calico-kube-controllers-dryrun").expect("the Deployment under its own name");
-        assert_eq!(d["spec"]["selector"]["matchLabels"]["k8s-app"], "calico-kube-controllers-dryrun");
-        let c = &d["spec"]["template"]["spec"]["containers"][0];
-        assert!(c["args"].as_array().unwrap().contains(&json!("--dry-run")));
-        assert!(c["image"].as_str().unwrap().contains("@sha256:"), "pulled by digest");
-        assert!(o.iter().all(|x| x["metadata"]["name"].as_str().is_some_and(|n| n.starts_with("calico-kube-controllers-dryrun"))), "no object of upstream's name");
-        assert!(find(o, "Role", "calico-kube-controllers-dryrun-leader-election").is_none(), "a dry run holds no Lease");
-        let rules = find(o, "PrometheusRule", "calico-kube-controllers-dryrun").expect("the rules").to_string();
-        assert!(!rules.contains("CalicoKubeControllersNoLeader"), "no leader alert for a dry run");
-        assert!(rules.contains(r#"job=\"calico-kube-controllers-dryrun\""#), "its own job: {rules}");
-    }),
+    (
+        "dry run beside upstream",
+        &[
+            "name=calico-kube-controllers-dryrun",
+            "gc.dryRun=true",
+            "monitoring.prometheusRule.enabled=true",
+            "image.digest=sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        ],
+        |o| {
+            let d = find(o, "Deployment", "calico-kube-controllers-dryrun").expect("the Deployment under its own name");
+            assert_eq!(d["spec"]["selector"]["matchLabels"]["k8s-app"], "calico-kube-controllers-dryrun");
+            let c = &d["spec"]["template"]["spec"]["containers"][0];
+            assert!(c["args"].as_array().unwrap().contains(&json!("--dry-run")));
+            assert!(c["image"].as_str().unwrap().contains("@sha256:"), "pulled by digest");
+            assert!(
+                o.iter().all(|x| x["metadata"]["name"].as_str().is_some_and(|n| n.starts_with("calico-kube-controllers-dryrun"))),
+                "no object of upstream's name"
+            );
+            assert!(find(o, "Role", "calico-kube-controllers-dryrun-leader-election").is_none(), "a dry run holds no Lease");
+            let rules = find(o, "PrometheusRule", "calico-kube-controllers-dryrun").expect("the rules").to_string();
+            assert!(!rules.contains("CalicoKubeControllersNoLeader"), "no leader alert for a dry run");
+            assert!(rules.contains(r#"job=\"calico-kube-controllers-dryrun\""#), "its own job: {rules}");
+        },
+    ),
 ];
 
-const OVERLAYS: &[&str] = &["deploy/base", "deploy/overlays/kdd", "deploy/overlays/etcd", "deploy/overlays/exec-probes", "deploy/monitoring", "deploy/leak-scan/configmap", "deploy/leak-scan/pvc"];
+const OVERLAYS: &[&str] = &[
+    "deploy/base",
+    "deploy/overlays/kdd",
+    "deploy/overlays/etcd",
+    "deploy/overlays/exec-probes",
+    "deploy/monitoring",
+    "deploy/leak-scan/configmap",
+    "deploy/leak-scan/pvc",
+];
 
 #[tokio::test]
 async fn every_overlay_and_chart_value_set_renders_lints_clean_and_is_accepted_by_the_api_server() {
@@ -225,8 +266,16 @@ async fn every_overlay_and_chart_value_set_renders_lints_clean_and_is_accepted_b
 
     // The overlays' roles are the chart's: one set of rules per datastore.
     let rules = |yaml: &str| find(&objects(yaml), "ClusterRole", "calico-kube-controllers").expect("the ClusterRole")["rules"].clone();
-    assert_eq!(rules(&kustomize(&cluster, "deploy/overlays/kdd")), rules(&helm_template(&cluster, &[])), "deploy/base/rbac.yaml and the chart's kubernetes rules differ");
-    assert_eq!(rules(&kustomize(&cluster, "deploy/overlays/etcd")), rules(&helm_template(&cluster, &["datastore=etcdv3"])), "overlays/etcd and the chart's etcdv3 rules differ");
+    assert_eq!(
+        rules(&kustomize(&cluster, "deploy/overlays/kdd")),
+        rules(&helm_template(&cluster, &[])),
+        "deploy/base/rbac.yaml and the chart's kubernetes rules differ"
+    );
+    assert_eq!(
+        rules(&kustomize(&cluster, "deploy/overlays/etcd")),
+        rules(&helm_template(&cluster, &["datastore=etcdv3"])),
+        "overlays/etcd and the chart's etcdv3 rules differ"
+    );
 
     // The generated kustomize copies are the chart's current output.
     let out = tmp_dir("render");
@@ -304,7 +353,8 @@ fn dashboard_queries() -> Vec<(String, String)> {
 }
 
 /// PromQL's aggregation operators, which may stand before `by (…)` instead of their `(`.
-const AGGREGATIONS: &[&str] = &["sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values", "bottomk", "topk", "quantile", "limitk", "limit_ratio"];
+const AGGREGATIONS: &[&str] =
+    &["sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values", "bottomk", "topk", "quantile", "limitk", "limit_ratio"];
 
 /// Metric names in a PromQL expression: identifiers that are not functions, keywords, label
 /// names (inside `{…}`, `by (…)`, `on(…)`) or durations.
@@ -350,7 +400,12 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
                 let keyword = matches!(word.as_str(), "by" | "on" | "without" | "ignoring" | "group_left" | "group_right");
                 if keyword {
                     label_list = next == Some('(');
-                } else if depth_braces == 0 && !label_list && next != Some('(') && !matches!(word.as_str(), "and" | "or" | "unless" | "bool" | "offset") && !AGGREGATIONS.contains(&word.as_str()) {
+                } else if depth_braces == 0
+                    && !label_list
+                    && next != Some('(')
+                    && !matches!(word.as_str(), "and" | "or" | "unless" | "bool" | "offset")
+                    && !AGGREGATIONS.contains(&word.as_str())
+                {
                     names.insert(word);
                 }
             }
@@ -409,7 +464,11 @@ async fn dashboard_queries_parse_and_rules_and_dashboard_name_only_metrics_a_run
     let records: Vec<Value> = queries.iter().enumerate().map(|(i, (_, e))| json!({"record": format!("dashboard:query_{i}"), "expr": e})).collect();
     let dir = tmp_dir("dashboard");
     std::fs::write(dir.join("dashboard.yaml"), serde_json::to_vec_pretty(&json!({"groups": [{"name": "dashboard", "rules": records}]})).unwrap()).unwrap();
-    run(Command::new(tool(&cluster, "promtool")).args(["check", "rules"]).arg(dir.join("dashboard.yaml")), None, "promtool check rules (the dashboard's queries)");
+    run(
+        Command::new(tool(&cluster, "promtool")).args(["check", "rules"]).arg(dir.join("dashboard.yaml")),
+        None,
+        "promtool check rules (the dashboard's queries)",
+    );
 
     let mut used = BTreeSet::new();
     for (what, expr) in queries.iter().chain(alerts(&rule_file(&cluster, &[])).iter()) {
@@ -544,7 +603,10 @@ async fn the_charts_roles_are_sufficient_and_minimal_on_both_datastores_and_for_
     let mut scan_grants = granted(&kdd, "ClusterRole", "calico-kube-controllers-leak-scan");
     scan_grants.extend(granted(&kdd, "Role", "calico-kube-controllers-leak-report"));
     unused_report.extend(scan_grants.difference(&scan_used).filter(|p| !listed.contains(*p)).map(|p| format!("kubernetes leak scan: {p}")));
-    assert!(scan_grants.iter().all(|p| p.starts_with("list ") || p == "patch configmaps"), "the scan's roles read only (and patch their report): {scan_grants:?}");
+    assert!(
+        scan_grants.iter().all(|p| p.starts_with("list ") || p == "patch configmaps"),
+        "the scan's roles read only (and patch their report): {scan_grants:?}"
+    );
 
     // --- etcd: the chart's etcdv3 roles replace the kubernetes ones; Calico's data in etcd.
     let etcd_yaml = helm_template(&cluster, &["datastore=etcdv3", "leakScan.enabled=true"]);
@@ -552,13 +614,25 @@ async fn the_charts_roles_are_sufficient_and_minimal_on_both_datastores_and_for_
     let etcd = objects(&etcd_yaml);
     let ce = cluster.calico_etcd.clone().expect("the harness's Calico etcd");
     let (ca, cert, key) = (ce.ca_cert.display().to_string(), ce.client_cert.display().to_string(), ce.client_key.display().to_string());
-    let env = [("DATASTORE_TYPE", "etcdv3"), ("ETCD_ENDPOINTS", ce.endpoints.as_str()), ("ETCD_CA_CERT_FILE", ca.as_str()), ("ETCD_CERT_FILE", cert.as_str()), ("ETCD_KEY_FILE", key.as_str())];
+    let env = [
+        ("DATASTORE_TYPE", "etcdv3"),
+        ("ETCD_ENDPOINTS", ce.endpoints.as_str()),
+        ("ETCD_CA_CERT_FILE", ca.as_str()),
+        ("ETCD_CERT_FILE", cert.as_str()),
+        ("ETCD_KEY_FILE", key.as_str()),
+    ];
     let etcd_fixture = EtcdLeak::plant(&env).await;
     let etcd_from = audit::now_ms();
     let (code, stderr) = leak_scan(&scanner_kc, &["--report-configmap=kube-system/calico-ipam-leak-report"], &env);
     assert_eq!(code, 0, "{stderr}");
     let port = free_port();
-    let controller = start_controller_with(&controller_kc, &[], &[&[("POD_NAMESPACE", "kube-system"), ("POD_NAME", "ckc-chart-etcd")][..], &env[..]].concat(), port, "chart-etcd");
+    let controller = start_controller_with(
+        &controller_kc,
+        &[],
+        &[&[("POD_NAMESPACE", "kube-system"), ("POD_NAME", "ckc-chart-etcd")][..], &env[..]].concat(),
+        port,
+        "chart-etcd",
+    );
     etcd_fixture.wait_freed().await;
     let ready = wait_for("readiness 200 on etcd", || async { http_get(port, "/readiness").await.filter(|r| r.0 == 200) }).await;
     assert_eq!(ready.0, 200, "{}", controller.log_text());
@@ -579,7 +653,10 @@ async fn the_charts_roles_are_sufficient_and_minimal_on_both_datastores_and_for_
     scan_grants.extend(granted(&etcd, "Role", "calico-kube-controllers-leak-report"));
     unused_report.extend(scan_grants.difference(&etcd_scan_used).filter(|p| !listed.contains(*p)).map(|p| format!("etcdv3 leak scan: {p}")));
 
-    assert!(unused_report.is_empty(), "granted but neither used by these runs nor listed in deploy/README.md (\"The roles, rule by rule\"): {unused_report:#?}");
+    assert!(
+        unused_report.is_empty(),
+        "granted but neither used by these runs nor listed in deploy/README.md (\"The roles, rule by rule\"): {unused_report:#?}"
+    );
 }
 
 /// A gone pod's address on the live node `n1`, in the harness's Calico etcd.
@@ -615,5 +692,18 @@ impl EtcdLeak {
             (block.value["spec"]["allocations"][3].is_null() && handle_gone).then_some(())
         })
         .await;
+    }
+}
+
+#[test]
+fn leak_scan_refuses_a_report_configmap_that_is_not_namespace_slash_name() {
+    for bad in ["calico-ipam-leak-report", "/x", "kube-system/", "a/b/c"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_calico-kube-controllers"))
+            .args(["leak-scan", "--from-dump", "/nonexistent", "--report-configmap", bad])
+            .output()
+            .expect("running leak-scan");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {stderr}");
+        assert!(stderr.contains("expected NAMESPACE/NAME"), "{bad}: {stderr}");
     }
 }
