@@ -6,6 +6,7 @@
 #   test-cluster.sh env DIR                        print `export KUBECONFIG=...` and `export ETCD_ENDPOINTS=...`
 #   test-cluster.sh restart DIR apiserver|etcd|calico-etcd   stop and start one component, same data and ports
 #   test-cluster.sh build                          build (or reuse) the binaries, then the tools; prints both directories
+#   test-cluster.sh build-tools                    build (or reuse) only helm, promtool and the monitoring CRDs
 #
 # A cluster is: one etcd for kube-apiserver (plain HTTP on loopback), kube-apiserver (TLS, client
 # certificates, Node+RBAC, service-account tokens, audit log), the Calico CRDs, and a second etcd
@@ -156,7 +157,9 @@ ensure_tools() {
       done
       go build -ldflags="$hflags" -o "$tmp/helm" helm.sh/helm/v3/cmd/helm
       cd "$cluster_src/tools/promtool"
-      go build -ldflags='-s -w' -o "$tmp/promtool" github.com/prometheus/prometheus/cmd/promtool
+      # remove_all_sd: no service-discovery plugins (cloud SDKs, a Kubernetes client); rule
+      # checks and rule tests need none, and they are most of promtool's build.
+      go build -tags remove_all_sd -ldflags='-s -w' -o "$tmp/promtool" github.com/prometheus/prometheus/cmd/promtool
       cd "$cluster_src/tools/monitoring-crds"
       crds="$(go mod download -json "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" |
         sed -n 's/.*"Dir": "\(.*\)".*/\1/p')"
@@ -645,6 +648,7 @@ case "$verb" in
   env) cmd_env "$@" ;;
   restart) cmd_restart "$@" ;;
   build) ensure_bins && ensure_tools ;;
+  build-tools) ensure_tools ;;
   _watchdog) watchdog "$@" ;;
-  *) die "usage: test-cluster.sh start DIR [--owner-pid PID] | stop DIR | env DIR | restart DIR apiserver|etcd|calico-etcd | build" ;;
+  *) die "usage: test-cluster.sh start DIR [--owner-pid PID] | stop DIR | env DIR | restart DIR apiserver|etcd|calico-etcd | build | build-tools" ;;
 esac
