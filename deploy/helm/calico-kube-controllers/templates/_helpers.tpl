@@ -1,6 +1,6 @@
 {{/* Labels every object carries; the selector stays upstream's (k8s-app), so this Deployment can replace upstream's in place. */}}
 {{- define "ckc.labels" -}}
-k8s-app: calico-kube-controllers
+k8s-app: {{ include "ckc.name" . }}
 app.kubernetes.io/name: calico-kube-controllers
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
@@ -65,7 +65,7 @@ node,loadbalancer
 - name: etcd-certs
   secret:
     secretName: {{ .Values.etcd.secretName }}
-    defaultMode: 0440
+    defaultMode: 288  # 0440; decimal, since YAML 1.1 and 1.2 read a leading 0 differently
 {{- end -}}
 
 {{- define "ckc.containerSecurityContext" -}}
