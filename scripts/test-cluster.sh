@@ -5,7 +5,8 @@
 #   test-cluster.sh stop DIR                       stop the processes started for DIR (nothing else)
 #   test-cluster.sh env DIR                        print `export KUBECONFIG=...` and `export ETCD_ENDPOINTS=...`
 #   test-cluster.sh restart DIR apiserver|etcd|calico-etcd   stop and start one component, same data and ports
-#   test-cluster.sh build                          build (or reuse) the binaries; prints their directory
+#   test-cluster.sh build                          build (or reuse) the binaries, then the tools; prints both directories
+#   test-cluster.sh build-tools                    build (or reuse) only helm, promtool and the monitoring CRDs
 #
 # A cluster is: one etcd for kube-apiserver (plain HTTP on loopback), kube-apiserver (TLS, client
 # certificates, Node+RBAC, service-account tokens, audit log), the Calico CRDs, and a second etcd
@@ -25,7 +26,9 @@
 #
 # With --owner-pid PID (or CKC_TEST_OWNER_PID), a watchdog stops the cluster when PID exits, however
 # it exits (panic, SIGKILL). Binaries are built from tests/cluster/ once per version set and cached in
-# ${XDG_CACHE_HOME:-$HOME/.cache}/calico-kube-controllers/bin-<key>/; DIR/bin links to them.
+# ${XDG_CACHE_HOME:-$HOME/.cache}/calico-kube-controllers/bin-<key>/; DIR/bin links to them. The
+# deploy/ tests' tools (helm, promtool; the prometheus-operator CRDs in DIR/monitoring-crds) are
+# built from tests/cluster/tools/ into .../tools-<key>/ and linked the same way.
 #
 # stdout carries only what a verb promises; diagnostics go to DIR/logs/ and failures to stderr as
 # one line.
@@ -44,6 +47,8 @@ die() {
 
 # shellcheck source=../tests/cluster/versions.env
 . "$cluster_src/versions.env"
+# shellcheck source=../tests/cluster/tools/versions.env
+. "$cluster_src/tools/versions.env"
 
 # --- binaries ----------------------------------------------------------------------------------
 
@@ -105,6 +110,73 @@ ensure_bins() {
   fi
   flock -u 9
   exec 9>&-
+  echo "$dir"
+}
+
+# The chart and alert tools the deploy/ tests use: helm and promtool from their Go modules
+# (tests/cluster/tools/{helm,promtool}), and the prometheus-operator CRDs (ServiceMonitor,
+# PrometheusRule) read from that module's example/ folder in the module cache. Cached apart from
+# the cluster binaries (own key, lock and build log), so bumping one never rebuilds the other.
+tools_key() {
+  local sum
+  sum="$(cat "$cluster_src/tools/versions.env" "$cluster_src"/tools/*/go.mod "$cluster_src"/tools/*/go.sum | sha256sum | cut -c1-12)"
+  echo "tools-$(go env GOVERSION)-${sum}"
+}
+
+ensure_tools() {
+  local dir lock tmp log start crds
+  command -v go >/dev/null || die "go not found (looked in PATH and /usr/local/go/bin); it builds the test tools"
+  dir="$cache_root/$(tools_key)"
+  if [[ -x "$dir/helm" && -x "$dir/promtool" ]]; then
+    echo "$dir"
+    return
+  fi
+  mkdir -p "$cache_root"
+  lock="$cache_root/tools.lock"
+  exec 8>"$lock"
+  flock 8
+  if [[ ! -x "$dir/helm" || ! -x "$dir/promtool" ]]; then
+    tmp="$dir.partial"
+    log="$cache_root/build-$(tools_key).log"
+    rm -rf "$tmp"
+    mkdir -p "$tmp/monitoring-crds"
+    echo "test-cluster: building helm $HELM_VERSION, promtool $PROMETHEUS_VERSION (first run only; log: $log)" >&2
+    start=$SECONDS
+    # Same flags as the cluster binaries; only the two commands are built, nothing else of
+    # either module. The CRDs come from the module cache, checked against go.sum.
+    if ! (
+      export GOTOOLCHAIN=local GOFLAGS="-trimpath -mod=readonly" CGO_ENABLED=0
+      set -x
+      cd "$cluster_src/tools/helm"
+      # As helm's Makefile stamps them: its version, and the Kubernetes version of its client-go
+      # (the default for .Capabilities and lint's deprecation checks; else v1.20).
+      k8s_minor="$(sed -n 's/^[[:space:]]*k8s.io\/client-go v0\.\([0-9]*\)\..*/\1/p' go.mod)"
+      hflags="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+      for pkg in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+        hflags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$k8s_minor"
+      done
+      go build -ldflags="$hflags" -o "$tmp/helm" helm.sh/helm/v3/cmd/helm
+      cd "$cluster_src/tools/promtool"
+      # remove_all_sd: no service-discovery plugins (cloud SDKs, a Kubernetes client); rule
+      # checks and rule tests need none, and they are most of promtool's build.
+      go build -tags remove_all_sd -ldflags='-s -w' -o "$tmp/promtool" github.com/prometheus/prometheus/cmd/promtool
+      cd "$cluster_src/tools/monitoring-crds"
+      crds="$(go mod download -json "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" |
+        sed -n 's/.*"Dir": "\(.*\)".*/\1/p')"
+      [[ -n "$crds" ]]
+      for kind in servicemonitors prometheusrules; do
+        cp "$crds/example/prometheus-operator-crd/monitoring.coreos.com_$kind.yaml" "$tmp/monitoring-crds/"
+      done
+    ) >"$log" 2>&1; then
+      rm -rf "$tmp"
+      flock -u 8
+      die "building the test tools failed: $(tail -n 3 "$log" | tr '\n' ' ')"
+    fi
+    mv "$tmp" "$dir"
+    echo "test-cluster: tools built in $((SECONDS - start)) s into $dir" >&2
+  fi
+  flock -u 8
+  exec 8>&-
   echo "$dir"
 }
 
@@ -472,7 +544,7 @@ abs_dir() {
 }
 
 cmd_start() {
-  local dir owner="${CKC_TEST_OWNER_PID:-}" name
+  local dir owner="${CKC_TEST_OWNER_PID:-}" name tools
   dir="$(abs_dir "${1:-}")"
   shift
   while (($#)); do
@@ -488,6 +560,9 @@ cmd_start() {
   mkdir -p "$dir/logs" "$dir/pids" "$dir/etcd" "$dir/calico-etcd" "$dir/bin"
   : >"$dir/logs/setup.log"
   for name in kubectl etcdctl etcd kube-apiserver; do ln -sfn "$bins/$name" "$dir/bin/$name"; done
+  tools="$(ensure_tools)" || exit 1
+  for name in helm promtool; do ln -sfn "$tools/$name" "$dir/bin/$name"; done
+  ln -sfn "$tools/monitoring-crds" "$dir/monitoring-crds"
 
   # From here on, a failure stops whatever this start launched.
   trap 'bash "$self" stop "$dir" >/dev/null 2>&1 || true' ERR EXIT
@@ -572,7 +647,8 @@ case "$verb" in
   stop) cmd_stop "$@" ;;
   env) cmd_env "$@" ;;
   restart) cmd_restart "$@" ;;
-  build) ensure_bins ;;
+  build) ensure_bins && ensure_tools ;;
+  build-tools) ensure_tools ;;
   _watchdog) watchdog "$@" ;;
-  *) die "usage: test-cluster.sh start DIR [--owner-pid PID] | stop DIR | env DIR | restart DIR apiserver|etcd|calico-etcd | build" ;;
+  *) die "usage: test-cluster.sh start DIR [--owner-pid PID] | stop DIR | env DIR | restart DIR apiserver|etcd|calico-etcd | build | build-tools" ;;
 esac

@@ -177,6 +177,30 @@ struct LeakScanArgs {
     /// first, then Nodes, Namespaces, Pods, each a List with its resourceVersion.
     #[arg(long = "save-dump", conflicts_with = "from_dump")]
     save_dump: Option<PathBuf>,
+    /// Also write the report (in --output's format) to this file, atomically: a reader never
+    /// sees half of one (the CronJob's volume).
+    #[arg(long = "report-file")]
+    report_file: Option<PathBuf>,
+    /// Also keep the report in this ConfigMap (NAMESPACE/NAME), created or replaced by
+    /// server-side apply: key `leaks.json` (or `leaks.txt` for --output table), annotated with
+    /// the scan's time and its count of releasable leaks.
+    #[arg(long = "report-configmap", value_parser = parse_configmap_ref)]
+    report_configmap: Option<(String, String)>,
+    /// The exit code when releasable leaks were found. A scheduled scan sets 0: finding leaks is
+    /// its result, kept in the report, not a failure of the Job.
+    #[arg(long = "leaks-exit-code", default_value_t = 1)]
+    leaks_exit_code: u8,
+}
+
+/// The largest report a ConfigMap is given: the API server refuses objects over 1 MiB, and the
+/// metadata needs some room.
+const CONFIGMAP_REPORT_LIMIT: usize = 1_000_000;
+
+fn parse_configmap_ref(s: &str) -> Result<(String, String), String> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => Ok((ns.to_string(), name.to_string())),
+        _ => Err(format!("expected NAMESPACE/NAME, got {s:?}")),
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -360,17 +384,66 @@ fn leak_scan(a: LeakScanArgs) -> anyhow::Result<i32> {
     {
         eprintln!("leak-scan: dump order {}: {}", serde_json::to_string(&order.state).unwrap_or_default().trim_matches('"'), order.detail);
     }
-    // Pretty JSON is many short lines: buffer them instead of a write per line.
-    let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+    // Rendered once, then written wherever asked (pretty JSON is many short lines: one buffer).
+    let mut rendered = Vec::with_capacity(1 << 16);
     match a.output {
         Output::Json => {
-            serde_json::to_writer_pretty(&mut out, &r)?;
-            writeln!(out)?;
+            serde_json::to_writer_pretty(&mut rendered, &r)?;
+            writeln!(rendered)?;
         }
-        Output::Table => report::write_table(&r, &mut out)?,
+        Output::Table => report::write_table(&r, &mut rendered)?,
     }
+    let mut out = std::io::stdout().lock();
+    out.write_all(&rendered)?;
     out.flush()?;
-    Ok(if r.releasable_leaks() > 0 { 1 } else { 0 })
+    let leaks = r.releasable_leaks();
+    if let Some(path) = &a.report_file {
+        runtime::status::write_atomically(path, &rendered).with_context(|| format!("writing the report to {}", path.display()))?;
+        eprintln!("leak-scan: report written to {} ({leaks} releasable leaks)", path.display());
+    }
+    if let Some((ns, name)) = &a.report_configmap {
+        let key = if a.output == Output::Json { "leaks.json" } else { "leaks.txt" };
+        store_report_configmap(ns, name, key, &rendered, leaks)?;
+        eprintln!("leak-scan: report kept in ConfigMap {ns}/{name}, key {key} ({leaks} releasable leaks)");
+    }
+    Ok(if leaks > 0 { i32::from(a.leaks_exit_code) } else { 0 })
+}
+
+/// Creates or replaces ConfigMap `ns/name` holding the report under `key`, by server-side apply
+/// (one PATCH: the right to patch that one ConfigMap is all it needs).
+fn store_report_configmap(ns: &str, name: &str, key: &str, report: &[u8], leaks: u64) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{Api, Patch, PatchParams};
+    anyhow::ensure!(
+        report.len() <= CONFIGMAP_REPORT_LIMIT,
+        "the report is {} bytes, over what a ConfigMap holds ({CONFIGMAP_REPORT_LIMIT}): keep it in a file (--report-file on a volume) instead",
+        report.len()
+    );
+    let text = String::from_utf8_lossy(report);
+    let scanned_at = calico_kube_controllers::model::time::format_rfc3339(calico_kube_controllers::runtime::ipam_gc::clock::now_millis());
+    let object = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "labels": {"app.kubernetes.io/name": "calico-kube-controllers", "app.kubernetes.io/component": "leak-report"},
+            "annotations": {
+                "projectcalico.org/leak-scan-time": scanned_at,
+                "projectcalico.org/releasable-leaks": leaks.to_string(),
+            },
+        },
+        "data": {key: text},
+    });
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
+    rt.block_on(async {
+        let client = kube::Client::try_default().await.context("building a Kubernetes client (KUBECONFIG or in-cluster)")?;
+        let api: Api<ConfigMap> = Api::namespaced(client, ns);
+        api.patch(name, &PatchParams::apply("calico-kube-controllers-leak-scan").force(), &Patch::Apply(&object))
+            .await
+            .with_context(|| format!("writing the report to ConfigMap {ns}/{name}"))?;
+        anyhow::Ok(())
+    })
 }
 
 /// LIST pages of the cluster of KUBECONFIG (or in-cluster), as they come.

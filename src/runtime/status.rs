@@ -104,7 +104,7 @@ impl StatusReporter {
 
 /// Writes `bytes` to `path` (creating its folder) through a temporary name and a rename, so a
 /// reader never sees half a file. Also used for `--leak-report-file`.
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }

@@ -7,6 +7,7 @@ mod conformance_etcd;
 mod conformance_kube;
 
 mod e2e_controller;
+mod e2e_chart;
 mod e2e_deploy;
 mod e2e_etcd;
 mod e2e_events;

@@ -14,6 +14,8 @@ pub struct AuditEvent {
     pub user: String,
     pub user_agent: String,
     pub resource: String,
+    /// `status`, `scale`, …; empty for the resource itself.
+    pub subresource: String,
     pub namespace: String,
     pub name: String,
     pub code: u16,
@@ -32,6 +34,11 @@ impl AuditEvent {
 
     pub fn is_ipam_write(&self) -> bool {
         self.is_ipam() && self.is_write()
+    }
+
+    /// `verb resource[/subresource]`, as RBAC rules name what they grant.
+    pub fn rbac_pair(&self) -> String {
+        if self.subresource.is_empty() { format!("{} {}", self.verb, self.resource) } else { format!("{} {}/{}", self.verb, self.resource, self.subresource) }
     }
 
     /// Sent by the controller replica named `pod_name` (its User-Agent ends with `(pod_name)`).
@@ -63,6 +70,7 @@ pub fn read(cluster_dir: &Path) -> Vec<AuditEvent> {
                 user: s(&v["user"]["username"]),
                 user_agent: s(&v["userAgent"]),
                 resource: s(&v["objectRef"]["resource"]),
+                subresource: s(&v["objectRef"]["subresource"]),
                 namespace: s(&v["objectRef"]["namespace"]),
                 name: s(&v["objectRef"]["name"]),
                 code: v["responseStatus"]["code"].as_u64().unwrap_or(0) as u16,
