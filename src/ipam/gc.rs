@@ -549,6 +549,8 @@ impl GcState {
             }
             Scope::Dirty(nodes) => nodes.iter().filter_map(|n| index.strings().lookup(n)).collect(),
         };
+        // A dirty pass looks at the empty blocks of its own nodes only (a full pass at all).
+        let scope_hosts: Option<Vec<Sym>> = (!full).then(|| node_syms.clone());
         for n in node_syms {
             if n.is_none() {
                 continue;
@@ -602,7 +604,7 @@ impl GcState {
         let held_nodes: BTreeSet<Sym> = cleanable.iter().filter(|n| !nodes_ok.allows(node_print(**n))).copied().collect();
         self.plan_releases(index, now, cfg, kubevirt, proof, fresh_pods, &held_nodes, &mut plan);
         self.plan_cold_blocks(index, time.wall, cfg, &mut plan);
-        self.plan_empty_blocks(index, now, cfg, full, &gone_nodes, &unproven_nodes, &mut plan);
+        self.plan_empty_blocks(index, now, cfg, scope_hosts.as_deref(), &gone_nodes, &unproven_nodes, &mut plan);
         // Symbols order by interning, not by name.
         plan.prove_gone = unproven_nodes.iter().map(|n| index.resolve(*n).to_string()).collect();
         plan.prove_gone.sort();
@@ -850,12 +852,35 @@ impl GcState {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn plan_empty_blocks(&mut self, index: &IpamIndex, now: Millis, cfg: &GcConfig, full: bool, gone: &BTreeSet<Sym>, unproven: &BTreeSet<Sym>, plan: &mut Plan) {
+    /// Empty blocks to release. `scope_hosts` is the dirty pass's nodes (`None` in a full pass):
+    /// a dirty pass judges only their blocks, so it costs O(dirty) and not O(empty blocks in the
+    /// cluster); another node's empty block waits for a pass of its node or the next full pass
+    /// (every grace/2), which is also what starts its grace period.
+    #[allow(clippy::too_many_arguments)]
+    fn plan_empty_blocks(
+        &mut self,
+        index: &IpamIndex,
+        now: Millis,
+        cfg: &GcConfig,
+        scope_hosts: Option<&[Sym]>,
+        gone: &BTreeSet<Sym>,
+        unproven: &BTreeSet<Sym>,
+        plan: &mut Plan,
+    ) {
+        let full = scope_hosts.is_none();
         let mut still_empty: HashSet<IpNet> = HashSet::new();
         // Blocks planned for release per host in this pass: a node keeps at least one block even
         // when several of its blocks are empty at once.
         let mut releasing: HashMap<Sym, usize> = HashMap::new();
-        for slot in index.empty_blocks().iter() {
+        let slots: RoaringBitmap = match scope_hosts {
+            None => index.empty_blocks().clone(),
+            Some(hosts) => hosts
+                .iter()
+                .flat_map(|h| index.host_blocks(*h).iter().copied())
+                .filter(|s| index.empty_blocks().contains(*s))
+                .collect(),
+        };
+        for slot in slots.iter() {
             let b = index.block(slot).expect("empty block exists");
             let host = b.host();
             if gone.contains(&host) || unproven.contains(&host) || (!full && !index.node_exists(host)) {

@@ -1066,3 +1066,26 @@ fn a_deleted_nodes_block_still_holding_another_nodes_address_is_planned_as_held_
     assert!(r.held.is_empty(), "{:?}", r.held);
     w.gc.check_invariants(&w.index).unwrap();
 }
+
+#[test]
+fn a_dirty_pass_judges_only_its_own_nodes_empty_blocks_and_the_full_pass_the_rest() {
+    let mut w = World::new(1);
+    for n in ["n1", "n2"] {
+        w.index.apply_node(&node(n));
+    }
+    // Each node has two empty blocks: one of them may go once the grace period is over.
+    for (i, n) in [(0, "n1"), (1, "n1"), (2, "n2"), (3, "n2")] {
+        w.index.apply_block(&block(&format!("10.0.{i}.0/29"), Some(n), &[])).unwrap();
+    }
+    w.full(T0);
+    let dirty = |n: &str| Scope::Dirty([Box::<str>::from(n)].into_iter().collect());
+    let p = w.pass(T0 + 2 * MIN, dirty("n1"), &BTreeMap::new());
+    let judged: Vec<String> = p.empty_blocks.iter().map(|e| e.node.clone()).collect();
+    assert_eq!(judged, ["n1", "n1"], "a dirty pass of n1 looks at n1's blocks only: {:?}", p.empty_blocks);
+    assert_eq!(p.empty_blocks.iter().filter(|e| e.releasable).count(), 1);
+    // n2's grace period started at the full pass: the next full pass releases one of its blocks.
+    let p = w.full(T0 + 3 * MIN);
+    let n2: Vec<_> = p.empty_blocks.iter().filter(|e| e.node == "n2").collect();
+    assert_eq!(n2.len(), 2);
+    assert_eq!(n2.iter().filter(|e| e.releasable).count(), 1, "{n2:?}");
+}
