@@ -47,7 +47,7 @@ impl AuditEvent {
     }
 }
 
-/// Every finished request in `DIR/audit.log` (and its rotated predecessor, if any), oldest first.
+/// Every finished or started (watch) request in `DIR/audit.log` (and its rotated predecessor, if any), oldest first.
 pub fn read(cluster_dir: &Path) -> Vec<AuditEvent> {
     let mut events = Vec::new();
     let mut files: Vec<_> = std::fs::read_dir(cluster_dir)
@@ -57,11 +57,18 @@ pub fn read(cluster_dir: &Path) -> Vec<AuditEvent> {
         .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("audit") && n.contains(".log")))
         .collect();
     files.sort();
+    // A watch is logged when its response starts and again when it ends, which for a watch still
+    // open (or one whose end the API server has not flushed yet) is later than the test reads
+    // the log: each request counts once, from the first of its stages seen.
+    let mut seen = std::collections::HashSet::new();
     for file in files {
         let text = std::fs::read_to_string(&file).unwrap_or_default();
         for line in text.lines() {
             let Ok(v) = serde_json::from_str::<Value>(line) else { continue };
-            if v["stage"] != "ResponseComplete" {
+            if v["stage"] != "ResponseComplete" && v["stage"] != "ResponseStarted" {
+                continue;
+            }
+            if !seen.insert(v["auditID"].as_str().unwrap_or_default().to_string()) {
                 continue;
             }
             let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
