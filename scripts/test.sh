@@ -4,8 +4,10 @@
 # Stages: the pure-core build (no kube, no tokio), lints, the test-cluster binaries (built once from
 # their Go modules, then cached), unit + property + scenario + end-to-end tests (the end-to-end ones
 # start real kube-apiserver + etcd clusters through scripts/test-cluster.sh and stop them), a small
-# `simulate` whose independent checker must pass, the fuzz targets (built and smoke-run), and the
-# criterion benches (compiled, not run).
+# `simulate` whose independent checker must pass, the image (a static binary assembled into an OCI
+# layout, then checked: config, files, the binary from it run as UID 999, and in-cluster as a
+# container would run it), the fuzz targets (built and smoke-run), and the criterion benches
+# (compiled, not run).
 #
 # Environment: CALICO_CRDS_DIR=DIR installs Calico's own CRDs into the test clusters instead of
 # ours (CI points it at ../shared/calico-crds); FUZZ_SECONDS (default 20) per fuzz target.
@@ -30,6 +32,8 @@ need_packages() {
   local missing=()
   command -v openssl >/dev/null || missing+=(openssl)
   command -v cc >/dev/null || missing+=(build-essential)
+  command -v jq >/dev/null || missing+=(jq)
+  command -v file >/dev/null || missing+=(file)
   if [ "${#missing[@]}" -gt 0 ]; then
     echo "installing ${missing[*]}"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
@@ -50,6 +54,12 @@ simulate() {
   cargo build --bin calico-kube-controllers
   target/debug/calico-kube-controllers simulate --nodes 200 --pods-per-node 20 --repeats 1
 }
+image() {
+  local layout
+  layout="$(deploy/build-image.sh | tail -n 1)"
+  # The in-cluster check chroots as UID 999, which needs root (CI is root).
+  if [ "$(id -u)" = 0 ]; then deploy/check-image.sh "$layout" --cluster; else deploy/check-image.sh "$layout"; fi
+}
 fuzz() { scripts/fuzz-smoke.sh; }
 benches() { cargo bench --no-run; }
 
@@ -60,6 +70,7 @@ stage lint lint
 stage cluster-bins cluster_bins
 stage tests tests
 stage simulate simulate
+stage image image
 stage fuzz fuzz
 stage benches benches
 echo

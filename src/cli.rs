@@ -580,7 +580,19 @@ fn init_logging(format: LogFormat, level: LogLevel) -> LogControl {
     })
 }
 
+/// The client configuration (KUBECONFIG, CALICO_KUBECONFIG, else in-cluster from
+/// KUBERNETES_SERVICE_HOST/PORT and the ServiceAccount's files), trusting `CA_CRT_PATH` too.
 async fn kube_config(env: &EnvConfig) -> anyhow::Result<kube::Config> {
+    let mut config = kube_config_source(env).await?;
+    if let Some(ca) = &env.ca_crt_path {
+        let bundle = runtime::tls::read_certificates(ca)?;
+        // Added to the kubeconfig's or the ServiceAccount's CA, which still count.
+        config.root_cert.get_or_insert_with(Vec::new).extend(bundle.into_iter().map(|c| c.to_vec()));
+    }
+    Ok(config)
+}
+
+async fn kube_config_source(env: &EnvConfig) -> anyhow::Result<kube::Config> {
     // libcalico also reads CALICO_KUBECONFIG; kube's own default only knows KUBECONFIG.
     let plain = std::env::var_os("KUBECONFIG").is_some_and(|v| !v.is_empty());
     match (&env.kubeconfig, plain) {

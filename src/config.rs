@@ -131,6 +131,18 @@ impl EtcdConfig {
     }
 }
 
+/// Metrics over TLS, as the Tigera operator configures it: `TLS_CRT_PATH` and `TLS_KEY_PATH` (PEM)
+/// make the metrics listener serve HTTPS; with `CA_CRT_PATH` every client must present a
+/// certificate signed by that bundle, and with `CLIENT_COMMON_NAME` also carry that common name.
+/// Files are read when the listener is set up, which names these settings in its errors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsTlsConfig {
+    pub cert_file: Setting,
+    pub key_file: Setting,
+    pub client_ca_file: Option<Setting>,
+    pub client_common_name: Option<String>,
+}
+
 /// Every controller name upstream's `ENABLED_CONTROLLERS` accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ControllerName {
@@ -275,8 +287,29 @@ pub struct EnvConfig {
     /// `CKC_MASS_CHANGE_GUARD`, `CKC_MASS_CHANGE_SHARE`, `CKC_MASS_CHANGE_MIN_ADDRESSES`,
     /// `CKC_MASS_CHANGE_MIN_NODES` over the guard's defaults.
     pub guard: crate::guard::GuardConfig,
+    /// `KUBE_CONTROLLERS_CONFIG_NAME` (the Tigera operator sets it): the KubeControllersConfiguration
+    /// read, created when missing and given the status; `None` means `default`.
+    pub kcc_name: Option<String>,
+    /// `DISABLE_KUBE_CONTROLLERS_CONFIG_API=true`: run from the environment alone; the
+    /// KubeControllersConfiguration is never watched, read, created or written.
+    pub kcc_api_disabled: bool,
+    /// `CA_CRT_PATH`: a PEM bundle trusted for the apiserver (besides the kubeconfig's or the
+    /// ServiceAccount's CA) and, with metrics TLS, for the metrics clients' certificates.
+    pub ca_crt_path: Option<Setting>,
+    pub metrics_tls: Option<MetricsTlsConfig>,
     /// The variables consulted that were set, as upstream lists them in `status.environmentVars`.
     pub consulted: BTreeMap<String, String>,
+}
+
+/// The KubeControllersConfiguration's name when `KUBE_CONTROLLERS_CONFIG_NAME` is unset.
+pub const DEFAULT_KCC_NAME: &str = "default";
+
+impl EnvConfig {
+    /// The KubeControllersConfiguration this process reads (and, leading, writes), or `None`
+    /// when `DISABLE_KUBE_CONTROLLERS_CONFIG_API` turned the API off.
+    pub fn kcc(&self) -> Option<&str> {
+        (!self.kcc_api_disabled).then(|| self.kcc_name.as_deref().unwrap_or(DEFAULT_KCC_NAME))
+    }
 }
 
 const WORKER_VARS: [&str; 4] = ["WORKLOAD_ENDPOINT_WORKERS", "PROFILE_WORKERS", "POLICY_WORKERS", "NODE_WORKERS"];
@@ -432,6 +465,55 @@ impl EnvConfig {
                 *field = v.trim().parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| ConfigError::invalid(name, &v, "expected a positive count"))?;
             }
         }
+        // Object names as Kubernetes allows them (a DNS subdomain), so a typo fails here and not
+        // as a 404 on every read.
+        let kcc_name = match get("KUBE_CONTROLLERS_CONFIG_NAME") {
+            Some(v) => {
+                let name = v.trim();
+                let valid = name.len() <= 253
+                    && name.split('.').all(|l| {
+                        !l.is_empty() && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') && !l.starts_with('-') && !l.ends_with('-')
+                    });
+                if !valid {
+                    return Err(ConfigError::invalid("KUBE_CONTROLLERS_CONFIG_NAME", &v, "expected an object name (lowercase letters, digits, '-' and '.')"));
+                }
+                Some(name.to_string())
+            }
+            None => None,
+        };
+        let kcc_api_disabled = match get("DISABLE_KUBE_CONTROLLERS_CONFIG_API") {
+            Some(v) => parse_go_bool(v.trim()).ok_or_else(|| ConfigError::invalid("DISABLE_KUBE_CONTROLLERS_CONFIG_API", &v, "expected true or false"))?,
+            None => false,
+        };
+        let ca_crt_path = get("CA_CRT_PATH").map(|value| Setting { var: "CA_CRT_PATH", value });
+        let tls_crt = get("TLS_CRT_PATH").map(|value| Setting { var: "TLS_CRT_PATH", value });
+        let tls_key = get("TLS_KEY_PATH").map(|value| Setting { var: "TLS_KEY_PATH", value });
+        let client_common_name = get("CLIENT_COMMON_NAME").map(|v| v.trim().to_string());
+        let metrics_tls = match (tls_crt, tls_key) {
+            (Some(cert_file), Some(key_file)) => {
+                if client_common_name.is_some() && ca_crt_path.is_none() {
+                    return Err(ConfigError::invalid(
+                        "CLIENT_COMMON_NAME",
+                        client_common_name.as_deref().unwrap_or_default(),
+                        "a client certificate's common name is checked only against a trusted CA: set CA_CRT_PATH too",
+                    ));
+                }
+                Some(MetricsTlsConfig { cert_file, key_file, client_ca_file: ca_crt_path.clone(), client_common_name })
+            }
+            (None, None) => {
+                if let Some(cn) = &client_common_name {
+                    return Err(ConfigError::invalid("CLIENT_COMMON_NAME", cn, "needs metrics TLS: set TLS_CRT_PATH and TLS_KEY_PATH"));
+                }
+                None
+            }
+            (Some(s), None) | (None, Some(s)) => {
+                return Err(ConfigError::invalid(s.var, &s.value, "metrics TLS needs both TLS_CRT_PATH and TLS_KEY_PATH"));
+            }
+        };
+        out.ca_crt_path = ca_crt_path;
+        out.metrics_tls = metrics_tls;
+        out.kcc_api_disabled = kcc_api_disabled;
+        out.kcc_name = kcc_name;
         out.guard = guard;
         out.kubeconfig = kubeconfig;
         out.enabled_controllers = enabled;
@@ -815,6 +897,32 @@ mod tests {
         assert!(env(&[("DATASTORE_TYPE", "kubernetes"), ("ETCD_ENDPOINTS", "x")]).etcd.is_none());
         assert!(!env(&[("CALICO_DATASTORE_TYPE", "Kubernetes")]).datastore_defaulted);
         assert!(env(&[]).datastore_defaulted && env(&[]).etcd.is_none());
+    }
+
+    #[test]
+    fn the_operators_config_name_and_disable_switch_choose_the_configuration_object() {
+        assert_eq!(env(&[]).kcc(), Some("default"));
+        assert_eq!(env(&[("KUBE_CONTROLLERS_CONFIG_NAME", "tenant-a.kcc")]).kcc(), Some("tenant-a.kcc"));
+        assert_eq!(env(&[("DISABLE_KUBE_CONTROLLERS_CONFIG_API", "false")]).kcc(), Some("default"));
+        assert_eq!(env(&[("DISABLE_KUBE_CONTROLLERS_CONFIG_API", "true"), ("KUBE_CONTROLLERS_CONFIG_NAME", "x")]).kcc(), None);
+        for bad in ["Default", "-a", "a..b", "a_b"] {
+            assert!(env_err(&[("KUBE_CONTROLLERS_CONFIG_NAME", bad)]).to_string().contains("KUBE_CONTROLLERS_CONFIG_NAME"), "{bad}");
+        }
+        assert!(env_err(&[("DISABLE_KUBE_CONTROLLERS_CONFIG_API", "yes")]).to_string().contains("DISABLE_KUBE_CONTROLLERS_CONFIG_API"));
+    }
+
+    #[test]
+    fn metrics_tls_settings_come_in_pairs_and_a_common_name_needs_a_ca() {
+        assert_eq!(env(&[]).metrics_tls, None);
+        let t = env(&[("TLS_CRT_PATH", "/t/tls.crt"), ("TLS_KEY_PATH", "/t/tls.key"), ("CA_CRT_PATH", "/ca.crt"), ("CLIENT_COMMON_NAME", "prom")]).metrics_tls.unwrap();
+        assert_eq!((t.cert_file.value.as_str(), t.key_file.value.as_str()), ("/t/tls.crt", "/t/tls.key"));
+        assert_eq!((t.client_ca_file.map(|s| s.value), t.client_common_name.as_deref()), (Some("/ca.crt".to_string()), Some("prom")));
+        let plain = env(&[("TLS_CRT_PATH", "/c"), ("TLS_KEY_PATH", "/k")]).metrics_tls.unwrap();
+        assert_eq!((plain.client_ca_file, plain.client_common_name), (None, None));
+        assert!(env_err(&[("TLS_CRT_PATH", "/c")]).to_string().contains("TLS_KEY_PATH"));
+        assert!(env_err(&[("TLS_CRT_PATH", "/c"), ("TLS_KEY_PATH", "/k"), ("CLIENT_COMMON_NAME", "p")]).to_string().contains("CA_CRT_PATH"));
+        assert!(env_err(&[("CLIENT_COMMON_NAME", "p")]).to_string().contains("TLS_CRT_PATH"));
+        assert_eq!(env(&[("CA_CRT_PATH", "/ca.crt")]).ca_crt_path.map(|s| s.value), Some("/ca.crt".to_string()));
     }
 
     #[test]

@@ -1,29 +1,55 @@
-//! A minimal HTTP/1.1 server for the probes, metrics and the leak report: GET only, one request
-//! per connection, no new crates.
+//! The HTTP endpoints (probes, metrics, the leak report) on hyper's HTTP/1 server: GET and HEAD,
+//! one request per connection, optionally behind TLS (the metrics listener when the operator
+//! configures `TLS_CRT_PATH`/`TLS_KEY_PATH`; see `tls`).
 //!
-//! Owns: request-line parsing and the four routes.
+//! Owns: the accept loop, the per-connection deadline and the four routes.
 //! Must not: block on the GC loop (it reads only what [`Shared`] already holds).
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
 
 use super::Shared;
 
-/// Requests are a request line and a few headers; anything larger is not one of our clients.
+/// Requests are a request line and a few headers; anything larger is not one of our clients
+/// (hyper's smallest allowed read buffer is 8 KiB).
 const MAX_REQUEST: usize = 16 * 1024;
-/// A client that sends nothing for this long is dropped, so idle sockets cannot pile up.
-const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection (TLS handshake, request and answer) that takes longer than this is dropped, so
+/// idle or slow sockets cannot pile up.
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
 
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+/// Serves every route on `listener`; through `tls` when given.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
-                let shared = shared.clone();
+            Ok((stream, peer)) => {
+                let (shared, tls) = (shared.clone(), tls.clone());
                 tokio::spawn(async move {
-                    let _ = tokio::time::timeout(READ_TIMEOUT, handle(stream, &shared)).await;
+                    let connection = async move {
+                        match tls {
+                            None => serve_connection(stream, shared).await,
+                            Some(acceptor) => match acceptor.accept(stream).await {
+                                Ok(stream) => serve_connection(stream, shared).await,
+                                // A plain-HTTP scrape of the TLS port, no or a refused client certificate.
+                                Err(e) => {
+                                    tracing::debug!(peer = %peer, error = %e, "metrics TLS handshake failed")
+                                }
+                            },
+                        }
+                    };
+                    let _ = tokio::time::timeout(CONNECTION_DEADLINE, connection).await;
                 });
             }
             Err(e) => {
@@ -32,6 +58,41 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             }
         }
     }
+}
+
+async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    io: S,
+    shared: Arc<Shared>,
+) {
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(respond(&request, &shared)) }
+    });
+    let served = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .max_buf_size(MAX_REQUEST)
+        .timer(TokioTimer::new())
+        .header_read_timeout(CONNECTION_DEADLINE)
+        .serve_connection(TokioIo::new(io), service)
+        .await;
+    if let Err(e) = served {
+        tracing::debug!(error = %e, "HTTP connection ended with an error");
+    }
+}
+
+fn respond(request: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match *request.method() {
+        Method::GET | Method::HEAD => route(request.uri().path(), shared),
+        _ => (405, "text/plain", b"GET only\n".to_vec()),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() =
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    response
 }
 
 /// (status, content type, body) for a path.
@@ -56,43 +117,6 @@ pub fn route(path: &str, shared: &Shared) -> (u16, &'static str, Vec<u8>) {
         },
         _ => (404, "text/plain", b"not found\n".to_vec()),
     }
-}
-
-async fn handle(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 || buf.len() + n > MAX_REQUEST {
-            return Ok(());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let line = buf.split(|b| *b == b'\n').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or("/"));
-    let (status, content_type, body) = if method == "GET" || method == "HEAD" {
-        route(path, shared)
-    } else {
-        (405, "text/plain", b"GET only\n".to_vec())
-    };
-    let reason = match status {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        503 => "Service Unavailable",
-        _ => "Internal Server Error",
-    };
-    let head = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    if method != "HEAD" {
-        stream.write_all(&body).await?;
-    }
-    stream.shutdown().await
 }
 
 #[cfg(test)]

@@ -126,17 +126,18 @@ async fn ensure_cluster_information<D: Datastore>(ds: &D, cluster_types: &[&str]
     Ok(())
 }
 
-/// Creates the `default` KubeControllersConfiguration with upstream's defaults if it is missing
-/// (also after someone deletes it, as upstream recreates it).
-pub async fn ensure_default_kcc<D: Datastore>(ds: &D) -> Result<(), InitError> {
+/// Creates the KubeControllersConfiguration `name` (`default` unless `KUBE_CONTROLLERS_CONFIG_NAME`
+/// names another) with upstream's defaults if it is missing (also after someone deletes it, as
+/// upstream recreates it).
+pub async fn ensure_default_kcc<D: Datastore>(ds: &D, name: &str) -> Result<(), InitError> {
     let kind = Kind::KubeControllersConfiguration;
-    if get_opt(ds, kind, DEFAULT_NAME).await?.is_some() {
+    if get_opt(ds, kind, name).await?.is_some() {
         return Ok(());
     }
-    let value = body(kind, DEFAULT_NAME, serde_json::to_value(crate::config::default_kcc_spec()).unwrap_or_default());
-    match ds.create(kind, DEFAULT_NAME, value).await {
+    let value = body(kind, name, serde_json::to_value(crate::config::default_kcc_spec()).unwrap_or_default());
+    match ds.create(kind, name, value).await {
         Ok(_) => {
-            tracing::info!("created KubeControllersConfiguration default with upstream's defaults");
+            tracing::info!(name, "created KubeControllersConfiguration with upstream's defaults");
             Ok(())
         }
         Err(e) if e.kind == ErrorKind::AlreadyExists => Ok(()),
@@ -144,11 +145,12 @@ pub async fn ensure_default_kcc<D: Datastore>(ds: &D) -> Result<(), InitError> {
     }
 }
 
-/// Writes `status` on the `default` object if it differs from what is stored; returns whether
-/// it wrote. Comparing first is what keeps our own status write from feeding the watch forever.
-pub async fn write_kcc_status<D: Datastore>(ds: &D, status: &Value) -> Result<bool, InitError> {
+/// Writes `status` on the KubeControllersConfiguration `name` if it differs from what is stored;
+/// returns whether it wrote. Comparing first is what keeps our own status write from feeding the
+/// watch forever.
+pub async fn write_kcc_status<D: Datastore>(ds: &D, name: &str, status: &Value) -> Result<bool, InitError> {
     let kind = Kind::KubeControllersConfiguration;
-    let Some(mut existing) = get_opt(ds, kind, DEFAULT_NAME).await? else {
+    let Some(mut existing) = get_opt(ds, kind, name).await? else {
         return Ok(false);
     };
     if existing.value.get("status") == Some(status) {
@@ -181,23 +183,28 @@ async fn ensure_tiers<D: Datastore>(ds: &D) -> Result<(), InitError> {
     Ok(())
 }
 
-async fn ensure_once<D: Datastore>(ds: &D, cluster_types: &[&str]) -> Result<(), InitError> {
+async fn ensure_once<D: Datastore>(ds: &D, cluster_types: &[&str], kcc: Option<&str>) -> Result<(), InitError> {
     ensure_cluster_information(ds, cluster_types).await?;
     ensure_tiers(ds).await?;
-    ensure_default_kcc(ds).await
+    match kcc {
+        Some(name) => ensure_default_kcc(ds, name).await,
+        // DISABLE_KUBE_CONTROLLERS_CONFIG_API: the configuration object is not ours to create.
+        None => Ok(()),
+    }
 }
 
 /// Upstream's EnsureInitialized for the Kubernetes datastore (plus the default
 /// KubeControllersConfiguration), retried every 5 s for up to 60 s.
 pub async fn ensure_initialized<D: Datastore>(ds: &D) -> Result<(), InitError> {
-    ensure_initialized_as(ds, KDD_CLUSTER_TYPES).await
+    ensure_initialized_as(ds, KDD_CLUSTER_TYPES, Some(DEFAULT_NAME)).await
 }
 
-/// [`ensure_initialized`] writing `cluster_types` ([`KDD_CLUSTER_TYPES`] or [`ETCD_CLUSTER_TYPES`]).
-pub async fn ensure_initialized_as<D: Datastore>(ds: &D, cluster_types: &[&str]) -> Result<(), InitError> {
+/// [`ensure_initialized`] writing `cluster_types` ([`KDD_CLUSTER_TYPES`] or [`ETCD_CLUSTER_TYPES`])
+/// and creating the KubeControllersConfiguration `kcc` when missing (`None`: none is created).
+pub async fn ensure_initialized_as<D: Datastore>(ds: &D, cluster_types: &[&str], kcc: Option<&str>) -> Result<(), InitError> {
     let started = tokio::time::Instant::now();
     loop {
-        match ensure_once(ds, cluster_types).await {
+        match ensure_once(ds, cluster_types, kcc).await {
             Ok(()) => return Ok(()),
             Err(e) if started.elapsed() + RETRY_EVERY > RETRY_FOR => {
                 return Err(InitError::GaveUp { secs: started.elapsed().as_secs(), last: e.to_string() });
@@ -313,11 +320,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_status_is_written_only_when_it_differs() {
         let ds = MemoryDatastore::new();
-        assert!(!write_kcc_status(&ds, &json!({"runningConfig": {}})).await.unwrap(), "no configuration: nothing to write");
-        ensure_default_kcc(&ds).await.unwrap();
+        assert!(!write_kcc_status(&ds, DEFAULT_NAME, &json!({"runningConfig": {}})).await.unwrap(), "no configuration: nothing to write");
+        ensure_default_kcc(&ds, DEFAULT_NAME).await.unwrap();
         let status = json!({"runningConfig": {"controllers": {}}, "environmentVars": {"ENABLED_CONTROLLERS": "node"}});
-        assert!(write_kcc_status(&ds, &status).await.unwrap());
-        assert!(!write_kcc_status(&ds, &status).await.unwrap());
+        assert!(write_kcc_status(&ds, DEFAULT_NAME, &status).await.unwrap());
+        assert!(!write_kcc_status(&ds, DEFAULT_NAME, &status).await.unwrap());
         assert_eq!(ds.op_count(Op::UpdateStatus, Kind::KubeControllersConfiguration), 1);
         let kcc = ds.peek(Kind::KubeControllersConfiguration, DEFAULT_NAME).unwrap();
         assert_eq!(kcc.value["status"], status);

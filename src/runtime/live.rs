@@ -17,12 +17,14 @@ use crate::config::RunConfig;
 use crate::datastore::Datastore;
 use crate::health;
 
-/// The metrics listener, rebound when `prometheusMetricsPort` changes. A port equal to the
-/// health port is already served there (both listeners serve every path).
+/// The metrics listener, rebound when `prometheusMetricsPort` changes, over TLS when the operator
+/// configured it. A port equal to the health port is already served there (both listeners serve
+/// every path; the health listener always in plain HTTP, for `calico health` on loopback).
 pub struct MetricsListener {
     health_port: u16,
     port: u16,
     task: Option<JoinHandle<()>>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Drop for MetricsListener {
@@ -35,7 +37,13 @@ impl Drop for MetricsListener {
 
 impl MetricsListener {
     pub fn new(health_port: u16) -> Self {
-        MetricsListener { health_port, port: 0, task: None }
+        MetricsListener { health_port, port: 0, task: None, tls: None }
+    }
+
+    /// Serves the metrics port through `tls` (from the next bind on).
+    pub fn with_tls(mut self, tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Binds `port` (0 = none) in place of the current listener; an error leaves none bound.
@@ -48,12 +56,16 @@ impl MetricsListener {
         }
         self.port = port;
         if port == 0 || port == self.health_port {
+            if port != 0 && self.tls.is_some() {
+                tracing::warn!(port, "the metrics port is the health port: metrics are served there without TLS");
+            }
             tracing::info!(port, "metrics: no separate listener");
             return Ok(());
         }
         let listener = super::bind(port).await?;
-        tracing::info!(port, "serving /metrics, /leak-report, /liveness, /readiness");
-        self.task = Some(tokio::spawn(super::http::serve(listener, shared.clone())));
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        tracing::info!(port, scheme, "serving /metrics, /leak-report, /liveness, /readiness");
+        self.task = Some(tokio::spawn(super::http::serve(listener, shared.clone(), self.tls.clone())));
         Ok(())
     }
 }
@@ -90,35 +102,57 @@ async fn apply(shared: &Arc<Shared>, opts: &RunOptions, metrics: &mut MetricsLis
     if last.map(RunConfig::not_implemented) != Some(missing.clone()) && !missing.is_empty() {
         tracing::warn!(controllers = %missing.join(","), "enabled but not implemented in this version; ignored");
     }
-    let gc_note = if rc.gc_enabled() { "" } else { "node controller not enabled: the IPAM garbage collector does not run" };
     if last.map(RunConfig::gc_enabled) != Some(rc.gc_enabled()) && !rc.gc_enabled() {
         tracing::error!("node controller not enabled (ENABLED_CONTROLLERS or controllers.node): the IPAM garbage collector does not run");
     }
-    let note = match (missing.is_empty(), gc_note.is_empty()) {
-        (true, true) => String::new(),
-        (false, true) => format!("not implemented in this version: {}", missing.join(",")),
-        (true, false) => gc_note.to_string(),
-        (false, false) => format!("{gc_note}; not implemented in this version: {}", missing.join(",")),
-    };
-    shared.status.set_ready(health::CONTROLLERS, true, note);
+    if rc.flannel_migration && last.map(|l| l.flannel_migration) != Some(true) {
+        tracing::error!("ENABLED_CONTROLLERS=flannelmigration: the Flannel to Calico migration is not supported by this version and nothing is migrated; run upstream's calico-kube-controllers image for the migration");
+    }
+    let (ready, note) = controllers_condition(rc);
+    shared.status.set_ready(health::CONTROLLERS, ready, note);
     tracing::debug!(config = ?rc, "configuration applied");
 }
 
-/// Start-of-day writes, then the KubeControllersConfiguration's status on every config change
-/// (and its re-creation when deleted). Runs only behind the WRITE GATE. Returns an error only
-/// when start-of-day initialization gave up (fatal, as upstream).
-pub async fn writer<D: Datastore>(ds: D, shared: Arc<Shared>, cluster_types: &'static [&'static str]) -> Result<(), init::InitError> {
-    init::ensure_initialized_as(&ds, cluster_types).await?;
+/// The readiness reason while `flannelmigration` is enabled.
+pub const FLANNEL_MIGRATION_UNSUPPORTED: &str = "flannelmigration (the Flannel to Calico migration) is not supported by this version: nothing is migrated";
+
+/// The `Controllers` condition for `rc`: ready unless `flannelmigration` is enabled (the migration
+/// is the only job of such a process, upstream allows no other controller beside it, and doing
+/// nothing must not look healthy); the reason names what does not run.
+pub fn controllers_condition(rc: &RunConfig) -> (bool, String) {
+    let missing = rc.not_implemented();
+    let mut parts = Vec::new();
+    if rc.flannel_migration {
+        parts.push(FLANNEL_MIGRATION_UNSUPPORTED.to_string());
+    }
+    if !rc.gc_enabled() {
+        parts.push("node controller not enabled: the IPAM garbage collector does not run".to_string());
+    }
+    if !missing.is_empty() {
+        parts.push(format!("not implemented in this version: {}", missing.join(",")));
+    }
+    (!rc.flannel_migration, parts.join("; "))
+}
+
+/// Start-of-day writes, then the status of the KubeControllersConfiguration `kcc` on every config
+/// change (and its re-creation when deleted); with `kcc` `None` (DISABLE_KUBE_CONTROLLERS_CONFIG_API)
+/// only the start-of-day writes, never the configuration object. Runs only behind the WRITE GATE.
+/// Returns an error only when start-of-day initialization gave up (fatal, as upstream).
+pub async fn writer<D: Datastore>(ds: D, shared: Arc<Shared>, cluster_types: &'static [&'static str], kcc: Option<String>) -> Result<(), init::InitError> {
+    init::ensure_initialized_as(&ds, cluster_types, kcc.as_deref()).await?;
     shared.status.set_ready(health::STARTUP, true, "");
+    let Some(kcc) = kcc else {
+        return Ok(());
+    };
     let mut rx = shared.config.subscribe();
     loop {
         let state: ConfigState = rx.borrow_and_update().clone();
         if !state.api_present
-            && let Err(e) = init::ensure_default_kcc(&ds).await
+            && let Err(e) = init::ensure_default_kcc(&ds, &kcc).await
         {
             tracing::warn!(error = %e, "re-creating the default KubeControllersConfiguration failed");
         }
-        match init::write_kcc_status(&ds, &state.run.status()).await {
+        match init::write_kcc_status(&ds, &kcc, &state.run.status()).await {
             Ok(true) => tracing::info!("KubeControllersConfiguration status updated"),
             Ok(false) => {}
             Err(e) => tracing::warn!(error = %e, "writing the KubeControllersConfiguration status failed"),
@@ -126,5 +160,28 @@ pub async fn writer<D: Datastore>(ds: D, shared: Arc<Shared>, cluster_types: &'s
         if rx.changed().await.is_err() {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::EnvConfig;
+
+    fn condition(enabled: &str) -> (bool, String) {
+        let vars = [("ENABLED_CONTROLLERS".to_string(), enabled.to_string())].into_iter().collect();
+        controllers_condition(&RunConfig::merge(&EnvConfig::from_env(&vars).unwrap(), None))
+    }
+
+    #[test]
+    fn flannel_migration_is_named_as_unsupported_and_keeps_the_controllers_condition_not_ready() {
+        let (ready, reason) = condition("flannelmigration");
+        assert!(!ready);
+        assert!(reason.starts_with(FLANNEL_MIGRATION_UNSUPPORTED), "{reason}");
+        assert_eq!(condition("node"), (true, String::new()));
+        let (ready, reason) = condition("node,loadbalancer");
+        assert!(ready && reason == "not implemented in this version: loadbalancer", "{reason}");
+        let (ready, reason) = condition("policy");
+        assert!(ready && reason.contains("garbage collector does not run") && reason.contains("policy"), "{reason}");
     }
 }

@@ -40,6 +40,7 @@ pub mod leader;
 pub mod live;
 pub mod metrics;
 pub mod status;
+pub mod tls;
 pub mod watch;
 
 pub use ipam_gc::ControllerOptions;
@@ -174,6 +175,8 @@ pub enum RunError {
     Init(#[from] init::InitError),
     #[error(transparent)]
     ApiGroup(#[from] discovery::ApiGroupError),
+    #[error(transparent)]
+    MetricsTls(#[from] tls::TlsSetupError),
 }
 
 impl RunError {
@@ -184,6 +187,7 @@ impl RunError {
             RunError::RateLimit(_) => 2,
             RunError::Bind { .. } => 1,
             RunError::Init(_) => 2,
+            RunError::MetricsTls(_) => 2,
         }
     }
 }
@@ -202,6 +206,15 @@ pub async fn run(client: kube::Client, opts: RunOptions, stop: impl Future<Outpu
 /// [`run`] with Calico's objects in `etcd` when given (`DATASTORE_TYPE=etcdv3`), in Kubernetes
 /// otherwise.
 pub async fn run_with(client: kube::Client, etcd: Option<EtcdDatastore>, opts: RunOptions, stop: impl Future<Output = ()>) -> Result<(), RunError> {
+    // Before anything else: a certificate that cannot be read is a setting to fix (exit 2).
+    let tls = match &opts.controller.env.metrics_tls {
+        Some(cfg) => {
+            let acceptor = tls::acceptor(cfg)?;
+            tracing::info!(client_ca = cfg.client_ca_file.is_some(), client_common_name = cfg.client_common_name.as_deref().unwrap_or(""), "metrics over TLS");
+            Some(acceptor)
+        }
+        None => None,
+    };
     let api = Arc::new(ApiCounters::default());
     let env = &opts.controller.env;
     let shared = Arc::new(Shared::with_status(api.clone(), StatusReporter::new(opts.status_file.clone()), env));
@@ -216,7 +229,13 @@ pub async fn run_with(client: kube::Client, etcd: Option<EtcdDatastore>, opts: R
     match etcd {
         None => {
             // Before any watch: a cluster on Calico's v3 API would look empty through v1 watches.
-            discovery::check_api_group(&client, opts.api_group.as_deref()).await?;
+            if let Err(e) = discovery::check_api_group(&client, opts.api_group.as_deref()).await {
+                // Said in the log and in the status file too, so `check-status -r` in a
+                // restarting pod names it.
+                tracing::error!(error = %e, "not supported by this version; see deploy/README.md");
+                shared.status.set_ready(health::STARTUP, false, e.to_string());
+                return Err(e.into());
+            }
             let ds = KubeDatastore::new(client.clone(), opts.controller.dry_run, api.clone()).with_rate_limit(bucket);
             // Pods, nodes and the re-validation reads: Kubernetes whatever the datastore (the same
             // client-side request limit as the writer's).
@@ -224,14 +243,14 @@ pub async fn run_with(client: kube::Client, etcd: Option<EtcdDatastore>, opts: R
             // Health reads never wait behind the writer's request limit: a burst of releases must
             // not make the datastore look unhealthy.
             let health_ds = KubeDatastore::new(client.clone(), opts.controller.dry_run, ds.counters().clone());
-            let backend = Backend { ds: Arc::new(ds), health_ds, cluster, cluster_types: init::KDD_CLUSTER_TYPES };
+            let backend = Backend { ds: Arc::new(ds), health_ds, cluster, cluster_types: init::KDD_CLUSTER_TYPES, tls };
             run_on(client, backend, shared, opts, stop).await
         }
         Some(etcd) => {
             // Calico's objects in etcd; pods and nodes (and the Lease) still in Kubernetes.
             let ds = etcd.with_dry_run(opts.controller.dry_run).with_counters(api.clone());
             let cluster = Arc::new(KubeCluster::new(client.clone(), api, crate::datastore::kube::RequestLimiter::new(bucket)));
-            let backend = Backend { ds: Arc::new(ds.clone()), health_ds: ds, cluster, cluster_types: init::ETCD_CLUSTER_TYPES };
+            let backend = Backend { ds: Arc::new(ds.clone()), health_ds: ds, cluster, cluster_types: init::ETCD_CLUSTER_TYPES, tls };
             run_on(client, backend, shared, opts, stop).await
         }
     }
@@ -246,11 +265,13 @@ struct Backend<D> {
     cluster: Arc<KubeCluster>,
     /// What start-up writes into ClusterInformation's `clusterType`.
     cluster_types: &'static [&'static str],
+    /// The metrics listener's TLS (TLS_CRT_PATH, TLS_KEY_PATH), if configured.
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// The controller over one Calico datastore.
 async fn run_on<D: Datastore + Clone + 'static>(client: kube::Client, backend: Backend<D>, shared: Arc<Shared>, opts: RunOptions, stop: impl Future<Output = ()>) -> Result<(), RunError> {
-    let Backend { ds, health_ds, cluster, cluster_types } = backend;
+    let Backend { ds, health_ds, cluster, cluster_types, tls } = backend;
     if opts.controller.dry_run {
         tracing::warn!("dry run: plans are reported, nothing is written");
     }
@@ -259,17 +280,23 @@ async fn run_on<D: Datastore + Clone + 'static>(client: kube::Client, backend: B
     if opts.health_port != 0 {
         let listener = bind(opts.health_port).await?;
         tracing::info!(port = opts.health_port, "health listener: /liveness, /readiness (and /metrics, /leak-report)");
-        servers.push(tokio::spawn(http::serve(listener, shared.clone())));
+        servers.push(tokio::spawn(http::serve(listener, shared.clone(), None)));
     }
     // An explicit --metrics-port must bind now; a port from the configuration is (re)bound by
     // `live`, which logs a failure and keeps running, as upstream's metrics server does.
-    let mut metrics = live::MetricsListener::new(opts.health_port);
+    let mut metrics = live::MetricsListener::new(opts.health_port).with_tls(tls);
     if let Some(port) = opts.metrics_port {
         metrics.bind_now(port, &shared).await?;
     }
 
     let (tx, rx) = mpsc::channel(INPUT_QUEUE);
-    let watchers = watch::spawn_all(&ds, &cluster, &tx, &shared);
+    let kcc = opts.controller.env.kcc().map(str::to_string);
+    match &kcc {
+        Some(name) if name != crate::config::DEFAULT_KCC_NAME => tracing::info!(name = %name, "configuration: KubeControllersConfiguration {name} (KUBE_CONTROLLERS_CONFIG_NAME)"),
+        Some(_) => {}
+        None => tracing::info!("configuration: environment only (DISABLE_KUBE_CONTROLLERS_CONFIG_API); no KubeControllersConfiguration is read or written"),
+    }
+    let watchers = watch::spawn_all(&ds, &cluster, &tx, &shared, kcc.is_some());
     drop(tx);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let live_task = tokio::spawn(live::apply_config(shared.clone(), opts.clone(), metrics));
@@ -295,7 +322,7 @@ async fn run_on<D: Datastore + Clone + 'static>(client: kube::Client, backend: B
         shared.status.set_ready(health::STARTUP, true, "dry run: datastore not initialized by us");
         None
     } else {
-        Some(tokio::spawn(writer_while_leading((*ds).clone(), shared.clone(), may_write.clone(), fatal_tx, cluster_types)))
+        Some(tokio::spawn(writer_while_leading((*ds).clone(), shared.clone(), may_write.clone(), fatal_tx, cluster_types, kcc.clone())))
     };
 
     // Events go out only from a process that writes: a dry run records none.
@@ -339,6 +366,7 @@ async fn writer_while_leading<D: Datastore + Clone + 'static>(
     mut may_write: tokio::sync::watch::Receiver<bool>,
     fatal: tokio::sync::oneshot::Sender<init::InitError>,
     cluster_types: &'static [&'static str],
+    kcc: Option<String>,
 ) {
     const STANDBY: &str = "standby: the leader initializes the datastore";
     let mut fatal = Some(fatal);
@@ -350,7 +378,7 @@ async fn writer_while_leading<D: Datastore + Clone + 'static>(
         let leading = *may_write.borrow_and_update();
         if leading && task.is_none() && !finished_this_term {
             shared.status.set_ready(health::STARTUP, false, "initializing the datastore");
-            task = Some(tokio::spawn(live::writer(ds.clone(), shared.clone(), cluster_types)));
+            task = Some(tokio::spawn(live::writer(ds.clone(), shared.clone(), cluster_types, kcc.clone())));
         } else if !leading {
             if let Some(t) = task.take() {
                 t.abort();

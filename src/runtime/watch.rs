@@ -258,17 +258,28 @@ pub fn stream_of<D: Datastore, C: ClusterReader>(ds: &D, cluster: &C, source: So
 }
 
 /// Starts one watch task per source, all feeding `tx`. The tasks end when the receiver is gone.
-pub fn spawn_all<D, C>(ds: &Arc<D>, cluster: &Arc<C>, tx: &mpsc::Sender<Input>, shared: &Arc<Shared>) -> Vec<tokio::task::JoinHandle<()>>
+/// Without `kcc_api` (DISABLE_KUBE_CONTROLLERS_CONFIG_API) the KubeControllersConfiguration is
+/// never watched: its source lists as empty once, so the configuration comes from the
+/// environment alone and readiness does not wait for it.
+pub fn spawn_all<D, C>(ds: &Arc<D>, cluster: &Arc<C>, tx: &mpsc::Sender<Input>, shared: &Arc<Shared>, kcc_api: bool) -> Vec<tokio::task::JoinHandle<()>>
 where
     D: Datastore + 'static,
     C: ClusterReader + 'static,
 {
     let mut tasks: Vec<_> = Source::ALL
         .iter()
-        .map(|&source| tokio::spawn(forward(stream_of(&**ds, &**cluster, source), source, tx.clone(), shared.clone())))
+        .map(|&source| {
+            let stream = if source == Source::KubeControllersConfiguration && !kcc_api { empty_list() } else { stream_of(&**ds, &**cluster, source) };
+            tokio::spawn(forward(stream, source, tx.clone(), shared.clone()))
+        })
         .collect();
     tasks.push(tokio::spawn(watch_kubevirt_when_installed(cluster.clone(), tx.clone(), shared.clone())));
     tasks
+}
+
+/// A source that lists empty once and then stays quiet (it never ends, as a watch does not).
+fn empty_list() -> WatchStream {
+    Box::pin(futures::stream::iter([WatchEvent::Init, WatchEvent::InitDone]).chain(futures::stream::pending()))
 }
 
 /// Feeds one source's watch into `tx` until either end is gone.

@@ -17,6 +17,7 @@ mod e2e_leak_scan_live;
 mod e2e_leak_scan_release;
 mod e2e_metrics;
 mod e2e_nodes;
+mod e2e_operator;
 mod e2e_restart;
 mod e2e_rules;
 mod e2e_scale;

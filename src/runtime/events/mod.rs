@@ -73,13 +73,14 @@ impl Regarding {
         Regarding { api_version: "v1".into(), kind: "Node".into(), name: name.into(), namespace: None, uid: uid.map(str::to_string) }
     }
 
-    /// The `default` KubeControllersConfiguration: where operators look at the controller's
-    /// configuration, and what the mass-change guard's Event is about.
-    pub fn kube_controllers_configuration() -> Self {
+    /// The KubeControllersConfiguration `name` (`default` unless the operator names another):
+    /// where operators look at the controller's configuration, and what the mass-change guard's
+    /// Event is about.
+    pub fn kube_controllers_configuration(name: &str) -> Self {
         Regarding {
             api_version: "crd.projectcalico.org/v1".into(),
             kind: "KubeControllersConfiguration".into(),
-            name: "default".into(),
+            name: name.into(),
             namespace: None,
             uid: None,
         }
@@ -133,10 +134,10 @@ impl EventRequest {
 
     /// The guard held `count` changes of `kind` (e.g. "address releases", "node cleanups") out of
     /// `total` known; `set_id` names the held set, `how_to_approve` tells the operator what to do.
-    pub fn mass_change_held(kind: &str, count: u64, total: u64, set_id: &str, how_to_approve: &str) -> Self {
+    pub fn mass_change_held(kcc: &str, kind: &str, count: u64, total: u64, set_id: &str, how_to_approve: &str) -> Self {
         let share = if total == 0 { 100.0 } else { count as f64 * 100.0 / total as f64 };
         let note = format!("held {count} {kind} of {total} ({share:.1}%), set {set_id}: {how_to_approve}");
-        EventRequest::new(Regarding::kube_controllers_configuration(), EventType::Warning, REASON_MASS_CHANGE_HELD, ACTION_MASS_CHANGE_HELD, note)
+        EventRequest::new(Regarding::kube_controllers_configuration(kcc), EventType::Warning, REASON_MASS_CHANGE_HELD, ACTION_MASS_CHANGE_HELD, note)
     }
 }
 
@@ -250,8 +251,8 @@ impl EventRecorder {
     }
 
     /// See [`EventRequest::mass_change_held`].
-    pub fn mass_change_held(&self, kind: &str, count: u64, total: u64, set_id: &str, how_to_approve: &str) {
-        self.record(EventRequest::mass_change_held(kind, count, total, set_id, how_to_approve));
+    pub fn mass_change_held(&self, kcc: &str, kind: &str, count: u64, total: u64, set_id: &str, how_to_approve: &str) {
+        self.record(EventRequest::mass_change_held(kcc, kind, count, total, set_id, how_to_approve));
     }
 }
 
@@ -271,7 +272,7 @@ mod tests {
 
     #[test]
     fn a_held_mass_change_is_a_warning_on_the_kube_controllers_configuration() {
-        let r = EventRequest::mass_change_held("address releases", 120, 400, "set-7f3a", "approve with kubectl annotate …");
+        let r = EventRequest::mass_change_held("default", "address releases", 120, 400, "set-7f3a", "approve with kubectl annotate …");
         assert_eq!(r.type_, EventType::Warning);
         assert_eq!(r.regarding.kind, "KubeControllersConfiguration");
         assert_eq!(r.regarding.api_version, "crd.projectcalico.org/v1");
@@ -291,7 +292,7 @@ mod tests {
         let node = Regarding::node("n1", None);
         rec.node_ipam_released(&node, "released 3 addresses");
         rec.addresses_released(&node, 2, &[("pod-not-found", 2)]);
-        rec.mass_change_held("node cleanups", 6, 10, "s1", "wait");
+        rec.mass_change_held("default", "node cleanups", 6, 10, "s1", "wait");
         let reasons: Vec<_> = events.take().iter().map(|r| r.reason).collect();
         assert_eq!(reasons, [REASON_NODE_IPAM_RELEASED, REASON_ADDRESSES_RELEASED, REASON_MASS_CHANGE_HELD]);
         assert!(events.snapshot().is_empty());

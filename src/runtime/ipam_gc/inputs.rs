@@ -73,11 +73,20 @@ pub struct GcInputs {
     /// Blocks marked `deleted` and not deleted yet, by object name: the index ignores them, the
     /// leader finishes them, and no orphan handle is deleted while one is pending.
     soft_deleted: BTreeMap<String, SoftDeletedBlock>,
+    /// The KubeControllersConfiguration that configures this process (`KUBE_CONTROLLERS_CONFIG_NAME`,
+    /// `default` unless set); others of the kind are not ours.
+    kcc_name: String,
 }
 
 impl GcInputs {
     pub fn new() -> Self {
-        GcInputs { index: IpamIndex::new(), ..GcInputs::default() }
+        GcInputs { index: IpamIndex::new(), kcc_name: crate::config::DEFAULT_KCC_NAME.to_string(), ..GcInputs::default() }
+    }
+
+    /// Reads the KubeControllersConfiguration `name` instead of `default`.
+    pub fn with_kcc_name(mut self, name: &str) -> Self {
+        self.kcc_name = name.to_string();
+        self
     }
 
     /// Whether the Node cache holds `name`.
@@ -111,7 +120,7 @@ impl GcInputs {
     }
 
     /// The mass-change sets operators approved: the ids listed (comma-separated) in the
-    /// [`APPROVE_ANNOTATION`] of the `default` KubeControllersConfiguration.
+    /// [`APPROVE_ANNOTATION`] of this process's KubeControllersConfiguration.
     pub fn guard_approvals(&self) -> BTreeSet<String> {
         let Some(kcc) = &self.kcc else { return BTreeSet::new() };
         kcc.metadata.annotations.get(APPROVE_ANNOTATION).map_or_else(BTreeSet::new, |v| {
@@ -301,7 +310,7 @@ impl GcInputs {
             }
             Object::KubeControllersConfiguration(k) => {
                 let name = k.metadata.name.clone();
-                if name == "default" {
+                if name == self.kcc_name {
                     self.kcc = Some(*k);
                     applied.kcc_changed = true;
                 }
@@ -408,7 +417,7 @@ impl GcInputs {
                 // Its deletion holds every write (see `cluster_info_missing`).
                 applied.health_changed |= self.cluster_info.take().is_some();
             }
-            Source::KubeControllersConfiguration if key == "default" => {
+            Source::KubeControllersConfiguration if key == self.kcc_name => {
                 self.kcc = None;
                 applied.kcc_changed = true;
             }

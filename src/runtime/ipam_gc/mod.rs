@@ -159,7 +159,7 @@ impl GcController {
         let executor = Executor::spawn(ds, cluster, exec);
         GcController {
             run_config: RunConfig::merge(&opts.env, None),
-            inputs: GcInputs::new(),
+            inputs: GcInputs::new().with_kcc_name(opts.env.kcc().unwrap_or(crate::config::DEFAULT_KCC_NAME)),
             gc: GcState::new(),
             opts,
             shared,
@@ -392,12 +392,17 @@ impl GcController {
         if *self.may_write.borrow() {
             for h in &held {
                 let kind = if h.scope.unit == crate::guard::Unit::Nodes { "node cleanups" } else { "address releases" };
-                let how = format!(
-                    "waits for a complete observation one leakGracePeriod later, or: kubectl annotate kubecontrollersconfigurations.crd.projectcalico.org default {}={} --overwrite",
-                    inputs::APPROVE_ANNOTATION,
-                    h.id
-                );
-                self.events.mass_change_held(kind, h.waiting, h.total, &h.id, &how);
+                let kcc = self.opts.env.kcc().unwrap_or(crate::config::DEFAULT_KCC_NAME);
+                let how = match self.opts.env.kcc() {
+                    Some(name) => format!(
+                        "waits for a complete observation one leakGracePeriod later, or: kubectl annotate kubecontrollersconfigurations.crd.projectcalico.org {name} {}={} --overwrite",
+                        inputs::APPROVE_ANNOTATION,
+                        h.id
+                    ),
+                    // No configuration object to annotate: only the later observation lets it go.
+                    None => "waits for a complete observation one leakGracePeriod later (DISABLE_KUBE_CONTROLLERS_CONFIG_API: no approval annotation is read)".to_string(),
+                };
+                self.events.mass_change_held(kcc, kind, h.waiting, h.total, &h.id, &how);
             }
         }
     }
