@@ -51,7 +51,7 @@ async fn three_batches_on_one_node_are_one_event_series_and_each_node_and_the_gu
     recorder.addresses_released(&node1, 3, &[("pod-not-found", 3)]);
     recorder.addresses_released(&node1, 1, &[("node-deleted", 1)]);
     recorder.node_ipam_released(&Regarding::node(&n2, None), "released 1 tunnel address and 4 pod addresses");
-    recorder.mass_change_held("address releases", 120, 400, "set-e2e", "held until a later observation confirms it");
+    recorder.mass_change_held("default", "address releases", 120, 400, "set-e2e", "held until a later observation confirms it");
     wait_counts(&counters, 3, 2).await;
 
     let api: Api<Event> = Api::namespaced(client.clone(), "default");
@@ -122,7 +122,7 @@ async fn the_deploy_service_account_may_create_and_patch_events() {
     let node = Regarding::node("n-rbac", None);
     recorder.node_ipam_released(&node, "released 1 tunnel address");
     recorder.node_ipam_released(&node, "released 2 pod addresses");
-    recorder.mass_change_held("node cleanups", 6, 10, "set-rbac", "approve it");
+    recorder.mass_change_held("default", "node cleanups", 6, 10, "set-rbac", "approve it");
     // wait_counts fails at once on a refused write.
     wait_counts(&counters, 2, 1).await;
 }

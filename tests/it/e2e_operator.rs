@@ -31,7 +31,11 @@ fn kccs(client: &kube::Client) -> Api<DynamicObject> {
     )
 }
 
-fn kcc_object(name: &str, spec: serde_json::Value) -> DynamicObject {
+fn kcc_object(name: &str, mut spec: serde_json::Value) -> DynamicObject {
+    // Calico's CRD requires `spec.controllers` (an empty one means "none configured").
+    if spec.get("controllers").is_none() {
+        spec["controllers"] = json!({});
+    }
     serde_json::from_value(json!({
         "apiVersion": "crd.projectcalico.org/v1", "kind": "KubeControllersConfiguration",
         "metadata": {"name": name}, "spec": spec,
