@@ -991,6 +991,23 @@ fn a_handle_whose_name_contradicts_its_handle_id_is_invalid_and_never_stands_in_
     w.index.check_invariants().unwrap();
 }
 
+#[test]
+fn etcd_names_the_handle_by_its_id_and_a_long_affinity_unhashed_and_both_are_that_object() {
+    // Kubernetes object names cannot hold these, so accepting them changes nothing for KDD.
+    let mut w = World::new(5);
+    w.index.apply_handle(&handle_object("k8s-pod-network.MiXed", "k8s-pod-network.MiXed", "1", false)).unwrap();
+    let sym = w.index.strings().lookup("k8s-pod-network.MiXed").unwrap();
+    assert_eq!(w.index.handle(sym).unwrap().revision, "1");
+    assert!(w.index.apply_handle(&handle_object("k8s-pod-network.Mixed", "k8s-pod-network.MiXed", "2", false)).is_err(), "another spelling is not its name");
+    let host = "h".repeat(250);
+    let cidr: ipnet::IpNet = "10.0.0.0/29".parse().unwrap();
+    let plain = crate::model::names::plain_affinity_name(&host, &cidr);
+    assert_ne!(plain, crate::model::names::affinity_name(&host, &cidr));
+    w.index.apply_affinity(&affinity_object(&plain, &host, "10.0.0.0/29")).unwrap();
+    assert_eq!(w.index.affinities().map(|(n, _)| n.to_string()).collect::<Vec<_>>(), vec![plain]);
+    w.index.check_invariants().unwrap();
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
@@ -1065,4 +1082,25 @@ fn a_deleted_nodes_block_still_holding_another_nodes_address_is_planned_as_held_
     let r = p.nodes_to_release.iter().find(|r| r.node == "n1").expect("n1 is planned again");
     assert!(r.held.is_empty(), "{:?}", r.held);
     w.gc.check_invariants(&w.index).unwrap();
+}
+
+#[test]
+fn a_pod_is_compared_with_the_kubernetes_node_its_calico_node_maps_to() {
+    // etcd: the allocation names Calico Node `calico-n1`, which stands for Kubernetes node
+    // `k8s-n1`, where the pod runs without reporting its IP yet. Judged against the Calico name
+    // it would look rescheduled and be released after the grace period (SPEC §5.6 step 5).
+    let mut w = World::new(1);
+    w.index.apply_node(&node("calico-n1"));
+    w.index.set_node_alias("calico-n1", Some("k8s-n1"));
+    w.index.apply_pod(&pod("ns", "p1", "k8s-n1", &[]));
+    w.index.apply_block(&block("10.0.0.0/29", Some("calico-n1"), &[pod_alloc(1, "h1", "ns", "p1", "calico-n1")])).unwrap();
+    w.index.check_invariants().unwrap();
+    assert!(leak_of(&w.full(T0), &w, "10.0.0.1").is_none(), "the pod on the mapped node keeps its address");
+    assert!(w.full(T0 + 2 * MIN).releases.is_empty());
+    // The mapping goes (the Calico Node's orchRef no longer names k8s-n1): now it moved.
+    w.index.set_node_alias("calico-n1", None);
+    w.index.check_invariants().unwrap();
+    let p = w.full(T0 + 3 * MIN);
+    let l = leak_of(&p, &w, "10.0.0.1").expect("a pod on another node");
+    assert_eq!(l.reason, LeakReason::PodRescheduled);
 }

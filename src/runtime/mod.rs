@@ -37,6 +37,7 @@ pub mod init;
 pub mod ipam_gauges;
 pub mod ipam_gc;
 pub mod leader;
+pub mod compactor;
 pub mod live;
 pub mod metrics;
 pub mod status;
@@ -224,14 +225,14 @@ pub async fn run_with(client: kube::Client, etcd: Option<EtcdDatastore>, opts: R
             // Health reads never wait behind the writer's request limit: a burst of releases must
             // not make the datastore look unhealthy.
             let health_ds = KubeDatastore::new(client.clone(), opts.controller.dry_run, ds.counters().clone());
-            let backend = Backend { ds: Arc::new(ds), health_ds, cluster, cluster_types: init::KDD_CLUSTER_TYPES };
+            let backend = Backend { ds: Arc::new(ds), health_ds, cluster, cluster_types: init::KDD_CLUSTER_TYPES, compactor: None };
             run_on(client, backend, shared, opts, stop).await
         }
         Some(etcd) => {
             // Calico's objects in etcd; pods and nodes (and the Lease) still in Kubernetes.
             let ds = etcd.with_dry_run(opts.controller.dry_run).with_counters(api.clone());
             let cluster = Arc::new(KubeCluster::new(client.clone(), api, crate::datastore::kube::RequestLimiter::new(bucket)));
-            let backend = Backend { ds: Arc::new(ds.clone()), health_ds: ds, cluster, cluster_types: init::ETCD_CLUSTER_TYPES };
+            let backend = Backend { ds: Arc::new(ds.clone()), health_ds: ds.clone(), cluster, cluster_types: init::ETCD_CLUSTER_TYPES, compactor: Some(ds) };
             run_on(client, backend, shared, opts, stop).await
         }
     }
@@ -246,11 +247,13 @@ struct Backend<D> {
     cluster: Arc<KubeCluster>,
     /// What start-up writes into ClusterInformation's `clusterType`.
     cluster_types: &'static [&'static str],
+    /// etcd: the datastore the leader compacts periodically.
+    compactor: Option<crate::datastore::etcd::EtcdDatastore>,
 }
 
 /// The controller over one Calico datastore.
 async fn run_on<D: Datastore + Clone + 'static>(client: kube::Client, backend: Backend<D>, shared: Arc<Shared>, opts: RunOptions, stop: impl Future<Output = ()>) -> Result<(), RunError> {
-    let Backend { ds, health_ds, cluster, cluster_types } = backend;
+    let Backend { ds, health_ds, cluster, cluster_types, compactor } = backend;
     if opts.controller.dry_run {
         tracing::warn!("dry run: plans are reported, nothing is written");
     }
@@ -304,6 +307,11 @@ async fn run_on<D: Datastore + Clone + 'static>(client: kube::Client, backend: B
     } else {
         events::spawn(client.clone(), events::EventOptions::from_env(), shared.metrics(|m| m.events.clone())).0
     };
+    // etcd mode only, and only on the leader (SPEC §0 step 6); never in a dry run.
+    let compactor_task = match compactor.filter(|_| !opts.controller.dry_run) {
+        Some(etcd) => Some(tokio::spawn(compactor::run(etcd, shared.clone(), may_write.clone()))),
+        None => None,
+    };
     let controller = ipam_gc::GcController::new(ds.clone(), cluster.clone(), opts.controller.clone(), shared.clone(), may_write).with_events(events);
     let gc_task = tokio::spawn(controller.run(rx, stop_rx));
 
@@ -321,7 +329,7 @@ async fn run_on<D: Datastore + Clone + 'static>(client: kube::Client, backend: B
     for w in watchers {
         w.abort();
     }
-    for task in [Some(live_task), Some(health_task), writer_task].into_iter().flatten() {
+    for task in [Some(live_task), Some(health_task), writer_task, compactor_task].into_iter().flatten() {
         task.abort();
     }
     for s in servers {

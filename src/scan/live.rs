@@ -9,8 +9,10 @@
 //! objects through the [`Datastore`] seam and Kubernetes' through [`ClusterReader`], never a
 //! client of its own.
 
+use std::collections::BTreeMap;
+
 use super::dump::DumpContents;
-use crate::datastore::{ClusterKind, ClusterReader, Datastore, DatastoreError, Kind, Stored};
+use crate::datastore::{CalicoNodeView, ClusterKind, ClusterReader, Datastore, DatastoreError, Kind, Stored};
 
 /// Objects between two progress reports while pods or nodes stream in: one LIST page's worth.
 const PROGRESS_EVERY: u64 = 500;
@@ -81,6 +83,43 @@ fn seen(contents: &DumpContents, what: Listed) -> u64 {
     contents.kind_counts.get(what.kind_name()).copied().unwrap_or(0)
 }
 
+/// etcd: Calico Node name -> the Kubernetes node its `k8s` orchRef names.
+type CalicoNames = BTreeMap<String, Option<String>>;
+
+/// The Calico Nodes, where the datastore keeps them apart from Kubernetes' (etcd).
+async fn calico_names<D: Datastore>(ds: &D) -> Result<Option<CalicoNames>, LiveScanError> {
+    if !ds.keeps_calico_nodes() {
+        return Ok(None);
+    }
+    let nodes = match ds.list(Kind::CalicoNode).await {
+        Ok(n) => n,
+        Err(e) if e.is_not_found() => Vec::new(),
+        Err(source) => return Err(LiveScanError::List { resource: "calico nodes".into(), source }),
+    };
+    let k8s_of = |v: &serde_json::Value| match CalicoNodeView::of_node(v) {
+        CalicoNodeView::Present { k8s_node } => k8s_node,
+        _ => None,
+    };
+    Ok(Some(nodes.iter().map(|n| (n.name.clone(), k8s_of(&n.value))).collect()))
+}
+
+/// The Nodes as the allocations name them. KDD: the Kubernetes Node itself. etcd (as the GC
+/// sees them): one copy under each Calico Node name whose orchRef names it; a Kubernetes Node
+/// no Calico Node names is none of the allocations' nodes.
+fn as_allocation_nodes(names: Option<&CalicoNames>, object: Stored) -> Vec<Stored> {
+    let Some(names) = names else { return vec![object] };
+    names
+        .iter()
+        .filter(|(_, k8s)| k8s.as_deref() == Some(object.name.as_str()))
+        .map(|(calico, _)| {
+            let mut copy = object.clone();
+            copy.name = calico.clone();
+            copy.value["metadata"]["name"] = serde_json::Value::String(calico.clone());
+            copy
+        })
+        .collect()
+}
+
 /// Lists every kind the GC reads into an indexed [`DumpContents`], ready for `scan_dump`.
 /// `progress(kind, objects_so_far)` is called as objects arrive and after each kind.
 pub async fn read_cluster<D: Datastore, C: ClusterReader>(
@@ -90,6 +129,7 @@ pub async fn read_cluster<D: Datastore, C: ClusterReader>(
 ) -> Result<DumpContents, LiveScanError> {
     let mut contents =
         DumpContents { index: Some(Box::new(crate::ipam::index::IpamIndex::new())), complete_pod_view: true, read_live: true, ..DumpContents::default() };
+    let names = calico_names(ds).await?;
     for (what, required) in listed() {
         let result = match what {
             Listed::Calico(kind) => ds.list(kind).await.map(|objects| {
@@ -100,7 +140,10 @@ pub async fn read_cluster<D: Datastore, C: ClusterReader>(
             Listed::Cluster(kind) => {
                 let mut position = 0u64;
                 let mut sink = |object: Stored| {
-                    absorb(&mut contents, what, position, &object);
+                    let objects = if kind == ClusterKind::Node { as_allocation_nodes(names.as_ref(), object) } else { vec![object] };
+                    for object in &objects {
+                        absorb(&mut contents, what, position, object);
+                    }
                     position += 1;
                     if position.is_multiple_of(PROGRESS_EVERY) {
                         progress(what.plural(), seen(&contents, what));
@@ -116,6 +159,18 @@ pub async fn read_cluster<D: Datastore, C: ClusterReader>(
             Err(source) => return Err(LiveScanError::List { resource: what.plural().to_string(), source }),
         }
         progress(what.plural(), seen(&contents, what));
+    }
+    if let Some(names) = &names {
+        // A Calico Node without a Kubernetes orchRef is never taken as deleted: it exists.
+        for (calico, _) in names.iter().filter(|(_, k8s)| k8s.is_none()) {
+            let node = serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": calico}});
+            absorb(&mut contents, Listed::Cluster(ClusterKind::Node), 0, &Stored { name: calico.clone(), revision: String::new(), uid: String::new(), value: node });
+        }
+        if let Some(index) = contents.index.as_deref_mut() {
+            for (calico, k8s) in names {
+                index.set_node_alias(calico, k8s.as_deref());
+            }
+        }
     }
     Ok(contents)
 }
