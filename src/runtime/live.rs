@@ -107,8 +107,17 @@ async fn apply(shared: &Arc<Shared>, opts: &RunOptions, metrics: &mut MetricsLis
 /// Start-of-day writes, then the KubeControllersConfiguration's status on every config change
 /// (and its re-creation when deleted). Runs only behind the WRITE GATE. Returns an error only
 /// when start-of-day initialization gave up (fatal, as upstream).
-pub async fn writer<D: Datastore>(ds: D, shared: Arc<Shared>, cluster_types: &'static [&'static str]) -> Result<(), init::InitError> {
-    init::ensure_initialized_as(&ds, cluster_types).await?;
+/// `retry_for`: how long the start-up writes may fail before the process gives up (upstream's
+/// 60 s); `None` retries until they succeed, each failure in the `Startup` reason.
+pub async fn writer<D: Datastore>(
+    ds: D,
+    shared: Arc<Shared>,
+    cluster_types: &'static [&'static str],
+    retry_for: Option<std::time::Duration>,
+) -> Result<(), init::InitError> {
+    let status = shared.clone();
+    let mut report = move |e: &init::InitError| status.status.set_ready(health::STARTUP, false, format!("initializing the datastore: {e}"));
+    init::ensure_initialized_for(&ds, cluster_types, retry_for, &mut report).await?;
     shared.status.set_ready(health::STARTUP, true, "");
     let mut rx = shared.config.subscribe();
     loop {

@@ -225,14 +225,14 @@ pub async fn run_with(client: kube::Client, etcd: Option<EtcdDatastore>, opts: R
             // Health reads never wait behind the writer's request limit: a burst of releases must
             // not make the datastore look unhealthy.
             let health_ds = KubeDatastore::new(client.clone(), opts.controller.dry_run, ds.counters().clone());
-            let backend = Backend { ds: Arc::new(ds), health_ds, cluster, cluster_types: init::KDD_CLUSTER_TYPES, compactor: None };
+            let backend = Backend { ds: Arc::new(ds), health_ds, cluster, cluster_types: init::KDD_CLUSTER_TYPES, compactor: None, init_retry_for: Some(init::RETRY_FOR) };
             run_on(client, backend, shared, opts, stop).await
         }
         Some(etcd) => {
             // Calico's objects in etcd; pods and nodes (and the Lease) still in Kubernetes.
             let ds = etcd.with_dry_run(opts.controller.dry_run).with_counters(api.clone());
             let cluster = Arc::new(KubeCluster::new(client.clone(), api, crate::datastore::kube::RequestLimiter::new(bucket)));
-            let backend = Backend { ds: Arc::new(ds.clone()), health_ds: ds.clone(), cluster, cluster_types: init::ETCD_CLUSTER_TYPES, compactor: Some(ds) };
+            let backend = Backend { ds: Arc::new(ds.clone()), health_ds: ds.clone(), cluster, cluster_types: init::ETCD_CLUSTER_TYPES, compactor: Some(ds), init_retry_for: None };
             run_on(client, backend, shared, opts, stop).await
         }
     }
@@ -249,11 +249,15 @@ struct Backend<D> {
     cluster_types: &'static [&'static str],
     /// etcd: the datastore the leader compacts periodically.
     compactor: Option<crate::datastore::etcd::EtcdDatastore>,
+    /// How long the leader's start-up writes may fail before the process exits: upstream's 60 s
+    /// on Kubernetes (the apiserver is the controller's own lifeline); on etcd `None`, retried
+    /// until etcd answers, so an unusable etcd is a readiness reason, never a crash loop.
+    init_retry_for: Option<std::time::Duration>,
 }
 
 /// The controller over one Calico datastore.
 async fn run_on<D: Datastore + Clone + 'static>(client: kube::Client, backend: Backend<D>, shared: Arc<Shared>, opts: RunOptions, stop: impl Future<Output = ()>) -> Result<(), RunError> {
-    let Backend { ds, health_ds, cluster, cluster_types, compactor } = backend;
+    let Backend { ds, health_ds, cluster, cluster_types, compactor, init_retry_for } = backend;
     if opts.controller.dry_run {
         tracing::warn!("dry run: plans are reported, nothing is written");
     }
@@ -298,7 +302,7 @@ async fn run_on<D: Datastore + Clone + 'static>(client: kube::Client, backend: B
         shared.status.set_ready(health::STARTUP, true, "dry run: datastore not initialized by us");
         None
     } else {
-        Some(tokio::spawn(writer_while_leading((*ds).clone(), shared.clone(), may_write.clone(), fatal_tx, cluster_types)))
+        Some(tokio::spawn(writer_while_leading((*ds).clone(), shared.clone(), may_write.clone(), fatal_tx, (cluster_types, init_retry_for))))
     };
 
     // Events go out only from a process that writes: a dry run records none.
@@ -346,7 +350,7 @@ async fn writer_while_leading<D: Datastore + Clone + 'static>(
     shared: Arc<Shared>,
     mut may_write: tokio::sync::watch::Receiver<bool>,
     fatal: tokio::sync::oneshot::Sender<init::InitError>,
-    cluster_types: &'static [&'static str],
+    (cluster_types, init_retry_for): (&'static [&'static str], Option<std::time::Duration>),
 ) {
     const STANDBY: &str = "standby: the leader initializes the datastore";
     let mut fatal = Some(fatal);
@@ -358,7 +362,7 @@ async fn writer_while_leading<D: Datastore + Clone + 'static>(
         let leading = *may_write.borrow_and_update();
         if leading && task.is_none() && !finished_this_term {
             shared.status.set_ready(health::STARTUP, false, "initializing the datastore");
-            task = Some(tokio::spawn(live::writer(ds.clone(), shared.clone(), cluster_types)));
+            task = Some(tokio::spawn(live::writer(ds.clone(), shared.clone(), cluster_types, init_retry_for)));
         } else if !leading {
             if let Some(t) = task.take() {
                 t.abort();
