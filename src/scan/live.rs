@@ -86,7 +86,9 @@ fn seen(contents: &DumpContents, what: Listed) -> u64 {
 /// etcd: Calico Node name -> the Kubernetes node its `k8s` orchRef names.
 type CalicoNames = BTreeMap<String, Option<String>>;
 
-/// The Calico Nodes, where the datastore keeps them apart from Kubernetes' (etcd).
+/// The Calico Nodes, where the datastore keeps them apart from Kubernetes' (etcd). Read with
+/// the Nodes, after the blocks: a node whose allocations the blocks show was created before
+/// them, so it is in this list (the dump order rule).
 async fn calico_names<D: Datastore>(ds: &D) -> Result<Option<CalicoNames>, LiveScanError> {
     if !ds.keeps_calico_nodes() {
         return Ok(None);
@@ -103,23 +105,6 @@ async fn calico_names<D: Datastore>(ds: &D) -> Result<Option<CalicoNames>, LiveS
     Ok(Some(nodes.iter().map(|n| (n.name.clone(), k8s_of(&n.value))).collect()))
 }
 
-/// The Nodes as the allocations name them. KDD: the Kubernetes Node itself. etcd (as the GC
-/// sees them): one copy under each Calico Node name whose orchRef names it; a Kubernetes Node
-/// no Calico Node names is none of the allocations' nodes.
-fn as_allocation_nodes(names: Option<&CalicoNames>, object: Stored) -> Vec<Stored> {
-    let Some(names) = names else { return vec![object] };
-    names
-        .iter()
-        .filter(|(_, k8s)| k8s.as_deref() == Some(object.name.as_str()))
-        .map(|(calico, _)| {
-            let mut copy = object.clone();
-            copy.name = calico.clone();
-            copy.value["metadata"]["name"] = serde_json::Value::String(calico.clone());
-            copy
-        })
-        .collect()
-}
-
 /// Lists every kind the GC reads into an indexed [`DumpContents`], ready for `scan_dump`.
 /// `progress(kind, objects_so_far)` is called as objects arrive and after each kind.
 pub async fn read_cluster<D: Datastore, C: ClusterReader>(
@@ -129,8 +114,10 @@ pub async fn read_cluster<D: Datastore, C: ClusterReader>(
 ) -> Result<DumpContents, LiveScanError> {
     let mut contents =
         DumpContents { index: Some(Box::new(crate::ipam::index::IpamIndex::new())), complete_pod_view: true, read_live: true, ..DumpContents::default() };
-    let names = calico_names(ds).await?;
     for (what, required) in listed() {
+        if matches!(what, Listed::Cluster(ClusterKind::Node)) {
+            contents.calico_nodes = calico_names(ds).await?.unwrap_or_default();
+        }
         let result = match what {
             Listed::Calico(kind) => ds.list(kind).await.map(|objects| {
                 for (i, object) in objects.iter().enumerate() {
@@ -140,10 +127,7 @@ pub async fn read_cluster<D: Datastore, C: ClusterReader>(
             Listed::Cluster(kind) => {
                 let mut position = 0u64;
                 let mut sink = |object: Stored| {
-                    let objects = if kind == ClusterKind::Node { as_allocation_nodes(names.as_ref(), object) } else { vec![object] };
-                    for object in &objects {
-                        absorb(&mut contents, what, position, object);
-                    }
+                    absorb(&mut contents, what, position, &object);
                     position += 1;
                     if position.is_multiple_of(PROGRESS_EVERY) {
                         progress(what.plural(), seen(&contents, what));
@@ -160,18 +144,8 @@ pub async fn read_cluster<D: Datastore, C: ClusterReader>(
         }
         progress(what.plural(), seen(&contents, what));
     }
-    if let Some(names) = &names {
-        // A Calico Node without a Kubernetes orchRef is never taken as deleted: it exists.
-        for (calico, _) in names.iter().filter(|(_, k8s)| k8s.is_none()) {
-            let node = serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": calico}});
-            absorb(&mut contents, Listed::Cluster(ClusterKind::Node), 0, &Stored { name: calico.clone(), revision: String::new(), uid: String::new(), value: node });
-        }
-        if let Some(index) = contents.index.as_deref_mut() {
-            for (calico, k8s) in names {
-                index.set_node_alias(calico, k8s.as_deref());
-            }
-        }
-    }
+    // etcd: the Calico Nodes' names for the Kubernetes Nodes, as an etcd dump gets them.
+    contents.map_calico_nodes();
     Ok(contents)
 }
 

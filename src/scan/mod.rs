@@ -1,4 +1,5 @@
 pub mod dump;
+pub mod etcd_dump;
 pub mod merge;
 pub mod order;
 pub mod live;
