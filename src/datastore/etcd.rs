@@ -952,6 +952,13 @@ impl WatchState {
             let reason = result.get("cancel_reason").and_then(Value::as_str).unwrap_or("no reason given");
             return Err(format!("etcd canceled the watch of {}: {reason}", self.kind.plural()));
         }
+        if result.get("created").and_then(Value::as_bool).unwrap_or(false) {
+            // The watch is (re)established at `next_revision`: after a failure, that is the news
+            // that the kind is healthy again even if nothing changes for hours.
+            self.delay = Duration::ZERO;
+            self.pending.push_back(WatchEvent::Resumed);
+            return Ok(());
+        }
         for event in result.get("events").and_then(Value::as_array).into_iter().flatten() {
             let kv = parse_kv(&event["kv"]).map_err(|e| e.message)?;
             self.next_revision = self.next_revision.max(kv.mod_revision + 1);

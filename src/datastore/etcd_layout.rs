@@ -409,7 +409,7 @@ mod tests {
         let key = format!("/calico/ipam/v2/host/{node}/ipv4/block/10.0.0.0-26");
         let info = parse_key(Kind::BlockAffinity, &key).unwrap();
         assert_eq!(info.name, plain_affinity_name(&node, &net));
-        assert_eq!(candidate_keys(Kind::BlockAffinity, &info.name).unwrap(), [key.clone()]);
+        assert_eq!(candidate_keys(Kind::BlockAffinity, &info.name).unwrap(), std::slice::from_ref(&key));
         let body = json!({"spec": {"node": node, "cidr": "10.0.0.0/26", "state": "confirmed"}});
         for name in [plain_affinity_name(&node, &net), affinity_name(&node, &net)] {
             assert_eq!(key_for_write(Kind::BlockAffinity, &name, &body).unwrap(), key, "both names write the one key");

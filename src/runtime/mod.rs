@@ -312,10 +312,7 @@ async fn run_on<D: Datastore + Clone + 'static>(client: kube::Client, backend: B
         events::spawn(client.clone(), events::EventOptions::from_env(), shared.metrics(|m| m.events.clone())).0
     };
     // etcd mode only, and only on the leader (SPEC §0 step 6); never in a dry run.
-    let compactor_task = match compactor.filter(|_| !opts.controller.dry_run) {
-        Some(etcd) => Some(tokio::spawn(compactor::run(etcd, shared.clone(), may_write.clone()))),
-        None => None,
-    };
+    let compactor_task = compactor.filter(|_| !opts.controller.dry_run).map(|etcd| tokio::spawn(compactor::run(etcd, shared.clone(), may_write.clone())));
     let controller = ipam_gc::GcController::new(ds.clone(), cluster.clone(), opts.controller.clone(), shared.clone(), may_write).with_events(events);
     let gc_task = tokio::spawn(controller.run(rx, stop_rx));
 

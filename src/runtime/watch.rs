@@ -324,6 +324,8 @@ pub async fn forward(mut stream: WatchStream, source: Source, tx: mpsc::Sender<I
 /// The input one watch event becomes, if any (a malformed object is sent as `Invalid` here).
 async fn change_of(event: WatchEvent, source: Source, tx: &mpsc::Sender<Input>, key: &str, shared: &Shared, refused: &mut bool) -> Option<Change> {
     Some(match event {
+        // Nothing changed, but the watch works again: `forward` reports the kind healthy.
+        WatchEvent::Resumed => return None,
         WatchEvent::Init => Change::Init,
         WatchEvent::InitDone => Change::InitDone,
         WatchEvent::InitApply(o) => Change::InitApply(send_invalid(tx, source, decode_stored(source, &o)).await?),

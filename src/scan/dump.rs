@@ -116,6 +116,8 @@ pub struct DumpContents {
     /// etcd: Calico Node name -> the Kubernetes node its `k8s` orchRef names (from an etcd dump
     /// or a live etcd scan); see [`DumpContents::map_calico_nodes`].
     pub calico_nodes: BTreeMap<String, Option<String>>,
+    /// Some part was an etcdctl dump of Calico's etcd: its revisions are not Kubernetes'.
+    pub etcd_dump: bool,
     pub(crate) registry: merge::Registry,
     pub(crate) pod_positions: BTreeMap<(String, String), usize>,
 }
@@ -1241,7 +1243,11 @@ enum Parsed {
     UnreadablePod(InvalidObject, String, String),
     Node(Box<NodeLite>),
     /// A Calico Node of an etcd dump: its name and its `k8s` orchRef's node.
+    #[cfg_attr(not(feature = "cli"), allow(dead_code))]
     CalicoNode(String, Option<String>),
+    /// The start of an etcdctl dump.
+    #[cfg_attr(not(feature = "cli"), allow(dead_code))]
+    EtcdDump,
     Namespace(String),
     SoftDeleted,
     /// A kind the scan does not use, or a Calico kind from a foreign API group (with a note).
@@ -1251,6 +1257,8 @@ enum Parsed {
 
 /// The kind recorded for an item that is not even a JSON object with a readable `kind`.
 const UNREADABLE_KIND: &str = "<unreadable>";
+/// The pseudo-kind counted once per etcdctl dump read.
+pub const ETCD_DUMP_KIND: &str = "<etcd dump>";
 /// The kind recorded for an object that has no `kind`.
 const NO_KIND: &str = "<no kind>";
 
@@ -1345,6 +1353,7 @@ struct NestedList<'a> {
 }
 
 /// One key of an etcdctl dump as the reader takes it.
+#[cfg(feature = "cli")]
 fn etcd_outcome(item: super::etcd_dump::EtcdItem, fallback: &str) -> Outcome {
     use super::etcd_dump::EtcdItem;
     match item {
@@ -1381,11 +1390,13 @@ fn classify(bytes: &[u8], fallback: &str, nesting: usize, default: Option<&Head>
         Some(d) if head.kind.is_empty() => Head { kind: d.kind.clone(), api_version: if head.api_version.is_empty() { d.api_version.clone() } else { head.api_version } },
         _ => head,
     };
+    #[cfg(feature = "cli")]
     if kind.is_empty()
         && nesting == 0
         && let Some(items) = super::etcd_dump::read(bytes)
     {
-        return Outcome::List(items.into_iter().map(|item| etcd_outcome(item, fallback)).collect());
+        let marker = Outcome::Object { kind: ETCD_DUMP_KIND.into(), v3: false, parsed: Parsed::EtcdDump };
+        return Outcome::List(std::iter::once(marker).chain(items.into_iter().map(|item| etcd_outcome(item, fallback))).collect());
     }
     let v3 = api_version == CALICO_V3_API_VERSION;
     let calico_api = api_version.is_empty() || api_version == CALICO_API_VERSION || v3;
@@ -1624,6 +1635,7 @@ impl DumpContents {
             Parsed::CalicoNode(name, k8s_node) => {
                 self.calico_nodes.insert(name, k8s_node);
             }
+            Parsed::EtcdDump => self.etcd_dump = true,
             Parsed::Pod(facts, problem) => {
                 self.invalid.extend(problem);
                 self.absorb_pod(*facts);

@@ -101,6 +101,12 @@ async fn controller_on_etcd_frees_a_gone_pods_ip_and_handle_and_keeps_the_live_o
 
     // etcd restarted mid-run: the watches resume, a later leak is freed, the live IP kept.
     cluster.restart("calico-etcd").expect("restarting Calico's etcd");
+    // Our own client's pooled connection died with the old process: its first call may fail.
+    let started = Instant::now();
+    while let Err(e) = ds.probe().await {
+        assert!(started.elapsed() < DEADLINE, "etcd does not answer after its restart: {e}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let later = format!("k8s-pod-network.later-{ns}");
     put_block(&ds, "10.65.1.0/26", Some(NODE), &[Alloc { ordinal: 3, handle: &later, secondary: pod_attrs(&ns, "later", NODE) }]).await;
     wait_released(&ds, &later, &controller).await;
@@ -315,4 +321,75 @@ async fn the_leader_compacts_etcd_every_compaction_period_and_never_with_zero() 
     // ... and a leak made after the compaction is found and freed (a node without a Calico Node).
     put_block(&ds, "10.71.0.0/26", Some("nowhere"), &[Alloc { ordinal: 1, handle: "after-compaction", secondary: pod_attrs("default", "gone", "nowhere") }]).await;
     wait_released(&ds, "after-compaction", &controller).await;
+}
+
+/// The leaks of a `leak-scan --output json` report, without what depends on when it ran.
+fn leaks_of(report: &serde_json::Value) -> Vec<serde_json::Value> {
+    let mut leaks: Vec<_> = report["leaks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|l| json!({"ip": l["ip"], "handle": l["handle"], "node": l["node"], "reason": l["reason"], "releasable": l["releasable"], "heldBy": l["heldBy"]}))
+        .collect();
+    leaks.sort_by_key(|l| l["ip"].as_str().unwrap_or_default().to_string());
+    leaks
+}
+
+fn leak_scan(cluster: &TestCluster, args: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_calico-kube-controllers"))
+        .args(["leak-scan", "--output", "json"])
+        .args(args)
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .envs(env.iter().copied())
+        .output()
+        .expect("running leak-scan");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("JSON report ({e}); stderr: {stderr}"))
+}
+
+/// An offline scan of an etcdctl dump of Calico's etcd, with Kubernetes dumps of Nodes,
+/// Namespaces and Pods (README: making a dump on etcd), agrees with the live scan.
+#[tokio::test]
+async fn an_etcdctl_dump_scans_as_the_live_etcd_does() {
+    let cluster = private_cluster();
+    let client = cluster.client();
+    let env = etcd_env(&calico_etcd(&cluster), "", None);
+    let ds = etcd_client(&env).await;
+    let ns = live_pod_on_node(&cluster, &client, "e2e-etcd-dump").await;
+    const NODE: &str = crate::support::controller::NODE;
+    // Calico node `cal-n1` stands for Kubernetes node n1, where `waiting` has no IP yet.
+    put_calico_node(&ds, "cal-n1", Some(NODE)).await;
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &ns);
+    let waiting = json!({"metadata": {"name": "waiting"}, "spec": {"nodeName": NODE, "containers": [{"name": "c", "image": "registry.invalid/c:1"}]}});
+    pods.create(&PostParams::default(), &serde_json::from_value(waiting).unwrap()).await.expect("waiting pod");
+    put_block(&ds, CIDR, Some("cal-n1"), &[
+        Alloc { ordinal: 1, handle: &format!("k8s-pod-network.live-{ns}"), secondary: pod_attrs(&ns, "live", "cal-n1") },
+        Alloc { ordinal: 2, handle: &format!("k8s-pod-network.Gone-{ns}"), secondary: pod_attrs(&ns, "gone", "cal-n1") },
+        Alloc { ordinal: 3, handle: &format!("k8s-pod-network.waiting-{ns}"), secondary: pod_attrs(&ns, "waiting", "cal-n1") },
+    ])
+    .await;
+    // A node without a Calico Node.
+    put_block(&ds, "10.72.1.0/26", Some("ghost"), &[Alloc { ordinal: 1, handle: "k8s-pod-network.ghost", secondary: pod_attrs(&ns, "ghost", "ghost") }]).await;
+
+    let live = leak_scan(&cluster, &[], &pairs(&env));
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("etcd-dump-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // IPAM first (Calico's etcd), then Nodes, Namespaces, and Pods last.
+    std::fs::write(dir.join("calico.json"), etcdctl(&cluster, &["get", "--prefix", "/calico/", "-w", "json"]).expect("etcdctl dump")).unwrap();
+    let kubectl = cluster.bin_dir().expect("harness bin dir").join("kubectl");
+    for (file, path) in [("nodes.json", "/api/v1/nodes"), ("namespaces.json", "/api/v1/namespaces"), ("pods.json", "/api/v1/pods")] {
+        let out = std::process::Command::new(&kubectl).arg("--kubeconfig").arg(&cluster.kubeconfig).args(["get", "--raw", path]).output().expect("kubectl");
+        assert!(out.status.success(), "kubectl get --raw {path}: {}", String::from_utf8_lossy(&out.stderr));
+        std::fs::write(dir.join(file), out.stdout).unwrap();
+    }
+    let offline = leak_scan(&cluster, &["--from-dump", dir.to_str().unwrap()], &[]);
+    let (live_leaks, dump_leaks) = (leaks_of(&live), leaks_of(&offline));
+    assert_eq!(dump_leaks, live_leaks, "live: {live:#}\noffline: {offline:#}");
+    let ip = |l: &serde_json::Value| l["ip"].as_str().unwrap_or_default().to_string();
+    let releasable: Vec<String> = live_leaks.iter().filter(|l| l["releasable"] == true).map(ip).collect();
+    assert_eq!(releasable, ["10.65.0.2", "10.72.1.1"], "the gone pod's and the Calico-node-less node's: {live:#}");
+    assert!(!live_leaks.iter().any(|l| l["ip"] == "10.65.0.1" || l["ip"] == "10.65.0.3"), "the live pod's and the waiting one's, on the node its Calico node maps to, are no leaks: {live:#}");
+    assert_eq!(offline["summary"]["blocks"], live["summary"]["blocks"], "{:#}", offline["summary"]);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -248,7 +248,8 @@ async fn run_job<D: Datastore, C: ClusterReader>(ds: &D, cluster: &C, opts: &Exe
             Ok(GoneProof::KubernetesNode(k)) => k,
             Ok(GoneProof::CalicoNodeMissing) => {
                 tracing::info!(node = %name, "no Calico Node of that name: the node is gone");
-                nodes_gone.push((name.clone(), name));
+                // No Kubernetes Node proved it: a same-named one changes nothing (SPEC §9.3).
+                nodes_gone.push((name, String::new()));
                 continue;
             }
             Ok(GoneProof::Never) => {

@@ -161,6 +161,8 @@ impl GcInputs {
     /// meanwhile (the read answered before the node was created).
     pub fn nodes_proven_gone(&mut self, proofs: impl IntoIterator<Item = (String, String)>) {
         for (name, k8s_name) in proofs {
+            // etcd: the watch holds this Calico Node now, and its orchRef is not the Kubernetes
+            // node the read found missing (or that node is back): the read is out of date.
             let delivered = match &self.calico {
                 Some(c) => c.nodes.get(&name).is_some_and(|k| k.is_none() || k.as_deref() != Some(k8s_name.as_str()) || c.kube.contains_key(&k8s_name)),
                 None => false,
