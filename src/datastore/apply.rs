@@ -19,7 +19,6 @@ use crate::ipam::plan::{BlockRelease, ColdBlock, EmptyBlockRecord, LeakReason, N
 use crate::ipam::release::{HandleAction, apply_release, check_block, collect_cooled, release_from_handle};
 use crate::model::affinity::STATE_PENDING_DELETION;
 use crate::model::block::{Affinity, IpamBlockSpec, WINDOWS_RESERVED_HANDLE};
-use crate::model::names::{affinity_name, handle_object_name};
 use crate::model::time::Millis;
 use crate::model::{BlockAffinity, IpamBlock, IpamHandle};
 
@@ -398,7 +397,7 @@ async fn release_block<D: Datastore>(
 
 /// Takes `count` addresses in `cidr` off the handle; deletes the handle when nothing is left.
 async fn decrement_handle<D: Datastore>(ds: &D, handle_id: &str, cidr: &str, count: u32, opts: &ExecuteOptions, out: &mut PlanOutcome) -> DsResult<()> {
-    let name = handle_object_name(handle_id);
+    let name = ds.handle_object_name(handle_id);
     let mut attempt = 0;
     loop {
         let stored = match ds.get(Kind::IpamHandle, &name).await {
@@ -518,7 +517,7 @@ async fn delete_fresh<D: Datastore>(
 /// (so a concurrent claim backs off), delete the block only if it is still empty and still the
 /// node's, then delete the affinity.
 async fn release_empty_block<D: Datastore>(ds: &D, rec: &EmptyBlockRecord, opts: &ExecuteOptions, out: &mut PlanOutcome) -> DsResult<()> {
-    let aff_name = affinity_name(&rec.node, &rec.cidr);
+    let aff_name = ds.affinity_object_name(&rec.node, &rec.cidr);
     let marked = set_affinity_state(ds, &aff_name, STATE_PENDING_DELETION, opts, out).await?;
     let mut attempt = 0;
     loop {
@@ -663,7 +662,8 @@ async fn finish_soft_delete<D: Datastore>(ds: &D, pending: &SoftDeletedBlock, ou
 /// deleted and re-created by the CNI) and same revision (not touched since). A changed handle is
 /// in use again and is left alone, never retried.
 async fn delete_orphan_handle<D: Datastore>(ds: &D, orphan: &OrphanHandle, out: &mut PlanOutcome) -> DsResult<()> {
-    let stored = match ds.get(Kind::IpamHandle, &orphan.object_name).await {
+    // The plan names it as KDD would; the datastore knows its own name for the ID.
+    let stored = match ds.get(Kind::IpamHandle, &ds.handle_object_name(&orphan.handle_id)).await {
         Err(e) if e.is_not_found() => return Ok(()),
         r => r?,
     };

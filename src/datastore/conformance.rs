@@ -296,6 +296,7 @@ async fn first_list(stream: &mut WatchStream, prefix: &str) -> Result<Vec<Stored
             },
             WatchEvent::InitDone => return listed.ok_or_else(|| "InitDone before Init".to_string()),
             WatchEvent::Error(f) if f.refused.is_none() => {}
+            WatchEvent::Resumed => {}
             other => return Err(format!("unexpected event during the first list: {other:?}")),
         }
     }
@@ -356,6 +357,8 @@ async fn changes_arrive_as_apply_apply_delete<D: Datastore>(ds: &D, opts: &Optio
             WatchEvent::Apply(s) | WatchEvent::Delete(s) if s.name != name => {}
             e @ (WatchEvent::Apply(_) | WatchEvent::Delete(_)) => seen.push(e),
             WatchEvent::Error(f) if f.refused.is_none() => {}
+            // The watch (re)established: no change, and nothing missed.
+            WatchEvent::Resumed => {}
             other => return Err(format!("unexpected event while watching changes: {other:?}")),
         }
     }

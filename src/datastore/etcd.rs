@@ -80,6 +80,8 @@ struct Kv {
     value: Vec<u8>,
     create_revision: i64,
     mod_revision: i64,
+    /// How many times the key was written since its creation.
+    version: i64,
 }
 
 fn num(v: &Value) -> i64 {
@@ -102,7 +104,7 @@ fn parse_kv(v: &Value) -> DsResult<Kv> {
         }
     };
     let key = String::from_utf8(decode("key")?).map_err(|_| DatastoreError::invalid("etcd returned a key that is not UTF-8"))?;
-    Ok(Kv { key, value: decode("value")?, create_revision: num(&v["create_revision"]), mod_revision: num(&v["mod_revision"]) })
+    Ok(Kv { key, value: decode("value")?, create_revision: num(&v["create_revision"]), mod_revision: num(&v["mod_revision"]), version: num(&v["version"]) })
 }
 
 /// `source: source: …` of an error, the whole chain (hyper's top-level message alone says
@@ -433,15 +435,21 @@ impl Inner {
         }
     }
 
-    /// The call on the member that answered last, then on the others in order.
-    async fn failover(&self, path: &str, body: &Value, token: Option<&str>) -> DsResult<Value> {
+    /// `attempt` on the member that answered last, then on the others in order, until one
+    /// succeeds (it becomes the current member) or refuses (the same on every member). The
+    /// error when none answered says `what` none of them did.
+    async fn on_some_member<'s, T, F, Fut>(&'s self, what: &str, mut attempt: F) -> DsResult<T>
+    where
+        F: FnMut(&'s str) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Attempt>>,
+    {
         let n = self.endpoints.len().max(1);
         let start = self.current.load(Ordering::Relaxed) % n;
         let mut failures = Vec::new();
         for i in 0..n {
             let index = (start + i) % n;
             let Some(base) = self.endpoints.get(index) else { break };
-            match self.attempt(base, path, body, token).await {
+            match attempt(base).await {
                 Ok(v) => {
                     self.current.store(index, Ordering::Relaxed);
                     return Ok(v);
@@ -450,7 +458,12 @@ impl Inner {
                 Err(Attempt::Refused { grpc, message }) => return Err(self.refused(grpc, message)),
             }
         }
-        Err(DatastoreError::new(ErrorKind::Transient, format!("no etcd member in {} answered: {}", self.endpoints_var, failures.join("; "))))
+        Err(DatastoreError::new(ErrorKind::Transient, format!("no etcd member in {} {what}: {}", self.endpoints_var, failures.join("; "))))
+    }
+
+    /// The call on the member that answered last, then on the others in order.
+    async fn failover(&self, path: &str, body: &Value, token: Option<&str>) -> DsResult<Value> {
+        self.on_some_member("answered", |base| self.attempt(base, path, body, token)).await
     }
 
     fn refused(&self, grpc_code: i64, message: String) -> DatastoreError {
@@ -493,23 +506,15 @@ impl Inner {
         if token.is_none() {
             token = self.authenticate().await?;
         }
-        let n = self.endpoints.len().max(1);
-        let start = self.current.load(Ordering::Relaxed) % n;
-        let mut failures = Vec::new();
-        for i in 0..n {
-            let index = (start + i) % n;
-            let Some(base) = self.endpoints.get(index) else { break };
-            match self.send(base, "/v3/watch", body, token.as_deref()).await {
-                Ok(r) if r.status().is_success() => {
-                    self.current.store(index, Ordering::Relaxed);
-                    return Ok(r.into_body());
-                }
-                Ok(r) => failures.push(format!("{base}/v3/watch: HTTP {}", r.status())),
-                Err(Attempt::Unreachable(m)) => failures.push(m),
-                Err(Attempt::Refused { grpc, message }) => return Err(self.refused(grpc, message)),
+        let token = token.as_deref();
+        self.on_some_member("accepted a watch", |base| async move {
+            match self.send(base, "/v3/watch", body, token).await {
+                Ok(r) if r.status().is_success() => Ok(r.into_body()),
+                Ok(r) => Err(Attempt::Unreachable(format!("{base}/v3/watch: HTTP {}", r.status()))),
+                Err(a) => Err(a),
             }
-        }
-        Err(DatastoreError::new(ErrorKind::Transient, format!("no etcd member in {} accepted a watch: {}", self.endpoints_var, failures.join("; "))))
+        })
+        .await
     }
 }
 
@@ -602,6 +607,76 @@ impl Datastore for EtcdDatastore {
 
     fn watch(&self, kind: Kind) -> WatchStream {
         self.watch_inner(kind)
+    }
+
+    fn keeps_calico_nodes(&self) -> bool {
+        true
+    }
+
+    fn handle_object_name(&self, id: &str) -> String {
+        crate::model::names::sanitize_handle(id).to_string()
+    }
+
+    fn affinity_object_name(&self, host: &str, cidr: &ipnet::IpNet) -> String {
+        crate::model::names::plain_affinity_name(host, cidr)
+    }
+}
+
+/// The key every periodic compactor of one etcd agrees through (kube-apiserver's and
+/// upstream kube-controllers', outside any prefix): its version counts the rounds, its value is
+/// the revision the round saw, compacted one round later.
+pub const COMPACT_REV_KEY: &str = "compact_rev_key";
+
+/// The compactor's memory between rounds: the version of [`COMPACT_REV_KEY`] it expects and
+/// the revision it saw one period ago (0: none yet, nothing to compact).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CompactState {
+    pub version: i64,
+    pub revision: i64,
+}
+
+impl CompactState {
+    /// After a round's transaction: `won` (the key still had our version, and we bumped it),
+    /// `now` the revision etcd was at, `their_version` the key's version when another
+    /// compactor moved it first. Returns the next state and the revision to compact now.
+    pub fn after_round(self, won: bool, now: i64, their_version: i64) -> (CompactState, Option<i64>) {
+        if !won {
+            // Someone else compacted this period: follow their count, compact nothing.
+            return (CompactState { version: their_version, revision: now }, None);
+        }
+        let compact = (self.revision > 0).then_some(self.revision);
+        (CompactState { version: self.version + 1, revision: now }, compact)
+    }
+}
+
+impl EtcdDatastore {
+    /// One compaction round: claims the round on [`COMPACT_REV_KEY`] (a transaction on its
+    /// version, so one compactor per period wins among replicas and kube-apiservers sharing the
+    /// etcd), then compacts at the revision seen one round earlier. Returns the next state and
+    /// the revision compacted, if any. Revisions already compacted by someone else are fine.
+    pub async fn compact_round(&self, state: CompactState) -> DsResult<(CompactState, Option<i64>)> {
+        if self.dry_run {
+            return Ok((state, None));
+        }
+        let key = b64(COMPACT_REV_KEY);
+        let compare = json!([{"key": key, "target": "VERSION", "result": "EQUAL", "version": state.version.to_string()}]);
+        let put = json!({"request_put": {"key": key, "value": b64(&state.revision.to_string())}});
+        let read = json!({"request_range": {"key": key}});
+        let result = self.txn(compare, json!([put]), json!([read])).await;
+        self.count("update", "compaction", 200, &result);
+        let (won, now, responses) = result?;
+        let their_version = Self::range_response(&responses, 0)?.map(|kv| kv.version).unwrap_or(0);
+        let (next, compact) = state.after_round(won, now, their_version);
+        if let Some(revision) = compact {
+            let result = self.inner.call("/v3/kv/compaction", &json!({"revision": revision.to_string()})).await;
+            self.count("delete", "compaction", 200, &result);
+            match result {
+                Ok(_) => {}
+                Err(e) if e.message.contains("required revision has been compacted") => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((next, compact))
     }
 }
 
@@ -877,6 +952,13 @@ impl WatchState {
             let reason = result.get("cancel_reason").and_then(Value::as_str).unwrap_or("no reason given");
             return Err(format!("etcd canceled the watch of {}: {reason}", self.kind.plural()));
         }
+        if result.get("created").and_then(Value::as_bool).unwrap_or(false) {
+            // The watch is (re)established at `next_revision`: after a failure, that is the news
+            // that the kind is healthy again even if nothing changes for hours.
+            self.delay = Duration::ZERO;
+            self.pending.push_back(WatchEvent::Resumed);
+            return Ok(());
+        }
         for event in result.get("events").and_then(Value::as_array).into_iter().flatten() {
             let kv = parse_kv(&event["kv"]).map_err(|e| e.message)?;
             self.next_revision = self.next_revision.max(kv.mod_revision + 1);
@@ -918,6 +1000,19 @@ mod tests {
         let hint = gateway_hint("connection error: desc = \"error reading server preface: remote error: tls: bad certificate\"").unwrap();
         assert!(hint.contains("clientAuth"));
         assert!(gateway_hint("etcdserver: key not found").is_none());
+    }
+
+    #[test]
+    fn the_compactor_compacts_at_the_revision_it_saw_one_round_earlier_and_only_when_it_won_the_round() {
+        let start = CompactState::default();
+        let (s1, none) = start.after_round(true, 100, 0);
+        assert_eq!((s1, none), (CompactState { version: 1, revision: 100 }, None), "no compaction on the first round");
+        let (s2, compact) = s1.after_round(true, 250, 0);
+        assert_eq!((s2, compact), (CompactState { version: 2, revision: 250 }, Some(100)));
+        // Another compactor claimed the round: follow its version, compact nothing.
+        let (s3, none) = s2.after_round(false, 300, 7);
+        assert_eq!((s3, none), (CompactState { version: 7, revision: 300 }, None));
+        assert_eq!(s3.after_round(true, 400, 0), (CompactState { version: 8, revision: 400 }, Some(300)));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use serde_json::{Map, Value, json};
 
 use super::{DatastoreError, DsResult, Kind, Stored};
 use crate::model::CALICO_API_VERSION;
-use crate::model::names::{affinity_name, cidr_to_etcd_key_part, cidr_to_name};
+use crate::model::names::{cidr_to_etcd_key_part, cidr_to_name, is_affinity_name, plain_affinity_name};
 
 pub const IPAM_ROOT: &str = "/calico/ipam/v2/";
 pub const BLOCK_PREFIX: &str = "/calico/ipam/v2/assignment/";
@@ -170,7 +170,7 @@ pub fn key_for_write(kind: Kind, name: &str, body: &Value) -> DsResult<String> {
             };
             segment(kind, node)?;
             let cidr: IpNet = c.parse().map_err(|_| invalid(kind, name, format!("spec.cidr {c:?} is not a CIDR")))?;
-            if affinity_name(node, &cidr) != name {
+            if !is_affinity_name(name, node, &cidr) {
                 return Err(invalid(kind, name, format!("is not the name of the affinity of {node} for {c}")));
             }
             Ok(affinity_key(node, &cidr))
@@ -197,7 +197,8 @@ pub fn parse_key(kind: Kind, key: &str) -> Option<KeyInfo> {
                 return None;
             }
             let cidr = cidr_from_key_part(part)?;
-            (affinity_key(node, &cidr) == key).then(|| KeyInfo { name: affinity_name(node, &cidr), node: Some(node.to_string()), cidr: Some(cidr) })
+            // The plain name, never KDD's hashed one: the key holds node and CIDR in full.
+            (affinity_key(node, &cidr) == key).then(|| KeyInfo { name: plain_affinity_name(node, &cidr), node: Some(node.to_string()), cidr: Some(cidr) })
         }
         Kind::IpamHandle => {
             let id = key.strip_prefix(HANDLE_PREFIX)?;
@@ -357,6 +358,7 @@ pub fn from_etcd_value(kind: Kind, key: &str, value: &[u8], mod_revision: i64, c
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::names::affinity_name;
 
     fn cidr(s: &str) -> IpNet {
         s.parse().unwrap()
@@ -387,6 +389,30 @@ mod tests {
             (Kind::IpamConfig, "other"),
         ] {
             assert_eq!(candidate_keys(kind, name).unwrap_err().kind, super::super::ErrorKind::Invalid, "{kind:?} {name}");
+        }
+    }
+
+    #[test]
+    fn etcd_keys_keep_handle_ids_and_long_node_names_as_they_are_not_kdds_object_names() {
+        // Upper case: KDD names the object by the lowercased ID; etcd's key is the ID itself.
+        let id = "k8s-pod-network.AbC123";
+        let key = candidate_keys(Kind::IpamHandle, id).unwrap().remove(0);
+        assert_eq!(key, "/calico/ipam/v2/handle/k8s-pod-network.AbC123");
+        assert_eq!(parse_key(Kind::IpamHandle, &key).unwrap().name, id);
+        let body = json!({"spec": {"handleID": id, "block": {"10.0.0.0/26": 1}, "deleted": false}});
+        assert_eq!(key_for_write(Kind::IpamHandle, id, &body).unwrap(), key);
+        // A node name so long that KDD hashes the affinity's name: etcd's key holds it whole,
+        // and the name above the seam is the plain one, which maps back to that key.
+        let node = "n".repeat(250);
+        let net = cidr("10.0.0.0/26");
+        assert_ne!(affinity_name(&node, &net), plain_affinity_name(&node, &net), "KDD hashes this one");
+        let key = format!("/calico/ipam/v2/host/{node}/ipv4/block/10.0.0.0-26");
+        let info = parse_key(Kind::BlockAffinity, &key).unwrap();
+        assert_eq!(info.name, plain_affinity_name(&node, &net));
+        assert_eq!(candidate_keys(Kind::BlockAffinity, &info.name).unwrap(), std::slice::from_ref(&key));
+        let body = json!({"spec": {"node": node, "cidr": "10.0.0.0/26", "state": "confirmed"}});
+        for name in [plain_affinity_name(&node, &net), affinity_name(&node, &net)] {
+            assert_eq!(key_for_write(Kind::BlockAffinity, &name, &body).unwrap(), key, "both names write the one key");
         }
     }
 

@@ -228,6 +228,7 @@ fn status_resource(kind: Kind) -> &'static str {
         Kind::IpPool => "ippools/status",
         Kind::IpReservation => "ipreservations/status",
         Kind::Tier => "tiers/status",
+        Kind::CalicoNode => "nodes/status",
     }
 }
 

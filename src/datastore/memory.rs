@@ -575,6 +575,7 @@ mod tests {
                 WatchEvent::InitDone => "D".to_string(),
                 WatchEvent::Apply(s) => format!("A {}@{}", s.name, s.revision),
                 WatchEvent::Delete(s) => format!("X {}@{}", s.name, s.revision),
+                WatchEvent::Resumed => "S".to_string(),
                 WatchEvent::Error(f) => match f.refused {
                     Some(code) => format!("R{code}"),
                     None => format!("E {}", f.message),

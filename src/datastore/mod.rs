@@ -54,10 +54,13 @@ pub enum Kind {
     IpReservation,
     /// Policy tiers: only the ones upstream's start-up ensures are written (`runtime::init`).
     Tier,
+    /// Calico Nodes, where the datastore keeps them apart from Kubernetes' (etcd): read for the
+    /// Calico -> Kubernetes node name of their `orchRefs`, never written.
+    CalicoNode,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::IpamBlock,
         Kind::BlockAffinity,
         Kind::IpamHandle,
@@ -67,6 +70,7 @@ impl Kind {
         Kind::IpPool,
         Kind::IpReservation,
         Kind::Tier,
+        Kind::CalicoNode,
     ];
 
     /// The CRD plural (`crd.projectcalico.org/v1`); also a bounded metric label.
@@ -81,6 +85,7 @@ impl Kind {
             Kind::IpPool => "ippools",
             Kind::IpReservation => "ipreservations",
             Kind::Tier => "tiers",
+            Kind::CalicoNode => "nodes",
         }
     }
 
@@ -96,6 +101,7 @@ impl Kind {
             Kind::IpPool => "IPPool",
             Kind::IpReservation => "IPReservation",
             Kind::Tier => "Tier",
+            Kind::CalicoNode => "Node",
         }
     }
 
@@ -249,10 +255,29 @@ pub trait Datastore: Send + Sync {
     /// preconditions. An etcd backend, whose deletes are atomic, overrides it with one delete.
     /// The Calico Node `name`, where the datastore keeps Calico Nodes apart from Kubernetes
     /// (etcd). A node is proven gone only through what this says (see
-    /// [`CalicoNodeView::proof_target`]).
+    /// [`CalicoNodeView::proof`]).
     fn calico_node(&self, name: &str) -> impl Future<Output = DsResult<CalicoNodeView>> + Send {
         let _ = name;
         async { Ok(CalicoNodeView::NotKept) }
+    }
+
+    /// Whether this datastore keeps Calico Nodes of its own ([`Kind::CalicoNode`], etcd): then
+    /// the allocations' node names are Calico Node names, mapped to Kubernetes nodes through
+    /// their `orchRefs`, and the GC watches them. KDD: the Calico Nodes are the Kubernetes Nodes.
+    fn keeps_calico_nodes(&self) -> bool {
+        false
+    }
+
+    /// The name the handle with ID `id` has here: KDD's object name is the lowercased ID; etcd
+    /// keys (and so names) keep the ID as it is.
+    fn handle_object_name(&self, id: &str) -> String {
+        crate::model::names::handle_object_name(id)
+    }
+
+    /// The name `host`'s affinity for `cidr` has here: KDD's object name, hashed when long;
+    /// etcd keys hold host and CIDR as they are, so the plain `<host>-<cidrname>`.
+    fn affinity_object_name(&self, host: &str, cidr: &ipnet::IpNet) -> String {
+        crate::model::names::affinity_name(host, cidr)
     }
 
     fn soft_delete(&self, kind: Kind, object: &Stored) -> impl Future<Output = DsResult<()>> + Send {
@@ -279,14 +304,27 @@ pub enum CalicoNodeView {
     Present { k8s_node: Option<String> },
 }
 
+/// What proves an absent node gone, from what the datastore says of its Calico Node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GoneProof {
+    /// The NotFound of this Kubernetes Node.
+    KubernetesNode(String),
+    /// Nothing more: no Calico Node of that name exists (etcd; upstream takes such a node as
+    /// gone, whatever Kubernetes Node shares its name).
+    CalicoNodeMissing,
+    /// Nothing may: a Calico Node without a Kubernetes orchestrator reference is never taken as
+    /// deleted (upstream leaves such nodes alone).
+    Never,
+}
+
 impl CalicoNodeView {
-    /// Which Kubernetes Node's NotFound proves the allocations' node `name` gone, or `None` when
-    /// nothing may: a Calico Node without a Kubernetes orchestrator reference is never taken as
-    /// deleted (as upstream, which leaves such nodes alone).
-    pub fn proof_target(&self, name: &str) -> Option<String> {
+    /// What proves the allocations' node `name` gone.
+    pub fn proof(&self, name: &str) -> GoneProof {
         match self {
-            CalicoNodeView::NotKept | CalicoNodeView::Missing => Some(name.to_string()),
-            CalicoNodeView::Present { k8s_node } => k8s_node.clone(),
+            CalicoNodeView::NotKept => GoneProof::KubernetesNode(name.to_string()),
+            CalicoNodeView::Missing => GoneProof::CalicoNodeMissing,
+            CalicoNodeView::Present { k8s_node: Some(k) } => GoneProof::KubernetesNode(k.clone()),
+            CalicoNodeView::Present { k8s_node: None } => GoneProof::Never,
         }
     }
 
@@ -364,12 +402,13 @@ mod tests {
     fn a_calico_node_is_proven_gone_only_through_the_kubernetes_node_its_orch_ref_names() {
         let node = |spec: serde_json::Value| CalicoNodeView::of_node(&json!({"metadata": {"name": "cn"}, "spec": spec}));
         let mapped = node(json!({"orchRefs": [{"orchestrator": "openstack", "nodeName": "os-1"}, {"orchestrator": "k8s", "nodeName": "worker-1"}]}));
-        assert_eq!(mapped.proof_target("cn").as_deref(), Some("worker-1"));
+        assert_eq!(mapped.proof("cn"), GoneProof::KubernetesNode("worker-1".into()));
         for unmapped in [json!({}), json!({"orchRefs": []}), json!({"orchRefs": [{"orchestrator": "k8s", "nodeName": ""}]}), json!({"orchRefs": "bogus"})] {
-            assert_eq!(node(unmapped.clone()).proof_target("cn"), None, "{unmapped}");
+            assert_eq!(node(unmapped.clone()).proof("cn"), GoneProof::Never, "{unmapped}");
         }
-        assert_eq!(CalicoNodeView::Missing.proof_target("cn").as_deref(), Some("cn"));
-        assert_eq!(CalicoNodeView::NotKept.proof_target("cn").as_deref(), Some("cn"));
+        // SPEC §9.3: no Calico Node is proof enough, even if a Kubernetes Node has its name.
+        assert_eq!(CalicoNodeView::Missing.proof("cn"), GoneProof::CalicoNodeMissing);
+        assert_eq!(CalicoNodeView::NotKept.proof("cn"), GoneProof::KubernetesNode("cn".into()));
     }
 
     #[test]

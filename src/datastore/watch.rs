@@ -33,6 +33,9 @@ pub enum WatchEvent {
     Delete(Stored),
     /// The watch failed; the stream goes on.
     Error(WatchFailure),
+    /// The watch is established again where it broke off, so nothing was missed: no list
+    /// follows, and this is the good news that ends a failure (etcd resumes from a revision).
+    Resumed,
 }
 
 /// Why a watch failed, classified where it happened.

@@ -157,9 +157,10 @@ struct PodView<'a> {
 }
 
 impl<'a> PodView<'a> {
-    fn from_slot(p: &'a PodSlot, knode: Sym) -> Self {
+    /// `knode`: the Kubernetes name of the allocation's node ("" when gone or unknown).
+    fn from_slot(index: &IpamIndex, p: &'a PodSlot, knode: &str) -> Self {
         PodView {
-            same_node_or_unknown: p.node.is_none() || knode.is_none() || p.node == knode,
+            same_node_or_unknown: p.node.is_none() || knode.is_empty() || index.resolve(p.node) == knode,
             status_reports_ip: p.status_reports_ip,
             unparsable_ips: p.unparsable_ips,
             evicted: p.evicted,
@@ -252,8 +253,9 @@ fn classify_with(index: &IpamIndex, g: Gid, a: &Alloc, cidr: &IpNet, kubevirt: O
         return judge_vm(index, a, kubevirt);
     }
     let node_gone = proof.state(index, a.node) == NodeState::Gone;
-    let knode = if node_gone { Sym::NONE } else { a.node };
-    let pod = index.pod(a.pod_slot).filter(|p| p.present).map(|p| PodView::from_slot(p, knode));
+    // Upstream compares the pod's node with the Kubernetes node the allocation's node maps to.
+    let knode = if node_gone { "" } else { index.kubernetes_name(a.node) };
+    let pod = index.pod(a.pod_slot).filter(|p| p.present).map(|p| PodView::from_slot(index, p, knode));
     judge_pod(pod, ordinal_to_ip(cidr, gid_ordinal(g)), node_gone)
 }
 
@@ -272,7 +274,7 @@ fn revalidate_with(index: &IpamIndex, g: Gid, fresh: Option<&PodFacts>, kubevirt
         return classify_with(index, g, a, &index.block(slot).expect("allocated gid has a block").cidr, kubevirt, proof);
     }
     let node_gone = proof.state(index, a.node) == NodeState::Gone;
-    let knode = if node_gone { "" } else { index.resolve(a.node) };
+    let knode = if node_gone { "" } else { index.kubernetes_name(a.node) };
     // A pod that now reports this IP from any node keeps it (Part A), even if it moved.
     if let Some(p) = fresh
         && !p.finished() && p.ips.contains(&ip) {

@@ -20,7 +20,7 @@ use roaring::RoaringBitmap;
 
 use super::intern::{FastMap, Interner, Sym};
 use crate::model::block::{Affinity, BlockView, WINDOWS_RESERVED_HANDLE};
-use crate::model::names::{affinity_name, handle_object_name, is_handle_object_name, ip_sort_key, ip_to_ordinal, ordinal_to_ip, sanitize_handle};
+use crate::model::names::{affinity_name, handle_object_name, ip_sort_key, ip_to_ordinal, ordinal_to_ip, sanitize_handle};
 use crate::model::time::{parse_rfc3339, Millis};
 use crate::model::{BlockAffinity, InvalidObject, IpamBlock, IpamHandle, NodeLite, PodFacts, PodPhase};
 
@@ -362,6 +362,9 @@ pub struct IpamIndex {
     /// allocation recorded as changed, so no node is marked dirty and no gid recorded on the way.
     bulk_loading: bool,
     pub coverage: PodCoverage,
+    /// Node name -> the Kubernetes node it stands for, where they differ (etcd: a Calico Node's
+    /// `k8s` orchRef). A pod's `spec.nodeName` is compared with this name (SPEC §5.6 step 5).
+    node_aliases: BTreeMap<Box<str>, Box<str>>,
 }
 
 impl IpamIndex {
@@ -444,6 +447,11 @@ impl IpamIndex {
     }
     pub fn node(&self, node: Sym) -> Option<&NodeEntry> {
         self.nodes.get(&node)
+    }
+    /// The Kubernetes node name `node` stands for: its alias (etcd's orchRef mapping), else itself.
+    pub fn kubernetes_name(&self, node: Sym) -> &str {
+        let name = self.resolve(node);
+        self.node_aliases.get(name).map_or(name, |k| k)
     }
     pub fn node_count(&self) -> usize {
         self.nodes.len()
@@ -976,6 +984,27 @@ impl IpamIndex {
         }
     }
 
+    /// Records that node `node` stands for Kubernetes node `k8s` (`None`, or the same name: no
+    /// alias). Its allocations' verdicts are re-judged: the pods they name are compared with it.
+    pub fn set_node_alias(&mut self, node: &str, k8s: Option<&str>) {
+        let want = k8s.filter(|k| !k.is_empty() && *k != node);
+        if self.node_aliases.get(node).map(|k| &**k) == want {
+            return;
+        }
+        match want {
+            Some(k) => {
+                self.node_aliases.insert(node.into(), k.into());
+            }
+            None => {
+                self.node_aliases.remove(node);
+            }
+        }
+        if let Some(s) = self.strings.lookup(node) {
+            self.node_existence_changed(s);
+            self.mark_dirty(node);
+        }
+    }
+
     /// A node is gone: as upstream, this forces a full scan.
     pub fn delete_node(&mut self, name: &str) {
         if let Some(s) = self.strings.lookup(name)
@@ -1004,7 +1033,7 @@ impl IpamIndex {
             Ok(c) if c.network() != c.addr() => Err(invalid(format!("cidr {c} has host bits set"))),
             Ok(c) => {
                 let expected = affinity_name(&a.spec.node, &c);
-                if name == expected {
+                if crate::model::names::is_affinity_name(name, &a.spec.node, &c) {
                     Ok(c)
                 } else {
                     Err(invalid(format!("name {name:?} does not match node {:?} and cidr {c} (whose affinity is named {expected:?})", a.spec.node)))
@@ -1048,7 +1077,7 @@ impl IpamIndex {
         if id.is_empty() {
             return Err(InvalidObject::new(crate::model::handle::KIND, name, "spec.handleID is empty"));
         }
-        if !is_handle_object_name(name, id) {
+        if !crate::model::names::is_handle_name(name, id) {
             let expected = handle_object_name(id);
             return Err(InvalidObject::new(
                 crate::model::handle::KIND,
@@ -1112,12 +1141,15 @@ impl IpamIndex {
     /// full scan requested.
     pub fn reset(&mut self, snap: Snapshot<'_>) -> Vec<InvalidObject> {
         let coverage = std::mem::take(&mut self.coverage);
+        // The node name mapping comes from another source than the snapshot: it stays.
+        let aliases = std::mem::take(&mut self.node_aliases);
         // Every allocation of the old state changed too (it may be gone): verdicts cached for
         // those gids are stale until the GC re-judges them.
         let mut changed = std::mem::take(&mut self.changed);
         changed |= &self.allocated;
         *self = IpamIndex::new();
         self.coverage = coverage;
+        self.node_aliases = aliases;
         self.changed = changed;
         self.bulk_loading = true;
         // Sizes known up front: each handle, pod and node brings about one new string.
@@ -1198,6 +1230,9 @@ impl IpamIndex {
     pub fn check_invariants(&self) -> Result<(), String> {
         if self.bulk_loading {
             return Err("bulk_loading is set outside reset: dirty marks would be lost".into());
+        }
+        if let Some((n, k)) = self.node_aliases.iter().find(|(n, k)| n.is_empty() || k.is_empty() || n == k) {
+            return Err(format!("node alias {n:?} -> {k:?} is empty or names itself"));
         }
         self.strings.check_invariants()?;
         let mut allocated = RoaringBitmap::new();

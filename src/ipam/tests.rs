@@ -991,6 +991,23 @@ fn a_handle_whose_name_contradicts_its_handle_id_is_invalid_and_never_stands_in_
     w.index.check_invariants().unwrap();
 }
 
+#[test]
+fn etcd_names_the_handle_by_its_id_and_a_long_affinity_unhashed_and_both_are_that_object() {
+    // Kubernetes object names cannot hold these, so accepting them changes nothing for KDD.
+    let mut w = World::new(5);
+    w.index.apply_handle(&handle_object("k8s-pod-network.MiXed", "k8s-pod-network.MiXed", "1", false)).unwrap();
+    let sym = w.index.strings().lookup("k8s-pod-network.MiXed").unwrap();
+    assert_eq!(w.index.handle(sym).unwrap().revision, "1");
+    assert!(w.index.apply_handle(&handle_object("k8s-pod-network.Mixed", "k8s-pod-network.MiXed", "2", false)).is_err(), "another spelling is not its name");
+    let host = "h".repeat(250);
+    let cidr: ipnet::IpNet = "10.0.0.0/29".parse().unwrap();
+    let plain = crate::model::names::plain_affinity_name(&host, &cidr);
+    assert_ne!(plain, crate::model::names::affinity_name(&host, &cidr));
+    w.index.apply_affinity(&affinity_object(&plain, &host, "10.0.0.0/29")).unwrap();
+    assert_eq!(w.index.affinities().map(|(n, _)| n.to_string()).collect::<Vec<_>>(), vec![plain]);
+    w.index.check_invariants().unwrap();
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
@@ -1088,4 +1105,25 @@ fn a_dirty_pass_judges_only_its_own_nodes_empty_blocks_and_the_full_pass_the_res
     let n2: Vec<_> = p.empty_blocks.iter().filter(|e| e.node == "n2").collect();
     assert_eq!(n2.len(), 2);
     assert_eq!(n2.iter().filter(|e| e.releasable).count(), 1, "{n2:?}");
+}
+
+#[test]
+fn a_pod_is_compared_with_the_kubernetes_node_its_calico_node_maps_to() {
+    // etcd: the allocation names Calico Node `calico-n1`, which stands for Kubernetes node
+    // `k8s-n1`, where the pod runs without reporting its IP yet. Judged against the Calico name
+    // it would look rescheduled and be released after the grace period (SPEC §5.6 step 5).
+    let mut w = World::new(1);
+    w.index.apply_node(&node("calico-n1"));
+    w.index.set_node_alias("calico-n1", Some("k8s-n1"));
+    w.index.apply_pod(&pod("ns", "p1", "k8s-n1", &[]));
+    w.index.apply_block(&block("10.0.0.0/29", Some("calico-n1"), &[pod_alloc(1, "h1", "ns", "p1", "calico-n1")])).unwrap();
+    w.index.check_invariants().unwrap();
+    assert!(leak_of(&w.full(T0), &w, "10.0.0.1").is_none(), "the pod on the mapped node keeps its address");
+    assert!(w.full(T0 + 2 * MIN).releases.is_empty());
+    // The mapping goes (the Calico Node's orchRef no longer names k8s-n1): now it moved.
+    w.index.set_node_alias("calico-n1", None);
+    w.index.check_invariants().unwrap();
+    let p = w.full(T0 + 3 * MIN);
+    let l = leak_of(&p, &w, "10.0.0.1").expect("a pod on another node");
+    assert_eq!(l.reason, LeakReason::PodRescheduled);
 }

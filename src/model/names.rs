@@ -36,6 +36,26 @@ pub fn affinity_name(host: &str, cidr: &IpNet) -> String {
     format!("{prefix}-{cidr_name}-{}", &hex[..11])
 }
 
+/// `<host>-<cidrname>` unhashed, however long: the name an affinity has where names are not
+/// Kubernetes object names (etcd keys hold host and CIDR as they are).
+pub fn plain_affinity_name(host: &str, cidr: &IpNet) -> String {
+    format!("{host}-{}", cidr_to_name(cidr))
+}
+
+/// Whether `name` names `host`'s affinity for `cidr`: KDD's name ([`affinity_name`]) or, where
+/// names are not Kubernetes object names, the plain one (which KDD can never hold when it
+/// differs: it is then 253 characters or more).
+pub fn is_affinity_name(name: &str, host: &str, cidr: &IpNet) -> bool {
+    name == affinity_name(host, cidr) || name == plain_affinity_name(host, cidr)
+}
+
+/// Whether `name` names the handle with ID `id`: KDD's lowercased name or, where names are not
+/// Kubernetes object names (etcd keys), the ID as it is (KDD can never hold that name when it
+/// differs: Kubernetes names have no upper-case letters).
+pub fn is_handle_name(name: &str, id: &str) -> bool {
+    is_handle_object_name(name, id) || name == sanitize_handle(id)
+}
+
 /// KDD IPAMHandle objects are named by the lowercased handle ID.
 pub fn handle_object_name(handle_id: &str) -> String {
     sanitize_handle(handle_id).to_lowercase()

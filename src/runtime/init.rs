@@ -18,7 +18,7 @@ use crate::model::config::ClusterInformationSpec;
 
 /// Upstream's retry interval and budget for EnsureInitialized before giving up.
 const RETRY_EVERY: Duration = Duration::from_secs(5);
-const RETRY_FOR: Duration = Duration::from_secs(60);
+pub const RETRY_FOR: Duration = Duration::from_secs(60);
 /// What kube-controllers on the Kubernetes datastore writes into `clusterType`.
 pub const KDD_CLUSTER_TYPES: &[&str] = &["k8s", "kdd"];
 /// What it writes on the etcd datastore (libcalico adds `kdd` only for KDD).
@@ -202,15 +202,28 @@ pub async fn ensure_initialized<D: Datastore>(ds: &D) -> Result<(), InitError> {
 /// [`ensure_initialized`] writing `cluster_types` ([`KDD_CLUSTER_TYPES`] or [`ETCD_CLUSTER_TYPES`])
 /// and creating the KubeControllersConfiguration `kcc` when missing (`None`: none is created).
 pub async fn ensure_initialized_as<D: Datastore>(ds: &D, cluster_types: &[&str], kcc: Option<&str>) -> Result<(), InitError> {
+    ensure_initialized_for(ds, cluster_types, kcc, Some(RETRY_FOR), &mut |_| {}).await
+}
+
+/// The start-up writes, retried every 5 s: for up to `retry_for` (then [`InitError::GaveUp`]),
+/// or until they succeed when `None`. `on_failure` hears every failed attempt.
+pub async fn ensure_initialized_for<D: Datastore>(
+    ds: &D,
+    cluster_types: &[&str],
+    kcc: Option<&str>,
+    retry_for: Option<Duration>,
+    on_failure: &mut (dyn FnMut(&InitError) + Send),
+) -> Result<(), InitError> {
     let started = tokio::time::Instant::now();
     loop {
         match ensure_once(ds, cluster_types, kcc).await {
             Ok(()) => return Ok(()),
-            Err(e) if started.elapsed() + RETRY_EVERY > RETRY_FOR => {
+            Err(e) if retry_for.is_some_and(|budget| started.elapsed() + RETRY_EVERY > budget) => {
                 return Err(InitError::GaveUp { secs: started.elapsed().as_secs(), last: e.to_string() });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "initializing the datastore failed; retrying in 5s");
+                on_failure(&e);
                 tokio::time::sleep(RETRY_EVERY).await;
             }
         }
@@ -315,6 +328,19 @@ mod tests {
         assert!(matches!(err, InitError::GaveUp { secs: 60, .. }), "{err}");
         assert!(err.to_string().starts_with("initializing the datastore (ClusterInformation, KubeControllersConfiguration) failed for 60s: get clusterinformations: transient: "), "{err}");
         assert_eq!(started.elapsed(), Duration::from_secs(60));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_budget_initialization_retries_until_the_datastore_answers() {
+        // etcd: an unusable etcd is reported, never a reason to exit (no crash loop).
+        let ds = MemoryDatastore::new();
+        ds.inject(Some(Kind::ClusterInformation), None, Op::Get, ErrorKind::Transient, 30);
+        let started = tokio::time::Instant::now();
+        let mut failures = 0;
+        ensure_initialized_for(&ds, ETCD_CLUSTER_TYPES, Some(DEFAULT_NAME), None, &mut |_| failures += 1).await.unwrap();
+        assert_eq!(failures, 30);
+        assert_eq!(started.elapsed(), Duration::from_secs(150), "30 failures, 5 s apart: far past upstream's 60 s");
+        assert!(ds.peek(Kind::ClusterInformation, DEFAULT_NAME).is_some());
     }
 
     #[tokio::test(start_paused = true)]

@@ -138,8 +138,18 @@ pub fn controllers_condition(rc: &RunConfig) -> (bool, String) {
 /// change (and its re-creation when deleted); with `kcc` `None` (DISABLE_KUBE_CONTROLLERS_CONFIG_API)
 /// only the start-of-day writes, never the configuration object. Runs only behind the WRITE GATE.
 /// Returns an error only when start-of-day initialization gave up (fatal, as upstream).
-pub async fn writer<D: Datastore>(ds: D, shared: Arc<Shared>, cluster_types: &'static [&'static str], kcc: Option<String>) -> Result<(), init::InitError> {
-    init::ensure_initialized_as(&ds, cluster_types, kcc.as_deref()).await?;
+/// `retry_for`: how long the start-up writes may fail before the process gives up (upstream's
+/// 60 s); `None` retries until they succeed, each failure in the `Startup` reason.
+pub async fn writer<D: Datastore>(
+    ds: D,
+    shared: Arc<Shared>,
+    cluster_types: &'static [&'static str],
+    kcc: Option<String>,
+    retry_for: Option<std::time::Duration>,
+) -> Result<(), init::InitError> {
+    let status = shared.clone();
+    let mut report = move |e: &init::InitError| status.status.set_ready(health::STARTUP, false, format!("initializing the datastore: {e}"));
+    init::ensure_initialized_for(&ds, cluster_types, kcc.as_deref(), retry_for, &mut report).await?;
     shared.status.set_ready(health::STARTUP, true, "");
     let Some(kcc) = kcc else {
         return Ok(());

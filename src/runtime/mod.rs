@@ -37,6 +37,7 @@ pub mod init;
 pub mod ipam_gauges;
 pub mod ipam_gc;
 pub mod leader;
+pub mod compactor;
 pub mod live;
 pub mod metrics;
 pub mod status;
@@ -243,14 +244,14 @@ pub async fn run_with(client: kube::Client, etcd: Option<EtcdDatastore>, opts: R
             // Health reads never wait behind the writer's request limit: a burst of releases must
             // not make the datastore look unhealthy.
             let health_ds = KubeDatastore::new(client.clone(), opts.controller.dry_run, ds.counters().clone());
-            let backend = Backend { ds: Arc::new(ds), health_ds, cluster, cluster_types: init::KDD_CLUSTER_TYPES, tls };
+            let backend = Backend { ds: Arc::new(ds), health_ds, cluster, cluster_types: init::KDD_CLUSTER_TYPES, tls, compactor: None, init_retry_for: Some(init::RETRY_FOR) };
             run_on(client, backend, shared, opts, stop).await
         }
         Some(etcd) => {
             // Calico's objects in etcd; pods and nodes (and the Lease) still in Kubernetes.
             let ds = etcd.with_dry_run(opts.controller.dry_run).with_counters(api.clone());
             let cluster = Arc::new(KubeCluster::new(client.clone(), api, crate::datastore::kube::RequestLimiter::new(bucket)));
-            let backend = Backend { ds: Arc::new(ds.clone()), health_ds: ds, cluster, cluster_types: init::ETCD_CLUSTER_TYPES, tls };
+            let backend = Backend { ds: Arc::new(ds.clone()), health_ds: ds.clone(), cluster, cluster_types: init::ETCD_CLUSTER_TYPES, tls, compactor: Some(ds), init_retry_for: None };
             run_on(client, backend, shared, opts, stop).await
         }
     }
@@ -267,11 +268,17 @@ struct Backend<D> {
     cluster_types: &'static [&'static str],
     /// The metrics listener's TLS (TLS_CRT_PATH, TLS_KEY_PATH), if configured.
     tls: Option<tokio_rustls::TlsAcceptor>,
+    /// etcd: the datastore the leader compacts periodically.
+    compactor: Option<crate::datastore::etcd::EtcdDatastore>,
+    /// How long the leader's start-up writes may fail before the process exits: upstream's 60 s
+    /// on Kubernetes (the apiserver is the controller's own lifeline); on etcd `None`, retried
+    /// until etcd answers, so an unusable etcd is a readiness reason, never a crash loop.
+    init_retry_for: Option<std::time::Duration>,
 }
 
 /// The controller over one Calico datastore.
 async fn run_on<D: Datastore + Clone + 'static>(client: kube::Client, backend: Backend<D>, shared: Arc<Shared>, opts: RunOptions, stop: impl Future<Output = ()>) -> Result<(), RunError> {
-    let Backend { ds, health_ds, cluster, cluster_types, tls } = backend;
+    let Backend { ds, health_ds, cluster, cluster_types, tls, compactor, init_retry_for } = backend;
     if opts.controller.dry_run {
         tracing::warn!("dry run: plans are reported, nothing is written");
     }
@@ -322,7 +329,7 @@ async fn run_on<D: Datastore + Clone + 'static>(client: kube::Client, backend: B
         shared.status.set_ready(health::STARTUP, true, "dry run: datastore not initialized by us");
         None
     } else {
-        Some(tokio::spawn(writer_while_leading((*ds).clone(), shared.clone(), may_write.clone(), fatal_tx, cluster_types, kcc.clone())))
+        Some(tokio::spawn(writer_while_leading((*ds).clone(), shared.clone(), may_write.clone(), fatal_tx, (cluster_types, init_retry_for), kcc.clone())))
     };
 
     // Events go out only from a process that writes: a dry run records none.
@@ -331,6 +338,8 @@ async fn run_on<D: Datastore + Clone + 'static>(client: kube::Client, backend: B
     } else {
         events::spawn(client.clone(), events::EventOptions::from_env(), shared.metrics(|m| m.events.clone())).0
     };
+    // etcd mode only, and only on the leader (SPEC §0 step 6); never in a dry run.
+    let compactor_task = compactor.filter(|_| !opts.controller.dry_run).map(|etcd| tokio::spawn(compactor::run(etcd, shared.clone(), may_write.clone())));
     let controller = ipam_gc::GcController::new(ds.clone(), cluster.clone(), opts.controller.clone(), shared.clone(), may_write).with_events(events);
     let gc_task = tokio::spawn(controller.run(rx, stop_rx));
 
@@ -348,7 +357,7 @@ async fn run_on<D: Datastore + Clone + 'static>(client: kube::Client, backend: B
     for w in watchers {
         w.abort();
     }
-    for task in [Some(live_task), Some(health_task), writer_task].into_iter().flatten() {
+    for task in [Some(live_task), Some(health_task), writer_task, compactor_task].into_iter().flatten() {
         task.abort();
     }
     for s in servers {
@@ -365,7 +374,7 @@ async fn writer_while_leading<D: Datastore + Clone + 'static>(
     shared: Arc<Shared>,
     mut may_write: tokio::sync::watch::Receiver<bool>,
     fatal: tokio::sync::oneshot::Sender<init::InitError>,
-    cluster_types: &'static [&'static str],
+    (cluster_types, init_retry_for): (&'static [&'static str], Option<std::time::Duration>),
     kcc: Option<String>,
 ) {
     const STANDBY: &str = "standby: the leader initializes the datastore";
@@ -378,7 +387,7 @@ async fn writer_while_leading<D: Datastore + Clone + 'static>(
         let leading = *may_write.borrow_and_update();
         if leading && task.is_none() && !finished_this_term {
             shared.status.set_ready(health::STARTUP, false, "initializing the datastore");
-            task = Some(tokio::spawn(live::writer(ds.clone(), shared.clone(), cluster_types, kcc.clone())));
+            task = Some(tokio::spawn(live::writer(ds.clone(), shared.clone(), cluster_types, kcc.clone(), init_retry_for)));
         } else if !leading {
             if let Some(t) = task.take() {
                 t.abort();

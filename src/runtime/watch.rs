@@ -41,6 +41,9 @@ pub enum Source {
     /// [`Source::ALL`], so a cluster without KubeVirt is ready without them.
     VirtualMachines,
     VirtualMachineInstances,
+    /// Calico Nodes, watched only where the datastore keeps them apart from Kubernetes' (etcd;
+    /// [`Datastore::keeps_calico_nodes`]), and required there.
+    CalicoNodes,
 }
 
 impl Source {
@@ -72,6 +75,7 @@ impl Source {
             Source::Reservations => Kind::IpReservation.plural(),
             Source::VirtualMachines => "virtualmachines",
             Source::VirtualMachineInstances => "virtualmachineinstances",
+            Source::CalicoNodes => "calico-nodes",
         }
     }
 
@@ -89,6 +93,7 @@ impl Source {
             Source::Pools => "IPPool",
             Source::Reservations => "IPReservation",
             Source::VirtualMachines | Source::VirtualMachineInstances => "KubeVirt",
+            Source::CalicoNodes => "CalicoNode",
         }
     }
 
@@ -107,6 +112,7 @@ impl Source {
             Source::IpamConfig => Origin::Datastore(Kind::IpamConfig),
             Source::Pools => Origin::Datastore(Kind::IpPool),
             Source::Reservations => Origin::Datastore(Kind::IpReservation),
+            Source::CalicoNodes => Origin::Datastore(Kind::CalicoNode),
         }
     }
 }
@@ -133,6 +139,14 @@ pub enum Object {
     Reservation(IpReservation),
     VirtualMachine(KubeVirtObject),
     VirtualMachineInstance(KubeVirtObject),
+    CalicoNode(CalicoNodeRef),
+}
+
+/// What the GC needs of a Calico Node: its name and the Kubernetes node its `k8s` orchRef names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CalicoNodeRef {
+    pub name: String,
+    pub k8s_node: Option<String>,
 }
 
 /// What the GC needs of a KubeVirt VirtualMachine or VirtualMachineInstance.
@@ -215,6 +229,11 @@ pub fn decode_stored(source: Source, o: &Stored) -> (Result<Object, InvalidObjec
         Source::Reservations => decode_as(kind, o).map(Object::Reservation),
         Source::VirtualMachines => KubeVirtObject::from_value(&o.value).map(Object::VirtualMachine),
         Source::VirtualMachineInstances => KubeVirtObject::from_value(&o.value).map(Object::VirtualMachineInstance),
+        Source::CalicoNodes => match crate::datastore::CalicoNodeView::of_node(&o.value) {
+            _ if o.name.is_empty() => Err(InvalidObject::new(kind, &o.name, "no name".to_string())),
+            crate::datastore::CalicoNodeView::Present { k8s_node } => Ok(Object::CalicoNode(CalicoNodeRef { name: o.name.clone(), k8s_node })),
+            _ => Ok(Object::CalicoNode(CalicoNodeRef { name: o.name.clone(), k8s_node: None })),
+        },
     };
     (r, None)
 }
@@ -273,6 +292,10 @@ where
             tokio::spawn(forward(stream, source, tx.clone(), shared.clone()))
         })
         .collect();
+    if ds.keeps_calico_nodes() {
+        let source = Source::CalicoNodes;
+        tasks.push(tokio::spawn(forward(stream_of(&**ds, &**cluster, source), source, tx.clone(), shared.clone())));
+    }
     tasks.push(tokio::spawn(watch_kubevirt_when_installed(cluster.clone(), tx.clone(), shared.clone())));
     tasks
 }
@@ -312,6 +335,8 @@ pub async fn forward(mut stream: WatchStream, source: Source, tx: mpsc::Sender<I
 /// The input one watch event becomes, if any (a malformed object is sent as `Invalid` here).
 async fn change_of(event: WatchEvent, source: Source, tx: &mpsc::Sender<Input>, key: &str, shared: &Shared, refused: &mut bool) -> Option<Change> {
     Some(match event {
+        // Nothing changed, but the watch works again: `forward` reports the kind healthy.
+        WatchEvent::Resumed => return None,
         WatchEvent::Init => Change::Init,
         WatchEvent::InitDone => Change::InitDone,
         WatchEvent::InitApply(o) => Change::InitApply(send_invalid(tx, source, decode_stored(source, &o)).await?),

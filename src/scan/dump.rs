@@ -36,6 +36,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::merge::{self, Duplicate, Verdict};
+use crate::ipam::index::IpamIndex;
 use crate::model::{
     BlockAffinity, ClusterInformation, InvalidObject, IpPool, IpReservation, IpamBlock, IpamConfig, IpamHandle,
     KubeControllersConfiguration, NodeLite, Object, PodFacts, PodLite, CALICO_API_VERSION,
@@ -112,6 +113,11 @@ pub struct DumpContents {
     pub namespaces_listed: bool,
     /// `leak-scan` read a live cluster itself, in the safe order.
     pub read_live: bool,
+    /// etcd: Calico Node name -> the Kubernetes node its `k8s` orchRef names (from an etcd dump
+    /// or a live etcd scan); see [`DumpContents::map_calico_nodes`].
+    pub calico_nodes: BTreeMap<String, Option<String>>,
+    /// Some part was an etcdctl dump of Calico's etcd: its revisions are not Kubernetes'.
+    pub etcd_dump: bool,
     pub(crate) registry: merge::Registry,
     pub(crate) pod_positions: BTreeMap<(String, String), usize>,
 }
@@ -208,6 +214,7 @@ fn read_paths_into(paths: &[PathBuf], mut contents: DumpContents, progress: &mut
     }
     contents.bytes_read = progress.done;
     progress.finish();
+    contents.map_calico_nodes();
     Ok(contents)
 }
 
@@ -234,6 +241,7 @@ pub fn read_bytes(name: &str, bytes: &[u8]) -> Result<DumpContents, DumpError> {
     }
     contents.bytes_read = progress.done;
     contents.files.push(path);
+    contents.map_calico_nodes();
     Ok(contents)
 }
 
@@ -1234,6 +1242,12 @@ enum Parsed {
     /// (empty when even those are unreadable).
     UnreadablePod(InvalidObject, String, String),
     Node(Box<NodeLite>),
+    /// A Calico Node of an etcd dump: its name and its `k8s` orchRef's node.
+    #[cfg_attr(not(feature = "cli"), allow(dead_code))]
+    CalicoNode(String, Option<String>),
+    /// The start of an etcdctl dump.
+    #[cfg_attr(not(feature = "cli"), allow(dead_code))]
+    EtcdDump,
     Namespace(String),
     SoftDeleted,
     /// A kind the scan does not use, or a Calico kind from a foreign API group (with a note).
@@ -1243,6 +1257,8 @@ enum Parsed {
 
 /// The kind recorded for an item that is not even a JSON object with a readable `kind`.
 const UNREADABLE_KIND: &str = "<unreadable>";
+/// The pseudo-kind counted once per etcdctl dump read.
+pub const ETCD_DUMP_KIND: &str = "<etcd dump>";
 /// The kind recorded for an object that has no `kind`.
 const NO_KIND: &str = "<no kind>";
 
@@ -1336,6 +1352,17 @@ struct NestedList<'a> {
     items: Vec<&'a serde_json::value::RawValue>,
 }
 
+/// One key of an etcdctl dump as the reader takes it.
+#[cfg(feature = "cli")]
+fn etcd_outcome(item: super::etcd_dump::EtcdItem, fallback: &str) -> Outcome {
+    use super::etcd_dump::EtcdItem;
+    match item {
+        EtcdItem::Object(json) => classify(&json, fallback, 1, None),
+        EtcdItem::CalicoNode { name, k8s_node } => Outcome::Object { kind: "CalicoNode".into(), v3: true, parsed: Parsed::CalicoNode(name, k8s_node) },
+        EtcdItem::Invalid(problem) => Outcome::Object { kind: problem.kind.clone(), v3: false, parsed: Parsed::Invalid(problem) },
+    }
+}
+
 fn classify(bytes: &[u8], fallback: &str, nesting: usize, default: Option<&Head>) -> Outcome {
     let head = match peek_head(bytes) {
         Some(head) => head,
@@ -1363,6 +1390,14 @@ fn classify(bytes: &[u8], fallback: &str, nesting: usize, default: Option<&Head>
         Some(d) if head.kind.is_empty() => Head { kind: d.kind.clone(), api_version: if head.api_version.is_empty() { d.api_version.clone() } else { head.api_version } },
         _ => head,
     };
+    #[cfg(feature = "cli")]
+    if kind.is_empty()
+        && nesting == 0
+        && let Some(items) = super::etcd_dump::read(bytes)
+    {
+        let marker = Outcome::Object { kind: ETCD_DUMP_KIND.into(), v3: false, parsed: Parsed::EtcdDump };
+        return Outcome::List(std::iter::once(marker).chain(items.into_iter().map(|item| etcd_outcome(item, fallback))).collect());
+    }
     let v3 = api_version == CALICO_V3_API_VERSION;
     let calico_api = api_version.is_empty() || api_version == CALICO_API_VERSION || v3;
     let invalid = |e: serde_json::Error| Parsed::Invalid(InvalidObject::new(&kind, &recover_name(bytes, fallback), e.to_string()));
@@ -1573,16 +1608,7 @@ impl DumpContents {
                 if verdict == Verdict::Conflict {
                     self.held_blocks.insert(b.spec.cidr.clone());
                 }
-                if let Some(at) = self.keep(verdict) {
-                    match self.index.as_deref_mut() {
-                        Some(index) => {
-                            if let Err(e) = index.apply_block(&b) {
-                                self.invalid.push(e);
-                            }
-                        }
-                        None => put(&mut self.blocks, at, *b),
-                    }
-                }
+                self.keep_ipam(verdict, *b, IpamIndex::apply_block, |c| &mut c.blocks);
             }
             Parsed::Affinity(a) => {
                 let verdict = self.judge("BlockAffinity", &a.metadata.name, a.resource_version(), &a.spec, self.affinities.len());
@@ -1590,37 +1616,26 @@ impl DumpContents {
                     // The block of a contested affinity keeps everything it holds.
                     self.held_blocks.insert(a.spec.cidr.clone());
                 }
-                if let Some(at) = self.keep(verdict) {
-                    match self.index.as_deref_mut() {
-                        Some(index) => {
-                            if let Err(e) = index.apply_affinity(&a) {
-                                self.invalid.push(e);
-                            }
-                        }
-                        None => put(&mut self.affinities, at, *a),
-                    }
-                }
+                self.keep_ipam(verdict, *a, IpamIndex::apply_affinity, |c| &mut c.affinities);
             }
             Parsed::Handle(h) => {
                 let verdict = self.judge("IPAMHandle", &h.metadata.name, h.resource_version(), &h.spec, self.handles.len());
                 if verdict == Verdict::Conflict {
-                    self.held_handles.insert(crate::ipam::index::IpamIndex::handle_key(&h).to_string());
+                    self.held_handles.insert(IpamIndex::handle_key(&h).to_string());
                 }
-                if let Some(at) = self.keep(verdict) {
-                    match self.index.as_deref_mut() {
-                        Some(index) => {
-                            if let Err(e) = index.apply_handle(&h) {
-                                self.invalid.push(e);
-                            }
-                        }
-                        None => put(&mut self.handles, at, *h),
-                    }
-                }
+                self.keep_ipam(verdict, *h, IpamIndex::apply_handle, |c| &mut c.handles);
             }
-            Parsed::Node(n) => match self.index.as_deref_mut() {
-                Some(index) => index.apply_node(&n),
-                None => self.nodes.push(*n),
-            },
+            Parsed::Node(n) => {
+                // Kept in both modes: few, and what an etcd dump's Calico Nodes are mapped onto.
+                if let Some(index) = self.index.as_deref_mut() {
+                    index.apply_node(&n);
+                }
+                self.nodes.push(*n);
+            }
+            Parsed::CalicoNode(name, k8s_node) => {
+                self.calico_nodes.insert(name, k8s_node);
+            }
+            Parsed::EtcdDump => self.etcd_dump = true,
             Parsed::Pod(facts, problem) => {
                 self.invalid.extend(problem);
                 self.absorb_pod(*facts);
@@ -1676,6 +1691,52 @@ impl DumpContents {
                 self.invalid.push(problem)
             }
         }
+    }
+
+    /// Keeps a judged block, affinity or handle: applied to the index when the dump is read
+    /// indexed (one it rejects is reported), else stored in its list (`list`) where `keep` says.
+    fn keep_ipam<T>(&mut self, verdict: Verdict, object: T, apply: fn(&mut IpamIndex, &T) -> Result<(), InvalidObject>, list: fn(&mut Self) -> &mut Vec<T>) {
+        let Some(at) = self.keep(verdict) else { return };
+        match self.index.as_deref_mut() {
+            Some(index) => {
+                if let Err(e) = apply(index, &object) {
+                    self.invalid.push(e);
+                }
+            }
+            None => put(list(self), at, object),
+        }
+    }
+
+    /// etcd: the allocations name Calico Nodes. Every Kubernetes Node is also seen under the
+    /// name of each Calico Node whose `k8s` orchRef names it (its labels with it), a Calico Node
+    /// without one as a node of its own (never deleted), and pods are compared with the
+    /// Kubernetes name ([`IpamIndex::set_node_alias`]). The Kubernetes names stay too, so a
+    /// dump's pods still find their nodes and an allocation on a Kubernetes node without a
+    /// Calico Node is judged as on a live node: more cautious than the GC, never less.
+    pub fn map_calico_nodes(&mut self) {
+        if self.calico_nodes.is_empty() {
+            return;
+        }
+        let mut extra = Vec::new();
+        for (calico, k8s) in &self.calico_nodes {
+            let labels = match k8s {
+                Some(k) => match self.nodes.iter().find(|n| n.metadata.name == *k) {
+                    Some(n) => n.metadata.labels.clone(),
+                    None => continue,
+                },
+                None => BTreeMap::new(),
+            };
+            extra.push(NodeLite { metadata: crate::model::node::NodeMeta { name: calico.clone(), labels } });
+        }
+        if let Some(index) = self.index.as_deref_mut() {
+            for n in &extra {
+                index.apply_node(n);
+            }
+            for (calico, k8s) in &self.calico_nodes {
+                index.set_node_alias(calico, k8s.as_deref());
+            }
+        }
+        self.nodes.extend(extra);
     }
 
     /// Judges a copy of an IPAM object against the copies seen before, recording what differed.

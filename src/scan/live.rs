@@ -9,8 +9,10 @@
 //! objects through the [`Datastore`] seam and Kubernetes' through [`ClusterReader`], never a
 //! client of its own.
 
+use std::collections::BTreeMap;
+
 use super::dump::DumpContents;
-use crate::datastore::{ClusterKind, ClusterReader, Datastore, DatastoreError, Kind, Stored};
+use crate::datastore::{CalicoNodeView, ClusterKind, ClusterReader, Datastore, DatastoreError, Kind, Stored};
 
 /// Objects between two progress reports while pods or nodes stream in: one LIST page's worth.
 const PROGRESS_EVERY: u64 = 500;
@@ -81,6 +83,28 @@ fn seen(contents: &DumpContents, what: Listed) -> u64 {
     contents.kind_counts.get(what.kind_name()).copied().unwrap_or(0)
 }
 
+/// etcd: Calico Node name -> the Kubernetes node its `k8s` orchRef names.
+type CalicoNames = BTreeMap<String, Option<String>>;
+
+/// The Calico Nodes, where the datastore keeps them apart from Kubernetes' (etcd). Read with
+/// the Nodes, after the blocks: a node whose allocations the blocks show was created before
+/// them, so it is in this list (the dump order rule).
+async fn calico_names<D: Datastore>(ds: &D) -> Result<Option<CalicoNames>, LiveScanError> {
+    if !ds.keeps_calico_nodes() {
+        return Ok(None);
+    }
+    let nodes = match ds.list(Kind::CalicoNode).await {
+        Ok(n) => n,
+        Err(e) if e.is_not_found() => Vec::new(),
+        Err(source) => return Err(LiveScanError::List { resource: "calico nodes".into(), source }),
+    };
+    let k8s_of = |v: &serde_json::Value| match CalicoNodeView::of_node(v) {
+        CalicoNodeView::Present { k8s_node } => k8s_node,
+        _ => None,
+    };
+    Ok(Some(nodes.iter().map(|n| (n.name.clone(), k8s_of(&n.value))).collect()))
+}
+
 /// Lists every kind the GC reads into an indexed [`DumpContents`], ready for `scan_dump`.
 /// `progress(kind, objects_so_far)` is called as objects arrive and after each kind.
 pub async fn read_cluster<D: Datastore, C: ClusterReader>(
@@ -91,6 +115,9 @@ pub async fn read_cluster<D: Datastore, C: ClusterReader>(
     let mut contents =
         DumpContents { index: Some(Box::new(crate::ipam::index::IpamIndex::new())), complete_pod_view: true, read_live: true, ..DumpContents::default() };
     for (what, required) in listed() {
+        if matches!(what, Listed::Cluster(ClusterKind::Node)) {
+            contents.calico_nodes = calico_names(ds).await?.unwrap_or_default();
+        }
         let result = match what {
             Listed::Calico(kind) => ds.list(kind).await.map(|objects| {
                 for (i, object) in objects.iter().enumerate() {
@@ -117,6 +144,8 @@ pub async fn read_cluster<D: Datastore, C: ClusterReader>(
         }
         progress(what.plural(), seen(&contents, what));
     }
+    // etcd: the Calico Nodes' names for the Kubernetes Nodes, as an etcd dump gets them.
+    contents.map_calico_nodes();
     Ok(contents)
 }
 

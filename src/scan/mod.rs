@@ -1,4 +1,7 @@
 pub mod dump;
+// etcdctl's JSON is base64 inside: read with the `cli` build's base64 (the pure core has none).
+#[cfg(feature = "cli")]
+pub mod etcd_dump;
 pub mod merge;
 pub mod order;
 pub mod live;

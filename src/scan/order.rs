@@ -84,6 +84,12 @@ pub fn dump_order(dump: &DumpContents) -> DumpOrder {
             namespaces_after_ipam: true,
         };
     }
+    if dump.etcd_dump {
+        let detail = "IPAM came from an etcdctl dump of Calico's etcd, whose revisions do not order against the Kubernetes Lists' \
+                      (read it first, as the README says)"
+            .to_string();
+        return DumpOrder { state: OrderState::Unknown, detail, parts, namespaces_after_ipam: false };
+    }
     let mut ranges = Vec::new();
     for (kind, label) in SEQUENCE {
         match range_of(dump, kind, label) {

@@ -244,6 +244,9 @@ pub fn scan_dump(dump: &mut DumpContents, now: Millis, opts: &ScanOptions) -> Re
                 pods: &dump.pods,
                 nodes: &dump.nodes,
             }));
+            for (calico, k8s) in &dump.calico_nodes {
+                built.set_node_alias(calico, k8s.as_deref());
+            }
             built
         }
     };

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use calico_kube_controllers::config::{EnvConfig, EtcdConfig};
 use calico_kube_controllers::datastore::conformance::{Options, run_all, run_watch};
 use calico_kube_controllers::datastore::etcd::EtcdDatastore;
-use calico_kube_controllers::datastore::{CalicoNodeView, Datastore, ErrorKind, Kind, WatchEvent};
+use calico_kube_controllers::datastore::{CalicoNodeView, Datastore, DsResult, ErrorKind, ExecuteOptions, GoneProof, Kind, Precondition, Stored, WatchEvent, WatchStream, execute_plan};
+use calico_kube_controllers::ipam::plan::{BlockRelease, LeakReason, Plan, ReleaseItem};
+use calico_kube_controllers::model::names::{cidr_to_name, ordinal_to_ip};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
@@ -77,12 +79,12 @@ async fn etcd_calico_nodes_name_the_kubernetes_node_that_proves_them_gone() {
     etcdctl_put(cluster, &format!("{prefix}cn-bare"), bare);
     let mapped = ds.calico_node("cn-mapped").await.expect("read");
     assert_eq!(mapped, CalicoNodeView::Present { k8s_node: Some("worker-1.example".into()) });
-    assert_eq!(mapped.proof_target("cn-mapped").as_deref(), Some("worker-1.example"));
+    assert_eq!(mapped.proof("cn-mapped"), GoneProof::KubernetesNode("worker-1.example".into()));
     let bare = ds.calico_node("cn-bare").await.expect("read");
-    assert_eq!(bare.proof_target("cn-bare"), None, "no Kubernetes orchestrator reference: never proven gone");
+    assert_eq!(bare.proof("cn-bare"), GoneProof::Never, "no Kubernetes orchestrator reference: never proven gone");
     let missing = ds.calico_node("cn-missing").await.expect("read");
     assert_eq!(missing, CalicoNodeView::Missing);
-    assert_eq!(missing.proof_target("cn-missing").as_deref(), Some("cn-missing"));
+    assert_eq!(missing.proof("cn-missing"), GoneProof::CalicoNodeMissing, "no Calico Node: gone (SPEC §9.3)");
     assert!(ds.calico_node("a/b").await.is_err(), "a name that is no key segment is refused");
 }
 
@@ -348,7 +350,9 @@ async fn a_watch_resumes_after_an_etcd_restart_from_its_last_revision_without_a_
     let mut stream = ds.watch(Kind::IpamHandle);
     let (first, _) = next_list(&mut stream).await;
     assert_eq!(first, ["before"]);
-    // Let the watch open, then take etcd away under it.
+    // Let the watch open (etcd says so: Resumed), then take etcd away under it.
+    let opened = tokio::time::timeout(Duration::from_secs(10), stream.next()).await.expect("the watch opens").expect("the stream goes on");
+    assert!(matches!(opened, WatchEvent::Resumed), "{opened:?}");
     assert!(tokio::time::timeout(Duration::from_millis(700), stream.next()).await.is_err(), "nothing happened yet");
     etcd.stop();
     let err = ds.get(Kind::IpamHandle, "before").await.unwrap_err();
@@ -368,7 +372,11 @@ async fn a_watch_resumes_after_an_etcd_restart_from_its_last_revision_without_a_
             other => seen.push(other),
         }
     }
-    assert!(seen.iter().all(|e| matches!(e, WatchEvent::Error(f) if f.refused.is_none())), "only routine errors, no relist: {seen:?}");
+    assert!(seen.iter().all(|e| matches!(e, WatchEvent::Resumed) || matches!(e, WatchEvent::Error(f) if f.refused.is_none())), "only routine errors, no relist: {seen:?}");
+    // After the failures, the re-established watch says so before any change arrives: a quiet
+    // kind (nothing written after the restart) is healthy again too.
+    let last_error = seen.iter().rposition(|e| matches!(e, WatchEvent::Error(_))).expect("the restart was seen");
+    assert!(matches!(seen.get(last_error + 1), Some(WatchEvent::Resumed)), "{seen:?}");
 }
 
 #[tokio::test]
@@ -433,4 +441,99 @@ async fn lists_and_watches_page_through_more_keys_than_one_range_returns() {
     let (watched, _) = next_list(&mut stream).await;
     assert_eq!(watched.len(), N);
     assert!(ds.list(Kind::BlockAffinity).await.expect("list affinities").is_empty(), "a host marker is no affinity");
+}
+
+/// A second writer that reallocates ordinal 0 of the block (what the CNI does when a pod is
+/// deleted and another takes its address) just before the first update of that block reaches
+/// etcd: the release then loses the compare-and-swap.
+struct RacingWriter {
+    inner: EtcdDatastore,
+    block: String,
+    raced: std::sync::atomic::AtomicBool,
+}
+
+fn reallocate_ordinal_zero(spec: &mut Value) {
+    let attrs = spec["attributes"].as_array_mut().unwrap();
+    attrs.push(json!({"handle_id": "h-new", "secondary": {"namespace": "default", "pod": "new", "node": "node1"}}));
+    spec["allocations"][0] = json!(attrs.len() - 1);
+    spec["sequenceNumber"] = json!(101);
+    spec["sequenceNumberForAllocation"]["0"] = json!(101);
+}
+
+impl Datastore for RacingWriter {
+    async fn get(&self, kind: Kind, name: &str) -> DsResult<Stored> {
+        self.inner.get(kind, name).await
+    }
+    async fn list(&self, kind: Kind) -> DsResult<Vec<Stored>> {
+        self.inner.list(kind).await
+    }
+    async fn create(&self, kind: Kind, name: &str, value: Value) -> DsResult<Stored> {
+        self.inner.create(kind, name, value).await
+    }
+    async fn update(&self, kind: Kind, object: &Stored) -> DsResult<Stored> {
+        if kind == Kind::IpamBlock && object.name == self.block && !self.raced.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            let mut theirs = self.inner.get(kind, &object.name).await.expect("the racer reads the block");
+            reallocate_ordinal_zero(&mut theirs.value["spec"]);
+            self.inner.update(kind, &theirs).await.expect("the racer's write lands first");
+        }
+        self.inner.update(kind, object).await
+    }
+    async fn update_status(&self, kind: Kind, object: &Stored) -> DsResult<Stored> {
+        self.inner.update_status(kind, object).await
+    }
+    async fn delete(&self, kind: Kind, name: &str, precondition: &Precondition) -> DsResult<()> {
+        self.inner.delete(kind, name, precondition).await
+    }
+    async fn soft_delete(&self, kind: Kind, object: &Stored) -> DsResult<()> {
+        self.inner.soft_delete(kind, object).await
+    }
+    fn watch(&self, kind: Kind) -> WatchStream {
+        self.inner.watch(kind)
+    }
+}
+
+/// SPEC §5.7 on etcd: a release planned on ordinals 0 and 1 whose block another writer changes
+/// between our read and our compare-and-swap re-reads the block and frees only what is still
+/// the planned allocation: the reallocated ordinal 0 and its new owner are untouched.
+#[tokio::test]
+async fn a_writer_racing_a_release_on_etcd_loses_nothing() {
+    let cluster = shared_cluster();
+    let ds = EtcdDatastore::connect(&tls_config(cluster)).await.expect("connects");
+    let n = crate::support::cluster::unique_number() % 250;
+    let cidr: ipnet::IpNet = format!("10.253.{n}.0/29").parse().unwrap();
+    let name = cidr_to_name(&cidr);
+    if let Ok(old) = ds.get(Kind::IpamBlock, &name).await {
+        ds.delete(Kind::IpamBlock, &name, &old.exact()).await.expect("clear an earlier run's block");
+    }
+    let (ha, hb) = (unique_name("race-a"), unique_name("race-b"));
+    let block = json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "IPAMBlock", "metadata": {"name": name},
+        "spec": {"cidr": cidr.to_string(), "affinity": "host:node1", "strictAffinity": false,
+                 "allocations": [0, 1, null, null, null, null, null, null], "unallocated": [2, 3, 4, 5, 6, 7],
+                 "attributes": [{"handle_id": ha, "secondary": {"namespace": "default", "pod": "a", "node": "node1"}},
+                                {"handle_id": hb, "secondary": {"namespace": "default", "pod": "b", "node": "node1"}}],
+                 "sequenceNumber": 100, "sequenceNumberForAllocation": {"0": 10, "1": 11}, "deleted": false}});
+    ds.create(Kind::IpamBlock, &name, block).await.expect("block");
+    for h in [&ha, &hb] {
+        let handle = json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "IPAMHandle", "metadata": {"name": h},
+            "spec": {"handleID": h, "block": {cidr.to_string(): 1}, "deleted": false}});
+        ds.create(Kind::IpamHandle, h, handle).await.expect("handle");
+    }
+    let item = |ordinal: u32, handle: &str, sequence: u64| ReleaseItem { ordinal, ip: ordinal_to_ip(&cidr, ordinal), handle: handle.to_string(), sequence, reason: LeakReason::PodNotFound };
+    let plan = Plan { releases: vec![BlockRelease { cidr, block_name: name.clone(), revision: String::new(), items: vec![item(0, &ha, 10), item(1, &hb, 11)] }], ..Plan::default() };
+    let racer = RacingWriter { inner: ds.clone(), block: name.clone(), raced: Default::default() };
+    let out = execute_plan(&racer, &plan, 1_000_000, 0, &ExecuteOptions::default()).await;
+    assert!(out.conflicts >= 1, "the release lost the compare-and-swap to the racer: {out:?}");
+    assert_eq!(out.released, vec![(cidr, 1)], "{out:?}");
+    assert_eq!(out.stale, vec![(cidr, 0)], "the reallocated ordinal is reported, not released");
+    assert_eq!(out.error_count(), 0, "{:?}", out.failures);
+    let after = ds.get(Kind::IpamBlock, &name).await.expect("the block stays");
+    let spec = &after.value["spec"];
+    let owner = spec["allocations"][0].as_u64().expect("the new pod keeps its address") as usize;
+    assert_eq!(spec["attributes"][owner]["handle_id"], "h-new");
+    assert!(spec["allocations"][1].is_null(), "b's address is freed");
+    assert!(ds.get(Kind::IpamHandle, &hb).await.is_err_and(|e| e.is_not_found()), "b's handle is deleted");
+    ds.get(Kind::IpamHandle, &ha).await.expect("a's handle stays: nothing of it was released");
+    ds.delete(Kind::IpamBlock, &name, &after.exact()).await.expect("clean up");
+    let h = ds.get(Kind::IpamHandle, &ha).await.unwrap();
+    ds.delete(Kind::IpamHandle, &ha, &h.exact()).await.expect("clean up");
 }

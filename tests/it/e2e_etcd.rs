@@ -7,61 +7,69 @@ use std::time::{Duration, Instant};
 
 use calico_kube_controllers::config::EnvConfig;
 use calico_kube_controllers::datastore::etcd::EtcdDatastore;
-use calico_kube_controllers::datastore::{Datastore, Kind};
-use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{Api, PostParams};
+use calico_kube_controllers::datastore::{Datastore, Kind, Precondition};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
 
-use crate::support::cluster::{private_cluster, set_pod_ips};
-use crate::support::controller::{CIDR, DEADLINE, LIVE_IP, NODE, free_port, http_get, start_controller_with};
+use crate::support::cluster::{CalicoEtcd, TestCluster, private_cluster};
+use crate::support::controller::{CIDR, ChildGuard, DEADLINE, free_port, http_get, live_pod_on_node, start_controller_with};
 use crate::support::ipam::{Alloc, affinity_object, block_object, handle_object, pod_attrs};
+
+/// The settings that point a process at the harness's Calico etcd, each var name with `prefix`
+/// (`""` or `CALICO_`), and `endpoints` instead of the harness's when given.
+pub fn etcd_env(etcd: &CalicoEtcd, prefix: &str, endpoints: Option<&str>) -> Vec<(String, String)> {
+    let path = |p: &std::path::Path| p.display().to_string();
+    [
+        ("DATASTORE_TYPE", "etcdv3".to_string()),
+        ("ETCD_ENDPOINTS", endpoints.unwrap_or(&etcd.endpoints).to_string()),
+        ("ETCD_CA_CERT_FILE", path(&etcd.ca_cert)),
+        ("ETCD_CERT_FILE", path(&etcd.client_cert)),
+        ("ETCD_KEY_FILE", path(&etcd.client_key)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (format!("{prefix}{k}"), v))
+    .collect()
+}
+
+/// `env` as the `(&str, &str)` pairs the process helpers take.
+pub fn pairs(env: &[(String, String)]) -> Vec<(&str, &str)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+/// A client of the harness's Calico etcd on the same settings a controller would get.
+pub async fn etcd_client(env: &[(String, String)]) -> EtcdDatastore {
+    let vars = env.iter().cloned().collect();
+    let cfg = EnvConfig::from_env(&vars).expect("valid settings").etcd.expect("etcd settings");
+    EtcdDatastore::connect(&cfg).await.expect("connects to Calico's etcd")
+}
+
+fn calico_etcd(cluster: &TestCluster) -> CalicoEtcd {
+    cluster.calico_etcd.clone().expect("the harness's Calico etcd")
+}
 
 #[tokio::test]
 async fn controller_on_etcd_frees_a_gone_pods_ip_and_handle_and_keeps_the_live_one() {
     let cluster = private_cluster();
     let client = cluster.client();
-    let etcd = cluster.calico_etcd.clone().expect("the harness's Calico etcd");
-    let (ca, cert, key) = (etcd.ca_cert.display().to_string(), etcd.client_cert.display().to_string(), etcd.client_key.display().to_string());
-    let env = [
-        ("DATASTORE_TYPE", "etcdv3"),
-        ("ETCD_ENDPOINTS", etcd.endpoints.as_str()),
-        ("ETCD_CA_CERT_FILE", ca.as_str()),
-        ("ETCD_CERT_FILE", cert.as_str()),
-        ("ETCD_KEY_FILE", key.as_str()),
-    ];
-    let vars = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    let cfg = EnvConfig::from_env(&vars).expect("valid settings").etcd.expect("etcd settings");
-    let ds = EtcdDatastore::connect(&cfg).await.expect("connects to Calico's etcd");
-
+    let env = etcd_env(&calico_etcd(&cluster), "", None);
+    let ds = etcd_client(&env).await;
+    let env = pairs(&env);
     // Kubernetes: the node and the live pod with its IP.
-    let ns = cluster.namespace_with_default_service_account(&client, "e2e-etcd").await;
-    let nodes: Api<Node> = Api::all(client.clone());
-    nodes.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": NODE}})).unwrap()).await.expect("node");
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "live"},
-        "spec": {"nodeName": NODE, "containers": [{"name": "c", "image": "registry.invalid/c:1"}]},
-    }))
-    .unwrap();
-    pods.create(&PostParams::default(), &pod).await.expect("live pod");
-    set_pod_ips(&pods, "live", &[LIVE_IP]).await;
+    let ns = live_pod_on_node(&cluster, &client, "e2e-etcd").await;
+    const NODE: &str = crate::support::controller::NODE;
 
-    // etcd: the block with both allocations, their handles and the node's affinity.
+    // etcd: n1's Calico Node (as calico-node writes it), the block with both allocations,
+    // their handles and the node's affinity.
+    put_calico_node(&ds, NODE, Some(NODE)).await;
     let live_handle = format!("k8s-pod-network.live-{ns}");
     let gone_handle = format!("k8s-pod-network.gone-{ns}");
-    let block = block_object(CIDR, Some(NODE), &[
+    let block_name = put_block(&ds, CIDR, Some(NODE), &[
         Alloc { ordinal: 1, handle: &live_handle, secondary: pod_attrs(&ns, "live", NODE) },
         Alloc { ordinal: 2, handle: &gone_handle, secondary: pod_attrs(&ns, "gone", NODE) },
-    ]);
-    let block_name = block.metadata.name.clone().expect("named");
-    let body = |o: kube::api::DynamicObject| serde_json::to_value(o).expect("JSON");
-    ds.create(Kind::IpamBlock, &block_name, body(block)).await.expect("block in etcd");
-    for h in [&live_handle, &gone_handle] {
-        ds.create(Kind::IpamHandle, h, body(handle_object(h, CIDR, 1))).await.expect("handle in etcd");
-    }
-    let affinity = affinity_object(NODE, CIDR);
-    let affinity_name = affinity.metadata.name.clone().expect("named");
-    ds.create(Kind::BlockAffinity, &affinity_name, body(affinity)).await.expect("affinity in etcd");
+    ])
+    .await;
+    let affinity_name = calico_kube_controllers::model::names::affinity_name(NODE, &CIDR.parse().unwrap());
 
     let port = free_port();
     let started = Instant::now();
@@ -90,20 +98,28 @@ async fn controller_on_etcd_frees_a_gone_pods_ip_and_handle_and_keeps_the_live_o
     let (_, metrics) = http_get(port, "/metrics").await.expect("scraping /metrics");
     assert!(metrics.contains("kube_controllers_api_requests_total{verb=\"update\",resource=\"ipamblocks\",code=\"200\"}"), "{metrics}");
     assert!(metrics.contains("kube_controllers_api_requests_total{verb=\"delete\",resource=\"ipamhandles\",code=\"200\"}"), "{metrics}");
+
+    // etcd restarted mid-run: the watches resume, a later leak is freed, the live IP kept.
+    cluster.restart("calico-etcd").expect("restarting Calico's etcd");
+    // Our own client's pooled connection died with the old process: its first call may fail.
+    let started = Instant::now();
+    while let Err(e) = ds.probe().await {
+        assert!(started.elapsed() < DEADLINE, "etcd does not answer after its restart: {e}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let later = format!("k8s-pod-network.later-{ns}");
+    put_block(&ds, "10.65.1.0/26", Some(NODE), &[Alloc { ordinal: 3, handle: &later, secondary: pod_attrs(&ns, "later", NODE) }]).await;
+    wait_released(&ds, &later, &controller).await;
+    let block = ds.get(Kind::IpamBlock, &block_name).await.expect("reading the block");
+    assert_eq!(block.value["spec"]["allocations"][1], json!(0), "the live pod's IP survives the restart");
+    assert!(handle_exists(&ds, &live_handle).await);
 }
 
 #[tokio::test]
 async fn controller_with_an_unreachable_etcd_stays_up_not_ready_naming_etcd_endpoints() {
     let cluster = crate::support::cluster::shared_cluster();
-    let etcd = cluster.calico_etcd.clone().expect("the harness's Calico etcd");
-    let (ca, cert, key) = (etcd.ca_cert.display().to_string(), etcd.client_cert.display().to_string(), etcd.client_key.display().to_string());
-    let env = [
-        ("DATASTORE_TYPE", "etcdv3"),
-        ("ETCD_ENDPOINTS", "https://127.0.0.1:1"),
-        ("ETCD_CA_CERT_FILE", ca.as_str()),
-        ("ETCD_CERT_FILE", cert.as_str()),
-        ("ETCD_KEY_FILE", key.as_str()),
-    ];
+    let env = etcd_env(&calico_etcd(cluster), "", Some("https://127.0.0.1:1"));
+    let env = pairs(&env);
     let port = free_port();
     // A dry run: on the shared cluster this replica must not lead or write anything.
     let mut controller = start_controller_with(&cluster.kubeconfig, &["--dry-run"], &env, port, "etcd-unreachable");
@@ -119,18 +135,9 @@ async fn controller_with_an_unreachable_etcd_stays_up_not_ready_naming_etcd_endp
 #[tokio::test]
 async fn live_leak_scan_on_etcd_reports_a_leak_in_etcd_and_writes_nothing() {
     let cluster = crate::support::cluster::shared_cluster();
-    let etcd = cluster.calico_etcd.clone().expect("the harness's Calico etcd");
-    let (ca, cert, key) = (etcd.ca_cert.display().to_string(), etcd.client_cert.display().to_string(), etcd.client_key.display().to_string());
-    let env = [
-        ("CALICO_DATASTORE_TYPE", "etcdv3"),
-        ("CALICO_ETCD_ENDPOINTS", etcd.endpoints.as_str()),
-        ("CALICO_ETCD_CA_CERT_FILE", ca.as_str()),
-        ("CALICO_ETCD_CERT_FILE", cert.as_str()),
-        ("CALICO_ETCD_KEY_FILE", key.as_str()),
-    ];
-    let vars = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    let cfg = EnvConfig::from_env(&vars).expect("valid settings").etcd.expect("etcd settings");
-    let ds = EtcdDatastore::connect(&cfg).await.expect("connects");
+    let env = etcd_env(&calico_etcd(cluster), "CALICO_", None);
+    let ds = etcd_client(&env).await;
+    let env = pairs(&env);
     let ghost = format!("k8s-pod-network.{}", crate::support::cluster::unique_name("ghost"));
     let node = crate::support::cluster::unique_name("scan-node");
     let block = block_object("10.66.9.0/26", Some(&node), &[Alloc { ordinal: 7, handle: &ghost, secondary: pod_attrs("no-such-namespace", "ghost", &node) }]);
@@ -152,4 +159,237 @@ async fn live_leak_scan_on_etcd_reports_a_leak_in_etcd_and_writes_nothing() {
     let after = ds.get(Kind::IpamBlock, &name).await.expect("the block is still there");
     assert_eq!(after.revision, created.revision, "read-only: the block is unchanged");
     ds.delete(Kind::IpamBlock, &name, &after.exact()).await.expect("clean up");
+}
+
+/// Creates in etcd, as the CNI plugin leaves it, block `cidr` (affine to `host` if given, with
+/// its affinity) holding `allocs` (one handle each). Returns the block's name.
+async fn put_block(ds: &EtcdDatastore, cidr: &str, host: Option<&str>, allocs: &[Alloc<'_>]) -> String {
+    let body = |o: kube::api::DynamicObject| serde_json::to_value(o).expect("JSON");
+    let block = block_object(cidr, host, allocs);
+    let name = block.metadata.name.clone().expect("named");
+    ds.create(Kind::IpamBlock, &name, body(block)).await.expect("block in etcd");
+    for a in allocs {
+        ds.create(Kind::IpamHandle, a.handle, body(handle_object(a.handle, cidr, 1))).await.expect("handle in etcd");
+    }
+    if let Some(host) = host {
+        let affinity = affinity_object(host, cidr);
+        let affinity_name = affinity.metadata.name.clone().expect("named");
+        ds.create(Kind::BlockAffinity, &affinity_name, body(affinity)).await.expect("affinity in etcd");
+    }
+    name
+}
+
+/// A Calico Node in etcd, with a `k8s` orchRef to `k8s_node` when given.
+async fn put_calico_node(ds: &EtcdDatastore, name: &str, k8s_node: Option<&str>) {
+    let refs: Vec<_> = k8s_node.into_iter().map(|k| json!({"orchestrator": "k8s", "nodeName": k})).collect();
+    let body = json!({"apiVersion": "projectcalico.org/v3", "kind": "Node", "metadata": {"name": name}, "spec": {"orchRefs": refs}});
+    ds.create(Kind::CalicoNode, name, body).await.expect("Calico Node in etcd");
+}
+
+async fn handle_exists(ds: &EtcdDatastore, handle: &str) -> bool {
+    match ds.get(Kind::IpamHandle, handle).await {
+        Ok(_) => true,
+        Err(e) if e.is_not_found() => false,
+        Err(e) => panic!("reading handle {handle}: {e}"),
+    }
+}
+
+/// Waits until `handle` is gone from etcd (its address released), failing after [`DEADLINE`].
+async fn wait_released(ds: &EtcdDatastore, handle: &str, controller: &ChildGuard) {
+    let started = Instant::now();
+    while handle_exists(ds, handle).await {
+        assert!(started.elapsed() < DEADLINE, "{handle} not released in {DEADLINE:?}\n{}", controller.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// SPEC §9.3 (upstream's etcd IPAM GC FV cases) with a 15-minute grace period, so every release
+/// here is a deleted-node release, never a grace-period one.
+#[tokio::test]
+async fn on_etcd_nodes_are_judged_by_their_calico_node_and_its_kubernetes_orch_ref() {
+    let cluster = private_cluster();
+    let client = cluster.client();
+    let env = etcd_env(&calico_etcd(&cluster), "", None);
+    let ds = etcd_client(&env).await;
+    let env = pairs(&env);
+    let nodes: Api<Node> = Api::all(client.clone());
+    let k8s_node = |name: &str| serde_json::from_value::<Node>(json!({"metadata": {"name": name}})).unwrap();
+    for n in ["k8snodename", "common-b", "common-c"] {
+        nodes.create(&PostParams::default(), &k8s_node(n)).await.expect("Kubernetes node");
+    }
+    // a: Calico node `calinodename` stands for Kubernetes node `k8snodename`; its pod is gone.
+    put_calico_node(&ds, "calinodename", Some("k8snodename")).await;
+    put_block(&ds, "10.70.0.0/26", Some("calinodename"), &[Alloc { ordinal: 1, handle: "handle-a", secondary: pod_attrs("default", "pod-a", "calinodename") }]).await;
+    // b: a Calico node without orchRef, named like a Kubernetes node; no pod attributes.
+    put_calico_node(&ds, "common-b", None).await;
+    put_block(&ds, "10.70.1.0/26", Some("common-b"), &[Alloc { ordinal: 1, handle: "handle-b", secondary: json!({"node": "common-b"}) }]).await;
+    // c: no Calico node, but a Kubernetes node of the allocation's node name; d: neither.
+    put_block(&ds, "10.70.2.0/26", Some("common-c"), &[Alloc { ordinal: 1, handle: "handle-c", secondary: pod_attrs("default", "pod-c", "common-c") }]).await;
+    // d also has an upper-case handle ID and a node name so long that KDD would hash the
+    // affinity's name: etcd keys keep both as they are.
+    let long_node = format!("nowhere-{}", "d".repeat(240));
+    put_block(&ds, "10.70.3.0/26", Some(&long_node), &[Alloc { ordinal: 1, handle: "k8s-pod-network.Upper-D", secondary: pod_attrs("default", "pod-d", &long_node) }]).await;
+
+    let port = free_port();
+    let controller = start_controller_with(&cluster.kubeconfig, &["--leak-grace-period", "15m"], &env, port, "etcd-node-names");
+    // c and d: the node is gone (no Calico Node), so the pod's address goes at once.
+    wait_released(&ds, "handle-c", &controller).await;
+    wait_released(&ds, "k8s-pod-network.Upper-D", &controller).await;
+    let long_affinity = calico_kube_controllers::model::names::plain_affinity_name(&long_node, &"10.70.3.0/26".parse().unwrap());
+    let started = Instant::now();
+    while ds.get(Kind::BlockAffinity, &long_affinity).await.is_ok() {
+        assert!(started.elapsed() < DEADLINE, "the gone node's long-named affinity is not released\n{}", controller.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // a: its Kubernetes node exists, so the gone pod's address waits for the grace period; b is
+    // no pod's.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(handle_exists(&ds, "handle-a").await, "the mapped Kubernetes node exists: kept\n{}", controller.log_text());
+    assert!(handle_exists(&ds, "handle-b").await, "not a pod's address: kept");
+
+    // a: its Kubernetes node is deleted: now its address goes.
+    nodes.delete("k8snodename", &DeleteParams::default()).await.expect("deleting the Kubernetes node");
+    wait_released(&ds, "handle-a", &controller).await;
+    // b: neither deleting the same-named Kubernetes node nor the Calico node frees it.
+    nodes.delete("common-b", &DeleteParams::default()).await.expect("deleting the Kubernetes node");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(handle_exists(&ds, "handle-b").await, "not a pod's address: kept after the Kubernetes node went");
+    ds.delete(Kind::CalicoNode, "common-b", &Precondition::default()).await.expect("deleting the Calico node");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(handle_exists(&ds, "handle-b").await, "not a pod's address: kept after the Calico node went\n{}", controller.log_text());
+    let block = ds.get(Kind::IpamBlock, "10-70-1-0-26").await.expect("b's block stays");
+    assert_eq!(block.value["spec"]["allocations"][1], json!(0), "b's address is still allocated");
+}
+
+/// `etcdctl ARGS…` on the harness's Calico etcd: its stdout, or its stderr as the error.
+fn etcdctl(cluster: &TestCluster, args: &[&str]) -> Result<String, String> {
+    let etcd = calico_etcd(cluster);
+    let path = |p: &std::path::Path| p.display().to_string();
+    let out = std::process::Command::new(cluster.bin_dir().expect("harness bin dir").join("etcdctl"))
+        .args(["--endpoints", &etcd.endpoints, "--cacert", &path(&etcd.ca_cert), "--cert", &path(&etcd.client_cert), "--key", &path(&etcd.client_key)])
+        .args(args)
+        .env("ETCDCTL_API", "3")
+        .output()
+        .expect("etcdctl runs");
+    if out.status.success() { Ok(String::from_utf8_lossy(&out.stdout).into_owned()) } else { Err(String::from_utf8_lossy(&out.stderr).into_owned()) }
+}
+
+/// The version of `compact_rev_key` (how many compaction rounds claimed it), 0 if absent.
+fn compaction_rounds(cluster: &TestCluster) -> i64 {
+    let out = etcdctl(cluster, &["get", "compact_rev_key", "-w", "json"]).expect("etcdctl get");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("etcdctl JSON");
+    v["kvs"][0]["version"].as_i64().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn the_leader_compacts_etcd_every_compaction_period_and_never_with_zero() {
+    let cluster = private_cluster();
+    let mut env = etcd_env(&calico_etcd(&cluster), "", None);
+    env.push(("COMPACTION_PERIOD".into(), "0".into()));
+    let ds = etcd_client(&env).await;
+    // History to compact: a handle written a few times.
+    ds.create(Kind::IpamHandle, "history", serde_json::to_value(handle_object("history", CIDR, 1)).unwrap()).await.expect("handle");
+    for n in 2..5 {
+        let h = ds.get(Kind::IpamHandle, "history").await.unwrap();
+        let mut next = h.clone();
+        next.value["spec"]["block"][CIDR] = json!(n);
+        ds.update(Kind::IpamHandle, &next).await.expect("update");
+    }
+    let early = ds.get(Kind::IpamHandle, "history").await.unwrap().revision;
+
+    let port = free_port();
+    let controller = start_controller_with(&cluster.kubeconfig, &[], &pairs(&env), port, "etcd-no-compaction");
+    crate::support::controller::wait_for("readiness 200", || async { http_get(port, "/readiness").await.filter(|r| r.0 == 200) }).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(compaction_rounds(&cluster), 0, "COMPACTION_PERIOD=0 disables the compactor\n{}", controller.log_text());
+    drop(controller);
+
+    env.last_mut().unwrap().1 = "1s".into();
+    let controller = start_controller_with(&cluster.kubeconfig, &[], &pairs(&env), port, "etcd-compaction");
+    let started = Instant::now();
+    // Round 1 only notes the revision; round 2 compacts at it.
+    while compaction_rounds(&cluster) < 3 {
+        assert!(started.elapsed() < DEADLINE, "no compaction rounds in {DEADLINE:?}\n{}", controller.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let old = etcdctl(&cluster, &["get", "--rev", &early, "/calico/ipam/v2/handle/history"]);
+    assert!(old.as_ref().is_err_and(|e| e.contains("compacted")), "the history before the compaction is gone: {old:?}\n{}", controller.log_text());
+    assert!(controller.log_text().contains("etcd compacted"), "{}", controller.log_text());
+    // The controller's own watches relisted past the compaction and it stays ready.
+    let ready = crate::support::controller::wait_for("readiness 200", || async { http_get(port, "/readiness").await.filter(|r| r.0 == 200) }).await;
+    assert_eq!(ready.0, 200);
+    // ... and a leak made after the compaction is found and freed (a node without a Calico Node).
+    put_block(&ds, "10.71.0.0/26", Some("nowhere"), &[Alloc { ordinal: 1, handle: "after-compaction", secondary: pod_attrs("default", "gone", "nowhere") }]).await;
+    wait_released(&ds, "after-compaction", &controller).await;
+}
+
+/// The leaks of a `leak-scan --output json` report, without what depends on when it ran.
+fn leaks_of(report: &serde_json::Value) -> Vec<serde_json::Value> {
+    let mut leaks: Vec<_> = report["leaks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|l| json!({"ip": l["ip"], "handle": l["handle"], "node": l["node"], "reason": l["reason"], "releasable": l["releasable"], "heldBy": l["heldBy"]}))
+        .collect();
+    leaks.sort_by_key(|l| l["ip"].as_str().unwrap_or_default().to_string());
+    leaks
+}
+
+fn leak_scan(cluster: &TestCluster, args: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_calico-kube-controllers"))
+        .args(["leak-scan", "--output", "json"])
+        .args(args)
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .envs(env.iter().copied())
+        .output()
+        .expect("running leak-scan");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("JSON report ({e}); stderr: {stderr}"))
+}
+
+/// An offline scan of an etcdctl dump of Calico's etcd, with Kubernetes dumps of Nodes,
+/// Namespaces and Pods (README: making a dump on etcd), agrees with the live scan.
+#[tokio::test]
+async fn an_etcdctl_dump_scans_as_the_live_etcd_does() {
+    let cluster = private_cluster();
+    let client = cluster.client();
+    let env = etcd_env(&calico_etcd(&cluster), "", None);
+    let ds = etcd_client(&env).await;
+    let ns = live_pod_on_node(&cluster, &client, "e2e-etcd-dump").await;
+    const NODE: &str = crate::support::controller::NODE;
+    // Calico node `cal-n1` stands for Kubernetes node n1, where `waiting` has no IP yet.
+    put_calico_node(&ds, "cal-n1", Some(NODE)).await;
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &ns);
+    let waiting = json!({"metadata": {"name": "waiting"}, "spec": {"nodeName": NODE, "containers": [{"name": "c", "image": "registry.invalid/c:1"}]}});
+    pods.create(&PostParams::default(), &serde_json::from_value(waiting).unwrap()).await.expect("waiting pod");
+    put_block(&ds, CIDR, Some("cal-n1"), &[
+        Alloc { ordinal: 1, handle: &format!("k8s-pod-network.live-{ns}"), secondary: pod_attrs(&ns, "live", "cal-n1") },
+        Alloc { ordinal: 2, handle: &format!("k8s-pod-network.Gone-{ns}"), secondary: pod_attrs(&ns, "gone", "cal-n1") },
+        Alloc { ordinal: 3, handle: &format!("k8s-pod-network.waiting-{ns}"), secondary: pod_attrs(&ns, "waiting", "cal-n1") },
+    ])
+    .await;
+    // A node without a Calico Node.
+    put_block(&ds, "10.72.1.0/26", Some("ghost"), &[Alloc { ordinal: 1, handle: "k8s-pod-network.ghost", secondary: pod_attrs(&ns, "ghost", "ghost") }]).await;
+
+    let live = leak_scan(&cluster, &[], &pairs(&env));
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("etcd-dump-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // IPAM first (Calico's etcd), then Nodes, Namespaces, and Pods last.
+    std::fs::write(dir.join("calico.json"), etcdctl(&cluster, &["get", "--prefix", "/calico/", "-w", "json"]).expect("etcdctl dump")).unwrap();
+    let kubectl = cluster.bin_dir().expect("harness bin dir").join("kubectl");
+    for (file, path) in [("nodes.json", "/api/v1/nodes"), ("namespaces.json", "/api/v1/namespaces"), ("pods.json", "/api/v1/pods")] {
+        let out = std::process::Command::new(&kubectl).arg("--kubeconfig").arg(&cluster.kubeconfig).args(["get", "--raw", path]).output().expect("kubectl");
+        assert!(out.status.success(), "kubectl get --raw {path}: {}", String::from_utf8_lossy(&out.stderr));
+        std::fs::write(dir.join(file), out.stdout).unwrap();
+    }
+    let offline = leak_scan(&cluster, &["--from-dump", dir.to_str().unwrap()], &[]);
+    let (live_leaks, dump_leaks) = (leaks_of(&live), leaks_of(&offline));
+    assert_eq!(dump_leaks, live_leaks, "live: {live:#}\noffline: {offline:#}");
+    let ip = |l: &serde_json::Value| l["ip"].as_str().unwrap_or_default().to_string();
+    let releasable: Vec<String> = live_leaks.iter().filter(|l| l["releasable"] == true).map(ip).collect();
+    assert_eq!(releasable, ["10.65.0.2", "10.72.1.1"], "the gone pod's and the Calico-node-less node's: {live:#}");
+    assert!(!live_leaks.iter().any(|l| l["ip"] == "10.65.0.1" || l["ip"] == "10.65.0.3"), "the live pod's and the waiting one's, on the node its Calico node maps to, are no leaks: {live:#}");
+    assert_eq!(offline["summary"]["blocks"], live["summary"]["blocks"], "{:#}", offline["summary"]);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 use super::*;
 use crate::datastore::{ErrorKind, MemoryDatastore, Op, block_on};
 use crate::ipam::plan::ReleaseItem;
-use crate::model::names::{cidr_to_name, ordinal_to_ip};
+use crate::model::names::{affinity_name, cidr_to_name, handle_object_name, ordinal_to_ip};
 use crate::model::time::parse_rfc3339;
 
 /// One allocated ordinal: (ordinal, handle, node, sequence number).

@@ -25,6 +25,7 @@ use crate::datastore::{
 use crate::ipam::plan::Plan;
 use crate::model::PodFacts;
 use crate::model::time::Millis;
+use crate::datastore::GoneProof;
 use crate::runtime::watch::{Object, Source, decode_stored};
 
 /// A datastore call that has not answered in this long is given up and counted as timed out;
@@ -141,6 +142,15 @@ impl<D: Datastore> Datastore for Timed<'_, D> {
     fn watch(&self, kind: Kind) -> WatchStream {
         self.inner.watch(kind)
     }
+    fn keeps_calico_nodes(&self) -> bool {
+        self.inner.keeps_calico_nodes()
+    }
+    fn handle_object_name(&self, id: &str) -> String {
+        self.inner.handle_object_name(id)
+    }
+    fn affinity_object_name(&self, host: &str, cidr: &ipnet::IpNet) -> String {
+        self.inner.affinity_object_name(host, cidr)
+    }
 }
 
 #[derive(Clone)]
@@ -234,16 +244,22 @@ async fn run_job<D: Datastore, C: ClusterReader>(ds: &D, cluster: &C, opts: &Exe
         // In etcd the allocations name Calico Nodes: the Kubernetes Node that proves one gone is
         // the one its orchRef names (SPEC §9.3); in KDD they are one and the same.
         let view = tally.timed(opts.call_timeout, || format!("get calico node {name}"), ds.calico_node(&name)).await;
-        let target = match view {
-            Ok(v) => v.proof_target(&name),
+        let k8s_name = match view.map(|v| v.proof(&name)) {
+            Ok(GoneProof::KubernetesNode(k)) => k,
+            Ok(GoneProof::CalicoNodeMissing) => {
+                tracing::info!(node = %name, "no Calico Node of that name: the node is gone");
+                // No Kubernetes Node proved it: a same-named one changes nothing (SPEC §9.3).
+                nodes_gone.push((name, String::new()));
+                continue;
+            }
+            Ok(GoneProof::Never) => {
+                tracing::debug!(node = %name, "Calico Node without a Kubernetes orchestrator reference; never taken as deleted");
+                continue;
+            }
             Err(e) => {
                 tracing::warn!(node = %name, error = %e, "Calico Node read failed; the node is not proven deleted");
                 continue;
             }
-        };
-        let Some(k8s_name) = target else {
-            tracing::debug!(node = %name, "Calico Node without a Kubernetes orchestrator reference; never taken as deleted");
-            continue;
         };
         match tally.timed(opts.call_timeout, || format!("get nodes {k8s_name}"), cluster.get(ClusterKind::Node, "", &k8s_name)).await {
             Err(e) if e.is_not_found() => nodes_gone.push((name, k8s_name)),

@@ -17,8 +17,9 @@ use ipnet::IpNet;
 use crate::ipam::gc::KubeVirtFacts;
 use crate::ipam::index::IpamIndex;
 use crate::ipam::plan::SoftDeletedBlock;
-use crate::model::{ClusterInformation, InvalidObject, IpamConfig, KubeControllersConfiguration};
-use crate::runtime::watch::{Change, Input, Object, Source};
+use crate::model::node::NodeMeta;
+use crate::model::{ClusterInformation, InvalidObject, IpamConfig, KubeControllersConfiguration, NodeLite};
+use crate::runtime::watch::{CalicoNodeRef, Change, Input, Object, Source};
 
 /// The annotation of `KubeControllersConfiguration/default` that approves sets the mass-change
 /// guard holds: `kubectl annotate kubecontrollersconfigurations default
@@ -76,6 +77,49 @@ pub struct GcInputs {
     /// The KubeControllersConfiguration that configures this process (`KUBE_CONTROLLERS_CONFIG_NAME`,
     /// `default` unless set); others of the kind are not ours.
     kcc_name: String,
+    /// etcd: the Calico Nodes and the Kubernetes Nodes they map to. The index's nodes are then
+    /// the Calico Nodes whose Kubernetes node exists (SPEC §5.5: `kubernetesNodeExists`).
+    calico: Option<CalicoNames>,
+}
+
+/// The node name mapping of a datastore that keeps Calico Nodes (etcd), as upstream's
+/// `kubernetesNodesByCalicoName`. A Calico Node counts as an existing node when its `k8s`
+/// orchRef names a Kubernetes Node in the cache, or when it has no such reference (upstream
+/// never takes those as deleted); without a Calico Node, a node does not exist, whatever
+/// Kubernetes Node has its name.
+#[derive(Default)]
+struct CalicoNames {
+    /// Calico Node name -> the Kubernetes node its `k8s` orchRef names.
+    nodes: BTreeMap<String, Option<String>>,
+    /// The Kubernetes Nodes, by name.
+    kube: BTreeMap<String, NodeLite>,
+    /// Kubernetes node name -> the Calico Nodes whose orchRef names it.
+    by_kube: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl CalicoNames {
+    /// What the index should hold for Calico Node `name`: its node facts (the Kubernetes
+    /// node's labels, under the Calico name) if it counts as existing, and its Kubernetes name.
+    fn effective(&self, name: &str) -> (Option<NodeLite>, Option<&str>) {
+        let named = |labels: BTreeMap<String, String>| NodeLite { metadata: NodeMeta { name: name.to_string(), labels } };
+        match self.nodes.get(name) {
+            None => (None, None),
+            Some(None) => (Some(named(BTreeMap::new())), None),
+            Some(Some(k)) => (self.kube.get(k).map(|n| named(n.metadata.labels.clone())), Some(k.as_str())),
+        }
+    }
+
+    fn link(&mut self, calico: &str, k8s: Option<&String>, on: bool) {
+        let Some(k) = k8s else { return };
+        if on {
+            self.by_kube.entry(k.clone()).or_default().insert(calico.to_string());
+        } else if let Some(set) = self.by_kube.get_mut(k) {
+            set.remove(calico);
+            if set.is_empty() {
+                self.by_kube.remove(k);
+            }
+        }
+    }
 }
 
 impl GcInputs {
@@ -89,19 +133,111 @@ impl GcInputs {
         self
     }
 
-    /// Whether the Node cache holds `name`.
+    /// Inputs for a datastore that keeps Calico Nodes of its own (etcd): the Calico Nodes are a
+    /// required source, and the index's nodes are the Calico Nodes mapped to existing
+    /// Kubernetes Nodes ([`CalicoNames`]).
+    pub fn with_calico_nodes(mut self, keeps: bool) -> Self {
+        self.calico = keeps.then(CalicoNames::default);
+        self
+    }
+
+    /// The sources every decision waits on.
+    fn required(&self) -> impl Iterator<Item = Source> + '_ {
+        Source::ALL.iter().copied().chain(self.calico.as_ref().map(|_| Source::CalicoNodes))
+    }
+
+    /// Whether `source` is one the decisions wait on.
+    pub fn is_required(&self, source: Source) -> bool {
+        self.required().any(|s| s == source)
+    }
+
+    /// Whether the index holds node `name` (the allocations' node names: Calico Node names in
+    /// etcd).
     pub fn node_cached(&self, name: &str) -> bool {
         self.index.strings().lookup(name).is_some_and(|s| self.index.node_exists(s))
     }
 
-    /// Remembers nodes a read found deleted, unless the watch delivered them meanwhile (the read
-    /// answered before the node was created).
+    /// Whether the Kubernetes Node cache holds `name`.
+    fn kube_node_cached(&self, name: &str) -> bool {
+        match &self.calico {
+            Some(c) => c.kube.contains_key(name),
+            None => self.node_cached(name),
+        }
+    }
+
+    /// Remembers nodes a read found deleted, each with the Kubernetes Node whose NotFound proved
+    /// it ("" when the missing Calico Node was the proof), unless the watches delivered them
+    /// meanwhile (the read answered before the node was created).
     pub fn nodes_proven_gone(&mut self, proofs: impl IntoIterator<Item = (String, String)>) {
         for (name, k8s_name) in proofs {
-            if !self.node_cached(&name) && !self.node_cached(&k8s_name) {
+            // etcd: the watch holds this Calico Node now, and its orchRef is not the Kubernetes
+            // node the read found missing (or that node is back): the read is out of date.
+            let delivered = match &self.calico {
+                Some(c) => c.nodes.get(&name).is_some_and(|k| k.is_none() || k.as_deref() != Some(k8s_name.as_str()) || c.kube.contains_key(&k8s_name)),
+                None => false,
+            };
+            if !delivered && !self.node_cached(&name) && !self.kube_node_cached(&k8s_name) {
                 self.proven_gone.insert(name, k8s_name);
             }
         }
+    }
+
+    /// Brings the index's view of Calico Node `name` up to date (etcd).
+    fn refresh_calico(&mut self, name: &str) {
+        let Some(c) = &self.calico else { return };
+        let (node, k8s) = c.effective(name);
+        let k8s = k8s.map(str::to_string);
+        match node {
+            Some(n) => self.index.apply_node(&n),
+            None => self.index.delete_node(name),
+        }
+        self.index.set_node_alias(name, k8s.as_deref());
+    }
+
+    fn apply_kube_node(&mut self, n: NodeLite) {
+        let name = n.metadata.name.clone();
+        self.proven_gone.retain(|node, k8s| *node != name && *k8s != name);
+        self.known.nodes.insert(name.clone());
+        let Some(c) = &mut self.calico else {
+            self.index.apply_node(&n);
+            return;
+        };
+        c.kube.insert(name.clone(), n);
+        let mapped: Vec<String> = c.by_kube.get(&name).into_iter().flatten().cloned().collect();
+        for calico in mapped {
+            self.refresh_calico(&calico);
+        }
+    }
+
+    fn delete_kube_node(&mut self, name: &str) {
+        self.known.nodes.remove(name);
+        let Some(c) = &mut self.calico else {
+            self.index.delete_node(name);
+            return;
+        };
+        c.kube.remove(name);
+        let mapped: Vec<String> = c.by_kube.get(name).into_iter().flatten().cloned().collect();
+        for calico in mapped {
+            self.refresh_calico(&calico);
+        }
+    }
+
+    fn apply_calico_node(&mut self, n: CalicoNodeRef) -> String {
+        let Some(c) = &mut self.calico else { return n.name };
+        let old = c.nodes.insert(n.name.clone(), n.k8s_node.clone()).flatten();
+        c.link(&n.name, old.as_ref(), false);
+        c.link(&n.name, n.k8s_node.as_ref(), true);
+        self.proven_gone.remove(&n.name);
+        self.refresh_calico(&n.name);
+        n.name
+    }
+
+    fn delete_calico_node(&mut self, name: &str) {
+        let Some(c) = &mut self.calico else { return };
+        if let Some(old) = c.nodes.remove(name) {
+            c.link(name, old.as_ref(), false);
+        }
+        self.refresh_calico(name);
     }
 
     /// The nodes proven gone, for the pass.
@@ -111,12 +247,12 @@ impl GcInputs {
 
     /// Every required source finished its first list: decisions may be made.
     pub fn all_synced(&self) -> bool {
-        Source::ALL.iter().all(|s| self.synced.contains(s))
+        self.required().all(|s| self.synced.contains(&s))
     }
 
     /// The required sources still waiting for their first list.
     pub fn waiting(&self) -> Vec<Source> {
-        Source::ALL.iter().copied().filter(|s| !self.synced.contains(s)).collect()
+        self.required().filter(|s| !self.synced.contains(s)).collect()
     }
 
     /// The mass-change sets operators approved: the ids listed (comma-separated) in the
@@ -133,11 +269,10 @@ impl GcInputs {
     /// `InitDone` the kind is part old view, part new). The first list is not counted here: no
     /// decision is made before every source finished it anyway ([`Self::all_synced`]).
     pub fn decisions_waiting(&self) -> Vec<(Source, String)> {
-        Source::ALL
-            .iter()
-            .filter_map(|s| match self.unhealthy.get(s) {
-                Some(reason) => Some((*s, reason.clone())),
-                None if self.synced.contains(s) && self.relisting.contains_key(s) => Some((*s, "relist in progress".to_string())),
+        self.required()
+            .filter_map(|s| match self.unhealthy.get(&s) {
+                Some(reason) => Some((s, reason.clone())),
+                None if self.synced.contains(&s) && self.relisting.contains_key(&s) => Some((s, "relist in progress".to_string())),
                 None => None,
             })
             .collect()
@@ -242,12 +377,11 @@ impl GcInputs {
                 format!("{}/{}", p.namespace, p.name)
             }
             Object::Node(n) => {
-                self.index.apply_node(&n);
-                let name = &n.metadata.name;
-                self.proven_gone.retain(|node, k8s| node != name && k8s != name);
-                self.known.nodes.insert(n.metadata.name.clone());
-                n.metadata.name
+                let name = n.metadata.name.clone();
+                self.apply_kube_node(n);
+                name
             }
+            Object::CalicoNode(n) => self.apply_calico_node(n),
             Object::Block(b) => {
                 let name = b.metadata.name.clone();
                 self.invalid.remove(&("IPAMBlock".to_string(), name.clone()));
@@ -365,6 +499,7 @@ impl GcInputs {
         match obj {
             Object::Pod(p) => self.index.delete_pod(&p.namespace, &p.name),
             Object::Node(n) => self.delete_key(Source::Nodes, &n.metadata.name, applied),
+            Object::CalicoNode(n) => self.delete_key(Source::CalicoNodes, &n.name, applied),
             Object::Block(b) => self.delete_key(Source::Blocks, &b.metadata.name, applied),
             Object::Affinity(a) => self.delete_key(Source::Affinities, &a.metadata.name, applied),
             Object::Handle(h) => {
@@ -395,9 +530,12 @@ impl GcInputs {
                 }
             }
             Source::Nodes => {
-                self.index.delete_node(key);
-                self.known.nodes.remove(key);
+                self.delete_kube_node(key);
                 // A node deletion is when upstream runs a full scan: its blocks and tunnels go.
+                self.index.request_full_scan();
+            }
+            Source::CalicoNodes => {
+                self.delete_calico_node(key);
                 self.index.request_full_scan();
             }
             Source::Blocks => {
@@ -469,6 +607,7 @@ impl GcInputs {
             Source::ClusterInformation => singleton_gone(self.cluster_info.is_some(), seen),
             Source::KubeControllersConfiguration => singleton_gone(self.kcc.is_some(), seen),
             Source::IpamConfig => singleton_gone(self.ipam_config.is_some(), seen),
+            Source::CalicoNodes => self.calico.iter().flat_map(|c| c.nodes.keys()).filter(|k| !seen.contains(*k)).cloned().collect(),
         };
         if !stale.is_empty() {
             tracing::info!(source = source.as_str(), gone = stale.len(), "objects gone since the last list");
@@ -499,9 +638,43 @@ impl GcInputs {
         if self.known.blocks.len() > self.index.block_count() {
             return Err(format!("{} known blocks, {} in the index", self.known.blocks.len(), self.index.block_count()));
         }
-        for name in self.known.nodes.iter().filter(|n| !n.is_empty()) {
-            if !self.index.strings().lookup(name).is_some_and(|s| self.index.node_exists(s)) {
-                return Err(format!("known node {name} is not in the index"));
+        match &self.calico {
+            None => {
+                for name in self.known.nodes.iter().filter(|n| !n.is_empty()) {
+                    if !self.node_cached(name) {
+                        return Err(format!("known node {name} is not in the index"));
+                    }
+                }
+            }
+            Some(c) => {
+                if c.kube.keys().ne(self.known.nodes.iter().collect::<BTreeSet<_>>()) {
+                    return Err("the Kubernetes Node cache and the known nodes differ".into());
+                }
+                for (k8s, names) in &c.by_kube {
+                    if names.is_empty() || names.iter().any(|n| c.nodes.get(n).is_none_or(|r| r.as_ref() != Some(k8s))) {
+                        return Err(format!("the Calico Nodes recorded for Kubernetes node {k8s} ({names:?}) do not name it"));
+                    }
+                }
+                for (name, k8s) in &c.nodes {
+                    if let Some(k) = k8s
+                        && !c.by_kube.get(k).is_some_and(|s| s.contains(name))
+                    {
+                        return Err(format!("Calico Node {name} -> {k} is missing from the reverse map"));
+                    }
+                    let want = c.effective(name);
+                    if self.node_cached(name) != want.0.is_some() {
+                        return Err(format!("Calico Node {name}: the index says exists={}, the mapping says {}", self.node_cached(name), want.0.is_some()));
+                    }
+                    let sym = self.index.strings().lookup(name);
+                    if let Some(s) = sym
+                        && self.index.kubernetes_name(s) != want.1.unwrap_or(name)
+                    {
+                        return Err(format!("Calico Node {name}: the index maps it to {}, its orchRef to {:?}", self.index.kubernetes_name(s), want.1));
+                    }
+                }
+                if let Some(n) = self.index.node_names().find(|n| !c.nodes.contains_key(*n)) {
+                    return Err(format!("the index holds node {n}, which is no Calico Node"));
+                }
             }
         }
         for (name, b) in &self.soft_deleted {
@@ -512,7 +685,7 @@ impl GcInputs {
                 return Err(format!("block {name} is both soft-deleted and live"));
             }
         }
-        if let Some((name, _)) = self.proven_gone.iter().find(|(n, k8s)| self.node_cached(n) || self.node_cached(k8s)) {
+        if let Some((name, _)) = self.proven_gone.iter().find(|(n, k8s)| self.node_cached(n) || self.kube_node_cached(k8s)) {
             return Err(format!("node {name} is proven gone but the Node cache holds it"));
         }
         if self.known.pools.keys().chain(self.known.reservations.keys()).any(String::is_empty) {

@@ -38,7 +38,7 @@ use crate::runtime::events::{EventRecorder, Regarding};
 use self::executor::{Executor, ExecutorOptions, Job, JobResult};
 use self::inputs::GcInputs;
 use super::backoff::{FIRST_DELAY, ItemBackoff, ItemKey, RetryTimer};
-use super::watch::{Input, Source};
+use super::watch::Input;
 use super::{ConfigState, Shared};
 use crate::config::{EnvConfig, RunConfig};
 use crate::datastore::{ClusterReader, Datastore, KeepGoing};
@@ -156,10 +156,11 @@ impl GcController {
     {
         let leading = may_write.clone();
         exec.execute.keep_going = Some(KeepGoing::new(move || *leading.borrow()));
+        let keeps_calico_nodes = ds.keeps_calico_nodes();
         let executor = Executor::spawn(ds, cluster, exec);
         GcController {
             run_config: RunConfig::merge(&opts.env, None),
-            inputs: GcInputs::new().with_kcc_name(opts.env.kcc().unwrap_or(crate::config::DEFAULT_KCC_NAME)),
+            inputs: GcInputs::new().with_kcc_name(opts.env.kcc().unwrap_or(crate::config::DEFAULT_KCC_NAME)).with_calico_nodes(keeps_calico_nodes),
             gc: GcState::new(),
             opts,
             shared,
@@ -321,7 +322,7 @@ impl GcController {
                 let reason = format!("waiting for the first list of: {}", waiting.join(", "));
                 self.shared.status.set_ready(crate::health::WATCHES_SYNCED, false, reason);
             }
-            if Source::ALL.contains(&source) && self.inputs.all_synced() {
+            if self.inputs.is_required(source) && self.inputs.all_synced() {
                 let index = &self.inputs.index;
                 tracing::info!(blocks = index.block_count(), allocations = index.allocation_count(), "every watch is in sync");
                 self.shared.set_synced();

@@ -4,7 +4,7 @@
     use crate::datastore::{ErrorKind, Kind, MemoryCluster, MemoryDatastore, Op};
     use crate::model::{IpamBlock, KubeControllersConfiguration, NodeLite, PodFacts};
     use crate::runtime::ipam_gauges::NO_POOL;
-    use crate::runtime::watch::{Change, Object};
+    use crate::runtime::watch::{Change, Object, Source};
     use serde_json::json;
 
     /// A dry-run controller on the memory backends, with a 2 s grace period.
@@ -587,6 +587,63 @@
         assert!(c.inputs.proven_gone.is_empty());
     }
 
+
+    fn calico_node(name: &str, k8s: Option<&str>) -> Object {
+        Object::CalicoNode(crate::runtime::watch::CalicoNodeRef { name: name.into(), k8s_node: k8s.map(str::to_string) })
+    }
+
+    #[tokio::test]
+    async fn on_etcd_a_node_exists_when_its_calico_node_maps_to_a_live_kubernetes_node_or_to_none() {
+        let (mut c, _) = controller();
+        c.inputs = GcInputs::new().with_calico_nodes(true);
+        assert!(c.inputs.waiting().contains(&Source::CalicoNodes), "a required source on etcd");
+        list(&mut c, Source::Nodes, vec![node("k8s-a"), node("common")]);
+        // `cal-a` stands for k8s-a; `bare` has no k8s orchRef; `common` has no Calico Node.
+        list(&mut c, Source::CalicoNodes, vec![calico_node("cal-a", Some("k8s-a")), calico_node("bare", None)]);
+        c.inputs.check_invariants().unwrap();
+        let exists = |c: &GcController, n: &str| c.inputs.node_cached(n);
+        assert!(exists(&c, "cal-a") && exists(&c, "bare"));
+        assert!(!exists(&c, "common"), "a same-named Kubernetes Node is no Calico Node (SPEC §9.3)");
+        assert!(!exists(&c, "k8s-a"), "the index holds Calico names");
+        let sym = c.inputs.index.strings().lookup("cal-a").unwrap();
+        assert_eq!(c.inputs.index.kubernetes_name(sym), "k8s-a");
+        // The Kubernetes node goes: so does the Calico node it stood for.
+        c.handle(input(Source::Nodes, Change::Delete(node("k8s-a"))));
+        c.inputs.check_invariants().unwrap();
+        assert!(!exists(&c, "cal-a"));
+        // ... and comes back; then the Calico Node is re-pointed elsewhere, then deleted.
+        c.handle(input(Source::Nodes, Change::Apply(node("k8s-a"))));
+        assert!(exists(&c, "cal-a"));
+        c.handle(input(Source::CalicoNodes, Change::Apply(calico_node("cal-a", Some("k8s-gone")))));
+        c.inputs.check_invariants().unwrap();
+        assert!(!exists(&c, "cal-a"));
+        c.handle(input(Source::CalicoNodes, Change::Delete(calico_node("cal-a", Some("k8s-gone")))));
+        c.inputs.check_invariants().unwrap();
+        assert!(!exists(&c, "cal-a"));
+        // A relist without `bare` deletes it.
+        list(&mut c, Source::CalicoNodes, vec![]);
+        c.inputs.check_invariants().unwrap();
+        assert!(!exists(&c, "bare") && c.inputs.index.node_count() == 0);
+    }
+
+    #[tokio::test]
+    async fn on_etcd_a_proof_by_a_missing_calico_node_holds_even_beside_a_same_named_kubernetes_node() {
+        let (mut c, _) = controller();
+        c.inputs = GcInputs::new().with_calico_nodes(true);
+        list(&mut c, Source::Nodes, vec![node("common")]);
+        list(&mut c, Source::CalicoNodes, vec![calico_node("cal-a", Some("k8s-a"))]);
+        c.inputs.nodes_proven_gone([("common".to_string(), String::new()), ("cal-a".to_string(), "k8s-a".to_string())]);
+        assert_eq!(c.inputs.proven_gone_names().into_iter().collect::<Vec<_>>(), vec!["cal-a", "common"]);
+        c.inputs.check_invariants().unwrap();
+        // The Calico Node appears: its absence proves nothing any more.
+        c.handle(input(Source::CalicoNodes, Change::Apply(calico_node("common", None))));
+        assert_eq!(c.inputs.proven_gone_names().into_iter().collect::<Vec<_>>(), vec!["cal-a"]);
+        // A proof through a Kubernetes node the Calico Node no longer names is refused.
+        c.inputs.proven_gone.clear();
+        c.inputs.nodes_proven_gone([("cal-a".to_string(), "k8s-old".to_string())]);
+        assert!(c.inputs.proven_gone.is_empty());
+        c.inputs.check_invariants().unwrap();
+    }
 
     /// A leader with every source listed and one block of the gone node `gone`: a plan to write.
     async fn a_leader_with_a_gone_nodes_block() -> (GcController, Arc<Shared>, watch::Sender<bool>, Arc<MemoryDatastore>) {

@@ -71,11 +71,10 @@ pub struct Setup {
     pub gone_ip: &'static str,
 }
 
-/// Node n1, a live pod reporting LIVE_IP, and a block on n1 with the live pod's IP (ordinal 1)
-/// and a gone pod's IP (ordinal 2), their handles and the block's affinity.
-pub async fn setup(cluster: &TestCluster) -> Setup {
-    let client = cluster.client();
-    let ns = cluster.namespace_with_default_service_account(&client, "e2e-gc").await;
+/// A fresh namespace (named from `prefix`) holding pod `live` on node n1 (created here),
+/// reporting LIVE_IP: the Kubernetes half of every GC fixture. Returns the namespace.
+pub async fn live_pod_on_node(cluster: &TestCluster, client: &kube::Client, prefix: &str) -> String {
+    let ns = cluster.namespace_with_default_service_account(client, prefix).await;
     let nodes: Api<Node> = Api::all(client.clone());
     nodes.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": NODE}})).unwrap()).await.expect("node");
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
@@ -86,7 +85,14 @@ pub async fn setup(cluster: &TestCluster) -> Setup {
     .unwrap();
     pods.create(&PostParams::default(), &pod).await.expect("live pod");
     set_pod_ips(&pods, "live", &[LIVE_IP]).await;
+    ns
+}
 
+/// Node n1, a live pod reporting LIVE_IP, and a block on n1 with the live pod's IP (ordinal 1)
+/// and a gone pod's IP (ordinal 2), their handles and the block's affinity.
+pub async fn setup(cluster: &TestCluster) -> Setup {
+    let client = cluster.client();
+    let ns = live_pod_on_node(cluster, &client, "e2e-gc").await;
     let live_handle = format!("k8s-pod-network.live-{ns}");
     let gone_handle = format!("k8s-pod-network.gone-{ns}");
     let ipam = Ipam::new(&client);
