@@ -491,7 +491,12 @@ impl Workload {
             let mut record = self.record.lock().unwrap();
             let p = record.pods.get_mut(&uid).unwrap();
             match deleted {
-                Ok(rv) => p.deleted_rv = Some(rv),
+                Ok(rv) => {
+                    // The answer to a DELETE carries the revision the deletion was committed at;
+                    // the oracle's verdicts rest on it.
+                    assert!(rv > before, "pod {name}: the DELETE answered revision {rv}, not after its last write {before}");
+                    p.deleted_rv = Some(rv);
+                }
                 Err(()) => p.deleted_between = Some((before, after)),
             }
             p.leaked = !clean;
