@@ -494,11 +494,16 @@ impl Chaos<'_> {
             "etcd" => self.etcd_restarts += 1,
             _ => self.apiserver_restarts += 1,
         }
+        // Still paused: the oracle's watches must be whole again (resumed, or relisted after a
+        // 410) before the driver goes on, or a relist after the pause would span its deletions.
+        // (The API server's watch cache re-initializes after an etcd restart and only then drops
+        // its watchers.)
+        self.sync_oracle().await;
     }
 
     /// Bumps a block and a handle and waits until the oracle's watches delivered both: every
-    /// change before this point is seen with its exact revision, whatever the outage costs the
-    /// watches afterwards.
+    /// change before this point is seen with its exact revision, whatever an outage costs the
+    /// watches afterwards, and a watch that broke has resumed or relisted.
     async fn sync_oracle(&mut self) {
         for kind in [Kind::Blocks, Kind::Handles] {
             let api = match kind {
@@ -511,7 +516,7 @@ impl Chaos<'_> {
             for name in names.iter().rev() {
                 self.bumps += 1;
                 if let Some(rv) = Workload::bump(&api, name, self.bumps).await.expect("bumping an IPAM object") {
-                    assert!(self.oracle.wait_seen(kind, rv, Duration::from_secs(20)).await, "the oracle's {kind:?} watch did not deliver revision {rv} within 20 s");
+                    assert!(self.oracle.wait_seen(kind, rv, Duration::from_secs(60)).await, "the oracle's {kind:?} watch did not deliver revision {rv} within 60 s");
                     synced = true;
                     break;
                 }

@@ -334,7 +334,9 @@ impl Oracle {
                 f.handle_deletions += 1;
             }
             let pod = record.pod_of_handle(handle);
-            let who = pod.map(|p| format!("pod {}/{} uid {} on node {}", p.namespace, p.name, p.uid, p.node)).unwrap_or_default();
+            let who = pod
+                .map(|p| format!("pod {}/{} uid {} on node {} (deleted at {:?} / between {:?}, teardown at {:?})", p.namespace, p.name, p.uid, p.node, p.deleted_rv, p.deleted_between, p.teardown_rv))
+                .unwrap_or_default();
             let line = format!("{what} at revision {lo}..={hi}, {who}");
             match judge(pod, lo, hi) {
                 Verdict::Fine => {}
