@@ -9,9 +9,10 @@
 //! of the blocks and handles and judges each change against the driver's record.
 //!
 //! It asserts: no address of a live pod is ever released and no live pod's handle deleted (by
-//! etcd revision: the change happened while the pod existed and before its own teardown); after
-//! the churn stops every leak (an address or handle of a pod that is gone) is released within
-//! [`DRAIN_BOUND`]; the malformed objects were never written by the controllers; the oracle's
+//! etcd revision: the change happened while the pod existed and before its own teardown), and
+//! the oracle does see such a release (a canary: a rogue writer frees one live address at the
+//! end, which must be reported, alone); after the churn stops (with a last burst of leaks) every
+//! leak (an address or handle of a pod that is gone) is released within [`DRAIN_BOUND`]; the malformed objects were never written by the controllers; the oracle's
 //! view equals a fresh list; the controllers never panicked.
 //!
 //! CI churns [`CI_CHURN`] (one cycle of every fault); `CHAOS_MINUTES=N` churns N minutes (the
@@ -733,6 +734,16 @@ async fn under_chaos_no_live_address_is_released_and_every_leak_drains() {
         assert!(!r.stopped && r.guard.is_some(), "replica {} is not running at the end of the churn", r.name);
     }
 
+    // The oracle's canary: a rogue writer frees a live pod's address, then the pod goes
+    // (leaking the rest). The oracle must report exactly this one live release.
+    let canary = w.take_live_pod().expect("a live pod for the canary");
+    let canary_handle = w.rogue_release(&canary).await;
+    w.delete_pod(&canary, false).await;
+    w.release_busy(&canary);
+    // The churn's last leaks: the drain is timed from here.
+    let last = burst(&w, BURST / 2).await.len();
+    eprintln!("chaos: churn stopped; canary released, {last} more pods deleted leaking");
+
     // The drain: every leak released within the bound.
     let drain_started = Instant::now();
     let drained = loop {
@@ -806,7 +817,13 @@ async fn under_chaos_no_live_address_is_released_and_every_leak_drains() {
         state.watch_restarts
     );
     drop(state);
-    eprintln!("  live addresses released: {}; live handles deleted: {}; ambiguous: {}", findings.live_released.len(), findings.live_handles_deleted.len(), findings.ambiguous.len());
+    let by_gc = findings.live_released.iter().filter(|l| !l.contains(&canary_handle)).count();
+    eprintln!(
+        "  live addresses released: {by_gc} (plus the canary's, which the oracle caught: {}); live handles deleted: {}; ambiguous: {}",
+        findings.live_released.len() - by_gc,
+        findings.live_handles_deleted.len(),
+        findings.ambiguous.len()
+    );
     eprintln!("  leaks left: {} (after the drain); time to drain: {:.1} s (bound {:?})", leaks.leak_count(), drained.as_secs_f64(), DRAIN_BOUND);
     let restarts: u32 = chaos.replicas.iter().map(|r| r.starts - 1).sum();
     eprintln!("  controller restarts: {restarts}; mass-change guard held up to {} at once ({} samples holding)", s.guard_held_peak, s.guard_held_samples);
@@ -815,7 +832,9 @@ async fn under_chaos_no_live_address_is_released_and_every_leak_drains() {
         eprintln!("  note: {note}");
     }
 
-    assert!(findings.live_released.is_empty(), "addresses of live pods released:\n{}", findings.live_released.join("\n"));
+    let (canaries, live_released): (Vec<&String>, Vec<&String>) = findings.live_released.iter().partition(|l| l.contains(&canary_handle));
+    assert_eq!(canaries.len(), 1, "the oracle missed the canary's live release (or saw it twice): {canaries:?}");
+    assert!(live_released.is_empty(), "addresses of live pods released:\n{}", live_released.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n"));
     assert!(findings.live_handles_deleted.is_empty(), "handles of live pods deleted:\n{}", findings.live_handles_deleted.join("\n"));
     assert!(findings.ambiguous.is_empty(), "changes the oracle could not judge:\n{}", findings.ambiguous.join("\n"));
     assert!(leaks.live_missing.is_empty() && leaks.live_handles_missing.is_empty(), "live pods lost addresses or handles: {:#?} {:#?}", leaks.live_missing, leaks.live_handles_missing);

@@ -788,6 +788,16 @@ impl Workload {
 
     // --- fault injection helpers ----------------------------------------------------------------
 
+    /// A rogue writer frees the first address of live pod `name` (no teardown, the pod stays):
+    /// exactly what the GC must never do, so the oracle must call it a violation. Returns the
+    /// pod's handle.
+    pub async fn rogue_release(&self, name: &str) -> String {
+        let uid = self.pod_uid(name).expect("a live pod");
+        let life = self.record.lock().unwrap().pods[&uid].clone();
+        self.release(&life.addresses[0], &life.handle).await;
+        life.handle
+    }
+
     /// Writes `spec` to block `name` as it stands (no CAS retry): the fault injector's edits.
     pub async fn put_block(&self, name: &str, edit: impl Fn(&mut Value)) -> u64 {
         loop {
