@@ -3,28 +3,15 @@
 //! released; afterwards the controller's view is whole again: a leak made after the restart is
 //! freed and the live pod keeps its address.
 
-use std::process::Command;
 use std::time::Instant;
 
 use calico_kube_controllers::model::names::handle_object_name;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::support::audit;
-use crate::support::cluster::{TestCluster, private_cluster};
+use crate::support::cluster::private_cluster;
 use crate::support::controller::{CONTROLLER_USER, free_port, install_deploy_base, setup, start_controller_with, wait_for};
 use crate::support::ipam::{Alloc, Ipam, pod_attrs};
-
-/// Compacts the API server's etcd at its current revision: every older resourceVersion is gone.
-fn compact_etcd(cluster: &TestCluster) {
-    let etcdctl = cluster.bin_dir().unwrap().join("etcdctl");
-    let endpoints = cluster.etcd_endpoints.clone().expect("a harness cluster");
-    let status = Command::new(&etcdctl).args(["--endpoints", &endpoints, "endpoint", "status", "-w", "json"]).output().expect("etcdctl");
-    assert!(status.status.success(), "etcdctl endpoint status: {}", String::from_utf8_lossy(&status.stderr));
-    let v: Value = serde_json::from_slice(&status.stdout).expect("etcdctl JSON");
-    let revision = v[0]["Status"]["header"]["revision"].as_u64().expect("a revision");
-    let out = Command::new(&etcdctl).args(["--endpoints", &endpoints, "compact", &revision.to_string()]).output().expect("etcdctl");
-    assert!(out.status.success(), "etcdctl compact: {}", String::from_utf8_lossy(&out.stderr));
-}
 
 #[tokio::test]
 async fn after_an_api_server_restart_with_compacted_etcd_the_controller_relists_and_keeps_going() {
@@ -39,7 +26,7 @@ async fn after_an_api_server_restart_with_compacted_etcd_the_controller_relists_
     })
     .await;
 
-    compact_etcd(&cluster);
+    cluster.compact_etcd().expect("compacting etcd");
     let restarted_at = audit::now_ms();
     let t = Instant::now();
     cluster.restart("apiserver").expect("restarting kube-apiserver");

@@ -2,6 +2,7 @@
 
 mod support;
 
+mod chaos;
 mod cli_compat;
 mod conformance_etcd;
 mod conformance_kube;

@@ -5,3 +5,5 @@ pub mod controller;
 pub mod audit;
 pub mod ha;
 pub mod ipam;
+pub mod oracle;
+pub mod workload;
