@@ -157,9 +157,11 @@ if [[ "$with_cluster" == --cluster ]]; then
   chmod -R a+rX "$root/var" "$root/etc/hosts"
   health_port=19440
   while (exec 3<>"/dev/tcp/127.0.0.1/$health_port") 2>/dev/null; do health_port=$((health_port + 1)); done
+  # `env -i` leaves no PATH, and chroot lives in /usr/sbin: name it by its path.
+  chroot_bin="$(command -v chroot)" || fail "chroot not found"
   env -i KUBERNETES_SERVICE_HOST=kubernetes.default.svc KUBERNETES_SERVICE_PORT="$port" \
     POD_NAMESPACE=kube-system POD_NAME=image-check DATASTORE_TYPE=kubernetes ENABLED_CONTROLLERS=node \
-    chroot --userspec=999:0 "$root" /usr/bin/calico component kube-controllers --health-port="$health_port" --metrics-port=0 \
+    "$chroot_bin" --userspec=999:0 "$root" /usr/bin/calico component kube-controllers --health-port="$health_port" --metrics-port=0 \
     >"$work/controller.log" 2>&1 &
   controller_pid=$!
   ready=""
