@@ -686,6 +686,11 @@ impl EtcdLeak {
         let affinity = affinity_object(NODE, Self::CIDR);
         let affinity_name = affinity.metadata.name.clone().expect("named");
         ds.create(Kind::BlockAffinity, &affinity_name, body(affinity)).await.expect("affinity in etcd");
+        // As calico-node writes it in an etcd-mode cluster: the Calico Node stands for the
+        // Kubernetes Node (without one, the node counts as gone on etcd).
+        let calico_node = serde_json::json!({"apiVersion": "projectcalico.org/v3", "kind": "Node", "metadata": {"name": NODE},
+                                             "spec": {"orchRefs": [{"orchestrator": "k8s", "nodeName": NODE}]}});
+        ds.create(Kind::CalicoNode, NODE, calico_node).await.expect("Calico Node in etcd");
         EtcdLeak { ds, block: name, handle }
     }
 
