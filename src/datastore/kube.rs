@@ -128,6 +128,20 @@ const RESTART_FIRST: std::time::Duration = std::time::Duration::from_millis(800)
 const RESTART_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 const RESTART_RESET_AFTER: std::time::Duration = std::time::Duration::from_secs(120);
 
+/// How long a failed watch waits before its fresh list. A 410 Gone (the resource version
+/// expired: compaction, or a watch cache that began just after the list) is routine and the
+/// apiserver answered, so the first one relists at once; one that follows another 410 with no
+/// change in between waits as any failure does, so a relist loop cannot spin.
+fn restart_delay(previous: std::time::Duration, ran_for: std::time::Duration, first_expiry: bool) -> std::time::Duration {
+    if first_expiry {
+        std::time::Duration::ZERO
+    } else if ran_for >= RESTART_RESET_AFTER {
+        RESTART_FIRST
+    } else {
+        (previous * 2).clamp(RESTART_FIRST, RESTART_MAX)
+    }
+}
+
 type KubeWatcher = futures::stream::BoxStream<'static, Result<watcher::Event<DynamicObject>, watcher::Error>>;
 
 /// One kind's list + watch, restarted from a fresh list after every failure.
@@ -137,6 +151,8 @@ struct RestartingWatch<F> {
     current: Option<KubeWatcher>,
     started: tokio::time::Instant,
     delay: std::time::Duration,
+    /// The last failure was a 410 Gone and no change has arrived since.
+    expired: bool,
 }
 
 /// `kube::runtime::watcher` (paged initial list, then a watch) on `api`, its events mapped onto
@@ -149,7 +165,7 @@ pub(crate) fn watch_stream<F>(api: Api<DynamicObject>, stored: F) -> WatchStream
 where
     F: Fn(DynamicObject) -> DsResult<Stored> + Send + 'static,
 {
-    let state = RestartingWatch { api, stored, current: None, started: tokio::time::Instant::now(), delay: std::time::Duration::ZERO };
+    let state = RestartingWatch { api, stored, current: None, started: tokio::time::Instant::now(), delay: std::time::Duration::ZERO, expired: false };
     let events = futures::stream::unfold(state, |mut s| async move {
         loop {
             if s.current.is_none() {
@@ -168,11 +184,19 @@ where
                 Some(Ok(watcher::Event::Init)) => WatchEvent::Init,
                 Some(Ok(watcher::Event::InitApply(o))) => lift(o, WatchEvent::InitApply),
                 Some(Ok(watcher::Event::InitDone)) => WatchEvent::InitDone,
-                Some(Ok(watcher::Event::Apply(o))) => lift(o, WatchEvent::Apply),
-                Some(Ok(watcher::Event::Delete(o))) => lift(o, WatchEvent::Delete),
+                Some(Ok(watcher::Event::Apply(o))) => {
+                    s.expired = false;
+                    lift(o, WatchEvent::Apply)
+                }
+                Some(Ok(watcher::Event::Delete(o))) => {
+                    s.expired = false;
+                    lift(o, WatchEvent::Delete)
+                }
                 Some(Err(e)) => {
                     s.current = None;
-                    s.delay = if s.started.elapsed() >= RESTART_RESET_AFTER { RESTART_FIRST } else { (s.delay * 2).clamp(RESTART_FIRST, RESTART_MAX) };
+                    let gone = watch_error_code(&e) == Some(410);
+                    s.delay = restart_delay(s.delay, s.started.elapsed(), gone && !s.expired);
+                    s.expired = gone;
                     WatchEvent::Error(watch_failure(&e))
                 }
                 // The watcher never ends; if it did, a fresh one takes over at once.
@@ -466,6 +490,17 @@ mod tests {
         for code in [429, 500, 503, 504, 410] {
             assert_eq!(classify(&api_error(code)), ErrorKind::Transient, "{code}");
         }
+    }
+
+    #[test]
+    fn an_expired_watch_relists_at_once_but_a_run_of_expiries_backs_off() {
+        use std::time::Duration;
+        let short = Duration::from_millis(50);
+        assert_eq!(restart_delay(Duration::from_secs(4), short, true), Duration::ZERO, "the first 410 relists at once");
+        assert_eq!(restart_delay(Duration::ZERO, short, false), RESTART_FIRST, "a 410 after a 410 waits");
+        assert_eq!(restart_delay(Duration::from_secs(4), short, false), Duration::from_secs(8));
+        assert_eq!(restart_delay(Duration::from_secs(20), short, false), RESTART_MAX);
+        assert_eq!(restart_delay(Duration::from_secs(20), RESTART_RESET_AFTER, false), RESTART_FIRST, "a long good run resets");
     }
 
     #[test]

@@ -137,7 +137,8 @@ async fn start_up_initializes_the_datastore_reports_status_and_applies_config_li
         file["Readiness"].get("KubeAPIServer").is_none().then_some(())
     })
     .await;
-    assert_eq!(check_status(&status_file), (0, "Ready".to_string()));
+    // A watch may expire at any moment (a 410 relists), so readiness is awaited, not sampled.
+    wait_for("readiness with health checks off", &guard, || async { (check_status(&status_file) == (0, "Ready".to_string())).then_some(()) }).await;
     assert_eq!(http_get(health_port, "/readiness").await.map(|r| r.0), Some(200));
 
     // Deleted, it comes back (as upstream), with the defaults and a fresh status.
