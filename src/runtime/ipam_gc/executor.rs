@@ -220,9 +220,19 @@ async fn run_job<D: Datastore, C: ClusterReader>(ds: &D, cluster: &C, opts: &Exe
         execute_plan(&timed, &job.plan, job.now, job.cooldown_secs, &opts.execute).await
     };
     let mut fresh = BTreeMap::new();
+    // After one read failed (not a NotFound: the apiserver is down, slow or refusing), the rest
+    // of this job's reads are not tried: each would wait out its timeout for the same answer and
+    // hold the executor for minutes. What they would have confirmed stays unconfirmed (kept) and
+    // is asked again by a later round.
+    let mut failing = false;
+    let mut skipped = 0usize;
     for (ns, pod) in job.revalidate {
         let key = (ns, pod);
         if fresh.contains_key(&key) {
+            continue;
+        }
+        if failing {
+            skipped += 1;
             continue;
         }
         let read = tally.timed(opts.call_timeout, || format!("get pods {}/{}", key.0, key.1), cluster.get(ClusterKind::Pod, &key.0, &key.1)).await;
@@ -236,11 +246,18 @@ async fn run_job<D: Datastore, C: ClusterReader>(ds: &D, cluster: &C, opts: &Exe
             Err(e) if e.is_not_found() => {
                 fresh.insert(key, None);
             }
-            Err(e) => tracing::warn!(namespace = %key.0, pod = %key.1, error = %e, "re-validation read failed; leak kept"),
+            Err(e) => {
+                tracing::warn!(namespace = %key.0, pod = %key.1, error = %e, "re-validation read failed; leak kept");
+                failing = true;
+            }
         }
     }
     let mut nodes_gone = Vec::new();
     for name in job.prove_gone {
+        if failing {
+            skipped += 1;
+            continue;
+        }
         // In etcd the allocations name Calico Nodes: the Kubernetes Node that proves one gone is
         // the one its orchRef names (SPEC §9.3); in KDD they are one and the same.
         let view = tally.timed(opts.call_timeout, || format!("get calico node {name}"), ds.calico_node(&name)).await;
@@ -258,14 +275,66 @@ async fn run_job<D: Datastore, C: ClusterReader>(ds: &D, cluster: &C, opts: &Exe
             }
             Err(e) => {
                 tracing::warn!(node = %name, error = %e, "Calico Node read failed; the node is not proven deleted");
+                failing = true;
                 continue;
             }
         };
         match tally.timed(opts.call_timeout, || format!("get nodes {k8s_name}"), cluster.get(ClusterKind::Node, "", &k8s_name)).await {
             Err(e) if e.is_not_found() => nodes_gone.push((name, k8s_name)),
             Ok(_) => tracing::info!(node = %name, kubernetes_node = %k8s_name, "node missing from the Node cache exists; its addresses are kept"),
-            Err(e) => tracing::warn!(node = %name, error = %e, "node read failed; the node is not proven deleted"),
+            Err(e) => {
+                tracing::warn!(node = %name, error = %e, "node read failed; the node is not proven deleted");
+                failing = true;
+            }
         }
     }
+    if skipped > 0 {
+        tracing::warn!(skipped, "re-validation reads skipped after a failed read; asked again by a later round");
+    }
     JobResult { plan: job.plan, outcome, fresh, nodes_gone, calls: tally.counts() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datastore::{ErrorKind, MemoryCluster, MemoryDatastore};
+
+    fn job(pods: usize, nodes: usize) -> Job {
+        Job {
+            plan: Plan::default(),
+            now: 0,
+            cooldown_secs: 0,
+            revalidate: (0..pods).map(|i| ("ns".to_string(), format!("p{i}"))).collect(),
+            prove_gone: (0..nodes).map(|i| format!("n{i}")).collect(),
+        }
+    }
+
+    async fn run(cluster: &Arc<MemoryCluster>, job: Job) -> JobResult {
+        let mut exec = Executor::spawn(Arc::new(MemoryDatastore::new()), cluster.clone(), ExecutorOptions::default());
+        exec.send(job).unwrap();
+        exec.results.recv().await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn after_one_failed_read_the_rest_of_the_jobs_reads_wait_for_a_later_round() {
+        let cluster = Arc::new(MemoryCluster::new());
+        // The apiserver answers: every pod and node is read (all NotFound here).
+        let r = run(&cluster, job(20, 3)).await;
+        assert_eq!((cluster.get_count(ClusterKind::Pod), cluster.get_count(ClusterKind::Node)), (20, 3));
+        assert_eq!((r.fresh.len(), r.nodes_gone.len()), (20, 3));
+
+        // It fails: one read is tried, not twenty-three timeouts in a row; nothing is confirmed.
+        let cluster = Arc::new(MemoryCluster::new());
+        cluster.inject_get(ClusterKind::Pod, ErrorKind::Transient, 100);
+        let r = run(&cluster, job(20, 3)).await;
+        assert_eq!((cluster.get_count(ClusterKind::Pod), cluster.get_count(ClusterKind::Node)), (1, 0));
+        assert!(r.fresh.is_empty() && r.nodes_gone.is_empty(), "an unread pod or node is never taken as gone");
+
+        // A failed node read stops the node reads after it.
+        let cluster = Arc::new(MemoryCluster::new());
+        cluster.inject_get(ClusterKind::Node, ErrorKind::Transient, 100);
+        let r = run(&cluster, job(2, 3)).await;
+        assert_eq!((cluster.get_count(ClusterKind::Pod), cluster.get_count(ClusterKind::Node)), (2, 1));
+        assert!(r.nodes_gone.is_empty());
+    }
 }

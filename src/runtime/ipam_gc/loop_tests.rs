@@ -199,17 +199,22 @@ impl Running {
     }
 
     fn start_with_grace<D: Datastore + 'static>(ds: Arc<D>, cluster: Arc<MemoryCluster>, exec: ExecutorOptions, clock: Clock, grace: i64) -> Running {
+        Self::start_as(ds, cluster, exec, clock, grace, true)
+    }
+
+    /// `leads`: whether this replica holds the Lease throughout (else a standby throughout).
+    fn start_as<D: Datastore + 'static>(ds: Arc<D>, cluster: Arc<MemoryCluster>, exec: ExecutorOptions, clock: Clock, grace: i64, leads: bool) -> Running {
         let shared = Arc::new(Shared::default());
         let (tx, rx) = mpsc::channel(crate::runtime::INPUT_QUEUE);
         let watchers = spawn_all(&ds, &cluster, &tx, &shared, true);
         drop(tx);
         let opts = ControllerOptions { dry_run: false, leak_grace_override: Some(grace), env: EnvConfig::default(), report_file: None };
-        let (leader, may_write) = tokio::sync::watch::channel(true);
+        let (leader, may_write) = tokio::sync::watch::channel(leads);
         let (events, recorded) = crate::runtime::events::EventRecorder::memory();
         let c = GcController::with_executor(ds, cluster, opts, shared.clone(), may_write, exec, clock).with_events(events);
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let owner = tokio::spawn(async move {
-            // This replica leads throughout: the sender lives as long as the loop.
+            // Leading or not, throughout: the sender lives as long as the loop.
             let _leader = leader;
             c.run(rx, stop_rx).await;
         });
@@ -402,6 +407,23 @@ async fn a_lost_block_event_is_repaired_by_the_relist_after_an_expiry() {
     // The watch expires (a compaction): the relist shows the block and the leak is found.
     mem.expire_watches(Kind::IpamBlock);
     assert!(until(Duration::from_secs(30), || allocated(&mem) == 0).await, "the relisted leak is released");
+    run.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_standby_makes_no_re_validation_reads_and_writes_nothing_while_the_leader_reads_and_releases() {
+    let (mem, cluster) = a_live_and_a_gone_pod_in_one_block();
+    let run = Running::start_as(mem.clone(), cluster.clone(), ExecutorOptions::default(), Clock::tokio_from(T0), 2_000, false);
+    assert!(until(Duration::from_secs(10), || run.shared.ready()).await, "every watch listed");
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(cluster.get_count(ClusterKind::Pod), 0, "a standby reads no pod to confirm a leak");
+    assert_eq!(allocated(&mem), 2, "and writes nothing");
+    run.stop().await;
+
+    let run = Running::start(mem.clone(), cluster.clone(), ExecutorOptions::default());
+    assert!(until(Duration::from_secs(30), || allocated(&mem) == 1).await, "the leader releases the gone pod's address");
+    assert!(cluster.get_count(ClusterKind::Pod) >= 1, "after re-reading the pod");
+    only_the_gone_address_was_released(&mem);
     run.stop().await;
 }
 

@@ -524,10 +524,15 @@ impl GcController {
             self.shared.metrics(|m| m.rounds_writes_held += 1);
         }
         let writes = may_execute && !gating::plan_is_empty(&due);
+        // Re-validation reads serve writes (the leader) and the report of a dry run; a standby
+        // makes none, so a second replica adds no reads to the apiserver. What it would have
+        // confirmed stays a candidate in its report until it leads.
+        let reads = self.opts.dry_run || may_execute;
         // A pod named twice is read once: the executor skips a key it already holds.
-        let revalidate: Vec<(String, String)> = plan.revalidate.iter().map(|(_, ns, pod)| (ns.clone(), pod.clone())).collect();
+        let revalidate: Vec<(String, String)> =
+            if reads { plan.revalidate.iter().map(|(_, ns, pod)| (ns.clone(), pod.clone())).collect() } else { Vec::new() };
         // Nodes proven gone already are not in the plan's list; names are read only while unproven.
-        let prove_gone = plan.prove_gone.clone();
+        let prove_gone = if reads { plan.prove_gone.clone() } else { Vec::new() };
         if !writes && revalidate.is_empty() && prove_gone.is_empty() {
             // Nothing for the executor: the round is over (no errors, nothing left but what the
             // per-pass cap deferred). A round whose writes were held is no success.
