@@ -64,6 +64,8 @@ pub struct Scope {
 
 pub const IPAM_ADDRESSES: Scope = Scope { name: "ipam-addresses", unit: Unit::Addresses };
 pub const IPAM_NODES: Scope = Scope { name: "ipam-nodes", unit: Unit::Nodes };
+/// The etcd-mode node deleter's Calico Node cascades.
+pub const ETCD_NODES: Scope = Scope { name: "etcd-nodes", unit: Unit::Nodes };
 
 /// A stable fingerprint of a member (FNV-1a over the caller's parts: the same on every
 /// platform and in every process, so an approval id survives a restart).

@@ -69,9 +69,20 @@ fn invalid(kind: Kind, name: &str, why: impl std::fmt::Display) -> DatastoreErro
     DatastoreError::invalid(format!("{} {name:?}: {why}", kind.kind_name()))
 }
 
+fn plain_segment(s: &str) -> bool {
+    !s.is_empty() && !s.contains('/') && !s.chars().any(char::is_control)
+}
+
 /// A plain key segment: not empty, no `/`, no control characters.
 fn segment(kind: Kind, name: &str) -> DsResult<()> {
-    if name.is_empty() || name.contains('/') || name.chars().any(char::is_control) {
+    // A workload endpoint's key has two segments, `<namespace>/<name>`.
+    if kind == Kind::WorkloadEndpoint {
+        return match name.split_once('/') {
+            Some((ns, n)) if plain_segment(ns) && plain_segment(n) => Ok(()),
+            _ => Err(invalid(kind, name, "is not <namespace>/<name> with two plain key segments")),
+        };
+    }
+    if !plain_segment(name) {
         return Err(invalid(kind, name, "is not usable as an etcd key segment (empty, or holds '/' or control characters)"));
     }
     Ok(())
@@ -207,7 +218,7 @@ pub fn parse_key(kind: Kind, key: &str) -> Option<KeyInfo> {
         Kind::IpamConfig => (key == IPAM_CONFIG_KEY).then(|| KeyInfo { name: "default".into(), node: None, cidr: None }),
         other => {
             let name = key.strip_prefix(&kind_prefix(other))?;
-            (!name.is_empty() && !name.contains('/')).then(|| KeyInfo { name: name.to_string(), node: None, cidr: None })
+            segment(other, name).is_ok().then(|| KeyInfo { name: name.to_string(), node: None, cidr: None })
         }
     }
 }
@@ -238,6 +249,20 @@ fn spec_of(kind: Kind, name: &str, body: &Value) -> DsResult<Map<String, Value>>
 }
 
 /// The value libcalico keeps under the key, from a KDD-shaped body.
+/// The object's own name in its metadata: a workload endpoint's `<namespace>/<name>` is split
+/// into its `namespace` and `name`.
+fn set_name(meta: &mut Map<String, Value>, kind: Kind, name: &str) {
+    match name.split_once('/').filter(|_| kind == Kind::WorkloadEndpoint) {
+        Some((ns, n)) => {
+            meta.insert("namespace".into(), Value::String(ns.to_string()));
+            meta.insert("name".into(), Value::String(n.to_string()));
+        }
+        None => {
+            meta.insert("name".into(), Value::String(name.to_string()));
+        }
+    }
+}
+
 pub fn to_etcd_value(kind: Kind, name: &str, body: &Value) -> DsResult<Vec<u8>> {
     let value = match kind {
         Kind::IpamBlock => {
@@ -286,7 +311,7 @@ pub fn to_etcd_value(kind: Kind, name: &str, body: &Value) -> DsResult<Vec<u8>> 
             let meta = meta.as_object_mut().ok_or_else(|| invalid(kind, name, "metadata is not an object"))?;
             // etcd's mod revision is the resource version; libcalico never stores it.
             meta.remove("resourceVersion");
-            meta.insert("name".into(), Value::String(name.to_string()));
+            set_name(meta, kind, name);
             Value::Object(object)
         }
     };
@@ -346,7 +371,7 @@ pub fn from_etcd_value(kind: Kind, key: &str, value: &[u8], mod_revision: i64, c
                 return Err(DatastoreError::invalid(format!("{key}: metadata is not an object")));
             };
             let uid = meta.get("uid").and_then(Value::as_str).filter(|u| !u.is_empty()).map(str::to_string).unwrap_or(derived_uid);
-            meta.insert("name".into(), Value::String(name.clone()));
+            set_name(meta, kind, &name);
             meta.insert("resourceVersion".into(), Value::String(revision.clone()));
             meta.insert("uid".into(), Value::String(uid.clone()));
             (uid, Value::Object(object))
@@ -362,6 +387,29 @@ mod tests {
 
     fn cidr(s: &str) -> IpNet {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_workload_endpoint_is_keyed_by_namespace_and_name_and_keeps_both_in_its_metadata() {
+        let name = "web/node--1-k8s-pod--a-eth0";
+        let key = "/calico/resources/v3/projectcalico.org/workloadendpoints/web/node--1-k8s-pod--a-eth0";
+        assert_eq!(candidate_keys(Kind::WorkloadEndpoint, name).unwrap(), [key]);
+        for bad in ["no-namespace", "a/b/c", "/b", "a/"] {
+            assert!(candidate_keys(Kind::WorkloadEndpoint, bad).is_err(), "{bad}");
+        }
+        assert!(candidate_keys(Kind::BgpPeer, "a/b").is_err(), "only endpoints are namespaced");
+        assert_eq!(parse_key(Kind::WorkloadEndpoint, key).unwrap().name, name);
+        assert!(parse_key(Kind::WorkloadEndpoint, "/calico/resources/v3/projectcalico.org/workloadendpoints/web").is_none());
+        let body = json!({"metadata": {"name": "ignored"}, "spec": {"node": "node-1", "pod": "pod-a"}});
+        let value = to_etcd_value(Kind::WorkloadEndpoint, name, &body).unwrap();
+        let stored: Value = serde_json::from_slice(&value).unwrap();
+        assert_eq!((stored["metadata"]["namespace"].as_str(), stored["metadata"]["name"].as_str()), (Some("web"), Some("node--1-k8s-pod--a-eth0")));
+        assert_eq!(stored["kind"], "WorkloadEndpoint");
+        let back = from_etcd_value(Kind::WorkloadEndpoint, key, &value, 7, 5).unwrap();
+        assert_eq!(back.name, name);
+        assert_eq!(back.value["metadata"]["name"], "node--1-k8s-pod--a-eth0");
+        assert_eq!(back.value["spec"]["node"], "node-1");
+        assert_eq!(candidate_keys(Kind::FelixConfiguration, "node.n1").unwrap(), ["/calico/resources/v3/projectcalico.org/felixconfigurations/node.n1"]);
     }
 
     #[test]

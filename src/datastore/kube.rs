@@ -253,6 +253,11 @@ fn status_resource(kind: Kind) -> &'static str {
         Kind::IpReservation => "ipreservations/status",
         Kind::Tier => "tiers/status",
         Kind::CalicoNode => "nodes/status",
+        Kind::WorkloadEndpoint => "workloadendpoints/status",
+        Kind::BgpPeer => "bgppeers/status",
+        Kind::FelixConfiguration => "felixconfigurations/status",
+        Kind::BgpConfiguration => "bgpconfigurations/status",
+        Kind::HostEndpoint => "hostendpoints/status",
     }
 }
 

@@ -55,12 +55,20 @@ pub enum Kind {
     /// Policy tiers: only the ones upstream's start-up ensures are written (`runtime::init`).
     Tier,
     /// Calico Nodes, where the datastore keeps them apart from Kubernetes' (etcd): read for the
-    /// Calico -> Kubernetes node name of their `orchRefs`, never written.
+    /// Calico -> Kubernetes node name of their `orchRefs`; the etcd-mode node deleter deletes the
+    /// ones whose Kubernetes node is gone.
     CalicoNode,
+    /// What the etcd-mode node deleter removes with a Calico Node (SPEC §1.4). A workload endpoint
+    /// is namespaced: its name here is `<namespace>/<name>`.
+    WorkloadEndpoint,
+    BgpPeer,
+    FelixConfiguration,
+    BgpConfiguration,
+    HostEndpoint,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 15] = [
         Kind::IpamBlock,
         Kind::BlockAffinity,
         Kind::IpamHandle,
@@ -71,6 +79,11 @@ impl Kind {
         Kind::IpReservation,
         Kind::Tier,
         Kind::CalicoNode,
+        Kind::WorkloadEndpoint,
+        Kind::BgpPeer,
+        Kind::FelixConfiguration,
+        Kind::BgpConfiguration,
+        Kind::HostEndpoint,
     ];
 
     /// The CRD plural (`crd.projectcalico.org/v1`); also a bounded metric label.
@@ -86,6 +99,11 @@ impl Kind {
             Kind::IpReservation => "ipreservations",
             Kind::Tier => "tiers",
             Kind::CalicoNode => "nodes",
+            Kind::WorkloadEndpoint => "workloadendpoints",
+            Kind::BgpPeer => "bgppeers",
+            Kind::FelixConfiguration => "felixconfigurations",
+            Kind::BgpConfiguration => "bgpconfigurations",
+            Kind::HostEndpoint => "hostendpoints",
         }
     }
 
@@ -102,6 +120,11 @@ impl Kind {
             Kind::IpReservation => "IPReservation",
             Kind::Tier => "Tier",
             Kind::CalicoNode => "Node",
+            Kind::WorkloadEndpoint => "WorkloadEndpoint",
+            Kind::BgpPeer => "BGPPeer",
+            Kind::FelixConfiguration => "FelixConfiguration",
+            Kind::BgpConfiguration => "BGPConfiguration",
+            Kind::HostEndpoint => "HostEndpoint",
         }
     }
 

@@ -67,6 +67,8 @@ pub struct Metrics {
     pub rounds_writes_held: u64,
     /// Members the mass-change guard holds, by scope (absent = none).
     pub mass_change_held: BTreeMap<&'static str, u64>,
+    /// The etcd-mode node deleter's deletes, by (kind, outcome: deleted, absent, failed).
+    pub node_deletions: BTreeMap<(&'static str, &'static str), u64>,
     /// Events written by the recorder task (and dropped by a full queue); shared with it.
     pub events: std::sync::Arc<crate::runtime::events::EventCounters>,
 }
@@ -125,8 +127,13 @@ impl Metrics {
         let _ = writeln!(out, "ipam_gc_rounds_writes_held_total {}", self.rounds_writes_held);
 
         header(&mut out, "kube_controllers_mass_change_held", "gauge", "Destructive changes the mass-change guard holds (addresses to release, nodes to clean), by scope; 0 when nothing waits.");
-        for scope in [crate::guard::IPAM_ADDRESSES, crate::guard::IPAM_NODES] {
+        for scope in [crate::guard::IPAM_ADDRESSES, crate::guard::IPAM_NODES, crate::guard::ETCD_NODES] {
             let _ = writeln!(out, "kube_controllers_mass_change_held{{scope=\"{}\"}} {}", scope.name, self.mass_change_held.get(scope.name).copied().unwrap_or(0));
+        }
+
+        header(&mut out, "kube_controllers_node_deletions_total", "counter", "Deletes of the etcd-mode node deleter (a gone Kubernetes node's Calico Node and its objects), by kind and outcome (deleted, absent, failed).");
+        for ((kind, outcome), n) in &self.node_deletions {
+            let _ = writeln!(out, "kube_controllers_node_deletions_total{{kind=\"{kind}\",outcome=\"{outcome}\"}} {n}");
         }
 
         header(&mut out, "ipam_gc_releases_total", "counter", "Addresses released by the GC, by reason.");

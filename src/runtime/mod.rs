@@ -40,6 +40,7 @@ pub mod leader;
 pub mod compactor;
 pub mod live;
 pub mod metrics;
+pub mod node_deleter;
 pub mod status;
 pub mod tls;
 pub mod watch;
@@ -340,6 +341,16 @@ async fn run_on<D: Datastore + Clone + 'static>(client: kube::Client, backend: B
     };
     // etcd mode only, and only on the leader (SPEC §0 step 6); never in a dry run.
     let compactor_task = compactor.filter(|_| !opts.controller.dry_run).map(|etcd| tokio::spawn(compactor::run(etcd, shared.clone(), may_write.clone())));
+    // etcd mode only: Calico Nodes of deleted Kubernetes nodes, with their objects (SPEC §1.4).
+    let node_deleter_task = ds.keeps_calico_nodes().then(|| {
+        let o = node_deleter::NodeDeleterOptions {
+            dry_run: opts.controller.dry_run,
+            guard: opts.controller.env.guard,
+            guard_wait: opts.controller.leak_grace_override.map(|ms| std::time::Duration::from_millis(ms.max(0) as u64)),
+            kcc: kcc.clone(),
+        };
+        tokio::spawn(node_deleter::run(ds.clone(), cluster.clone(), shared.clone(), may_write.clone(), o, stop_rx.clone()))
+    });
     let controller = ipam_gc::GcController::new(ds.clone(), cluster.clone(), opts.controller.clone(), shared.clone(), may_write).with_events(events);
     let gc_task = tokio::spawn(controller.run(rx, stop_rx));
 
@@ -357,7 +368,7 @@ async fn run_on<D: Datastore + Clone + 'static>(client: kube::Client, backend: B
     for w in watchers {
         w.abort();
     }
-    for task in [Some(live_task), Some(health_task), writer_task, compactor_task].into_iter().flatten() {
+    for task in [Some(live_task), Some(health_task), writer_task, compactor_task, node_deleter_task].into_iter().flatten() {
         task.abort();
     }
     for s in servers {

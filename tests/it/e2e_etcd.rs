@@ -14,7 +14,7 @@ use serde_json::json;
 
 use crate::support::cluster::{CalicoEtcd, TestCluster, private_cluster};
 use crate::support::controller::{CIDR, ChildGuard, DEADLINE, free_port, http_get, live_pod_on_node, start_controller_with};
-use crate::support::ipam::{Alloc, affinity_object, block_object, handle_object, pod_attrs};
+use crate::support::ipam::{Alloc, affinity_object, block_object, handle_object, pod_attrs, tunnel_attrs};
 
 /// The settings that point a process at the harness's Calico etcd, each var name with `prefix`
 /// (`""` or `CALICO_`), and `endpoints` instead of the harness's when given.
@@ -392,4 +392,101 @@ async fn an_etcdctl_dump_scans_as_the_live_etcd_does() {
     assert!(!live_leaks.iter().any(|l| l["ip"] == "10.65.0.1" || l["ip"] == "10.65.0.3"), "the live pod's and the waiting one's, on the node its Calico node maps to, are no leaks: {live:#}");
     assert_eq!(offline["summary"]["blocks"], live["summary"]["blocks"], "{:#}", offline["summary"]);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Whether `kind`/`name` exists in etcd.
+async fn exists(ds: &EtcdDatastore, kind: Kind, name: &str) -> bool {
+    match ds.get(kind, name).await {
+        Ok(_) => true,
+        Err(e) if e.is_not_found() => false,
+        Err(e) => panic!("reading {} {name}: {e}", kind.kind_name()),
+    }
+}
+
+/// Waits until `kind`/`name` is gone from etcd, failing after [`DEADLINE`].
+async fn wait_gone(ds: &EtcdDatastore, kind: Kind, name: &str, controller: &ChildGuard) {
+    let started = Instant::now();
+    while exists(ds, kind, name).await {
+        assert!(started.elapsed() < DEADLINE, "{} {name} not deleted in {DEADLINE:?}\n{}", kind.kind_name(), controller.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// SPEC §1.4 on real etcd: a Calico Node whose Kubernetes node is gone is deleted with its
+/// workload endpoints, BGP peers, `node.<name>` configurations and host endpoints, at start and
+/// after a later Kubernetes Node deletion; the IPAM GC frees its addresses; a node without a
+/// Kubernetes orchestrator reference, and everything of a live node, stays.
+#[tokio::test]
+async fn on_etcd_a_gone_kubernetes_nodes_calico_node_is_deleted_with_its_objects_and_the_rest_stays() {
+    let cluster = private_cluster();
+    let client = cluster.client();
+    let env = etcd_env(&calico_etcd(&cluster), "", None);
+    let ds = etcd_client(&env).await;
+    let env = pairs(&env);
+    let nodes: Api<Node> = Api::all(client.clone());
+    nodes.create(&PostParams::default(), &serde_json::from_value::<Node>(json!({"metadata": {"name": "k8s-keep"}})).unwrap()).await.expect("Kubernetes node");
+    // cn-gone stands for a Kubernetes node that no longer exists; cn-keep for one that does;
+    // cn-bare has no Kubernetes orchestrator reference at all.
+    put_calico_node(&ds, "cn-gone", Some("k8s-gone")).await;
+    put_calico_node(&ds, "cn-keep", Some("k8s-keep")).await;
+    put_calico_node(&ds, "cn-bare", None).await;
+    let on = |node: &str| json!({"spec": {"node": node}});
+    let objects = [
+        (Kind::WorkloadEndpoint, "e2e/cn--gone-k8s-pod--a-eth0", "cn-gone"),
+        (Kind::WorkloadEndpoint, "e2e/cn--keep-k8s-pod--b-eth0", "cn-keep"),
+        (Kind::BgpPeer, "peer-cn-gone", "cn-gone"),
+        (Kind::BgpPeer, "peer-cn-keep", "cn-keep"),
+        (Kind::HostEndpoint, "cn-gone-eth0", "cn-gone"),
+        (Kind::HostEndpoint, "cn-bare-eth0", "cn-bare"),
+    ];
+    for (kind, name, node) in objects {
+        ds.create(kind, name, on(node)).await.expect("object in etcd");
+    }
+    for kind in [Kind::FelixConfiguration, Kind::BgpConfiguration] {
+        for node in ["cn-gone", "cn-keep"] {
+            ds.create(kind, &format!("node.{node}"), json!({"spec": {}})).await.expect("per-node configuration in etcd");
+        }
+    }
+    // cn-gone's pod address and its tunnel address.
+    put_block(&ds, "10.71.0.0/26", Some("cn-gone"), &[
+        Alloc { ordinal: 1, handle: "k8s-pod-network.a", secondary: pod_attrs("e2e", "pod-a", "cn-gone") },
+        Alloc { ordinal: 2, handle: "ipip-tunnel-addr-cn-gone", secondary: tunnel_attrs("cn-gone", "ipipTunnelAddress") },
+    ])
+    .await;
+
+    let port = free_port();
+    let controller = start_controller_with(&cluster.kubeconfig, &["--leak-grace-period", "15m"], &env, port, "etcd-node-deleter");
+    wait_gone(&ds, Kind::CalicoNode, "cn-gone", &controller).await;
+    for (kind, name) in [
+        (Kind::WorkloadEndpoint, "e2e/cn--gone-k8s-pod--a-eth0"),
+        (Kind::BgpPeer, "peer-cn-gone"),
+        (Kind::HostEndpoint, "cn-gone-eth0"),
+        (Kind::FelixConfiguration, "node.cn-gone"),
+        (Kind::BgpConfiguration, "node.cn-gone"),
+    ] {
+        assert!(!exists(&ds, kind, name).await, "{} {name} goes with its node (deleted before it)", kind.kind_name());
+    }
+    // Its addresses are the GC's: freed because the node is gone, grace period or not.
+    wait_released(&ds, "k8s-pod-network.a", &controller).await;
+    wait_released(&ds, "ipip-tunnel-addr-cn-gone", &controller).await;
+    for (kind, name) in [
+        (Kind::CalicoNode, "cn-keep"),
+        (Kind::CalicoNode, "cn-bare"),
+        (Kind::WorkloadEndpoint, "e2e/cn--keep-k8s-pod--b-eth0"),
+        (Kind::BgpPeer, "peer-cn-keep"),
+        (Kind::HostEndpoint, "cn-bare-eth0"),
+        (Kind::FelixConfiguration, "node.cn-keep"),
+    ] {
+        assert!(exists(&ds, kind, name).await, "{} {name} stays\n{}", kind.kind_name(), controller.log_text());
+    }
+
+    // A later deletion of a Kubernetes node is acted on at once.
+    nodes.delete("k8s-keep", &DeleteParams::default()).await.expect("deleting the Kubernetes node");
+    wait_gone(&ds, Kind::CalicoNode, "cn-keep", &controller).await;
+    assert!(!exists(&ds, Kind::WorkloadEndpoint, "e2e/cn--keep-k8s-pod--b-eth0").await);
+    assert!(!exists(&ds, Kind::BgpPeer, "peer-cn-keep").await);
+    assert!(exists(&ds, Kind::CalicoNode, "cn-bare").await, "never a node without a Kubernetes reference");
+    let metrics = http_get(port, "/metrics").await.expect("metrics").1;
+    assert!(metrics.contains("kube_controllers_node_deletions_total{kind=\"Node\",outcome=\"deleted\"} 2"), "{metrics}");
+    assert!(metrics.contains("kube_controllers_mass_change_held{scope=\"etcd-nodes\"} 0"), "{metrics}");
 }

@@ -1,0 +1,425 @@
+//! The etcd-mode node deleter (SPEC §1.4): a Calico Node whose Kubernetes node is gone is
+//! deleted with its workload endpoints, BGP peers, `node.<name>` Felix and BGP configurations
+//! and host endpoints. Its addresses, handles and affinities are the IPAM GC's, which releases
+//! them once the Kubernetes node is gone (see [`crate::node_cleanup`]).
+//!
+//! Owns: its own watch of the Kubernetes Nodes (names only), the sweeps (once the Node list is
+//! complete, after every Node deletion, and every [`SWEEP_EVERY`]), the re-read that confirms
+//! each node gone, the mass-change guard's `etcd-nodes` scope, and the deletes.
+//! Must not: sweep on a Node view that is not whole (before its first list, while the watch
+//! fails or relists), write unless this replica leads (a dry run logs what it would delete),
+//! or write IPAM.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::watch;
+
+use super::Shared;
+use crate::datastore::cluster::{ClusterKind, ClusterReader};
+use crate::datastore::watch::WatchEvent;
+use crate::datastore::{Datastore, DsResult, Kind, Precondition};
+use crate::guard::{self, ETCD_NODES, GuardConfig, MassGuard, Proposal};
+use crate::node_cleanup::{self, NodeObjects, Orphan};
+
+/// Upstream sweeps on Node deletions and at start; a periodic sweep also catches a deletion
+/// whose event was lost.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(300);
+/// Node deletions within this window share one sweep.
+const BATCH: Duration = Duration::from_secs(1);
+
+/// A sweep that could not run (no whole view, not leading, the node controller off) is tried
+/// again this much later.
+const RETRY: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
+pub struct NodeDeleterOptions {
+    pub dry_run: bool,
+    pub guard: GuardConfig,
+    /// How long a held set waits before a later sweep may let it through; `None`: the
+    /// configuration's leak grace period.
+    pub guard_wait: Option<Duration>,
+    /// The KubeControllersConfiguration whose approval annotation may let a held set through.
+    pub kcc: Option<String>,
+}
+
+/// Whether a sweep ran, or must be tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Swept {
+    Ran,
+    NotNow,
+}
+
+/// The Kubernetes Node names as the watch shows them, and whether that view is whole.
+#[derive(Debug, Default)]
+struct NodeView {
+    names: BTreeSet<String>,
+    relisting: Option<BTreeSet<String>>,
+    synced: bool,
+    failing: bool,
+}
+
+impl NodeView {
+    /// Applies one event; true when it calls for a sweep (a list completed, a node deleted).
+    fn apply(&mut self, event: WatchEvent) -> bool {
+        match event {
+            WatchEvent::Init => {
+                self.relisting = Some(BTreeSet::new());
+                false
+            }
+            WatchEvent::InitApply(o) => {
+                if let Some(r) = self.relisting.as_mut() {
+                    r.insert(o.name);
+                }
+                false
+            }
+            WatchEvent::InitDone => {
+                self.names = self.relisting.take().unwrap_or_default();
+                self.synced = true;
+                self.failing = false;
+                true
+            }
+            WatchEvent::Apply(o) => {
+                self.failing = false;
+                self.names.insert(o.name);
+                false
+            }
+            WatchEvent::Delete(o) => {
+                self.failing = false;
+                self.names.remove(&o.name)
+            }
+            WatchEvent::Error(_) => {
+                self.failing = true;
+                false
+            }
+            WatchEvent::Resumed => {
+                self.failing = false;
+                false
+            }
+        }
+    }
+
+    fn whole(&self) -> bool {
+        self.synced && !self.failing && self.relisting.is_none()
+    }
+}
+
+/// Runs until `stop` turns true: watches the Kubernetes Nodes and sweeps.
+pub async fn run<D: Datastore, C: ClusterReader>(
+    ds: Arc<D>,
+    cluster: Arc<C>,
+    shared: Arc<Shared>,
+    may_write: watch::Receiver<bool>,
+    opts: NodeDeleterOptions,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut nodes = cluster.watch(ClusterKind::Node);
+    let mut view = NodeView::default();
+    let mut guard = MassGuard::new();
+    let started = tokio::time::Instant::now();
+    let mut due: Option<tokio::time::Instant> = None;
+    let mut periodic = tokio::time::interval(SWEEP_EVERY);
+    periodic.tick().await;
+    loop {
+        let wait_due = async {
+            match due {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            event = nodes.next() => {
+                let Some(event) = event else { return };
+                if view.apply(event) && due.is_none() {
+                    due = Some(tokio::time::Instant::now() + BATCH);
+                }
+            }
+            _ = wait_due => {
+                due = None;
+                if sweep(&*ds, &*cluster, &shared, &may_write, &opts, &view, &mut guard, started.elapsed()).await == Swept::NotNow {
+                    due = Some(tokio::time::Instant::now() + RETRY);
+                }
+            }
+            _ = periodic.tick() => {
+                if sweep(&*ds, &*cluster, &shared, &may_write, &opts, &view, &mut guard, started.elapsed()).await == Swept::NotNow && due.is_none() {
+                    due = Some(tokio::time::Instant::now() + RETRY);
+                }
+            }
+            _ = stop.changed() => {
+                if *stop.borrow() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// One sweep: the orphans of a whole view, each confirmed by a re-read of its Kubernetes node,
+/// put through the guard, then cascaded.
+#[allow(clippy::too_many_arguments)]
+async fn sweep<D: Datastore, C: ClusterReader>(
+    ds: &D,
+    cluster: &C,
+    shared: &Shared,
+    may_write: &watch::Receiver<bool>,
+    opts: &NodeDeleterOptions,
+    view: &NodeView,
+    guard: &mut MassGuard,
+    now: Duration,
+) -> Swept {
+    let (enabled, grace) = {
+        let config = shared.config.borrow();
+        (config.run.gc_enabled(), Duration::from_millis(config.run.leak_grace().max(0) as u64))
+    };
+    if !enabled || !view.whole() || !(opts.dry_run || *may_write.borrow()) {
+        return Swept::NotNow;
+    }
+    let calico_nodes = match ds.list(Kind::CalicoNode).await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "node deleter: listing Calico Nodes failed; retried shortly");
+            return Swept::NotNow;
+        }
+    };
+    let mut confirmed = Vec::new();
+    for orphan in node_cleanup::orphans(&calico_nodes, &view.names) {
+        match cluster.get(ClusterKind::Node, "", &orphan.kubernetes_node).await {
+            Err(e) if e.is_not_found() => confirmed.push(orphan),
+            Ok(_) => tracing::info!(node = %orphan.calico_node, kubernetes_node = %orphan.kubernetes_node, "node deleter: the Kubernetes node exists after all; kept"),
+            Err(e) => {
+                tracing::warn!(node = %orphan.calico_node, error = %e, "node deleter: re-reading the Kubernetes node failed; kept until a later sweep");
+                break;
+            }
+        }
+    }
+    let members: BTreeMap<u64, Orphan> = confirmed.into_iter().map(|o| (guard::fingerprint(&[o.calico_node.as_bytes()]), o)).collect();
+    let proposed: BTreeSet<u64> = members.keys().copied().collect();
+    let proposal = Proposal { members: &proposed, total: calico_nodes.len() as u64, complete: true };
+    let approvals = approvals(ds, opts.kcc.as_deref()).await;
+    let wait = opts.guard_wait.unwrap_or(grace);
+    let decision = guard.review(ETCD_NODES, proposal, &opts.guard, now.as_millis() as i64, wait.as_millis() as i64, &approvals);
+    let held = guard.held().iter().filter(|h| h.scope == ETCD_NODES).map(|h| h.waiting).sum::<u64>();
+    shared.metrics(|m| m.mass_change_held.insert(ETCD_NODES.name, held));
+    if held > 0 {
+        for h in guard.held().iter().filter(|h| h.scope == ETCD_NODES) {
+            tracing::warn!(waiting = h.waiting, total = h.total, id = %h.id, "mass-change guard: Calico Node deletions held until a sweep one grace period later proposes them again, or approval");
+        }
+    }
+    let allowed: Vec<&Orphan> = members.iter().filter(|(m, _)| decision.allows(**m)).map(|(_, o)| o).collect();
+    if allowed.is_empty() {
+        return Swept::Ran;
+    }
+    // The kinds that name their node, listed once for every node of this sweep.
+    let (weps, peers, heps) = match (ds.list(Kind::WorkloadEndpoint).await, ds.list(Kind::BgpPeer).await, ds.list(Kind::HostEndpoint).await) {
+        (Ok(w), Ok(p), Ok(h)) => (w, p, h),
+        (w, p, h) => {
+            let e = [w.err(), p.err(), h.err()].into_iter().flatten().next().map(|e| e.to_string()).unwrap_or_default();
+            tracing::warn!(error = %e, "node deleter: listing the nodes' objects failed; retried shortly");
+            return Swept::NotNow;
+        }
+    };
+    let objects = NodeObjects { workload_endpoints: &weps, bgp_peers: &peers, host_endpoints: &heps };
+    for orphan in allowed {
+        let plan = node_cleanup::cascade(&orphan.calico_node, &objects);
+        if opts.dry_run {
+            tracing::info!(node = %orphan.calico_node, kubernetes_node = %orphan.kubernetes_node, deletes = plan.len(), "dry run: would delete the Calico Node of a deleted Kubernetes node, with its objects");
+            continue;
+        }
+        tracing::info!(node = %orphan.calico_node, kubernetes_node = %orphan.kubernetes_node, deletes = plan.len(), "deleting the Calico Node of a deleted Kubernetes node, with its objects");
+        for (kind, name) in plan {
+            // A lost Lease stops the cascade where it is; the new leader's sweep finishes it.
+            if !*may_write.borrow() {
+                return Swept::NotNow;
+            }
+            let result = delete(ds, kind, &name).await;
+            let outcome = match &result {
+                Ok(true) => "deleted",
+                Ok(false) => "absent",
+                Err(_) => "failed",
+            };
+            shared.metrics(|m| *m.node_deletions.entry((kind.kind_name(), outcome)).or_default() += 1);
+            if let Err(e) = result {
+                tracing::warn!(node = %orphan.calico_node, kind = kind.kind_name(), name = %name, error = %e, "node deleter: a delete failed; the Calico Node is kept and a later sweep goes on");
+                break;
+            }
+        }
+    }
+    Swept::Ran
+}
+
+/// The mass-change approvals in the configuration's annotation (none when it is not read or
+/// cannot be read: a held set then waits for its later sweep).
+async fn approvals<D: Datastore>(ds: &D, kcc: Option<&str>) -> BTreeSet<String> {
+    let Some(name) = kcc else { return BTreeSet::new() };
+    match ds.get(Kind::KubeControllersConfiguration, name).await {
+        Ok(o) => o.value["metadata"]["annotations"][super::ipam_gc::inputs::APPROVE_ANNOTATION]
+            .as_str()
+            .map(|v| v.split(',').map(str::trim).filter(|id| !id.is_empty()).map(str::to_string).collect())
+            .unwrap_or_default(),
+        Err(_) => BTreeSet::new(),
+    }
+}
+
+/// Deletes one object; `Ok(false)` when it was not there.
+async fn delete<D: Datastore>(ds: &D, kind: Kind, name: &str) -> DsResult<bool> {
+    match ds.delete(kind, name, &Precondition::default()).await {
+        Ok(()) => Ok(true),
+        Err(e) if e.is_not_found() => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datastore::{MemoryCluster, MemoryDatastore, Stored};
+    use serde_json::json;
+
+    fn calico_node(name: &str, k8s: Option<&str>) -> serde_json::Value {
+        let refs: Vec<_> = k8s.into_iter().map(|k| json!({"orchestrator": "k8s", "nodeName": k})).collect();
+        json!({"apiVersion": "projectcalico.org/v3", "kind": "Node", "metadata": {"name": name}, "spec": {"orchRefs": refs}})
+    }
+
+    fn on_node(node: &str) -> serde_json::Value {
+        json!({"metadata": {}, "spec": {"node": node}})
+    }
+
+    fn names(ds: &MemoryDatastore, kind: Kind) -> Vec<String> {
+        let mut n: Vec<String> = ds.snapshot(kind).into_iter().map(|s| s.name).collect();
+        n.sort();
+        n
+    }
+
+    fn stored(name: &str) -> Stored {
+        Stored { name: name.into(), revision: "1".into(), uid: "u".into(), value: json!({}) }
+    }
+
+    fn whole_view(names: &[&str]) -> NodeView {
+        let mut v = NodeView::default();
+        v.apply(WatchEvent::Init);
+        for n in names {
+            v.apply(WatchEvent::InitApply(stored(n)));
+        }
+        assert!(v.apply(WatchEvent::InitDone));
+        v
+    }
+
+    fn opts(dry_run: bool) -> NodeDeleterOptions {
+        NodeDeleterOptions { dry_run, guard: GuardConfig::OFF, guard_wait: Some(Duration::from_secs(2)), kcc: None }
+    }
+
+    /// Shared state whose configuration enables the node controller.
+    fn shared() -> Shared {
+        let shared = Shared::default();
+        let api: crate::model::config::KubeControllersConfigurationSpec = serde_json::from_value(json!({"controllers": {"node": {}}})).unwrap();
+        let run = crate::config::RunConfig::merge(&crate::config::EnvConfig::default(), Some(&api));
+        shared.config.send_modify(|c| c.run = run);
+        shared
+    }
+
+    async fn setup() -> (Arc<MemoryDatastore>, Arc<MemoryCluster>) {
+        let ds = Arc::new(MemoryDatastore::new());
+        let cluster = Arc::new(MemoryCluster::new());
+        cluster.apply(ClusterKind::Node, json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "live"}}));
+        ds.create(Kind::CalicoNode, "gone", calico_node("gone", Some("gone"))).await.unwrap();
+        ds.create(Kind::CalicoNode, "live", calico_node("live", Some("live"))).await.unwrap();
+        ds.create(Kind::CalicoNode, "bare", calico_node("bare", None)).await.unwrap();
+        for (kind, name, node) in [
+            (Kind::WorkloadEndpoint, "ns/gone-k8s-a-eth0", "gone"),
+            (Kind::WorkloadEndpoint, "ns/live-k8s-b-eth0", "live"),
+            (Kind::BgpPeer, "peer-gone", "gone"),
+            (Kind::HostEndpoint, "gone-eth0", "gone"),
+            (Kind::HostEndpoint, "bare-eth0", "bare"),
+        ] {
+            ds.create(kind, name, on_node(node)).await.unwrap();
+        }
+        ds.create(Kind::FelixConfiguration, "node.gone", json!({"spec": {}})).await.unwrap();
+        ds.create(Kind::FelixConfiguration, "default", json!({"spec": {}})).await.unwrap();
+        (ds, cluster)
+    }
+
+    #[tokio::test]
+    async fn a_calico_node_whose_kubernetes_node_is_gone_goes_with_its_objects_and_the_rest_stays() {
+        let (ds, cluster) = setup().await;
+        let shared = shared();
+        let (_tx, leading) = watch::channel(true);
+        let mut g = MassGuard::new();
+        sweep(&*ds, &*cluster, &shared, &leading, &opts(false), &whole_view(&["live"]), &mut g, Duration::ZERO).await;
+        assert_eq!(names(&ds, Kind::CalicoNode), ["bare", "live"], "a node without a k8s orchRef is never touched");
+        assert_eq!(names(&ds, Kind::WorkloadEndpoint), ["ns/live-k8s-b-eth0"]);
+        assert!(names(&ds, Kind::BgpPeer).is_empty());
+        assert_eq!(names(&ds, Kind::HostEndpoint), ["bare-eth0"]);
+        assert_eq!(names(&ds, Kind::FelixConfiguration), ["default"]);
+        let deleted = shared.metrics(|m| m.node_deletions.clone());
+        assert_eq!(deleted.get(&("Node", "deleted")), Some(&1));
+        assert_eq!(deleted.get(&("BGPConfiguration", "absent")), Some(&1));
+        g.check_invariants().unwrap();
+    }
+
+    #[tokio::test]
+    async fn nothing_is_deleted_on_a_partial_view_by_a_standby_in_a_dry_run_or_while_the_node_exists() {
+        let (ds, cluster) = setup().await;
+        let before = ds.revision();
+        let shared = shared();
+        let (_tx, leading) = watch::channel(true);
+        let (_tx2, standby) = watch::channel(false);
+        let mut g = MassGuard::new();
+        // The node controller is off.
+        let off = Shared::default();
+        assert_eq!(sweep(&*ds, &*cluster, &off, &leading, &opts(false), &whole_view(&["live"]), &mut g, Duration::ZERO).await, Swept::NotNow);
+        // Not listed yet, or listed but the watch fails since.
+        assert_eq!(sweep(&*ds, &*cluster, &shared, &leading, &opts(false), &NodeView::default(), &mut g, Duration::ZERO).await, Swept::NotNow);
+        let mut failing = whole_view(&["live"]);
+        failing.apply(WatchEvent::Error(crate::datastore::watch::WatchFailure::transient("x")));
+        assert!(!failing.whole());
+        sweep(&*ds, &*cluster, &shared, &leading, &opts(false), &failing, &mut g, Duration::ZERO).await;
+        sweep(&*ds, &*cluster, &shared, &standby, &opts(false), &whole_view(&["live"]), &mut g, Duration::ZERO).await;
+        sweep(&*ds, &*cluster, &shared, &standby, &opts(true), &whole_view(&["live"]), &mut g, Duration::ZERO).await;
+        // The view lacks the node but the re-read finds it.
+        cluster.apply(ClusterKind::Node, json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "gone"}}));
+        sweep(&*ds, &*cluster, &shared, &leading, &opts(false), &whole_view(&["live"]), &mut g, Duration::ZERO).await;
+        assert_eq!(ds.revision(), before, "nothing written");
+    }
+
+    #[tokio::test]
+    async fn a_mass_deletion_waits_for_a_sweep_a_grace_period_later() {
+        let ds = Arc::new(MemoryDatastore::new());
+        let cluster = Arc::new(MemoryCluster::new());
+        for i in 0..10 {
+            let name = format!("n{i}");
+            ds.create(Kind::CalicoNode, &name, calico_node(&name, Some(&name))).await.unwrap();
+        }
+        let shared = shared();
+        let (_tx, leading) = watch::channel(true);
+        let mut o = opts(false);
+        o.guard = GuardConfig::default();
+        let mut g = MassGuard::new();
+        let view = whole_view(&[]);
+        sweep(&*ds, &*cluster, &shared, &leading, &o, &view, &mut g, Duration::ZERO).await;
+        assert_eq!(ds.snapshot(Kind::CalicoNode).len(), 10, "every node at once: held");
+        assert_eq!(shared.metrics(|m| m.mass_change_held.get(ETCD_NODES.name).copied()), Some(10));
+        sweep(&*ds, &*cluster, &shared, &leading, &o, &view, &mut g, Duration::from_secs(1)).await;
+        assert_eq!(ds.snapshot(Kind::CalicoNode).len(), 10, "still within the grace period");
+        sweep(&*ds, &*cluster, &shared, &leading, &o, &view, &mut g, Duration::from_secs(3)).await;
+        assert!(ds.snapshot(Kind::CalicoNode).is_empty(), "proposed again a grace period later: done");
+        g.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn the_view_is_whole_only_between_a_completed_list_and_a_failure() {
+        let mut v = NodeView::default();
+        assert!(!v.whole());
+        v = whole_view(&["a", "b"]);
+        assert!(v.whole());
+        assert!(v.apply(WatchEvent::Delete(stored("a"))), "a deletion calls for a sweep");
+        assert!(!v.apply(WatchEvent::Apply(stored("c"))));
+        assert_eq!(v.names, ["b", "c"].map(String::from).into());
+        v.apply(WatchEvent::Init);
+        assert!(!v.whole(), "a relist in progress is not whole");
+        v.apply(WatchEvent::InitApply(stored("b")));
+        v.apply(WatchEvent::InitDone);
+        assert_eq!(v.names, ["b".to_string()].into(), "a relist replaces the names");
+    }
+}
