@@ -692,8 +692,9 @@ impl RunConfig {
                     (Some(_), None) => DEFAULT_RECONCILER_PERIOD,
                     (None, _) => 0,
                 },
-                // Label sync is etcd-only; this version only runs on Kubernetes.
-                sync_labels: false,
+                // Label sync is etcd-only (forced off on Kubernetes, as upstream);
+                // SYNC_NODE_LABELS beats the API's `syncLabels` (default Enabled).
+                sync_labels: env.etcd.is_some() && env.sync_node_labels.unwrap_or_else(|| enabled_str(api_node.sync_labels.as_deref(), true)),
                 leak_grace_period: api_node.leak_grace_period.as_deref().and_then(parse_go_duration),
                 auto_create_host_endpoints: auto_create,
                 create_default_host_endpoint: create_default,
@@ -1018,6 +1019,22 @@ mod tests {
         let n = rc.node.unwrap();
         assert!(n.auto_create_host_endpoints && n.create_default_host_endpoint, "the env override forces the default HEP on");
         assert!(!n.sync_labels, "label sync is etcd-only, forced off on Kubernetes");
+        let etcd = |extra: &[(&str, &str)]| {
+            let mut vars = vec![("DATASTORE_TYPE", "etcdv3"), ("ETCD_ENDPOINTS", "http://127.0.0.1:2379")];
+            vars.extend_from_slice(extra);
+            env(&vars)
+        };
+        let node = |e: &EnvConfig, sync: Option<&str>| {
+            let mut section = json!({});
+            if let Some(s) = sync {
+                section["syncLabels"] = json!(s);
+            }
+            RunConfig::merge(e, Some(&spec(json!({"controllers": {"node": section}})))).node.unwrap().sync_labels
+        };
+        assert!(node(&etcd(&[]), None), "on etcd label sync defaults to on");
+        assert!(!node(&etcd(&[]), Some("Disabled")));
+        assert!(node(&etcd(&[("SYNC_NODE_LABELS", "true")]), Some("Disabled")), "the env beats the API");
+        assert!(!node(&etcd(&[("SYNC_NODE_LABELS", "false")]), Some("Enabled")));
         let rc = RunConfig::merge(&env(&[("AUTO_HOST_ENDPOINTS", "disabled")]), Some(&api));
         assert!(!rc.node.unwrap().auto_create_host_endpoints);
     }

@@ -22,7 +22,8 @@ use crate::datastore::cluster::{ClusterKind, ClusterReader};
 use crate::datastore::watch::WatchEvent;
 use crate::datastore::{Datastore, DsResult, Kind, Precondition};
 use crate::guard::{self, ETCD_NODES, GuardConfig, MassGuard, Proposal};
-use crate::node_cleanup::{self, NodeObjects, Orphan};
+use crate::datastore::Stored;
+use crate::node_cleanup::{self, KUBE_LABELS_ANNOTATION, Labels, NodeObjects, Orphan};
 
 /// Upstream sweeps on Node deletions and at start; a periodic sweep also catches a deletion
 /// whose event was lost.
@@ -55,23 +56,32 @@ enum Swept {
 /// The Kubernetes Node names as the watch shows them, and whether that view is whole.
 #[derive(Debug, Default)]
 struct NodeView {
-    names: BTreeSet<String>,
-    relisting: Option<BTreeSet<String>>,
+    /// Each Kubernetes Node's labels (nothing else of it is kept).
+    names: BTreeMap<String, Labels>,
+    relisting: Option<BTreeMap<String, Labels>>,
     synced: bool,
     failing: bool,
 }
 
+fn labels_of(o: &Stored) -> Labels {
+    o.value["metadata"]["labels"]
+        .as_object()
+        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
+        .unwrap_or_default()
+}
+
 impl NodeView {
-    /// Applies one event; true when it calls for a sweep (a list completed, a node deleted).
+    /// Applies one event; true when it calls for a sweep (a list completed, a node deleted, a
+    /// node's labels changed).
     fn apply(&mut self, event: WatchEvent) -> bool {
         match event {
             WatchEvent::Init => {
-                self.relisting = Some(BTreeSet::new());
+                self.relisting = Some(BTreeMap::new());
                 false
             }
             WatchEvent::InitApply(o) => {
                 if let Some(r) = self.relisting.as_mut() {
-                    r.insert(o.name);
+                    r.insert(o.name.clone(), labels_of(&o));
                 }
                 false
             }
@@ -83,12 +93,12 @@ impl NodeView {
             }
             WatchEvent::Apply(o) => {
                 self.failing = false;
-                self.names.insert(o.name);
-                false
+                let labels = labels_of(&o);
+                self.names.insert(o.name, labels.clone()).is_none_or(|old| old != labels)
             }
             WatchEvent::Delete(o) => {
                 self.failing = false;
-                self.names.remove(&o.name)
+                self.names.remove(&o.name).is_some()
             }
             WatchEvent::Error(_) => {
                 self.failing = true;
@@ -169,9 +179,10 @@ async fn sweep<D: Datastore, C: ClusterReader>(
     guard: &mut MassGuard,
     now: Duration,
 ) -> Swept {
-    let (enabled, grace) = {
+    let (enabled, sync_labels, grace) = {
         let config = shared.config.borrow();
-        (config.run.gc_enabled(), Duration::from_millis(config.run.leak_grace().max(0) as u64))
+        let sync = config.run.node.as_ref().is_some_and(|n| n.sync_labels);
+        (config.run.gc_enabled(), sync, Duration::from_millis(config.run.leak_grace().max(0) as u64))
     };
     if !enabled || !view.whole() || !(opts.dry_run || *may_write.borrow()) {
         return Swept::NotNow;
@@ -184,7 +195,10 @@ async fn sweep<D: Datastore, C: ClusterReader>(
         }
     };
     let mut confirmed = Vec::new();
-    for orphan in node_cleanup::orphans(&calico_nodes, &view.names) {
+    if sync_labels {
+        sync_node_labels(ds, shared, may_write, opts, view, &calico_nodes).await;
+    }
+    for orphan in node_cleanup::orphans(&calico_nodes, |n| view.names.contains_key(n)) {
         match cluster.get(ClusterKind::Node, "", &orphan.kubernetes_node).await {
             Err(e) if e.is_not_found() => confirmed.push(orphan),
             Ok(_) => tracing::info!(node = %orphan.calico_node, kubernetes_node = %orphan.kubernetes_node, "node deleter: the Kubernetes node exists after all; kept"),
@@ -249,6 +263,43 @@ async fn sweep<D: Datastore, C: ClusterReader>(
     Swept::Ran
 }
 
+/// Label sync (SPEC §1.5): every Calico Node with a `k8s` orchRef whose Kubernetes node the
+/// view holds gets that node's labels, written only when something changed. A conflict (the
+/// node was written meanwhile) is left to the next sweep.
+async fn sync_node_labels<D: Datastore>(ds: &D, shared: &Shared, may_write: &watch::Receiver<bool>, opts: &NodeDeleterOptions, view: &NodeView, calico_nodes: &[Stored]) {
+    for node in calico_nodes {
+        let crate::datastore::CalicoNodeView::Present { k8s_node: Some(k8s) } = crate::datastore::CalicoNodeView::of_node(&node.value) else { continue };
+        let Some(k8s_labels) = view.names.get(&k8s) else { continue };
+        let current = labels_of(node);
+        let annotation = node.value["metadata"]["annotations"][KUBE_LABELS_ANNOTATION].as_str();
+        let Some((labels, bookkeeping)) = node_cleanup::synced_labels(&current, annotation, k8s_labels) else { continue };
+        if opts.dry_run {
+            tracing::info!(node = %node.name, "dry run: would copy the Kubernetes node's labels onto its Calico Node");
+            continue;
+        }
+        if !*may_write.borrow() {
+            return;
+        }
+        let mut value = node.value.clone();
+        let meta = &mut value["metadata"];
+        meta["labels"] = serde_json::to_value(&labels).unwrap_or_default();
+        if !meta["annotations"].is_object() {
+            meta["annotations"] = serde_json::json!({});
+        }
+        meta["annotations"][KUBE_LABELS_ANNOTATION] = serde_json::Value::String(bookkeeping);
+        let updated = Stored { value, ..node.clone() };
+        let outcome = match ds.update(Kind::CalicoNode, &updated).await {
+            Ok(_) => "synced",
+            Err(e) if e.is_conflict() || e.is_not_found() => "conflict",
+            Err(e) => {
+                tracing::warn!(node = %node.name, error = %e, "label sync: writing the Calico Node failed; a later sweep retries");
+                "failed"
+            }
+        };
+        shared.metrics(|m| *m.node_deletions.entry(("NodeLabels", outcome)).or_default() += 1);
+    }
+}
+
 /// The mass-change approvals in the configuration's annotation (none when it is not read or
 /// cannot be read: a held set then waits for its later sweep).
 async fn approvals<D: Datastore>(ds: &D, kcc: Option<&str>) -> BTreeSet<String> {
@@ -274,7 +325,7 @@ async fn delete<D: Datastore>(ds: &D, kind: Kind, name: &str) -> DsResult<bool> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::datastore::{MemoryCluster, MemoryDatastore, Stored};
+    use crate::datastore::{MemoryCluster, MemoryDatastore};
     use serde_json::json;
 
     fn calico_node(name: &str, k8s: Option<&str>) -> serde_json::Value {
@@ -368,6 +419,9 @@ mod tests {
         let mut g = MassGuard::new();
         // The node controller is off.
         let off = Shared::default();
+        let api: crate::model::config::KubeControllersConfigurationSpec = serde_json::from_value(json!({"controllers": {}})).unwrap();
+        off.config.send_modify(|c| c.run = crate::config::RunConfig::merge(&crate::config::EnvConfig::default(), Some(&api)));
+        assert!(!off.config.borrow().run.gc_enabled());
         assert_eq!(sweep(&*ds, &*cluster, &off, &leading, &opts(false), &whole_view(&["live"]), &mut g, Duration::ZERO).await, Swept::NotNow);
         // Not listed yet, or listed but the watch fails since.
         assert_eq!(sweep(&*ds, &*cluster, &shared, &leading, &opts(false), &NodeView::default(), &mut g, Duration::ZERO).await, Swept::NotNow);
@@ -407,6 +461,42 @@ mod tests {
         g.check_invariants().unwrap();
     }
 
+    #[tokio::test]
+    async fn with_label_sync_on_a_calico_node_gets_its_kubernetes_nodes_labels_once_and_keeps_its_own() {
+        let ds = Arc::new(MemoryDatastore::new());
+        let cluster = Arc::new(MemoryCluster::new());
+        let mut node = calico_node("cn", Some("k"));
+        node["metadata"]["labels"] = json!({"user": "x"});
+        ds.create(Kind::CalicoNode, "cn", node).await.unwrap();
+        ds.create(Kind::CalicoNode, "bare", calico_node("bare", None)).await.unwrap();
+        let shared = Shared::default();
+        let api: crate::model::config::KubeControllersConfigurationSpec =
+            serde_json::from_value(json!({"controllers": {"node": {"syncLabels": "Enabled"}}})).unwrap();
+        let vars = [("DATASTORE_TYPE", "etcdv3"), ("ETCD_ENDPOINTS", "http://127.0.0.1:2379")].map(|(k, v)| (k.to_string(), v.to_string())).into_iter().collect();
+        let env = crate::config::EnvConfig::from_env(&vars).unwrap();
+        shared.config.send_modify(|c| c.run = crate::config::RunConfig::merge(&env, Some(&api)));
+        assert!(shared.config.borrow().run.node.as_ref().unwrap().sync_labels);
+        let (_tx, leading) = watch::channel(true);
+        let mut g = MassGuard::new();
+        let mut view = whole_view(&[]);
+        let mut k = stored("k");
+        k.value = json!({"metadata": {"labels": {"zone": "a", "role": "w"}}});
+        view.apply(WatchEvent::Apply(k));
+        sweep(&*ds, &*cluster, &shared, &leading, &opts(false), &view, &mut g, Duration::ZERO).await;
+        let cn = ds.peek(Kind::CalicoNode, "cn").unwrap();
+        assert_eq!(cn.value["metadata"]["labels"], json!({"user": "x", "zone": "a", "role": "w"}));
+        assert_eq!(cn.value["metadata"]["annotations"][KUBE_LABELS_ANNOTATION], r#"{"role":"w","zone":"a"}"#);
+        let before = ds.revision();
+        sweep(&*ds, &*cluster, &shared, &leading, &opts(false), &view, &mut g, Duration::ZERO).await;
+        assert_eq!(ds.revision(), before, "nothing changed: nothing written");
+        let mut k = stored("k");
+        k.value = json!({"metadata": {"labels": {"zone": "b"}}});
+        view.apply(WatchEvent::Apply(k));
+        sweep(&*ds, &*cluster, &shared, &leading, &opts(false), &view, &mut g, Duration::ZERO).await;
+        assert_eq!(ds.peek(Kind::CalicoNode, "cn").unwrap().value["metadata"]["labels"], json!({"user": "x", "zone": "b"}));
+        assert!(ds.peek(Kind::CalicoNode, "bare").unwrap().value["metadata"].get("labels").is_none(), "no Kubernetes node: untouched");
+    }
+
     #[test]
     fn the_view_is_whole_only_between_a_completed_list_and_a_failure() {
         let mut v = NodeView::default();
@@ -414,12 +504,16 @@ mod tests {
         v = whole_view(&["a", "b"]);
         assert!(v.whole());
         assert!(v.apply(WatchEvent::Delete(stored("a"))), "a deletion calls for a sweep");
-        assert!(!v.apply(WatchEvent::Apply(stored("c"))));
-        assert_eq!(v.names, ["b", "c"].map(String::from).into());
+        assert!(v.apply(WatchEvent::Apply(stored("c"))), "a new node calls for a sweep (its labels)");
+        assert!(!v.apply(WatchEvent::Apply(stored("c"))), "a status update without a label change does not");
+        let mut labelled = stored("c");
+        labelled.value = json!({"metadata": {"labels": {"zone": "a"}}});
+        assert!(v.apply(WatchEvent::Apply(labelled)), "a label change does");
+        assert_eq!(v.names.keys().collect::<Vec<_>>(), ["b", "c"]);
         v.apply(WatchEvent::Init);
         assert!(!v.whole(), "a relist in progress is not whole");
         v.apply(WatchEvent::InitApply(stored("b")));
         v.apply(WatchEvent::InitDone);
-        assert_eq!(v.names, ["b".to_string()].into(), "a relist replaces the names");
+        assert_eq!(v.names.keys().collect::<Vec<_>>(), ["b"], "a relist replaces the names");
     }
 }

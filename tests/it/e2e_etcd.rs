@@ -490,3 +490,48 @@ async fn on_etcd_a_gone_kubernetes_nodes_calico_node_is_deleted_with_its_objects
     assert!(metrics.contains("kube_controllers_node_deletions_total{kind=\"Node\",outcome=\"deleted\"} 2"), "{metrics}");
     assert!(metrics.contains("kube_controllers_mass_change_held{scope=\"etcd-nodes\"} 0"), "{metrics}");
 }
+
+/// SPEC §1.5 on real etcd: a Calico Node gets its Kubernetes node's labels, keeps the labels a
+/// user set on it, loses the ones Kubernetes dropped, and is not written when nothing changed.
+#[tokio::test]
+async fn on_etcd_node_labels_follow_kubernetes_and_user_labels_stay() {
+    let cluster = private_cluster();
+    let client = cluster.client();
+    let env = etcd_env(&calico_etcd(&cluster), "", None);
+    let ds = etcd_client(&env).await;
+    let env = pairs(&env);
+    let nodes: Api<Node> = Api::all(client.clone());
+    let node = json!({"metadata": {"name": "k8s-l", "labels": {"zone": "a", "role": "worker"}}});
+    nodes.create(&PostParams::default(), &serde_json::from_value::<Node>(node).unwrap()).await.expect("Kubernetes node");
+    let body = json!({"apiVersion": "projectcalico.org/v3", "kind": "Node", "metadata": {"name": "cn-l", "labels": {"user": "mine"}},
+                      "spec": {"orchRefs": [{"orchestrator": "k8s", "nodeName": "k8s-l"}]}});
+    ds.create(Kind::CalicoNode, "cn-l", body).await.expect("Calico Node in etcd");
+
+    let labels_are = |want: serde_json::Value| {
+        let ds = ds.clone();
+        async move {
+            let started = Instant::now();
+            loop {
+                let n = ds.get(Kind::CalicoNode, "cn-l").await.expect("the Calico Node");
+                if n.value["metadata"]["labels"] == want {
+                    return n;
+                }
+                assert!(started.elapsed() < DEADLINE, "labels {} never became {want}", n.value["metadata"]["labels"]);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let port = free_port();
+    let controller = start_controller_with(&cluster.kubeconfig, &[], &env, port, "etcd-node-labels");
+    let synced = labels_are(json!({"user": "mine", "zone": "a", "role": "worker"})).await;
+    let kept: serde_json::Value = serde_json::from_str(synced.value["metadata"]["annotations"]["projectcalico.org/kube-labels"].as_str().expect("bookkeeping")).unwrap();
+    assert_eq!(kept, json!({"zone": "a", "role": "worker"}));
+
+    let patch = json!({"metadata": {"labels": {"role": null, "zone": "b"}}});
+    nodes.patch("k8s-l", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.expect("relabelling the node");
+    let relabelled = labels_are(json!({"user": "mine", "zone": "b"})).await;
+    // Quiet: nothing changes, nothing is written.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let later = ds.get(Kind::CalicoNode, "cn-l").await.unwrap();
+    assert_eq!(later.revision, relabelled.revision, "no write without a change\n{}", controller.log_text());
+}
