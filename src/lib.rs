@@ -7,6 +7,7 @@ pub mod health;
 pub mod ipam;
 pub mod memstat;
 pub mod model;
+pub mod policy;
 pub mod scan;
 pub mod sim;
 #[cfg(feature = "cli")]
