@@ -385,7 +385,12 @@ fn peer(value: &Value, path: &str, mode: BadRules) -> Result<Peer, Fault> {
     let entry = element(value, path)?.unwrap_or(&empty);
     let pods = selector(field(entry, "podSelector"), SelectorKind::Pod, &format!("{path}.podSelector"), mode);
     let namespaces = selector(field(entry, "namespaceSelector"), SelectorKind::Namespace, &format!("{path}.namespaceSelector"), mode);
+    let has_selectors = field(entry, "podSelector").is_some() || field(entry, "namespaceSelector").is_some();
     let Some(block) = object(entry, "ipBlock", path)? else {
+        // Upstream reads a peer with nothing set as "pods of this namespace"; Kubernetes refuses it.
+        if mode == BadRules::DropRule && !has_selectors {
+            return Err(Fault::Rejected(format!("{path}: a peer needs a podSelector, a namespaceSelector or an ipBlock")));
+        }
         return Ok(Peer { selector: pods?, namespace_selector: namespaces?, ..Peer::default() });
     };
     // With an ipBlock the selectors are ignored, but Go still has to decode them.
@@ -395,6 +400,10 @@ fn peer(value: &Value, path: &str, mode: BadRules) -> Result<Peer, Fault> {
         }
     }
     let block_path = format!("{path}.ipBlock");
+    // Upstream ignores the selectors next to an ipBlock; Kubernetes refuses the combination.
+    if mode == BadRules::DropRule && has_selectors {
+        return Err(Fault::Rejected(format!("{block_path}: an ipBlock cannot be combined with selectors")));
+    }
     let cidr = string(block, "cidr", &block_path)?.unwrap_or("");
     let except = strings(block, "except", &block_path)?;
     let mut peer = Peer::default();
@@ -502,6 +511,10 @@ fn selector(value: Option<&Value>, kind: SelectorKind, path: &str, mode: BadRule
             other => return Err(Fault::Rejected(format!("{e_path}: unknown operator {other:?}"))),
         };
         let checked: &[&str] = if matches!(operator, "In" | "NotIn") { &values } else { &[] };
+        // Upstream writes `k in { '' }`, which matches the empty value; Kubernetes refuses empty sets.
+        if mode == BadRules::DropRule && matches!(operator, "In" | "NotIn") && values.is_empty() {
+            return Err(Fault::Rejected(format!("{e_path}: operator {operator} needs values")));
+        }
         check_label(key, checked, &e_path)?;
         terms.push(term);
     }
