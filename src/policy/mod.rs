@@ -12,6 +12,8 @@ mod json;
 mod netpol;
 mod objects;
 #[cfg(test)]
+mod property_tests;
+#[cfg(test)]
 mod tests;
 
 use std::fmt;

@@ -142,6 +142,8 @@ fn numeric_ports_merge_into_minimal_ranges_and_named_ports_pass_through() {
     assert_eq!(p(json!([{"port": 80}, {"port": 81}, {"port": 82}, {"port": 90}, {"port": 85, "endPort": 89}])), json!(["80:82", "85:90"]));
     assert_eq!(p(json!([{"port": 80}, {"port": 81}, {"port": 82}, {"port": 83, "endPort": 89}, {"port": 90}])), json!(["80:90"]));
     assert_eq!(p(json!([{"port": 443}, {"port": 80}, {"port": 80}])), json!([80, 443]));
+    assert_eq!(p(json!([{"port": 82}, {"port": 80}])), json!([80, 82]));
+    assert_eq!(p(json!([{"port": 80, "endPort": 85}, {"port": 82, "endPort": 83}, {"port": 86}])), json!(["80:86"]));
     assert_eq!(p(json!([{"port": 8000, "endPort": 8080}])), json!(["8000:8080"]));
     assert_eq!(p(json!([{"port": 8000, "endPort": 8000}])), json!([8000]));
     assert_eq!(p(json!([{"port": 1, "endPort": 65535}, {"port": 22}])), json!(["1:65535"]));
