@@ -575,6 +575,12 @@ proptest! {
                 prop_assert!(out.object["spec"]["selector"].as_str().unwrap().starts_with(ORCHESTRATOR_TERM));
             }
         }
+        // DropRule checks all that upstream checks: with nothing dropped, both modes agree.
+        if let Ok(out) = network_policy(&v, BadRules::DropRule)
+            && out.dropped.is_empty()
+        {
+            prop_assert_eq!(network_policy(&v, BadRules::Upstream).map(|u| u.object), Ok(out.object));
+        }
         let _ = namespace_profile(&v);
         let _ = service_account_profile(&v);
         let _ = workload_endpoint(&v);
