@@ -92,11 +92,21 @@ pub(crate) fn string_map<'a>(obj: &'a Map<String, Value>, key: &str, path: &str)
         .collect()
 }
 
-/// `metadata.name` and `metadata.namespace` of a Kubernetes object, or why they cannot be read.
-pub(crate) fn name_and_namespace<'a>(obj: &'a Value, kind: &str) -> Result<(&'a str, Option<&'a str>, &'a Map<String, Value>), String> {
+/// What every converter reads first: the object's fields and its `metadata`.
+pub(crate) struct Envelope<'a> {
+    pub top: &'a Map<String, Value>,
+    pub meta: &'a Map<String, Value>,
+    pub name: &'a str,
+    /// `metadata.namespace`, with an empty one read as `default`.
+    pub namespace: &'a str,
+}
+
+/// The envelope of a Kubernetes object of `kind`, or why it cannot be read (not an object, no
+/// `metadata.name`).
+pub(crate) fn envelope<'a>(obj: &'a Value, kind: &str) -> Result<Envelope<'a>, String> {
     let Value::Object(top) = obj else { return Err(format!("{kind}: not a JSON object")) };
     let meta = object(top, "metadata", kind)?.ok_or_else(|| format!("{kind}: no metadata"))?;
     let name = string(meta, "name", "metadata")?.filter(|n| !n.is_empty()).ok_or_else(|| format!("{kind}: no metadata.name"))?;
-    let namespace = string(meta, "namespace", "metadata")?;
-    Ok((name, namespace, meta))
+    let namespace = string(meta, "namespace", "metadata")?.filter(|n| !n.is_empty()).unwrap_or("default");
+    Ok(Envelope { top, meta, name, namespace })
 }

@@ -13,7 +13,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde_json::{Map, Value, json};
 
-use super::json::{array, element, field, int32, name_and_namespace, object, string, string_map, strings};
+use super::json::{array, element, envelope, field, int32, object, string, string_map, strings};
 use super::{API_VERSION, BadRules, ConvertError, Converted, Direction, DroppedRule, ORCHESTRATOR_TERM};
 
 /// Prefix upstream gives converted policies so they never clash with Calico-native ones.
@@ -58,10 +58,10 @@ impl From<String> for Fault {
 /// upstream silently converts it (an unparsable CIDR becomes an empty peer, a bad `except` entry
 /// ends the list). An object Go could not decode is [`ConvertError::Malformed`] in both modes.
 pub fn network_policy(np: &Value, mode: BadRules) -> Result<Converted, ConvertError> {
-    let (name, namespace, _) = name_and_namespace(np, "NetworkPolicy").map_err(ConvertError::Malformed)?;
+    let np = envelope(np, "NetworkPolicy").map_err(ConvertError::Malformed)?;
+    let (name, namespace) = (np.name, np.namespace);
     let empty = Map::new();
-    let top = np.as_object().unwrap_or(&empty);
-    let spec = object(top, "spec", "NetworkPolicy").map_err(ConvertError::Malformed)?.unwrap_or(&empty);
+    let spec = object(np.top, "spec", "NetworkPolicy").map_err(ConvertError::Malformed)?.unwrap_or(&empty);
 
     let selector = match selector(field(spec, "podSelector"), SelectorKind::Pod, "spec.podSelector", mode) {
         Ok(s) => s,
@@ -120,7 +120,6 @@ pub fn network_policy(np: &Value, mode: BadRules) -> Result<Converted, ConvertEr
     if !egress.is_empty() {
         out.insert("egress".into(), Value::Array(egress));
     }
-    let namespace = namespace.filter(|n| !n.is_empty()).unwrap_or("default");
     let object = json!({
         "apiVersion": API_VERSION,
         "kind": "NetworkPolicy",

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value, json};
 
-use super::json::{boolean, name_and_namespace, object, string, string_map};
+use super::json::{boolean, envelope, object, string, string_map};
 use super::{API_VERSION, ConvertError};
 
 /// Profiles for namespaces are `kns.<namespace>`.
@@ -26,8 +26,9 @@ const MAX_SERVICE_ACCOUNT_LABEL: usize = 63;
 
 /// The Profile `kns.<namespace>` for a Namespace: allow-all rules and the namespace's labels.
 pub fn namespace_profile(ns: &Value) -> Result<Value, ConvertError> {
-    let (name, _, meta) = name_and_namespace(ns, "Namespace").map_err(ConvertError::Malformed)?;
-    let labels = prefixed_labels(meta, NAMESPACE_LABEL_PREFIX, name)?;
+    let ns = envelope(ns, "Namespace").map_err(ConvertError::Malformed)?;
+    let name = ns.name;
+    let labels = prefixed_labels(ns.meta, NAMESPACE_LABEL_PREFIX, name)?;
     Ok(json!({
         "apiVersion": API_VERSION,
         "kind": "Profile",
@@ -38,9 +39,9 @@ pub fn namespace_profile(ns: &Value) -> Result<Value, ConvertError> {
 
 /// The Profile `ksa.<namespace>.<name>` for a ServiceAccount: only its labels, no rules.
 pub fn service_account_profile(sa: &Value) -> Result<Value, ConvertError> {
-    let (name, namespace, meta) = name_and_namespace(sa, "ServiceAccount").map_err(ConvertError::Malformed)?;
-    let namespace = namespace.filter(|n| !n.is_empty()).unwrap_or("default");
-    let labels = prefixed_labels(meta, SERVICE_ACCOUNT_LABEL_PREFIX, name)?;
+    let sa = envelope(sa, "ServiceAccount").map_err(ConvertError::Malformed)?;
+    let (name, namespace) = (sa.name, sa.namespace);
+    let labels = prefixed_labels(sa.meta, SERVICE_ACCOUNT_LABEL_PREFIX, name)?;
     Ok(json!({
         "apiVersion": API_VERSION,
         "kind": "Profile",
@@ -62,11 +63,10 @@ fn prefixed_labels(meta: &Map<String, Value>, prefix: &str, name: &str) -> Resul
 /// A pod that is not scheduled yet, or uses the host's network, has no WorkloadEndpoint:
 /// [`ConvertError::NotApplicable`].
 pub fn workload_endpoint(pod: &Value) -> Result<Value, ConvertError> {
-    let (name, namespace, meta) = name_and_namespace(pod, "Pod").map_err(ConvertError::Malformed)?;
-    let namespace = namespace.filter(|n| !n.is_empty()).unwrap_or("default");
+    let pod = envelope(pod, "Pod").map_err(ConvertError::Malformed)?;
+    let (name, namespace, meta) = (pod.name, pod.namespace, pod.meta);
     let empty = Map::new();
-    let top = pod.as_object().unwrap_or(&empty);
-    let spec = object(top, "spec", "Pod").map_err(ConvertError::Malformed)?.unwrap_or(&empty);
+    let spec = object(pod.top, "spec", "Pod").map_err(ConvertError::Malformed)?.unwrap_or(&empty);
     let node = string(spec, "nodeName", "spec").map_err(ConvertError::Malformed)?.unwrap_or("");
     let host_network = boolean(spec, "hostNetwork", "spec").map_err(ConvertError::Malformed)?;
     let service_account = string(spec, "serviceAccountName", "spec").map_err(ConvertError::Malformed)?.unwrap_or("");
