@@ -8,6 +8,7 @@ pub mod ipam;
 pub mod memstat;
 pub mod model;
 pub mod node_cleanup;
+pub mod policy;
 pub mod scan;
 pub mod sim;
 #[cfg(feature = "cli")]
