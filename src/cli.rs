@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::io::{IsTerminal, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,37 @@ enum Command {
     },
     /// Upstream's `calico health`: GET 127.0.0.1:<port>/<type>; exit 0 on 2xx, else 1.
     Health(HealthArgs),
+    /// Print the Calico objects the etcd-mode controllers write for Kubernetes NetworkPolicies,
+    /// Namespaces, ServiceAccounts and Pods (read-only). Exit 0 when everything converted, 1 when
+    /// some rule was dropped, 2 for unreadable input.
+    Convert(ConvertArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ConvertArgs {
+    /// Files or folders of Kubernetes objects (JSON or YAML, `List`s or single objects, as
+    /// `kubectl get -o json|yaml` writes them); `-` reads standard input.
+    #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+    paths: Vec<PathBuf>,
+    #[arg(short = 'o', long = "output", value_enum, default_value = "yaml")]
+    output: ConvertOutput,
+    /// What becomes of a NetworkPolicy rule that cannot be converted: `drop-rule` drops that rule
+    /// alone (the traffic it allowed is denied) and writes the rest; `upstream` does as upstream
+    /// does (some errors skip the whole policy, an unparsable CIDR allows everything).
+    #[arg(long = "bad-rules", value_enum, default_value = "drop-rule")]
+    bad_rules: BadRulesArg,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq)]
+enum ConvertOutput {
+    Yaml,
+    Json,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq)]
+enum BadRulesArg {
+    DropRule,
+    Upstream,
 }
 
 #[derive(Subcommand, Debug)]
@@ -262,6 +293,7 @@ pub fn main() -> i32 {
             None => run_controller(a.run),
         },
         Some(Command::Health(a)) => Ok(health_probe(&a)),
+        Some(Command::Convert(a)) => convert(a),
         // Parsed again as `run` so its defaults and environment (LOG_FORMAT, CKC_DRY_RUN) apply.
         None => match Cli::try_parse_from(["calico-kube-controllers", "run"]) {
             Ok(Cli { command: Some(Command::Run(a)) }) => run_controller(a),
@@ -527,6 +559,41 @@ fn read_live_cluster(tty: bool, started: Instant) -> anyhow::Result<dump::DumpCo
             }
         }
     })
+}
+
+fn convert(a: ConvertArgs) -> anyhow::Result<i32> {
+    use calico_kube_controllers::scan::objects;
+    let (stdin, files): (Vec<PathBuf>, Vec<PathBuf>) = a.paths.into_iter().partition(|p| p.as_os_str() == "-");
+    let mut read = if files.is_empty() { objects::Objects::default() } else { objects::read_objects(&files)? };
+    if !stdin.is_empty() {
+        let mut bytes = Vec::new();
+        std::io::stdin().read_to_end(&mut bytes).context("reading standard input")?;
+        objects::read_bytes_into(Path::new("<stdin>"), &bytes, &mut read)?;
+    }
+    let mode = match a.bad_rules {
+        BadRulesArg::DropRule => calico_kube_controllers::policy::BadRules::DropRule,
+        BadRulesArg::Upstream => calico_kube_controllers::policy::BadRules::Upstream,
+    };
+    let mut out = calico_kube_controllers::convert::convert(&read.objects, mode);
+    for (file, what) in read.unreadable {
+        out.malformed.push(format!("{file}: {what}"));
+    }
+    let mut rendered = match a.output {
+        ConvertOutput::Json => serde_json::to_string_pretty(&out.list())?,
+        ConvertOutput::Yaml => serde_saphyr::to_string(&out.list()).map_err(|e| anyhow::anyhow!("writing YAML: {e}"))?,
+    };
+    if !rendered.ends_with('\n') {
+        rendered.push('\n');
+    }
+    std::io::stdout().write_all(rendered.as_bytes())?;
+    for line in out.dropped.iter().chain(&out.skipped).chain(&out.malformed) {
+        eprintln!("convert: {line}");
+    }
+    if !out.ignored.is_empty() {
+        let kinds: Vec<String> = out.ignored.iter().map(|(k, n)| format!("{k} x{n}")).collect();
+        eprintln!("convert: not converted (not a kind convert reads): {}", kinds.join(", "));
+    }
+    Ok(out.exit_code())
 }
 
 fn simulate(a: SimulateArgs) -> anyhow::Result<i32> {

@@ -1,6 +1,7 @@
 //! calico-kube-controllers: the library behind the binary.
 #![forbid(unsafe_code)]
 pub mod config;
+pub mod convert;
 pub mod datastore;
 pub mod guard;
 pub mod health;

@@ -53,8 +53,8 @@ const PROGRESS_EVERY: u64 = 8 << 20;
 /// bounds the scanner's own stack on hostile input.
 const MAX_SCAN_DEPTH: usize = 4096;
 /// Nested `List` items are followed this deep (bounded so hostile input cannot recurse far).
-const MAX_LIST_NESTING: usize = 8;
-const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+pub(crate) const MAX_LIST_NESTING: usize = 8;
+pub(crate) const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
 /// The v3 (aggregated API server) group, accepted leniently for the kinds it shares with v1.
 pub const CALICO_V3_API_VERSION: &str = "projectcalico.org/v3";
 
@@ -159,7 +159,7 @@ impl DumpError {
     }
 }
 
-fn io_error(path: &Path, source: io::Error) -> DumpError {
+pub(crate) fn io_error(path: &Path, source: io::Error) -> DumpError {
     if source.kind() == io::ErrorKind::NotFound {
         DumpError::NotFound { path: path.to_path_buf() }
     } else {
@@ -273,12 +273,12 @@ impl Progress<'_> {
 // Finding files and telling their format.
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Format {
+pub(crate) enum Format {
     Json,
     Yaml,
 }
 
-fn extension_format(path: &Path) -> Option<Format> {
+pub(crate) fn extension_format(path: &Path) -> Option<Format> {
     let ext = path.extension()?.to_str()?.to_ascii_lowercase();
     match ext.as_str() {
         "json" => Some(Format::Json),
@@ -288,7 +288,7 @@ fn extension_format(path: &Path) -> Option<Format> {
 }
 
 /// `{` or `[` first (after whitespace and a BOM) means JSON; anything else is read as YAML.
-fn sniff(bytes: &[u8]) -> Format {
+pub(crate) fn sniff(bytes: &[u8]) -> Format {
     let bytes = bytes.strip_prefix(UTF8_BOM).unwrap_or(bytes);
     match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
         Some(b'{' | b'[') => Format::Json,
@@ -308,7 +308,7 @@ fn format_of(path: &Path) -> Result<Format, DumpError> {
 
 /// Files named directly are taken whatever their extension; folders are searched recursively for
 /// dump extensions. Symlinked folders are not followed (a link loop must not hang the scan).
-fn collect_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, DumpError> {
+pub(crate) fn collect_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, DumpError> {
     let mut files = Vec::new();
     for path in paths {
         let meta = fs::metadata(path).map_err(|e| io_error(path, e))?;
@@ -346,7 +346,7 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DumpError> {
 }
 
 /// 1-based line and column (in bytes) of `offset`.
-fn locate(bytes: &[u8], offset: u64) -> (u64, u64) {
+pub(crate) fn locate(bytes: &[u8], offset: u64) -> (u64, u64) {
     let end = usize::try_from(offset).unwrap_or(usize::MAX).min(bytes.len());
     let before = &bytes[..end];
     let line = before.iter().filter(|&&b| b == b'\n').count() as u64 + 1;
@@ -982,7 +982,7 @@ fn sync_lists(contents: &mut DumpContents, lists: &[ListHead], label: &str, base
 /// enough that a huge List costs a few MB at most.
 const YAML_CHANNEL_ITEMS: usize = 256;
 
-fn yaml_options() -> serde_saphyr::Options {
+pub(crate) fn yaml_options() -> serde_saphyr::Options {
     // The default budget is sized for configuration files; a cluster dump has millions of nodes
     // and events. Size caps go, the depth and alias caps (the ones that stop hostile input) stay.
     let mut budget = serde_saphyr::Budget::default();

@@ -3,6 +3,7 @@ pub mod dump;
 #[cfg(feature = "cli")]
 pub mod etcd_dump;
 pub mod merge;
+pub mod objects;
 pub mod order;
 pub mod live;
 pub mod report;

@@ -4,6 +4,7 @@ mod support;
 
 mod chaos;
 mod cli_compat;
+mod cli_convert;
 mod conformance_etcd;
 mod conformance_kube;
 
