@@ -469,7 +469,12 @@ fn host_network_and_unscheduled_pods_have_no_endpoint() {
     ] {
         assert!(matches!(workload_endpoint(&pod), Err(ConvertError::NotApplicable(_))), "{pod}");
     }
-    for pod in [json!({"spec": {"nodeName": "n"}}), json!({"metadata": {"name": "p"}, "spec": {"hostNetwork": "yes"}})] {
+    for pod in [
+        json!({"spec": {"nodeName": "n"}}),
+        json!({"metadata": {"name": "p"}, "spec": {"hostNetwork": "yes"}}),
+        json!({"metadata": {"name": "-p"}, "spec": {"nodeName": "n"}}),
+        json!({"metadata": {"name": "p"}, "spec": {"nodeName": "n-"}}),
+    ] {
         assert!(matches!(workload_endpoint(&pod), Err(ConvertError::Malformed(_))), "{pod}");
     }
 }
