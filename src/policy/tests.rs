@@ -511,3 +511,17 @@ fn upstream_mode_matches_the_recorded_upstream_converter_on_every_case() {
     }
     assert!(checked > 500);
 }
+
+/// Policies with bad rules, each with the spec upstream's converter writes for the same policy
+/// once those rules are taken out (recorded as above): DropRule mode must write exactly that.
+const AFTER_DROPS_RECORDS: &str = include_str!("testdata/upstream_after_drops.jsonl");
+
+#[test]
+fn drop_rule_mode_writes_what_upstream_writes_without_the_dropped_rules() {
+    for (line, record) in AFTER_DROPS_RECORDS.lines().enumerate() {
+        let record: Value = serde_json::from_str(record).unwrap();
+        let out = network_policy(&record["input"], BadRules::DropRule).unwrap();
+        assert!(!out.dropped.is_empty(), "line {}", line + 1);
+        assert_eq!(out.object["spec"], record["spec"], "line {}: {}", line + 1, record["input"]);
+    }
+}
