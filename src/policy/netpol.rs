@@ -5,6 +5,9 @@
 //! `K8sNetworkPolicyToCalico`), including the ones that fail open, plus the write-time validation
 //! that makes upstream drop the whole policy. In [`BadRules::DropRule`] mode (Part A) a rule upstream
 //! would mishandle, or that Kubernetes itself would refuse, is dropped alone: its traffic is denied.
+//! This departs from upstream on purpose (SPEC §10.12): its converter means to drop bad rules alone, but the
+//! error-type check never matches, so one bad rule loses the whole policy (fails open), while an
+//! unparsable CIDR turns into "anywhere" (fails open too).
 //! Must not: do I/O or panic on any JSON.
 
 use std::collections::BTreeMap;
@@ -56,7 +59,10 @@ impl From<String> for Fault {
 /// In [`BadRules::DropRule`] mode a bad rule is left out and listed in [`Converted::dropped`]; in
 /// [`BadRules::Upstream`] mode it makes the whole policy [`ConvertError::PolicySkipped`], except where
 /// upstream silently converts it (an unparsable CIDR becomes an empty peer, a bad `except` entry
-/// ends the list). An object Go could not decode is [`ConvertError::Malformed`] in both modes.
+/// ends the list). An object Go could not decode is [`ConvertError::Malformed`] in both modes, and so
+/// is, in DropRule mode, a `spec.podSelector` that cannot be written exactly (an unknown operator, a
+/// label the Calico selector syntax cannot hold): leaving a term out would widen what the policy
+/// applies to.
 pub fn network_policy(np: &Value, mode: BadRules) -> Result<Converted, ConvertError> {
     let np = envelope(np, "NetworkPolicy").map_err(ConvertError::Malformed)?;
     let (name, namespace) = (np.name, np.namespace);
