@@ -5,6 +5,9 @@
 //! `K8sNetworkPolicyToCalico`), including the ones that fail open, plus the write-time validation
 //! that makes upstream drop the whole policy. In [`BadRules::DropRule`] mode (Part A) a rule upstream
 //! would mishandle, or that Kubernetes itself would refuse, is dropped alone: its traffic is denied.
+//! This departs from upstream on purpose (SPEC §10.12): its converter means to drop bad rules alone, but the
+//! error-type check never matches, so one bad rule loses the whole policy (fails open), while an
+//! unparsable CIDR turns into "anywhere" (fails open too).
 //! Must not: do I/O or panic on any JSON.
 
 use std::collections::BTreeMap;
@@ -56,16 +59,20 @@ impl From<String> for Fault {
 /// In [`BadRules::DropRule`] mode a bad rule is left out and listed in [`Converted::dropped`]; in
 /// [`BadRules::Upstream`] mode it makes the whole policy [`ConvertError::PolicySkipped`], except where
 /// upstream silently converts it (an unparsable CIDR becomes an empty peer, a bad `except` entry
-/// ends the list). An object Go could not decode is [`ConvertError::Malformed`] in both modes.
+/// ends the list). An object Go could not decode is [`ConvertError::Malformed`] in both modes, and so
+/// is, in DropRule mode, a `spec.podSelector` that cannot be written exactly (an unknown operator, a
+/// label the Calico selector syntax cannot hold): leaving a term out would widen what the policy
+/// applies to.
 pub fn network_policy(np: &Value, mode: BadRules) -> Result<Converted, ConvertError> {
     let np = envelope(np, "NetworkPolicy").map_err(ConvertError::Malformed)?;
     let (name, namespace) = (np.name, np.namespace);
     let empty = Map::new();
     let spec = object(np.top, "spec", "NetworkPolicy").map_err(ConvertError::Malformed)?.unwrap_or(&empty);
 
-    let selector = match selector(field(spec, "podSelector"), SelectorKind::Pod, "spec.podSelector", mode) {
-        Ok(s) => s,
-        Err(Fault::Rejected(m)) if mode == BadRules::Upstream => return Err(ConvertError::PolicySkipped(m)),
+    // A selector upstream's validator refuses only counts once the whole object has decoded.
+    let (selector, selector_fault) = match selector(field(spec, "podSelector"), SelectorKind::Pod, "spec.podSelector", mode) {
+        Ok(s) => (s, None),
+        Err(Fault::Rejected(m)) if mode == BadRules::Upstream => (String::new(), Some(m)),
         Err(f) => return Err(ConvertError::Malformed(f.message())),
     };
     let listed = strings(spec, "policyTypes", "spec").map_err(ConvertError::Malformed)?;
@@ -98,6 +105,9 @@ pub fn network_policy(np: &Value, mode: BadRules) -> Result<Converted, ConvertEr
             // Decoding happens before conversion: an undecodable rule hides any conversion error.
             if let Some(pos) = faults.iter().position(|(_, _, f)| matches!(f, Fault::Undecodable(_))) {
                 return Err(ConvertError::Malformed(faults.swap_remove(pos).2.message()));
+            }
+            if let Some(m) = selector_fault {
+                return Err(ConvertError::PolicySkipped(format!("NetworkPolicy {name:?}: {m}")));
             }
             if let Some((_, _, fault)) = faults.into_iter().next() {
                 return Err(ConvertError::PolicySkipped(format!("NetworkPolicy {name:?}: {}", fault.message())));
@@ -230,8 +240,16 @@ fn k8s_rule(rule: &Value, direction: Direction, path: &str, mode: BadRules) -> R
     Ok(out)
 }
 
-/// What the Calico validator checks of a rule's protocol and its ports.
+/// What the Calico validator checks of a rule's protocol and its ports. Upstream validates the
+/// rules it writes, so a port swallowed by an all-ports entry of its protocol is never checked.
 fn check_protocol_ports(protocol: &str, ports: &[CalicoPort], path: &str) -> Result<(), Fault> {
+    for port in ports {
+        match port {
+            CalicoPort::Range(min, _) if *min < 1 => return Err(Fault::Rejected(format!("{path}: port numbers start at 1"))),
+            CalicoPort::Named(n) if !valid_port_name(n) => return Err(Fault::Rejected(format!("{path}: {n:?} is not a valid port name"))),
+            _ => {}
+        }
+    }
     let numeric = ports.iter().any(|p| matches!(p, CalicoPort::Range(..)));
     if protocol.is_empty() {
         return if numeric { Err(Fault::Rejected(format!("{path}: port numbers without a protocol"))) } else { Ok(()) };
@@ -315,11 +333,6 @@ fn port_entry(value: &Value, path: &str, mode: BadRules) -> Result<(String, Opti
         text = format!("{text}:{e}");
     }
     let parsed = port_from_string(&text).map_err(|m| Fault::Rejected(format!("{path}: invalid port {text:?}: {m}")))?;
-    match &parsed {
-        CalicoPort::Range(min, _) if *min < 1 => return Err(Fault::Rejected(format!("{path}: port {text:?}: port numbers start at 1"))),
-        CalicoPort::Named(n) if !valid_port_name(n) => return Err(Fault::Rejected(format!("{path}: {n:?} is not a valid port name"))),
-        _ => {}
-    }
     Ok((protocol, Some(parsed)))
 }
 

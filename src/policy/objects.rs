@@ -76,6 +76,13 @@ pub fn workload_endpoint(pod: &Value) -> Result<Value, ConvertError> {
     if node.is_empty() {
         return Err(ConvertError::NotApplicable(format!("pod {namespace}/{name} is not scheduled to a node")));
     }
+    // Doubled dashes only decode unambiguously between non-dash ends; upstream refuses the rest
+    // (Kubernetes names never start or end with one).
+    for (what, part) in [("node", node), ("pod", name)] {
+        if part.starts_with('-') || part.ends_with('-') {
+            return Err(ConvertError::Malformed(format!("pod {namespace}/{name}: {what} name {part:?} starts or ends with '-'")));
+        }
+    }
     let mut labels: BTreeMap<String, String> =
         string_map(meta, "labels", "metadata").map_err(ConvertError::Malformed)?.into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     labels.insert("projectcalico.org/namespace".into(), namespace.to_string());
@@ -96,6 +103,9 @@ pub fn workload_endpoint(pod: &Value) -> Result<Value, ConvertError> {
 }
 
 /// Calico's WorkloadEndpoint name for a pod: node, "k8s", pod, "eth0", each with '-' doubled, joined by '-'.
+///
+/// The name only decodes back when node and pod neither start nor end with '-', which
+/// [`workload_endpoint`] checks (this function does not).
 pub fn workload_endpoint_name(node: &str, pod: &str) -> String {
     [node, "k8s", pod, "eth0"].iter().map(|part| part.replace('-', "--")).collect::<Vec<_>>().join("-")
 }

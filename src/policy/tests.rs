@@ -240,6 +240,9 @@ fn bad_cases() -> Vec<BadCase> {
             upstream: Ok(json!([{"action": "Allow", "source": {"nets": ["10.0.0.0/8"], "notNets": ["10.1.0.0/16"]}}])),
         },
         BadCase { rule: json!({"ports": [{"protocol": "ICMP"}]}), upstream: Ok(json!([{"action": "Allow", "protocol": "ICMP"}])) },
+        // Upstream validates what it writes: a bad port swallowed by an all-ports entry passes.
+        BadCase { rule: json!({"ports": [{"port": 0}, {"protocol": "TCP"}]}), upstream: Ok(json!([{"action": "Allow", "protocol": "TCP"}])) },
+        BadCase { rule: json!({"ports": [{"port": "Bad--Name"}, {}]}), upstream: Ok(json!([{"action": "Allow", "protocol": "TCP"}])) },
         BadCase { rule: json!({"ports": [{"protocol": ""}]}), upstream: Ok(json!([{"action": "Allow"}])) },
         BadCase { rule: json!({"ports": [{"port": "80"}]}), upstream: Ok(json!([{"action": "Allow", "protocol": "TCP", "destination": {"ports": [80]}}])) },
         BadCase { rule: json!({"ports": [{"endPort": 90}]}), upstream: Ok(json!([{"action": "Allow", "protocol": "TCP"}])) },
@@ -330,6 +333,8 @@ fn upstream_mode_skips_the_policy_or_converts_as_upstream_does() {
 #[test]
 fn an_undecodable_rule_outranks_a_skipped_one_in_upstream_mode() {
     let spec = json!({"ingress": [{"ports": [{"port": 70000}]}, {"ports": [{"port": 1.5}]}]});
+    assert!(matches!(network_policy(&np(spec), BadRules::Upstream), Err(ConvertError::Malformed(_))));
+    let spec = json!({"podSelector": {"matchLabels": {"a": "x'y"}}, "egress": ["x"]});
     assert!(matches!(network_policy(&np(spec), BadRules::Upstream), Err(ConvertError::Malformed(_))));
 }
 
@@ -464,7 +469,59 @@ fn host_network_and_unscheduled_pods_have_no_endpoint() {
     ] {
         assert!(matches!(workload_endpoint(&pod), Err(ConvertError::NotApplicable(_))), "{pod}");
     }
-    for pod in [json!({"spec": {"nodeName": "n"}}), json!({"metadata": {"name": "p"}, "spec": {"hostNetwork": "yes"}})] {
+    for pod in [
+        json!({"spec": {"nodeName": "n"}}),
+        json!({"metadata": {"name": "p"}, "spec": {"hostNetwork": "yes"}}),
+        json!({"metadata": {"name": "-p"}, "spec": {"nodeName": "n"}}),
+        json!({"metadata": {"name": "p"}, "spec": {"nodeName": "n-"}}),
+    ] {
         assert!(matches!(workload_endpoint(&pod), Err(ConvertError::Malformed(_))), "{pod}");
+    }
+}
+
+/// Upstream's own verdicts, recorded by running kube-controllers' policy converter and then
+/// libcalico-go's v3 validator (upstream commit 87c15906f2) on random and hand-written policies:
+/// `upstream` is `ok` (with the spec it wrote), `skipped` (the converter failed), `invalid` (the
+/// validator refused the write) or `malformed` (Go could not decode the object).
+const UPSTREAM_RECORDS: &str = include_str!("testdata/upstream_converter.jsonl");
+
+#[test]
+fn upstream_mode_matches_the_recorded_upstream_converter_on_every_case() {
+    let mut checked = 0;
+    for (line, record) in UPSTREAM_RECORDS.lines().enumerate() {
+        let record: Value = serde_json::from_str(record).unwrap();
+        let input = &record["input"];
+        let got = network_policy(input, BadRules::Upstream);
+        match (record["upstream"].as_str().unwrap(), &got) {
+            ("ok", Ok(out)) => {
+                assert_eq!(out.object["spec"], record["spec"], "line {}: {input}", line + 1);
+                assert_eq!(out.object["metadata"]["name"], json!(format!("knp.default.{}", input["metadata"]["name"].as_str().unwrap())));
+            }
+            ("skipped" | "invalid", Err(ConvertError::PolicySkipped(_))) | ("malformed", Err(ConvertError::Malformed(_))) => {}
+            (want, got) => panic!("line {}: upstream {want}, ours {got:?}\n{input}", line + 1),
+        }
+        // DropRule mode checks everything upstream does: when it drops nothing it writes the same.
+        if let Ok(strict) = network_policy(input, BadRules::DropRule)
+            && strict.dropped.is_empty()
+        {
+            assert_eq!(record["upstream"], json!("ok"), "line {}: {input}", line + 1);
+            assert_eq!(strict.object["spec"], record["spec"], "line {}: {input}", line + 1);
+        }
+        checked += 1;
+    }
+    assert!(checked > 500);
+}
+
+/// Policies with bad rules, each with the spec upstream's converter writes for the same policy
+/// once those rules are taken out (recorded as above): DropRule mode must write exactly that.
+const AFTER_DROPS_RECORDS: &str = include_str!("testdata/upstream_after_drops.jsonl");
+
+#[test]
+fn drop_rule_mode_writes_what_upstream_writes_without_the_dropped_rules() {
+    for (line, record) in AFTER_DROPS_RECORDS.lines().enumerate() {
+        let record: Value = serde_json::from_str(record).unwrap();
+        let out = network_policy(&record["input"], BadRules::DropRule).unwrap();
+        assert!(!out.dropped.is_empty(), "line {}", line + 1);
+        assert_eq!(out.object["spec"], record["spec"], "line {}: {}", line + 1, record["input"]);
     }
 }
