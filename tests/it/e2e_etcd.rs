@@ -100,13 +100,7 @@ async fn controller_on_etcd_frees_a_gone_pods_ip_and_handle_and_keeps_the_live_o
     assert!(metrics.contains("kube_controllers_api_requests_total{verb=\"delete\",resource=\"ipamhandles\",code=\"200\"}"), "{metrics}");
 
     // etcd restarted mid-run: the watches resume, a later leak is freed, the live IP kept.
-    cluster.restart("calico-etcd").expect("restarting Calico's etcd");
-    // Our own client's pooled connection died with the old process: its first call may fail.
-    let started = Instant::now();
-    while let Err(e) = ds.probe().await {
-        assert!(started.elapsed() < DEADLINE, "etcd does not answer after its restart: {e}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    restart_calico_etcd(&cluster, &ds).await;
     let later = format!("k8s-pod-network.later-{ns}");
     put_block(&ds, "10.65.1.0/26", Some(NODE), &[Alloc { ordinal: 3, handle: &later, secondary: pod_attrs(&ns, "later", NODE) }]).await;
     wait_released(&ds, &later, &controller).await;
@@ -187,32 +181,59 @@ async fn put_calico_node(ds: &EtcdDatastore, name: &str, k8s_node: Option<&str>)
 }
 
 async fn handle_exists(ds: &EtcdDatastore, handle: &str) -> bool {
-    match ds.get(Kind::IpamHandle, handle).await {
-        Ok(_) => true,
-        Err(e) if e.is_not_found() => false,
-        Err(e) => panic!("reading handle {handle}: {e}"),
-    }
+    exists(ds, Kind::IpamHandle, handle).await
 }
 
 /// Waits until `handle` is gone from etcd (its address released), failing after [`DEADLINE`].
 async fn wait_released(ds: &EtcdDatastore, handle: &str, controller: &ChildGuard) {
+    wait_gone(ds, Kind::IpamHandle, handle, controller).await;
+}
+
+/// Whether `kind`/`name` exists in etcd.
+async fn exists(ds: &EtcdDatastore, kind: Kind, name: &str) -> bool {
+    match ds.get(kind, name).await {
+        Ok(_) => true,
+        Err(e) if e.is_not_found() => false,
+        Err(e) => panic!("reading {} {name}: {e}", kind.kind_name()),
+    }
+}
+
+/// Waits until `kind`/`name` is gone from etcd, failing after [`DEADLINE`].
+async fn wait_gone(ds: &EtcdDatastore, kind: Kind, name: &str, controller: &ChildGuard) {
     let started = Instant::now();
-    while handle_exists(ds, handle).await {
-        assert!(started.elapsed() < DEADLINE, "{handle} not released in {DEADLINE:?}\n{}", controller.log_text());
+    while exists(ds, kind, name).await {
+        assert!(started.elapsed() < DEADLINE, "{} {name} not gone in {DEADLINE:?}\n{}", kind.kind_name(), controller.log_text());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Restarts the harness's Calico etcd and waits until `ds` reaches it again (its pooled
+/// connection died with the old process: the first calls may fail).
+async fn restart_calico_etcd(cluster: &TestCluster, ds: &EtcdDatastore) {
+    cluster.restart("calico-etcd").expect("restarting Calico's etcd");
+    let started = Instant::now();
+    while let Err(e) = ds.probe().await {
+        assert!(started.elapsed() < DEADLINE, "etcd does not answer after its restart: {e}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A private test cluster with its Calico etcd: the cluster, a client of that etcd, the
+/// controller's etcd settings, and the Kubernetes Nodes API.
+async fn etcd_cluster() -> (TestCluster, EtcdDatastore, Vec<(String, String)>, Api<Node>) {
+    let cluster = private_cluster();
+    let env = etcd_env(&calico_etcd(&cluster), "", None);
+    let ds = etcd_client(&env).await;
+    let nodes: Api<Node> = Api::all(cluster.client());
+    (cluster, ds, env, nodes)
 }
 
 /// SPEC §9.3 (upstream's etcd IPAM GC FV cases) with a 15-minute grace period, so every release
 /// here is a deleted-node release, never a grace-period one.
 #[tokio::test]
 async fn on_etcd_nodes_are_judged_by_their_calico_node_and_its_kubernetes_orch_ref() {
-    let cluster = private_cluster();
-    let client = cluster.client();
-    let env = etcd_env(&calico_etcd(&cluster), "", None);
-    let ds = etcd_client(&env).await;
+    let (cluster, ds, env, nodes) = etcd_cluster().await;
     let env = pairs(&env);
-    let nodes: Api<Node> = Api::all(client.clone());
     let k8s_node = |name: &str| serde_json::from_value::<Node>(json!({"metadata": {"name": name}})).unwrap();
     for n in ["k8snodename", "common-b", "common-c"] {
         nodes.create(&PostParams::default(), &k8s_node(n)).await.expect("Kubernetes node");
@@ -394,36 +415,14 @@ async fn an_etcdctl_dump_scans_as_the_live_etcd_does() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Whether `kind`/`name` exists in etcd.
-async fn exists(ds: &EtcdDatastore, kind: Kind, name: &str) -> bool {
-    match ds.get(kind, name).await {
-        Ok(_) => true,
-        Err(e) if e.is_not_found() => false,
-        Err(e) => panic!("reading {} {name}: {e}", kind.kind_name()),
-    }
-}
-
-/// Waits until `kind`/`name` is gone from etcd, failing after [`DEADLINE`].
-async fn wait_gone(ds: &EtcdDatastore, kind: Kind, name: &str, controller: &ChildGuard) {
-    let started = Instant::now();
-    while exists(ds, kind, name).await {
-        assert!(started.elapsed() < DEADLINE, "{} {name} not deleted in {DEADLINE:?}\n{}", kind.kind_name(), controller.log_text());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// SPEC §1.4 on real etcd: a Calico Node whose Kubernetes node is gone is deleted with its
 /// workload endpoints, BGP peers, `node.<name>` configurations and host endpoints, at start and
 /// after a later Kubernetes Node deletion; the IPAM GC frees its addresses; a node without a
 /// Kubernetes orchestrator reference, and everything of a live node, stays.
 #[tokio::test]
 async fn on_etcd_a_gone_kubernetes_nodes_calico_node_is_deleted_with_its_objects_and_the_rest_stays() {
-    let cluster = private_cluster();
-    let client = cluster.client();
-    let env = etcd_env(&calico_etcd(&cluster), "", None);
-    let ds = etcd_client(&env).await;
+    let (cluster, ds, env, nodes) = etcd_cluster().await;
     let env = pairs(&env);
-    let nodes: Api<Node> = Api::all(client.clone());
     nodes.create(&PostParams::default(), &serde_json::from_value::<Node>(json!({"metadata": {"name": "k8s-keep"}})).unwrap()).await.expect("Kubernetes node");
     // cn-gone stands for a Kubernetes node that no longer exists; cn-keep for one that does;
     // cn-bare has no Kubernetes orchestrator reference at all.
@@ -483,12 +482,7 @@ async fn on_etcd_a_gone_kubernetes_nodes_calico_node_is_deleted_with_its_objects
     // A later deletion of a Kubernetes node is acted on, even with etcd restarted as the sweep
     // begins: the sweep that fails is retried and the cascade completes.
     nodes.delete("k8s-keep", &DeleteParams::default()).await.expect("deleting the Kubernetes node");
-    cluster.restart("calico-etcd").expect("restarting Calico's etcd");
-    let started = Instant::now();
-    while let Err(e) = ds.probe().await {
-        assert!(started.elapsed() < DEADLINE, "etcd does not answer after its restart: {e}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    restart_calico_etcd(&cluster, &ds).await;
     wait_gone(&ds, Kind::CalicoNode, "cn-keep", &controller).await;
     assert!(!exists(&ds, Kind::WorkloadEndpoint, "e2e/cn--keep-k8s-pod--b-eth0").await);
     assert!(!exists(&ds, Kind::BgpPeer, "peer-cn-keep").await);
@@ -502,12 +496,8 @@ async fn on_etcd_a_gone_kubernetes_nodes_calico_node_is_deleted_with_its_objects
 /// user set on it, loses the ones Kubernetes dropped, and is not written when nothing changed.
 #[tokio::test]
 async fn on_etcd_node_labels_follow_kubernetes_and_user_labels_stay() {
-    let cluster = private_cluster();
-    let client = cluster.client();
-    let env = etcd_env(&calico_etcd(&cluster), "", None);
-    let ds = etcd_client(&env).await;
+    let (cluster, ds, env, nodes) = etcd_cluster().await;
     let env = pairs(&env);
-    let nodes: Api<Node> = Api::all(client.clone());
     let node = json!({"metadata": {"name": "k8s-l", "labels": {"zone": "a", "role": "worker"}}});
     nodes.create(&PostParams::default(), &serde_json::from_value::<Node>(node).unwrap()).await.expect("Kubernetes node");
     let body = json!({"apiVersion": "projectcalico.org/v3", "kind": "Node", "metadata": {"name": "cn-l", "labels": {"user": "mine"}},
