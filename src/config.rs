@@ -637,6 +637,8 @@ pub struct RunConfig {
     pub policy_name_migrator: bool,
     /// Env vars for `status.environmentVars`.
     pub environment: BTreeMap<String, String>,
+    /// Calico's data is in etcd (`DATASTORE_TYPE=etcdv3`): the profile and policy controllers run.
+    pub etcd: bool,
 }
 
 fn section_str<'a>(section: Option<&'a Value>, field: &str) -> Option<&'a str> {
@@ -744,6 +746,7 @@ impl RunConfig {
             flannel_migration: listed(ControllerName::FlannelMigration).unwrap_or(false),
             policy_name_migrator: enabled_str(section_str(c.migration.as_ref(), "policyNameMigrator"), true),
             environment,
+            etcd: env.etcd.is_some(),
         }
     }
 
@@ -784,7 +787,9 @@ impl RunConfig {
     /// Enabled controllers this version does not implement (logged once, listed in the status
     /// file; never fatal, so a drop-in deployment keeps running its GC).
     pub fn not_implemented(&self) -> Vec<&'static str> {
-        let mut out: Vec<&'static str> = self.enabled_controllers().into_iter().filter(|c| !c.implemented()).map(ControllerName::as_str).collect();
+        // On etcd the namespace, service-account and policy controllers run (runtime::light).
+        let runs = |c: &ControllerName| c.implemented() || (self.etcd && matches!(c, ControllerName::Namespace | ControllerName::ServiceAccount | ControllerName::Policy));
+        let mut out: Vec<&'static str> = self.enabled_controllers().into_iter().filter(|c| !runs(c)).map(ControllerName::as_str).collect();
         if self.policy_name_migrator {
             out.push("policy-name-migrator");
         }

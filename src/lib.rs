@@ -10,6 +10,7 @@ pub mod memstat;
 pub mod model;
 pub mod node_cleanup;
 pub mod policy;
+pub mod reconcile;
 pub mod scan;
 pub mod sim;
 #[cfg(feature = "cli")]

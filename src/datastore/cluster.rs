@@ -18,10 +18,22 @@ pub enum ClusterKind {
     Node,
     VirtualMachine,
     VirtualMachineInstance,
+    /// Read by the etcd-mode profile and policy controllers.
+    Namespace,
+    ServiceAccount,
+    NetworkPolicy,
 }
 
 impl ClusterKind {
-    pub const ALL: [ClusterKind; 4] = [ClusterKind::Pod, ClusterKind::Node, ClusterKind::VirtualMachine, ClusterKind::VirtualMachineInstance];
+    pub const ALL: [ClusterKind; 7] = [
+        ClusterKind::Pod,
+        ClusterKind::Node,
+        ClusterKind::VirtualMachine,
+        ClusterKind::VirtualMachineInstance,
+        ClusterKind::Namespace,
+        ClusterKind::ServiceAccount,
+        ClusterKind::NetworkPolicy,
+    ];
 
     /// The resource plural; also a bounded metric label.
     pub fn plural(self) -> &'static str {
@@ -30,11 +42,27 @@ impl ClusterKind {
             ClusterKind::Node => "nodes",
             ClusterKind::VirtualMachine => "virtualmachines",
             ClusterKind::VirtualMachineInstance => "virtualmachineinstances",
+            ClusterKind::Namespace => "namespaces",
+            ClusterKind::ServiceAccount => "serviceaccounts",
+            ClusterKind::NetworkPolicy => "networkpolicies",
+        }
+    }
+
+    /// The objects' `kind`.
+    pub fn kind_name(self) -> &'static str {
+        match self {
+            ClusterKind::Pod => "Pod",
+            ClusterKind::Node => "Node",
+            ClusterKind::VirtualMachine => "VirtualMachine",
+            ClusterKind::VirtualMachineInstance => "VirtualMachineInstance",
+            ClusterKind::Namespace => "Namespace",
+            ClusterKind::ServiceAccount => "ServiceAccount",
+            ClusterKind::NetworkPolicy => "NetworkPolicy",
         }
     }
 
     pub fn namespaced(self) -> bool {
-        !matches!(self, ClusterKind::Node)
+        !matches!(self, ClusterKind::Node | ClusterKind::Namespace)
     }
 
     /// Served only where KubeVirt is installed.

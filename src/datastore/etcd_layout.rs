@@ -75,8 +75,8 @@ fn plain_segment(s: &str) -> bool {
 
 /// A plain key segment: not empty, no `/`, no control characters.
 fn segment(kind: Kind, name: &str) -> DsResult<()> {
-    // A workload endpoint's key has two segments, `<namespace>/<name>`.
-    if kind == Kind::WorkloadEndpoint {
+    // A namespaced object's key has two segments, `<namespace>/<name>`.
+    if kind.namespaced() {
         return match name.split_once('/') {
             Some((ns, n)) if plain_segment(ns) && plain_segment(n) => Ok(()),
             _ => Err(invalid(kind, name, "is not <namespace>/<name> with two plain key segments")),
@@ -252,7 +252,7 @@ fn spec_of(kind: Kind, name: &str, body: &Value) -> DsResult<Map<String, Value>>
 /// The object's own name in its metadata: a workload endpoint's `<namespace>/<name>` is split
 /// into its `namespace` and `name`.
 fn set_name(meta: &mut Map<String, Value>, kind: Kind, name: &str) {
-    match name.split_once('/').filter(|_| kind == Kind::WorkloadEndpoint) {
+    match name.split_once('/').filter(|_| kind.namespaced()) {
         Some((ns, n)) => {
             meta.insert("namespace".into(), Value::String(ns.to_string()));
             meta.insert("name".into(), Value::String(n.to_string()));

@@ -258,6 +258,8 @@ fn status_resource(kind: Kind) -> &'static str {
         Kind::FelixConfiguration => "felixconfigurations/status",
         Kind::BgpConfiguration => "bgpconfigurations/status",
         Kind::HostEndpoint => "hostendpoints/status",
+        Kind::Profile => "profiles/status",
+        Kind::NetworkPolicy => "networkpolicies/status",
     }
 }
 

@@ -31,6 +31,9 @@ pub fn cluster_resource(kind: ClusterKind) -> ApiResource {
         ClusterKind::Node => ApiResource::erase::<Node>(&()),
         ClusterKind::VirtualMachine => ApiResource::from_gvk_with_plural(&kubevirt("VirtualMachine"), kind.plural()),
         ClusterKind::VirtualMachineInstance => ApiResource::from_gvk_with_plural(&kubevirt("VirtualMachineInstance"), kind.plural()),
+        ClusterKind::Namespace => ApiResource::erase::<k8s_openapi::api::core::v1::Namespace>(&()),
+        ClusterKind::ServiceAccount => ApiResource::erase::<k8s_openapi::api::core::v1::ServiceAccount>(&()),
+        ClusterKind::NetworkPolicy => ApiResource::erase::<k8s_openapi::api::networking::v1::NetworkPolicy>(&()),
     }
 }
 

@@ -158,7 +158,16 @@ fn stamp(name: &str, entry: &Entry) -> Stored {
     if let Some(obj) = value.as_object_mut() {
         let meta = obj.entry("metadata").or_insert_with(|| Value::Object(Map::new()));
         if let Some(meta) = meta.as_object_mut() {
-            meta.insert("name".into(), Value::String(name.to_string()));
+            // A namespaced kind's `<namespace>/<name>` is both fields of the metadata.
+            match name.split_once('/') {
+                Some((ns, n)) => {
+                    meta.insert("namespace".into(), Value::String(ns.to_string()));
+                    meta.insert("name".into(), Value::String(n.to_string()));
+                }
+                None => {
+                    meta.insert("name".into(), Value::String(name.to_string()));
+                }
+            }
             meta.insert("resourceVersion".into(), Value::String(entry.revision.to_string()));
             meta.insert("uid".into(), Value::String(entry.uid.clone()));
         }
@@ -175,8 +184,9 @@ fn check_body(kind: Kind, name: &str, value: &Value) -> DsResult<()> {
     if name.is_empty() {
         return Err(DatastoreError::invalid(format!("{}: empty name", kind.kind_name())));
     }
+    let own = if kind.namespaced() { name.split_once('/').map_or(name, |(_, n)| n) } else { name };
     match obj.get("metadata").and_then(|m| m.get("name")).and_then(Value::as_str) {
-        Some(n) if !n.is_empty() && n != name => {
+        Some(n) if !n.is_empty() && n != own => {
             Err(DatastoreError::invalid(format!("{} {name}: metadata.name is {n:?}", kind.kind_name())))
         }
         _ => Ok(()),

@@ -65,10 +65,14 @@ pub enum Kind {
     FelixConfiguration,
     BgpConfiguration,
     HostEndpoint,
+    /// What the etcd-mode profile and policy controllers write: `kns.`/`ksa.` Profiles and
+    /// `knp.default.` NetworkPolicies (namespaced: `<namespace>/<name>`).
+    Profile,
+    NetworkPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 15] = [
+    pub const ALL: [Kind; 17] = [
         Kind::IpamBlock,
         Kind::BlockAffinity,
         Kind::IpamHandle,
@@ -84,6 +88,8 @@ impl Kind {
         Kind::FelixConfiguration,
         Kind::BgpConfiguration,
         Kind::HostEndpoint,
+        Kind::Profile,
+        Kind::NetworkPolicy,
     ];
 
     /// The CRD plural (`crd.projectcalico.org/v1`); also a bounded metric label.
@@ -104,6 +110,8 @@ impl Kind {
             Kind::FelixConfiguration => "felixconfigurations",
             Kind::BgpConfiguration => "bgpconfigurations",
             Kind::HostEndpoint => "hostendpoints",
+            Kind::Profile => "profiles",
+            Kind::NetworkPolicy => "networkpolicies",
         }
     }
 
@@ -125,7 +133,14 @@ impl Kind {
             Kind::FelixConfiguration => "FelixConfiguration",
             Kind::BgpConfiguration => "BGPConfiguration",
             Kind::HostEndpoint => "HostEndpoint",
+            Kind::Profile => "Profile",
+            Kind::NetworkPolicy => "NetworkPolicy",
         }
+    }
+
+    /// Kinds whose objects live in a namespace; their names here are `<namespace>/<name>`.
+    pub fn namespaced(self) -> bool {
+        matches!(self, Kind::WorkloadEndpoint | Kind::NetworkPolicy)
     }
 
     /// Kinds that KDD deletes in two steps (mark `spec.deleted`, then delete), so that a reader

@@ -69,6 +69,9 @@ pub struct Metrics {
     pub mass_change_held: BTreeMap<&'static str, u64>,
     /// The etcd-mode node deleter's deletes, by (kind, outcome: deleted, absent, failed).
     pub node_deletions: BTreeMap<(&'static str, &'static str), u64>,
+    /// The etcd-mode light controllers: objects each wants, and writes by (controller, op, outcome).
+    pub light_desired: BTreeMap<&'static str, u64>,
+    pub light_writes: BTreeMap<(&'static str, &'static str, &'static str), u64>,
     /// Events written by the recorder task (and dropped by a full queue); shared with it.
     pub events: std::sync::Arc<crate::runtime::events::EventCounters>,
 }
@@ -129,6 +132,18 @@ impl Metrics {
         header(&mut out, "kube_controllers_mass_change_held", "gauge", "Destructive changes the mass-change guard holds (addresses to release, nodes to clean), by scope; 0 when nothing waits.");
         for scope in [crate::guard::IPAM_ADDRESSES, crate::guard::IPAM_NODES, crate::guard::ETCD_NODES] {
             let _ = writeln!(out, "kube_controllers_mass_change_held{{scope=\"{}\"}} {}", scope.name, self.mass_change_held.get(scope.name).copied().unwrap_or(0));
+        }
+        // The light controllers' scopes, once they ran.
+        for (scope, n) in self.mass_change_held.iter().filter(|(s, _)| ![crate::guard::IPAM_ADDRESSES.name, crate::guard::IPAM_NODES.name, crate::guard::ETCD_NODES.name].contains(s)) {
+            let _ = writeln!(out, "kube_controllers_mass_change_held{{scope=\"{scope}\"}} {n}");
+        }
+        header(&mut out, "kube_controllers_desired_objects", "gauge", "Objects an etcd-mode light controller wants in the datastore (Profiles, NetworkPolicies), by controller.");
+        for (controller, n) in &self.light_desired {
+            let _ = writeln!(out, "kube_controllers_desired_objects{{controller=\"{controller}\"}} {n}");
+        }
+        header(&mut out, "kube_controllers_writes_total", "counter", "Writes of the etcd-mode light controllers, by controller, op (create, update, delete) and outcome (ok, conflict, failed).");
+        for ((controller, op, outcome), n) in &self.light_writes {
+            let _ = writeln!(out, "kube_controllers_writes_total{{controller=\"{controller}\",op=\"{op}\",outcome=\"{outcome}\"}} {n}");
         }
 
         header(&mut out, "kube_controllers_node_deletions_total", "counter", "Deletes of the etcd-mode node deleter (a gone Kubernetes node's Calico Node and its objects), by kind and outcome (deleted, absent, failed).");

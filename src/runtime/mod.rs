@@ -37,6 +37,7 @@ pub mod init;
 pub mod ipam_gauges;
 pub mod ipam_gc;
 pub mod leader;
+pub mod light;
 pub mod compactor;
 pub mod live;
 pub mod metrics;
@@ -351,6 +352,18 @@ async fn run_on<D: Datastore + Clone + 'static>(client: kube::Client, backend: B
         };
         tokio::spawn(node_deleter::run(ds.clone(), cluster.clone(), shared.clone(), may_write.clone(), o, stop_rx.clone()))
     });
+    // etcd mode only: profiles and policies (on Kubernetes upstream derives them; SPEC §6).
+    let light_tasks: Vec<_> = if ds.keeps_calico_nodes() {
+        light::ALL
+            .into_iter()
+            .map(|spec| {
+                let o = light::LightOptions { dry_run: opts.controller.dry_run, guard: opts.controller.env.guard };
+                tokio::spawn(light::run(spec, ds.clone(), cluster.clone(), shared.clone(), may_write.clone(), o, stop_rx.clone()))
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let controller = ipam_gc::GcController::new(ds.clone(), cluster.clone(), opts.controller.clone(), shared.clone(), may_write).with_events(events);
     let gc_task = tokio::spawn(controller.run(rx, stop_rx));
 
@@ -368,7 +381,7 @@ async fn run_on<D: Datastore + Clone + 'static>(client: kube::Client, backend: B
     for w in watchers {
         w.abort();
     }
-    for task in [Some(live_task), Some(health_task), writer_task, compactor_task, node_deleter_task].into_iter().flatten() {
+    for task in [Some(live_task), Some(health_task), writer_task, compactor_task, node_deleter_task].into_iter().flatten().chain(light_tasks) {
         task.abort();
     }
     for s in servers {

@@ -46,10 +46,7 @@ impl Listed {
     fn kind_name(self) -> &'static str {
         match self {
             Listed::Calico(k) => k.kind_name(),
-            Listed::Cluster(ClusterKind::Pod) => "Pod",
-            Listed::Cluster(ClusterKind::Node) => "Node",
-            Listed::Cluster(ClusterKind::VirtualMachine) => "VirtualMachine",
-            Listed::Cluster(ClusterKind::VirtualMachineInstance) => "VirtualMachineInstance",
+            Listed::Cluster(k) => k.kind_name(),
         }
     }
 }

@@ -532,3 +532,91 @@ async fn on_etcd_node_labels_follow_kubernetes_and_user_labels_stay() {
     let later = ds.get(Kind::CalicoNode, "cn-l").await.unwrap();
     assert_eq!(later.revision, relabelled.revision, "no write without a change\n{}", controller.log_text());
 }
+
+/// Waits until `probe` holds for the object `kind`/`name` in etcd (`None` = absent), failing
+/// after [`DEADLINE`] with what it saw.
+async fn wait_object(ds: &EtcdDatastore, kind: Kind, name: &str, controller: &ChildGuard, probe: impl Fn(Option<&serde_json::Value>) -> bool) {
+    let started = Instant::now();
+    loop {
+        let seen = match ds.get(kind, name).await {
+            Ok(s) => Some(s.value),
+            Err(e) if e.is_not_found() => None,
+            Err(e) => panic!("reading {} {name}: {e}", kind.kind_name()),
+        };
+        if probe(seen.as_ref()) {
+            return;
+        }
+        assert!(started.elapsed() < DEADLINE, "{} {name}: not as expected in {DEADLINE:?}: {seen:?}\n{}", kind.kind_name(), controller.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// SPEC §6.2-§6.4, §9.6 on real etcd: namespaces, service accounts and NetworkPolicies become
+/// `kns.`/`ksa.` Profiles and `knp.default.` policies; stale objects of ours are deleted at
+/// start and foreign ones left alone; a label change updates a profile; an external delete is
+/// undone by the periodic reconcile; deleting a source deletes its object.
+#[tokio::test]
+async fn on_etcd_namespaces_service_accounts_and_network_policies_become_calico_profiles_and_policies() {
+    use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    let (cluster, ds, env, _nodes) = etcd_cluster().await;
+    let client = cluster.client();
+    let ns = crate::support::cluster::unique_name("e2e-light");
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": ns, "labels": {"team": "a"}}})).unwrap()).await.expect("namespace");
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
+    sas.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "api", "labels": {"tier": "be"}}})).unwrap()).await.expect("service account");
+    let nps: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns);
+    // (A rule Calico cannot hold but Kubernetes accepts is dropped alone: the converter's and
+    // `convert`'s tests show it; the API server itself refuses most such rules.)
+    let np = json!({"metadata": {"name": "allow"}, "spec": {"podSelector": {"matchLabels": {"app": "db"}}, "policyTypes": ["Ingress"],
+        "ingress": [{"ports": [{"protocol": "TCP", "port": 5432}]}]}});
+    let np_ok: NetworkPolicy = serde_json::from_value(np).unwrap();
+    nps.create(&PostParams::default(), &np_ok).await.expect("network policy");
+    // Ours but stale, and someone else's.
+    for (kind, name) in [(Kind::Profile, "kns.gone-namespace".to_string()), (Kind::Profile, "user-profile".into()), (Kind::NetworkPolicy, format!("{ns}/knp.default.gone")), (Kind::NetworkPolicy, format!("{ns}/my-policy"))] {
+        ds.create(kind, &name, json!({"spec": {}})).await.expect("planted object");
+    }
+
+    // (The API server labels every namespace with its name: that label is copied too.)
+    let env = [pairs(&env), vec![("ENABLED_CONTROLLERS", "node,namespace,serviceaccount,policy"), ("RECONCILER_PERIOD", "2s")]].concat();
+    let port = free_port();
+    let controller = start_controller_with(&cluster.kubeconfig, &[], &env, port, "etcd-light");
+    let kns = format!("kns.{ns}");
+    wait_object(&ds, Kind::Profile, &kns, &controller, |v| {
+        v.is_some_and(|v| v["spec"]["labelsToApply"] == json!({"pcns.team": "a", "pcns.kubernetes.io/metadata.name": ns, "pcns.projectcalico.org/name": ns}) && v["spec"]["ingress"] == json!([{"action": "Allow"}]))
+    })
+    .await;
+    wait_object(&ds, Kind::Profile, &format!("ksa.{ns}.api"), &controller, |v| {
+        v.is_some_and(|v| v["spec"]["labelsToApply"] == json!({"pcsa.tier": "be", "pcsa.projectcalico.org/name": "api"}))
+    })
+    .await;
+    let knp = format!("{ns}/knp.default.allow");
+    wait_object(&ds, Kind::NetworkPolicy, &knp, &controller, |v| {
+        v.is_some_and(|v| {
+            v["metadata"]["namespace"] == ns.as_str()
+                && v["spec"]["selector"] == "projectcalico.org/orchestrator == 'k8s' && app == 'db'"
+                && v["spec"]["ingress"] == json!([{"action": "Allow", "protocol": "TCP", "destination": {"ports": [5432]}}])
+        })
+    })
+    .await;
+    wait_object(&ds, Kind::Profile, "kns.gone-namespace", &controller, |v| v.is_none()).await;
+    wait_object(&ds, Kind::NetworkPolicy, &format!("{ns}/knp.default.gone"), &controller, |v| v.is_none()).await;
+    assert!(exists(&ds, Kind::Profile, "user-profile").await, "a profile not ours is never touched");
+    assert!(exists(&ds, Kind::NetworkPolicy, &format!("{ns}/my-policy")).await, "a policy not ours is never touched");
+
+    // A label change updates the profile; a label removed goes.
+    let patch = json!({"metadata": {"labels": {"team": null, "env": "prod"}}});
+    namespaces.patch(&ns, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.expect("relabelling");
+    wait_object(&ds, Kind::Profile, &kns, &controller, |v| v.is_some_and(|v| v["spec"]["labelsToApply"] == json!({"pcns.env": "prod", "pcns.kubernetes.io/metadata.name": ns, "pcns.projectcalico.org/name": ns}))).await;
+    // Deleted behind the controller's back: the periodic reconcile (2 s) writes it again.
+    ds.delete(Kind::Profile, &kns, &Precondition::default()).await.expect("external delete");
+    wait_object(&ds, Kind::Profile, &kns, &controller, |v| v.is_some()).await;
+    // The source goes: so does its object.
+    nps.delete("allow", &DeleteParams::default()).await.expect("deleting the policy");
+    sas.delete("api", &DeleteParams::default()).await.expect("deleting the service account");
+    wait_object(&ds, Kind::NetworkPolicy, &knp, &controller, |v| v.is_none()).await;
+    wait_object(&ds, Kind::Profile, &format!("ksa.{ns}.api"), &controller, |v| v.is_none()).await;
+    let metrics = http_get(port, "/metrics").await.expect("metrics").1;
+    assert!(metrics.contains("kube_controllers_writes_total{controller=\"policy\",op=\"create\",outcome=\"ok\"} 1"), "{metrics}");
+}

@@ -1,0 +1,465 @@
+//! The etcd-mode light controllers (SPEC §6.1-§6.4): namespaces to `kns.` Profiles, service
+//! accounts to `ksa.` Profiles, Kubernetes NetworkPolicies to `knp.default.` Calico
+//! NetworkPolicies. One shape for all: a watch of the Kubernetes kind, the wanted objects
+//! computed by the pure converters ([`crate::policy`]), and reconcile rounds
+//! ([`crate::reconcile`]) after changes (batched over 1 s), at start and every
+//! `reconcilerPeriod`.
+//!
+//! Owns: each controller's wanted objects (its cache), when a round may run (the watch has listed
+//! and is healthy, the controller is enabled, this replica leads), the mass-change guard on its
+//! deletes, and the writes.
+//! Must not: delete on a view that is not whole, write objects it does not own (by name prefix),
+//! or keep more of a source object than the converted result.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::Value;
+use tokio::sync::watch;
+
+use super::Shared;
+use crate::config::RunConfig;
+use crate::datastore::cluster::{ClusterKind, ClusterReader};
+use crate::datastore::watch::WatchEvent;
+use crate::datastore::{Datastore, Kind, Stored};
+use crate::guard::{self, GuardConfig, MassGuard, Proposal, Scope, Unit};
+use crate::policy::{self, BadRules};
+use crate::reconcile::{self, Write};
+
+/// Changes within this window share one round.
+const BATCH: Duration = Duration::from_secs(1);
+/// A round that could not run (no whole view, not leading, the controller off) is tried again
+/// this much later.
+const RETRY: Duration = Duration::from_secs(5);
+
+/// One light controller.
+#[derive(Debug, Clone, Copy)]
+pub struct LightSpec {
+    /// `ENABLED_CONTROLLERS` name; also the metric label and the guard scope.
+    pub name: &'static str,
+    pub source: ClusterKind,
+    pub target: Kind,
+    /// The names it owns start with this (after `<namespace>/` for namespaced kinds).
+    pub prefix: &'static str,
+    scope: Scope,
+}
+
+pub const NAMESPACE: LightSpec = LightSpec {
+    name: "namespace",
+    source: ClusterKind::Namespace,
+    target: Kind::Profile,
+    prefix: policy::NAMESPACE_PROFILE_PREFIX,
+    scope: Scope { name: "namespace-profiles", unit: Unit::Addresses },
+};
+pub const SERVICE_ACCOUNT: LightSpec = LightSpec {
+    name: "serviceaccount",
+    source: ClusterKind::ServiceAccount,
+    target: Kind::Profile,
+    prefix: policy::SERVICE_ACCOUNT_PROFILE_PREFIX,
+    scope: Scope { name: "serviceaccount-profiles", unit: Unit::Addresses },
+};
+pub const POLICY: LightSpec = LightSpec {
+    name: "policy",
+    source: ClusterKind::NetworkPolicy,
+    target: Kind::NetworkPolicy,
+    prefix: policy::POLICY_NAME_PREFIX,
+    scope: Scope { name: "network-policies", unit: Unit::Addresses },
+};
+pub const ALL: [LightSpec; 3] = [NAMESPACE, SERVICE_ACCOUNT, POLICY];
+
+impl LightSpec {
+    /// The reconciler period when the configuration enables this controller (0: no periodic
+    /// round).
+    fn period(&self, run: &RunConfig) -> Option<u64> {
+        let p = match self.name {
+            "namespace" => run.namespace,
+            "serviceaccount" => run.service_account,
+            _ => run.policy,
+        };
+        p.map(|ms| ms.max(0) as u64)
+    }
+
+    /// Whether the datastore object `name` is this controller's.
+    fn owns(&self, name: &str) -> bool {
+        let own = if self.target.namespaced() { name.split_once('/').map_or("", |(_, n)| n) } else { name };
+        own.starts_with(self.prefix)
+    }
+
+    /// The datastore name and wanted object for one source object, `None` when it wants none.
+    fn want(&self, source: &Value) -> Option<(String, Value)> {
+        let result = match self.source {
+            ClusterKind::Namespace => policy::namespace_profile(source),
+            ClusterKind::ServiceAccount => policy::service_account_profile(source),
+            _ => policy::network_policy(source, BadRules::DropRule).map(|c| {
+                for d in &c.dropped {
+                    tracing::warn!(
+                        namespace = source["metadata"]["namespace"].as_str().unwrap_or(""), policy = source["metadata"]["name"].as_str().unwrap_or(""),
+                        direction = %d.direction, rule = d.index, reason = %d.reason,
+                        "NetworkPolicy rule cannot be converted: dropped (the traffic it allowed is denied), the rest is written"
+                    );
+                }
+                c.object
+            }),
+        };
+        match result {
+            Ok(object) => {
+                let name = object["metadata"]["name"].as_str()?.to_string();
+                let name = match object["metadata"]["namespace"].as_str().filter(|_| self.target.namespaced()) {
+                    Some(ns) => format!("{ns}/{name}"),
+                    None => name,
+                };
+                Some((name, object))
+            }
+            Err(e) => {
+                tracing::warn!(controller = self.name, category = e.category(), error = %e, "source object not converted; skipped");
+                None
+            }
+        }
+    }
+}
+
+/// The wanted objects, by source object, and whether that view is whole.
+#[derive(Debug, Default)]
+struct Wanted {
+    /// `<namespace>/<name>` (or `<name>`) of the source -> (datastore name, wanted object).
+    by_source: BTreeMap<String, (String, Value)>,
+    relisting: Option<BTreeMap<String, (String, Value)>>,
+    synced: bool,
+    failing: bool,
+}
+
+fn source_key(o: &Stored) -> String {
+    match o.value["metadata"]["namespace"].as_str() {
+        Some(ns) if !ns.is_empty() => format!("{ns}/{}", o.name),
+        _ => o.name.clone(),
+    }
+}
+
+impl Wanted {
+    /// Applies one event; true when it may change what is wanted.
+    fn apply(&mut self, spec: &LightSpec, event: WatchEvent) -> bool {
+        let entry = |o: &Stored| spec.want(&o.value);
+        match event {
+            WatchEvent::Init => {
+                self.relisting = Some(BTreeMap::new());
+                false
+            }
+            WatchEvent::InitApply(o) => {
+                if let (Some(r), Some(e)) = (self.relisting.as_mut(), entry(&o)) {
+                    r.insert(source_key(&o), e);
+                }
+                false
+            }
+            WatchEvent::InitDone => {
+                self.by_source = self.relisting.take().unwrap_or_default();
+                self.synced = true;
+                self.failing = false;
+                true
+            }
+            WatchEvent::Apply(o) => {
+                self.failing = false;
+                // A namespace being deleted keeps its profile until it is gone (SPEC §6.2).
+                let terminating = spec.source == ClusterKind::Namespace && o.value["status"]["phase"] == "Terminating";
+                let key = source_key(&o);
+                if terminating && self.by_source.contains_key(&key) {
+                    return false;
+                }
+                match entry(&o) {
+                    Some(e) => self.by_source.insert(key, e.clone()) != Some(e),
+                    None => self.by_source.remove(&key).is_some(),
+                }
+            }
+            WatchEvent::Delete(o) => {
+                self.failing = false;
+                self.by_source.remove(&source_key(&o)).is_some()
+            }
+            WatchEvent::Error(_) => {
+                self.failing = true;
+                false
+            }
+            WatchEvent::Resumed => {
+                self.failing = false;
+                false
+            }
+        }
+    }
+
+    fn whole(&self) -> bool {
+        self.synced && !self.failing && self.relisting.is_none()
+    }
+
+    fn desired(&self) -> BTreeMap<String, Value> {
+        self.by_source.values().cloned().collect()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LightOptions {
+    pub dry_run: bool,
+    pub guard: GuardConfig,
+}
+
+/// Whether a round ran, or must be tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Round {
+    Ran,
+    NotNow,
+}
+
+/// Runs one controller until `stop` turns true.
+pub async fn run<D: Datastore, C: ClusterReader>(
+    spec: LightSpec,
+    ds: Arc<D>,
+    cluster: Arc<C>,
+    shared: Arc<Shared>,
+    may_write: watch::Receiver<bool>,
+    opts: LightOptions,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut events = cluster.watch(spec.source);
+    let mut wanted = Wanted::default();
+    let mut guard = MassGuard::new();
+    let started = tokio::time::Instant::now();
+    let mut due: Option<tokio::time::Instant> = None;
+    let mut last_round = tokio::time::Instant::now();
+    loop {
+        let period = spec.period(&shared.config.borrow().run).filter(|p| *p > 0).map(Duration::from_millis);
+        let next = match (due, period) {
+            (Some(d), _) => Some(d),
+            (None, Some(p)) if wanted.synced => Some(last_round + p),
+            _ => None,
+        };
+        let wait = async {
+            match next {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            event = events.next() => {
+                let Some(event) = event else { return };
+                if wanted.apply(&spec, event) && due.is_none() {
+                    due = Some(tokio::time::Instant::now() + BATCH);
+                }
+            }
+            _ = wait => {
+                due = None;
+                last_round = tokio::time::Instant::now();
+                if round(&spec, &*ds, &shared, &may_write, &opts, &wanted, &mut guard, started.elapsed()).await == Round::NotNow {
+                    due = Some(tokio::time::Instant::now() + RETRY);
+                }
+            }
+            _ = stop.changed() => {
+                if *stop.borrow() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// One reconcile round: list what the controller owns, plan, put the deletes through the guard,
+/// write.
+#[allow(clippy::too_many_arguments)]
+async fn round<D: Datastore>(
+    spec: &LightSpec,
+    ds: &D,
+    shared: &Shared,
+    may_write: &watch::Receiver<bool>,
+    opts: &LightOptions,
+    wanted: &Wanted,
+    guard: &mut MassGuard,
+    now: Duration,
+) -> Round {
+    if spec.period(&shared.config.borrow().run).is_none() || !wanted.whole() || !(opts.dry_run || *may_write.borrow()) {
+        return Round::NotNow;
+    }
+    let owned: Vec<Stored> = match ds.list(spec.target).await {
+        Ok(all) => all.into_iter().filter(|s| spec.owns(&s.name)).collect(),
+        Err(e) => {
+            tracing::warn!(controller = spec.name, error = %e, "listing the objects it owns failed; retried shortly");
+            return Round::NotNow;
+        }
+    };
+    let desired = wanted.desired();
+    shared.metrics(|m| m.light_desired.insert(spec.name, desired.len() as u64));
+    let writes = reconcile::plan(&desired, &owned);
+    let deletes: BTreeMap<u64, usize> =
+        writes.iter().enumerate().filter(|(_, w)| matches!(w, Write::Delete { .. })).map(|(i, w)| (guard::fingerprint(&[w.name().as_bytes()]), i)).collect();
+    let members: BTreeSet<u64> = deletes.keys().copied().collect();
+    let grace = shared.config.borrow().run.leak_grace();
+    let decision = guard.review(spec.scope, Proposal { members: &members, total: owned.len() as u64, complete: true }, &opts.guard, now.as_millis() as i64, grace, &BTreeSet::new());
+    let held: u64 = guard.held().iter().filter(|h| h.scope == spec.scope).map(|h| h.waiting).sum();
+    shared.metrics(|m| m.mass_change_held.insert(spec.scope.name, held));
+    if held > 0 {
+        tracing::warn!(controller = spec.name, held, owned = owned.len(), "mass-change guard: deletes held until a round one grace period later proposes them again");
+    }
+    let allowed: BTreeSet<usize> = deletes.iter().filter(|(m, _)| decision.allows(**m)).map(|(_, i)| *i).collect();
+    for (i, write) in writes.iter().enumerate() {
+        if matches!(write, Write::Delete { .. }) && !allowed.contains(&i) {
+            continue;
+        }
+        if opts.dry_run {
+            tracing::info!(controller = spec.name, op = write.op(), name = write.name(), "dry run: would write");
+            continue;
+        }
+        if !*may_write.borrow() {
+            return Round::NotNow;
+        }
+        let result = match write {
+            Write::Create { name, value } => ds.create(spec.target, name, value.clone()).await.map(|_| ()),
+            Write::Update { current, value } => ds.update(spec.target, &Stored { value: value.clone(), ..current.clone() }).await.map(|_| ()),
+            Write::Delete { current } => ds.delete(spec.target, &current.name, &current.exact()).await,
+        };
+        let outcome = match &result {
+            Ok(()) => "ok",
+            Err(e) if e.is_conflict() || e.is_not_found() => "conflict",
+            Err(_) => "failed",
+        };
+        if let Err(e) = &result {
+            tracing::warn!(controller = spec.name, op = write.op(), name = write.name(), error = %e, "write failed; the next round retries");
+        }
+        shared.metrics(|m| *m.light_writes.entry((spec.name, write.op(), outcome)).or_default() += 1);
+    }
+    Round::Ran
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datastore::MemoryDatastore;
+    use serde_json::json;
+
+    fn shared() -> Shared {
+        let shared = Shared::default();
+        let api: crate::model::config::KubeControllersConfigurationSpec =
+            serde_json::from_value(json!({"controllers": {"node": {}, "namespace": {}, "serviceAccount": {}, "policy": {}}})).unwrap();
+        let vars = [("DATASTORE_TYPE", "etcdv3"), ("ETCD_ENDPOINTS", "http://127.0.0.1:2379")].map(|(k, v)| (k.to_string(), v.to_string())).into_iter().collect();
+        let env = crate::config::EnvConfig::from_env(&vars).unwrap();
+        shared.config.send_modify(|c| c.run = RunConfig::merge(&env, Some(&api)));
+        shared
+    }
+
+    fn source(name: &str, value: Value) -> Stored {
+        Stored { name: name.into(), revision: "1".into(), uid: "u".into(), value }
+    }
+
+    fn listed(spec: &LightSpec, objects: Vec<Stored>) -> Wanted {
+        let mut w = Wanted::default();
+        w.apply(spec, WatchEvent::Init);
+        for o in objects {
+            w.apply(spec, WatchEvent::InitApply(o));
+        }
+        assert!(w.apply(spec, WatchEvent::InitDone));
+        w
+    }
+
+    fn namespace(name: &str, labels: Value) -> Stored {
+        source(name, json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}))
+    }
+
+    fn names(ds: &MemoryDatastore, kind: Kind) -> Vec<String> {
+        let mut n: Vec<String> = ds.snapshot(kind).into_iter().map(|s| s.name).collect();
+        n.sort();
+        n
+    }
+
+    const OPTS: LightOptions = LightOptions { dry_run: false, guard: GuardConfig::OFF };
+
+    #[tokio::test]
+    async fn a_round_creates_updates_and_deletes_only_what_the_controller_owns() {
+        let ds = MemoryDatastore::new();
+        ds.create(Kind::Profile, "kns.a", json!({"metadata": {"name": "kns.a"}, "spec": {"labelsToApply": {"old": "x"}}})).await.unwrap();
+        ds.create(Kind::Profile, "kns.stale", json!({"metadata": {"name": "kns.stale"}, "spec": {}})).await.unwrap();
+        ds.create(Kind::Profile, "ksa.web.sa", json!({"metadata": {"name": "ksa.web.sa"}, "spec": {}})).await.unwrap();
+        ds.create(Kind::Profile, "my-own", json!({"metadata": {"name": "my-own"}, "spec": {}})).await.unwrap();
+        let shared = shared();
+        let (_tx, leading) = watch::channel(true);
+        let wanted = listed(&NAMESPACE, vec![namespace("a", json!({"team": "t"})), namespace("b", json!({}))]);
+        let mut g = MassGuard::new();
+        assert_eq!(round(&NAMESPACE, &ds, &shared, &leading, &OPTS, &wanted, &mut g, Duration::ZERO).await, Round::Ran);
+        assert_eq!(names(&ds, Kind::Profile), ["kns.a", "kns.b", "ksa.web.sa", "my-own"], "another controller's and a user's profiles stay");
+        assert_eq!(ds.peek(Kind::Profile, "kns.a").unwrap().value["spec"]["labelsToApply"], json!({"pcns.team": "t", "pcns.projectcalico.org/name": "a"}));
+        let before = ds.revision();
+        round(&NAMESPACE, &ds, &shared, &leading, &OPTS, &wanted, &mut g, Duration::ZERO).await;
+        assert_eq!(ds.revision(), before, "in step: nothing written");
+        let writes = shared.metrics(|m| m.light_writes.clone());
+        assert_eq!(writes.get(&("namespace", "create", "ok")), Some(&1));
+        assert_eq!(writes.get(&("namespace", "delete", "ok")), Some(&1));
+        g.check_invariants().unwrap();
+    }
+
+    #[tokio::test]
+    async fn nothing_is_written_on_a_partial_view_by_a_standby_or_with_the_controller_off() {
+        let ds = MemoryDatastore::new();
+        ds.create(Kind::Profile, "kns.old", json!({"metadata": {"name": "kns.old"}, "spec": {}})).await.unwrap();
+        let before = ds.revision();
+        let shared = shared();
+        let (_tx, leading) = watch::channel(true);
+        let (_tx2, standby) = watch::channel(false);
+        let mut g = MassGuard::new();
+        let mut relisting = listed(&NAMESPACE, vec![]);
+        relisting.apply(&NAMESPACE, WatchEvent::Init);
+        assert_eq!(round(&NAMESPACE, &ds, &shared, &leading, &OPTS, &Wanted::default(), &mut g, Duration::ZERO).await, Round::NotNow);
+        assert_eq!(round(&NAMESPACE, &ds, &shared, &leading, &OPTS, &relisting, &mut g, Duration::ZERO).await, Round::NotNow);
+        assert_eq!(round(&NAMESPACE, &ds, &shared, &standby, &OPTS, &listed(&NAMESPACE, vec![]), &mut g, Duration::ZERO).await, Round::NotNow);
+        let off = Shared::default();
+        let api: crate::model::config::KubeControllersConfigurationSpec = serde_json::from_value(json!({"controllers": {"node": {}}})).unwrap();
+        off.config.send_modify(|c| c.run = RunConfig::merge(&crate::config::EnvConfig::default(), Some(&api)));
+        assert_eq!(round(&NAMESPACE, &ds, &off, &leading, &OPTS, &listed(&NAMESPACE, vec![]), &mut g, Duration::ZERO).await, Round::NotNow);
+        let dry = LightOptions { dry_run: true, guard: GuardConfig::OFF };
+        assert_eq!(round(&NAMESPACE, &ds, &shared, &standby, &dry, &listed(&NAMESPACE, vec![]), &mut g, Duration::ZERO).await, Round::Ran);
+        assert_eq!(ds.revision(), before);
+    }
+
+    #[tokio::test]
+    async fn a_policy_with_a_bad_rule_is_written_without_it_in_its_namespace_and_goes_with_its_source() {
+        let ds = MemoryDatastore::new();
+        let shared = shared();
+        let (_tx, leading) = watch::channel(true);
+        let np = source("p", json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "p", "namespace": "web"},
+            "spec": {"podSelector": {}, "ingress": [{"ports": [{"port": 9000, "endPort": 8000}]}, {"ports": [{"port": 80}]}]}}));
+        let mut wanted = listed(&POLICY, vec![np.clone()]);
+        let mut g = MassGuard::new();
+        round(&POLICY, &ds, &shared, &leading, &OPTS, &wanted, &mut g, Duration::ZERO).await;
+        let written = ds.peek(Kind::NetworkPolicy, "web/knp.default.p").unwrap_or_else(|| panic!("written under <namespace>/<name>: {:?} {:?}", names(&ds, Kind::NetworkPolicy), shared.metrics(|m| m.light_writes.clone())));
+        assert_eq!(written.value["spec"]["ingress"].as_array().unwrap().len(), 1, "the bad rule is dropped, the good one kept");
+        assert!(wanted.apply(&POLICY, WatchEvent::Delete(np)));
+        round(&POLICY, &ds, &shared, &leading, &OPTS, &wanted, &mut g, Duration::ZERO).await;
+        assert!(names(&ds, Kind::NetworkPolicy).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_resync_that_would_delete_most_profiles_waits_a_grace_period() {
+        let ds = MemoryDatastore::new();
+        for i in 0..60 {
+            let name = format!("kns.n{i}");
+            ds.create(Kind::Profile, &name, json!({"metadata": {"name": name}, "spec": {}})).await.unwrap();
+        }
+        let shared = shared();
+        let (_tx, leading) = watch::channel(true);
+        let opts = LightOptions { dry_run: false, guard: GuardConfig::default() };
+        let wanted = listed(&NAMESPACE, vec![]);
+        let mut g = MassGuard::new();
+        round(&NAMESPACE, &ds, &shared, &leading, &opts, &wanted, &mut g, Duration::ZERO).await;
+        assert_eq!(ds.snapshot(Kind::Profile).len(), 60, "an empty namespace list does not wipe every profile at once");
+        assert_eq!(shared.metrics(|m| m.mass_change_held.get("namespace-profiles").copied()), Some(60));
+        let grace = Duration::from_millis(shared.config.borrow().run.leak_grace() as u64);
+        round(&NAMESPACE, &ds, &shared, &leading, &opts, &wanted, &mut g, grace + Duration::from_secs(1)).await;
+        assert!(ds.snapshot(Kind::Profile).is_empty(), "proposed again a grace period later: deleted");
+    }
+
+    #[test]
+    fn a_terminating_namespace_keeps_its_profile_until_it_is_deleted() {
+        let mut w = listed(&NAMESPACE, vec![namespace("a", json!({"x": "1"}))]);
+        let mut terminating = namespace("a", json!({"x": "2"}));
+        terminating.value["status"] = json!({"phase": "Terminating"});
+        assert!(!w.apply(&NAMESPACE, WatchEvent::Apply(terminating.clone())));
+        assert_eq!(w.desired()["kns.a"]["spec"]["labelsToApply"]["pcns.x"], "1");
+        assert!(w.apply(&NAMESPACE, WatchEvent::Delete(terminating)));
+        assert!(w.desired().is_empty());
+        assert!(NAMESPACE.owns("kns.a") && !NAMESPACE.owns("ksa.a.b") && POLICY.owns("ns/knp.default.x") && !POLICY.owns("ns/other"));
+    }
+}
