@@ -452,6 +452,13 @@ async fn on_etcd_a_gone_kubernetes_nodes_calico_node_is_deleted_with_its_objects
         Alloc { ordinal: 2, handle: "ipip-tunnel-addr-cn-gone", secondary: tunnel_attrs("cn-gone", "ipipTunnelAddress") },
     ])
     .await;
+    // An address cn-gone borrowed from cn-keep's block, and one in a block nobody is affine to.
+    put_block(&ds, "10.71.1.0/26", Some("cn-keep"), &[Alloc { ordinal: 1, handle: "k8s-pod-network.borrowed", secondary: pod_attrs("e2e", "pod-c", "cn-gone") }]).await;
+    put_block(&ds, "10.71.2.0/26", None, &[Alloc { ordinal: 1, handle: "k8s-pod-network.unaffine", secondary: pod_attrs("e2e", "pod-d", "cn-gone") }]).await;
+    // cn-gone's block lending an address to cn-keep's pod (gone too, but cn-keep lives: that
+    // address waits for its 15-minute grace period, so the block is not empty).
+    put_block(&ds, "10.71.3.0/26", Some("cn-gone"), &[Alloc { ordinal: 1, handle: "k8s-pod-network.lent", secondary: pod_attrs("e2e", "pod-e", "cn-keep") }]).await;
+    let lent_affinity = calico_kube_controllers::model::names::plain_affinity_name("cn-gone", &"10.71.3.0/26".parse().unwrap());
 
     let port = free_port();
     let controller = start_controller_with(&cluster.kubeconfig, &["--leak-grace-period", "15m"], &env, port, "etcd-node-deleter");
@@ -468,6 +475,12 @@ async fn on_etcd_a_gone_kubernetes_nodes_calico_node_is_deleted_with_its_objects
     // Its addresses are the GC's: freed because the node is gone, grace period or not.
     wait_released(&ds, "k8s-pod-network.a", &controller).await;
     wait_released(&ds, "ipip-tunnel-addr-cn-gone", &controller).await;
+    wait_released(&ds, "k8s-pod-network.borrowed", &controller).await;
+    wait_released(&ds, "k8s-pod-network.unaffine", &controller).await;
+    let cn_gone_affinity = calico_kube_controllers::model::names::plain_affinity_name("cn-gone", &"10.71.0.0/26".parse().unwrap());
+    wait_gone(&ds, Kind::BlockAffinity, &cn_gone_affinity, &controller).await;
+    assert!(handle_exists(&ds, "k8s-pod-network.lent").await, "a live node's pod address in the gone node's block waits for its grace period");
+    assert!(exists(&ds, Kind::BlockAffinity, &lent_affinity).await, "so that block keeps its affinity (mustBeEmpty) until it is empty");
     for (kind, name) in [
         (Kind::CalicoNode, "cn-keep"),
         (Kind::CalicoNode, "cn-bare"),
@@ -487,6 +500,9 @@ async fn on_etcd_a_gone_kubernetes_nodes_calico_node_is_deleted_with_its_objects
     assert!(!exists(&ds, Kind::WorkloadEndpoint, "e2e/cn--keep-k8s-pod--b-eth0").await);
     assert!(!exists(&ds, Kind::BgpPeer, "peer-cn-keep").await);
     assert!(exists(&ds, Kind::CalicoNode, "cn-bare").await, "never a node without a Kubernetes reference");
+    // cn-keep is gone too: its pod's address in cn-gone's block goes, then the empty block's affinity.
+    wait_released(&ds, "k8s-pod-network.lent", &controller).await;
+    wait_gone(&ds, Kind::BlockAffinity, &lent_affinity, &controller).await;
     let metrics = http_get(port, "/metrics").await.expect("metrics").1;
     assert!(metrics.contains("kube_controllers_node_deletions_total{kind=\"Node\",outcome=\"deleted\"} 2"), "{metrics}");
     assert!(metrics.contains("kube_controllers_mass_change_held{scope=\"etcd-nodes\"} 0"), "{metrics}");
