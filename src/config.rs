@@ -287,6 +287,9 @@ pub struct EnvConfig {
     /// `CKC_MASS_CHANGE_GUARD`, `CKC_MASS_CHANGE_SHARE`, `CKC_MASS_CHANGE_MIN_ADDRESSES`,
     /// `CKC_MASS_CHANGE_MIN_NODES` over the guard's defaults.
     pub guard: crate::guard::GuardConfig,
+    /// `CKC_POLICY_BAD_RULES`: `drop-rule` (default: a NetworkPolicy rule that cannot be converted
+    /// is dropped alone) or `upstream` (upstream's behaviour: some errors skip the whole policy).
+    pub policy_bad_rules: crate::policy::BadRules,
     /// `KUBE_CONTROLLERS_CONFIG_NAME` (the Tigera operator sets it): the KubeControllersConfiguration
     /// read, created when missing and given the status; `None` means `default`.
     pub kcc_name: Option<String>,
@@ -465,6 +468,12 @@ impl EnvConfig {
                 *field = v.trim().parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| ConfigError::invalid(name, &v, "expected a positive count"))?;
             }
         }
+        let policy_bad_rules = match get("CKC_POLICY_BAD_RULES").map(|v| v.trim().to_ascii_lowercase()) {
+            None => crate::policy::BadRules::DropRule,
+            Some(v) if v == "drop-rule" => crate::policy::BadRules::DropRule,
+            Some(v) if v == "upstream" => crate::policy::BadRules::Upstream,
+            Some(v) => return Err(ConfigError::invalid("CKC_POLICY_BAD_RULES", &v, "expected drop-rule or upstream")),
+        };
         // Object names as Kubernetes allows them (a DNS subdomain), so a typo fails here and not
         // as a 404 on every read.
         let kcc_name = match get("KUBE_CONTROLLERS_CONFIG_NAME") {
@@ -515,6 +524,7 @@ impl EnvConfig {
         out.kcc_api_disabled = kcc_api_disabled;
         out.kcc_name = kcc_name;
         out.guard = guard;
+        out.policy_bad_rules = policy_bad_rules;
         out.kubeconfig = kubeconfig;
         out.enabled_controllers = enabled;
         out.log_level = log_level;
@@ -1042,6 +1052,13 @@ mod tests {
         assert!(!node(&etcd(&[("SYNC_NODE_LABELS", "false")]), Some("Enabled")));
         let rc = RunConfig::merge(&env(&[("AUTO_HOST_ENDPOINTS", "disabled")]), Some(&api));
         assert!(!rc.node.unwrap().auto_create_host_endpoints);
+    }
+
+    #[test]
+    fn the_policy_bad_rules_setting_defaults_to_dropping_a_rule_and_is_checked() {
+        assert_eq!(env(&[]).policy_bad_rules, crate::policy::BadRules::DropRule);
+        assert_eq!(env(&[("CKC_POLICY_BAD_RULES", "Upstream")]).policy_bad_rules, crate::policy::BadRules::Upstream);
+        assert!(env_err(&[("CKC_POLICY_BAD_RULES", "lenient")]).to_string().contains("CKC_POLICY_BAD_RULES"));
     }
 
     #[test]

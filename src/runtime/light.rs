@@ -20,6 +20,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use super::Shared;
+use super::events::{EventRecorder, EventRequest, Regarding};
 use crate::config::RunConfig;
 use crate::datastore::cluster::{ClusterKind, ClusterReader};
 use crate::datastore::watch::WatchEvent;
@@ -87,18 +88,20 @@ impl LightSpec {
         own.starts_with(self.prefix)
     }
 
-    /// The datastore name and wanted object for one source object, `None` when it wants none.
-    fn want(&self, source: &Value) -> Option<(String, Value)> {
+    /// The wanted object for one source object, `None` when it wants none.
+    fn want(&self, source: &Value, bad_rules: BadRules) -> Option<Want> {
+        let mut dropped = Vec::new();
         let result = match self.source {
             ClusterKind::Namespace => policy::namespace_profile(source),
             ClusterKind::ServiceAccount => policy::service_account_profile(source),
-            _ => policy::network_policy(source, BadRules::DropRule).map(|c| {
+            _ => policy::network_policy(source, bad_rules).map(|c| {
                 for d in &c.dropped {
                     tracing::warn!(
                         namespace = source["metadata"]["namespace"].as_str().unwrap_or(""), policy = source["metadata"]["name"].as_str().unwrap_or(""),
                         direction = %d.direction, rule = d.index, reason = %d.reason,
                         "NetworkPolicy rule cannot be converted: dropped (the traffic it allowed is denied), the rest is written"
                     );
+                    dropped.push(format!("{} rule {}: {}", d.direction, d.index, d.reason));
                 }
                 c.object
             }),
@@ -110,7 +113,11 @@ impl LightSpec {
                     Some(ns) => format!("{ns}/{name}"),
                     None => name,
                 };
-                Some((name, object))
+                let regarding = (!dropped.is_empty()).then(|| {
+                    let meta = &source["metadata"];
+                    Regarding::network_policy(meta["namespace"].as_str().unwrap_or("default"), meta["name"].as_str().unwrap_or(""), meta["uid"].as_str())
+                });
+                Some(Want { name, object, dropped, regarding })
             }
             Err(e) => {
                 tracing::warn!(controller = self.name, category = e.category(), error = %e, "source object not converted; skipped");
@@ -120,12 +127,23 @@ impl LightSpec {
     }
 }
 
+/// What one source object wants: the datastore object, and for a policy the rules that could not
+/// be converted (the Event's note) and the policy the Event is about.
+#[derive(Debug, Clone, PartialEq)]
+struct Want {
+    name: String,
+    object: Value,
+    dropped: Vec<String>,
+    regarding: Option<Regarding>,
+}
+
 /// The wanted objects, by source object, and whether that view is whole.
 #[derive(Debug, Default)]
 struct Wanted {
-    /// `<namespace>/<name>` (or `<name>`) of the source -> (datastore name, wanted object).
-    by_source: BTreeMap<String, (String, Value)>,
-    relisting: Option<BTreeMap<String, (String, Value)>>,
+    /// `<namespace>/<name>` (or `<name>`) of the source -> what it wants.
+    by_source: BTreeMap<String, Want>,
+    relisting: Option<BTreeMap<String, Want>>,
+    bad_rules: BadRules,
     synced: bool,
     failing: bool,
 }
@@ -140,7 +158,8 @@ fn source_key(o: &Stored) -> String {
 impl Wanted {
     /// Applies one event; true when it may change what is wanted.
     fn apply(&mut self, spec: &LightSpec, event: WatchEvent) -> bool {
-        let entry = |o: &Stored| spec.want(&o.value);
+        let bad_rules = self.bad_rules;
+        let entry = |o: &Stored| spec.want(&o.value, bad_rules);
         match event {
             WatchEvent::Init => {
                 self.relisting = Some(BTreeMap::new());
@@ -191,7 +210,13 @@ impl Wanted {
     }
 
     fn desired(&self) -> BTreeMap<String, Value> {
-        self.by_source.values().cloned().collect()
+        self.by_source.values().map(|w| (w.name.clone(), w.object.clone())).collect()
+    }
+
+    /// The Event for the policy written as datastore object `name`, if it lost rules.
+    fn dropped_event(&self, name: &str) -> Option<EventRequest> {
+        let w = self.by_source.values().find(|w| w.name == name)?;
+        Some(EventRequest::policy_rules_dropped(w.regarding.as_ref()?, &w.dropped))
     }
 }
 
@@ -199,6 +224,10 @@ impl Wanted {
 pub struct LightOptions {
     pub dry_run: bool,
     pub guard: GuardConfig,
+    /// What becomes of a NetworkPolicy rule that cannot be converted (`CKC_POLICY_BAD_RULES`).
+    pub bad_rules: BadRules,
+    /// Where the Event about a policy written without some rules goes.
+    pub events: EventRecorder,
 }
 
 /// Whether a round ran, or must be tried again.
@@ -219,7 +248,7 @@ pub async fn run<D: Datastore, C: ClusterReader>(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut events = cluster.watch(spec.source);
-    let mut wanted = Wanted::default();
+    let mut wanted = Wanted { bad_rules: opts.bad_rules, ..Wanted::default() };
     let mut guard = MassGuard::new();
     let started = tokio::time::Instant::now();
     let mut due: Option<tokio::time::Instant> = None;
@@ -322,6 +351,12 @@ async fn round<D: Datastore>(
             tracing::warn!(controller = spec.name, op = write.op(), name = write.name(), error = %e, "write failed; the next round retries");
         }
         shared.metrics(|m| *m.light_writes.entry((spec.name, write.op(), outcome)).or_default() += 1);
+        if result.is_ok()
+            && !matches!(write, Write::Delete { .. })
+            && let Some(event) = wanted.dropped_event(write.name())
+        {
+            opts.events.record(event);
+        }
     }
     Round::Ran
 }
@@ -348,6 +383,7 @@ mod tests {
 
     fn listed(spec: &LightSpec, objects: Vec<Stored>) -> Wanted {
         let mut w = Wanted::default();
+        assert_eq!(w.bad_rules, BadRules::DropRule);
         w.apply(spec, WatchEvent::Init);
         for o in objects {
             w.apply(spec, WatchEvent::InitApply(o));
@@ -366,7 +402,7 @@ mod tests {
         n
     }
 
-    const OPTS: LightOptions = LightOptions { dry_run: false, guard: GuardConfig::OFF };
+    const OPTS: LightOptions = LightOptions { dry_run: false, guard: GuardConfig::OFF, bad_rules: BadRules::DropRule, events: EventRecorder::off() };
 
     #[tokio::test]
     async fn a_round_creates_updates_and_deletes_only_what_the_controller_owns() {
@@ -409,7 +445,7 @@ mod tests {
         let api: crate::model::config::KubeControllersConfigurationSpec = serde_json::from_value(json!({"controllers": {"node": {}}})).unwrap();
         off.config.send_modify(|c| c.run = RunConfig::merge(&crate::config::EnvConfig::default(), Some(&api)));
         assert_eq!(round(&NAMESPACE, &ds, &off, &leading, &OPTS, &listed(&NAMESPACE, vec![]), &mut g, Duration::ZERO).await, Round::NotNow);
-        let dry = LightOptions { dry_run: true, guard: GuardConfig::OFF };
+        let dry = LightOptions { dry_run: true, ..OPTS };
         assert_eq!(round(&NAMESPACE, &ds, &shared, &standby, &dry, &listed(&NAMESPACE, vec![]), &mut g, Duration::ZERO).await, Round::Ran);
         assert_eq!(ds.revision(), before);
     }
@@ -423,7 +459,15 @@ mod tests {
             "spec": {"podSelector": {}, "ingress": [{"ports": [{"port": 9000, "endPort": 8000}]}, {"ports": [{"port": 80}]}]}}));
         let mut wanted = listed(&POLICY, vec![np.clone()]);
         let mut g = MassGuard::new();
-        round(&POLICY, &ds, &shared, &leading, &OPTS, &wanted, &mut g, Duration::ZERO).await;
+        let (events, recorded) = EventRecorder::memory();
+        let opts = LightOptions { events, ..OPTS };
+        round(&POLICY, &ds, &shared, &leading, &opts, &wanted, &mut g, Duration::ZERO).await;
+        let e = recorded.take();
+        assert_eq!(e.len(), 1, "one Event on the Kubernetes policy: {e:?}");
+        assert_eq!((e[0].regarding.kind.as_str(), e[0].regarding.namespace.as_deref(), e[0].regarding.name.as_str()), ("NetworkPolicy", Some("web"), "p"));
+        assert!(e[0].note.contains("ingress rule 0"), "{}", e[0].note);
+        round(&POLICY, &ds, &shared, &leading, &opts, &wanted, &mut g, Duration::ZERO).await;
+        assert!(recorded.take().is_empty(), "nothing written, no new Event");
         let written = ds.peek(Kind::NetworkPolicy, "web/knp.default.p").unwrap_or_else(|| panic!("written under <namespace>/<name>: {:?} {:?}", names(&ds, Kind::NetworkPolicy), shared.metrics(|m| m.light_writes.clone())));
         assert_eq!(written.value["spec"]["ingress"].as_array().unwrap().len(), 1, "the bad rule is dropped, the good one kept");
         assert!(wanted.apply(&POLICY, WatchEvent::Delete(np)));
@@ -440,7 +484,7 @@ mod tests {
         }
         let shared = shared();
         let (_tx, leading) = watch::channel(true);
-        let opts = LightOptions { dry_run: false, guard: GuardConfig::default() };
+        let opts = LightOptions { guard: GuardConfig::default(), ..OPTS };
         let wanted = listed(&NAMESPACE, vec![]);
         let mut g = MassGuard::new();
         round(&NAMESPACE, &ds, &shared, &leading, &opts, &wanted, &mut g, Duration::ZERO).await;

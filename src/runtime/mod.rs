@@ -357,7 +357,12 @@ async fn run_on<D: Datastore + Clone + 'static>(client: kube::Client, backend: B
         light::ALL
             .into_iter()
             .map(|spec| {
-                let o = light::LightOptions { dry_run: opts.controller.dry_run, guard: opts.controller.env.guard };
+                let o = light::LightOptions {
+                    dry_run: opts.controller.dry_run,
+                    guard: opts.controller.env.guard,
+                    bad_rules: opts.controller.env.policy_bad_rules,
+                    events: events.clone(),
+                };
                 tokio::spawn(light::run(spec, ds.clone(), cluster.clone(), shared.clone(), may_write.clone(), o, stop_rx.clone()))
             })
             .collect()

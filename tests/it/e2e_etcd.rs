@@ -583,8 +583,8 @@ async fn on_etcd_namespaces_service_accounts_and_network_policies_become_calico_
     let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
     sas.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "api", "labels": {"tier": "be"}}})).unwrap()).await.expect("service account");
     let nps: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns);
-    // (A rule Calico cannot hold but Kubernetes accepts is dropped alone: the converter's and
-    // `convert`'s tests show it; the API server itself refuses most such rules.)
+    // (The API server refuses the rules Calico cannot hold that we tried, so the dropped-rule
+    // path and its Event are shown by the unit tests, `convert` and its CLI tests.)
     let np = json!({"metadata": {"name": "allow"}, "spec": {"podSelector": {"matchLabels": {"app": "db"}}, "policyTypes": ["Ingress"],
         "ingress": [{"ports": [{"protocol": "TCP", "port": 5432}]}]}});
     let np_ok: NetworkPolicy = serde_json::from_value(np).unwrap();

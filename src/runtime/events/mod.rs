@@ -35,6 +35,10 @@ pub const ACTION_ADDRESSES_RELEASED: &str = "ReleaseIPAddresses";
 /// The mass-change guard held a pass's destructive changes until they are confirmed or approved.
 pub const REASON_MASS_CHANGE_HELD: &str = "MassChangeHeld";
 pub const ACTION_MASS_CHANGE_HELD: &str = "HoldChanges";
+/// A Kubernetes NetworkPolicy was written to Calico without the rules that could not be
+/// converted (the traffic they allowed is denied).
+pub const REASON_POLICY_RULES_DROPPED: &str = "PolicyRulesDropped";
+pub const ACTION_POLICY_RULES_DROPPED: &str = "ConvertPolicy";
 
 /// The API server refuses notes longer than this (bytes).
 pub const NOTE_LIMIT: usize = 1024;
@@ -67,6 +71,17 @@ pub struct Regarding {
 }
 
 impl Regarding {
+    /// A Kubernetes NetworkPolicy.
+    pub fn network_policy(namespace: &str, name: &str, uid: Option<&str>) -> Self {
+        Regarding {
+            api_version: "networking.k8s.io/v1".into(),
+            kind: "NetworkPolicy".into(),
+            name: name.into(),
+            namespace: Some(namespace.into()),
+            uid: uid.map(str::to_string),
+        }
+    }
+
     /// A Kubernetes Node, with its uid when the caller knows it (`kubectl describe node` finds
     /// the Event by name either way).
     pub fn node(name: &str, uid: Option<&str>) -> Self {
@@ -130,6 +145,20 @@ impl EventRequest {
             note.push_str(&tally.join(", "));
         }
         EventRequest::new(node.clone(), EventType::Normal, REASON_ADDRESSES_RELEASED, ACTION_ADDRESSES_RELEASED, note)
+    }
+
+    /// `policy` was written without the rules `dropped` names (one line each: direction, index,
+    /// reason).
+    pub fn policy_rules_dropped(policy: &Regarding, dropped: &[String]) -> Self {
+        let note = format!(
+            "{} rule{} could not be converted and {} dropped (the traffic {} allowed is denied): {}",
+            dropped.len(),
+            if dropped.len() == 1 { "" } else { "s" },
+            if dropped.len() == 1 { "was" } else { "were" },
+            if dropped.len() == 1 { "it" } else { "they" },
+            dropped.join("; ")
+        );
+        EventRequest::new(policy.clone(), EventType::Warning, REASON_POLICY_RULES_DROPPED, ACTION_POLICY_RULES_DROPPED, note)
     }
 
     /// The guard held `count` changes of `kind` (e.g. "address releases", "node cleanups") out of
@@ -207,7 +236,7 @@ impl Default for EventRecorder {
 
 impl EventRecorder {
     /// Records nothing (dry run, or a replica that does not write).
-    pub fn off() -> Self {
+    pub const fn off() -> Self {
         EventRecorder(Sink::Off)
     }
 
