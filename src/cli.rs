@@ -574,18 +574,22 @@ fn convert(a: ConvertArgs) -> anyhow::Result<i32> {
         BadRulesArg::DropRule => calico_kube_controllers::policy::BadRules::DropRule,
         BadRulesArg::Upstream => calico_kube_controllers::policy::BadRules::Upstream,
     };
-    let mut out = calico_kube_controllers::convert::convert(&read.objects, mode);
+    // Converted as it is written: one output object at a time is held.
+    let list = calico_kube_controllers::convert::Streamed::new(&read.objects, mode);
+    let mut stdout = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+    match a.output {
+        ConvertOutput::Json => serde_json::to_writer_pretty(&mut stdout, &list)?,
+        ConvertOutput::Yaml => serde_saphyr::to_io_writer(&mut stdout, &list).map_err(|e| anyhow::anyhow!("writing YAML: {e}"))?,
+    }
+    if a.output == ConvertOutput::Json {
+        writeln!(stdout)?;
+    }
+    stdout.flush()?;
+    drop(stdout);
+    let mut out = list.outcome();
     for (file, what) in read.unreadable {
         out.malformed.push(format!("{file}: {what}"));
     }
-    let mut rendered = match a.output {
-        ConvertOutput::Json => serde_json::to_string_pretty(&out.list())?,
-        ConvertOutput::Yaml => serde_saphyr::to_string(&out.list()).map_err(|e| anyhow::anyhow!("writing YAML: {e}"))?,
-    };
-    if !rendered.ends_with('\n') {
-        rendered.push('\n');
-    }
-    std::io::stdout().write_all(rendered.as_bytes())?;
     for line in out.dropped.iter().chain(&out.skipped).chain(&out.malformed) {
         eprintln!("convert: {line}");
     }

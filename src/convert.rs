@@ -42,9 +42,13 @@ impl Outcome {
         }
     }
 
-    /// The items as `kubectl get -o json` writes a List of them.
-    pub fn list(&self) -> Value {
-        json!({"apiVersion": "v1", "kind": "List", "items": self.items})
+    /// The items as `kubectl get -o json` writes a List of them, moved out (not copied).
+    pub fn take_list(&mut self) -> Value {
+        let mut list = serde_json::Map::new();
+        list.insert("apiVersion".into(), json!("v1"));
+        list.insert("kind".into(), json!("List"));
+        list.insert("items".into(), Value::Array(std::mem::take(&mut self.items)));
+        Value::Object(list)
     }
 }
 
@@ -62,33 +66,91 @@ fn place(o: &Value, namespaced: bool) -> String {
 /// converted.
 pub fn convert(objects: &[SourcedObject], mode: BadRules) -> Outcome {
     let mut out = Outcome::default();
-    for SourcedObject { file, object } in objects {
-        let kind = object["kind"].as_str().unwrap_or("<no kind>");
-        let namespaced = kind != "Namespace";
-        let result = match kind {
-            "NetworkPolicy" if is_kubernetes_policy(object) => policy::network_policy(object, mode).map(|c| {
-                for d in &c.dropped {
-                    out.dropped.push(format!("NetworkPolicy {}: {} rule {} dropped: {}", place(object, true), d.direction, d.index, d.reason));
-                }
-                c.object
-            }),
-            "Namespace" => policy::namespace_profile(object),
-            "ServiceAccount" => policy::service_account_profile(object),
-            "Pod" => policy::workload_endpoint(object),
-            _ => {
-                *out.ignored.entry(kind.to_string()).or_default() += 1;
-                continue;
-            }
-        };
-        let what = format!("{kind} {}", place(object, namespaced));
-        match result {
-            Ok(item) => out.items.push(item),
-            Err(ConvertError::Malformed(why)) => out.malformed.push(format!("{file}: {what}: {why}")),
-            Err(ConvertError::PolicySkipped(why)) => out.dropped.push(format!("{what}: whole policy skipped (upstream behaviour): {why}")),
-            Err(ConvertError::NotApplicable(why)) => out.skipped.push(format!("{what}: {why}")),
+    for o in objects {
+        if let Some(item) = convert_one(o, mode, &mut out) {
+            out.items.push(item);
         }
     }
     out
+}
+
+/// Converts one object: its Calico object, if any; what went wrong is noted in `out` (whose
+/// `items` it leaves alone).
+pub fn convert_one(source: &SourcedObject, mode: BadRules, out: &mut Outcome) -> Option<Value> {
+    let SourcedObject { file, object } = source;
+    let kind = object["kind"].as_str().unwrap_or("<no kind>");
+    let namespaced = kind != "Namespace";
+    let result = match kind {
+        "NetworkPolicy" if is_kubernetes_policy(object) => policy::network_policy(object, mode).map(|c| {
+            for d in &c.dropped {
+                out.dropped.push(format!("NetworkPolicy {}: {} rule {} dropped: {}", place(object, true), d.direction, d.index, d.reason));
+            }
+            c.object
+        }),
+        "Namespace" => policy::namespace_profile(object),
+        "ServiceAccount" => policy::service_account_profile(object),
+        "Pod" => policy::workload_endpoint(object),
+        _ => {
+            *out.ignored.entry(kind.to_string()).or_default() += 1;
+            return None;
+        }
+    };
+    let what = format!("{kind} {}", place(object, namespaced));
+    match result {
+        Ok(item) => return Some(item),
+        Err(ConvertError::Malformed(why)) => out.malformed.push(format!("{file}: {what}: {why}")),
+        Err(ConvertError::PolicySkipped(why)) => out.dropped.push(format!("{what}: whole policy skipped (upstream behaviour): {why}")),
+        Err(ConvertError::NotApplicable(why)) => out.skipped.push(format!("{what}: {why}")),
+    }
+    None
+}
+
+/// The `v1` List of what `objects` convert to, serialized as it is converted: one item at a time
+/// is held, never the whole output (`convert` on 12,000 objects holds its input, not twice it).
+/// What went wrong is gathered in [`Streamed::outcome`] as the List is written.
+pub struct Streamed<'a> {
+    objects: &'a [SourcedObject],
+    mode: BadRules,
+    outcome: std::cell::RefCell<Outcome>,
+}
+
+impl<'a> Streamed<'a> {
+    pub fn new(objects: &'a [SourcedObject], mode: BadRules) -> Self {
+        Streamed { objects, mode, outcome: Default::default() }
+    }
+
+    /// What was dropped, skipped, unreadable or ignored (after serializing).
+    pub fn outcome(self) -> Outcome {
+        self.outcome.into_inner()
+    }
+}
+
+impl serde::Serialize for Streamed<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        // Keys in the order the copying form (a sorted map) writes them.
+        let mut map = s.serialize_map(Some(3))?;
+        map.serialize_entry("apiVersion", "v1")?;
+        map.serialize_entry("items", &Items(self))?;
+        map.serialize_entry("kind", "List")?;
+        map.end()
+    }
+}
+
+struct Items<'b, 'a>(&'b Streamed<'a>);
+
+impl serde::Serialize for Items<'_, '_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(None)?;
+        for o in self.0.objects {
+            let item = convert_one(o, self.0.mode, &mut self.0.outcome.borrow_mut());
+            if let Some(item) = item {
+                seq.serialize_element(&item)?;
+            }
+        }
+        seq.end()
+    }
 }
 
 /// A Calico v3 NetworkPolicy shares the kind; only Kubernetes' (`networking.k8s.io`) is input.
@@ -102,6 +164,23 @@ mod tests {
 
     fn sourced(object: Value) -> SourcedObject {
         SourcedObject { file: "in.json".into(), object }
+    }
+
+    #[test]
+    fn the_streamed_list_is_the_copied_one_and_gathers_the_same_outcome() {
+        let objects = [
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "web"}}),
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}}),
+            json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "b", "namespace": "web"},
+                "spec": {"podSelector": {}, "ingress": [{"ports": [{"port": 80, "endPort": 70}]}, {}]}}),
+        ]
+        .map(sourced);
+        let mut copied = convert(&objects, BadRules::DropRule);
+        let streamed = Streamed::new(&objects, BadRules::DropRule);
+        let text = serde_json::to_string_pretty(&streamed).unwrap();
+        assert_eq!(text, serde_json::to_string_pretty(&copied.take_list()).unwrap());
+        let out = streamed.outcome();
+        assert_eq!((out.exit_code(), &out.dropped, &out.ignored), (copied.exit_code(), &copied.dropped, &copied.ignored));
     }
 
     #[test]
@@ -119,7 +198,9 @@ mod tests {
         assert_eq!(names, ["kns.web", "knp.default.p", "ksa.web.sa"]);
         assert_eq!(out.ignored, BTreeMap::from([("ConfigMap".to_string(), 1), ("NetworkPolicy".to_string(), 1)]));
         assert_eq!(out.exit_code(), 0);
-        assert_eq!(out.list()["items"].as_array().unwrap().len(), 3);
+        let mut out = out;
+        assert_eq!(out.take_list()["items"].as_array().unwrap().len(), 3);
+        assert!(out.items.is_empty(), "moved, not copied");
 
         let bad_port = json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "b", "namespace": "web"},
             "spec": {"podSelector": {}, "ingress": [{"ports": [{"port": 80, "endPort": 70}]}, {}]}});
