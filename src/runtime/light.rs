@@ -235,6 +235,8 @@ pub struct LightOptions {
 enum Round {
     Ran,
     NotNow,
+    /// The guard holds deletes: the round that may let them through is due this much later.
+    Held(Duration),
 }
 
 /// Runs one controller until `stop` turns true.
@@ -274,11 +276,12 @@ pub async fn run<D: Datastore, C: ClusterReader>(
                 }
             }
             _ = wait => {
-                due = None;
                 last_round = tokio::time::Instant::now();
-                if round(&spec, &*ds, &shared, &may_write, &opts, &wanted, &mut guard, started.elapsed()).await == Round::NotNow {
-                    due = Some(tokio::time::Instant::now() + RETRY);
-                }
+                due = match round(&spec, &*ds, &shared, &may_write, &opts, &wanted, &mut guard, started.elapsed()).await {
+                    Round::Ran => None,
+                    Round::NotNow => Some(tokio::time::Instant::now() + RETRY),
+                    Round::Held(wait) => Some(tokio::time::Instant::now() + wait + BATCH),
+                };
             }
             _ = stop.changed() => {
                 if *stop.borrow() {
@@ -325,6 +328,7 @@ async fn round<D: Datastore>(
     if held > 0 {
         tracing::warn!(controller = spec.name, held, owned = owned.len(), "mass-change guard: deletes held until a round one grace period later proposes them again");
     }
+    let done = if held > 0 { Round::Held(Duration::from_millis(grace.max(0) as u64)) } else { Round::Ran };
     let allowed: BTreeSet<usize> = deletes.iter().filter(|(m, _)| decision.allows(**m)).map(|(_, i)| *i).collect();
     for (i, write) in writes.iter().enumerate() {
         if matches!(write, Write::Delete { .. }) && !allowed.contains(&i) {
@@ -358,7 +362,7 @@ async fn round<D: Datastore>(
             opts.events.record(event);
         }
     }
-    Round::Ran
+    done
 }
 
 #[cfg(test)]
@@ -487,10 +491,10 @@ mod tests {
         let opts = LightOptions { guard: GuardConfig::default(), ..OPTS };
         let wanted = listed(&NAMESPACE, vec![]);
         let mut g = MassGuard::new();
-        round(&NAMESPACE, &ds, &shared, &leading, &opts, &wanted, &mut g, Duration::ZERO).await;
+        let grace = Duration::from_millis(shared.config.borrow().run.leak_grace() as u64);
+        assert_eq!(round(&NAMESPACE, &ds, &shared, &leading, &opts, &wanted, &mut g, Duration::ZERO).await, Round::Held(grace));
         assert_eq!(ds.snapshot(Kind::Profile).len(), 60, "an empty namespace list does not wipe every profile at once");
         assert_eq!(shared.metrics(|m| m.mass_change_held.get("namespace-profiles").copied()), Some(60));
-        let grace = Duration::from_millis(shared.config.borrow().run.leak_grace() as u64);
         round(&NAMESPACE, &ds, &shared, &leading, &opts, &wanted, &mut g, grace + Duration::from_secs(1)).await;
         assert!(ds.snapshot(Kind::Profile).is_empty(), "proposed again a grace period later: deleted");
     }

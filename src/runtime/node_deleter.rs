@@ -51,6 +51,18 @@ pub struct NodeDeleterOptions {
 enum Swept {
     Ran,
     NotNow,
+    /// The guard holds deletions: the sweep that may let them through is due this much later.
+    Held(Duration),
+}
+
+/// When the next sweep is due after one that ended with `swept` (`None`: at the usual times).
+fn next_sweep(swept: Swept) -> Option<Duration> {
+    match swept {
+        Swept::Ran => None,
+        Swept::NotNow => Some(RETRY),
+        // Just past the guard's wait, so the held set is proposed again as soon as it may pass.
+        Swept::Held(wait) => Some(wait.min(SWEEP_EVERY) + BATCH),
+    }
 }
 
 /// The Kubernetes Node names as the watch shows them, and whether that view is whole.
@@ -147,14 +159,12 @@ pub async fn run<D: Datastore, C: ClusterReader>(
                 }
             }
             _ = wait_due => {
-                due = None;
-                if sweep(&*ds, &*cluster, &shared, &may_write, &opts, &view, &mut guard, started.elapsed()).await == Swept::NotNow {
-                    due = Some(tokio::time::Instant::now() + RETRY);
-                }
+                due = next_sweep(sweep(&*ds, &*cluster, &shared, &may_write, &opts, &view, &mut guard, started.elapsed()).await).map(|d| tokio::time::Instant::now() + d);
             }
             _ = periodic.tick() => {
-                if sweep(&*ds, &*cluster, &shared, &may_write, &opts, &view, &mut guard, started.elapsed()).await == Swept::NotNow && due.is_none() {
-                    due = Some(tokio::time::Instant::now() + RETRY);
+                let next = next_sweep(sweep(&*ds, &*cluster, &shared, &may_write, &opts, &view, &mut guard, started.elapsed()).await);
+                if due.is_none() {
+                    due = next.map(|d| tokio::time::Instant::now() + d);
                 }
             }
             _ = stop.changed() => {
@@ -221,9 +231,10 @@ async fn sweep<D: Datastore, C: ClusterReader>(
             tracing::warn!(waiting = h.waiting, total = h.total, id = %h.id, "mass-change guard: Calico Node deletions held until a sweep one grace period later proposes them again, or approval");
         }
     }
+    let done = if held > 0 { Swept::Held(wait) } else { Swept::Ran };
     let allowed: Vec<&Orphan> = members.iter().filter(|(m, _)| decision.allows(**m)).map(|(_, o)| o).collect();
     if allowed.is_empty() {
-        return Swept::Ran;
+        return done;
     }
     // The kinds that name their node, listed once for every node of this sweep.
     let (weps, peers, heps) = match (ds.list(Kind::WorkloadEndpoint).await, ds.list(Kind::BgpPeer).await, ds.list(Kind::HostEndpoint).await) {
@@ -260,7 +271,7 @@ async fn sweep<D: Datastore, C: ClusterReader>(
             }
         }
     }
-    Swept::Ran
+    done
 }
 
 /// Label sync (SPEC §1.5): every Calico Node with a `k8s` orchRef whose Kubernetes node the
@@ -451,7 +462,10 @@ mod tests {
         o.guard = GuardConfig::default();
         let mut g = MassGuard::new();
         let view = whole_view(&[]);
-        sweep(&*ds, &*cluster, &shared, &leading, &o, &view, &mut g, Duration::ZERO).await;
+        let swept = sweep(&*ds, &*cluster, &shared, &leading, &o, &view, &mut g, Duration::ZERO).await;
+        assert_eq!(swept, Swept::Held(Duration::from_secs(2)));
+        assert_eq!(next_sweep(swept), Some(Duration::from_secs(3)), "the next sweep comes just after the guard's wait");
+        assert_eq!(next_sweep(Swept::Held(Duration::from_secs(3600))), Some(SWEEP_EVERY + BATCH));
         assert_eq!(ds.snapshot(Kind::CalicoNode).len(), 10, "every node at once: held");
         assert_eq!(shared.metrics(|m| m.mass_change_held.get(ETCD_NODES.name).copied()), Some(10));
         sweep(&*ds, &*cluster, &shared, &leading, &o, &view, &mut g, Duration::from_secs(1)).await;

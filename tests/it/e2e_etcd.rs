@@ -636,3 +636,40 @@ async fn on_etcd_namespaces_service_accounts_and_network_policies_become_calico_
     let metrics = http_get(port, "/metrics").await.expect("metrics").1;
     assert!(metrics.contains("kube_controllers_writes_total{controller=\"policy\",op=\"create\",outcome=\"ok\"} 1"), "{metrics}");
 }
+
+/// The node deleter's deletions above the mass-change guard's threshold wait for a sweep one
+/// grace period later (SPEC Part A), on real etcd: all three Calico Nodes stand for Kubernetes
+/// nodes that are gone, which trips the guard (at least 2 nodes and over 20%).
+#[tokio::test]
+async fn on_etcd_a_mass_node_deletion_is_held_then_done_a_grace_period_later() {
+    let (cluster, ds, env, _nodes) = etcd_cluster().await;
+    for n in ["cn-m1", "cn-m2", "cn-m3"] {
+        put_calico_node(&ds, n, Some(&format!("k8s-{n}"))).await;
+    }
+    let env = [pairs(&env), vec![("CKC_MASS_CHANGE_MIN_NODES", "2")]].concat();
+    let port = free_port();
+    let started = Instant::now();
+    let controller = start_controller_with(&cluster.kubeconfig, &["--leak-grace-period", "4s"], &env, port, "etcd-node-guard");
+    let held = wait_for_metric(port, "kube_controllers_mass_change_held{scope=\"etcd-nodes\"} 3", &controller).await;
+    assert!(exists(&ds, Kind::CalicoNode, "cn-m1").await, "held: nothing deleted yet\n{held}");
+    wait_gone(&ds, Kind::CalicoNode, "cn-m1", &controller).await;
+    for n in ["cn-m2", "cn-m3"] {
+        wait_gone(&ds, Kind::CalicoNode, n, &controller).await;
+    }
+    assert!(started.elapsed() >= Duration::from_secs(4), "not before the grace period: {:?}", started.elapsed());
+    wait_for_metric(port, "kube_controllers_mass_change_held{scope=\"etcd-nodes\"} 0", &controller).await;
+}
+
+/// Waits until `/metrics` on `port` holds `line`; returns the scrape.
+async fn wait_for_metric(port: u16, line: &str, controller: &ChildGuard) -> String {
+    let started = Instant::now();
+    loop {
+        if let Some((200, body)) = http_get(port, "/metrics").await
+            && body.contains(line)
+        {
+            return body;
+        }
+        assert!(started.elapsed() < DEADLINE, "no {line} in /metrics within {DEADLINE:?}\n{}", controller.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

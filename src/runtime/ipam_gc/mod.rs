@@ -364,7 +364,13 @@ impl GcController {
     fn publish_guard(&mut self, time: crate::model::time::PassTime) {
         let held = self.gc.guard_held();
         let counts: BTreeMap<&'static str, u64> = held.iter().map(|h| (h.scope.name, h.waiting)).collect();
-        self.shared.metrics(|m| m.mass_change_held = counts);
+        // Only the GC's own scopes: the node deleter and the light controllers keep theirs.
+        self.shared.metrics(|m| {
+            for scope in [crate::guard::IPAM_ADDRESSES, crate::guard::IPAM_NODES] {
+                m.mass_change_held.remove(scope.name);
+            }
+            m.mass_change_held.extend(counts);
+        });
         let ids: Vec<String> = held.iter().map(|h| h.id.clone()).collect();
         if ids == self.said.guard_ids {
             return;
