@@ -88,6 +88,18 @@ impl LightSpec {
         own.starts_with(self.prefix)
     }
 
+    /// The datastore name a source object's object has, converted or not.
+    fn target_name(&self, source: &Value) -> Option<String> {
+        let meta = &source["metadata"];
+        let name = meta["name"].as_str().filter(|n| !n.is_empty())?;
+        let ns = meta["namespace"].as_str().filter(|n| !n.is_empty()).unwrap_or("default");
+        Some(match self.source {
+            ClusterKind::Namespace => format!("{}{name}", policy::NAMESPACE_PROFILE_PREFIX),
+            ClusterKind::ServiceAccount => format!("{}{ns}.{name}", policy::SERVICE_ACCOUNT_PROFILE_PREFIX),
+            _ => format!("{ns}/{}{name}", policy::POLICY_NAME_PREFIX),
+        })
+    }
+
     /// The wanted object for one source object, `None` when it wants none.
     fn want(&self, source: &Value, bad_rules: BadRules) -> Option<Want> {
         let mut dropped = Vec::new();
@@ -143,6 +155,11 @@ struct Wanted {
     /// `<namespace>/<name>` (or `<name>`) of the source -> what it wants.
     by_source: BTreeMap<String, Want>,
     relisting: Option<BTreeMap<String, Want>>,
+    /// Sources that exist but do not convert (and had no good object in this process), by
+    /// source key -> the datastore name their object has: that object is left as it is, never
+    /// deleted (after a restart, too, dropping a whole policy would fail open).
+    unconverted: BTreeMap<String, String>,
+    unconverted_relisting: Option<BTreeMap<String, String>>,
     bad_rules: BadRules,
     synced: bool,
     failing: bool,
@@ -163,15 +180,29 @@ impl Wanted {
         match event {
             WatchEvent::Init => {
                 self.relisting = Some(BTreeMap::new());
+                self.unconverted_relisting = Some(BTreeMap::new());
                 false
             }
             WatchEvent::InitApply(o) => {
-                if let (Some(r), Some(e)) = (self.relisting.as_mut(), entry(&o)) {
-                    r.insert(source_key(&o), e);
+                let key = source_key(&o);
+                // A source that no longer converts keeps what it wanted before (its object is
+                // not deleted: dropping a whole policy would fail open).
+                match entry(&o).or_else(|| self.by_source.get(&key).cloned()) {
+                    Some(e) => {
+                        if let Some(r) = self.relisting.as_mut() {
+                            r.insert(key, e);
+                        }
+                    }
+                    None => {
+                        if let (Some(u), Some(name)) = (self.unconverted_relisting.as_mut(), spec.target_name(&o.value)) {
+                            u.insert(key, name);
+                        }
+                    }
                 }
                 false
             }
             WatchEvent::InitDone => {
+                self.unconverted = self.unconverted_relisting.take().unwrap_or_default();
                 self.by_source = self.relisting.take().unwrap_or_default();
                 self.synced = true;
                 self.failing = false;
@@ -186,13 +217,26 @@ impl Wanted {
                     return false;
                 }
                 match entry(&o) {
-                    Some(e) => self.by_source.insert(key, e.clone()) != Some(e),
-                    None => self.by_source.remove(&key).is_some(),
+                    Some(e) => {
+                        self.unconverted.remove(&key);
+                        self.by_source.insert(key, e.clone()) != Some(e)
+                    }
+                    // Not convertible any more: the last good object stays (see InitApply).
+                    None => {
+                        if !self.by_source.contains_key(&key)
+                            && let Some(name) = spec.target_name(&o.value)
+                        {
+                            self.unconverted.insert(key, name);
+                        }
+                        false
+                    }
                 }
             }
             WatchEvent::Delete(o) => {
                 self.failing = false;
-                self.by_source.remove(&source_key(&o)).is_some()
+                let key = source_key(&o);
+                let was_unconverted = self.unconverted.remove(&key).is_some();
+                self.by_source.remove(&key).is_some() || was_unconverted
             }
             WatchEvent::Error(_) => {
                 self.failing = true;
@@ -207,6 +251,11 @@ impl Wanted {
 
     fn whole(&self) -> bool {
         self.synced && !self.failing && self.relisting.is_none()
+    }
+
+    /// Datastore names of objects whose sources exist but do not convert: left alone.
+    fn left_alone(&self) -> BTreeSet<&str> {
+        self.unconverted.values().map(String::as_str).collect()
     }
 
     fn desired(&self) -> BTreeMap<String, Value> {
@@ -271,8 +320,12 @@ pub async fn run<D: Datastore, C: ClusterReader>(
         tokio::select! {
             event = events.next() => {
                 let Some(event) = event else { return };
-                if wanted.apply(&spec, event) && due.is_none() {
-                    due = Some(tokio::time::Instant::now() + BATCH);
+                // A change is acted on within the batch window, even while the guard holds
+                // deletes (a round before the hold ends is safe: the guard judges each member by
+                // when it was first proposed).
+                if wanted.apply(&spec, event) {
+                    let soon = tokio::time::Instant::now() + BATCH;
+                    due = Some(due.map_or(soon, |d| d.min(soon)));
                 }
             }
             _ = wait => {
@@ -280,6 +333,8 @@ pub async fn run<D: Datastore, C: ClusterReader>(
                 due = match round(&spec, &*ds, &shared, &may_write, &opts, &wanted, &mut guard, started.elapsed()).await {
                     Round::Ran => None,
                     Round::NotNow => Some(tokio::time::Instant::now() + RETRY),
+                    // A zero wait lets only approvals through: the usual period, not a spin.
+                    Round::Held(wait) if wait.is_zero() => None,
                     Round::Held(wait) => Some(tokio::time::Instant::now() + wait + BATCH),
                 };
             }
@@ -308,8 +363,9 @@ async fn round<D: Datastore>(
     if spec.period(&shared.config.borrow().run).is_none() || !wanted.whole() || !(opts.dry_run || *may_write.borrow()) {
         return Round::NotNow;
     }
+    let left_alone = wanted.left_alone();
     let owned: Vec<Stored> = match ds.list(spec.target).await {
-        Ok(all) => all.into_iter().filter(|s| spec.owns(&s.name)).collect(),
+        Ok(all) => all.into_iter().filter(|s| spec.owns(&s.name) && !left_alone.contains(s.name.as_str())).collect(),
         Err(e) => {
             tracing::warn!(controller = spec.name, error = %e, "listing the objects it owns failed; retried shortly");
             return Round::NotNow;
@@ -497,6 +553,40 @@ mod tests {
         assert_eq!(shared.metrics(|m| m.mass_change_held.get("namespace-profiles").copied()), Some(60));
         round(&NAMESPACE, &ds, &shared, &leading, &opts, &wanted, &mut g, grace + Duration::from_secs(1)).await;
         assert!(ds.snapshot(Kind::Profile).is_empty(), "proposed again a grace period later: deleted");
+    }
+
+    #[test]
+    fn a_policy_edited_into_one_that_does_not_convert_keeps_its_last_good_object() {
+        let good = source("p", json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "p", "namespace": "web"}, "spec": {"podSelector": {}}}));
+        let mut bad = good.clone();
+        bad.value["spec"] = json!("not an object");
+        let mut w = listed(&POLICY, vec![good]);
+        assert!(!w.apply(&POLICY, WatchEvent::Apply(bad.clone())), "nothing to do");
+        assert!(w.desired().contains_key("web/knp.default.p"), "deleting it would fail open");
+        w.apply(&POLICY, WatchEvent::Init);
+        w.apply(&POLICY, WatchEvent::InitApply(bad.clone()));
+        w.apply(&POLICY, WatchEvent::InitDone);
+        assert!(w.desired().contains_key("web/knp.default.p"), "a relist keeps it too");
+        assert!(w.apply(&POLICY, WatchEvent::Delete(bad.clone())));
+        assert!(w.desired().is_empty(), "deleted with its source");
+        // A fresh process that never saw it convert leaves the stored object alone.
+        let fresh = listed(&POLICY, vec![bad]);
+        assert!(fresh.desired().is_empty());
+        assert_eq!(fresh.left_alone(), ["web/knp.default.p"].into());
+    }
+
+    #[tokio::test]
+    async fn after_a_restart_the_object_of_a_policy_that_does_not_convert_is_not_deleted() {
+        let ds = MemoryDatastore::new();
+        ds.create(Kind::NetworkPolicy, "web/knp.default.p", json!({"metadata": {"name": "knp.default.p"}, "spec": {"selector": "all()"}})).await.unwrap();
+        let bad = source("p", json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "p", "namespace": "web"}, "spec": "broken"}));
+        let shared = shared();
+        let (_tx, leading) = watch::channel(true);
+        let mut g = MassGuard::new();
+        round(&POLICY, &ds, &shared, &leading, &OPTS, &listed(&POLICY, vec![bad]), &mut g, Duration::ZERO).await;
+        assert!(ds.peek(Kind::NetworkPolicy, "web/knp.default.p").is_some(), "kept: deleting it would fail open");
+        round(&POLICY, &ds, &shared, &leading, &OPTS, &listed(&POLICY, vec![]), &mut g, Duration::ZERO).await;
+        assert!(ds.peek(Kind::NetworkPolicy, "web/knp.default.p").is_none(), "its source gone: deleted");
     }
 
     #[test]

@@ -61,6 +61,8 @@ fn next_sweep(swept: Swept) -> Option<Duration> {
         Swept::Ran => None,
         Swept::NotNow => Some(RETRY),
         // Just past the guard's wait, so the held set is proposed again as soon as it may pass.
+        // A zero wait lets only approvals through: the periodic sweep, not a spin.
+        Swept::Held(wait) if wait.is_zero() => None,
         Swept::Held(wait) => Some(wait.min(SWEEP_EVERY) + BATCH),
     }
 }
@@ -154,8 +156,10 @@ pub async fn run<D: Datastore, C: ClusterReader>(
         tokio::select! {
             event = nodes.next() => {
                 let Some(event) = event else { return };
-                if view.apply(event) && due.is_none() {
-                    due = Some(tokio::time::Instant::now() + BATCH);
+                // Within the batch window, even while the guard holds a set (see light.rs).
+                if view.apply(event) {
+                    let soon = tokio::time::Instant::now() + BATCH;
+                    due = Some(due.map_or(soon, |d| d.min(soon)));
                 }
             }
             _ = wait_due => {
@@ -466,6 +470,7 @@ mod tests {
         assert_eq!(swept, Swept::Held(Duration::from_secs(2)));
         assert_eq!(next_sweep(swept), Some(Duration::from_secs(3)), "the next sweep comes just after the guard's wait");
         assert_eq!(next_sweep(Swept::Held(Duration::from_secs(3600))), Some(SWEEP_EVERY + BATCH));
+        assert_eq!(next_sweep(Swept::Held(Duration::ZERO)), None, "grace 0: no one-second spin");
         assert_eq!(ds.snapshot(Kind::CalicoNode).len(), 10, "every node at once: held");
         assert_eq!(shared.metrics(|m| m.mass_change_held.get(ETCD_NODES.name).copied()), Some(10));
         sweep(&*ds, &*cluster, &shared, &leading, &o, &view, &mut g, Duration::from_secs(1)).await;
