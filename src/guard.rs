@@ -67,6 +67,12 @@ pub const IPAM_NODES: Scope = Scope { name: "ipam-nodes", unit: Unit::Nodes };
 /// The etcd-mode node deleter's Calico Node cascades.
 pub const ETCD_NODES: Scope = Scope { name: "etcd-nodes", unit: Unit::Nodes };
 
+/// The set ids an operator approved, as an approval annotation lists them (comma-separated,
+/// spaces and empty entries ignored).
+pub fn parse_approvals(annotation: &str) -> BTreeSet<String> {
+    annotation.split(',').map(str::trim).filter(|id| !id.is_empty()).map(str::to_string).collect()
+}
+
 /// A stable fingerprint of a member (FNV-1a over the caller's parts: the same on every
 /// platform and in every process, so an approval id survives a restart).
 pub fn fingerprint(parts: &[&[u8]]) -> u64 {
@@ -291,6 +297,12 @@ mod tests {
         assert_eq!(review(&mut g, &later, 1_000, true, GRACE), Decision::Only(set(100..300)), "0..100 were not proposed again; 300..400 are new");
         assert_eq!(g.held()[0].waiting, 100);
         assert_eq!(g.held()[0].since, GRACE);
+    }
+
+    #[test]
+    fn approvals_are_the_comma_separated_ids_without_blanks() {
+        assert_eq!(parse_approvals(" a1, ,b2,,"), ["a1".to_string(), "b2".to_string()].into());
+        assert!(parse_approvals("").is_empty());
     }
 
     #[test]

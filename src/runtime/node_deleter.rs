@@ -322,7 +322,7 @@ async fn approvals<D: Datastore>(ds: &D, kcc: Option<&str>) -> BTreeSet<String> 
     match ds.get(Kind::KubeControllersConfiguration, name).await {
         Ok(o) => o.value["metadata"]["annotations"][super::ipam_gc::inputs::APPROVE_ANNOTATION]
             .as_str()
-            .map(|v| v.split(',').map(str::trim).filter(|id| !id.is_empty()).map(str::to_string).collect())
+            .map(guard::parse_approvals)
             .unwrap_or_default(),
         Err(_) => BTreeSet::new(),
     }

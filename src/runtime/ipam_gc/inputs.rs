@@ -259,9 +259,7 @@ impl GcInputs {
     /// [`APPROVE_ANNOTATION`] of this process's KubeControllersConfiguration.
     pub fn guard_approvals(&self) -> BTreeSet<String> {
         let Some(kcc) = &self.kcc else { return BTreeSet::new() };
-        kcc.metadata.annotations.get(APPROVE_ANNOTATION).map_or_else(BTreeSet::new, |v| {
-            v.split(',').map(str::trim).filter(|id| !id.is_empty()).map(str::to_string).collect()
-        })
+        kcc.metadata.annotations.get(APPROVE_ANNOTATION).map_or_else(BTreeSet::new, |v| crate::guard::parse_approvals(v))
     }
 
     /// The required sources whose view decisions may not rest on now, each with why: its watch
