@@ -41,7 +41,7 @@ case "$desc" in
     exit 1
     ;;
 esac
-if ldd "$bin" >/dev/null 2>&1 && ! ldd "$bin" 2>&1 | grep -q "statically linked"; then
+if ldd "$bin" >/dev/null 2>&1 && ! ldd "$bin" 2>&1 | grep "statically linked" >/dev/null; then
   echo "build-binary: ldd lists shared libraries for $bin:" >&2
   ldd "$bin" >&2
   exit 1

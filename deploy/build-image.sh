@@ -28,7 +28,7 @@ if [[ -z "$binary" ]]; then
 fi
 ca="${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}"
 
-version="$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)"
+version="$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | sed -n 1p)"
 revision="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
 if ! git diff --quiet HEAD 2>/dev/null; then revision="$revision-dirty"; fi
 source="${SOURCE:-$(git remote get-url origin 2>/dev/null || echo unknown)}"

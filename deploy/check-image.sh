@@ -47,7 +47,7 @@ layer="$(blob "$(jq -r '.layers[0].digest' "$manifest")")"
 [[ "$(jq -r .config.User "$config")" == 999:0 ]] || fail "User is $(jq -r .config.User "$config"), want 999:0"
 [[ "$(jq -c .config.Entrypoint "$config")" == '["/usr/bin/kube-controllers"]' ]] || fail "Entrypoint is $(jq -c .config.Entrypoint "$config")"
 [[ "$(jq -c '.config.Cmd // null' "$config")" == null ]] || fail "a Cmd would be passed to the controller as arguments"
-version="$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)"
+version="$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | sed -n 1p)"
 [[ "$(jq -r '.config.Labels["org.opencontainers.image.version"]' "$config")" == "$version" ]] || fail "version label is not $version"
 for label in source revision; do
   v="$(jq -r ".config.Labels[\"org.opencontainers.image.$label\"] // empty" "$config")"
@@ -110,7 +110,7 @@ chmod 0755 "$work"
 mkdir "$work/rootfs"
 tar -xzf "$layer" -C "$work/rootfs" --numeric-owner
 bin="$work/rootfs/usr/bin/calico-kube-controllers"
-file -b "$bin" | grep -Eq 'statically linked|static-pie linked' || fail "the image's binary is not static: $(file -b "$bin")"
+file -b "$bin" | grep -E 'statically linked|static-pie linked' >/dev/null || fail "the image's binary is not static: $(file -b "$bin")"
 if [[ "$(id -u)" == 0 ]]; then
   as999=(setpriv --reuid=999 --regid=0 --clear-groups --)
 else
@@ -140,7 +140,8 @@ ok "simulate --nodes 50 as UID 999 in a read-only working tree ($((SECONDS - sta
 if [[ "$with_cluster" == --cluster ]]; then
   [[ "$(id -u)" == 0 ]] || fail "--cluster needs root (chroot)"
   cluster_dir="$work/cluster"
-  kubeconfig="$(scripts/test-cluster.sh start "$cluster_dir" --owner-pid $$ | head -n 1)"
+  # sed, not head: head leaves after the first line and the script then dies of SIGPIPE (141).
+  kubeconfig="$(scripts/test-cluster.sh start "$cluster_dir" --owner-pid $$ | sed -n 1p)"
   kubectl=("$cluster_dir/bin/kubectl" --kubeconfig "$kubeconfig")
   "${kubectl[@]}" apply -k deploy/base >/dev/null
   token="$("${kubectl[@]}" -n kube-system create token calico-kube-controllers --duration=1h)"

@@ -7,14 +7,14 @@ set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 secs="${FUZZ_SECONDS:-20}"
 targets=(index_ops block_json dump_parse pod_json policy_convert)
-if rustup toolchain list 2>/dev/null | grep -q '^nightly' && ! command -v cargo-fuzz >/dev/null; then
+if rustup toolchain list 2>/dev/null | grep '^nightly' >/dev/null && ! command -v cargo-fuzz >/dev/null; then
   cargo install cargo-fuzz --locked >/dev/null 2>&1 || echo "fuzz-smoke: cargo-fuzz could not be installed; running uninstrumented" >&2
 fi
 for t in "${targets[@]}"; do
   mkdir -p "corpus/$t"
   cp -n seeds/"$t"/* "corpus/$t/" 2>/dev/null || true
 done
-if rustup toolchain list 2>/dev/null | grep -q '^nightly' && command -v cargo-fuzz >/dev/null; then
+if rustup toolchain list 2>/dev/null | grep '^nightly' >/dev/null && command -v cargo-fuzz >/dev/null; then
   for t in "${targets[@]}"; do
     cargo +nightly fuzz run "$t" "corpus/$t" -- -max_total_time="$secs" -rss_limit_mb=2048 2>&1 | tail -n 1
   done

@@ -259,7 +259,7 @@ ours() {
   local dir="$1" name="$2" pid
   pid="$(cat "$dir/pids/$name.pid" 2>/dev/null)" || return 1
   [[ -n "$pid" && -r "/proc/$pid/cmdline" ]] || return 1
-  tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$dir"
+  tr '\0' ' ' <"/proc/$pid/cmdline" | grep -F -- "$dir" >/dev/null
 }
 
 # Starts a detached process (own session, no inherited stdio, so a caller capturing our output or

@@ -41,7 +41,19 @@ need_packages() {
 }
 
 core_build() { cargo build --no-default-features --lib; }
+# Under `set -o pipefail` a reader that leaves early (`head`, `grep -q`) kills the writer with
+# SIGPIPE and the pipeline fails with 141 when the writer had more to say: CI once died so.
+early_exit_pipes() {
+  local hits
+  hits="$(grep -nE '\|[[:space:]]*(head|grep[[:space:]]+-[a-zA-Z]*q)' .ci/run scripts/*.sh deploy/*.sh || true)"
+  if [ -n "$hits" ]; then
+    echo "a pipe into head or grep -q (use sed -n 1p / grep >/dev/null):"
+    echo "$hits"
+    return 1
+  fi
+}
 lint() {
+  early_exit_pipes
   if cargo clippy --version >/dev/null 2>&1; then
     cargo clippy --no-default-features --lib --tests -- -D warnings
   else
