@@ -313,6 +313,11 @@ impl EnvConfig {
     pub fn kcc(&self) -> Option<&str> {
         (!self.kcc_api_disabled).then(|| self.kcc_name.as_deref().unwrap_or(DEFAULT_KCC_NAME))
     }
+
+    /// A controller's `*_WORKERS` (writes in flight at once): upstream's default of 1 when unset.
+    pub fn workers_for(&self, var: &str) -> usize {
+        self.workers.get(var).map_or(1, |n| (*n).max(1) as usize)
+    }
 }
 
 const WORKER_VARS: [&str; 4] = ["WORKLOAD_ENDPOINT_WORKERS", "PROFILE_WORKERS", "POLICY_WORKERS", "NODE_WORKERS"];
@@ -797,8 +802,9 @@ impl RunConfig {
     /// Enabled controllers this version does not implement (logged once, listed in the status
     /// file; never fatal, so a drop-in deployment keeps running its GC).
     pub fn not_implemented(&self) -> Vec<&'static str> {
-        // On etcd the namespace, service-account and policy controllers run (runtime::light).
-        let runs = |c: &ControllerName| c.implemented() || (self.etcd && matches!(c, ControllerName::Namespace | ControllerName::ServiceAccount | ControllerName::Policy));
+        // On etcd the namespace, service-account, policy (runtime::light) and workload-endpoint
+        // (runtime::endpoints) controllers run.
+        let runs = |c: &ControllerName| c.implemented() || (self.etcd && matches!(c, ControllerName::Namespace | ControllerName::ServiceAccount | ControllerName::Policy | ControllerName::WorkloadEndpoint));
         let mut out: Vec<&'static str> = self.enabled_controllers().into_iter().filter(|c| !runs(c)).map(ControllerName::as_str).collect();
         if self.policy_name_migrator {
             out.push("policy-name-migrator");

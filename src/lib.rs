@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 pub mod config;
 pub mod convert;
+pub mod endpoint_labels;
 pub mod datastore;
 pub mod guard;
 pub mod health;

@@ -27,6 +27,11 @@ pub const MASS_CHANGE_GUARD: &str = "MassChangeGuard";
 pub const EVENT_LOOP: &str = "EventLoop";
 /// Ours: always ready; its reason lists enabled controllers this version does not implement.
 pub const CONTROLLERS: &str = "Controllers";
+/// Ours: one enabled light controller's view (`Controller:<name>`): ready once its source is
+/// listed and its watch healthy; absent while the controller is disabled.
+pub fn controller_key(name: &str) -> String {
+    format!("Controller:{name}")
+}
 /// Ours: the key of a watch the apiserver refuses (`Watch:<plural>`).
 pub fn watch_key(plural: &str) -> String {
     format!("Watch:{plural}")

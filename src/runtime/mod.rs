@@ -30,6 +30,7 @@ use crate::scan::report::LeakReport;
 
 pub mod backoff;
 pub mod discovery;
+pub mod endpoints;
 pub mod events;
 pub mod health_check;
 pub mod http;
@@ -305,7 +306,9 @@ async fn run_on<D: Datastore + Clone + 'static>(client: kube::Client, backend: B
         Some(_) => {}
         None => tracing::info!("configuration: environment only (DISABLE_KUBE_CONTROLLERS_CONFIG_API); no KubeControllersConfiguration is read or written"),
     }
-    let watchers = watch::spawn_all(&ds, &cluster, &tx, &shared, kcc.is_some());
+    // etcd mode only: the workload-endpoint controller taps the GC's pod watch (SPEC §6.5).
+    let endpoint_feed = ds.keeps_calico_nodes().then(|| endpoints::EndpointFeed::new(shared.config.borrow().run.workload_endpoint.is_some()));
+    let watchers = watch::spawn_all(&ds, &cluster, &tx, &shared, kcc.is_some(), endpoint_feed.as_ref().map(|(f, _)| f.clone()));
     drop(tx);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let live_task = tokio::spawn(live::apply_config(shared.clone(), opts.clone(), metrics));
@@ -369,6 +372,10 @@ async fn run_on<D: Datastore + Clone + 'static>(client: kube::Client, backend: B
     } else {
         Vec::new()
     };
+    let endpoints_task = endpoint_feed.map(|(feed, rx)| {
+        let o = endpoints::EndpointOptions { dry_run: opts.controller.dry_run, workers: opts.controller.env.workers_for("WORKLOAD_ENDPOINT_WORKERS") };
+        tokio::spawn(endpoints::run(ds.clone(), shared.clone(), feed, rx, may_write.clone(), o, stop_rx.clone()))
+    });
     let controller = ipam_gc::GcController::new(ds.clone(), cluster.clone(), opts.controller.clone(), shared.clone(), may_write).with_events(events);
     let gc_task = tokio::spawn(controller.run(rx, stop_rx));
 
@@ -386,7 +393,7 @@ async fn run_on<D: Datastore + Clone + 'static>(client: kube::Client, backend: B
     for w in watchers {
         w.abort();
     }
-    for task in [Some(live_task), Some(health_task), writer_task, compactor_task, node_deleter_task].into_iter().flatten().chain(light_tasks) {
+    for task in [Some(live_task), Some(health_task), writer_task, compactor_task, node_deleter_task, endpoints_task].into_iter().flatten().chain(light_tasks) {
         task.abort();
     }
     for s in servers {

@@ -17,6 +17,7 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use super::Shared;
+use super::endpoints::EndpointFeed;
 use crate::datastore::{ClusterKind, ClusterReader, Datastore, Kind, Stored, WatchEvent, WatchStream};
 use crate::health;
 use crate::model::{
@@ -280,16 +281,22 @@ pub fn stream_of<D: Datastore, C: ClusterReader>(ds: &D, cluster: &C, source: So
 /// Without `kcc_api` (DISABLE_KUBE_CONTROLLERS_CONFIG_API) the KubeControllersConfiguration is
 /// never watched: its source lists as empty once, so the configuration comes from the
 /// environment alone and readiness does not wait for it.
-pub fn spawn_all<D, C>(ds: &Arc<D>, cluster: &Arc<C>, tx: &mpsc::Sender<Input>, shared: &Arc<Shared>, kcc_api: bool) -> Vec<tokio::task::JoinHandle<()>>
+///
+/// With `endpoints` (etcd mode) the pod watch is tapped for the workload-endpoint controller, and
+/// listed again when it asks (it was enabled after the start): one pod watch serves both.
+pub fn spawn_all<D, C>(ds: &Arc<D>, cluster: &Arc<C>, tx: &mpsc::Sender<Input>, shared: &Arc<Shared>, kcc_api: bool, endpoints: Option<EndpointFeed>) -> Vec<tokio::task::JoinHandle<()>>
 where
     D: Datastore + 'static,
     C: ClusterReader + 'static,
 {
     let mut tasks: Vec<_> = Source::ALL
         .iter()
-        .map(|&source| {
-            let stream = if source == Source::KubeControllersConfiguration && !kcc_api { empty_list() } else { stream_of(&**ds, &**cluster, source) };
-            tokio::spawn(forward(stream, source, tx.clone(), shared.clone()))
+        .map(|&source| match (source, endpoints.clone()) {
+            (Source::Pods, Some(feed)) => tokio::spawn(forward_tapped_pods(cluster.clone(), feed, tx.clone(), shared.clone())),
+            _ => {
+                let stream = if source == Source::KubeControllersConfiguration && !kcc_api { empty_list() } else { stream_of(&**ds, &**cluster, source) };
+                tokio::spawn(forward(stream, source, tx.clone(), shared.clone()))
+            }
         })
         .collect();
     if ds.keeps_calico_nodes() {
@@ -298,6 +305,18 @@ where
     }
     tasks.push(tokio::spawn(watch_kubevirt_when_installed(cluster.clone(), tx.clone(), shared.clone())));
     tasks
+}
+
+/// The pod watch, tapped for the workload-endpoint controller; started again (a fresh list, which
+/// the GC takes as any relist) when the controller asks.
+async fn forward_tapped_pods<C: ClusterReader + 'static>(cluster: Arc<C>, feed: EndpointFeed, tx: mpsc::Sender<Input>, shared: Arc<Shared>) {
+    loop {
+        let stream = feed.tap(cluster.watch(ClusterKind::Pod));
+        tokio::select! {
+            _ = forward(stream, Source::Pods, tx.clone(), shared.clone()) => return,
+            _ = feed.relist_requested() => tracing::info!("pod watch listed again for the workloadendpoint controller"),
+        }
+    }
 }
 
 /// A source that lists empty once and then stays quiet (it never ends, as a watch does not).

@@ -206,7 +206,7 @@ impl Running {
     fn start_as<D: Datastore + 'static>(ds: Arc<D>, cluster: Arc<MemoryCluster>, exec: ExecutorOptions, clock: Clock, grace: i64, leads: bool) -> Running {
         let shared = Arc::new(Shared::default());
         let (tx, rx) = mpsc::channel(crate::runtime::INPUT_QUEUE);
-        let watchers = spawn_all(&ds, &cluster, &tx, &shared, true);
+        let watchers = spawn_all(&ds, &cluster, &tx, &shared, true, None);
         drop(tx);
         let opts = ControllerOptions { dry_run: false, leak_grace_override: Some(grace), env: EnvConfig::default(), report_file: None };
         let (leader, may_write) = tokio::sync::watch::channel(leads);
