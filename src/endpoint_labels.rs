@@ -12,14 +12,16 @@ use serde_json::{Map, Value};
 
 use crate::policy::{self, ConvertError};
 
-/// What one pod wants on its endpoints: the few fields the controller writes.
+/// What one pod wants on its endpoints: the few fields the controller writes, compact (one is
+/// kept per pod): Calico's own labels are derived when compared, not stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointWant {
     /// The datastore name of its primary endpoint, `<namespace>/<node>-k8s-<pod>-eth0`.
-    pub endpoint: String,
-    pub labels: BTreeMap<String, String>,
+    pub endpoint: Box<str>,
+    /// The pod's own labels, sorted by key.
+    own_labels: Box<[(Box<str>, Box<str>)]>,
     /// Empty when the pod names none.
-    pub service_account: String,
+    pub service_account: Box<str>,
 }
 
 impl EndpointWant {
@@ -32,15 +34,46 @@ impl EndpointWant {
             Err(e) => return Err(e),
         };
         let meta = &wep["metadata"];
-        let endpoint = format!("{}/{}", meta["namespace"].as_str().unwrap_or_default(), meta["name"].as_str().unwrap_or_default());
-        let labels = string_map(&meta["labels"]);
-        let service_account = wep["spec"]["serviceAccountName"].as_str().unwrap_or_default().to_string();
-        Ok(Some(EndpointWant { endpoint, labels, service_account }))
+        let namespace = meta["namespace"].as_str().unwrap_or_default();
+        let endpoint = format!("{namespace}/{}", meta["name"].as_str().unwrap_or_default()).into_boxed_str();
+        let service_account: Box<str> = wep["spec"]["serviceAccountName"].as_str().unwrap_or_default().into();
+        let mut want = EndpointWant { endpoint, own_labels: Box::new([]), service_account };
+        let derived = want.calico_labels();
+        want.own_labels = string_map(&meta["labels"])
+            .into_iter()
+            .filter(|(k, v)| derived.iter().all(|(dk, dv)| dk != k || dv != v))
+            .map(|(k, v)| (k.into_boxed_str(), v.into_boxed_str()))
+            .collect();
+        Ok(Some(want))
     }
 
-    /// Heap bytes this record holds (the controller's memory per pod, for the metrics and docs).
+    /// The labels Calico adds to every Kubernetes endpoint (SPEC §6.5); they win over a pod
+    /// label of the same key.
+    fn calico_labels(&self) -> Vec<(String, String)> {
+        let namespace = self.endpoint.split_once('/').map_or("", |(ns, _)| ns);
+        let mut out = vec![("projectcalico.org/namespace".to_string(), namespace.to_string()), ("projectcalico.org/orchestrator".to_string(), "k8s".to_string())];
+        if !self.service_account.is_empty() && self.service_account.len() < policy::MAX_SERVICE_ACCOUNT_LABEL {
+            out.push(("projectcalico.org/serviceaccount".to_string(), self.service_account.to_string()));
+        }
+        out
+    }
+
+    /// Every label the endpoint should carry.
+    pub fn labels(&self) -> BTreeMap<String, String> {
+        let mut out: BTreeMap<String, String> = self.own_labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        out.extend(self.calico_labels());
+        out
+    }
+
+    /// The same want with other own labels (tests).
+    #[cfg(test)]
+    pub fn with_own_labels(&self, labels: &[(&str, &str)]) -> EndpointWant {
+        EndpointWant { own_labels: labels.iter().map(|(k, v)| (Box::from(*k), Box::from(*v))).collect(), ..self.clone() }
+    }
+
+    /// Heap bytes this record holds (the controller's memory per pod).
     pub fn heap_bytes(&self) -> usize {
-        self.endpoint.capacity() + self.service_account.capacity() + self.labels.iter().map(|(k, v)| k.capacity() + v.capacity() + 3 * size_of::<String>()).sum::<usize>()
+        self.endpoint.len() + self.service_account.len() + self.own_labels.iter().map(|(k, v)| k.len() + v.len() + size_of::<(Box<str>, Box<str>)>()).sum::<usize>()
     }
 
     /// The endpoint as it should be stored, `None` when `current` already has it. Only
@@ -48,18 +81,19 @@ impl EndpointWant {
     pub fn patched(&self, current: &Value) -> Option<Value> {
         let labels_now = string_map(&current["metadata"]["labels"]);
         let sa_now = current["spec"]["serviceAccountName"].as_str().unwrap_or_default();
-        if labels_now == self.labels && sa_now == self.service_account {
+        let labels = self.labels();
+        if labels_now == labels && sa_now == &*self.service_account {
             return None;
         }
         let mut out = current.clone();
         let root = out.as_object_mut()?;
         let meta = root.entry("metadata").or_insert_with(|| Value::Object(Map::new())).as_object_mut()?;
-        meta.insert("labels".into(), Value::Object(self.labels.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect()));
+        meta.insert("labels".into(), Value::Object(labels.into_iter().map(|(k, v)| (k, Value::String(v))).collect()));
         let spec = root.entry("spec").or_insert_with(|| Value::Object(Map::new())).as_object_mut()?;
         if self.service_account.is_empty() {
             spec.remove("serviceAccountName");
         } else {
-            spec.insert("serviceAccountName".into(), Value::String(self.service_account.clone()));
+            spec.insert("serviceAccountName".into(), Value::String(self.service_account.to_string()));
         }
         Some(out)
     }
@@ -100,15 +134,18 @@ mod tests {
     #[test]
     fn a_pod_wants_its_labels_with_calicos_three_and_its_service_account() {
         let w = EndpointWant::of_pod(&pod(json!({"app": "web"}), "frontend")).unwrap().unwrap();
-        assert_eq!(w.endpoint, "shop/node--a-k8s-web--1-eth0");
+        assert_eq!(&*w.endpoint, "shop/node--a-k8s-web--1-eth0");
         assert_eq!(
-            w.labels,
+            w.labels(),
             [("app", "web"), ("projectcalico.org/namespace", "shop"), ("projectcalico.org/orchestrator", "k8s"), ("projectcalico.org/serviceaccount", "frontend")]
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .into()
         );
-        assert_eq!(w.service_account, "frontend");
-        assert!(w.heap_bytes() > 100);
+        assert_eq!(&*w.service_account, "frontend");
+        assert_eq!(w.labels(), string_map(&policy::workload_endpoint(&pod(json!({"app": "web"}), "frontend")).unwrap()["metadata"]["labels"]), "as `convert` prints it");
+        let mut spoof = pod(json!({"projectcalico.org/namespace": "other"}), "frontend");
+        spoof["metadata"]["name"] = json!("web-1");
+        assert_eq!(EndpointWant::of_pod(&spoof).unwrap().unwrap().labels()["projectcalico.org/namespace"], "shop", "Calico's label wins over a pod's");
         let mut host = pod(json!({}), "x");
         host["spec"]["hostNetwork"] = json!(true);
         assert_eq!(EndpointWant::of_pod(&host).unwrap(), None, "host network: no endpoint");
@@ -125,14 +162,14 @@ mod tests {
         let w = EndpointWant::of_pod(&pod(json!({"app": "web"}), "frontend")).unwrap().unwrap();
         let current = endpoint(json!({"app": "old", "stale": "x"}));
         let out = w.patched(&current).expect("labels differ");
-        assert_eq!(string_map(&out["metadata"]["labels"]), w.labels);
+        assert_eq!(string_map(&out["metadata"]["labels"]), w.labels());
         assert_eq!(out["spec"]["serviceAccountName"], "frontend");
         let mut rest = out.clone();
         rest["metadata"]["labels"] = current["metadata"]["labels"].clone();
         rest["spec"]["serviceAccountName"] = current["spec"]["serviceAccountName"].clone();
         assert_eq!(rest, current, "every other field is the CNI plugin's and stays");
         assert_eq!(w.patched(&out), None, "in step: nothing to write");
-        let none = EndpointWant { service_account: String::new(), ..w.clone() };
+        let none = EndpointWant { service_account: "".into(), ..w.clone() };
         let cleared = none.patched(&out).unwrap();
         assert!(cleared["spec"].get("serviceAccountName").is_none());
         assert_eq!(none.patched(&cleared), None);
@@ -145,5 +182,17 @@ mod tests {
         other["spec"]["orchestrator"] = json!("openstack");
         assert_eq!(pod_of("shop", &other), None);
         assert_eq!(pod_of("shop", &json!({"spec": {"orchestrator": "k8s"}})), None);
+    }
+
+    #[test]
+    fn a_typical_pods_record_stays_small() {
+        // A Deployment's pod: app, pod-template-hash and version labels, plus Calico's three.
+        let p = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "checkout-7d9f8b6c4-x2x9k", "namespace": "shop",
+            "labels": {"app": "checkout", "pod-template-hash": "7d9f8b6c4", "version": "v1.42.0"}},
+            "spec": {"nodeName": "ip-10-0-12-34.eu-west-1.compute.internal", "serviceAccountName": "checkout"}});
+        let w = EndpointWant::of_pod(&p).unwrap().unwrap();
+        let bytes = w.heap_bytes() + size_of::<EndpointWant>();
+        eprintln!("endpoint want of a typical pod: {bytes} bytes");
+        assert!(bytes < 400, "{bytes} bytes per pod");
     }
 }

@@ -19,7 +19,7 @@ mod tests;
 use std::fmt;
 
 pub use netpol::{NAME_PREFIX as POLICY_NAME_PREFIX, network_policy};
-pub use objects::{NAMESPACE_PROFILE_PREFIX, SERVICE_ACCOUNT_PROFILE_PREFIX, namespace_profile, service_account_profile, workload_endpoint, workload_endpoint_name};
+pub use objects::{MAX_SERVICE_ACCOUNT_LABEL, NAMESPACE_PROFILE_PREFIX, SERVICE_ACCOUNT_PROFILE_PREFIX, namespace_profile, service_account_profile, workload_endpoint, workload_endpoint_name};
 
 /// The API version of every object this module produces.
 pub const API_VERSION: &str = "projectcalico.org/v3";

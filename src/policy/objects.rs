@@ -22,7 +22,7 @@ const SERVICE_ACCOUNT_LABEL_PREFIX: &str = "pcsa.";
 /// The label (after the prefix) holding the object's own name.
 const NAME_LABEL: &str = "projectcalico.org/name";
 /// Upstream adds the service-account label only below this length (a label value holds 63).
-const MAX_SERVICE_ACCOUNT_LABEL: usize = 63;
+pub const MAX_SERVICE_ACCOUNT_LABEL: usize = 63;
 
 /// The Profile `kns.<namespace>` for a Namespace: allow-all rules and the namespace's labels.
 pub fn namespace_profile(ns: &Value) -> Result<Value, ConvertError> {

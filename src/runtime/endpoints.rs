@@ -494,7 +494,7 @@ mod tests {
         drain(&mut rx, &mut pods);
         feed.offer(&WatchEvent::Apply(bad));
         drain(&mut rx, &mut pods);
-        assert_eq!(pods.by_pod["shop/a"].labels["app"], "a", "a good want survives a later malformed version");
+        assert_eq!(pods.by_pod["shop/a"].labels()["app"], "a", "a good want survives a later malformed version");
         let (_tx2, standby) = watch::channel(false);
         assert!(!round(&ds, &shared, &standby, &OPTS, &mut pods, true).await, "a standby does not run a round");
         let dry = EndpointOptions { dry_run: true, ..OPTS };
@@ -534,10 +534,11 @@ mod tests {
         assert_eq!(sync_one(&ds, &leading, &OPTS, &want, None).await, Outcome::Written);
         let got = ds.peek(Kind::WorkloadEndpoint, &a).unwrap().value;
         assert_eq!((got["metadata"]["labels"]["app"].as_str(), got["spec"]["containerID"].as_str()), (Some("a"), Some("c2")), "both writes kept");
-        let want = EndpointWant { labels: [("x".to_string(), "y".to_string())].into(), ..want };
+        let want = want.with_own_labels(&[("x", "y")]);
         ds.inject(Some(Kind::WorkloadEndpoint), Some(&a), Op::Update, ErrorKind::Conflict, TRIES as u32);
         assert_eq!(sync_one(&ds, &leading, &OPTS, &want, None).await, Outcome::Conflict, "gives up after a few tries; the next round retries");
-        let missing = EndpointWant { endpoint: "shop/none".into(), ..want };
+        let mut missing = want.clone();
+        missing.endpoint = "shop/none".into();
         assert_eq!(sync_one(&ds, &leading, &OPTS, &missing, None).await, Outcome::Missing, "never created");
     }
 }

@@ -673,3 +673,93 @@ async fn wait_for_metric(port: u16, line: &str, controller: &ChildGuard) -> Stri
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// SPEC §6.5, §9.6 on real etcd with two replicas: the leader writes each pod's labels (with
+/// Calico's namespace, orchestrator and service-account labels) and service account onto the
+/// endpoint the CNI plugin made, keeps every other field, follows label changes (also across an
+/// etcd restart), creates no endpoint and touches no endpoint of a pod it does not know; the
+/// standby writes nothing.
+#[tokio::test]
+async fn on_etcd_pod_labels_follow_onto_their_workload_endpoints_and_only_the_leader_writes() {
+    use k8s_openapi::api::core::v1::Pod;
+    use calico_kube_controllers::policy::workload_endpoint_name;
+    let (cluster, ds, env, _nodes) = etcd_cluster().await;
+    let client = cluster.client();
+    let ns = cluster.namespace_with_default_service_account(&client, "e2e-wep").await;
+    crate::support::cluster::create_service_account(&client, &ns, "api").await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let node = "wep-node";
+    for (name, sa) in [("web-a", "api"), ("web-b", "default"), ("pending", "default")] {
+        let node_name = if name == "pending" { "" } else { node };
+        let pod = json!({"metadata": {"name": name, "labels": {"app": name}},
+            "spec": {"nodeName": node_name, "serviceAccountName": sa, "containers": [{"name": "c", "image": "registry.invalid/c"}]}});
+        pods.create(&PostParams::default(), &serde_json::from_value(pod).unwrap()).await.expect("pod");
+    }
+    let wanted = |sa: &str, labels: serde_json::Value| {
+        let mut l = labels.as_object().unwrap().clone();
+        l.insert("projectcalico.org/namespace".into(), json!(ns));
+        l.insert("projectcalico.org/orchestrator".into(), json!("k8s"));
+        l.insert("projectcalico.org/serviceaccount".into(), json!(sa));
+        serde_json::Value::Object(l)
+    };
+    // What the CNI plugin wrote: web-a's labels are stale; web-b's are in step; a ghost pod's
+    // endpoint belongs to no pod the controller knows.
+    let endpoint = |pod: &str, labels: serde_json::Value, sa: &str| {
+        json!({"metadata": {"name": workload_endpoint_name(node, pod), "namespace": ns, "labels": labels},
+            "spec": {"orchestrator": "k8s", "node": node, "pod": pod, "endpoint": "eth0", "containerID": format!("cid-{pod}"),
+                "ipNetworks": ["10.65.9.1/32"], "profiles": [format!("kns.{ns}")], "serviceAccountName": sa}})
+    };
+    let name_of = |pod: &str| format!("{ns}/{}", workload_endpoint_name(node, pod));
+    ds.create(Kind::WorkloadEndpoint, &name_of("web-a"), endpoint("web-a", json!({"app": "old"}), "old")).await.expect("endpoint a");
+    let b = ds.create(Kind::WorkloadEndpoint, &name_of("web-b"), endpoint("web-b", wanted("default", json!({"app": "web-b"})), "default")).await.expect("endpoint b");
+    let ghost = ds.create(Kind::WorkloadEndpoint, &name_of("ghost"), endpoint("ghost", json!({"stale": "yes"}), "x")).await.expect("endpoint ghost");
+
+    let env = [pairs(&env), vec![("ENABLED_CONTROLLERS", "node,workloadendpoint"), ("RECONCILER_PERIOD", "2s"), ("POD_NAMESPACE", "kube-system")]].concat();
+    let (port_1, port_2) = (free_port(), free_port());
+    let replica = |pod_name: &'static str, port: u16| {
+        let env = [env.clone(), vec![("POD_NAME", pod_name)]].concat();
+        start_controller_with(&cluster.kubeconfig, &[], &env, port, &format!("etcd-wep-{pod_name}"))
+    };
+    let first = replica("wep-1", port_1);
+    let second = replica("wep-2", port_2);
+    let a = name_of("web-a");
+    let in_step = |labels: serde_json::Value| {
+        let want = wanted("api", labels);
+        move |v: Option<&serde_json::Value>| {
+            v.is_some_and(|v| v["metadata"]["labels"] == want && v["spec"]["serviceAccountName"] == "api" && v["spec"]["containerID"] == "cid-web-a" && v["spec"]["ipNetworks"] == json!(["10.65.9.1/32"]))
+        }
+    };
+    wait_object(&ds, Kind::WorkloadEndpoint, &a, &first, in_step(json!({"app": "web-a"}))).await;
+
+    // A label change follows within the batch, by one read and one write.
+    let relabel = |labels: serde_json::Value| json!({"metadata": {"labels": labels}});
+    pods.patch("web-a", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&relabel(json!({"app": null, "tier": "front"})))).await.expect("relabel");
+    wait_object(&ds, Kind::WorkloadEndpoint, &a, &first, in_step(json!({"tier": "front"}))).await;
+    // Across an etcd restart.
+    restart_calico_etcd(&cluster, &ds).await;
+    pods.patch("web-a", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&relabel(json!({"version": "2"})))).await.expect("relabel");
+    wait_object(&ds, Kind::WorkloadEndpoint, &a, &first, in_step(json!({"tier": "front", "version": "2"}))).await;
+    // Several full rounds (2 s) later: the in-step and the unknown endpoints were never written,
+    // and no endpoint was created (the pending pod has none).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(ds.get(Kind::WorkloadEndpoint, &name_of("web-b")).await.expect("b").revision, b.revision, "in step: not rewritten");
+    assert_eq!(ds.get(Kind::WorkloadEndpoint, &name_of("ghost")).await.expect("ghost").revision, ghost.revision, "a pod it does not know: untouched");
+    assert_eq!(ds.list(Kind::WorkloadEndpoint).await.expect("list").into_iter().filter(|s| s.name.starts_with(&format!("{ns}/"))).count(), 3, "none created");
+
+    let mut writes = Vec::new();
+    for (port, guard) in [(port_1, &first), (port_2, &second)] {
+        let metrics = http_get(port, "/metrics").await.expect("metrics").1;
+        let leading = metrics.lines().any(|l| l == "kube_controllers_leader 1");
+        let written = metrics.lines().find(|l| l.starts_with("kube_controllers_writes_total{controller=\"workloadendpoint\",op=\"update\",outcome=\"ok\"}")).map(|l| l.rsplit(' ').next().unwrap().to_string());
+        let (code, readiness) = http_get(port, "/readiness").await.expect("readiness");
+        assert_eq!(code, 200, "both replicas ready: {readiness}\n{}", guard.log_text());
+        writes.push((leading, written));
+    }
+    assert!(writes.iter().filter(|(l, _)| *l).count() == 1, "one leader: {writes:?}");
+    for (leading, written) in &writes {
+        match leading {
+            true => assert!(written.as_deref().is_some_and(|n| n.parse::<u32>().unwrap() >= 3), "the leader wrote each change: {writes:?}"),
+            false => assert_eq!(written, &None, "the standby writes nothing: {writes:?}"),
+        }
+    }
+}
