@@ -1094,6 +1094,8 @@ mod tests {
             assert!(err.to_string().starts_with(&format!("{var}=")), "{err}");
         }
         assert_eq!(env(&[("PROFILE_WORKERS", "4")]).workers.get("PROFILE_WORKERS"), Some(&4));
+        assert_eq!(env(&[("PROFILE_WORKERS", "4")]).workers_for("PROFILE_WORKERS"), 4);
+        assert_eq!(env(&[]).workers_for("POLICY_WORKERS"), 1, "upstream's default");
         assert_eq!(env(&[("LOG_LEVEL", "")]).log_level, None, "an empty value is unset");
     }
 

@@ -27,7 +27,6 @@ use super::Shared;
 use crate::datastore::watch::{WatchEvent, WatchStream};
 use crate::datastore::{Datastore, Kind, Stored};
 use crate::endpoint_labels::{EndpointWant, pod_of};
-use crate::health;
 
 /// The controller's name (`ENABLED_CONTROLLERS`, metric label).
 pub const NAME: &str = "workloadendpoint";
@@ -212,7 +211,6 @@ pub async fn run<D: Datastore>(
     opts: EndpointOptions,
     mut stop: watch::Receiver<bool>,
 ) {
-    let key = health::controller_key(NAME);
     let mut config = shared.config.subscribe();
     let mut pods = Pods::default();
     let mut due: Option<tokio::time::Instant> = None;
@@ -232,7 +230,7 @@ pub async fn run<D: Datastore>(
                 tracing::info!("workloadendpoint controller disabled: its pod view is dropped");
             }
         }
-        report(&shared, &key, enabled, &pods);
+        shared.status.controller_view(NAME, "pods", enabled, pods.synced, pods.failing.as_deref());
         let full_at = period.filter(|p| *p > 0 && pods.synced).map(|p| last_full + Duration::from_millis(p as u64));
         let next = [due, full_at].into_iter().flatten().min();
         let wait = async {
@@ -263,20 +261,6 @@ pub async fn run<D: Datastore>(
             changed = config.changed() => if changed.is_err() { return },
             _ = stop.changed() => if *stop.borrow() { return },
         }
-    }
-}
-
-/// The controller's readiness key: ready once enabled pods are listed and the watch is healthy;
-/// absent while the controller is disabled.
-fn report(shared: &Shared, key: &str, enabled: bool, pods: &Pods) {
-    if !enabled {
-        shared.status.remove_ready(key);
-    } else if let Some(reason) = &pods.failing {
-        shared.status.set_ready(key, false, format!("workloadendpoint: the pod watch failed: {reason}"));
-    } else if !pods.synced {
-        shared.status.set_ready(key, false, "workloadendpoint: waiting for the first list of pods");
-    } else {
-        shared.status.set_ready(key, true, "");
     }
 }
 

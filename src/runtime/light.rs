@@ -22,9 +22,10 @@ use tokio::sync::watch;
 use super::Shared;
 use super::events::{EventRecorder, EventRequest, Regarding};
 use crate::config::RunConfig;
+use crate::model::time::Millis;
 use crate::datastore::cluster::{ClusterKind, ClusterReader};
 use crate::datastore::watch::WatchEvent;
-use crate::datastore::{Datastore, Kind, Stored};
+use crate::datastore::{Datastore, DsResult, Kind, Stored};
 use crate::guard::{self, GuardConfig, MassGuard, Proposal, Scope, Unit};
 use crate::policy::{self, BadRules};
 use crate::reconcile::{self, Write};
@@ -45,6 +46,10 @@ pub struct LightSpec {
     /// The names it owns start with this (after `<namespace>/` for namespaced kinds).
     pub prefix: &'static str,
     scope: Scope,
+    /// Its reconciler period in the merged configuration (`Some` = enabled).
+    enabled: fn(&RunConfig) -> Option<Millis>,
+    /// The `*_WORKERS` variable that sets how many of its writes are in flight at once.
+    pub workers_var: &'static str,
 }
 
 pub const NAMESPACE: LightSpec = LightSpec {
@@ -53,6 +58,8 @@ pub const NAMESPACE: LightSpec = LightSpec {
     target: Kind::Profile,
     prefix: policy::NAMESPACE_PROFILE_PREFIX,
     scope: Scope { name: "namespace-profiles", unit: Unit::Addresses },
+    enabled: |run| run.namespace,
+    workers_var: "PROFILE_WORKERS",
 };
 pub const SERVICE_ACCOUNT: LightSpec = LightSpec {
     name: "serviceaccount",
@@ -60,6 +67,8 @@ pub const SERVICE_ACCOUNT: LightSpec = LightSpec {
     target: Kind::Profile,
     prefix: policy::SERVICE_ACCOUNT_PROFILE_PREFIX,
     scope: Scope { name: "serviceaccount-profiles", unit: Unit::Addresses },
+    enabled: |run| run.service_account,
+    workers_var: "PROFILE_WORKERS",
 };
 pub const POLICY: LightSpec = LightSpec {
     name: "policy",
@@ -67,6 +76,8 @@ pub const POLICY: LightSpec = LightSpec {
     target: Kind::NetworkPolicy,
     prefix: policy::POLICY_NAME_PREFIX,
     scope: Scope { name: "network-policies", unit: Unit::Addresses },
+    enabled: |run| run.policy,
+    workers_var: "POLICY_WORKERS",
 };
 pub const ALL: [LightSpec; 3] = [NAMESPACE, SERVICE_ACCOUNT, POLICY];
 
@@ -74,12 +85,7 @@ impl LightSpec {
     /// The reconciler period when the configuration enables this controller (0: no periodic
     /// round).
     fn period(&self, run: &RunConfig) -> Option<u64> {
-        let p = match self.name {
-            "namespace" => run.namespace,
-            "serviceaccount" => run.service_account,
-            _ => run.policy,
-        };
-        p.map(|ms| ms.max(0) as u64)
+        (self.enabled)(run).map(|ms| ms.max(0) as u64)
     }
 
     /// Whether the datastore object `name` is this controller's.
@@ -162,7 +168,8 @@ struct Wanted {
     unconverted_relisting: Option<BTreeMap<String, String>>,
     bad_rules: BadRules,
     synced: bool,
-    failing: bool,
+    /// The watch failed and has not delivered since: why.
+    failing: Option<String>,
 }
 
 fn source_key(o: &Stored) -> String {
@@ -205,11 +212,11 @@ impl Wanted {
                 self.unconverted = self.unconverted_relisting.take().unwrap_or_default();
                 self.by_source = self.relisting.take().unwrap_or_default();
                 self.synced = true;
-                self.failing = false;
+                self.failing = None;
                 true
             }
             WatchEvent::Apply(o) => {
-                self.failing = false;
+                self.failing = None;
                 // A namespace being deleted keeps its profile until it is gone (SPEC §6.2).
                 let terminating = spec.source == ClusterKind::Namespace && o.value["status"]["phase"] == "Terminating";
                 let key = source_key(&o);
@@ -233,24 +240,24 @@ impl Wanted {
                 }
             }
             WatchEvent::Delete(o) => {
-                self.failing = false;
+                self.failing = None;
                 let key = source_key(&o);
                 let was_unconverted = self.unconverted.remove(&key).is_some();
                 self.by_source.remove(&key).is_some() || was_unconverted
             }
-            WatchEvent::Error(_) => {
-                self.failing = true;
+            WatchEvent::Error(e) => {
+                self.failing = Some(e.message);
                 false
             }
             WatchEvent::Resumed => {
-                self.failing = false;
+                self.failing = None;
                 false
             }
         }
     }
 
     fn whole(&self) -> bool {
-        self.synced && !self.failing && self.relisting.is_none()
+        self.synced && self.failing.is_none() && self.relisting.is_none()
     }
 
     /// Datastore names of objects whose sources exist but do not convert: left alone.
@@ -277,6 +284,8 @@ pub struct LightOptions {
     pub bad_rules: BadRules,
     /// Where the Event about a policy written without some rules goes.
     pub events: EventRecorder,
+    /// Writes in flight at once (the spec's `*_WORKERS`).
+    pub workers: usize,
 }
 
 /// Whether a round ran, or must be tried again.
@@ -305,7 +314,9 @@ pub async fn run<D: Datastore, C: ClusterReader>(
     let mut due: Option<tokio::time::Instant> = None;
     let mut last_round = tokio::time::Instant::now();
     loop {
-        let period = spec.period(&shared.config.borrow().run).filter(|p| *p > 0).map(Duration::from_millis);
+        let enabled = spec.period(&shared.config.borrow().run);
+        shared.status.controller_view(spec.name, spec.source.plural(), enabled.is_some(), wanted.synced, wanted.failing.as_deref());
+        let period = enabled.filter(|p| *p > 0).map(Duration::from_millis);
         let next = match (due, period) {
             (Some(d), _) => Some(d),
             (None, Some(p)) if wanted.synced => Some(last_round + p),
@@ -386,39 +397,61 @@ async fn round<D: Datastore>(
     }
     let done = if held > 0 { Round::Held(Duration::from_millis(grace.max(0) as u64)) } else { Round::Ran };
     let allowed: BTreeSet<usize> = deletes.iter().filter(|(m, _)| decision.allows(**m)).map(|(_, i)| *i).collect();
-    for (i, write) in writes.iter().enumerate() {
-        if matches!(write, Write::Delete { .. }) && !allowed.contains(&i) {
-            continue;
-        }
-        if opts.dry_run {
+    let chosen: Vec<usize> = writes.iter().enumerate().filter(|(i, w)| !matches!(w, Write::Delete { .. }) || allowed.contains(i)).map(|(i, _)| i).collect();
+    if opts.dry_run {
+        for write in chosen.iter().map(|i| &writes[*i]) {
             tracing::info!(controller = spec.name, op = write.op(), name = write.name(), "dry run: would write");
-            continue;
         }
-        if !*may_write.borrow() {
+        return done;
+    }
+    // Creates and updates first, then deletes (a round cut short never removes before it adds),
+    // each phase with `workers` writes in flight.
+    for deletes in [false, true] {
+        let phase: Vec<usize> = chosen.iter().copied().filter(|i| matches!(writes[*i], Write::Delete { .. }) == deletes).collect();
+        let writes = &writes;
+        let results: Vec<(usize, Option<DsResult<()>>)> =
+            futures::stream::iter(phase).map(|i| async move { (i, write_one(spec, ds, may_write, &writes[i]).await) }).buffer_unordered(opts.workers.max(1)).collect().await;
+        let mut stopped_leading = false;
+        for (i, result) in results {
+            let write = &writes[i];
+            let Some(result) = result else {
+                stopped_leading = true;
+                continue;
+            };
+            let outcome = match &result {
+                Ok(()) => "ok",
+                Err(e) if e.is_conflict() || e.is_not_found() => "conflict",
+                Err(_) => "failed",
+            };
+            if let Err(e) = &result {
+                tracing::warn!(controller = spec.name, op = write.op(), name = write.name(), error = %e, "write failed; the next round retries");
+            }
+            shared.metrics(|m| *m.light_writes.entry((spec.name, write.op(), outcome)).or_default() += 1);
+            if result.is_ok()
+                && !matches!(write, Write::Delete { .. })
+                && let Some(event) = wanted.dropped_event(write.name())
+            {
+                opts.events.record(event);
+            }
+        }
+        if stopped_leading {
             return Round::NotNow;
-        }
-        let result = match write {
-            Write::Create { name, value } => ds.create(spec.target, name, value.clone()).await.map(|_| ()),
-            Write::Update { current, value } => ds.update(spec.target, &Stored { value: value.clone(), ..current.clone() }).await.map(|_| ()),
-            Write::Delete { current } => ds.delete(spec.target, &current.name, &current.exact()).await,
-        };
-        let outcome = match &result {
-            Ok(()) => "ok",
-            Err(e) if e.is_conflict() || e.is_not_found() => "conflict",
-            Err(_) => "failed",
-        };
-        if let Err(e) = &result {
-            tracing::warn!(controller = spec.name, op = write.op(), name = write.name(), error = %e, "write failed; the next round retries");
-        }
-        shared.metrics(|m| *m.light_writes.entry((spec.name, write.op(), outcome)).or_default() += 1);
-        if result.is_ok()
-            && !matches!(write, Write::Delete { .. })
-            && let Some(event) = wanted.dropped_event(write.name())
-        {
-            opts.events.record(event);
         }
     }
     done
+}
+
+/// One write, unless this replica stopped leading (`None`).
+async fn write_one<D: Datastore>(spec: &LightSpec, ds: &D, may_write: &watch::Receiver<bool>, write: &Write) -> Option<DsResult<()>> {
+    if !*may_write.borrow() {
+        return None;
+    }
+    let result = match write {
+        Write::Create { name, value } => ds.create(spec.target, name, value.clone()).await.map(|_| ()),
+        Write::Update { current, value } => ds.update(spec.target, &Stored { value: value.clone(), ..current.clone() }).await.map(|_| ()),
+        Write::Delete { current } => ds.delete(spec.target, &current.name, &current.exact()).await,
+    };
+    Some(result)
 }
 
 #[cfg(test)]
@@ -462,7 +495,7 @@ mod tests {
         n
     }
 
-    const OPTS: LightOptions = LightOptions { dry_run: false, guard: GuardConfig::OFF, bad_rules: BadRules::DropRule, events: EventRecorder::off() };
+    const OPTS: LightOptions = LightOptions { dry_run: false, guard: GuardConfig::OFF, bad_rules: BadRules::DropRule, events: EventRecorder::off(), workers: 3 };
 
     #[tokio::test]
     async fn a_round_creates_updates_and_deletes_only_what_the_controller_owns() {

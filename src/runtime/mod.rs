@@ -365,6 +365,7 @@ async fn run_on<D: Datastore + Clone + 'static>(client: kube::Client, backend: B
                     guard: opts.controller.env.guard,
                     bad_rules: opts.controller.env.policy_bad_rules,
                     events: events.clone(),
+                    workers: opts.controller.env.workers_for(spec.workers_var),
                 };
                 tokio::spawn(light::run(spec, ds.clone(), cluster.clone(), shared.clone(), may_write.clone(), o, stop_rx.clone()))
             })

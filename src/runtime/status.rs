@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::health::{Liveness, StatusBoard, StatusFile};
+use crate::health::{self, Liveness, StatusBoard, StatusFile};
 
 /// Upstream's default `--status-file`.
 pub const DEFAULT_STATUS_FILE: &str = "/status/status.json";
@@ -50,6 +50,19 @@ impl StatusReporter {
 
     pub fn remove_ready(&self, key: &str) {
         self.update(|b| b.remove_ready(key));
+    }
+
+    /// A light controller's view of its source as its readiness key
+    /// ([`health::controller_key`]): absent while the controller is disabled, not ready until the
+    /// source's first list and while its watch fails (the reason says which and why).
+    pub fn controller_view(&self, controller: &str, source: &str, enabled: bool, synced: bool, failing: Option<&str>) {
+        let key = health::controller_key(controller);
+        match failing {
+            _ if !enabled => self.remove_ready(&key),
+            Some(reason) => self.set_ready(&key, false, format!("{controller}: the {source} watch failed: {reason}")),
+            None if !synced => self.set_ready(&key, false, format!("{controller}: waiting for the first list of {source}")),
+            None => self.set_ready(&key, true, ""),
+        }
     }
 
     /// A copy of the current conditions.
@@ -118,6 +131,21 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use crate::health::{STARTUP, StatusFile};
+
+    #[test]
+    fn a_controllers_view_is_its_readiness_key_only_while_it_is_enabled() {
+        let r = StatusReporter::new(None);
+        let key = health::controller_key("namespace");
+        let reason = |r: &StatusReporter| r.snapshot().readiness.get(&key).map(|c| (c.ready, c.reason.clone()));
+        r.controller_view("namespace", "namespaces", true, false, None);
+        assert_eq!(reason(&r), Some((false, "namespace: waiting for the first list of namespaces".into())));
+        r.controller_view("namespace", "namespaces", true, true, None);
+        assert_eq!(reason(&r), Some((true, String::new())));
+        r.controller_view("namespace", "namespaces", true, true, Some("403 forbidden"));
+        assert_eq!(reason(&r), Some((false, "namespace: the namespaces watch failed: 403 forbidden".into())));
+        r.controller_view("namespace", "namespaces", false, true, Some("403 forbidden"));
+        assert_eq!(reason(&r), None, "a disabled controller holds up nothing");
+    }
 
     #[test]
     fn the_file_is_written_on_change_and_parses_back() {
