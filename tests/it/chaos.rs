@@ -31,7 +31,7 @@ use serde_json::{Value, json};
 
 use crate::support::audit::{self, now_ms};
 use crate::support::cluster::{TestCluster, private_cluster};
-use crate::support::controller::{CONTROLLER_USER, ChildGuard, free_port, http_get, install_deploy_base, metric_sum, start_controller_with};
+use crate::support::controller::{CONTROLLER_USER, ChildGuard, free_port, http_get, install_deploy_base, metric_sum, start_controller_with, vm_hwm_kib};
 use crate::support::ha::{LEASE_NAMESPACE, leader_gauge};
 use crate::support::oracle::{Kind, Oracle};
 use crate::support::workload::{BLOCK_SIZE, Workload, block_name, calico_resource};
@@ -171,11 +171,6 @@ struct Samples {
     guard_held_peak: f64,
     guard_held_samples: u64,
     node_watch_refused_seen: bool,
-}
-
-fn vm_hwm_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
 }
 
 async fn sample(samples: Arc<Mutex<Samples>>, stop: Arc<AtomicBool>) {

@@ -14,7 +14,7 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
 
 use crate::support::cluster::{private_cluster, set_pod_ips};
-use crate::support::controller::{calico, free_port, http_get, metric_sum, start_controller};
+use crate::support::controller::{calico, free_port, http_get, metric_sum, start_controller, vm_hwm_kib};
 use crate::support::ipam::{Alloc, affinity_object, block_object, handle_object, pod_attrs};
 
 const PODS_PER_NODE: u32 = 30;
@@ -36,11 +36,6 @@ fn pod_ip(node: u32, pod: u32) -> String {
 
 fn handle_id(node: u32, pod: u32) -> String {
     format!("k8s-pod-network.{:064x}", (u64::from(node) << 32) | u64::from(pod))
-}
-
-fn vm_hwm_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
 }
 
 #[tokio::test]

@@ -54,6 +54,12 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((code, body))
 }
 
+/// A process's peak resident set (`VmHWM`) in KiB, `None` once it is gone.
+pub fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Sum of every sample of `metric` in a Prometheus text body.
 pub fn metric_sum(body: &str, metric: &str) -> f64 {
     body.lines()
