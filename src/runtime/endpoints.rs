@@ -43,12 +43,19 @@ pub enum PodFeed {
     Init,
     /// `<namespace>/<pod>` and what it wants (`Ok(None)`: no endpoint; `Err`: the pod did not
     /// convert, so its last want stays).
-    Listed(String, Result<Option<EndpointWant>, String>),
+    Listed(String, Result<Option<EndpointWant>, ConvertFailure>),
     InitDone,
-    Changed(String, Result<Option<EndpointWant>, String>),
+    Changed(String, Result<Option<EndpointWant>, ConvertFailure>),
     Deleted(String),
     Failed(String),
     Resumed,
+}
+
+/// Why a pod did not convert: the metric's category and the message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConvertFailure {
+    pub category: &'static str,
+    pub message: String,
 }
 
 /// The tap on the GC's pod watch. Cloned into the watch task; the controller holds the receiver.
@@ -77,7 +84,7 @@ impl EndpointFeed {
         if !self.keep.load(Ordering::Relaxed) {
             return;
         }
-        let want = |o: &Stored| EndpointWant::of_pod(&o.value).map_err(|e| e.to_string());
+        let want = |o: &Stored| EndpointWant::of_pod(&o.value).map_err(|e| ConvertFailure { category: e.category(), message: e.to_string() });
         let msg = match event {
             WatchEvent::Init => PodFeed::Init,
             WatchEvent::InitApply(o) => PodFeed::Listed(pod_key(o), want(o)),
@@ -144,7 +151,7 @@ impl Pods {
                 match want {
                     // Did not convert: the last want stays (never strip an endpoint's labels).
                     Err(e) => {
-                        tracing::debug!(pod = %key, error = %e, "pod not converted; its endpoint keeps its labels");
+                        tracing::debug!(pod = %key, error = %e.message, "pod not converted; its endpoint keeps its labels");
                         false
                     }
                     Ok(None) => {
@@ -242,6 +249,9 @@ pub async fn run<D: Datastore>(
         tokio::select! {
             msg = rx.recv() => {
                 let Some(msg) = msg else { return };
+                if let PodFeed::Listed(_, Err(e)) | PodFeed::Changed(_, Err(e)) = &msg {
+                    shared.metrics(|m| *m.conversion_errors.entry((NAME, e.category)).or_default() += 1);
+                }
                 if enabled && pods.apply(msg) {
                     let soon = tokio::time::Instant::now() + BATCH;
                     due = Some(due.map_or(soon, |d| d.min(soon)));
@@ -253,10 +263,12 @@ pub async fn run<D: Datastore>(
                 if full {
                     last_full = now;
                 }
-                due = match round(&*ds, &shared, &may_write, &opts, &mut pods, full).await {
-                    true => None,
-                    false => Some(tokio::time::Instant::now() + RETRY),
-                };
+                let ran = pods.synced && (opts.dry_run || *may_write.borrow());
+                let done = round(&*ds, &shared, &may_write, &opts, &mut pods, full).await;
+                if ran {
+                    shared.metrics(|m| m.light_round(NAME, now.elapsed()));
+                }
+                due = if done { None } else { Some(tokio::time::Instant::now() + RETRY) };
             }
             changed = config.changed() => if changed.is_err() { return },
             _ = stop.changed() => if *stop.borrow() { return },

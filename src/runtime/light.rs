@@ -106,8 +106,9 @@ impl LightSpec {
         })
     }
 
-    /// The wanted object for one source object, `None` when it wants none.
-    fn want(&self, source: &Value, bad_rules: BadRules) -> Option<Want> {
+    /// The wanted object for one source object, `None` when it wants none. Conversion failures
+    /// (and dropped rules) are added to `errors` by category.
+    fn want(&self, source: &Value, bad_rules: BadRules, errors: &mut BTreeMap<&'static str, u64>) -> Option<Want> {
         let mut dropped = Vec::new();
         let result = match self.source {
             ClusterKind::Namespace => policy::namespace_profile(source),
@@ -120,6 +121,7 @@ impl LightSpec {
                         "NetworkPolicy rule cannot be converted: dropped (the traffic it allowed is denied), the rest is written"
                     );
                     dropped.push(format!("{} rule {}: {}", d.direction, d.index, d.reason));
+                    *errors.entry("rule_dropped").or_default() += 1;
                 }
                 c.object
             }),
@@ -139,6 +141,7 @@ impl LightSpec {
             }
             Err(e) => {
                 tracing::warn!(controller = self.name, category = e.category(), error = %e, "source object not converted; skipped");
+                *errors.entry(e.category()).or_default() += 1;
                 None
             }
         }
@@ -167,6 +170,8 @@ struct Wanted {
     unconverted: BTreeMap<String, String>,
     unconverted_relisting: Option<BTreeMap<String, String>>,
     bad_rules: BadRules,
+    /// Conversion failures since the run loop last took them, by category.
+    errors: BTreeMap<&'static str, u64>,
     synced: bool,
     /// The watch failed and has not delivered since: why.
     failing: Option<String>,
@@ -183,7 +188,13 @@ impl Wanted {
     /// Applies one event; true when it may change what is wanted.
     fn apply(&mut self, spec: &LightSpec, event: WatchEvent) -> bool {
         let bad_rules = self.bad_rules;
-        let entry = |o: &Stored| spec.want(&o.value, bad_rules);
+        let mut errors = std::mem::take(&mut self.errors);
+        let changed = self.apply_counted(spec, event, &mut |o: &Stored| spec.want(&o.value, bad_rules, &mut errors));
+        self.errors = errors;
+        changed
+    }
+
+    fn apply_counted(&mut self, spec: &LightSpec, event: WatchEvent, entry: &mut dyn FnMut(&Stored) -> Option<Want>) -> bool {
         match event {
             WatchEvent::Init => {
                 self.relisting = Some(BTreeMap::new());
@@ -338,10 +349,18 @@ pub async fn run<D: Datastore, C: ClusterReader>(
                     let soon = tokio::time::Instant::now() + BATCH;
                     due = Some(due.map_or(soon, |d| d.min(soon)));
                 }
+                if !wanted.errors.is_empty() {
+                    let errors = std::mem::take(&mut wanted.errors);
+                    shared.metrics(|m| errors.into_iter().for_each(|(c, n)| *m.conversion_errors.entry((spec.name, c)).or_default() += n));
+                }
             }
             _ = wait => {
                 last_round = tokio::time::Instant::now();
-                due = match round(&spec, &*ds, &shared, &may_write, &opts, &wanted, &mut guard, started.elapsed()).await {
+                let outcome = round(&spec, &*ds, &shared, &may_write, &opts, &wanted, &mut guard, started.elapsed()).await;
+                if outcome != Round::NotNow {
+                    shared.metrics(|m| m.light_round(spec.name, last_round.elapsed()));
+                }
+                due = match outcome {
                     Round::Ran => None,
                     Round::NotNow => Some(tokio::time::Instant::now() + RETRY),
                     // A zero wait lets only approvals through: the usual period, not a spin.
@@ -555,6 +574,7 @@ mod tests {
         let (events, recorded) = EventRecorder::memory();
         let opts = LightOptions { events, ..OPTS };
         round(&POLICY, &ds, &shared, &leading, &opts, &wanted, &mut g, Duration::ZERO).await;
+        assert_eq!(wanted.errors.get("rule_dropped"), Some(&1), "the dropped rule is counted");
         let e = recorded.take();
         assert_eq!(e.len(), 1, "one Event on the Kubernetes policy: {e:?}");
         assert_eq!((e[0].regarding.kind.as_str(), e[0].regarding.namespace.as_deref(), e[0].regarding.name.as_str()), ("NetworkPolicy", Some("web"), "p"));
@@ -595,6 +615,7 @@ mod tests {
         bad.value["spec"] = json!("not an object");
         let mut w = listed(&POLICY, vec![good]);
         assert!(!w.apply(&POLICY, WatchEvent::Apply(bad.clone())), "nothing to do");
+        assert_eq!(w.errors.get("malformed"), Some(&1), "counted by category");
         assert!(w.desired().contains_key("web/knp.default.p"), "deleting it would fail open");
         w.apply(&POLICY, WatchEvent::Init);
         w.apply(&POLICY, WatchEvent::InitApply(bad.clone()));

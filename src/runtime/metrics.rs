@@ -72,8 +72,21 @@ pub struct Metrics {
     /// The etcd-mode light controllers: objects each wants, and writes by (controller, op, outcome).
     pub light_desired: BTreeMap<&'static str, u64>,
     pub light_writes: BTreeMap<(&'static str, &'static str, &'static str), u64>,
+    /// Their reconcile rounds that ran: (count, total seconds), by controller.
+    pub light_rounds: BTreeMap<&'static str, (u64, f64)>,
+    /// Source objects (or, for policies, rules) that did not convert, by (controller, category).
+    pub conversion_errors: BTreeMap<(&'static str, &'static str), u64>,
     /// Events written by the recorder task (and dropped by a full queue); shared with it.
     pub events: std::sync::Arc<crate::runtime::events::EventCounters>,
+}
+
+impl Metrics {
+    /// One light-controller round that ran, and how long it took.
+    pub fn light_round(&mut self, controller: &'static str, took: std::time::Duration) {
+        let e = self.light_rounds.entry(controller).or_default();
+        e.0 += 1;
+        e.1 += took.as_secs_f64();
+    }
 }
 
 /// Resident set size from `/proc/self/status` (`VmRSS`, in kB: no page-size assumption; Linux
@@ -144,6 +157,16 @@ impl Metrics {
         header(&mut out, "kube_controllers_writes_total", "counter", "Writes of the etcd-mode light controllers, by controller, op (create, update, delete) and outcome (ok, conflict, failed).");
         for ((controller, op, outcome), n) in &self.light_writes {
             let _ = writeln!(out, "kube_controllers_writes_total{{controller=\"{controller}\",op=\"{op}\",outcome=\"{outcome}\"}} {n}");
+        }
+
+        header(&mut out, "kube_controllers_reconcile_seconds", "summary", "Reconcile rounds of the etcd-mode light controllers that ran (read, compare, write), by controller.");
+        for (controller, (count, sum)) in &self.light_rounds {
+            let _ = writeln!(out, "kube_controllers_reconcile_seconds_sum{{controller=\"{controller}\"}} {sum}");
+            let _ = writeln!(out, "kube_controllers_reconcile_seconds_count{{controller=\"{controller}\"}} {count}");
+        }
+        header(&mut out, "kube_controllers_conversion_errors_total", "counter", "Source objects an etcd-mode light controller could not convert (malformed, policy_skipped) and NetworkPolicy rules it dropped (rule_dropped), by controller and category.");
+        for ((controller, category), n) in &self.conversion_errors {
+            let _ = writeln!(out, "kube_controllers_conversion_errors_total{{controller=\"{controller}\",category=\"{category}\"}} {n}");
         }
 
         header(&mut out, "kube_controllers_node_deletions_total", "counter", "Deletes of the etcd-mode node deleter (a gone Kubernetes node's Calico Node and its objects), by kind and outcome (deleted, absent, failed).");
@@ -286,6 +309,23 @@ mod tests {
         assert!(m.clone().render(&ApiCounters::default()).contains("kube_controllers_events_total{result=\"created\"} 2\n"));
         m.leader = true;
         assert!(m.render(&ApiCounters::default()).contains("kube_controllers_leader 1\n"));
+    }
+
+    #[test]
+    fn light_controller_rounds_and_conversion_errors_are_rendered_per_controller() {
+        let mut m = Metrics::default();
+        m.light_round("policy", std::time::Duration::from_millis(250));
+        m.light_round("policy", std::time::Duration::from_millis(750));
+        m.conversion_errors.insert(("policy", "rule_dropped"), 2);
+        let text = m.render(&ApiCounters::default());
+        for line in [
+            "# TYPE kube_controllers_reconcile_seconds summary",
+            "kube_controllers_reconcile_seconds_sum{controller=\"policy\"} 1",
+            "kube_controllers_reconcile_seconds_count{controller=\"policy\"} 2",
+            "kube_controllers_conversion_errors_total{controller=\"policy\",category=\"rule_dropped\"} 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
     }
 
     #[test]
