@@ -625,6 +625,11 @@ async fn on_etcd_namespaces_service_accounts_and_network_policies_become_calico_
     let patch = json!({"metadata": {"labels": {"team": null, "env": "prod"}}});
     namespaces.patch(&ns, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.expect("relabelling");
     wait_object(&ds, Kind::Profile, &kns, &controller, |v| v.is_some_and(|v| v["spec"]["labelsToApply"] == json!({"pcns.env": "prod", "pcns.kubernetes.io/metadata.name": ns, "pcns.projectcalico.org/name": ns}))).await;
+    // Across an etcd restart, a change is still followed.
+    restart_calico_etcd(&cluster, &ds).await;
+    let patch = json!({"metadata": {"labels": {"after": "restart"}}});
+    namespaces.patch(&ns, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.expect("relabelling");
+    wait_object(&ds, Kind::Profile, &kns, &controller, |v| v.is_some_and(|v| v["spec"]["labelsToApply"]["pcns.after"] == "restart")).await;
     // Deleted behind the controller's back: the periodic reconcile (2 s) writes it again.
     ds.delete(Kind::Profile, &kns, &Precondition::default()).await.expect("external delete");
     wait_object(&ds, Kind::Profile, &kns, &controller, |v| v.is_some()).await;
@@ -678,7 +683,7 @@ async fn wait_for_metric(port: u16, line: &str, controller: &ChildGuard) -> Stri
 /// Calico's namespace, orchestrator and service-account labels) and service account onto the
 /// endpoint the CNI plugin made, keeps every other field, follows label changes (also across an
 /// etcd restart), creates no endpoint and touches no endpoint of a pod it does not know; the
-/// standby writes nothing.
+/// standby writes nothing, neither endpoints nor (its namespace controller on too) profiles.
 #[tokio::test]
 async fn on_etcd_pod_labels_follow_onto_their_workload_endpoints_and_only_the_leader_writes() {
     use k8s_openapi::api::core::v1::Pod;
@@ -714,7 +719,7 @@ async fn on_etcd_pod_labels_follow_onto_their_workload_endpoints_and_only_the_le
     let b = ds.create(Kind::WorkloadEndpoint, &name_of("web-b"), endpoint("web-b", wanted("default", json!({"app": "web-b"})), "default")).await.expect("endpoint b");
     let ghost = ds.create(Kind::WorkloadEndpoint, &name_of("ghost"), endpoint("ghost", json!({"stale": "yes"}), "x")).await.expect("endpoint ghost");
 
-    let env = [pairs(&env), vec![("ENABLED_CONTROLLERS", "node,workloadendpoint"), ("RECONCILER_PERIOD", "2s"), ("POD_NAMESPACE", "kube-system")]].concat();
+    let env = [pairs(&env), vec![("ENABLED_CONTROLLERS", "node,workloadendpoint,namespace"), ("RECONCILER_PERIOD", "2s"), ("POD_NAMESPACE", "kube-system")]].concat();
     let (port_1, port_2) = (free_port(), free_port());
     let replica = |pod_name: &'static str, port: u16| {
         let env = [env.clone(), vec![("POD_NAME", pod_name)]].concat();
@@ -753,13 +758,13 @@ async fn on_etcd_pod_labels_follow_onto_their_workload_endpoints_and_only_the_le
         let written = metrics.lines().find(|l| l.starts_with("kube_controllers_writes_total{controller=\"workloadendpoint\",op=\"update\",outcome=\"ok\"}")).map(|l| l.rsplit(' ').next().unwrap().to_string());
         let (code, readiness) = http_get(port, "/readiness").await.expect("readiness");
         assert_eq!(code, 200, "both replicas ready: {readiness}\n{}", guard.log_text());
-        writes.push((leading, written));
+        writes.push((leading, written, light_writes(port, "namespace").await));
     }
-    assert!(writes.iter().filter(|(l, _)| *l).count() == 1, "one leader: {writes:?}");
-    for (leading, written) in &writes {
+    assert!(writes.iter().filter(|(l, _, _)| *l).count() == 1, "one leader: {writes:?}");
+    for (leading, written, profiles) in &writes {
         match leading {
-            true => assert!(written.as_deref().is_some_and(|n| n.parse::<u32>().unwrap() >= 3), "the leader wrote each change: {writes:?}"),
-            false => assert_eq!(written, &None, "the standby writes nothing: {writes:?}"),
+            true => assert!(written.as_deref().is_some_and(|n| n.parse::<u32>().unwrap() >= 3) && *profiles > 0, "the leader wrote each change and the profiles: {writes:?}"),
+            false => assert_eq!((written, *profiles), (&None, 0), "the standby writes nothing: {writes:?}"),
         }
     }
 }
