@@ -15,7 +15,7 @@
 //! `spec.serviceAccountName`, write as a standby, or stall the pod watch it taps (the tap's
 //! channel is unbounded: each message is a few labels, and the controller only files them).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -24,6 +24,7 @@ use futures::StreamExt;
 use tokio::sync::{Notify, mpsc, watch};
 
 use super::Shared;
+use super::listed::Listed;
 use crate::datastore::watch::{WatchEvent, WatchStream};
 use crate::datastore::{Datastore, Kind, Stored};
 use crate::endpoint_labels::{EndpointWant, pod_of};
@@ -111,12 +112,9 @@ fn pod_key(o: &Stored) -> String {
 /// The pods' wants, and whether that view is whole.
 #[derive(Debug, Default)]
 struct Pods {
-    by_pod: HashMap<String, EndpointWant>,
-    relisting: Option<HashMap<String, EndpointWant>>,
+    by_pod: Listed<EndpointWant>,
     /// Pods whose endpoint may be out of step since the last round.
     dirty: BTreeSet<String>,
-    synced: bool,
-    failing: Option<String>,
     /// A full round is due (after a list).
     full_due: bool,
 }
@@ -125,65 +123,47 @@ impl Pods {
     /// Files one message; true when a round is due.
     fn apply(&mut self, msg: PodFeed) -> bool {
         match msg {
-            PodFeed::Init => {
-                self.relisting = Some(HashMap::new());
-                false
-            }
+            PodFeed::Init => self.by_pod.begin(),
             PodFeed::Listed(key, want) => {
-                let want = want.ok().unwrap_or_else(|| self.by_pod.get(&key).cloned());
-                if let (Some(r), Some(w)) = (self.relisting.as_mut(), want) {
-                    r.insert(key, w);
+                if let Some(w) = want.ok().unwrap_or_else(|| self.by_pod.get(&key).cloned()) {
+                    self.by_pod.listed(key, w);
                 }
-                false
             }
             PodFeed::InitDone => {
-                self.by_pod = self.relisting.take().unwrap_or_default();
-                self.by_pod.shrink_to_fit();
+                self.by_pod.end();
                 // The full round the list makes due covers every pod.
                 self.dirty.clear();
-                self.synced = true;
-                self.failing = None;
                 self.full_due = true;
-                true
+                return true;
             }
-            PodFeed::Changed(key, want) => {
-                self.failing = None;
-                match want {
-                    // Did not convert: the last want stays (never strip an endpoint's labels).
-                    Err(e) => {
-                        tracing::debug!(pod = %key, error = %e.message, "pod not converted; its endpoint keeps its labels");
-                        false
-                    }
-                    Ok(None) => {
-                        self.by_pod.remove(&key);
-                        self.dirty.remove(&key);
-                        false
-                    }
-                    Ok(Some(w)) => {
-                        if self.by_pod.get(&key) == Some(&w) {
-                            return false;
-                        }
-                        self.by_pod.insert(key.clone(), w);
-                        self.dirty.insert(key);
-                        true
-                    }
+            PodFeed::Changed(key, want) => match want {
+                // Did not convert: the last want stays (never strip an endpoint's labels).
+                Err(e) => {
+                    tracing::debug!(pod = %key, error = %e.message, "pod not converted; its endpoint keeps its labels");
+                    self.by_pod.delivered();
                 }
-            }
+                Ok(None) => {
+                    self.by_pod.remove(&key);
+                    self.dirty.remove(&key);
+                }
+                Ok(Some(w)) => {
+                    if self.by_pod.get(&key) == Some(&w) {
+                        self.by_pod.delivered();
+                        return false;
+                    }
+                    self.by_pod.upsert(key.clone(), w);
+                    self.dirty.insert(key);
+                    return true;
+                }
+            },
             PodFeed::Deleted(key) => {
-                self.failing = None;
                 self.by_pod.remove(&key);
                 self.dirty.remove(&key);
-                false
             }
-            PodFeed::Failed(reason) => {
-                self.failing = Some(reason);
-                false
-            }
-            PodFeed::Resumed => {
-                self.failing = None;
-                false
-            }
+            PodFeed::Failed(reason) => self.by_pod.failed(reason),
+            PodFeed::Resumed => self.by_pod.delivered(),
         }
+        false
     }
 
     fn forget(&mut self) {
@@ -194,7 +174,7 @@ impl Pods {
     /// between `Init` and `InitDone`.
     #[cfg(test)]
     fn check_invariants(&self) -> Result<(), String> {
-        match self.dirty.iter().find(|k| !self.by_pod.contains_key(*k)) {
+        match self.dirty.iter().find(|k| !self.by_pod.contains(k)) {
             Some(k) => Err(format!("dirty pod {k} has no want")),
             None => Ok(()),
         }
@@ -237,8 +217,8 @@ pub async fn run<D: Datastore>(
                 tracing::info!("workloadendpoint controller disabled: its pod view is dropped");
             }
         }
-        shared.status.controller_view(NAME, "pods", enabled, pods.synced, pods.failing.as_deref());
-        let full_at = period.filter(|p| *p > 0 && pods.synced).map(|p| last_full + Duration::from_millis(p as u64));
+        shared.status.controller_view(NAME, "pods", enabled, pods.by_pod.synced(), pods.by_pod.failing());
+        let full_at = period.filter(|p| *p > 0 && pods.by_pod.synced()).map(|p| last_full + Duration::from_millis(p as u64));
         let next = [due, full_at].into_iter().flatten().min();
         let wait = async {
             match next {
@@ -263,7 +243,7 @@ pub async fn run<D: Datastore>(
                 if full {
                     last_full = now;
                 }
-                let ran = pods.synced && (opts.dry_run || *may_write.borrow());
+                let ran = pods.by_pod.synced() && (opts.dry_run || *may_write.borrow());
                 let done = round(&*ds, &shared, &may_write, &opts, &mut pods, full).await;
                 if ran {
                     shared.metrics(|m| m.light_round(NAME, now.elapsed()));
@@ -279,7 +259,7 @@ pub async fn run<D: Datastore>(
 /// One round: the dirty pods' endpoints (or, `full`, every endpoint) read, compared and patched.
 /// False when it must be tried again (not leading, a read or write failed).
 async fn round<D: Datastore>(ds: &D, shared: &Shared, may_write: &watch::Receiver<bool>, opts: &EndpointOptions, pods: &mut Pods, full: bool) -> bool {
-    if !pods.synced || !(opts.dry_run || *may_write.borrow()) {
+    if !pods.by_pod.synced() || !(opts.dry_run || *may_write.borrow()) {
         return false;
     }
     shared.metrics(|m| m.light_desired.insert(NAME, pods.by_pod.len() as u64));
@@ -295,7 +275,7 @@ async fn round<D: Datastore>(ds: &D, shared: &Shared, may_write: &watch::Receive
         };
         for wep in all {
             let ns = wep.name.split_once('/').map_or("", |(ns, _)| ns);
-            if let Some(pod) = pod_of(ns, &wep.value).filter(|p| pods.by_pod.contains_key(p)) {
+            if let Some(pod) = pod_of(ns, &wep.value).filter(|p| pods.by_pod.contains(p)) {
                 todo.push((pod, Some(wep)));
             }
         }
@@ -319,7 +299,7 @@ async fn round<D: Datastore>(ds: &D, shared: &Shared, may_write: &watch::Receive
         if let Some(label) = outcome.label() {
             shared.metrics(|m| *m.light_writes.entry((NAME, "update", label)).or_default() += 1);
         }
-        if matches!(outcome, Outcome::Failed | Outcome::NotLeading) && pods.by_pod.contains_key(&pod) {
+        if matches!(outcome, Outcome::Failed | Outcome::NotLeading) && pods.by_pod.contains(&pod) {
             pods.dirty.insert(pod);
             again = true;
         }
@@ -490,7 +470,7 @@ mod tests {
         drain(&mut rx, &mut pods);
         feed.offer(&WatchEvent::Apply(bad));
         drain(&mut rx, &mut pods);
-        assert_eq!(pods.by_pod["shop/a"].labels()["app"], "a", "a good want survives a later malformed version");
+        assert_eq!(pods.by_pod.get("shop/a").unwrap().labels()["app"], "a", "a good want survives a later malformed version");
         let (_tx2, standby) = watch::channel(false);
         assert!(!round(&ds, &shared, &standby, &OPTS, &mut pods, true).await, "a standby does not run a round");
         let dry = EndpointOptions { dry_run: true, ..OPTS };
@@ -509,11 +489,11 @@ mod tests {
         let mut pods = Pods::default();
         feed_all(&feed, vec![WatchEvent::Apply(pod("a", "n1", json!({})))]);
         drain(&mut rx, &mut pods);
-        assert!(!pods.synced, "changes before a list give no whole view");
+        assert!(!pods.by_pod.synced(), "changes before a list give no whole view");
         feed_all(&feed, vec![WatchEvent::Init, WatchEvent::InitApply(pod("b", "n1", json!({}))), WatchEvent::InitDone]);
         drain(&mut rx, &mut pods);
-        assert!(pods.synced && pods.full_due);
-        assert_eq!(pods.by_pod.keys().collect::<Vec<_>>(), ["shop/b"], "the list replaces what came before it");
+        assert!(pods.by_pod.synced() && pods.full_due);
+        assert_eq!(pods.by_pod.items().keys().collect::<Vec<_>>(), ["shop/b"], "the list replaces what came before it");
         feed.offer(&WatchEvent::Delete(pod("b", "n1", json!({}))));
         drain(&mut rx, &mut pods);
         assert!(pods.by_pod.is_empty());

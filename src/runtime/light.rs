@@ -20,6 +20,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use super::Shared;
+use super::listed::Listed;
 use super::events::{EventRecorder, EventRequest, Regarding};
 use crate::config::RunConfig;
 use crate::model::time::Millis;
@@ -158,23 +159,23 @@ struct Want {
     regarding: Option<Regarding>,
 }
 
-/// The wanted objects, by source object, and whether that view is whole.
+/// What one source object stands for: the object it wants, or (it does not convert, and had no
+/// good object in this process) the datastore name of its object, which is then left as it is,
+/// never deleted (after a restart too: dropping a whole policy would fail open).
+#[derive(Debug, Clone, PartialEq)]
+enum Entry {
+    Want(Want),
+    Unconverted(String),
+}
+
+/// The wanted objects, by source object (`<namespace>/<name>` or `<name>`), and whether that view
+/// is whole.
 #[derive(Debug, Default)]
 struct Wanted {
-    /// `<namespace>/<name>` (or `<name>`) of the source -> what it wants.
-    by_source: BTreeMap<String, Want>,
-    relisting: Option<BTreeMap<String, Want>>,
-    /// Sources that exist but do not convert (and had no good object in this process), by
-    /// source key -> the datastore name their object has: that object is left as it is, never
-    /// deleted (after a restart, too, dropping a whole policy would fail open).
-    unconverted: BTreeMap<String, String>,
-    unconverted_relisting: Option<BTreeMap<String, String>>,
+    by_source: Listed<Entry>,
     bad_rules: BadRules,
     /// Conversion failures since the run loop last took them, by category.
     errors: BTreeMap<&'static str, u64>,
-    synced: bool,
-    /// The watch failed and has not delivered since: why.
-    failing: Option<String>,
 }
 
 fn source_key(o: &Stored) -> String {
@@ -194,95 +195,80 @@ impl Wanted {
         changed
     }
 
-    fn apply_counted(&mut self, spec: &LightSpec, event: WatchEvent, entry: &mut dyn FnMut(&Stored) -> Option<Want>) -> bool {
-        match event {
-            WatchEvent::Init => {
-                self.relisting = Some(BTreeMap::new());
-                self.unconverted_relisting = Some(BTreeMap::new());
-                false
-            }
-            WatchEvent::InitApply(o) => {
-                let key = source_key(&o);
-                // A source that no longer converts keeps what it wanted before (its object is
-                // not deleted: dropping a whole policy would fail open).
-                match entry(&o).or_else(|| self.by_source.get(&key).cloned()) {
-                    Some(e) => {
-                        if let Some(r) = self.relisting.as_mut() {
-                            r.insert(key, e);
-                        }
-                    }
-                    None => {
-                        if let (Some(u), Some(name)) = (self.unconverted_relisting.as_mut(), spec.target_name(&o.value)) {
-                            u.insert(key, name);
-                        }
-                    }
-                }
-                false
-            }
-            WatchEvent::InitDone => {
-                self.unconverted = self.unconverted_relisting.take().unwrap_or_default();
-                self.by_source = self.relisting.take().unwrap_or_default();
-                self.synced = true;
-                self.failing = None;
-                true
-            }
-            WatchEvent::Apply(o) => {
-                self.failing = None;
-                // A namespace being deleted keeps its profile until it is gone (SPEC §6.2).
-                let terminating = spec.source == ClusterKind::Namespace && o.value["status"]["phase"] == "Terminating";
-                let key = source_key(&o);
-                if terminating && self.by_source.contains_key(&key) {
-                    return false;
-                }
-                match entry(&o) {
-                    Some(e) => {
-                        self.unconverted.remove(&key);
-                        self.by_source.insert(key, e.clone()) != Some(e)
-                    }
-                    // Not convertible any more: the last good object stays (see InitApply).
-                    None => {
-                        if !self.by_source.contains_key(&key)
-                            && let Some(name) = spec.target_name(&o.value)
-                        {
-                            self.unconverted.insert(key, name);
-                        }
-                        false
-                    }
-                }
-            }
-            WatchEvent::Delete(o) => {
-                self.failing = None;
-                let key = source_key(&o);
-                let was_unconverted = self.unconverted.remove(&key).is_some();
-                self.by_source.remove(&key).is_some() || was_unconverted
-            }
-            WatchEvent::Error(e) => {
-                self.failing = Some(e.message);
-                false
-            }
-            WatchEvent::Resumed => {
-                self.failing = None;
-                false
-            }
+    /// What a source object stands for now: its want, else (it does not convert) the good
+    /// object it had before, else the name of the object left alone.
+    fn entry_of(&self, spec: &LightSpec, o: &Stored, key: &str, want: Option<Want>) -> Option<Entry> {
+        match (want, self.by_source.get(key)) {
+            (Some(w), _) => Some(Entry::Want(w)),
+            (None, Some(Entry::Want(old))) => Some(Entry::Want(old.clone())),
+            (None, _) => spec.target_name(&o.value).map(Entry::Unconverted),
         }
     }
 
+    fn apply_counted(&mut self, spec: &LightSpec, event: WatchEvent, want: &mut dyn FnMut(&Stored) -> Option<Want>) -> bool {
+        match event {
+            WatchEvent::Init => self.by_source.begin(),
+            WatchEvent::InitApply(o) => {
+                let key = source_key(&o);
+                if let Some(e) = self.entry_of(spec, &o, &key, want(&o)) {
+                    self.by_source.listed(key, e);
+                }
+            }
+            WatchEvent::InitDone => {
+                self.by_source.end();
+                return true;
+            }
+            WatchEvent::Apply(o) => {
+                // A namespace being deleted keeps its profile until it is gone (SPEC §6.2).
+                let terminating = spec.source == ClusterKind::Namespace && o.value["status"]["phase"] == "Terminating";
+                let key = source_key(&o);
+                if terminating && self.by_source.contains(&key) {
+                    self.by_source.delivered();
+                    return false;
+                }
+                let Some(e) = self.entry_of(spec, &o, &key, want(&o)) else {
+                    self.by_source.delivered();
+                    return false;
+                };
+                let wants = matches!(e, Entry::Want(_));
+                let old = self.by_source.upsert(key, e.clone());
+                // Only a change of what is wanted calls for a round (an object left alone is
+                // never written).
+                return wants && old != Some(e);
+            }
+            WatchEvent::Delete(o) => return self.by_source.remove(&source_key(&o)).is_some(),
+            WatchEvent::Error(e) => self.by_source.failed(e.message),
+            WatchEvent::Resumed => self.by_source.delivered(),
+        }
+        false
+    }
+
     fn whole(&self) -> bool {
-        self.synced && self.failing.is_none() && self.relisting.is_none()
+        self.by_source.whole()
     }
 
     /// Datastore names of objects whose sources exist but do not convert: left alone.
     fn left_alone(&self) -> BTreeSet<&str> {
-        self.unconverted.values().map(String::as_str).collect()
+        self.by_source.items().values().filter_map(|e| match e {
+            Entry::Unconverted(name) => Some(name.as_str()),
+            Entry::Want(_) => None,
+        }).collect()
+    }
+
+    fn wants(&self) -> impl Iterator<Item = &Want> {
+        self.by_source.items().values().filter_map(|e| match e {
+            Entry::Want(w) => Some(w),
+            Entry::Unconverted(_) => None,
+        })
     }
 
     fn desired(&self) -> BTreeMap<String, Value> {
-        self.by_source.values().map(|w| (w.name.clone(), w.object.clone())).collect()
+        self.wants().map(|w| (w.name.clone(), w.object.clone())).collect()
     }
 
     /// The Event for the policy written as datastore object `name`, if it lost rules.
     fn dropped_event(&self, name: &str) -> Option<EventRequest> {
-        let w = self.by_source.values().find(|w| w.name == name)?;
+        let w = self.wants().find(|w| w.name == name)?;
         Some(EventRequest::policy_rules_dropped(w.regarding.as_ref()?, &w.dropped))
     }
 }
@@ -326,11 +312,11 @@ pub async fn run<D: Datastore, C: ClusterReader>(
     let mut last_round = tokio::time::Instant::now();
     loop {
         let enabled = spec.period(&shared.config.borrow().run);
-        shared.status.controller_view(spec.name, spec.source.plural(), enabled.is_some(), wanted.synced, wanted.failing.as_deref());
+        shared.status.controller_view(spec.name, spec.source.plural(), enabled.is_some(), wanted.by_source.synced(), wanted.by_source.failing());
         let period = enabled.filter(|p| *p > 0).map(Duration::from_millis);
         let next = match (due, period) {
             (Some(d), _) => Some(d),
-            (None, Some(p)) if wanted.synced => Some(last_round + p),
+            (None, Some(p)) if wanted.by_source.synced() => Some(last_round + p),
             _ => None,
         };
         let wait = async {

@@ -38,6 +38,7 @@ pub mod init;
 pub mod ipam_gauges;
 pub mod ipam_gc;
 pub mod leader;
+pub mod listed;
 pub mod light;
 pub mod compactor;
 pub mod live;

@@ -18,6 +18,7 @@ use futures::StreamExt;
 use tokio::sync::watch;
 
 use super::Shared;
+use super::listed::Listed;
 use crate::datastore::cluster::{ClusterKind, ClusterReader};
 use crate::datastore::watch::WatchEvent;
 use crate::datastore::{Datastore, DsResult, Kind, Precondition};
@@ -67,14 +68,11 @@ fn next_sweep(swept: Swept) -> Option<Duration> {
     }
 }
 
-/// The Kubernetes Node names as the watch shows them, and whether that view is whole.
+/// The Kubernetes Node names as the watch shows them, each with its labels (nothing else of a
+/// Node is kept), and whether that view is whole.
 #[derive(Debug, Default)]
 struct NodeView {
-    /// Each Kubernetes Node's labels (nothing else of it is kept).
-    names: BTreeMap<String, Labels>,
-    relisting: Option<BTreeMap<String, Labels>>,
-    synced: bool,
-    failing: bool,
+    names: Listed<Labels>,
 }
 
 fn labels_of(o: &Stored) -> Labels {
@@ -89,44 +87,25 @@ impl NodeView {
     /// node's labels changed).
     fn apply(&mut self, event: WatchEvent) -> bool {
         match event {
-            WatchEvent::Init => {
-                self.relisting = Some(BTreeMap::new());
-                false
-            }
-            WatchEvent::InitApply(o) => {
-                if let Some(r) = self.relisting.as_mut() {
-                    r.insert(o.name.clone(), labels_of(&o));
-                }
-                false
-            }
+            WatchEvent::Init => self.names.begin(),
+            WatchEvent::InitApply(o) => self.names.listed(o.name.clone(), labels_of(&o)),
             WatchEvent::InitDone => {
-                self.names = self.relisting.take().unwrap_or_default();
-                self.synced = true;
-                self.failing = false;
-                true
+                self.names.end();
+                return true;
             }
             WatchEvent::Apply(o) => {
-                self.failing = false;
                 let labels = labels_of(&o);
-                self.names.insert(o.name, labels.clone()).is_none_or(|old| old != labels)
+                return self.names.upsert(o.name, labels.clone()).is_none_or(|old| old != labels);
             }
-            WatchEvent::Delete(o) => {
-                self.failing = false;
-                self.names.remove(&o.name).is_some()
-            }
-            WatchEvent::Error(_) => {
-                self.failing = true;
-                false
-            }
-            WatchEvent::Resumed => {
-                self.failing = false;
-                false
-            }
+            WatchEvent::Delete(o) => return self.names.remove(&o.name).is_some(),
+            WatchEvent::Error(e) => self.names.failed(e.message),
+            WatchEvent::Resumed => self.names.delivered(),
         }
+        false
     }
 
     fn whole(&self) -> bool {
-        self.synced && !self.failing && self.relisting.is_none()
+        self.names.whole()
     }
 }
 
@@ -212,7 +191,7 @@ async fn sweep<D: Datastore, C: ClusterReader>(
     if sync_labels {
         sync_node_labels(ds, shared, may_write, opts, view, &calico_nodes).await;
     }
-    for orphan in node_cleanup::orphans(&calico_nodes, |n| view.names.contains_key(n)) {
+    for orphan in node_cleanup::orphans(&calico_nodes, |n| view.names.contains(n)) {
         match cluster.get(ClusterKind::Node, "", &orphan.kubernetes_node).await {
             Err(e) if e.is_not_found() => confirmed.push(orphan),
             Ok(_) => tracing::info!(node = %orphan.calico_node, kubernetes_node = %orphan.kubernetes_node, "node deleter: the Kubernetes node exists after all; kept"),
@@ -528,11 +507,11 @@ mod tests {
         let mut labelled = stored("c");
         labelled.value = json!({"metadata": {"labels": {"zone": "a"}}});
         assert!(v.apply(WatchEvent::Apply(labelled)), "a label change does");
-        assert_eq!(v.names.keys().collect::<Vec<_>>(), ["b", "c"]);
+        assert_eq!(v.names.items().keys().collect::<Vec<_>>(), ["b", "c"]);
         v.apply(WatchEvent::Init);
         assert!(!v.whole(), "a relist in progress is not whole");
         v.apply(WatchEvent::InitApply(stored("b")));
         v.apply(WatchEvent::InitDone);
-        assert_eq!(v.names.keys().collect::<Vec<_>>(), ["b"], "a relist replaces the names");
+        assert_eq!(v.names.items().keys().collect::<Vec<_>>(), ["b"], "a relist replaces the names");
     }
 }
