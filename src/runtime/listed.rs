@@ -126,6 +126,6 @@ mod tests {
         assert_eq!(l.remove("c"), Some(3));
         l.failed("x");
         l.delivered();
-        assert!(l.whole() && l.synced() && l.len() == 0);
+        assert!(l.whole() && l.synced() && l.is_empty());
     }
 }
