@@ -182,8 +182,11 @@ impl MassGuard {
     /// before a complete observation lets it go (0 = only an approval does); `approved`: the set
     /// ids operators approved.
     pub fn review(&mut self, scope: Scope, p: Proposal<'_>, cfg: &GuardConfig, now: Millis, grace: Millis, approved: &BTreeSet<String>) -> Decision {
-        if !cfg.trips(scope.unit, p.members.len() as u64, p.total) {
-            // Below the threshold (or off): whatever was held is no longer a mass change.
+        // Below the threshold (or off), a complete observation ends whatever was held: it is no
+        // longer a mass change. An incomplete one (a dirty pass, a sweep cut short) cannot say
+        // so: while something is held, its members go through the held path below.
+        let holding = cfg.enabled && self.scopes.contains_key(&scope);
+        if !cfg.trips(scope.unit, p.members.len() as u64, p.total) && (p.complete || !holding) {
             self.scopes.remove(&scope);
             return Decision::Proceed;
         }
@@ -340,6 +343,21 @@ mod tests {
     }
 
     #[test]
+    fn an_incomplete_observation_below_the_threshold_neither_ends_nor_passes_a_held_set() {
+        let mut g = MassGuard::new();
+        let all = set(0..300);
+        review(&mut g, &all, 1_000, true, 0);
+        // A dirty pass (or a sweep cut short) proposes a few of them past the grace period: it
+        // cannot tell that the rest are gone, so they are not let through and not forgotten.
+        assert_eq!(review(&mut g, &set(0..3), 1_000, false, GRACE + 1), Decision::Only(BTreeSet::new()));
+        assert_eq!(g.held()[0].since, 0, "the held set keeps its place");
+        assert_eq!(review(&mut g, &all, 1_000, true, GRACE + 2), Decision::Only(all.clone()), "the next complete observation lets it go");
+        // Nothing held: a small incomplete proposal proceeds as before.
+        let mut fresh = MassGuard::new();
+        assert_eq!(review(&mut fresh, &set(0..3), 1_000, false, 0), Decision::Proceed);
+    }
+
+    #[test]
     fn nodes_count_against_their_own_minimum() {
         let mut g = MassGuard::new();
         let cfg = GuardConfig::default();
@@ -359,8 +377,8 @@ mod tests {
 
     proptest! {
         /// Whatever the sequence of proposals, a member proceeds only if the pass did not trip the
-        /// guard, or it was proposed at a complete observation at least a grace period after it
-        /// was first proposed without proceeding.
+        /// guard (and, for an incomplete pass, nothing was held), or it was proposed at a complete
+        /// observation at least a grace period after it was first proposed without proceeding.
         #[test]
         fn nothing_proceeds_early(steps in proptest::collection::vec((proptest::collection::btree_set(0u64..400, 0..400), 0i64..40_000, any::<bool>()), 1..12)) {
             let mut g = MassGuard::new();
@@ -370,9 +388,10 @@ mod tests {
             for (members, dt, complete) in steps {
                 now += dt;
                 let tripped = cfg.trips(Unit::Addresses, members.len() as u64, 1_000);
+                let holding = !first.is_empty();
                 let d = g.review(IPAM_ADDRESSES, Proposal { members: &members, total: 1_000, complete }, &cfg, now, GRACE, &BTreeSet::new());
                 g.check_invariants().unwrap();
-                if !tripped {
+                if !tripped && (complete || !holding) {
                     prop_assert_eq!(d, Decision::Proceed);
                     first.clear();
                     continue;

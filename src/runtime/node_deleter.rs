@@ -188,6 +188,8 @@ async fn sweep<D: Datastore, C: ClusterReader>(
         }
     };
     let mut confirmed = Vec::new();
+    // A re-read failed: this sweep saw only some orphans, which is no complete observation.
+    let mut cut_short = false;
     if sync_labels {
         sync_node_labels(ds, shared, may_write, opts, view, &calico_nodes).await;
     }
@@ -197,13 +199,16 @@ async fn sweep<D: Datastore, C: ClusterReader>(
             Ok(_) => tracing::info!(node = %orphan.calico_node, kubernetes_node = %orphan.kubernetes_node, "node deleter: the Kubernetes node exists after all; kept"),
             Err(e) => {
                 tracing::warn!(node = %orphan.calico_node, error = %e, "node deleter: re-reading the Kubernetes node failed; kept until a later sweep");
+                cut_short = true;
                 break;
             }
         }
     }
     let members: BTreeMap<u64, Orphan> = confirmed.into_iter().map(|o| (guard::fingerprint(&[o.calico_node.as_bytes()]), o)).collect();
     let proposed: BTreeSet<u64> = members.keys().copied().collect();
-    let proposal = Proposal { members: &proposed, total: calico_nodes.len() as u64, complete: true };
+    // Incomplete, a held set keeps its place (it is neither let through nor forgotten, so its
+    // grace period does not start again).
+    let proposal = Proposal { members: &proposed, total: calico_nodes.len() as u64, complete: !cut_short };
     let approvals = approvals(ds, opts.kcc.as_deref()).await;
     let wait = opts.guard_wait.unwrap_or(grace);
     let decision = guard.review(ETCD_NODES, proposal, &opts.guard, now.as_millis() as i64, wait.as_millis() as i64, &approvals);
@@ -214,7 +219,12 @@ async fn sweep<D: Datastore, C: ClusterReader>(
             tracing::warn!(waiting = h.waiting, total = h.total, id = %h.id, "mass-change guard: Calico Node deletions held until a sweep one grace period later proposes them again, or approval");
         }
     }
-    let done = if held > 0 { Swept::Held(wait) } else { Swept::Ran };
+    let done = match held {
+        // The rest of the orphans are read again shortly, not at the next periodic sweep.
+        _ if cut_short => Swept::NotNow,
+        0 => Swept::Ran,
+        _ => Swept::Held(wait),
+    };
     let allowed: Vec<&Orphan> = members.iter().filter(|(m, _)| decision.allows(**m)).map(|(_, o)| o).collect();
     if allowed.is_empty() {
         return done;
@@ -454,7 +464,13 @@ mod tests {
         assert_eq!(shared.metrics(|m| m.mass_change_held.get(ETCD_NODES.name).copied()), Some(10));
         sweep(&*ds, &*cluster, &shared, &leading, &o, &view, &mut g, Duration::from_secs(1)).await;
         assert_eq!(ds.snapshot(Kind::CalicoNode).len(), 10, "still within the grace period");
-        sweep(&*ds, &*cluster, &shared, &leading, &o, &view, &mut g, Duration::from_secs(3)).await;
+        // Past the grace period a re-read fails: that sweep is no complete observation, lets
+        // nothing through, and the held set keeps its place for the retry shortly after.
+        cluster.inject_get(ClusterKind::Node, crate::datastore::ErrorKind::Transient, 1);
+        assert_eq!(sweep(&*ds, &*cluster, &shared, &leading, &o, &view, &mut g, Duration::from_secs(3)).await, Swept::NotNow);
+        assert_eq!(ds.snapshot(Kind::CalicoNode).len(), 10, "a cut-short sweep deletes nothing");
+        g.check_invariants().unwrap();
+        sweep(&*ds, &*cluster, &shared, &leading, &o, &view, &mut g, Duration::from_secs(3) + BATCH).await;
         assert!(ds.snapshot(Kind::CalicoNode).is_empty(), "proposed again a grace period later: done");
         g.check_invariants().unwrap();
     }
