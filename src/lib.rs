@@ -13,6 +13,7 @@ pub mod node_cleanup;
 pub mod policy;
 pub mod reconcile;
 pub mod scan;
+pub mod selector;
 pub mod sim;
 #[cfg(feature = "cli")]
 pub mod runtime;
