@@ -7,6 +7,7 @@
 //! stored object with the wanted spec: its other fields kept).
 //! Must not: decide what is owned (the caller lists by name prefix), or do I/O.
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 
 use serde_json::Value;
@@ -43,10 +44,11 @@ impl Write {
 /// The writes that turn `owned` (the controller's objects as listed) into `desired` (datastore
 /// name -> wanted object): a create for each one missing, an update for each whose `spec`
 /// differs, a delete for each owned object nothing wants. Nothing when they agree.
-pub fn plan(desired: &BTreeMap<String, Value>, owned: &[Stored]) -> Vec<Write> {
+pub fn plan<V: Borrow<Value>>(desired: &BTreeMap<String, V>, owned: &[Stored]) -> Vec<Write> {
     let mut writes = Vec::new();
     let by_name: BTreeMap<&str, &Stored> = owned.iter().map(|s| (s.name.as_str(), s)).collect();
     for (name, want) in desired {
+        let want: &Value = want.borrow();
         match by_name.get(name.as_str()) {
             None => writes.push(Write::Create { name: name.clone(), value: want.clone() }),
             Some(current) if current.value.get("spec") != want.get("spec") => {
@@ -93,6 +95,6 @@ mod tests {
         assert_eq!(value["metadata"]["labels"], json!({"x": "1"}), "an update keeps the stored object's other fields");
         assert_eq!(current.revision, "3", "and is made against the revision it saw");
         assert!(plan(&desired, &[stored("kns.new", json!({"a": 1})), stored("kns.same", json!({"a": 1})), stored("kns.changed", json!({"a": 2}))]).is_empty());
-        assert_eq!(plan(&BTreeMap::new(), &owned).len(), 3, "nothing wanted: every owned object goes");
+        assert_eq!(plan(&BTreeMap::<String, Value>::new(), &owned).len(), 3, "nothing wanted: every owned object goes");
     }
 }

@@ -262,8 +262,9 @@ impl Wanted {
         })
     }
 
-    fn desired(&self) -> BTreeMap<String, Value> {
-        self.wants().map(|w| (w.name.clone(), w.object.clone())).collect()
+    /// The wanted objects by datastore name (borrowed: a round clones only what it writes).
+    fn desired(&self) -> BTreeMap<String, &Value> {
+        self.wants().map(|w| (w.name.clone(), &w.object)).collect()
     }
 
     /// The Event for the policy written as datastore object `name`, if it lost rules.

@@ -56,8 +56,17 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 
 /// A process's peak resident set (`VmHWM`) in KiB, `None` once it is gone.
 pub fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    proc_status_kib(pid, "VmHWM:")
+}
+
+/// A process's resident set now (`VmRSS`) in KiB.
+pub fn vm_rss_kib(pid: u32) -> Option<u64> {
+    proc_status_kib(pid, "VmRSS:")
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
+    status.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Sum of every sample of `metric` in a Prometheus text body.
