@@ -26,10 +26,10 @@ use crate::config::RunConfig;
 use crate::model::time::Millis;
 use crate::datastore::cluster::{ClusterKind, ClusterReader};
 use crate::datastore::watch::WatchEvent;
-use crate::datastore::{Datastore, DsResult, Kind, Stored};
+use crate::datastore::{DatastoreError, Datastore, DsResult, Kind, Stored};
 use crate::guard::{self, GuardConfig, MassGuard, Proposal, Scope, Unit};
 use crate::policy::{self, BadRules};
-use crate::reconcile::{self, Write};
+use crate::reconcile::{self, CompactObject, Write};
 
 /// Changes within this window share one round.
 const BATCH: Duration = Duration::from_secs(1);
@@ -138,7 +138,7 @@ impl LightSpec {
                     let meta = &source["metadata"];
                     Regarding::network_policy(meta["namespace"].as_str().unwrap_or("default"), meta["name"].as_str().unwrap_or(""), meta["uid"].as_str())
                 });
-                Some(Want { name, object, dropped, regarding })
+                Some(Want { name, object: CompactObject::new(object), dropped, regarding })
             }
             Err(e) => {
                 tracing::warn!(controller = self.name, category = e.category(), error = %e, "source object not converted; skipped");
@@ -154,7 +154,7 @@ impl LightSpec {
 #[derive(Debug, Clone, PartialEq)]
 struct Want {
     name: String,
-    object: Value,
+    object: CompactObject,
     dropped: Vec<String>,
     regarding: Option<Regarding>,
 }
@@ -262,8 +262,8 @@ impl Wanted {
         })
     }
 
-    /// The wanted objects by datastore name (borrowed: a round clones only what it writes).
-    fn desired(&self) -> BTreeMap<String, &Value> {
+    /// The wanted objects by datastore name (borrowed: a round makes only what it writes).
+    fn desired(&self) -> BTreeMap<String, &CompactObject> {
         self.wants().map(|w| (w.name.clone(), &w.object)).collect()
     }
 
@@ -414,9 +414,9 @@ async fn round<D: Datastore>(
     // each phase with `workers` writes in flight.
     for deletes in [false, true] {
         let phase: Vec<usize> = chosen.iter().copied().filter(|i| matches!(writes[*i], Write::Delete { .. }) == deletes).collect();
-        let writes = &writes;
+        let (writes, desired) = (&writes, &desired);
         let results: Vec<(usize, Option<DsResult<()>>)> =
-            futures::stream::iter(phase).map(|i| async move { (i, write_one(spec, ds, may_write, &writes[i]).await) }).buffer_unordered(opts.workers.max(1)).collect().await;
+            futures::stream::iter(phase).map(|i| async move { (i, write_one(spec, ds, may_write, desired, &writes[i]).await) }).buffer_unordered(opts.workers.max(1)).collect().await;
         let mut stopped_leading = false;
         for (i, result) in results {
             let write = &writes[i];
@@ -448,12 +448,15 @@ async fn round<D: Datastore>(
 }
 
 /// One write, unless this replica stopped leading (`None`).
-async fn write_one<D: Datastore>(spec: &LightSpec, ds: &D, may_write: &watch::Receiver<bool>, write: &Write) -> Option<DsResult<()>> {
+async fn write_one<D: Datastore>(spec: &LightSpec, ds: &D, may_write: &watch::Receiver<bool>, desired: &BTreeMap<String, &CompactObject>, write: &Write) -> Option<DsResult<()>> {
     if !*may_write.borrow() {
         return None;
     }
     let result = match write {
-        Write::Create { name, value } => ds.create(spec.target, name, value.clone()).await.map(|_| ()),
+        Write::Create { name } => match desired.get(name) {
+            Some(want) => ds.create(spec.target, name, want.object()).await.map(|_| ()),
+            None => Err(DatastoreError::invalid(format!("{name}: planned but not wanted"))),
+        },
         Write::Update { current, value } => ds.update(spec.target, &Stored { value: value.clone(), ..current.clone() }).await.map(|_| ()),
         Write::Delete { current } => ds.delete(spec.target, &current.name, &current.exact()).await,
     };
@@ -636,7 +639,7 @@ mod tests {
         let mut terminating = namespace("a", json!({"x": "2"}));
         terminating.value["status"] = json!({"phase": "Terminating"});
         assert!(!w.apply(&NAMESPACE, WatchEvent::Apply(terminating.clone())));
-        assert_eq!(w.desired()["kns.a"]["spec"]["labelsToApply"]["pcns.x"], "1");
+        assert_eq!(w.desired()["kns.a"].object()["spec"]["labelsToApply"]["pcns.x"], "1");
         assert!(w.apply(&NAMESPACE, WatchEvent::Delete(terminating)));
         assert!(w.desired().is_empty());
         assert!(NAMESPACE.owns("kns.a") && !NAMESPACE.owns("ksa.a.b") && POLICY.owns("ns/knp.default.x") && !POLICY.owns("ns/other"));
