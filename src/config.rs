@@ -660,7 +660,7 @@ fn section_str<'a>(section: Option<&'a Value>, field: &str) -> Option<&'a str> {
     section?.get(field)?.as_str()
 }
 
-fn enabled_str(text: Option<&str>, default: bool) -> bool {
+pub(crate) fn enabled_str(text: Option<&str>, default: bool) -> bool {
     match text.map(|t| t.trim().to_ascii_lowercase()) {
         Some(t) if t == "enabled" => true,
         Some(t) if t == "disabled" => false,

@@ -5,6 +5,7 @@ pub mod convert;
 pub mod endpoint_labels;
 pub mod datastore;
 pub mod guard;
+pub mod host_endpoints;
 pub mod health;
 pub mod ipam;
 pub mod memstat;
