@@ -719,7 +719,8 @@ pub fn plan(desired: &BTreeMap<String, Value>, listed: &[Stored]) -> HostEndpoin
     let mut out = HostEndpointPlan::default();
     for (name, want) in desired {
         match by_name.get(name.as_str()) {
-            None => out.writes.push(Write::Create { name: name.clone(), value: want.clone() }),
+            // The shell writes `desired[name]`.
+            None => out.writes.push(Write::Create { name: name.clone() }),
             Some(current) if !is_managed(&current.value) => out.blocked.push(name.clone()),
             Some(current) if needs_update(&current.value, want) => {
                 out.writes.push(Write::Update { current: (*current).clone(), value: updated(&current.value, want) })
@@ -1213,9 +1214,9 @@ mod tests {
             let mut after = by_name.clone();
             for w in &p.writes {
                 match w {
-                    Write::Create { name, value } => {
+                    Write::Create { name } => {
                         prop_assert!(!by_name.contains_key(name));
-                        after.insert(name.clone(), stored(value.clone()));
+                        after.insert(name.clone(), stored(want[name].clone()));
                     }
                     Write::Update { current, value } => {
                         prop_assert!(is_managed(&current.value), "updated a user's {}", current.name);
