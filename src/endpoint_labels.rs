@@ -65,6 +65,14 @@ impl EndpointWant {
         out
     }
 
+    /// Whether the datastore endpoint `name` is one of this pod's on its current node:
+    /// `<namespace>/<node>-k8s-<pod>-<endpoint>` (the primary one ends in `eth0`, others in their
+    /// interface's name).
+    pub fn names_endpoint(&self, name: &str) -> bool {
+        let prefix = self.endpoint.strip_suffix("eth0").unwrap_or(&self.endpoint);
+        name.len() > prefix.len() && name.starts_with(prefix)
+    }
+
     /// The same want with other own labels (tests).
     #[cfg(test)]
     pub fn with_own_labels(&self, labels: &[(&str, &str)]) -> EndpointWant {
@@ -135,6 +143,8 @@ mod tests {
     fn a_pod_wants_its_labels_with_calicos_three_and_its_service_account() {
         let w = EndpointWant::of_pod(&pod(json!({"app": "web"}), "frontend")).unwrap().unwrap();
         assert_eq!(&*w.endpoint, "shop/node--a-k8s-web--1-eth0");
+        assert!(w.names_endpoint("shop/node--a-k8s-web--1-eth0") && w.names_endpoint("shop/node--a-k8s-web--1-net1"));
+        assert!(!w.names_endpoint("shop/node--b-k8s-web--1-eth0"), "the endpoint left on a node the pod ran on before");
         assert_eq!(
             w.labels(),
             [("app", "web"), ("projectcalico.org/namespace", "shop"), ("projectcalico.org/orchestrator", "k8s"), ("projectcalico.org/serviceaccount", "frontend")]

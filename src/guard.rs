@@ -209,6 +209,15 @@ impl MassGuard {
                 st.waiting.insert(*m);
             }
         }
+        if !p.complete {
+            // A partial view cannot say the rest went: what waited and was not let through
+            // still waits (the published set and its id stay whole).
+            for m in previously_waiting {
+                if !ok.contains(&m) && !st.approved.contains(&m) && st.first_seen.contains_key(&m) {
+                    st.waiting.insert(m);
+                }
+            }
+        }
         st.total = p.total;
         st.id = set_id(st.waiting.iter().copied());
         if st.waiting.is_empty() && st.first_seen.is_empty() {
@@ -350,7 +359,7 @@ mod tests {
         // A dirty pass (or a sweep cut short) proposes a few of them past the grace period: it
         // cannot tell that the rest are gone, so they are not let through and not forgotten.
         assert_eq!(review(&mut g, &set(0..3), 1_000, false, GRACE + 1), Decision::Only(BTreeSet::new()));
-        assert_eq!(g.held()[0].since, 0, "the held set keeps its place");
+        assert_eq!((g.held()[0].since, g.held()[0].waiting), (0, 300), "the held set keeps its place, whole");
         assert_eq!(review(&mut g, &all, 1_000, true, GRACE + 2), Decision::Only(all.clone()), "the next complete observation lets it go");
         // Nothing held: a small incomplete proposal proceeds as before.
         let mut fresh = MassGuard::new();

@@ -206,6 +206,10 @@ pub async fn run<D: Datastore>(
     loop {
         let period = shared.config.borrow().run.workload_endpoint;
         let enabled = period.is_some();
+        if !enabled {
+            // Nothing to retry while disabled (a round would only say "not now" every 5 s).
+            due = None;
+        }
         if enabled != was_enabled {
             was_enabled = enabled;
             pods.forget();
@@ -275,7 +279,9 @@ async fn round<D: Datastore>(ds: &D, shared: &Shared, may_write: &watch::Receive
         };
         for wep in all {
             let ns = wep.name.split_once('/').map_or("", |(ns, _)| ns);
-            if let Some(pod) = pod_of(ns, &wep.value).filter(|p| pods.by_pod.contains(p)) {
+            // The pod's endpoints on its current node only: an old endpoint left on a node the
+            // pod ran on before must not get the live pod's labels (policy would select its IP).
+            if let Some(pod) = pod_of(ns, &wep.value).filter(|p| pods.by_pod.get(p).is_some_and(|w| w.names_endpoint(&wep.name))) {
                 todo.push((pod, Some(wep)));
             }
         }
@@ -299,7 +305,7 @@ async fn round<D: Datastore>(ds: &D, shared: &Shared, may_write: &watch::Receive
         if let Some(label) = outcome.label() {
             shared.metrics(|m| *m.light_writes.entry((NAME, "update", label)).or_default() += 1);
         }
-        if matches!(outcome, Outcome::Failed | Outcome::NotLeading) && pods.by_pod.contains(&pod) {
+        if matches!(outcome, Outcome::Failed | Outcome::NotLeading | Outcome::Conflict) && pods.by_pod.contains(&pod) {
             pods.dirty.insert(pod);
             again = true;
         }
@@ -334,10 +340,12 @@ impl Outcome {
 /// Brings one endpoint in step with `want`: read (unless given), patch, compare-and-swap; a
 /// conflict re-reads and tries again, up to [`TRIES`] times.
 async fn sync_one<D: Datastore>(ds: &D, may_write: &watch::Receiver<bool>, opts: &EndpointOptions, want: &EndpointWant, mut current: Option<Stored>) -> Outcome {
+    // The endpoint as listed (a pod may have more than its `eth0` one), else its primary one.
+    let name: String = current.as_ref().map_or_else(|| want.endpoint.to_string(), |c| c.name.clone());
     for _ in 0..TRIES {
         let stored = match current.take() {
             Some(s) => s,
-            None => match ds.get(Kind::WorkloadEndpoint, &want.endpoint).await {
+            None => match ds.get(Kind::WorkloadEndpoint, &name).await {
                 Ok(s) => s,
                 Err(e) if e.is_not_found() => return Outcome::Missing,
                 Err(e) => {
@@ -420,6 +428,8 @@ mod tests {
         let ds = MemoryDatastore::new();
         let a = seed(&ds, "a", "n1", json!({"old": "x"})).await;
         let b = seed(&ds, "b", "n1", json!({})).await;
+        // Pod a's endpoint left on the node it ran on before.
+        let stale = seed(&ds, "a", "n0", json!({"old": "y"})).await;
         ds.create(Kind::WorkloadEndpoint, "shop/foreign", json!({"metadata": {"name": "foreign", "namespace": "shop", "labels": {"k": "v"}}, "spec": {"orchestrator": "openstack"}})).await.unwrap();
         let (feed, mut rx) = EndpointFeed::new(true);
         feed_all(&feed, vec![WatchEvent::Init, WatchEvent::InitApply(pod("a", "n1", json!({"app": "a"}))), WatchEvent::InitApply(pod("c", "n2", json!({}))), WatchEvent::InitDone]);
@@ -433,7 +443,8 @@ mod tests {
         assert_eq!(got["metadata"]["labels"], json!({"app": "a", "projectcalico.org/namespace": "shop", "projectcalico.org/orchestrator": "k8s", "projectcalico.org/serviceaccount": "sa"}));
         assert_eq!((got["spec"]["serviceAccountName"].as_str(), got["spec"]["containerID"].as_str()), (Some("sa"), Some("c1")));
         assert_eq!(ds.peek(Kind::WorkloadEndpoint, &b).unwrap().value["metadata"]["labels"], json!({}), "a pod not in the view: untouched");
-        assert_eq!(ds.snapshot(Kind::WorkloadEndpoint).len(), 3, "pod c has no endpoint: none created");
+        assert_eq!(ds.snapshot(Kind::WorkloadEndpoint).len(), 4, "pod c has no endpoint: none created");
+        assert_eq!(ds.peek(Kind::WorkloadEndpoint, &stale).unwrap().value["metadata"]["labels"], json!({"old": "y"}), "an endpoint on another node keeps its labels");
         assert_eq!(ds.peek(Kind::WorkloadEndpoint, "shop/foreign").unwrap().value["metadata"]["labels"], json!({"k": "v"}));
         let before = ds.revision();
         assert!(round(&ds, &shared, &leading, &OPTS, &mut pods, true).await);

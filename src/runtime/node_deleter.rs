@@ -188,26 +188,31 @@ async fn sweep<D: Datastore, C: ClusterReader>(
         }
     };
     let mut confirmed = Vec::new();
-    // A re-read failed: this sweep saw only some orphans, which is no complete observation.
+    // A re-read failed: this sweep confirmed only some orphans, which is no complete observation.
     let mut cut_short = false;
+    // Every orphan the view shows, confirmed or not: what the guard counts, so a mass deletion
+    // cannot pass in slices of sweeps cut short.
+    let mut proposed = BTreeSet::new();
     if sync_labels {
         sync_node_labels(ds, shared, may_write, opts, view, &calico_nodes).await;
     }
     for orphan in node_cleanup::orphans(&calico_nodes, |n| view.names.contains(n)) {
+        proposed.insert(guard::fingerprint(&[orphan.calico_node.as_bytes()]));
+        if cut_short {
+            continue;
+        }
         match cluster.get(ClusterKind::Node, "", &orphan.kubernetes_node).await {
             Err(e) if e.is_not_found() => confirmed.push(orphan),
             Ok(_) => tracing::info!(node = %orphan.calico_node, kubernetes_node = %orphan.kubernetes_node, "node deleter: the Kubernetes node exists after all; kept"),
             Err(e) => {
                 tracing::warn!(node = %orphan.calico_node, error = %e, "node deleter: re-reading the Kubernetes node failed; kept until a later sweep");
                 cut_short = true;
-                break;
             }
         }
     }
     let members: BTreeMap<u64, Orphan> = confirmed.into_iter().map(|o| (guard::fingerprint(&[o.calico_node.as_bytes()]), o)).collect();
-    let proposed: BTreeSet<u64> = members.keys().copied().collect();
     // Incomplete, a held set keeps its place (it is neither let through nor forgotten, so its
-    // grace period does not start again).
+    // grace period does not start again); only confirmed orphans are ever deleted.
     let proposal = Proposal { members: &proposed, total: calico_nodes.len() as u64, complete: !cut_short };
     let approvals = approvals(ds, opts.kcc.as_deref()).await;
     let wait = opts.guard_wait.unwrap_or(grace);
@@ -453,8 +458,14 @@ mod tests {
         let (_tx, leading) = watch::channel(true);
         let mut o = opts(false);
         o.guard = GuardConfig::default();
-        let mut g = MassGuard::new();
         let view = whole_view(&[]);
+        // A sweep cut short by a failed re-read still counts every orphan the view shows: the
+        // set is held, never let through in slices.
+        let mut sliced = MassGuard::new();
+        cluster.inject_get(ClusterKind::Node, crate::datastore::ErrorKind::Transient, 1);
+        assert_eq!(sweep(&*ds, &*cluster, &shared, &leading, &o, &view, &mut sliced, Duration::ZERO).await, Swept::NotNow);
+        assert_eq!(sliced.held().first().map(|h| h.waiting), Some(10));
+        let mut g = MassGuard::new();
         let swept = sweep(&*ds, &*cluster, &shared, &leading, &o, &view, &mut g, Duration::ZERO).await;
         assert_eq!(swept, Swept::Held(Duration::from_secs(2)));
         assert_eq!(next_sweep(swept), Some(Duration::from_secs(3)), "the next sweep comes just after the guard's wait");

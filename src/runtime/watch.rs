@@ -310,10 +310,11 @@ where
 /// The pod watch, tapped for the workload-endpoint controller; started again (a fresh list, which
 /// the GC takes as any relist) when the controller asks.
 async fn forward_tapped_pods<C: ClusterReader + 'static>(cluster: Arc<C>, feed: EndpointFeed, tx: mpsc::Sender<Input>, shared: Arc<Shared>) {
+    let mut health = Health::default();
     loop {
         let stream = feed.tap(cluster.watch(ClusterKind::Pod));
         tokio::select! {
-            _ = forward(stream, Source::Pods, tx.clone(), shared.clone()) => return,
+            _ = forward_with(stream, Source::Pods, &tx, &shared, &mut health) => return,
             _ = feed.relist_requested() => tracing::info!("pod watch listed again for the workloadendpoint controller"),
         }
     }
@@ -325,25 +326,37 @@ fn empty_list() -> WatchStream {
 }
 
 /// Feeds one source's watch into `tx` until either end is gone.
-pub async fn forward(mut stream: WatchStream, source: Source, tx: mpsc::Sender<Input>, shared: Arc<Shared>) {
+pub async fn forward(stream: WatchStream, source: Source, tx: mpsc::Sender<Input>, shared: Arc<Shared>) {
+    forward_with(stream, source, &tx, &shared, &mut Health::default()).await
+}
+
+/// What `forward` has reported about a source, kept across a restarted stream so a failure
+/// reported before the restart is ended by the new stream's first good event.
+#[derive(Debug, Default)]
+struct Health {
+    /// The apiserver refused the watch (its readiness key says so).
+    refused: bool,
+    /// A failure was reported and no good event has arrived since.
+    failing: bool,
+}
+
+async fn forward_with(mut stream: WatchStream, source: Source, tx: &mpsc::Sender<Input>, shared: &Shared, health: &mut Health) {
     let key = health::watch_key(source.as_str());
-    let mut refused = false;
-    // A failure was reported and no good event has arrived since.
-    let mut failing = false;
+    let Health { refused, failing } = health;
     while let Some(event) = stream.next().await {
-        if refused && !matches!(event, WatchEvent::Error(_)) {
-            refused = false;
+        if *refused && !matches!(event, WatchEvent::Error(_)) {
+            *refused = false;
             shared.status.set_ready(&key, true, "");
         }
-        let recovered = failing && !matches!(event, WatchEvent::Error(_));
-        if let Some(change) = change_of(event, source, &tx, &key, &shared, &mut refused).await {
-            failing |= matches!(change, Change::Unhealthy { .. });
+        let recovered = *failing && !matches!(event, WatchEvent::Error(_));
+        if let Some(change) = change_of(event, source, tx, &key, shared, refused).await {
+            *failing |= matches!(change, Change::Unhealthy { .. });
             if tx.send(Input { source, change }).await.is_err() {
                 return;
             }
         }
         if recovered {
-            failing = false;
+            *failing = false;
             if tx.send(Input { source, change: Change::Healthy }).await.is_err() {
                 return;
             }
@@ -398,5 +411,33 @@ async fn send_invalid(
             let _ = tx.send(Input { source, change: Change::Invalid(e) }).await;
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datastore::watch::WatchFailure;
+
+    fn changes(rx: &mut mpsc::Receiver<Input>) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(i) = rx.try_recv() {
+            out.push(format!("{:?}", i.change).split([' ', '(', '{']).next().unwrap_or_default().to_string());
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_failure_reported_before_a_restarted_stream_is_ended_by_the_new_streams_first_event() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let shared = Shared::default();
+        let mut health = Health::default();
+        let failing: WatchStream = Box::pin(futures::stream::iter([WatchEvent::Error(WatchFailure::transient("apiserver gone"))]));
+        forward_with(failing, Source::Pods, &tx, &shared, &mut health).await;
+        assert_eq!(changes(&mut rx), ["Unhealthy"]);
+        // The pod watch is started again (the workload-endpoint controller asked for a list).
+        let fresh: WatchStream = Box::pin(futures::stream::iter([WatchEvent::Init, WatchEvent::InitDone]));
+        forward_with(fresh, Source::Pods, &tx, &shared, &mut health).await;
+        assert_eq!(changes(&mut rx), ["Init", "Healthy", "InitDone"], "the GC hears the source is healthy again");
     }
 }
