@@ -374,6 +374,18 @@ struct AddressSources<'a> {
     internal_ips: Vec<&'a str>,
 }
 
+/// The `InternalIP` entries of a Calico Node's `spec.addresses` or a Kubernetes Node's
+/// `status.addresses` (both `[{address, type}]`).
+fn internal_ips(addresses: Option<&Value>) -> Vec<&str> {
+    addresses
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|a| a.get("type").and_then(Value::as_str) == Some("InternalIP"))
+        .filter_map(|a| a.get("address").and_then(Value::as_str))
+        .collect()
+}
+
 fn string_map(v: Option<&Value>) -> BTreeMap<String, String> {
     v.and_then(Value::as_object)
         .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
@@ -415,14 +427,7 @@ impl NodeData {
             vxlan_v6: non_empty(spec.get("ipv6VXLANTunnelAddr")),
             wireguard_v4: non_empty(spec.pointer("/wireguard/interfaceIPv4Address")).map(str::to_string),
             wireguard_v6: non_empty(spec.pointer("/wireguard/interfaceIPv6Address")),
-            internal_ips: spec
-                .get("addresses")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter(|a| a.get("type").and_then(Value::as_str) == Some("InternalIP"))
-                .filter_map(|a| a.get("address").and_then(Value::as_str))
-                .collect(),
+            internal_ips: internal_ips(spec.get("addresses")),
         };
         Some(NodeData::build(name, string_map(node.pointer("/metadata/labels")), &sources, interfaces_of(spec.get("interfaces"))))
     }
@@ -469,14 +474,7 @@ impl NodeData {
             vxlan_v6: checked("projectcalico.org/IPv6VXLANTunnelAddr", strict_network, false),
             wireguard_v4,
             wireguard_v6,
-            internal_ips: node
-                .pointer("/status/addresses")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter(|a| a.get("type").and_then(Value::as_str) == Some("InternalIP"))
-                .filter_map(|a| a.get("address").and_then(Value::as_str))
-                .collect(),
+            internal_ips: internal_ips(node.pointer("/status/addresses")),
         };
         // An annotation that is not a JSON list of interfaces gives none, as in libcalico.
         let interfaces = annotation("projectcalico.org/Interfaces")

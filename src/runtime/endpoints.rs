@@ -224,12 +224,7 @@ pub async fn run<D: Datastore>(
         shared.status.controller_view(NAME, "pods", enabled, pods.by_pod.synced(), pods.by_pod.failing());
         let full_at = period.filter(|p| *p > 0 && pods.by_pod.synced()).map(|p| last_full + Duration::from_millis(p as u64));
         let next = [due, full_at].into_iter().flatten().min();
-        let wait = async {
-            match next {
-                Some(t) => tokio::time::sleep_until(t).await,
-                None => std::future::pending().await,
-            }
-        };
+        let wait = super::sleep_until_due(next);
         tokio::select! {
             msg = rx.recv() => {
                 let Some(msg) = msg else { return };
@@ -237,8 +232,7 @@ pub async fn run<D: Datastore>(
                     shared.metrics(|m| *m.conversion_errors.entry((NAME, e.category)).or_default() += 1);
                 }
                 if enabled && pods.apply(msg) {
-                    let soon = tokio::time::Instant::now() + BATCH;
-                    due = Some(due.map_or(soon, |d| d.min(soon)));
+                    due = super::due_within(due, BATCH);
                 }
             }
             _ = wait => {

@@ -320,12 +320,7 @@ pub async fn run<D: Datastore, C: ClusterReader>(
             (None, Some(p)) if wanted.by_source.synced() => Some(last_round + p),
             _ => None,
         };
-        let wait = async {
-            match next {
-                Some(t) => tokio::time::sleep_until(t).await,
-                None => std::future::pending().await,
-            }
-        };
+        let wait = super::sleep_until_due(next);
         tokio::select! {
             event = events.next() => {
                 let Some(event) = event else { return };
@@ -333,8 +328,7 @@ pub async fn run<D: Datastore, C: ClusterReader>(
                 // deletes (a round before the hold ends is safe: the guard judges each member by
                 // when it was first proposed).
                 if wanted.apply(&spec, event) {
-                    let soon = tokio::time::Instant::now() + BATCH;
-                    due = Some(due.map_or(soon, |d| d.min(soon)));
+                    due = super::due_within(due, BATCH);
                 }
                 if !wanted.errors.is_empty() {
                     let errors = std::mem::take(&mut wanted.errors);

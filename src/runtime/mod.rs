@@ -128,6 +128,20 @@ impl Shared {
     }
 }
 
+/// Sleeps until `at`, or forever without one (a `select!` arm for an optional deadline).
+pub(crate) async fn sleep_until_due(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `due`, brought forward to at most `within` from now (changes share one round).
+pub(crate) fn due_within(due: Option<tokio::time::Instant>, within: std::time::Duration) -> Option<tokio::time::Instant> {
+    let soon = tokio::time::Instant::now() + within;
+    Some(due.map_or(soon, |d| d.min(soon)))
+}
+
 /// Sets the process's log level; installed by the binary, which owns the subscriber.
 #[derive(Clone, Default)]
 pub struct LogControl(Option<Arc<dyn Fn(LogLevel) + Send + Sync>>);

@@ -126,19 +126,13 @@ pub async fn run<D: Datastore, C: ClusterReader>(
     let mut periodic = tokio::time::interval(SWEEP_EVERY);
     periodic.tick().await;
     loop {
-        let wait_due = async {
-            match due {
-                Some(t) => tokio::time::sleep_until(t).await,
-                None => std::future::pending().await,
-            }
-        };
+        let wait_due = super::sleep_until_due(due);
         tokio::select! {
             event = nodes.next() => {
                 let Some(event) = event else { return };
                 // Within the batch window, even while the guard holds a set (see light.rs).
                 if view.apply(event) {
-                    let soon = tokio::time::Instant::now() + BATCH;
-                    due = Some(due.map_or(soon, |d| d.min(soon)));
+                    due = super::due_within(due, BATCH);
                 }
             }
             _ = wait_due => {
