@@ -171,6 +171,7 @@ impl View {
 
     /// Checks the view's own consistency (tests run it): every node is keyed by its name and
     /// every HostEndpoint by its own.
+    #[cfg(test)]
     fn check_invariants(&self) -> Result<(), String> {
         if let Some((k, n)) = self.nodes.items().iter().find(|(k, n)| **k != n.name) {
             return Err(format!("node keyed {k} holds {}", n.name));
