@@ -252,7 +252,7 @@ fn json_type(v: &Value) -> &'static str {
 
 /// An address as Go's `net.ParseIP` and `ParseCIDROrIP` take it, an IPv4-mapped IPv6 address
 /// folded to IPv4 (Go's `To4`, which its `String()` and `IPNet.Contains` apply).
-fn go_ip(addr: IpAddr) -> IpAddr {
+pub(crate) fn go_ip(addr: IpAddr) -> IpAddr {
     match addr {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(addr),
         v4 => v4,
@@ -546,7 +546,7 @@ pub fn hash_if_too_long(name: String) -> String {
 }
 
 /// RFC 4648 §5 base64 without padding (Go's `base64.RawURLEncoding`); the core has no base64 crate.
-fn base64_url(bytes: &[u8]) -> String {
+pub(crate) fn base64_url(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {

@@ -8,6 +8,7 @@ pub mod guard;
 pub mod host_endpoints;
 pub mod health;
 pub mod ipam;
+pub mod loadbalancer;
 pub mod memstat;
 pub mod model;
 pub mod node_cleanup;

@@ -111,6 +111,19 @@ pub fn format_rfc3339(millis: Millis) -> String {
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
+/// Formats as Go's `time.Time.String()` of a UTC time, `2026-01-02 03:04:05.123 +0000 UTC`: the
+/// fraction without trailing zeros, none at all on a whole second (Go's `.999999999` layout).
+/// Upstream writes this into IPAM attributes' `timestamp`; [`parse_rfc3339`] reads it back.
+pub fn format_go_utc(millis: Millis) -> String {
+    let secs = millis.div_euclid(1000);
+    let frac = millis.rem_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    let fraction = if frac == 0 { String::new() } else { format!(".{frac:03}").trim_end_matches('0').to_string() };
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}{fraction} +0000 UTC", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
 // Howard Hinnant's days-from-civil algorithm (public-domain arithmetic on the proleptic Gregorian calendar).
 fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
@@ -206,6 +219,18 @@ mod tests {
     fn garbage_timestamps_are_rejected_not_panicked_on() {
         for bad in ["", "2026", "2026-13-01T00:00:00Z", "2026-01-01T00:00:00+1", "2026-01-01X00:00:00Z", "2026-01-01T00:00:00.Z"] {
             assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn go_utc_strings_trim_the_fraction_as_go_does_and_read_back() {
+        let t = parse_rfc3339("2026-01-02T03:04:05Z").unwrap();
+        assert_eq!(format_go_utc(t), "2026-01-02 03:04:05 +0000 UTC");
+        assert_eq!(format_go_utc(t + 120), "2026-01-02 03:04:05.12 +0000 UTC");
+        assert_eq!(format_go_utc(t + 7), "2026-01-02 03:04:05.007 +0000 UTC");
+        assert_eq!(format_go_utc(0), "1970-01-01 00:00:00 +0000 UTC");
+        for ms in [t, t + 120, t + 7, 0] {
+            assert_eq!(parse_rfc3339(&format_go_utc(ms)), Some(ms));
         }
     }
 
