@@ -79,8 +79,7 @@ pub const ANNOTATION_LOAD_BALANCER_IPS: &str = "projectcalico.org/loadBalancerIP
 pub const CALICO_CLASS: &str = "calico";
 /// The `Hostname` of every LB assignment (`v3.VirtualLoadBalancer`); blocks get the affinity
 /// [`LB_AFFINITY`].
-pub const LB_HOST: &str = "load-balancer";
-pub const LB_AFFINITY: &str = "virtual:load-balancer";
+pub use crate::ipam::assign::{Family, LB_AFFINITY, LB_HOST};
 /// An IPPool's `allowedUses` entry, and the `IntendedUse` of every LB assignment.
 pub const LB_USE: &str = "LoadBalancer";
 const HANDLE_PREFIX: &str = "lb-";
@@ -149,29 +148,6 @@ pub fn is_managed(service: &Value, mode: AssignMode) -> bool {
 
 // -------------------------------------------------------------------------------------------------
 // LB pools.
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Family {
-    V4,
-    V6,
-}
-
-impl Family {
-    pub fn of(ip: IpAddr) -> Family {
-        if go_ip(ip).is_ipv4() { Family::V4 } else { Family::V6 }
-    }
-
-    fn of_net(net: &IpNet) -> Family {
-        if matches!(net, IpNet::V4(_)) { Family::V4 } else { Family::V6 }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Family::V4 => "IPv4",
-            Family::V6 => "IPv6",
-        }
-    }
-}
 
 /// An IPPool that allows `LoadBalancer` use and is not being deleted: the pools upstream keeps
 /// (disabled ones included: they still resolve names and keep their addresses).

@@ -94,14 +94,15 @@ pub enum Family {
 }
 
 impl Family {
-    pub fn of(net: &IpNet) -> Family {
+    /// An IPv4-mapped IPv6 address counts as IPv4, as Go's `To4` reads it.
+    pub fn of(ip: IpAddr) -> Family {
+        if ip.to_canonical().is_ipv4() { Family::V4 } else { Family::V6 }
+    }
+    pub fn of_net(net: &IpNet) -> Family {
         match net {
             IpNet::V4(_) => Family::V4,
             IpNet::V6(_) => Family::V6,
         }
-    }
-    pub fn of_ip(ip: &IpAddr) -> Family {
-        if ip.is_ipv4() { Family::V4 } else { Family::V6 }
     }
     pub fn as_str(self) -> &'static str {
         match self {
@@ -200,7 +201,7 @@ impl IpamView<'_> {
             Some(cidrs) => {
                 let mut out = Vec::new();
                 for c in cidrs {
-                    if Family::of(c) != family {
+                    if Family::of_net(c) != family {
                         return Err(AssignError::WrongFamily(*c, family));
                     }
                     let p = self.pools.iter().find(|p| p.cidr == c.trunc() && p.usable).ok_or(AssignError::PoolNotUsable(*c))?;
@@ -208,7 +209,7 @@ impl IpamView<'_> {
                 }
                 out
             }
-            None => self.pools.iter().filter(|p| p.usable && p.automatic && Family::of(&p.cidr) == family).collect(),
+            None => self.pools.iter().filter(|p| p.usable && p.automatic && Family::of_net(&p.cidr) == family).collect(),
         };
         if pools.is_empty() {
             return Err(AssignError::NoPool(family));
