@@ -686,5 +686,158 @@ async fn delete_orphan_handle<D: Datastore>(ds: &D, orphan: &OrphanHandle, out: 
     }
 }
 
+// -------------------------------------------------------------------------------------------------
+// Assignment: the write of one address planned by `ipam::assign` (the LoadBalancer controller's).
+
+/// Why a planned address was not written.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AssignWriteError {
+    /// The block changed, or was claimed by someone else, since it was read: read again and
+    /// plan again. Nothing of this attempt is left behind (the handle's count is given back, a
+    /// pending affinity this attempt created is deleted).
+    #[error("block {0} changed since it was read")]
+    Moved(IpNet),
+    #[error("block {0}: {1}")]
+    Failed(IpNet, DatastoreError),
+}
+
+impl AssignWriteError {
+    pub fn category(&self) -> &'static str {
+        match self {
+            AssignWriteError::Moved(_) => "conflict",
+            AssignWriteError::Failed(_, e) => e.category(),
+        }
+    }
+}
+
+/// The BlockAffinity of a virtual owner (`virtual:<host>`) for `cidr`, in `state`.
+fn virtual_affinity(name: &str, host: &str, cidr: &IpNet, state: &str) -> serde_json::Value {
+    let version = if cidr.addr().is_ipv4() { "4" } else { "6" };
+    serde_json::json!({
+        "apiVersion": crate::model::CALICO_API_VERSION, "kind": crate::model::affinity::KIND,
+        "metadata": {"name": name, "labels": {"projectcalico.org/affinity-type": "virtual", "projectcalico.org/ip-version": version}},
+        "spec": {"state": state, "node": host, "type": "virtual", "cidr": cidr.to_string(), "deleted": "false"}
+    })
+}
+
+/// Adds one address in `cidr` to `handle_id`'s handle, creating it when missing.
+async fn increment_handle<D: Datastore>(ds: &D, handle_id: &str, cidr: &str, opts: &ExecuteOptions, out: &mut PlanOutcome) -> DsResult<()> {
+    let name = ds.handle_object_name(handle_id);
+    let mut attempt = 0;
+    loop {
+        let written = match ds.get(Kind::IpamHandle, &name).await {
+            Err(e) if e.is_not_found() => {
+                let spec = crate::model::handle::IpamHandleSpec { handle_id: handle_id.to_string(), block: BTreeMap::from([(cidr.to_string(), 1)]), ..Default::default() };
+                let handle = IpamHandle::new(crate::model::handle::KIND, &name, spec);
+                let value = serde_json::to_value(&handle).map_err(|e| DatastoreError::invalid(e.to_string()))?;
+                ds.create(Kind::IpamHandle, &name, value).await.map(|_| ())
+            }
+            Err(e) => return Err(e),
+            Ok(stored) => {
+                let mut handle: IpamHandle = stored.decode()?;
+                if handle.spec.deleted {
+                    return Err(DatastoreError::conflict(format!("handle {handle_id} is being deleted")));
+                }
+                *handle.spec.block.entry(cidr.to_string()).or_default() += 1;
+                ds.update(Kind::IpamHandle, &stored.with_value(&handle)?).await.map(|_| ())
+            }
+        };
+        match written {
+            Ok(()) => {
+                out.handles_updated += 1;
+                return Ok(());
+            }
+            // Created or deleted meanwhile: read again.
+            Err(e) if e.kind == super::ErrorKind::AlreadyExists || e.is_not_found() => {
+                attempt += 1;
+                if attempt > opts.conflict_retries {
+                    return Err(e);
+                }
+            }
+            Err(e) if retry_conflict(&e, &mut attempt, opts, out) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Writes one planned address in the CNI's order: for a claim the owner's BlockAffinity
+/// (pending), then the handle's count, then the block (created for a claim, else a
+/// compare-and-swap update of `read`, the stored block the plan was made from), then the claim's
+/// affinity confirmed. A block that moved meanwhile gives [`AssignWriteError::Moved`] and takes
+/// back what this attempt wrote.
+pub async fn execute_assignment<D: Datastore>(
+    ds: &D,
+    a: &crate::ipam::assign::Assignment,
+    owner: &crate::ipam::assign::Owner<'_>,
+    read: Option<&Stored>,
+    now: Millis,
+    opts: &ExecuteOptions,
+) -> Result<std::net::IpAddr, AssignWriteError> {
+    use crate::ipam::assign::BlockWrite;
+    let cidr = a.block_cidr;
+    let fail = |e: DatastoreError| AssignWriteError::Failed(cidr, e);
+    let block = a.write.block();
+    validate(block, true, now, opts).map_err(fail)?;
+    let host = owner.affinity.strip_prefix("virtual:").ok_or_else(|| fail(DatastoreError::invalid(format!("{:?} is not a virtual affinity", owner.affinity))))?;
+    let affinity_name = ds.affinity_object_name(host, &cidr);
+    let claim = matches!(a.write, BlockWrite::Create(_));
+    let mut out = PlanOutcome::default();
+    let mut created_affinity = false;
+    if claim {
+        match ds.create(Kind::BlockAffinity, &affinity_name, virtual_affinity(&affinity_name, host, &cidr, "pending")).await {
+            Ok(_) => created_affinity = true,
+            Err(e) if e.kind == super::ErrorKind::AlreadyExists => {
+                // Ours from an earlier attempt, or another owner's of the same name: only ours is used.
+                let stored = ds.get(Kind::BlockAffinity, &affinity_name).await.map_err(fail)?;
+                let aff: BlockAffinity = stored.decode().map_err(fail)?;
+                if aff.spec.node != host || aff.spec.affinity_type != "virtual" || aff.spec.cidr != cidr.to_string() || aff.spec.deleted {
+                    return Err(AssignWriteError::Moved(cidr));
+                }
+            }
+            Err(e) => return Err(fail(e)),
+        }
+    }
+    let undo_affinity = |created: bool| {
+        let name = affinity_name.clone();
+        async move {
+            if created
+                && let Ok(stored) = ds.get(Kind::BlockAffinity, &name).await
+                && let Err(e) = ds.delete(Kind::BlockAffinity, &name, &stored.exact()).await
+            {
+                tracing::warn!(affinity = %name, error = %e, "assignment: deleting the pending affinity of a lost claim failed");
+            }
+        }
+    };
+    if let Err(e) = increment_handle(ds, owner.handle, &cidr.to_string(), opts, &mut out).await {
+        undo_affinity(created_affinity).await;
+        return Err(fail(e));
+    }
+    let value = |b: &IpamBlock| serde_json::to_value(b).map_err(|e| DatastoreError::invalid(e.to_string()));
+    let written = match &a.write {
+        BlockWrite::Create(b) => match value(b) {
+            Ok(v) => ds.create(Kind::IpamBlock, b.name(), v).await.map(|_| ()),
+            Err(e) => Err(e),
+        },
+        BlockWrite::Update(b) => match read {
+            Some(stored) => match stored.with_value(b) {
+                Ok(s) => ds.update(Kind::IpamBlock, &s).await.map(|_| ()),
+                Err(e) => Err(e),
+            },
+            None => Err(DatastoreError::invalid("an update needs the block as read")),
+        },
+    };
+    if let Err(e) = written {
+        if let Err(h) = decrement_handle(ds, owner.handle, &cidr.to_string(), 1, opts, &mut out).await {
+            tracing::warn!(handle = owner.handle, error = %h, "assignment: giving back the handle's count failed; the GC's handle check reports it");
+        }
+        undo_affinity(created_affinity).await;
+        return Err(if e.is_conflict() || e.is_not_found() || e.kind == super::ErrorKind::AlreadyExists { AssignWriteError::Moved(cidr) } else { fail(e) });
+    }
+    if claim {
+        set_affinity_state(ds, &affinity_name, "confirmed", opts, &mut out).await.map_err(fail)?;
+    }
+    Ok(a.ip)
+}
+
 #[cfg(test)]
 mod tests;

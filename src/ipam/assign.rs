@@ -336,6 +336,14 @@ pub fn new_block(cidr: &IpNet, affinity: &str, now: Millis) -> IpamBlock {
     IpamBlock::new(KIND, &cidr_to_name(cidr), spec)
 }
 
+/// Attribute maps compare as maps (a stored block's keys come back in the store's order).
+fn same_attrs(a: Option<&AttrMap>, b: Option<&AttrMap>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => a.0.len() == b.0.len() && a.0.iter().all(|(k, v)| b.get(k) == Some(v.as_str())),
+        (a, b) => a.is_none() && b.is_none(),
+    }
+}
+
 /// `block` with ordinal `ord` allocated to `owner`: its attribute shared with an equal one,
 /// `sequenceNumberForAllocation` set to the block's sequence number before the write, which
 /// bumps it.
@@ -343,7 +351,7 @@ fn allocate(block: &IpamBlock, cidr: &IpNet, ord: u32, owner: &Owner<'_>, claim:
     let mut block = block.clone();
     let spec = &mut block.spec;
     let attr = AllocationAttribute { handle_id: Some(owner.handle.to_string()), secondary: Some(owner.attrs.clone()), ..AllocationAttribute::default() };
-    let idx = match spec.attributes.iter().position(|a| a.handle_id == attr.handle_id && a.secondary == attr.secondary && a.released_at.is_none() && a.alternate_owner_attrs.is_none()) {
+    let idx = match spec.attributes.iter().position(|a| a.handle_id == attr.handle_id && same_attrs(a.secondary.as_ref(), attr.secondary.as_ref()) && a.released_at.is_none() && a.alternate_owner_attrs.is_none()) {
         Some(i) => i,
         None => {
             spec.attributes.push(attr);

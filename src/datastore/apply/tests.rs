@@ -558,3 +558,88 @@ fn without_a_keep_going_check_the_whole_plan_runs() {
     assert!(!out.interrupted);
     assert_eq!(out.released.len(), 2);
 }
+
+mod assignment {
+    use super::*;
+    use crate::ipam::assign::{self, BlockWrite, Family, IpamView, LB_AFFINITY, LB_HOST, Owner, PoolInfo};
+    use crate::model::block::AttrMap;
+
+    const NOW: Millis = 1_780_000_000_000;
+
+    fn pools() -> Vec<PoolInfo> {
+        vec![PoolInfo { name: "lb".into(), cidr: net("192.0.2.0/24"), block_prefix: 30, usable: true, automatic: true }]
+    }
+
+    /// The stored blocks as the planner reads them.
+    fn blocks(ds: &MemoryDatastore) -> BTreeMap<IpNet, (Stored, IpamBlock)> {
+        ds.snapshot(Kind::IpamBlock).into_iter().map(|s| {
+            let b: IpamBlock = s.decode().unwrap();
+            (net(&b.spec.cidr), (s, b))
+        }).collect()
+    }
+
+    fn plan(ds: &MemoryDatastore, owner: &Owner<'_>, specific: Option<&str>) -> (assign::Assignment, Option<Stored>) {
+        let stored = blocks(ds);
+        let typed: BTreeMap<IpNet, IpamBlock> = stored.iter().map(|(c, (_, b))| (*c, b.clone())).collect();
+        let pools = pools();
+        let view = IpamView { pools: &pools, blocks: &typed, reserved: &[], strict_affinity: false, max_blocks_per_host: 0 };
+        let a = match specific {
+            Some(ip) => assign::assign_ip(&view, owner, ip.parse().unwrap(), NOW).unwrap(),
+            None => assign::auto_assign(&view, owner, Family::V4, None, NOW).unwrap(),
+        };
+        let read = stored.get(&a.block_cidr).map(|(s, _)| s.clone());
+        (a, read)
+    }
+
+    fn handle_count(ds: &MemoryDatastore, id: &str, cidr: &str) -> Option<u32> {
+        let h: IpamHandle = ds.peek(Kind::IpamHandle, &handle_object_name(id))?.decode().unwrap();
+        h.spec.block.get(cidr).copied()
+    }
+
+    #[test]
+    fn a_claim_writes_the_affinity_pending_then_the_handle_the_block_and_the_affinity_confirmed() {
+        let ds = MemoryDatastore::new();
+        let attrs = AttrMap(vec![("service".into(), "web".into()), ("namespace".into(), "default".into()), ("type".into(), "LoadBalancer".into())]);
+        let owner = Owner { handle: "lb-Abc", attrs: &attrs, affinity: LB_AFFINITY };
+        let opts = ExecuteOptions::default();
+        let (a, read) = plan(&ds, &owner, None);
+        assert!(matches!(a.write, BlockWrite::Create(_)) && read.is_none());
+        assert_eq!(block_on(execute_assignment(&ds, &a, &owner, None, NOW, &opts)), Ok("192.0.2.0".parse().unwrap()));
+        let aff: BlockAffinity = ds.peek(Kind::BlockAffinity, &affinity_name(LB_HOST, &net("192.0.2.0/30"))).expect("the virtual affinity").decode().unwrap();
+        assert_eq!((aff.spec.state.as_str(), aff.spec.node.as_str(), aff.spec.affinity_type.as_str()), ("confirmed", LB_HOST, "virtual"));
+        assert_eq!(handle_count(&ds, "lb-Abc", "192.0.2.0/30"), Some(1), "the handle keeps its ID's case; its object name is lowercased");
+        // The next address goes into the same block by compare-and-swap.
+        let (b, read) = plan(&ds, &owner, None);
+        assert!(matches!(b.write, BlockWrite::Update(_)));
+        assert_eq!(block_on(execute_assignment(&ds, &b, &owner, read.as_ref(), NOW, &opts)), Ok("192.0.2.1".parse().unwrap()));
+        assert_eq!(handle_count(&ds, "lb-Abc", "192.0.2.0/30"), Some(2));
+        let (_, block) = &blocks(&ds)[&net("192.0.2.0/30")];
+        assert!(crate::model::block::validate_block(block, NOW).is_empty());
+        assert_eq!(block.spec.allocations, [Some(0), Some(0), None, None]);
+    }
+
+    #[test]
+    fn a_block_that_moved_or_a_claim_lost_to_another_writer_leaves_nothing_behind() {
+        let ds = MemoryDatastore::new();
+        let attrs = AttrMap(vec![("service".into(), "web".into())]);
+        let owner = Owner { handle: "lb-x", attrs: &attrs, affinity: LB_AFFINITY };
+        let opts = ExecuteOptions::default();
+        let (a, _) = plan(&ds, &owner, None);
+        block_on(execute_assignment(&ds, &a, &owner, None, NOW, &opts)).unwrap();
+        // Planned on a read the CNI then changed: refused, the handle's count given back.
+        let (b, read) = plan(&ds, &owner, None);
+        let (stored, mut block) = blocks(&ds).remove(&net("192.0.2.0/30")).unwrap();
+        block.spec.sequence_number += 1;
+        block_on(ds.update(Kind::IpamBlock, &stored.with_value(&block).unwrap())).unwrap();
+        assert_eq!(block_on(execute_assignment(&ds, &b, &owner, read.as_ref(), NOW, &opts)), Err(AssignWriteError::Moved(net("192.0.2.0/30"))));
+        assert_eq!(handle_count(&ds, "lb-x", "192.0.2.0/30"), Some(1));
+        // A claim whose block someone else created meanwhile: no pending affinity, no handle count left.
+        let (c, _) = plan(&ds, &owner, Some("192.0.2.9"));
+        assert!(matches!(c.write, BlockWrite::Create(_)));
+        block_on(ds.create(Kind::IpamBlock, &cidr_to_name(&net("192.0.2.8/30")), block_value("192.0.2.8/30", Some("host:n1"), &[]))).unwrap();
+        assert_eq!(block_on(execute_assignment(&ds, &c, &owner, None, NOW, &opts)), Err(AssignWriteError::Moved(net("192.0.2.8/30"))));
+        assert!(ds.peek(Kind::BlockAffinity, &affinity_name(LB_HOST, &net("192.0.2.8/30"))).is_none(), "the lost claim's affinity is deleted");
+        assert_eq!(handle_count(&ds, "lb-x", "192.0.2.8/30"), None);
+        assert_eq!(handle_count(&ds, "lb-x", "192.0.2.0/30"), Some(1));
+    }
+}
