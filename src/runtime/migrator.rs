@@ -122,8 +122,10 @@ impl Round {
                 opts.namespace, self.pending
             ));
         }
-        if let Some(e) = &self.failed {
-            parts.push(format!("{} steps failed ({e}); retried in {every}", self.failures.max(1)));
+        match (&self.failed, self.failures) {
+            (Some(e), 0) => parts.push(format!("{e}; retried in {every}")),
+            (Some(e), n) => parts.push(format!("{n} re-keyings failed (first: {e}); retried in {every}")),
+            (None, _) => {}
         }
         if !self.kept_both.is_empty() {
             parts.push(format!("kept both the old and the new name of {} policies whose new name holds a different policy, resolve by hand: {}", self.kept_both.len(), quote(&self.kept_both)));
@@ -223,7 +225,7 @@ async fn round<D: Datastore, C: ClusterReader>(
             Ok(objects) => plans.push(policy_names::plan(kind, &objects)),
             Err(e) => {
                 tracing::warn!(kind = kind.plural(), error = %e, "policy-name migrator: listing failed; retried next round");
-                out.failed = Some(format!("listing {}: {e}", kind.plural()));
+                out.failed = Some(format!("listing {} failed: {e}", kind.plural()));
                 return out;
             }
         }
