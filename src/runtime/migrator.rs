@@ -3,8 +3,9 @@
 //! new object, then delete the old one under its revision), once the `calico-node` DaemonSet has
 //! rolled out, as upstream waits for it (older calico-nodes read the old names).
 //!
-//! Owns: its rounds (at start, every [`INTERVAL`] or `CKC_POLICY_MIGRATOR_INTERVAL`, on becoming
-//! leader and on being enabled), the DaemonSet gate (one GET of `calico-node` per round that has
+//! Owns: its rounds (once the KubeControllersConfiguration has listed, so a migrator the operator
+//! disabled never runs on start-up defaults; then every [`INTERVAL`] or
+//! `CKC_POLICY_MIGRATOR_INTERVAL`, on becoming leader and on being enabled), the DaemonSet gate (one GET of `calico-node` per round that has
 //! something to re-key), the writes, its readiness key (always ready: its reason says what it
 //! waits for or what it kept) and its metrics.
 //! Must not: hold up any other controller (it is a task of its own with its own reads: upstream's
@@ -158,10 +159,16 @@ pub async fn run<D: Datastore, C: ClusterReader>(
     let mut config = shared.config.subscribe();
     let mut reported = Reported::default();
     loop {
-        let enabled = shared.config.borrow().run.policy_name_migrator;
+        let (enabled, listed) = {
+            let c = shared.config.borrow();
+            (c.run.policy_name_migrator, c.listed)
+        };
         let acting = opts.dry_run || *may_write.borrow_and_update();
         let mut next = None;
-        if !enabled {
+        if !listed {
+            // Not on the defaults a process starts with: the operator may have disabled it.
+            shared.status.set_ready(&status_key(), true, format!("{}: waiting for the first list of the KubeControllersConfiguration", health::POLICY_NAME_MIGRATOR));
+        } else if !enabled {
             shared.status.remove_ready(&status_key());
         } else if !acting {
             shared.status.set_ready(&status_key(), true, format!("{}: standby: the leader re-keys old policy names", health::POLICY_NAME_MIGRATOR));
@@ -180,7 +187,8 @@ pub async fn run<D: Datastore, C: ClusterReader>(
                     }
                 }
                 changed = config.changed() => {
-                    if changed.is_err() || config.borrow_and_update().run.policy_name_migrator != enabled {
+                    let c = config.borrow_and_update();
+                    if changed.is_err() || (c.run.policy_name_migrator, c.listed) != (enabled, listed) {
                         break;
                     }
                 }
@@ -505,6 +513,9 @@ mod tests {
         let (lead_tx, standby) = watch::channel(false);
         let (stop_tx, stop) = watch::channel(false);
         let task = tokio::spawn(run(ds.clone(), cluster.clone(), shared.clone(), standby, opts(), stop));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(reason(&shared), Some((true, "policy-name-migrator: waiting for the first list of the KubeControllersConfiguration".into())));
+        shared.config.send_modify(|c| c.listed = true);
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(reason(&shared), Some((true, "policy-name-migrator: standby: the leader re-keys old policy names".into())));
         assert_eq!(ds.revision(), before);

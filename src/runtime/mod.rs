@@ -64,6 +64,10 @@ pub(crate) const INPUT_QUEUE: usize = 4096;
 pub struct ConfigState {
     pub run: RunConfig,
     pub api_present: bool,
+    /// The KubeControllersConfiguration's watch finished its first list (or the API is off): `run`
+    /// is the configuration, not the defaults a process starts with. A task that must not act on
+    /// a setting the operator turned off (the policy-name migrator) waits for it.
+    pub listed: bool,
 }
 
 /// What the GC loop publishes for the HTTP endpoints, and the conditions every task reports.
@@ -88,7 +92,7 @@ impl Shared {
         Shared::with_status(api, StatusReporter::default(), &EnvConfig::default())
     }
     pub fn with_status(api: Arc<ApiCounters>, status: StatusReporter, env: &EnvConfig) -> Self {
-        let (config, _) = tokio::sync::watch::channel(ConfigState { run: RunConfig::merge(env, None), api_present: false });
+        let (config, _) = tokio::sync::watch::channel(ConfigState { run: RunConfig::merge(env, None), api_present: false, listed: false });
         Shared {
             report: Mutex::new(None),
             metrics: Mutex::new(Metrics::default()),
