@@ -142,23 +142,9 @@ impl Planted {
         reason
     }
 
-    /// Creates `calico-node` in the test's namespace and writes its status, through the status
-    /// subresource (no controller-manager runs here), as a finished rollout of one pod.
+    /// Creates `calico-node` in the test's namespace, rolled out.
     pub async fn roll_out_calico_node(&self) {
-        let daemonsets: Api<DaemonSet> = Api::namespaced(self.client.clone(), &self.namespace);
-        let labels = json!({"k8s-app": "calico-node"});
-        let ds: DaemonSet = serde_json::from_value(json!({
-            "metadata": {"name": "calico-node"},
-            "spec": {"selector": {"matchLabels": labels}, "template": {"metadata": {"labels": labels}, "spec": {"containers": [{"name": "calico-node", "image": "registry.invalid/calico-node:1"}]}}},
-        }))
-        .unwrap();
-        let created = daemonsets.create(&PostParams::default(), &ds).await.expect("creating the calico-node DaemonSet");
-        let generation = created.metadata.generation.unwrap_or(1);
-        let status = json!({"status": {
-            "observedGeneration": generation, "desiredNumberScheduled": 1, "currentNumberScheduled": 1, "updatedNumberScheduled": 1,
-            "numberReady": 1, "numberAvailable": 1, "numberUnavailable": 0, "numberMisscheduled": 0,
-        }});
-        daemonsets.patch_status("calico-node", &PatchParams::default(), &Patch::Merge(&status)).await.expect("writing the DaemonSet's status");
+        roll_out_calico_node(&self.client, &self.namespace).await;
     }
 
     /// Waits until every old-named policy is re-keyed, then checks the copies (spec and labels
@@ -195,4 +181,23 @@ impl Planted {
         let now = snapshot(&self.client).await;
         assert_eq!(&now, after, "a restarted controller re-keys nothing more");
     }
+}
+
+/// Creates `calico-node` in `namespace` and writes its status, through the status subresource
+/// (no controller-manager runs here), as a finished rollout of one pod.
+pub async fn roll_out_calico_node(client: &kube::Client, namespace: &str) {
+    let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), namespace);
+    let labels = json!({"k8s-app": "calico-node"});
+    let ds: DaemonSet = serde_json::from_value(json!({
+        "metadata": {"name": "calico-node"},
+        "spec": {"selector": {"matchLabels": labels}, "template": {"metadata": {"labels": labels}, "spec": {"containers": [{"name": "calico-node", "image": "registry.invalid/calico-node:1"}]}}},
+    }))
+    .unwrap();
+    let created = daemonsets.create(&PostParams::default(), &ds).await.expect("creating the calico-node DaemonSet");
+    let generation = created.metadata.generation.unwrap_or(1);
+    let status = json!({"status": {
+        "observedGeneration": generation, "desiredNumberScheduled": 1, "currentNumberScheduled": 1, "updatedNumberScheduled": 1,
+        "numberReady": 1, "numberAvailable": 1, "numberUnavailable": 0, "numberMisscheduled": 0,
+    }});
+    daemonsets.patch_status("calico-node", &PatchParams::default(), &Patch::Merge(&status)).await.expect("writing the DaemonSet's status");
 }
