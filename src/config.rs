@@ -280,6 +280,9 @@ pub struct EnvConfig {
     pub compaction_period: Option<Millis>,
     pub sync_node_labels: Option<bool>,
     pub auto_host_endpoints: Option<bool>,
+    /// libcalico's `USE_POD_CIDR=true` (host-local IPAM): a Kubernetes Node's IPIP tunnel address
+    /// is its pod CIDR's first address (read for automatic host endpoints in KDD).
+    pub use_pod_cidr: bool,
     /// `WORKLOAD_ENDPOINT_WORKERS`, `PROFILE_WORKERS`, `POLICY_WORKERS`, `NODE_WORKERS`.
     pub workers: BTreeMap<&'static str, u32>,
     /// `KUBECONFIG`, or libcalico's `CALICO_KUBECONFIG`.
@@ -456,6 +459,8 @@ impl EnvConfig {
             },
             None => None,
         };
+        // As libcalico reads it: anything but `true` (in any case) is off.
+        let use_pod_cidr = get("USE_POD_CIDR").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
         let mut workers = BTreeMap::new();
         for name in WORKER_VARS {
             if let Some(v) = get(name) {
@@ -561,6 +566,7 @@ impl EnvConfig {
         out.reconciler_period = reconciler_period;
         out.compaction_period = compaction_period;
         out.auto_host_endpoints = auto_host_endpoints;
+        out.use_pod_cidr = use_pod_cidr;
         out.workers = workers;
         Ok(out)
     }
@@ -652,6 +658,11 @@ pub struct NodeRunConfig {
     pub leak_grace_period: Option<Millis>,
     pub auto_create_host_endpoints: bool,
     pub create_default_host_endpoint: bool,
+    /// The API's `hostEndpoint` section as written (templates included), read by
+    /// [`crate::host_endpoints::HostEndpointConfig::from_api`].
+    pub host_endpoint: Option<Value>,
+    /// `AUTO_HOST_ENDPOINTS` (`Some(true)` = enabled), which replaces that section.
+    pub host_endpoint_override: Option<bool>,
 }
 
 /// The effective configuration: env over API, per §2.2.
@@ -738,6 +749,8 @@ impl RunConfig {
                 leak_grace_period: api_node.leak_grace_period.as_deref().and_then(parse_go_duration),
                 auto_create_host_endpoints: auto_create,
                 create_default_host_endpoint: create_default,
+                host_endpoint: api_node.host_endpoint.clone(),
+                host_endpoint_override: env.auto_host_endpoints,
             }
         });
         let load_balancer = enabled(ControllerName::LoadBalancer, c.load_balancer.is_some())

@@ -712,8 +712,8 @@ pub struct HostEndpointPlan {
 /// one): a create for each wanted name nobody holds, an update for each managed one that
 /// [`needs_update`], a delete for each managed one not wanted. A HostEndpoint without the
 /// created-by label is never written or deleted.
-pub fn plan(desired: &BTreeMap<String, Value>, listed: &[Stored]) -> HostEndpointPlan {
-    let by_name: BTreeMap<&str, &Stored> = listed.iter().map(|s| (s.name.as_str(), s)).collect();
+pub fn plan<'a>(desired: &BTreeMap<String, Value>, listed: impl IntoIterator<Item = &'a Stored>) -> HostEndpointPlan {
+    let by_name: BTreeMap<&str, &Stored> = listed.into_iter().map(|s| (s.name.as_str(), s)).collect();
     let mut out = HostEndpointPlan::default();
     for (name, want) in desired {
         match by_name.get(name.as_str()) {
@@ -734,6 +734,18 @@ pub fn plan(desired: &BTreeMap<String, Value>, listed: &[Stored]) -> HostEndpoin
     out
 }
 
+/// The node a HostEndpoint is on (`spec.node`), if it names one.
+pub fn node_of(hep: &Value) -> Option<&str> {
+    hep.pointer("/spec/node").and_then(Value::as_str).filter(|n| !n.is_empty())
+}
+
+/// The HostEndpoints this controller did not create whose node `known` does not know: in KDD
+/// they go with their node, as the etcd-mode node deleter's cascade takes every HostEndpoint of a
+/// deleted node (upstream leaves them in KDD, projectcalico/calico#8822). Managed ones of such a
+/// node are already [`plan`]'s deletes. The shell proves each node gone before deleting.
+pub fn of_unknown_nodes<'a>(listed: impl IntoIterator<Item = &'a Stored>, known: impl Fn(&str) -> bool) -> Vec<&'a Stored> {
+    listed.into_iter().filter(|s| !is_managed(&s.value) && node_of(&s.value).is_some_and(|n| !known(n))).collect()
+}
 
 #[cfg(test)]
 mod tests {

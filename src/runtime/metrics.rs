@@ -80,6 +80,10 @@ pub struct Metrics {
     /// policies its latest round found with a write to do, by kind plural.
     pub policy_name_migrations: BTreeMap<(&'static str, &'static str), u64>,
     pub policy_names_pending: BTreeMap<&'static str, u64>,
+    /// Automatic host endpoints: templates left out as unusable, and wanted names held by a
+    /// HostEndpoint this controller did not create.
+    pub host_endpoint_templates_invalid: u64,
+    pub host_endpoints_blocked: u64,
     /// Events written by the recorder task (and dropped by a full queue); shared with it.
     pub events: std::sync::Arc<crate::runtime::events::EventCounters>,
 }
@@ -154,24 +158,29 @@ impl Metrics {
         for (scope, n) in self.mass_change_held.iter().filter(|(s, _)| ![crate::guard::IPAM_ADDRESSES.name, crate::guard::IPAM_NODES.name, crate::guard::ETCD_NODES.name].contains(s)) {
             let _ = writeln!(out, "kube_controllers_mass_change_held{{scope=\"{scope}\"}} {n}");
         }
-        header(&mut out, "kube_controllers_desired_objects", "gauge", "Objects an etcd-mode light controller wants in the datastore (Profiles, NetworkPolicies), by controller.");
+        header(&mut out, "kube_controllers_desired_objects", "gauge", "Objects a light controller wants in the datastore (etcd-mode Profiles and NetworkPolicies; automatic HostEndpoints), by controller.");
         for (controller, n) in &self.light_desired {
             let _ = writeln!(out, "kube_controllers_desired_objects{{controller=\"{controller}\"}} {n}");
         }
-        header(&mut out, "kube_controllers_writes_total", "counter", "Writes of the etcd-mode light controllers, by controller, op (create, update, delete) and outcome (ok, conflict, failed).");
+        header(&mut out, "kube_controllers_writes_total", "counter", "Writes of the light controllers (etcd-mode profiles, policies; automatic host endpoints), by controller, op (create, update, delete) and outcome (ok, conflict, failed).");
         for ((controller, op, outcome), n) in &self.light_writes {
             let _ = writeln!(out, "kube_controllers_writes_total{{controller=\"{controller}\",op=\"{op}\",outcome=\"{outcome}\"}} {n}");
         }
 
-        header(&mut out, "kube_controllers_reconcile_seconds", "summary", "Reconcile rounds of the etcd-mode light controllers that ran (read, compare, write), by controller.");
+        header(&mut out, "kube_controllers_reconcile_seconds", "summary", "Reconcile rounds of the light controllers that ran (read, compare, write), by controller.");
         for (controller, (count, sum)) in &self.light_rounds {
             let _ = writeln!(out, "kube_controllers_reconcile_seconds_sum{{controller=\"{controller}\"}} {sum}");
             let _ = writeln!(out, "kube_controllers_reconcile_seconds_count{{controller=\"{controller}\"}} {count}");
         }
-        header(&mut out, "kube_controllers_conversion_errors_total", "counter", "Source objects an etcd-mode light controller could not convert (malformed, policy_skipped) and NetworkPolicy rules it dropped (rule_dropped), by controller and category.");
+        header(&mut out, "kube_controllers_conversion_errors_total", "counter", "Source objects a light controller could not convert (malformed, policy_skipped), NetworkPolicy rules it dropped (rule_dropped) and host endpoint templates it skipped (selector, cidr, pattern, generate_name, malformed), by controller and category.");
         for ((controller, category), n) in &self.conversion_errors {
             let _ = writeln!(out, "kube_controllers_conversion_errors_total{{controller=\"{controller}\",category=\"{category}\"}} {n}");
         }
+
+        header(&mut out, "kube_controllers_host_endpoint_templates_invalid", "gauge", "Host endpoint templates of the KubeControllersConfiguration that cannot be used (bad selector, CIDR or pattern) and are skipped.");
+        let _ = writeln!(out, "kube_controllers_host_endpoint_templates_invalid {}", self.host_endpoint_templates_invalid);
+        header(&mut out, "kube_controllers_host_endpoints_blocked", "gauge", "Automatic host endpoint names held by a HostEndpoint this controller did not create (left alone, not made).");
+        let _ = writeln!(out, "kube_controllers_host_endpoints_blocked {}", self.host_endpoints_blocked);
 
         header(&mut out, "kube_controllers_node_deletions_total", "counter", "Deletes of the etcd-mode node deleter (a gone Kubernetes node's Calico Node and its objects), by kind and outcome (deleted, absent, failed).");
         for ((kind, outcome), n) in &self.node_deletions {

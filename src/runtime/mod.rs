@@ -33,6 +33,7 @@ pub mod discovery;
 pub mod endpoints;
 pub mod events;
 pub mod health_check;
+pub mod host_endpoints;
 pub mod http;
 pub mod init;
 pub mod ipam_gauges;
@@ -393,6 +394,19 @@ async fn run_on<D: Datastore + Clone + 'static>(client: kube::Client, backend: B
     } else {
         Vec::new()
     };
+    // Both datastores: the node controller's automatic host endpoints (SPEC §1.6).
+    let host_endpoints_task = {
+        let source = if ds.keeps_calico_nodes() { host_endpoints::NodeSource::Calico } else { host_endpoints::NodeSource::Kubernetes { use_pod_cidr: opts.controller.env.use_pod_cidr } };
+        let o = host_endpoints::HostEndpointOptions {
+            dry_run: opts.controller.dry_run,
+            guard: opts.controller.env.guard,
+            source,
+            events: events.clone(),
+            kcc: kcc.clone(),
+            workers: opts.controller.env.workers_for("NODE_WORKERS"),
+        };
+        tokio::spawn(host_endpoints::run(ds.clone(), cluster.clone(), shared.clone(), may_write.clone(), o, stop_rx.clone()))
+    };
     let endpoints_task = endpoint_feed.map(|(feed, rx)| {
         let o = endpoints::EndpointOptions { dry_run: opts.controller.dry_run, workers: opts.controller.env.workers_for("WORKLOAD_ENDPOINT_WORKERS") };
         tokio::spawn(endpoints::run(ds.clone(), shared.clone(), feed, rx, may_write.clone(), o, stop_rx.clone()))
@@ -421,7 +435,7 @@ async fn run_on<D: Datastore + Clone + 'static>(client: kube::Client, backend: B
     for w in watchers {
         w.abort();
     }
-    for task in [Some(live_task), Some(health_task), writer_task, compactor_task, node_deleter_task, endpoints_task, Some(migrator_task)].into_iter().flatten().chain(light_tasks) {
+    for task in [Some(live_task), Some(health_task), writer_task, compactor_task, node_deleter_task, endpoints_task, Some(host_endpoints_task), Some(migrator_task)].into_iter().flatten().chain(light_tasks) {
         task.abort();
     }
     for s in servers {

@@ -510,15 +510,35 @@ async fn on_etcd_a_gone_kubernetes_nodes_calico_node_is_deleted_with_its_objects
 
 /// SPEC §1.5 on real etcd: a Calico Node gets its Kubernetes node's labels, keeps the labels a
 /// user set on it, loses the ones Kubernetes dropped, and is not written when nothing changed.
+/// Also automatic host endpoints on etcd (`AUTO_HOST_ENDPOINTS=enabled`): the Calico Node's
+/// default HostEndpoint (its BGP and InternalIP addresses) follows the labels synced from
+/// Kubernetes, and goes with the node.
 #[tokio::test]
-async fn on_etcd_node_labels_follow_kubernetes_and_user_labels_stay() {
+async fn on_etcd_node_labels_follow_kubernetes_onto_the_calico_node_and_its_host_endpoint_and_user_labels_stay() {
     let (cluster, ds, env, nodes) = etcd_cluster().await;
-    let env = pairs(&env);
+    let mut env = pairs(&env);
+    env.push(("AUTO_HOST_ENDPOINTS", "enabled"));
     let node = json!({"metadata": {"name": "k8s-l", "labels": {"zone": "a", "role": "worker"}}});
     nodes.create(&PostParams::default(), &serde_json::from_value::<Node>(node).unwrap()).await.expect("Kubernetes node");
     let body = json!({"apiVersion": "projectcalico.org/v3", "kind": "Node", "metadata": {"name": "cn-l", "labels": {"user": "mine"}},
-                      "spec": {"orchRefs": [{"orchestrator": "k8s", "nodeName": "k8s-l"}]}});
+                      "spec": {"orchRefs": [{"orchestrator": "k8s", "nodeName": "k8s-l"}], "bgp": {"ipv4Address": "10.0.5.1/24"},
+                               "addresses": [{"address": "192.168.5.1", "type": "InternalIP"}, {"address": "10.0.5.1/24", "type": "CalicoNodeIP"}]}});
     ds.create(Kind::CalicoNode, "cn-l", body).await.expect("Calico Node in etcd");
+    let hep_labels_are = |want: serde_json::Value, controller: &ChildGuard| {
+        let ds = ds.clone();
+        let log = controller.log_text();
+        async move {
+            let started = Instant::now();
+            loop {
+                let h = ds.get(Kind::HostEndpoint, "cn-l-auto-hep").await.ok();
+                if let Some(h) = h.as_ref().filter(|h| h.value["metadata"]["labels"] == want) {
+                    return h.clone();
+                }
+                assert!(started.elapsed() < DEADLINE, "host endpoint {h:?} never had labels {want}\n{log}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
 
     let labels_are = |want: serde_json::Value| {
         let ds = ds.clone();
@@ -539,14 +559,24 @@ async fn on_etcd_node_labels_follow_kubernetes_and_user_labels_stay() {
     let synced = labels_are(json!({"user": "mine", "zone": "a", "role": "worker"})).await;
     let kept: serde_json::Value = serde_json::from_str(synced.value["metadata"]["annotations"]["projectcalico.org/kube-labels"].as_str().expect("bookkeeping")).unwrap();
     assert_eq!(kept, json!({"zone": "a", "role": "worker"}));
+    let created_by = "projectcalico.org/created-by";
+    let hep = hep_labels_are(json!({"user": "mine", "zone": "a", "role": "worker", created_by: "calico-kube-controllers"}), &controller).await;
+    assert_eq!(hep.value["spec"]["expectedIPs"], json!(["10.0.5.1", "192.168.5.1"]), "{}", hep.value);
+    assert_eq!((hep.value["spec"]["node"].as_str(), hep.value["spec"]["interfaceName"].as_str()), (Some("cn-l"), Some("*")));
 
     let patch = json!({"metadata": {"labels": {"role": null, "zone": "b"}}});
     nodes.patch("k8s-l", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.expect("relabelling the node");
     let relabelled = labels_are(json!({"user": "mine", "zone": "b"})).await;
+    let hep = hep_labels_are(json!({"user": "mine", "zone": "b", created_by: "calico-kube-controllers"}), &controller).await;
     // Quiet: nothing changes, nothing is written.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let later = ds.get(Kind::CalicoNode, "cn-l").await.unwrap();
     assert_eq!(later.revision, relabelled.revision, "no write without a change\n{}", controller.log_text());
+    assert_eq!(ds.get(Kind::HostEndpoint, "cn-l-auto-hep").await.unwrap().revision, hep.revision, "nor of the host endpoint");
+    // The Kubernetes node goes: the Calico Node, and its host endpoint with it.
+    nodes.delete("k8s-l", &DeleteParams::default()).await.expect("deleting the node");
+    wait_gone(&ds, Kind::HostEndpoint, "cn-l-auto-hep", &controller).await;
+    wait_gone(&ds, Kind::CalicoNode, "cn-l", &controller).await;
 }
 
 /// Waits until `probe` holds for the object `kind`/`name` in etcd (`None` = absent), failing

@@ -13,6 +13,7 @@ mod e2e_chart;
 mod e2e_deploy;
 mod e2e_etcd;
 mod e2e_events;
+mod e2e_host_endpoints;
 mod e2e_ha;
 mod e2e_kubevirt;
 mod e2e_leak_scan_live;

@@ -38,6 +38,10 @@ pub const ACTION_MASS_CHANGE_HELD: &str = "HoldChanges";
 /// A Kubernetes NetworkPolicy was written to Calico without the rules that could not be
 /// converted (the traffic they allowed is denied).
 pub const REASON_POLICY_RULES_DROPPED: &str = "PolicyRulesDropped";
+/// Host endpoint templates of the KubeControllersConfiguration that cannot be used (bad selector,
+/// CIDR or pattern): skipped, so their HostEndpoints are not made (or go as stale).
+pub const REASON_INVALID_HOST_ENDPOINT_TEMPLATE: &str = "InvalidHostEndpointTemplate";
+pub const ACTION_INVALID_HOST_ENDPOINT_TEMPLATE: &str = "ReadHostEndpointTemplates";
 pub const ACTION_POLICY_RULES_DROPPED: &str = "ConvertPolicy";
 
 /// The API server refuses notes longer than this (bytes).
@@ -159,6 +163,13 @@ impl EventRequest {
             dropped.join("; ")
         );
         EventRequest::new(policy.clone(), EventType::Warning, REASON_POLICY_RULES_DROPPED, ACTION_POLICY_RULES_DROPPED, note)
+    }
+
+    /// The KubeControllersConfiguration `kcc` has host endpoint templates that cannot be used;
+    /// `problems` says which and why (one line each).
+    pub fn invalid_host_endpoint_templates(kcc: &str, problems: &[String]) -> Self {
+        let note = format!("{} host endpoint template{} skipped: {}", problems.len(), if problems.len() == 1 { "" } else { "s" }, problems.join("; "));
+        EventRequest::new(Regarding::kube_controllers_configuration(kcc), EventType::Warning, REASON_INVALID_HOST_ENDPOINT_TEMPLATE, ACTION_INVALID_HOST_ENDPOINT_TEMPLATE, note)
     }
 
     /// The guard held `count` changes of `kind` (e.g. "address releases", "node cleanups") out of
