@@ -293,6 +293,12 @@ pub struct EnvConfig {
     /// `CKC_POLICY_BAD_RULES`: `drop-rule` (default: a NetworkPolicy rule that cannot be converted
     /// is dropped alone) or `upstream` (upstream's behaviour: some errors skip the whole policy).
     pub policy_bad_rules: crate::policy::BadRules,
+    /// `CKC_CALICO_NODE_NAMESPACE`: where the policy-name migrator looks for the `calico-node`
+    /// DaemonSet; unset, the ServiceAccount's namespace (upstream's rule), else `calico-system`.
+    pub calico_node_namespace: Option<String>,
+    /// `CKC_POLICY_MIGRATOR_INTERVAL`: how often the policy-name migrator looks again (upstream's
+    /// 5 minutes when unset).
+    pub policy_migrator_interval: Option<Millis>,
     /// `KUBE_CONTROLLERS_CONFIG_NAME` (the Tigera operator sets it): the KubeControllersConfiguration
     /// read, created when missing and given the status; `None` means `default`.
     pub kcc_name: Option<String>,
@@ -441,6 +447,10 @@ impl EnvConfig {
         };
         let reconciler_period = duration("RECONCILER_PERIOD")?;
         let compaction_period = duration("COMPACTION_PERIOD")?;
+        let policy_migrator_interval = match duration("CKC_POLICY_MIGRATOR_INTERVAL")? {
+            Some(0) => return Err(ConfigError::invalid("CKC_POLICY_MIGRATOR_INTERVAL", "0", "expected a Go duration above zero such as 5m")),
+            other => other,
+        };
         let auto_host_endpoints = match get("AUTO_HOST_ENDPOINTS") {
             Some(v) => match v.trim().to_ascii_lowercase().as_str() {
                 "enabled" => Some(true),
@@ -483,6 +493,17 @@ impl EnvConfig {
             Some(v) if v == "drop-rule" => crate::policy::BadRules::DropRule,
             Some(v) if v == "upstream" => crate::policy::BadRules::Upstream,
             Some(v) => return Err(ConfigError::invalid("CKC_POLICY_BAD_RULES", &v, "expected drop-rule or upstream")),
+        };
+        let calico_node_namespace = match get("CKC_CALICO_NODE_NAMESPACE") {
+            Some(v) => {
+                let ns = v.trim();
+                let valid = ns.len() <= 63 && !ns.starts_with('-') && !ns.ends_with('-') && ns.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+                if !valid {
+                    return Err(ConfigError::invalid("CKC_CALICO_NODE_NAMESPACE", &v, "expected a namespace name (lowercase letters, digits and '-')"));
+                }
+                Some(ns.to_string())
+            }
+            None => None,
         };
         // Object names as Kubernetes allows them (a DNS subdomain), so a typo fails here and not
         // as a 404 on every read.
@@ -535,6 +556,8 @@ impl EnvConfig {
         out.kcc_name = kcc_name;
         out.guard = guard;
         out.policy_bad_rules = policy_bad_rules;
+        out.calico_node_namespace = calico_node_namespace;
+        out.policy_migrator_interval = policy_migrator_interval;
         out.kubeconfig = kubeconfig;
         out.enabled_controllers = enabled;
         out.log_level = log_level;
@@ -818,11 +841,8 @@ impl RunConfig {
         // On etcd the namespace, service-account, policy (runtime::light) and workload-endpoint
         // (runtime::endpoints) controllers run.
         let runs = |c: &ControllerName| c.implemented() || (self.etcd && matches!(c, ControllerName::Namespace | ControllerName::ServiceAccount | ControllerName::Policy | ControllerName::WorkloadEndpoint));
-        let mut out: Vec<&'static str> = self.enabled_controllers().into_iter().filter(|c| !runs(c)).map(ControllerName::as_str).collect();
-        if self.policy_name_migrator {
-            out.push("policy-name-migrator");
-        }
-        out
+        // The policy-name migrator runs on both datastores (runtime::migrator).
+        self.enabled_controllers().into_iter().filter(|c| !runs(c)).map(ControllerName::as_str).collect()
     }
 
     /// `status` for the KubeControllersConfiguration: `runningConfig` in the spec's shape with
@@ -901,7 +921,7 @@ mod tests {
         assert_eq!(rc.load_balancer.as_deref(), Some("AllServices"));
         assert_eq!(
             rc.not_implemented(),
-            vec!["loadbalancer", "policy", "namespace", "serviceaccount", "workloadendpoint", "policy-name-migrator"]
+            vec!["loadbalancer", "policy", "namespace", "serviceaccount", "workloadendpoint"]
         );
     }
 
@@ -1001,7 +1021,7 @@ mod tests {
         let e = env(&[("ENABLED_CONTROLLERS", "node,loadbalancer")]);
         let rc = RunConfig::merge(&e, Some(&default_kcc_spec()));
         assert_eq!(rc.enabled_controllers(), vec![ControllerName::Node, ControllerName::LoadBalancer]);
-        assert_eq!(rc.not_implemented(), vec!["loadbalancer", "policy-name-migrator"]);
+        assert_eq!(rc.not_implemented(), vec!["loadbalancer"]);
         // Without the env list, sections decide.
         let api = spec(json!({"controllers": {"policy": {}}}));
         let rc = RunConfig::merge(&env(&[]), Some(&api));
@@ -1077,6 +1097,11 @@ mod tests {
     fn the_policy_bad_rules_setting_defaults_to_dropping_a_rule_and_is_checked() {
         assert_eq!(env(&[]).policy_bad_rules, crate::policy::BadRules::DropRule);
         assert_eq!(env(&[("CKC_POLICY_BAD_RULES", "Upstream")]).policy_bad_rules, crate::policy::BadRules::Upstream);
+        let m = env(&[("CKC_CALICO_NODE_NAMESPACE", "kube-system"), ("CKC_POLICY_MIGRATOR_INTERVAL", "2s")]);
+        assert_eq!((m.calico_node_namespace.as_deref(), m.policy_migrator_interval), (Some("kube-system"), Some(2000)));
+        for (var, bad) in [("CKC_CALICO_NODE_NAMESPACE", "Kube_System"), ("CKC_POLICY_MIGRATOR_INTERVAL", "0"), ("CKC_POLICY_MIGRATOR_INTERVAL", "soon")] {
+            assert!(env_err(&[(var, bad)]).to_string().contains(var), "{var}={bad}");
+        }
         assert!(env_err(&[("CKC_POLICY_BAD_RULES", "lenient")]).to_string().contains("CKC_POLICY_BAD_RULES"));
     }
 

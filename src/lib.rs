@@ -13,6 +13,7 @@ pub mod memstat;
 pub mod model;
 pub mod node_cleanup;
 pub mod policy;
+pub mod policy_names;
 pub mod reconcile;
 pub mod scan;
 pub mod selector;

@@ -3,7 +3,8 @@
 //! own health. The GC loop, start-up and health checks see Kubernetes only through this trait.
 //!
 //! Owns: [`ClusterKind`] and the [`ClusterReader`] trait (list + watch with the protocol of
-//! [`super::watch`], single reads for re-validation, discovery, `/healthz`).
+//! [`super::watch`], single reads for re-validation and the migrator's DaemonSet gate, discovery,
+//! `/healthz`).
 //! Must not: import tokio or kube (part of the pure core), write anything, or cache objects.
 
 use std::future::Future;
@@ -22,10 +23,13 @@ pub enum ClusterKind {
     Namespace,
     ServiceAccount,
     NetworkPolicy,
+    /// `apps/v1`: only read, one object at a time (the policy-name migrator's gate on the
+    /// `calico-node` rollout); never watched.
+    DaemonSet,
 }
 
 impl ClusterKind {
-    pub const ALL: [ClusterKind; 7] = [
+    pub const ALL: [ClusterKind; 8] = [
         ClusterKind::Pod,
         ClusterKind::Node,
         ClusterKind::VirtualMachine,
@@ -33,6 +37,7 @@ impl ClusterKind {
         ClusterKind::Namespace,
         ClusterKind::ServiceAccount,
         ClusterKind::NetworkPolicy,
+        ClusterKind::DaemonSet,
     ];
 
     /// The resource plural; also a bounded metric label.
@@ -45,6 +50,7 @@ impl ClusterKind {
             ClusterKind::Namespace => "namespaces",
             ClusterKind::ServiceAccount => "serviceaccounts",
             ClusterKind::NetworkPolicy => "networkpolicies",
+            ClusterKind::DaemonSet => "daemonsets",
         }
     }
 
@@ -58,6 +64,7 @@ impl ClusterKind {
             ClusterKind::Namespace => "Namespace",
             ClusterKind::ServiceAccount => "ServiceAccount",
             ClusterKind::NetworkPolicy => "NetworkPolicy",
+            ClusterKind::DaemonSet => "DaemonSet",
         }
     }
 

@@ -65,6 +65,7 @@ pub async fn run_all<D: Datastore>(ds: &D, opts: &Options) -> Result<(), String>
     soft_delete_then_get_is_not_found(ds, opts).await.map_err(|e| format!("soft_delete_then_get_is_not_found: {e}"))?;
     list_returns_every_object(ds, opts).await.map_err(|e| format!("list_returns_every_object: {e}"))?;
     unknown_fields_survive_update(ds, opts).await.map_err(|e| format!("unknown_fields_survive_update: {e}"))?;
+    namespaced_objects_travel_as_namespace_slash_name(ds, opts).await.map_err(|e| format!("namespaced_objects_travel_as_namespace_slash_name: {e}"))?;
     Ok(())
 }
 
@@ -201,6 +202,39 @@ async fn soft_delete_then_get_is_not_found<D: Datastore>(ds: &D, opts: &Options)
     let r = expect_kind("get of a soft-deleted block", ds.get(Kind::IpamBlock, &name).await, ErrorKind::NotFound);
     cleanup(ds, Kind::IpamBlock, &name).await;
     r
+}
+
+/// A namespaced policy is `<namespace>/<name>` in every call and in lists; the namespace is
+/// `default`, which every Kubernetes cluster has.
+async fn namespaced_objects_travel_as_namespace_slash_name<D: Datastore>(ds: &D, opts: &Options) -> Result<(), String> {
+    let own = format!("{}namespaced", opts.prefix);
+    let name = format!("default/{own}");
+    cleanup(ds, Kind::StagedNetworkPolicy, &name).await;
+    let body = json!({
+        "apiVersion": crate::model::CALICO_API_VERSION, "kind": "StagedNetworkPolicy",
+        "metadata": {"name": own, "namespace": "default", "labels": {"conformance": "yes"}},
+        "spec": {"selector": "all()", "order": 5}
+    });
+    let created = ds.create(Kind::StagedNetworkPolicy, &name, body).await.map_err(|e| format!("create: {e}"))?;
+    let result = async {
+        if created.name != name || created.value["metadata"]["name"] != json!(own) || created.value["metadata"]["namespace"] != "default" {
+            return Err(format!("created as {:?}: {}", created.name, created.value["metadata"]));
+        }
+        let got = ds.get(Kind::StagedNetworkPolicy, &name).await.map_err(|e| format!("get: {e}"))?;
+        if got.revision != created.revision || got.value["metadata"]["labels"]["conformance"] != "yes" {
+            return Err(format!("get disagrees with create: {got:?}"));
+        }
+        let listed = ds.list(Kind::StagedNetworkPolicy).await.map_err(|e| e.to_string())?;
+        if !listed.iter().any(|s| s.name == name && s.revision == created.revision) {
+            return Err(format!("{name} missing from the list: {:?}", listed.iter().map(|s| &s.name).collect::<Vec<_>>()));
+        }
+        expect_kind("get in another namespace", ds.get(Kind::StagedNetworkPolicy, &format!("other-{}/{own}", opts.prefix.trim_end_matches('-'))).await, ErrorKind::NotFound)?;
+        ds.delete(Kind::StagedNetworkPolicy, &name, &got.exact()).await.map_err(|e| format!("delete: {e}"))?;
+        expect_kind("get after delete", ds.get(Kind::StagedNetworkPolicy, &name).await, ErrorKind::NotFound)
+    }
+    .await;
+    cleanup(ds, Kind::StagedNetworkPolicy, &name).await;
+    result
 }
 
 async fn list_returns_every_object<D: Datastore>(ds: &D, opts: &Options) -> Result<(), String> {

@@ -561,6 +561,26 @@ mod tests {
     }
 
     #[test]
+    fn policies_are_keyed_by_plural_and_namespace_as_libcalico_keys_them() {
+        let cases = [
+            (Kind::NetworkPolicy, "web/default.allow", "/calico/resources/v3/projectcalico.org/networkpolicies/web/default.allow"),
+            (Kind::StagedNetworkPolicy, "web/allow", "/calico/resources/v3/projectcalico.org/stagednetworkpolicies/web/allow"),
+            (Kind::GlobalNetworkPolicy, "default.deny", "/calico/resources/v3/projectcalico.org/globalnetworkpolicies/default.deny"),
+            (Kind::StagedGlobalNetworkPolicy, "deny", "/calico/resources/v3/projectcalico.org/stagedglobalnetworkpolicies/deny"),
+        ];
+        for (kind, name, key) in cases {
+            assert_eq!(candidate_keys(kind, name).unwrap(), [key], "{kind:?}");
+            assert_eq!(parse_key(kind, key).map(|k| k.name), Some(name.to_string()));
+            let body = json!({"metadata": {"name": name.rsplit('/').next().unwrap()}, "spec": {"selector": "all()"}});
+            let value: Value = serde_json::from_slice(&to_etcd_value(kind, name, &body).unwrap()).unwrap();
+            assert_eq!((value["kind"].as_str(), value["apiVersion"].as_str()), (Some(kind.kind_name()), Some(V3_API_VERSION)));
+            assert_eq!(value["metadata"]["namespace"].as_str(), name.split_once('/').map(|(ns, _)| ns));
+        }
+        assert!(candidate_keys(Kind::StagedNetworkPolicy, "no-namespace").is_err());
+        assert!(candidate_keys(Kind::GlobalNetworkPolicy, "a/b").is_err(), "cluster-wide: one segment");
+    }
+
+    #[test]
     fn garbage_values_are_invalid_not_panics() {
         for v in [&b"{"[..], b"[1]", b"\xff\xfe", b"null", b"42"] {
             for kind in Kind::ALL {

@@ -1,5 +1,6 @@
 //! The Kubernetes (KDD) backend: Calico's `crd.projectcalico.org/v1` objects through
-//! `kube::Api<DynamicObject>`, one cluster-scoped API per [`Kind`].
+//! `kube::Api<DynamicObject>`, one API per [`Kind`] (a namespaced kind's objects are named
+//! `<namespace>/<name>` above the seam, as on every backend).
 //!
 //! Owns: the mapping of the CAS trait onto Kubernetes (resourceVersion and uid in the body of a
 //! replace, delete preconditions, `kube::runtime::watcher` onto the watch seam, restarted from a
@@ -260,6 +261,9 @@ fn status_resource(kind: Kind) -> &'static str {
         Kind::HostEndpoint => "hostendpoints/status",
         Kind::Profile => "profiles/status",
         Kind::NetworkPolicy => "networkpolicies/status",
+        Kind::GlobalNetworkPolicy => "globalnetworkpolicies/status",
+        Kind::StagedNetworkPolicy => "stagednetworkpolicies/status",
+        Kind::StagedGlobalNetworkPolicy => "stagedglobalnetworkpolicies/status",
     }
 }
 
@@ -343,22 +347,49 @@ impl KubeDatastore {
         &self.client
     }
 
+    /// Every object of the kind, in all namespaces (lists and watches).
     fn api(&self, kind: Kind) -> Api<DynamicObject> {
         Api::all_with(self.client.clone(), &api_resource(kind))
     }
 
+    /// The API that holds `name`, and the object's own name there.
+    fn api_for<'n>(&self, kind: Kind, name: &'n str) -> DsResult<(Api<DynamicObject>, &'n str)> {
+        match split_name(kind, name)? {
+            (Some(ns), own) => Ok((Api::namespaced_with(self.client.clone(), ns, &api_resource(kind)), own)),
+            (None, own) => Ok((self.api(kind), own)),
+        }
+    }
+
     async fn get_raw(&self, kind: Kind, name: &str) -> DsResult<Stored> {
+        let (api, own) = self.api_for(kind, name)?;
         self.throttle().await;
-        let result = self.api(kind).get(name).await;
+        let result = api.get(own).await;
         self.counters.observe("get", kind.plural(), 200, &result);
         let object = result.map_err(|e| to_error(kind, name, "get", &e))?;
         to_stored(kind, object)
     }
 }
 
-/// The whole object as the trait carries it, identity lifted out of `metadata`.
+/// A namespaced kind's `<namespace>/<name>` split into its parts; other kinds' names are whole.
+fn split_name(kind: Kind, name: &str) -> DsResult<(Option<&str>, &str)> {
+    if !kind.namespaced() {
+        return Ok((None, name));
+    }
+    match name.split_once('/') {
+        Some((ns, own)) if !ns.is_empty() && !own.is_empty() && !own.contains('/') => Ok((Some(ns), own)),
+        _ => Err(DatastoreError::invalid(format!("{} {name:?} is not <namespace>/<name>", kind.plural()))),
+    }
+}
+
+/// The whole object as the trait carries it, identity lifted out of `metadata` (a namespaced
+/// object's name is `<namespace>/<name>`).
 fn to_stored(kind: Kind, object: DynamicObject) -> DsResult<Stored> {
-    dynamic_to_stored(object, CALICO_API_VERSION, kind.kind_name(), kind.plural())
+    let namespace = object.metadata.namespace.clone().filter(|n| !n.is_empty() && kind.namespaced());
+    let mut stored = dynamic_to_stored(object, CALICO_API_VERSION, kind.kind_name(), kind.plural())?;
+    if let Some(ns) = namespace {
+        stored.name = format!("{ns}/{}", stored.name);
+    }
+    Ok(stored)
 }
 
 /// The whole object with `apiVersion` and `kind` set (list and watch items lack them) and its
@@ -381,8 +412,9 @@ fn to_object(kind: Kind, name: &str, value: &Value, revision: Option<&str>, uid:
     let mut object: DynamicObject = serde_json::from_value(value.clone())
         .map_err(|e| DatastoreError::invalid(format!("{} {name} is not an object: {e}", kind.plural())))?;
     object.types = Some(::kube::api::TypeMeta { api_version: CALICO_API_VERSION.into(), kind: kind.kind_name().into() });
-    object.metadata.name = Some(name.to_string());
-    object.metadata.namespace = None;
+    let (namespace, own) = split_name(kind, name)?;
+    object.metadata.name = Some(own.to_string());
+    object.metadata.namespace = namespace.map(str::to_string);
     object.metadata.resource_version = revision.filter(|r| !r.is_empty()).map(str::to_string);
     object.metadata.uid = uid.filter(|u| !u.is_empty()).map(str::to_string);
     // Server-owned fields the apiserver would reject or ignore on a write.
@@ -423,8 +455,9 @@ impl Datastore for KubeDatastore {
         if self.dry_run {
             return to_stored(kind, object);
         }
+        let (api, _) = self.api_for(kind, name)?;
         self.throttle().await;
-        let result = self.api(kind).create(&PostParams::default(), &object).await;
+        let result = api.create(&PostParams::default(), &object).await;
         self.counters.observe("create", kind.plural(), 201, &result);
         match result {
             Ok(created) => to_stored(kind, created),
@@ -442,8 +475,9 @@ impl Datastore for KubeDatastore {
         if self.dry_run {
             return Ok(object.clone());
         }
+        let (api, own) = self.api_for(kind, &object.name)?;
         self.throttle().await;
-        let result = self.api(kind).replace(&object.name, &PostParams::default(), &body).await;
+        let result = api.replace(own, &PostParams::default(), &body).await;
         self.counters.observe("update", kind.plural(), 200, &result);
         let updated = result.map_err(|e| to_error(kind, &object.name, "update", &e))?;
         to_stored(kind, updated)
@@ -454,8 +488,9 @@ impl Datastore for KubeDatastore {
         if self.dry_run {
             return Ok(object.clone());
         }
+        let (api, own) = self.api_for(kind, &object.name)?;
         self.throttle().await;
-        let result = self.api(kind).replace_status(&object.name, &PostParams::default(), &body).await;
+        let result = api.replace_status(own, &PostParams::default(), &body).await;
         self.counters.observe("update", status_resource(kind), 200, &result);
         let updated = result.map_err(|e| to_error_on(status_resource(kind), &object.name, "update", &e))?;
         to_stored(kind, updated)
@@ -473,8 +508,9 @@ impl Datastore for KubeDatastore {
         let preconditions = (precondition.revision.is_some() || precondition.uid.is_some())
             .then(|| Preconditions { resource_version: precondition.revision.clone(), uid: precondition.uid.clone() });
         let params = DeleteParams { preconditions, ..DeleteParams::default() };
+        let (api, own) = self.api_for(kind, name)?;
         self.throttle().await;
-        let result = self.api(kind).delete(name, &params).await;
+        let result = api.delete(own, &params).await;
         self.counters.observe("delete", kind.plural(), 200, &result);
         result.map(|_| ()).map_err(|e| to_error(kind, name, "delete", &e))
     }
@@ -524,6 +560,20 @@ mod tests {
         assert_eq!(o.data["spec"]["handleID"], "h");
         let back = to_stored(Kind::IpamHandle, o).unwrap();
         assert_eq!((back.revision.as_str(), back.value["kind"].as_str()), ("12", Some("IPAMHandle")));
+    }
+
+    #[test]
+    fn a_namespaced_kind_travels_as_namespace_slash_name() {
+        let value = serde_json::json!({"metadata": {"name": "web"}, "spec": {"selector": "all()"}});
+        let o = to_object(Kind::NetworkPolicy, "ns1/web", &value, None, None).unwrap();
+        assert_eq!((o.metadata.namespace.as_deref(), o.metadata.name.as_deref()), (Some("ns1"), Some("web")));
+        assert_eq!(to_stored(Kind::NetworkPolicy, o).unwrap().name, "ns1/web");
+        for bad in ["web", "ns1/", "/web", "a/b/c"] {
+            assert!(to_object(Kind::StagedNetworkPolicy, bad, &value, None, None).is_err(), "{bad}");
+        }
+        let global = to_object(Kind::GlobalNetworkPolicy, "deny", &value, None, None).unwrap();
+        assert_eq!(global.metadata.namespace, None);
+        assert_eq!(to_stored(Kind::GlobalNetworkPolicy, global).unwrap().name, "deny");
     }
 
     #[tokio::test]

@@ -1,5 +1,6 @@
-//! The Kubernetes reader over the real apiserver: pods, nodes and KubeVirt's `kubevirt.io/v1`
-//! VirtualMachine(Instance)s through `kube::Api<DynamicObject>`, KubeVirt discovery, `/healthz`.
+//! The Kubernetes reader over the real apiserver: pods, nodes, KubeVirt's `kubevirt.io/v1`
+//! VirtualMachine(Instance)s and the other [`ClusterKind`]s (the `apps/v1` DaemonSet read by the
+//! policy-name migrator) through `kube::Api<DynamicObject>`, KubeVirt discovery, `/healthz`.
 //!
 //! Owns: the [`ClusterReader`] mapping onto Kubernetes: which API resource each
 //! [`ClusterKind`] is, setting `apiVersion`/`kind` on items of built-in kinds (the apiserver
@@ -34,6 +35,7 @@ pub fn cluster_resource(kind: ClusterKind) -> ApiResource {
         ClusterKind::Namespace => ApiResource::erase::<k8s_openapi::api::core::v1::Namespace>(&()),
         ClusterKind::ServiceAccount => ApiResource::erase::<k8s_openapi::api::core::v1::ServiceAccount>(&()),
         ClusterKind::NetworkPolicy => ApiResource::erase::<k8s_openapi::api::networking::v1::NetworkPolicy>(&()),
+        ClusterKind::DaemonSet => ApiResource::erase::<k8s_openapi::api::apps::v1::DaemonSet>(&()),
     }
 }
 
@@ -128,6 +130,11 @@ mod tests {
         assert_eq!(cluster_resource(ClusterKind::Node).plural, "nodes");
         let vmi = cluster_resource(ClusterKind::VirtualMachineInstance);
         assert_eq!((vmi.api_version.as_str(), vmi.kind.as_str(), vmi.plural.as_str()), ("kubevirt.io/v1", "VirtualMachineInstance", "virtualmachineinstances"));
+        let ds = cluster_resource(ClusterKind::DaemonSet);
+        assert_eq!((ds.api_version.as_str(), ds.kind.as_str(), ds.plural.as_str()), ("apps/v1", "DaemonSet", "daemonsets"));
+        for kind in ClusterKind::ALL {
+            assert_eq!(cluster_resource(kind).plural, kind.plural(), "{kind:?}");
+        }
     }
 
     #[test]

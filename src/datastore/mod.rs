@@ -69,10 +69,15 @@ pub enum Kind {
     /// `knp.default.` NetworkPolicies (namespaced: `<namespace>/<name>`).
     Profile,
     NetworkPolicy,
+    /// The other policy kinds the policy-name migrator re-keys (with [`Kind::NetworkPolicy`]);
+    /// the staged NetworkPolicy is namespaced (`<namespace>/<name>`).
+    GlobalNetworkPolicy,
+    StagedNetworkPolicy,
+    StagedGlobalNetworkPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 17] = [
+    pub const ALL: [Kind; 20] = [
         Kind::IpamBlock,
         Kind::BlockAffinity,
         Kind::IpamHandle,
@@ -90,6 +95,9 @@ impl Kind {
         Kind::HostEndpoint,
         Kind::Profile,
         Kind::NetworkPolicy,
+        Kind::GlobalNetworkPolicy,
+        Kind::StagedNetworkPolicy,
+        Kind::StagedGlobalNetworkPolicy,
     ];
 
     /// The CRD plural (`crd.projectcalico.org/v1`); also a bounded metric label.
@@ -112,6 +120,9 @@ impl Kind {
             Kind::HostEndpoint => "hostendpoints",
             Kind::Profile => "profiles",
             Kind::NetworkPolicy => "networkpolicies",
+            Kind::GlobalNetworkPolicy => "globalnetworkpolicies",
+            Kind::StagedNetworkPolicy => "stagednetworkpolicies",
+            Kind::StagedGlobalNetworkPolicy => "stagedglobalnetworkpolicies",
         }
     }
 
@@ -135,12 +146,15 @@ impl Kind {
             Kind::HostEndpoint => "HostEndpoint",
             Kind::Profile => "Profile",
             Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::GlobalNetworkPolicy => "GlobalNetworkPolicy",
+            Kind::StagedNetworkPolicy => "StagedNetworkPolicy",
+            Kind::StagedGlobalNetworkPolicy => "StagedGlobalNetworkPolicy",
         }
     }
 
     /// Kinds whose objects live in a namespace; their names here are `<namespace>/<name>`.
     pub fn namespaced(self) -> bool {
-        matches!(self, Kind::WorkloadEndpoint | Kind::NetworkPolicy)
+        matches!(self, Kind::WorkloadEndpoint | Kind::NetworkPolicy | Kind::StagedNetworkPolicy)
     }
 
     /// Kinds that KDD deletes in two steps (mark `spec.deleted`, then delete), so that a reader

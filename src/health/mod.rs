@@ -27,6 +27,10 @@ pub const MASS_CHANGE_GUARD: &str = "MassChangeGuard";
 pub const EVENT_LOOP: &str = "EventLoop";
 /// Ours: always ready; its reason lists enabled controllers this version does not implement.
 pub const CONTROLLERS: &str = "Controllers";
+/// Ours: the policy-name migrator's name in its readiness key ([`controller_key`]). Always
+/// ready (a migrator waiting for the `calico-node` rollout holds up nothing); its reason says
+/// what it waits for, what it kept and what failed; absent while the migrator is disabled.
+pub const POLICY_NAME_MIGRATOR: &str = "policy-name-migrator";
 /// Ours: one enabled light controller's view (`Controller:<name>`): ready once its source is
 /// listed and its watch healthy; absent while the controller is disabled.
 pub fn controller_key(name: &str) -> String {

@@ -76,6 +76,10 @@ pub struct Metrics {
     pub light_rounds: BTreeMap<&'static str, (u64, f64)>,
     /// Source objects (or, for policies, rules) that did not convert, by (controller, category).
     pub conversion_errors: BTreeMap<(&'static str, &'static str), u64>,
+    /// The policy-name migrator's outcomes, by (kind plural, outcome), and the old-named
+    /// policies its latest round found with a write to do, by kind plural.
+    pub policy_name_migrations: BTreeMap<(&'static str, &'static str), u64>,
+    pub policy_names_pending: BTreeMap<&'static str, u64>,
     /// Automatic host endpoints: templates left out as unusable, and wanted names held by a
     /// HostEndpoint this controller did not create.
     pub host_endpoint_templates_invalid: u64,
@@ -181,6 +185,15 @@ impl Metrics {
         header(&mut out, "kube_controllers_node_deletions_total", "counter", "Deletes of the etcd-mode node deleter (a gone Kubernetes node's Calico Node and its objects), by kind and outcome (deleted, absent, failed).");
         for ((kind, outcome), n) in &self.node_deletions {
             let _ = writeln!(out, "kube_controllers_node_deletions_total{{kind=\"{kind}\",outcome=\"{outcome}\"}} {n}");
+        }
+
+        header(&mut out, "kube_controllers_policy_name_migrations_total", "counter", "Default-tier policies the policy-name migrator re-keyed from their pre-3.32 default.<name> names, by kind and outcome (migrated, already_migrated: the new name held the same policy, conflict: it held another, both kept, failed, unusable: no valid v3 name); conflict and unusable count once per policy and process.");
+        for ((kind, outcome), n) in &self.policy_name_migrations {
+            let _ = writeln!(out, "kube_controllers_policy_name_migrations_total{{kind=\"{kind}\",outcome=\"{outcome}\"}} {n}");
+        }
+        header(&mut out, "kube_controllers_policy_name_migrations_pending", "gauge", "Default-tier policies still under a pre-3.32 name with a re-keying to do, by kind, as the migrator's latest round found them (they wait for the calico-node rollout, or a write failed).");
+        for (kind, n) in &self.policy_names_pending {
+            let _ = writeln!(out, "kube_controllers_policy_name_migrations_pending{{kind=\"{kind}\"}} {n}");
         }
 
         header(&mut out, "ipam_gc_releases_total", "counter", "Addresses released by the GC, by reason.");
@@ -332,6 +345,24 @@ mod tests {
             "kube_controllers_reconcile_seconds_sum{controller=\"policy\"} 1",
             "kube_controllers_reconcile_seconds_count{controller=\"policy\"} 2",
             "kube_controllers_conversion_errors_total{controller=\"policy\",category=\"rule_dropped\"} 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
+    }
+
+    #[test]
+    fn policy_name_migrations_are_rendered_by_kind_and_outcome() {
+        let mut m = Metrics::default();
+        m.policy_name_migrations.insert(("networkpolicies", "migrated"), 3);
+        m.policy_name_migrations.insert(("globalnetworkpolicies", "conflict"), 1);
+        m.policy_names_pending.insert("stagednetworkpolicies", 2);
+        let text = m.render(&ApiCounters::default());
+        for line in [
+            "# TYPE kube_controllers_policy_name_migrations_total counter",
+            "kube_controllers_policy_name_migrations_total{kind=\"networkpolicies\",outcome=\"migrated\"} 3",
+            "kube_controllers_policy_name_migrations_total{kind=\"globalnetworkpolicies\",outcome=\"conflict\"} 1",
+            "# TYPE kube_controllers_policy_name_migrations_pending gauge",
+            "kube_controllers_policy_name_migrations_pending{kind=\"stagednetworkpolicies\"} 2",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }

@@ -44,6 +44,7 @@ pub mod light;
 pub mod compactor;
 pub mod live;
 pub mod metrics;
+pub mod migrator;
 pub mod node_deleter;
 pub mod status;
 pub mod tls;
@@ -64,6 +65,10 @@ pub(crate) const INPUT_QUEUE: usize = 4096;
 pub struct ConfigState {
     pub run: RunConfig,
     pub api_present: bool,
+    /// The KubeControllersConfiguration's watch finished its first list (or the API is off): `run`
+    /// is the configuration, not the defaults a process starts with. A task that must not act on
+    /// a setting the operator turned off (the policy-name migrator) waits for it.
+    pub listed: bool,
 }
 
 /// What the GC loop publishes for the HTTP endpoints, and the conditions every task reports.
@@ -88,7 +93,7 @@ impl Shared {
         Shared::with_status(api, StatusReporter::default(), &EnvConfig::default())
     }
     pub fn with_status(api: Arc<ApiCounters>, status: StatusReporter, env: &EnvConfig) -> Self {
-        let (config, _) = tokio::sync::watch::channel(ConfigState { run: RunConfig::merge(env, None), api_present: false });
+        let (config, _) = tokio::sync::watch::channel(ConfigState { run: RunConfig::merge(env, None), api_present: false, listed: false });
         Shared {
             report: Mutex::new(None),
             metrics: Mutex::new(Metrics::default()),
@@ -406,6 +411,13 @@ async fn run_on<D: Datastore + Clone + 'static>(client: kube::Client, backend: B
         let o = endpoints::EndpointOptions { dry_run: opts.controller.dry_run, workers: opts.controller.env.workers_for("WORKLOAD_ENDPOINT_WORKERS") };
         tokio::spawn(endpoints::run(ds.clone(), shared.clone(), feed, rx, may_write.clone(), o, stop_rx.clone()))
     });
+    // Both datastores: default-tier policies under pre-3.32 names re-keyed (SPEC §6.8). A task of
+    // its own, so its wait for the calico-node rollout never holds up another controller.
+    let migrator_task = {
+        let o = migrator::MigratorOptions::new(&opts.controller.env, opts.controller.dry_run);
+        tracing::info!(daemonset = %format!("{}/{}", o.namespace, migrator::CALICO_NODE), "policy-name migrator: re-keys pre-3.32 default.<name> policies once this DaemonSet rolled out");
+        tokio::spawn(migrator::run(ds.clone(), cluster.clone(), shared.clone(), may_write.clone(), o, stop_rx.clone()))
+    };
     let controller = ipam_gc::GcController::new(ds.clone(), cluster.clone(), opts.controller.clone(), shared.clone(), may_write).with_events(events);
     let gc_task = tokio::spawn(controller.run(rx, stop_rx));
 
@@ -423,7 +435,7 @@ async fn run_on<D: Datastore + Clone + 'static>(client: kube::Client, backend: B
     for w in watchers {
         w.abort();
     }
-    for task in [Some(live_task), Some(health_task), writer_task, compactor_task, node_deleter_task, endpoints_task, Some(host_endpoints_task)].into_iter().flatten().chain(light_tasks) {
+    for task in [Some(live_task), Some(health_task), writer_task, compactor_task, node_deleter_task, endpoints_task, Some(host_endpoints_task), Some(migrator_task)].into_iter().flatten().chain(light_tasks) {
         task.abort();
     }
     for s in servers {

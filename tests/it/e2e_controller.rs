@@ -10,20 +10,42 @@ use calico_kube_controllers::model::names::handle_object_name;
 use kube::api::{Api, DynamicObject, PostParams};
 use serde_json::{Value, json};
 
+use crate::e2e_policy_names::Planted;
 use crate::support::audit;
 use crate::support::cluster::private_cluster;
 use crate::support::controller::{CONTROLLER_USER, DEADLINE, wait_for, install_deploy_base, start_controller_with, LIVE_IP, calico, free_port, http_get, metric_sum, setup, start_controller};
 
+/// A status file and health port of its own for one controller process of this file.
+fn own_status(label: &str) -> (std::path::PathBuf, String) {
+    let file = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("status-{label}-{}", std::process::id())).join("status.json");
+    let _ = std::fs::remove_file(&file);
+    (file, free_port().to_string())
+}
+
+/// Also the policy-name migrator on the same cluster (SPEC §6.8, `e2e_policy_names.rs`): it waits
+/// for a `calico-node` DaemonSet that does not exist while the GC frees the leak, then re-keys
+/// the old-named policies once one has rolled out, and a restarted controller does nothing more.
 #[tokio::test]
 async fn controller_frees_a_gone_pods_ip_and_handle_and_keeps_the_live_one() {
     let cluster = private_cluster();
     let s = setup(&cluster).await;
+    let policies = Planted::plant(&cluster).await;
+    let migrator_env = policies.env();
+    let migrator_env: Vec<(&str, &str)> = migrator_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let port = free_port();
     let started = Instant::now();
     let report_file = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("leak-report-{}.json", std::process::id()));
     let _ = std::fs::remove_file(&report_file);
     let report_arg = report_file.to_string_lossy().into_owned();
-    let controller = start_controller(&cluster, &["--leak-report-file", &report_arg], port, "gc");
+    let (status_file, health_port) = own_status("gc");
+    let status_arg = status_file.to_string_lossy().into_owned();
+    let controller = start_controller_with(
+        &cluster.kubeconfig,
+        &["--leak-report-file", &report_arg, "--status-file", &status_arg, "--health-port", &health_port],
+        &migrator_env,
+        port,
+        "gc",
+    );
 
     let freed = loop {
         let block = s.blocks.get(&s.block_name).await.expect("reading the block");
@@ -37,12 +59,20 @@ async fn controller_frees_a_gone_pods_ip_and_handle_and_keeps_the_live_one() {
     eprintln!("gone pod's IP {} freed {:.1} s after the controller started", s.gone_ip, started.elapsed().as_secs_f64());
     assert_eq!(freed.data["spec"]["allocations"][1], json!(0), "the live pod's IP stays allocated");
     assert!(s.handles.get_opt(&handle_object_name(&s.live_handle)).await.unwrap().is_some(), "the live handle stays");
+    // The GC did its job while the migrator waits for calico-node, which it says, ready.
+    let waiting = policies.wait_for_the_migrator_waiting(&status_file).await;
+    eprintln!("while the GC freed the leak, the migrator said: {waiting}");
+    policies.roll_out_calico_node().await;
+    let re_keyed = policies.wait_re_keyed().await;
+    eprintln!("old-named policies re-keyed {:.1} s after the controller started", started.elapsed().as_secs_f64());
 
     let (code, body) = http_get(port, "/metrics").await.expect("scraping /metrics");
     assert_eq!(code, 200);
     assert!(metric_sum(&body, "ipam_gc_releases_total") >= 1.0, "{body}");
     assert!(metric_sum(&body, "ipam_allocations_gc_reclamations") >= 1.0, "{body}");
     assert!(body.contains("kube_controllers_api_requests_total{verb=\"update\",resource=\"ipamblocks\",code=\"200\"}"), "{body}");
+    assert_eq!(metric_sum(&body, "kube_controllers_policy_name_migrations_total"), 4.0, "{body}");
+    assert!(body.contains("kube_controllers_policy_name_migrations_total{kind=\"stagednetworkpolicies\",outcome=\"migrated\"} 1"), "{body}");
     assert_eq!(http_get(port, "/readiness").await.map(|r| r.0), Some(200));
     // --leak-report-file: the same JSON as /leak-report, written after full passes.
     let file: Value = serde_json::from_slice(&std::fs::read(&report_file).expect("the leak report file is written")).expect("report file JSON");
@@ -63,6 +93,12 @@ async fn controller_frees_a_gone_pods_ip_and_handle_and_keeps_the_live_one() {
     };
     assert!(status.success(), "exit status after SIGTERM: {status}");
     eprintln!("exited {:.2} s after SIGTERM", stopping.elapsed().as_secs_f64());
+
+    // Restarted: the migrator's round finds nothing to re-key and writes nothing.
+    let (status_file, health_port) = own_status("gc-restart");
+    let status_arg = status_file.to_string_lossy().into_owned();
+    let _again = start_controller_with(&cluster.kubeconfig, &["--status-file", &status_arg, "--health-port", &health_port], &migrator_env, free_port(), "gc-restart");
+    policies.assert_nothing_more(&status_file, &re_keyed).await;
 }
 
 #[tokio::test]

@@ -623,9 +623,17 @@ async fn on_etcd_namespaces_service_accounts_and_network_policies_become_calico_
     for (kind, name) in [(Kind::Profile, "kns.gone-namespace".to_string()), (Kind::Profile, "user-profile".into()), (Kind::NetworkPolicy, format!("{ns}/knp.default.gone")), (Kind::NetworkPolicy, format!("{ns}/my-policy"))] {
         ds.create(kind, &name, json!({"spec": {}})).await.expect("planted object");
     }
+    // The policy-name migrator on etcd (SPEC §6.8): pre-3.32 default-tier keys, re-keyed once
+    // calico-node (in this namespace) has rolled out; another tier's key stays.
+    let legacy_gnp = format!("default.legacy-{ns}");
+    let other_tier = format!("kube-admin.keep-{ns}");
+    for (kind, name, tier) in [(Kind::NetworkPolicy, format!("{ns}/default.legacy"), "default"), (Kind::GlobalNetworkPolicy, legacy_gnp.clone(), ""), (Kind::GlobalNetworkPolicy, other_tier.clone(), "kube-admin")] {
+        ds.create(kind, &name, json!({"metadata": {"labels": {"app": "legacy"}}, "spec": {"tier": tier, "order": 7, "selector": "all()"}})).await.expect("planted policy");
+    }
+    crate::e2e_policy_names::roll_out_calico_node(&client, &ns).await;
 
     // (The API server labels every namespace with its name: that label is copied too.)
-    let env = [pairs(&env), vec![("ENABLED_CONTROLLERS", "node,namespace,serviceaccount,policy"), ("RECONCILER_PERIOD", "2s")]].concat();
+    let env = [pairs(&env), vec![("ENABLED_CONTROLLERS", "node,namespace,serviceaccount,policy"), ("RECONCILER_PERIOD", "2s"), ("CKC_CALICO_NODE_NAMESPACE", ns.as_str()), ("CKC_POLICY_MIGRATOR_INTERVAL", "1s")]].concat();
     let port = free_port();
     let controller = start_controller_with(&cluster.kubeconfig, &[], &env, port, "etcd-light");
     let kns = format!("kns.{ns}");
@@ -650,6 +658,12 @@ async fn on_etcd_namespaces_service_accounts_and_network_policies_become_calico_
     wait_object(&ds, Kind::NetworkPolicy, &format!("{ns}/knp.default.gone"), &controller, |v| v.is_none()).await;
     assert!(exists(&ds, Kind::Profile, "user-profile").await, "a profile not ours is never touched");
     assert!(exists(&ds, Kind::NetworkPolicy, &format!("{ns}/my-policy")).await, "a policy not ours is never touched");
+    wait_object(&ds, Kind::NetworkPolicy, &format!("{ns}/legacy"), &controller, |v| v.is_some_and(|v| v["spec"]["order"] == 7 && v["metadata"]["labels"]["app"] == "legacy")).await;
+    wait_object(&ds, Kind::NetworkPolicy, &format!("{ns}/default.legacy"), &controller, |v| v.is_none()).await;
+    let legacy_new = legacy_gnp.trim_start_matches("default.").to_string();
+    wait_object(&ds, Kind::GlobalNetworkPolicy, &legacy_new, &controller, |v| v.is_some_and(|v| v["spec"]["selector"] == "all()")).await;
+    wait_object(&ds, Kind::GlobalNetworkPolicy, &legacy_gnp, &controller, |v| v.is_none()).await;
+    assert!(exists(&ds, Kind::GlobalNetworkPolicy, &other_tier).await, "another tier's policy keeps its name");
 
     // A label change updates the profile; a label removed goes.
     let patch = json!({"metadata": {"labels": {"team": null, "env": "prod"}}});

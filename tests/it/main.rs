@@ -21,6 +21,7 @@ mod e2e_leak_scan_release;
 mod e2e_metrics;
 mod e2e_nodes;
 mod e2e_operator;
+mod e2e_policy_names;
 mod e2e_restart;
 mod e2e_rules;
 mod e2e_scale;

@@ -250,6 +250,11 @@ impl GcInputs {
         self.required().all(|s| self.synced.contains(&s))
     }
 
+    /// Whether `source` finished its first list.
+    pub fn has_listed(&self, source: Source) -> bool {
+        self.synced.contains(&source)
+    }
+
     /// The required sources still waiting for their first list.
     pub fn waiting(&self) -> Vec<Source> {
         self.required().filter(|s| !self.synced.contains(s)).collect()

@@ -194,7 +194,8 @@ impl GcController {
     /// it changed (the live-config and writer tasks act on it).
     fn config_changed(&mut self) {
         self.run_config = RunConfig::merge(&self.opts.env, self.inputs.kcc.as_ref().map(|k| &k.spec));
-        let next = ConfigState { run: self.run_config.clone(), api_present: self.inputs.kcc.is_some() };
+        let listed = self.inputs.has_listed(crate::runtime::watch::Source::KubeControllersConfiguration);
+        let next = ConfigState { run: self.run_config.clone(), api_present: self.inputs.kcc.is_some(), listed };
         self.shared.config.send_if_modified(|current| {
             if *current == next {
                 return false;
@@ -309,7 +310,7 @@ impl GcController {
     /// Applies one watch input.
     pub fn handle(&mut self, input: Input) {
         let applied = self.inputs.handle(input);
-        if applied.kcc_changed {
+        if applied.kcc_changed || applied.first_sync == Some(crate::runtime::watch::Source::KubeControllersConfiguration) {
             self.config_changed();
         }
         if applied.health_changed {
