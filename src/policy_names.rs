@@ -282,6 +282,11 @@ pub fn plan(kind: Kind, objects: &[Stored]) -> Plan {
                 present.insert(new, rename.body.clone());
                 Step::Create(rename)
             }
+            // Being deleted: deleting the old one now would lose both once it is gone.
+            Some(e) if !metadata(e)["deletionTimestamp"].is_null() => {
+                out.deferred.push(rename);
+                continue;
+            }
             Some(e) if same_policy(e, &stored.value) => Step::DeleteOld(rename),
             Some(_) => Step::KeepBoth(rename),
         };
@@ -434,6 +439,11 @@ mod tests {
         assert_eq!(p.unusable.len(), 1);
         assert_eq!(p.writes(), 2);
         assert_eq!(p.conflicts().count(), 1);
+        // The same policy under the new name, but being deleted: the old one is kept for now.
+        let mut going = policy("ns/b", None, 1);
+        going.value["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        let p = plan(Kind::NetworkPolicy, &[policy("ns/default.b", None, 1), going]);
+        assert!(p.steps.is_empty() && p.deferred.len() == 1, "{:?}", p.steps.len());
     }
 
     #[test]

@@ -818,13 +818,25 @@ pub async fn execute_assignment<D: Datastore>(
             Ok(v) => ds.create(Kind::IpamBlock, b.name(), v).await.map(|_| ()),
             Err(e) => Err(e),
         },
-        BlockWrite::Update(b) => match read {
+        BlockWrite::Update(b) => match read.filter(|r| r.name == b.name()) {
             Some(stored) => match stored.with_value(b) {
                 Ok(s) => ds.update(Kind::IpamBlock, &s).await.map(|_| ()),
                 Err(e) => Err(e),
             },
             None => Err(DatastoreError::invalid("an update needs the block as read")),
         },
+    };
+    // A write whose answer was lost (a timeout) may have been applied: the block says. Only a
+    // definite refusal takes back the handle's count and the pending affinity.
+    let written = match written {
+        Err(e) if e.kind == super::ErrorKind::Transient => match ds.get(Kind::IpamBlock, block.name()).await {
+            Ok(now) if holds(&now, &cidr, a.ip, owner.handle) => Ok(()),
+            Ok(_) => Err(e),
+            Err(g) if g.is_not_found() => Err(e),
+            // Unknown: take nothing back; the next round's view and the GC's handle check settle it.
+            Err(_) => return Err(fail(e)),
+        },
+        other => other,
     };
     if let Err(e) = written {
         if let Err(h) = decrement_handle(ds, owner.handle, &cidr.to_string(), 1, opts, &mut out).await {
@@ -833,10 +845,19 @@ pub async fn execute_assignment<D: Datastore>(
         undo_affinity(created_affinity).await;
         return Err(if e.is_conflict() || e.is_not_found() || e.kind == super::ErrorKind::AlreadyExists { AssignWriteError::Moved(cidr) } else { fail(e) });
     }
-    if claim {
-        set_affinity_state(ds, &affinity_name, "confirmed", opts, &mut out).await.map_err(fail)?;
+    // The address is taken whatever happens next: a pending affinity is confirmed by the next
+    // claim of this block, and a caller must not assign again.
+    if claim && let Err(e) = set_affinity_state(ds, &affinity_name, "confirmed", opts, &mut out).await {
+        tracing::warn!(affinity = %affinity_name, error = %e, "assignment: the address is taken but its block's affinity is still pending");
     }
     Ok(a.ip)
+}
+
+/// Whether `stored` (a block) has `ip` allocated to `handle`.
+fn holds(stored: &Stored, cidr: &IpNet, ip: std::net::IpAddr, handle: &str) -> bool {
+    let Ok(block) = stored.decode::<IpamBlock>() else { return false };
+    let Some(ord) = crate::model::names::ip_to_ordinal(cidr, ip) else { return false };
+    block.spec.allocations.get(ord as usize).copied().flatten().and_then(|i| block.spec.attributes.get(i as usize)).is_some_and(|a| a.handle_id.as_deref() == Some(handle) && a.released_at.is_none())
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! `/healthz`).
 //! Must not: import tokio or kube (part of the pure core), write anything, or cache objects.
 
+use serde_json::Value;
 use std::future::Future;
 
 use super::watch::WatchStream;
@@ -26,10 +27,12 @@ pub enum ClusterKind {
     /// `apps/v1`: only read, one object at a time (the policy-name migrator's gate on the
     /// `calico-node` rollout); never watched.
     DaemonSet,
+    /// Watched by the LoadBalancer controller, which also writes their `status.loadBalancer`.
+    Service,
 }
 
 impl ClusterKind {
-    pub const ALL: [ClusterKind; 8] = [
+    pub const ALL: [ClusterKind; 9] = [
         ClusterKind::Pod,
         ClusterKind::Node,
         ClusterKind::VirtualMachine,
@@ -38,6 +41,7 @@ impl ClusterKind {
         ClusterKind::ServiceAccount,
         ClusterKind::NetworkPolicy,
         ClusterKind::DaemonSet,
+        ClusterKind::Service,
     ];
 
     /// The resource plural; also a bounded metric label.
@@ -51,6 +55,7 @@ impl ClusterKind {
             ClusterKind::ServiceAccount => "serviceaccounts",
             ClusterKind::NetworkPolicy => "networkpolicies",
             ClusterKind::DaemonSet => "daemonsets",
+            ClusterKind::Service => "services",
         }
     }
 
@@ -65,6 +70,7 @@ impl ClusterKind {
             ClusterKind::ServiceAccount => "ServiceAccount",
             ClusterKind::NetworkPolicy => "NetworkPolicy",
             ClusterKind::DaemonSet => "DaemonSet",
+            ClusterKind::Service => "Service",
         }
     }
 
@@ -96,4 +102,10 @@ pub trait ClusterReader: Send + Sync {
 
     /// The apiserver's `/healthz`: `Ok` when it answers `ok`, else why not.
     fn healthz(&self) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+/// The one write to Kubernetes' own objects besides Events: a merge patch of an object's
+/// `status` subresource, refused (`Conflict`) unless the object is still at `revision`.
+pub trait StatusWriter: Send + Sync {
+    fn patch_status(&self, kind: ClusterKind, namespace: &str, name: &str, revision: &str, status: Value) -> impl Future<Output = DsResult<Stored>> + Send;
 }

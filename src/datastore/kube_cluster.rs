@@ -36,6 +36,7 @@ pub fn cluster_resource(kind: ClusterKind) -> ApiResource {
         ClusterKind::ServiceAccount => ApiResource::erase::<k8s_openapi::api::core::v1::ServiceAccount>(&()),
         ClusterKind::NetworkPolicy => ApiResource::erase::<k8s_openapi::api::networking::v1::NetworkPolicy>(&()),
         ClusterKind::DaemonSet => ApiResource::erase::<k8s_openapi::api::apps::v1::DaemonSet>(&()),
+        ClusterKind::Service => ApiResource::erase::<k8s_openapi::api::core::v1::Service>(&()),
     }
 }
 
@@ -146,5 +147,19 @@ mod tests {
         assert_eq!((stored.value["apiVersion"].as_str(), stored.value["kind"].as_str()), (Some("v1"), Some("Pod")));
         assert_eq!((stored.name.as_str(), stored.revision.as_str()), ("p", "7"));
         assert_eq!(stored.value["metadata"]["namespace"], "ns");
+    }
+}
+
+impl super::cluster::StatusWriter for KubeCluster {
+    async fn patch_status(&self, kind: ClusterKind, namespace: &str, name: &str, revision: &str, status: serde_json::Value) -> DsResult<Stored> {
+        let resource = cluster_resource(kind);
+        let api: Api<DynamicObject> = if kind.namespaced() { Api::namespaced_with(self.client.clone(), namespace, &resource) } else { Api::all_with(self.client.clone(), &resource) };
+        // A resourceVersion in a merge patch is a precondition: 409 if the object moved on.
+        let patch = serde_json::json!({"metadata": {"resourceVersion": revision}, "status": status});
+        self.limiter.wait().await;
+        let result = api.patch_status(name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await;
+        self.counters.observe("patch", kind.plural(), 200, &result);
+        let object = result.map_err(|e| to_error_on(kind.plural(), &format!("{namespace}/{name}"), "patch status", &e))?;
+        Self::to_stored(kind, &resource, object)
     }
 }

@@ -9,7 +9,8 @@
 //! equality, `sequenceNumberForAllocation`, the block's sequence number bumped).
 //! Must not: do I/O or read the clock; take an ordinal that is allocated or cooling down (only
 //! `unallocated` ordinals whose slot is empty are taken); take an address in a block another
-//! owner's affinity holds; take a reserved address; claim past the per-host block limit.
+//! owner's affinity holds; take a reserved address; claim past the per-host block limit for an
+//! automatic assignment; write a block that fails calicoctl's validator.
 //!
 //! The caller writes an [`Assignment`] as the CNI does: the BlockAffinity (pending) before a
 //! claimed block, the handle's count before the block, the block by create (a claim) or by
@@ -250,7 +251,10 @@ pub fn auto_assign(view: &IpamView<'_>, owner: &Owner<'_>, family: Family, reque
     let mut owned = 0u32;
     for (cidr, block) in view.blocks.iter().filter(|(c, b)| in_pools(c) && mine(b)) {
         owned += 1;
-        checked(cidr, block)?;
+        // An invalid block is never written (the GC's scan reports it); the others still serve.
+        if checked(cidr, block).is_err() {
+            continue;
+        }
         if let Some(ord) = view.free_ordinal(block, cidr) {
             return Ok(allocate(block, cidr, ord, owner, false));
         }
@@ -288,7 +292,9 @@ pub fn auto_assign(view: &IpamView<'_>, owner: &Owner<'_>, family: Family, reque
     Err(AssignError::Exhausted(family, pools.iter().map(|p| p.name.clone()).collect()))
 }
 
-/// The address `ip` for `owner`: its block claimed when it has none yet.
+/// The address `ip` for `owner`: its block claimed when it has none yet (as upstream's
+/// `AssignIP`, a claim for a named address is not held to the per-host block limit: the address
+/// can only live in that block).
 pub fn assign_ip(view: &IpamView<'_>, owner: &Owner<'_>, ip: IpAddr, now: Millis) -> Result<Assignment, AssignError> {
     let pool = view.pool_of(&ip).filter(|p| p.usable).ok_or(AssignError::NotInPool(ip))?;
     if view.reserved(&ip) {
@@ -528,7 +534,7 @@ mod tests {
     }
 
     #[test]
-    fn a_wholly_reserved_block_is_never_claimed_and_an_invalid_owned_block_is_an_error() {
+    fn a_wholly_reserved_block_is_never_claimed_and_an_invalid_owned_block_is_skipped() {
         let pools = [pool("lb", "192.0.2.0/29", 30)];
         let blocks = BTreeMap::new();
         let reserved = ["192.0.2.0/30".parse().unwrap()];
@@ -539,7 +545,8 @@ mod tests {
         let mut broken = new_block(&cidr, LB_AFFINITY, NOW);
         broken.spec.allocations.pop();
         let blocks = BTreeMap::from([(cidr, broken)]);
-        assert_eq!(auto_assign(&view(&pools, &blocks, &[]), &owner("lb-a", &a), Family::V4, None, NOW).unwrap_err().category(), "invalid_block");
+        assert_eq!(auto_assign(&view(&pools, &blocks, &[]), &owner("lb-a", &a), Family::V4, None, NOW).unwrap().ip, ip("192.0.2.4"), "the next block is claimed");
+        assert_eq!(assign_ip(&view(&pools, &blocks, &[]), &owner("lb-a", &a), ip("192.0.2.1"), NOW).unwrap_err().category(), "invalid_block");
     }
 
     proptest! {

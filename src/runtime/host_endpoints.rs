@@ -113,6 +113,9 @@ pub struct HostEndpointOptions {
 struct View {
     nodes: Listed<NodeData>,
     heps: Listed<Stored>,
+    /// Nodes this process saw deleted (and not back since): only their unmanaged HostEndpoints
+    /// go with them in KDD, never those of a node that has not joined yet or is misspelt.
+    deleted: BTreeSet<String>,
 }
 
 impl View {
@@ -122,11 +125,15 @@ impl View {
             WatchEvent::Init => self.nodes.begin(),
             WatchEvent::InitApply(o) => {
                 if let Some(n) = source.node_data(&o.value) {
+                    self.deleted.remove(&n.name);
                     self.nodes.listed(n.name.clone(), n);
                 }
             }
             WatchEvent::InitDone => {
+                // A node known before the relist and missing from it was deleted meanwhile.
+                let before: BTreeSet<String> = self.nodes.items().keys().cloned().collect();
                 self.nodes.end();
+                self.deleted.extend(before.into_iter().filter(|n| !self.nodes.contains(n)));
                 return true;
             }
             WatchEvent::Apply(o) => {
@@ -134,10 +141,17 @@ impl View {
                     self.nodes.delivered();
                     return false;
                 };
+                self.deleted.remove(&n.name);
                 let old = self.nodes.upsert(n.name.clone(), n.clone());
                 return old.as_ref() != Some(&n);
             }
-            WatchEvent::Delete(o) => return self.nodes.remove(&o.name).is_some(),
+            WatchEvent::Delete(o) => {
+                let known = self.nodes.remove(&o.name).is_some();
+                if known {
+                    self.deleted.insert(o.name);
+                }
+                return known;
+            }
             WatchEvent::Error(e) => self.nodes.failed(e.message),
             WatchEvent::Resumed => self.nodes.delivered(),
         }
@@ -222,6 +236,7 @@ pub async fn run<D: Datastore, C: ClusterReader>(
     let mut periodic = tokio::time::interval(RESYNC_EVERY);
     periodic.tick().await;
     let mut node_config = shared.config.borrow().run.node.clone();
+    let mut config_listed = shared.config.borrow().listed;
     loop {
         let enabled = node_config.is_some();
         let failing = view.nodes.failing().or(view.heps.failing());
@@ -244,9 +259,13 @@ pub async fn run<D: Datastore, C: ClusterReader>(
                 if changed.is_err() {
                     return;
                 }
-                let now = config.borrow_and_update().run.node.clone();
-                if now != node_config {
+                let (now, now_listed) = {
+                    let c = config.borrow_and_update();
+                    (c.run.node.clone(), c.listed)
+                };
+                if now != node_config || now_listed != config_listed {
                     node_config = now;
+                    config_listed = now_listed;
                     due = super::due_within(due, BATCH);
                 }
             }
@@ -299,6 +318,11 @@ async fn round<D: Datastore, C: ClusterReader>(
     reported: &mut Reported,
     now: Duration,
 ) -> Round {
+    // Before the KubeControllersConfiguration's first list, `node_config` is the start-up
+    // default (auto-create off): acting on it would delete every managed HostEndpoint.
+    if !shared.config.borrow().listed {
+        return Round::Idle;
+    }
     let Some(node_config) = node_config else {
         report_templates(shared, opts, reported, &[]);
         return Round::Idle;
@@ -316,8 +340,10 @@ async fn round<D: Datastore, C: ClusterReader>(
     let mut plan = core::plan(&desired, view.heps.items().values());
     report_blocked(shared, reported, &plan.blocked);
     // KDD: a node's own HostEndpoints go with it, as etcd's cascade takes them.
+    let mut cascaded = 0u64;
     if matches!(opts.source, NodeSource::Kubernetes { .. }) {
-        let cascade = core::of_unknown_nodes(view.heps.items().values(), |n| view.nodes.contains(n));
+        let cascade = core::of_unknown_nodes(view.heps.items().values(), |n| view.nodes.contains(n) || !view.deleted.contains(n));
+        cascaded = cascade.len() as u64;
         plan.writes.extend(cascade.into_iter().map(|s| Write::Delete { current: s.clone() }));
     }
 
@@ -361,7 +387,9 @@ async fn round<D: Datastore, C: ClusterReader>(
         writes.iter().enumerate().filter(|(_, w)| matches!(w, Write::Delete { .. })).map(|(i, w)| (guard::fingerprint(&[w.name().as_bytes()]), i)).collect();
     let members: BTreeSet<u64> = deletes.keys().copied().collect();
     let grace = shared.config.borrow().run.leak_grace();
-    let total = view.heps.len() as u64;
+    // What the deletes are a share of: the managed HostEndpoints and the cascade's candidates
+    // (a user's own many HostEndpoints must not dilute a mass deletion of ours).
+    let total = view.heps.items().values().filter(|h| core::is_managed(&h.value)).count() as u64 + cascaded;
     let decision = guard.review(SCOPE, Proposal { members: &members, total, complete: !cut_short }, &opts.guard, now.as_millis() as i64, grace, &BTreeSet::new());
     let held: u64 = guard.held().iter().filter(|h| h.scope == SCOPE).map(|h| h.waiting).sum();
     shared.metrics(|m| {
@@ -486,7 +514,10 @@ mod tests {
         let shared = Shared::default();
         let api: crate::model::config::KubeControllersConfigurationSpec =
             serde_json::from_value(json!({"controllers": {"node": {"hostEndpoint": host_endpoint}}})).unwrap();
-        shared.config.send_modify(|c| c.run = RunConfig::merge(&EnvConfig::default(), Some(&api)));
+        shared.config.send_modify(|c| {
+            c.run = RunConfig::merge(&EnvConfig::default(), Some(&api));
+            c.listed = true;
+        });
         shared
     }
 
@@ -569,20 +600,23 @@ mod tests {
         ds.create(Kind::HostEndpoint, "gone-auto-hep", managed("gone-auto-hep", "gone")).await.unwrap();
         ds.create(Kind::HostEndpoint, "gone-eth0", json!({"metadata": {"name": "gone-eth0"}, "spec": {"node": "gone", "interfaceName": "eth0"}})).await.unwrap();
         ds.create(Kind::HostEndpoint, "mine", json!({"metadata": {"name": "mine"}, "spec": {"node": "late"}})).await.unwrap();
+        ds.create(Kind::HostEndpoint, "typo", json!({"metadata": {"name": "typo"}, "spec": {"node": "nonode"}})).await.unwrap();
         let cluster = MemoryCluster::new();
         // `late` exists but the watch has not shown it yet.
         cluster.apply(ClusterKind::Node, k8s_node("late", json!({}), "10.0.0.9"));
         let shared = shared_with(json!({"autoCreate": "Enabled"}));
-        let view = view_of(KDD, &[], &ds);
+        // `gone` was listed, then deleted; `nonode` was never seen.
+        let mut view = view_of(KDD, &[k8s_node("gone", json!({}), "10.0.0.8")], &ds);
+        assert!(view.apply_node(KDD, WatchEvent::Delete(stored("gone", k8s_node("gone", json!({}), "10.0.0.8")))));
 
         cluster.inject_get(ClusterKind::Node, ErrorKind::Transient, 5);
         assert_eq!(run_round(&ds, &cluster, &shared, &opts(KDD), &view, true).await, Round::NotNow, "a read failed: tried again soon");
-        assert_eq!(names(&ds), ["gone-auto-hep", "gone-eth0", "late-auto-hep", "mine"], "nothing deleted without proof");
+        assert_eq!(names(&ds), ["gone-auto-hep", "gone-eth0", "late-auto-hep", "mine", "typo"], "nothing deleted without proof");
 
         let cluster = MemoryCluster::new();
         cluster.apply(ClusterKind::Node, k8s_node("late", json!({}), "10.0.0.9"));
         assert_eq!(run_round(&ds, &cluster, &shared, &opts(KDD), &view, true).await, Round::Ran);
-        assert_eq!(names(&ds), ["late-auto-hep", "mine"], "in KDD every host endpoint of a gone node goes, managed or not; a live node's stay");
+        assert_eq!(names(&ds), ["late-auto-hep", "mine", "typo"], "in KDD every host endpoint of a node seen deleted goes, managed or not; a live node's stay, and a user's naming a node never seen");
 
         // etcd: the node deleter's cascade owns a gone node's other host endpoints.
         let ds = MemoryDatastore::new();
@@ -636,8 +670,22 @@ mod tests {
         assert_eq!(run_round(&ds, &cluster, &shared, &dry, &view, false).await, Round::Ran);
         let none = Shared::default();
         let api: crate::model::config::KubeControllersConfigurationSpec = serde_json::from_value(json!({"controllers": {"policy": {}}})).unwrap();
-        none.config.send_modify(|c| c.run = RunConfig::merge(&EnvConfig::default(), Some(&api)));
+        none.config.send_modify(|c| {
+            c.run = RunConfig::merge(&EnvConfig::default(), Some(&api));
+            c.listed = true;
+        });
         assert_eq!(run_round(&ds, &cluster, &none, &opts(KDD), &view, true).await, Round::Idle);
+        // Before the configuration's first list the start-up default (auto-create off) is no
+        // instruction: nothing is deleted.
+        ds.create(Kind::HostEndpoint, "a-auto-hep", managed("a-auto-hep", "a")).await.unwrap();
+        let unlisted = shared_with(json!({"autoCreate": "Enabled"}));
+        unlisted.config.send_modify(|c| {
+            c.run = RunConfig::merge(&EnvConfig::default(), None);
+            c.listed = false;
+        });
+        assert_eq!(run_round(&ds, &cluster, &unlisted, &opts(KDD), &view_of(KDD, &nodes, &ds), true).await, Round::Idle);
+        assert_eq!(names(&ds), ["a-auto-hep"]);
+        ds.delete(Kind::HostEndpoint, "a-auto-hep", &crate::datastore::Precondition::default()).await.unwrap();
         assert!(names(&ds).is_empty());
     }
 

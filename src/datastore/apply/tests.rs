@@ -641,5 +641,17 @@ mod assignment {
         assert!(ds.peek(Kind::BlockAffinity, &affinity_name(LB_HOST, &net("192.0.2.8/30"))).is_none(), "the lost claim's affinity is deleted");
         assert_eq!(handle_count(&ds, "lb-x", "192.0.2.8/30"), None);
         assert_eq!(handle_count(&ds, "lb-x", "192.0.2.0/30"), Some(1));
+        // A refused write (here a transient failure the block shows was not applied) also takes
+        // back what it wrote; the address is not reported as taken.
+        let (d, _) = plan(&ds, &owner, Some("192.0.2.13"));
+        ds.inject(Some(Kind::IpamBlock), None, Op::Create, ErrorKind::Transient, 1);
+        assert!(matches!(block_on(execute_assignment(&ds, &d, &owner, None, NOW, &opts)), Err(AssignWriteError::Failed(..))));
+        assert!(ds.peek(Kind::BlockAffinity, &affinity_name(LB_HOST, &net("192.0.2.12/30"))).is_none());
+        assert_eq!(handle_count(&ds, "lb-x", "192.0.2.12/30"), None);
+        // An update against another block's read is refused before anything is written.
+        let (e, _) = plan(&ds, &owner, None);
+        let wrong = ds.peek(Kind::IpamBlock, &cidr_to_name(&net("192.0.2.8/30"))).unwrap();
+        assert!(matches!(block_on(execute_assignment(&ds, &e, &owner, Some(&wrong), NOW, &opts)), Err(AssignWriteError::Failed(..))));
+        assert_eq!(handle_count(&ds, "lb-x", "192.0.2.0/30"), Some(1));
     }
 }
