@@ -120,6 +120,20 @@ impl ClusterReader for KubeCluster {
     }
 }
 
+impl super::cluster::StatusWriter for KubeCluster {
+    async fn patch_status(&self, kind: ClusterKind, namespace: &str, name: &str, revision: &str, status: serde_json::Value) -> DsResult<Stored> {
+        let resource = cluster_resource(kind);
+        let api: Api<DynamicObject> = if kind.namespaced() { Api::namespaced_with(self.client.clone(), namespace, &resource) } else { Api::all_with(self.client.clone(), &resource) };
+        // A resourceVersion in a merge patch is a precondition: 409 if the object moved on.
+        let patch = serde_json::json!({"metadata": {"resourceVersion": revision}, "status": status});
+        self.limiter.wait().await;
+        let result = api.patch_status(name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await;
+        self.counters.observe("patch", kind.plural(), 200, &result);
+        let object = result.map_err(|e| to_error_on(kind.plural(), &format!("{namespace}/{name}"), "patch status", &e))?;
+        Self::to_stored(kind, &resource, object)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,19 +161,5 @@ mod tests {
         assert_eq!((stored.value["apiVersion"].as_str(), stored.value["kind"].as_str()), (Some("v1"), Some("Pod")));
         assert_eq!((stored.name.as_str(), stored.revision.as_str()), ("p", "7"));
         assert_eq!(stored.value["metadata"]["namespace"], "ns");
-    }
-}
-
-impl super::cluster::StatusWriter for KubeCluster {
-    async fn patch_status(&self, kind: ClusterKind, namespace: &str, name: &str, revision: &str, status: serde_json::Value) -> DsResult<Stored> {
-        let resource = cluster_resource(kind);
-        let api: Api<DynamicObject> = if kind.namespaced() { Api::namespaced_with(self.client.clone(), namespace, &resource) } else { Api::all_with(self.client.clone(), &resource) };
-        // A resourceVersion in a merge patch is a precondition: 409 if the object moved on.
-        let patch = serde_json::json!({"metadata": {"resourceVersion": revision}, "status": status});
-        self.limiter.wait().await;
-        let result = api.patch_status(name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await;
-        self.counters.observe("patch", kind.plural(), 200, &result);
-        let object = result.map_err(|e| to_error_on(kind.plural(), &format!("{namespace}/{name}"), "patch status", &e))?;
-        Self::to_stored(kind, &resource, object)
     }
 }

@@ -274,6 +274,47 @@ impl ClusterReader for MemoryCluster {
     }
 }
 
+impl super::cluster::StatusWriter for MemoryCluster {
+    fn patch_status(&self, kind: ClusterKind, namespace: &str, name: &str, revision: &str, status: Value) -> impl Future<Output = DsResult<Stored>> + Send {
+        let result = (|| {
+            let mut inner = self.lock();
+            let key = Inner::key(kind, namespace, name);
+            let current = inner.revision + 1;
+            let entry = inner.objects.get_mut(&key).ok_or_else(|| DatastoreError::not_found(format!("{} {namespace}/{name} not found", kind.plural())))?;
+            if entry.revision.to_string() != revision {
+                return Err(DatastoreError::conflict(format!("{} {namespace}/{name} is at {}, not {revision}", kind.plural(), entry.revision)));
+            }
+            merge(&mut entry.value["status"], status);
+            entry.revision = current;
+            let stored = stamp(&key, entry);
+            inner.revision = current;
+            inner.watches.tell(kind, || WatchEvent::Apply(stored.clone()));
+            Ok(stored)
+        })();
+        std::future::ready(result)
+    }
+}
+
+/// JSON merge patch (RFC 7386): objects merge, `null` deletes, anything else replaces.
+fn merge(target: &mut Value, patch: Value) {
+    match patch {
+        Value::Object(fields) => {
+            if !target.is_object() {
+                *target = Value::Object(Map::new());
+            }
+            let t = target.as_object_mut().expect("made an object above");
+            for (k, v) in fields {
+                if v.is_null() {
+                    t.remove(&k);
+                } else {
+                    merge(t.entry(k).or_insert(Value::Null), v);
+                }
+            }
+        }
+        other => *target = other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,46 +389,5 @@ mod tests {
         assert!(matches!(events.as_slice(), [WatchEvent::Apply(a), WatchEvent::Delete(d)] if a.name == "n2" && d.name == "n1"), "{events:?}");
         c.set_healthz(Err("Error reaching apiserver: down".into()));
         assert_eq!(block_on(c.healthz()), Err("Error reaching apiserver: down".to_string()));
-    }
-}
-
-impl super::cluster::StatusWriter for MemoryCluster {
-    fn patch_status(&self, kind: ClusterKind, namespace: &str, name: &str, revision: &str, status: Value) -> impl Future<Output = DsResult<Stored>> + Send {
-        let result = (|| {
-            let mut inner = self.lock();
-            let key = Inner::key(kind, namespace, name);
-            let current = inner.revision + 1;
-            let entry = inner.objects.get_mut(&key).ok_or_else(|| DatastoreError::not_found(format!("{} {namespace}/{name} not found", kind.plural())))?;
-            if entry.revision.to_string() != revision {
-                return Err(DatastoreError::conflict(format!("{} {namespace}/{name} is at {}, not {revision}", kind.plural(), entry.revision)));
-            }
-            merge(&mut entry.value["status"], status);
-            entry.revision = current;
-            let stored = stamp(&key, entry);
-            inner.revision = current;
-            inner.watches.tell(kind, || WatchEvent::Apply(stored.clone()));
-            Ok(stored)
-        })();
-        std::future::ready(result)
-    }
-}
-
-/// JSON merge patch (RFC 7386): objects merge, `null` deletes, anything else replaces.
-fn merge(target: &mut Value, patch: Value) {
-    match patch {
-        Value::Object(fields) => {
-            if !target.is_object() {
-                *target = Value::Object(Map::new());
-            }
-            let t = target.as_object_mut().expect("made an object above");
-            for (k, v) in fields {
-                if v.is_null() {
-                    t.remove(&k);
-                } else {
-                    merge(t.entry(k).or_insert(Value::Null), v);
-                }
-            }
-        }
-        other => *target = other,
     }
 }
