@@ -764,7 +764,7 @@ async fn increment_handle<D: Datastore>(ds: &D, handle_id: &str, cidr: &str, opt
 /// (pending), then the handle's count, then the block (created for a claim, else a
 /// compare-and-swap update of `read`, the stored block the plan was made from), then the claim's
 /// affinity confirmed. A block that moved meanwhile gives [`AssignWriteError::Moved`] and takes
-/// back what this attempt wrote.
+/// back what this attempt wrote. Returns the address and the block as written.
 pub async fn execute_assignment<D: Datastore>(
     ds: &D,
     a: &crate::ipam::assign::Assignment,
@@ -772,7 +772,7 @@ pub async fn execute_assignment<D: Datastore>(
     read: Option<&Stored>,
     now: Millis,
     opts: &ExecuteOptions,
-) -> Result<std::net::IpAddr, AssignWriteError> {
+) -> Result<(std::net::IpAddr, Stored), AssignWriteError> {
     use crate::ipam::assign::BlockWrite;
     let cidr = a.block_cidr;
     let fail = |e: DatastoreError| AssignWriteError::Failed(cidr, e);
@@ -815,12 +815,12 @@ pub async fn execute_assignment<D: Datastore>(
     let value = |b: &IpamBlock| serde_json::to_value(b).map_err(|e| DatastoreError::invalid(e.to_string()));
     let written = match &a.write {
         BlockWrite::Create(b) => match value(b) {
-            Ok(v) => ds.create(Kind::IpamBlock, b.name(), v).await.map(|_| ()),
+            Ok(v) => ds.create(Kind::IpamBlock, b.name(), v).await,
             Err(e) => Err(e),
         },
         BlockWrite::Update(b) => match read.filter(|r| r.name == b.name()) {
             Some(stored) => match stored.with_value(b) {
-                Ok(s) => ds.update(Kind::IpamBlock, &s).await.map(|_| ()),
+                Ok(s) => ds.update(Kind::IpamBlock, &s).await,
                 Err(e) => Err(e),
             },
             None => Err(DatastoreError::invalid("an update needs the block as read")),
@@ -830,7 +830,7 @@ pub async fn execute_assignment<D: Datastore>(
     // definite refusal takes back the handle's count and the pending affinity.
     let written = match written {
         Err(e) if e.kind == super::ErrorKind::Transient => match ds.get(Kind::IpamBlock, block.name()).await {
-            Ok(now) if holds(&now, &cidr, a.ip, owner.handle) => Ok(()),
+            Ok(now) if holds(&now, &cidr, a.ip, owner.handle) => Ok(now),
             Ok(_) => Err(e),
             Err(g) if g.is_not_found() => Err(e),
             // Unknown: take nothing back; the next round's view and the GC's handle check settle it.
@@ -838,19 +838,22 @@ pub async fn execute_assignment<D: Datastore>(
         },
         other => other,
     };
-    if let Err(e) = written {
+    let written = match written {
+        Ok(stored) => stored,
+        Err(e) => {
         if let Err(h) = decrement_handle(ds, owner.handle, &cidr.to_string(), 1, opts, &mut out).await {
             tracing::warn!(handle = owner.handle, error = %h, "assignment: giving back the handle's count failed; the GC's handle check reports it");
         }
         undo_affinity(created_affinity).await;
         return Err(if e.is_conflict() || e.is_not_found() || e.kind == super::ErrorKind::AlreadyExists { AssignWriteError::Moved(cidr) } else { fail(e) });
-    }
+        }
+    };
     // The address is taken whatever happens next: a pending affinity is confirmed by the next
     // claim of this block, and a caller must not assign again.
     if claim && let Err(e) = set_affinity_state(ds, &affinity_name, "confirmed", opts, &mut out).await {
         tracing::warn!(affinity = %affinity_name, error = %e, "assignment: the address is taken but its block's affinity is still pending");
     }
-    Ok(a.ip)
+    Ok((a.ip, written))
 }
 
 /// Whether `stored` (a block) has `ip` allocated to `handle`.

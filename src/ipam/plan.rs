@@ -24,6 +24,9 @@ pub enum LeakReason {
     NodeDeleted,
     TunnelNodeDeleted,
     VmDeleted,
+    /// A LoadBalancer address its Service no longer wants (gone, no longer managed, asking for
+    /// another address or pool): released by the LoadBalancer controller, never by the GC.
+    LoadBalancerUnwanted,
 }
 
 impl LeakReason {
@@ -37,8 +40,10 @@ impl LeakReason {
             LeakReason::NodeDeleted => "node-deleted",
             LeakReason::TunnelNodeDeleted => "tunnel-node-deleted",
             LeakReason::VmDeleted => "vm-deleted",
+            LeakReason::LoadBalancerUnwanted => "lb-unwanted",
         }
     }
+    /// The GC's reasons (the LoadBalancer controller's own is not among them).
     pub const ALL: [LeakReason; 8] = [
         LeakReason::PodNotFound,
         LeakReason::PodRescheduled,

@@ -83,6 +83,11 @@ pub struct Metrics {
     /// Automatic host endpoints: templates left out as unusable, and wanted names held by a
     /// HostEndpoint this controller did not create.
     pub host_endpoint_templates_invalid: u64,
+    /// LoadBalancer addresses allocated, by pool name, as the LoadBalancer controller's last
+    /// round saw them; its assignment failures and releases by reason.
+    pub lb_addresses: BTreeMap<String, u64>,
+    pub lb_failures: BTreeMap<&'static str, u64>,
+    pub lb_writes: BTreeMap<(&'static str, &'static str), u64>,
     pub host_endpoints_blocked: u64,
     /// Events written by the recorder task (and dropped by a full queue); shared with it.
     pub events: std::sync::Arc<crate::runtime::events::EventCounters>,
@@ -181,6 +186,19 @@ impl Metrics {
         let _ = writeln!(out, "kube_controllers_host_endpoint_templates_invalid {}", self.host_endpoint_templates_invalid);
         header(&mut out, "kube_controllers_host_endpoints_blocked", "gauge", "Automatic host endpoint names held by a HostEndpoint this controller did not create (left alone, not made).");
         let _ = writeln!(out, "kube_controllers_host_endpoints_blocked {}", self.host_endpoints_blocked);
+
+        header(&mut out, "kube_controllers_loadbalancer_addresses", "gauge", "LoadBalancer addresses allocated, by IP pool, as the LoadBalancer controller's latest round saw them.");
+        for (pool, n) in &self.lb_addresses {
+            let _ = writeln!(out, "kube_controllers_loadbalancer_addresses{{pool=\"{}\"}} {n}", escape(pool));
+        }
+        header(&mut out, "kube_controllers_loadbalancer_assignment_failures_total", "counter", "LoadBalancer addresses not assigned, by reason (exhausted, in_use, not_in_pool, reserved, block_limit, a request that cannot be read, ...).");
+        for (reason, n) in &self.lb_failures {
+            let _ = writeln!(out, "kube_controllers_loadbalancer_assignment_failures_total{{reason=\"{reason}\"}} {n}");
+        }
+        header(&mut out, "kube_controllers_loadbalancer_writes_total", "counter", "Writes of the LoadBalancer controller, by op (assign, release, status) and outcome (ok, conflict, failed).");
+        for ((op, outcome), n) in &self.lb_writes {
+            let _ = writeln!(out, "kube_controllers_loadbalancer_writes_total{{op=\"{op}\",outcome=\"{outcome}\"}} {n}");
+        }
 
         header(&mut out, "kube_controllers_node_deletions_total", "counter", "Deletes of the etcd-mode node deleter (a gone Kubernetes node's Calico Node and its objects), by kind and outcome (deleted, absent, failed).");
         for ((kind, outcome), n) in &self.node_deletions {

@@ -41,6 +41,7 @@ pub mod ipam_gc;
 pub mod leader;
 pub mod listed;
 pub mod light;
+pub mod loadbalancer;
 pub mod compactor;
 pub mod live;
 pub mod metrics;
@@ -394,6 +395,11 @@ async fn run_on<D: Datastore + Clone + 'static>(client: kube::Client, backend: B
     } else {
         Vec::new()
     };
+    // Kubernetes datastore: LoadBalancer addresses (SPEC §6.6; on etcd not yet, said in the status).
+    let loadbalancer_task = (!ds.keeps_calico_nodes()).then(|| {
+        let o = loadbalancer::LbOptions { dry_run: opts.controller.dry_run, events: events.clone(), execute: crate::datastore::apply::ExecuteOptions::default() };
+        tokio::spawn(loadbalancer::run(ds.clone(), cluster.clone(), shared.clone(), may_write.clone(), o, stop_rx.clone()))
+    });
     // Both datastores: the node controller's automatic host endpoints (SPEC §1.6).
     let host_endpoints_task = {
         let source = if ds.keeps_calico_nodes() { host_endpoints::NodeSource::Calico } else { host_endpoints::NodeSource::Kubernetes { use_pod_cidr: opts.controller.env.use_pod_cidr } };
@@ -435,7 +441,7 @@ async fn run_on<D: Datastore + Clone + 'static>(client: kube::Client, backend: B
     for w in watchers {
         w.abort();
     }
-    for task in [Some(live_task), Some(health_task), writer_task, compactor_task, node_deleter_task, endpoints_task, Some(host_endpoints_task), Some(migrator_task)].into_iter().flatten().chain(light_tasks) {
+    for task in [Some(live_task), Some(health_task), writer_task, compactor_task, node_deleter_task, endpoints_task, Some(host_endpoints_task), loadbalancer_task, Some(migrator_task)].into_iter().flatten().chain(light_tasks) {
         task.abort();
     }
     for s in servers {

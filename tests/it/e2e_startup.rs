@@ -55,7 +55,7 @@ async fn start_up_initializes_the_datastore_reports_status_and_applies_config_li
     let guard = start_controller_env(
         &cluster,
         &["component", "kube-controllers", "--health-port", &hp, "--status-file", &sf],
-        &[("ENABLED_CONTROLLERS", "node,loadbalancer"), ("DATASTORE_TYPE", "kubernetes")],
+        &[("ENABLED_CONTROLLERS", "node,loadbalancer,namespace"), ("DATASTORE_TYPE", "kubernetes")],
         "startup",
     );
 
@@ -87,12 +87,13 @@ async fn start_up_initializes_the_datastore_reports_status_and_applies_config_li
         assert_eq!((tier.data["spec"]["order"].as_f64(), tier.data["spec"]["defaultAction"].as_str()), (Some(order), Some(action)), "{name}");
     }
     let status = &kcc.data["status"];
-    assert_eq!(status["environmentVars"], json!({"DATASTORE_TYPE": "kubernetes", "ENABLED_CONTROLLERS": "node,loadbalancer"}), "{status}");
+    assert_eq!(status["environmentVars"], json!({"DATASTORE_TYPE": "kubernetes", "ENABLED_CONTROLLERS": "node,loadbalancer,namespace"}), "{status}");
     assert_eq!(status["runningConfig"]["controllers"]["node"]["leakGracePeriod"], "15m0s", "{status}");
     assert_eq!(status["runningConfig"]["controllers"]["loadBalancer"], json!({"assignIPs": "AllServices"}), "{status}");
     assert_eq!(status["runningConfig"]["controllers"]["policy"], Value::Null, "not in ENABLED_CONTROLLERS: {status}");
 
-    // Ready, in the file and over HTTP, although loadbalancer is not implemented.
+    // Ready, in the file and over HTTP, although the namespace controller does not run on
+    // Kubernetes (upstream derives profiles there).
     let (code, out) = wait_for("check-status -r to pass", &guard, || async {
         let r = check_status(&status_file);
         (r.0 == 0).then_some(r)
@@ -104,7 +105,7 @@ async fn start_up_initializes_the_datastore_reports_status_and_applies_config_li
         assert_eq!(file["Readiness"][key]["Ready"], true, "{key}: {file}");
     }
     let note = file["Readiness"]["Controllers"]["Reason"].as_str().unwrap_or_default().to_string();
-    assert!(note.contains("not implemented in this version") && note.contains("loadbalancer") && !note.contains("node"), "{file}");
+    assert!(note.contains("not implemented in this version") && note.contains("namespace") && !note.contains("loadbalancer") && !note.contains("node,"), "{file}");
     assert!(guard.log_text().contains("not implemented in this version"), "logged once at start");
     assert_eq!(http_get(health_port, "/readiness").await.map(|r| r.0), Some(200));
     assert_eq!(http_get(health_port, "/liveness").await.map(|r| r.0), Some(200));

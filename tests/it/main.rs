@@ -17,6 +17,7 @@ mod e2e_host_endpoints;
 mod e2e_ha;
 mod e2e_kubevirt;
 mod e2e_leak_scan_live;
+mod e2e_loadbalancer;
 mod e2e_leak_scan_release;
 mod e2e_metrics;
 mod e2e_nodes;

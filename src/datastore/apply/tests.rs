@@ -604,14 +604,16 @@ mod assignment {
         let opts = ExecuteOptions::default();
         let (a, read) = plan(&ds, &owner, None);
         assert!(matches!(a.write, BlockWrite::Create(_)) && read.is_none());
-        assert_eq!(block_on(execute_assignment(&ds, &a, &owner, None, NOW, &opts)), Ok("192.0.2.0".parse().unwrap()));
+        assert_eq!(block_on(execute_assignment(&ds, &a, &owner, None, NOW, &opts)).unwrap().0, "192.0.2.0".parse::<std::net::IpAddr>().unwrap());
         let aff: BlockAffinity = ds.peek(Kind::BlockAffinity, &affinity_name(LB_HOST, &net("192.0.2.0/30"))).expect("the virtual affinity").decode().unwrap();
         assert_eq!((aff.spec.state.as_str(), aff.spec.node.as_str(), aff.spec.affinity_type.as_str()), ("confirmed", LB_HOST, "virtual"));
         assert_eq!(handle_count(&ds, "lb-Abc", "192.0.2.0/30"), Some(1), "the handle keeps its ID's case; its object name is lowercased");
         // The next address goes into the same block by compare-and-swap.
         let (b, read) = plan(&ds, &owner, None);
         assert!(matches!(b.write, BlockWrite::Update(_)));
-        assert_eq!(block_on(execute_assignment(&ds, &b, &owner, read.as_ref(), NOW, &opts)), Ok("192.0.2.1".parse().unwrap()));
+        let (ip, written) = block_on(execute_assignment(&ds, &b, &owner, read.as_ref(), NOW, &opts)).unwrap();
+        assert_eq!(ip, "192.0.2.1".parse::<std::net::IpAddr>().unwrap());
+        assert_eq!(Some(written), ds.peek(Kind::IpamBlock, "192-0-2-0-30"), "the block as written");
         assert_eq!(handle_count(&ds, "lb-Abc", "192.0.2.0/30"), Some(2));
         let (_, block) = &blocks(&ds)[&net("192.0.2.0/30")];
         assert!(crate::model::block::validate_block(block, NOW).is_empty());
@@ -631,13 +633,13 @@ mod assignment {
         let (stored, mut block) = blocks(&ds).remove(&net("192.0.2.0/30")).unwrap();
         block.spec.sequence_number += 1;
         block_on(ds.update(Kind::IpamBlock, &stored.with_value(&block).unwrap())).unwrap();
-        assert_eq!(block_on(execute_assignment(&ds, &b, &owner, read.as_ref(), NOW, &opts)), Err(AssignWriteError::Moved(net("192.0.2.0/30"))));
+        assert_eq!(block_on(execute_assignment(&ds, &b, &owner, read.as_ref(), NOW, &opts)).unwrap_err(), AssignWriteError::Moved(net("192.0.2.0/30")));
         assert_eq!(handle_count(&ds, "lb-x", "192.0.2.0/30"), Some(1));
         // A claim whose block someone else created meanwhile: no pending affinity, no handle count left.
         let (c, _) = plan(&ds, &owner, Some("192.0.2.9"));
         assert!(matches!(c.write, BlockWrite::Create(_)));
         block_on(ds.create(Kind::IpamBlock, &cidr_to_name(&net("192.0.2.8/30")), block_value("192.0.2.8/30", Some("host:n1"), &[]))).unwrap();
-        assert_eq!(block_on(execute_assignment(&ds, &c, &owner, None, NOW, &opts)), Err(AssignWriteError::Moved(net("192.0.2.8/30"))));
+        assert_eq!(block_on(execute_assignment(&ds, &c, &owner, None, NOW, &opts)).unwrap_err(), AssignWriteError::Moved(net("192.0.2.8/30")));
         assert!(ds.peek(Kind::BlockAffinity, &affinity_name(LB_HOST, &net("192.0.2.8/30"))).is_none(), "the lost claim's affinity is deleted");
         assert_eq!(handle_count(&ds, "lb-x", "192.0.2.8/30"), None);
         assert_eq!(handle_count(&ds, "lb-x", "192.0.2.0/30"), Some(1));

@@ -40,6 +40,10 @@ pub const ACTION_MASS_CHANGE_HELD: &str = "HoldChanges";
 pub const REASON_POLICY_RULES_DROPPED: &str = "PolicyRulesDropped";
 /// Host endpoint templates of the KubeControllersConfiguration that cannot be used (bad selector,
 /// CIDR or pattern): skipped, so their HostEndpoints are not made (or go as stale).
+/// A LoadBalancer Service could not be given an address (pools exhausted, the requested address
+/// taken or outside every pool, a request that cannot be read).
+pub const REASON_LOAD_BALANCER_IP_FAILED: &str = "LoadBalancerIPAssignmentFailed";
+pub const ACTION_LOAD_BALANCER_IP_FAILED: &str = "AssignLoadBalancerIP";
 pub const REASON_INVALID_HOST_ENDPOINT_TEMPLATE: &str = "InvalidHostEndpointTemplate";
 pub const ACTION_INVALID_HOST_ENDPOINT_TEMPLATE: &str = "ReadHostEndpointTemplates";
 pub const ACTION_POLICY_RULES_DROPPED: &str = "ConvertPolicy";
@@ -84,6 +88,11 @@ impl Regarding {
             namespace: Some(namespace.into()),
             uid: uid.map(str::to_string),
         }
+    }
+
+    /// A Kubernetes Service.
+    pub fn service(namespace: &str, name: &str, uid: Option<&str>) -> Self {
+        Regarding { api_version: "v1".into(), kind: "Service".into(), name: name.into(), namespace: Some(namespace.into()), uid: uid.map(str::to_string) }
     }
 
     /// A Kubernetes Node, with its uid when the caller knows it (`kubectl describe node` finds
@@ -163,6 +172,11 @@ impl EventRequest {
             dropped.join("; ")
         );
         EventRequest::new(policy.clone(), EventType::Warning, REASON_POLICY_RULES_DROPPED, ACTION_POLICY_RULES_DROPPED, note)
+    }
+
+    /// The Service `service` got no (or not every) address: `why` says what failed.
+    pub fn load_balancer_ip_failed(service: &Regarding, why: &str) -> Self {
+        EventRequest::new(service.clone(), EventType::Warning, REASON_LOAD_BALANCER_IP_FAILED, ACTION_LOAD_BALANCER_IP_FAILED, format!("no LoadBalancer address assigned: {why}"))
     }
 
     /// The KubeControllersConfiguration `kcc` has host endpoint templates that cannot be used;

@@ -1,0 +1,447 @@
+//! The LoadBalancer IP controller (SPEC §6.6), Kubernetes datastore: the shell around
+//! [`crate::loadbalancer`] (what each Service wants) and [`crate::ipam::assign`] (where an
+//! address comes from), writing through [`crate::datastore::apply`].
+//!
+//! Owns: its watches (Services, kept slim; the IPAM blocks that are not a host's, as stored; IP
+//! pools; reservations; the IPAM configuration), when a round runs (a change, batched over 1 s;
+//! every [`RESYNC_EVERY`]; soon again after a round that wrote), the addresses each Service's
+//! handle holds (read off the blocks, so a restart finds every assignment and never gives a
+//! Service a second one: projectcalico/calico#12503), the release, status and assignment writes,
+//! the Events on a Service that gets no address, and its metrics.
+//! Must not: decide or write on a view that is not whole (every watch listed and healthy, the
+//! KubeControllersConfiguration listed) or while this replica does not lead (a dry run logs what
+//! it would do); write a block a host owns; release an address another Service holds.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use ipnet::IpNet;
+use serde_json::{Map, Value, json};
+use tokio::sync::watch;
+
+use super::Shared;
+use super::events::{EventRecorder, EventRequest, Regarding};
+use super::listed::Listed;
+use crate::datastore::apply::{self, ExecuteOptions};
+use crate::datastore::cluster::{ClusterKind, ClusterReader, StatusWriter};
+use crate::datastore::watch::WatchEvent;
+use crate::datastore::{Datastore, Kind, Stored};
+use crate::ipam::assign::{self, IpamView, Owner, PoolInfo};
+use crate::ipam::plan::{BlockRelease, LeakReason, Plan, ReleaseItem};
+use crate::loadbalancer::{self as lb, AssignMode, Decision, Family, LB_AFFINITY, LbPool, ServiceKey};
+use crate::model::IpamBlock;
+use crate::model::block::{Affinity, BlockView};
+use crate::model::names::ordinal_to_ip;
+use crate::model::time::Millis;
+
+pub const NAME: &str = "loadbalancer";
+pub const RESYNC_EVERY: Duration = Duration::from_secs(300);
+const BATCH: Duration = Duration::from_secs(1);
+const RETRY: Duration = Duration::from_secs(5);
+/// Readiness key (always ready) whose reason says why the controller does nothing.
+pub const CONFIG_KEY: &str = "LoadBalancerConfig";
+
+#[derive(Debug, Clone)]
+pub struct LbOptions {
+    pub dry_run: bool,
+    pub events: EventRecorder,
+    pub execute: ExecuteOptions,
+}
+
+/// What the watches show.
+#[derive(Debug, Default)]
+struct View {
+    /// `<namespace>/<name>` -> the Service's few fields the decision reads.
+    services: Listed<Value>,
+    /// Blocks without a host's affinity (LoadBalancer blocks, unowned ones), by object name.
+    blocks: Listed<Stored>,
+    pools: Listed<Value>,
+    reservations: Listed<Vec<IpNet>>,
+    config: Listed<Value>,
+}
+
+/// The fields of a Service the decision and the status write need; the rest (ports, selector,
+/// managed fields) is never kept.
+fn slim_service(o: &Stored) -> Value {
+    let v = &o.value;
+    let meta = &v["metadata"];
+    let annotations: Map<String, Value> = meta["annotations"].as_object().map(|a| a.iter().filter(|(k, _)| k.starts_with("projectcalico.org/")).map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default();
+    let spec = &v["spec"];
+    json!({
+        "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"], "resourceVersion": o.revision, "annotations": annotations},
+        "spec": {"type": spec["type"], "loadBalancerClass": spec["loadBalancerClass"], "loadBalancerIP": spec["loadBalancerIP"], "ipFamilies": spec["ipFamilies"], "ipFamilyPolicy": spec["ipFamilyPolicy"]},
+        "status": {"loadBalancer": v["status"]["loadBalancer"]},
+    })
+}
+
+fn service_key(v: &Value) -> String {
+    format!("{}/{}", v["metadata"]["namespace"].as_str().unwrap_or_default(), v["metadata"]["name"].as_str().unwrap_or_default())
+}
+
+/// Applies one event to `listed`, keeping `keep(o)` under `key(o)` (`None`: not kept). True when
+/// a round should look.
+fn apply_event<V: PartialEq + Clone>(listed: &mut Listed<V>, event: WatchEvent, key: impl Fn(&Stored) -> String, keep: impl Fn(&Stored) -> Option<V>) -> bool {
+    match event {
+        WatchEvent::Init => listed.begin(),
+        WatchEvent::InitApply(o) => {
+            if let Some(v) = keep(&o) {
+                listed.listed(key(&o), v);
+            }
+        }
+        WatchEvent::InitDone => {
+            listed.end();
+            return true;
+        }
+        WatchEvent::Apply(o) => {
+            let k = key(&o);
+            return match keep(&o) {
+                Some(v) => listed.upsert(k, v.clone()).is_none_or(|old| old != v),
+                None => listed.remove(&k).is_some(),
+            };
+        }
+        WatchEvent::Delete(o) => return listed.remove(&key(&o)).is_some(),
+        WatchEvent::Error(e) => listed.failed(e.message),
+        WatchEvent::Resumed => listed.delivered(),
+    }
+    false
+}
+
+fn not_a_hosts_block(o: &Stored) -> Option<Stored> {
+    let affinity = Affinity::parse(o.value["spec"]["affinity"].as_str());
+    (!matches!(affinity, Affinity::Host(_))).then(|| o.clone())
+}
+
+fn reserved_cidrs(o: &Stored) -> Option<Vec<IpNet>> {
+    let cidrs = o.value["spec"]["reservedCIDRs"].as_array()?;
+    Some(cidrs.iter().filter_map(Value::as_str).filter_map(|c| c.parse::<IpNet>().ok().or_else(|| c.parse::<IpAddr>().ok().map(IpNet::from))).collect())
+}
+
+impl View {
+    fn whole(&self) -> bool {
+        self.services.whole() && self.blocks.whole() && self.pools.whole() && self.reservations.whole() && self.config.whole()
+    }
+
+    fn failing(&self) -> Option<&str> {
+        self.services.failing().or(self.blocks.failing()).or(self.pools.failing()).or(self.reservations.failing()).or(self.config.failing())
+    }
+
+    fn synced(&self) -> bool {
+        self.services.synced() && self.blocks.synced() && self.pools.synced() && self.reservations.synced() && self.config.synced()
+    }
+}
+
+/// An IP pool as the planner reads it: usable for LoadBalancer addresses when enabled, not being
+/// deleted and allowed for that use.
+fn pool_info(pool: &Value) -> Option<PoolInfo> {
+    let spec = &pool["spec"];
+    let cidr = spec["cidr"].as_str()?.parse::<IpNet>().ok()?.trunc();
+    let default_block = if cidr.addr().is_ipv4() { 26 } else { 122 };
+    let lb_use = spec["allowedUses"].as_array().is_some_and(|u| u.iter().any(|u| u.as_str() == Some(lb::LB_USE)));
+    Some(PoolInfo {
+        name: pool["metadata"]["name"].as_str().unwrap_or_default().to_string(),
+        cidr,
+        block_prefix: spec["blockSize"].as_u64().map_or(default_block, |b| b as u8),
+        usable: lb_use && !spec["disabled"].as_bool().unwrap_or(false) && pool["metadata"]["deletionTimestamp"].is_null(),
+        automatic: spec["assignmentMode"].as_str() != Some("Manual"),
+    })
+}
+
+/// One allocated LoadBalancer address as the blocks show it.
+#[derive(Debug, Clone)]
+struct Held {
+    ip: IpAddr,
+    block: String,
+    cidr: IpNet,
+    ordinal: u32,
+    sequence: u64,
+}
+
+/// Whether a round ran, or when to look again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Round {
+    Ran,
+    /// It wrote: look again soon (the status of what it assigned, the next step of a Service).
+    Again,
+    Idle,
+    NotNow,
+}
+
+pub async fn run<D: Datastore, C: ClusterReader + StatusWriter>(
+    ds: Arc<D>,
+    cluster: Arc<C>,
+    shared: Arc<Shared>,
+    mut may_write: watch::Receiver<bool>,
+    opts: LbOptions,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut services = cluster.watch(ClusterKind::Service);
+    let mut blocks = ds.watch(Kind::IpamBlock);
+    let mut pools = ds.watch(Kind::IpPool);
+    let mut reservations = ds.watch(Kind::IpReservation);
+    let mut configs = ds.watch(Kind::IpamConfig);
+    let mut config = shared.config.subscribe();
+    let mut view = View::default();
+    let mut due: Option<tokio::time::Instant> = None;
+    let mut periodic = tokio::time::interval(RESYNC_EVERY);
+    periodic.tick().await;
+    let name = |o: &Stored| o.name.clone();
+    loop {
+        let enabled = shared.config.borrow().run.load_balancer.is_some();
+        shared.status.controller_view(NAME, "Services, IPAM blocks, IP pools, reservations and the IPAM configuration", enabled, view.synced(), view.failing());
+        let wait = super::sleep_until_due(due);
+        let changed = tokio::select! {
+            e = services.next() => { let Some(e) = e else { return }; apply_event(&mut view.services, e, |o| service_key(&o.value), |o| Some(slim_service(o))) }
+            e = blocks.next() => { let Some(e) = e else { return }; apply_event(&mut view.blocks, e, name, not_a_hosts_block) }
+            e = pools.next() => { let Some(e) = e else { return }; apply_event(&mut view.pools, e, name, |o| Some(o.value.clone())) }
+            e = reservations.next() => { let Some(e) = e else { return }; apply_event(&mut view.reservations, e, name, reserved_cidrs) }
+            e = configs.next() => { let Some(e) = e else { return }; apply_event(&mut view.config, e, name, |o| Some(o.value["spec"].clone())) }
+            c = config.changed() => { if c.is_err() { return } config.borrow_and_update(); true }
+            c = may_write.changed() => { if c.is_err() { return } *may_write.borrow_and_update() }
+            _ = periodic.tick() => true,
+            _ = stop.changed() => { if *stop.borrow() { return } false }
+            _ = wait => {
+                let outcome = round(&*ds, &*cluster, &shared, &may_write, &opts, &view).await;
+                due = match outcome {
+                    Round::Ran | Round::Idle => None,
+                    Round::Again => Some(tokio::time::Instant::now() + BATCH),
+                    Round::NotNow => Some(tokio::time::Instant::now() + RETRY),
+                };
+                false
+            }
+        };
+        if changed {
+            due = super::due_within(due, BATCH);
+        }
+    }
+}
+
+fn wall_now() -> Millis {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as Millis)
+}
+
+/// One round over every Service that is managed or holds addresses.
+async fn round<D: Datastore, C: ClusterReader + StatusWriter>(ds: &D, cluster: &C, shared: &Shared, may_write: &watch::Receiver<bool>, opts: &LbOptions, view: &View) -> Round {
+    let (listed, mode) = {
+        let c = shared.config.borrow();
+        (c.listed, c.run.load_balancer.clone())
+    };
+    let Some(mode) = mode.filter(|_| listed) else {
+        shared.status.remove_ready(CONFIG_KEY);
+        return Round::Idle;
+    };
+    let mode = match AssignMode::from_config(&mode) {
+        Ok(m) => {
+            shared.status.remove_ready(CONFIG_KEY);
+            m
+        }
+        Err(e) => {
+            // Managing nothing and releasing nothing: upstream would release every address.
+            shared.status.set_ready(CONFIG_KEY, true, format!("loadbalancer: {e}; nothing is assigned or released"));
+            return Round::Idle;
+        }
+    };
+    if !(opts.dry_run || *may_write.borrow()) {
+        return Round::Idle;
+    }
+    if !view.whole() {
+        return Round::NotNow;
+    }
+    let started = tokio::time::Instant::now();
+    let now = wall_now();
+    let lb_pools: Vec<LbPool> = view.pools.items().values().filter_map(LbPool::from_ip_pool).collect();
+    let pool_infos: Vec<PoolInfo> = view.pools.items().values().filter_map(pool_info).collect();
+    let reserved: Vec<IpNet> = view.reservations.items().values().flatten().copied().collect();
+    let ipam_config = view.config.items().values().next().cloned().unwrap_or(Value::Null);
+    let strict_affinity = ipam_config["strictAffinity"].as_bool().unwrap_or(false);
+    let max_blocks_per_host = ipam_config["maxBlocksPerHost"].as_u64().unwrap_or(0) as u32;
+    let cooldown_secs = ipam_config["ipCooldownSeconds"].as_u64().unwrap_or(0) as u32;
+
+    // The blocks, typed; what each LoadBalancer handle holds; who holds it.
+    let mut blocks: BTreeMap<IpNet, (Stored, IpamBlock)> = BTreeMap::new();
+    for stored in view.blocks.items().values() {
+        match stored.decode::<IpamBlock>() {
+            Ok(b) if BlockView::from_block(&b).is_ok() => {
+                if let Ok(cidr) = b.spec.cidr.parse::<IpNet>() {
+                    blocks.insert(cidr, (stored.clone(), b));
+                }
+            }
+            _ => tracing::debug!(block = %stored.name, "loadbalancer: invalid block skipped (the GC's scan reports it)"),
+        }
+    }
+    let mut held: BTreeMap<String, (ServiceKey, Vec<Held>)> = BTreeMap::new();
+    for (cidr, (stored, block)) in &blocks {
+        let Ok(v) = BlockView::from_block(block) else { continue };
+        for slot in v.slots() {
+            let a = slot.attribute;
+            let (Some(handle), None) = (a.handle_id.as_deref(), a.released_at.as_deref()) else { continue };
+            let (Some(ns), Some(svc)) = (a.attr("namespace"), a.attr("service")) else { continue };
+            if a.attr("type") != Some("LoadBalancer") && !handle.starts_with("lb-") {
+                continue;
+            }
+            let entry = held.entry(handle.to_string()).or_insert_with(|| (ServiceKey { namespace: ns.into(), name: svc.into(), handle: handle.into() }, Vec::new()));
+            entry.1.push(Held { ip: ordinal_to_ip(cidr, slot.ordinal), block: stored.name.clone(), cidr: *cidr, ordinal: slot.ordinal, sequence: slot.sequence });
+        }
+    }
+    let mut by_pool: BTreeMap<String, u64> = lb_pools.iter().map(|p| (p.name.clone(), 0)).collect();
+    for h in held.values().flat_map(|(_, hs)| hs) {
+        if let Some(p) = lb_pools.iter().find(|p| p.cidr.contains(&h.ip)) {
+            *by_pool.entry(p.name.clone()).or_default() += 1;
+        }
+    }
+    shared.metrics(|m| m.lb_addresses = by_pool);
+
+    let mut keys: BTreeMap<String, ServiceKey> = held.iter().map(|(h, (k, _))| (h.clone(), k.clone())).collect();
+    for svc in view.services.items().values().filter(|s| lb::is_managed(s, mode)) {
+        let key = ServiceKey::of_service(svc);
+        keys.entry(key.handle.clone()).or_insert(key);
+    }
+
+    let mut outcome = Round::Ran;
+    for key in keys.values() {
+        if !*may_write.borrow() && !opts.dry_run {
+            return Round::Idle;
+        }
+        let service = view.services.get(&format!("{}/{}", key.namespace, key.name)).filter(|s| key.is_of(s));
+        let holding: Vec<Held> = held.get(&key.handle).map(|(_, h)| h.clone()).unwrap_or_default();
+        let tracked: Vec<IpAddr> = holding.iter().map(|h| h.ip).collect();
+        let d = lb::decide(service, key, mode, &tracked, &lb_pools, true);
+        if d.is_noop() && d.problems.is_empty() {
+            continue;
+        }
+        if opts.dry_run {
+            tracing::info!(service = %format!("{}/{}", key.namespace, key.name), release = ?d.release, assign = ?d.assign_specific, auto = ?(d.assign_auto.v4, d.assign_auto.v6), "loadbalancer: dry run: would write");
+            continue;
+        }
+        if let Some(svc) = service {
+            report_problems(shared, opts, svc, &d);
+        }
+        // Releases first; the rest of this Service waits for the blocks' next state.
+        if !d.release.is_empty() {
+            release(ds, shared, opts, key, &holding, &d.release, now, cooldown_secs).await;
+            outcome = Round::Again;
+            continue;
+        }
+        if let (Some(svc), Some(ingress)) = (service, d.ingress.as_ref()) {
+            let revision = svc["metadata"]["resourceVersion"].as_str().unwrap_or_default();
+            let result = cluster.patch_status(ClusterKind::Service, &key.namespace, &key.name, revision, json!({"loadBalancer": {"ingress": ingress}})).await;
+            let label = match &result {
+                Ok(_) => "ok",
+                Err(e) if e.is_conflict() || e.is_not_found() => "conflict",
+                Err(_) => "failed",
+            };
+            if let Err(e) = &result {
+                tracing::warn!(service = %format!("{}/{}", key.namespace, key.name), error = %e, "loadbalancer: status write failed; the next round retries");
+                outcome = Round::NotNow.max_with(outcome);
+            } else {
+                tracing::info!(service = %format!("{}/{}", key.namespace, key.name), ingress = %serde_json::Value::Array(ingress.clone()), "loadbalancer: status written");
+            }
+            shared.metrics(|m| *m.lb_writes.entry(("status", label)).or_default() += 1);
+        }
+        let Some(svc) = service else { continue };
+        let attrs = lb::allocation_attributes(&key.name, &key.namespace, now);
+        let owner = Owner { handle: &key.handle, attrs: &attrs, affinity: LB_AFFINITY };
+        let mut wants: Vec<Want> = d.assign_specific.iter().map(|ip| Want::Specific(*ip)).collect();
+        for (family, n, pools) in [(Family::V4, d.assign_auto.v4, &d.assign_auto.v4_pools), (Family::V6, d.assign_auto.v6, &d.assign_auto.v6_pools)] {
+            for _ in 0..n {
+                wants.push(Want::Auto(family, pools.clone()));
+            }
+        }
+        for want in wants {
+            let typed: BTreeMap<IpNet, IpamBlock> = blocks.iter().map(|(c, (_, b))| (*c, b.clone())).collect();
+            let ipam = IpamView { pools: &pool_infos, blocks: &typed, reserved: &reserved, strict_affinity, max_blocks_per_host };
+            let planned = match &want {
+                Want::Specific(ip) => assign::assign_ip(&ipam, &owner, *ip, now),
+                Want::Auto(family, pools) => assign::auto_assign(&ipam, &owner, *family, pools.as_deref(), now),
+            };
+            let a = match planned {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(service = %format!("{}/{}", key.namespace, key.name), error = %e, "loadbalancer: no address assigned");
+                    shared.metrics(|m| *m.lb_failures.entry(e.category()).or_default() += 1);
+                    opts.events.record(EventRequest::load_balancer_ip_failed(&regarding(svc), &e.to_string()));
+                    continue;
+                }
+            };
+            let read = blocks.get(&a.block_cidr).map(|(s, _)| s.clone());
+            match apply::execute_assignment(ds, &a, &owner, read.as_ref(), now, &opts.execute).await {
+                Ok((ip, written)) => {
+                    tracing::info!(service = %format!("{}/{}", key.namespace, key.name), %ip, block = %a.block_cidr, "loadbalancer: address assigned");
+                    shared.metrics(|m| *m.lb_writes.entry(("assign", "ok")).or_default() += 1);
+                    if let Ok(b) = written.decode::<IpamBlock>() {
+                        blocks.insert(a.block_cidr, (written, b));
+                    }
+                    outcome = Round::Again;
+                }
+                Err(e) => {
+                    let label = if e.category() == "conflict" { "conflict" } else { "failed" };
+                    tracing::info!(service = %format!("{}/{}", key.namespace, key.name), error = %e, "loadbalancer: assignment not written; the next round plans again");
+                    shared.metrics(|m| *m.lb_writes.entry(("assign", label)).or_default() += 1);
+                    outcome = Round::Again;
+                    break;
+                }
+            }
+        }
+    }
+    shared.metrics(|m| m.light_round(NAME, started.elapsed()));
+    outcome
+}
+
+impl Round {
+    /// The sooner of two "look again" outcomes.
+    fn max_with(self, other: Round) -> Round {
+        match (self, other) {
+            (Round::Again, _) | (_, Round::Again) => Round::Again,
+            (Round::NotNow, _) | (_, Round::NotNow) => Round::NotNow,
+            _ => other,
+        }
+    }
+}
+
+enum Want {
+    Specific(IpAddr),
+    Auto(Family, Option<Vec<IpNet>>),
+}
+
+fn regarding(svc: &Value) -> Regarding {
+    let m = &svc["metadata"];
+    Regarding::service(m["namespace"].as_str().unwrap_or_default(), m["name"].as_str().unwrap_or_default(), m["uid"].as_str())
+}
+
+/// A Service's request problems: counted, logged and an Event on it.
+fn report_problems(shared: &Shared, opts: &LbOptions, svc: &Value, d: &Decision) {
+    for p in &d.problems {
+        tracing::warn!(service = %service_key(svc), problem = %p, "loadbalancer: the Service's request cannot be served");
+        shared.metrics(|m| *m.lb_failures.entry(p.category()).or_default() += 1);
+        opts.events.record(EventRequest::load_balancer_ip_failed(&regarding(svc), &p.to_string()));
+    }
+}
+
+/// Releases `ips` (each held by `key`'s handle) by compare-and-swap on their blocks, with their
+/// handle's counts.
+#[allow(clippy::too_many_arguments)]
+async fn release<D: Datastore>(ds: &D, shared: &Shared, opts: &LbOptions, key: &ServiceKey, holding: &[Held], ips: &[IpAddr], now: Millis, cooldown_secs: u32) {
+    let mut by_block: BTreeMap<&str, BlockRelease> = BTreeMap::new();
+    for h in holding.iter().filter(|h| ips.contains(&h.ip)) {
+        // Each block is read fresh by the writer; an address whose handle or sequence number
+        // moved on since this view is not released.
+        by_block
+            .entry(h.block.as_str())
+            .or_insert_with(|| BlockRelease { cidr: h.cidr, block_name: h.block.clone(), revision: String::new(), items: Vec::new() })
+            .items
+            .push(ReleaseItem { ordinal: h.ordinal, ip: h.ip, handle: key.handle.clone(), sequence: h.sequence, reason: LeakReason::LoadBalancerUnwanted });
+    }
+    let plan = Plan { releases: by_block.into_values().collect(), ..Plan::default() };
+    let out = apply::execute_plan(ds, &plan, now, cooldown_secs, &opts.execute).await;
+    let released = out.released.len() as u64;
+    let failed = out.error_count() as u64;
+    tracing::info!(service = %format!("{}/{}", key.namespace, key.name), released, stale = out.stale.len(), failed, "loadbalancer: addresses its Service no longer wants released");
+    shared.metrics(|m| {
+        *m.lb_writes.entry(("release", "ok")).or_default() += released;
+        if failed > 0 {
+            *m.lb_writes.entry(("release", "failed")).or_default() += failed;
+        }
+    });
+}
