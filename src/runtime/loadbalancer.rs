@@ -445,3 +445,114 @@ async fn release<D: Datastore>(ds: &D, shared: &Shared, opts: &LbOptions, key: &
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{EnvConfig, RunConfig};
+    use crate::datastore::{MemoryCluster, MemoryDatastore};
+
+    fn shared(assign_ips: &str, listed: bool) -> Shared {
+        let shared = Shared::default();
+        let api: crate::model::config::KubeControllersConfigurationSpec = serde_json::from_value(json!({"controllers": {"node": {}, "loadBalancer": {"assignIPs": assign_ips}}})).unwrap();
+        shared.config.send_modify(|c| {
+            c.run = RunConfig::merge(&EnvConfig::default(), Some(&api));
+            c.listed = listed;
+        });
+        shared
+    }
+
+    fn listed<V: PartialEq + Clone>(objects: Vec<Stored>, key: impl Fn(&Stored) -> String, keep: impl Fn(&Stored) -> Option<V>) -> Listed<V> {
+        let mut l = Listed::default();
+        apply_event(&mut l, WatchEvent::Init, &key, &keep);
+        for o in objects {
+            apply_event(&mut l, WatchEvent::InitApply(o), &key, &keep);
+        }
+        assert!(apply_event(&mut l, WatchEvent::InitDone, &key, &keep));
+        l
+    }
+
+    fn view_of(ds: &MemoryDatastore, cluster: &MemoryCluster) -> View {
+        View {
+            services: listed(cluster.list_now(ClusterKind::Service).unwrap(), |o| service_key(&o.value), |o| Some(slim_service(o))),
+            blocks: listed(ds.snapshot(Kind::IpamBlock), |o| o.name.clone(), not_a_hosts_block),
+            pools: listed(ds.snapshot(Kind::IpPool), |o| o.name.clone(), |o| Some(o.value.clone())),
+            reservations: listed(ds.snapshot(Kind::IpReservation), |o| o.name.clone(), reserved_cidrs),
+            config: listed(Vec::new(), |o| o.name.clone(), |o| Some(o.value["spec"].clone())),
+        }
+    }
+
+    async fn setup() -> (MemoryDatastore, MemoryCluster) {
+        let ds = MemoryDatastore::new();
+        ds.create(Kind::IpPool, "lb", json!({"metadata": {"name": "lb"}, "spec": {"cidr": "192.0.2.0/28", "blockSize": 30, "allowedUses": ["LoadBalancer"]}})).await.unwrap();
+        let cluster = MemoryCluster::new();
+        cluster.apply(ClusterKind::Service, json!({"metadata": {"name": "web", "namespace": "default"}, "spec": {"type": "LoadBalancer", "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack", "ports": [{"port": 80}]}}));
+        (ds, cluster)
+    }
+
+    fn opts() -> LbOptions {
+        LbOptions { dry_run: false, events: EventRecorder::off(), execute: ExecuteOptions::default() }
+    }
+
+    async fn rounds(ds: &MemoryDatastore, cluster: &MemoryCluster, shared: &Shared, leading: bool, n: usize) -> Round {
+        let (_tx, may_write) = watch::channel(leading);
+        let mut last = Round::Idle;
+        for _ in 0..n {
+            last = round(ds, cluster, shared, &may_write, &opts(), &view_of(ds, cluster)).await;
+        }
+        last
+    }
+
+    fn ingress(cluster: &MemoryCluster) -> Value {
+        cluster.get_now(ClusterKind::Service, "default", "web").unwrap().value["status"]["loadBalancer"]["ingress"].clone()
+    }
+
+    #[tokio::test]
+    async fn a_service_gets_one_address_keeps_it_and_loses_it_with_the_service() {
+        let (ds, cluster) = setup().await;
+        let shared = shared("AllServices", true);
+        assert_eq!(rounds(&ds, &cluster, &shared, true, 1).await, Round::Again, "assigned: the status follows");
+        rounds(&ds, &cluster, &shared, true, 1).await;
+        assert_eq!(ingress(&cluster), json!([{"ip": "192.0.2.0"}]));
+        let before = ds.revision();
+        assert_eq!(rounds(&ds, &cluster, &shared, true, 3).await, Round::Ran);
+        assert_eq!(ds.revision(), before, "in step: nothing more written, no second address");
+        assert_eq!(shared.metrics(|m| m.lb_addresses.get("lb").copied()), Some(1));
+        cluster.delete(ClusterKind::Service, "default", "web");
+        rounds(&ds, &cluster, &shared, true, 2).await;
+        let block: IpamBlock = ds.peek(Kind::IpamBlock, "192-0-2-0-30").unwrap().decode().unwrap();
+        assert!(block.spec.allocations.iter().all(Option::is_none), "released with its Service");
+        assert!(ds.snapshot(Kind::IpamHandle).is_empty(), "and its handle");
+    }
+
+    #[tokio::test]
+    async fn nothing_is_written_by_a_standby_before_the_configuration_listed_on_a_partial_view_or_with_an_unknown_mode() {
+        let (ds, cluster) = setup().await;
+        let before = ds.revision();
+        assert_eq!(rounds(&ds, &cluster, &shared("AllServices", true), false, 1).await, Round::Idle);
+        assert_eq!(rounds(&ds, &cluster, &shared("AllServices", false), true, 1).await, Round::Idle);
+        let odd = shared("Sometimes", true);
+        assert_eq!(rounds(&ds, &cluster, &odd, true, 1).await, Round::Idle);
+        let status = serde_json::to_value(odd.status.snapshot()).unwrap();
+        assert!(status["Readiness"][CONFIG_KEY]["Reason"].as_str().unwrap().contains("Sometimes"), "{status}");
+        let mut partial = view_of(&ds, &cluster);
+        apply_event(&mut partial.blocks, WatchEvent::Init, |o| o.name.clone(), not_a_hosts_block);
+        let (_tx, leading) = watch::channel(true);
+        assert_eq!(round(&ds, &cluster, &shared("AllServices", true), &leading, &opts(), &partial).await, Round::NotNow);
+        assert_eq!(ds.revision(), before);
+    }
+
+    #[test]
+    fn a_slim_service_keeps_only_what_the_decision_and_the_status_write_read() {
+        let o = Stored { name: "web".into(), revision: "7".into(), uid: "u".into(), value: json!({
+            "metadata": {"name": "web", "namespace": "default", "uid": "u", "annotations": {"projectcalico.org/ipv4pools": "[]", "other": "x"}, "managedFields": [{}]},
+            "spec": {"type": "LoadBalancer", "ports": [{"port": 80}], "selector": {"a": "b"}, "ipFamilies": ["IPv4"]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.1"}]}}
+        })};
+        let s = slim_service(&o);
+        assert_eq!(s["metadata"]["annotations"], json!({"projectcalico.org/ipv4pools": "[]"}));
+        assert_eq!(s["metadata"]["resourceVersion"], "7");
+        assert!(s["spec"].get("ports").is_none() && s["metadata"].get("managedFields").is_none());
+        assert_eq!(s["status"]["loadBalancer"]["ingress"][0]["ip"], "192.0.2.1");
+    }
+}
