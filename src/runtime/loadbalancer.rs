@@ -12,7 +12,7 @@
 //! KubeControllersConfiguration listed) or while this replica does not lead (a dry run logs what
 //! it would do); write a block a host owns; release an address another Service holds.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +29,7 @@ use crate::datastore::apply::{self, ExecuteOptions};
 use crate::datastore::cluster::{ClusterKind, ClusterReader, StatusWriter};
 use crate::datastore::watch::WatchEvent;
 use crate::datastore::{Datastore, Kind, Stored};
+use crate::guard::{self, GuardConfig, MassGuard, Proposal, Scope, Unit};
 use crate::ipam::assign::{self, IpamView, Owner, PoolInfo};
 use crate::ipam::plan::{BlockRelease, LeakReason, Plan, ReleaseItem};
 use crate::loadbalancer::{self as lb, AssignMode, Decision, Family, LB_AFFINITY, LbPool, ServiceKey};
@@ -41,12 +42,16 @@ pub const NAME: &str = "loadbalancer";
 pub const RESYNC_EVERY: Duration = Duration::from_secs(300);
 const BATCH: Duration = Duration::from_secs(1);
 const RETRY: Duration = Duration::from_secs(5);
+/// The mass-change guard's scope for releases (a Service list that came back nearly empty must
+/// not free every address at once).
+const SCOPE: Scope = Scope { name: "loadbalancer-addresses", unit: Unit::Addresses };
 /// Readiness key (always ready) whose reason says why the controller does nothing.
 pub const CONFIG_KEY: &str = "LoadBalancerConfig";
 
 #[derive(Debug, Clone)]
 pub struct LbOptions {
     pub dry_run: bool,
+    pub guard: GuardConfig,
     pub events: EventRecorder,
     pub execute: ExecuteOptions,
 }
@@ -167,6 +172,8 @@ enum Round {
     Again,
     Idle,
     NotNow,
+    /// The guard holds releases: the round that may let them through is due this much later.
+    Held(Duration),
 }
 
 pub async fn run<D: Datastore, C: ClusterReader + StatusWriter>(
@@ -184,6 +191,8 @@ pub async fn run<D: Datastore, C: ClusterReader + StatusWriter>(
     let mut configs = ds.watch(Kind::IpamConfig);
     let mut config = shared.config.subscribe();
     let mut view = View::default();
+    let mut guard = MassGuard::new();
+    let started = tokio::time::Instant::now();
     let mut due: Option<tokio::time::Instant> = None;
     let mut periodic = tokio::time::interval(RESYNC_EVERY);
     periodic.tick().await;
@@ -203,11 +212,13 @@ pub async fn run<D: Datastore, C: ClusterReader + StatusWriter>(
             _ = periodic.tick() => true,
             _ = stop.changed() => { if *stop.borrow() { return } false }
             _ = wait => {
-                let outcome = round(&*ds, &*cluster, &shared, &may_write, &opts, &view).await;
+                let outcome = round(&*ds, &*cluster, &shared, &may_write, &opts, &view, &mut guard, started.elapsed()).await;
                 due = match outcome {
                     Round::Ran | Round::Idle => None,
                     Round::Again => Some(tokio::time::Instant::now() + BATCH),
                     Round::NotNow => Some(tokio::time::Instant::now() + RETRY),
+                    Round::Held(wait) if wait.is_zero() => None,
+                    Round::Held(wait) => Some(tokio::time::Instant::now() + wait.min(RESYNC_EVERY) + BATCH),
                 };
                 false
             }
@@ -223,7 +234,17 @@ fn wall_now() -> Millis {
 }
 
 /// One round over every Service that is managed or holds addresses.
-async fn round<D: Datastore, C: ClusterReader + StatusWriter>(ds: &D, cluster: &C, shared: &Shared, may_write: &watch::Receiver<bool>, opts: &LbOptions, view: &View) -> Round {
+#[allow(clippy::too_many_arguments)]
+async fn round<D: Datastore, C: ClusterReader + StatusWriter>(
+    ds: &D,
+    cluster: &C,
+    shared: &Shared,
+    may_write: &watch::Receiver<bool>,
+    opts: &LbOptions,
+    view: &View,
+    guard: &mut MassGuard,
+    since_start: Duration,
+) -> Round {
     let (listed, mode) = {
         let c = shared.config.borrow();
         (c.listed, c.run.load_balancer.clone())
@@ -299,18 +320,51 @@ async fn round<D: Datastore, C: ClusterReader + StatusWriter>(ds: &D, cluster: &
         keys.entry(key.handle.clone()).or_insert(key);
     }
 
-    let mut outcome = Round::Ran;
+    // Decisions first. A Service missing from the view (or there under another UID) is read
+    // again: only a NotFound, or another incarnation, proves its addresses unwanted.
+    let mut decided: Vec<(ServiceKey, Option<Value>, Vec<Held>, Decision)> = Vec::new();
+    let mut cut_short = false;
     for key in keys.values() {
-        if !*may_write.borrow() && !opts.dry_run {
-            return Round::Idle;
-        }
-        let service = view.services.get(&format!("{}/{}", key.namespace, key.name)).filter(|s| key.is_of(s));
+        let mut service = view.services.get(&format!("{}/{}", key.namespace, key.name)).filter(|s| key.is_of(s)).cloned();
         let holding: Vec<Held> = held.get(&key.handle).map(|(_, h)| h.clone()).unwrap_or_default();
+        if service.is_none() && !holding.is_empty() {
+            match cluster.get(ClusterKind::Service, &key.namespace, &key.name).await {
+                Ok(o) if key.is_of(&o.value) => service = Some(slim_service(&o)),
+                Ok(_) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => {
+                    tracing::warn!(service = %format!("{}/{}", key.namespace, key.name), error = %e, "loadbalancer: reading a Service missing from the watch failed; its addresses are kept this round");
+                    cut_short = true;
+                    continue;
+                }
+            }
+        }
         let tracked: Vec<IpAddr> = holding.iter().map(|h| h.ip).collect();
-        let d = lb::decide(service, key, mode, &tracked, &lb_pools, true);
+        let d = lb::decide(service.as_ref(), key, mode, &tracked, &lb_pools, true);
         if d.is_noop() && d.problems.is_empty() {
             continue;
         }
+        decided.push((key.clone(), service, holding, d));
+    }
+    // Releases through the guard.
+    let members: BTreeSet<u64> = decided.iter().flat_map(|(_, _, _, d)| d.release.iter()).map(|ip| guard::fingerprint(&[ip.to_string().as_bytes()])).collect();
+    let total = held.values().map(|(_, h)| h.len() as u64).sum();
+    let grace = shared.config.borrow().run.leak_grace();
+    let decision = guard.review(SCOPE, Proposal { members: &members, total, complete: !cut_short }, &opts.guard, since_start.as_millis() as i64, grace, &BTreeSet::new());
+    let waiting: u64 = guard.held().iter().filter(|h| h.scope == SCOPE).map(|h| h.waiting).sum();
+    shared.metrics(|m| m.mass_change_held.insert(SCOPE.name, waiting));
+    if waiting > 0 {
+        tracing::warn!(held = waiting, addresses = total, "mass-change guard: LoadBalancer address releases held until a round one grace period later proposes them again");
+    }
+    let mut outcome = match (waiting > 0, cut_short) {
+        (true, _) => Round::Held(Duration::from_millis(grace.max(0) as u64)),
+        (false, true) => Round::NotNow,
+        (false, false) => Round::Ran,
+    };
+    for (key, service, holding, mut d) in decided {
+        let key = &key;
+        let service = service.as_ref();
+        d.release.retain(|ip| decision.allows(guard::fingerprint(&[ip.to_string().as_bytes()])));
         if opts.dry_run {
             tracing::info!(service = %format!("{}/{}", key.namespace, key.name), release = ?d.release, assign = ?d.assign_specific, auto = ?(d.assign_auto.v4, d.assign_auto.v6), "loadbalancer: dry run: would write");
             continue;
@@ -321,7 +375,7 @@ async fn round<D: Datastore, C: ClusterReader + StatusWriter>(ds: &D, cluster: &
         // Releases first; the rest of this Service waits for the blocks' next state.
         if !d.release.is_empty() {
             release(ds, shared, opts, key, &holding, &d.release, now, cooldown_secs).await;
-            outcome = Round::Again;
+            outcome = Round::Again.max_with(outcome);
             continue;
         }
         if let (Some(svc), Some(ingress)) = (service, d.ingress.as_ref()) {
@@ -373,13 +427,13 @@ async fn round<D: Datastore, C: ClusterReader + StatusWriter>(ds: &D, cluster: &
                     if let Ok(b) = written.decode::<IpamBlock>() {
                         blocks.insert(a.block_cidr, (written, b));
                     }
-                    outcome = Round::Again;
+                    outcome = Round::Again.max_with(outcome);
                 }
                 Err(e) => {
                     let label = if e.category() == "conflict" { "conflict" } else { "failed" };
                     tracing::info!(service = %format!("{}/{}", key.namespace, key.name), error = %e, "loadbalancer: assignment not written; the next round plans again");
                     shared.metrics(|m| *m.lb_writes.entry(("assign", label)).or_default() += 1);
-                    outcome = Round::Again;
+                    outcome = Round::Again.max_with(outcome);
                     break;
                 }
             }
@@ -393,7 +447,10 @@ impl Round {
     /// The sooner of two "look again" outcomes.
     fn max_with(self, other: Round) -> Round {
         match (self, other) {
+            // A round that wrote looks again soon (a hold is judged by when its members were
+            // first proposed, so an early look changes nothing about it).
             (Round::Again, _) | (_, Round::Again) => Round::Again,
+            (Round::Held(w), _) | (_, Round::Held(w)) => Round::Held(w),
             (Round::NotNow, _) | (_, Round::NotNow) => Round::NotNow,
             _ => other,
         }
@@ -491,14 +548,14 @@ mod tests {
     }
 
     fn opts() -> LbOptions {
-        LbOptions { dry_run: false, events: EventRecorder::off(), execute: ExecuteOptions::default() }
+        LbOptions { dry_run: false, guard: GuardConfig::OFF, events: EventRecorder::off(), execute: ExecuteOptions::default() }
     }
 
     async fn rounds(ds: &MemoryDatastore, cluster: &MemoryCluster, shared: &Shared, leading: bool, n: usize) -> Round {
         let (_tx, may_write) = watch::channel(leading);
         let mut last = Round::Idle;
         for _ in 0..n {
-            last = round(ds, cluster, shared, &may_write, &opts(), &view_of(ds, cluster)).await;
+            last = round(ds, cluster, shared, &may_write, &opts(), &view_of(ds, cluster), &mut MassGuard::new(), Duration::ZERO).await;
         }
         last
     }
@@ -538,8 +595,32 @@ mod tests {
         let mut partial = view_of(&ds, &cluster);
         apply_event(&mut partial.blocks, WatchEvent::Init, |o| o.name.clone(), not_a_hosts_block);
         let (_tx, leading) = watch::channel(true);
-        assert_eq!(round(&ds, &cluster, &shared("AllServices", true), &leading, &opts(), &partial).await, Round::NotNow);
+        assert_eq!(round(&ds, &cluster, &shared("AllServices", true), &leading, &opts(), &partial, &mut MassGuard::new(), Duration::ZERO).await, Round::NotNow);
         assert_eq!(ds.revision(), before);
+    }
+
+    #[tokio::test]
+    async fn a_service_missing_from_the_watch_keeps_its_address_until_a_read_proves_it_gone() {
+        let (ds, cluster) = setup().await;
+        let shared = shared("AllServices", true);
+        rounds(&ds, &cluster, &shared, true, 2).await;
+        let before = ds.revision();
+        // The Service watch lags (it listed before web existed): web is read, found, kept.
+        let mut lagging = view_of(&ds, &cluster);
+        lagging.services = listed(Vec::new(), |o| service_key(&o.value), |o| Some(slim_service(o)));
+        let (_tx, leading) = watch::channel(true);
+        round(&ds, &cluster, &shared, &leading, &opts(), &lagging, &mut MassGuard::new(), Duration::ZERO).await;
+        assert_eq!(ds.revision(), before, "nothing released on a missing observation");
+        // The read fails: kept too, and looked at again soon.
+        cluster.inject_get(ClusterKind::Service, crate::datastore::ErrorKind::Transient, 1);
+        assert_eq!(round(&ds, &cluster, &shared, &leading, &opts(), &lagging, &mut MassGuard::new(), Duration::ZERO).await, Round::NotNow);
+        assert_eq!(ds.revision(), before);
+        // Recreated under the same name (another UID, another handle): the old address goes.
+        cluster.delete(ClusterKind::Service, "default", "web");
+        cluster.apply(ClusterKind::Service, json!({"metadata": {"name": "web", "namespace": "default"}, "spec": {"type": "ClusterIP"}}));
+        round(&ds, &cluster, &shared, &leading, &opts(), &view_of(&ds, &cluster), &mut MassGuard::new(), Duration::ZERO).await;
+        let block: IpamBlock = ds.peek(Kind::IpamBlock, "192-0-2-0-30").unwrap().decode().unwrap();
+        assert!(block.spec.allocations.iter().all(Option::is_none));
     }
 
     #[test]

@@ -397,7 +397,7 @@ async fn run_on<D: Datastore + Clone + 'static>(client: kube::Client, backend: B
     };
     // Kubernetes datastore: LoadBalancer addresses (SPEC §6.6; on etcd not yet, said in the status).
     let loadbalancer_task = (!ds.keeps_calico_nodes()).then(|| {
-        let o = loadbalancer::LbOptions { dry_run: opts.controller.dry_run, events: events.clone(), execute: crate::datastore::apply::ExecuteOptions::default() };
+        let o = loadbalancer::LbOptions { dry_run: opts.controller.dry_run, guard: opts.controller.env.guard, events: events.clone(), execute: crate::datastore::apply::ExecuteOptions::default() };
         tokio::spawn(loadbalancer::run(ds.clone(), cluster.clone(), shared.clone(), may_write.clone(), o, stop_rx.clone()))
     });
     // Both datastores: the node controller's automatic host endpoints (SPEC §1.6).
