@@ -114,6 +114,20 @@ fn apply_event<V: PartialEq + Clone>(listed: &mut Listed<V>, event: WatchEvent, 
     false
 }
 
+/// A block event, ignoring one older than the version the view holds (this controller's own
+/// writes go into the view before their events arrive).
+fn apply_block_event(blocks: &mut Listed<Stored>, event: WatchEvent) -> bool {
+    if let WatchEvent::Apply(o) = &event
+        && let Some(current) = blocks.get(&o.name)
+        && let (Ok(have), Ok(got)) = (current.revision.parse::<u64>(), o.revision.parse::<u64>())
+        && got < have
+    {
+        blocks.delivered();
+        return false;
+    }
+    apply_event(blocks, event, |o| o.name.clone(), not_a_hosts_block)
+}
+
 fn not_a_hosts_block(o: &Stored) -> Option<Stored> {
     let affinity = Affinity::parse(o.value["spec"]["affinity"].as_str());
     (!matches!(affinity, Affinity::Host(_))).then(|| o.clone())
@@ -203,7 +217,7 @@ pub async fn run<D: Datastore, C: ClusterReader + StatusWriter>(
         let wait = super::sleep_until_due(due);
         let changed = tokio::select! {
             e = services.next() => { let Some(e) = e else { return }; apply_event(&mut view.services, e, |o| service_key(&o.value), |o| Some(slim_service(o))) }
-            e = blocks.next() => { let Some(e) = e else { return }; apply_event(&mut view.blocks, e, name, not_a_hosts_block) }
+            e = blocks.next() => { let Some(e) = e else { return }; apply_block_event(&mut view.blocks, e) }
             e = pools.next() => { let Some(e) = e else { return }; apply_event(&mut view.pools, e, name, |o| Some(o.value.clone())) }
             e = reservations.next() => { let Some(e) = e else { return }; apply_event(&mut view.reservations, e, name, reserved_cidrs) }
             e = configs.next() => { let Some(e) = e else { return }; apply_event(&mut view.config, e, name, |o| Some(o.value["spec"].clone())) }
@@ -212,7 +226,13 @@ pub async fn run<D: Datastore, C: ClusterReader + StatusWriter>(
             _ = periodic.tick() => true,
             _ = stop.changed() => { if *stop.borrow() { return } false }
             _ = wait => {
-                let outcome = round(&*ds, &*cluster, &shared, &may_write, &opts, &view, &mut guard, started.elapsed()).await;
+                let (outcome, written) = round(&*ds, &*cluster, &shared, &may_write, &opts, &view, &mut guard, started.elapsed()).await;
+                // What this round wrote is in the view before the next round plans: a watch that
+                // lags behind its own writes must never make a Service look empty-handed (a second
+                // address). The watch's older events for these blocks are then ignored.
+                for b in written {
+                    view.blocks.upsert(b.name.clone(), b);
+                }
                 due = match outcome {
                     Round::Ran | Round::Idle => None,
                     Round::Again => Some(tokio::time::Instant::now() + BATCH),
@@ -244,6 +264,23 @@ async fn round<D: Datastore, C: ClusterReader + StatusWriter>(
     view: &View,
     guard: &mut MassGuard,
     since_start: Duration,
+) -> (Round, Vec<Stored>) {
+    let mut written_blocks: Vec<Stored> = Vec::new();
+    let outcome = round_inner(ds, cluster, shared, may_write, opts, view, guard, since_start, &mut written_blocks).await;
+    (outcome, written_blocks)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn round_inner<D: Datastore, C: ClusterReader + StatusWriter>(
+    ds: &D,
+    cluster: &C,
+    shared: &Shared,
+    may_write: &watch::Receiver<bool>,
+    opts: &LbOptions,
+    view: &View,
+    guard: &mut MassGuard,
+    since_start: Duration,
+    written_blocks: &mut Vec<Stored>,
 ) -> Round {
     let (listed, mode) = {
         let c = shared.config.borrow();
@@ -424,6 +461,7 @@ async fn round<D: Datastore, C: ClusterReader + StatusWriter>(
                 Ok((ip, written)) => {
                     tracing::info!(service = %format!("{}/{}", key.namespace, key.name), %ip, block = %a.block_cidr, "loadbalancer: address assigned");
                     shared.metrics(|m| *m.lb_writes.entry(("assign", "ok")).or_default() += 1);
+                    written_blocks.push(written.clone());
                     if let Ok(b) = written.decode::<IpamBlock>() {
                         blocks.insert(a.block_cidr, (written, b));
                     }
@@ -555,7 +593,7 @@ mod tests {
         let (_tx, may_write) = watch::channel(leading);
         let mut last = Round::Idle;
         for _ in 0..n {
-            last = round(ds, cluster, shared, &may_write, &opts(), &view_of(ds, cluster), &mut MassGuard::new(), Duration::ZERO).await;
+            last = round(ds, cluster, shared, &may_write, &opts(), &view_of(ds, cluster), &mut MassGuard::new(), Duration::ZERO).await.0;
         }
         last
     }
@@ -595,7 +633,7 @@ mod tests {
         let mut partial = view_of(&ds, &cluster);
         apply_event(&mut partial.blocks, WatchEvent::Init, |o| o.name.clone(), not_a_hosts_block);
         let (_tx, leading) = watch::channel(true);
-        assert_eq!(round(&ds, &cluster, &shared("AllServices", true), &leading, &opts(), &partial, &mut MassGuard::new(), Duration::ZERO).await, Round::NotNow);
+        assert_eq!(round(&ds, &cluster, &shared("AllServices", true), &leading, &opts(), &partial, &mut MassGuard::new(), Duration::ZERO).await.0, Round::NotNow);
         assert_eq!(ds.revision(), before);
     }
 
@@ -609,18 +647,43 @@ mod tests {
         let mut lagging = view_of(&ds, &cluster);
         lagging.services = listed(Vec::new(), |o| service_key(&o.value), |o| Some(slim_service(o)));
         let (_tx, leading) = watch::channel(true);
-        round(&ds, &cluster, &shared, &leading, &opts(), &lagging, &mut MassGuard::new(), Duration::ZERO).await;
+        round(&ds, &cluster, &shared, &leading, &opts(), &lagging, &mut MassGuard::new(), Duration::ZERO).await.0;
         assert_eq!(ds.revision(), before, "nothing released on a missing observation");
         // The read fails: kept too, and looked at again soon.
         cluster.inject_get(ClusterKind::Service, crate::datastore::ErrorKind::Transient, 1);
-        assert_eq!(round(&ds, &cluster, &shared, &leading, &opts(), &lagging, &mut MassGuard::new(), Duration::ZERO).await, Round::NotNow);
+        assert_eq!(round(&ds, &cluster, &shared, &leading, &opts(), &lagging, &mut MassGuard::new(), Duration::ZERO).await.0, Round::NotNow);
         assert_eq!(ds.revision(), before);
         // Recreated under the same name (another UID, another handle): the old address goes.
         cluster.delete(ClusterKind::Service, "default", "web");
         cluster.apply(ClusterKind::Service, json!({"metadata": {"name": "web", "namespace": "default"}, "spec": {"type": "ClusterIP"}}));
-        round(&ds, &cluster, &shared, &leading, &opts(), &view_of(&ds, &cluster), &mut MassGuard::new(), Duration::ZERO).await;
+        round(&ds, &cluster, &shared, &leading, &opts(), &view_of(&ds, &cluster), &mut MassGuard::new(), Duration::ZERO).await.0;
         let block: IpamBlock = ds.peek(Kind::IpamBlock, "192-0-2-0-30").unwrap().decode().unwrap();
         assert!(block.spec.allocations.iter().all(Option::is_none));
+    }
+
+    #[tokio::test]
+    async fn a_block_view_behind_the_controllers_own_write_never_gives_a_second_address() {
+        let (ds, cluster) = setup().await;
+        let shared = shared("AllServices", true);
+        let (_tx, leading) = watch::channel(true);
+        let mut view = view_of(&ds, &cluster);
+        let mut g = MassGuard::new();
+        let (_, written) = round(&ds, &cluster, &shared, &leading, &opts(), &view, &mut g, Duration::ZERO).await;
+        assert_eq!(written.len(), 1, "the claimed block");
+        // As the run loop does; the watch has not delivered the write.
+        for b in written {
+            view.blocks.upsert(b.name.clone(), b);
+        }
+        round(&ds, &cluster, &shared, &leading, &opts(), &view, &mut g, Duration::ZERO).await;
+        let handles = ds.snapshot(Kind::IpamHandle);
+        let h: crate::model::IpamHandle = handles[0].decode().unwrap();
+        assert_eq!(h.spec.block.values().sum::<u32>(), 1, "one address, not two");
+        // An older event of that block arriving late does not move the view back.
+        let current = view.blocks.get("192-0-2-0-30").unwrap().clone();
+        let mut old = current.clone();
+        old.revision = "1".into();
+        assert!(!apply_block_event(&mut view.blocks, WatchEvent::Apply(old)));
+        assert_eq!(view.blocks.get("192-0-2-0-30"), Some(&current));
     }
 
     #[test]
