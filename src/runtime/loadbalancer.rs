@@ -647,7 +647,7 @@ mod tests {
         let mut lagging = view_of(&ds, &cluster);
         lagging.services = listed(Vec::new(), |o| service_key(&o.value), |o| Some(slim_service(o)));
         let (_tx, leading) = watch::channel(true);
-        round(&ds, &cluster, &shared, &leading, &opts(), &lagging, &mut MassGuard::new(), Duration::ZERO).await.0;
+        round(&ds, &cluster, &shared, &leading, &opts(), &lagging, &mut MassGuard::new(), Duration::ZERO).await;
         assert_eq!(ds.revision(), before, "nothing released on a missing observation");
         // The read fails: kept too, and looked at again soon.
         cluster.inject_get(ClusterKind::Service, crate::datastore::ErrorKind::Transient, 1);
@@ -656,7 +656,7 @@ mod tests {
         // Recreated under the same name (another UID, another handle): the old address goes.
         cluster.delete(ClusterKind::Service, "default", "web");
         cluster.apply(ClusterKind::Service, json!({"metadata": {"name": "web", "namespace": "default"}, "spec": {"type": "ClusterIP"}}));
-        round(&ds, &cluster, &shared, &leading, &opts(), &view_of(&ds, &cluster), &mut MassGuard::new(), Duration::ZERO).await.0;
+        round(&ds, &cluster, &shared, &leading, &opts(), &view_of(&ds, &cluster), &mut MassGuard::new(), Duration::ZERO).await;
         let block: IpamBlock = ds.peek(Kind::IpamBlock, "192-0-2-0-30").unwrap().decode().unwrap();
         assert!(block.spec.allocations.iter().all(Option::is_none));
     }
