@@ -45,8 +45,6 @@
 //!   everything of that family for it yet passes no restriction to IPAM, which would flap too.
 //! * `spec.loadBalancerIP` is a request like the annotation: changing it releases the old
 //!   address. Upstream reads it only when assigning, so a change is ignored.
-//! * Without annotations, an address whose pool is gone or no longer allows `LoadBalancer` is
-//!   released (and a new one assigned). Upstream releases it only once no LB pool is left.
 //! * A request that cannot be met is an error when read, not when IPAM refuses it: a pool CIDR
 //!   that is no LB pool's CIDR (IPAM would refuse it every round), a specific address in no LB
 //!   pool, a Service without `spec.ipFamilies` (upstream would want nothing and, with the
@@ -583,14 +581,16 @@ pub fn decide(service: Option<&Value>, key: &ServiceKey, mode: AssignMode, track
 }
 
 /// Whether a held address of `family` still matches the request: the requested address; else in
-/// a requested pool of its family; else in an Automatic LB pool.
+/// a requested pool of its family; else not in a Manual LB pool. An address whose pool was
+/// deleted or stopped allowing LoadBalancer use is kept, as upstream keeps it: one pool edit
+/// must not give every Service in it a new address.
 fn allowed_address(request: &LbRequest, family: Family, ip: IpAddr, lb_pools: &[LbPool]) -> bool {
     if request.addresses.is_some() {
         return request.address(family) == Some(ip);
     }
     match request.pools(family) {
         Some(nets) => nets.iter().any(|n| n.contains(&ip)),
-        None => lb_pools.iter().any(|p| !p.manual && p.cidr.contains(&ip)),
+        None => !lb_pools.iter().any(|p| p.manual && p.cidr.contains(&ip)),
     }
 }
 
@@ -913,14 +913,13 @@ mod tests {
     }
 
     #[test]
-    fn without_annotations_manual_pool_and_non_lb_addresses_are_released() {
+    fn without_annotations_manual_pool_addresses_are_released_and_those_of_a_gone_pool_kept() {
         let d = run(&plain(&[]), &["10.1.0.4"]);
         assert_eq!(d.release, ips(&["10.1.0.4"]), "upstream: no annotation but the address is from a Manual pool");
         assert_eq!(d.assign_auto.v4, 1);
         let d = run(&plain(&["10.9.0.4"]), &["10.9.0.4"]);
-        assert_eq!(d.release, ips(&["10.9.0.4"]), "its pool is gone or no longer LB (upstream kept it while other LB pools exist)");
-        assert_eq!(d.assign_auto.v4, 1);
-        assert_eq!(d.ingress, ingress(&[]));
+        assert!(d.release.is_empty() && d.assign_auto.is_empty(), "its pool is gone or no longer LB: kept, as upstream (one pool edit must not readdress every Service)");
+        assert_eq!(d.ingress, None);
     }
 
     #[test]

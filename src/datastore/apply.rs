@@ -776,6 +776,9 @@ pub async fn execute_assignment<D: Datastore>(
     use crate::ipam::assign::BlockWrite;
     let cidr = a.block_cidr;
     let fail = |e: DatastoreError| AssignWriteError::Failed(cidr, e);
+    if !opts.may_continue() {
+        return Err(fail(DatastoreError::invalid("no longer allowed to write")));
+    }
     let block = a.write.block();
     validate(block, true, now, opts).map_err(fail)?;
     let host = owner.affinity.strip_prefix("virtual:").ok_or_else(|| fail(DatastoreError::invalid(format!("{:?} is not a virtual affinity", owner.affinity))))?;

@@ -307,12 +307,12 @@ pub fn assign_ip(view: &IpamView<'_>, owner: &Owner<'_>, ip: IpAddr, now: Millis
         let ord = ip_to_ordinal(&cidr, ip).ok_or(AssignError::NotInPool(ip))?;
         return Ok(allocate(&block, &cidr, ord, owner, true));
     };
-    checked(&cidr, block)?;
     match block.spec.affinity.as_deref() {
         Some(a) if a == owner.affinity => {}
         None | Some("") if !view.strict_affinity => {}
         other => return Err(AssignError::ForeignBlock(ip, cidr, other.unwrap_or("").to_string())),
     }
+    checked(&cidr, block)?;
     let ord = ip_to_ordinal(&cidr, ip).ok_or(AssignError::NotInPool(ip))?;
     let spec = &block.spec;
     let free = spec.allocations.get(ord as usize).is_some_and(Option::is_none) && spec.unallocated.contains(&ord);

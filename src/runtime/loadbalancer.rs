@@ -128,9 +128,19 @@ fn apply_block_event(blocks: &mut Listed<Stored>, event: WatchEvent) -> bool {
     apply_event(blocks, event, |o| o.name.clone(), not_a_hosts_block)
 }
 
+/// A block as this controller keeps it: whole unless a host owns it; a host's only by its CIDR
+/// and affinity (the planner must know the CIDR is taken, never what is in it).
 fn not_a_hosts_block(o: &Stored) -> Option<Stored> {
     let affinity = Affinity::parse(o.value["spec"]["affinity"].as_str());
-    (!matches!(affinity, Affinity::Host(_))).then(|| o.clone())
+    if !matches!(affinity, Affinity::Host(_)) {
+        return Some(o.clone());
+    }
+    let slim = json!({"metadata": {"name": o.name}, "spec": {"cidr": o.value["spec"]["cidr"], "affinity": o.value["spec"]["affinity"]}});
+    Some(Stored { value: slim, ..o.clone() })
+}
+
+fn is_hosts(o: &Stored) -> bool {
+    matches!(Affinity::parse(o.value["spec"]["affinity"].as_str()), Affinity::Host(_))
 }
 
 fn reserved_cidrs(o: &Stored) -> Option<Vec<IpNet>> {
@@ -319,14 +329,32 @@ async fn round_inner<D: Datastore, C: ClusterReader + StatusWriter>(
 
     // The blocks, typed; what each LoadBalancer handle holds; who holds it.
     let mut blocks: BTreeMap<IpNet, (Stored, IpamBlock)> = BTreeMap::new();
+    // Hosts' blocks (CIDR and affinity only), for the planner to keep off; and the handles in
+    // blocks that cannot be read, whose Services are left as they are (what they hold is unknown).
+    let mut occupied: BTreeMap<IpNet, IpamBlock> = BTreeMap::new();
+    let mut unknown: BTreeSet<String> = BTreeSet::new();
     for stored in view.blocks.items().values() {
+        if is_hosts(stored) {
+            if let (Some(cidr), Ok(b)) = (stored.value["spec"]["cidr"].as_str().and_then(|c| c.parse::<IpNet>().ok()), stored.decode::<IpamBlock>()) {
+                occupied.insert(cidr, b);
+            }
+            continue;
+        }
         match stored.decode::<IpamBlock>() {
             Ok(b) if BlockView::from_block(&b).is_ok() => {
                 if let Ok(cidr) = b.spec.cidr.parse::<IpNet>() {
                     blocks.insert(cidr, (stored.clone(), b));
                 }
             }
-            _ => tracing::debug!(block = %stored.name, "loadbalancer: invalid block skipped (the GC's scan reports it)"),
+            _ => {
+                tracing::debug!(block = %stored.name, "loadbalancer: invalid block skipped (the GC's scan reports it)");
+                unknown.extend(stored.value["spec"]["attributes"].as_array().into_iter().flatten().filter_map(|a| a["handle_id"].as_str()).map(str::to_string));
+                if let Some(cidr) = stored.value["spec"]["cidr"].as_str().and_then(|c| c.parse::<IpNet>().ok())
+                    && let Ok(b) = stored.decode::<IpamBlock>()
+                {
+                    occupied.insert(cidr, b);
+                }
+            }
         }
     }
     let mut held: BTreeMap<String, (ServiceKey, Vec<Held>)> = BTreeMap::new();
@@ -361,7 +389,7 @@ async fn round_inner<D: Datastore, C: ClusterReader + StatusWriter>(
     // again: only a NotFound, or another incarnation, proves its addresses unwanted.
     let mut decided: Vec<(ServiceKey, Option<Value>, Vec<Held>, Decision)> = Vec::new();
     let mut cut_short = false;
-    for key in keys.values() {
+    for key in keys.values().filter(|k| !unknown.contains(&k.handle)) {
         let mut service = view.services.get(&format!("{}/{}", key.namespace, key.name)).filter(|s| key.is_of(s)).cloned();
         let holding: Vec<Held> = held.get(&key.handle).map(|(_, h)| h.clone()).unwrap_or_default();
         if service.is_none() && !holding.is_empty() {
@@ -401,6 +429,10 @@ async fn round_inner<D: Datastore, C: ClusterReader + StatusWriter>(
     for (key, service, holding, mut d) in decided {
         let key = &key;
         let service = service.as_ref();
+        if !(opts.dry_run || *may_write.borrow()) {
+            return Round::Idle;
+        }
+        let planned = d.release.len();
         d.release.retain(|ip| decision.allows(guard::fingerprint(&[ip.to_string().as_bytes()])));
         if opts.dry_run {
             tracing::info!(service = %format!("{}/{}", key.namespace, key.name), release = ?d.release, assign = ?d.assign_specific, auto = ?(d.assign_auto.v4, d.assign_auto.v6), "loadbalancer: dry run: would write");
@@ -409,12 +441,13 @@ async fn round_inner<D: Datastore, C: ClusterReader + StatusWriter>(
         if let Some(svc) = service {
             report_problems(shared, opts, svc, &d);
         }
-        // Releases first; the rest of this Service waits for the blocks' next state.
-        if !d.release.is_empty() {
-            release(ds, shared, opts, key, &holding, &d.release, now, cooldown_secs).await;
-            outcome = Round::Again.max_with(outcome);
+        // Some of its releases are held: its status and assignments wait with them (the view
+        // the guard doubts must not reach the Service's status either).
+        if d.release.len() < planned {
             continue;
         }
+        // The status first (stop advertising, then free): it says what is held once the
+        // releases are done. A status not written holds the releases back to the next round.
         if let (Some(svc), Some(ingress)) = (service, d.ingress.as_ref()) {
             let revision = svc["metadata"]["resourceVersion"].as_str().unwrap_or_default();
             let result = cluster.patch_status(ClusterKind::Service, &key.namespace, &key.name, revision, json!({"loadBalancer": {"ingress": ingress}})).await;
@@ -423,13 +456,21 @@ async fn round_inner<D: Datastore, C: ClusterReader + StatusWriter>(
                 Err(e) if e.is_conflict() || e.is_not_found() => "conflict",
                 Err(_) => "failed",
             };
-            if let Err(e) = &result {
-                tracing::warn!(service = %format!("{}/{}", key.namespace, key.name), error = %e, "loadbalancer: status write failed; the next round retries");
-                outcome = Round::NotNow.max_with(outcome);
-            } else {
-                tracing::info!(service = %format!("{}/{}", key.namespace, key.name), ingress = %serde_json::Value::Array(ingress.clone()), "loadbalancer: status written");
-            }
             shared.metrics(|m| *m.lb_writes.entry(("status", label)).or_default() += 1);
+            match &result {
+                Ok(_) => tracing::info!(service = %format!("{}/{}", key.namespace, key.name), ingress = %serde_json::Value::Array(ingress.clone()), "loadbalancer: status written"),
+                Err(e) => {
+                    tracing::warn!(service = %format!("{}/{}", key.namespace, key.name), error = %e, "loadbalancer: status write failed; the next round retries");
+                    outcome = Round::NotNow.max_with(outcome);
+                    continue;
+                }
+            }
+        }
+        // Releases next; the rest of this Service waits for the blocks' next state.
+        if !d.release.is_empty() {
+            let failed = release(ds, shared, opts, key, &holding, &d.release, now, cooldown_secs).await;
+            outcome = if failed { Round::NotNow } else { Round::Again }.max_with(outcome);
+            continue;
         }
         let Some(svc) = service else { continue };
         let attrs = lb::allocation_attributes(&key.name, &key.namespace, now);
@@ -441,7 +482,11 @@ async fn round_inner<D: Datastore, C: ClusterReader + StatusWriter>(
             }
         }
         for want in wants {
-            let typed: BTreeMap<IpNet, IpamBlock> = blocks.iter().map(|(c, (_, b))| (*c, b.clone())).collect();
+            if !*may_write.borrow() {
+                return Round::Idle;
+            }
+            let mut typed: BTreeMap<IpNet, IpamBlock> = occupied.clone();
+            typed.extend(blocks.iter().map(|(c, (_, b))| (*c, b.clone())));
             let ipam = IpamView { pools: &pool_infos, blocks: &typed, reserved: &reserved, strict_affinity, max_blocks_per_host };
             let planned = match &want {
                 Want::Specific(ip) => assign::assign_ip(&ipam, &owner, *ip, now),
@@ -468,10 +513,11 @@ async fn round_inner<D: Datastore, C: ClusterReader + StatusWriter>(
                     outcome = Round::Again.max_with(outcome);
                 }
                 Err(e) => {
-                    let label = if e.category() == "conflict" { "conflict" } else { "failed" };
-                    tracing::info!(service = %format!("{}/{}", key.namespace, key.name), error = %e, "loadbalancer: assignment not written; the next round plans again");
-                    shared.metrics(|m| *m.lb_writes.entry(("assign", label)).or_default() += 1);
-                    outcome = Round::Again.max_with(outcome);
+                    let moved = e.category() == "conflict";
+                    tracing::info!(service = %format!("{}/{}", key.namespace, key.name), error = %e, "loadbalancer: assignment not written; a later round plans again");
+                    shared.metrics(|m| *m.lb_writes.entry(("assign", if moved { "conflict" } else { "failed" })).or_default() += 1);
+                    // A block that moved is planned again at once; a refusal waits (no spin).
+                    outcome = if moved { Round::Again } else { Round::NotNow }.max_with(outcome);
                     break;
                 }
             }
@@ -517,7 +563,7 @@ fn report_problems(shared: &Shared, opts: &LbOptions, svc: &Value, d: &Decision)
 /// Releases `ips` (each held by `key`'s handle) by compare-and-swap on their blocks, with their
 /// handle's counts.
 #[allow(clippy::too_many_arguments)]
-async fn release<D: Datastore>(ds: &D, shared: &Shared, opts: &LbOptions, key: &ServiceKey, holding: &[Held], ips: &[IpAddr], now: Millis, cooldown_secs: u32) {
+async fn release<D: Datastore>(ds: &D, shared: &Shared, opts: &LbOptions, key: &ServiceKey, holding: &[Held], ips: &[IpAddr], now: Millis, cooldown_secs: u32) -> bool {
     let mut by_block: BTreeMap<&str, BlockRelease> = BTreeMap::new();
     for h in holding.iter().filter(|h| ips.contains(&h.ip)) {
         // Each block is read fresh by the writer; an address whose handle or sequence number
@@ -539,6 +585,7 @@ async fn release<D: Datastore>(ds: &D, shared: &Shared, opts: &LbOptions, key: &
             *m.lb_writes.entry(("release", "failed")).or_default() += failed;
         }
     });
+    failed > 0
 }
 
 #[cfg(test)]
@@ -684,6 +731,32 @@ mod tests {
         old.revision = "1".into();
         assert!(!apply_block_event(&mut view.blocks, WatchEvent::Apply(old)));
         assert_eq!(view.blocks.get("192-0-2-0-30"), Some(&current));
+    }
+
+    #[tokio::test]
+    async fn a_service_calico_stops_managing_loses_its_status_entry_before_its_address() {
+        let (ds, cluster) = setup().await;
+        let shared = shared("AllServices", true);
+        rounds(&ds, &cluster, &shared, true, 2).await;
+        assert_eq!(ingress(&cluster), json!([{"ip": "192.0.2.0"}]));
+        let mut web = cluster.get_now(ClusterKind::Service, "default", "web").unwrap().value;
+        web["spec"]["loadBalancerClass"] = json!("other.io/lb");
+        cluster.apply(ClusterKind::Service, web);
+        rounds(&ds, &cluster, &shared, true, 3).await;
+        assert_eq!(ingress(&cluster), json!([]), "no longer advertised");
+        let block: IpamBlock = ds.peek(Kind::IpamBlock, "192-0-2-0-30").unwrap().decode().unwrap();
+        assert!(block.spec.allocations.iter().all(Option::is_none), "and freed");
+    }
+
+    #[tokio::test]
+    async fn a_hosts_block_in_the_pool_is_never_claimed_or_written() {
+        let (ds, cluster) = setup().await;
+        let host = json!({"metadata": {"name": "192-0-2-0-30"}, "spec": {"cidr": "192.0.2.0/30", "affinity": "host:n1", "allocations": [null, null, null, null], "unallocated": [0, 1, 2, 3], "attributes": []}});
+        ds.create(Kind::IpamBlock, "192-0-2-0-30", host.clone()).await.unwrap();
+        let shared = shared("AllServices", true);
+        rounds(&ds, &cluster, &shared, true, 2).await;
+        assert_eq!(ds.peek(Kind::IpamBlock, "192-0-2-0-30").unwrap().value["spec"]["allocations"], host["spec"]["allocations"], "the host's block untouched");
+        assert_eq!(ingress(&cluster), json!([{"ip": "192.0.2.4"}]), "the next free block claimed");
     }
 
     #[test]

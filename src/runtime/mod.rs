@@ -397,7 +397,10 @@ async fn run_on<D: Datastore + Clone + 'static>(client: kube::Client, backend: B
     };
     // Kubernetes datastore: LoadBalancer addresses (SPEC §6.6; on etcd not yet, said in the status).
     let loadbalancer_task = (!ds.keeps_calico_nodes()).then(|| {
-        let o = loadbalancer::LbOptions { dry_run: opts.controller.dry_run, guard: opts.controller.env.guard, events: events.clone(), execute: crate::datastore::apply::ExecuteOptions::default() };
+        let leading = may_write.clone();
+        // Every write stops once this replica no longer leads, mid-round too.
+        let execute = crate::datastore::apply::ExecuteOptions { keep_going: Some(crate::datastore::apply::KeepGoing::new(move || *leading.borrow())), ..Default::default() };
+        let o = loadbalancer::LbOptions { dry_run: opts.controller.dry_run, guard: opts.controller.env.guard, events: events.clone(), execute };
         tokio::spawn(loadbalancer::run(ds.clone(), cluster.clone(), shared.clone(), may_write.clone(), o, stop_rx.clone()))
     });
     // Both datastores: the node controller's automatic host endpoints (SPEC §1.6).
