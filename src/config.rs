@@ -926,7 +926,8 @@ mod tests {
         assert_eq!(rc.load_balancer.as_deref(), Some("AllServices"));
         assert_eq!(
             rc.not_implemented(),
-            vec!["loadbalancer", "policy", "namespace", "serviceaccount", "workloadendpoint"]
+            vec!["policy", "namespace", "serviceaccount", "workloadendpoint"],
+            "loadbalancer runs on Kubernetes; the profile and policy controllers only on etcd"
         );
     }
 

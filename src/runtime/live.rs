@@ -192,7 +192,9 @@ mod tests {
         let (ready, reason) = condition("node");
         assert!(ready && !reason.contains("flannel") && !reason.contains("loadbalancer"), "{reason}");
         let (ready, reason) = condition("node,loadbalancer");
-        assert!(ready && reason.starts_with("not implemented in this version: ") && reason.contains("loadbalancer"), "{reason}");
+        assert!(ready && reason.is_empty(), "loadbalancer runs on Kubernetes: {reason}");
+        let (ready, reason) = condition("node,namespace");
+        assert!(ready && reason.starts_with("not implemented in this version: ") && reason.contains("namespace"), "{reason}");
         let (ready, reason) = condition("policy");
         assert!(ready && reason.contains("garbage collector does not run") && reason.contains("policy"), "{reason}");
     }
