@@ -379,6 +379,11 @@ async fn round_inner<D: Datastore, C: ClusterReader + StatusWriter>(
     }
     shared.metrics(|m| m.lb_addresses = by_pool);
 
+    // What the planner reads: hosts' and unreadable blocks as occupied, ours as they are; built
+    // once per round and kept current with this round's own writes.
+    let mut planner_blocks: BTreeMap<IpNet, IpamBlock> = occupied;
+    planner_blocks.extend(blocks.iter().map(|(c, (_, b))| (*c, b.clone())));
+
     let mut keys: BTreeMap<String, ServiceKey> = held.iter().map(|(h, (k, _))| (h.clone(), k.clone())).collect();
     for svc in view.services.items().values().filter(|s| lb::is_managed(s, mode)) {
         let key = ServiceKey::of_service(svc);
@@ -485,9 +490,7 @@ async fn round_inner<D: Datastore, C: ClusterReader + StatusWriter>(
             if !*may_write.borrow() {
                 return Round::Idle;
             }
-            let mut typed: BTreeMap<IpNet, IpamBlock> = occupied.clone();
-            typed.extend(blocks.iter().map(|(c, (_, b))| (*c, b.clone())));
-            let ipam = IpamView { pools: &pool_infos, blocks: &typed, reserved: &reserved, strict_affinity, max_blocks_per_host };
+            let ipam = IpamView { pools: &pool_infos, blocks: &planner_blocks, reserved: &reserved, strict_affinity, max_blocks_per_host };
             let planned = match &want {
                 Want::Specific(ip) => assign::assign_ip(&ipam, &owner, *ip, now),
                 Want::Auto(family, pools) => assign::auto_assign(&ipam, &owner, *family, pools.as_deref(), now),
@@ -508,6 +511,7 @@ async fn round_inner<D: Datastore, C: ClusterReader + StatusWriter>(
                     shared.metrics(|m| *m.lb_writes.entry(("assign", "ok")).or_default() += 1);
                     written_blocks.push(written.clone());
                     if let Ok(b) = written.decode::<IpamBlock>() {
+                        planner_blocks.insert(a.block_cidr, b.clone());
                         blocks.insert(a.block_cidr, (written, b));
                     }
                     outcome = Round::Again.max_with(outcome);
