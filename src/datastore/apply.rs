@@ -715,7 +715,7 @@ fn virtual_affinity(name: &str, host: &str, cidr: &IpNet, state: &str) -> serde_
     let version = if cidr.addr().is_ipv4() { "4" } else { "6" };
     serde_json::json!({
         "apiVersion": crate::model::CALICO_API_VERSION, "kind": crate::model::affinity::KIND,
-        "metadata": {"name": name, "labels": {"projectcalico.org/affinity-type": "virtual", "projectcalico.org/ip-version": version}},
+        "metadata": {"name": name, "labels": {"projectcalico.org/affinity-type": "virtual", "projectcalico.org/ip-version": version, "projectcalico.org/hostname-hash": crate::model::names::hostname_hash(host)}},
         "spec": {"state": state, "node": host, "type": "virtual", "cidr": cidr.to_string(), "deleted": "false"}
     })
 }

@@ -25,6 +25,8 @@ use crate::model::names::{cidr_to_etcd_key_part, cidr_to_name, is_affinity_name,
 pub const IPAM_ROOT: &str = "/calico/ipam/v2/";
 pub const BLOCK_PREFIX: &str = "/calico/ipam/v2/assignment/";
 pub const HOST_PREFIX: &str = "/calico/ipam/v2/host/";
+/// Affinities of virtual owners (the LoadBalancer controller's `load-balancer`), beside the hosts'.
+pub const VIRTUAL_PREFIX: &str = "/calico/ipam/v2/virtual/";
 pub const HANDLE_PREFIX: &str = "/calico/ipam/v2/handle/";
 pub const IPAM_CONFIG_KEY: &str = "/calico/ipam/v2/config";
 pub const RESOURCE_PREFIX: &str = "/calico/resources/v3/projectcalico.org/";
@@ -35,6 +37,10 @@ pub const V3_API_VERSION: &str = "projectcalico.org/v3";
 pub fn kind_range(kind: Kind) -> (String, String) {
     match kind {
         Kind::IpamConfig => (IPAM_CONFIG_KEY.to_string(), format!("{IPAM_CONFIG_KEY}\0")),
+        // Hosts' and virtual owners' affinities in one range: libcalico keeps nothing between
+        // `host/` and `virtual/` (`assignment/`, `config` and `handle/` sort before `host/`), and
+        // a stray key there is not an affinity key, so `parse_key` drops it.
+        Kind::BlockAffinity => (HOST_PREFIX.to_string(), prefix_end(VIRTUAL_PREFIX)),
         _ => {
             let prefix = kind_prefix(kind);
             let end = prefix_end(&prefix);
@@ -115,8 +121,33 @@ fn block_key(cidr: &IpNet) -> String {
     format!("{BLOCK_PREFIX}{}/block/{}", family(cidr), cidr_to_etcd_key_part(cidr))
 }
 
-fn affinity_key(node: &str, cidr: &IpNet) -> String {
-    format!("{HOST_PREFIX}{node}/{}/block/{}", family(cidr), cidr_to_etcd_key_part(cidr))
+/// Whose affinity a key holds: a host's (`host/`) or a virtual owner's (`virtual/`, spec.type
+/// `virtual`). The KDD name is the same for both (`<node>-<cidrname>`), as in KDD itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AffinityType {
+    Host,
+    Virtual,
+}
+
+impl AffinityType {
+    fn prefix(self) -> &'static str {
+        match self {
+            AffinityType::Host => HOST_PREFIX,
+            AffinityType::Virtual => VIRTUAL_PREFIX,
+        }
+    }
+
+    /// From an affinity's `spec.type`: libcalico writes none, or `host`, for hosts.
+    fn of_body(body: &Value) -> Self {
+        match body.get("spec").and_then(|s| s.get("type")).and_then(Value::as_str) {
+            Some("virtual") => AffinityType::Virtual,
+            _ => AffinityType::Host,
+        }
+    }
+}
+
+fn affinity_key(ty: AffinityType, node: &str, cidr: &IpNet) -> String {
+    format!("{}{node}/{}/block/{}", ty.prefix(), family(cidr), cidr_to_etcd_key_part(cidr))
 }
 
 fn cidr_from_key_part(part: &str) -> Option<IpNet> {
@@ -143,13 +174,15 @@ pub fn candidate_keys(kind: Kind, name: &str) -> DsResult<Vec<String>> {
                     continue;
                 }
                 if let Some(cidr) = cidr_from_name(cidr_name) {
-                    keys.push(affinity_key(node, &cidr));
+                    keys.push(affinity_key(AffinityType::Host, node, &cidr));
+                    keys.push(affinity_key(AffinityType::Virtual, node, &cidr));
                 }
             }
             if keys.is_empty() {
                 return Err(invalid(kind, name, "on etcd an affinity is named <node>-<cidrname> (n1-10-0-0-0-26)"));
             }
-            // IPv4 names have one reading; IPv6 ones may have several, which the backend tries in turn.
+            // IPv4 names have one reading; IPv6 ones may have several, which the backend tries in
+            // turn; each reading is a host's key or a virtual owner's, the host's first.
             Ok(keys)
         }
         Kind::IpamHandle => Ok(vec![format!("{HANDLE_PREFIX}{name}")]),
@@ -184,7 +217,7 @@ pub fn key_for_write(kind: Kind, name: &str, body: &Value) -> DsResult<String> {
             if !is_affinity_name(name, node, &cidr) {
                 return Err(invalid(kind, name, format!("is not the name of the affinity of {node} for {c}")));
             }
-            Ok(affinity_key(node, &cidr))
+            Ok(affinity_key(AffinityType::of_body(body), node, &cidr))
         }
         _ => Ok(candidate_keys(kind, name)?.remove(0)),
     }
@@ -198,10 +231,13 @@ pub fn parse_key(kind: Kind, key: &str) -> Option<KeyInfo> {
             let rest = key.strip_prefix(BLOCK_PREFIX)?;
             let (_family, part) = rest.split_once("/block/")?;
             let cidr = cidr_from_key_part(part)?;
-            (block_key(&cidr) == key).then(|| KeyInfo { name: cidr_to_name(&cidr), node: None, cidr: Some(cidr) })
+            (block_key(&cidr) == key).then(|| KeyInfo { name: cidr_to_name(&cidr), node: None, cidr: Some(cidr), virtual_owner: false })
         }
         Kind::BlockAffinity => {
-            let rest = key.strip_prefix(HOST_PREFIX)?;
+            let (ty, rest) = match key.strip_prefix(HOST_PREFIX) {
+                Some(rest) => (AffinityType::Host, rest),
+                None => (AffinityType::Virtual, key.strip_prefix(VIRTUAL_PREFIX)?),
+            };
             let mut parts = rest.split('/');
             let (node, _family, block, part) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
             if parts.next().is_some() || block != "block" || node.is_empty() {
@@ -209,16 +245,16 @@ pub fn parse_key(kind: Kind, key: &str) -> Option<KeyInfo> {
             }
             let cidr = cidr_from_key_part(part)?;
             // The plain name, never KDD's hashed one: the key holds node and CIDR in full.
-            (affinity_key(node, &cidr) == key).then(|| KeyInfo { name: plain_affinity_name(node, &cidr), node: Some(node.to_string()), cidr: Some(cidr) })
+            (affinity_key(ty, node, &cidr) == key).then(|| KeyInfo { name: plain_affinity_name(node, &cidr), node: Some(node.to_string()), cidr: Some(cidr), virtual_owner: ty == AffinityType::Virtual })
         }
         Kind::IpamHandle => {
             let id = key.strip_prefix(HANDLE_PREFIX)?;
-            (!id.is_empty() && !id.contains('/')).then(|| KeyInfo { name: id.to_string(), node: None, cidr: None })
+            (!id.is_empty() && !id.contains('/')).then(|| KeyInfo { name: id.to_string(), node: None, cidr: None, virtual_owner: false })
         }
-        Kind::IpamConfig => (key == IPAM_CONFIG_KEY).then(|| KeyInfo { name: "default".into(), node: None, cidr: None }),
+        Kind::IpamConfig => (key == IPAM_CONFIG_KEY).then(|| KeyInfo { name: "default".into(), node: None, cidr: None, virtual_owner: false }),
         other => {
             let name = key.strip_prefix(&kind_prefix(other))?;
-            segment(other, name).is_ok().then(|| KeyInfo { name: name.to_string(), node: None, cidr: None })
+            segment(other, name).is_ok().then(|| KeyInfo { name: name.to_string(), node: None, cidr: None, virtual_owner: false })
         }
     }
 }
@@ -230,6 +266,8 @@ pub struct KeyInfo {
     pub name: String,
     pub node: Option<String>,
     pub cidr: Option<IpNet>,
+    /// An affinity key under `virtual/` (its object's spec.type is `virtual`).
+    pub virtual_owner: bool,
 }
 
 /// The uid of an object whose stored value carries none: stable for the life of the key
@@ -277,7 +315,8 @@ pub fn to_etcd_value(kind: Kind, name: &str, body: &Value) -> DsResult<Vec<u8>> 
             for key_field in ["node", "cidr"] {
                 spec.remove(key_field);
             }
-            if spec.get("type").and_then(Value::as_str).is_some_and(|t| t.is_empty() || t == "host") {
+            // The key says host or virtual (`key_for_write`); libcalico's value has no type.
+            if spec.get("type").and_then(Value::as_str).is_some_and(|t| t.is_empty() || t == "host" || t == "virtual") {
                 spec.remove("type");
             }
             let deleted = match spec.get("deleted") {
@@ -352,6 +391,12 @@ pub fn from_etcd_value(kind: Kind, key: &str, value: &[u8], mod_revision: i64, c
             object.insert("deleted".into(), Value::String(deleted.to_string()));
             object.insert("node".into(), Value::String(info.node.clone().unwrap_or_default()));
             object.insert("cidr".into(), Value::String(info.cidr.map(|c| c.to_string()).unwrap_or_default()));
+            // The key, not the value, says whose affinity it is.
+            if info.virtual_owner {
+                object.insert("type".into(), Value::String("virtual".into()));
+            } else if object.contains_key("type") {
+                object.insert("type".into(), Value::String("host".into()));
+            }
             (derived_uid.clone(), wrap(object, &derived_uid))
         }
         Kind::IpamHandle => {
@@ -457,11 +502,46 @@ mod tests {
         let key = format!("/calico/ipam/v2/host/{node}/ipv4/block/10.0.0.0-26");
         let info = parse_key(Kind::BlockAffinity, &key).unwrap();
         assert_eq!(info.name, plain_affinity_name(&node, &net));
-        assert_eq!(candidate_keys(Kind::BlockAffinity, &info.name).unwrap(), std::slice::from_ref(&key));
+        assert_eq!(candidate_keys(Kind::BlockAffinity, &info.name).unwrap(), [key.clone(), key.replace("/v2/host/", "/v2/virtual/")]);
         let body = json!({"spec": {"node": node, "cidr": "10.0.0.0/26", "state": "confirmed"}});
         for name in [plain_affinity_name(&node, &net), affinity_name(&node, &net)] {
             assert_eq!(key_for_write(Kind::BlockAffinity, &name, &body).unwrap(), key, "both names write the one key");
         }
+    }
+
+    #[test]
+    fn virtual_owners_affinities_live_under_virtual_with_their_type_in_the_key_only() {
+        let net = cidr("203.0.113.0/29");
+        let name = plain_affinity_name("load-balancer", &net);
+        let key = "/calico/ipam/v2/virtual/load-balancer/ipv4/block/203.0.113.0-29";
+        let (start, end) = kind_range(Kind::BlockAffinity);
+        for k in [key, "/calico/ipam/v2/host/n1/ipv4/block/10.0.0.0-26"] {
+            assert!(start.as_str() <= k && k < end.as_str(), "{k} is in the affinities' range");
+        }
+        for other in ["/calico/ipam/v2/assignment/ipv4/block/10.0.0.0-26", "/calico/ipam/v2/handle/h", "/calico/ipam/v2/config", "/calico/resources/v3/projectcalico.org/ippools/p"] {
+            assert!(!(start.as_str() <= other && other < end.as_str()), "{other} is outside it");
+        }
+        assert_eq!(parse_key(Kind::BlockAffinity, "/calico/ipam/v2/virtual/load-balancer"), None);
+        assert_eq!(parse_key(Kind::BlockAffinity, "/calico/ipam/v2/other/n1/ipv4/block/10.0.0.0-26"), None);
+        let info = parse_key(Kind::BlockAffinity, key).unwrap();
+        assert_eq!((info.name.as_str(), info.node.as_deref(), info.virtual_owner), (name.as_str(), Some("load-balancer"), true));
+        assert!(candidate_keys(Kind::BlockAffinity, &name).unwrap().contains(&key.to_string()));
+        let body = json!({"spec": {"node": "load-balancer", "cidr": "203.0.113.0/29", "type": "virtual", "state": "pending", "deleted": "false"}});
+        assert_eq!(key_for_write(Kind::BlockAffinity, &name, &body).unwrap(), key);
+        let mut host = body.clone();
+        host["spec"]["type"] = json!("host");
+        assert_eq!(key_for_write(Kind::BlockAffinity, &name, &host).unwrap(), key.replace("/virtual/", "/host/"));
+        // libcalico's value: state and deleted only.
+        let bytes = to_etcd_value(Kind::BlockAffinity, &name, &body).unwrap();
+        assert_eq!(serde_json::from_slice::<Value>(&bytes).unwrap(), json!({"state": "pending", "deleted": false}));
+        let back = from_etcd_value(Kind::BlockAffinity, key, &bytes, 9, 8).unwrap();
+        let typed: crate::model::BlockAffinity = back.decode().unwrap();
+        assert_eq!((typed.spec.affinity_type.as_str(), typed.spec.node.as_str(), typed.spec.cidr.as_str()), ("virtual", "load-balancer", "203.0.113.0/29"));
+        assert!(!typed.spec.is_host(), "the GC's index leaves it alone");
+        // Under host/, the key wins over a value that says otherwise.
+        let host_key = key.replace("/virtual/", "/host/");
+        let odd = from_etcd_value(Kind::BlockAffinity, &host_key, br#"{"state":"confirmed","type":"virtual"}"#, 9, 8).unwrap();
+        assert_eq!(odd.value["spec"]["type"], "host");
     }
 
     #[test]

@@ -128,6 +128,28 @@ pub fn ip_sort_key(ip: &IpAddr) -> (u8, u128) {
 
 /// Calico's WorkloadEndpoint name for a Kubernetes pod: `<node>-k8s-<pod>-<endpoint>` with
 /// every dash inside a segment doubled (used for `owners` in check reports).
+/// The `projectcalico.org/hostname-hash` label libcalico puts on KDD BlockAffinities (and
+/// selects them by): SHA3-256 of the host name, RFC 4648 base32 without padding (52 characters,
+/// a valid label value for any host name).
+pub fn hostname_hash(host: &str) -> String {
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let digest = sha3::Sha3_256::digest(host.as_bytes());
+    let mut out = String::with_capacity(52);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for byte in digest {
+        acc = (acc << 8) | u32::from(byte);
+        bits += 8;
+        while bits >= 5 {
+            bits -= 5;
+            out.push(ALPHABET[((acc >> bits) & 31) as usize] as char);
+        }
+    }
+    if bits > 0 {
+        out.push(ALPHABET[((acc << (5 - bits)) & 31) as usize] as char);
+    }
+    out
+}
+
 pub fn workload_endpoint_name(node: &str, pod: &str, endpoint: &str) -> String {
     let esc = |s: &str| s.replace('-', "--");
     format!("{}-k8s-{}-{}", esc(node), esc(pod), esc(endpoint))
@@ -155,6 +177,14 @@ mod tests {
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn hostname_hash_is_unpadded_base32_of_sha3_256() {
+        // Reference values: Python's hashlib.sha3_256 and base64.b32encode, padding stripped.
+        assert_eq!(hostname_hash("load-balancer"), "TAU2RK2F2FG7MIS72DPZYC6FJ3U3BIWIDZAMUTQY7ZXMSKQZ5GSQ");
+        assert_eq!(hostname_hash(""), "U774N6F7D3LWMUOBI5LKAYOWML2YB72N4Q5UT6UC3AFEXAHYINFA");
+        assert_eq!(hostname_hash("node-1").len(), 52);
     }
 
     #[test]

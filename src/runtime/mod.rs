@@ -395,8 +395,8 @@ async fn run_on<D: Datastore + Clone + 'static>(client: kube::Client, backend: B
     } else {
         Vec::new()
     };
-    // Kubernetes datastore: LoadBalancer addresses (SPEC §6.6; on etcd not yet, said in the status).
-    let loadbalancer_task = (!ds.keeps_calico_nodes()).then(|| {
+    // Both datastores: LoadBalancer addresses (SPEC §6.6); Services come from Kubernetes either way.
+    let loadbalancer_task = Some({
         let leading = may_write.clone();
         // Every write stops once this replica no longer leads, mid-round too.
         let execute = crate::datastore::apply::ExecuteOptions { keep_going: Some(crate::datastore::apply::KeepGoing::new(move || *leading.borrow())), ..Default::default() };

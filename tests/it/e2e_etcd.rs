@@ -975,3 +975,64 @@ async fn light_controllers_killed_mid_run_converge_after_a_restart_writing_only_
     assert_eq!(written as usize, total - before, "the restarted controller wrote exactly the {} objects missing of {total}", total - before);
     eprintln!("light controllers restarted: the first wrote {before} of {total} objects before SIGKILL; the second wrote the other {written}");
 }
+
+/// SPEC §6.6 on etcd: a LoadBalancer Service (in Kubernetes) gets an address from an etcd IP
+/// pool, claimed as libcalico lays it out in etcd (the virtual affinity under
+/// `/calico/ipam/v2/virtual/load-balancer/`, never under `host/`; the block's affinity
+/// `virtual:load-balancer`; the `lb-` handle); a restart gives it no second address; deleting the
+/// Service frees the address and its handle.
+#[tokio::test]
+async fn on_etcd_a_load_balancer_service_gets_an_address_claimed_in_etcd_and_gives_it_back() {
+    use crate::e2e_loadbalancer::{ingress, service};
+    use k8s_openapi::api::core::v1::Service;
+    let (cluster, ds, env, _nodes) = etcd_cluster().await;
+    let env = pairs(&env);
+    let pool = json!({"apiVersion": "projectcalico.org/v3", "kind": "IPPool", "metadata": {"name": "lb-pool"},
+                      "spec": {"cidr": "203.0.113.0/28", "blockSize": 29, "allowedUses": ["LoadBalancer"], "nodeSelector": "all()"}});
+    ds.create(Kind::IpPool, "lb-pool", pool).await.expect("the LoadBalancer pool in etcd");
+    let services: Api<Service> = Api::namespaced(cluster.client(), "default");
+    services.create(&PostParams::default(), &service("web", json!({}))).await.expect("web");
+    let port = free_port();
+    let mut controller = start_controller_with(&cluster.kubeconfig, &[], &env, port, "etcd-lb-1");
+    let started = Instant::now();
+    let ip = loop {
+        if let Some(ip) = services.get("web").await.ok().and_then(|s| ingress(&s).first().cloned()) {
+            break ip;
+        }
+        assert!(started.elapsed() < DEADLINE, "web never got an address\n{}", controller.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let net: ipnet::IpNet = "203.0.113.0/28".parse().unwrap();
+    let addr: std::net::IpAddr = ip.parse().unwrap();
+    assert!(net.contains(&addr), "{ip} is from the pool");
+    let block_cidr = ipnet::IpNet::new(addr, 29).unwrap().trunc();
+    let part = block_cidr.to_string().replace('/', "-");
+    let keys = etcdctl(&cluster, &["get", "--prefix", "/calico/ipam/v2/", "--keys-only"]).expect("etcdctl");
+    let keys: Vec<&str> = keys.lines().filter(|l| !l.is_empty()).collect();
+    assert!(keys.contains(&format!("/calico/ipam/v2/virtual/load-balancer/ipv4/block/{part}").as_str()), "{keys:#?}");
+    assert!(keys.contains(&format!("/calico/ipam/v2/assignment/ipv4/block/{part}").as_str()), "{keys:#?}");
+    assert!(!keys.iter().any(|k| k.starts_with("/calico/ipam/v2/host/load-balancer")), "no host affinity for the virtual owner: {keys:#?}");
+    let value = etcdctl(&cluster, &["get", "--print-value-only", &format!("/calico/ipam/v2/virtual/load-balancer/ipv4/block/{part}")]).expect("etcdctl");
+    let value: serde_json::Value = serde_json::from_str(value.trim()).expect("the affinity's value is JSON");
+    assert_eq!(value, json!({"state": "confirmed", "deleted": false}), "libcalico's affinity value");
+    let block_name = block_cidr.to_string().replace(['.', '/'], "-");
+    let block = ds.get(Kind::IpamBlock, &block_name).await.expect("the block");
+    assert_eq!(block.value["spec"]["affinity"], "virtual:load-balancer");
+    let handles: Vec<String> = keys.iter().filter_map(|k| k.strip_prefix("/calico/ipam/v2/handle/")).map(str::to_string).collect();
+    assert!(handles.len() == 1 && handles[0].starts_with("lb-"), "one LoadBalancer handle: {handles:?}");
+
+    // A restart finds the assignment in etcd: no second address.
+    drop(controller);
+    controller = start_controller_with(&cluster.kubeconfig, &[], &env, port, "etcd-lb-2");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let block = ds.get(Kind::IpamBlock, &block_name).await.expect("the block");
+    let used = block.value["spec"]["allocations"].as_array().unwrap().iter().filter(|a| !a.is_null()).count();
+    assert_eq!(used, 1, "one address after the restart: {}\n{}", block.value, controller.log_text());
+    assert_eq!(ingress(&services.get("web").await.unwrap()), [ip.clone()]);
+
+    services.delete("web", &DeleteParams::default()).await.expect("deleting web");
+    wait_gone(&ds, Kind::IpamHandle, &handles[0], &controller).await;
+    let block = ds.get(Kind::IpamBlock, &block_name).await.expect("the emptied block stays, as upstream's");
+    assert!(block.value["spec"]["allocations"].as_array().unwrap().iter().all(|a| a.is_null()), "{}", block.value);
+    assert!(!controller.log_text().contains("panicked"), "{}", controller.log_text());
+}

@@ -16,7 +16,7 @@ use crate::support::controller::{ChildGuard, calico, free_port, start_controller
 
 const POOL: &str = "203.0.113.0/28";
 
-fn service(name: &str, annotations: Value) -> Service {
+pub fn service(name: &str, annotations: Value) -> Service {
     serde_json::from_value(json!({
         "metadata": {"name": name, "namespace": "default", "annotations": annotations},
         "spec": {"type": "LoadBalancer", "ports": [{"port": 80, "targetPort": 8080}], "selector": {"app": name}}
@@ -24,7 +24,7 @@ fn service(name: &str, annotations: Value) -> Service {
     .unwrap()
 }
 
-fn ingress(s: &Service) -> Vec<String> {
+pub fn ingress(s: &Service) -> Vec<String> {
     s.status.as_ref().and_then(|st| st.load_balancer.as_ref()).and_then(|lb| lb.ingress.clone()).unwrap_or_default().into_iter().filter_map(|i| i.ip).collect()
 }
 
