@@ -1028,7 +1028,7 @@ async fn on_etcd_a_load_balancer_service_gets_an_address_claimed_in_etcd_and_giv
     let block = ds.get(Kind::IpamBlock, &block_name).await.expect("the block");
     let used = block.value["spec"]["allocations"].as_array().unwrap().iter().filter(|a| !a.is_null()).count();
     assert_eq!(used, 1, "one address after the restart: {}\n{}", block.value, controller.log_text());
-    assert_eq!(ingress(&services.get("web").await.unwrap()), [ip.clone()]);
+    assert_eq!(ingress(&services.get("web").await.unwrap()), std::slice::from_ref(&ip));
 
     services.delete("web", &DeleteParams::default()).await.expect("deleting web");
     wait_gone(&ds, Kind::IpamHandle, &handles[0], &controller).await;
