@@ -475,6 +475,9 @@ rules:
 EOF
   # --endpoint-reconciler-type none: the reconciler refuses a loopback advertise address, and the
   # `kubernetes` Service needs no endpoints when nothing runs in the cluster.
+  # Dual-stack Service ranges (IPv4 first, so the `kubernetes` Service keeps 10.96.0.1): without an
+  # IPv6 range the API server refuses RequireDualStack and IPv6-only Services, which the
+  # LoadBalancer tests create.
   launch "$dir" kube-apiserver "$bins/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
     --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$APISERVER_PORT" \
@@ -483,7 +486,7 @@ EOF
     --service-account-issuer "https://kubernetes.default.svc.cluster.local" \
     --service-account-key-file "$pki/service-account.pub" \
     --service-account-signing-key-file "$pki/service-account.key" \
-    --service-cluster-ip-range 10.96.0.0/16 \
+    --service-cluster-ip-range 10.96.0.0/16,fd00:10:96::/108 \
     --endpoint-reconciler-type none \
     --authorization-mode Node,RBAC \
     --audit-log-path "$dir/audit.log" --audit-policy-file "$dir/audit-policy.yaml" \

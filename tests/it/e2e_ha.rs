@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use calico_kube_controllers::model::names::handle_object_name;
 
-use crate::support::cluster::{TestCluster, private_cluster};
+use crate::support::cluster::private_cluster;
 use crate::support::controller::{ChildGuard, DEADLINE, free_port, http_get, setup};
 use crate::support::audit::{self, now_ms};
-use crate::support::ha::{LEASE_NAMESPACE, add_gone_allocation, lease, lease_holder, leader_gauge, start_replica};
+use crate::support::ha::{LEASE_NAMESPACE, add_gone_allocation, lease, lease_holder, leader_gauge, replica, sole_leader, start_replica};
 
 /// The longest a standby may take to lead after its leader died: lease 10 s, plus the 2 s retry
 /// period in which the last renewal is first seen, plus one retry period to notice, plus slack
@@ -20,38 +20,6 @@ use crate::support::ha::{LEASE_NAMESPACE, add_gone_allocation, lease, lease_hold
 const KILL_TAKEOVER: Duration = Duration::from_secs(15);
 /// After a clean shutdown the Lease is free at once; the standby's next look (every 2 s) takes it.
 const TERM_TAKEOVER: Duration = Duration::from_secs(5);
-
-struct Replica {
-    name: &'static str,
-    port: u16,
-    guard: ChildGuard,
-}
-
-fn replica(cluster: &TestCluster, name: &'static str) -> Replica {
-    let port = free_port();
-    Replica { name, port, guard: start_replica(cluster, name, port, &[]) }
-}
-
-/// Waits until exactly one of `replicas` reports `kube_controllers_leader 1`, every other one
-/// 0, and the Lease names that one; returns its index.
-async fn sole_leader(cluster: &TestCluster, replicas: &[&Replica], within: Duration) -> usize {
-    let started = Instant::now();
-    loop {
-        let mut gauges = Vec::new();
-        for r in replicas {
-            gauges.push(leader_gauge(r.port).await);
-        }
-        let leaders: Vec<usize> = gauges.iter().enumerate().filter(|(_, g)| **g == Some(1.0)).map(|(i, _)| i).collect();
-        if gauges.iter().all(|g| matches!(g, Some(v) if *v == 0.0 || *v == 1.0)) && leaders.len() == 1 {
-            let holder = lease(cluster).await.as_ref().and_then(lease_holder);
-            if holder.as_deref() == Some(replicas[leaders[0]].name) {
-                return leaders[0];
-            }
-        }
-        assert!(started.elapsed() < within, "no single leader within {within:?}: gauges {gauges:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 async fn wait_freed(s: &crate::support::controller::Setup, ordinal: usize, handle: &str, what: &str) -> Duration {
     let started = Instant::now();
@@ -76,8 +44,8 @@ fn signal(guard: &ChildGuard, sig: &str) {
 async fn one_of_two_replicas_leads_and_alone_writes_and_a_killed_leader_is_replaced() {
     let cluster = private_cluster();
     let s = setup(&cluster).await;
-    let a = replica(&cluster, "ha-a");
-    let b = replica(&cluster, "ha-b");
+    let a = replica(&cluster, "ha-a", &[]);
+    let b = replica(&cluster, "ha-b", &[]);
 
     let started = Instant::now();
     let first = sole_leader(&cluster, &[&a, &b], DEADLINE).await;
@@ -136,8 +104,8 @@ async fn one_of_two_replicas_leads_and_alone_writes_and_a_killed_leader_is_repla
 #[tokio::test]
 async fn a_sigtermed_leader_gives_the_lease_up_and_the_standby_leads_within_seconds() {
     let cluster = private_cluster();
-    let a = replica(&cluster, "term-a");
-    let b = replica(&cluster, "term-b");
+    let a = replica(&cluster, "term-a", &[]);
+    let b = replica(&cluster, "term-b", &[]);
     let first = sole_leader(&cluster, &[&a, &b], DEADLINE).await;
     let (mut leader, standby) = if first == 0 { (a, b) } else { (b, a) };
     // Let the leader renew a few times, so that only a release (not expiry) can explain a quick

@@ -1,12 +1,15 @@
 //! Plumbing for the leader election tests: replicas of the controller binary told apart by
-//! `POD_NAME` (and so by their User-Agent), the `kube_controllers_leader` gauge, the Lease, and
-//! one more leaked allocation for a fixture block. Test plumbing only.
+//! `POD_NAME` (and so by their User-Agent), the `kube_controllers_leader` gauge, the Lease, the
+//! wait for a single leader, and one more leaked allocation for a fixture block. Test plumbing
+//! only.
+
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, PostParams};
 
 use crate::support::cluster::TestCluster;
-use crate::support::controller::{CIDR, ChildGuard, NODE, Setup, http_get, metric_sum, start_controller_with};
+use crate::support::controller::{CIDR, ChildGuard, NODE, Setup, free_port, http_get, metric_sum, start_controller_with};
 use crate::support::ipam::{Alloc, add_allocation, handle_object, pod_attrs};
 
 pub const LEASE_NAMESPACE: &str = "kube-system";
@@ -24,6 +27,40 @@ pub async fn leader_gauge(port: u16) -> Option<f64> {
     match http_get(port, "/metrics").await {
         Some((200, body)) if body.contains("kube_controllers_leader ") => Some(metric_sum(&body, "kube_controllers_leader")),
         _ => None,
+    }
+}
+
+/// A running replica: its `POD_NAME`, its `/metrics` port and its process.
+pub struct Replica {
+    pub name: &'static str,
+    pub port: u16,
+    pub guard: ChildGuard,
+}
+
+/// Replica `name` on a free port, with `extra` arguments (see [`start_replica`]).
+pub fn replica(cluster: &TestCluster, name: &'static str, extra: &[&str]) -> Replica {
+    let port = free_port();
+    Replica { name, port, guard: start_replica(cluster, name, port, extra) }
+}
+
+/// Waits until exactly one of `replicas` reports `kube_controllers_leader 1`, every other one
+/// 0, and the Lease names that one; returns its index.
+pub async fn sole_leader(cluster: &TestCluster, replicas: &[&Replica], within: Duration) -> usize {
+    let started = Instant::now();
+    loop {
+        let mut gauges = Vec::new();
+        for r in replicas {
+            gauges.push(leader_gauge(r.port).await);
+        }
+        let leaders: Vec<usize> = gauges.iter().enumerate().filter(|(_, g)| **g == Some(1.0)).map(|(i, _)| i).collect();
+        if gauges.iter().all(|g| matches!(g, Some(v) if *v == 0.0 || *v == 1.0)) && leaders.len() == 1 {
+            let holder = lease(cluster).await.as_ref().and_then(lease_holder);
+            if holder.as_deref() == Some(replicas[leaders[0]].name) {
+                return leaders[0];
+            }
+        }
+        assert!(started.elapsed() < within, "no single leader within {within:?}: gauges {gauges:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
