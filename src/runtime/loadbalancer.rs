@@ -431,6 +431,12 @@ async fn round_inner<D: Datastore, C: ClusterReader + StatusWriter>(
         (false, true) => Round::NotNow,
         (false, false) => Round::Ran,
     };
+    // Releases before assignments: an address freed this round must not have made another
+    // Service's request look unservable. What a release frees reaches the planner with the
+    // blocks' next state (the next round), so a request that fails in a round that released
+    // is tried again then, not reported.
+    decided.sort_by_key(|(_, _, _, d)| d.release.is_empty());
+    let mut released_this_round = false;
     for (key, service, holding, mut d) in decided {
         let key = &key;
         let service = service.as_ref();
@@ -474,6 +480,7 @@ async fn round_inner<D: Datastore, C: ClusterReader + StatusWriter>(
         // Releases next; the rest of this Service waits for the blocks' next state.
         if !d.release.is_empty() {
             let failed = release(ds, shared, opts, key, &holding, &d.release, now, cooldown_secs).await;
+            released_this_round = true;
             outcome = if failed { Round::NotNow } else { Round::Again }.max_with(outcome);
             continue;
         }
@@ -497,6 +504,11 @@ async fn round_inner<D: Datastore, C: ClusterReader + StatusWriter>(
             };
             let a = match planned {
                 Ok(a) => a,
+                Err(e) if released_this_round => {
+                    tracing::debug!(service = %format!("{}/{}", key.namespace, key.name), error = %e, "loadbalancer: no address yet; planned again once this round's releases are in view");
+                    outcome = Round::Again.max_with(outcome);
+                    continue;
+                }
                 Err(e) => {
                     tracing::warn!(service = %format!("{}/{}", key.namespace, key.name), error = %e, "loadbalancer: no address assigned");
                     shared.metrics(|m| *m.lb_failures.entry(e.category()).or_default() += 1);
@@ -761,6 +773,39 @@ mod tests {
         rounds(&ds, &cluster, &shared, true, 2).await;
         assert_eq!(ds.peek(Kind::IpamBlock, "192-0-2-0-30").unwrap().value["spec"]["allocations"], host["spec"]["allocations"], "the host's block untouched");
         assert_eq!(ingress(&cluster), json!([{"ip": "192.0.2.4"}]), "the next free block claimed");
+    }
+
+    #[tokio::test]
+    async fn an_address_freed_in_a_round_goes_to_the_waiting_service_without_an_exhausted_report() {
+        // A one-address pool; web holds it; wait is created later and queues behind it. Its
+        // handle sorts before web's, so without the ordering it would be planned first.
+        let ds = MemoryDatastore::new();
+        ds.create(Kind::IpPool, "lb", json!({"metadata": {"name": "lb"}, "spec": {"cidr": "192.0.2.0/32", "blockSize": 32, "allowedUses": ["LoadBalancer"]}})).await.unwrap();
+        let cluster = MemoryCluster::new();
+        let lb_service = |name: &str, uid: &str| json!({"metadata": {"name": name, "namespace": "default", "uid": uid}, "spec": {"type": "LoadBalancer", "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack"}});
+        cluster.apply(ClusterKind::Service, lb_service("web", "u-web"));
+        let shared = shared("AllServices", true);
+        rounds(&ds, &cluster, &shared, true, 2).await;
+        assert_eq!(ingress(&cluster), json!([{"ip": "192.0.2.0"}]));
+        let (mut waiting, mut uid) = (String::new(), String::new());
+        for i in 0..64 {
+            let (name, u) = (format!("wait-{i}"), format!("u-{i}"));
+            if lb::handle_id(&name, "default", &u) < lb::handle_id("web", "default", "u-web") {
+                (waiting, uid) = (name, u);
+                break;
+            }
+        }
+        assert!(!waiting.is_empty(), "a Service whose handle sorts first");
+        cluster.apply(ClusterKind::Service, lb_service(&waiting, &uid));
+        rounds(&ds, &cluster, &shared, true, 1).await;
+        assert_eq!(shared.metrics(|m| m.lb_failures.get("exhausted").copied()), Some(1), "the pool is full: reported");
+        cluster.delete(ClusterKind::Service, "default", "web");
+        assert_eq!(rounds(&ds, &cluster, &shared, true, 1).await, Round::Again, "released: look again soon");
+        assert_eq!(shared.metrics(|m| m.lb_failures.get("exhausted").copied()), Some(1), "not reported again in the round that freed the address");
+        rounds(&ds, &cluster, &shared, true, 2).await;
+        let got = cluster.get_now(ClusterKind::Service, "default", &waiting).unwrap().value["status"]["loadBalancer"]["ingress"].clone();
+        assert_eq!(got, json!([{"ip": "192.0.2.0"}]), "the freed address, next round");
+        assert_eq!(shared.metrics(|m| m.lb_failures.get("exhausted").copied()), Some(1));
     }
 
     #[test]
