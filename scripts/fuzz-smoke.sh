@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 secs="${FUZZ_SECONDS:-20}"
-targets=(index_ops block_json dump_parse pod_json policy_convert selector_parse)
+targets=(index_ops block_json dump_parse pod_json policy_convert selector_parse dns_answer)
 if rustup toolchain list 2>/dev/null | grep '^nightly' >/dev/null && ! command -v cargo-fuzz >/dev/null; then
   cargo install cargo-fuzz --locked >/dev/null 2>&1 || echo "fuzz-smoke: cargo-fuzz could not be installed; running uninstrumented" >&2
 fi

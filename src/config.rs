@@ -117,7 +117,15 @@ pub struct EtcdConfig {
     /// `ETCD_ENDPOINTS` as given (the variable and the raw list) and parsed, in order: requests
     /// go to the first member that answers and fail over to the next.
     pub endpoints_setting: Setting,
+    /// Empty when the members come from `discovery`.
     pub endpoints: Vec<EtcdEndpoint>,
+    /// `ETCD_DISCOVERY_SRV`: the domain whose `_etcd-client-ssl._tcp` (https) and
+    /// `_etcd-client._tcp` (http) SRV records name the members, looked up when the datastore
+    /// first calls etcd and again whenever no member answers. It takes the place of
+    /// `ETCD_ENDPOINTS`, as in libcalico.
+    pub discovery: Option<Setting>,
+    /// `CKC_DNS_SERVER` (`ip:port`): the DNS server discovery asks instead of `/etc/resolv.conf`'s.
+    pub dns_server: Option<std::net::SocketAddr>,
     pub username: Option<Setting>,
     pub password: Option<Setting>,
     pub ca_cert_file: Option<Setting>,
@@ -126,8 +134,9 @@ pub struct EtcdConfig {
 }
 
 impl EtcdConfig {
+    /// Whether the members talk TLS; with discovery, possibly (the records decide).
     pub fn tls(&self) -> bool {
-        self.endpoints.first().is_some_and(|e| e.tls)
+        self.discovery.is_some() || self.endpoints.first().is_some_and(|e| e.tls)
     }
 }
 
@@ -396,7 +405,13 @@ impl EnvConfig {
             // The password is never recorded among the consulted variables (status shows those).
             let secret = |name: &'static str| env.get(name).filter(|v| !v.is_empty()).map(|v| Setting { var: name, value: v.clone() });
             let password = secret("ETCD_PASSWORD").or_else(|| secret("CALICO_ETCD_PASSWORD"));
-            out.etcd = Some(etcd_config(etcd_endpoints, discovery, username, password, ca_cert_file, cert_file, key_file)?);
+            let mut cfg = etcd_config(etcd_endpoints, discovery, username, password, ca_cert_file, cert_file, key_file)?;
+            if cfg.discovery.is_some()
+                && let Some(raw) = get("CKC_DNS_SERVER")
+            {
+                cfg.dns_server = Some(raw.parse().map_err(|_| ConfigError::invalid("CKC_DNS_SERVER", &raw, "is not an ip:port (for example 10.96.0.10:53)"))?);
+            }
+            out.etcd = Some(cfg);
         }
         let kubeconfig = get("KUBECONFIG").or_else(|| get("CALICO_KUBECONFIG"));
 
@@ -582,8 +597,24 @@ fn etcd_config(
     cert_file: Option<Setting>,
     key_file: Option<Setting>,
 ) -> Result<EtcdConfig, ConfigError> {
-    if let Some(d) = &discovery {
-        return Err(ConfigError::invalid(d.var, &d.value, "DNS SRV discovery of etcd members is not supported yet; list the members in ETCD_ENDPOINTS instead"));
+    match (&cert_file, &key_file) {
+        (Some(c), None) => return Err(ConfigError::invalid(c.var, &c.value, "a client certificate needs its key in ETCD_KEY_FILE")),
+        (None, Some(k)) => return Err(ConfigError::invalid(k.var, &k.value, "a client key needs its certificate in ETCD_CERT_FILE")),
+        _ => {}
+    }
+    match (&username, &password) {
+        (Some(u), None) => return Err(ConfigError::invalid(u.var, &u.value, "a user name needs ETCD_PASSWORD")),
+        (None, Some(p)) => return Err(ConfigError::invalid(p.var, "<redacted>", "a password needs ETCD_USERNAME")),
+        _ => {}
+    }
+    if let Some(d) = discovery {
+        let domain = d.value.trim().trim_end_matches('.');
+        if domain.is_empty() || domain.split('.').any(|l| l.is_empty() || l.len() > 63 || !l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')) {
+            return Err(ConfigError::invalid(d.var, &d.value, "is not a DNS domain (for example example.com, whose _etcd-client-ssl._tcp and _etcd-client._tcp SRV records name the members)"));
+        }
+        // Discovery takes the place of the member list, as in libcalico.
+        let endpoints_setting = Setting { var: d.var, value: d.value.clone() };
+        return Ok(EtcdConfig { endpoints_setting, endpoints: Vec::new(), discovery: Some(d), dns_server: None, username, password, ca_cert_file, cert_file, key_file });
     }
     let Some((var, raw)) = endpoints else {
         return Err(ConfigError::invalid("ETCD_ENDPOINTS", "", "the etcdv3 datastore needs ETCD_ENDPOINTS (for example https://10.0.0.1:2379,https://10.0.0.2:2379)"));
@@ -605,17 +636,7 @@ fn etcd_config(
     if !tls && let Some(s) = [&ca_cert_file, &cert_file, &key_file].into_iter().flatten().next() {
         return Err(ConfigError::invalid(s.var, &s.value, format!("is set but {var} are plain http:// members; use https:// members to talk TLS")));
     }
-    match (&cert_file, &key_file) {
-        (Some(c), None) => return Err(ConfigError::invalid(c.var, &c.value, "a client certificate needs its key in ETCD_KEY_FILE")),
-        (None, Some(k)) => return Err(ConfigError::invalid(k.var, &k.value, "a client key needs its certificate in ETCD_CERT_FILE")),
-        _ => {}
-    }
-    match (&username, &password) {
-        (Some(u), None) => return Err(ConfigError::invalid(u.var, &u.value, "a user name needs ETCD_PASSWORD")),
-        (None, Some(p)) => return Err(ConfigError::invalid(p.var, "<redacted>", "a password needs ETCD_USERNAME")),
-        _ => {}
-    }
-    Ok(EtcdConfig { endpoints_setting: Setting { var, value: raw }, endpoints: parsed, username, password, ca_cert_file, cert_file, key_file })
+    Ok(EtcdConfig { endpoints_setting: Setting { var, value: raw }, endpoints: parsed, discovery: None, dns_server: None, username, password, ca_cert_file, cert_file, key_file })
 }
 
 /// The `default` KubeControllersConfiguration as kube-controllers creates it (§2.2), with
@@ -985,6 +1006,17 @@ mod tests {
     }
 
     #[test]
+    fn etcd_discovery_takes_the_place_of_the_member_list() {
+        let e = env(&[("DATASTORE_TYPE", "etcdv3"), ("CALICO_ETCD_DISCOVERY_SRV", "example.com."), ("ETCD_ENDPOINTS", "http://ignored:2379"), ("ETCD_CA_CERT_FILE", "/ca"), ("CKC_DNS_SERVER", "127.0.0.1:5353")]);
+        let etcd = e.etcd.unwrap();
+        assert_eq!(etcd.discovery.as_ref().map(|d| (d.var, d.value.as_str())), Some(("CALICO_ETCD_DISCOVERY_SRV", "example.com.")));
+        assert!(etcd.endpoints.is_empty() && etcd.tls(), "the records decide; a CA file is allowed");
+        assert_eq!(etcd.endpoints_setting.var, "CALICO_ETCD_DISCOVERY_SRV", "errors about the members name discovery");
+        assert_eq!(etcd.dns_server, Some("127.0.0.1:5353".parse().unwrap()));
+        assert_eq!(env(&[("ETCD_ENDPOINTS", "https://a"), ("CKC_DNS_SERVER", "bad")]).etcd.unwrap().dns_server, None, "only read for discovery");
+    }
+
+    #[test]
     fn bad_etcd_settings_are_errors_naming_the_setting() {
         for (pairs, var, says) in [
             (vec![("DATASTORE_TYPE", "etcdv3")], "ETCD_ENDPOINTS", "needs ETCD_ENDPOINTS"),
@@ -999,7 +1031,8 @@ mod tests {
             (vec![("ETCD_ENDPOINTS", "https://a"), ("CALICO_ETCD_KEY_FILE", "/k")], "CALICO_ETCD_KEY_FILE", "ETCD_CERT_FILE"),
             (vec![("ETCD_ENDPOINTS", "https://a"), ("ETCD_USERNAME", "u")], "ETCD_USERNAME", "ETCD_PASSWORD"),
             (vec![("ETCD_ENDPOINTS", "https://a"), ("ETCD_PASSWORD", "p")], "ETCD_PASSWORD", "ETCD_USERNAME"),
-            (vec![("DATASTORE_TYPE", "etcdv3"), ("ETCD_DISCOVERY_SRV", "example.com")], "ETCD_DISCOVERY_SRV", "not supported yet"),
+            (vec![("DATASTORE_TYPE", "etcdv3"), ("ETCD_DISCOVERY_SRV", "exa mple..com")], "ETCD_DISCOVERY_SRV", "not a DNS domain"),
+            (vec![("DATASTORE_TYPE", "etcdv3"), ("ETCD_DISCOVERY_SRV", "example.com"), ("CKC_DNS_SERVER", "10.0.0.10")], "CKC_DNS_SERVER", "ip:port"),
             (vec![("DATASTORE_TYPE", "consul")], "DATASTORE_TYPE", "kubernetes or etcdv3"),
         ] {
             let e = env_err(&pairs);

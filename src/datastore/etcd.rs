@@ -54,9 +54,13 @@ pub struct EtcdDatastore {
 
 struct Inner {
     http: HttpClient,
-    /// Base URLs in `ETCD_ENDPOINTS` order.
-    endpoints: Vec<String>,
+    /// Base URLs in `ETCD_ENDPOINTS` order, or as DNS SRV discovery found them.
+    endpoints: std::sync::RwLock<Arc<Vec<String>>>,
     endpoints_var: &'static str,
+    /// `ETCD_DISCOVERY_SRV` and the DNS server to ask (else resolv.conf's).
+    discovery: Option<(Setting, Option<std::net::SocketAddr>)>,
+    /// No member answered: look the members up again before the next call.
+    rediscover: std::sync::atomic::AtomicBool,
     /// The member that answered last; calls start there.
     current: AtomicUsize,
     credentials: Option<(Setting, Setting)>,
@@ -224,8 +228,10 @@ impl EtcdDatastore {
         Ok(EtcdDatastore {
             inner: Arc::new(Inner {
                 http: client,
-                endpoints: cfg.endpoints.iter().map(|e| e.url()).collect(),
+                endpoints: std::sync::RwLock::new(Arc::new(cfg.endpoints.iter().map(|e| e.url()).collect())),
                 endpoints_var: cfg.endpoints_setting.var,
+                discovery: cfg.discovery.clone().map(|d| (d, cfg.dns_server)),
+                rediscover: std::sync::atomic::AtomicBool::new(false),
                 current: AtomicUsize::new(0),
                 credentials: cfg.username.clone().zip(cfg.password.clone()),
                 token: Mutex::new(None),
@@ -438,18 +444,19 @@ impl Inner {
     /// `attempt` on the member that answered last, then on the others in order, until one
     /// succeeds (it becomes the current member) or refuses (the same on every member). The
     /// error when none answered says `what` none of them did.
-    async fn on_some_member<'s, T, F, Fut>(&'s self, what: &str, mut attempt: F) -> DsResult<T>
+    async fn on_some_member<T, F, Fut>(&self, what: &str, mut attempt: F) -> DsResult<T>
     where
-        F: FnMut(&'s str) -> Fut,
+        F: FnMut(String) -> Fut,
         Fut: std::future::Future<Output = Result<T, Attempt>>,
     {
-        let n = self.endpoints.len().max(1);
+        let endpoints = self.members().await?;
+        let n = endpoints.len().max(1);
         let start = self.current.load(Ordering::Relaxed) % n;
         let mut failures = Vec::new();
         for i in 0..n {
             let index = (start + i) % n;
-            let Some(base) = self.endpoints.get(index) else { break };
-            match attempt(base).await {
+            let Some(base) = endpoints.get(index) else { break };
+            match attempt(base.clone()).await {
                 Ok(v) => {
                     self.current.store(index, Ordering::Relaxed);
                     return Ok(v);
@@ -458,12 +465,47 @@ impl Inner {
                 Err(Attempt::Refused { grpc, message }) => return Err(self.refused(grpc, message)),
             }
         }
+        if self.discovery.is_some() {
+            self.rediscover.store(true, Ordering::Relaxed);
+        }
         Err(DatastoreError::new(ErrorKind::Transient, format!("no etcd member in {} {what}: {}", self.endpoints_var, failures.join("; "))))
+    }
+
+    /// The members to try: the configured list, or what DNS SRV discovery finds (looked up at
+    /// the first call and again after a call no member answered; the last list found stays in
+    /// use while a lookup fails).
+    async fn members(&self) -> DsResult<Arc<Vec<String>>> {
+        let known = self.endpoints.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let Some((setting, server)) = &self.discovery else { return Ok(known) };
+        if !known.is_empty() && !self.rediscover.load(Ordering::Relaxed) {
+            return Ok(known);
+        }
+        let servers = match server {
+            Some(s) => vec![*s],
+            None => super::dns_srv::nameservers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default()),
+        };
+        match super::dns_srv::discover(&setting.value, &servers).await {
+            Ok(found) => {
+                let found = Arc::new(found);
+                if found != known {
+                    tracing::info!(members = ?found, "{}={}: etcd members found by DNS SRV discovery", setting.var, setting.value);
+                    self.current.store(0, Ordering::Relaxed);
+                }
+                *self.endpoints.write().unwrap_or_else(std::sync::PoisonError::into_inner) = found.clone();
+                self.rediscover.store(false, Ordering::Relaxed);
+                Ok(found)
+            }
+            Err(e) if !known.is_empty() => {
+                tracing::warn!(error = %e, "{}={}: DNS SRV discovery failed; trying the members found before", setting.var, setting.value);
+                Ok(known)
+            }
+            Err(e) => Err(DatastoreError::new(ErrorKind::Transient, format!("{}={}: DNS SRV discovery found no etcd member: {e}", setting.var, setting.value))),
+        }
     }
 
     /// The call on the member that answered last, then on the others in order.
     async fn failover(&self, path: &str, body: &Value, token: Option<&str>) -> DsResult<Value> {
-        self.on_some_member("answered", |base| self.attempt(base, path, body, token)).await
+        self.on_some_member("answered", |base| async move { self.attempt(&base, path, body, token).await }).await
     }
 
     fn refused(&self, grpc_code: i64, message: String) -> DatastoreError {
@@ -508,7 +550,7 @@ impl Inner {
         }
         let token = token.as_deref();
         self.on_some_member("accepted a watch", |base| async move {
-            match self.send(base, "/v3/watch", body, token).await {
+            match self.send(&base, "/v3/watch", body, token).await {
                 Ok(r) if r.status().is_success() => Ok(r.into_body()),
                 Ok(r) => Err(Attempt::Unreachable(format!("{base}/v3/watch: HTTP {}", r.status()))),
                 Err(a) => Err(a),

@@ -24,6 +24,7 @@ pub mod cluster;
 pub mod conformance;
 #[cfg(feature = "cli")]
 pub mod etcd;
+pub mod dns_srv;
 pub mod etcd_layout;
 #[cfg(feature = "cli")]
 pub mod kube;

@@ -537,3 +537,58 @@ async fn a_writer_racing_a_release_on_etcd_loses_nothing() {
     let h = ds.get(Kind::IpamHandle, &ha).await.unwrap();
     ds.delete(Kind::IpamHandle, &ha, &h.exact()).await.expect("clean up");
 }
+
+/// A DNS server on loopback for `ETCD_DISCOVERY_SRV`: each query for `_etcd-client-ssl._tcp.*`
+/// gets the next answer of `answers` (the last one repeats; none: NXDOMAIN), and the plain
+/// `_etcd-client._tcp.*` gets NXDOMAIN.
+async fn dns_server(answers: Vec<Vec<(u16, u16, u16, String)>>) -> std::net::SocketAddr {
+    use calico_kube_controllers::datastore::dns_srv;
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        let mut asked = 0;
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let q = &buf[..n];
+            let reply = match answers.get(asked.min(answers.len().saturating_sub(1))) {
+                Some(records) if q.windows(16).any(|w| w == b"_etcd-client-ssl") => {
+                    asked += 1;
+                    let records: Vec<(u16, u16, u16, &str)> = records.iter().map(|(p, w, port, t)| (*p, *w, *port, t.as_str())).collect();
+                    dns_srv::answer(q, 0x8180, &records)
+                }
+                _ => dns_srv::answer(q, 0x8183, &[]),
+            };
+            let _ = socket.send_to(&reply, from).await;
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn members_found_by_dns_srv_discovery_are_used_and_looked_up_again_when_none_answers() {
+    let cluster = shared_cluster();
+    let (endpoints, ca, cert, key) = harness(cluster);
+    let port: u16 = endpoints.rsplit(':').next().unwrap().trim_end_matches('/').parse().expect("the harness's etcd port");
+    // First a dead member only; then a dead one and the harness's etcd, by name (its
+    // certificate holds localhost).
+    let dead = (0, 0, 1, "localhost.".to_string());
+    let dns = dns_server(vec![vec![dead.clone()], vec![dead, (10, 0, port, "localhost.".to_string())]]).await;
+    let dns = dns.to_string();
+    let cfg = etcd_config(&[("DATASTORE_TYPE", "etcdv3"), ("ETCD_DISCOVERY_SRV", "etcd.test"), ("CKC_DNS_SERVER", &dns), ("ETCD_CA_CERT_FILE", &ca), ("ETCD_CERT_FILE", &cert), ("ETCD_KEY_FILE", &key)]);
+    let ds = EtcdDatastore::new(&cfg).expect("settings");
+    let err = ds.probe().await.expect_err("the only member found is dead");
+    assert_eq!(err.kind, ErrorKind::Transient, "{err}");
+    assert!(err.message.contains("ETCD_DISCOVERY_SRV") && err.message.contains("localhost:1"), "{err}");
+    // No member answered: the next call looks the members up again and finds the live one.
+    ds.probe().await.expect("looked up again: the live member answers");
+    assert_eq!(ds.get(Kind::IpamHandle, &unique_name("nothing")).await.unwrap_err().kind, ErrorKind::NotFound);
+
+    // No records at all: a clear transient error naming the setting and both names asked.
+    let empty = dns_server(Vec::new()).await.to_string();
+    let cfg = etcd_config(&[("DATASTORE_TYPE", "etcdv3"), ("CALICO_ETCD_DISCOVERY_SRV", "etcd.test"), ("CKC_DNS_SERVER", &empty), ("ETCD_CA_CERT_FILE", &ca)]);
+    let err = EtcdDatastore::connect(&cfg).await.err().expect("nothing to connect to");
+    assert_eq!(err.kind, ErrorKind::Transient, "{err}");
+    for part in ["CALICO_ETCD_DISCOVERY_SRV=etcd.test", "_etcd-client-ssl._tcp.etcd.test", "_etcd-client._tcp.etcd.test"] {
+        assert!(err.message.contains(part), "{part}: {err}");
+    }
+}
