@@ -205,7 +205,7 @@ struct LeakScanArgs {
     #[arg(long = "calicoctl-version")]
     calicoctl_version: Option<String>,
     /// Write a complete dump of the live cluster into this folder instead of scanning: IPAM
-    /// first, then Nodes, Namespaces, Pods, each a List with its resourceVersion.
+    /// first, then Nodes, Namespaces, Pods, Services, each a List with its resourceVersion.
     #[arg(long = "save-dump", conflicts_with = "from_dump")]
     save_dump: Option<PathBuf>,
     /// Also write the report (in --output's format) to this file, atomically: a reader never

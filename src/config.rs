@@ -775,7 +775,7 @@ impl RunConfig {
             }
         });
         let load_balancer = enabled(ControllerName::LoadBalancer, c.load_balancer.is_some())
-            .then(|| section_str(c.load_balancer.as_ref(), "assignIPs").unwrap_or("AllServices").to_string());
+            .then(|| c.load_balancer_assign_ips().unwrap_or("AllServices").to_string());
 
         let log_level = env.log_level.unwrap_or_else(|| api.log_severity_screen.as_deref().and_then(LogLevel::parse_api).unwrap_or(LogLevel::Info));
         let health_enabled = env.health_enabled.unwrap_or_else(|| enabled_str(api.health_checks.as_deref(), true));

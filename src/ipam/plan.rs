@@ -89,6 +89,9 @@ pub enum HeldBy {
     /// leak-scan only: the dump's lists were read in an order in which a new pod's address
     /// looks leaked (Pods before IPAM).
     DumpOrderUnsafe,
+    /// leak-scan only: a LoadBalancer address its Service no longer wants (`lb-unwanted`): the
+    /// LoadBalancer controller releases it, never the GC or a report.
+    LoadBalancerController,
 }
 
 impl HeldBy {
@@ -106,6 +109,7 @@ impl HeldBy {
             HeldBy::ObjectUnreadable => "object-unreadable",
             HeldBy::ConflictingCopies => "conflicting-copies",
             HeldBy::DumpOrderUnsafe => "dump-order-unsafe",
+            HeldBy::LoadBalancerController => "loadbalancer-controller",
         }
     }
 }

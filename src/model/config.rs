@@ -102,6 +102,16 @@ pub struct ControllersConfig {
     pub extra: BTreeMap<String, Value>,
 }
 
+impl ControllersConfig {
+    /// `loadBalancer.assignIPs` as the LoadBalancer controller reads it: `AllServices`
+    /// (libcalico's default) when the section leaves it unset; `None` without a `loadBalancer`
+    /// section (then the controller runs only if `ENABLED_CONTROLLERS` names it).
+    pub fn load_balancer_assign_ips(&self) -> Option<&str> {
+        let section = self.load_balancer.as_ref()?;
+        Some(section.get("assignIPs").and_then(Value::as_str).unwrap_or("AllServices"))
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeControllerConfig {

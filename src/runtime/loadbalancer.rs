@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use ipnet::IpNet;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use super::Shared;
@@ -32,10 +32,9 @@ use crate::datastore::{Datastore, Kind, Stored};
 use crate::guard::{self, GuardConfig, MassGuard, Proposal, Scope, Unit};
 use crate::ipam::assign::{self, IpamView, Owner, PoolInfo};
 use crate::ipam::plan::{BlockRelease, LeakReason, Plan, ReleaseItem};
-use crate::loadbalancer::{self as lb, AssignMode, Decision, Family, LB_AFFINITY, LbPool, ServiceKey};
+use crate::loadbalancer::{self as lb, AssignMode, Decision, Family, LB_AFFINITY, LbHolding, LbPool, ServiceKey};
 use crate::model::IpamBlock;
 use crate::model::block::{Affinity, BlockView};
-use crate::model::names::ordinal_to_ip;
 use crate::model::time::Millis;
 
 pub const NAME: &str = "loadbalancer";
@@ -68,18 +67,9 @@ struct View {
     config: Listed<Value>,
 }
 
-/// The fields of a Service the decision and the status write need; the rest (ports, selector,
-/// managed fields) is never kept.
+/// A Service as the view keeps it ([`lb::slim_service`]).
 fn slim_service(o: &Stored) -> Value {
-    let v = &o.value;
-    let meta = &v["metadata"];
-    let annotations: Map<String, Value> = meta["annotations"].as_object().map(|a| a.iter().filter(|(k, _)| k.starts_with("projectcalico.org/")).map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default();
-    let spec = &v["spec"];
-    json!({
-        "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"], "resourceVersion": o.revision, "annotations": annotations},
-        "spec": {"type": spec["type"], "loadBalancerClass": spec["loadBalancerClass"], "loadBalancerIP": spec["loadBalancerIP"], "ipFamilies": spec["ipFamilies"], "ipFamilyPolicy": spec["ipFamilyPolicy"]},
-        "status": {"loadBalancer": v["status"]["loadBalancer"]},
-    })
+    lb::slim_service(&o.value, &o.revision)
 }
 
 fn service_key(v: &Value) -> String {
@@ -176,16 +166,6 @@ fn pool_info(pool: &Value) -> Option<PoolInfo> {
         usable: lb_use && !spec["disabled"].as_bool().unwrap_or(false) && pool["metadata"]["deletionTimestamp"].is_null(),
         automatic: spec["assignmentMode"].as_str() != Some("Manual"),
     })
-}
-
-/// One allocated LoadBalancer address as the blocks show it.
-#[derive(Debug, Clone)]
-struct Held {
-    ip: IpAddr,
-    block: String,
-    cidr: IpNet,
-    ordinal: u32,
-    sequence: u64,
 }
 
 /// Whether a round ran, or when to look again.
@@ -348,7 +328,7 @@ async fn round_inner<D: Datastore, C: ClusterReader + StatusWriter>(
             }
             _ => {
                 tracing::debug!(block = %stored.name, "loadbalancer: invalid block skipped (the GC's scan reports it)");
-                unknown.extend(stored.value["spec"]["attributes"].as_array().into_iter().flatten().filter_map(|a| a["handle_id"].as_str()).map(str::to_string));
+                unknown.extend(lb::unreadable_block_handles(&stored.value));
                 if let Some(cidr) = stored.value["spec"]["cidr"].as_str().and_then(|c| c.parse::<IpNet>().ok())
                     && let Ok(b) = stored.decode::<IpamBlock>()
                 {
@@ -357,20 +337,8 @@ async fn round_inner<D: Datastore, C: ClusterReader + StatusWriter>(
             }
         }
     }
-    let mut held: BTreeMap<String, (ServiceKey, Vec<Held>)> = BTreeMap::new();
-    for (cidr, (stored, block)) in &blocks {
-        let Ok(v) = BlockView::from_block(block) else { continue };
-        for slot in v.slots() {
-            let a = slot.attribute;
-            let (Some(handle), None) = (a.handle_id.as_deref(), a.released_at.as_deref()) else { continue };
-            let (Some(ns), Some(svc)) = (a.attr("namespace"), a.attr("service")) else { continue };
-            if a.attr("type") != Some("LoadBalancer") && !handle.starts_with("lb-") {
-                continue;
-            }
-            let entry = held.entry(handle.to_string()).or_insert_with(|| (ServiceKey { namespace: ns.into(), name: svc.into(), handle: handle.into() }, Vec::new()));
-            entry.1.push(Held { ip: ordinal_to_ip(cidr, slot.ordinal), block: stored.name.clone(), cidr: *cidr, ordinal: slot.ordinal, sequence: slot.sequence });
-        }
-    }
+    // What each handle holds, by the rule `leak-scan` shares.
+    let held = lb::by_handle(blocks.values().filter_map(|(_, b)| BlockView::from_block(b).ok()).flat_map(|v| lb::holdings(&v)));
     let mut by_pool: BTreeMap<String, u64> = lb_pools.iter().map(|p| (p.name.clone(), 0)).collect();
     for h in held.values().flat_map(|(_, hs)| hs) {
         if let Some(p) = lb_pools.iter().find(|p| p.cidr.contains(&h.ip)) {
@@ -392,11 +360,11 @@ async fn round_inner<D: Datastore, C: ClusterReader + StatusWriter>(
 
     // Decisions first. A Service missing from the view (or there under another UID) is read
     // again: only a NotFound, or another incarnation, proves its addresses unwanted.
-    let mut decided: Vec<(ServiceKey, Option<Value>, Vec<Held>, Decision)> = Vec::new();
+    let mut decided: Vec<(ServiceKey, Option<Value>, Vec<LbHolding>, Decision)> = Vec::new();
     let mut cut_short = false;
     for key in keys.values().filter(|k| !unknown.contains(&k.handle)) {
         let mut service = view.services.get(&format!("{}/{}", key.namespace, key.name)).filter(|s| key.is_of(s)).cloned();
-        let holding: Vec<Held> = held.get(&key.handle).map(|(_, h)| h.clone()).unwrap_or_default();
+        let holding: Vec<LbHolding> = held.get(&key.handle).map(|(_, h)| h.clone()).unwrap_or_default();
         if service.is_none() && !holding.is_empty() {
             match cluster.get(ClusterKind::Service, &key.namespace, &key.name).await {
                 Ok(o) if key.is_of(&o.value) => service = Some(slim_service(&o)),
@@ -409,8 +377,7 @@ async fn round_inner<D: Datastore, C: ClusterReader + StatusWriter>(
                 }
             }
         }
-        let tracked: Vec<IpAddr> = holding.iter().map(|h| h.ip).collect();
-        let d = lb::decide(service.as_ref(), key, mode, &tracked, &lb_pools, true);
+        let d = lb::decide_held(service.as_ref(), key, mode, &holding, &lb_pools);
         if d.is_noop() && d.problems.is_empty() {
             continue;
         }
@@ -579,7 +546,7 @@ fn report_problems(shared: &Shared, opts: &LbOptions, svc: &Value, d: &Decision)
 /// Releases `ips` (each held by `key`'s handle) by compare-and-swap on their blocks, with their
 /// handle's counts.
 #[allow(clippy::too_many_arguments)]
-async fn release<D: Datastore>(ds: &D, shared: &Shared, opts: &LbOptions, key: &ServiceKey, holding: &[Held], ips: &[IpAddr], now: Millis, cooldown_secs: u32) -> bool {
+async fn release<D: Datastore>(ds: &D, shared: &Shared, opts: &LbOptions, key: &ServiceKey, holding: &[LbHolding], ips: &[IpAddr], now: Millis, cooldown_secs: u32) -> bool {
     let mut by_block: BTreeMap<&str, BlockRelease> = BTreeMap::new();
     for h in holding.iter().filter(|h| ips.contains(&h.ip)) {
         // Each block is read fresh by the writer; an address whose handle or sequence number
@@ -806,19 +773,5 @@ mod tests {
         let got = cluster.get_now(ClusterKind::Service, "default", &waiting).unwrap().value["status"]["loadBalancer"]["ingress"].clone();
         assert_eq!(got, json!([{"ip": "192.0.2.0"}]), "the freed address, next round");
         assert_eq!(shared.metrics(|m| m.lb_failures.get("exhausted").copied()), Some(1));
-    }
-
-    #[test]
-    fn a_slim_service_keeps_only_what_the_decision_and_the_status_write_read() {
-        let o = Stored { name: "web".into(), revision: "7".into(), uid: "u".into(), value: json!({
-            "metadata": {"name": "web", "namespace": "default", "uid": "u", "annotations": {"projectcalico.org/ipv4pools": "[]", "other": "x"}, "managedFields": [{}]},
-            "spec": {"type": "LoadBalancer", "ports": [{"port": 80}], "selector": {"a": "b"}, "ipFamilies": ["IPv4"]},
-            "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.1"}]}}
-        })};
-        let s = slim_service(&o);
-        assert_eq!(s["metadata"]["annotations"], json!({"projectcalico.org/ipv4pools": "[]"}));
-        assert_eq!(s["metadata"]["resourceVersion"], "7");
-        assert!(s["spec"].get("ports").is_none() && s["metadata"].get("managedFields").is_none());
-        assert_eq!(s["status"]["loadBalancer"]["ingress"][0]["ip"], "192.0.2.1");
     }
 }

@@ -118,6 +118,8 @@ pub struct DumpContents {
     pub calico_nodes: BTreeMap<String, Option<String>>,
     /// Some part was an etcdctl dump of Calico's etcd: its revisions are not Kubernetes'.
     pub etcd_dump: bool,
+    /// What the LoadBalancer judgment reads: Services, each block's LB addresses.
+    pub lb: super::loadbalancer::LbInputs,
     pub(crate) registry: merge::Registry,
     pub(crate) pod_positions: BTreeMap<(String, String), usize>,
 }
@@ -1249,6 +1251,14 @@ enum Parsed {
     #[cfg_attr(not(feature = "cli"), allow(dead_code))]
     EtcdDump,
     Namespace(String),
+    /// A core Service: `<namespace>/<name>`, its resourceVersion, and its slim form.
+    Service(String, String, Box<Value>),
+    /// A Service the parser rejected, with the namespace and name salvaged from it (empty when
+    /// even those are unreadable): its LoadBalancer addresses are not judged.
+    UnreadableService(InvalidObject, String, String),
+    /// An IPAMBlock the parser rejected, and the handle IDs its attributes name (what they hold
+    /// is unknown, so their Services' LoadBalancer addresses are not judged).
+    InvalidBlock(InvalidObject, Vec<String>),
     SoftDeleted,
     /// A kind the scan does not use, or a Calico kind from a foreign API group (with a note).
     Ignored(Option<InvalidObject>),
@@ -1417,6 +1427,25 @@ fn classify(bytes: &[u8], fallback: &str, nesting: usize, default: Option<&Head>
         },
         "Node" => serde_json::from_slice::<NodeLite>(bytes).map_or_else(invalid, |n| Parsed::Node(Box::new(n))),
         "Namespace" => serde_json::from_slice::<Named>(bytes).map_or_else(invalid, |n| Parsed::Namespace(n.metadata.name)),
+        // Knative and others have kinds named Service too: only the core one.
+        "Service" if api_version.is_empty() || api_version == "v1" => match serde_json::from_slice::<Value>(bytes) {
+            Ok(v) if v["metadata"]["name"].as_str().is_some_and(|n| !n.is_empty()) => {
+                let meta = &v["metadata"];
+                let key = format!("{}/{}", meta["namespace"].as_str().unwrap_or_default(), meta["name"].as_str().unwrap_or_default());
+                let revision = meta["resourceVersion"].as_str().unwrap_or_default().to_string();
+                let slim = crate::loadbalancer::slim_service(&v, &revision);
+                Parsed::Service(key, revision, Box::new(slim))
+            }
+            other => {
+                let problem = match other {
+                    Ok(_) => "a Service without a name".to_string(),
+                    Err(e) => e.to_string(),
+                };
+                let (namespace, name) = salvage_name(bytes);
+                let label = if name.is_empty() { fallback.to_string() } else { format!("{namespace}/{name}") };
+                Parsed::UnreadableService(InvalidObject::new("Service", &label, format!("{problem}; its LoadBalancer addresses are not judged")), namespace, name)
+            }
+        },
         k if k.ends_with("List") && nesting < MAX_LIST_NESTING => {
             if let Ok(list) = serde_json::from_slice::<NestedList>(bytes) {
                 let items = list
@@ -1442,7 +1471,10 @@ fn classify(bytes: &[u8], fallback: &str, nesting: usize, default: Option<&Head>
         "IPAMBlock" => match serde_json::from_slice::<IpamBlock>(bytes) {
             Ok(b) if b.spec.deleted => Parsed::SoftDeleted,
             Ok(b) => Parsed::Block(Box::new(trimmed(b))),
-            Err(e) => invalid(e),
+            Err(e) => {
+                let handles = serde_json::from_slice::<Value>(bytes).map(|v| crate::loadbalancer::unreadable_block_handles(&v)).unwrap_or_default();
+                Parsed::InvalidBlock(InvalidObject::new(&kind, &recover_name(bytes, fallback), e.to_string()), handles)
+            }
         },
         "BlockAffinity" => match serde_json::from_slice::<BlockAffinity>(bytes) {
             Ok(a) if a.spec.deleted => Parsed::SoftDeleted,
@@ -1608,6 +1640,9 @@ impl DumpContents {
                 if verdict == Verdict::Conflict {
                     self.held_blocks.insert(b.spec.cidr.clone());
                 }
+                if self.keep(verdict).is_some() {
+                    self.lb.absorb_block(&b);
+                }
                 self.keep_ipam(verdict, *b, IpamIndex::apply_block, |c| &mut c.blocks);
             }
             Parsed::Affinity(a) => {
@@ -1681,6 +1716,33 @@ impl DumpContents {
             }
             Parsed::Namespace(name) => {
                 self.namespaces.insert(name);
+            }
+            Parsed::Service(key, revision, slim) => {
+                self.lb.services_read += 1;
+                match self.judge("Service", &key, &revision, &*slim, 0) {
+                    Verdict::New | Verdict::TakeNew { .. } if crate::loadbalancer::is_load_balancer(&slim) => {
+                        self.lb.services.insert(key, *slim);
+                    }
+                    Verdict::New | Verdict::TakeNew { .. } => {
+                        self.lb.services.remove(&key);
+                    }
+                    Verdict::Conflict => {
+                        self.lb.held_services.insert(key);
+                    }
+                    Verdict::Same | Verdict::KeepOld => {}
+                }
+            }
+            Parsed::UnreadableService(problem, namespace, name) => {
+                self.invalid.push(problem);
+                if name.is_empty() {
+                    self.lb.unnamed_service = true;
+                } else {
+                    self.lb.held_services.insert(format!("{namespace}/{name}"));
+                }
+            }
+            Parsed::InvalidBlock(problem, handles) => {
+                self.lb.unreadable_handles.extend(handles);
+                self.invalid.push(problem);
             }
             Parsed::SoftDeleted => self.soft_deleted += 1,
             Parsed::Ignored(note) => self.invalid.extend(note),

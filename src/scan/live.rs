@@ -52,13 +52,16 @@ impl Listed {
 }
 
 /// What is listed, in this order: blocks first (a cluster without Calico's CRDs stops at once),
-/// then the facts. `true`: a missing resource (NotFound) is an error rather than an empty list.
-fn listed() -> [(Listed, bool); 10] {
+/// then the facts (Services after the blocks too: a Service created in between then holds no
+/// address in what was read, rather than one that looks unwanted). `true`: a missing resource
+/// (NotFound) is an error rather than an empty list.
+fn listed() -> [(Listed, bool); 11] {
     let calico = |kind: Kind, required| (Listed::Calico(kind), required);
     [
         calico(Kind::IpamBlock, true),
         (Listed::Cluster(ClusterKind::Node), true),
         (Listed::Cluster(ClusterKind::Pod), true),
+        (Listed::Cluster(ClusterKind::Service), false),
         calico(Kind::BlockAffinity, false),
         calico(Kind::IpamHandle, false),
         calico(Kind::IpPool, false),
@@ -133,8 +136,17 @@ pub async fn read_cluster<D: Datastore, C: ClusterReader>(
                 cluster.list_each(kind, &mut sink).await.map(|_| ())
             }
         };
+        let services = matches!(what, Listed::Cluster(ClusterKind::Service));
         match result {
+            Ok(()) if services => contents.lb.services_listed = true,
             Ok(()) => {}
+            // Services feed only the LoadBalancer judgment: without them (an account that may
+            // not list them) those addresses are reported as not judged, the rest as usual.
+            Err(e) if services => {
+                tracing::warn!(error = %e, "listing services failed: LoadBalancer addresses are not judged");
+                contents.lb.services_unlisted = Some(e.to_string());
+                continue;
+            }
             Err(e) if e.is_not_found() && matches!(what, Listed::Calico(Kind::IpamBlock)) => return Err(LiveScanError::NoCalicoCrds),
             Err(e) if e.is_not_found() && !required => continue,
             Err(source) => return Err(LiveScanError::List { resource: what.plural().to_string(), source }),
@@ -170,8 +182,36 @@ mod tests {
         assert_eq!(contents.kind_counts.get("Pod"), Some(&1));
         assert_eq!(contents.kind_counts.get("Node"), Some(&1));
         let order: Vec<&str> = calls.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(&order[..4], ["ipamblocks", "nodes", "pods", "blockaffinities"]);
+        assert_eq!(&order[..5], ["ipamblocks", "nodes", "pods", "services", "blockaffinities"]);
         assert_eq!(calls[2], ("pods".to_string(), 1));
+    }
+
+    #[test]
+    fn a_live_scan_judges_lb_addresses_by_the_services_it_lists_and_only_notes_a_failed_list() {
+        let ds = MemoryDatastore::new();
+        let cluster = MemoryCluster::new();
+        cluster.apply(ClusterKind::Node, json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}}));
+        let web = cluster.apply(ClusterKind::Service, json!({"apiVersion": "v1", "kind": "Service", "metadata": {"namespace": "shop", "name": "web"},
+            "spec": {"type": "LoadBalancer", "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack"}}));
+        let attr = |name: &str, uid: &str| json!({"handle_id": crate::loadbalancer::handle_id(name, "shop", uid), "secondary": {"namespace": "shop", "service": name, "type": "LoadBalancer"}});
+        ds.create_now(Kind::IpPool, "lb", json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "IPPool", "metadata": {"name": "lb"}, "spec": {"cidr": "192.0.2.0/30", "allowedUses": ["LoadBalancer"]}})).unwrap();
+        ds.create_now(Kind::IpamBlock, "192-0-2-0-30", json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "IPAMBlock", "metadata": {"name": "192-0-2-0-30"},
+            "spec": {"cidr": "192.0.2.0/30", "affinity": "virtual:load-balancer", "allocations": [0, 1, null, null], "unallocated": [2, 3],
+                     "attributes": [attr("web", &web.uid), attr("deleted", "u-deleted")]}})).unwrap();
+        let mut progress = |_: &str, _: u64| {};
+        let mut contents = block_on(read_cluster(&ds, &cluster, &mut progress)).unwrap();
+        let r = crate::scan::report::scan_dump(&mut contents, 1_800_000_000_000, &Default::default()).unwrap();
+        let unwanted: Vec<(&str, &str)> = r.leaks.iter().map(|l| (l.ip.as_str(), l.reason)).collect();
+        assert_eq!(unwanted, [("192.0.2.1", "lb-unwanted")], "web keeps its address, the deleted Service's is unwanted");
+        assert_eq!(r.releasable_leaks(), 0);
+        // An account that may not list Services: the scan still runs, those addresses unjudged.
+        cluster.set_serves(ClusterKind::Service, false);
+        let mut contents = block_on(read_cluster(&ds, &cluster, &mut progress)).unwrap();
+        let r = crate::scan::report::scan_dump(&mut contents, 1_800_000_000_000, &Default::default()).unwrap();
+        assert!(r.leaks.is_empty(), "{:?}", r.leaks);
+        let lb = r.load_balancer.unwrap();
+        assert_eq!(lb.not_judged, 2);
+        assert!(lb.notes[0].contains("could not be listed") && lb.notes[0].contains("list services"), "{:?}", lb.notes);
     }
 
     #[test]

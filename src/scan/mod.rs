@@ -6,5 +6,6 @@ pub mod merge;
 pub mod objects;
 pub mod order;
 pub mod live;
+pub mod loadbalancer;
 pub mod report;
 pub mod save;

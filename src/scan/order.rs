@@ -120,6 +120,21 @@ pub fn dump_order(dump: &DumpContents) -> DumpOrder {
     DumpOrder { state: OrderState::Safe, detail: "IPAM, then Nodes, then Pods".into(), parts, namespaces_after_ipam }
 }
 
+/// Why the Services were read too early, if their Lists' versions show them read before the
+/// IPAM blocks: a Service created in between holds an address its read does not show, which
+/// would look unwanted. `None` when they were not, or the order cannot be told.
+pub fn services_before_ipam(dump: &DumpContents) -> Option<String> {
+    if dump.read_live || dump.etcd_dump {
+        return None;
+    }
+    let (Ok(Some((_, ipam_hi))), Ok(Some((services_lo, _)))) = (range_of(dump, "IPAMBlock", "IPAMBlocks"), range_of(dump, "Service", "Services")) else {
+        return None;
+    };
+    (services_lo < ipam_hi).then(|| {
+        format!("Services (resourceVersion {services_lo}) were read before IPAMBlocks (resourceVersion {ipam_hi}): a Service created in between would look gone")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,6 +22,7 @@ use crate::model::time::Millis;
 use crate::model::{ClusterInformation, InvalidObject};
 
 use super::dump::DumpContents;
+use super::loadbalancer::LoadBalancerSection;
 use super::merge::Duplicate;
 use super::order::{dump_order, DumpOrder, OrderState};
 
@@ -102,6 +103,9 @@ pub struct LeakEntry {
     pub handle: String,
     pub namespace: String,
     pub pod: String,
+    /// An `lb-unwanted` leak's Service (in `namespace`), as its allocation names it.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub service: String,
     pub node: String,
     pub reason: &'static str,
     pub releasable: bool,
@@ -185,6 +189,9 @@ pub struct LeakReport {
     /// leak-scan only: whether the dump's parts were read in the safe order.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dump_order: Option<DumpOrder>,
+    /// leak-scan only: the LoadBalancer addresses, judged as the LoadBalancer controller would.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancerSection>,
     pub summary: Summary,
 }
 
@@ -316,6 +323,7 @@ pub fn scan_dump(dump: &mut DumpContents, now: Millis, opts: &ScanOptions) -> Re
     report.duplicates = dump.duplicates.clone();
     report.nodes_missing_from_dump = nodes_missing;
     report.dump_order = Some(order);
+    super::loadbalancer::judge(dump, &index, now, &mut report);
     Ok(report)
 }
 
@@ -492,6 +500,7 @@ pub fn build_report(index: &IpamIndex, current: &Plan, outlook: &Plan, cfg: &GcC
             handle: index.resolve(a.handle).to_string(),
             namespace: index.resolve(a.namespace).to_string(),
             pod: index.resolve(a.pod).to_string(),
+            service: String::new(),
             node: index.resolve(a.node).to_string(),
             reason: l.reason.as_str(),
             releasable: is_releasable,
@@ -582,6 +591,7 @@ pub fn build_report(index: &IpamIndex, current: &Plan, outlook: &Plan, cfg: &GcC
         duplicates: Vec::new(),
         nodes_missing_from_dump: Vec::new(),
         dump_order: None,
+        load_balancer: None,
         summary,
     }
 }
@@ -615,6 +625,13 @@ pub fn write_table(r: &LeakReport, out: &mut dyn Write) -> io::Result<()> {
         };
         writeln!(out, "  dump order:         {state} ({})", o.detail)?;
     }
+    if let Some(lb) = &r.load_balancer {
+        let mode = if lb.assign_ips.is_empty() { String::new() } else { format!("; assignIPs {}", lb.assign_ips) };
+        writeln!(out, "  loadbalancer:       {} addresses ({} unwanted, {} not judged{mode})", lb.addresses, lb.unwanted, lb.not_judged)?;
+        for note in &lb.notes {
+            writeln!(out, "    note: {note}")?;
+        }
+    }
     let mut by_node: BTreeMap<&str, Vec<&LeakEntry>> = BTreeMap::new();
     for l in &r.leaks {
         by_node.entry(if l.node.is_empty() { "<no node>" } else { &l.node }).or_default().push(l);
@@ -623,7 +640,13 @@ pub fn write_table(r: &LeakReport, out: &mut dyn Write) -> io::Result<()> {
         writeln!(out, "\nnode {node} ({} leaks)", leaks.len())?;
         writeln!(out, "  {:<40} {:<20} {:<12} POD / HELD BY", "IP", "REASON", "RELEASABLE")?;
         for l in leaks {
-            let who = if l.pod.is_empty() { l.handle.clone() } else { format!("{}/{}", l.namespace, l.pod) };
+            let who = if !l.service.is_empty() {
+                format!("service {}/{}", l.namespace, l.service)
+            } else if l.pod.is_empty() {
+                l.handle.clone()
+            } else {
+                format!("{}/{}", l.namespace, l.pod)
+            };
             let tail = match l.held_by {
                 Some(h) => format!("{who} (held: {h})"),
                 None => who,

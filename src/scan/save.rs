@@ -1,9 +1,9 @@
 //! `leak-scan --save-dump DIR`: a complete dump of a live cluster, read in the safe order, each
 //! part one typed List file with the resourceVersion its LIST answered.
 //!
-//! Owns: which resources are read, in which order (IPAM first, then Nodes, Namespaces, Pods:
-//! a pod created between two reads then has no allocation in the dump, so its address cannot
-//! look leaked), and the file format (what `kubectl get --raw` returns, pages joined).
+//! Owns: which resources are read, in which order (IPAM first, then Nodes, Namespaces, Pods,
+//! Services: a pod or Service created between two reads then has no allocation in the dump, so
+//! its address cannot look leaked or unwanted), and the file format (what `kubectl get --raw` returns, pages joined).
 //! Must not: write to the cluster, or hold more than one page of objects.
 
 use std::fs::{self, File};
@@ -30,7 +30,7 @@ const fn part(file: &'static str, path: &'static str, required: bool) -> Part {
 
 /// The safe order. The IPAM kinds come first (blocks before handles, as the CNI writes them the
 /// other way round), the facts after.
-pub const SAVE_ORDER: [Part; 11] = [
+pub const SAVE_ORDER: [Part; 12] = [
     part("01-ipamblocks.json", "/apis/crd.projectcalico.org/v1/ipamblocks", true),
     part("02-blockaffinities.json", "/apis/crd.projectcalico.org/v1/blockaffinities", false),
     part("03-ipamhandles.json", "/apis/crd.projectcalico.org/v1/ipamhandles", false),
@@ -42,6 +42,9 @@ pub const SAVE_ORDER: [Part; 11] = [
     part("09-nodes.json", "/api/v1/nodes", true),
     part("10-namespaces.json", "/api/v1/namespaces", true),
     part("11-pods.json", "/api/v1/pods", true),
+    // After IPAM, for the LoadBalancer addresses: a Service created in between holds no address
+    // in the dump rather than one that looks unwanted.
+    part("12-services.json", "/api/v1/services", false),
 ];
 
 /// A failed LIST: the HTTP status (0 when there was none) and what was said.

@@ -5,6 +5,7 @@ mod support;
 mod chaos;
 mod cli_compat;
 mod cli_convert;
+mod cli_leak_scan;
 mod conformance_etcd;
 mod conformance_kube;
 
