@@ -393,9 +393,7 @@ async fn an_etcdctl_dump_scans_as_the_live_etcd_does() {
     put_block(&ds, "10.72.1.0/26", Some("ghost"), &[Alloc { ordinal: 1, handle: "k8s-pod-network.ghost", secondary: pod_attrs(&ns, "ghost", "ghost") }]).await;
 
     let live = leak_scan(&cluster, &[], &pairs(&env));
-    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("etcd-dump-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = crate::support::scratch_dir("etcd-dump");
     // IPAM first (Calico's etcd), then Nodes, Namespaces, and Pods last.
     std::fs::write(dir.join("calico.json"), etcdctl(&cluster, &["get", "--prefix", "/calico/", "-w", "json"]).expect("etcdctl dump")).unwrap();
     let kubectl = cluster.bin_dir().expect("harness bin dir").join("kubectl");
