@@ -255,6 +255,9 @@ struct SimulateArgs {
     /// Timed dirty passes of 10 nodes; the report gives their median and p99.
     #[arg(long = "dirty-samples", default_value_t = calico_kube_controllers::sim::DEFAULT_DIRTY_SAMPLES)]
     dirty_samples: usize,
+    /// A previous run's `--output json` report: its figures are printed beside this run's.
+    #[arg(long)]
+    compare: Option<PathBuf>,
 }
 
 /// The arguments as clap should see them: upstream's images call this program by other names,
@@ -602,6 +605,15 @@ fn convert(a: ConvertArgs) -> anyhow::Result<i32> {
 
 fn simulate(a: SimulateArgs) -> anyhow::Result<i32> {
     use calico_kube_controllers::sim;
+    let compare = match &a.compare {
+        Some(path) => {
+            let text = std::fs::read(path).with_context(|| format!("simulate: reading --compare {}", path.display()))?;
+            let value: serde_json::Value =
+                serde_json::from_slice(&text).with_context(|| format!("simulate: --compare {} is not a JSON report (write one with --output json)", path.display()))?;
+            Some(value)
+        }
+        None => None,
+    };
     let opts = sim::SimOptions {
         nodes: a.nodes,
         pods_per_node: a.pods_per_node,
@@ -611,6 +623,7 @@ fn simulate(a: SimulateArgs) -> anyhow::Result<i32> {
         write_dump: a.write_dump,
         repeats: a.repeats,
         dirty_samples: a.dirty_samples,
+        compare,
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();

@@ -23,13 +23,13 @@ pub mod dump;
 pub mod report;
 pub mod rng;
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::Write;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::datastore::{block_on, execute_plan, ExecuteOptions, Kind, MemoryDatastore, PlanOutcome, Stored};
+use crate::datastore::{block_on, execute_plan, ExecuteOptions, Kind, MemoryDatastore, PlanOutcome};
 use crate::ipam::gc::{GcConfig, GcState};
 use crate::ipam::plan::{Plan, Scope};
 use crate::ipam::index::{IpamIndex, Snapshot};
@@ -49,6 +49,8 @@ pub const GRACE: Millis = crate::model::config::DEFAULT_LEAK_GRACE;
 const MAX_DRAIN_PASSES: usize = 200;
 /// Nodes in the timed incremental pass.
 const DIRTY_NODES: usize = 10;
+/// The cluster size a dirty pass is compared with.
+const SMALL_NODES: usize = 100;
 /// Timed dirty passes (of `DIRTY_NODES` nodes) by default: enough for a p99.
 pub const DEFAULT_DIRTY_SAMPLES: usize = 200;
 
@@ -66,11 +68,13 @@ pub struct SimOptions {
     pub repeats: usize,
     /// Timed dirty passes of 10 nodes (at least `repeats`); the median and p99 are reported.
     pub dirty_samples: usize,
+    /// A previous run's JSON report to compare this run's figures with.
+    pub compare: Option<serde_json::Value>,
 }
 
 impl Default for SimOptions {
     fn default() -> Self {
-        SimOptions { nodes: 100, pods_per_node: 30, leak_fraction: 0.02, seed: 1, output: OutputFormat::Table, write_dump: None, repeats: 5, dirty_samples: DEFAULT_DIRTY_SAMPLES }
+        SimOptions { nodes: 100, pods_per_node: 30, leak_fraction: 0.02, seed: 1, output: OutputFormat::Table, write_dump: None, repeats: 5, dirty_samples: DEFAULT_DIRTY_SAMPLES, compare: None }
     }
 }
 
@@ -127,6 +131,8 @@ pub struct PipelineRun {
     /// Problems found by the pipeline itself (invariants, index vs datastore, leftover work).
     pub problems: Vec<String>,
     pub build_samples: Vec<f64>,
+    /// Listing and decoding the IPAM objects the index is built from, once.
+    pub decode_ms: f64,
     pub now: Millis,
 }
 
@@ -169,64 +175,83 @@ pub struct Listed {
     pub handles: Vec<IpamHandle>,
 }
 
-fn decode_all<T: serde::de::DeserializeOwned>(stored: Vec<Stored>) -> Result<Vec<T>, SimError> {
-    stored.iter().filter(|s| !s.is_soft_deleted()).map(|s| s.decode().map_err(ds_error(s.name.clone()))).collect()
-}
-
 pub fn list_ipam(ds: &MemoryDatastore) -> Result<Listed, SimError> {
+    let decode = |e: crate::datastore::DatastoreError| SimError::Datastore { what: "the IPAM objects".into(), message: e.to_string() };
     Ok(Listed {
-        blocks: decode_all(ds.snapshot(Kind::IpamBlock))?,
-        affinities: decode_all(ds.snapshot(Kind::BlockAffinity))?,
-        handles: decode_all(ds.snapshot(Kind::IpamHandle))?,
+        blocks: ds.decode_current(Kind::IpamBlock).map_err(decode)?,
+        affinities: ds.decode_current(Kind::BlockAffinity).map_err(decode)?,
+        handles: ds.decode_current(Kind::IpamHandle).map_err(decode)?,
     })
 }
 
-/// Feeds what the datastore now holds back into the index, as the watches would: changed
-/// objects are applied, vanished ones deleted. Compares revisions, so unchanged objects cost a
-/// lookup only.
-pub fn sync_index(ds: &MemoryDatastore, index: &mut IpamIndex) -> Result<(), SimError> {
-    let mut seen_blocks = HashSet::new();
-    for s in ds.snapshot(Kind::IpamBlock) {
-        if s.is_soft_deleted() {
+/// Names of `kind` in the datastore (soft-deleted ones skipped) whose revision differs from the
+/// one `indexed` gives for the name, and the names `indexed` has that the datastore lacks.
+fn changes<'a>(ds: &MemoryDatastore, kind: Kind, indexed: &HashMap<&'a str, &'a str>) -> (Vec<String>, Vec<&'a str>) {
+    let mut seen = HashSet::new();
+    let mut changed = Vec::new();
+    for (name, revision, soft_deleted) in ds.revisions(kind) {
+        if soft_deleted {
             continue;
         }
-        let Some(cidr) = s.value["spec"]["cidr"].as_str().and_then(|c| c.parse::<ipnet::IpNet>().ok()) else { continue };
-        seen_blocks.insert(cidr);
-        let current = index.block_slot(&cidr).and_then(|slot| index.block(slot)).map(|b| b.revision.to_string());
-        if current.as_deref() != Some(s.revision.as_str()) {
-            let block: IpamBlock = s.decode().map_err(ds_error(s.name.clone()))?;
-            index.apply_block(&block).map_err(|e| SimError::Datastore { what: s.name.clone(), message: e.to_string() })?;
+        if indexed.get(name.as_str()) != Some(&revision.as_str()) {
+            changed.push(name.clone());
         }
+        seen.insert(name);
     }
-    let gone: Vec<ipnet::IpNet> = index.blocks().map(|(_, b)| b.cidr).filter(|c| !seen_blocks.contains(c)).collect();
-    for c in gone {
-        index.delete_block(&c);
+    let gone = indexed.keys().copied().filter(|n| !seen.contains(*n)).collect();
+    (changed, gone)
+}
+
+fn decode_stored<T: serde::de::DeserializeOwned>(ds: &MemoryDatastore, kind: Kind, name: &str) -> Result<Option<T>, SimError> {
+    ds.peek(kind, name).map(|s| s.decode().map_err(ds_error(name))).transpose()
+}
+
+/// Feeds what the datastore now holds back into the index, as the watches would: changed
+/// objects are applied, vanished ones deleted. Compares revisions, so an unchanged object costs
+/// a lookup and is never read.
+pub fn sync_index(ds: &MemoryDatastore, index: &mut IpamIndex) -> Result<(), SimError> {
+    let apply_error = |name: &str| {
+        let name = name.to_string();
+        move |e: crate::model::InvalidObject| SimError::Datastore { what: name, message: e.to_string() }
+    };
+
+    let blocks: Vec<(String, String, ipnet::IpNet)> = index.blocks().map(|(_, b)| (b.name.to_string(), b.revision.to_string(), b.cidr)).collect();
+    let indexed: HashMap<&str, &str> = blocks.iter().map(|(n, r, _)| (n.as_str(), r.as_str())).collect();
+    let (changed, gone) = changes(ds, Kind::IpamBlock, &indexed);
+    let gone: HashSet<&str> = gone.into_iter().collect();
+    for (_, _, cidr) in blocks.iter().filter(|(n, _, _)| gone.contains(n.as_str())) {
+        index.delete_block(cidr);
+    }
+    for name in changed {
+        if let Some(block) = decode_stored::<IpamBlock>(ds, Kind::IpamBlock, &name)? {
+            index.apply_block(&block).map_err(apply_error(&name))?;
+        }
     }
 
-    let stored_affinities: BTreeMap<String, Stored> = ds.snapshot(Kind::BlockAffinity).into_iter().filter(|s| !s.is_soft_deleted()).map(|s| (s.name.clone(), s)).collect();
-    let indexed: BTreeMap<String, String> = index.affinities().map(|(k, a)| (k.to_string(), a.revision.to_string())).collect();
-    for (name, s) in &stored_affinities {
-        if indexed.get(name) != Some(&s.revision) {
-            let a: BlockAffinity = s.decode().map_err(ds_error(name.clone()))?;
-            index.apply_affinity(&a).map_err(|e| SimError::Datastore { what: name.clone(), message: e.to_string() })?;
-        }
+    let affinities: Vec<(String, String)> = index.affinities().map(|(k, a)| (k.to_string(), a.revision.to_string())).collect();
+    let indexed: HashMap<&str, &str> = affinities.iter().map(|(n, r)| (n.as_str(), r.as_str())).collect();
+    let (changed, gone) = changes(ds, Kind::BlockAffinity, &indexed);
+    let gone: Vec<String> = gone.into_iter().map(str::to_string).collect();
+    for name in gone {
+        index.delete_affinity(&name);
     }
-    for name in indexed.keys().filter(|n| !stored_affinities.contains_key(*n)) {
-        index.delete_affinity(name);
+    for name in changed {
+        if let Some(a) = decode_stored::<BlockAffinity>(ds, Kind::BlockAffinity, &name)? {
+            index.apply_affinity(&a).map_err(apply_error(&name))?;
+        }
     }
 
-    let stored_handles: BTreeMap<String, Stored> = ds.snapshot(Kind::IpamHandle).into_iter().filter(|s| !s.is_soft_deleted()).map(|s| (s.name.clone(), s)).collect();
-    let indexed: BTreeMap<String, (String, String)> =
-        index.handles().map(|(sym, h)| (crate::model::names::handle_object_name(index.resolve(sym)), (index.resolve(sym).to_string(), h.revision.to_string()))).collect();
-    for (name, s) in &stored_handles {
-        if indexed.get(name).map(|(_, rev)| rev) != Some(&s.revision) {
-            let h: IpamHandle = s.decode().map_err(ds_error(name.clone()))?;
-            index.apply_handle(&h).map_err(|e| SimError::Datastore { what: name.clone(), message: e.to_string() })?;
-        }
+    let handles: Vec<(String, String, String)> =
+        index.handles().map(|(sym, h)| (crate::model::names::handle_object_name(index.resolve(sym)), index.resolve(sym).to_string(), h.revision.to_string())).collect();
+    let indexed: HashMap<&str, &str> = handles.iter().map(|(n, _, r)| (n.as_str(), r.as_str())).collect();
+    let (changed, gone) = changes(ds, Kind::IpamHandle, &indexed);
+    let gone: HashSet<&str> = gone.into_iter().collect();
+    for (_, id, _) in handles.iter().filter(|(n, _, _)| gone.contains(n.as_str())) {
+        index.delete_handle(id);
     }
-    for (name, (id, _)) in &indexed {
-        if !stored_handles.contains_key(name) {
-            index.delete_handle(id);
+    for name in changed {
+        if let Some(h) = decode_stored::<IpamHandle>(ds, Kind::IpamHandle, &name)? {
+            index.apply_handle(&h).map_err(apply_error(&name))?;
         }
     }
     Ok(())
@@ -299,7 +324,9 @@ fn plan_has_work(plan: &Plan) -> bool {
 /// Runs steps 2-6 of the pipeline on `cluster` and collects what the checker needs.
 pub fn run_pipeline(cluster: SyntheticCluster, repeats: usize) -> Result<PipelineRun, SimError> {
     let ds = load_datastore(&cluster)?;
+    let started = Instant::now();
     let listed = list_ipam(&ds)?;
+    let decode_ms = ms(started);
     let snapshot = Snapshot {
         blocks: &listed.blocks,
         affinities: &listed.affinities,
@@ -393,6 +420,7 @@ pub fn run_pipeline(cluster: SyntheticCluster, repeats: usize) -> Result<Pipelin
         passes,
         problems,
         build_samples,
+        decode_ms,
         now,
         cluster,
     })
@@ -501,13 +529,26 @@ pub fn run(opts: &SimOptions, out: &mut dyn Write) -> Result<SimSummary, SimErro
     let mut run = run_pipeline(cluster, opts.repeats)?;
     let check = check_run(&run)?;
     let (full, dirty) = steady_state_timings(&mut run, opts.repeats, opts.dirty_samples);
-    let stages = vec![
-        report::StageTiming::new("index build (reset)", &run.build_samples),
-        report::StageTiming::new("full pass (steady state)", &full),
-        report::StageTiming::new("dirty pass (10 nodes)", &dirty),
-        report::StageTiming::new(&format!("execute ({execute_released} releases)"), &execute_samples),
+    let mut stages = vec![
+        report::StageTiming::new(report::STAGE_DECODE, &[run.decode_ms]),
+        report::StageTiming::new(report::STAGE_BUILD, &run.build_samples),
+        report::StageTiming::new(report::STAGE_FULL, &full),
+        report::StageTiming::new(report::STAGE_DIRTY, &dirty),
     ];
-    let report = report::build(opts, &run, check, stages, retained, heap, dump);
+    if opts.nodes > SMALL_NODES {
+        // The same dirty pass on a 100-node cluster of the same shape, in the same run: a dirty
+        // pass must not grow with the cluster.
+        let small = SimOptions { nodes: SMALL_NODES, write_dump: None, ..opts.clone() };
+        let mut small_run = run_pipeline(generate(&small)?, 1)?;
+        let (_, small_dirty) = steady_state_timings(&mut small_run, 1, opts.dirty_samples);
+        stages.push(report::StageTiming::new(report::STAGE_DIRTY_SMALL, &small_dirty));
+    }
+    stages.push(report::StageTiming::new(&format!("execute ({execute_released} releases)"), &execute_samples));
+    let peak_rss = crate::memstat::peak_rss_bytes();
+    let mut report = report::build(opts, &run, check, stages, retained, heap, peak_rss, dump);
+    if let Some(prev) = &opts.compare {
+        report.comparison = report::compare(prev, &report).map_err(SimError::Options)?;
+    }
     match opts.output {
         OutputFormat::Json => {
             serde_json::to_writer_pretty(&mut *out, &report).map_err(|e| SimError::Output(std::io::Error::other(e)))?;

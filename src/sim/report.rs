@@ -156,16 +156,23 @@ pub struct Memory {
     pub bytes_per_allocation: f64,
     /// Which figure `bytesPerAllocation` uses: "allocator" or "index-estimate".
     pub source: &'static str,
+    /// The process's peak resident set (Linux `VmHWM`) when the report was built: the whole
+    /// run, generator and datastore included.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_rss_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Target {
     pub name: &'static str,
+    /// The limit at this run's scale (see `basis`).
     pub limit: f64,
     pub measured: f64,
     pub unit: &'static str,
-    /// None when the run is smaller than the target's scale.
+    /// How the limit follows the scale: every target applies at every scale.
+    pub basis: &'static str,
+    /// None only when the figure could not be measured (no counting allocator, no `/proc`).
     pub met: Option<bool>,
 }
 
@@ -183,6 +190,111 @@ pub struct SimReport {
     pub check: CheckReport,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dump: Option<DumpStats>,
+    /// Figures beside those of a previous run's JSON report (`--compare`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub comparison: Vec<Compared>,
+}
+
+/// Stage names the targets and the comparison find their figures by.
+pub const STAGE_DECODE: &str = "decode (list and decode)";
+pub const STAGE_BUILD: &str = "index build (reset)";
+pub const STAGE_FULL: &str = "full pass (steady state)";
+pub const STAGE_DIRTY: &str = "dirty pass (10 nodes)";
+pub const STAGE_DIRTY_SMALL: &str = "dirty pass (10 nodes) at 100 nodes";
+
+/// The scale the figures were set at: 5,000 nodes x 30 pods (196,510 allocations).
+const REFERENCE_ALLOCATIONS: f64 = 196_510.0;
+const REFERENCE_PODS: f64 = 150_000.0;
+const MB: f64 = 1_000_000.0;
+
+/// The targets at this run's scale. Time and memory totals that grow with the cluster are
+/// scaled from the scale they were set at; figures that must not grow (a dirty pass, bytes per
+/// allocation) hold at every scale.
+fn targets(allocations: usize, pods: usize, stages: &[StageTiming], per_alloc: Option<f64>, peak_rss: Option<u64>) -> Vec<Target> {
+    let stage = |name: &str| stages.iter().find(|s| s.stage == name);
+    let allocs = allocations.max(1) as f64;
+    let mut out = Vec::new();
+    let mut push = |name, limit: f64, measured: Option<f64>, unit, basis| {
+        out.push(Target { name, limit, measured: measured.unwrap_or(0.0), unit, basis, met: measured.map(|m| m <= limit) });
+    };
+    push(
+        "index build (reset)",
+        100.0 * allocs / REFERENCE_ALLOCATIONS,
+        stage(STAGE_BUILD).map(|s| s.median_ms),
+        "ms",
+        "100 ms at 196,510 allocations, in proportion",
+    );
+    push(
+        "full pass (steady state)",
+        2.0 * (pods as f64 / REFERENCE_PODS).max(1.0),
+        stage(STAGE_FULL).map(|s| s.median_ms),
+        "ms",
+        "2 ms up to 150,000 pods, in proportion above",
+    );
+    let dirty = stage(STAGE_DIRTY).filter(|s| s.samples >= 100);
+    push("dirty pass (10 nodes) median", 0.05, dirty.map(|s| s.median_ms), "ms", "50 us at every scale (O(dirty))");
+    push("dirty pass (10 nodes) p99", 1.0, dirty.map(|s| s.p99_ms), "ms", "1 ms at every scale, over >= 100 samples");
+    if let (Some(big), Some(small)) = (dirty, stage(STAGE_DIRTY_SMALL)) {
+        let ratio = big.median_ms / small.median_ms.max(1e-9);
+        push("dirty pass median / its median at 100 nodes", 1.5, Some(ratio), "x", "1.5x at every scale (same run)");
+    }
+    push("retained GC state per allocation", 256.0, per_alloc, "bytes", "256 B at every scale");
+    let pods = pods as f64;
+    // 200 MB up to 30,000 pods (the README's 1,000 x 30), 2 GB at 750,000 (25,000 x 30), on
+    // the line through both above.
+    let rss_limit = if pods <= 30_000.0 { 200.0 } else { 200.0 + (pods - 30_000.0) * (2000.0 - 200.0) / 720_000.0 };
+    push(
+        "simulate peak RSS",
+        rss_limit,
+        peak_rss.map(|b| b as f64 / MB),
+        "MB",
+        "200 MB up to 30,000 pods, 2 GB at 750,000, linear",
+    );
+    out
+}
+
+#[cfg(test)]
+pub fn targets_for_test(allocations: usize, pods: usize, stages: &[StageTiming]) -> Vec<Target> {
+    targets(allocations, pods, stages, Some(1.0), Some(1))
+}
+
+/// One figure of this run beside the same figure of a previous run.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Compared {
+    pub figure: String,
+    pub unit: &'static str,
+    pub previous: f64,
+    pub now: f64,
+    /// now / previous: below 1 is faster or leaner.
+    pub ratio: f64,
+}
+
+/// The figures of `prev` (a previous `--output json` report) that this run also has. A figure
+/// the previous run lacks is left out; a report that is not one is an error.
+pub fn compare(prev: &serde_json::Value, now: &SimReport) -> Result<Vec<Compared>, String> {
+    let stages = prev["stages"].as_array().ok_or("not a simulate JSON report: it has no \"stages\"")?;
+    let prev_stage = |name: &str, field: &str| {
+        stages.iter().find(|s| s["stage"].as_str().is_some_and(|n| n == name || (name.starts_with("execute") && n.starts_with("execute")))).and_then(|s| s[field].as_f64())
+    };
+    let mut out = Vec::new();
+    let mut add = |figure: String, unit, previous: Option<f64>, now: f64| {
+        if let Some(previous) = previous {
+            out.push(Compared { figure, unit, previous, now, ratio: if previous > 0.0 { now / previous } else { f64::NAN } });
+        }
+    };
+    for st in &now.stages {
+        add(format!("{} median", st.stage), "ms", prev_stage(&st.stage, "medianMs"), st.median_ms);
+        add(format!("{} p99", st.stage), "ms", prev_stage(&st.stage, "p99Ms"), st.p99_ms);
+    }
+    let m = &prev["memory"];
+    add("retained bytes per allocation".into(), "bytes", m["bytesPerAllocation"].as_f64(), now.memory.bytes_per_allocation);
+    if let Some(rss) = now.memory.peak_rss_bytes {
+        add("peak RSS".into(), "MB", m["peakRssBytes"].as_f64().map(|b| b / MB), rss as f64 / MB);
+    }
+    let pa = &prev["scale"]["allocations"];
+    add("allocations".into(), "", pa.as_f64(), now.scale.allocations as f64);
+    Ok(out)
 }
 
 pub fn build(
@@ -192,6 +304,7 @@ pub fn build(
     stages: Vec<StageTiming>,
     retained: Option<usize>,
     heap: usize,
+    peak_rss: Option<u64>,
     dump: Option<DumpStats>,
 ) -> SimReport {
     let c = &run.cluster;
@@ -229,41 +342,7 @@ pub fn build(
         None => (heap, "index-estimate"),
     };
     let per_alloc = bytes as f64 / allocations.max(1) as f64;
-    let full_ms = stages.iter().find(|s| s.stage.starts_with("full pass")).map_or(0.0, |s| s.median_ms);
-    let dirty = stages.iter().find(|s| s.stage.starts_with("dirty pass"));
-    let (dirty_median, dirty_p99, dirty_n) = dirty.map_or((0.0, 0.0, 0), |s| (s.median_ms, s.p99_ms, s.samples));
-    let pods = opts.nodes * opts.pods_per_node;
-    let targets = vec![
-        Target {
-            name: "full pass, 5,000 nodes x 30 pods",
-            limit: 2.0,
-            measured: full_ms,
-            unit: "ms",
-            met: (pods >= 150_000).then_some(full_ms <= 2.0),
-        },
-        Target {
-            name: "dirty pass (10 nodes) median, 5,000 nodes x 30 pods",
-            limit: 0.05,
-            measured: dirty_median,
-            unit: "ms",
-            met: (pods >= 150_000 && dirty_n >= 100).then_some(dirty_median <= 0.05),
-        },
-        Target {
-            name: "dirty pass (10 nodes) p99, 5,000 nodes x 30 pods",
-            limit: 1.0,
-            measured: dirty_p99,
-            unit: "ms",
-            met: (pods >= 150_000 && dirty_n >= 100).then_some(dirty_p99 <= 1.0),
-        },
-        Target { name: "full pass, 1M allocations", limit: 15.0, measured: full_ms, unit: "ms", met: (allocations >= 1_000_000).then_some(full_ms <= 15.0) },
-        Target {
-            name: "retained GC state per allocation at 150k allocations",
-            limit: 400.0,
-            measured: per_alloc,
-            unit: "bytes",
-            met: (allocations >= 150_000 && retained.is_some()).then_some(per_alloc <= 400.0),
-        },
-    ];
+    let targets = targets(allocations, c.pods.len(), &stages, retained.map(|_| per_alloc), peak_rss);
     SimReport {
         ok: check.ok,
         scale: Scale {
@@ -281,10 +360,11 @@ pub fn build(
         objects,
         passes: run.passes.clone(),
         stages,
-        memory: Memory { index_heap_bytes: heap, retained_bytes: retained, bytes_per_allocation: per_alloc, source },
+        memory: Memory { index_heap_bytes: heap, retained_bytes: retained, bytes_per_allocation: per_alloc, source, peak_rss_bytes: peak_rss },
         targets,
         check,
         dump,
+        comparison: Vec::new(),
     }
 }
 
@@ -334,15 +414,27 @@ pub fn write_table(r: &SimReport, out: &mut dyn Write) -> io::Result<()> {
             m.index_heap_bytes, m.bytes_per_allocation
         )?,
     }
+    if let Some(rss) = m.peak_rss_bytes {
+        writeln!(out, "memory: peak RSS of the whole run {:.1} MB", rss as f64 / MB)?;
+    }
     writeln!(out)?;
-    writeln!(out, "{:<52} {:>10} {:>10} {:>8}", "TARGET", "LIMIT", "MEASURED", "MET")?;
+    writeln!(out, "{:<46} {:>12} {:>12} {:>5}  {}", "TARGET (at this scale)", "LIMIT", "MEASURED", "MET", "LIMIT FOLLOWS")?;
     for t in &r.targets {
         let met = match t.met {
             Some(true) => "yes",
             Some(false) => "NO",
-            None => "n/a",
+            None => "unmeasured",
         };
-        writeln!(out, "{:<52} {:>7} {:<2} {:>10.4} {:>8}", t.name, t.limit, t.unit, t.measured, met)?;
+        let limit = format!("{} {}", figure(t.limit), t.unit);
+        let measured = format!("{} {}", figure(t.measured), t.unit);
+        writeln!(out, "{:<46} {:>12} {:>12} {:>5}  {}", t.name, limit, measured, met, t.basis)?;
+    }
+    if !r.comparison.is_empty() {
+        writeln!(out)?;
+        writeln!(out, "{:<46} {:>12} {:>12} {:>9}", "COMPARED WITH THE PREVIOUS RUN", "PREVIOUS", "NOW", "NOW/PREV")?;
+        for c in &r.comparison {
+            writeln!(out, "{:<46} {:>12} {:>12} {:>8.2}x", c.figure, format!("{} {}", figure(c.previous), c.unit).trim(), format!("{} {}", figure(c.now), c.unit).trim(), c.ratio)?;
+        }
     }
     if let Some(d) = &r.dump {
         writeln!(out)?;
@@ -362,4 +454,14 @@ pub fn write_table(r: &SimReport, out: &mut dyn Write) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Four significant digits, without an exponent.
+fn figure(v: f64) -> String {
+    if !v.is_finite() {
+        return "-".into();
+    }
+    let a = v.abs();
+    let decimals = if a >= 1000.0 { 0 } else if a >= 100.0 { 1 } else if a >= 10.0 { 2 } else if a >= 1.0 { 3 } else { 4 };
+    format!("{v:.decimals$}")
 }

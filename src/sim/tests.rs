@@ -10,7 +10,7 @@ use super::*;
 use crate::datastore::Kind;
 
 fn small(seed: u64) -> SimOptions {
-    SimOptions { nodes: 20, pods_per_node: 10, leak_fraction: 0.05, seed, output: OutputFormat::Json, write_dump: None, repeats: 1, dirty_samples: 1 }
+    SimOptions { nodes: 20, pods_per_node: 10, leak_fraction: 0.05, seed, output: OutputFormat::Json, write_dump: None, repeats: 1, dirty_samples: 1, compare: None }
 }
 
 fn category_counts(r: &SimReport) -> Vec<(&'static str, usize, usize, usize)> {
@@ -40,7 +40,9 @@ fn a_small_simulation_releases_exactly_what_was_planted() {
     assert!(r.objects.empty_blocks_planted > 0 && r.objects.orphan_handles_planted > 0);
     let json: Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(json["ok"], true);
-    assert_eq!(json["stages"].as_array().unwrap().len(), 4);
+    let stages: Vec<&str> = json["stages"].as_array().unwrap().iter().map(|s| s["stage"].as_str().unwrap()).collect();
+    assert_eq!(stages[..4], [report::STAGE_DECODE, report::STAGE_BUILD, report::STAGE_FULL, report::STAGE_DIRTY]);
+    assert!(stages[4].starts_with("execute (") && stages.len() == 5, "{stages:?}");
 }
 
 #[test]
@@ -176,4 +178,58 @@ fn the_dump_reads_back_and_leak_scan_finds_the_initial_leaks() {
     assert_eq!(streamed.leaks, report.leaks);
     assert_eq!(serde_json::to_value(&streamed.summary).unwrap(), serde_json::to_value(&report.summary).unwrap());
     assert_eq!(streamed.allocations.len(), report.allocations.len());
+}
+
+#[test]
+fn every_target_is_judged_at_any_scale_and_its_limit_follows_the_scale() {
+    let mut out = Vec::new();
+    let summary = run(&SimOptions { dirty_samples: 100, ..small(4) }, &mut out).unwrap();
+    let targets = &summary.report.targets;
+    // Library tests have no counting allocator: only the retained-bytes figure is unmeasured.
+    for t in targets {
+        let unmeasured = t.name == "retained GC state per allocation";
+        assert_eq!(t.met.is_none(), unmeasured, "{}: {:?}", t.name, t.met);
+        assert!(t.limit > 0.0 && !t.basis.is_empty(), "{t:?}");
+    }
+    let limit = |name: &str, allocations: usize, pods: usize| {
+        let stages = vec![report::StageTiming::new(report::STAGE_BUILD, &[1.0]), report::StageTiming::new(report::STAGE_FULL, &[1.0])];
+        report::targets_for_test(allocations, pods, &stages).into_iter().find(|t| t.name == name).unwrap().limit
+    };
+    // The index build is held in proportion to the allocations: 100 ms at 196,510.
+    assert!((limit("index build (reset)", 196_510, 150_000) - 100.0).abs() < 1e-9);
+    assert!((limit("index build (reset)", 19_651, 15_000) - 10.0).abs() < 1e-9);
+    // A full pass: 2 ms up to 150,000 pods, in proportion above.
+    assert_eq!(limit("full pass (steady state)", 1_000, 600), 2.0);
+    assert!((limit("full pass (steady state)", 400_000, 300_000) - 4.0).abs() < 1e-9);
+    // Peak RSS: 200 MB up to the README's 30,000 pods, 2 GB at 25,000 x 30.
+    assert_eq!(limit("simulate peak RSS", 1_000, 600), 200.0);
+    assert_eq!(limit("simulate peak RSS", 39_000, 30_000), 200.0);
+    assert!((limit("simulate peak RSS", 975_000, 750_000) - 2000.0).abs() < 1e-9);
+    // A dirty pass does not grow with the cluster.
+    assert_eq!(limit("dirty pass (10 nodes) median", 975_000, 750_000), 0.05);
+}
+
+#[test]
+fn a_run_compared_with_a_previous_report_lists_each_shared_figure_with_its_ratio() {
+    let mut first = Vec::new();
+    run(&small(5), &mut first).unwrap();
+    let previous: Value = serde_json::from_slice(&first).unwrap();
+    let mut out = Vec::new();
+    let opts = SimOptions { output: OutputFormat::Table, compare: Some(previous.clone()), ..small(5) };
+    let summary = run(&opts, &mut out).unwrap();
+    let c = &summary.report.comparison;
+    let figures: Vec<&str> = c.iter().map(|c| c.figure.as_str()).collect();
+    for f in ["index build (reset) median", "dirty pass (10 nodes) p99", "retained bytes per allocation", "allocations"] {
+        assert!(figures.contains(&f), "{f} missing from {figures:?}");
+    }
+    let allocations = c.iter().find(|c| c.figure == "allocations").unwrap();
+    assert_eq!((allocations.previous, allocations.ratio), (summary.report.scale.allocations as f64, 1.0));
+    let build = c.iter().find(|c| c.figure == "index build (reset) median").unwrap();
+    assert_eq!(build.previous, previous["stages"][1]["medianMs"].as_f64().unwrap());
+    assert!((build.ratio - build.now / build.previous).abs() < 1e-9);
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.contains("COMPARED WITH THE PREVIOUS RUN") && text.contains("NOW/PREV"), "{text}");
+    // Something that is not a report is refused, not compared with nothing.
+    let err = run(&SimOptions { compare: Some(serde_json::json!({"x": 1})), ..small(5) }, &mut Vec::new()).unwrap_err();
+    assert!(err.to_string().contains("not a simulate JSON report"), "{err}");
 }
