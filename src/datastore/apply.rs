@@ -727,7 +727,7 @@ async fn increment_handle<D: Datastore>(ds: &D, handle_id: &str, cidr: &str, opt
     loop {
         let written = match ds.get(Kind::IpamHandle, &name).await {
             Err(e) if e.is_not_found() => {
-                let spec = crate::model::handle::IpamHandleSpec { handle_id: handle_id.to_string(), block: BTreeMap::from([(cidr.to_string(), 1)]), ..Default::default() };
+                let spec = crate::model::handle::IpamHandleSpec { handle_id: handle_id.to_string(), block: [(cidr.to_string(), 1)].into(), ..Default::default() };
                 let handle = IpamHandle::new(crate::model::handle::KIND, &name, spec);
                 let value = serde_json::to_value(&handle).map_err(|e| DatastoreError::invalid(e.to_string()))?;
                 ds.create(Kind::IpamHandle, &name, value).await.map(|_| ())
@@ -738,7 +738,7 @@ async fn increment_handle<D: Datastore>(ds: &D, handle_id: &str, cidr: &str, opt
                 if handle.spec.deleted {
                     return Err(DatastoreError::conflict(format!("handle {handle_id} is being deleted")));
                 }
-                *handle.spec.block.entry(cidr.to_string()).or_default() += 1;
+                handle.spec.block.add(&cidr.to_string(), 1);
                 ds.update(Kind::IpamHandle, &stored.with_value(&handle)?).await.map(|_| ())
             }
         };

@@ -498,11 +498,8 @@ impl GcState {
             Scope::Full => index.allocated(),
             Scope::Dirty(nodes) => {
                 let mut bm = RoaringBitmap::new();
-                for n in nodes {
-                    if let Some(s) = index.strings().lookup(n)
-                        && let Some(b) = index.allocations_of_node(s) {
-                            bm |= b;
-                        }
+                for b in nodes.iter().filter_map(|n| index.allocations_of_node(index.strings().lookup(n)?)) {
+                    bm |= b;
                 }
                 dirty_set = bm;
                 &dirty_set
@@ -510,8 +507,13 @@ impl GcState {
         };
         // The refreshed cache holds every allocation's verdict on cached facts, so a pass only
         // re-judges the suspects (for their reasons) and the KubeVirt allocations (whose facts
-        // arrive with the pass): O(suspects), not O(allocations).
-        let to_judge = &(&self.suspects | index.vm_allocations()) & examined;
+        // arrive with the pass): O(suspects), not O(allocations); and a dirty pass only those of
+        // its nodes, O(dirty), never a copy of the cluster-wide sets.
+        let vm = index.vm_allocations();
+        let mut to_judge = examined & &self.suspects;
+        if !vm.is_empty() {
+            to_judge |= examined & vm;
+        }
         let verdicts: Vec<(Gid, LeakReason)> = to_judge
             .iter()
             .filter_map(|g| {
@@ -529,7 +531,7 @@ impl GcState {
         }
         // Valid allocations lose any leak state ("resurrected").
         // Tracked leaks that were examined and are no longer garbage: ((tracked ∩ examined) − leaks).
-        let revived = &(&self.tracked & examined) - &leak_bm;
+        let revived = &(examined & &self.tracked) - &leak_bm;
         for g in revived.iter() {
             self.forget(g);
         }
@@ -549,7 +551,11 @@ impl GcState {
                 v.extend(index.affinities().map(|(_, a)| a.node).filter(gone));
                 v.into_iter().collect()
             }
-            Scope::Dirty(nodes) => nodes.iter().filter_map(|n| index.strings().lookup(n)).collect(),
+            Scope::Dirty(nodes) => {
+                let mut v = Vec::with_capacity(nodes.len());
+                v.extend(nodes.iter().filter_map(|n| index.strings().lookup(n)));
+                v
+            }
         };
         // A dirty pass looks at the empty blocks of its own nodes only (a full pass at all).
         let scope_hosts: Option<Vec<Sym>> = (!full).then(|| node_syms.clone());

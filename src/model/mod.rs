@@ -18,7 +18,7 @@ pub mod time;
 pub use affinity::{BlockAffinity, BlockAffinitySpec};
 pub use block::{AllocationAttribute, BlockView, IpamBlock, IpamBlockSpec};
 pub use config::{ClusterInformation, IpamConfig, KubeControllersConfiguration};
-pub use handle::{IpamHandle, IpamHandleSpec};
+pub use handle::{BlockCounts, IpamHandle, IpamHandleSpec};
 pub use meta::{Meta, Object};
 pub use node::NodeLite;
 pub use pod::{PodFacts, PodLite, PodPhase};

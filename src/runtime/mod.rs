@@ -437,20 +437,71 @@ async fn run_on<D: Datastore + Clone + 'static>(client: kube::Client, backend: B
     tracing::info!("shutting down: finishing the pass in progress");
     shared.stopping.store(true, Ordering::Relaxed);
     let _ = stop_tx.send(true);
+    // Every task that writes has ended before the Lease is given up: a standby starts writing as
+    // soon as the Lease is free, and two writers of one object is what leadership prevents. The
+    // GC finishes its pass; the other controllers that watch `stop` finish the write in progress
+    // (within SHUTDOWN_GRACE); the start-of-day writer and the compactor, which do not, are
+    // cancelled at once.
     let _ = gc_task.await;
-    if let Some(election) = election {
-        election.resign().await;
-    }
+    let stoppable = [node_deleter_task, endpoints_task, Some(host_endpoints_task), loadbalancer_task, Some(migrator_task)].into_iter().flatten().chain(light_tasks);
+    let unstoppable = [writer_task, compactor_task].into_iter().flatten();
+    let resign = async move {
+        if let Some(election) = election {
+            election.resign().await;
+        }
+    };
+    end_writers_then_resign(stoppable.collect(), unstoppable.collect(), SHUTDOWN_GRACE, resign).await;
     for w in watchers {
         w.abort();
     }
-    for task in [Some(live_task), Some(health_task), writer_task, compactor_task, node_deleter_task, endpoints_task, Some(host_endpoints_task), loadbalancer_task, Some(migrator_task)].into_iter().flatten().chain(light_tasks) {
+    for task in [live_task, health_task] {
         task.abort();
     }
     for s in servers {
         s.abort();
     }
     result
+}
+
+/// Aborts the task it names when dropped: a task's own cancellation reaches what it spawned.
+struct AbortOnDrop(Option<tokio::task::AbortHandle>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(h) = &self.0 {
+            h.abort();
+        }
+    }
+}
+
+/// How long shutdown waits for the controllers to finish the write in progress before it
+/// cancels them (a pass's writes stop at the next object once `stop` is set).
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Shutdown's order: the tasks that watch `stop` (already sent) get until `grace` to end on
+/// their own and are cancelled after it; the others are cancelled at once; only when every one
+/// of them has ended (a cancelled task is awaited, so it runs no further) is `resign` run.
+async fn end_writers_then_resign(
+    stoppable: Vec<tokio::task::JoinHandle<()>>,
+    unstoppable: Vec<tokio::task::JoinHandle<()>>,
+    grace: std::time::Duration,
+    resign: impl std::future::Future<Output = ()>,
+) {
+    for t in &unstoppable {
+        t.abort();
+    }
+    let deadline = tokio::time::Instant::now() + grace;
+    for mut t in stoppable {
+        if tokio::time::timeout_at(deadline, &mut t).await.is_err() {
+            tracing::warn!("shutdown: a controller did not finish within {grace:?}; cancelled");
+            t.abort();
+            let _ = t.await;
+        }
+    }
+    for t in unstoppable {
+        let _ = t.await;
+    }
+    resign.await;
 }
 
 /// Runs `live::writer` while `may_write` says this replica leads: started on election, stopped
@@ -467,6 +518,8 @@ async fn writer_while_leading<D: Datastore + Clone + 'static>(
     const STANDBY: &str = "standby: the leader initializes the datastore";
     let mut fatal = Some(fatal);
     let mut task: Option<tokio::task::JoinHandle<Result<(), init::InitError>>> = None;
+    // Cancelling this task cancels the writer it started too (a dropped JoinHandle would not).
+    let mut cancel_with_me = AbortOnDrop(None);
     // The writer ended on its own during this term (its config channel closed): not restarted
     // until leadership is lost and won again.
     let mut finished_this_term = false;
@@ -474,7 +527,9 @@ async fn writer_while_leading<D: Datastore + Clone + 'static>(
         let leading = *may_write.borrow_and_update();
         if leading && task.is_none() && !finished_this_term {
             shared.status.set_ready(health::STARTUP, false, "initializing the datastore");
-            task = Some(tokio::spawn(live::writer(ds.clone(), shared.clone(), cluster_types, kcc.clone(), init_retry_for)));
+            let t = tokio::spawn(live::writer(ds.clone(), shared.clone(), cluster_types, kcc.clone(), init_retry_for));
+            cancel_with_me.0 = Some(t.abort_handle());
+            task = Some(t);
         } else if !leading {
             if let Some(t) = task.take() {
                 t.abort();
@@ -507,5 +562,71 @@ async fn writer_while_leading<D: Datastore + Clone + 'static>(
     }
     if let Some(t) = task {
         t.abort();
+    }
+}
+
+#[cfg(test)]
+mod shutdown_tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use super::*;
+
+    fn log() -> Arc<Mutex<Vec<&'static str>>> {
+        Arc::new(Mutex::new(Vec::new()))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_controller_writes_once_the_lease_is_given_up() {
+        let events = log();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        // A controller that watches `stop` and finishes the write in progress first.
+        let (e, mut stop) = (events.clone(), stop_rx.clone());
+        let polite = tokio::spawn(async move {
+            let _ = stop.wait_for(|s| *s).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            e.lock().unwrap().push("last write");
+        });
+        // One that never looks at `stop` and keeps writing.
+        let e = events.clone();
+        let deaf = tokio::spawn(async move {
+            loop {
+                e.lock().unwrap().push("deaf write");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        // One that watches `stop` but is stuck past the grace period.
+        let (e, mut stop) = (events.clone(), stop_rx.clone());
+        let stuck = tokio::spawn(async move {
+            let _ = stop.wait_for(|s| *s).await;
+            loop {
+                e.lock().unwrap().push("stuck write");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        // The start-of-day writer, and the writer it spawned.
+        let e = events.clone();
+        let outer = tokio::spawn(async move {
+            let e2 = e.clone();
+            let inner = tokio::spawn(async move {
+                loop {
+                    e2.lock().unwrap().push("inner write");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            });
+            let _guard = AbortOnDrop(Some(inner.abort_handle()));
+            std::future::pending::<()>().await;
+        });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        stop_tx.send(true).unwrap();
+        let e = events.clone();
+        let resign = async move { e.lock().unwrap().push("resigned") };
+        end_writers_then_resign(vec![polite, stuck], vec![deaf, outer], Duration::from_millis(300), resign).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let events = events.lock().unwrap().clone();
+        let resigned = events.iter().position(|e| *e == "resigned").expect("resigned");
+        assert_eq!(resigned, events.len() - 1, "a write after the Lease was given up: {:?}", &events[resigned..]);
+        assert!(events.contains(&"last write"), "the polite controller was not let finish: {events:?}");
+        assert!(events.contains(&"stuck write") && events.contains(&"inner write"), "{events:?}");
     }
 }

@@ -651,7 +651,7 @@ pub fn generate(opts: &SimOptions) -> Result<SyntheticCluster, SimError> {
     let handles: Vec<IpamHandle> = handle_counts
         .into_iter()
         .map(|(id, block)| {
-            IpamHandle::new(handle::KIND, &handle_object_name(&id), IpamHandleSpec { handle_id: id, block, deleted: false, extra: BTreeMap::new() })
+            IpamHandle::new(handle::KIND, &handle_object_name(&id), IpamHandleSpec { handle_id: id, block: block.into(), deleted: false, extra: BTreeMap::new() })
         })
         .collect();
 
