@@ -738,7 +738,7 @@ async fn increment_handle<D: Datastore>(ds: &D, handle_id: &str, cidr: &str, opt
                 if handle.spec.deleted {
                     return Err(DatastoreError::conflict(format!("handle {handle_id} is being deleted")));
                 }
-                handle.spec.block.add(&cidr.to_string(), 1);
+                handle.spec.block.add(cidr, 1);
                 ds.update(Kind::IpamHandle, &stored.with_value(&handle)?).await.map(|_| ())
             }
         };

@@ -545,7 +545,8 @@ pub fn run(opts: &SimOptions, out: &mut dyn Write) -> Result<SimSummary, SimErro
     }
     stages.push(report::StageTiming::new(&format!("execute ({execute_released} releases)"), &execute_samples));
     let peak_rss = crate::memstat::peak_rss_bytes();
-    let mut report = report::build(opts, &run, check, stages, retained, heap, peak_rss, dump);
+    let memory = report::MemoryFigures { retained, heap, peak_rss };
+    let mut report = report::build(opts, &run, check, stages, memory, dump);
     if let Some(prev) = &opts.compare {
         report.comparison = report::compare(prev, &report).map_err(SimError::Options)?;
     }

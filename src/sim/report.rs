@@ -297,16 +297,26 @@ pub fn compare(prev: &serde_json::Value, now: &SimReport) -> Result<Vec<Compared
     Ok(out)
 }
 
+/// What the pipeline measured of memory, for [`build`].
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryFigures {
+    /// Index plus GC state by the counting allocator, when installed.
+    pub retained: Option<usize>,
+    /// The index's own estimate.
+    pub heap: usize,
+    /// The process's peak resident set.
+    pub peak_rss: Option<u64>,
+}
+
 pub fn build(
     opts: &SimOptions,
     run: &PipelineRun,
     check: CheckReport,
     stages: Vec<StageTiming>,
-    retained: Option<usize>,
-    heap: usize,
-    peak_rss: Option<u64>,
+    memory: MemoryFigures,
     dump: Option<DumpStats>,
 ) -> SimReport {
+    let MemoryFigures { retained, heap, peak_rss } = memory;
     let c = &run.cluster;
     let allocations = c.allocation_count();
     let mut rows: BTreeMap<Category, CategoryRow> = BTreeMap::new();
@@ -418,7 +428,7 @@ pub fn write_table(r: &SimReport, out: &mut dyn Write) -> io::Result<()> {
         writeln!(out, "memory: peak RSS of the whole run {:.1} MB", rss as f64 / MB)?;
     }
     writeln!(out)?;
-    writeln!(out, "{:<46} {:>12} {:>12} {:>5}  {}", "TARGET (at this scale)", "LIMIT", "MEASURED", "MET", "LIMIT FOLLOWS")?;
+    writeln!(out, "{:<46} {:>12} {:>12} {:>5}  LIMIT FOLLOWS", "TARGET (at this scale)", "LIMIT", "MEASURED", "MET")?;
     for t in &r.targets {
         let met = match t.met {
             Some(true) => "yes",
