@@ -88,14 +88,19 @@ impl From<BTreeMap<String, String>> for AttrMap {
     }
 }
 
+/// Writes `(key, value)` pairs as a JSON map, in their order: the map types kept as vectors.
+pub(crate) fn serialize_pairs<S: serde::Serializer, K: Serialize, V: Serialize>(pairs: &[(K, V)], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut m = s.serialize_map(Some(pairs.len()))?;
+    for (k, v) in pairs {
+        m.serialize_entry(k, v)?;
+    }
+    m.end()
+}
+
 impl Serialize for AttrMap {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let mut m = s.serialize_map(Some(self.0.len()))?;
-        for (k, v) in &self.0 {
-            m.serialize_entry(k, v)?;
-        }
-        m.end()
+        serialize_pairs(&self.0, s)
     }
 }
 

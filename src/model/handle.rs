@@ -106,12 +106,7 @@ impl From<BTreeMap<String, u32>> for BlockCounts {
 
 impl Serialize for BlockCounts {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let mut m = s.serialize_map(Some(self.0.len()))?;
-        for (k, v) in &self.0 {
-            m.serialize_entry(k, v)?;
-        }
-        m.end()
+        super::block::serialize_pairs(&self.0, s)
     }
 }
 

@@ -184,77 +184,56 @@ pub fn list_ipam(ds: &MemoryDatastore) -> Result<Listed, SimError> {
     })
 }
 
-/// Names of `kind` in the datastore (soft-deleted ones skipped) whose revision differs from the
-/// one `indexed` gives for the name, and the names `indexed` has that the datastore lacks.
-fn changes<'a>(ds: &MemoryDatastore, kind: Kind, indexed: &HashMap<&'a str, &'a str>) -> (Vec<String>, Vec<&'a str>) {
+/// Brings the index's copies of one kind in line with the datastore. `indexed` lists each copy
+/// as (object name, revision, what `delete` takes); copies the datastore no longer holds (or holds
+/// soft-deleted) are deleted, and objects whose revision differs are read, decoded and applied.
+/// An unchanged object costs a lookup and is never read.
+fn sync_kind<K, T: serde::de::DeserializeOwned>(
+    ds: &MemoryDatastore,
+    index: &mut IpamIndex,
+    kind: Kind,
+    indexed: Vec<(String, String, K)>,
+    delete: impl Fn(&mut IpamIndex, &K),
+    apply: impl Fn(&mut IpamIndex, &T) -> Result<(), crate::model::InvalidObject>,
+) -> Result<(), SimError> {
+    let revisions: HashMap<&str, &str> = indexed.iter().map(|(n, r, _)| (n.as_str(), r.as_str())).collect();
     let mut seen = HashSet::new();
     let mut changed = Vec::new();
     for (name, revision, soft_deleted) in ds.revisions(kind) {
         if soft_deleted {
             continue;
         }
-        if indexed.get(name.as_str()) != Some(&revision.as_str()) {
+        if revisions.get(name.as_str()) != Some(&revision.as_str()) {
             changed.push(name.clone());
         }
         seen.insert(name);
     }
-    let gone = indexed.keys().copied().filter(|n| !seen.contains(*n)).collect();
-    (changed, gone)
-}
-
-fn decode_stored<T: serde::de::DeserializeOwned>(ds: &MemoryDatastore, kind: Kind, name: &str) -> Result<Option<T>, SimError> {
-    ds.peek(kind, name).map(|s| s.decode().map_err(ds_error(name))).transpose()
+    for (_, _, key) in indexed.iter().filter(|(n, _, _)| !seen.contains(n)) {
+        delete(index, key);
+    }
+    for name in changed {
+        let Some(stored) = ds.peek(kind, &name) else { continue };
+        let object: T = stored.decode().map_err(ds_error(name.clone()))?;
+        apply(index, &object).map_err(|e| SimError::Datastore { what: name, message: e.to_string() })?;
+    }
+    Ok(())
 }
 
 /// Feeds what the datastore now holds back into the index, as the watches would: changed
-/// objects are applied, vanished ones deleted. Compares revisions, so an unchanged object costs
-/// a lookup and is never read.
+/// objects are applied, vanished ones deleted.
 pub fn sync_index(ds: &MemoryDatastore, index: &mut IpamIndex) -> Result<(), SimError> {
-    let apply_error = |name: &str| {
-        let name = name.to_string();
-        move |e: crate::model::InvalidObject| SimError::Datastore { what: name, message: e.to_string() }
-    };
-
-    let blocks: Vec<(String, String, ipnet::IpNet)> = index.blocks().map(|(_, b)| (b.name.to_string(), b.revision.to_string(), b.cidr)).collect();
-    let indexed: HashMap<&str, &str> = blocks.iter().map(|(n, r, _)| (n.as_str(), r.as_str())).collect();
-    let (changed, gone) = changes(ds, Kind::IpamBlock, &indexed);
-    let gone: HashSet<&str> = gone.into_iter().collect();
-    for (_, _, cidr) in blocks.iter().filter(|(n, _, _)| gone.contains(n.as_str())) {
-        index.delete_block(cidr);
-    }
-    for name in changed {
-        if let Some(block) = decode_stored::<IpamBlock>(ds, Kind::IpamBlock, &name)? {
-            index.apply_block(&block).map_err(apply_error(&name))?;
-        }
-    }
-
-    let affinities: Vec<(String, String)> = index.affinities().map(|(k, a)| (k.to_string(), a.revision.to_string())).collect();
-    let indexed: HashMap<&str, &str> = affinities.iter().map(|(n, r)| (n.as_str(), r.as_str())).collect();
-    let (changed, gone) = changes(ds, Kind::BlockAffinity, &indexed);
-    let gone: Vec<String> = gone.into_iter().map(str::to_string).collect();
-    for name in gone {
-        index.delete_affinity(&name);
-    }
-    for name in changed {
-        if let Some(a) = decode_stored::<BlockAffinity>(ds, Kind::BlockAffinity, &name)? {
-            index.apply_affinity(&a).map_err(apply_error(&name))?;
-        }
-    }
-
-    let handles: Vec<(String, String, String)> =
-        index.handles().map(|(sym, h)| (crate::model::names::handle_object_name(index.resolve(sym)), index.resolve(sym).to_string(), h.revision.to_string())).collect();
-    let indexed: HashMap<&str, &str> = handles.iter().map(|(n, _, r)| (n.as_str(), r.as_str())).collect();
-    let (changed, gone) = changes(ds, Kind::IpamHandle, &indexed);
-    let gone: HashSet<&str> = gone.into_iter().collect();
-    for (_, id, _) in handles.iter().filter(|(n, _, _)| gone.contains(n.as_str())) {
-        index.delete_handle(id);
-    }
-    for name in changed {
-        if let Some(h) = decode_stored::<IpamHandle>(ds, Kind::IpamHandle, &name)? {
-            index.apply_handle(&h).map_err(apply_error(&name))?;
-        }
-    }
-    Ok(())
+    let blocks = index.blocks().map(|(_, b)| (b.name.to_string(), b.revision.to_string(), b.cidr)).collect();
+    sync_kind(ds, index, Kind::IpamBlock, blocks, |ix, cidr| ix.delete_block(cidr), |ix, b: &IpamBlock| ix.apply_block(b))?;
+    let affinities = index.affinities().map(|(k, a)| (k.to_string(), a.revision.to_string(), k.to_string())).collect();
+    sync_kind(ds, index, Kind::BlockAffinity, affinities, |ix, name: &String| ix.delete_affinity(name), |ix, a: &BlockAffinity| ix.apply_affinity(a))?;
+    let handles = index
+        .handles()
+        .map(|(sym, h)| {
+            let id = index.resolve(sym);
+            (crate::model::names::handle_object_name(id), h.revision.to_string(), id.to_string())
+        })
+        .collect();
+    sync_kind(ds, index, Kind::IpamHandle, handles, |ix, id: &String| ix.delete_handle(id), |ix, h: &IpamHandle| ix.apply_handle(h))
 }
 
 /// The nearest-rank `q` quantile (0 < q <= 1) of `samples`; 0 when there are none.
