@@ -355,7 +355,7 @@ fn identity(a: &Alloc) -> Identity {
     (a.handle, a.seq, a.node, a.kind, a.namespace, a.pod)
 }
 
-type Identity = (Sym, u64, Sym, AllocKind, Sym, Sym);
+type Identity = (crate::ipam::index::HandleId, u64, Sym, AllocKind, Sym, Sym);
 
 /// The confirmation rules of one leak (SPEC §5.2-§5.3): `Ok(true)` confirms it now, `Ok(false)`
 /// leaves it a candidate within its grace period, `Err` says what holds it. `node_blocked`: its
@@ -752,7 +752,7 @@ impl GcState {
                     ReleaseItem {
                         ordinal: gid_ordinal(*g),
                         ip: ordinal_to_ip(&b.cidr, gid_ordinal(*g)),
-                        handle: index.resolve(a.handle).to_string(),
+                        handle: index.handle_name(a.handle).into_owned(),
                         sequence: a.seq,
                         reason: self.reasons.get(g).copied().unwrap_or(LeakReason::PodNotFound),
                     }
@@ -783,7 +783,7 @@ impl GcState {
         let print = |g: Gid| -> u64 {
             let a = index.alloc(g).expect("allowed gid is allocated");
             let ip = index.ip_of(g).map(|ip| ip.to_string()).unwrap_or_default();
-            guard::fingerprint(&[ip.as_bytes(), index.resolve(a.handle).as_bytes(), &a.seq.to_le_bytes()])
+            guard::fingerprint(&[ip.as_bytes(), index.handle_name(a.handle).as_bytes(), &a.seq.to_le_bytes()])
         };
         let candidates = &(&*allowed | awaiting) - &waiting;
         let prints: Vec<(Gid, u64)> = candidates.iter().map(|g| (g, print(g))).collect();
@@ -795,7 +795,7 @@ impl GcState {
             waiting.extend(prints.iter().filter(|(_, p)| !decision.allows(*p)).map(|(g, _)| *g));
         }
         // All or none per handle: a handle with one address waiting waits whole.
-        let handles: HashSet<Sym> = waiting.iter().filter_map(|g| index.alloc(g)).map(|a| a.handle).collect();
+        let handles: HashSet<crate::ipam::index::HandleId> = waiting.iter().filter_map(|g| index.alloc(g)).map(|a| a.handle).collect();
         for h in handles {
             waiting.extend(index.allocations_of_handle(h).iter().copied().filter(|g| allowed.contains(*g)));
         }
@@ -936,7 +936,7 @@ impl GcState {
     fn plan_orphan_handles(&mut self, index: &IpamIndex, now: Millis, cfg: &GcConfig, plan: &mut Plan) {
         let mut seen = HashSet::new();
         for h in index.unreferenced_handles() {
-            let id = index.resolve(h).to_string();
+            let id = index.handle_name(h).into_owned();
             let e = index.handle(h).expect("listed handle exists");
             let entry = self.orphan_since.entry(id.clone()).or_insert((now, e.revision.clone()));
             if entry.1 != e.revision {

@@ -18,6 +18,8 @@ use ipnet::IpNet;
 use rayon::prelude::*;
 use roaring::RoaringBitmap;
 
+use super::handles::HandleTable;
+pub use super::handles::HandleId;
 use super::intern::{FastMap, Interner, Sym};
 use crate::model::block::{Affinity, BlockView, WINDOWS_RESERVED_HANDLE};
 use crate::model::names::{affinity_name, handle_object_name, ip_sort_key, ip_to_ordinal, ordinal_to_ip, sanitize_handle};
@@ -59,7 +61,7 @@ pub enum AllocKind {
 pub struct Alloc {
     pub ordinal: u16,
     pub kind: AllocKind,
-    pub handle: Sym,
+    pub handle: HandleId,
     pub namespace: Sym,
     pub pod: Sym,
     pub node: Sym,
@@ -114,6 +116,43 @@ impl BlockEntry {
     }
 }
 
+/// A pod's addresses: nearly every pod has one (or none), kept inline; dual-stack and
+/// multi-address pods spill into a slice.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum PodIps {
+    #[default]
+    None,
+    One(IpAddr),
+    Many(Box<[IpAddr]>),
+}
+
+impl PodIps {
+    pub fn new(ips: &[IpAddr]) -> PodIps {
+        match ips {
+            [] => PodIps::None,
+            [ip] => PodIps::One(*ip),
+            many => PodIps::Many(many.into()),
+        }
+    }
+    fn heap_bytes(&self) -> usize {
+        match self {
+            PodIps::Many(v) => v.len() * std::mem::size_of::<IpAddr>(),
+            _ => 0,
+        }
+    }
+}
+
+impl std::ops::Deref for PodIps {
+    type Target = [IpAddr];
+    fn deref(&self) -> &[IpAddr] {
+        match self {
+            PodIps::None => &[],
+            PodIps::One(ip) => std::slice::from_ref(ip),
+            PodIps::Many(v) => v,
+        }
+    }
+}
+
 /// A pod as the GC sees it; a slot exists while the pod is present or an allocation names it.
 #[derive(Debug, Clone)]
 pub struct PodSlot {
@@ -126,7 +165,7 @@ pub struct PodSlot {
     pub deleting: bool,
     pub status_reports_ip: bool,
     pub unparsable_ips: bool,
-    pub ips: Box<[IpAddr]>,
+    pub ips: PodIps,
     /// Allocations naming this pod (their verdicts are re-evaluated when the pod changes).
     allocs: HandleGids,
 }
@@ -143,8 +182,8 @@ impl Default for PodSlot {
             deleting: false,
             status_reports_ip: false,
             unparsable_ips: false,
-            ips: Box::new([]),
-            allocs: HandleGids::Inline([0, 0], 0),
+            ips: PodIps::None,
+            allocs: HandleGids::EMPTY,
         }
     }
 }
@@ -216,23 +255,29 @@ pub enum Token {
 }
 
 impl Token {
+    /// Decimal without a leading zero (so it prints back the same) is a number; a lower-case
+    /// 8-4-4-4-12 hex UUID is a UUID; anything else is kept as text. Nothing is allocated for
+    /// the usual shapes: a bulk load parses two tokens per handle.
     pub fn new(s: &str) -> Token {
-        if let Ok(n) = s.parse::<u64>()
-            && n.to_string() == s
+        let b = s.as_bytes();
+        if !b.is_empty() && b.iter().all(u8::is_ascii_digit) && (b[0] != b'0' || b.len() == 1)
+            && let Ok(n) = s.parse::<u64>()
         {
             return Token::Number(n);
         }
-        let hex: String = s.chars().filter(|c| *c != '-').collect();
-        if s.len() == 36
-            && hex.len() == 32
-            && [8, 13, 18, 23].iter().all(|i| s.as_bytes()[*i] == b'-')
-            && hex.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
-        {
+        if b.len() == 36 && [8, 13, 18, 23].iter().all(|i| b[*i] == b'-') {
+            let mut digits = b.iter().copied().filter(|c| *c != b'-');
             let mut out = [0u8; 16];
-            for (i, b) in out.iter_mut().enumerate() {
-                *b = u8::from_str_radix(&hex[i * 2..i * 2 + 2], 16).unwrap_or(0);
+            let mut ok = true;
+            for o in out.iter_mut() {
+                match (digits.next().and_then(crate::ipam::handles::hex_digit), digits.next().and_then(crate::ipam::handles::hex_digit)) {
+                    (Some(hi), Some(lo)) => *o = (hi << 4) | lo,
+                    _ => ok = false,
+                }
             }
-            return Token::Uuid(out);
+            if ok && digits.next().is_none() {
+                return Token::Uuid(out);
+            }
         }
         Token::Text(s.into())
     }
@@ -265,6 +310,7 @@ pub enum HandleGids {
 }
 
 impl HandleGids {
+    pub const EMPTY: HandleGids = HandleGids::Inline([0, 0], 0);
     pub fn one(g: Gid) -> Self {
         HandleGids::Inline([g, 0], 1)
     }
@@ -274,7 +320,13 @@ impl HandleGids {
             HandleGids::Spill(v) => v,
         }
     }
-    fn push(&mut self, g: Gid) {
+    pub(crate) fn heap_bytes(&self) -> usize {
+        match self {
+            HandleGids::Inline(..) => 0,
+            HandleGids::Spill(v) => v.len() * 4,
+        }
+    }
+    pub(crate) fn push(&mut self, g: Gid) {
         match self {
             HandleGids::Inline(a, n) if *n < 2 => {
                 a[*n as usize] = g;
@@ -289,7 +341,7 @@ impl HandleGids {
         }
     }
     /// Removes `g`; returns true when nothing is left.
-    fn remove(&mut self, g: Gid) -> bool {
+    pub(crate) fn remove(&mut self, g: Gid) -> bool {
         let mut rest: Vec<Gid> = self.as_slice().to_vec();
         if let Some(i) = rest.iter().position(|x| *x == g) {
             rest.remove(i);
@@ -328,9 +380,10 @@ pub struct IpamIndex {
     by_network: BTreeMap<(u8, u128), u32>,
     allocated: RoaringBitmap,
     by_node: FastMap<Sym, RoaringBitmap>,
-    by_handle: FastMap<Sym, HandleGids>,
+    /// Every handle named by an allocation or a handle object: its allocations and tokens.
+    handles: HandleTable,
     /// Handle objects no allocation refers to, kept up to date on every change.
-    orphans: BTreeSet<Sym>,
+    orphans: BTreeSet<HandleId>,
     blocks_by_host: FastMap<Sym, Vec<u32>>,
     empty_blocks: RoaringBitmap,
     cold_blocks: RoaringBitmap,
@@ -353,9 +406,8 @@ pub struct IpamIndex {
     /// Symbols of existing nodes, for the hot loop's existence test.
     node_bits: RoaringBitmap,
     affinities: HashMap<Box<str>, AffinityEntry>,
-    handles: FastMap<Sym, HandleEntry>,
     /// Tokens of handle objects whose resourceVersion is not a number or UID not a UUID.
-    odd_handle_tokens: FastMap<Sym, (Box<str>, Box<str>)>,
+    odd_handle_tokens: FastMap<HandleId, (Box<str>, Box<str>)>,
     dirty_nodes: BTreeSet<Box<str>>,
     full_scan_requested: bool,
     /// Set while [`IpamIndex::reset`] loads a whole snapshot: it ends in a full scan with every
@@ -414,8 +466,8 @@ impl IpamIndex {
     pub fn nodes_with_allocations(&self) -> impl Iterator<Item = Sym> + '_ {
         self.by_node.keys().copied()
     }
-    pub fn allocations_of_handle(&self, handle: Sym) -> &[Gid] {
-        self.by_handle.get(&handle).map(HandleGids::as_slice).unwrap_or(&[])
+    pub fn allocations_of_handle(&self, handle: HandleId) -> &[Gid] {
+        self.handles.gids(handle)
     }
     pub fn host_blocks(&self, node: Sym) -> &[u32] {
         self.blocks_by_host.get(&node).map(Vec::as_slice).unwrap_or(&[])
@@ -462,11 +514,18 @@ impl IpamIndex {
     pub fn affinities(&self) -> impl Iterator<Item = (&str, &AffinityEntry)> {
         self.affinities.iter().map(|(k, v)| (&**k, v))
     }
-    pub fn handles(&self) -> impl Iterator<Item = (Sym, HandleMeta)> + '_ {
-        self.handles.keys().filter_map(|k| Some((*k, self.handle(*k)?)))
+    pub fn handles(&self) -> impl Iterator<Item = (HandleId, HandleMeta)> + '_ {
+        self.handles.with_objects().filter_map(|(k, _)| Some((k, self.handle(k)?)))
     }
-    pub fn handle(&self, handle: Sym) -> Option<HandleMeta> {
-        let e = self.handles.get(&handle)?;
+    /// The handle ID as Calico writes it (an allocation's `handle_id`, a handle object's name).
+    pub fn handle_name(&self, handle: HandleId) -> std::borrow::Cow<'_, str> {
+        self.handles.name(handle)
+    }
+    pub fn handle_id(&self, handle: &str) -> Option<HandleId> {
+        self.handles.lookup(handle)
+    }
+    pub fn handle(&self, handle: HandleId) -> Option<HandleMeta> {
+        let e = self.handles.object(handle)?;
         if e.revision == ODD_TOKEN {
             let (r, u) = self.odd_handle_tokens.get(&handle)?;
             return Some(HandleMeta { revision: r.to_string(), uid: u.to_string() });
@@ -640,9 +699,8 @@ impl IpamIndex {
             let Some(handle) = attr.handle_id.as_deref().map(sanitize_handle).filter(|h| !h.is_empty()) else {
                 continue;
             };
-            let ns = attr.attr("namespace").unwrap_or("");
-            let pod = attr.attr("pod").unwrap_or("");
-            let typ = attr.attr("type").unwrap_or("");
+            let owner = attr.owner();
+            let (ns, pod, typ) = (owner.namespace, owner.pod, owner.alloc_type);
             let kind = if handle == WINDOWS_RESERVED_HANDLE {
                 AllocKind::WindowsReserved
             } else if !ns.is_empty() && !pod.is_empty() {
@@ -660,13 +718,13 @@ impl IpamIndex {
             allocs.push(Alloc {
                 ordinal: s.ordinal as u16,
                 kind,
-                handle: self.strings.intern(handle),
+                handle: self.handles.intern(handle),
                 namespace,
                 pod: pod_sym,
-                node: self.intern_repeated(&mut last_node, attr.attr("node").unwrap_or("")),
+                node: self.intern_repeated(&mut last_node, owner.node),
                 alloc_type: self.strings.intern(typ),
-                vmi: self.strings.intern(attr.attr("vmi-name").unwrap_or("")),
-                vm: attr.has_attr("vmi-name"),
+                vmi: self.strings.intern(owner.vmi),
+                vm: owner.vm,
                 pod_slot,
                 seq: s.sequence,
             });
@@ -701,7 +759,8 @@ impl IpamIndex {
             BlockOwner::None => {}
         }
         for a in &e.allocs {
-            for s in [a.handle, a.namespace, a.pod, a.node, a.alloc_type, a.vmi] {
+            self.handles.release(a.handle);
+            for s in [a.namespace, a.pod, a.node, a.alloc_type, a.vmi] {
                 self.strings.release(s);
             }
             if a.pod_slot != NO_POD {
@@ -717,12 +776,11 @@ impl IpamIndex {
             if !a.node.is_none() {
                 self.by_node.entry(a.node).or_default().insert(g);
             }
-            match self.by_handle.get_mut(&a.handle) {
-                Some(list) => list.push(g),
-                None => {
-                    self.by_handle.insert(a.handle, HandleGids::one(g));
-                    self.orphans.remove(&a.handle);
-                }
+            let list = self.handles.gids_mut(a.handle);
+            let first = list.as_slice().is_empty();
+            list.push(g);
+            if first && !self.orphans.is_empty() {
+                self.orphans.remove(&a.handle);
             }
             if a.vm {
                 self.vm_allocs.insert(g);
@@ -757,13 +815,8 @@ impl IpamIndex {
                         self.by_node.remove(&a.node);
                     }
                 }
-            if let Some(list) = self.by_handle.get_mut(&a.handle)
-                && list.remove(g)
-            {
-                self.by_handle.remove(&a.handle);
-                if self.handles.contains_key(&a.handle) {
-                    self.orphans.insert(a.handle);
-                }
+            if self.handles.gids_mut(a.handle).remove(g) && self.handles.object(a.handle).is_some() {
+                self.orphans.insert(a.handle);
             }
             let changed = match new.and_then(|n| n.alloc(u32::from(a.ordinal))) {
                 Some(b) => b.handle != a.handle || b.seq != a.seq || b.node != a.node || b.pod != a.pod,
@@ -911,7 +964,7 @@ impl IpamIndex {
         self.strings.release(ns);
         self.strings.release(name);
         let node = self.strings.intern(&f.node);
-        let ips: Box<[IpAddr]> = if f.host_network { Box::new([]) } else { f.ips.clone().into_boxed_slice() };
+        let ips = if f.host_network { PodIps::None } else { PodIps::new(&f.ips) };
         let old = std::mem::take(&mut self.pods[slot as usize]);
         let changed = !old.present
             || old.node != node
@@ -1098,7 +1151,7 @@ impl IpamIndex {
             self.delete_handle(id);
             return Ok(());
         }
-        let sym = self.strings.intern(id);
+        let sym = self.handles.intern(id);
         let (rev, uid) = (h.resource_version(), h.metadata.uid.as_deref().unwrap_or(""));
         let entry = match (Token::new(rev), Token::new(uid)) {
             (Token::Number(n), Token::Uuid(u)) if n != ODD_TOKEN => {
@@ -1110,28 +1163,30 @@ impl IpamIndex {
                 HandleEntry { revision: ODD_TOKEN, uid: [0; 16] }
             }
         };
-        if self.handles.insert(sym, entry).is_some() {
-            self.strings.release(sym);
-        } else if !self.by_handle.contains_key(&sym) {
+        // The object holds one reference: a replaced object's is given back.
+        if self.handles.set_object(sym, Some(entry)).is_some() {
+            self.handles.release(sym);
+        } else if self.handles.gids(sym).is_empty() {
             self.orphans.insert(sym);
         }
         Ok(())
     }
 
     pub fn delete_handle(&mut self, handle_id: &str) {
-        if let Some(s) = self.strings.lookup(handle_id)
-            && self.handles.remove(&s).is_some() {
-                self.orphans.remove(&s);
-                self.odd_handle_tokens.remove(&s);
-                self.strings.release(s);
-            }
+        if let Some(s) = self.handles.lookup(handle_id)
+            && self.handles.set_object(s, None).is_some()
+        {
+            self.orphans.remove(&s);
+            self.odd_handle_tokens.remove(&s);
+            self.handles.release(s);
+        }
     }
 
     /// Handle IDs with a handle object but no allocation referring to them, sorted.
-    pub fn unreferenced_handles(&self) -> Vec<Sym> {
-        let mut v: Vec<Sym> = self.orphans.iter().copied().collect();
-        v.sort_by(|a, b| self.resolve(*a).cmp(self.resolve(*b)));
-        v
+    pub fn unreferenced_handles(&self) -> Vec<HandleId> {
+        let mut v: Vec<(std::borrow::Cow<'_, str>, HandleId)> = self.orphans.iter().map(|h| (self.handle_name(*h), *h)).collect();
+        v.sort();
+        v.into_iter().map(|(_, h)| h).collect()
     }
 
     // ---- bulk ---------------------------------------------------------------------------------
@@ -1152,12 +1207,12 @@ impl IpamIndex {
         self.node_aliases = aliases;
         self.changed = changed;
         self.bulk_loading = true;
-        // Sizes known up front: each handle, pod and node brings about one new string.
-        self.strings.reserve(snap.handles.len() + snap.pods.len() + snap.nodes.len());
+        // Sizes known up front: each pod and node brings about one new string, each handle
+        // object one handle.
+        self.strings.reserve(snap.pods.len() + snap.nodes.len());
+        self.handles.reserve(snap.handles.len());
         self.pods.reserve(snap.pods.len());
         self.pod_by_key.reserve(snap.pods.len());
-        self.by_handle.reserve(snap.handles.len());
-        self.handles.reserve(snap.handles.len());
         // Validation is the part of a block's load that needs no index: done in parallel, once.
         let views: Vec<Result<BlockView<'_>, InvalidObject>> = snap.blocks.par_iter().map(BlockView::from_block).collect();
         let mut invalid = Vec::new();
@@ -1194,7 +1249,6 @@ impl IpamIndex {
         // A bulk load knows its final sizes: give back the growth slack of the big tables.
         self.pods.shrink_to_fit();
         self.pod_by_key.shrink_to_fit();
-        self.by_handle.shrink_to_fit();
         self.handles.shrink_to_fit();
         invalid
     }
@@ -1209,13 +1263,12 @@ impl IpamIndex {
             .map(|b| std::mem::size_of::<BlockEntry>() + b.allocs.capacity() * std::mem::size_of::<Alloc>() + b.name.len() + b.revision.len() + b.cooling.capacity() * 2)
             .sum();
         let pods = self.pods.capacity() * std::mem::size_of::<PodSlot>()
-            + self.pods.iter().map(|p| p.ips.len() * std::mem::size_of::<IpAddr>()).sum::<usize>();
+            + self.pods.iter().map(|p| p.ips.heap_bytes()).sum::<usize>();
         let maps = self.pod_by_key.capacity() * 13
             + self.live_extra.capacity() * 9
             + self.live_unplaced.len() * 40
-            + self.by_handle.capacity() * 29
-            + self.by_handle.values().map(|v| if matches!(v, HandleGids::Spill(_)) { v.as_slice().len() * 4 + 16 } else { 0 }).sum::<usize>()
-            + self.handles.capacity() * (std::mem::size_of::<HandleEntry>() + 5)
+            + self.handles.heap_bytes()
+            + self.orphans.len() * 8
             + self.by_node.values().map(|b| b.serialized_size()).sum::<usize>()
             + self.allocated.serialized_size()
             + self.live_gids.serialized_size()
@@ -1237,7 +1290,8 @@ impl IpamIndex {
         self.strings.check_invariants()?;
         let mut allocated = RoaringBitmap::new();
         let mut by_node: HashMap<Sym, RoaringBitmap> = HashMap::new();
-        let mut by_handle: HashMap<Sym, Vec<Gid>> = HashMap::new();
+        let mut by_handle: HashMap<HandleId, Vec<Gid>> = HashMap::new();
+        let mut handle_refs: HashMap<HandleId, u32> = HashMap::new();
         let mut hosts: HashMap<Sym, Vec<u32>> = HashMap::new();
         let mut empty = RoaringBitmap::new();
         let mut cold = RoaringBitmap::new();
@@ -1283,7 +1337,8 @@ impl IpamIndex {
                     by_node.entry(a.node).or_default().insert(g);
                 }
                 by_handle.entry(a.handle).or_default().push(g);
-                for s in [a.handle, a.namespace, a.pod, a.node, a.alloc_type, a.vmi] {
+                *handle_refs.entry(a.handle).or_default() += 1;
+                for s in [a.namespace, a.pod, a.node, a.alloc_type, a.vmi] {
                     bump(s, &mut expected_refs);
                 }
                 if (a.kind == AllocKind::Pod) != (a.pod_slot != NO_POD) {
@@ -1304,14 +1359,16 @@ impl IpamIndex {
         if by_node.len() != self.by_node.len() || by_node.iter().any(|(k, v)| self.by_node.get(k) != Some(v)) {
             return Err("by_node differs from blocks".into());
         }
-        let norm = |m: &HashMap<Sym, Vec<Gid>>| -> HashMap<Sym, Vec<Gid>> {
-            m.iter().map(|(k, v)| {
-                let mut v = v.clone();
-                v.sort_unstable();
-                (*k, v)
-            }).collect()
-        };
-        let mine: HashMap<Sym, Vec<Gid>> = self.by_handle.iter().map(|(k, v)| (*k, v.as_slice().to_vec())).collect();
+        fn norm<K: Copy + Eq + std::hash::Hash>(m: &HashMap<K, Vec<u32>>) -> HashMap<K, Vec<u32>> {
+            m.iter()
+                .map(|(k, v)| {
+                    let mut v = v.clone();
+                    v.sort_unstable();
+                    (*k, v)
+                })
+                .collect()
+        }
+        let mine: HashMap<HandleId, Vec<Gid>> = self.handles.with_allocations().map(|(k, v)| (k, v.to_vec())).collect();
         if norm(&by_handle) != norm(&mine) {
             return Err("by_handle differs from blocks".into());
         }
@@ -1403,19 +1460,28 @@ impl IpamIndex {
         if bits != self.node_bits {
             return Err("node_bits differs from nodes".into());
         }
-        let odd: BTreeSet<Sym> = self.handles.iter().filter(|(_, e)| e.revision == ODD_TOKEN).map(|(k, _)| *k).collect();
-        if odd != self.odd_handle_tokens.keys().copied().collect::<BTreeSet<Sym>>() {
+        let odd: BTreeSet<HandleId> = self.handles.with_objects().filter(|(_, e)| e.revision == ODD_TOKEN).map(|(k, _)| k).collect();
+        if odd != self.odd_handle_tokens.keys().copied().collect::<BTreeSet<HandleId>>() {
             return Err("odd handle tokens differ from handles marked odd".into());
         }
-        let orphans: BTreeSet<Sym> = self.handles.keys().copied().filter(|h| !self.by_handle.contains_key(h)).collect();
+        let orphans: BTreeSet<HandleId> = self.handles.with_objects().map(|(k, _)| k).filter(|h| self.handles.gids(*h).is_empty()).collect();
         if orphans != self.orphans {
             return Err("orphan set differs from handles without allocations".into());
         }
         for a in self.affinities.values() {
             bump(a.node, &mut expected_refs);
         }
-        for h in self.handles.keys() {
-            bump(*h, &mut expected_refs);
+        for (h, _) in self.handles.with_objects() {
+            *handle_refs.entry(h).or_default() += 1;
+        }
+        self.handles.check_invariants()?;
+        for (h, c) in &handle_refs {
+            if self.handles.ref_count(*h) != *c {
+                return Err(format!("handle {:?} has {} references, {} expected", self.handle_name(*h), self.handles.ref_count(*h), c));
+            }
+        }
+        if self.handles.live() != handle_refs.len() {
+            return Err(format!("handle table holds {} handles, {} are referenced", self.handles.live(), handle_refs.len()));
         }
         for (s, c) in &expected_refs {
             if self.strings.ref_count(*s) != *c {

@@ -1,11 +1,14 @@
 //! A reference-counted string interner: every handle, pod, namespace and node name is stored once
 //! and referred to by a 4-byte [`Sym`].
 //!
-//! Strings are kept once (the lookup table is keyed by a 64-bit hash, with an exact-match side
-//! table for the rare collision), so a 150k-allocation cluster pays for each name one time.
+//! Strings are kept once, back to back in one arena, and found through a table of symbol numbers
+//! probed by the string's hash (4 bytes a slot, compared against the arena on a hit), so a
+//! 150k-allocation cluster pays for each name one time.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+
+use hashbrown::HashTable;
 
 /// A multiply-rotate hasher for the index's integer keys (symbols, ids, addresses): several
 /// times faster than SipHash there, and the keys are not attacker-chosen strings.
@@ -17,7 +20,7 @@ impl Hasher for FastHasher {
         self.0 ^ (self.0 >> 29)
     }
     fn write(&mut self, bytes: &[u8]) {
-        self.0 = (self.0.rotate_left(5) ^ hash_str_bytes(bytes)).wrapping_mul(K);
+        self.0 = (self.0.rotate_left(5) ^ hash_bytes(bytes)).wrapping_mul(K);
     }
     fn write_u8(&mut self, i: u8) {
         self.write_u64(u64::from(i));
@@ -63,18 +66,17 @@ pub struct Interner {
     spans: Vec<(u32, u32)>,
     refs: Vec<u32>,
     free: Vec<u32>,
-    by_hash: FastMap<u64, u32>,
-    /// Strings whose hash is already taken by a different string.
-    collided: HashMap<Box<str>, u32>,
+    /// Live symbols by their string's hash.
+    by_hash: HashTable<u32>,
 }
 
 /// FxHash-style multiply-rotate over 8-byte words: fast and good enough for a table whose
 /// collisions are handled exactly.
 pub fn hash_str(s: &str) -> u64 {
-    hash_str_bytes(s.as_bytes())
+    hash_bytes(s.as_bytes())
 }
 
-fn hash_str_bytes(bytes: &[u8]) -> u64 {
+pub(crate) fn hash_bytes(bytes: &[u8]) -> u64 {
     let mut h: u64 = bytes.len() as u64;
     let mut chunks = bytes.chunks_exact(8);
     for c in &mut chunks {
@@ -88,6 +90,10 @@ fn hash_str_bytes(bytes: &[u8]) -> u64 {
     h ^ (h >> 29)
 }
 
+fn span_str(arena: &str, (o, l): (u32, u32)) -> &str {
+    &arena[o as usize..(o + l) as usize]
+}
+
 /// `Default` is the same valid, empty interner as `new()` (slot 0 reserved), so an index built
 /// with `IpamIndex::default()` works too.
 impl Default for Interner {
@@ -98,8 +104,7 @@ impl Default for Interner {
             spans: vec![(0, 0)],
             refs: vec![u32::MAX],
             free: Vec::new(),
-            by_hash: FastMap::default(),
-            collided: HashMap::new(),
+            by_hash: HashTable::new(),
         }
     }
 }
@@ -117,11 +122,7 @@ impl Interner {
     }
 
     fn lookup_hashed(&self, s: &str, h: u64) -> Option<Sym> {
-        match self.by_hash.get(&h) {
-            Some(&id) if self.resolve(Sym(id)) == s => Some(Sym(id)),
-            Some(_) => self.collided.get(s).map(|&id| Sym(id)),
-            None => None,
-        }
+        self.by_hash.find(h, |&id| self.resolve(Sym(id)) == s).map(|&id| Sym(id))
     }
 
     /// Interns `s` and takes one reference on it.
@@ -153,17 +154,15 @@ impl Interner {
                 (self.spans.len() - 1) as u32
             }
         };
-        if let std::collections::hash_map::Entry::Vacant(e) = self.by_hash.entry(h) {
-            e.insert(id);
-        } else {
-            self.collided.insert(s.into(), id);
-        }
+        let (arena, spans) = (&self.arena, &self.spans);
+        self.by_hash.insert_unique(h, id, |&j| hash_str(span_str(arena, spans[j as usize])));
         Sym(id)
     }
 
     /// Makes room for `additional` more strings, so a bulk load does not rehash its way up.
     pub fn reserve(&mut self, additional: usize) {
-        self.by_hash.reserve(additional);
+        let (arena, spans) = (&self.arena, &self.spans);
+        self.by_hash.reserve(additional, |&j| hash_str(span_str(arena, spans[j as usize])));
         self.spans.reserve(additional);
         self.refs.reserve(additional);
     }
@@ -186,19 +185,12 @@ impl Interner {
         if self.refs[id] > 0 {
             return;
         }
-        let s = self.resolve(sym).to_string();
-        self.garbage += s.len();
-        self.spans[id] = (0, 0);
-        let h = hash_str(&s);
-        if self.collided.remove(&*s).is_none() {
-            self.by_hash.remove(&h);
-            // Promote a collided string with the same hash, if any, into the main table.
-            if let Some((k, &v)) = self.collided.iter().find(|(k, _)| hash_str(k) == h) {
-                let k = k.clone();
-                self.collided.remove(&k);
-                self.by_hash.insert(h, v);
-            }
+        let h = hash_str(self.resolve(sym));
+        if let Ok(e) = self.by_hash.find_entry(h, |&j| j == sym.0) {
+            e.remove();
         }
+        self.garbage += self.spans[id].1 as usize;
+        self.spans[id] = (0, 0);
         self.free.push(id as u32);
         if self.garbage > 1 << 16 && self.garbage > self.arena.len() / 2 {
             self.compact();
@@ -226,8 +218,7 @@ impl Interner {
     }
 
     pub fn resolve(&self, sym: Sym) -> &str {
-        let (o, l) = self.spans[sym.0 as usize];
-        &self.arena[o as usize..(o + l) as usize]
+        span_str(&self.arena, self.spans[sym.0 as usize])
     }
 
     pub fn live(&self) -> usize {
@@ -244,8 +235,7 @@ impl Interner {
             + self.spans.capacity() * 8
             + self.refs.capacity() * 4
             + self.free.capacity() * 4
-            + self.by_hash.capacity() * 13
-            + self.collided.capacity() * 21
+            + self.by_hash.capacity() * 5
     }
 
     /// Every live string is found by lookup, every free slot is unreachable, and counts agree.
@@ -275,8 +265,8 @@ impl Interner {
             }
             reachable += 1;
         }
-        if self.by_hash.len() + self.collided.len() != reachable {
-            return Err(format!("interner tables hold {} entries for {reachable} strings", self.by_hash.len() + self.collided.len()));
+        if self.by_hash.len() != reachable {
+            return Err(format!("interner table holds {} entries for {reachable} strings", self.by_hash.len()));
         }
         Ok(())
     }

@@ -4,6 +4,7 @@
 //! Nothing here imports tokio, kube or the clock: callers pass `now` and execute the plans.
 
 pub mod intern;
+pub mod handles;
 pub mod gc;
 pub mod index;
 pub mod assign;

@@ -728,7 +728,7 @@ fn handle_tokens_are_stored_compactly_and_read_back_exactly() {
     for (name, rv, uid) in [("a", "12345", "0b3d2c1e-9f8a-4b7c-8d6e-5f4a3b2c1d0e"), ("b", "rv-text", "not-a-uuid"), ("c", "007", "")] {
         let h: IpamHandle = serde_json::from_value(json!({"metadata": {"name": name, "resourceVersion": rv, "uid": uid}, "spec": {"handleID": name, "block": {}}})).unwrap();
         w.index.apply_handle(&h).unwrap();
-        let meta = w.index.handle(w.index.strings().lookup(name).unwrap()).unwrap();
+        let meta = w.index.handle(w.index.handle_id(name).unwrap()).unwrap();
         assert_eq!((meta.revision.as_str(), meta.uid.as_str()), (rv, uid));
     }
     w.index.delete_handle("b");
@@ -980,7 +980,7 @@ fn a_handle_whose_name_contradicts_its_handle_id_is_invalid_and_never_stands_in_
     let e = w.index.apply_handle(&handle_object("bogus", "k8s-pod-network.a", "99", false)).unwrap_err();
     assert_eq!((e.kind.as_str(), e.name.as_str()), ("IPAMHandle", "bogus"));
     assert!(w.index.apply_handle(&handle_object("bogus", "k8s-pod-network.a", "99", true)).is_err());
-    let sym = w.index.strings().lookup("k8s-pod-network.a").unwrap();
+    let sym = w.index.handle_id("k8s-pod-network.a").unwrap();
     assert_eq!(w.index.handle(sym).unwrap().revision, "10", "the real handle is untouched");
     // No handle ID at all says nothing about which handle the object is.
     assert!(w.index.apply_handle(&handle_object("k8s-pod-network.b", "", "1", false)).is_err());
@@ -996,7 +996,7 @@ fn etcd_names_the_handle_by_its_id_and_a_long_affinity_unhashed_and_both_are_tha
     // Kubernetes object names cannot hold these, so accepting them changes nothing for KDD.
     let mut w = World::new(5);
     w.index.apply_handle(&handle_object("k8s-pod-network.MiXed", "k8s-pod-network.MiXed", "1", false)).unwrap();
-    let sym = w.index.strings().lookup("k8s-pod-network.MiXed").unwrap();
+    let sym = w.index.handle_id("k8s-pod-network.MiXed").unwrap();
     assert_eq!(w.index.handle(sym).unwrap().revision, "1");
     assert!(w.index.apply_handle(&handle_object("k8s-pod-network.Mixed", "k8s-pod-network.MiXed", "2", false)).is_err(), "another spelling is not its name");
     let host = "h".repeat(250);
@@ -1045,7 +1045,7 @@ proptest! {
         let wrong: String = wrong.into_iter().collect();
         prop_assert!(w.index.apply_handle(&handle_object(&wrong, &id, "8", false)).is_err());
         prop_assert!(w.index.apply_handle(&handle_object(&wrong, &id, "9", true)).is_err());
-        let sym = w.index.strings().lookup(crate::model::names::sanitize_handle(&id)).unwrap();
+        let sym = w.index.handle_id(crate::model::names::sanitize_handle(&id)).unwrap();
         prop_assert_eq!(w.index.handle(sym).map(|h| h.revision), Some("7".to_string()));
         w.index.check_invariants().map_err(TestCaseError::fail)?;
     }
@@ -1126,4 +1126,44 @@ fn a_pod_is_compared_with_the_kubernetes_node_its_calico_node_maps_to() {
     let p = w.full(T0 + 3 * MIN);
     let l = leak_of(&p, &w, "10.0.0.1").expect("a pod on another node");
     assert_eq!(l.reason, LeakReason::PodRescheduled);
+}
+
+#[test]
+fn handle_tokens_keep_their_usual_shapes_compact_and_everything_else_as_text() {
+    use super::index::Token;
+    for (s, number) in [("0", true), ("7", true), ("18446744073709551615", true), ("18446744073709551616", false), ("01", false), ("+5", false), ("", false), ("12a", false)] {
+        assert_eq!(matches!(Token::new(s), Token::Number(_)), number, "{s:?}");
+    }
+    assert!(matches!(Token::new("0b9a3c1e-5f6d-4e2a-9b8c-7d6e5f4a3b2c"), Token::Uuid(_)));
+    for text in ["0B9A3C1E-5F6D-4E2A-9B8C-7D6E5F4A3B2C", "0b9a3c1e-5f6d-4e2a-9b8c-7d6e5f4a3b2", "0b9a3c1e5f6d-4e2a-9b8c-7d6e5f4a3b2c-", "0b9a3c1e-5f6d-4e2a-9b8c-7d6e5f4a3b2g"] {
+        assert!(matches!(Token::new(text), Token::Text(_)), "{text:?}");
+    }
+}
+
+proptest! {
+    #[test]
+    fn every_token_prints_back_as_it_was_read(s in "[0-9a-f-]{0,40}|[0-9]{1,21}|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|\\PC{0,12}") {
+        prop_assert_eq!(super::index::Token::new(&s).to_string(), s);
+    }
+
+    #[test]
+    fn handle_ids_are_found_and_written_back_exactly(ids in proptest::collection::vec("k8s-pod-network\\.[0-9a-fA-F]{62,66}|[a-z-]{1,12}", 1..40), drop_mask in any::<u64>()) {
+        let mut t = super::handles::HandleTable::default();
+        let got: Vec<_> = ids.iter().map(|s| t.intern(s)).collect();
+        for (s, id) in ids.iter().zip(&got) {
+            prop_assert_eq!(&*t.name(*id), s.as_str());
+            prop_assert_eq!(t.lookup(s), Some(*id));
+        }
+        t.check_invariants().map_err(TestCaseError::fail)?;
+        for (i, id) in got.iter().enumerate() {
+            if drop_mask & (1 << (i % 64)) != 0 {
+                t.release(*id);
+            }
+        }
+        t.check_invariants().map_err(TestCaseError::fail)?;
+        for (i, s) in ids.iter().enumerate() {
+            let held = ids.iter().enumerate().filter(|(j, o)| *o == s && drop_mask & (1 << (j % 64)) == 0).count();
+            prop_assert_eq!(t.lookup(s).is_some(), held > 0, "{} (#{})", s, i);
+        }
+    }
 }

@@ -69,6 +69,37 @@ impl AllocationAttribute {
     pub fn has_attr(&self, key: &str) -> bool {
         self.secondary.as_ref().is_some_and(|m| m.get(key).is_some())
     }
+    /// The attributes the GC reads, in one pass over `secondary`: each as [`Self::attr`] reads
+    /// it ("" when absent or empty), and whether a `vmi-name` key is there at all.
+    pub fn owner(&self) -> OwnerAttrs<'_> {
+        let mut o = [None::<&str>; 5];
+        for (k, v) in self.secondary.iter().flat_map(|m| m.0.iter()) {
+            let i = match k.as_str() {
+                "namespace" => 0,
+                "pod" => 1,
+                "node" => 2,
+                "type" => 3,
+                "vmi-name" => 4,
+                _ => continue,
+            };
+            // The first of a repeated key, as `AttrMap::get` finds it.
+            o[i].get_or_insert(v.as_str());
+        }
+        let s = |i: usize| o[i].unwrap_or("");
+        OwnerAttrs { namespace: s(0), pod: s(1), node: s(2), alloc_type: s(3), vmi: s(4), vm: o[4].is_some() }
+    }
+}
+
+/// What an allocation's attributes say about its owner, as the GC reads them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnerAttrs<'a> {
+    pub namespace: &'a str,
+    pub pod: &'a str,
+    pub node: &'a str,
+    pub alloc_type: &'a str,
+    pub vmi: &'a str,
+    /// A `vmi-name` key is present, even an empty one.
+    pub vm: bool,
 }
 
 /// A small string map kept as a vector of pairs in input order: an allocation's `secondary`
@@ -334,6 +365,25 @@ pub(crate) mod tests {
     }
 
     proptest::proptest! {
+        /// One pass over the attributes reads what the key-by-key lookups read, repeated and
+        /// empty keys included.
+        #[test]
+        fn owner_attributes_match_the_key_lookups(
+            pairs in proptest::collection::vec(("namespace|pod|node|type|vmi-name|other", "|[a-z]{1,3}"), 0..8),
+            has_secondary in proptest::bool::ANY,
+        ) {
+            let attr = AllocationAttribute {
+                secondary: has_secondary.then(|| AttrMap(pairs.clone())),
+                ..AllocationAttribute::default()
+            };
+            let o = attr.owner();
+            let want = |k: &str| attr.attr(k).unwrap_or("");
+            proptest::prop_assert_eq!(
+                (o.namespace, o.pod, o.node, o.alloc_type, o.vmi, o.vm),
+                (want("namespace"), want("pod"), want("node"), want("type"), want("vmi-name"), attr.has_attr("vmi-name"))
+            );
+        }
+
         /// The sorted sequence table walked beside the ordinals gives what an exact lookup of each
         /// ordinal's decimal key gives, whatever keys the map holds (non-canonical ones included).
         #[test]

@@ -497,7 +497,7 @@ pub fn build_report(index: &IpamIndex, current: &Plan, outlook: &Plan, cfg: &GcC
         leaks.push(LeakEntry {
             ip: ordinal_to_ip(&b.cidr, gid_ordinal(l.gid)).to_string(),
             block: b.cidr.to_string(),
-            handle: index.resolve(a.handle).to_string(),
+            handle: index.handle_name(a.handle).into_owned(),
             namespace: index.resolve(a.namespace).to_string(),
             pod: index.resolve(a.pod).to_string(),
             service: String::new(),
@@ -536,7 +536,7 @@ pub fn build_report(index: &IpamIndex, current: &Plan, outlook: &Plan, cfg: &GcC
             let cooling = b.cooling.contains(&a.ordinal);
             allocations.entry(ip.clone()).or_default().push(CheckAllocation {
                 ip,
-                handle: (a.kind != AllocKind::WindowsReserved).then(|| index.resolve(a.handle).to_string()),
+                handle: (a.kind != AllocKind::WindowsReserved).then(|| index.handle_name(a.handle).into_owned()),
                 sequence_number: a.seq,
                 pod: index.resolve(a.pod).to_string(),
                 namespace: index.resolve(a.namespace).to_string(),

@@ -229,8 +229,8 @@ pub fn sync_index(ds: &MemoryDatastore, index: &mut IpamIndex) -> Result<(), Sim
     let handles = index
         .handles()
         .map(|(sym, h)| {
-            let id = index.resolve(sym);
-            (crate::model::names::handle_object_name(id), h.revision.to_string(), id.to_string())
+            let id = index.handle_name(sym);
+            (crate::model::names::handle_object_name(&id), h.revision.to_string(), id.into_owned())
         })
         .collect();
     sync_kind(ds, index, Kind::IpamHandle, handles, |ix, id: &String| ix.delete_handle(id), |ix, h: &IpamHandle| ix.apply_handle(h))

@@ -169,7 +169,7 @@ pub fn record_item_results(backoff: &mut ItemBackoff, index: &IpamIndex, execute
     backoff.retain(|k| match k {
         ItemKey::Block(c) => index.block_slot(c).is_some(),
         ItemKey::Node(n) => index.strings().lookup(n).is_some_and(|s| !index.host_blocks(s).is_empty() || index.allocations_of_node(s).is_some()),
-        ItemKey::Handle(h) => index.strings().lookup(h).is_some_and(|s| index.handle(s).is_some() || !index.allocations_of_handle(s).is_empty()),
+        ItemKey::Handle(h) => index.handle_id(h).is_some_and(|s| index.handle(s).is_some() || !index.allocations_of_handle(s).is_empty()),
     });
     executed.nodes_to_release.iter().filter(|n| !failed.contains(&ItemKey::Node(n.node.clone()))).map(|n| n.node.clone()).collect()
 }

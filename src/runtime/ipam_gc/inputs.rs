@@ -597,7 +597,7 @@ impl GcInputs {
             Source::Blocks => self.known.blocks.keys().chain(self.soft_deleted.keys()).filter(|k| !seen.contains(*k)).cloned().collect(),
             Source::Affinities => self.known.affinities.iter().filter(|k| !seen.contains(*k)).cloned().collect(),
             Source::Handles => {
-                self.index.handles().map(|(id, _)| self.index.resolve(id)).filter(|k| !seen.contains(*k)).map(str::to_string).collect()
+                self.index.handles().map(|(id, _)| self.index.handle_name(id)).filter(|k| !seen.contains(&**k)).map(|k| k.into_owned()).collect()
             }
             Source::Pools => self.known.pools.keys().filter(|k| !seen.contains(*k)).cloned().collect(),
             Source::Reservations => self.known.reservations.keys().filter(|k| !seen.contains(*k)).cloned().collect(),

@@ -126,7 +126,7 @@
         list(&mut c, Source::Handles, vec![handle_obj("k8s-pod-network.Keep\r")]);
         let pods: Vec<String> = c.inputs.index.present_pods().map(|p| format!("{}/{}", c.inputs.index.resolve(p.namespace), c.inputs.index.resolve(p.name))).collect();
         assert_eq!(pods, ["a/p2"]);
-        let handles: Vec<&str> = c.inputs.index.handles().map(|(id, _)| c.inputs.index.resolve(id)).collect();
+        let handles: Vec<String> = c.inputs.index.handles().map(|(id, _)| c.inputs.index.handle_name(id).into_owned()).collect();
         assert_eq!(handles, ["k8s-pod-network.Keep"], "the index keys the handle by its cleaned ID");
         // A watch delete names the handle by its object; the index forgets it by ID.
         c.handle(input(Source::Handles, Change::Delete(handle_obj("k8s-pod-network.Keep\r"))));
@@ -163,7 +163,7 @@
         list(&mut c, Source::Affinities, vec![affinity_obj("n1-10-0-0-0-30", "n1", "10.0.0.0/30"), affinity_obj("n2-10-0-0-0-30", "n1", "10.0.0.0/30")]);
         let invalid: Vec<(String, String)> = c.inputs.invalid.keys().cloned().collect();
         assert_eq!(invalid, [("BlockAffinity".to_string(), "n2-10-0-0-0-30".to_string()), ("IPAMHandle".to_string(), "bogus".to_string())]);
-        let sym = c.inputs.index.strings().lookup("k8s-pod-network.a").unwrap();
+        let sym = c.inputs.index.handle_id("k8s-pod-network.a").unwrap();
         assert_eq!(c.inputs.index.handle(sym).unwrap().revision, "1", "the real handle's tokens");
         assert_eq!(c.inputs.index.affinities().map(|(n, _)| n.to_string()).collect::<Vec<_>>(), ["n1-10-0-0-0-30"]);
         // The bogus handle's deletion takes only its own report with it.
