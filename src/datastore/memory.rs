@@ -257,6 +257,15 @@ impl MemoryDatastore {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// A copy of the stored objects and counters (revisions and uids continue from the same
+    /// numbers), without faults, hooks, operation counts or watchers: one loaded cluster serves
+    /// several independent runs.
+    pub fn fork(&self) -> MemoryDatastore {
+        let inner = self.lock();
+        let copy = Inner { objects: inner.objects.clone(), revision: inner.revision, created: inner.created, ..Inner::default() };
+        MemoryDatastore { inner: Mutex::new(copy) }
+    }
+
     /// Queues a failure: the next `times` calls of `op` on `kind` (any kind if `None`) and `name`
     /// (any name if `None`) fail with `error` and change nothing.
     pub fn inject(&self, kind: Option<Kind>, name: Option<&str>, op: Op, error: ErrorKind, times: u32) {

@@ -300,32 +300,55 @@ fn plan_has_work(plan: &Plan) -> bool {
         || !plan.cold_blocks.is_empty()
 }
 
+/// A generated cluster written into a datastore once. The cluster then holds the datastore's
+/// decoded copies of its IPAM objects (server fields and all) in place of the generated ones,
+/// so a run keeps one typed set, not two; each phase forks the datastore and builds its index
+/// from these copies, whose tokens match every fork.
+pub struct Loaded {
+    pub cluster: SyntheticCluster,
+    pub ds: MemoryDatastore,
+    /// Listing and decoding the IPAM objects, once.
+    pub decode_ms: f64,
+}
+
+impl Loaded {
+    pub fn new(mut cluster: SyntheticCluster) -> Result<Loaded, SimError> {
+        let ds = load_datastore(&cluster)?;
+        // The generated set goes before the decoded one arrives.
+        (cluster.blocks, cluster.affinities, cluster.handles) = (Vec::new(), Vec::new(), Vec::new());
+        let started = Instant::now();
+        let listed = list_ipam(&ds)?;
+        let decode_ms = ms(started);
+        (cluster.blocks, cluster.affinities, cluster.handles) = (listed.blocks, listed.affinities, listed.handles);
+        Ok(Loaded { cluster, ds, decode_ms })
+    }
+
+    fn snapshot(&self) -> Snapshot<'_> {
+        let c = &self.cluster;
+        Snapshot { blocks: &c.blocks, affinities: &c.affinities, handles: &c.handles, pods: &c.pod_facts, nodes: &c.nodes }
+    }
+}
+
 /// Runs steps 2-6 of the pipeline on `cluster` and collects what the checker needs.
 pub fn run_pipeline(cluster: SyntheticCluster, repeats: usize) -> Result<PipelineRun, SimError> {
-    let ds = load_datastore(&cluster)?;
-    let started = Instant::now();
-    let listed = list_ipam(&ds)?;
-    let decode_ms = ms(started);
-    let snapshot = Snapshot {
-        blocks: &listed.blocks,
-        affinities: &listed.affinities,
-        handles: &listed.handles,
-        pods: &cluster.pod_facts,
-        nodes: &cluster.nodes,
-    };
+    run_loaded(Loaded::new(cluster)?, repeats)
+}
+
+/// The pipeline on a loaded cluster, in its own datastore.
+fn run_loaded(loaded: Loaded, repeats: usize) -> Result<PipelineRun, SimError> {
     let mut build_samples = Vec::new();
     let mut index = IpamIndex::new();
     for _ in 0..repeats.max(1) {
-        let mut fresh = IpamIndex::new();
+        // One index at a time: the previous build is dropped before the next starts.
+        index = IpamIndex::new();
         let started = Instant::now();
-        let invalid = fresh.reset(snapshot);
+        let invalid = index.reset(loaded.snapshot());
         build_samples.push(ms(started));
         if !invalid.is_empty() {
             return Err(SimError::Options(format!("generated objects are invalid: {:?}", &invalid[..invalid.len().min(3)])));
         }
-        index = fresh;
     }
-    drop(listed);
+    let Loaded { cluster, ds, decode_ms } = loaded;
     index.take_dirty();
 
     let mut r = Runner { ds: &ds, index, gc: GcState::new(), cfg: gc_config(), found: HashSet::new(), passes: Vec::new(), exec: ExecuteOptions::default() };
@@ -452,14 +475,13 @@ fn steady_state_timings(run: &mut PipelineRun, repeats: usize, dirty_samples: us
 
 /// Execute timing: the first post-grace plan (every live-node leak, empty block and orphan),
 /// written into a fresh copy of the cluster each time.
-fn execute_timings(cluster: &SyntheticCluster, repeats: usize) -> Result<(Vec<f64>, usize), SimError> {
+fn execute_timings(loaded: &Loaded, repeats: usize) -> Result<(Vec<f64>, usize), SimError> {
     let mut samples = Vec::new();
     let mut released = 0;
     for _ in 0..repeats.max(1) {
-        let ds = load_datastore(cluster)?;
-        let listed = list_ipam(&ds)?;
+        let ds = loaded.ds.fork();
         let mut index = IpamIndex::new();
-        index.reset(Snapshot { blocks: &listed.blocks, affinities: &listed.affinities, handles: &listed.handles, pods: &cluster.pod_facts, nodes: &cluster.nodes });
+        index.reset(loaded.snapshot());
         let mut gc = GcState::new();
         let cfg = gc_config();
         gc.pass(&mut index, T0, &cfg, &Scope::Full, None, &BTreeMap::new());
@@ -475,10 +497,10 @@ fn execute_timings(cluster: &SyntheticCluster, repeats: usize) -> Result<(Vec<f6
 
 /// Retained bytes of a freshly built index plus the GC state after one full pass, by the
 /// counting allocator if the binary installed one.
-fn retained_bytes(cluster: &SyntheticCluster, listed: &Listed) -> (Option<usize>, usize) {
+fn retained_bytes(loaded: &Loaded) -> (Option<usize>, usize) {
     let before = crate::memstat::current_bytes();
     let mut index = IpamIndex::new();
-    index.reset(Snapshot { blocks: &listed.blocks, affinities: &listed.affinities, handles: &listed.handles, pods: &cluster.pod_facts, nodes: &cluster.nodes });
+    index.reset(loaded.snapshot());
     let mut gc = GcState::new();
     let plan = gc.pass(&mut index, T0, &gc_config(), &Scope::Full, None, &BTreeMap::new());
     drop(plan);
@@ -499,13 +521,10 @@ pub fn run(opts: &SimOptions, out: &mut dyn Write) -> Result<SimSummary, SimErro
         Some(dir) => Some(dump::write_dump(&cluster, dir).map_err(SimError::Dump)?),
         None => None,
     };
-    let (retained, heap) = {
-        let ds = load_datastore(&cluster)?;
-        let listed = list_ipam(&ds)?;
-        retained_bytes(&cluster, &listed)
-    };
-    let (execute_samples, execute_released) = execute_timings(&cluster, opts.repeats)?;
-    let mut run = run_pipeline(cluster, opts.repeats)?;
+    let loaded = Loaded::new(cluster)?;
+    let (retained, heap) = retained_bytes(&loaded);
+    let (execute_samples, execute_released) = execute_timings(&loaded, opts.repeats)?;
+    let mut run = run_loaded(loaded, opts.repeats)?;
     let check = check_run(&run)?;
     let (full, dirty) = steady_state_timings(&mut run, opts.repeats, opts.dirty_samples);
     let mut stages = vec![
