@@ -594,6 +594,23 @@ mod tests {
     }
 
     #[test]
+    fn a_fork_holds_the_same_objects_and_counters_and_changes_apart() {
+        let ds = MemoryDatastore::new();
+        ds.create_now(Kind::IpamHandle, "a", handle("a")).unwrap();
+        ds.inject(Some(Kind::IpamHandle), None, Op::Create, ErrorKind::Conflict, 1);
+        let fork = ds.fork();
+        assert_eq!(fork.peek(Kind::IpamHandle, "a").unwrap(), ds.peek(Kind::IpamHandle, "a").unwrap());
+        // Faults stay with the original; the counters continue from the same numbers in both.
+        let b = fork.create_now(Kind::IpamHandle, "b", handle("b")).unwrap();
+        assert!(ds.create_now(Kind::IpamHandle, "c", handle("c")).is_err(), "the injected fault fires on the original");
+        let c = ds.create_now(Kind::IpamHandle, "c", handle("c")).unwrap();
+        assert_eq!((&b.revision, &b.uid), (&c.revision, &c.uid));
+        assert!(ds.peek(Kind::IpamHandle, "b").is_none() && fork.peek(Kind::IpamHandle, "c").is_none());
+        fork.delete_now(Kind::IpamHandle, "a", &Precondition::default()).unwrap();
+        assert!(ds.peek(Kind::IpamHandle, "a").is_some());
+    }
+
+    #[test]
     fn revisions_come_from_one_increasing_counter_and_uids_are_deterministic() {
         let ds = MemoryDatastore::new();
         let a = ds.create_now(Kind::IpamHandle, "a", handle("a")).unwrap();
