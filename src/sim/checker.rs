@@ -67,7 +67,36 @@ pub fn allocated_ips(blocks: &[IpamBlock]) -> HashMap<IpAddr, String> {
     out
 }
 
-pub fn check(cluster: &SyntheticCluster, after: &FinalState<'_>) -> CheckReport {
+/// What the end is compared with, read off the generated cluster before the run: a summary, so
+/// the generated objects need not stay in memory while the run goes on.
+#[derive(Debug, Clone, Default)]
+pub struct Before {
+    /// Allocated addresses with their handle, as [`allocated_ips`] reads them.
+    pub allocated: HashMap<IpAddr, String>,
+    pub cidrs: BTreeSet<IpNet>,
+    pub affinity_names: BTreeSet<String>,
+    pub handle_ids: BTreeSet<String>,
+    /// Every used ordinal (cooling down and Windows-reserved ones included).
+    pub allocations: usize,
+    pub blocks: usize,
+    pub handles: usize,
+}
+
+impl Before {
+    pub fn of(cluster: &SyntheticCluster) -> Before {
+        Before {
+            allocated: allocated_ips(&cluster.blocks),
+            cidrs: cluster.blocks.iter().filter_map(|b| b.spec.cidr.parse().ok()).collect(),
+            affinity_names: cluster.affinities.iter().map(|a| a.metadata.name.clone()).collect(),
+            handle_ids: cluster.handles.iter().map(|h| h.spec.handle_id.clone()).collect(),
+            allocations: cluster.allocation_count(),
+            blocks: cluster.blocks.len(),
+            handles: cluster.handles.len(),
+        }
+    }
+}
+
+pub fn check(cluster: &SyntheticCluster, before: &Before, after: &FinalState<'_>) -> CheckReport {
     let mut r = CheckReport::default();
     let mut problems: Vec<String> = Vec::new();
     let mut law = |name: &str, items: Vec<String>| {
@@ -79,7 +108,6 @@ pub fn check(cluster: &SyntheticCluster, after: &FinalState<'_>) -> CheckReport 
         problems.push(format!("{name}: {n} ({}{})", shown.join(", "), if n > EXAMPLES { ", …" } else { "" }));
     };
 
-    let before = allocated_ips(&cluster.blocks);
     let now_allocated = allocated_ips(after.blocks);
     let category_of: HashMap<IpAddr, Category> =
         cluster.planted.iter().flat_map(|p| p.ips.iter().map(move |ip| (*ip, p.category))).collect();
@@ -87,12 +115,12 @@ pub fn check(cluster: &SyntheticCluster, after: &FinalState<'_>) -> CheckReport 
     // Nothing appears and nothing changes hands: the simulation allocates nothing.
     let appeared: Vec<String> = now_allocated
         .iter()
-        .filter(|(ip, h)| before.get(ip) != Some(h))
+        .filter(|(ip, h)| before.allocated.get(ip) != Some(h))
         .map(|(ip, h)| format!("{ip} now held by {h}"))
         .collect();
     law("addresses allocated or re-owned during the run", appeared);
 
-    let released: BTreeSet<IpAddr> = before.keys().filter(|ip| !now_allocated.contains_key(ip)).copied().collect();
+    let released: BTreeSet<IpAddr> = before.allocated.keys().filter(|ip| !now_allocated.contains_key(ip)).copied().collect();
     let expected: BTreeSet<IpAddr> =
         cluster.planted.iter().filter(|p| p.category.released()).flat_map(|p| p.ips.iter().copied()).collect();
     r.released_total = released.len();
@@ -116,22 +144,20 @@ pub fn check(cluster: &SyntheticCluster, after: &FinalState<'_>) -> CheckReport 
     law("blocks failing calicoctl's rules", invalid);
 
     // Objects: exactly the expected ones are gone.
-    let cidrs_before: BTreeSet<IpNet> = cluster.blocks.iter().filter_map(|b| b.spec.cidr.parse().ok()).collect();
+    let cidrs_before = &before.cidrs;
     let cidrs_after: BTreeSet<IpNet> = after.blocks.iter().filter_map(|b| b.spec.cidr.parse().ok()).collect();
     let removed: BTreeSet<IpNet> = cidrs_before.difference(&cidrs_after).copied().collect();
     r.blocks_removed = removed.len();
     law("blocks removed but planted as kept", removed.difference(&cluster.expect.removed_blocks).map(|c| c.to_string()).collect());
     law("blocks planted for removal but still present", cluster.expect.removed_blocks.difference(&removed).map(|c| c.to_string()).collect());
-    law("blocks that appeared", cidrs_after.difference(&cidrs_before).map(|c| c.to_string()).collect());
+    law("blocks that appeared", cidrs_after.difference(cidrs_before).map(|c| c.to_string()).collect());
 
-    let aff_before: BTreeSet<String> = cluster.affinities.iter().map(|a| a.metadata.name.clone()).collect();
-    let aff_removed: BTreeSet<String> = aff_before.difference(after.affinity_names).cloned().collect();
+    let aff_removed: BTreeSet<String> = before.affinity_names.difference(after.affinity_names).cloned().collect();
     r.affinities_removed = aff_removed.len();
     law("affinities removed but planted as kept", aff_removed.difference(&cluster.expect.removed_affinities).cloned().collect());
     law("affinities planted for removal but still present", cluster.expect.removed_affinities.difference(&aff_removed).cloned().collect());
 
-    let handles_before: BTreeSet<String> = cluster.handles.iter().map(|h| h.spec.handle_id.clone()).collect();
-    let handles_removed: BTreeSet<String> = handles_before.difference(after.handle_ids).cloned().collect();
+    let handles_removed: BTreeSet<String> = before.handle_ids.difference(after.handle_ids).cloned().collect();
     r.handles_removed = handles_removed.len();
     law("handles removed but planted as kept", handles_removed.difference(&cluster.expect.removed_handles).cloned().collect());
     law("handles planted for removal but still present", cluster.expect.removed_handles.difference(&handles_removed).cloned().collect());

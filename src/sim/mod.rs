@@ -36,7 +36,7 @@ use crate::ipam::index::{IpamIndex, Snapshot};
 use crate::model::time::Millis;
 use crate::model::{BlockAffinity, IpamBlock, IpamHandle, PodFacts};
 
-pub use checker::{check, CheckReport, FinalState};
+pub use checker::{check, Before, CheckReport, FinalState};
 pub use cluster::{generate, Category, Planted, SimPod, SyntheticCluster};
 pub use report::{OutputFormat, SimReport};
 
@@ -118,7 +118,9 @@ pub struct SimSummary {
 
 /// Everything the pipeline leaves behind, for the checker and for tests that tamper with it.
 pub struct PipelineRun {
+    /// The cluster as generated, without its IPAM objects and API-shaped pods (see [`Loaded`]).
     pub cluster: SyntheticCluster,
+    pub before: Before,
     pub ds: MemoryDatastore,
     pub index: IpamIndex,
     pub gc: GcState,
@@ -300,32 +302,37 @@ fn plan_has_work(plan: &Plan) -> bool {
         || !plan.cold_blocks.is_empty()
 }
 
-/// A generated cluster written into a datastore once. The cluster then holds the datastore's
-/// decoded copies of its IPAM objects (server fields and all) in place of the generated ones,
-/// so a run keeps one typed set, not two; each phase forks the datastore and builds its index
-/// from these copies, whose tokens match every fork.
+/// A generated cluster written into a datastore once, keeping of its generated objects only
+/// what the checker compares the end with ([`Before`]) and what the pipeline feeds the index
+/// besides the datastore (pod facts, nodes). Its IPAM objects live in the datastore alone, as a
+/// controller's would live in the API server: each phase forks the datastore, lists and decodes
+/// it, builds its index from the listing and drops the listing, so no phase holds two typed
+/// copies of the cluster and none holds one while the pipeline runs.
 pub struct Loaded {
     pub cluster: SyntheticCluster,
+    pub before: Before,
     pub ds: MemoryDatastore,
-    /// Listing and decoding the IPAM objects, once.
-    pub decode_ms: f64,
 }
 
 impl Loaded {
     pub fn new(mut cluster: SyntheticCluster) -> Result<Loaded, SimError> {
         let ds = load_datastore(&cluster)?;
-        // The generated set goes before the decoded one arrives.
-        (cluster.blocks, cluster.affinities, cluster.handles) = (Vec::new(), Vec::new(), Vec::new());
-        let started = Instant::now();
-        let listed = list_ipam(&ds)?;
-        let decode_ms = ms(started);
-        (cluster.blocks, cluster.affinities, cluster.handles) = (listed.blocks, listed.affinities, listed.handles);
-        Ok(Loaded { cluster, ds, decode_ms })
+        let before = Before::of(&cluster);
+        // Pods as the API would show them are only for dumps, written before this.
+        (cluster.blocks, cluster.affinities, cluster.handles, cluster.pods) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        Ok(Loaded { cluster, before, ds })
     }
 
-    fn snapshot(&self) -> Snapshot<'_> {
+    /// The datastore's IPAM objects decoded, and how long that took.
+    fn listing(&self) -> Result<(Listed, f64), SimError> {
+        let started = Instant::now();
+        let listed = list_ipam(&self.ds)?;
+        Ok((listed, ms(started)))
+    }
+
+    fn snapshot<'a>(&'a self, listed: &'a Listed) -> Snapshot<'a> {
         let c = &self.cluster;
-        Snapshot { blocks: &c.blocks, affinities: &c.affinities, handles: &c.handles, pods: &c.pod_facts, nodes: &c.nodes }
+        Snapshot { blocks: &listed.blocks, affinities: &listed.affinities, handles: &listed.handles, pods: &c.pod_facts, nodes: &c.nodes }
     }
 }
 
@@ -336,19 +343,21 @@ pub fn run_pipeline(cluster: SyntheticCluster, repeats: usize) -> Result<Pipelin
 
 /// The pipeline on a loaded cluster, in its own datastore.
 fn run_loaded(loaded: Loaded, repeats: usize) -> Result<PipelineRun, SimError> {
+    let (listed, decode_ms) = loaded.listing()?;
     let mut build_samples = Vec::new();
     let mut index = IpamIndex::new();
     for _ in 0..repeats.max(1) {
         // One index at a time: the previous build is dropped before the next starts.
         index = IpamIndex::new();
         let started = Instant::now();
-        let invalid = index.reset(loaded.snapshot());
+        let invalid = index.reset(loaded.snapshot(&listed));
         build_samples.push(ms(started));
         if !invalid.is_empty() {
             return Err(SimError::Options(format!("generated objects are invalid: {:?}", &invalid[..invalid.len().min(3)])));
         }
     }
-    let Loaded { cluster, ds, decode_ms } = loaded;
+    drop(listed);
+    let Loaded { cluster, before, ds } = loaded;
     index.take_dirty();
 
     let mut r = Runner { ds: &ds, index, gc: GcState::new(), cfg: gc_config(), found: HashSet::new(), passes: Vec::new(), exec: ExecuteOptions::default() };
@@ -425,6 +434,7 @@ fn run_loaded(loaded: Loaded, repeats: usize) -> Result<PipelineRun, SimError> {
         decode_ms,
         now,
         cluster,
+        before,
     })
 }
 
@@ -436,6 +446,7 @@ pub fn check_run(run: &PipelineRun) -> Result<CheckReport, SimError> {
     let live_ips: HashSet<IpAddr> = run.live_pods.iter().filter(|p| !p.finished()).flat_map(|p| p.ips.iter().copied()).collect();
     let mut report = check(
         &run.cluster,
+        &run.before,
         &FinalState { blocks: &listed.blocks, affinity_names: &affinity_names, handle_ids: &handle_ids, live_ips: &live_ips, now: run.now },
     );
     report.problems.extend(run.problems.iter().cloned());
@@ -478,10 +489,11 @@ fn steady_state_timings(run: &mut PipelineRun, repeats: usize, dirty_samples: us
 fn execute_timings(loaded: &Loaded, repeats: usize) -> Result<(Vec<f64>, usize), SimError> {
     let mut samples = Vec::new();
     let mut released = 0;
+    let (listed, _) = loaded.listing()?;
     for _ in 0..repeats.max(1) {
         let ds = loaded.ds.fork();
         let mut index = IpamIndex::new();
-        index.reset(loaded.snapshot());
+        index.reset(loaded.snapshot(&listed));
         let mut gc = GcState::new();
         let cfg = gc_config();
         gc.pass(&mut index, T0, &cfg, &Scope::Full, None, &BTreeMap::new());
@@ -497,10 +509,11 @@ fn execute_timings(loaded: &Loaded, repeats: usize) -> Result<(Vec<f64>, usize),
 
 /// Retained bytes of a freshly built index plus the GC state after one full pass, by the
 /// counting allocator if the binary installed one.
-fn retained_bytes(loaded: &Loaded) -> (Option<usize>, usize) {
+fn retained_bytes(loaded: &Loaded) -> Result<(Option<usize>, usize), SimError> {
+    let (listed, _) = loaded.listing()?;
     let before = crate::memstat::current_bytes();
     let mut index = IpamIndex::new();
-    index.reset(loaded.snapshot());
+    index.reset(loaded.snapshot(&listed));
     let mut gc = GcState::new();
     let plan = gc.pass(&mut index, T0, &gc_config(), &Scope::Full, None, &BTreeMap::new());
     drop(plan);
@@ -511,7 +524,7 @@ fn retained_bytes(loaded: &Loaded) -> (Option<usize>, usize) {
         _ => None,
     };
     drop((index, gc));
-    (retained, heap)
+    Ok((retained, heap))
 }
 
 /// The whole `simulate` command: generate, run, check, time, report to `out`.
@@ -522,7 +535,7 @@ pub fn run(opts: &SimOptions, out: &mut dyn Write) -> Result<SimSummary, SimErro
         None => None,
     };
     let loaded = Loaded::new(cluster)?;
-    let (retained, heap) = retained_bytes(&loaded);
+    let (retained, heap) = retained_bytes(&loaded)?;
     let (execute_samples, execute_released) = execute_timings(&loaded, opts.repeats)?;
     let mut run = run_loaded(loaded, opts.repeats)?;
     let check = check_run(&run)?;

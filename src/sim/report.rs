@@ -318,7 +318,7 @@ pub fn build(
 ) -> SimReport {
     let MemoryFigures { retained, heap, peak_rss } = memory;
     let c = &run.cluster;
-    let allocations = c.allocation_count();
+    let allocations = run.before.allocations;
     let mut rows: BTreeMap<Category, CategoryRow> = BTreeMap::new();
     for p in &c.planted {
         let row = rows.entry(p.category).or_insert_with(|| CategoryRow {
@@ -352,7 +352,7 @@ pub fn build(
         None => (heap, "index-estimate"),
     };
     let per_alloc = bytes as f64 / allocations.max(1) as f64;
-    let targets = targets(allocations, c.pods.len(), &stages, retained.map(|_| per_alloc), peak_rss);
+    let targets = targets(allocations, c.pod_facts.len(), &stages, retained.map(|_| per_alloc), peak_rss);
     SimReport {
         ok: check.ok,
         scale: Scale {
@@ -360,10 +360,10 @@ pub fn build(
             pods_per_node: opts.pods_per_node,
             leak_fraction: opts.leak_fraction,
             seed: opts.seed,
-            pods: c.pods.len(),
+            pods: c.pod_facts.len(),
             allocations,
-            blocks: c.blocks.len(),
-            handles: c.handles.len(),
+            blocks: run.before.blocks,
+            handles: run.before.handles,
             deleted_nodes: c.deleted_nodes.len(),
         },
         categories: rows.into_values().collect(),

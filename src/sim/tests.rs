@@ -58,10 +58,9 @@ fn the_table_report_says_ok_and_names_every_stage() {
 
 /// Releases `ip` behind the GC's back with the real release write, as a wrong decision would.
 fn free_behind_the_gcs_back(run: &PipelineRun, ip: IpAddr) {
-    let block = run.cluster.blocks.iter().find(|b| b.spec.cidr.parse::<ipnet::IpNet>().unwrap().contains(&ip)).unwrap();
-    let cidr: ipnet::IpNet = block.spec.cidr.parse().unwrap();
-    let ord = crate::model::names::ip_to_ordinal(&cidr, ip).unwrap();
-    let stored = run.ds.peek(Kind::IpamBlock, block.name()).unwrap();
+    let block = run.index.block(run.index.block_containing(ip).unwrap()).unwrap();
+    let ord = crate::model::names::ip_to_ordinal(&block.cidr, ip).unwrap();
+    let stored = run.ds.peek(Kind::IpamBlock, &block.name).unwrap();
     let mut current: crate::model::IpamBlock = stored.decode().unwrap();
     let attr = current.spec.attributes[current.spec.allocations[ord as usize].unwrap() as usize].clone();
     let item = crate::ipam::plan::ReleaseItem {
