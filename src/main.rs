@@ -42,9 +42,52 @@ mod counting_alloc {
 
     #[global_allocator]
     static GLOBAL: Counting = Counting;
+
+    /// Hands glibc's cached free memory back after a bulk drop (a decoded listing of the whole
+    /// cluster). Without it, the hundreds of thousands of small chunks such a drop leaves are
+    /// sorted a few thousand per later `malloc` call: simulate measured the first dirty passes
+    /// after a 5,000-node build at 100 ms, then 40 more at 1.8 ms, where the rest take 5 us.
+    /// Other C libraries (musl in the static image) are left alone.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    pub fn give_back() {
+        unsafe extern "C" {
+            fn malloc_trim(pad: usize) -> std::ffi::c_int;
+        }
+        // SAFETY: malloc_trim takes no pointers and only reorganises the allocator's own free
+        // lists; it is safe to call from any thread at any time.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
 }
 
 fn main() {
     calico_kube_controllers::memstat::enable();
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    calico_kube_controllers::memstat::set_give_back(counting_alloc::give_back);
     std::process::exit(cli::main());
 }
+
+#[cfg(test)]
+mod tests {
+    /// Tidying the allocator after a bulk drop leaves every live allocation intact and the heap
+    /// usable, from any thread, as often as it is called.
+    #[test]
+    fn giving_memory_back_after_a_bulk_drop_keeps_what_is_live() {
+        let mut boxes: Vec<Box<[u8; 48]>> = (0..200_000u32).map(|i| Box::new([(i % 251) as u8; 48])).collect();
+        let kept: Vec<Box<[u8; 48]>> = boxes.iter().step_by(7).cloned().collect();
+        boxes.clear();
+        boxes.shrink_to_fit();
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        {
+            super::counting_alloc::give_back();
+            std::thread::spawn(super::counting_alloc::give_back).join().unwrap();
+        }
+        for (n, b) in kept.iter().enumerate() {
+            assert!(b.iter().all(|x| *x == ((n * 7) % 251) as u8), "box {n} changed");
+        }
+        let fresh: Vec<u64> = (0..100_000).collect();
+        assert_eq!(fresh.iter().sum::<u64>(), 4_999_950_000);
+    }
+}
+

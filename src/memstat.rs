@@ -12,6 +12,35 @@ pub fn enable() {
     ENABLED.store(true, Ordering::Relaxed);
 }
 
+static GIVE_BACK: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// The binary's way of returning the C allocator's cached free memory (see `src/main.rs`).
+pub fn set_give_back(f: fn()) {
+    let _ = GIVE_BACK.set(f);
+}
+
+/// Called after a bulk drop (a whole decoded listing): the allocator tidies its free lists now,
+/// once, instead of a little in every later allocation, and returns free pages to the system.
+/// Does nothing unless the binary installed a way to.
+pub fn give_back() {
+    let Some(f) = GIVE_BACK.get() else { return };
+    f();
+    // What the drop freed but could not merge waits in glibc's unsorted list, and every later
+    // allocation that misses its size class sorts up to 10,000 of those chunks first. Sorting
+    // them now costs the same once: allocate and free a mid-sized block until one allocation
+    // finds nothing left to sort (or a bound is reached).
+    for _ in 0..GIVE_BACK_ROUNDS {
+        let started = std::time::Instant::now();
+        drop(std::hint::black_box(Vec::<u8>::with_capacity(48 << 10)));
+        if started.elapsed() < std::time::Duration::from_micros(20) {
+            break;
+        }
+    }
+}
+
+/// Rounds of sorting after a bulk drop: 10,000 chunks each, so up to 20 million chunks.
+const GIVE_BACK_ROUNDS: usize = 2_000;
+
 pub fn record_alloc(bytes: usize) {
     let now = CURRENT.fetch_add(bytes, Ordering::Relaxed) + bytes;
     PEAK.fetch_max(now, Ordering::Relaxed);

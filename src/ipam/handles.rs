@@ -15,7 +15,7 @@ use std::borrow::Cow;
 use hashbrown::HashTable;
 
 use super::index::{Gid, HandleEntry, HandleGids};
-use super::intern::hash_bytes;
+use super::intern::{hash_bytes, FastMap};
 
 /// A handle known to the index. Numbers are reused after a handle is freed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -23,13 +23,6 @@ pub struct HandleId(pub u32);
 
 /// What Calico's CNI plugin names a pod's handle: this prefix and the container ID.
 pub const POD_HANDLE_PREFIX: &str = "k8s-pod-network.";
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Key {
-    /// `k8s-pod-network.` followed by 64 lower-case hex digits, as the 32 bytes they spell.
-    Container([u8; 32]),
-    Text(Box<str>),
-}
 
 /// A key as looked up, without allocating.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -49,15 +42,6 @@ impl KeyRef<'_> {
         match self {
             KeyRef::Container(b) => hash_bytes(&b) ^ 0x9e37_79b9_7f4a_7c15,
             KeyRef::Text(s) => hash_bytes(s.as_bytes()),
-        }
-    }
-}
-
-impl Key {
-    fn as_ref(&self) -> KeyRef<'_> {
-        match self {
-            Key::Container(b) => KeyRef::Container(*b),
-            Key::Text(s) => KeyRef::Text(s),
         }
     }
 }
@@ -114,46 +98,75 @@ fn container_text(b: &[u8; 32]) -> String {
     s
 }
 
+/// 80 bytes: the key's 32 bytes, counts and flags in what would be padding, the allocations
+/// (two inline), the object's tokens.
 #[derive(Debug, Clone)]
 struct Record {
-    key: Key,
+    /// `k8s-pod-network.` and 64 lower-case hex digits: the 32 bytes they spell. Any other
+    /// handle ID is in the table's `texts` under the record's number (and this is zero).
+    container: [u8; 32],
     refs: u32,
+    text: bool,
+    /// A handle object is present; `object` holds its tokens.
+    has_object: bool,
     /// The allocations naming this handle (kept by the index: linked when their block is).
     gids: HandleGids,
-    /// The handle object's tokens, when one is present.
-    object: Option<HandleEntry>,
+    object: HandleEntry,
+}
+
+impl Record {
+    fn object(&self) -> Option<HandleEntry> {
+        self.has_object.then_some(self.object)
+    }
 }
 
 /// What a freed record holds until its number is reused.
-const FREE: Record = Record { key: Key::Container([0; 32]), refs: 0, gids: HandleGids::EMPTY, object: None };
+const FREE: Record =
+    Record { container: [0; 32], refs: 0, text: false, has_object: false, gids: HandleGids::EMPTY, object: HandleEntry::NONE };
 
 #[derive(Debug, Default)]
 pub struct HandleTable {
     records: Vec<Record>,
     free: Vec<u32>,
+    /// Handle IDs of any other shape than a pod's, by record number.
+    texts: FastMap<u32, Box<str>>,
     /// Record numbers of the live records, by their key's hash.
     by_key: HashTable<u32>,
 }
 
+/// A record's key, read through the table (text keys live beside the records).
+fn key_of<'a>(records: &[Record], texts: &'a FastMap<u32, Box<str>>, i: u32) -> KeyRef<'a> {
+    let r = &records[i as usize];
+    if r.text {
+        KeyRef::Text(texts.get(&i).map_or("", |t| t))
+    } else {
+        KeyRef::Container(r.container)
+    }
+}
+
 impl HandleTable {
+    fn key(&self, i: u32) -> KeyRef<'_> {
+        key_of(&self.records, &self.texts, i)
+    }
+
     pub fn lookup(&self, s: &str) -> Option<HandleId> {
         let k = KeyRef::parse(s);
-        self.by_key.find(k.hash(), |&i| self.records[i as usize].key.as_ref() == k).map(|&i| HandleId(i))
+        self.by_key.find(k.hash(), |&i| self.key(i) == k).map(|&i| HandleId(i))
     }
 
     /// Finds or adds the handle `s` (non-empty) and takes one reference on it.
     pub fn intern(&mut self, s: &str) -> HandleId {
         let k = KeyRef::parse(s);
         let h = k.hash();
-        if let Some(&i) = self.by_key.find(h, |&i| self.records[i as usize].key.as_ref() == k) {
+        if let Some(&i) = self.by_key.find(h, |&i| self.key(i) == k) {
             self.records[i as usize].refs += 1;
             return HandleId(i);
         }
-        let key = match k {
-            KeyRef::Container(b) => Key::Container(b),
-            KeyRef::Text(t) => Key::Text(t.into()),
+        let (container, text) = match k {
+            KeyRef::Container(b) => (b, false),
+            KeyRef::Text(_) => ([0; 32], true),
         };
-        let rec = Record { key, refs: 1, gids: HandleGids::EMPTY, object: None };
+        let rec = Record { container, refs: 1, text, ..FREE };
         let i = match self.free.pop() {
             Some(i) => {
                 self.records[i as usize] = rec;
@@ -164,8 +177,11 @@ impl HandleTable {
                 (self.records.len() - 1) as u32
             }
         };
-        let records = &self.records;
-        self.by_key.insert_unique(h, i, |&j| records[j as usize].key.as_ref().hash());
+        if let KeyRef::Text(t) = k {
+            self.texts.insert(i, t.into());
+        }
+        let (records, texts) = (&self.records, &self.texts);
+        self.by_key.insert_unique(h, i, |&j| key_of(records, texts, j).hash());
         HandleId(i)
     }
 
@@ -181,19 +197,20 @@ impl HandleTable {
         if rec.refs > 0 {
             return;
         }
-        let h = rec.key.as_ref().hash();
+        let h = self.key(id.0).hash();
         if let Ok(e) = self.by_key.find_entry(h, |&i| i == id.0) {
             e.remove();
         }
         self.records[id.0 as usize] = FREE;
+        self.texts.remove(&id.0);
         self.free.push(id.0);
     }
 
     /// The handle ID as Calico writes it.
     pub fn name(&self, id: HandleId) -> Cow<'_, str> {
-        match &self.records[id.0 as usize].key {
-            Key::Container(b) => Cow::Owned(container_text(b)),
-            Key::Text(t) => Cow::Borrowed(t),
+        match self.key(id.0) {
+            KeyRef::Container(b) => Cow::Owned(container_text(&b)),
+            KeyRef::Text(t) => Cow::Borrowed(t),
         }
     }
 
@@ -206,17 +223,20 @@ impl HandleTable {
     }
 
     pub fn object(&self, id: HandleId) -> Option<HandleEntry> {
-        self.records.get(id.0 as usize).and_then(|r| r.object)
+        self.records.get(id.0 as usize).and_then(Record::object)
     }
 
     /// Records the handle object's tokens; returns the ones it replaces.
     pub(crate) fn set_object(&mut self, id: HandleId, e: Option<HandleEntry>) -> Option<HandleEntry> {
-        std::mem::replace(&mut self.records[id.0 as usize].object, e)
+        let r = &mut self.records[id.0 as usize];
+        let old = r.object();
+        (r.has_object, r.object) = (e.is_some(), e.unwrap_or(HandleEntry::NONE));
+        old
     }
 
     /// Handles with an object, in record order.
     pub fn with_objects(&self) -> impl Iterator<Item = (HandleId, HandleEntry)> + '_ {
-        self.records.iter().enumerate().filter_map(|(i, r)| Some((HandleId(i as u32), r.object?)))
+        self.records.iter().enumerate().filter_map(|(i, r)| Some((HandleId(i as u32), r.object()?)))
     }
 
     /// Handles with at least one allocation, in record order.
@@ -234,18 +254,18 @@ impl HandleTable {
 
     pub fn reserve(&mut self, additional: usize) {
         self.records.reserve(additional);
-        let records = &self.records;
-        self.by_key.reserve(additional, |&j| records[j as usize].key.as_ref().hash());
+        let (records, texts) = (&self.records, &self.texts);
+        self.by_key.reserve(additional, |&j| key_of(records, texts, j).hash());
     }
 
     pub fn shrink_to_fit(&mut self) {
         self.records.shrink_to_fit();
-        let records = &self.records;
-        self.by_key.shrink_to_fit(|&j| records[j as usize].key.as_ref().hash());
+        let (records, texts) = (&self.records, &self.texts);
+        self.by_key.shrink_to_fit(|&j| key_of(records, texts, j).hash());
     }
 
     pub fn heap_bytes(&self) -> usize {
-        let text: usize = self.records.iter().map(|r| if let Key::Text(t) = &r.key { t.len() } else { 0 }).sum();
+        let text: usize = self.texts.values().map(|t| t.len() + 24).sum();
         let spilled: usize = self.records.iter().map(|r| r.gids.heap_bytes()).sum();
         self.records.capacity() * std::mem::size_of::<Record>() + self.free.capacity() * 4 + self.by_key.capacity() * 5 + text + spilled
     }
@@ -260,7 +280,7 @@ impl HandleTable {
         for (i, r) in self.records.iter().enumerate() {
             let i = i as u32;
             if free.contains(&i) {
-                if r.refs != 0 || r.object.is_some() || !r.gids.as_slice().is_empty() {
+                if r.refs != 0 || r.has_object || r.text || !r.gids.as_slice().is_empty() || self.texts.contains_key(&i) {
                     return Err(format!("free handle record {i} holds something"));
                 }
                 continue;
@@ -268,7 +288,10 @@ impl HandleTable {
             if r.refs == 0 {
                 return Err(format!("handle record {i} is live with no reference"));
             }
-            if let Key::Text(t) = &r.key
+            if r.text != self.texts.contains_key(&i) {
+                return Err(format!("handle record {i}: text flag and text table disagree"));
+            }
+            if let KeyRef::Text(t) = self.key(i)
                 && (t.is_empty() || container_bytes(t).is_some())
             {
                 return Err(format!("handle record {i} keeps {t:?} as text"));
@@ -277,6 +300,9 @@ impl HandleTable {
             if self.lookup(&name) != Some(HandleId(i)) {
                 return Err(format!("handle {name:?} (record {i}) is not found by its name"));
             }
+        }
+        if self.texts.len() > self.live() {
+            return Err("handle table keeps texts of freed records".into());
         }
         if self.by_key.len() != self.live() {
             return Err(format!("handle table indexes {} records, {} are live", self.by_key.len(), self.live()));
@@ -306,6 +332,11 @@ mod tests {
         ] {
             assert!(container_bytes(other).is_none(), "{other}");
         }
+    }
+
+    #[test]
+    fn a_record_is_80_bytes() {
+        assert_eq!(std::mem::size_of::<Record>(), 80);
     }
 
     #[test]

@@ -18,6 +18,8 @@ use ipnet::IpNet;
 use rayon::prelude::*;
 use roaring::RoaringBitmap;
 
+use hashbrown::HashTable;
+
 use super::handles::HandleTable;
 pub use super::handles::HandleId;
 use super::intern::{FastMap, Interner, Sym};
@@ -237,6 +239,10 @@ pub struct HandleEntry {
     uid: [u8; 16],
 }
 
+impl HandleEntry {
+    pub(crate) const NONE: HandleEntry = HandleEntry { revision: 0, uid: [0; 16] };
+}
+
 const ODD_TOKEN: u64 = u64::MAX;
 
 /// A handle object's CAS tokens, as strings.
@@ -306,7 +312,8 @@ impl std::fmt::Display for Token {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HandleGids {
     Inline([Gid; 2], u8),
-    Spill(Box<[Gid]>),
+    /// A thin pointer, so the whole is 16 bytes (a boxed slice would make it 24).
+    Spill(Box<Vec<Gid>>),
 }
 
 impl HandleGids {
@@ -323,7 +330,7 @@ impl HandleGids {
     pub(crate) fn heap_bytes(&self) -> usize {
         match self {
             HandleGids::Inline(..) => 0,
-            HandleGids::Spill(v) => v.len() * 4,
+            HandleGids::Spill(v) => 24 + v.capacity() * 4,
         }
     }
     pub(crate) fn push(&mut self, g: Gid) {
@@ -332,12 +339,8 @@ impl HandleGids {
                 a[*n as usize] = g;
                 *n += 1;
             }
-            HandleGids::Inline(a, _) => *self = HandleGids::Spill(vec![a[0], a[1], g].into()),
-            HandleGids::Spill(v) => {
-                let mut grown = v.to_vec();
-                grown.push(g);
-                *v = grown.into();
-            }
+            HandleGids::Inline(a, _) => *self = HandleGids::Spill(Box::new(vec![a[0], a[1], g])),
+            HandleGids::Spill(v) => v.push(g),
         }
     }
     /// Removes `g`; returns true when nothing is left.
@@ -351,7 +354,7 @@ impl HandleGids {
             a[..rest.len()].copy_from_slice(&rest);
             *self = HandleGids::Inline(a, rest.len() as u8);
         } else {
-            *self = HandleGids::Spill(rest.into());
+            *self = HandleGids::Spill(Box::new(rest));
         }
         self.as_slice().is_empty()
     }
@@ -389,7 +392,9 @@ pub struct IpamIndex {
     cold_blocks: RoaringBitmap,
     pods: Vec<PodSlot>,
     free_pods: Vec<u32>,
-    pod_by_key: FastMap<(Sym, Sym), u32>,
+    /// Pod slots by a hash of their (namespace, name) symbols: 4 bytes an entry, the key is
+    /// read from the slot.
+    pod_by_key: HashTable<u32>,
     /// Ordinals of known blocks that at least one live, unfinished pod reports as its IP.
     live_gids: RoaringBitmap,
     /// Holders beyond the first of a live ordinal (two pods reporting one IP: rare).
@@ -489,7 +494,7 @@ impl IpamIndex {
     }
     pub fn pod_by_name(&self, namespace: &str, name: &str) -> Option<&PodSlot> {
         let key = (self.strings.lookup(namespace)?, self.strings.lookup(name)?);
-        self.pods.get(*self.pod_by_key.get(&key)? as usize).filter(|p| p.present)
+        self.pods.get(self.find_pod(key.0, key.1)? as usize).filter(|p| p.present)
     }
     pub fn present_pods(&self) -> impl Iterator<Item = &PodSlot> {
         self.pods.iter().filter(|p| p.present)
@@ -729,6 +734,8 @@ impl IpamIndex {
                 seq: s.sequence,
             });
         }
+        // Pushed one by one, the vector may have doubled past its length: the index keeps it.
+        allocs.shrink_to_fit();
         BlockEntry {
             cidr: view.cidr,
             name: view.block.name().into(),
@@ -847,8 +854,8 @@ impl IpamIndex {
     // ---- pods --------------------------------------------------------------------------------
 
     fn pod_slot_ref(&mut self, ns: Sym, name: Sym, g: Gid) -> u32 {
-        let slot = match self.pod_by_key.get(&(ns, name)) {
-            Some(&slot) => slot,
+        let slot = match self.find_pod(ns, name) {
+            Some(slot) => slot,
             None => self.new_pod_slot(ns, name),
         };
         self.pods[slot as usize].allocs.push(g);
@@ -869,8 +876,13 @@ impl IpamIndex {
                 (self.pods.len() - 1) as u32
             }
         };
-        self.pod_by_key.insert((ns, name), slot);
+        let pods = &self.pods;
+        self.pod_by_key.insert_unique(pod_key_hash(ns, name), slot, |&s| pod_slot_hash(pods, s));
         slot
+    }
+
+    fn find_pod(&self, ns: Sym, name: Sym) -> Option<u32> {
+        self.pod_by_key.find(pod_key_hash(ns, name), |&s| self.pods[s as usize].namespace == ns && self.pods[s as usize].name == name).copied()
     }
 
     fn pod_slot_unref(&mut self, slot: u32, g: Gid) {
@@ -884,7 +896,9 @@ impl IpamIndex {
             return;
         }
         let (ns, name) = (p.namespace, p.name);
-        self.pod_by_key.remove(&(ns, name));
+        if let Ok(e) = self.pod_by_key.find_entry(pod_key_hash(ns, name), |&s| s == slot) {
+            e.remove();
+        }
         self.strings.release(ns);
         self.strings.release(name);
         self.pods[slot as usize] = PodSlot::default();
@@ -957,8 +971,8 @@ impl IpamIndex {
     pub fn apply_pod(&mut self, f: &PodFacts) {
         let ns = self.strings.intern(&f.namespace);
         let name = self.strings.intern(&f.name);
-        let slot = match self.pod_by_key.get(&(ns, name)) {
-            Some(&s) => s,
+        let slot = match self.find_pod(ns, name) {
+            Some(s) => s,
             None => self.new_pod_slot(ns, name),
         };
         self.strings.release(ns);
@@ -1002,7 +1016,7 @@ impl IpamIndex {
     /// A pod is gone: its node is re-examined on the next dirty pass.
     pub fn delete_pod(&mut self, namespace: &str, name: &str) {
         let (Some(ns), Some(n)) = (self.strings.lookup(namespace), self.strings.lookup(name)) else { return };
-        let Some(&slot) = self.pod_by_key.get(&(ns, n)) else { return };
+        let Some(slot) = self.find_pod(ns, n) else { return };
         if !self.pods[slot as usize].present {
             return;
         }
@@ -1212,7 +1226,8 @@ impl IpamIndex {
         self.strings.reserve(snap.pods.len() + snap.nodes.len());
         self.handles.reserve(snap.handles.len());
         self.pods.reserve(snap.pods.len());
-        self.pod_by_key.reserve(snap.pods.len());
+        let pods = &self.pods;
+        self.pod_by_key.reserve(snap.pods.len(), |&s| pod_slot_hash(pods, s));
         // Validation is the part of a block's load that needs no index: done in parallel, once.
         let views: Vec<Result<BlockView<'_>, InvalidObject>> = snap.blocks.par_iter().map(BlockView::from_block).collect();
         let mut invalid = Vec::new();
@@ -1248,7 +1263,8 @@ impl IpamIndex {
         self.strings.shrink_to_fit();
         // A bulk load knows its final sizes: give back the growth slack of the big tables.
         self.pods.shrink_to_fit();
-        self.pod_by_key.shrink_to_fit();
+        let pods = &self.pods;
+        self.pod_by_key.shrink_to_fit(|&s| pod_slot_hash(pods, s));
         self.handles.shrink_to_fit();
         invalid
     }
@@ -1264,7 +1280,7 @@ impl IpamIndex {
             .sum();
         let pods = self.pods.capacity() * std::mem::size_of::<PodSlot>()
             + self.pods.iter().map(|p| p.ips.heap_bytes()).sum::<usize>();
-        let maps = self.pod_by_key.capacity() * 13
+        let maps = self.pod_by_key.capacity() * 5
             + self.live_extra.capacity() * 9
             + self.live_unplaced.len() * 40
             + self.handles.heap_bytes()
@@ -1397,7 +1413,7 @@ impl IpamIndex {
             if !p.present && p.alloc_refs() == 0 {
                 return Err(format!("pod slot {i} is neither present nor referenced"));
             }
-            if self.pod_by_key.get(&(p.namespace, p.name)) != Some(&i) {
+            if self.find_pod(p.namespace, p.name) != Some(i) {
                 return Err(format!("pod slot {i} not reachable by key"));
             }
             if p.alloc_refs() as u32 != pod_refs.get(&i).copied().unwrap_or(0) {
@@ -1493,6 +1509,16 @@ impl IpamIndex {
         }
         Ok(())
     }
+}
+
+fn pod_key_hash(ns: Sym, name: Sym) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    BuildHasherDefault::<super::intern::FastHasher>::default().hash_one((ns.0, name.0))
+}
+
+fn pod_slot_hash(pods: &[PodSlot], slot: u32) -> u64 {
+    let p = &pods[slot as usize];
+    pod_key_hash(p.namespace, p.name)
 }
 
 /// Everything needed to rebuild the index in one go.

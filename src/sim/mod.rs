@@ -133,8 +133,8 @@ pub struct PipelineRun {
     /// Problems found by the pipeline itself (invariants, index vs datastore, leftover work).
     pub problems: Vec<String>,
     pub build_samples: Vec<f64>,
-    /// Listing and decoding the IPAM objects the index is built from, once.
-    pub decode_ms: f64,
+    /// Listing and decoding the IPAM objects, once per phase of the run.
+    pub decode_samples: Vec<f64>,
     pub now: Millis,
 }
 
@@ -175,6 +175,13 @@ pub struct Listed {
     pub blocks: Vec<IpamBlock>,
     pub affinities: Vec<BlockAffinity>,
     pub handles: Vec<IpamHandle>,
+}
+
+/// A whole listing goes at once, as after a controller's initial sync: the allocator is asked
+/// to tidy up now rather than a little in each later allocation (see `memstat::give_back`).
+fn drop_listing(listed: Listed) {
+    drop(listed);
+    crate::memstat::give_back();
 }
 
 pub fn list_ipam(ds: &MemoryDatastore) -> Result<Listed, SimError> {
@@ -289,6 +296,10 @@ impl Runner<'_> {
         let outcome = block_on(execute_plan(self.ds, &plan, now, 0, &self.exec));
         let execute_ms = ms(started);
         sync_index(self.ds, &mut self.index)?;
+        if plan_has_work(&plan) {
+            // After a burst of writes, as the controller does after executing a plan.
+            crate::memstat::give_back();
+        }
         self.passes.push(report::PassStat::new(name, full, now - T0, &plan, &outcome, pass_ms, execute_ms));
         Ok((plan, outcome))
     }
@@ -312,6 +323,8 @@ pub struct Loaded {
     pub cluster: SyntheticCluster,
     pub before: Before,
     pub ds: MemoryDatastore,
+    /// How long each phase's listing took to decode.
+    decode_samples: std::cell::RefCell<Vec<f64>>,
 }
 
 impl Loaded {
@@ -320,14 +333,16 @@ impl Loaded {
         let before = Before::of(&cluster);
         // Pods as the API would show them are only for dumps, written before this.
         (cluster.blocks, cluster.affinities, cluster.handles, cluster.pods) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        Ok(Loaded { cluster, before, ds })
+        crate::memstat::give_back();
+        Ok(Loaded { cluster, before, ds, decode_samples: Default::default() })
     }
 
-    /// The datastore's IPAM objects decoded, and how long that took.
-    fn listing(&self) -> Result<(Listed, f64), SimError> {
+    /// The datastore's IPAM objects decoded (the time it took is recorded).
+    fn listing(&self) -> Result<Listed, SimError> {
         let started = Instant::now();
         let listed = list_ipam(&self.ds)?;
-        Ok((listed, ms(started)))
+        self.decode_samples.borrow_mut().push(ms(started));
+        Ok(listed)
     }
 
     fn snapshot<'a>(&'a self, listed: &'a Listed) -> Snapshot<'a> {
@@ -343,7 +358,7 @@ pub fn run_pipeline(cluster: SyntheticCluster, repeats: usize) -> Result<Pipelin
 
 /// The pipeline on a loaded cluster, in its own datastore.
 fn run_loaded(loaded: Loaded, repeats: usize) -> Result<PipelineRun, SimError> {
-    let (listed, decode_ms) = loaded.listing()?;
+    let listed = loaded.listing()?;
     let mut build_samples = Vec::new();
     let mut index = IpamIndex::new();
     for _ in 0..repeats.max(1) {
@@ -356,8 +371,8 @@ fn run_loaded(loaded: Loaded, repeats: usize) -> Result<PipelineRun, SimError> {
             return Err(SimError::Options(format!("generated objects are invalid: {:?}", &invalid[..invalid.len().min(3)])));
         }
     }
-    drop(listed);
-    let Loaded { cluster, before, ds } = loaded;
+    drop_listing(listed);
+    let Loaded { cluster, before, ds, decode_samples } = loaded;
     index.take_dirty();
 
     let mut r = Runner { ds: &ds, index, gc: GcState::new(), cfg: gc_config(), found: HashSet::new(), passes: Vec::new(), exec: ExecuteOptions::default() };
@@ -420,6 +435,7 @@ fn run_loaded(loaded: Loaded, repeats: usize) -> Result<PipelineRun, SimError> {
     if ds_allocations != r.index.allocation_count() {
         problems.push(format!("index holds {} allocations, the datastore {ds_allocations}", r.index.allocation_count()));
     }
+    drop_listing(listed);
     let Runner { index, gc, cfg, found, passes, .. } = r;
     Ok(PipelineRun {
         live_pods: present.into_values().collect(),
@@ -431,7 +447,7 @@ fn run_loaded(loaded: Loaded, repeats: usize) -> Result<PipelineRun, SimError> {
         passes,
         problems,
         build_samples,
-        decode_ms,
+        decode_samples: decode_samples.into_inner(),
         now,
         cluster,
         before,
@@ -449,6 +465,7 @@ pub fn check_run(run: &PipelineRun) -> Result<CheckReport, SimError> {
         &run.before,
         &FinalState { blocks: &listed.blocks, affinity_names: &affinity_names, handle_ids: &handle_ids, live_ips: &live_ips, now: run.now },
     );
+    drop_listing(listed);
     report.problems.extend(run.problems.iter().cloned());
     report.ok = report.problems.is_empty();
     Ok(report)
@@ -489,7 +506,7 @@ fn steady_state_timings(run: &mut PipelineRun, repeats: usize, dirty_samples: us
 fn execute_timings(loaded: &Loaded, repeats: usize) -> Result<(Vec<f64>, usize), SimError> {
     let mut samples = Vec::new();
     let mut released = 0;
-    let (listed, _) = loaded.listing()?;
+    let listed = loaded.listing()?;
     for _ in 0..repeats.max(1) {
         let ds = loaded.ds.fork();
         let mut index = IpamIndex::new();
@@ -504,13 +521,14 @@ fn execute_timings(loaded: &Loaded, repeats: usize) -> Result<(Vec<f64>, usize),
         samples.push(ms(started));
         released = outcome.released.len();
     }
+    drop_listing(listed);
     Ok((samples, released))
 }
 
 /// Retained bytes of a freshly built index plus the GC state after one full pass, by the
 /// counting allocator if the binary installed one.
 fn retained_bytes(loaded: &Loaded) -> Result<(Option<usize>, usize), SimError> {
-    let (listed, _) = loaded.listing()?;
+    let listed = loaded.listing()?;
     let before = crate::memstat::current_bytes();
     let mut index = IpamIndex::new();
     index.reset(loaded.snapshot(&listed));
@@ -524,6 +542,7 @@ fn retained_bytes(loaded: &Loaded) -> Result<(Option<usize>, usize), SimError> {
         _ => None,
     };
     drop((index, gc));
+    drop_listing(listed);
     Ok((retained, heap))
 }
 
@@ -541,7 +560,7 @@ pub fn run(opts: &SimOptions, out: &mut dyn Write) -> Result<SimSummary, SimErro
     let check = check_run(&run)?;
     let (full, dirty) = steady_state_timings(&mut run, opts.repeats, opts.dirty_samples);
     let mut stages = vec![
-        report::StageTiming::new(report::STAGE_DECODE, &[run.decode_ms]),
+        report::StageTiming::new(report::STAGE_DECODE, &run.decode_samples),
         report::StageTiming::new(report::STAGE_BUILD, &run.build_samples),
         report::StageTiming::new(report::STAGE_FULL, &full),
         report::StageTiming::new(report::STAGE_DIRTY, &dirty),

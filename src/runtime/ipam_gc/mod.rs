@@ -326,6 +326,9 @@ impl GcController {
             if self.inputs.is_required(source) && self.inputs.all_synced() {
                 let index = &self.inputs.index;
                 tracing::info!(blocks = index.block_count(), allocations = index.allocation_count(), "every watch is in sync");
+                // The initial lists' decoded pages are all freed by now: the allocator tidies up
+                // once here instead of in the first passes (see `memstat::give_back`).
+                crate::memstat::give_back();
                 self.shared.set_synced();
                 self.inputs.index.request_full_scan();
             }
