@@ -6,7 +6,8 @@ mod cli;
 
 /// Counts live heap bytes so `simulate` and the controller can report real memory use.
 /// The only unsafe code in the project: a thin pass-through to the system allocator, which is
-/// what `GlobalAlloc` requires; the bookkeeping is two relaxed atomics.
+/// what `GlobalAlloc` requires (the bookkeeping is two relaxed atomics), and one call into
+/// glibc's allocator, measured where it is defined.
 #[allow(unsafe_code)]
 mod counting_alloc {
     use std::alloc::{GlobalAlloc, Layout, System};
