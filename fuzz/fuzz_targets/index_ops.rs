@@ -97,7 +97,7 @@ fuzz_target!(|data: &[u8]| {
             for (o, (h, _, _)) in allocs {
                 let g = index.gid_of_ip(format!("10.0.{blk}.{o}").parse().unwrap()).unwrap();
                 let a = index.alloc(g).expect("model allocation missing from index");
-                assert_eq!(index.resolve(a.handle), h);
+                assert_eq!(index.handle_name(a.handle), h.as_str());
             }
         }
         let mut per_node: BTreeMap<String, u64> = BTreeMap::new();
