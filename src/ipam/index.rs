@@ -318,9 +318,6 @@ pub enum HandleGids {
 
 impl HandleGids {
     pub const EMPTY: HandleGids = HandleGids::Inline([0, 0], 0);
-    pub fn one(g: Gid) -> Self {
-        HandleGids::Inline([g, 0], 1)
-    }
     pub fn as_slice(&self) -> &[Gid] {
         match self {
             HandleGids::Inline(a, n) => &a[..*n as usize],
