@@ -14,7 +14,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use ipnet::IpNet;
 
-use super::{Datastore, DatastoreError, DsResult, Kind, Precondition, Stored};
+use super::{Datastore, DatastoreError, DsResult, Expect, Kind, Precondition, Stored};
 use crate::ipam::plan::{BlockRelease, ColdBlock, EmptyBlockRecord, LeakReason, NodeRelease, OrphanHandle, Plan, SoftDeletedBlock};
 use crate::ipam::release::{HandleAction, apply_release, check_block, collect_cooled, release_from_handle};
 use crate::model::affinity::STATE_PENDING_DELETION;
@@ -28,6 +28,10 @@ use crate::model::{BlockAffinity, IpamBlock, IpamHandle};
 /// spanning two blocks may see a conflict, which the CAS retry absorbs. Bounded so the API
 /// server sees a handful of writers, not a burst; the QPS bucket still limits the rate.
 const PARALLEL_ITEMS: usize = 8;
+
+/// Handles of one released block accounted at once (each of the `PARALLEL_ITEMS` blocks in
+/// flight has its own), so a block's 30-60 handle writes do not go one round trip at a time.
+const PARALLEL_HANDLES: usize = 4;
 
 /// How hard to push one item before leaving it for the next pass.
 #[derive(Debug, Clone)]
@@ -387,17 +391,43 @@ async fn release_block<D: Datastore>(
     if !result.stale.is_empty() {
         tracing::debug!(block = %rel.cidr, stale = result.stale.len(), "stale release items skipped");
     }
-    for (handle, count) in &result.handle_counts {
-        if let Err(e) = decrement_handle(ds, handle, &cidr_text, *count, opts, out).await {
-            out.fail(ItemRef::Handle(handle.clone()), e);
-        }
+    // The block's handles are accounted a few at a time (each is its own object).
+    let decrements: Vec<_> = result.handle_counts.iter().map(|(handle, count)| decrement_one(ds, handle, &cidr_text, *count, opts)).collect();
+    let done: Vec<PlanOutcome> = futures::stream::iter(decrements).buffered(PARALLEL_HANDLES).collect().await;
+    for o in done {
+        out.absorb(o);
     }
     Ok(())
+}
+
+/// One handle's decrement as an outcome of its own, for running several at once.
+async fn decrement_one<D: Datastore>(ds: &D, handle_id: &str, cidr: &str, count: u32, opts: &ExecuteOptions) -> PlanOutcome {
+    let mut o = PlanOutcome::default();
+    if let Err(e) = decrement_handle(ds, handle_id, cidr, count, opts, &mut o).await {
+        o.fail(ItemRef::Handle(handle_id.to_string()), e);
+    }
+    o
 }
 
 /// Takes `count` addresses in `cidr` off the handle; deletes the handle when nothing is left.
 async fn decrement_handle<D: Datastore>(ds: &D, handle_id: &str, cidr: &str, count: u32, opts: &ExecuteOptions, out: &mut PlanOutcome) -> DsResult<()> {
     let name = ds.handle_object_name(handle_id);
+    // The usual case first: the release took every address the handle holds (a pod's one
+    // address). Then the handle is deleted with no read, if it holds exactly these: the backend
+    // checks that in the request that marks it. Anything else (a dual-stack pod's other
+    // address, a count that moved, a concurrent writer) is a `Conflict` that writes nothing,
+    // and the read-modify-write below accounts the handle as it really is.
+    let only_these = Expect::spec("block", serde_json::json!({ cidr: count }));
+    match ds.soft_delete_if(Kind::IpamHandle, &name, &Precondition::default(), &[only_these]).await {
+        Ok(()) => {
+            out.handles_deleted += 1;
+            return Ok(());
+        }
+        // No handle object: nothing to account (old or hand-made allocations).
+        Err(e) if e.is_not_found() => return Ok(()),
+        Err(e) if e.is_conflict() => {}
+        Err(e) => return Err(e),
+    }
     let mut attempt = 0;
     loop {
         let stored = match ds.get(Kind::IpamHandle, &name).await {
@@ -583,7 +613,7 @@ async fn release_node<D: Datastore>(ds: &D, node: &NodeRelease, opts: &ExecuteOp
     // An affinity goes only after its block has let go of the node, so that a failure never
     // leaves a block claiming a node that has no affinity for it.
     for (name, _) in node.affinities.iter().filter(|(_, c)| !kept.contains(c)) {
-        match delete_fresh(ds, Kind::BlockAffinity, None, name, |_| true, opts, out).await {
+        match delete_affinity(ds, name, opts, out).await {
             Ok(true) => out.affinities_released += 1,
             Ok(false) => {}
             Err(e) => {
@@ -598,6 +628,17 @@ async fn release_node<D: Datastore>(ds: &D, node: &NodeRelease, opts: &ExecuteOp
         tracing::info!(node = %node.node, blocks = kept.len(), "deleted node's blocks still hold addresses: kept with their affinities, retried");
     }
     ok
+}
+
+/// Deletes a released node's affinity whatever it holds: marked and deleted without a read
+/// where the backend can; a write that raced another is retried from a fresh read.
+async fn delete_affinity<D: Datastore>(ds: &D, name: &str, opts: &ExecuteOptions, out: &mut PlanOutcome) -> DsResult<bool> {
+    match ds.soft_delete_if(Kind::BlockAffinity, name, &Precondition::default(), &[]).await {
+        Ok(()) => Ok(true),
+        Err(e) if e.is_not_found() => Ok(false),
+        Err(e) if e.is_conflict() => delete_fresh(ds, Kind::BlockAffinity, None, name, |_| true, opts, out).await,
+        Err(e) => Err(e),
+    }
 }
 
 /// What became of one block of a released node.
@@ -661,24 +702,17 @@ async fn finish_soft_delete<D: Datastore>(ds: &D, pending: &SoftDeletedBlock, ou
 /// Deletes an orphan handle only if it is exactly the object the plan saw: same uid (not
 /// deleted and re-created by the CNI) and same revision (not touched since). A changed handle is
 /// in use again and is left alone, never retried.
+/// The check needs no read: the plan holds the revision and uid the watch saw.
 async fn delete_orphan_handle<D: Datastore>(ds: &D, orphan: &OrphanHandle, out: &mut PlanOutcome) -> DsResult<()> {
+    let exact = Precondition { revision: Some(orphan.revision.clone()), uid: Some(orphan.uid.clone()).filter(|u| !u.is_empty()) };
     // The plan names it as KDD would; the datastore knows its own name for the ID.
-    let stored = match ds.get(Kind::IpamHandle, &ds.handle_object_name(&orphan.handle_id)).await {
-        Err(e) if e.is_not_found() => return Ok(()),
-        r => r?,
-    };
-    if stored.uid != orphan.uid || stored.revision != orphan.revision {
-        out.orphans_skipped += 1;
-        return Ok(());
-    }
-    match ds.soft_delete(Kind::IpamHandle, &stored).await {
+    match ds.soft_delete_if(Kind::IpamHandle, &ds.handle_object_name(&orphan.handle_id), &exact, &[]).await {
         Ok(()) => {
             out.handles_deleted += 1;
             Ok(())
         }
         Err(e) if e.is_not_found() => Ok(()),
         Err(e) if e.is_conflict() => {
-            out.conflicts += 1;
             out.orphans_skipped += 1;
             Ok(())
         }

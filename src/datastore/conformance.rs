@@ -12,7 +12,7 @@
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-use super::{Datastore, ErrorKind, Kind, Precondition, Stored, WatchEvent, WatchStream, mark_deleted};
+use super::{Datastore, ErrorKind, Expect, Kind, Precondition, Stored, WatchEvent, WatchStream, mark_deleted};
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -63,6 +63,9 @@ pub async fn run_all<D: Datastore>(ds: &D, opts: &Options) -> Result<(), String>
     delete_preconditions_are_enforced(ds, opts).await.map_err(|e| format!("delete_preconditions_are_enforced: {e}"))?;
     missing_objects_are_not_found(ds, opts).await.map_err(|e| format!("missing_objects_are_not_found: {e}"))?;
     soft_delete_then_get_is_not_found(ds, opts).await.map_err(|e| format!("soft_delete_then_get_is_not_found: {e}"))?;
+    checked_soft_delete_writes_nothing_unless_all_holds(ds, opts)
+        .await
+        .map_err(|e| format!("checked_soft_delete_writes_nothing_unless_all_holds: {e}"))?;
     list_returns_every_object(ds, opts).await.map_err(|e| format!("list_returns_every_object: {e}"))?;
     unknown_fields_survive_update(ds, opts).await.map_err(|e| format!("unknown_fields_survive_update: {e}"))?;
     namespaced_objects_travel_as_namespace_slash_name(ds, opts).await.map_err(|e| format!("namespaced_objects_travel_as_namespace_slash_name: {e}"))?;
@@ -202,6 +205,40 @@ async fn soft_delete_then_get_is_not_found<D: Datastore>(ds: &D, opts: &Options)
     let r = expect_kind("get of a soft-deleted block", ds.get(Kind::IpamBlock, &name).await, ErrorKind::NotFound);
     cleanup(ds, Kind::IpamBlock, &name).await;
     r
+}
+
+/// `soft_delete_if` changes nothing when any check fails (a field, the revision, the uid), says
+/// `Conflict`, and soft-deletes when every check holds; a missing object is `NotFound`.
+async fn checked_soft_delete_writes_nothing_unless_all_holds<D: Datastore>(ds: &D, opts: &Options) -> Result<(), String> {
+    let name = format!("{}checked-delete", opts.prefix);
+    cleanup(ds, Kind::IpamHandle, &name).await;
+    let created = ds.create(Kind::IpamHandle, &name, handle_body(&name)).await.map_err(|e| format!("create: {e}"))?;
+    let none = Precondition::default();
+    let other_count = [Expect::spec("block", json!({"10.250.0.0/30": 2}))];
+    let missing_field = [Expect::spec("noSuchField", json!(1))];
+    let stale = Precondition { revision: Some(format!("{}9", created.revision)), uid: None };
+    let other_uid = Precondition { revision: None, uid: Some("00000000-0000-4000-8000-0000000fffff".into()) };
+    for (what, pre, expect) in
+        [("another count", &none, &other_count[..]), ("a missing field", &none, &missing_field[..]), ("a stale revision", &stale, &[]), ("another uid", &other_uid, &[])]
+    {
+        expect_kind(what, ds.soft_delete_if(Kind::IpamHandle, &name, pre, expect).await, ErrorKind::Conflict)?;
+        let now = ds.get(Kind::IpamHandle, &name).await.map_err(|e| format!("get after {what}: {e}"))?;
+        if now.revision != created.revision || now.is_soft_deleted() {
+            return Err(format!("a failed check ({what}) wrote: {now:?}"));
+        }
+    }
+    // Every check at once, one of them into a key that holds a `/`.
+    let entry = Expect { pointer: format!("/spec/block/{}", super::pointer_token("10.250.0.0/30")), value: json!(1) };
+    let all = [Expect::spec("block", json!({"10.250.0.0/30": 1})), entry, Expect::spec("handleID", json!(name))];
+    ds.soft_delete_if(Kind::IpamHandle, &name, &created.exact(), &all).await.map_err(|e| format!("checked delete: {e}"))?;
+    expect_kind("get after the checked delete", ds.get(Kind::IpamHandle, &name).await, ErrorKind::NotFound)?;
+    expect_kind("checked delete of a missing object", ds.soft_delete_if(Kind::IpamHandle, &name, &none, &[]).await, ErrorKind::NotFound)?;
+    // An affinity's mark is the string the v1 CRD wants.
+    let (affinity, node) = affinity_for(opts, "checked-delete-affinity");
+    cleanup(ds, Kind::BlockAffinity, &affinity).await;
+    ds.create(Kind::BlockAffinity, &affinity, affinity_body(&affinity, &node)).await.map_err(|e| format!("create affinity: {e}"))?;
+    ds.soft_delete_if(Kind::BlockAffinity, &affinity, &none, &[]).await.map_err(|e| format!("affinity: {e}"))?;
+    expect_kind("get of the deleted affinity", ds.get(Kind::BlockAffinity, &affinity).await, ErrorKind::NotFound)
 }
 
 /// A namespaced policy is `<namespace>/<name>` in every call and in lists; the namespace is

@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use ::kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, PostParams, Preconditions};
+use ::kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use ::kube::Client;
 use ::kube::runtime::watcher;
 use futures::StreamExt;
@@ -24,7 +24,7 @@ use serde_json::Value;
 
 use super::rate::TokenBucket;
 use super::watch::{WatchEvent, WatchFailure, WatchStream};
-use super::{Datastore, DatastoreError, DsResult, ErrorKind, Kind, Precondition, Stored};
+use super::{Datastore, DatastoreError, DsResult, ErrorKind, Expect, Kind, Precondition, Stored, check_expected, deleted_mark};
 use crate::model::{CALICO_GROUP, CALICO_API_VERSION};
 
 /// Objects per LIST page: large enough that a 10k-block cluster lists in a few round trips,
@@ -542,6 +542,49 @@ impl Datastore for KubeDatastore {
         self.counters.observe("delete", kind.plural(), 200, &result);
         result.map(|_| ()).map_err(|e| to_error(kind, name, "delete", &e))
     }
+
+    /// One JSON patch whose `test`s are the checks and whose last operation sets the mark, so
+    /// the apiserver checks and marks atomically; then the delete of exactly the marked version.
+    /// Two requests, none of them a read.
+    async fn soft_delete_if(&self, kind: Kind, name: &str, precondition: &Precondition, expect: &[Expect]) -> DsResult<()> {
+        if self.dry_run || !kind.soft_deletes() {
+            // Nothing to mark (or nothing to write): read, check, and delete what was read.
+            let stored = self.get(kind, name).await?;
+            check_expected(kind, &stored, precondition, expect)?;
+            return self.soft_delete(kind, &stored).await;
+        }
+        let patch = check_and_mark(kind, precondition, expect)?;
+        let (api, own) = self.api_for(kind, name)?;
+        self.throttle().await;
+        let result = api.patch(own, &PatchParams::default(), &Patch::<()>::Json(patch)).await;
+        self.counters.observe("patch", kind.plural(), 200, &result);
+        let marked = match result {
+            Ok(object) => to_stored(kind, object)?,
+            // A failed `test` is answered 422: the object is not what the caller expected.
+            Err(e) if status_code(&e) == 422 => {
+                let why = if let ::kube::Error::Api(status) = &e { status.message.clone() } else { String::new() };
+                return Err(DatastoreError::conflict(format!("{} {name} is not as expected: {why}", kind.plural())));
+            }
+            Err(e) => return Err(to_error(kind, name, "patch", &e)),
+        };
+        self.delete(kind, &marked.name, &marked.exact()).await
+    }
+}
+
+/// The JSON patch (RFC 6902) that tests `precondition` and `expect` and then marks the object
+/// deleted.
+fn check_and_mark(kind: Kind, precondition: &Precondition, expect: &[Expect]) -> DsResult<json_patch::Patch> {
+    let test = |path: &str, value: Value| serde_json::json!({"op": "test", "path": path, "value": value});
+    let mut ops = Vec::with_capacity(expect.len() + 3);
+    if let Some(uid) = &precondition.uid {
+        ops.push(test("/metadata/uid", Value::String(uid.clone())));
+    }
+    if let Some(revision) = &precondition.revision {
+        ops.push(test("/metadata/resourceVersion", Value::String(revision.clone())));
+    }
+    ops.extend(expect.iter().map(|e| test(&e.pointer, e.value.clone())));
+    ops.push(serde_json::json!({"op": "add", "path": "/spec/deleted", "value": deleted_mark(kind)}));
+    serde_json::from_value(Value::Array(ops)).map_err(|e| DatastoreError::invalid(format!("a JSON patch that does not encode: {e}")))
 }
 
 #[cfg(test)]

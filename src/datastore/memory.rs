@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 
 use super::watch::{WatchEvent, WatchStream};
 use super::watch_hub::WatchHub;
-use super::{Datastore, DatastoreError, DsResult, ErrorKind, Kind, Precondition, Stored};
+use super::{Datastore, DatastoreError, DsResult, ErrorKind, Expect, Kind, Precondition, Stored, check_expected};
 use crate::model::meta::Object;
 
 /// The verbs of the trait, for fault injection and operation counts.
@@ -29,6 +29,8 @@ pub enum Op {
     Update,
     /// A write of `status` alone (the status subresource).
     UpdateStatus,
+    /// Checks and a soft-delete mark in one request ([`Datastore::soft_delete_if`]).
+    Patch,
     Delete,
 }
 
@@ -40,6 +42,7 @@ impl Op {
             Op::Create => "create",
             Op::Update => "update",
             Op::UpdateStatus => "update_status",
+            Op::Patch => "patch",
             Op::Delete => "delete",
         }
     }
@@ -453,6 +456,30 @@ impl MemoryDatastore {
         Ok(inner.replace(kind, &object.name, created, value))
     }
 
+    /// What the Kubernetes backend's check-and-mark patch and delete do, with no read: the
+    /// checks and the mark are one step ([`Op::Patch`]; only kinds that soft-delete are marked),
+    /// the delete of the marked version another ([`Op::Delete`]; a fault there leaves the mark).
+    pub fn soft_delete_if_now(&self, kind: Kind, name: &str, precondition: &Precondition, expect: &[Expect]) -> DsResult<()> {
+        let mut inner = self.lock();
+        inner.enter(Op::Patch, kind, Some(name))?;
+        let entry = inner.objects.get(&(kind, name.to_string())).ok_or_else(|| not_found(kind, name))?;
+        let (created, current) = (entry.created, stamp(name, entry));
+        check_expected(kind, &current, precondition, expect)?;
+        let marked = if kind.soft_deletes() {
+            let marked = super::mark_deleted(kind, &current)?;
+            inner.replace(kind, name, created, strip_server_fields(marked.value))
+        } else {
+            current
+        };
+        inner.enter(Op::Delete, kind, Some(name))?;
+        let entry = inner.objects.get(&(kind, name.to_string())).ok_or_else(|| not_found(kind, name))?;
+        if entry.revision.to_string() != marked.revision {
+            return Err(conflict(kind, name, format!("changed after its mark: revision {}, marked {}", entry.revision, marked.revision)));
+        }
+        inner.remove(kind, name);
+        Ok(())
+    }
+
     pub fn delete_now(&self, kind: Kind, name: &str, precondition: &Precondition) -> DsResult<()> {
         let mut inner = self.lock();
         inner.enter(Op::Delete, kind, Some(name))?;
@@ -531,6 +558,10 @@ impl Datastore for MemoryDatastore {
 
     fn delete(&self, kind: Kind, name: &str, precondition: &Precondition) -> impl Future<Output = DsResult<()>> + Send {
         std::future::ready(self.delete_now(kind, name, precondition))
+    }
+
+    fn soft_delete_if(&self, kind: Kind, name: &str, precondition: &Precondition, expect: &[Expect]) -> impl Future<Output = DsResult<()>> + Send {
+        std::future::ready(self.soft_delete_if_now(kind, name, precondition, expect))
     }
 
     fn watch(&self, kind: Kind) -> WatchStream {

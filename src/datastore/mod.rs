@@ -303,9 +303,6 @@ pub trait Datastore: Send + Sync {
     /// objects included (consumers filter them, as for [`Datastore::list`]). Never rate limited.
     fn watch(&self, kind: Kind) -> WatchStream;
 
-    /// Deletes exactly this version of the object. For blocks, affinities and handles this is the
-    /// KDD two-step: mark `spec.deleted` under CAS, then delete with revision and uid
-    /// preconditions. An etcd backend, whose deletes are atomic, overrides it with one delete.
     /// The Calico Node `name`, where the datastore keeps Calico Nodes apart from Kubernetes
     /// (etcd). A node is proven gone only through what this says (see
     /// [`CalicoNodeView::proof`]).
@@ -333,6 +330,9 @@ pub trait Datastore: Send + Sync {
         crate::model::names::affinity_name(host, cidr)
     }
 
+    /// Deletes exactly this version of the object. For blocks, affinities and handles this is the
+    /// KDD two-step: mark `spec.deleted` under CAS, then delete with revision and uid
+    /// preconditions. An etcd backend, whose deletes are atomic, overrides it with one delete.
     fn soft_delete(&self, kind: Kind, object: &Stored) -> impl Future<Output = DsResult<()>> + Send {
         async move {
             if !kind.soft_deletes() {
@@ -343,6 +343,58 @@ pub trait Datastore: Send + Sync {
             self.delete(kind, &marked.name, &marked.exact()).await
         }
     }
+
+    /// Soft-deletes `name` as [`Datastore::soft_delete`] does, but only if `precondition` holds
+    /// and every [`Expect`] matches the object as it is now, and without the caller reading it
+    /// first: `Conflict` if anything differs (nothing is written then), `NotFound` if it is gone.
+    /// For writers that already know what the object must hold (from the watch, or from the
+    /// release they just made), so a delete costs its writes and no read. This default reads the
+    /// object, checks it and soft-deletes the version read; the Kubernetes backend has the
+    /// apiserver do the checks in the same request that sets the mark.
+    fn soft_delete_if(&self, kind: Kind, name: &str, precondition: &Precondition, expect: &[Expect]) -> impl Future<Output = DsResult<()>> + Send {
+        async move {
+            let stored = self.get(kind, name).await?;
+            check_expected(kind, &stored, precondition, expect)?;
+            self.soft_delete(kind, &stored).await
+        }
+    }
+}
+
+/// A field [`Datastore::soft_delete_if`] checks: the value at `pointer` (RFC 6901, into the
+/// KDD-shaped body) must equal `value` exactly; a missing field never matches.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Expect {
+    pub pointer: String,
+    pub value: Value,
+}
+
+impl Expect {
+    /// `spec.<field>` must hold `value`.
+    pub fn spec(field: &str, value: Value) -> Expect {
+        Expect { pointer: format!("/spec/{}", pointer_token(field)), value }
+    }
+}
+
+/// One reference token of a JSON pointer (RFC 6901): `~` and `/` escaped.
+pub fn pointer_token(s: &str) -> String {
+    s.replace('~', "~0").replace('/', "~1")
+}
+
+/// `Conflict` unless `stored` is the version `precondition` names and holds every `expect`.
+pub fn check_expected(kind: Kind, stored: &Stored, precondition: &Precondition, expect: &[Expect]) -> DsResult<()> {
+    let what = || format!("{} {}", kind.plural(), stored.name);
+    if precondition.revision.as_ref().is_some_and(|r| *r != stored.revision) {
+        return Err(DatastoreError::conflict(format!("{} is at revision {}, not {:?}", what(), stored.revision, precondition.revision)));
+    }
+    if precondition.uid.as_ref().is_some_and(|u| *u != stored.uid) {
+        return Err(DatastoreError::conflict(format!("{} has uid {}, not {:?}", what(), stored.uid, precondition.uid)));
+    }
+    for e in expect {
+        if stored.value.pointer(&e.pointer) != Some(&e.value) {
+            return Err(DatastoreError::conflict(format!("{}: {} is not {}", what(), e.pointer, e.value)));
+        }
+    }
+    Ok(())
 }
 
 /// What a datastore holds about a Calico Node, for the proof that a node is gone (SPEC §9.3).
@@ -403,9 +455,14 @@ pub fn mark_deleted(kind: Kind, object: &Stored) -> DsResult<Stored> {
         .get_mut("spec")
         .and_then(Value::as_object_mut)
         .ok_or_else(|| DatastoreError::invalid(format!("{} {} has no spec", kind.kind_name(), object.name)))?;
-    let flag = if kind == Kind::BlockAffinity { Value::String("true".into()) } else { Value::Bool(true) };
-    spec.insert("deleted".into(), flag);
+    spec.insert("deleted".into(), deleted_mark(kind));
     Ok(marked)
+}
+
+/// The value of `spec.deleted` that marks an object deleted: the string `"true"` in the v1
+/// BlockAffinity CRD, a bool elsewhere.
+pub fn deleted_mark(kind: Kind) -> Value {
+    if kind == Kind::BlockAffinity { Value::String("true".into()) } else { Value::Bool(true) }
 }
 
 /// The helper form of [`Datastore::soft_delete`].

@@ -205,11 +205,33 @@ fn a_handle_write_failure_is_recorded_but_the_release_stands() {
     let ds = two_pod_block();
     put(&ds, Kind::IpamHandle, handle_value("h-x", &[]));
     let plan = Plan { releases: vec![release(A, &[(0, "h-a", 10), (1, "h-b", 11)])], ..Plan::default() };
-    ds.inject(Some(Kind::IpamHandle), Some("h-a"), Op::Get, ErrorKind::Transient, 1);
+    ds.inject(Some(Kind::IpamHandle), Some("h-a"), Op::Patch, ErrorKind::Transient, 1);
     let out = run(&ds, &plan);
     assert_eq!(out.released.len(), 2);
     assert_eq!(out.failures.iter().map(|f| f.item.clone()).collect::<Vec<_>>(), vec![ItemRef::Handle("h-a".into())]);
+    assert!(ds.peek(Kind::IpamHandle, "h-a").is_some(), "the failed handle is left for the orphan rule");
     assert!(ds.peek(Kind::IpamHandle, "h-b").is_none());
+}
+
+#[test]
+fn handles_left_with_nothing_and_a_deleted_nodes_affinities_go_without_a_read() {
+    let ds = two_pod_block();
+    put(&ds, Kind::BlockAffinity, affinity_value("node9", B));
+    let plan = Plan {
+        releases: vec![release(A, &[(0, "h-a", 10), (1, "h-b", 11), (2, "h-c", 12)])],
+        nodes_to_release: vec![NodeRelease { blocks: Vec::new(), ..node_plan("node9", &[B]) }],
+        ..Plan::default()
+    };
+    let out = run(&ds, &plan);
+    assert_eq!(out.error_count(), 0, "{:?}", out.failures);
+    assert_eq!((out.handles_deleted, out.affinities_released, out.conflicts), (3, 1, 0));
+    for h in ["h-a", "h-b", "h-c"] {
+        assert!(ds.peek(Kind::IpamHandle, h).is_none(), "{h} deleted");
+    }
+    assert_eq!(ds.op_count(Op::Get, Kind::IpamHandle), 0, "a handle holding exactly the released addresses is not read");
+    assert_eq!((ds.op_count(Op::Patch, Kind::IpamHandle), ds.op_count(Op::Delete, Kind::IpamHandle)), (3, 3));
+    assert_eq!(ds.op_count(Op::Get, Kind::BlockAffinity), 0, "a deleted node's affinity is not read");
+    assert!(ds.peek(Kind::BlockAffinity, &affinity_name("node9", &net(B))).is_none());
 }
 
 #[test]
@@ -221,6 +243,7 @@ fn handles_holding_other_addresses_are_decremented_and_missing_ones_ignored() {
     let out = run(&ds, &plan);
     assert_eq!(out.error_count(), 0);
     assert_eq!(out.handles_updated, 1);
+    assert_eq!(out.conflicts, 0, "a handle not left empty is no compare-and-swap conflict");
     let h: IpamHandle = ds.peek(Kind::IpamHandle, "h-a").unwrap().decode().unwrap();
     assert_eq!(h.spec.block.keys().collect::<Vec<_>>(), vec!["10.9.0.0/29"]);
 }
@@ -442,6 +465,7 @@ fn an_orphan_handle_with_a_changed_uid_is_not_deleted() {
     let out = run(&ds, &plan);
     assert_eq!(out.error_count(), 0);
     assert_eq!((out.handles_deleted, out.orphans_skipped), (1, 2));
+    assert_eq!(ds.op_count(Op::Get, Kind::IpamHandle), 0, "the plan's revision and uid are checked by the write itself");
     assert!(ds.peek(Kind::IpamHandle, "h-1").is_none());
     for h in ["h-2", "h-3", "h-4"] {
         assert!(ds.peek(Kind::IpamHandle, h).is_some(), "{h} kept");

@@ -19,7 +19,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::datastore::{
-    ClusterKind, ClusterReader, Datastore, DatastoreError, DsResult, ErrorKind, ExecuteOptions, Kind, PlanOutcome, Precondition, Stored,
+    ClusterKind, ClusterReader, Datastore, DatastoreError, DsResult, ErrorKind, ExecuteOptions, Expect, Kind, PlanOutcome, Precondition, Stored,
     WatchStream, execute_plan,
 };
 use crate::ipam::plan::Plan;
@@ -139,6 +139,10 @@ impl<D: Datastore> Datastore for Timed<'_, D> {
     async fn soft_delete(&self, kind: Kind, object: &Stored) -> DsResult<()> {
         self.tally.timed(self.timeout * 2, || format!("delete {} {}", kind.plural(), object.name), self.inner.soft_delete(kind, object)).await
     }
+    /// Checked and marked, then deleted (two calls in KDD), under the soft delete's timeout.
+    async fn soft_delete_if(&self, kind: Kind, name: &str, precondition: &Precondition, expect: &[Expect]) -> DsResult<()> {
+        self.tally.timed(self.timeout * 2, || format!("delete {} {name}", kind.plural()), self.inner.soft_delete_if(kind, name, precondition, expect)).await
+    }
     fn watch(&self, kind: Kind) -> WatchStream {
         self.inner.watch(kind)
     }
@@ -219,79 +223,126 @@ async fn run_job<D: Datastore, C: ClusterReader>(ds: &D, cluster: &C, opts: &Exe
     } else {
         execute_plan(&timed, &job.plan, job.now, job.cooldown_secs, &opts.execute).await
     };
-    let mut fresh = BTreeMap::new();
     // After one read failed (not a NotFound: the apiserver is down, slow or refusing), the rest
     // of this job's reads are not tried: each would wait out its timeout for the same answer and
     // hold the executor for minutes. What they would have confirmed stays unconfirmed (kept) and
-    // is asked again by a later round.
+    // is asked again by a later round. The first read goes alone, as that probe; once it is
+    // answered the rest go `READ_BATCH` at a time, and a batch with a failure ends the reads.
     let mut failing = false;
     let mut skipped = 0usize;
-    for (ns, pod) in job.revalidate {
-        let key = (ns, pod);
-        if fresh.contains_key(&key) {
-            continue;
+    let mut keys: Vec<(String, String)> = Vec::with_capacity(job.revalidate.len());
+    let mut seen = std::collections::BTreeSet::new();
+    for key in job.revalidate {
+        if seen.insert(key.clone()) {
+            keys.push(key);
         }
-        if failing {
-            skipped += 1;
-            continue;
-        }
-        let read = tally.timed(opts.call_timeout, || format!("get pods {}/{}", key.0, key.1), cluster.get(ClusterKind::Pod, &key.0, &key.1)).await;
-        match read {
-            Ok(stored) => match decode_stored(Source::Pods, &stored).0 {
-                Ok(Object::Pod(p)) => {
-                    fresh.insert(key, Some(*p));
+    }
+    let mut fresh = BTreeMap::new();
+    let mut at = 0;
+    while at < keys.len() && !failing {
+        let chunk = &keys[at..keys.len().min(at + if at == 0 { 1 } else { READ_BATCH })];
+        let reads: Vec<_> = chunk.iter().map(|key| reread_pod(cluster, &tally, opts.call_timeout, key)).collect();
+        for (key, answer) in chunk.iter().zip(futures::future::join_all(reads).await) {
+            match answer {
+                Ok(facts) => {
+                    fresh.insert(key.clone(), facts);
                 }
-                _ => tracing::warn!(namespace = %key.0, pod = %key.1, "re-read pod did not decode; leak kept"),
-            },
-            Err(e) if e.is_not_found() => {
-                fresh.insert(key, None);
-            }
-            Err(e) => {
-                tracing::warn!(namespace = %key.0, pod = %key.1, error = %e, "re-validation read failed; leak kept");
-                failing = true;
+                Err(Unread::Undecodable) => {}
+                Err(Unread::Failed) => failing = true,
             }
         }
+        at += chunk.len();
     }
+    skipped += keys.len() - at;
     let mut nodes_gone = Vec::new();
-    for name in job.prove_gone {
-        if failing {
-            skipped += 1;
-            continue;
-        }
-        // In etcd the allocations name Calico Nodes: the Kubernetes Node that proves one gone is
-        // the one its orchRef names (SPEC §9.3); in KDD they are one and the same.
-        let view = tally.timed(opts.call_timeout, || format!("get calico node {name}"), ds.calico_node(&name)).await;
-        let k8s_name = match view.map(|v| v.proof(&name)) {
-            Ok(GoneProof::KubernetesNode(k)) => k,
-            Ok(GoneProof::CalicoNodeMissing) => {
-                tracing::info!(node = %name, "no Calico Node of that name: the node is gone");
-                // No Kubernetes Node proved it: a same-named one changes nothing (SPEC §9.3).
-                nodes_gone.push((name, String::new()));
-                continue;
-            }
-            Ok(GoneProof::Never) => {
-                tracing::debug!(node = %name, "Calico Node without a Kubernetes orchestrator reference; never taken as deleted");
-                continue;
-            }
-            Err(e) => {
-                tracing::warn!(node = %name, error = %e, "Calico Node read failed; the node is not proven deleted");
-                failing = true;
-                continue;
-            }
-        };
-        match tally.timed(opts.call_timeout, || format!("get nodes {k8s_name}"), cluster.get(ClusterKind::Node, "", &k8s_name)).await {
-            Err(e) if e.is_not_found() => nodes_gone.push((name, k8s_name)),
-            Ok(_) => tracing::info!(node = %name, kubernetes_node = %k8s_name, "node missing from the Node cache exists; its addresses are kept"),
-            Err(e) => {
-                tracing::warn!(node = %name, error = %e, "node read failed; the node is not proven deleted");
-                failing = true;
+    let mut at = 0;
+    while at < job.prove_gone.len() && !failing {
+        let chunk = &job.prove_gone[at..job.prove_gone.len().min(at + if at == 0 { 1 } else { READ_BATCH })];
+        let reads: Vec<_> = chunk.iter().map(|name| prove_node_gone(ds, cluster, &tally, opts.call_timeout, name)).collect();
+        for answer in futures::future::join_all(reads).await {
+            match answer {
+                Ok(Some(gone)) => nodes_gone.push(gone),
+                Ok(None) => {}
+                Err(Unread::Undecodable | Unread::Failed) => failing = true,
             }
         }
+        at += chunk.len();
     }
+    skipped += job.prove_gone.len() - at;
     if skipped > 0 {
         tracing::warn!(skipped, "re-validation reads skipped after a failed read; asked again by a later round");
     }
     JobResult { plan: job.plan, outcome, fresh, nodes_gone, calls: tally.counts() }
+}
+
+/// Re-validation reads in flight at once after the first has answered.
+const READ_BATCH: usize = 8;
+
+/// Why a re-read gave no answer to act on.
+enum Unread {
+    /// The pod was there but did not decode: its leak is kept.
+    Undecodable,
+    /// The read failed (not a NotFound): the job's remaining reads are not tried.
+    Failed,
+}
+
+/// The pod as it is now (`None`: NotFound).
+async fn reread_pod<C: ClusterReader>(cluster: &C, tally: &Tally, timeout: Duration, key: &(String, String)) -> Result<Option<PodFacts>, Unread> {
+    let read = tally.timed(timeout, || format!("get pods {}/{}", key.0, key.1), cluster.get(ClusterKind::Pod, &key.0, &key.1)).await;
+    match read {
+        Ok(stored) => match decode_stored(Source::Pods, &stored).0 {
+            Ok(Object::Pod(p)) => Ok(Some(*p)),
+            _ => {
+                tracing::warn!(namespace = %key.0, pod = %key.1, "re-read pod did not decode; leak kept");
+                Err(Unread::Undecodable)
+            }
+        },
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => {
+            tracing::warn!(namespace = %key.0, pod = %key.1, error = %e, "re-validation read failed; leak kept");
+            Err(Unread::Failed)
+        }
+    }
+}
+
+/// `Some((node, the Kubernetes Node whose NotFound proved it))` if the node is proven deleted.
+async fn prove_node_gone<D: Datastore, C: ClusterReader>(
+    ds: &D,
+    cluster: &C,
+    tally: &Tally,
+    timeout: Duration,
+    name: &str,
+) -> Result<Option<(String, String)>, Unread> {
+    // In etcd the allocations name Calico Nodes: the Kubernetes Node that proves one gone is
+    // the one its orchRef names (SPEC §9.3); in KDD they are one and the same.
+    let view = tally.timed(timeout, || format!("get calico node {name}"), ds.calico_node(name)).await;
+    let k8s_name = match view.map(|v| v.proof(name)) {
+        Ok(GoneProof::KubernetesNode(k)) => k,
+        Ok(GoneProof::CalicoNodeMissing) => {
+            tracing::info!(node = %name, "no Calico Node of that name: the node is gone");
+            // No Kubernetes Node proved it: a same-named one changes nothing (SPEC §9.3).
+            return Ok(Some((name.to_string(), String::new())));
+        }
+        Ok(GoneProof::Never) => {
+            tracing::debug!(node = %name, "Calico Node without a Kubernetes orchestrator reference; never taken as deleted");
+            return Ok(None);
+        }
+        Err(e) => {
+            tracing::warn!(node = %name, error = %e, "Calico Node read failed; the node is not proven deleted");
+            return Err(Unread::Failed);
+        }
+    };
+    match tally.timed(timeout, || format!("get nodes {k8s_name}"), cluster.get(ClusterKind::Node, "", &k8s_name)).await {
+        Err(e) if e.is_not_found() => Ok(Some((name.to_string(), k8s_name))),
+        Ok(_) => {
+            tracing::info!(node = %name, kubernetes_node = %k8s_name, "node missing from the Node cache exists; its addresses are kept");
+            Ok(None)
+        }
+        Err(e) => {
+            tracing::warn!(node = %name, error = %e, "node read failed; the node is not proven deleted");
+            Err(Unread::Failed)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -336,5 +387,45 @@ mod tests {
         let r = run(&cluster, job(2, 3)).await;
         assert_eq!((cluster.get_count(ClusterKind::Pod), cluster.get_count(ClusterKind::Node)), (2, 1));
         assert!(r.nodes_gone.is_empty());
+    }
+
+    /// A cluster whose reads take a while, counting how many are in flight at once.
+    struct Slow {
+        inner: MemoryCluster,
+        in_flight: AtomicU64,
+        most: AtomicU64,
+    }
+
+    impl ClusterReader for Slow {
+        fn watch(&self, kind: ClusterKind) -> WatchStream {
+            self.inner.watch(kind)
+        }
+        async fn get(&self, kind: ClusterKind, namespace: &str, name: &str) -> DsResult<Stored> {
+            let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            self.inner.get(kind, namespace, name).await
+        }
+        async fn list_each(&self, kind: ClusterKind, sink: &mut (dyn FnMut(Stored) + Send)) -> DsResult<u64> {
+            self.inner.list_each(kind, sink).await
+        }
+        async fn serves(&self, kind: ClusterKind) -> DsResult<bool> {
+            self.inner.serves(kind).await
+        }
+        async fn healthz(&self) -> Result<(), String> {
+            self.inner.healthz().await
+        }
+    }
+
+    #[tokio::test]
+    async fn once_the_first_read_answers_the_rest_go_several_at_a_time() {
+        let cluster = Arc::new(Slow { inner: MemoryCluster::new(), in_flight: AtomicU64::new(0), most: AtomicU64::new(0) });
+        let mut exec = Executor::spawn(Arc::new(MemoryDatastore::new()), cluster.clone(), ExecutorOptions::default());
+        exec.send(job(30, 20)).unwrap();
+        let r = exec.results.recv().await.unwrap();
+        assert_eq!((r.fresh.len(), r.nodes_gone.len()), (30, 20), "every pod and node read");
+        assert_eq!(cluster.most.load(Ordering::SeqCst), READ_BATCH as u64, "reads batched, and never more than a batch at once");
+        assert_eq!(cluster.inner.get_count(ClusterKind::Pod), 30);
     }
 }

@@ -440,7 +440,7 @@
     async fn items_failing_transiently_wait_out_their_backoff_and_a_retry_round_is_scheduled() {
         // The datastore fails every request as an apiserver that does not answer would (transient).
         let (mut c, shared, leader, ds) = writer();
-        for op in [Op::Get, Op::List, Op::Create, Op::Update, Op::Delete] {
+        for op in [Op::Get, Op::List, Op::Create, Op::Update, Op::Patch, Op::Delete] {
             ds.inject(None, None, op, ErrorKind::Transient, 1_000);
         }
         leader.send_replace(true);
