@@ -421,18 +421,26 @@ fn to_stored(kind: Kind, object: DynamicObject) -> DsResult<Stored> {
 }
 
 /// The whole object with `apiVersion` and `kind` set (list and watch items lack them) and its
-/// identity lifted out of `metadata`; `resource` names it in an error.
+/// identity lifted out of `metadata`; `resource` names it in an error. The body is moved, not
+/// copied (a pod's spec and status are most of it), and `managedFields` is left out: nothing
+/// here reads it and every write clears it (for a pod it is often the largest part of the
+/// metadata).
 pub(crate) fn dynamic_to_stored(object: DynamicObject, api_version: &str, kind: &str, resource: &str) -> DsResult<Stored> {
-    let name = object.metadata.name.clone().unwrap_or_default();
-    let revision = object.metadata.resource_version.clone().unwrap_or_default();
-    let uid = object.metadata.uid.clone().unwrap_or_default();
-    let mut value =
-        serde_json::to_value(&object).map_err(|e| DatastoreError::invalid(format!("{resource} {name} does not encode: {e}")))?;
-    if let Some(map) = value.as_object_mut() {
-        map.insert("apiVersion".into(), Value::String(api_version.into()));
-        map.insert("kind".into(), Value::String(kind.into()));
-    }
-    Ok(Stored { name, revision, uid, value })
+    let DynamicObject { types: _, mut metadata, data } = object;
+    metadata.managed_fields = None;
+    let name = metadata.name.clone().unwrap_or_default();
+    let revision = metadata.resource_version.clone().unwrap_or_default();
+    let uid = metadata.uid.clone().unwrap_or_default();
+    let mut body = match data {
+        Value::Object(map) => map,
+        Value::Null => serde_json::Map::new(),
+        other => return Err(DatastoreError::invalid(format!("{resource} {name} is not an object: {other}"))),
+    };
+    let metadata = serde_json::to_value(&metadata).map_err(|e| DatastoreError::invalid(format!("{resource} {name} does not encode: {e}")))?;
+    body.insert("metadata".into(), metadata);
+    body.insert("apiVersion".into(), Value::String(api_version.into()));
+    body.insert("kind".into(), Value::String(kind.into()));
+    Ok(Stored { name, revision, uid, value: Value::Object(body) })
 }
 
 /// A body to send: the trait's JSON with name, and the CAS token set or cleared.
@@ -631,6 +639,28 @@ mod tests {
         assert_eq!(o.data["spec"]["handleID"], "h");
         let back = to_stored(Kind::IpamHandle, o).unwrap();
         assert_eq!((back.revision.as_str(), back.value["kind"].as_str()), ("12", Some("IPAMHandle")));
+    }
+
+    #[test]
+    fn a_read_object_keeps_its_body_and_metadata_but_not_its_managed_fields() {
+        let pod: DynamicObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "ns", "uid": "u", "resourceVersion": "7", "labels": {"app": "a"},
+                "annotations": {"cni.projectcalico.org/podIPs": "10.0.0.1/32"},
+                "managedFields": [{"manager": "kubelet", "operation": "Update", "fieldsV1": {"f:status": {"f:podIP": {}}}}]},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c"}]},
+            "status": {"phase": "Running", "podIPs": [{"ip": "10.0.0.1"}]}
+        }))
+        .unwrap();
+        let s = dynamic_to_stored(pod, "v1", "Pod", "pods").unwrap();
+        assert_eq!((s.name.as_str(), s.revision.as_str(), s.uid.as_str()), ("p", "7", "u"));
+        assert_eq!(s.value["apiVersion"], "v1");
+        assert_eq!(s.value["kind"], "Pod");
+        assert_eq!(s.value["metadata"]["labels"]["app"], "a");
+        assert_eq!(s.value["metadata"]["annotations"]["cni.projectcalico.org/podIPs"], "10.0.0.1/32");
+        assert_eq!(s.value["metadata"]["namespace"], "ns");
+        assert_eq!(s.value["spec"]["nodeName"], "n1");
+        assert_eq!(s.value["status"]["podIPs"][0]["ip"], "10.0.0.1");
+        assert!(s.value["metadata"].get("managedFields").is_none(), "{}", s.value);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! CI runs it at `CKC_SCALE_NODES` (default 40) nodes; the figures in the README and the issue
 //! notes come from `CKC_SCALE_NODES=1000 cargo test --release --test it e2e_scale -- --nocapture`.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, stream};
@@ -17,7 +18,7 @@ use kube::api::{Api, ApiResource, DeleteParams, ListParams, PostParams};
 use serde_json::json;
 
 use crate::support::cluster::{private_cluster, set_pod_ips};
-use crate::support::controller::{calico, free_port, http_get, metric_sum, start_controller, vm_hwm_kib};
+use crate::support::controller::{calico, free_port, http_get, metric_sum, start_controller_with, vm_hwm_kib};
 use crate::support::ipam::{Alloc, affinity_object, block_object, handle_object, pod_attrs};
 
 const PODS_PER_NODE: u32 = 30;
@@ -126,7 +127,9 @@ async fn deleting_a_fifth_of_the_nodes_cleans_their_ipam_and_touches_nothing_els
 
     let port = free_port();
     let started = Instant::now();
-    let controller = start_controller(&cluster, &["--leak-grace-period", "1h"], port, "scale");
+    // The mass-change guard is off (its setting), so the cleanup runs at the API's pace: these
+    // figures measure writing, not the guard's hold.
+    let controller = start_controller_with(&cluster.kubeconfig, &["--leak-grace-period", "1h"], &[("CKC_MASS_CHANGE_GUARD", "disabled")], port, "scale");
     let pid = controller.child.id();
     loop {
         if let Some((200, body)) = http_get(port, "/metrics").await
@@ -145,6 +148,7 @@ async fn deleting_a_fifth_of_the_nodes_cleans_their_ipam_and_touches_nothing_els
         list_floor.as_secs_f64()
     );
 
+    let (_, before) = http_get(port, "/metrics").await.expect("scraping /metrics");
     let t = Instant::now();
     stream::iter(0..deleted_n)
         .for_each_concurrent(CONCURRENCY, |i| {
@@ -180,12 +184,30 @@ async fn deleting_a_fifth_of_the_nodes_cleans_their_ipam_and_touches_nothing_els
     let heap_now = metric_sum(&metrics, "kube_controllers_heap_bytes");
     assert!(heap_peak > 0.0 && heap_now > 0.0 && metric_sum(&metrics, "process_resident_memory_bytes") > 0.0, "memory metrics: {metrics}");
     eprintln!("scale: controller heap now {:.1} MiB, heap peak {:.1} MiB", heap_now / 1048576.0, heap_peak / 1048576.0);
+    let sent = Sent::between(&before, &metrics);
+    drop(controller);
     eprintln!(
         "scale: {deleted_n} of {nodes_n} nodes ({} pods) deleted in {:.1} s; their IPAM fully cleaned {:.1} s after the deletions began; controller peak RSS {:.1} MiB",
         deleted_n * PODS_PER_NODE,
         deleted_at.as_secs_f64(),
         cleaned.as_secs_f64(),
         hwm as f64 / 1024.0
+    );
+    // The floor: the same writes, node reads and Event writes from a bare client at the
+    // controller's QPS and burst, with the controller stopped (it would act on the objects).
+    eprintln!("scale: the controller sent during the cleanup {:?}; {} node reads, {} Event writes", sent.by_call, sent.node_reads, sent.events);
+    let writes: u64 = sent.writes().map(|(_, n)| n).sum();
+    assert!(writes > 0, "the cleanup wrote nothing: {:?}", sent.by_call);
+    let reads_before_writes: u64 = sent.by_call.iter().filter(|((v, r), _)| v == "get" && IPAM_KINDS.iter().any(|(_, plural)| plural == r)).map(|(_, n)| n).sum();
+    let floor = write_floor(&client, &sent).await;
+    eprintln!(
+        "scale: cleanup {:.1} s ({:.1} s after the deletions ended) against a floor of {:.1} s for its {writes} writes, {} node reads and {} Events: {:.2}x (target 1.5x; mass-change guard off); {reads_before_writes} IPAM reads besides",
+        cleaned.as_secs_f64(),
+        (cleaned - deleted_at).as_secs_f64(),
+        floor.as_secs_f64(),
+        sent.node_reads,
+        sent.events,
+        cleaned.as_secs_f64() / floor.as_secs_f64()
     );
     // Survivors: every remaining block still holds all of its pods' addresses.
     for i in deleted_n..nodes_n {
@@ -195,4 +217,140 @@ async fn deleting_a_fifth_of_the_nodes_cleans_their_ipam_and_touches_nothing_els
         let held = b.data["spec"]["allocations"].as_array().unwrap().iter().filter(|v| !v.is_null()).count();
         assert_eq!(held, PODS_PER_NODE as usize, "surviving node scale-n{i} lost addresses");
     }
+}
+
+/// What the controller sent the API server between two scrapes of its metrics.
+struct Sent {
+    /// Requests by (verb, resource), any answer.
+    by_call: BTreeMap<(String, String), u64>,
+    node_reads: u64,
+    /// Events created or updated.
+    events: u64,
+}
+
+impl Sent {
+    fn between(before: &str, after: &str) -> Sent {
+        let calls = |body: &str| {
+            let mut m = BTreeMap::<(String, String), u64>::new();
+            for line in body.lines().filter(|l| l.starts_with("kube_controllers_api_requests_total{")) {
+                let label = |name: &str| line.split(&format!("{name}=\"")).nth(1).and_then(|r| r.split('"').next()).unwrap_or("").to_string();
+                let n: u64 = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) as u64;
+                *m.entry((label("verb"), label("resource"))).or_default() += n;
+            }
+            m
+        };
+        let (b, a) = (calls(before), calls(after));
+        let by_call: BTreeMap<_, _> =
+            a.into_iter().map(|(k, n)| (k.clone(), n - b.get(&k).copied().unwrap_or(0))).filter(|(_, n)| *n > 0).collect();
+        let events = |body: &str| metric_sum(body, "kube_controllers_events_total{result=\"created\"}") + metric_sum(body, "kube_controllers_events_total{result=\"updated\"}");
+        let node_reads = by_call.get(&("get".to_string(), "nodes".to_string())).copied().unwrap_or(0);
+        Sent { by_call, node_reads, events: (events(after) - events(before)) as u64 }
+    }
+
+    /// The writes to Calico's IPAM kinds, by (verb, resource).
+    fn writes(&self) -> impl Iterator<Item = (&(String, String), u64)> {
+        self.by_call
+            .iter()
+            .filter(|((v, r), _)| v != "get" && v != "list" && v != "watch" && IPAM_KINDS.iter().any(|(_, plural)| plural == r))
+            .map(|(k, n)| (k, *n))
+    }
+}
+
+const IPAM_KINDS: [(&str, &str); 3] = [("IPAMHandle", "ipamhandles"), ("IPAMBlock", "ipamblocks"), ("BlockAffinity", "blockaffinities")];
+/// The controller's client-side limit (its defaults: `K8S_CLIENT_QPS`, `K8S_CLIENT_BURST`).
+const QPS: f64 = 500.0;
+const BURST: usize = 1000;
+/// Requests the floor client keeps in flight: what the controller's executor may (8 blocks,
+/// 4 handles each).
+const FLOOR_IN_FLIGHT: usize = 32;
+
+enum FloorCall {
+    Write(Api<kube::api::DynamicObject>, String, usize),
+    Delete(Api<kube::api::DynamicObject>, String),
+    NodeRead(String),
+    Event(usize),
+}
+
+/// How long a bare client takes for `sent`'s writes, node reads and Event writes at the
+/// controller's QPS and burst: each write (update or patch) a merge patch that changes the
+/// object, each delete a delete, on objects of the same kinds made for it beforehand (untimed).
+async fn write_floor(client: &kube::Client, sent: &Sent) -> Duration {
+    let mut calls = Vec::new();
+    let mut deletes = Vec::new();
+    for (kind, plural) in IPAM_KINDS {
+        let api: Api<kube::api::DynamicObject> = Api::all_with(client.clone(), &calico(kind, plural));
+        let n_of = |verb: &str| sent.writes().filter(|((v, r), _)| v == verb && r == plural).map(|(_, n)| n as usize).sum::<usize>();
+        let (changes, removals) = (n_of("update") + n_of("patch") + n_of("create"), n_of("delete"));
+        let objects = removals.max(usize::from(changes > 0));
+        let names: Vec<String> = (0..objects)
+            .map(|i| match plural {
+                "ipamblocks" => calico_kube_controllers::model::names::cidr_to_name(&floor_cidr(i).parse().unwrap()),
+                "blockaffinities" => calico_kube_controllers::model::names::affinity_name(&format!("floor-n{i}"), &floor_cidr(i).parse().unwrap()),
+                _ => format!("floor-h-{i}"),
+            })
+            .collect();
+        stream::iter(0..objects)
+            .for_each_concurrent(CONCURRENCY, |i| {
+                let api = api.clone();
+                async move {
+                    let cidr = floor_cidr(i);
+                    let object = match plural {
+                        "ipamblocks" => block_object(&cidr, Some("floor-node"), &[]),
+                        "blockaffinities" => affinity_object(&format!("floor-n{i}"), &cidr),
+                        _ => handle_object(&format!("floor-h-{i}"), &cidr, 1),
+                    };
+                    api.create(&PostParams::default(), &object).await.expect("a floor object");
+                }
+            })
+            .await;
+        calls.extend((0..changes).map(|i| FloorCall::Write(api.clone(), names[i % names.len()].clone(), i)));
+        deletes.extend(names.into_iter().take(removals).map(|name| FloorCall::Delete(api.clone(), name)));
+    }
+    calls.extend((0..sent.node_reads).map(|i| FloorCall::NodeRead(format!("scale-n{i}"))));
+    calls.extend((0..sent.events as usize).map(FloorCall::Event));
+    calls.extend(deletes);
+    // In `default`, as the controller's Events about Nodes (cluster-scoped objects) are.
+    let events: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(client.clone(), "default", &ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk("events.k8s.io", "v1", "Event")));
+    let nodes: Api<Node> = Api::all(client.clone());
+    let start = tokio::time::Instant::now();
+    stream::iter(calls.into_iter().enumerate())
+        .for_each_concurrent(FLOOR_IN_FLIGHT, |(i, call)| {
+            let (events, nodes) = (events.clone(), nodes.clone());
+            async move {
+                // A token bucket of BURST tokens refilled at QPS: call i may start once it has one.
+                tokio::time::sleep_until(start + Duration::from_secs_f64(i.saturating_sub(BURST) as f64 / QPS)).await;
+                match call {
+                    FloorCall::Write(api, name, n) => {
+                        let patch = json!({"metadata": {"annotations": {"floor": n.to_string()}}});
+                        api.patch(&name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.expect("a floor write");
+                    }
+                    FloorCall::Delete(api, name) => {
+                        api.delete(&name, &DeleteParams::default()).await.expect("a floor delete");
+                    }
+                    FloorCall::NodeRead(name) => {
+                        assert!(nodes.get_opt(&name).await.expect("a floor node read").is_none(), "{name} was deleted");
+                    }
+                    FloorCall::Event(n) => {
+                        let event = json!({
+                            "metadata": {"name": format!("floor-{n}")},
+                            "eventTime": "2026-01-01T00:00:00.000000Z", "reportingController": "example.org/floor", "reportingInstance": "floor",
+                            "action": "Floor", "reason": "Floor", "type": "Normal", "note": "floor",
+                            "regarding": {"apiVersion": "v1", "kind": "Node", "name": "floor"}
+                        });
+                        let object: kube::api::DynamicObject = serde_json::from_value(event).unwrap();
+                        events.create(&PostParams::default(), &object).await.expect("a floor Event");
+                    }
+                }
+            }
+        })
+        .await;
+    start.elapsed()
+}
+
+/// The i-th floor block's CIDR, outside every scale node's range.
+fn floor_cidr(i: usize) -> String {
+    let base = (10u32 << 24) | (200 << 16) | (i as u32 * 64);
+    let o = base.to_be_bytes();
+    format!("{}.{}.{}.{}/26", o[0], o[1], o[2], o[3])
 }
