@@ -13,7 +13,6 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use ipnet::IpNet;
-use serde_json::Value;
 
 use super::{Datastore, DatastoreError, DsResult, Expect, Kind, Precondition, Stored};
 use crate::ipam::plan::{BlockRelease, ColdBlock, EmptyBlockRecord, LeakReason, NodeRelease, OrphanHandle, Plan, SoftDeletedBlock};
@@ -597,7 +596,7 @@ async fn release_node<D: Datastore>(ds: &D, node: &NodeRelease, opts: &ExecuteOp
     let mut ok = true;
     let mut kept = BTreeSet::new();
     for (name, cidr) in &node.blocks {
-        match let_go_of_block(ds, &node.node, name, cidr, opts, out).await {
+        match let_go_of_block(ds, &node.node, name, opts, out).await {
             Ok(LetGo::Done) => {}
             Ok(LetGo::NotEmpty) => {
                 ok = false;
@@ -650,23 +649,7 @@ enum LetGo {
     NotEmpty,
 }
 
-async fn let_go_of_block<D: Datastore>(ds: &D, node: &str, name: &str, cidr: &IpNet, opts: &ExecuteOptions, out: &mut PlanOutcome) -> DsResult<LetGo> {
-    // The usual case with no read: still the node's and holding nothing at all. Anything else
-    // (Windows' reserved addresses, another claim, an address) is decided on a fresh read.
-    let size = 1usize << (cidr.max_prefix_len() - cidr.prefix_len()).min(16);
-    let empty_and_ours = [
-        Expect::spec("affinity", Value::String(format!("host:{node}"))),
-        Expect::spec("allocations", Value::Array(vec![Value::Null; size])),
-    ];
-    match ds.soft_delete_if(Kind::IpamBlock, name, &Precondition::default(), &empty_and_ours).await {
-        Ok(()) => {
-            out.blocks_deleted += 1;
-            return Ok(LetGo::Done);
-        }
-        Err(e) if e.is_not_found() => return Ok(LetGo::Done),
-        Err(e) if e.is_conflict() => {}
-        Err(e) => return Err(e),
-    }
+async fn let_go_of_block<D: Datastore>(ds: &D, node: &str, name: &str, opts: &ExecuteOptions, out: &mut PlanOutcome) -> DsResult<LetGo> {
     let mut attempt = 0;
     loop {
         let stored = match ds.get(Kind::IpamBlock, name).await {

@@ -90,6 +90,13 @@ pub trait ClusterReader: Send + Sync {
     /// List + watch of every object of `kind`, in all namespaces.
     fn watch(&self, kind: ClusterKind) -> WatchStream;
 
+    /// The pods as the IPAM GC reads them, with [`ClusterReader::watch`]'s protocol: each object
+    /// carries at least what [`crate::model::PodLite`] reads, and a backend may leave the rest
+    /// out (unparsed, never held). By default the whole pods.
+    fn watch_gc_pods(&self) -> WatchStream {
+        self.watch(ClusterKind::Pod)
+    }
+
     /// One object, or `NotFound`. `namespace` is ignored for cluster-scoped kinds.
     fn get(&self, kind: ClusterKind, namespace: &str, name: &str) -> impl Future<Output = DsResult<Stored>> + Send;
 

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::InvalidObject;
 
@@ -39,7 +39,7 @@ pub struct PodMeta {
     pub annotations: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodSpecLite {
     #[serde(default)]
@@ -48,7 +48,7 @@ pub struct PodSpecLite {
     pub host_network: bool,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodStatusLite {
     #[serde(default)]
@@ -61,14 +61,14 @@ pub struct PodStatusLite {
     pub pod_ips: Vec<PodIp>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 pub struct PodIp {
     #[serde(default)]
     pub ip: String,
 }
 
 /// Keeps only the three annotations the GC reads; the rest (often large) are dropped while parsing.
-fn calico_annotations<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+pub(crate) fn calico_annotations<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
     struct Keep;
     impl<'de> serde::de::Visitor<'de> for Keep {
         type Value = BTreeMap<String, String>;

@@ -273,6 +273,8 @@ async fn watch_kubevirt_when_installed<C: ClusterReader + 'static>(cluster: Arc<
 pub fn stream_of<D: Datastore, C: ClusterReader>(ds: &D, cluster: &C, source: Source) -> WatchStream {
     match source.origin() {
         Origin::Datastore(kind) => ds.watch(kind),
+        // Only what the GC reads of a pod: most of a pod is never parsed.
+        Origin::Cluster(ClusterKind::Pod) => cluster.watch_gc_pods(),
         Origin::Cluster(kind) => cluster.watch(kind),
     }
 }
