@@ -60,12 +60,34 @@ mod counting_alloc {
             malloc_trim(0);
         }
     }
+
+    /// Fixes glibc's mmap and trim thresholds. By default both grow with the largest block freed
+    /// (up to 32 MiB): after the first list pages are dropped, page-sized buffers come from the
+    /// heap and leave it fragmented and resident. Fixed, a buffer of 256 KiB or more is mapped and
+    /// unmapped on its own, and free memory above 1 MiB at the heap's top is given back.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    pub fn fixed_thresholds() {
+        const M_TRIM_THRESHOLD: std::ffi::c_int = -1;
+        const M_MMAP_THRESHOLD: std::ffi::c_int = -3;
+        unsafe extern "C" {
+            fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
+        }
+        // SAFETY: mallopt takes two integers and only changes the allocator's tuning; it is called
+        // once, before any thread is started.
+        unsafe {
+            mallopt(M_MMAP_THRESHOLD, 256 << 10);
+            mallopt(M_TRIM_THRESHOLD, 1 << 20);
+        }
+    }
 }
 
 fn main() {
     calico_kube_controllers::memstat::enable();
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    calico_kube_controllers::memstat::set_give_back(counting_alloc::give_back);
+    {
+        counting_alloc::fixed_thresholds();
+        calico_kube_controllers::memstat::set_give_back(counting_alloc::give_back);
+    }
     std::process::exit(cli::main());
 }
 
