@@ -372,12 +372,7 @@ pub fn handle_id(name: &str, namespace: &str, uid: &str) -> String {
 /// `type` and `timestamp` (Go's `time.Now().UTC().String()`, here of `now`). No `node`: the IPAM
 /// GC leaves addresses without one alone.
 pub fn allocation_attributes(name: &str, namespace: &str, now: Millis) -> AttrMap {
-    AttrMap(vec![
-        ("namespace".into(), namespace.into()),
-        ("service".into(), name.into()),
-        ("timestamp".into(), format_go_utc(now)),
-        ("type".into(), ALLOCATION_TYPE.into()),
-    ])
+    AttrMap::new([("namespace", namespace), ("service", name), ("timestamp", &format_go_utc(now)), ("type", ALLOCATION_TYPE)])
 }
 
 /// Which Service a handle's addresses belong to, as the block attributes name it.
@@ -897,13 +892,13 @@ mod tests {
     fn allocation_attributes_are_service_namespace_type_and_a_go_utc_timestamp() {
         let now = crate::model::time::parse_rfc3339("2026-01-02T03:04:05.120Z").unwrap();
         let attrs = allocation_attributes("web", "shop", now);
-        let get = |k: &str| attrs.0.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+        let get = |k: &str| attrs.get(k);
         assert_eq!(get("service"), Some("web"));
         assert_eq!(get("namespace"), Some("shop"));
         assert_eq!(get("type"), Some("LoadBalancer"));
         assert_eq!(get("timestamp"), Some("2026-01-02 03:04:05.12 +0000 UTC"));
         assert_eq!(get("node"), None, "no node: the IPAM GC leaves LB addresses alone");
-        assert_eq!(attrs.0.len(), 4);
+        assert_eq!(attrs.len(), 4);
     }
 
     // --- The decision (notes §1.8, §1.10, §1.13) ------------------------------------------------

@@ -345,7 +345,7 @@ pub fn new_block(cidr: &IpNet, affinity: &str, now: Millis) -> IpamBlock {
 /// Attribute maps compare as maps (a stored block's keys come back in the store's order).
 fn same_attrs(a: Option<&AttrMap>, b: Option<&AttrMap>) -> bool {
     match (a, b) {
-        (Some(a), Some(b)) => a.0.len() == b.0.len() && a.0.iter().all(|(k, v)| b.get(k) == Some(v.as_str())),
+        (Some(a), Some(b)) => a.len() == b.len() && a.iter().all(|(k, v)| b.get(k) == Some(v)),
         (a, b) => a.is_none() && b.is_none(),
     }
 }
@@ -386,7 +386,7 @@ mod tests {
     }
 
     fn attrs(svc: &str) -> AttrMap {
-        AttrMap(vec![("namespace".into(), "web".into()), ("service".into(), svc.into()), ("type".into(), "LoadBalancer".into())])
+        AttrMap::new([("namespace", "web"), ("service", svc), ("type", "LoadBalancer")])
     }
 
     fn owner<'a>(handle: &'a str, attrs: &'a AttrMap) -> Owner<'a> {

@@ -209,13 +209,14 @@ fn judge_pod(pod: Option<PodView<'_>>, ip: IpAddr, node_gone: bool) -> Verdict {
     }
 }
 
-fn judge_vm(index: &IpamIndex, a: &Alloc, kubevirt: Option<&KubeVirtFacts>) -> Verdict {
+fn judge_vm(index: &IpamIndex, g: Gid, a: &Alloc, kubevirt: Option<&KubeVirtFacts>) -> Verdict {
     let Some(kv) = kubevirt else { return Verdict::Valid(ValidReason::VmNotProvenGone) };
-    if a.namespace.is_none() || a.vmi.is_none() {
+    let vmi = index.block(gid_slot(g)).map_or(Sym::NONE, |b| b.vmi(a.ordinal));
+    if a.namespace.is_none() || vmi.is_none() {
         // Upstream: a VM allocation without a namespace or VMI name is valid.
         return Verdict::Valid(ValidReason::VmNotProvenGone);
     }
-    let key = (index.resolve(a.namespace).to_string(), index.resolve(a.vmi).to_string());
+    let key = (index.resolve(a.namespace).to_string(), index.resolve(vmi).to_string());
     if kv.vms.contains(&key) || kv.vmis.get(&key) == Some(&false) {
         return Verdict::Valid(ValidReason::VmNotProvenGone);
     }
@@ -250,7 +251,7 @@ fn classify_with(index: &IpamIndex, g: Gid, a: &Alloc, cidr: &IpNet, kubevirt: O
         return Verdict::Valid(ValidReason::NoNodeAttribute);
     }
     if a.vm {
-        return judge_vm(index, a, kubevirt);
+        return judge_vm(index, g, a, kubevirt);
     }
     let node_gone = proof.state(index, a.node) == NodeState::Gone;
     // Upstream compares the pod's node with the Kubernetes node the allocation's node maps to.

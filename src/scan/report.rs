@@ -542,7 +542,7 @@ pub fn build_report(index: &IpamIndex, current: &Plan, outlook: &Plan, cfg: &GcC
                 namespace: index.resolve(a.namespace).to_string(),
                 borrowed: !host.is_empty() && node != host || host.is_empty(),
                 node,
-                alloc_type: index.resolve(a.alloc_type).to_string(),
+                alloc_type: index.resolve(b.alloc_type(a.ordinal)).to_string(),
                 // Held leaks, unknown owners and Windows-reserved addresses stay in use, so that
                 // `calicoctl ipam release --from-report` frees exactly what we would.
                 in_use: !releasable_gids.contains(&g),

@@ -627,7 +627,7 @@ mod assignment {
     #[test]
     fn a_claim_writes_the_affinity_pending_then_the_handle_the_block_and_the_affinity_confirmed() {
         let ds = MemoryDatastore::new();
-        let attrs = AttrMap(vec![("service".into(), "web".into()), ("namespace".into(), "default".into()), ("type".into(), "LoadBalancer".into())]);
+        let attrs = AttrMap::new([("service", "web"), ("namespace", "default"), ("type", "LoadBalancer")]);
         let owner = Owner { handle: "lb-Abc", attrs: &attrs, affinity: LB_AFFINITY };
         let opts = ExecuteOptions::default();
         let (a, read) = plan(&ds, &owner, None);
@@ -651,7 +651,7 @@ mod assignment {
     #[test]
     fn a_block_that_moved_or_a_claim_lost_to_another_writer_leaves_nothing_behind() {
         let ds = MemoryDatastore::new();
-        let attrs = AttrMap(vec![("service".into(), "web".into())]);
+        let attrs = AttrMap::new([("service", "web")]);
         let owner = Owner { handle: "lb-x", attrs: &attrs, affinity: LB_AFFINITY };
         let opts = ExecuteOptions::default();
         let (a, _) = plan(&ds, &owner, None);
