@@ -79,7 +79,8 @@ struct Hook {
 }
 
 /// One stored object: its body as compact JSON text (a quarter of the memory of a parsed
-/// `Value`, so a simulated cluster of 25,000 nodes fits), parsed again on every read.
+/// `Value`, so a simulated cluster of 25,000 nodes fits), parsed again on every read. Bodies are
+/// never changed in place (a write stores a new one), so a [`MemoryDatastore::fork`] shares them.
 #[derive(Debug, Clone)]
 struct Entry {
     revision: u64,
@@ -87,12 +88,12 @@ struct Entry {
     created: u64,
     /// `spec.deleted`, read once when the body is stored.
     soft_deleted: bool,
-    body: Box<[u8]>,
+    body: std::sync::Arc<[u8]>,
 }
 
 impl Entry {
     fn new(revision: u64, created: u64, value: &Value) -> Entry {
-        let body = serde_json::to_vec(value).expect("a JSON value always encodes").into_boxed_slice();
+        let body = serde_json::to_vec(value).expect("a JSON value always encodes").into();
         Entry { revision, created, soft_deleted: soft_deleted(value), body }
     }
 
@@ -262,7 +263,8 @@ impl MemoryDatastore {
 
     /// A copy of the stored objects and counters (revisions and uids continue from the same
     /// numbers), without faults, hooks, operation counts or watchers: one loaded cluster serves
-    /// several independent runs.
+    /// several independent runs. The bodies are shared, not copied; a write to either side
+    /// replaces its own entry's body and leaves the other's.
     pub fn fork(&self) -> MemoryDatastore {
         let inner = self.lock();
         let copy = Inner { objects: inner.objects.clone(), revision: inner.revision, created: inner.created, ..Inner::default() };
@@ -637,6 +639,12 @@ mod tests {
         let c = ds.create_now(Kind::IpamHandle, "c", handle("c")).unwrap();
         assert_eq!((&b.revision, &b.uid), (&c.revision, &c.uid));
         assert!(ds.peek(Kind::IpamHandle, "b").is_none() && fork.peek(Kind::IpamHandle, "c").is_none());
+        // The shared body is replaced on the side that writes, not changed under the other.
+        let mut changed = fork.peek(Kind::IpamHandle, "a").unwrap();
+        changed.value["spec"]["handleID"] = json!("changed");
+        fork.update_now(Kind::IpamHandle, &changed).unwrap();
+        assert_eq!(fork.peek(Kind::IpamHandle, "a").unwrap().value["spec"]["handleID"], "changed");
+        assert_eq!(ds.peek(Kind::IpamHandle, "a").unwrap().value["spec"]["handleID"], "a");
         fork.delete_now(Kind::IpamHandle, "a", &Precondition::default()).unwrap();
         assert!(ds.peek(Kind::IpamHandle, "a").is_some());
     }

@@ -147,26 +147,29 @@ fn ds_error(what: impl Into<String>) -> impl FnOnce(crate::datastore::DatastoreE
     move |e| SimError::Datastore { what, message: e.to_string() }
 }
 
-/// Writes the cluster's Calico objects into a fresh memory datastore.
-pub fn load_datastore(cluster: &SyntheticCluster) -> Result<MemoryDatastore, SimError> {
+/// Moves the cluster's Calico objects into a fresh memory datastore: its blocks, affinities and
+/// handles are left empty (pools stay).
+pub fn load_datastore(cluster: &mut SyntheticCluster) -> Result<MemoryDatastore, SimError> {
     let ds = MemoryDatastore::new();
     fn put<T: serde::Serialize>(ds: &MemoryDatastore, kind: Kind, name: &str, obj: &T) -> Result<(), SimError> {
         let value = serde_json::to_value(obj).map_err(|e| SimError::Datastore { what: name.to_string(), message: e.to_string() })?;
         ds.create_now(kind, name, value).map_err(ds_error(name))?;
         Ok(())
     }
+    // Each typed object is dropped once stored: the cluster's typed copy and the datastore's
+    // never both hold everything.
+    fn put_all<S: serde::Serialize>(ds: &MemoryDatastore, kind: Kind, objects: Vec<crate::model::meta::Object<S>>) -> Result<(), SimError> {
+        for o in objects {
+            put(ds, kind, o.name(), &o)?;
+        }
+        Ok(())
+    }
     for p in &cluster.pools {
         put(&ds, Kind::IpPool, p.name(), p)?;
     }
-    for b in &cluster.blocks {
-        put(&ds, Kind::IpamBlock, b.name(), b)?;
-    }
-    for a in &cluster.affinities {
-        put(&ds, Kind::BlockAffinity, a.name(), a)?;
-    }
-    for h in &cluster.handles {
-        put(&ds, Kind::IpamHandle, h.name(), h)?;
-    }
+    put_all(&ds, Kind::IpamBlock, std::mem::take(&mut cluster.blocks))?;
+    put_all(&ds, Kind::BlockAffinity, std::mem::take(&mut cluster.affinities))?;
+    put_all(&ds, Kind::IpamHandle, std::mem::take(&mut cluster.handles))?;
     Ok(ds)
 }
 
@@ -329,10 +332,10 @@ pub struct Loaded {
 
 impl Loaded {
     pub fn new(mut cluster: SyntheticCluster) -> Result<Loaded, SimError> {
-        let ds = load_datastore(&cluster)?;
         let before = Before::of(&cluster);
         // Pods as the API would show them are only for dumps, written before this.
-        (cluster.blocks, cluster.affinities, cluster.handles, cluster.pods) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        cluster.pods = Vec::new();
+        let ds = load_datastore(&mut cluster)?;
         crate::memstat::give_back();
         Ok(Loaded { cluster, before, ds, decode_samples: Default::default() })
     }
