@@ -144,20 +144,41 @@ fn key_of<'a>(records: &[Record], texts: &'a FastMap<u32, Box<str>>, i: u32) -> 
     }
 }
 
+/// A handle ID parsed into the table's key form and hashed, ready to look up: made where it
+/// is cheap (on another thread, in a bulk load), used by the table's owner.
+#[derive(Clone, Copy)]
+pub struct HandleKey<'a> {
+    key: KeyRef<'a>,
+    hash: u64,
+}
+
+impl<'a> HandleKey<'a> {
+    pub fn new(s: &'a str) -> HandleKey<'a> {
+        let key = KeyRef::parse(s);
+        HandleKey { key, hash: key.hash() }
+    }
+}
+
 impl HandleTable {
     fn key(&self, i: u32) -> KeyRef<'_> {
         key_of(&self.records, &self.texts, i)
     }
 
     pub fn lookup(&self, s: &str) -> Option<HandleId> {
-        let k = KeyRef::parse(s);
-        self.by_key.find(k.hash(), |&i| self.key(i) == k).map(|&i| HandleId(i))
+        self.lookup_key(HandleKey::new(s))
+    }
+
+    pub fn lookup_key(&self, HandleKey { key: k, hash }: HandleKey<'_>) -> Option<HandleId> {
+        self.by_key.find(hash, |&i| self.key(i) == k).map(|&i| HandleId(i))
     }
 
     /// Finds or adds the handle `s` (non-empty) and takes one reference on it.
     pub fn intern(&mut self, s: &str) -> HandleId {
-        let k = KeyRef::parse(s);
-        let h = k.hash();
+        self.intern_key(HandleKey::new(s))
+    }
+
+    /// [`Self::intern`] of a parsed key.
+    pub fn intern_key(&mut self, HandleKey { key: k, hash: h }: HandleKey<'_>) -> HandleId {
         if let Some(&i) = self.by_key.find(h, |&i| self.key(i) == k) {
             self.records[i as usize].refs += 1;
             return HandleId(i);

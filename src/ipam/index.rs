@@ -20,9 +20,9 @@ use roaring::RoaringBitmap;
 
 use hashbrown::HashTable;
 
-use super::handles::HandleTable;
+use super::handles::{HandleKey, HandleTable};
 pub use super::handles::HandleId;
-use super::intern::{FastMap, Interner, Sym};
+use super::intern::{FastMap, Hashed, Interner, Sym};
 use crate::model::block::{Affinity, BlockView, WINDOWS_RESERVED_HANDLE};
 use crate::model::names::{affinity_name, handle_object_name, ip_sort_key, ip_to_ordinal, ordinal_to_ip, sanitize_handle};
 use crate::model::time::{parse_rfc3339, Millis};
@@ -77,6 +77,95 @@ pub struct Alloc {
 }
 
 pub const NO_POD: u32 = u32::MAX;
+
+/// Blocks prepared in one batch of a bulk load, a batch ahead of the one being applied.
+const PREPARE_BATCH: usize = 64;
+
+/// What a block's load reads from each allocated ordinal, read without the index: in a bulk
+/// load every block is prepared in parallel, and the index's owner is left the table work.
+struct PreparedSlot<'a> {
+    ordinal: u16,
+    sequence: u64,
+    /// `releasedAt`; an unparsable one counts as released at the earliest possible time, so the
+    /// cooldown backstop looks at the block (calicoctl's validator reports it).
+    released_at: Option<Millis>,
+    /// The sanitized handle ID; `None` when the attribute has none (the ordinal is still used).
+    handle: Option<HandleKey<'a>>,
+    kind: AllocKind,
+    namespace: &'a str,
+    pod: Hashed<'a>,
+    node: &'a str,
+    alloc_type: &'a str,
+    vmi: &'a str,
+    vm: bool,
+}
+
+/// What a handle object's load reads from it, read without the index (in parallel in a bulk
+/// load): its checked key and its compare-and-swap tokens.
+struct PreparedHandle<'a> {
+    id: &'a str,
+    key: HandleKey<'a>,
+    deleted: bool,
+    /// The tokens in their compact form, or as written when they have another shape.
+    tokens: Result<HandleEntry, (&'a str, &'a str)>,
+}
+
+impl<'a> PreparedHandle<'a> {
+    fn new(h: &'a IpamHandle) -> Result<PreparedHandle<'a>, InvalidObject> {
+        let id = IpamIndex::checked_handle_key(h)?;
+        let (rev, uid) = (h.resource_version(), h.metadata.uid.as_deref().unwrap_or(""));
+        let tokens = match (Token::new(rev), Token::new(uid)) {
+            (Token::Number(n), Token::Uuid(u)) if n != ODD_TOKEN => Ok(HandleEntry { revision: n, uid: u }),
+            _ => Err((rev, uid)),
+        };
+        Ok(PreparedHandle { id, key: HandleKey::new(id), deleted: h.spec.deleted, tokens })
+    }
+}
+
+struct PreparedBlock<'a> {
+    view: BlockView<'a>,
+    /// Every allocated ordinal, in order.
+    slots: Vec<PreparedSlot<'a>>,
+    /// How many of them carry a handle.
+    with_handle: usize,
+}
+
+impl<'a> PreparedBlock<'a> {
+    fn new(view: BlockView<'a>) -> PreparedBlock<'a> {
+        let mut with_handle = 0;
+        let slots: Vec<PreparedSlot<'a>> = view
+            .slots()
+            .map(|s| {
+                let attr = s.attribute;
+                let released_at = attr.released_at.as_deref().map(|at| parse_rfc3339(at).unwrap_or(0));
+                let handle = attr.handle_id.as_deref().map(sanitize_handle).filter(|h| !h.is_empty());
+                let owner = attr.owner();
+                let kind = match handle {
+                    Some(WINDOWS_RESERVED_HANDLE) => AllocKind::WindowsReserved,
+                    _ if !owner.namespace.is_empty() && !owner.pod.is_empty() => AllocKind::Pod,
+                    _ if TUNNEL_TYPES.contains(&owner.alloc_type) => AllocKind::Tunnel,
+                    _ => AllocKind::Unknown,
+                };
+                with_handle += usize::from(handle.is_some());
+                PreparedSlot {
+                    ordinal: s.ordinal as u16,
+                    sequence: s.sequence,
+                    released_at,
+                    handle: handle.map(HandleKey::new),
+                    kind,
+                    namespace: owner.namespace,
+                    pod: Hashed::new(owner.pod),
+                    node: owner.node,
+                    alloc_type: owner.alloc_type,
+                    vmi: owner.vmi,
+                    vm: owner.vm,
+                }
+            })
+            .collect();
+        PreparedBlock { view, slots, with_handle }
+    }
+}
+
 
 /// The attributes few allocations carry, kept beside the block's allocations instead of in each
 /// (a pod's address has neither: 8 bytes saved on every one).
@@ -623,10 +712,11 @@ impl IpamIndex {
 
     /// Adds or replaces a block. A soft-deleted block (`deleted: true`) is treated as gone.
     pub fn apply_block(&mut self, block: &IpamBlock) -> Result<(), InvalidObject> {
-        self.apply_block_view(&BlockView::from_block(block)?)
+        self.apply_prepared_block(&PreparedBlock::new(BlockView::from_block(block)?))
     }
 
-    fn apply_block_view(&mut self, view: &BlockView<'_>) -> Result<(), InvalidObject> {
+    fn apply_prepared_block(&mut self, prepared: &PreparedBlock<'_>) -> Result<(), InvalidObject> {
+        let view = &prepared.view;
         let block = view.block;
         if block.spec.deleted {
             self.delete_block(&view.cidr);
@@ -652,7 +742,7 @@ impl IpamIndex {
                 s
             }
         };
-        let new_entry = self.build_entry(view, slot);
+        let new_entry = self.build_entry(prepared, slot);
         let old = self.blocks[slot as usize].take();
         if let Some(old) = &old {
             self.unlink_block(slot, old, Some(&new_entry));
@@ -695,66 +785,46 @@ impl IpamIndex {
     }
 
     /// Interns the block's strings (taking references) and builds its entry.
-    fn build_entry(&mut self, view: &BlockView<'_>, slot: u32) -> BlockEntry {
+    fn build_entry(&mut self, prepared: &PreparedBlock<'_>, slot: u32) -> BlockEntry {
+        let view = &prepared.view;
         let spec = &view.block.spec;
         let owner = match &view.affinity {
             Affinity::None => BlockOwner::None,
             Affinity::Host(h) => BlockOwner::Host(self.strings.intern(h)),
             Affinity::Virtual(v) => BlockOwner::Virtual(self.strings.intern(v)),
         };
-        let mut allocs = Vec::new();
-        let mut used = 0u32;
+        let mut allocs = Vec::with_capacity(prepared.with_handle);
         let mut earliest: Option<Millis> = None;
         let mut cooling = Vec::new();
         let mut tags = Vec::new();
         let mut last_ns: (&str, Sym) = ("", Sym::NONE);
         let mut last_node: (&str, Sym) = ("", Sym::NONE);
-        for s in view.slots() {
-            used += 1;
-            let attr = s.attribute;
-            if let Some(at) = &attr.released_at {
-                // An unparsable releasedAt counts as released now-ish: the earliest possible, so the
-                // cooldown backstop looks at the block; calicoctl's validator reports it.
-                let t = parse_rfc3339(at).unwrap_or(0);
+        for s in &prepared.slots {
+            if let Some(t) = s.released_at {
                 earliest = Some(earliest.map_or(t, |e| e.min(t)));
-                cooling.push(s.ordinal as u16);
+                cooling.push(s.ordinal);
             }
-            let Some(handle) = attr.handle_id.as_deref().map(sanitize_handle).filter(|h| !h.is_empty()) else {
-                continue;
-            };
-            let owner = attr.owner();
-            let (ns, pod, typ) = (owner.namespace, owner.pod, owner.alloc_type);
-            let kind = if handle == WINDOWS_RESERVED_HANDLE {
-                AllocKind::WindowsReserved
-            } else if !ns.is_empty() && !pod.is_empty() {
-                AllocKind::Pod
-            } else if TUNNEL_TYPES.contains(&typ) {
-                AllocKind::Tunnel
-            } else {
-                AllocKind::Unknown
-            };
+            let Some(handle) = s.handle else { continue };
             // A block's addresses mostly share a node and often a namespace: the previous
             // address's symbol is reused (one more reference) when the string repeats.
-            let namespace = self.intern_repeated(&mut last_ns, ns);
-            let pod_sym = self.strings.intern(pod);
-            let pod_slot = if kind == AllocKind::Pod { self.pod_slot_ref(namespace, pod_sym, gid(slot, s.ordinal)) } else { NO_POD };
-            if !typ.is_empty() || !owner.vmi.is_empty() {
-                tags.push(AllocTags { ordinal: s.ordinal as u16, alloc_type: self.strings.intern(typ), vmi: self.strings.intern(owner.vmi) });
+            let namespace = self.intern_repeated(&mut last_ns, s.namespace);
+            let pod_sym = self.strings.intern_hashed(s.pod);
+            let pod_slot = if s.kind == AllocKind::Pod { self.pod_slot_ref(namespace, pod_sym, gid(slot, u32::from(s.ordinal))) } else { NO_POD };
+            if !s.alloc_type.is_empty() || !s.vmi.is_empty() {
+                tags.push(AllocTags { ordinal: s.ordinal, alloc_type: self.strings.intern(s.alloc_type), vmi: self.strings.intern(s.vmi) });
             }
             allocs.push(Alloc {
-                ordinal: s.ordinal as u16,
-                kind,
-                handle: self.handles.intern(handle),
+                ordinal: s.ordinal,
+                kind: s.kind,
+                handle: self.handles.intern_key(handle),
                 namespace,
                 pod: pod_sym,
-                node: self.intern_repeated(&mut last_node, owner.node),
-                vm: owner.vm,
+                node: self.intern_repeated(&mut last_node, s.node),
+                vm: s.vm,
                 pod_slot,
                 seq: s.sequence,
             });
         }
-        // Pushed one by one, the vector may have doubled past its length: the index keeps it.
-        allocs.shrink_to_fit();
         BlockEntry {
             cidr: view.cidr,
             name: view.block.name().into(),
@@ -763,7 +833,7 @@ impl IpamIndex {
             seq: spec.sequence_number,
             allocs,
             tags: tags.into_boxed_slice(),
-            used_ordinals: used,
+            used_ordinals: prepared.slots.len() as u32,
             earliest_release: earliest,
             cooling,
         }
@@ -1184,19 +1254,24 @@ impl IpamIndex {
     /// would replace the real handle's (a delete by them would fail or hit the wrong object)
     /// and its soft delete would drop the real handle from the index.
     pub fn apply_handle(&mut self, h: &IpamHandle) -> Result<(), InvalidObject> {
-        let id = Self::checked_handle_key(h)?;
-        if h.spec.deleted {
-            self.delete_handle(id);
-            return Ok(());
+        self.apply_prepared_handle(PreparedHandle::new(h)?);
+        Ok(())
+    }
+
+    fn apply_prepared_handle(&mut self, p: PreparedHandle<'_>) {
+        if p.deleted {
+            self.delete_handle(p.id);
+            return;
         }
-        let sym = self.handles.intern(id);
-        let (rev, uid) = (h.resource_version(), h.metadata.uid.as_deref().unwrap_or(""));
-        let entry = match (Token::new(rev), Token::new(uid)) {
-            (Token::Number(n), Token::Uuid(u)) if n != ODD_TOKEN => {
-                self.odd_handle_tokens.remove(&sym);
-                HandleEntry { revision: n, uid: u }
+        let sym = self.handles.intern_key(p.key);
+        let entry = match p.tokens {
+            Ok(entry) => {
+                if !self.odd_handle_tokens.is_empty() {
+                    self.odd_handle_tokens.remove(&sym);
+                }
+                entry
             }
-            _ => {
+            Err((rev, uid)) => {
                 self.odd_handle_tokens.insert(sym, (rev.into(), uid.into()));
                 HandleEntry { revision: ODD_TOKEN, uid: [0; 16] }
             }
@@ -1207,7 +1282,6 @@ impl IpamIndex {
         } else if self.handles.gids(sym).is_empty() {
             self.orphans.insert(sym);
         }
-        Ok(())
     }
 
     pub fn delete_handle(&mut self, handle_id: &str) {
@@ -1232,7 +1306,7 @@ impl IpamIndex {
     /// Replaces the whole state from a snapshot (a relist). Blocks are validated in parallel;
     /// malformed objects are returned, everything else is applied. Dirty state is cleared and a
     /// full scan requested.
-    pub fn reset(&mut self, snap: Snapshot<'_>) -> Vec<InvalidObject> {
+    pub fn reset<'s>(&mut self, snap: Snapshot<'s>) -> Vec<InvalidObject> {
         let coverage = std::mem::take(&mut self.coverage);
         // The node name mapping comes from another source than the snapshot: it stays.
         let aliases = std::mem::take(&mut self.node_aliases);
@@ -1252,30 +1326,50 @@ impl IpamIndex {
         self.pods.reserve(snap.pods.len());
         let pods = &self.pods;
         self.pod_by_key.reserve(snap.pods.len(), |&s| pod_slot_hash(pods, s));
-        // Validation is the part of a block's load that needs no index: done in parallel, once.
-        let views: Vec<Result<BlockView<'_>, InvalidObject>> = snap.blocks.par_iter().map(BlockView::from_block).collect();
+        // What needs no index (validation, parsing, hashing) is prepared on the other core
+        // while this one fills the tables: the handle objects all at once, the blocks a batch
+        // ahead of the batch being applied.
         let mut invalid = Vec::new();
-        for n in snap.nodes {
-            self.apply_node(n);
-        }
-        // Blocks before pods: a pod's IP then lands straight on its block's ordinal instead of
-        // waiting in `live_unplaced` for the block.
-        for view in views {
-            if let Err(e) = view.and_then(|v| self.apply_block_view(&v)) {
-                invalid.push(e);
-            }
-        }
-        for p in snap.pods {
-            self.apply_pod(p);
-        }
-        for a in snap.affinities {
-            if let Err(e) = self.apply_affinity(a) {
-                invalid.push(e);
-            }
-        }
-        for h in snap.handles {
-            if let Err(e) = self.apply_handle(h) {
-                invalid.push(e);
+        let (handles, ()) = rayon::join(
+            || snap.handles.par_iter().map(PreparedHandle::new).collect::<Vec<_>>(),
+            || {
+                for n in snap.nodes {
+                    self.apply_node(n);
+                }
+                // Blocks before pods: a pod's IP then lands straight on its block's ordinal
+                // instead of waiting in `live_unplaced` for the block.
+                let prepare = |batch: &'s [IpamBlock]| -> Vec<Result<PreparedBlock<'s>, InvalidObject>> {
+                    batch.par_iter().map(|b| BlockView::from_block(b).map(PreparedBlock::new)).collect()
+                };
+                let mut batches = snap.blocks.chunks(PREPARE_BATCH);
+                let mut ready = batches.next().map(prepare);
+                while let Some(batch) = ready.take() {
+                    let next = batches.next();
+                    (ready, ()) = rayon::join(
+                        || next.map(prepare),
+                        || {
+                            for block in batch {
+                                if let Err(e) = block.and_then(|b| self.apply_prepared_block(&b)) {
+                                    invalid.push(e);
+                                }
+                            }
+                        },
+                    );
+                }
+                for p in snap.pods {
+                    self.apply_pod(p);
+                }
+                for a in snap.affinities {
+                    if let Err(e) = self.apply_affinity(a) {
+                        invalid.push(e);
+                    }
+                }
+            },
+        );
+        for h in handles {
+            match h {
+                Ok(h) => self.apply_prepared_handle(h),
+                Err(e) => invalid.push(e),
             }
         }
         // Every allocation of the new state is new to the GC's verdict cache: recorded at once.

@@ -90,6 +90,19 @@ pub(crate) fn hash_bytes(bytes: &[u8]) -> u64 {
     h ^ (h >> 29)
 }
 
+/// A string with its [`hash_str`].
+#[derive(Debug, Clone, Copy)]
+pub struct Hashed<'a>(&'a str, u64);
+
+impl<'a> Hashed<'a> {
+    pub fn new(s: &'a str) -> Hashed<'a> {
+        Hashed(s, if s.is_empty() { 0 } else { hash_str(s) })
+    }
+    pub fn as_str(&self) -> &'a str {
+        self.0
+    }
+}
+
 fn span_str(arena: &str, (o, l): (u32, u32)) -> &str {
     &arena[o as usize..(o + l) as usize]
 }
@@ -127,10 +140,15 @@ impl Interner {
 
     /// Interns `s` and takes one reference on it.
     pub fn intern(&mut self, s: &str) -> Sym {
+        self.intern_hashed(Hashed::new(s))
+    }
+
+    /// [`Self::intern`] of a string whose hash was taken before (on another thread, in a bulk
+    /// load).
+    pub fn intern_hashed(&mut self, Hashed(s, h): Hashed<'_>) -> Sym {
         if s.is_empty() {
             return Sym::NONE;
         }
-        let h = hash_str(s);
         if let Some(sym) = self.lookup_hashed(s, h) {
             self.refs[sym.0 as usize] += 1;
             return sym;
