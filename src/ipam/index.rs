@@ -166,7 +166,6 @@ impl<'a> PreparedBlock<'a> {
     }
 }
 
-
 /// The attributes few allocations carry, kept beside the block's allocations instead of in each
 /// (a pod's address has neither: 8 bytes saved on every one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1266,9 +1265,7 @@ impl IpamIndex {
         let sym = self.handles.intern_key(p.key);
         let entry = match p.tokens {
             Ok(entry) => {
-                if !self.odd_handle_tokens.is_empty() {
-                    self.odd_handle_tokens.remove(&sym);
-                }
+                self.odd_handle_tokens.remove(&sym);
                 entry
             }
             Err((rev, uid)) => {

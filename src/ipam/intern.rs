@@ -98,9 +98,6 @@ impl<'a> Hashed<'a> {
     pub fn new(s: &'a str) -> Hashed<'a> {
         Hashed(s, if s.is_empty() { 0 } else { hash_str(s) })
     }
-    pub fn as_str(&self) -> &'a str {
-        self.0
-    }
 }
 
 fn span_str(arena: &str, (o, l): (u32, u32)) -> &str {
