@@ -27,9 +27,25 @@ use super::watch::{WatchEvent, WatchFailure, WatchStream};
 use super::{Datastore, DatastoreError, DsResult, ErrorKind, Expect, Kind, Precondition, Stored, check_expected, deleted_mark};
 use crate::model::{CALICO_GROUP, CALICO_API_VERSION};
 
-/// Objects per LIST page: large enough that a 10k-block cluster lists in a few round trips,
-/// small enough that one page never holds more than a few MB.
+/// Objects per LIST page: large enough that 30,000 pods or handles list in 60 round trips,
+/// small enough that one page of them never holds more than a few MB.
 pub(crate) const LIST_PAGE: u32 = 500;
+
+/// IPAMBlocks per LIST page. A block carries an attribute map for each of up to 64 allocations,
+/// so one decodes to about 40 KB of JSON values where a handle takes about 1 KB: a 500-block
+/// page and the watch's read-ahead of two more held every block of a 1,000-node cluster at
+/// once, the largest part of the controller's heap peak while it synced. At 50 a page holds
+/// about as much as a page of handles, and the blocks (a node's worth each, far fewer than
+/// pods) still list in fewer round trips than the pods.
+pub(crate) const BLOCK_LIST_PAGE: u32 = 50;
+
+/// Objects per LIST page of `kind` (see [`BLOCK_LIST_PAGE`]).
+pub(crate) fn list_page(kind: Kind) -> u32 {
+    match kind {
+        Kind::IpamBlock => BLOCK_LIST_PAGE,
+        _ => LIST_PAGE,
+    }
+}
 
 /// The HTTP code label of a call that failed before an HTTP answer (connection, timeout, decode).
 pub const CODE_TRANSPORT: u16 = 0;
@@ -157,24 +173,24 @@ struct RestartingWatch<K, F> {
 }
 
 /// `kube::runtime::watcher` (paged initial list, then a watch) on `api`, its events mapped onto
-/// the seam by `stored`. After a failure the watcher is not left to resume on its own: kube's
+/// the seam by `stored`, `page` objects a LIST page. After a failure the watcher is not left to resume on its own: kube's
 /// watcher re-establishes a failed watch without any event, so the consumer could not tell when
 /// the kind is whole again. It is started afresh instead, and its relist ends in `InitDone`,
 /// which says so. That costs a list per failure; failures are rare (a quiet watch that times
 /// out is resumed by the watcher without one), and upstream's reflector relists on most too.
-pub(crate) fn watch_stream<K, F>(api: Api<K>, stored: F) -> WatchStream
+pub(crate) fn watch_stream<K, F>(api: Api<K>, page: u32, stored: F) -> WatchStream
 where
     K: ::kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
     F: Fn(K) -> DsResult<Stored> + Send + 'static,
 {
     let state = RestartingWatch { api, stored, current: None, started: tokio::time::Instant::now(), delay: std::time::Duration::ZERO, expired: false };
-    let events = futures::stream::unfold(state, |mut s| async move {
+    let events = futures::stream::unfold(state, move |mut s| async move {
         loop {
             if s.current.is_none() {
                 if !s.delay.is_zero() {
                     tokio::time::sleep(s.delay).await;
                 }
-                s.current = Some(watcher(s.api.clone(), watcher::Config::default()).boxed());
+                s.current = Some(watcher(s.api.clone(), watcher::Config::default().page_size(page)).boxed());
                 s.started = tokio::time::Instant::now();
             }
             let next = s.current.as_mut().expect("started above").next().await;
@@ -210,21 +226,21 @@ where
             return Some((event, s));
         }
     });
-    read_ahead(events)
+    read_ahead(events, READ_AHEAD_PAGES * page as usize)
 }
 
-/// Events a watch may run ahead of its consumer: two list pages. A Kubernetes watcher fetches
-/// its next page only when the consumer asks for the next object, so fetching and the
-/// consumer's decoding took turns; scale runs showed a 30,000-pod initial list taking twice the
-/// time of the raw paged LIST. Events buffered here are the mapped `Stored` objects of at most
-/// this many objects.
-const READ_AHEAD: usize = 2 * LIST_PAGE as usize;
+/// List pages a watch may run ahead of its consumer. A Kubernetes watcher fetches its next page
+/// only when the consumer asks for the next object, so fetching and the consumer's decoding
+/// took turns; scale runs showed a 30,000-pod initial list taking twice the time of the raw
+/// paged LIST. Events buffered here are the mapped `Stored` objects of at most this many pages.
+const READ_AHEAD_PAGES: usize = 2;
 
-/// Drives `events` on a task of its own and hands them over through a bounded channel, in
-/// order: the watch fetches (and maps) the next page while the consumer is still applying the
-/// last one. The task ends when the consumer drops the stream, even on a quiet watch.
-fn read_ahead(events: impl futures::Stream<Item = WatchEvent> + Send + 'static) -> WatchStream {
-    let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD);
+/// Drives `events` on a task of its own and hands them over through a channel of `depth`
+/// events, in order: the watch fetches (and maps) the next page while the consumer is still
+/// applying the last one. The task ends when the consumer drops the stream, even on a quiet
+/// watch.
+fn read_ahead(events: impl futures::Stream<Item = WatchEvent> + Send + 'static, depth: usize) -> WatchStream {
+    let (tx, rx) = tokio::sync::mpsc::channel(depth.max(1));
     tokio::spawn(async move {
         let mut events = std::pin::pin!(events);
         loop {
@@ -241,7 +257,7 @@ fn read_ahead(events: impl futures::Stream<Item = WatchEvent> + Send + 'static) 
     Box::pin(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) }))
 }
 
-/// A paged LIST (`LIST_PAGE` objects a page), every page waiting on `limiter` and counted as
+/// A paged LIST (`page` objects a page), every page waiting on `limiter` and counted as
 /// ("list", `resource`, code); each object goes to `each` as its page arrives, so no more than a
 /// page is held here. Returns how many objects were listed.
 pub(crate) async fn list_pages(
@@ -249,9 +265,10 @@ pub(crate) async fn list_pages(
     limiter: &RequestLimiter,
     counters: &ApiCounters,
     resource: &'static str,
+    page: u32,
     mut each: impl FnMut(DynamicObject) -> DsResult<()>,
 ) -> DsResult<u64> {
-    let mut params = ListParams::default().limit(LIST_PAGE);
+    let mut params = ListParams::default().limit(page);
     let mut listed = 0u64;
     loop {
         limiter.wait().await;
@@ -479,7 +496,7 @@ impl Datastore for KubeDatastore {
 
     async fn list(&self, kind: Kind) -> DsResult<Vec<Stored>> {
         let mut out = Vec::new();
-        list_pages(&self.api(kind), &self.limiter, &self.counters, kind.plural(), |object| {
+        list_pages(&self.api(kind), &self.limiter, &self.counters, kind.plural(), list_page(kind), |object| {
             out.push(to_stored(kind, object)?);
             Ok(())
         })
@@ -535,7 +552,7 @@ impl Datastore for KubeDatastore {
 
     fn watch(&self, kind: Kind) -> WatchStream {
         // Soft-deleted objects pass through: the consumer filters them, as it does a list's.
-        watch_stream(self.api(kind), move |object| to_stored(kind, object))
+        watch_stream(self.api(kind), list_page(kind), move |object| to_stored(kind, object))
     }
 
     async fn delete(&self, kind: Kind, name: &str, precondition: &Precondition) -> DsResult<()> {

@@ -23,7 +23,7 @@ use serde::Deserialize;
 use crate::model::pod::{PodSpecLite, PodStatusLite};
 
 use super::cluster::{ClusterKind, ClusterReader};
-use super::kube::{ApiCounters, RequestLimiter, dynamic_to_stored, list_pages, status_code, to_error_on, watch_stream};
+use super::kube::{ApiCounters, LIST_PAGE, RequestLimiter, dynamic_to_stored, list_pages, status_code, to_error_on, watch_stream};
 use super::watch::WatchStream;
 use super::{DsResult, Stored};
 
@@ -74,11 +74,11 @@ impl ClusterReader for KubeCluster {
     fn watch(&self, kind: ClusterKind) -> WatchStream {
         let resource = cluster_resource(kind);
         let api = Api::all_with(self.client.clone(), &resource);
-        watch_stream(api, move |object| Self::to_stored(kind, &resource, object))
+        watch_stream(api, LIST_PAGE, move |object| Self::to_stored(kind, &resource, object))
     }
 
     fn watch_gc_pods(&self) -> WatchStream {
-        watch_stream(Api::<GcPod>::all(self.client.clone()), GcPod::into_stored)
+        watch_stream(Api::<GcPod>::all(self.client.clone()), LIST_PAGE, GcPod::into_stored)
     }
 
     async fn get(&self, kind: ClusterKind, namespace: &str, name: &str) -> DsResult<Stored> {
@@ -99,7 +99,7 @@ impl ClusterReader for KubeCluster {
     async fn list_each(&self, kind: ClusterKind, sink: &mut (dyn FnMut(Stored) + Send)) -> DsResult<u64> {
         let resource = cluster_resource(kind);
         let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &resource);
-        list_pages(&api, &self.limiter, &self.counters, kind.plural(), |object| {
+        list_pages(&api, &self.limiter, &self.counters, kind.plural(), LIST_PAGE, |object| {
             sink(Self::to_stored(kind, &resource, object)?);
             Ok(())
         })

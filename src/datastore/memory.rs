@@ -356,6 +356,22 @@ impl MemoryDatastore {
         inner.of_kind(kind).map(|(n, e)| (n.clone(), e.revision.to_string(), e.soft_deleted)).collect()
     }
 
+    /// Every object of `kind` that is not soft-deleted, its stored body decoded into `T` and
+    /// handed to `each` with its name, one at a time and without counting an operation: for a
+    /// reader that wants a field or two of every object (a `T` that names only those), not a
+    /// typed copy of the whole kind.
+    pub fn decode_each<T: serde::de::DeserializeOwned>(&self, kind: Kind, mut each: impl FnMut(&str, T)) -> DsResult<()> {
+        let inner = self.lock();
+        for (name, e) in inner.of_kind(kind) {
+            if e.soft_deleted {
+                continue;
+            }
+            let object: T = serde_json::from_slice(&e.body).map_err(|err| DatastoreError::invalid(format!("{name} does not decode: {err}")))?;
+            each(name, object);
+        }
+        Ok(())
+    }
+
     /// Every object of `kind` that is not soft-deleted, decoded straight from its stored body
     /// into `Object<S>` with the name, revision and uid of the stored version, without counting an
     /// operation: a typed list that never holds the whole kind as parsed JSON.

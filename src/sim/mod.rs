@@ -248,6 +248,18 @@ pub fn sync_index(ds: &MemoryDatastore, index: &mut IpamIndex) -> Result<(), Sim
     sync_kind(ds, index, Kind::IpamHandle, handles, |ix, id: &String| ix.delete_handle(id), |ix, h: &IpamHandle| ix.apply_handle(h))
 }
 
+/// The one field of an IPAMHandle the checker reads.
+#[derive(serde::Deserialize)]
+struct HandleIdOnly {
+    spec: HandleIdSpec,
+}
+
+#[derive(serde::Deserialize)]
+struct HandleIdSpec {
+    #[serde(rename = "handleID", default)]
+    handle_id: String,
+}
+
 /// The nearest-rank `q` quantile (0 < q <= 1) of `samples`; 0 when there are none.
 fn quantile(samples: &[f64], q: f64) -> f64 {
     let mut v = samples.to_vec();
@@ -433,12 +445,13 @@ fn run_loaded(loaded: Loaded, repeats: usize) -> Result<PipelineRun, SimError> {
     if let Err(e) = r.gc.check_invariants(&r.index) {
         problems.push(format!("GC state invariant: {e}"));
     }
-    let listed = list_ipam(&ds)?;
-    let ds_allocations = checker::allocated_ips(&listed.blocks).len() as u64;
+    let blocks: Vec<IpamBlock> = ds.decode_current(Kind::IpamBlock).map_err(ds_error("the IPAM blocks"))?;
+    let ds_allocations = checker::allocated_ips(&blocks).len() as u64;
     if ds_allocations != r.index.allocation_count() {
         problems.push(format!("index holds {} allocations, the datastore {ds_allocations}", r.index.allocation_count()));
     }
-    drop_listing(listed);
+    drop(blocks);
+    crate::memstat::give_back();
     let Runner { index, gc, cfg, found, passes, .. } = r;
     Ok(PipelineRun {
         live_pods: present.into_values().collect(),
@@ -459,16 +472,28 @@ fn run_loaded(loaded: Loaded, repeats: usize) -> Result<PipelineRun, SimError> {
 
 /// Runs the independent checker on a finished pipeline.
 pub fn check_run(run: &PipelineRun) -> Result<CheckReport, SimError> {
-    let listed = list_ipam(&run.ds)?;
-    let affinity_names: BTreeSet<String> = listed.affinities.iter().map(|a| a.metadata.name.clone()).collect();
-    let handle_ids: BTreeSet<String> = listed.handles.iter().map(|h| h.spec.handle_id.clone()).collect();
+    let decode = |e: crate::datastore::DatastoreError| SimError::Datastore { what: "the IPAM objects".into(), message: e.to_string() };
+    // Of affinities and handles the checker reads a name each, so only that is decoded: a typed
+    // listing of every handle beside the finished run was simulate's peak of memory.
+    let blocks: Vec<IpamBlock> = run.ds.decode_current(Kind::IpamBlock).map_err(decode)?;
+    let mut affinity_names = BTreeSet::new();
+    run.ds.decode_each(Kind::BlockAffinity, |name, _: serde::de::IgnoredAny| {
+        affinity_names.insert(name.to_string());
+    })
+    .map_err(decode)?;
+    let mut handle_ids = BTreeSet::new();
+    run.ds.decode_each(Kind::IpamHandle, |_, h: HandleIdOnly| {
+        handle_ids.insert(h.spec.handle_id);
+    })
+    .map_err(decode)?;
     let live_ips: HashSet<IpAddr> = run.live_pods.iter().filter(|p| !p.finished()).flat_map(|p| p.ips.iter().copied()).collect();
     let mut report = check(
         &run.cluster,
         &run.before,
-        &FinalState { blocks: &listed.blocks, affinity_names: &affinity_names, handle_ids: &handle_ids, live_ips: &live_ips, now: run.now },
+        &FinalState { blocks: &blocks, affinity_names: &affinity_names, handle_ids: &handle_ids, live_ips: &live_ips, now: run.now },
     );
-    drop_listing(listed);
+    drop(blocks);
+    crate::memstat::give_back();
     report.problems.extend(run.problems.iter().cloned());
     report.ok = report.problems.is_empty();
     Ok(report)

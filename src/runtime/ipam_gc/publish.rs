@@ -7,7 +7,7 @@
 //! computation hand-off, reclamation labels.
 //! Must not: decide anything, or hold the shared lock across an `.await`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -18,19 +18,15 @@ use crate::ipam::plan::Plan;
 use crate::model::InvalidObject;
 use crate::runtime::Shared;
 use crate::runtime::ipam_gauges::{self, NO_POOL, PoolDef, UNKNOWN_NODE};
-use crate::scan::report::{ReportMeta, build_report};
+use crate::scan::report::{AllocationMap, ReportMeta, build_report};
 
 /// Builds the report of `plan` and publishes it; after a full pass also writes the report file.
 pub fn publish_report(inputs: &GcInputs, plan: &Plan, cfg: &GcConfig, shared: &Shared, report_file: Option<&std::path::Path>) {
     let meta = ReportMeta::from_cluster_info(inputs.cluster_info.as_ref());
     let invalid: Vec<InvalidObject> = inputs.invalid.values().cloned().collect();
-    let mut report = build_report(&inputs.index, plan, plan, cfg, meta, invalid);
-    // Keep only the leaked addresses of calicoctl's allocation map: the rest is every allocation
-    // of the cluster (about 100 MB at 250k) and `release --from-report` only acts on
-    // `inUse: false` entries anyway. The summary keeps the totals.
-    let leaked: HashSet<&str> = report.leaks.iter().map(|l| l.ip.as_str()).collect();
-    let kept: BTreeMap<_, _> = std::mem::take(&mut report.allocations).into_iter().filter(|(ip, _)| leaked.contains(ip.as_str())).collect();
-    report.allocations = kept;
+    // Only the leaked addresses of calicoctl's allocation map: the rest is every allocation of
+    // the cluster (about 100 MB at 250k), never formatted.
+    let report = build_report(&inputs.index, plan, plan, cfg, meta, invalid, AllocationMap::LeakedOnly);
     shared.set_report(report);
     if plan.full
         && let (Some(path), Some(report)) = (report_file, shared.report())
