@@ -172,10 +172,10 @@ struct RestartingWatch<K, F> {
     expired: bool,
 }
 
-/// `kube::runtime::watcher` (paged initial list, then a watch) on `api`, its events mapped onto
-/// the seam by `stored`, `page` objects a LIST page. After a failure the watcher is not left to resume on its own: kube's
-/// watcher re-establishes a failed watch without any event, so the consumer could not tell when
-/// the kind is whole again. It is started afresh instead, and its relist ends in `InitDone`,
+/// `kube::runtime::watcher` (paged initial list, `page` objects a page, then a watch) on `api`,
+/// its events mapped onto the seam by `stored`. After a failure the watcher is not left to
+/// resume on its own: kube's watcher re-establishes a failed watch without any event, so the
+/// consumer could not tell when the kind is whole again. It is started afresh instead, and its relist ends in `InitDone`,
 /// which says so. That costs a list per failure; failures are rare (a quiet watch that times
 /// out is resumed by the watcher without one), and upstream's reflector relists on most too.
 pub(crate) fn watch_stream<K, F>(api: Api<K>, page: u32, stored: F) -> WatchStream
