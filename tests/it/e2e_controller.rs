@@ -121,6 +121,13 @@ async fn dry_run_controller_reports_the_leak_and_writes_nothing() {
             let leaks = report["leaks"].as_array().cloned().unwrap_or_default();
             if leaks.iter().any(|l| l["ip"] == s.gone_ip && l["releasable"] == true) {
                 assert!(leaks.iter().all(|l| l["ip"] != LIVE_IP), "the live IP is no leak: {body}");
+                // calicoctl's allocation map holds the leaked addresses only; the summary counts all.
+                let map = report["allocations"].as_object().expect("calicoctl's allocation map");
+                let leaked: std::collections::BTreeSet<&str> = leaks.iter().filter_map(|l| l["ip"].as_str()).collect();
+                assert_eq!(map.keys().map(String::as_str).collect::<std::collections::BTreeSet<_>>(), leaked, "{body}");
+                assert!(!map.contains_key(LIVE_IP), "{body}");
+                assert_eq!(map[s.gone_ip][0]["inUse"], false, "{body}");
+                assert!(report["summary"]["allocations"].as_u64() >= Some(2), "{body}");
                 break;
             }
         }
