@@ -28,11 +28,9 @@ use serde_json::{Value, json};
 
 use super::etcd_layout::{self, candidate_keys, from_etcd_value, key_for_write, kind_range, parse_key, to_etcd_value};
 use super::watch::{WatchEvent, WatchFailure, WatchStream};
-use super::{CalicoNodeView, Datastore, DatastoreError, DsResult, ErrorKind, Kind, Precondition, Stored};
+use super::{CalicoNodeView, Datastore, DatastoreError, DsResult, ErrorKind, Kind, Precondition, Stored, list_page};
 use crate::config::{EtcdConfig, Setting};
 
-/// Keys per range page while listing.
-const LIST_PAGE: i64 = 500;
 /// A member that does not accept a connection within this is skipped for the next one.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// A unary call (range, txn, authenticate) that has no answer within this is given up on that member.
@@ -288,33 +286,44 @@ impl EtcdDatastore {
 
     /// Every object of `kind` at one revision, and that revision.
     async fn list_at(&self, kind: Kind) -> DsResult<(Vec<Stored>, i64)> {
-        let (start, end) = kind_range(kind);
-        let mut from = start;
+        let (mut from, _) = kind_range(kind);
         let mut revision = 0;
         let mut out = Vec::new();
         loop {
-            let body = json!({"key": b64(&from), "range_end": b64(&end), "limit": LIST_PAGE, "revision": revision});
-            let answer = self.inner.call("/v3/kv/range", &body).await?;
-            if revision == 0 {
-                revision = num(&answer["header"]["revision"]);
-            }
-            let kvs = answer.get("kvs").and_then(Value::as_array).cloned().unwrap_or_default();
-            let mut last = None;
-            for raw in &kvs {
-                let kv = parse_kv(raw)?;
-                if parse_key(kind, &kv.key).is_some() {
-                    match Self::stored(kind, &kv) {
-                        Ok(s) => out.push(s),
-                        Err(e) => tracing::warn!(key = %kv.key, error = %e, "skipping an etcd value that does not decode"),
-                    }
-                }
-                last = Some(kv.key);
-            }
-            match (answer.get("more").and_then(Value::as_bool).unwrap_or(false), last) {
-                (true, Some(key)) => from = format!("{key}\0"),
-                _ => return Ok((out, revision)),
+            let page = self.list_page(kind, &from, revision).await?;
+            revision = page.revision;
+            out.extend(page.objects);
+            match page.next {
+                Some(key) => from = key,
+                None => return Ok((out, revision)),
             }
         }
+    }
+
+    /// One range page of `kind`'s keys from `from` ([`list_page`] keys) at `revision`, 0 for the
+    /// current one (the answer names it; later pages pin it, so the pages make one snapshot).
+    async fn list_page(&self, kind: Kind, from: &str, revision: i64) -> DsResult<ListPage> {
+        let (_, end) = kind_range(kind);
+        let body = json!({"key": b64(from), "range_end": b64(&end), "limit": list_page(kind), "revision": revision});
+        let answer = self.inner.call("/v3/kv/range", &body).await?;
+        let revision = if revision == 0 { num(&answer["header"]["revision"]) } else { revision };
+        let mut objects = Vec::new();
+        let mut last = None;
+        for raw in answer.get("kvs").and_then(Value::as_array).map_or(&[][..], Vec::as_slice) {
+            let kv = parse_kv(raw)?;
+            if parse_key(kind, &kv.key).is_some() {
+                match Self::stored(kind, &kv) {
+                    Ok(s) => objects.push(s),
+                    Err(e) => tracing::warn!(key = %kv.key, error = %e, "skipping an etcd value that does not decode"),
+                }
+            }
+            last = Some(kv.key);
+        }
+        let next = match (answer.get("more").and_then(Value::as_bool).unwrap_or(false), last) {
+            (true, Some(key)) => Some(format!("{key}\0")),
+            _ => None,
+        };
+        Ok(ListPage { objects, revision, next })
     }
 
     /// A transaction: `compare` all hold -> `success`, else `failure`. Returns whether it
@@ -832,6 +841,7 @@ impl EtcdDatastore {
             kind,
             pending: VecDeque::new(),
             relist: true,
+            listing: None,
             next_revision: 0,
             body: None,
             buffer: Vec::new(),
@@ -844,13 +854,25 @@ impl EtcdDatastore {
     }
 }
 
+/// One range page of a list: its objects, the revision the list reads at, and the key the next
+/// page starts from (none after the last).
+struct ListPage {
+    objects: Vec<Stored>,
+    revision: i64,
+    next: Option<String>,
+}
+
 /// One kind's list + watch: relist when told to (start, compaction), otherwise resume the watch
-/// after the last revision seen.
+/// after the last revision seen. A relist hands its objects over a page at a time, so no more
+/// than a page of them is held here (a whole kind as parsed JSON was hundreds of MB at 150,000
+/// handles).
 struct WatchState {
     ds: EtcdDatastore,
     kind: Kind,
     pending: VecDeque<WatchEvent>,
     relist: bool,
+    /// While a relist is under way: the key its next page starts from and the revision it reads at.
+    listing: Option<(String, i64)>,
     /// The first revision the watch has not delivered.
     next_revision: i64,
     body: Option<Incoming>,
@@ -879,21 +901,36 @@ impl WatchState {
                 return e;
             }
             if self.relist {
-                if !self.delay.is_zero() {
-                    tokio::time::sleep(self.delay).await;
-                }
-                match self.ds.list_at(self.kind).await {
-                    Ok((objects, revision)) => {
-                        self.pending.push_back(WatchEvent::Init);
-                        self.pending.extend(objects.into_iter().map(WatchEvent::InitApply));
-                        self.pending.push_back(WatchEvent::InitDone);
-                        self.next_revision = revision + 1;
-                        self.relist = false;
-                        self.body = None;
-                        self.buffer.clear();
-                        self.delay = Duration::ZERO;
+                let (from, revision) = match self.listing.take() {
+                    Some(next) => next,
+                    None => {
+                        if !self.delay.is_zero() {
+                            tokio::time::sleep(self.delay).await;
+                        }
+                        (kind_range(self.kind).0, 0)
+                    }
+                };
+                match self.ds.list_page(self.kind, &from, revision).await {
+                    Ok(page) => {
+                        if revision == 0 {
+                            self.pending.push_back(WatchEvent::Init);
+                        }
+                        self.pending.extend(page.objects.into_iter().map(WatchEvent::InitApply));
+                        match page.next {
+                            Some(key) => self.listing = Some((key, page.revision)),
+                            None => {
+                                self.pending.push_back(WatchEvent::InitDone);
+                                self.next_revision = page.revision + 1;
+                                self.relist = false;
+                                self.body = None;
+                                self.buffer.clear();
+                                self.delay = Duration::ZERO;
+                            }
+                        }
                     }
                     Err(e) => {
+                        // A relist that fails part way starts again from its first page (and
+                        // `Init`): the consumer holds its writes from `Init` to `InitDone`.
                         self.delay = (self.delay * 2).clamp(WATCH_RETRY_FIRST, WATCH_RETRY_MAX);
                         return WatchEvent::Error(failure_of(&e));
                     }

@@ -23,7 +23,8 @@ use serde::Deserialize;
 use crate::model::pod::{PodSpecLite, PodStatusLite};
 
 use super::cluster::{ClusterKind, ClusterReader};
-use super::kube::{ApiCounters, LIST_PAGE, RequestLimiter, dynamic_to_stored, list_pages, status_code, to_error_on, watch_stream};
+use super::LIST_PAGE;
+use super::kube::{ApiCounters, RequestLimiter, dynamic_to_stored, list_pages, status_code, to_error_on, watch_stream};
 use super::watch::WatchStream;
 use super::{DsResult, Stored};
 

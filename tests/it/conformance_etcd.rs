@@ -437,9 +437,38 @@ async fn lists_and_watches_page_through_more_keys_than_one_range_returns() {
     let mut names: Vec<_> = listed.iter().map(|s| s.name.clone()).collect();
     names.dedup();
     assert_eq!(names.len(), N, "no key twice across pages");
+    // The watch hands its relist over a page at a time. A handle created once the first objects
+    // are out (its key after every listed one, so a later page would meet it) is not in the
+    // relist, which reads at one revision across its pages: it follows as a change.
     let mut stream = ds.watch(Kind::IpamHandle);
-    let (watched, _) = next_list(&mut stream).await;
-    assert_eq!(watched.len(), N);
+    let mut next = async || tokio::time::timeout(Duration::from_secs(30), stream.next()).await.expect("an event within 30s").expect("the stream goes on");
+    assert!(matches!(next().await, WatchEvent::Init));
+    let mut watched = Vec::new();
+    while watched.len() < 10 {
+        match next().await {
+            WatchEvent::InitApply(s) => watched.push(s.name),
+            other => panic!("{other:?} in the relist"),
+        }
+    }
+    let late = "k8s-pod-network.zz-late";
+    ds.create(Kind::IpamHandle, late, handle(late)).await.unwrap();
+    loop {
+        match next().await {
+            WatchEvent::InitApply(s) => watched.push(s.name),
+            WatchEvent::InitDone => break,
+            other => panic!("{other:?} in the relist"),
+        }
+    }
+    assert_eq!(watched.len(), N, "every handle of the revision the relist began at, and no other");
+    assert!(!watched.iter().any(|n| n == late));
+    loop {
+        match next().await {
+            // The watch says it is (re)established before its first change.
+            WatchEvent::Resumed => {}
+            WatchEvent::Apply(s) => break assert_eq!(s.name, late),
+            other => panic!("{other:?} instead of the late handle"),
+        }
+    }
     assert!(ds.list(Kind::BlockAffinity).await.expect("list affinities").is_empty(), "a host marker is no affinity");
 }
 
