@@ -864,8 +864,7 @@ struct ListPage {
 
 /// One kind's list + watch: relist when told to (start, compaction), otherwise resume the watch
 /// after the last revision seen. A relist hands its objects over a page at a time, so no more
-/// than a page of them is held here (a whole kind as parsed JSON was hundreds of MB at 150,000
-/// handles).
+/// than a page of them is held here, where it used to hold the whole kind as parsed JSON.
 struct WatchState {
     ds: EtcdDatastore,
     kind: Kind,
