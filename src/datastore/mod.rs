@@ -168,6 +168,7 @@ impl Kind {
 /// Objects per LIST page (a Kubernetes LIST, an etcd range): large enough that 30,000 pods or
 /// handles list in 60 round trips, small enough that one page of them never holds more than a
 /// few MB.
+#[cfg(feature = "cli")]
 pub(crate) const LIST_PAGE: u32 = 500;
 
 /// IPAMBlocks per LIST page. A block carries an attribute map for each of up to 64 allocations,
@@ -176,9 +177,11 @@ pub(crate) const LIST_PAGE: u32 = 500;
 /// the largest part of the controller's heap peak while it synced. At 50 a page holds about as
 /// much as a page of handles, and the blocks (a node's worth each, far fewer than pods) still
 /// list in fewer round trips than the pods.
+#[cfg(feature = "cli")]
 pub(crate) const BLOCK_LIST_PAGE: u32 = 50;
 
 /// Objects per LIST page of `kind` (see [`BLOCK_LIST_PAGE`]).
+#[cfg(feature = "cli")]
 pub(crate) fn list_page(kind: Kind) -> u32 {
     match kind {
         Kind::IpamBlock => BLOCK_LIST_PAGE,
