@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
 use serde_json::{Map, Value};
@@ -19,6 +19,7 @@ use super::watch::{WatchEvent, WatchStream};
 use super::watch_hub::WatchHub;
 use super::{Datastore, DatastoreError, DsResult, ErrorKind, Expect, Kind, Precondition, Stored, check_expected};
 use crate::model::meta::Object;
+use crate::model::{BlockAffinity, IpamBlock, IpamHandle};
 
 /// The verbs of the trait, for fault injection and operation counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -78,9 +79,8 @@ struct Hook {
     mutate: Mutation,
 }
 
-/// One stored object: its body as compact JSON text (a quarter of the memory of a parsed
-/// `Value`, so a simulated cluster of 25,000 nodes fits), parsed again on every read. Bodies are
-/// never changed in place (a write stores a new one), so a [`MemoryDatastore::fork`] shares them.
+/// One stored object. Bodies are never changed in place (a write stores a new one), so a
+/// [`MemoryDatastore::fork`] shares them.
 #[derive(Debug, Clone)]
 struct Entry {
     revision: u64,
@@ -88,22 +88,122 @@ struct Entry {
     created: u64,
     /// `spec.deleted`, read once when the body is stored.
     soft_deleted: bool,
-    body: std::sync::Arc<[u8]>,
+    body: Body,
+}
+
+/// How a body is held.
+#[derive(Debug, Clone)]
+pub(crate) enum Body {
+    /// Compact JSON text (a quarter of the memory of a parsed `Value`), parsed again on every read.
+    Json(Arc<[u8]>),
+    /// An IPAM object decoded once and stamped with the entry's name, revision and uid: what a
+    /// typed read ([`MemoryDatastore::shared_current`]) hands out, shared instead of copied, so a
+    /// simulated cluster's relist costs a pointer an object. Only a body that encodes back to
+    /// exactly what was written is held so (unknown fields are kept by the typed form where
+    /// present); any other stays JSON.
+    Handle(Arc<IpamHandle>),
+    Block(Arc<IpamBlock>),
+    Affinity(Arc<BlockAffinity>),
+}
+
+/// The IPAM kinds a [`Body`] can hold typed.
+pub(crate) trait SharedKind: serde::de::DeserializeOwned + serde::Serialize + Send + Sync + 'static {
+    fn shared(body: &Body) -> Option<&Arc<Self>>;
+    fn wrap(object: Arc<Self>) -> Body;
+    fn meta_mut(&mut self) -> &mut crate::model::meta::Meta;
+}
+
+macro_rules! shared_kind {
+    ($t:ty, $variant:ident) => {
+        impl SharedKind for $t {
+            fn shared(body: &Body) -> Option<&Arc<Self>> {
+                match body {
+                    Body::$variant(o) => Some(o),
+                    _ => None,
+                }
+            }
+            fn wrap(object: Arc<Self>) -> Body {
+                Body::$variant(object)
+            }
+            fn meta_mut(&mut self) -> &mut crate::model::meta::Meta {
+                &mut self.metadata
+            }
+        }
+    };
+}
+shared_kind!(IpamHandle, Handle);
+shared_kind!(IpamBlock, Block);
+shared_kind!(BlockAffinity, Affinity);
+
+/// `value` decoded into `T` when `T` encodes back to exactly `value`, stamped as `name` at
+/// `revision` with `uid`.
+fn typed<T: SharedKind>(value: &Value, name: &str, revision: u64, uid: String) -> Option<Body> {
+    let mut object = T::deserialize(value).ok()?;
+    if serde_json::to_value(&object).ok()? != *value {
+        return None;
+    }
+    let meta = object.meta_mut();
+    meta.name = name.to_string();
+    meta.resource_version = Some(revision.to_string());
+    meta.uid = Some(uid);
+    Some(T::wrap(Arc::new(object)))
 }
 
 impl Entry {
-    fn new(revision: u64, created: u64, value: &Value) -> Entry {
-        let body = serde_json::to_vec(value).expect("a JSON value always encodes").into();
+    fn new(kind: Kind, name: &str, revision: u64, created: u64, value: &Value) -> Entry {
+        // Cluster-scoped kinds only: a stamp names no namespace.
+        let body = match kind {
+            Kind::IpamHandle => typed::<IpamHandle>(value, name, revision, uid_of(created)),
+            Kind::IpamBlock => typed::<IpamBlock>(value, name, revision, uid_of(created)),
+            Kind::BlockAffinity => typed::<BlockAffinity>(value, name, revision, uid_of(created)),
+            _ => None,
+        };
+        let body = body.unwrap_or_else(|| Body::Json(serde_json::to_vec(value).expect("a JSON value always encodes").into()));
         Entry { revision, created, soft_deleted: soft_deleted(value), body }
     }
 
+    /// The body as written (a typed one without the stamp's revision and uid).
     fn value(&self) -> Value {
-        serde_json::from_slice(&self.body).expect("a stored body is JSON this datastore wrote")
+        fn unstamped<T: serde::Serialize>(o: &T) -> Value {
+            strip_server_fields(serde_json::to_value(o).expect("a typed body encodes"))
+        }
+        match &self.body {
+            Body::Json(b) => serde_json::from_slice(b).expect("a stored body is JSON this datastore wrote"),
+            Body::Handle(o) => unstamped(&**o),
+            Body::Block(o) => unstamped(&**o),
+            Body::Affinity(o) => unstamped(&**o),
+        }
+    }
+
+    /// The body decoded into `T`.
+    fn decode<T: serde::de::DeserializeOwned>(&self) -> Result<T, String> {
+        fn from<T: serde::de::DeserializeOwned, O: serde::Serialize>(o: &O) -> Result<T, String> {
+            T::deserialize(serde_json::to_value(o).map_err(|e| e.to_string())?).map_err(|e| e.to_string())
+        }
+        match &self.body {
+            Body::Json(b) => serde_json::from_slice(b).map_err(|e| e.to_string()),
+            Body::Handle(o) => from(&**o),
+            Body::Block(o) => from(&**o),
+            Body::Affinity(o) => from(&**o),
+        }
     }
 
     fn uid(&self) -> String {
         uid_of(self.created)
     }
+}
+
+/// The entry's body typed and stamped as `name`: shared when it is held typed, decoded otherwise.
+fn shared<T: SharedKind>(name: &str, e: &Entry) -> DsResult<Arc<T>> {
+    if let Some(o) = T::shared(&e.body) {
+        return Ok(Arc::clone(o));
+    }
+    let mut object: T = e.decode().map_err(|err| DatastoreError::invalid(format!("{name} does not decode: {err}")))?;
+    let meta = object.meta_mut();
+    meta.name = name.to_string();
+    meta.resource_version = Some(e.revision.to_string());
+    meta.uid = Some(e.uid());
+    Ok(Arc::new(object))
 }
 
 /// The deterministic uid of the `created`-th object ever created.
@@ -130,6 +230,9 @@ struct Inner {
     hooks: VecDeque<Hook>,
     ops: BTreeMap<(Op, Kind), u64>,
     watches: WatchHub<Kind>,
+    /// Removed objects with their last bodies, kept from [`MemoryDatastore::record_removals`]
+    /// until [`MemoryDatastore::take_removed`] takes them.
+    removed: Option<Vec<(Kind, String, Entry)>>,
 }
 
 impl Inner {
@@ -161,7 +264,7 @@ impl Inner {
         let entry = self.objects.get_mut(&(kind, name.to_string()))?;
         let mut value = entry.value();
         mutate(&mut value);
-        *entry = Entry::new(revision, entry.created, &value);
+        *entry = Entry::new(kind, name, revision, entry.created, &value);
         let stored = stamp(name, entry);
         self.watches.tell(kind, || WatchEvent::Apply(stored.clone()));
         Some(stored)
@@ -170,7 +273,7 @@ impl Inner {
     /// Stores a new version of an existing object and tells the watches.
     fn replace(&mut self, kind: Kind, name: &str, created: u64, value: Value) -> Stored {
         let revision = self.next_revision();
-        let entry = Entry::new(revision, created, &value);
+        let entry = Entry::new(kind, name, revision, created, &value);
         let stored = stamp(name, &entry);
         self.objects.insert((kind, name.to_string()), entry);
         self.watches.tell(kind, || WatchEvent::Apply(stored.clone()));
@@ -193,6 +296,9 @@ impl Inner {
         let Some(mut entry) = self.objects.remove(&(kind, name.to_string())) else { return };
         entry.revision = self.next_revision();
         self.watches.tell(kind, || WatchEvent::Delete(stamp(name, &entry)));
+        if let Some(log) = &mut self.removed {
+            log.push((kind, name.to_string(), entry));
+        }
     }
 }
 
@@ -366,7 +472,7 @@ impl MemoryDatastore {
             if e.soft_deleted {
                 continue;
             }
-            let object: T = serde_json::from_slice(&e.body).map_err(|err| DatastoreError::invalid(format!("{name} does not decode: {err}")))?;
+            let object: T = e.decode().map_err(|err| DatastoreError::invalid(format!("{name} does not decode: {err}")))?;
             each(name, object);
         }
         Ok(())
@@ -382,8 +488,7 @@ impl MemoryDatastore {
             if e.soft_deleted {
                 continue;
             }
-            let mut object: Object<S> =
-                serde_json::from_slice(&e.body).map_err(|err| DatastoreError::invalid(format!("{name} does not decode: {err}")))?;
+            let mut object: Object<S> = e.decode().map_err(|err| DatastoreError::invalid(format!("{name} does not decode: {err}")))?;
             let (namespace, own) = match name.split_once('/') {
                 Some((ns, n)) => (Some(ns.to_string()), n),
                 None => (object.metadata.namespace.take(), name.as_str()),
@@ -395,6 +500,44 @@ impl MemoryDatastore {
             out.push(object);
         }
         Ok(out)
+    }
+
+    /// Every object of `kind` that is not soft-deleted, typed and stamped as a read would give
+    /// it, without counting an operation. A body held typed is handed out shared (a pointer, no
+    /// copy); any other is decoded into a new one.
+    pub(crate) fn shared_current<T: SharedKind>(&self, kind: Kind) -> DsResult<Vec<Arc<T>>> {
+        let inner = self.lock();
+        let mut out = Vec::with_capacity(inner.of_kind(kind).filter(|(_, e)| !e.soft_deleted).count());
+        for (name, e) in inner.of_kind(kind) {
+            if e.soft_deleted {
+                continue;
+            }
+            out.push(shared(name, e)?);
+        }
+        Ok(out)
+    }
+
+    /// From now on every removed object is kept, with its last body, until [`Self::take_removed`]:
+    /// with [`Self::changed_since`], what a reader that keeps its own copies needs to follow the
+    /// datastore without comparing every object.
+    pub fn record_removals(&self) {
+        self.lock().removed.get_or_insert_with(Vec::new);
+    }
+
+    /// The objects of `kind` removed since the last call (or [`Self::record_removals`]), typed.
+    pub(crate) fn take_removed<T: SharedKind>(&self, kind: Kind) -> DsResult<Vec<Arc<T>>> {
+        let mut inner = self.lock();
+        let Some(log) = inner.removed.as_mut() else { return Ok(Vec::new()) };
+        let (taken, kept): (Vec<_>, Vec<_>) = std::mem::take(log).into_iter().partition(|(k, _, _)| *k == kind);
+        *log = kept;
+        taken.into_iter().map(|(_, name, e)| shared(&name, &e)).collect()
+    }
+
+    /// The objects of `kind` written after `revision` (soft-deleted ones included, flagged),
+    /// typed, without counting an operation.
+    pub(crate) fn changed_since<T: SharedKind>(&self, kind: Kind, revision: u64) -> DsResult<Vec<(bool, Arc<T>)>> {
+        let inner = self.lock();
+        inner.of_kind(kind).filter(|(_, e)| e.revision > revision).map(|(name, e)| Ok((e.soft_deleted, shared(name, e)?))).collect()
     }
 
     /// How many calls of `op` on `kind` were made (injected failures included).
@@ -443,7 +586,7 @@ impl MemoryDatastore {
         inner.created += 1;
         let created = inner.created;
         let revision = inner.next_revision();
-        let entry = Entry::new(revision, created, &strip_server_fields(value));
+        let entry = Entry::new(kind, name, revision, created, &strip_server_fields(value));
         let stored = stamp(name, &entry);
         inner.objects.insert(key, entry);
         inner.watches.tell(kind, || WatchEvent::Apply(stored.clone()));
@@ -640,6 +783,58 @@ mod tests {
         // A body that is not the kind's shape is an error naming the object, not a panic.
         let err = ds.decode_current::<crate::model::IpamBlockSpec>(Kind::IpamHandle).unwrap_err();
         assert!(err.to_string().contains("does not decode"), "{err}");
+    }
+
+    fn held_typed(ds: &MemoryDatastore, kind: Kind, name: &str) -> bool {
+        !matches!(ds.lock().objects.get(&(kind, name.to_string())).map(|e| &e.body), Some(Body::Json(_)) | None)
+    }
+
+    #[test]
+    fn an_ipam_body_that_encodes_back_exactly_is_held_typed_shared_by_listings_and_followed_by_revision() {
+        let ds = MemoryDatastore::new();
+        ds.create_now(Kind::IpamHandle, "h", handle("h")).unwrap();
+        // `"deleted": false` and an unknown field of a non-object type: the typed form would write
+        // the first differently, so that body stays text; the unknown field survives either way.
+        let mut odd = handle("odd");
+        odd["spec"]["deleted"] = json!(false);
+        odd["spec"]["future"] = json!([1, "two"]);
+        ds.create_now(Kind::IpamHandle, "odd", odd.clone()).unwrap();
+        let mut extra = handle("extra");
+        extra["spec"]["future"] = json!({"x": 1});
+        ds.create_now(Kind::IpamHandle, "extra", extra.clone()).unwrap();
+        assert!(held_typed(&ds, Kind::IpamHandle, "h") && held_typed(&ds, Kind::IpamHandle, "extra"));
+        assert!(!held_typed(&ds, Kind::IpamHandle, "odd"), "a body the typed form would change is kept as text");
+        for (name, written) in [("h", handle("h")), ("odd", odd), ("extra", extra)] {
+            let read = ds.peek(Kind::IpamHandle, name).unwrap();
+            assert_eq!((&read.value["spec"], &read.value["apiVersion"]), (&written["spec"], &written["apiVersion"]), "{name} reads back as written");
+            assert_eq!((read.value["metadata"]["resourceVersion"].as_str(), read.value["metadata"]["uid"].as_str()), (Some(read.revision.as_str()), Some(read.uid.as_str())));
+        }
+        // Two listings share the typed objects, stamped as a read gives them; a text body is decoded.
+        let (a, b) = (ds.shared_current::<IpamHandle>(Kind::IpamHandle).unwrap(), ds.shared_current::<IpamHandle>(Kind::IpamHandle).unwrap());
+        let names: Vec<&str> = a.iter().map(|h| h.name()).collect();
+        assert_eq!(names, vec!["extra", "h", "odd"]);
+        assert!(Arc::ptr_eq(&a[1], &b[1]) && !Arc::ptr_eq(&a[2], &b[2]));
+        for h in &a {
+            let read = ds.peek(Kind::IpamHandle, h.name()).unwrap();
+            assert_eq!((h.resource_version(), h.metadata.uid.as_deref()), (read.revision.as_str(), Some(read.uid.as_str())));
+            assert_eq!(**h, read.decode::<IpamHandle>().unwrap(), "a shared object is what a read decodes to");
+        }
+        // What changed after a revision, soft-deleted ones flagged; removals once recorded.
+        let since = ds.revision();
+        let mut h = ds.peek(Kind::IpamHandle, "h").unwrap();
+        h.value["spec"]["deleted"] = json!(true);
+        ds.update_now(Kind::IpamHandle, &h).unwrap();
+        ds.delete_now(Kind::IpamHandle, "extra", &Precondition::default()).unwrap();
+        ds.record_removals();
+        ds.delete_now(Kind::IpamHandle, "odd", &Precondition::default()).unwrap();
+        let changed = ds.changed_since::<IpamHandle>(Kind::IpamHandle, since).unwrap();
+        assert_eq!(changed.iter().map(|(soft, h)| (*soft, h.name())).collect::<Vec<_>>(), vec![(true, "h")]);
+        assert!(ds.shared_current::<IpamHandle>(Kind::IpamHandle).unwrap().is_empty(), "soft-deleted objects are not listed");
+        assert!(ds.fork().take_removed::<IpamHandle>(Kind::IpamHandle).unwrap().is_empty(), "a fork records nothing");
+        assert!(ds.take_removed::<IpamBlock>(Kind::IpamBlock).unwrap().is_empty());
+        let removed = ds.take_removed::<IpamHandle>(Kind::IpamHandle).unwrap();
+        assert_eq!(removed.iter().map(|h| h.name()).collect::<Vec<_>>(), vec!["odd"], "only removals after recording began");
+        assert!(ds.take_removed::<IpamHandle>(Kind::IpamHandle).unwrap().is_empty(), "taken once");
     }
 
     #[test]

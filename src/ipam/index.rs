@@ -11,6 +11,7 @@
 //! 4096 addresses (/20 for IPv4, /116 for IPv6), so ordinals fit in 12 bits and a u32 id leaves
 //! room for a million blocks, which lets every cluster-wide set be a `RoaringBitmap`.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
@@ -1303,7 +1304,12 @@ impl IpamIndex {
     /// Replaces the whole state from a snapshot (a relist). Blocks are validated in parallel;
     /// malformed objects are returned, everything else is applied. Dirty state is cleared and a
     /// full scan requested.
-    pub fn reset<'s>(&mut self, snap: Snapshot<'s>) -> Vec<InvalidObject> {
+    pub fn reset<'s, B, A, H>(&mut self, snap: Snapshot<'s, B, A, H>) -> Vec<InvalidObject>
+    where
+        B: Borrow<IpamBlock> + Sync,
+        A: Borrow<BlockAffinity> + Sync,
+        H: Borrow<IpamHandle> + Sync,
+    {
         let coverage = std::mem::take(&mut self.coverage);
         // The node name mapping comes from another source than the snapshot: it stays.
         let aliases = std::mem::take(&mut self.node_aliases);
@@ -1328,15 +1334,15 @@ impl IpamIndex {
         // ahead of the batch being applied.
         let mut invalid = Vec::new();
         let (handles, ()) = rayon::join(
-            || snap.handles.par_iter().map(PreparedHandle::new).collect::<Vec<_>>(),
+            || snap.handles.par_iter().map(|h| PreparedHandle::new(h.borrow())).collect::<Vec<_>>(),
             || {
                 for n in snap.nodes {
                     self.apply_node(n);
                 }
                 // Blocks before pods: a pod's IP then lands straight on its block's ordinal
                 // instead of waiting in `live_unplaced` for the block.
-                let prepare = |batch: &'s [IpamBlock]| -> Vec<Result<PreparedBlock<'s>, InvalidObject>> {
-                    batch.par_iter().map(|b| BlockView::from_block(b).map(PreparedBlock::new)).collect()
+                let prepare = |batch: &'s [B]| -> Vec<Result<PreparedBlock<'s>, InvalidObject>> {
+                    batch.par_iter().map(|b| BlockView::from_block(b.borrow()).map(PreparedBlock::new)).collect()
                 };
                 let mut batches = snap.blocks.chunks(PREPARE_BATCH);
                 let mut ready = batches.next().map(prepare);
@@ -1357,7 +1363,7 @@ impl IpamIndex {
                     self.apply_pod(p);
                 }
                 for a in snap.affinities {
-                    if let Err(e) = self.apply_affinity(a) {
+                    if let Err(e) = self.apply_affinity(a.borrow()) {
                         invalid.push(e);
                     }
                 }
@@ -1500,22 +1506,19 @@ impl IpamIndex {
         if by_node.len() != self.by_node.len() || by_node.iter().any(|(k, v)| self.by_node.get(k) != Some(v)) {
             return Err("by_node differs from blocks".into());
         }
-        fn norm<K: Copy + Eq + std::hash::Hash>(m: &HashMap<K, Vec<u32>>) -> HashMap<K, Vec<u32>> {
-            m.iter()
-                .map(|(k, v)| {
-                    let mut v = v.clone();
-                    v.sort_unstable();
-                    (*k, v)
-                })
-                .collect()
+        // Each list sorted in place (they are this check's own copies): compared as sets, with
+        // no second copy of either map.
+        fn norm<K>(mut m: HashMap<K, Vec<u32>>) -> HashMap<K, Vec<u32>> {
+            m.values_mut().for_each(|v| v.sort_unstable());
+            m
         }
         let mine: HashMap<HandleId, Vec<Gid>> = self.handles.with_allocations().map(|(k, v)| (k, v.to_vec())).collect();
-        if norm(&by_handle) != norm(&mine) {
+        if norm(by_handle) != norm(mine) {
             return Err("by_handle differs from blocks".into());
         }
         // Block slots and gids are both u32 lists keyed by symbol: the same normalisation serves.
         let theirs: HashMap<Sym, Vec<u32>> = self.blocks_by_host.iter().map(|(k, v)| (*k, v.clone())).collect();
-        if norm(&hosts) != norm(&theirs) {
+        if norm(hosts) != norm(theirs) {
             return Err("blocks_by_host differs from block owners".into());
         }
         if empty != self.empty_blocks {
@@ -1646,12 +1649,26 @@ fn pod_slot_hash(pods: &[PodSlot], slot: u32) -> u64 {
     pod_key_hash(p.namespace, p.name)
 }
 
-/// Everything needed to rebuild the index in one go.
-#[derive(Default, Clone, Copy)]
-pub struct Snapshot<'a> {
-    pub blocks: &'a [IpamBlock],
-    pub affinities: &'a [BlockAffinity],
-    pub handles: &'a [IpamHandle],
+/// Everything needed to rebuild the index in one go. The objects may be held by value or
+/// behind any pointer that borrows as one (a shared listing of `Arc`s, say).
+pub struct Snapshot<'a, B = IpamBlock, A = BlockAffinity, H = IpamHandle> {
+    pub blocks: &'a [B],
+    pub affinities: &'a [A],
+    pub handles: &'a [H],
     pub pods: &'a [PodFacts],
     pub nodes: &'a [NodeLite],
 }
+
+impl<B, A, H> Default for Snapshot<'_, B, A, H> {
+    fn default() -> Self {
+        Snapshot { blocks: &[], affinities: &[], handles: &[], pods: &[], nodes: &[] }
+    }
+}
+
+impl<B, A, H> Clone for Snapshot<'_, B, A, H> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B, A, H> Copy for Snapshot<'_, B, A, H> {}

@@ -544,7 +544,8 @@ fn a_reset_records_the_old_allocations_so_no_cached_verdict_goes_stale() {
     let other = block("10.0.5.0/29", Some("n1"), &[pod_alloc(1, "h9", "ns", "p1", "n1")]);
     let nodes = [node("n1")];
     let pods = [pod("ns", "p1", "n1", &["10.0.5.1"])];
-    w.index.reset(super::index::Snapshot { blocks: std::slice::from_ref(&other), nodes: &nodes, pods: &pods, ..Default::default() });
+    let snap: super::index::Snapshot = super::index::Snapshot { blocks: std::slice::from_ref(&other), nodes: &nodes, pods: &pods, ..Default::default() };
+    w.index.reset(snap);
     assert!(w.index.changed_allocations().contains(g2), "the old allocations are recorded as changed");
     w.gc.check_invariants(&w.index).unwrap();
     let p = w.full(T0 + MIN);

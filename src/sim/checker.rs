@@ -23,7 +23,7 @@ const EXAMPLES: usize = 8;
 
 /// The state the checker judges.
 pub struct FinalState<'a> {
-    pub blocks: &'a [IpamBlock],
+    pub blocks: &'a [std::sync::Arc<IpamBlock>],
     pub affinity_names: &'a BTreeSet<String>,
     pub handle_ids: &'a BTreeSet<String>,
     /// IPs that pods present at the end report (finished pods report none).
@@ -50,21 +50,29 @@ pub struct CheckReport {
 }
 
 /// Allocated addresses of `blocks` with their handle: ordinals with a handle and no `releasedAt`.
-pub fn allocated_ips(blocks: &[IpamBlock]) -> HashMap<IpAddr, String> {
-    let mut out = HashMap::new();
-    for b in blocks {
-        let Ok(cidr) = b.spec.cidr.parse::<IpNet>() else { continue };
-        for (ord, slot) in b.spec.allocations.iter().enumerate() {
-            let Some(attr) = slot.and_then(|a| b.spec.attributes.get(a as usize)) else { continue };
-            if attr.released_at.is_some() {
-                continue;
-            }
-            if let Some(h) = &attr.handle_id {
-                out.insert(ordinal_to_ip(&cidr, ord as u32), h.clone());
-            }
-        }
-    }
-    out
+pub fn allocated_ips<B: std::borrow::Borrow<IpamBlock>>(blocks: &[B]) -> HashMap<IpAddr, String> {
+    allocated(blocks).map(|(ip, h)| (ip, h.to_string())).collect()
+}
+
+/// How many distinct addresses [`allocated_ips`] finds, without keeping their handles.
+pub fn allocated_count<B: std::borrow::Borrow<IpamBlock>>(blocks: &[B]) -> usize {
+    allocated(blocks).map(|(ip, _)| ip).collect::<HashSet<IpAddr>>().len()
+}
+
+fn allocated<B: std::borrow::Borrow<IpamBlock>>(blocks: &[B]) -> impl Iterator<Item = (IpAddr, &str)> {
+    blocks.iter().flat_map(|b| {
+        let b = b.borrow();
+        let cidr = b.spec.cidr.parse::<IpNet>().ok();
+        cidr.into_iter().flat_map(move |cidr| {
+            b.spec.allocations.iter().enumerate().filter_map(move |(ord, slot)| {
+                let attr = slot.and_then(|a| b.spec.attributes.get(a as usize))?;
+                if attr.released_at.is_some() {
+                    return None;
+                }
+                attr.handle_id.as_deref().map(|h| (ordinal_to_ip(&cidr, ord as u32), h))
+            })
+        })
+    })
 }
 
 /// What the end is compared with, read off the generated cluster before the run: a summary, so
@@ -108,14 +116,15 @@ pub fn check(cluster: &SyntheticCluster, before: &Before, after: &FinalState<'_>
         problems.push(format!("{name}: {n} ({}{})", shown.join(", "), if n > EXAMPLES { ", …" } else { "" }));
     };
 
-    let now_allocated = allocated_ips(after.blocks);
+    // Borrowed from the blocks: no second copy of every handle ID.
+    let now_allocated: HashMap<IpAddr, &str> = allocated(after.blocks).collect();
     let category_of: HashMap<IpAddr, Category> =
         cluster.planted.iter().flat_map(|p| p.ips.iter().map(move |ip| (*ip, p.category))).collect();
 
     // Nothing appears and nothing changes hands: the simulation allocates nothing.
     let appeared: Vec<String> = now_allocated
         .iter()
-        .filter(|(ip, h)| before.allocated.get(ip) != Some(h))
+        .filter(|(ip, h)| before.allocated.get(*ip).map(String::as_str) != Some(**h))
         .map(|(ip, h)| format!("{ip} now held by {h}"))
         .collect();
     law("addresses allocated or re-owned during the run", appeared);

@@ -27,6 +27,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::Write;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::datastore::{block_on, execute_plan, ExecuteOptions, Kind, MemoryDatastore, PlanOutcome};
@@ -173,11 +174,13 @@ pub fn load_datastore(cluster: &mut SyntheticCluster) -> Result<MemoryDatastore,
     Ok(ds)
 }
 
-/// The datastore's IPAM objects as a relist would deliver them (soft-deleted ones skipped).
+/// The datastore's IPAM objects as a relist would deliver them (soft-deleted ones skipped),
+/// decoded and shared with the datastore, which holds them typed: a listing costs a pointer an
+/// object, not a second copy of the cluster.
 pub struct Listed {
-    pub blocks: Vec<IpamBlock>,
-    pub affinities: Vec<BlockAffinity>,
-    pub handles: Vec<IpamHandle>,
+    pub blocks: Vec<Arc<IpamBlock>>,
+    pub affinities: Vec<Arc<BlockAffinity>>,
+    pub handles: Vec<Arc<IpamHandle>>,
 }
 
 /// A whole listing goes at once, as after a controller's initial sync: the allocator is asked
@@ -190,9 +193,9 @@ fn drop_listing(listed: Listed) {
 pub fn list_ipam(ds: &MemoryDatastore) -> Result<Listed, SimError> {
     let decode = |e: crate::datastore::DatastoreError| SimError::Datastore { what: "the IPAM objects".into(), message: e.to_string() };
     Ok(Listed {
-        blocks: ds.decode_current(Kind::IpamBlock).map_err(decode)?,
-        affinities: ds.decode_current(Kind::BlockAffinity).map_err(decode)?,
-        handles: ds.decode_current(Kind::IpamHandle).map_err(decode)?,
+        blocks: ds.shared_current(Kind::IpamBlock).map_err(decode)?,
+        affinities: ds.shared_current(Kind::BlockAffinity).map_err(decode)?,
+        handles: ds.shared_current(Kind::IpamHandle).map_err(decode)?,
     })
 }
 
@@ -248,6 +251,53 @@ pub fn sync_index(ds: &MemoryDatastore, index: &mut IpamIndex) -> Result<(), Sim
     sync_kind(ds, index, Kind::IpamHandle, handles, |ix, id: &String| ix.delete_handle(id), |ix, h: &IpamHandle| ix.apply_handle(h))
 }
 
+/// Feeds the index what was written after revision `since`, as the watches would, and
+/// returns the revision it is now in line with: objects written since are applied (or deleted
+/// when soft-deleted), removed ones deleted. Needs [`MemoryDatastore::record_removals`] from the
+/// revision the index was built at; reads only what changed, never a copy of every object.
+pub fn follow(ds: &MemoryDatastore, index: &mut IpamIndex, since: u64) -> Result<u64, SimError> {
+    let now = ds.revision();
+    let invalid = |e: crate::model::InvalidObject| SimError::Datastore { what: e.to_string(), message: "invalid".into() };
+    let cidr = |b: &IpamBlock| b.spec.cidr.parse::<ipnet::IpNet>().ok();
+    for b in ds.take_removed::<IpamBlock>(Kind::IpamBlock).map_err(ds_error("the removed IPAM blocks"))? {
+        if let Some(c) = cidr(&b) {
+            index.delete_block(&c);
+        }
+    }
+    for (soft_deleted, b) in ds.changed_since::<IpamBlock>(Kind::IpamBlock, since).map_err(ds_error("the IPAM blocks"))? {
+        match (soft_deleted, cidr(&b)) {
+            (true, Some(c)) => index.delete_block(&c),
+            (true, None) => {}
+            (false, _) => index.apply_block(&b).map_err(invalid)?,
+        }
+    }
+    for a in ds.take_removed::<BlockAffinity>(Kind::BlockAffinity).map_err(ds_error("the removed affinities"))? {
+        index.delete_affinity(a.name());
+    }
+    for (soft_deleted, a) in ds.changed_since::<BlockAffinity>(Kind::BlockAffinity, since).map_err(ds_error("the affinities"))? {
+        if soft_deleted {
+            index.delete_affinity(a.name());
+        } else {
+            index.apply_affinity(&a).map_err(invalid)?;
+        }
+    }
+    // A handle is keyed by its handle ID; an object whose name does not match its ID was never
+    // indexed under it, so its removal deletes nothing.
+    for h in ds.take_removed::<IpamHandle>(Kind::IpamHandle).map_err(ds_error("the removed handles"))? {
+        if let Ok(id) = IpamIndex::checked_handle_key(&h) {
+            index.delete_handle(id);
+        }
+    }
+    for (soft_deleted, h) in ds.changed_since::<IpamHandle>(Kind::IpamHandle, since).map_err(ds_error("the handles"))? {
+        if !soft_deleted {
+            index.apply_handle(&h).map_err(invalid)?;
+        } else if let Ok(id) = IpamIndex::checked_handle_key(&h) {
+            index.delete_handle(id);
+        }
+    }
+    Ok(now)
+}
+
 /// The one field of an IPAMHandle the checker reads.
 #[derive(serde::Deserialize)]
 struct HandleIdOnly {
@@ -288,6 +338,8 @@ fn gc_config() -> GcConfig {
 struct Runner<'a> {
     ds: &'a MemoryDatastore,
     index: IpamIndex,
+    /// The datastore revision the index is in line with.
+    synced: u64,
     gc: GcState,
     cfg: GcConfig,
     found: HashSet<IpAddr>,
@@ -310,7 +362,7 @@ impl Runner<'_> {
         let started = Instant::now();
         let outcome = block_on(execute_plan(self.ds, &plan, now, 0, &self.exec));
         let execute_ms = ms(started);
-        sync_index(self.ds, &mut self.index)?;
+        self.synced = follow(self.ds, &mut self.index, self.synced)?;
         if plan_has_work(&plan) {
             // After a burst of writes, as the controller does after executing a plan.
             crate::memstat::give_back();
@@ -331,9 +383,10 @@ fn plan_has_work(plan: &Plan) -> bool {
 /// A generated cluster written into a datastore once, keeping of its generated objects only
 /// what the checker compares the end with ([`Before`]) and what the pipeline feeds the index
 /// besides the datastore (pod facts, nodes). Its IPAM objects live in the datastore alone, as a
-/// controller's would live in the API server: each phase forks the datastore, lists and decodes
-/// it, builds its index from the listing and drops the listing, so no phase holds two typed
-/// copies of the cluster and none holds one while the pipeline runs.
+/// controller's would live in the API server: each phase lists the datastore (a listing shares
+/// the typed objects the datastore holds, see [`list_ipam`]), builds its index from the listing
+/// and drops the listing, and the pipeline follows the datastore's writes by revision
+/// ([`follow`]), so no phase holds a second copy of the cluster's IPAM objects.
 pub struct Loaded {
     pub cluster: SyntheticCluster,
     pub before: Before,
@@ -360,7 +413,7 @@ impl Loaded {
         Ok(listed)
     }
 
-    fn snapshot<'a>(&'a self, listed: &'a Listed) -> Snapshot<'a> {
+    fn snapshot<'a>(&'a self, listed: &'a Listed) -> Snapshot<'a, Arc<IpamBlock>, Arc<BlockAffinity>, Arc<IpamHandle>> {
         let c = &self.cluster;
         Snapshot { blocks: &listed.blocks, affinities: &listed.affinities, handles: &listed.handles, pods: &c.pod_facts, nodes: &c.nodes }
     }
@@ -390,7 +443,8 @@ fn run_loaded(loaded: Loaded, repeats: usize) -> Result<PipelineRun, SimError> {
     let Loaded { cluster, before, ds, decode_samples } = loaded;
     index.take_dirty();
 
-    let mut r = Runner { ds: &ds, index, gc: GcState::new(), cfg: gc_config(), found: HashSet::new(), passes: Vec::new(), exec: ExecuteOptions::default() };
+    ds.record_removals();
+    let mut r = Runner { ds: &ds, index, synced: ds.revision(), gc: GcState::new(), cfg: gc_config(), found: HashSet::new(), passes: Vec::new(), exec: ExecuteOptions::default() };
     let mut problems = Vec::new();
 
     // Pass #1: first observation.
@@ -445,8 +499,8 @@ fn run_loaded(loaded: Loaded, repeats: usize) -> Result<PipelineRun, SimError> {
     if let Err(e) = r.gc.check_invariants(&r.index) {
         problems.push(format!("GC state invariant: {e}"));
     }
-    let blocks: Vec<IpamBlock> = ds.decode_current(Kind::IpamBlock).map_err(ds_error("the IPAM blocks"))?;
-    let ds_allocations = checker::allocated_ips(&blocks).len() as u64;
+    let blocks: Vec<Arc<IpamBlock>> = ds.shared_current(Kind::IpamBlock).map_err(ds_error("the IPAM blocks"))?;
+    let ds_allocations = checker::allocated_count(&blocks) as u64;
     if ds_allocations != r.index.allocation_count() {
         problems.push(format!("index holds {} allocations, the datastore {ds_allocations}", r.index.allocation_count()));
     }
@@ -475,7 +529,7 @@ pub fn check_run(run: &PipelineRun) -> Result<CheckReport, SimError> {
     let decode = |e: crate::datastore::DatastoreError| SimError::Datastore { what: "the IPAM objects".into(), message: e.to_string() };
     // Of affinities and handles the checker reads a name each, so only that is decoded: a typed
     // listing of every handle beside the finished run was simulate's peak of memory.
-    let blocks: Vec<IpamBlock> = run.ds.decode_current(Kind::IpamBlock).map_err(decode)?;
+    let blocks: Vec<Arc<IpamBlock>> = run.ds.shared_current(Kind::IpamBlock).map_err(decode)?;
     let mut affinity_names = BTreeSet::new();
     run.ds.decode_each(Kind::BlockAffinity, |name, _: serde::de::IgnoredAny| {
         affinity_names.insert(name.to_string());
@@ -532,24 +586,29 @@ fn steady_state_timings(run: &mut PipelineRun, repeats: usize, dirty_samples: us
 /// Execute timing: the first post-grace plan (every live-node leak, empty block and orphan),
 /// written into a fresh copy of the cluster each time.
 fn execute_timings(loaded: &Loaded, repeats: usize) -> Result<(Vec<f64>, usize), SimError> {
+    // The plan depends on the index alone: made once, and the listing and index dropped before
+    // the copies of the cluster are written.
+    let listed = loaded.listing()?;
+    let mut index = IpamIndex::new();
+    index.reset(loaded.snapshot(&listed));
+    drop_listing(listed);
+    let mut gc = GcState::new();
+    let cfg = gc_config();
+    gc.pass(&mut index, T0, &cfg, &Scope::Full, None, &BTreeMap::new());
+    let plan = gc.pass(&mut index, T0 + GRACE + 120_000, &cfg, &Scope::Full, None, &BTreeMap::new());
+    drop((index, gc));
     let mut samples = Vec::new();
     let mut released = 0;
-    let listed = loaded.listing()?;
     for _ in 0..repeats.max(1) {
         let ds = loaded.ds.fork();
-        let mut index = IpamIndex::new();
-        index.reset(loaded.snapshot(&listed));
-        let mut gc = GcState::new();
-        let cfg = gc_config();
-        gc.pass(&mut index, T0, &cfg, &Scope::Full, None, &BTreeMap::new());
-        let plan = gc.pass(&mut index, T0 + GRACE + 120_000, &cfg, &Scope::Full, None, &BTreeMap::new());
         let opts = ExecuteOptions { validate_writes: false, ..ExecuteOptions::default() };
         let started = Instant::now();
         let outcome = block_on(execute_plan(&ds, &plan, T0 + GRACE + 120_000, 0, &opts));
         samples.push(ms(started));
         released = outcome.released.len();
+        drop(ds);
+        crate::memstat::give_back();
     }
-    drop_listing(listed);
     Ok((samples, released))
 }
 

@@ -196,7 +196,7 @@ pub struct SimReport {
 }
 
 /// Stage names the targets and the comparison find their figures by.
-pub const STAGE_DECODE: &str = "decode (list and decode)";
+pub const STAGE_DECODE: &str = "list (objects decoded when written)";
 pub const STAGE_BUILD: &str = "index build (reset)";
 pub const STAGE_FULL: &str = "full pass (steady state)";
 pub const STAGE_DIRTY: &str = "dirty pass (10 nodes)";

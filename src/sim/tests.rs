@@ -232,3 +232,54 @@ fn a_run_compared_with_a_previous_report_lists_each_shared_figure_with_its_ratio
     let err = run(&SimOptions { compare: Some(serde_json::json!({"x": 1})), ..small(5) }, &mut Vec::new()).unwrap_err();
     assert!(err.to_string().contains("not a simulate JSON report"), "{err}");
 }
+
+/// (name, revision) pairs of one kind.
+type Versions = Vec<(String, String)>;
+
+/// What the index holds of each IPAM kind: object names (handle IDs for handles) and revisions.
+fn indexed(index: &IpamIndex) -> (Versions, Versions, Versions) {
+    let mut blocks: Vec<_> = index.blocks().map(|(_, b)| (b.name.to_string(), b.revision.to_string())).collect();
+    let mut affinities: Vec<_> = index.affinities().map(|(k, a)| (k.to_string(), a.revision.to_string())).collect();
+    let mut handles: Vec<_> = index.handles().map(|(s, h)| (index.handle_name(s).into_owned(), h.revision.to_string())).collect();
+    blocks.sort();
+    affinities.sort();
+    handles.sort();
+    (blocks, affinities, handles)
+}
+
+#[test]
+fn following_the_datastore_by_revision_leaves_the_index_as_comparing_every_object_does() {
+    let loaded = Loaded::new(generate(&small(5)).unwrap()).unwrap();
+    let listed = loaded.listing().unwrap();
+    let (mut followed, mut compared, mut planner) = (IpamIndex::new(), IpamIndex::new(), IpamIndex::new());
+    for ix in [&mut followed, &mut compared, &mut planner] {
+        assert!(ix.reset(loaded.snapshot(&listed)).is_empty());
+        ix.take_dirty();
+    }
+    drop(listed);
+    let ds = &loaded.ds;
+    ds.record_removals();
+    let mut synced = ds.revision();
+    // Two rounds of the post-grace plan's writes (releases, block updates and deletes, handle
+    // soft-deletes and deletes, affinity deletes), and another writer's change besides.
+    let mut gc = GcState::new();
+    let cfg = gc_config();
+    gc.pass(&mut planner, T0, &cfg, &Scope::Full, None, &BTreeMap::new());
+    for round in 0..2 {
+        let now = T0 + GRACE + 120_000 + round * 60_000;
+        let plan = gc.pass(&mut planner, now, &cfg, &Scope::Full, None, &BTreeMap::new());
+        assert!(round > 0 || plan_has_work(&plan), "the first plan writes");
+        block_on(execute_plan(ds, &plan, now, 0, &ExecuteOptions::default()));
+        let some_handle = ds.revisions(Kind::IpamHandle).into_iter().find(|(_, _, soft)| !soft).unwrap().0;
+        let mut h = ds.peek(Kind::IpamHandle, &some_handle).unwrap();
+        h.value["metadata"]["labels"] = serde_json::json!({"touched": round.to_string()});
+        ds.update_now(Kind::IpamHandle, &h).unwrap();
+        synced = follow(ds, &mut followed, synced).unwrap();
+        sync_index(ds, &mut compared).unwrap();
+        sync_index(ds, &mut planner).unwrap();
+        assert_eq!(indexed(&followed), indexed(&compared), "round {round}");
+        assert_eq!(followed.allocation_count(), compared.allocation_count());
+        followed.check_invariants().unwrap();
+    }
+    assert!(indexed(&followed).2.len() < loaded.before.handles, "handles were deleted along the way");
+}
