@@ -527,10 +527,18 @@ impl MemoryDatastore {
     /// The objects of `kind` removed since the last call (or [`Self::record_removals`]), typed.
     pub(crate) fn take_removed<T: SharedKind>(&self, kind: Kind) -> DsResult<Vec<Arc<T>>> {
         let mut inner = self.lock();
-        let Some(log) = inner.removed.as_mut() else { return Ok(Vec::new()) };
+        // Without a log a reader would miss every removal: an error, not an empty answer.
+        let Some(log) = inner.removed.as_mut() else {
+            return Err(DatastoreError::invalid("removals are not being recorded (record_removals)".to_string()));
+        };
         let (taken, kept): (Vec<_>, Vec<_>) = std::mem::take(log).into_iter().partition(|(k, _, _)| *k == kind);
         *log = kept;
-        taken.into_iter().map(|(_, name, e)| shared(&name, &e)).collect()
+        let decoded = taken.iter().map(|(_, name, e)| shared(name, e)).collect::<DsResult<Vec<_>>>();
+        if decoded.is_err() {
+            // Nothing is lost: the entries wait for the next call.
+            log.extend(taken);
+        }
+        decoded
     }
 
     /// The objects of `kind` written after `revision` (soft-deleted ones included, flagged),
@@ -830,7 +838,7 @@ mod tests {
         let changed = ds.changed_since::<IpamHandle>(Kind::IpamHandle, since).unwrap();
         assert_eq!(changed.iter().map(|(soft, h)| (*soft, h.name())).collect::<Vec<_>>(), vec![(true, "h")]);
         assert!(ds.shared_current::<IpamHandle>(Kind::IpamHandle).unwrap().is_empty(), "soft-deleted objects are not listed");
-        assert!(ds.fork().take_removed::<IpamHandle>(Kind::IpamHandle).unwrap().is_empty(), "a fork records nothing");
+        assert!(ds.fork().take_removed::<IpamHandle>(Kind::IpamHandle).is_err(), "a fork records nothing, and says so");
         assert!(ds.take_removed::<IpamBlock>(Kind::IpamBlock).unwrap().is_empty());
         let removed = ds.take_removed::<IpamHandle>(Kind::IpamHandle).unwrap();
         assert_eq!(removed.iter().map(|h| h.name()).collect::<Vec<_>>(), vec!["odd"], "only removals after recording began");

@@ -258,7 +258,11 @@ pub fn sync_index(ds: &MemoryDatastore, index: &mut IpamIndex) -> Result<(), Sim
 pub fn follow(ds: &MemoryDatastore, index: &mut IpamIndex, since: u64) -> Result<u64, SimError> {
     let now = ds.revision();
     let invalid = |e: crate::model::InvalidObject| SimError::Datastore { what: e.to_string(), message: "invalid".into() };
-    let cidr = |b: &IpamBlock| b.spec.cidr.parse::<ipnet::IpNet>().ok();
+    // A block is indexed under its CIDR only when its name is that CIDR's: another object
+    // claiming the CIDR was never indexed, so its removal deletes nothing.
+    let cidr = |b: &IpamBlock| {
+        b.spec.cidr.parse::<ipnet::IpNet>().ok().filter(|c| crate::model::names::cidr_to_name(c) == b.name())
+    };
     for b in ds.take_removed::<IpamBlock>(Kind::IpamBlock).map_err(ds_error("the removed IPAM blocks"))? {
         if let Some(c) = cidr(&b) {
             index.delete_block(&c);

@@ -283,3 +283,25 @@ fn following_the_datastore_by_revision_leaves_the_index_as_comparing_every_objec
     }
     assert!(indexed(&followed).2.len() < loaded.before.handles, "handles were deleted along the way");
 }
+
+#[test]
+fn removing_an_object_that_claims_an_indexed_blocks_cidr_leaves_the_block_indexed() {
+    let loaded = Loaded::new(generate(&small(6)).unwrap()).unwrap();
+    let ds = &loaded.ds;
+    let real = ds.shared_current::<IpamBlock>(Kind::IpamBlock).unwrap()[0].clone();
+    let mut stray = serde_json::to_value(&*real).unwrap();
+    stray["metadata"] = serde_json::json!({"name": "stray"});
+    ds.create_now(Kind::IpamBlock, "stray", stray).unwrap();
+    let listed = loaded.listing().unwrap();
+    let mut index = IpamIndex::new();
+    let invalid = index.reset(loaded.snapshot(&listed));
+    assert_eq!(invalid.len(), 1, "the stray block is reported, not indexed: {invalid:?}");
+    drop(listed);
+    ds.record_removals();
+    let since = ds.revision();
+    let before = indexed(&index).0;
+    ds.delete_now(Kind::IpamBlock, "stray", &crate::datastore::Precondition::default()).unwrap();
+    follow(ds, &mut index, since).unwrap();
+    assert_eq!(indexed(&index).0, before, "{} is still indexed", real.name());
+    index.check_invariants().unwrap();
+}
