@@ -25,9 +25,11 @@ const EXAMPLES: usize = 8;
 pub struct FinalState<'a> {
     pub blocks: &'a [std::sync::Arc<IpamBlock>],
     pub affinity_names: &'a BTreeSet<String>,
-    pub handle_ids: &'a BTreeSet<String>,
-    /// IPs that pods present at the end report (finished pods report none).
-    pub live_ips: &'a HashSet<IpAddr>,
+    /// The handle objects present at the end, as positions in [`Before::names`] (any order;
+    /// handles the generated cluster never named are not compared).
+    pub handle_objects: &'a [u32],
+    /// IPs that pods present at the end report (finished pods report none), in any order.
+    pub live_ips: &'a [IpAddr],
     pub now: Millis,
 }
 
@@ -75,15 +77,72 @@ fn allocated<B: std::borrow::Borrow<IpamBlock>>(blocks: &[B]) -> impl Iterator<I
     })
 }
 
+/// A sorted set of distinct strings in one buffer, each known by its position: the handle IDs
+/// of a cluster cost their text and four bytes each, not an allocation apiece.
+#[derive(Debug, Clone, Default)]
+pub struct Names {
+    text: String,
+    /// End offset in `text` of each name, in sorted order.
+    ends: Vec<u32>,
+}
+
+impl Names {
+    pub fn new<'s>(names: impl IntoIterator<Item = &'s str>) -> Names {
+        let mut all: Vec<&str> = names.into_iter().collect();
+        all.sort_unstable();
+        all.dedup();
+        let mut text = String::with_capacity(all.iter().map(|n| n.len()).sum());
+        let mut ends = Vec::with_capacity(all.len());
+        for n in all {
+            text.push_str(n);
+            ends.push(u32::try_from(text.len()).expect("names shorter than 4 GiB in all"));
+        }
+        Names { text, ends }
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// The name at `position` (which must be below [`Self::len`]).
+    pub fn get(&self, position: u32) -> &str {
+        let i = position as usize;
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        &self.text[start..self.ends[i] as usize]
+    }
+
+    pub fn position(&self, name: &str) -> Option<u32> {
+        let (mut lo, mut hi) = (0usize, self.ends.len());
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            match self.get(mid as u32).cmp(name) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return Some(mid as u32),
+            }
+        }
+        None
+    }
+}
+
 /// What the end is compared with, read off the generated cluster before the run: a summary, so
-/// the generated objects need not stay in memory while the run goes on.
+/// the generated objects need not stay in memory while the run goes on. Handle IDs are kept
+/// once each ([`Names`]) and named elsewhere by position.
 #[derive(Debug, Clone, Default)]
 pub struct Before {
-    /// Allocated addresses with their handle, as [`allocated_ips`] reads them.
-    pub allocated: HashMap<IpAddr, String>,
+    /// Every handle ID the cluster names, by a handle object or an allocation.
+    pub names: Names,
+    /// Allocated addresses, as [`allocated_ips`] reads them, with their handle's position in
+    /// `names`; sorted by address, one entry per address.
+    pub allocated: Vec<(IpAddr, u32)>,
+    /// Positions in `names` of the handle objects, sorted.
+    pub handle_objects: Vec<u32>,
     pub cidrs: BTreeSet<IpNet>,
     pub affinity_names: BTreeSet<String>,
-    pub handle_ids: BTreeSet<String>,
     /// Every used ordinal (cooling down and Windows-reserved ones included).
     pub allocations: usize,
     pub blocks: usize,
@@ -92,15 +151,33 @@ pub struct Before {
 
 impl Before {
     pub fn of(cluster: &SyntheticCluster) -> Before {
+        let ids = cluster.handles.iter().map(|h| h.spec.handle_id.as_str());
+        let names = Names::new(ids.chain(allocated(&cluster.blocks).map(|(_, h)| h)));
+        let at = |h: &str| names.position(h).expect("every handle ID of the cluster is named");
+        // As a map would keep them: the last of a repeated address wins.
+        let mut allocated: Vec<(IpAddr, u32)> = allocated(&cluster.blocks).map(|(ip, h)| (ip, at(h))).collect();
+        allocated.reverse();
+        allocated.sort_by_key(|(ip, _)| *ip);
+        allocated.dedup_by_key(|(ip, _)| *ip);
+        let mut handle_objects: Vec<u32> = cluster.handles.iter().map(|h| at(&h.spec.handle_id)).collect();
+        handle_objects.sort_unstable();
+        handle_objects.dedup();
         Before {
-            allocated: allocated_ips(&cluster.blocks),
+            allocated,
+            handle_objects,
             cidrs: cluster.blocks.iter().filter_map(|b| b.spec.cidr.parse().ok()).collect(),
             affinity_names: cluster.affinities.iter().map(|a| a.metadata.name.clone()).collect(),
-            handle_ids: cluster.handles.iter().map(|h| h.spec.handle_id.clone()).collect(),
             allocations: cluster.allocation_count(),
             blocks: cluster.blocks.len(),
             handles: cluster.handles.len(),
+            names,
         }
+    }
+
+    /// The handle that held `ip` before the run, if any.
+    pub fn holder(&self, ip: &IpAddr) -> Option<&str> {
+        let i = self.allocated.binary_search_by_key(ip, |(a, _)| *a).ok()?;
+        Some(self.names.get(self.allocated[i].1))
     }
 }
 
@@ -116,22 +193,31 @@ pub fn check(cluster: &SyntheticCluster, before: &Before, after: &FinalState<'_>
         problems.push(format!("{name}: {n} ({}{})", shown.join(", "), if n > EXAMPLES { ", …" } else { "" }));
     };
 
-    // Borrowed from the blocks: no second copy of every handle ID.
-    let now_allocated: HashMap<IpAddr, &str> = allocated(after.blocks).collect();
-    let category_of: HashMap<IpAddr, Category> =
-        cluster.planted.iter().flat_map(|p| p.ips.iter().map(move |ip| (*ip, p.category))).collect();
-
-    // Nothing appears and nothing changes hands: the simulation allocates nothing.
-    let appeared: Vec<String> = now_allocated
-        .iter()
-        .filter(|(ip, h)| before.allocated.get(*ip).map(String::as_str) != Some(**h))
-        .map(|(ip, h)| format!("{ip} now held by {h}"))
-        .collect();
+    // Nothing appears and nothing changes hands: the simulation allocates nothing. Each
+    // address allocated at the end is compared as it is read; only the addresses are kept.
+    let mut appeared = Vec::new();
+    let mut now_ips: Vec<IpAddr> = Vec::new();
+    for (ip, h) in allocated(after.blocks) {
+        if before.holder(&ip) != Some(h) {
+            appeared.push(format!("{ip} now held by {h}"));
+        }
+        now_ips.push(ip);
+    }
     law("addresses allocated or re-owned during the run", appeared);
+    now_ips.sort_unstable();
 
-    let released: BTreeSet<IpAddr> = before.allocated.keys().filter(|ip| !now_allocated.contains_key(ip)).copied().collect();
+    let released: BTreeSet<IpAddr> =
+        before.allocated.iter().map(|(ip, _)| *ip).filter(|ip| now_ips.binary_search(ip).is_err()).collect();
+    drop(now_ips);
     let expected: BTreeSet<IpAddr> =
         cluster.planted.iter().filter(|p| p.category.released()).flat_map(|p| p.ips.iter().copied()).collect();
+    // Categories of the addresses a problem or a count can name: released or planted so.
+    let category_of: HashMap<IpAddr, Category> = cluster
+        .planted
+        .iter()
+        .flat_map(|p| p.ips.iter().map(move |ip| (*ip, p.category)))
+        .filter(|(ip, c)| c.released() || released.contains(ip))
+        .collect();
     r.released_total = released.len();
     r.expected_total = expected.len();
     for ip in &released {
@@ -145,9 +231,9 @@ pub fn check(cluster: &SyntheticCluster, before: &Before, after: &FinalState<'_>
     r.missed_releases = missed.len();
     law("released but planted as kept", unexpected);
     law("planted as released but still allocated", missed);
-    let live_released: Vec<String> = released.iter().filter(|ip| after.live_ips.contains(ip)).map(label).collect();
+    let live_released: BTreeSet<IpAddr> = after.live_ips.iter().filter(|ip| released.contains(ip)).copied().collect();
     r.released_live_ips = live_released.len();
-    law("released while a live pod reports it", live_released);
+    law("released while a live pod reports it", live_released.iter().map(label).collect());
 
     let invalid: Vec<String> = after.blocks.iter().filter_map(|b| check_block(b, after.now).err()).collect();
     law("blocks failing calicoctl's rules", invalid);
@@ -166,7 +252,10 @@ pub fn check(cluster: &SyntheticCluster, before: &Before, after: &FinalState<'_>
     law("affinities removed but planted as kept", aff_removed.difference(&cluster.expect.removed_affinities).cloned().collect());
     law("affinities planted for removal but still present", cluster.expect.removed_affinities.difference(&aff_removed).cloned().collect());
 
-    let handles_removed: BTreeSet<String> = before.handle_ids.difference(after.handle_ids).cloned().collect();
+    let present: HashSet<u32> = after.handle_objects.iter().copied().collect();
+    let handles_removed: BTreeSet<String> =
+        before.handle_objects.iter().filter(|p| !present.contains(p)).map(|p| before.names.get(*p).to_string()).collect();
+    drop(present);
     r.handles_removed = handles_removed.len();
     law("handles removed but planted as kept", handles_removed.difference(&cluster.expect.removed_handles).cloned().collect());
     law("handles planted for removal but still present", cluster.expect.removed_handles.difference(&handles_removed).cloned().collect());

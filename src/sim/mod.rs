@@ -126,8 +126,6 @@ pub struct PipelineRun {
     pub index: IpamIndex,
     pub gc: GcState,
     pub cfg: GcConfig,
-    /// Pods present at the end.
-    pub live_pods: Vec<PodFacts>,
     /// Addresses that some pass reported as leaked (candidate or confirmed).
     pub found: HashSet<IpAddr>,
     pub passes: Vec<report::PassStat>,
@@ -137,6 +135,16 @@ pub struct PipelineRun {
     /// Listing and decoding the IPAM objects, once per phase of the run.
     pub decode_samples: Vec<f64>,
     pub now: Millis,
+}
+
+impl PipelineRun {
+    /// The pods present at the end: the generated ones less those the run's events deleted.
+    pub fn live_pods(&self) -> impl Iterator<Item = &PodFacts> + '_ {
+        let events = &self.cluster.events;
+        let node_pods = if events.deleted_node.is_some() { &events.deleted_node_pods[..] } else { &[] };
+        let gone: HashSet<(&str, &str)> = events.deleted_pods.iter().chain(node_pods).map(|(ns, n)| (ns.as_str(), n.as_str())).collect();
+        self.cluster.pod_facts.iter().filter(move |p| !gone.contains(&(p.namespace.as_str(), p.name.as_str())))
+    }
 }
 
 fn ms(since: Instant) -> f64 {
@@ -455,18 +463,14 @@ fn run_loaded(loaded: Loaded, repeats: usize) -> Result<PipelineRun, SimError> {
     r.step("full #1", T0, Scope::Full)?;
 
     // Events: pods deleted, then a node and its pods.
-    let mut present: BTreeMap<(String, String), PodFacts> =
-        cluster.pod_facts.iter().map(|p| ((p.namespace.clone(), p.name.clone()), p.clone())).collect();
     for (ns, name) in &cluster.events.deleted_pods {
         r.index.delete_pod(ns, name);
-        present.remove(&(ns.clone(), name.clone()));
     }
     let (dirty, full) = r.index.take_dirty();
     r.step("pods deleted", T0 + 30_000, if full { Scope::Full } else { Scope::Dirty(dirty) })?;
     if let Some(node) = &cluster.events.deleted_node {
         for (ns, name) in &cluster.events.deleted_node_pods {
             r.index.delete_pod(ns, name);
-            present.remove(&(ns.clone(), name.clone()));
         }
         r.index.delete_node(node);
         let (dirty, full) = r.index.take_dirty();
@@ -512,7 +516,6 @@ fn run_loaded(loaded: Loaded, repeats: usize) -> Result<PipelineRun, SimError> {
     crate::memstat::give_back();
     let Runner { index, gc, cfg, found, passes, .. } = r;
     Ok(PipelineRun {
-        live_pods: present.into_values().collect(),
         ds,
         index,
         gc,
@@ -539,16 +542,18 @@ pub fn check_run(run: &PipelineRun) -> Result<CheckReport, SimError> {
         affinity_names.insert(name.to_string());
     })
     .map_err(decode)?;
-    let mut handle_ids = BTreeSet::new();
+    // Handle objects by their position among the names the cluster started with: one that is
+    // not there appeared during the run and has nothing to be compared with.
+    let mut handle_objects = Vec::new();
     run.ds.decode_each(Kind::IpamHandle, |_, h: HandleIdOnly| {
-        handle_ids.insert(h.spec.handle_id);
+        handle_objects.extend(run.before.names.position(&h.spec.handle_id));
     })
     .map_err(decode)?;
-    let live_ips: HashSet<IpAddr> = run.live_pods.iter().filter(|p| !p.finished()).flat_map(|p| p.ips.iter().copied()).collect();
+    let live_ips: Vec<IpAddr> = run.live_pods().filter(|p| !p.finished()).flat_map(|p| p.ips.iter().copied()).collect();
     let mut report = check(
         &run.cluster,
         &run.before,
-        &FinalState { blocks: &blocks, affinity_names: &affinity_names, handle_ids: &handle_ids, live_ips: &live_ips, now: run.now },
+        &FinalState { blocks: &blocks, affinity_names: &affinity_names, handle_objects: &handle_objects, live_ips: &live_ips, now: run.now },
     );
     drop(blocks);
     crate::memstat::give_back();
