@@ -18,8 +18,10 @@ use serde_json::{Map, Value};
 use super::watch::{WatchEvent, WatchStream};
 use super::watch_hub::WatchHub;
 use super::{Datastore, DatastoreError, DsResult, ErrorKind, Expect, Kind, Precondition, Stored, check_expected};
+use crate::ipam::index::{HandleObject, Token};
 use crate::model::meta::Object;
 use crate::model::{BlockAffinity, IpamBlock, IpamHandle};
+use serde::Deserialize;
 
 /// The verbs of the trait, for fault injection and operation counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -96,20 +98,115 @@ struct Entry {
 pub(crate) enum Body {
     /// Compact JSON text (a quarter of the memory of a parsed `Value`), parsed again on every read.
     Json(Arc<[u8]>),
+    /// An IPAMHandle in its compact form: a quarter of the memory of a decoded one, and what a
+    /// listing of handles for the index shares ([`MemoryDatastore::shared_handles`]).
+    Handle(Arc<CompactHandle>),
     /// An IPAM object decoded once and stamped with the entry's name, revision and uid: what a
     /// typed read ([`MemoryDatastore::shared_current`]) hands out, shared instead of copied, so a
-    /// simulated cluster's relist costs a pointer an object. Only a body that encodes back to
-    /// exactly what was written is held so (unknown fields are kept by the typed form where
-    /// present); any other stays JSON.
-    Handle(Arc<IpamHandle>),
+    /// simulated cluster's relist costs a pointer an object.
     Block(Arc<IpamBlock>),
     Affinity(Arc<BlockAffinity>),
 }
 
-/// The IPAM kinds a [`Body`] can hold typed.
+/// An IPAMHandle in the fewest bytes: its name, its handle ID where that is not the name, its
+/// block counts, and the revision and creation number its stamp is spelled from. Only a body
+/// that encodes back from it to exactly what was written is held so (one with labels, unknown
+/// fields or a soft delete stays text): a read always gives back what was written.
+#[derive(Debug)]
+pub struct CompactHandle {
+    name: Box<str>,
+    /// `spec.handleID` when it differs from the name.
+    handle_id: Option<Box<str>>,
+    blocks: Box<[(Box<str>, u32)]>,
+    revision: u64,
+    created: u64,
+}
+
+impl CompactHandle {
+    fn of(value: &Value, name: &str, revision: u64, created: u64) -> Option<CompactHandle> {
+        let h = IpamHandle::deserialize(value).ok()?;
+        let plain_meta = crate::model::meta::Meta { name: name.to_string(), ..Default::default() };
+        if h.api_version != crate::model::CALICO_API_VERSION
+            || h.kind != crate::model::handle::KIND
+            || h.metadata != plain_meta
+            || h.spec.deleted
+            || !h.spec.extra.is_empty()
+            || !h.extra.is_empty()
+        {
+            return None;
+        }
+        let handle_id = (h.spec.handle_id != name).then(|| h.spec.handle_id.into_boxed_str());
+        let blocks = h.spec.block.iter().map(|(cidr, n)| (Box::from(cidr), n)).collect();
+        let compact = CompactHandle { name: name.into(), handle_id, blocks, revision, created };
+        (compact.value() == *value).then_some(compact)
+    }
+
+    /// The body as written.
+    fn value(&self) -> Value {
+        let blocks: Map<String, Value> = self.blocks.iter().map(|(cidr, n)| (cidr.to_string(), Value::from(*n))).collect();
+        serde_json::json!({
+            "apiVersion": crate::model::CALICO_API_VERSION,
+            "kind": crate::model::handle::KIND,
+            "metadata": {"name": &*self.name},
+            "spec": {"handleID": self.handle_id(), "block": blocks},
+        })
+    }
+}
+
+impl HandleObject for CompactHandle {
+    fn object_name(&self) -> &str {
+        &self.name
+    }
+    fn handle_id(&self) -> &str {
+        self.handle_id.as_deref().unwrap_or(&self.name)
+    }
+    fn soft_deleted(&self) -> bool {
+        false
+    }
+    fn tokens(&self) -> (Token, Token) {
+        (Token::Number(self.revision), uid_token(self.created))
+    }
+}
+
+/// A handle of a listing for the index: shared when the datastore holds it compact, decoded and
+/// stamped otherwise.
+#[derive(Debug, Clone)]
+pub enum SharedHandle {
+    Compact(Arc<CompactHandle>),
+    Decoded(Arc<IpamHandle>),
+}
+
+impl HandleObject for SharedHandle {
+    fn object_name(&self) -> &str {
+        match self {
+            SharedHandle::Compact(h) => h.object_name(),
+            SharedHandle::Decoded(h) => h.object_name(),
+        }
+    }
+    fn handle_id(&self) -> &str {
+        match self {
+            SharedHandle::Compact(h) => h.handle_id(),
+            SharedHandle::Decoded(h) => h.handle_id(),
+        }
+    }
+    fn soft_deleted(&self) -> bool {
+        match self {
+            SharedHandle::Compact(h) => h.soft_deleted(),
+            SharedHandle::Decoded(h) => h.soft_deleted(),
+        }
+    }
+    fn tokens(&self) -> (Token, Token) {
+        match self {
+            SharedHandle::Compact(h) => h.tokens(),
+            SharedHandle::Decoded(h) => h.tokens(),
+        }
+    }
+}
+
+/// The IPAM kinds that can be read typed; the blocks and affinities a [`Body`] holds typed are
+/// shared.
 pub(crate) trait SharedKind: serde::de::DeserializeOwned + serde::Serialize + Send + Sync + 'static {
     fn shared(body: &Body) -> Option<&Arc<Self>>;
-    fn wrap(object: Arc<Self>) -> Body;
     fn meta_mut(&mut self) -> &mut crate::model::meta::Meta;
 }
 
@@ -122,69 +219,87 @@ macro_rules! shared_kind {
                     _ => None,
                 }
             }
-            fn wrap(object: Arc<Self>) -> Body {
-                Body::$variant(object)
-            }
             fn meta_mut(&mut self) -> &mut crate::model::meta::Meta {
                 &mut self.metadata
             }
         }
     };
 }
-shared_kind!(IpamHandle, Handle);
 shared_kind!(IpamBlock, Block);
 shared_kind!(BlockAffinity, Affinity);
 
+/// Handles are held compact, never as a typed object: a typed read decodes one.
+impl SharedKind for IpamHandle {
+    fn shared(_: &Body) -> Option<&Arc<Self>> {
+        None
+    }
+    fn meta_mut(&mut self) -> &mut crate::model::meta::Meta {
+        &mut self.metadata
+    }
+}
+
+/// Stamps `meta` as `name` (`<namespace>/<name>` for a namespaced kind) at `revision`, with the
+/// uid of the `created`-th object.
+fn stamp_meta(meta: &mut crate::model::meta::Meta, name: &str, revision: u64, created: u64) {
+    match name.split_once('/') {
+        Some((ns, n)) => {
+            meta.namespace = Some(ns.to_string());
+            meta.name = n.to_string();
+        }
+        None => meta.name = name.to_string(),
+    }
+    meta.resource_version = Some(revision.to_string());
+    meta.uid = Some(uid_of(created));
+}
+
 /// `value` decoded into `T` when `T` encodes back to exactly `value`, stamped as `name` at
-/// `revision` with `uid`.
-fn typed<T: SharedKind>(value: &Value, name: &str, revision: u64, uid: String) -> Option<Body> {
+/// `revision` with the uid of the `created`-th object.
+fn typed<T: SharedKind>(value: &Value, name: &str, revision: u64, created: u64) -> Option<Arc<T>> {
     let mut object = T::deserialize(value).ok()?;
     if serde_json::to_value(&object).ok()? != *value {
         return None;
     }
-    let meta = object.meta_mut();
-    meta.name = name.to_string();
-    meta.resource_version = Some(revision.to_string());
-    meta.uid = Some(uid);
-    Some(T::wrap(Arc::new(object)))
+    stamp_meta(object.meta_mut(), name, revision, created);
+    Some(Arc::new(object))
 }
 
 impl Entry {
     fn new(kind: Kind, name: &str, revision: u64, created: u64, value: &Value) -> Entry {
         // Cluster-scoped kinds only: a stamp names no namespace.
-        let body = match kind {
-            Kind::IpamHandle => typed::<IpamHandle>(value, name, revision, uid_of(created)),
-            Kind::IpamBlock => typed::<IpamBlock>(value, name, revision, uid_of(created)),
-            Kind::BlockAffinity => typed::<BlockAffinity>(value, name, revision, uid_of(created)),
+        let held = match kind {
+            Kind::IpamHandle => CompactHandle::of(value, name, revision, created).map(|h| Body::Handle(Arc::new(h))),
+            Kind::IpamBlock => typed::<IpamBlock>(value, name, revision, created).map(Body::Block),
+            Kind::BlockAffinity => typed::<BlockAffinity>(value, name, revision, created).map(Body::Affinity),
             _ => None,
         };
-        let body = body.unwrap_or_else(|| Body::Json(serde_json::to_vec(value).expect("a JSON value always encodes").into()));
+        let body = held.unwrap_or_else(|| Body::Json(serde_json::to_vec(value).expect("a JSON value always encodes").into()));
         Entry { revision, created, soft_deleted: soft_deleted(value), body }
     }
 
-    /// The body as written (a typed one without the stamp's revision and uid).
-    fn value(&self) -> Value {
+    /// The body as written when it is held typed (without the stamp's revision and uid), or
+    /// its JSON text.
+    fn typed_value(&self) -> Result<Value, &[u8]> {
         fn unstamped<T: serde::Serialize>(o: &T) -> Value {
             strip_server_fields(serde_json::to_value(o).expect("a typed body encodes"))
         }
         match &self.body {
-            Body::Json(b) => serde_json::from_slice(b).expect("a stored body is JSON this datastore wrote"),
-            Body::Handle(o) => unstamped(&**o),
-            Body::Block(o) => unstamped(&**o),
-            Body::Affinity(o) => unstamped(&**o),
+            Body::Json(b) => Err(b),
+            Body::Handle(h) => Ok(h.value()),
+            Body::Block(o) => Ok(unstamped(&**o)),
+            Body::Affinity(o) => Ok(unstamped(&**o)),
         }
+    }
+
+    /// The body as written.
+    fn value(&self) -> Value {
+        self.typed_value().unwrap_or_else(|b| serde_json::from_slice(b).expect("a stored body is JSON this datastore wrote"))
     }
 
     /// The body decoded into `T`.
     fn decode<T: serde::de::DeserializeOwned>(&self) -> Result<T, String> {
-        fn from<T: serde::de::DeserializeOwned, O: serde::Serialize>(o: &O) -> Result<T, String> {
-            T::deserialize(serde_json::to_value(o).map_err(|e| e.to_string())?).map_err(|e| e.to_string())
-        }
-        match &self.body {
-            Body::Json(b) => serde_json::from_slice(b).map_err(|e| e.to_string()),
-            Body::Handle(o) => from(&**o),
-            Body::Block(o) => from(&**o),
-            Body::Affinity(o) => from(&**o),
+        match self.typed_value() {
+            Ok(value) => T::deserialize(value).map_err(|e| e.to_string()),
+            Err(b) => serde_json::from_slice(b).map_err(|e| e.to_string()),
         }
     }
 
@@ -199,11 +314,20 @@ fn shared<T: SharedKind>(name: &str, e: &Entry) -> DsResult<Arc<T>> {
         return Ok(Arc::clone(o));
     }
     let mut object: T = e.decode().map_err(|err| DatastoreError::invalid(format!("{name} does not decode: {err}")))?;
-    let meta = object.meta_mut();
-    meta.name = name.to_string();
-    meta.resource_version = Some(e.revision.to_string());
-    meta.uid = Some(e.uid());
+    stamp_meta(object.meta_mut(), name, e.revision, e.created);
     Ok(Arc::new(object))
+}
+
+/// The uid [`uid_of`] spells, as [`Token::new`] reads it, without spelling it.
+fn uid_token(created: u64) -> Token {
+    if created >= 1 << 48 {
+        return Token::new(&uid_of(created));
+    }
+    let mut bytes = [0u8; 16];
+    bytes[6] = 0x40;
+    bytes[8] = 0x80;
+    bytes[10..].copy_from_slice(&created.to_be_bytes()[2..]);
+    Token::Uuid(bytes)
 }
 
 /// The deterministic uid of the `created`-th object ever created.
@@ -489,14 +613,7 @@ impl MemoryDatastore {
                 continue;
             }
             let mut object: Object<S> = e.decode().map_err(|err| DatastoreError::invalid(format!("{name} does not decode: {err}")))?;
-            let (namespace, own) = match name.split_once('/') {
-                Some((ns, n)) => (Some(ns.to_string()), n),
-                None => (object.metadata.namespace.take(), name.as_str()),
-            };
-            object.metadata.name = own.to_string();
-            object.metadata.namespace = namespace;
-            object.metadata.resource_version = Some(e.revision.to_string());
-            object.metadata.uid = Some(e.uid());
+            stamp_meta(&mut object.metadata, name, e.revision, e.created);
             out.push(object);
         }
         Ok(out)
@@ -513,6 +630,22 @@ impl MemoryDatastore {
                 continue;
             }
             out.push(shared(name, e)?);
+        }
+        Ok(out)
+    }
+
+    /// Every IPAMHandle that is not soft-deleted, as the index loads it, without counting an
+    /// operation: one held compact is shared (a pointer, no copy), any other decoded and stamped
+    /// as a read gives it.
+    pub(crate) fn shared_handles(&self) -> DsResult<Vec<SharedHandle>> {
+        let inner = self.lock();
+        let live = || inner.of_kind(Kind::IpamHandle).filter(|(_, e)| !e.soft_deleted);
+        let mut out = Vec::with_capacity(live().count());
+        for (name, e) in live() {
+            out.push(match &e.body {
+                Body::Handle(h) => SharedHandle::Compact(Arc::clone(h)),
+                _ => SharedHandle::Decoded(shared(name, e)?),
+            });
         }
         Ok(out)
     }
@@ -793,40 +926,67 @@ mod tests {
         assert!(err.to_string().contains("does not decode"), "{err}");
     }
 
-    fn held_typed(ds: &MemoryDatastore, kind: Kind, name: &str) -> bool {
-        !matches!(ds.lock().objects.get(&(kind, name.to_string())).map(|e| &e.body), Some(Body::Json(_)) | None)
+    fn held_as(ds: &MemoryDatastore, kind: Kind, name: &str) -> &'static str {
+        match ds.lock().objects.get(&(kind, name.to_string())).map(|e| &e.body) {
+            Some(Body::Json(_)) => "text",
+            Some(Body::Handle(_)) => "compact",
+            Some(Body::Block(_) | Body::Affinity(_)) => "typed",
+            None => "absent",
+        }
     }
 
     #[test]
     fn an_ipam_body_that_encodes_back_exactly_is_held_typed_shared_by_listings_and_followed_by_revision() {
         let ds = MemoryDatastore::new();
         ds.create_now(Kind::IpamHandle, "h", handle("h")).unwrap();
+        // A handle whose ID is not its name (as KDD names one with upper-case letters).
+        let mut other = handle("other");
+        other["spec"]["handleID"] = json!("Other");
+        ds.create_now(Kind::IpamHandle, "other", other.clone()).unwrap();
         // `"deleted": false` and an unknown field of a non-object type: the typed form would write
         // the first differently, so that body stays text; the unknown field survives either way.
         let mut odd = handle("odd");
         odd["spec"]["deleted"] = json!(false);
         odd["spec"]["future"] = json!([1, "two"]);
         ds.create_now(Kind::IpamHandle, "odd", odd.clone()).unwrap();
+        // Unknown fields and labels: what the compact form does not spell stays text.
         let mut extra = handle("extra");
         extra["spec"]["future"] = json!({"x": 1});
         ds.create_now(Kind::IpamHandle, "extra", extra.clone()).unwrap();
-        assert!(held_typed(&ds, Kind::IpamHandle, "h") && held_typed(&ds, Kind::IpamHandle, "extra"));
-        assert!(!held_typed(&ds, Kind::IpamHandle, "odd"), "a body the typed form would change is kept as text");
-        for (name, written) in [("h", handle("h")), ("odd", odd), ("extra", extra)] {
-            let read = ds.peek(Kind::IpamHandle, name).unwrap();
-            assert_eq!((&read.value["spec"], &read.value["apiVersion"]), (&written["spec"], &written["apiVersion"]), "{name} reads back as written");
+        let mut labelled = handle("labelled");
+        labelled["metadata"]["labels"] = json!({"a": "b"});
+        ds.create_now(Kind::IpamHandle, "labelled", labelled.clone()).unwrap();
+        let mut future_block = block("fb", false);
+        future_block["spec"].as_object_mut().unwrap().remove("deleted");
+        future_block["spec"]["sequenceNumber"] = json!(0);
+        future_block["spec"]["future"] = json!({"x": 1});
+        ds.create_now(Kind::IpamBlock, "fb", future_block.clone()).unwrap();
+        let held: Vec<&str> = ["h", "other", "odd", "extra", "labelled"].iter().map(|n| held_as(&ds, Kind::IpamHandle, n)).collect();
+        assert_eq!(held, vec!["compact", "compact", "text", "text", "text"]);
+        assert_eq!(held_as(&ds, Kind::IpamBlock, "fb"), "typed", "unknown fields are kept by the typed form");
+        let written = [("h", handle("h")), ("other", other), ("odd", odd), ("extra", extra), ("labelled", labelled)];
+        for (kind, name, written) in written.iter().map(|(n, w)| (Kind::IpamHandle, *n, w)).chain([(Kind::IpamBlock, "fb", &future_block)]) {
+            let read = ds.peek(kind, name).unwrap();
+            assert_eq!(strip_server_fields(read.value.clone()), *written, "{name} reads back as written");
             assert_eq!((read.value["metadata"]["resourceVersion"].as_str(), read.value["metadata"]["uid"].as_str()), (Some(read.revision.as_str()), Some(read.uid.as_str())));
         }
-        // Two listings share the typed objects, stamped as a read gives them; a text body is decoded.
-        let (a, b) = (ds.shared_current::<IpamHandle>(Kind::IpamHandle).unwrap(), ds.shared_current::<IpamHandle>(Kind::IpamHandle).unwrap());
-        let names: Vec<&str> = a.iter().map(|h| h.name()).collect();
-        assert_eq!(names, vec!["extra", "h", "odd"]);
-        assert!(Arc::ptr_eq(&a[1], &b[1]) && !Arc::ptr_eq(&a[2], &b[2]));
-        for h in &a {
-            let read = ds.peek(Kind::IpamHandle, h.name()).unwrap();
-            assert_eq!((h.resource_version(), h.metadata.uid.as_deref()), (read.revision.as_str(), Some(read.uid.as_str())));
-            assert_eq!(**h, read.decode::<IpamHandle>().unwrap(), "a shared object is what a read decodes to");
+        // Two listings share the typed blocks, stamped as a read gives them.
+        let (a, b) = (ds.shared_current::<IpamBlock>(Kind::IpamBlock).unwrap(), ds.shared_current::<IpamBlock>(Kind::IpamBlock).unwrap());
+        assert!(Arc::ptr_eq(&a[0], &b[0]));
+        assert_eq!(*a[0], ds.peek(Kind::IpamBlock, "fb").unwrap().decode::<IpamBlock>().unwrap(), "a shared object is what a read decodes to");
+        // Two listings for the index share the compact handles; a text body is decoded each time.
+        // Either way the index reads of it what it would read of a decoded read.
+        let (a, b) = (ds.shared_handles().unwrap(), ds.shared_handles().unwrap());
+        let names: Vec<&str> = a.iter().map(|h| h.object_name()).collect();
+        assert_eq!(names, vec!["extra", "h", "labelled", "odd", "other"]);
+        for (x, y) in a.iter().zip(&b) {
+            let shared = matches!((x, y), (SharedHandle::Compact(x), SharedHandle::Compact(y)) if Arc::ptr_eq(x, y));
+            assert_eq!(shared, held_as(&ds, Kind::IpamHandle, x.object_name()) == "compact", "{}", x.object_name());
+            let read: IpamHandle = ds.peek(Kind::IpamHandle, x.object_name()).unwrap().decode().unwrap();
+            assert_eq!((x.object_name(), x.handle_id(), x.soft_deleted(), x.tokens()), (read.object_name(), read.handle_id(), read.soft_deleted(), read.tokens()));
         }
+        let typed = ds.shared_current::<IpamHandle>(Kind::IpamHandle).unwrap();
+        assert_eq!(typed.iter().map(|h| h.name()).collect::<Vec<_>>(), names, "handles read typed are decoded");
         // What changed after a revision, soft-deleted ones flagged; removals once recorded.
         let since = ds.revision();
         let mut h = ds.peek(Kind::IpamHandle, "h").unwrap();
@@ -837,12 +997,21 @@ mod tests {
         ds.delete_now(Kind::IpamHandle, "odd", &Precondition::default()).unwrap();
         let changed = ds.changed_since::<IpamHandle>(Kind::IpamHandle, since).unwrap();
         assert_eq!(changed.iter().map(|(soft, h)| (*soft, h.name())).collect::<Vec<_>>(), vec![(true, "h")]);
-        assert!(ds.shared_current::<IpamHandle>(Kind::IpamHandle).unwrap().is_empty(), "soft-deleted objects are not listed");
+        assert_eq!(held_as(&ds, Kind::IpamHandle, "h"), "text", "a soft-deleted handle is not held compact");
+        let listed: Vec<String> = ds.shared_handles().unwrap().iter().map(|h| h.object_name().to_string()).collect();
+        assert_eq!(listed, vec!["labelled", "other"], "soft-deleted objects are not listed");
         assert!(ds.fork().take_removed::<IpamHandle>(Kind::IpamHandle).is_err(), "a fork records nothing, and says so");
         assert!(ds.take_removed::<IpamBlock>(Kind::IpamBlock).unwrap().is_empty());
         let removed = ds.take_removed::<IpamHandle>(Kind::IpamHandle).unwrap();
         assert_eq!(removed.iter().map(|h| h.name()).collect::<Vec<_>>(), vec!["odd"], "only removals after recording began");
         assert!(ds.take_removed::<IpamHandle>(Kind::IpamHandle).unwrap().is_empty(), "taken once");
+    }
+
+    #[test]
+    fn a_compact_handles_uid_token_is_the_one_its_spelled_uid_reads_as() {
+        for created in [0, 1, 255, 1 << 40, (1 << 48) - 1, 1 << 48, u64::MAX] {
+            assert_eq!(uid_token(created), Token::new(&uid_of(created)), "{created}");
+        }
     }
 
     #[test]

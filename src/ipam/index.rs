@@ -101,6 +101,49 @@ struct PreparedSlot<'a> {
     vm: bool,
 }
 
+/// What the index reads of a handle object, whatever holds it: a decoded IPAMHandle, or a
+/// store's compact form of one (the memory datastore's, so a simulated relist shares its handles
+/// instead of decoding them).
+pub trait HandleObject {
+    fn object_name(&self) -> &str;
+    /// `spec.handleID` as written.
+    fn handle_id(&self) -> &str;
+    /// `spec.deleted`.
+    fn soft_deleted(&self) -> bool;
+    /// `metadata.resourceVersion` and `metadata.uid` ("" when absent) as [`Token::new`] reads them.
+    fn tokens(&self) -> (Token, Token);
+}
+
+impl HandleObject for IpamHandle {
+    fn object_name(&self) -> &str {
+        self.name()
+    }
+    fn handle_id(&self) -> &str {
+        &self.spec.handle_id
+    }
+    fn soft_deleted(&self) -> bool {
+        self.spec.deleted
+    }
+    fn tokens(&self) -> (Token, Token) {
+        (Token::new(self.resource_version()), Token::new(self.metadata.uid.as_deref().unwrap_or("")))
+    }
+}
+
+impl<T: HandleObject + ?Sized> HandleObject for std::sync::Arc<T> {
+    fn object_name(&self) -> &str {
+        (**self).object_name()
+    }
+    fn handle_id(&self) -> &str {
+        (**self).handle_id()
+    }
+    fn soft_deleted(&self) -> bool {
+        (**self).soft_deleted()
+    }
+    fn tokens(&self) -> (Token, Token) {
+        (**self).tokens()
+    }
+}
+
 /// What a handle object's load reads from it, read without the index (in parallel in a bulk
 /// load): its checked key and its compare-and-swap tokens.
 struct PreparedHandle<'a> {
@@ -108,18 +151,18 @@ struct PreparedHandle<'a> {
     key: HandleKey<'a>,
     deleted: bool,
     /// The tokens in their compact form, or as written when they have another shape.
-    tokens: Result<HandleEntry, (&'a str, &'a str)>,
+    tokens: Result<HandleEntry, (Box<str>, Box<str>)>,
 }
 
 impl<'a> PreparedHandle<'a> {
-    fn new(h: &'a IpamHandle) -> Result<PreparedHandle<'a>, InvalidObject> {
+    fn new<H: HandleObject + ?Sized>(h: &'a H) -> Result<PreparedHandle<'a>, InvalidObject> {
         let id = IpamIndex::checked_handle_key(h)?;
-        let (rev, uid) = (h.resource_version(), h.metadata.uid.as_deref().unwrap_or(""));
-        let tokens = match (Token::new(rev), Token::new(uid)) {
+        // A token of another shape prints back exactly as written (see `Token::new`).
+        let tokens = match h.tokens() {
             (Token::Number(n), Token::Uuid(u)) if n != ODD_TOKEN => Ok(HandleEntry { revision: n, uid: u }),
-            _ => Err((rev, uid)),
+            (rev, uid) => Err((rev.to_string().into(), uid.to_string().into())),
         };
-        Ok(PreparedHandle { id, key: HandleKey::new(id), deleted: h.spec.deleted, tokens })
+        Ok(PreparedHandle { id, key: HandleKey::new(id), deleted: h.soft_deleted(), tokens })
     }
 }
 
@@ -1225,16 +1268,16 @@ impl IpamIndex {
 
     /// The handle ID the index keys a handle object by: `spec.handleID` as the IPAM library
     /// sanitizes it. Deletes must use the same key.
-    pub fn handle_key(h: &IpamHandle) -> &str {
-        sanitize_handle(&h.spec.handle_id)
+    pub fn handle_key<H: HandleObject + ?Sized>(h: &H) -> &str {
+        sanitize_handle(h.handle_id())
     }
 
     /// The handle's key if its object name is the one KDD derives from its handle ID (the
     /// lowercased ID); otherwise the object is not that handle (another object claiming its ID,
     /// or one with no ID at all) and is reported invalid.
-    pub fn checked_handle_key(h: &IpamHandle) -> Result<&str, InvalidObject> {
+    pub fn checked_handle_key<H: HandleObject + ?Sized>(h: &H) -> Result<&str, InvalidObject> {
         let id = Self::handle_key(h);
-        let name = h.name();
+        let name = h.object_name();
         if id.is_empty() {
             return Err(InvalidObject::new(crate::model::handle::KIND, name, "spec.handleID is empty"));
         }
@@ -1269,8 +1312,8 @@ impl IpamIndex {
                 self.odd_handle_tokens.remove(&sym);
                 entry
             }
-            Err((rev, uid)) => {
-                self.odd_handle_tokens.insert(sym, (rev.into(), uid.into()));
+            Err(written) => {
+                self.odd_handle_tokens.insert(sym, written);
                 HandleEntry { revision: ODD_TOKEN, uid: [0; 16] }
             }
         };
@@ -1308,7 +1351,7 @@ impl IpamIndex {
     where
         B: Borrow<IpamBlock> + Sync,
         A: Borrow<BlockAffinity> + Sync,
-        H: Borrow<IpamHandle> + Sync,
+        H: HandleObject + Sync,
     {
         let coverage = std::mem::take(&mut self.coverage);
         // The node name mapping comes from another source than the snapshot: it stays.
@@ -1334,7 +1377,7 @@ impl IpamIndex {
         // ahead of the batch being applied.
         let mut invalid = Vec::new();
         let (handles, ()) = rayon::join(
-            || snap.handles.par_iter().map(|h| PreparedHandle::new(h.borrow())).collect::<Vec<_>>(),
+            || snap.handles.par_iter().map(PreparedHandle::new).collect::<Vec<_>>(),
             || {
                 for n in snap.nodes {
                     self.apply_node(n);

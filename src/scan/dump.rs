@@ -1656,7 +1656,7 @@ impl DumpContents {
             Parsed::Handle(h) => {
                 let verdict = self.judge("IPAMHandle", &h.metadata.name, h.resource_version(), &h.spec, self.handles.len());
                 if verdict == Verdict::Conflict {
-                    self.held_handles.insert(IpamIndex::handle_key(&h).to_string());
+                    self.held_handles.insert(IpamIndex::handle_key(&*h).to_string());
                 }
                 self.keep_ipam(verdict, *h, IpamIndex::apply_handle, |c| &mut c.handles);
             }

@@ -140,14 +140,20 @@ impl Category {
     }
 }
 
-/// One planted allocation group: every address of one handle (two for a dual-stack pod).
+/// One planted allocation group: every address of one handle (two for a dual-stack pod). The
+/// handle itself is known to the generator only: the truth a run is checked against is what
+/// each address is, and a cluster keeps one of these for every allocation.
 #[derive(Debug, Clone)]
 pub struct Planted {
     pub category: Category,
-    pub handle: String,
-    /// The allocation's `node` attribute ("" for Windows reservations).
-    pub node: String,
     pub ips: Vec<IpAddr>,
+}
+
+/// Starts a planted group of `handle`'s addresses; returns its position.
+fn plant(planted: &mut Vec<Planted>, handles: &mut Vec<String>, category: Category, handle: &str) -> usize {
+    planted.push(Planted { category, ips: Vec::new() });
+    handles.push(handle.to_string());
+    planted.len() - 1
 }
 
 /// A pod as the generator knows it: enough to give the index its facts and to print it as
@@ -364,6 +370,8 @@ pub fn generate(opts: &SimOptions) -> Result<SyntheticCluster, SimError> {
     let template_hashes: Vec<Vec<String>> = NAMESPACES.iter().map(|_| APPS.iter().map(|_| rng.alnum(10)).collect()).collect();
     let mut hosts: Vec<HostReqs> = (0..n).map(|_| HostReqs::default()).collect();
     let mut planted: Vec<Planted> = Vec::new();
+    // The handle of each planted group, by position.
+    let mut planted_handles: Vec<String> = Vec::new();
     let mut pod_plans: Vec<PodPlan> = Vec::new();
     let mut pod_counter: u64 = 0;
     let lf = opts.leak_fraction;
@@ -387,16 +395,14 @@ pub fn generate(opts: &SimOptions) -> Result<SyntheticCluster, SimError> {
             tunnels.push(("vxlanV6TunnelAddress", format!("vxlan-v6-tunnel-addr-{node}"), true));
         }
         for (typ, h, v6) in tunnels {
-            let idx = planted.len();
-            planted.push(Planted { category: tunnel_cat, handle: h.clone(), node: node.clone(), ips: Vec::new() });
+            let idx = plant(&mut planted, &mut planted_handles, tunnel_cat, &h);
             let req = Req { handle: h, attrs: tunnel_attrs(node, typ), planted: idx };
             if v6 { hosts[ni].v6.push(req) } else { hosts[ni].v4.push(req) }
         }
         if role == Role::Held {
             for _ in 0..2 {
                 let h = format!("dhcp-lease.{}", &rng.hex64()[..16]);
-                let idx = planted.len();
-                planted.push(Planted { category: Category::UnknownOwner, handle: h.clone(), node: node.clone(), ips: Vec::new() });
+                let idx = plant(&mut planted, &mut planted_handles, Category::UnknownOwner, &h);
                 let attrs = BTreeMap::from([("node".to_string(), node.clone()), ("owner".to_string(), "external-dhcp".to_string())]);
                 hosts[ni].v4.push(Req { handle: h, attrs, planted: idx });
             }
@@ -440,8 +446,7 @@ pub fn generate(opts: &SimOptions) -> Result<SyntheticCluster, SimError> {
             };
             let container_id = rng.hex64();
             let handle = format!("k8s-pod-network.{container_id}");
-            let idx = planted.len();
-            planted.push(Planted { category, handle: handle.clone(), node: node.clone(), ips: Vec::new() });
+            let idx = plant(&mut planted, &mut planted_handles, category, &handle);
             let attrs = pod_attrs(ns, &name, node, &timestamp);
             hosts[borrow_host.unwrap_or(ni)].v4.push(Req { handle: handle.clone(), attrs: attrs.clone(), planted: idx });
             if dual[ni] {
@@ -451,8 +456,7 @@ pub fn generate(opts: &SimOptions) -> Result<SyntheticCluster, SimError> {
                 // The pod's previous incarnation: same name, older container, another address.
                 let old_cid = rng.hex64();
                 let old_handle = format!("k8s-pod-network.{old_cid}");
-                let sidx = planted.len();
-                planted.push(Planted { category: Category::StaleIp, handle: old_handle.clone(), node: node.clone(), ips: Vec::new() });
+                let sidx = plant(&mut planted, &mut planted_handles, Category::StaleIp, &old_handle);
                 hosts[ni].v4.push(Req { handle: old_handle, attrs: pod_attrs(ns, &name, node, &go_time(created - 3_600_000)), planted: sidx });
             }
             if pod_present {
@@ -498,8 +502,7 @@ pub fn generate(opts: &SimOptions) -> Result<SyntheticCluster, SimError> {
         pod_counter += 1;
         let container_id = rng.hex64();
         let handle = format!("k8s-pod-network.{container_id}");
-        let idx = planted.len();
-        planted.push(Planted { category: Category::WrongNodeAttr, handle: handle.clone(), node: node_names[b].clone(), ips: Vec::new() });
+        let idx = plant(&mut planted, &mut planted_handles, Category::WrongNodeAttr, &handle);
         hosts[a].v4.push(Req { handle, attrs: pod_attrs(ns, &name, &node_names[b], &go_time(CREATED_AT)), planted: idx });
         pod_plans.push(PodPlan {
             pod: SimPod {
@@ -573,12 +576,8 @@ pub fn generate(opts: &SimOptions) -> Result<SyntheticCluster, SimError> {
                         seqs.insert(ord.to_string(), seq_base + k as u64);
                     }
                     *handle_counts.entry(WINDOWS_RESERVED_HANDLE.to_string()).or_default().entry(cidr.to_string()).or_default() += reserved.len() as u32;
-                    planted.push(Planted {
-                        category: Category::WindowsReserved,
-                        handle: WINDOWS_RESERVED_HANDLE.to_string(),
-                        node: String::new(),
-                        ips: reserved.iter().map(|o| crate::model::names::ordinal_to_ip(&cidr, *o)).collect(),
-                    });
+                    let idx = plant(&mut planted, &mut planted_handles, Category::WindowsReserved, WINDOWS_RESERVED_HANDLE);
+                    planted[idx].ips = reserved.iter().map(|o| crate::model::names::ordinal_to_ip(&cidr, *o)).collect();
                 }
                 let mut free_ords = (0..BLOCK_ADDRS).filter(|o| !reserved.contains(o));
                 for req in chunk {
@@ -643,9 +642,9 @@ pub fn generate(opts: &SimOptions) -> Result<SyntheticCluster, SimError> {
         expect.orphan_handles.insert(h.clone());
         expect.removed_handles.insert(h);
     }
-    for p in &planted {
+    for (p, h) in planted.iter().zip(&planted_handles) {
         if p.category.released() {
-            expect.removed_handles.insert(p.handle.clone());
+            expect.removed_handles.insert(h.clone());
         }
     }
     let handles: Vec<IpamHandle> = handle_counts
@@ -676,7 +675,7 @@ pub fn generate(opts: &SimOptions) -> Result<SyntheticCluster, SimError> {
     for i in late {
         let plan = &pod_plans[i];
         planted[plan.planted].category = Category::LateDeletedPod;
-        expect.removed_handles.insert(planted[plan.planted].handle.clone());
+        expect.removed_handles.insert(planted_handles[plan.planted].clone());
         events.deleted_pods.push((plan.pod.namespace.clone(), plan.pod.name.clone()));
     }
     if let Some(li) = roles.iter().position(|r| *r == Role::Late) {
@@ -708,6 +707,8 @@ pub fn generate(opts: &SimOptions) -> Result<SyntheticCluster, SimError> {
     ];
     let pods: Vec<SimPod> = pod_plans.into_iter().map(|p| p.pod).collect();
     let pod_facts = pods.iter().map(SimPod::facts).collect();
+    // One group per allocation, kept for the whole run: without the growth slack.
+    planted.shrink_to_fit();
     Ok(SyntheticCluster {
         seed: opts.seed,
         pools,

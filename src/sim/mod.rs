@@ -30,6 +30,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::datastore::memory::SharedHandle;
 use crate::datastore::{block_on, execute_plan, ExecuteOptions, Kind, MemoryDatastore, PlanOutcome};
 use crate::ipam::gc::{GcConfig, GcState};
 use crate::ipam::plan::{Plan, Scope};
@@ -183,12 +184,13 @@ pub fn load_datastore(cluster: &mut SyntheticCluster) -> Result<MemoryDatastore,
 }
 
 /// The datastore's IPAM objects as a relist would deliver them (soft-deleted ones skipped),
-/// decoded and shared with the datastore, which holds them typed: a listing costs a pointer an
-/// object, not a second copy of the cluster.
+/// decoded and shared with the datastore, which holds blocks and affinities typed and handles
+/// in a compact form the index reads as they are: a listing costs a pointer an object, not a
+/// second copy of the cluster.
 pub struct Listed {
     pub blocks: Vec<Arc<IpamBlock>>,
     pub affinities: Vec<Arc<BlockAffinity>>,
-    pub handles: Vec<Arc<IpamHandle>>,
+    pub handles: Vec<SharedHandle>,
 }
 
 /// A whole listing goes at once, as after a controller's initial sync: the allocator is asked
@@ -203,7 +205,7 @@ pub fn list_ipam(ds: &MemoryDatastore) -> Result<Listed, SimError> {
     Ok(Listed {
         blocks: ds.shared_current(Kind::IpamBlock).map_err(decode)?,
         affinities: ds.shared_current(Kind::BlockAffinity).map_err(decode)?,
-        handles: ds.shared_current(Kind::IpamHandle).map_err(decode)?,
+        handles: ds.shared_handles().map_err(decode)?,
     })
 }
 
@@ -425,7 +427,7 @@ impl Loaded {
         Ok(listed)
     }
 
-    fn snapshot<'a>(&'a self, listed: &'a Listed) -> Snapshot<'a, Arc<IpamBlock>, Arc<BlockAffinity>, Arc<IpamHandle>> {
+    fn snapshot<'a>(&'a self, listed: &'a Listed) -> Snapshot<'a, Arc<IpamBlock>, Arc<BlockAffinity>, SharedHandle> {
         let c = &self.cluster;
         Snapshot { blocks: &listed.blocks, affinities: &listed.affinities, handles: &listed.handles, pods: &c.pod_facts, nodes: &c.nodes }
     }
