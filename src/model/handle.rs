@@ -65,6 +65,10 @@ impl BlockCounts {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+    /// Gives back the growth slack (a handle built by adding counts one by one).
+    pub fn shrink_to_fit(&mut self) {
+        self.0.shrink_to_fit();
+    }
     pub fn len(&self) -> usize {
         self.0.len()
     }

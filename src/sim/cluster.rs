@@ -15,7 +15,8 @@ use serde::Serialize;
 
 use super::rng::{name_suffix, SplitMix64};
 use super::{SimError, SimOptions};
-use crate::model::block::{self, AllocationAttribute, WINDOWS_RESERVED_HANDLE};
+use crate::model::block::{self, AllocationAttribute, AttrMap, WINDOWS_RESERVED_HANDLE};
+use crate::model::handle::BlockCounts;
 use crate::model::names::{affinity_name, cidr_to_name, handle_object_name};
 use crate::model::node::NodeMeta;
 use crate::model::pod::{PodIp, PodMeta, PodSpecLite, PodStatusLite, ANNOTATION_POD_IP, ANNOTATION_POD_IPS};
@@ -281,7 +282,9 @@ enum Role {
 
 struct Req {
     handle: String,
-    attrs: BTreeMap<String, String>,
+    /// Held as the block will hold it: a map of strings would cost half a kilobyte an address
+    /// while every host's requests wait for their blocks.
+    attrs: AttrMap,
     planted: usize,
 }
 
@@ -396,7 +399,7 @@ pub fn generate(opts: &SimOptions) -> Result<SyntheticCluster, SimError> {
         }
         for (typ, h, v6) in tunnels {
             let idx = plant(&mut planted, &mut planted_handles, tunnel_cat, &h);
-            let req = Req { handle: h, attrs: tunnel_attrs(node, typ), planted: idx };
+            let req = Req { handle: h, attrs: tunnel_attrs(node, typ).into(), planted: idx };
             if v6 { hosts[ni].v6.push(req) } else { hosts[ni].v4.push(req) }
         }
         if role == Role::Held {
@@ -404,7 +407,7 @@ pub fn generate(opts: &SimOptions) -> Result<SyntheticCluster, SimError> {
                 let h = format!("dhcp-lease.{}", &rng.hex64()[..16]);
                 let idx = plant(&mut planted, &mut planted_handles, Category::UnknownOwner, &h);
                 let attrs = BTreeMap::from([("node".to_string(), node.clone()), ("owner".to_string(), "external-dhcp".to_string())]);
-                hosts[ni].v4.push(Req { handle: h, attrs, planted: idx });
+                hosts[ni].v4.push(Req { handle: h, attrs: attrs.into(), planted: idx });
             }
         }
 
@@ -447,7 +450,7 @@ pub fn generate(opts: &SimOptions) -> Result<SyntheticCluster, SimError> {
             let container_id = rng.hex64();
             let handle = format!("k8s-pod-network.{container_id}");
             let idx = plant(&mut planted, &mut planted_handles, category, &handle);
-            let attrs = pod_attrs(ns, &name, node, &timestamp);
+            let attrs: AttrMap = pod_attrs(ns, &name, node, &timestamp).into();
             hosts[borrow_host.unwrap_or(ni)].v4.push(Req { handle: handle.clone(), attrs: attrs.clone(), planted: idx });
             if dual[ni] {
                 hosts[ni].v6.push(Req { handle, attrs: attrs.clone(), planted: idx });
@@ -457,7 +460,7 @@ pub fn generate(opts: &SimOptions) -> Result<SyntheticCluster, SimError> {
                 let old_cid = rng.hex64();
                 let old_handle = format!("k8s-pod-network.{old_cid}");
                 let sidx = plant(&mut planted, &mut planted_handles, Category::StaleIp, &old_handle);
-                hosts[ni].v4.push(Req { handle: old_handle, attrs: pod_attrs(ns, &name, node, &go_time(created - 3_600_000)), planted: sidx });
+                hosts[ni].v4.push(Req { handle: old_handle, attrs: pod_attrs(ns, &name, node, &go_time(created - 3_600_000)).into(), planted: sidx });
             }
             if pod_present {
                 let phase = match category {
@@ -503,7 +506,7 @@ pub fn generate(opts: &SimOptions) -> Result<SyntheticCluster, SimError> {
         let container_id = rng.hex64();
         let handle = format!("k8s-pod-network.{container_id}");
         let idx = plant(&mut planted, &mut planted_handles, Category::WrongNodeAttr, &handle);
-        hosts[a].v4.push(Req { handle, attrs: pod_attrs(ns, &name, &node_names[b], &go_time(CREATED_AT)), planted: idx });
+        hosts[a].v4.push(Req { handle, attrs: pod_attrs(ns, &name, &node_names[b], &go_time(CREATED_AT)).into(), planted: idx });
         pod_plans.push(PodPlan {
             pod: SimPod {
                 namespace: ns.to_string(),
@@ -535,7 +538,7 @@ pub fn generate(opts: &SimOptions) -> Result<SyntheticCluster, SimError> {
     let mut next_v6: u128 = 0;
     let mut blocks: Vec<IpamBlock> = Vec::new();
     let mut affinities: Vec<BlockAffinity> = Vec::new();
-    let mut handle_counts: BTreeMap<String, BTreeMap<String, u32>> = BTreeMap::new();
+    let mut handle_counts: BTreeMap<String, BlockCounts> = BTreeMap::new();
     let mut expect = Expectations::default();
 
     for (ni, node) in node_names.iter().enumerate() {
@@ -575,18 +578,19 @@ pub fn generate(opts: &SimOptions) -> Result<SyntheticCluster, SimError> {
                         allocations[*ord as usize] = Some(0);
                         seqs.insert(ord.to_string(), seq_base + k as u64);
                     }
-                    *handle_counts.entry(WINDOWS_RESERVED_HANDLE.to_string()).or_default().entry(cidr.to_string()).or_default() += reserved.len() as u32;
+                    handle_counts.entry(WINDOWS_RESERVED_HANDLE.to_string()).or_default().add(&cidr.to_string(), reserved.len() as u32);
                     let idx = plant(&mut planted, &mut planted_handles, Category::WindowsReserved, WINDOWS_RESERVED_HANDLE);
                     planted[idx].ips = reserved.iter().map(|o| crate::model::names::ordinal_to_ip(&cidr, *o)).collect();
                 }
                 let mut free_ords = (0..BLOCK_ADDRS).filter(|o| !reserved.contains(o));
+                let cidr_text = cidr.to_string();
                 for req in chunk {
                     let ord = free_ords.next().ok_or_else(|| SimError::Options("block overflow".into()))?;
                     allocations[ord as usize] = Some(attributes.len() as u32);
-                    attributes.push(AllocationAttribute { handle_id: Some(req.handle.clone()), secondary: Some(req.attrs.clone().into()), ..AllocationAttribute::default() });
+                    attributes.push(AllocationAttribute { handle_id: Some(req.handle.clone()), secondary: Some(req.attrs.clone()), ..AllocationAttribute::default() });
                     seqs.insert(ord.to_string(), seq_base + 10 + u64::from(ord));
                     planted[req.planted].ips.push(crate::model::names::ordinal_to_ip(&cidr, ord));
-                    *handle_counts.entry(req.handle.clone()).or_default().entry(cidr.to_string()).or_default() += 1;
+                    handle_counts.entry(req.handle.clone()).or_default().add(&cidr_text, 1);
                 }
                 let unallocated: Vec<u32> = (0..BLOCK_ADDRS).filter(|o| allocations[*o as usize].is_none()).collect();
                 let claim = format_rfc3339(CREATED_AT - 30 * 86_400_000 + block_index as Millis * 1000);
@@ -649,8 +653,9 @@ pub fn generate(opts: &SimOptions) -> Result<SyntheticCluster, SimError> {
     }
     let handles: Vec<IpamHandle> = handle_counts
         .into_iter()
-        .map(|(id, block)| {
-            IpamHandle::new(handle::KIND, &handle_object_name(&id), IpamHandleSpec { handle_id: id, block: block.into(), deleted: false, extra: BTreeMap::new() })
+        .map(|(id, mut block)| {
+            block.shrink_to_fit();
+            IpamHandle::new(handle::KIND, &handle_object_name(&id), IpamHandleSpec { handle_id: id, block, deleted: false, extra: BTreeMap::new() })
         })
         .collect();
 

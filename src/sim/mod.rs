@@ -411,9 +411,10 @@ pub struct Loaded {
 
 impl Loaded {
     pub fn new(mut cluster: SyntheticCluster) -> Result<Loaded, SimError> {
-        let before = Before::of(&cluster);
-        // Pods as the API would show them are only for dumps, written before this.
+        // Pods as the API would show them are only for dumps, written before this: gone before
+        // anything else is built beside the generated cluster.
         cluster.pods = Vec::new();
+        let before = Before::of(&cluster);
         let ds = load_datastore(&mut cluster)?;
         crate::memstat::give_back();
         Ok(Loaded { cluster, before, ds, decode_samples: Default::default() })
