@@ -7,11 +7,15 @@
 //! passes, so each timed pass also plans their releases.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
+
+use calico_kube_controllers::datastore::memory::CompactHandle;
 
 use calico_kube_controllers::ipam::gc::{GcConfig, GcState};
 use calico_kube_controllers::ipam::plan::Scope;
 use calico_kube_controllers::ipam::index::{IpamIndex, Snapshot};
+use calico_kube_controllers::model::{BlockAffinity, IpamBlock};
 use calico_kube_controllers::scan::dump::read_bytes;
 use calico_kube_controllers::sim::{self, SimOptions, SyntheticCluster};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -21,7 +25,7 @@ const SCALES: [usize; 4] = [1_000, 10_000, 100_000, 1_000_000];
 /// Pods are a few KB each in a dump: past this scale the dump alone would take gigabytes.
 const MAX_PARSE_SCALE: usize = 100_000;
 
-fn snapshot(c: &SyntheticCluster) -> Snapshot<'_> {
+fn snapshot(c: &SyntheticCluster) -> Snapshot<'_, IpamBlock, BlockAffinity, Arc<CompactHandle>> {
     Snapshot { blocks: &c.blocks, affinities: &c.affinities, handles: &c.handles, pods: &c.pod_facts, nodes: &c.nodes }
 }
 

@@ -108,22 +108,33 @@ pub(crate) enum Body {
     Affinity(Arc<BlockAffinity>),
 }
 
-/// An IPAMHandle in the fewest bytes: its name, its handle ID where that is not the name, its
-/// block counts, and the revision and creation number its stamp is spelled from. Only a body
-/// that encodes back from it to exactly what was written is held so (one with labels, unknown
-/// fields or a soft delete stays text): a read always gives back what was written.
-#[derive(Debug)]
+/// An IPAMHandle in the fewest bytes: its name, its handle ID where that is not the name, and
+/// its block counts; the entry that holds it carries its revision and uid. Only a body that
+/// encodes back from it to exactly what was written is held so (one with labels, unknown fields
+/// or a soft delete stays text): a read always gives back what was written. A generator can
+/// build one directly ([`CompactHandle::new`]) and hand it to [`MemoryDatastore::load_handle`],
+/// so a simulated cluster's handles are never held in a second, larger form.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CompactHandle {
     name: Box<str>,
     /// `spec.handleID` when it differs from the name.
     handle_id: Option<Box<str>>,
     blocks: Box<[(Box<str>, u32)]>,
-    revision: u64,
-    created: u64,
 }
 
 impl CompactHandle {
-    fn of(value: &Value, name: &str, revision: u64, created: u64) -> Option<CompactHandle> {
+    /// The handle of `handle_id` with `blocks`, named as Calico names it
+    /// ([`handle_object_name`](crate::model::names::handle_object_name)).
+    pub fn new(handle_id: &str, blocks: &crate::model::BlockCounts) -> CompactHandle {
+        let name = crate::model::names::handle_object_name(handle_id);
+        CompactHandle {
+            handle_id: (handle_id != name).then(|| handle_id.into()),
+            name: name.into_boxed_str(),
+            blocks: blocks.iter().map(|(cidr, n)| (Box::from(cidr), n)).collect(),
+        }
+    }
+
+    fn of(value: &Value, name: &str) -> Option<CompactHandle> {
         let h = IpamHandle::deserialize(value).ok()?;
         let plain_meta = crate::model::meta::Meta { name: name.to_string(), ..Default::default() };
         if h.api_version != crate::model::CALICO_API_VERSION
@@ -137,12 +148,13 @@ impl CompactHandle {
         }
         let handle_id = (h.spec.handle_id != name).then(|| h.spec.handle_id.into_boxed_str());
         let blocks = h.spec.block.iter().map(|(cidr, n)| (Box::from(cidr), n)).collect();
-        let compact = CompactHandle { name: name.into(), handle_id, blocks, revision, created };
+        let compact = CompactHandle { name: name.into(), handle_id, blocks };
         (compact.value() == *value).then_some(compact)
     }
 
-    /// The body as written.
-    fn value(&self) -> Value {
+    /// The body as written (what `kubectl get ipamhandle -o json` shows, without the server's
+    /// fields).
+    pub fn value(&self) -> Value {
         let blocks: Map<String, Value> = self.blocks.iter().map(|(cidr, n)| (cidr.to_string(), Value::from(*n))).collect();
         serde_json::json!({
             "apiVersion": crate::model::CALICO_API_VERSION,
@@ -151,8 +163,14 @@ impl CompactHandle {
             "spec": {"handleID": self.handle_id(), "block": blocks},
         })
     }
+
+    /// (CIDR, count) in CIDR order.
+    pub fn blocks(&self) -> impl Iterator<Item = (&str, u32)> {
+        self.blocks.iter().map(|(cidr, n)| (&**cidr, *n))
+    }
 }
 
+/// A handle not stored anywhere: it has no revision or uid.
 impl HandleObject for CompactHandle {
     fn object_name(&self) -> &str {
         &self.name
@@ -164,40 +182,40 @@ impl HandleObject for CompactHandle {
         false
     }
     fn tokens(&self) -> (Token, Token) {
-        (Token::Number(self.revision), uid_token(self.created))
+        (Token::new(""), Token::new(""))
     }
 }
 
-/// A handle of a listing for the index: shared when the datastore holds it compact, decoded and
-/// stamped otherwise.
+/// A handle of a listing for the index: shared with its revision and creation number when the
+/// datastore holds it compact, decoded and stamped otherwise.
 #[derive(Debug, Clone)]
 pub enum SharedHandle {
-    Compact(Arc<CompactHandle>),
+    Compact { handle: Arc<CompactHandle>, revision: u64, created: u64 },
     Decoded(Arc<IpamHandle>),
+}
+
+impl SharedHandle {
+    fn object(&self) -> &dyn HandleObject {
+        match self {
+            SharedHandle::Compact { handle, .. } => &**handle,
+            SharedHandle::Decoded(h) => &**h,
+        }
+    }
 }
 
 impl HandleObject for SharedHandle {
     fn object_name(&self) -> &str {
-        match self {
-            SharedHandle::Compact(h) => h.object_name(),
-            SharedHandle::Decoded(h) => h.object_name(),
-        }
+        self.object().object_name()
     }
     fn handle_id(&self) -> &str {
-        match self {
-            SharedHandle::Compact(h) => h.handle_id(),
-            SharedHandle::Decoded(h) => h.handle_id(),
-        }
+        self.object().handle_id()
     }
     fn soft_deleted(&self) -> bool {
-        match self {
-            SharedHandle::Compact(h) => h.soft_deleted(),
-            SharedHandle::Decoded(h) => h.soft_deleted(),
-        }
+        self.object().soft_deleted()
     }
     fn tokens(&self) -> (Token, Token) {
         match self {
-            SharedHandle::Compact(h) => h.tokens(),
+            SharedHandle::Compact { revision, created, .. } => (Token::Number(*revision), uid_token(*created)),
             SharedHandle::Decoded(h) => h.tokens(),
         }
     }
@@ -267,7 +285,7 @@ impl Entry {
     fn new(kind: Kind, name: &str, revision: u64, created: u64, value: &Value) -> Entry {
         // Cluster-scoped kinds only: a stamp names no namespace.
         let held = match kind {
-            Kind::IpamHandle => CompactHandle::of(value, name, revision, created).map(|h| Body::Handle(Arc::new(h))),
+            Kind::IpamHandle => CompactHandle::of(value, name).map(|h| Body::Handle(Arc::new(h))),
             Kind::IpamBlock => typed::<IpamBlock>(value, name, revision, created).map(Body::Block),
             Kind::BlockAffinity => typed::<BlockAffinity>(value, name, revision, created).map(Body::Affinity),
             _ => None,
@@ -402,6 +420,21 @@ impl Inner {
         self.objects.insert((kind, name.to_string()), entry);
         self.watches.tell(kind, || WatchEvent::Apply(stored.clone()));
         stored
+    }
+
+    /// Stores a new object, made by `entry` from its revision and creation number, and tells
+    /// the watches; an existing one of the same name is left as it is.
+    fn create(&mut self, kind: Kind, name: &str, entry: impl FnOnce(u64, u64) -> Entry) -> DsResult<&Entry> {
+        let key = (kind, name.to_string());
+        if self.objects.contains_key(&key) {
+            return Err(DatastoreError::new(ErrorKind::AlreadyExists, format!("{} {name} already exists", kind.kind_name())));
+        }
+        self.created += 1;
+        let created = self.created;
+        let revision = self.next_revision();
+        let entry = self.objects.entry(key).or_insert(entry(revision, created));
+        self.watches.tell(kind, || WatchEvent::Apply(stamp(name, entry)));
+        Ok(entry)
     }
 
     /// The entries of `kind`, by name.
@@ -643,7 +676,7 @@ impl MemoryDatastore {
         let mut out = Vec::with_capacity(live().count());
         for (name, e) in live() {
             out.push(match &e.body {
-                Body::Handle(h) => SharedHandle::Compact(Arc::clone(h)),
+                Body::Handle(h) => SharedHandle::Compact { handle: Arc::clone(h), revision: e.revision, created: e.created },
                 _ => SharedHandle::Decoded(shared(name, e)?),
             });
         }
@@ -720,18 +753,20 @@ impl MemoryDatastore {
         let mut inner = self.lock();
         inner.enter(Op::Create, kind, Some(name))?;
         check_body(kind, name, &value)?;
-        let key = (kind, name.to_string());
-        if inner.objects.contains_key(&key) {
-            return Err(DatastoreError::new(ErrorKind::AlreadyExists, format!("{} {name} already exists", kind.kind_name())));
-        }
-        inner.created += 1;
-        let created = inner.created;
-        let revision = inner.next_revision();
-        let entry = Entry::new(kind, name, revision, created, &strip_server_fields(value));
-        let stored = stamp(name, &entry);
-        inner.objects.insert(key, entry);
-        inner.watches.tell(kind, || WatchEvent::Apply(stored.clone()));
-        Ok(stored)
+        let value = strip_server_fields(value);
+        let entry = inner.create(kind, name, |revision, created| Entry::new(kind, name, revision, created, &value))?;
+        Ok(stamp(name, entry))
+    }
+
+    /// Creates an IPAMHandle from its compact form, as [`Self::create_now`] would create the
+    /// body [`CompactHandle::value`] spells, but holding this very handle (no copy) and
+    /// returning nothing: how a generator loads a cluster's handles.
+    pub fn load_handle(&self, handle: Arc<CompactHandle>) -> DsResult<()> {
+        let mut inner = self.lock();
+        let name = handle.name.clone();
+        inner.enter(Op::Create, Kind::IpamHandle, Some(&name))?;
+        inner.create(Kind::IpamHandle, &name, |revision, created| Entry { revision, created, soft_deleted: false, body: Body::Handle(handle) })?;
+        Ok(())
     }
 
     pub fn update_now(&self, kind: Kind, object: &Stored) -> DsResult<Stored> {
@@ -936,6 +971,38 @@ mod tests {
     }
 
     #[test]
+    fn a_loaded_compact_handle_is_stored_as_a_create_of_the_body_it_spells_would_store_it() {
+        let counts = crate::model::BlockCounts::from([("10.0.1.0/26".to_string(), 1), ("10.0.0.0/26".to_string(), 2)]);
+        // An ID with upper case and a dot: its object name differs from it.
+        for id in ["k8s-pod-network.abc", "K8s-Pod.Net_1"] {
+            let h = Arc::new(CompactHandle::new(id, &counts));
+            assert_eq!(h.handle_id(), id);
+            assert_eq!(h.object_name(), crate::model::names::handle_object_name(id));
+            assert_eq!(h.blocks().collect::<Vec<_>>(), vec![("10.0.0.0/26", 2), ("10.0.1.0/26", 1)], "in CIDR order");
+            let typed = IpamHandle::deserialize(h.value()).unwrap();
+            assert_eq!((typed.spec.handle_id.as_str(), typed.spec.block.clone(), typed.name()), (id, counts.clone(), h.object_name()));
+            let (loaded, created) = (MemoryDatastore::new(), MemoryDatastore::new());
+            loaded.load_handle(Arc::clone(&h)).unwrap();
+            created.create_now(Kind::IpamHandle, h.object_name(), h.value()).unwrap();
+            for ds in [&loaded, &created] {
+                assert_eq!(held_as(ds, Kind::IpamHandle, h.object_name()), "compact");
+                assert_eq!(ds.op_count(Op::Create, Kind::IpamHandle), 1);
+            }
+            let (a, b) = (loaded.peek(Kind::IpamHandle, h.object_name()).unwrap(), created.peek(Kind::IpamHandle, h.object_name()).unwrap());
+            assert_eq!((&a.name, &a.revision, &a.uid, &a.value), (&b.name, &b.revision, &b.uid, &b.value), "{id}");
+            let listed = loaded.shared_handles().unwrap();
+            assert!(matches!(&listed[..], [SharedHandle::Compact { handle, .. }] if Arc::ptr_eq(handle, &h)), "the loaded handle itself is listed");
+            assert_eq!(listed[0].tokens(), created.shared_handles().unwrap()[0].tokens());
+            // A second load of the same name is refused and changes nothing.
+            let err = loaded.load_handle(Arc::new(CompactHandle::new(id, &crate::model::BlockCounts::default()))).unwrap_err();
+            assert_eq!(err.kind, ErrorKind::AlreadyExists, "{err}");
+            assert_eq!(loaded.peek(Kind::IpamHandle, h.object_name()).unwrap().value, a.value);
+        }
+        // A handle that is stored nowhere has no revision or uid.
+        assert_eq!(CompactHandle::new("h", &counts).tokens(), (Token::new(""), Token::new("")));
+    }
+
+    #[test]
     fn an_ipam_body_that_encodes_back_exactly_is_held_typed_shared_by_listings_and_followed_by_revision() {
         let ds = MemoryDatastore::new();
         ds.create_now(Kind::IpamHandle, "h", handle("h")).unwrap();
@@ -980,7 +1047,7 @@ mod tests {
         let names: Vec<&str> = a.iter().map(|h| h.object_name()).collect();
         assert_eq!(names, vec!["extra", "h", "labelled", "odd", "other"]);
         for (x, y) in a.iter().zip(&b) {
-            let shared = matches!((x, y), (SharedHandle::Compact(x), SharedHandle::Compact(y)) if Arc::ptr_eq(x, y));
+            let shared = matches!((x, y), (SharedHandle::Compact { handle: x, .. }, SharedHandle::Compact { handle: y, .. }) if Arc::ptr_eq(x, y));
             assert_eq!(shared, held_as(&ds, Kind::IpamHandle, x.object_name()) == "compact", "{}", x.object_name());
             let read: IpamHandle = ds.peek(Kind::IpamHandle, x.object_name()).unwrap().decode().unwrap();
             assert_eq!((x.object_name(), x.handle_id(), x.soft_deleted(), x.tokens()), (read.object_name(), read.handle_id(), read.soft_deleted(), read.tokens()));

@@ -101,6 +101,43 @@ fn leak_of<'p>(plan: &'p Plan, w: &World, ip: &str) -> Option<&'p super::plan::L
     plan.leaks.iter().find(|l| l.gid == g)
 }
 
+#[test]
+fn the_invariant_check_catches_a_handle_list_that_is_not_its_handles_allocations() {
+    fn g(w: &World, ip: &str) -> u32 {
+        w.index.gid_of_ip(ip.parse::<IpAddr>().unwrap()).unwrap()
+    }
+    fn h(w: &World, id: &str) -> crate::ipam::index::HandleId {
+        w.index.handle_id(id).unwrap()
+    }
+    // Each corruption of a consistent index must be reported.
+    type Corruption = (&'static str, fn(&mut World));
+    let corruptions: [Corruption; 4] = [
+        ("a gid listed twice", |w| {
+            let (h1, g1) = (h(w, "h1"), g(w, "10.0.0.1"));
+            w.index.handle_gids_mut(h1).push(g1);
+        }),
+        ("a gid listed under another handle as well", |w| {
+            let (h2, g1) = (h(w, "h2"), g(w, "10.0.0.1"));
+            w.index.handle_gids_mut(h2).push(g1);
+        }),
+        ("a gid missing from its handle", |w| {
+            let (h1, g1) = (h(w, "h1"), g(w, "10.0.0.1"));
+            w.index.handle_gids_mut(h1).remove(g1);
+        }),
+        ("a gid moved to another handle", |w| {
+            let (h1, h2, g1) = (h(w, "h1"), h(w, "h2"), g(w, "10.0.0.1"));
+            w.index.handle_gids_mut(h1).remove(g1);
+            w.index.handle_gids_mut(h2).push(g1);
+        }),
+    ];
+    for (what, corrupt) in corruptions {
+        let mut w = basic(5);
+        corrupt(&mut w);
+        let err = w.index.check_invariants().expect_err(what);
+        assert!(err.contains("by_handle differs from blocks") || err.contains("references"), "{what}: {err}");
+    }
+}
+
 /// One node `n1`, one block 10.0.0.0/29 with pod p1 on .1 and a leaked allocation for gone pod p2 on .2.
 fn basic(grace_min: i64) -> World {
     let mut w = World::new(grace_min);

@@ -13,6 +13,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use super::cluster::{Category, SyntheticCluster};
+use crate::ipam::index::HandleObject;
 use crate::ipam::release::check_block;
 use crate::model::names::ordinal_to_ip;
 use crate::model::time::Millis;
@@ -151,7 +152,7 @@ pub struct Before {
 
 impl Before {
     pub fn of(cluster: &SyntheticCluster) -> Before {
-        let ids = cluster.handles.iter().map(|h| h.spec.handle_id.as_str());
+        let ids = cluster.handles.iter().map(|h| h.handle_id());
         let names = Names::new(ids.chain(allocated(&cluster.blocks).map(|(_, h)| h)));
         let at = |h: &str| names.position(h).expect("every handle ID of the cluster is named");
         // As a map would keep them: the last of a repeated address wins.
@@ -159,7 +160,7 @@ impl Before {
         allocated.reverse();
         allocated.sort_by_key(|(ip, _)| *ip);
         allocated.dedup_by_key(|(ip, _)| *ip);
-        let mut handle_objects: Vec<u32> = cluster.handles.iter().map(|h| at(&h.spec.handle_id)).collect();
+        let mut handle_objects: Vec<u32> = cluster.handles.iter().map(|h| at(h.handle_id())).collect();
         handle_objects.sort_unstable();
         handle_objects.dedup();
         Before {

@@ -9,20 +9,22 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Serialize;
 
 use super::rng::{name_suffix, SplitMix64};
 use super::{SimError, SimOptions};
+use crate::datastore::memory::CompactHandle;
 use crate::model::block::{self, AllocationAttribute, AttrMap, WINDOWS_RESERVED_HANDLE};
 use crate::model::handle::BlockCounts;
-use crate::model::names::{affinity_name, cidr_to_name, handle_object_name};
+use crate::model::names::{affinity_name, cidr_to_name};
 use crate::model::node::NodeMeta;
 use crate::model::pod::{PodIp, PodMeta, PodSpecLite, PodStatusLite, ANNOTATION_POD_IP, ANNOTATION_POD_IPS};
 use crate::model::pool::IpPoolSpec;
 use crate::model::time::{format_rfc3339, Millis};
-use crate::model::{affinity, handle, BlockAffinity, BlockAffinitySpec, IpPool, IpamBlock, IpamBlockSpec, IpamHandle, IpamHandleSpec, NodeLite, PodFacts, PodLite};
+use crate::model::{affinity, BlockAffinity, BlockAffinitySpec, IpPool, IpamBlock, IpamBlockSpec, NodeLite, PodFacts, PodLite};
 
 /// Addresses per block: /26 for IPv4 and /122 for IPv6, Calico's defaults.
 pub const BLOCK_ADDRS: u32 = 64;
@@ -254,7 +256,8 @@ pub struct SyntheticCluster {
     pub namespaces: Vec<String>,
     pub blocks: Vec<IpamBlock>,
     pub affinities: Vec<BlockAffinity>,
-    pub handles: Vec<IpamHandle>,
+    /// In the form the memory datastore holds them, which takes them as they are.
+    pub handles: Vec<Arc<CompactHandle>>,
     pub planted: Vec<Planted>,
     pub expect: Expectations,
     pub events: Events,
@@ -651,13 +654,8 @@ pub fn generate(opts: &SimOptions) -> Result<SyntheticCluster, SimError> {
             expect.removed_handles.insert(h.clone());
         }
     }
-    let handles: Vec<IpamHandle> = handle_counts
-        .into_iter()
-        .map(|(id, mut block)| {
-            block.shrink_to_fit();
-            IpamHandle::new(handle::KIND, &handle_object_name(&id), IpamHandleSpec { handle_id: id, block, deleted: false, extra: BTreeMap::new() })
-        })
-        .collect();
+    let handles: Vec<Arc<CompactHandle>> = handle_counts.iter().map(|(id, block)| Arc::new(CompactHandle::new(id, block))).collect();
+    drop(handle_counts);
 
     // Pods' reported IPs come from where their addresses landed; IPv4 first, as the kubelet lists them.
     let mut events = Events::default();

@@ -81,7 +81,7 @@ pub fn write_ipam(cluster: &SyntheticCluster, out: &mut dyn Write) -> io::Result
         .map(|o| serde_json::to_value(o).unwrap_or(Value::Null))
         .chain(cluster.blocks.iter().map(|o| serde_json::to_value(o).unwrap_or(Value::Null)))
         .chain(cluster.affinities.iter().map(|o| serde_json::to_value(o).unwrap_or(Value::Null)))
-        .chain(cluster.handles.iter().map(|o| serde_json::to_value(o).unwrap_or(Value::Null)))
+        .chain(cluster.handles.iter().map(|h| h.value()))
         .map(&mut stamp);
     write_list(out, items)
 }

@@ -34,7 +34,7 @@ use crate::datastore::memory::SharedHandle;
 use crate::datastore::{block_on, execute_plan, ExecuteOptions, Kind, MemoryDatastore, PlanOutcome};
 use crate::ipam::gc::{GcConfig, GcState};
 use crate::ipam::plan::{Plan, Scope};
-use crate::ipam::index::{IpamIndex, Snapshot};
+use crate::ipam::index::{HandleObject, IpamIndex, Snapshot};
 use crate::model::time::Millis;
 use crate::model::{BlockAffinity, IpamBlock, IpamHandle, PodFacts};
 
@@ -179,7 +179,10 @@ pub fn load_datastore(cluster: &mut SyntheticCluster) -> Result<MemoryDatastore,
     }
     put_all(&ds, Kind::IpamBlock, std::mem::take(&mut cluster.blocks))?;
     put_all(&ds, Kind::BlockAffinity, std::mem::take(&mut cluster.affinities))?;
-    put_all(&ds, Kind::IpamHandle, std::mem::take(&mut cluster.handles))?;
+    for h in std::mem::take(&mut cluster.handles) {
+        let name = h.object_name().to_string();
+        ds.load_handle(h).map_err(ds_error(name))?;
+    }
     Ok(ds)
 }
 
@@ -385,6 +388,7 @@ impl Runner<'_> {
         Ok((plan, outcome))
     }
 }
+
 
 fn plan_has_work(plan: &Plan) -> bool {
     plan.release_count() > 0

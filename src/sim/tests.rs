@@ -140,7 +140,7 @@ fn generated_objects_are_valid_and_pods_report_what_their_allocations_hold() {
         let holders: HashSet<&String> = p.ips.iter().map(|ip| &allocated[ip]).collect();
         assert_eq!(holders.len(), 1, "a planted group is the addresses of one handle: {p:?}");
     }
-    let handles: HashSet<&str> = c.handles.iter().map(|h| h.spec.handle_id.as_str()).collect();
+    let handles: HashSet<&str> = c.handles.iter().map(|h| h.handle_id()).collect();
     assert!(allocated.values().all(|h| handles.contains(h.as_str())), "every allocation has a handle object");
     for (pod, facts) in c.pods.iter().zip(&c.pod_facts) {
         assert!(pod.container_id.len() == 64 && facts.node == pod.node);
