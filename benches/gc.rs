@@ -17,7 +17,7 @@ use calico_kube_controllers::ipam::plan::Scope;
 use calico_kube_controllers::ipam::index::{IpamIndex, Snapshot};
 use calico_kube_controllers::model::{BlockAffinity, IpamBlock};
 use calico_kube_controllers::scan::dump::read_bytes;
-use calico_kube_controllers::sim::{self, SimOptions, SyntheticCluster};
+use calico_kube_controllers::sim::{self, SimOptions, SimPodFacts, SyntheticCluster};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 const SEED: u64 = 42;
@@ -25,7 +25,7 @@ const SCALES: [usize; 4] = [1_000, 10_000, 100_000, 1_000_000];
 /// Pods are a few KB each in a dump: past this scale the dump alone would take gigabytes.
 const MAX_PARSE_SCALE: usize = 100_000;
 
-fn snapshot(c: &SyntheticCluster) -> Snapshot<'_, IpamBlock, BlockAffinity, Arc<CompactHandle>> {
+fn snapshot(c: &SyntheticCluster) -> Snapshot<'_, IpamBlock, BlockAffinity, Arc<CompactHandle>, SimPodFacts> {
     Snapshot { blocks: &c.blocks, affinities: &c.affinities, handles: &c.handles, pods: &c.pod_facts, nodes: &c.nodes }
 }
 

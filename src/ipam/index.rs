@@ -28,6 +28,7 @@ use crate::model::block::{Affinity, BlockView, WINDOWS_RESERVED_HANDLE};
 use crate::model::names::{affinity_name, handle_object_name, ip_sort_key, ip_to_ordinal, ordinal_to_ip, sanitize_handle};
 use crate::model::time::{parse_rfc3339, Millis};
 use crate::model::{BlockAffinity, InvalidObject, IpamBlock, IpamHandle, NodeLite, PodFacts, PodPhase};
+use crate::model::pod::PodObject;
 
 pub type Gid = u32;
 pub const ORDINAL_BITS: u32 = 12;
@@ -1111,17 +1112,18 @@ impl IpamIndex {
 
     /// Adds or replaces a pod's facts. Host-network pods hold no Calico IPs and are still
     /// recorded: an allocation naming one is judged against it like any other.
-    pub fn apply_pod(&mut self, f: &PodFacts) {
-        let ns = self.strings.intern(&f.namespace);
-        let name = self.strings.intern(&f.name);
+    pub fn apply_pod<P: PodObject + ?Sized>(&mut self, pod: &P) {
+        let f = pod.view();
+        let ns = self.strings.intern(f.namespace);
+        let name = self.strings.intern(f.name);
         let slot = match self.find_pod(ns, name) {
             Some(s) => s,
             None => self.new_pod_slot(ns, name),
         };
         self.strings.release(ns);
         self.strings.release(name);
-        let node = self.strings.intern(&f.node);
-        let ips = if f.host_network { PodIps::None } else { PodIps::new(&f.ips) };
+        let node = self.strings.intern(f.node);
+        let ips = if f.host_network { PodIps::None } else { PodIps::new(f.ips) };
         let old = std::mem::take(&mut self.pods[slot as usize]);
         let changed = !old.present
             || old.node != node
@@ -1353,11 +1355,12 @@ impl IpamIndex {
     /// Replaces the whole state from a snapshot (a relist). Blocks are validated in parallel;
     /// malformed objects are returned, everything else is applied. Dirty state is cleared and a
     /// full scan requested.
-    pub fn reset<'s, B, A, H>(&mut self, snap: Snapshot<'s, B, A, H>) -> Vec<InvalidObject>
+    pub fn reset<'s, B, A, H, P>(&mut self, snap: Snapshot<'s, B, A, H, P>) -> Vec<InvalidObject>
     where
         B: Borrow<IpamBlock> + Sync,
         A: Borrow<BlockAffinity> + Sync,
         H: HandleObject + Sync,
+        P: PodObject + Sync,
     {
         let coverage = std::mem::take(&mut self.coverage);
         // The node name mapping comes from another source than the snapshot: it stays.
@@ -1714,24 +1717,24 @@ fn pod_slot_hash(pods: &[PodSlot], slot: u32) -> u64 {
 
 /// Everything needed to rebuild the index in one go. The objects may be held by value or
 /// behind any pointer that borrows as one (a shared listing of `Arc`s, say).
-pub struct Snapshot<'a, B = IpamBlock, A = BlockAffinity, H = IpamHandle> {
+pub struct Snapshot<'a, B = IpamBlock, A = BlockAffinity, H = IpamHandle, P = PodFacts> {
     pub blocks: &'a [B],
     pub affinities: &'a [A],
     pub handles: &'a [H],
-    pub pods: &'a [PodFacts],
+    pub pods: &'a [P],
     pub nodes: &'a [NodeLite],
 }
 
-impl<B, A, H> Default for Snapshot<'_, B, A, H> {
+impl<B, A, H, P> Default for Snapshot<'_, B, A, H, P> {
     fn default() -> Self {
         Snapshot { blocks: &[], affinities: &[], handles: &[], pods: &[], nodes: &[] }
     }
 }
 
-impl<B, A, H> Clone for Snapshot<'_, B, A, H> {
+impl<B, A, H, P> Clone for Snapshot<'_, B, A, H, P> {
     fn clone(&self) -> Self {
         *self
     }
 }
 
-impl<B, A, H> Copy for Snapshot<'_, B, A, H> {}
+impl<B, A, H, P> Copy for Snapshot<'_, B, A, H, P> {}

@@ -122,6 +122,51 @@ impl PodPhase {
     }
 }
 
+/// What the index reads of a pod, borrowed from whatever holds it: [`PodFacts`], or a
+/// simulator's compact form. Every fact but the uid, which the index does not keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodView<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub node: &'a str,
+    pub phase: PodPhase,
+    pub evicted: bool,
+    pub deleting: bool,
+    pub host_network: bool,
+    pub status_reports_ip: bool,
+    pub ips: &'a [IpAddr],
+    pub unparsable_ips: bool,
+}
+
+impl PodView<'_> {
+    /// Calico's converter considers the pod done with its network.
+    pub fn finished(&self) -> bool {
+        matches!(self.phase, PodPhase::Failed | PodPhase::Succeeded | PodPhase::Completed)
+    }
+}
+
+/// A pod as the index reads it ([`PodView`]).
+pub trait PodObject {
+    fn view(&self) -> PodView<'_>;
+}
+
+impl PodObject for PodFacts {
+    fn view(&self) -> PodView<'_> {
+        PodView {
+            namespace: &self.namespace,
+            name: &self.name,
+            node: &self.node,
+            phase: self.phase,
+            evicted: self.evicted,
+            deleting: self.deleting,
+            host_network: self.host_network,
+            status_reports_ip: self.status_reports_ip,
+            ips: &self.ips,
+            unparsable_ips: self.unparsable_ips,
+        }
+    }
+}
+
 /// What the GC knows about one live pod.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PodFacts {
@@ -146,7 +191,7 @@ pub struct PodFacts {
 impl PodFacts {
     /// Calico's converter considers the pod done with its network.
     pub fn finished(&self) -> bool {
-        matches!(self.phase, PodPhase::Failed | PodPhase::Succeeded | PodPhase::Completed)
+        self.view().finished()
     }
 
     /// Trims a pod to its facts. An unparsable IP is reported (second value) without losing the

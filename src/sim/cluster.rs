@@ -21,7 +21,7 @@ use crate::model::block::{self, AllocationAttribute, AttrMap, WINDOWS_RESERVED_H
 use crate::model::handle::BlockCounts;
 use crate::model::names::{affinity_name, cidr_to_name};
 use crate::model::node::NodeMeta;
-use crate::model::pod::{PodIp, PodMeta, PodSpecLite, PodStatusLite, ANNOTATION_POD_IP, ANNOTATION_POD_IPS};
+use crate::model::pod::{PodIp, PodMeta, PodObject, PodPhase, PodView, PodSpecLite, PodStatusLite, ANNOTATION_POD_IP, ANNOTATION_POD_IPS};
 use crate::model::pool::IpPoolSpec;
 use crate::model::time::{format_rfc3339, Millis};
 use crate::model::{affinity, BlockAffinity, BlockAffinitySpec, IpPool, IpamBlock, IpamBlockSpec, NodeLite, PodFacts, PodLite};
@@ -211,6 +211,78 @@ impl SimPod {
     }
 }
 
+/// A generated pod's facts as the index reads them ([`PodView`]), in the fewest bytes: the
+/// namespace and node names shared with every pod in the same one, the addresses inline. The
+/// uid, which the index does not keep, is left out; the pod it came from has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimPodFacts {
+    namespace: Arc<str>,
+    name: Box<str>,
+    node: Arc<str>,
+    ips: [IpAddr; 2],
+    ip_count: u8,
+    phase: PodPhase,
+    evicted: bool,
+    deleting: bool,
+    host_network: bool,
+    status_reports_ip: bool,
+    unparsable_ips: bool,
+}
+
+impl PodObject for SimPodFacts {
+    fn view(&self) -> PodView<'_> {
+        PodView {
+            namespace: &self.namespace,
+            name: &self.name,
+            node: &self.node,
+            phase: self.phase,
+            evicted: self.evicted,
+            deleting: self.deleting,
+            host_network: self.host_network,
+            status_reports_ip: self.status_reports_ip,
+            ips: &self.ips[..usize::from(self.ip_count)],
+            unparsable_ips: self.unparsable_ips,
+        }
+    }
+}
+
+/// Gives each distinct name one shared copy.
+#[derive(Default)]
+pub(super) struct Shared(std::collections::HashMap<Box<str>, Arc<str>>);
+
+impl Shared {
+    pub(super) fn of(&mut self, name: &str) -> Arc<str> {
+        if let Some(a) = self.0.get(name) {
+            return Arc::clone(a);
+        }
+        let a: Arc<str> = Arc::from(name);
+        self.0.insert(name.into(), Arc::clone(&a));
+        a
+    }
+}
+
+impl SimPodFacts {
+    /// `facts` without its uid; `None` for a pod with more than two addresses (a generated pod
+    /// has one of each family at most).
+    pub(super) fn of(facts: &PodFacts, names: &mut Shared) -> Option<SimPodFacts> {
+        let mut ips = [IpAddr::V4(Ipv4Addr::UNSPECIFIED); 2];
+        ips.get_mut(..facts.ips.len())?.copy_from_slice(&facts.ips);
+        Some(SimPodFacts {
+            namespace: names.of(&facts.namespace),
+            name: facts.name.as_str().into(),
+            node: names.of(&facts.node),
+            ips,
+            ip_count: facts.ips.len() as u8,
+            phase: facts.phase,
+            evicted: facts.evicted,
+            deleting: facts.deleting,
+            host_network: facts.host_network,
+            status_reports_ip: facts.status_reports_ip,
+            unparsable_ips: facts.unparsable_ips,
+        })
+    }
+}
+
 /// `10.0.0.5/32`, `fd00::5/128`: how Calico writes addresses into pod annotations.
 pub fn host_cidr(ip: IpAddr) -> String {
     match ip {
@@ -252,7 +324,7 @@ pub struct SyntheticCluster {
     pub nodes: Vec<NodeLite>,
     /// Pods that exist at the start, and their facts in the same order.
     pub pods: Vec<SimPod>,
-    pub pod_facts: Vec<PodFacts>,
+    pub pod_facts: Vec<SimPodFacts>,
     pub namespaces: Vec<String>,
     pub blocks: Vec<IpamBlock>,
     pub affinities: Vec<BlockAffinity>,
@@ -709,7 +781,13 @@ pub fn generate(opts: &SimOptions) -> Result<SyntheticCluster, SimError> {
         }),
     ];
     let pods: Vec<SimPod> = pod_plans.into_iter().map(|p| p.pod).collect();
-    let pod_facts = pods.iter().map(SimPod::facts).collect();
+    // As the API would give each pod to the GC, then held compact for the whole run.
+    let mut names = Shared::default();
+    let pod_facts = pods
+        .iter()
+        .map(|p| SimPodFacts::of(&p.facts(), &mut names).ok_or_else(|| SimError::Options(format!("pod {} has more than two IPs", p.name))))
+        .collect::<Result<Vec<_>, _>>()?;
+    drop(names);
     // One group per allocation, kept for the whole run: without the growth slack.
     planted.shrink_to_fit();
     Ok(SyntheticCluster {

@@ -36,10 +36,11 @@ use crate::ipam::gc::{GcConfig, GcState};
 use crate::ipam::plan::{Plan, Scope};
 use crate::ipam::index::{HandleObject, IpamIndex, Snapshot};
 use crate::model::time::Millis;
-use crate::model::{BlockAffinity, IpamBlock, IpamHandle, PodFacts};
+use crate::model::pod::{PodObject, PodView};
+use crate::model::{BlockAffinity, IpamBlock, IpamHandle};
 
 pub use checker::{check, Before, CheckReport, FinalState};
-pub use cluster::{generate, Category, Planted, SimPod, SyntheticCluster};
+pub use cluster::{generate, Category, Planted, SimPod, SimPodFacts, SyntheticCluster};
 pub use report::{OutputFormat, SimReport};
 
 /// T0 of the pipeline: two days after the objects were created.
@@ -140,11 +141,11 @@ pub struct PipelineRun {
 
 impl PipelineRun {
     /// The pods present at the end: the generated ones less those the run's events deleted.
-    pub fn live_pods(&self) -> impl Iterator<Item = &PodFacts> + '_ {
+    pub fn live_pods(&self) -> impl Iterator<Item = PodView<'_>> + '_ {
         let events = &self.cluster.events;
         let node_pods = if events.deleted_node.is_some() { &events.deleted_node_pods[..] } else { &[] };
         let gone: HashSet<(&str, &str)> = events.deleted_pods.iter().chain(node_pods).map(|(ns, n)| (ns.as_str(), n.as_str())).collect();
-        self.cluster.pod_facts.iter().filter(move |p| !gone.contains(&(p.namespace.as_str(), p.name.as_str())))
+        self.cluster.pod_facts.iter().map(PodObject::view).filter(move |p| !gone.contains(&(p.namespace, p.name)))
     }
 }
 
@@ -390,6 +391,8 @@ impl Runner<'_> {
 }
 
 
+
+
 fn plan_has_work(plan: &Plan) -> bool {
     plan.release_count() > 0
         || !plan.nodes_to_release.is_empty()
@@ -432,7 +435,7 @@ impl Loaded {
         Ok(listed)
     }
 
-    fn snapshot<'a>(&'a self, listed: &'a Listed) -> Snapshot<'a, Arc<IpamBlock>, Arc<BlockAffinity>, SharedHandle> {
+    fn snapshot<'a>(&'a self, listed: &'a Listed) -> Snapshot<'a, Arc<IpamBlock>, Arc<BlockAffinity>, SharedHandle, SimPodFacts> {
         let c = &self.cluster;
         Snapshot { blocks: &listed.blocks, affinities: &listed.affinities, handles: &listed.handles, pods: &c.pod_facts, nodes: &c.nodes }
     }

@@ -112,6 +112,34 @@ fn the_checker_fails_when_a_kept_handle_or_block_goes_or_a_planted_leak_survives
 }
 
 #[test]
+fn compact_pod_facts_read_as_the_facts_they_keep_and_share_their_names() {
+    use crate::model::pod::{PodFacts, PodObject, PodPhase};
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let facts = |name: &str, ips: &[&str]| PodFacts {
+        namespace: "ns".into(),
+        name: name.into(),
+        uid: format!("uid-{name}"),
+        node: "n1".into(),
+        phase: PodPhase::Failed,
+        evicted: true,
+        deleting: true,
+        host_network: false,
+        status_reports_ip: true,
+        ips: ips.iter().map(|s| ip(s)).collect(),
+        unparsable_ips: true,
+    };
+    let mut names = cluster::Shared::default();
+    for ips in [&[][..], &["10.0.0.1"], &["10.0.0.1", "fd00::1"]] {
+        let f = facts("p", ips);
+        let compact = SimPodFacts::of(&f, &mut names).unwrap();
+        assert_eq!(compact.view(), f.view(), "{ips:?}");
+    }
+    assert!(SimPodFacts::of(&facts("p", &["10.0.0.1", "10.0.0.2", "fd00::1"]), &mut names).is_none(), "three addresses do not fit");
+    let (a, b) = (SimPodFacts::of(&facts("a", &[]), &mut names).unwrap(), SimPodFacts::of(&facts("b", &[]), &mut names).unwrap());
+    assert!(std::ptr::eq(a.view().node, b.view().node) && std::ptr::eq(a.view().namespace, b.view().namespace), "one copy of each name");
+}
+
+#[test]
 fn the_same_seed_gives_the_same_cluster_and_the_same_counts() {
     let a = generate(&small(9)).unwrap();
     let b = generate(&small(9)).unwrap();
@@ -143,7 +171,8 @@ fn generated_objects_are_valid_and_pods_report_what_their_allocations_hold() {
     let handles: HashSet<&str> = c.handles.iter().map(|h| h.handle_id()).collect();
     assert!(allocated.values().all(|h| handles.contains(h.as_str())), "every allocation has a handle object");
     for (pod, facts) in c.pods.iter().zip(&c.pod_facts) {
-        assert!(pod.container_id.len() == 64 && facts.node == pod.node);
+        assert!(pod.container_id.len() == 64);
+        assert_eq!(facts.view(), pod.facts().view(), "the compact facts are the pod's");
     }
 }
 
@@ -157,7 +186,7 @@ fn the_dump_reads_back_and_leak_scan_finds_the_initial_leaks() {
     let mut indexed = crate::scan::dump::read_paths_indexed(std::slice::from_ref(&dir), &mut |_, _| {}).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(contents.invalid.is_empty(), "{:?}", contents.invalid);
-    assert_eq!(contents.pods, c.pod_facts);
+    assert_eq!(contents.pods, c.pods.iter().map(SimPod::facts).collect::<Vec<_>>());
     assert_eq!(contents.nodes.len(), c.nodes.len());
     assert_eq!(contents.blocks.len(), c.blocks.len());
     assert_eq!(contents.handles.len(), c.handles.len());

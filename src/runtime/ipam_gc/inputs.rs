@@ -376,7 +376,7 @@ impl GcInputs {
     fn apply(&mut self, obj: Object, applied: &mut Applied) -> String {
         match obj {
             Object::Pod(p) => {
-                self.index.apply_pod(&p);
+                self.index.apply_pod(&*p);
                 format!("{}/{}", p.namespace, p.name)
             }
             Object::Node(n) => {
