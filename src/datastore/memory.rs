@@ -114,7 +114,7 @@ pub(crate) enum Body {
 /// or a soft delete stays text): a read always gives back what was written. A generator can
 /// build one directly ([`CompactHandle::new`]) and hand it to [`MemoryDatastore::load_handle`],
 /// so a simulated cluster's handles are never held in a second, larger form.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct CompactHandle {
     name: Box<str>,
     /// `spec.handleID` when it differs from the name.
@@ -164,7 +164,7 @@ impl CompactHandle {
         })
     }
 
-    /// (CIDR, count) in CIDR order.
+    /// (CIDR, count), ordered by the CIDRs' text as the object's map is.
     pub fn blocks(&self) -> impl Iterator<Item = (&str, u32)> {
         self.blocks.iter().map(|(cidr, n)| (&**cidr, *n))
     }
@@ -765,6 +765,10 @@ impl MemoryDatastore {
         let mut inner = self.lock();
         let name = handle.name.clone();
         inner.enter(Op::Create, Kind::IpamHandle, Some(&name))?;
+        if name.is_empty() {
+            // What `check_body` refuses in a create.
+            return Err(DatastoreError::invalid(format!("{}: empty name", Kind::IpamHandle.kind_name())));
+        }
         inner.create(Kind::IpamHandle, &name, |revision, created| Entry { revision, created, soft_deleted: false, body: Body::Handle(handle) })?;
         Ok(())
     }
@@ -973,7 +977,8 @@ mod tests {
     #[test]
     fn a_loaded_compact_handle_is_stored_as_a_create_of_the_body_it_spells_would_store_it() {
         let counts = crate::model::BlockCounts::from([("10.0.1.0/26".to_string(), 1), ("10.0.0.0/26".to_string(), 2)]);
-        // An ID with upper case and a dot: its object name differs from it.
+        // An ID that is its own object name, and one with upper case and an underscore whose
+        // object name differs from it.
         for id in ["k8s-pod-network.abc", "K8s-Pod.Net_1"] {
             let h = Arc::new(CompactHandle::new(id, &counts));
             assert_eq!(h.handle_id(), id);
@@ -998,6 +1003,11 @@ mod tests {
             assert_eq!(err.kind, ErrorKind::AlreadyExists, "{err}");
             assert_eq!(loaded.peek(Kind::IpamHandle, h.object_name()).unwrap().value, a.value);
         }
+        // An ID that sanitizes to nothing has no name: refused, as a create of it is.
+        let nameless = Arc::new(CompactHandle::new("", &counts));
+        let ds = MemoryDatastore::new();
+        assert_eq!(ds.load_handle(nameless).unwrap_err().kind, ErrorKind::Invalid);
+        assert!(ds.list_now(Kind::IpamHandle).unwrap().is_empty());
         // A handle that is stored nowhere has no revision or uid.
         assert_eq!(CompactHandle::new("h", &counts).tokens(), (Token::new(""), Token::new("")));
     }

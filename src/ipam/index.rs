@@ -1558,8 +1558,7 @@ impl IpamIndex {
         if by_node.len() != self.by_node.len() || by_node.iter().any(|(k, v)| self.by_node.get(k) != Some(v)) {
             return Err("by_node differs from blocks".into());
         }
-        // Each list sorted in place (they are this check's own copies): compared as sets, with
-        // no second copy of either map.
+        // Each list sorted in place: compared as sets.
         fn norm<K>(mut m: HashMap<K, Vec<u32>>) -> HashMap<K, Vec<u32>> {
             m.values_mut().for_each(|v| v.sort_unstable());
             m
@@ -1574,7 +1573,8 @@ impl IpamIndex {
             sorted.clear();
             sorted.extend_from_slice(gids);
             sorted.sort_unstable();
-            if sorted.windows(2).any(|w| w[0] == w[1]) || gids.iter().any(|g| self.alloc(*g).is_none_or(|a| a.handle != k)) {
+            // `allocated` holds the gids of the blocks `by_cidr` reaches (checked above).
+            if sorted.windows(2).any(|w| w[0] == w[1]) || gids.iter().any(|g| !allocated.contains(*g) || self.alloc(*g).is_none_or(|a| a.handle != k)) {
                 return Err("by_handle differs from blocks".into());
             }
             listed += gids.len();

@@ -248,15 +248,15 @@ impl PodObject for SimPodFacts {
 
 /// Gives each distinct name one shared copy.
 #[derive(Default)]
-pub(super) struct Shared(std::collections::HashMap<Box<str>, Arc<str>>);
+pub(super) struct NameTable(std::collections::HashSet<Arc<str>>);
 
-impl Shared {
+impl NameTable {
     pub(super) fn of(&mut self, name: &str) -> Arc<str> {
         if let Some(a) = self.0.get(name) {
             return Arc::clone(a);
         }
         let a: Arc<str> = Arc::from(name);
-        self.0.insert(name.into(), Arc::clone(&a));
+        self.0.insert(Arc::clone(&a));
         a
     }
 }
@@ -264,7 +264,7 @@ impl Shared {
 impl SimPodFacts {
     /// `facts` without its uid; `None` for a pod with more than two addresses (a generated pod
     /// has one of each family at most).
-    pub(super) fn of(facts: &PodFacts, names: &mut Shared) -> Option<SimPodFacts> {
+    pub(super) fn of(facts: &PodFacts, names: &mut NameTable) -> Option<SimPodFacts> {
         let mut ips = [IpAddr::V4(Ipv4Addr::UNSPECIFIED); 2];
         ips.get_mut(..facts.ips.len())?.copy_from_slice(&facts.ips);
         Some(SimPodFacts {
@@ -726,8 +726,7 @@ pub fn generate(opts: &SimOptions) -> Result<SyntheticCluster, SimError> {
             expect.removed_handles.insert(h.clone());
         }
     }
-    let handles: Vec<Arc<CompactHandle>> = handle_counts.iter().map(|(id, block)| Arc::new(CompactHandle::new(id, block))).collect();
-    drop(handle_counts);
+    let handles: Vec<Arc<CompactHandle>> = handle_counts.into_iter().map(|(id, block)| Arc::new(CompactHandle::new(&id, &block))).collect();
 
     // Pods' reported IPs come from where their addresses landed; IPv4 first, as the kubelet lists them.
     let mut events = Events::default();
@@ -782,10 +781,10 @@ pub fn generate(opts: &SimOptions) -> Result<SyntheticCluster, SimError> {
     ];
     let pods: Vec<SimPod> = pod_plans.into_iter().map(|p| p.pod).collect();
     // As the API would give each pod to the GC, then held compact for the whole run.
-    let mut names = Shared::default();
+    let mut names = NameTable::default();
     let pod_facts = pods
         .iter()
-        .map(|p| SimPodFacts::of(&p.facts(), &mut names).ok_or_else(|| SimError::Options(format!("pod {} has more than two IPs", p.name))))
+        .map(|p| SimPodFacts::of(&p.facts(), &mut names).ok_or_else(|| SimError::Generator(format!("pod {} has more than two IPs", p.name))))
         .collect::<Result<Vec<_>, _>>()?;
     drop(names);
     // One group per allocation, kept for the whole run: without the growth slack.

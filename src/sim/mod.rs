@@ -99,6 +99,9 @@ pub enum SimError {
     Output(#[source] std::io::Error),
     #[error("simulate: the memory datastore refused {what}: {message}")]
     Datastore { what: String, message: String },
+    /// The generator made a cluster it should not have: a defect of `simulate`, not of its input.
+    #[error("simulate: the generated cluster is not what it should be: {0}")]
+    Generator(String),
 }
 
 impl SimError {
@@ -108,6 +111,7 @@ impl SimError {
             SimError::Dump(_) => "dump",
             SimError::Output(_) => "output",
             SimError::Datastore { .. } => "datastore",
+            SimError::Generator(_) => "generator",
         }
     }
 }
@@ -181,8 +185,7 @@ pub fn load_datastore(cluster: &mut SyntheticCluster) -> Result<MemoryDatastore,
     put_all(&ds, Kind::IpamBlock, std::mem::take(&mut cluster.blocks))?;
     put_all(&ds, Kind::BlockAffinity, std::mem::take(&mut cluster.affinities))?;
     for h in std::mem::take(&mut cluster.handles) {
-        let name = h.object_name().to_string();
-        ds.load_handle(h).map_err(ds_error(name))?;
+        ds.load_handle(Arc::clone(&h)).map_err(ds_error(h.object_name()))?;
     }
     Ok(ds)
 }
@@ -390,9 +393,6 @@ impl Runner<'_> {
     }
 }
 
-
-
-
 fn plan_has_work(plan: &Plan) -> bool {
     plan.release_count() > 0
         || !plan.nodes_to_release.is_empty()
@@ -458,7 +458,7 @@ fn run_loaded(loaded: Loaded, repeats: usize) -> Result<PipelineRun, SimError> {
         let invalid = index.reset(loaded.snapshot(&listed));
         build_samples.push(ms(started));
         if !invalid.is_empty() {
-            return Err(SimError::Options(format!("generated objects are invalid: {:?}", &invalid[..invalid.len().min(3)])));
+            return Err(SimError::Generator(format!("generated objects are invalid: {:?}", &invalid[..invalid.len().min(3)])));
         }
     }
     drop_listing(listed);

@@ -120,19 +120,27 @@ fn compact_pod_facts_read_as_the_facts_they_keep_and_share_their_names() {
         name: name.into(),
         uid: format!("uid-{name}"),
         node: "n1".into(),
-        phase: PodPhase::Failed,
-        evicted: true,
-        deleting: true,
-        host_network: false,
-        status_reports_ip: true,
+        phase: PodPhase::Running,
         ips: ips.iter().map(|s| ip(s)).collect(),
-        unparsable_ips: true,
+        ..PodFacts::default()
     };
-    let mut names = cluster::Shared::default();
-    for ips in [&[][..], &["10.0.0.1"], &["10.0.0.1", "fd00::1"]] {
-        let f = facts("p", ips);
-        let compact = SimPodFacts::of(&f, &mut names).unwrap();
-        assert_eq!(compact.view(), f.view(), "{ips:?}");
+    // Each flag set alone, so two that were swapped would show.
+    let flagged: [fn(&mut PodFacts); 6] = [
+        |f| f.evicted = true,
+        |f| f.deleting = true,
+        |f| f.host_network = true,
+        |f| f.status_reports_ip = true,
+        |f| f.unparsable_ips = true,
+        |f| f.phase = PodPhase::Failed,
+    ];
+    let mut names = cluster::NameTable::default();
+    for ips in [&[][..], &["10.0.0.1"], &["fd00::1", "10.0.0.1"]] {
+        for set in flagged {
+            let mut f = facts("p", ips);
+            set(&mut f);
+            let compact = SimPodFacts::of(&f, &mut names).unwrap();
+            assert_eq!(compact.view(), f.view(), "{ips:?}");
+        }
     }
     assert!(SimPodFacts::of(&facts("p", &["10.0.0.1", "10.0.0.2", "fd00::1"]), &mut names).is_none(), "three addresses do not fit");
     let (a, b) = (SimPodFacts::of(&facts("a", &[]), &mut names).unwrap(), SimPodFacts::of(&facts("b", &[]), &mut names).unwrap());
