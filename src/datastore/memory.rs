@@ -126,10 +126,14 @@ impl CompactHandle {
     /// The handle of `handle_id` with `blocks`, named as Calico names it
     /// ([`handle_object_name`](crate::model::names::handle_object_name)).
     pub fn new(handle_id: &str, blocks: &crate::model::BlockCounts) -> CompactHandle {
-        let name = crate::model::names::handle_object_name(handle_id);
+        CompactHandle::named(&crate::model::names::handle_object_name(handle_id), handle_id, blocks)
+    }
+
+    /// The handle of `handle_id` with `blocks`, stored as `name`.
+    fn named(name: &str, handle_id: &str, blocks: &crate::model::BlockCounts) -> CompactHandle {
         CompactHandle {
+            name: name.into(),
             handle_id: (handle_id != name).then(|| handle_id.into()),
-            name: name.into_boxed_str(),
             blocks: blocks.iter().map(|(cidr, n)| (Box::from(cidr), n)).collect(),
         }
     }
@@ -146,9 +150,7 @@ impl CompactHandle {
         {
             return None;
         }
-        let handle_id = (h.spec.handle_id != name).then(|| h.spec.handle_id.into_boxed_str());
-        let blocks = h.spec.block.iter().map(|(cidr, n)| (Box::from(cidr), n)).collect();
-        let compact = CompactHandle { name: name.into(), handle_id, blocks };
+        let compact = CompactHandle::named(name, &h.spec.handle_id, &h.spec.block);
         (compact.value() == *value).then_some(compact)
     }
 
@@ -761,15 +763,16 @@ impl MemoryDatastore {
     /// Creates an IPAMHandle from its compact form, as [`Self::create_now`] would create the
     /// body [`CompactHandle::value`] spells, but holding this very handle (no copy) and
     /// returning nothing: how a generator loads a cluster's handles.
-    pub fn load_handle(&self, handle: Arc<CompactHandle>) -> DsResult<()> {
+    pub fn load_handle(&self, handle: &Arc<CompactHandle>) -> DsResult<()> {
         let mut inner = self.lock();
-        let name = handle.name.clone();
-        inner.enter(Op::Create, Kind::IpamHandle, Some(&name))?;
+        let name = &*handle.name;
+        inner.enter(Op::Create, Kind::IpamHandle, Some(name))?;
         if name.is_empty() {
             // What `check_body` refuses in a create.
             return Err(DatastoreError::invalid(format!("{}: empty name", Kind::IpamHandle.kind_name())));
         }
-        inner.create(Kind::IpamHandle, &name, |revision, created| Entry { revision, created, soft_deleted: false, body: Body::Handle(handle) })?;
+        let body = Body::Handle(Arc::clone(handle));
+        inner.create(Kind::IpamHandle, name, |revision, created| Entry { revision, created, soft_deleted: false, body })?;
         Ok(())
     }
 
@@ -987,7 +990,7 @@ mod tests {
             let typed = IpamHandle::deserialize(h.value()).unwrap();
             assert_eq!((typed.spec.handle_id.as_str(), typed.spec.block.clone(), typed.name()), (id, counts.clone(), h.object_name()));
             let (loaded, created) = (MemoryDatastore::new(), MemoryDatastore::new());
-            loaded.load_handle(Arc::clone(&h)).unwrap();
+            loaded.load_handle(&h).unwrap();
             created.create_now(Kind::IpamHandle, h.object_name(), h.value()).unwrap();
             for ds in [&loaded, &created] {
                 assert_eq!(held_as(ds, Kind::IpamHandle, h.object_name()), "compact");
@@ -999,14 +1002,14 @@ mod tests {
             assert!(matches!(&listed[..], [SharedHandle::Compact { handle, .. }] if Arc::ptr_eq(handle, &h)), "the loaded handle itself is listed");
             assert_eq!(listed[0].tokens(), created.shared_handles().unwrap()[0].tokens());
             // A second load of the same name is refused and changes nothing.
-            let err = loaded.load_handle(Arc::new(CompactHandle::new(id, &crate::model::BlockCounts::default()))).unwrap_err();
+            let err = loaded.load_handle(&Arc::new(CompactHandle::new(id, &crate::model::BlockCounts::default()))).unwrap_err();
             assert_eq!(err.kind, ErrorKind::AlreadyExists, "{err}");
             assert_eq!(loaded.peek(Kind::IpamHandle, h.object_name()).unwrap().value, a.value);
         }
         // An ID that sanitizes to nothing has no name: refused, as a create of it is.
         let nameless = Arc::new(CompactHandle::new("", &counts));
         let ds = MemoryDatastore::new();
-        assert_eq!(ds.load_handle(nameless).unwrap_err().kind, ErrorKind::Invalid);
+        assert_eq!(ds.load_handle(&nameless).unwrap_err().kind, ErrorKind::Invalid);
         assert!(ds.list_now(Kind::IpamHandle).unwrap().is_empty());
         // A handle that is stored nowhere has no revision or uid.
         assert_eq!(CompactHandle::new("h", &counts).tokens(), (Token::new(""), Token::new("")));

@@ -185,7 +185,8 @@ pub fn load_datastore(cluster: &mut SyntheticCluster) -> Result<MemoryDatastore,
     put_all(&ds, Kind::IpamBlock, std::mem::take(&mut cluster.blocks))?;
     put_all(&ds, Kind::BlockAffinity, std::mem::take(&mut cluster.affinities))?;
     for h in std::mem::take(&mut cluster.handles) {
-        ds.load_handle(Arc::clone(&h)).map_err(ds_error(h.object_name()))?;
+        // The error's name is spelled only when there is an error.
+        ds.load_handle(&h).map_err(|e| ds_error(h.object_name())(e))?;
     }
     Ok(ds)
 }
