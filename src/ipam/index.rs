@@ -28,7 +28,7 @@ use crate::model::block::{Affinity, BlockView, WINDOWS_RESERVED_HANDLE};
 use crate::model::names::{affinity_name, handle_object_name, ip_sort_key, ip_to_ordinal, ordinal_to_ip, sanitize_handle};
 use crate::model::time::{parse_rfc3339, Millis};
 use crate::model::{BlockAffinity, InvalidObject, IpamBlock, IpamHandle, NodeLite, PodFacts, PodPhase};
-use crate::model::pod::PodObject;
+use crate::model::pod::{PodObject, PodView};
 
 pub type Gid = u32;
 pub const ORDINAL_BITS: u32 = 12;
@@ -164,6 +164,51 @@ impl<'a> PreparedHandle<'a> {
             (rev, uid) => Err((rev.to_string().into(), uid.to_string().into())),
         };
         Ok(PreparedHandle { id, key: HandleKey::new(id), deleted: h.soft_deleted(), tokens })
+    }
+}
+
+/// What a handle object's arrival or removal changes in the index, and nothing else: the
+/// handle table, the orphans among its records and the odd tokens. A bulk load fills it on one
+/// core while the other applies the pods.
+struct HandleObjects<'a> {
+    table: &'a mut HandleTable,
+    orphans: &'a mut BTreeSet<HandleId>,
+    odd: &'a mut FastMap<HandleId, (Box<str>, Box<str>)>,
+}
+
+impl HandleObjects<'_> {
+    fn apply(&mut self, p: PreparedHandle<'_>) {
+        if p.deleted {
+            self.delete(p.id);
+            return;
+        }
+        let sym = self.table.intern_key(p.key);
+        let entry = match p.tokens {
+            Ok(entry) => {
+                self.odd.remove(&sym);
+                entry
+            }
+            Err(written) => {
+                self.odd.insert(sym, written);
+                HandleEntry { revision: ODD_TOKEN, uid: [0; 16] }
+            }
+        };
+        // The object holds one reference: a replaced object's is given back.
+        if self.table.set_object(sym, Some(entry)).is_some() {
+            self.table.release(sym);
+        } else if self.table.gids(sym).is_empty() {
+            self.orphans.insert(sym);
+        }
+    }
+
+    fn delete(&mut self, handle_id: &str) {
+        if let Some(s) = self.table.lookup(handle_id)
+            && self.table.set_object(s, None).is_some()
+        {
+            self.orphans.remove(&s);
+            self.odd.remove(&s);
+            self.table.release(s);
+        }
     }
 }
 
@@ -1114,15 +1159,24 @@ impl IpamIndex {
     /// recorded: an allocation naming one is judged against it like any other.
     pub fn apply_pod<P: PodObject + ?Sized>(&mut self, pod: &P) {
         let f = pod.view();
-        let ns = self.strings.intern(f.namespace);
-        let name = self.strings.intern(f.name);
-        let slot = match self.find_pod(ns, name) {
-            Some(s) => s,
-            None => self.new_pod_slot(ns, name),
-        };
-        self.strings.release(ns);
-        self.strings.release(name);
         let node = self.strings.intern(f.node);
+        self.apply_pod_view(f, node);
+    }
+
+    /// [`Self::apply_pod`] with the pod's node interned already (the reference is the slot's).
+    fn apply_pod_view(&mut self, f: PodView<'_>, node: Sym) {
+        // A pod already known has its names interned: looked up, not interned and released.
+        let known = match (self.strings.lookup(f.namespace), self.strings.lookup(f.name)) {
+            (Some(ns), Some(name)) => self.find_pod(ns, name),
+            _ => None,
+        };
+        let slot = known.unwrap_or_else(|| {
+            let (ns, name) = (self.strings.intern(f.namespace), self.strings.intern(f.name));
+            let slot = self.new_pod_slot(ns, name);
+            self.strings.release(ns);
+            self.strings.release(name);
+            slot
+        });
         let ips = if f.host_network { PodIps::None } else { PodIps::new(f.ips) };
         let old = std::mem::take(&mut self.pods[slot as usize]);
         let changed = !old.present
@@ -1310,37 +1364,15 @@ impl IpamIndex {
     }
 
     fn apply_prepared_handle(&mut self, p: PreparedHandle<'_>) {
-        if p.deleted {
-            self.delete_handle(p.id);
-            return;
-        }
-        let sym = self.handles.intern_key(p.key);
-        let entry = match p.tokens {
-            Ok(entry) => {
-                self.odd_handle_tokens.remove(&sym);
-                entry
-            }
-            Err(written) => {
-                self.odd_handle_tokens.insert(sym, written);
-                HandleEntry { revision: ODD_TOKEN, uid: [0; 16] }
-            }
-        };
-        // The object holds one reference: a replaced object's is given back.
-        if self.handles.set_object(sym, Some(entry)).is_some() {
-            self.handles.release(sym);
-        } else if self.handles.gids(sym).is_empty() {
-            self.orphans.insert(sym);
-        }
+        self.handle_objects().apply(p);
     }
 
     pub fn delete_handle(&mut self, handle_id: &str) {
-        if let Some(s) = self.handles.lookup(handle_id)
-            && self.handles.set_object(s, None).is_some()
-        {
-            self.orphans.remove(&s);
-            self.odd_handle_tokens.remove(&s);
-            self.handles.release(s);
-        }
+        self.handle_objects().delete(handle_id);
+    }
+
+    fn handle_objects(&mut self) -> HandleObjects<'_> {
+        HandleObjects { table: &mut self.handles, orphans: &mut self.orphans, odd: &mut self.odd_handle_tokens }
     }
 
     /// Handle IDs with a handle object but no allocation referring to them, sorted.
@@ -1381,52 +1413,58 @@ impl IpamIndex {
         self.pods.reserve(snap.pods.len());
         let pods = &self.pods;
         self.pod_by_key.reserve(snap.pods.len(), |&s| pod_slot_hash(pods, s));
-        // What needs no index (validation, parsing, hashing) is prepared on the other core
-        // while this one fills the tables: the handle objects all at once, the blocks a batch
-        // ahead of the batch being applied.
+        // Both cores work all the way: while one fills the tables with a batch of blocks, the
+        // other validates, parses and hashes the next batch (what needs no index); then one
+        // applies the pods while the other prepares and applies the handle objects.
         let mut invalid = Vec::new();
-        let (handles, ()) = rayon::join(
-            || snap.handles.par_iter().map(PreparedHandle::new).collect::<Vec<_>>(),
-            || {
-                for n in snap.nodes {
-                    self.apply_node(n);
-                }
-                // Blocks before pods: a pod's IP then lands straight on its block's ordinal
-                // instead of waiting in `live_unplaced` for the block.
-                let prepare = |batch: &'s [B]| -> Vec<Result<PreparedBlock<'s>, InvalidObject>> {
-                    batch.par_iter().map(|b| BlockView::from_block(b.borrow()).map(PreparedBlock::new)).collect()
-                };
-                let mut batches = snap.blocks.chunks(PREPARE_BATCH);
-                let mut ready = batches.next().map(prepare);
-                while let Some(batch) = ready.take() {
-                    let next = batches.next();
-                    (ready, ()) = rayon::join(
-                        || next.map(prepare),
-                        || {
-                            for block in batch {
-                                if let Err(e) = block.and_then(|b| self.apply_prepared_block(&b)) {
-                                    invalid.push(e);
-                                }
-                            }
-                        },
-                    );
-                }
-                for p in snap.pods {
-                    self.apply_pod(p);
-                }
-                for a in snap.affinities {
-                    if let Err(e) = self.apply_affinity(a.borrow()) {
-                        invalid.push(e);
+        for n in snap.nodes {
+            self.apply_node(n);
+        }
+        // Blocks before pods: a pod's IP then lands straight on its block's ordinal
+        // instead of waiting in `live_unplaced` for the block.
+        let prepare = |batch: &'s [B]| -> Vec<Result<PreparedBlock<'s>, InvalidObject>> {
+            batch.par_iter().map(|b| BlockView::from_block(b.borrow()).map(PreparedBlock::new)).collect()
+        };
+        let mut batches = snap.blocks.chunks(PREPARE_BATCH);
+        let mut ready = batches.next().map(prepare);
+        while let Some(batch) = ready.take() {
+            let next = batches.next();
+            (ready, ()) = rayon::join(
+                || next.map(prepare),
+                || {
+                    for block in batch {
+                        if let Err(e) = block.and_then(|b| self.apply_prepared_block(&b)) {
+                            invalid.push(e);
+                        }
                     }
+                },
+            );
+        }
+        // The handle objects go into the handle table on the other core while this one applies
+        // the pods and affinities: no pod or affinity touches the table, the orphans or the odd
+        // tokens, so those are moved out of the index for the while and put back after.
+        let mut table = std::mem::take(&mut self.handles);
+        let mut orphans = std::mem::take(&mut self.orphans);
+        let mut odd = std::mem::take(&mut self.odd_handle_tokens);
+        let (bad_handles, bad_affinities) = rayon::join(
+            || {
+                let mut objects = HandleObjects { table: &mut table, orphans: &mut orphans, odd: &mut odd };
+                snap.handles.iter().filter_map(|h| PreparedHandle::new(h).map(|h| objects.apply(h)).err()).collect::<Vec<_>>()
+            },
+            || {
+                // Pods mostly come a node at a time: the previous pod's node symbol is reused.
+                let mut last_node: (&str, Sym) = ("", Sym::NONE);
+                for p in snap.pods {
+                    let f = p.view();
+                    let node = self.intern_repeated(&mut last_node, f.node);
+                    self.apply_pod_view(f, node);
                 }
+                snap.affinities.iter().filter_map(|a| self.apply_affinity(a.borrow()).err()).collect::<Vec<_>>()
             },
         );
-        for h in handles {
-            match h {
-                Ok(h) => self.apply_prepared_handle(h),
-                Err(e) => invalid.push(e),
-            }
-        }
+        (self.handles, self.orphans, self.odd_handle_tokens) = (table, orphans, odd);
+        invalid.extend(bad_affinities);
+        invalid.extend(bad_handles);
         // Every allocation of the new state is new to the GC's verdict cache: recorded at once.
         self.changed |= &self.allocated;
         self.bulk_loading = false;
