@@ -1177,14 +1177,14 @@ impl IpamIndex {
             self.strings.release(name);
             slot
         });
-        let ips = if f.host_network { PodIps::None } else { PodIps::new(f.ips) };
+        let ips = if f.state.host_network { PodIps::None } else { PodIps::new(f.ips) };
         let old = std::mem::take(&mut self.pods[slot as usize]);
         let changed = !old.present
             || old.node != node
             || old.ips != ips
-            || old.phase != phase_code(f.phase)
-            || old.status_reports_ip != f.status_reports_ip
-            || old.deleting != f.deleting;
+            || old.phase != phase_code(f.state.phase)
+            || old.status_reports_ip != f.state.status_reports_ip
+            || old.deleting != f.state.deleting;
         if old.present {
             self.set_live_ips(&old.ips, false);
             self.strings.release(old.node);
@@ -1195,11 +1195,11 @@ impl IpamIndex {
             name: old.name,
             present: true,
             node,
-            phase: phase_code(f.phase),
-            evicted: f.evicted,
-            deleting: f.deleting,
-            status_reports_ip: f.status_reports_ip,
-            unparsable_ips: f.unparsable_ips,
+            phase: phase_code(f.state.phase),
+            evicted: f.state.evicted,
+            deleting: f.state.deleting,
+            status_reports_ip: f.state.status_reports_ip,
+            unparsable_ips: f.state.unparsable_ips,
             ips,
             allocs: old.allocs,
         };

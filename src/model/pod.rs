@@ -122,6 +122,24 @@ impl PodPhase {
     }
 }
 
+/// A pod's state apart from its names and addresses: what its phase, status and deletion say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PodState {
+    pub phase: PodPhase,
+    pub evicted: bool,
+    pub deleting: bool,
+    pub host_network: bool,
+    pub status_reports_ip: bool,
+    pub unparsable_ips: bool,
+}
+
+impl PodState {
+    /// Calico's converter considers the pod done with its network.
+    pub fn finished(&self) -> bool {
+        matches!(self.phase, PodPhase::Failed | PodPhase::Succeeded | PodPhase::Completed)
+    }
+}
+
 /// What the index reads of a pod, borrowed from whatever holds it: [`PodFacts`], or a
 /// simulator's compact form. Every fact but the uid, which the index does not keep.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,20 +147,8 @@ pub struct PodView<'a> {
     pub namespace: &'a str,
     pub name: &'a str,
     pub node: &'a str,
-    pub phase: PodPhase,
-    pub evicted: bool,
-    pub deleting: bool,
-    pub host_network: bool,
-    pub status_reports_ip: bool,
     pub ips: &'a [IpAddr],
-    pub unparsable_ips: bool,
-}
-
-impl PodView<'_> {
-    /// Calico's converter considers the pod done with its network.
-    pub fn finished(&self) -> bool {
-        matches!(self.phase, PodPhase::Failed | PodPhase::Succeeded | PodPhase::Completed)
-    }
+    pub state: PodState,
 }
 
 /// A pod as the index reads it ([`PodView`]).
@@ -152,18 +158,7 @@ pub trait PodObject {
 
 impl PodObject for PodFacts {
     fn view(&self) -> PodView<'_> {
-        PodView {
-            namespace: &self.namespace,
-            name: &self.name,
-            node: &self.node,
-            phase: self.phase,
-            evicted: self.evicted,
-            deleting: self.deleting,
-            host_network: self.host_network,
-            status_reports_ip: self.status_reports_ip,
-            ips: &self.ips,
-            unparsable_ips: self.unparsable_ips,
-        }
+        PodView { namespace: &self.namespace, name: &self.name, node: &self.node, ips: &self.ips, state: self.state() }
     }
 }
 
@@ -189,9 +184,21 @@ pub struct PodFacts {
 }
 
 impl PodFacts {
+    /// The facts' [`PodState`].
+    pub fn state(&self) -> PodState {
+        PodState {
+            phase: self.phase,
+            evicted: self.evicted,
+            deleting: self.deleting,
+            host_network: self.host_network,
+            status_reports_ip: self.status_reports_ip,
+            unparsable_ips: self.unparsable_ips,
+        }
+    }
+
     /// Calico's converter considers the pod done with its network.
     pub fn finished(&self) -> bool {
-        self.view().finished()
+        self.state().finished()
     }
 
     /// Trims a pod to its facts. An unparsable IP is reported (second value) without losing the

@@ -21,7 +21,7 @@ use crate::model::block::{self, AllocationAttribute, AttrMap, WINDOWS_RESERVED_H
 use crate::model::handle::BlockCounts;
 use crate::model::names::{affinity_name, cidr_to_name};
 use crate::model::node::NodeMeta;
-use crate::model::pod::{PodIp, PodMeta, PodObject, PodPhase, PodView, PodSpecLite, PodStatusLite, ANNOTATION_POD_IP, ANNOTATION_POD_IPS};
+use crate::model::pod::{PodIp, PodMeta, PodObject, PodState, PodView, PodSpecLite, PodStatusLite, ANNOTATION_POD_IP, ANNOTATION_POD_IPS};
 use crate::model::pool::IpPoolSpec;
 use crate::model::time::{format_rfc3339, Millis};
 use crate::model::{affinity, BlockAffinity, BlockAffinitySpec, IpPool, IpamBlock, IpamBlockSpec, NodeLite, PodFacts, PodLite};
@@ -221,28 +221,12 @@ pub struct SimPodFacts {
     node: Arc<str>,
     ips: [IpAddr; 2],
     ip_count: u8,
-    phase: PodPhase,
-    evicted: bool,
-    deleting: bool,
-    host_network: bool,
-    status_reports_ip: bool,
-    unparsable_ips: bool,
+    state: PodState,
 }
 
 impl PodObject for SimPodFacts {
     fn view(&self) -> PodView<'_> {
-        PodView {
-            namespace: &self.namespace,
-            name: &self.name,
-            node: &self.node,
-            phase: self.phase,
-            evicted: self.evicted,
-            deleting: self.deleting,
-            host_network: self.host_network,
-            status_reports_ip: self.status_reports_ip,
-            ips: &self.ips[..usize::from(self.ip_count)],
-            unparsable_ips: self.unparsable_ips,
-        }
+        PodView { namespace: &self.namespace, name: &self.name, node: &self.node, ips: &self.ips[..usize::from(self.ip_count)], state: self.state }
     }
 }
 
@@ -273,12 +257,7 @@ impl SimPodFacts {
             node: names.of(&facts.node),
             ips,
             ip_count: facts.ips.len() as u8,
-            phase: facts.phase,
-            evicted: facts.evicted,
-            deleting: facts.deleting,
-            host_network: facts.host_network,
-            status_reports_ip: facts.status_reports_ip,
-            unparsable_ips: facts.unparsable_ips,
+            state: facts.state(),
         })
     }
 }

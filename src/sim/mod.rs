@@ -560,7 +560,7 @@ pub fn check_run(run: &PipelineRun) -> Result<CheckReport, SimError> {
         handle_objects.extend(run.before.names.position(&h.spec.handle_id));
     })
     .map_err(decode)?;
-    let live_ips: Vec<IpAddr> = run.live_pods().filter(|p| !p.finished()).flat_map(|p| p.ips.iter().copied()).collect();
+    let live_ips: Vec<IpAddr> = run.live_pods().filter(|p| !p.state.finished()).flat_map(|p| p.ips.iter().copied()).collect();
     let mut report = check(
         &run.cluster,
         &run.before,
