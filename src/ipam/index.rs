@@ -145,8 +145,9 @@ impl<T: HandleObject + ?Sized> HandleObject for std::sync::Arc<T> {
     }
 }
 
-/// What a handle object's load reads from it, read without the index (in parallel in a bulk
-/// load): its checked key and its compare-and-swap tokens.
+/// What a handle object's load reads from it, read without the index (in a bulk load, on the
+/// core that fills the handle table beside the pods): its checked key and its compare-and-swap
+/// tokens.
 struct PreparedHandle<'a> {
     id: &'a str,
     key: HandleKey<'a>,
@@ -1359,12 +1360,8 @@ impl IpamIndex {
     /// would replace the real handle's (a delete by them would fail or hit the wrong object)
     /// and its soft delete would drop the real handle from the index.
     pub fn apply_handle(&mut self, h: &IpamHandle) -> Result<(), InvalidObject> {
-        self.apply_prepared_handle(PreparedHandle::new(h)?);
+        self.handle_objects().apply(PreparedHandle::new(h)?);
         Ok(())
-    }
-
-    fn apply_prepared_handle(&mut self, p: PreparedHandle<'_>) {
-        self.handle_objects().apply(p);
     }
 
     pub fn delete_handle(&mut self, handle_id: &str) {
@@ -1413,9 +1410,10 @@ impl IpamIndex {
         self.pods.reserve(snap.pods.len());
         let pods = &self.pods;
         self.pod_by_key.reserve(snap.pods.len(), |&s| pod_slot_hash(pods, s));
-        // Both cores work all the way: while one fills the tables with a batch of blocks, the
-        // other validates, parses and hashes the next batch (what needs no index); then one
-        // applies the pods while the other prepares and applies the handle objects.
+        // Two phases after the nodes, both on two cores. While one core fills the tables with a
+        // batch of blocks, the other validates, parses and hashes the next batch (what needs no
+        // index). Then one applies the pods and affinities while the other prepares and applies
+        // the handle objects.
         let mut invalid = Vec::new();
         for n in snap.nodes {
             self.apply_node(n);
@@ -1449,10 +1447,18 @@ impl IpamIndex {
         let (bad_handles, bad_affinities) = rayon::join(
             || {
                 let mut objects = HandleObjects { table: &mut table, orphans: &mut orphans, odd: &mut odd };
-                snap.handles.iter().filter_map(|h| PreparedHandle::new(h).map(|h| objects.apply(h)).err()).collect::<Vec<_>>()
+                let mut bad = Vec::new();
+                for h in snap.handles {
+                    match PreparedHandle::new(h) {
+                        Ok(p) => objects.apply(p),
+                        Err(e) => bad.push(e),
+                    }
+                }
+                bad
             },
             || {
-                // Pods mostly come a node at a time: the previous pod's node symbol is reused.
+                // The previous pod's node symbol is reused while the node repeats (pods listed a
+                // node at a time, as the simulator generates them; a LIST by name rarely does).
                 let mut last_node: (&str, Sym) = ("", Sym::NONE);
                 for p in snap.pods {
                     let f = p.view();

@@ -1221,9 +1221,10 @@ fn described(ix: &IpamIndex, handles: &[&str], pods: &[(&str, &str)]) -> Vec<Str
     out.extend(ix.unreferenced_handles().into_iter().map(|h| format!("unreferenced {}", ix.handle_name(h))));
     out.extend(pods.iter().map(|(ns, name)| {
         let p = ix.pod_by_name(ns, name);
-        format!("pod {ns}/{name}: {:?}", p.map(|p| (p.present, ix.resolve(p.node), p.phase, p.status_reports_ip, &p.ips)))
+        let facts = p.map(|p| (p.present, ix.resolve(p.node), p.phase, p.evicted, p.deleting, p.status_reports_ip, p.unparsable_ips, &p.ips));
+        format!("pod {ns}/{name}: {facts:?}")
     }));
-    out.extend(ix.affinities().map(|(name, a)| format!("affinity {name}: {} {}", ix.resolve(a.node), a.cidr)));
+    out.extend(ix.affinities().map(|(name, a)| format!("affinity {name}: {} {} {} {}", ix.resolve(a.node), a.cidr, a.revision, a.state)));
     out.extend(ix.live_gids().iter().map(|g| format!("live {}", ix.ip_of(g).unwrap())));
     out.push(format!("allocated {:?}", ix.allocated().iter().map(|g| ix.ip_of(g).unwrap().to_string()).collect::<Vec<_>>()));
     out.sort();
@@ -1232,8 +1233,10 @@ fn described(ix: &IpamIndex, handles: &[&str], pods: &[(&str, &str)]) -> Vec<Str
 
 /// The bulk load applies the pods on one core and the handle objects on the other, with the
 /// handle table moved out of the index meanwhile: it must end where applying every object in
-/// turn ends, handle objects of every kind included (tokens, odd tokens, soft-deleted, without
-/// allocations, misnamed), and report the same invalid objects.
+/// turn ends, in either order of pods and handles (the two commute), handle objects of every
+/// kind included (tokens, odd tokens, soft-deleted, without allocations, misnamed) and pods of
+/// every path (known, new, listed twice on another node, named like a node, without a node, with
+/// an IP in no block), and report the same invalid objects.
 #[test]
 fn a_bulk_load_ends_in_the_state_applying_each_object_in_turn_reaches() {
     let blocks = [
@@ -1244,8 +1247,11 @@ fn a_bulk_load_ends_in_the_state_applying_each_object_in_turn_reaches() {
     let pods = [
         pod("ns", "p1", "n1", &["10.0.0.1"]),
         pod("ns", "p2", "n1", &["10.0.0.2"]),
-        pod("other", "p1", "n2", &[]),
+        PodFacts { evicted: true, deleting: true, unparsable_ips: true, ..pod("other", "p1", "n2", &[]) },
         pod("ns", "p9", "n2", &["10.0.1.5"]),
+        pod("ns", "n1", "n1", &["10.0.9.1"]),
+        pod("ns", "p8", "", &[]),
+        pod("ns", "p2", "n2", &["10.0.0.2"]),
     ];
     let affinities = [affinity_object("n1-10-0-0-0-29", "n1", "10.0.0.0/29"), affinity_object("n9-10-0-1-0-29", "n2", "10.0.1.0/29")];
     let handles = [
@@ -1255,27 +1261,46 @@ fn a_bulk_load_ends_in_the_state_applying_each_object_in_turn_reaches() {
         handle_object("h8", "h8", "13", false),
         handle_object("bogus", "h4", "14", false),
     ];
-    let mut one_by_one = IpamIndex::new();
-    let mut invalid_in_turn = Vec::new();
-    nodes.iter().for_each(|n| one_by_one.apply_node(n));
-    invalid_in_turn.extend(blocks.iter().filter_map(|b| one_by_one.apply_block(b).err()));
-    pods.iter().for_each(|p| one_by_one.apply_pod(p));
-    invalid_in_turn.extend(affinities.iter().filter_map(|a| one_by_one.apply_affinity(a).err()));
-    invalid_in_turn.extend(handles.iter().filter_map(|h| one_by_one.apply_handle(h).err()));
+    let names = |v: &[crate::model::InvalidObject]| v.iter().map(|e| format!("{} {}", e.kind, e.name)).collect::<Vec<_>>();
+    let handle_ids = ["h1", "h2", "h3", "h4", "h8"];
+    let pod_keys = [("ns", "p1"), ("ns", "p2"), ("ns", "p3"), ("other", "p1"), ("ns", "p9"), ("ns", "n1"), ("ns", "p8")];
     let mut bulk = IpamIndex::new();
     let invalid = bulk.reset(super::index::Snapshot { blocks: &blocks, affinities: &affinities, handles: &handles, pods: &pods, nodes: &nodes });
     bulk.check_invariants().unwrap();
-    one_by_one.check_invariants().unwrap();
-    let names = |v: &[crate::model::InvalidObject]| v.iter().map(|e| format!("{} {}", e.kind, e.name)).collect::<Vec<_>>();
     assert_eq!(names(&invalid), ["BlockAffinity n9-10-0-1-0-29", "IPAMHandle bogus"]);
-    assert_eq!(names(&invalid), names(&invalid_in_turn));
-    let handle_ids = ["h1", "h2", "h3", "h4", "h8"];
-    let pod_keys = [("ns", "p1"), ("ns", "p2"), ("ns", "p3"), ("other", "p1"), ("ns", "p9")];
     let state = described(&bulk, &handle_ids, &pod_keys);
-    assert_eq!(state, described(&one_by_one, &handle_ids, &pod_keys));
+    for handles_first in [false, true] {
+        let mut in_turn = IpamIndex::new();
+        let mut invalid_in_turn = Vec::new();
+        nodes.iter().for_each(|n| in_turn.apply_node(n));
+        invalid_in_turn.extend(blocks.iter().filter_map(|b| in_turn.apply_block(b).err()));
+        let handle_errors: Vec<_> = if handles_first { handles.iter().filter_map(|h| in_turn.apply_handle(h).err()).collect() } else { vec![] };
+        pods.iter().for_each(|p| in_turn.apply_pod(p));
+        invalid_in_turn.extend(affinities.iter().filter_map(|a| in_turn.apply_affinity(a).err()));
+        invalid_in_turn.extend(handle_errors);
+        if !handles_first {
+            invalid_in_turn.extend(handles.iter().filter_map(|h| in_turn.apply_handle(h).err()));
+        }
+        in_turn.check_invariants().unwrap();
+        assert_eq!(names(&invalid), names(&invalid_in_turn), "handles first: {handles_first}");
+        assert_eq!(state, described(&in_turn, &handle_ids, &pod_keys), "handles first: {handles_first}");
+    }
     // What the comparison covers is there to compare: tokens, odd tokens, the orphan, the
-    // soft-deleted handle without an object, and the live and unplaced IPs.
-    for needle in ["handle h1: Some(HandleMeta { revision: \"10\"", "revision: \"not-a-number\"", "handle h3: None", "unreferenced h8", "live 10.0.0.2"] {
+    // soft-deleted handle without an object, the pod moved to another node, the flags, and the
+    // live and unplaced IPs.
+    let needles = [
+        "handle h1: Some(HandleMeta { revision: \"10\"",
+        "revision: \"not-a-number\"",
+        "handle h3: None",
+        "unreferenced h8",
+        "pod ns/p2: Some((true, \"n2\"",
+        "pod other/p1: Some((true, \"n2\", 1, true, true, false, true",
+        "pod ns/n1: Some((true, \"n1\"",
+        "pod ns/p8: Some((true, \"\"",
+        "live 10.0.0.2",
+    ];
+    for needle in needles {
         assert!(state.iter().any(|l| l.contains(needle)), "{needle} missing from {state:#?}");
     }
+    assert_eq!(bulk.gid_of_ip("10.0.9.1".parse().unwrap()), None, "10.0.9.1 is in no block: its pod's IP waits unplaced");
 }
