@@ -404,7 +404,7 @@ impl PodSlot {
         }
     }
     pub fn finished(&self) -> bool {
-        matches!(self.phase(), PodPhase::Failed | PodPhase::Succeeded | PodPhase::Completed)
+        self.phase().finished()
     }
 }
 

@@ -120,6 +120,11 @@ impl PodPhase {
             _ => PodPhase::Pending,
         }
     }
+
+    /// Calico's converter considers a pod in this phase done with its network.
+    pub fn finished(self) -> bool {
+        matches!(self, PodPhase::Failed | PodPhase::Succeeded | PodPhase::Completed)
+    }
 }
 
 /// A pod's state apart from its names and addresses: what its phase, status and deletion say.
@@ -136,7 +141,7 @@ pub struct PodState {
 impl PodState {
     /// Calico's converter considers the pod done with its network.
     pub fn finished(&self) -> bool {
-        matches!(self.phase, PodPhase::Failed | PodPhase::Succeeded | PodPhase::Completed)
+        self.phase.finished()
     }
 }
 
